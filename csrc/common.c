@@ -1,0 +1,195 @@
+/* common.c -- what every cell shares: the batch plan, row-major GEMM through the BLAS
+ * table, gathering x into packed order and scattering back, and the input-side products.
+ * The dtype-generic part below RF_TEMPLATE is compiled twice, for float and for double. */
+#ifndef RF_TEMPLATE
+#include <limits.h>
+#include <string.h>
+
+#include "rnnfuse.h"
+
+ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
+                        int64_t *order, int64_t *batch_sizes, int64_t *offsets,
+                        int64_t *count) {
+    /* count[len] = number of rows of that length */
+    memset(count, 0, (size_t)(T + 1) * sizeof *count);
+    for (ptrdiff_t b = 0; b < B; b++) count[lengths[b]]++;
+    /* batch_sizes[s] = number of rows longer than s */
+    int64_t running = 0;
+    for (ptrdiff_t s = T - 1; s >= 0; s--) {
+        running += count[s + 1];
+        batch_sizes[s] = running;
+    }
+    offsets[0] = 0;
+    for (ptrdiff_t s = 0; s < T; s++) offsets[s + 1] = offsets[s] + batch_sizes[s];
+    ptrdiff_t steps = 0;
+    while (steps < T && batch_sizes[steps] > 0) steps++;
+    /* Counting sort by decreasing length, stable: count[len] becomes the next sorted
+     * position for a row of length len. */
+    int64_t start = 0;
+    for (ptrdiff_t len = T; len >= 0; len--) {
+        int64_t n = count[len];
+        count[len] = start;
+        start += n;
+    }
+    for (ptrdiff_t b = 0; b < B; b++) order[count[lengths[b]]++] = b;
+    return steps;
+}
+
+const char *rf_simd_path(void) {
+#if RF_HAVE_CLONES
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return "x86-64-v3 (AVX2+FMA)";
+#endif
+    return "baseline";
+}
+
+ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
+    (void)I;
+    /* carried dh and dc (B,H each) and one step's recurrent-side gate gradients (B,G*H) */
+    return p->B * H * (2 + G);
+}
+
+#define RF_TEMPLATE
+#define REAL float
+#define RF_SUFFIX f32
+#define RF_BLAS_GEMM sgemm
+#include "common.c"
+#undef REAL
+#undef RF_SUFFIX
+#undef RF_BLAS_GEMM
+#define REAL double
+#define RF_SUFFIX f64
+#define RF_BLAS_GEMM dgemm
+#include "common.c"
+
+#else /* RF_TEMPLATE: dtype-generic part */
+
+/* Largest extent handed to the 32-bit BLAS in one call; bigger M and K are split. */
+#define RF_BLAS_MAX ((ptrdiff_t)1 << 30)
+
+/* Row-major C (M,N) = alpha op(A) (M,K) op(B) (K,N) + beta C. Row-major is column-major
+ * transposed, so this is the Fortran call with the operands swapped: C^T = op(B)^T op(A)^T.
+ * N and the leading dimensions are below 2^31 (checked in Python). */
+void RF_FN(rf_gemm)(const rf_blas *blas, int trans_a, int trans_b,
+                    ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, REAL alpha,
+                    const REAL *A, ptrdiff_t lda, const REAL *B, ptrdiff_t ldb,
+                    REAL beta, REAL *C, ptrdiff_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {  /* empty sum: C = beta C (BLAS would also, but avoid its K=0 lda rules) */
+        for (ptrdiff_t i = 0; i < M; i++)
+            for (ptrdiff_t j = 0; j < N; j++)
+                C[i * ldc + j] = beta == 0 ? 0 : beta * C[i * ldc + j];
+        return;
+    }
+    char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    int n = (int)N, ilda = (int)lda, ildb = (int)ldb, ildc = (int)ldc;
+    for (ptrdiff_t i0 = 0; i0 < M; i0 += RF_BLAS_MAX) {
+        int m = (int)(M - i0 < RF_BLAS_MAX ? M - i0 : RF_BLAS_MAX);
+        const REAL *a_rows = trans_a ? A + i0 : A + i0 * lda;
+        REAL beta_k = beta;
+        for (ptrdiff_t k0 = 0; k0 < K; k0 += RF_BLAS_MAX) {
+            int k = (int)(K - k0 < RF_BLAS_MAX ? K - k0 : RF_BLAS_MAX);
+            const REAL *a = trans_a ? a_rows + k0 * lda : a_rows + k0;
+            const REAL *b = trans_b ? B + k0 : B + k0 * ldb;
+            blas->RF_BLAS_GEMM(&tb, &ta, &n, &m, &k, &alpha, (REAL *)b, &ildb,
+                               (REAL *)a, &ilda, &beta_k, C + i0 * ldc, &ildc);
+            beta_k = 1;
+        }
+    }
+}
+
+/* packed[row] = seq[t, order[j]] for the rows of steps step0 .. step1-1 (rows counted from
+ * step0's first row); F features per row. */
+void RF_FN(rf_gather)(REAL *packed, const REAL *seq, const rf_plan *p,
+                      ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t F) {
+    for (ptrdiff_t s = step0; s < step1; s++) {
+        REAL *dst = packed + (p->offsets[s] - p->offsets[step0]) * F;
+        for (ptrdiff_t j = 0; j < p->batch_sizes[s]; j++) {
+            const REAL *src = seq + (rf_time(p, j, s) * p->B + p->order[j]) * F;
+            memcpy(dst + j * F, src, (size_t)F * sizeof(REAL));
+        }
+    }
+}
+
+/* seq[t, order[j]] = packed[row] for every packed row; padding in seq is left as it is. */
+void RF_FN(rf_scatter)(REAL *seq, const REAL *packed, const rf_plan *p, ptrdiff_t F) {
+    for (ptrdiff_t s = 0; s < p->steps; s++) {
+        const REAL *src = packed + p->offsets[s] * F;
+        for (ptrdiff_t j = 0; j < p->batch_sizes[s]; j++) {
+            REAL *dst = seq + (rf_time(p, j, s) * p->B + p->order[j]) * F;
+            memcpy(dst, src + j * F, (size_t)F * sizeof(REAL));
+        }
+    }
+}
+
+/* dst[j] = src[order[j]] for every sorted row j (zeros when src is NULL). */
+void RF_FN(rf_sort_rows)(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t F) {
+    for (ptrdiff_t j = 0; j < p->B; j++) {
+        if (src) memcpy(dst + j * F, src + p->order[j] * F, (size_t)F * sizeof(REAL));
+        else memset(dst + j * F, 0, (size_t)F * sizeof(REAL));
+    }
+}
+
+/* dst[order[j]] = src[j]: sorted rows back to batch order. */
+void RF_FN(rf_unsort_rows)(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t F) {
+    for (ptrdiff_t j = 0; j < p->B; j++)
+        memcpy(dst + p->order[j] * F, src + j * F, (size_t)F * sizeof(REAL));
+}
+
+/* The state entering step 0, in sorted order, from init (zeros when NULL). Rows of length
+ * 0 never run: their final state is their initial one, written to final directly. */
+void RF_FN(rf_initial_state)(REAL *state, REAL *final, const REAL *init, const rf_plan *p,
+                             ptrdiff_t H) {
+    ptrdiff_t running = p->steps > 0 ? p->batch_sizes[0] : 0;
+    for (ptrdiff_t j = 0; j < p->B; j++) {
+        ptrdiff_t b = p->order[j];
+        REAL *dst = j < running ? state + j * H : final + b * H;
+        if (init) memcpy(dst, init + b * H, (size_t)H * sizeof(REAL));
+        else memset(dst, 0, (size_t)H * sizeof(REAL));
+    }
+}
+
+/* out[c] = sum over rows of A[r, c]. */
+void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,
+                           ptrdiff_t lda) {
+    for (ptrdiff_t c = 0; c < cols; c++) out[c] = 0;
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t c = 0; c < cols; c++) out[c] += A[r * lda + c];
+}
+
+/* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
+ * gates = bias + X_packed @ w_ih^T, one GEMM of (rows, I) x (I, G*H).
+ * xbuf receives the gathered rows (unused when x is dense); bias: or NULL. */
+void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const REAL *w_ih,
+                       const REAL *bias, const rf_plan *p, ptrdiff_t step0,
+                       ptrdiff_t step1, ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas) {
+    ptrdiff_t rows = p->offsets[step1] - p->offsets[step0];
+    const REAL *xs = x + p->offsets[step0] * I;
+    if (!rf_dense(p)) {
+        RF_FN(rf_gather)(xbuf, x, p, step0, step1, I);
+        xs = xbuf;
+    }
+    if (bias)
+        for (ptrdiff_t r = 0; r < rows; r++) memcpy(gates + r * GH, bias, (size_t)GH * sizeof(REAL));
+    RF_FN(rf_gemm)(blas, 0, 1, rows, GH, I, 1, xs, I, w_ih, I, bias ? 1 : 0, gates, GH);
+}
+
+/* The input-side gradients, after the time loop, as single GEMMs over all packed rows:
+ * dw_ih = dgates^T @ X_packed, and dx = dgates @ w_ih scattered back to time order.
+ * xbuf: the training forward's gathered x (overwritten here), unused when x is dense. */
+void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,
+                            const REAL *x, const REAL *w_ih, const rf_plan *p,
+                            ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas) {
+    ptrdiff_t N = p->rows;
+    const REAL *xs = rf_dense(p) ? x : xbuf;
+    RF_FN(rf_gemm)(blas, 1, 0, GH, I, N, 1, dgates, GH, xs, I, 0, dw_ih, I);
+    if (rf_dense(p)) {
+        RF_FN(rf_gemm)(blas, 0, 0, N, I, GH, 1, dgates, GH, w_ih, I, 0, dx, I);
+    } else {
+        RF_FN(rf_gemm)(blas, 0, 0, N, I, GH, 1, dgates, GH, w_ih, I, 0, xbuf, I);
+        RF_FN(rf_scatter)(dx, xbuf, p, I);
+    }
+}
+
+#endif /* RF_TEMPLATE */

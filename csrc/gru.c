@@ -1,0 +1,232 @@
+/* gru.c -- GRU forward and backward through time.
+ *
+ *   r = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+ *   linear_before_reset (PyTorch, cuDNN): n = tanh(W_in x + b_in + r (W_hn h + b_hn))
+ *   otherwise (original GRU, ONNX):       n = tanh(W_in x + b_in + W_hn (r h) + b_hn)
+ *   h' = (1 - z) n + z h
+ *
+ * Same loop shape as lstm.c. b_hn is the one bias not folded into the input projection:
+ * the reset gate multiplies it (lbr) or it joins after the product with r h (not lbr),
+ * which then needs a second GEMM per step, between the r pass and the n pass.
+ * The part below RF_TEMPLATE is compiled twice, for float and for double. */
+#ifndef RF_TEMPLATE
+#include <string.h>
+
+#include "rnnfuse.h"
+
+/* Workspace layout, in elements from the start of ws.
+ * train=1, packed rows (N = p->rows):
+ *   bias (3H) | gates (N,3H): post-activation r z n | aux (N,H): W_hn h + b_hn when lbr,
+ *   r h otherwise | h (N,H): h_{t-1} | step (B,3H): one step's recurrent product |
+ *   xbuf (N,I): gathered x, when not dense
+ * train=0: bias (3H) | gates (R,3H) | aux (B,H) | h (2,B,H) | step (B,3H) | xbuf (R,I) */
+typedef struct { ptrdiff_t bias, gates, aux, h, step, xbuf, total; } gru_layout;
+
+static gru_layout gru_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
+    gru_layout L;
+    ptrdiff_t rows = train ? p->rows : rf_chunk_rows(p);
+    L.bias = 0;
+    L.gates = L.bias + 3 * H;
+    L.aux = L.gates + rows * 3 * H;
+    L.h = L.aux + (train ? p->rows * H : p->B * H);
+    L.step = L.h + (train ? p->rows * H : 2 * p->B * H);
+    L.xbuf = L.step + p->B * 3 * H;
+    L.total = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    return L;
+}
+
+ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
+    return gru_layout_of(p, I, H, train).total;
+}
+
+#define RF_TEMPLATE
+#define REAL float
+#define RF_SUFFIX f32
+#include "gru.c"
+#undef REAL
+#undef RF_SUFFIX
+#define REAL double
+#define RF_SUFFIX f64
+#include "gru.c"
+
+#else /* RF_TEMPLATE: dtype-generic part */
+
+#define SIGMOID RF_FN(rf_sigmoid)
+#define TANH RF_FN(rf_tanh)
+
+/* r and z of a step's bs rows, in place over their pre-activations (input part in g,
+ * recurrent part in st). Without lbr, also rh = r h_{t-1}, the operand of W_hn. */
+RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, const REAL *hp,
+                                         ptrdiff_t bs, ptrdiff_t H, int lbr) {
+    for (ptrdiff_t j = 0; j < bs; j++) {
+        REAL *gr = g + j * 3 * H, *gz = gr + H;
+        const REAL *sr = st + j * 3 * H, *sz = sr + H, *h = hp + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            gr[k] = SIGMOID(gr[k] + sr[k]);
+            gz[k] = SIGMOID(gz[k] + sz[k]);
+            if (!lbr) rh[j * H + k] = gr[k] * h[k];
+        }
+    }
+}
+
+/* n and the new state of a step's bs rows. st's n block holds W_hn h (lbr) or W_hn (r h);
+ * with lbr, aux keeps W_hn h + b_hn for backward. Rows j < next_bs go on to the next step
+ * (their state goes to hn), the others have finished (h_n). */
+RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, const REAL *hp,
+                                        REAL *hn, REAL *y, REAL *h_n, const REAL *b_hn,
+                                        const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
+                                        ptrdiff_t next_bs, ptrdiff_t H, int lbr, int train) {
+    for (ptrdiff_t j = 0; j < bs; j++) {
+        ptrdiff_t b = p->order[j];
+        REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
+        const REAL *sn = st + j * 3 * H + 2 * H, *h = hp + j * H;
+        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
+        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL hl = sn[k] + (b_hn ? b_hn[k] : 0);
+            REAL n = TANH(gn[k] + (lbr ? gr[k] * hl : hl));
+            if (lbr && train) aux[j * H + k] = hl;
+            gn[k] = n;
+            REAL h_new = (1 - gz[k]) * n + gz[k] * h[k];
+            h_out[k] = h_new;
+            y_row[k] = h_new;
+        }
+    }
+}
+
+void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
+                           const REAL *x, const REAL *h0,
+                           const REAL *w_ih, const REAL *w_hh,
+                           const REAL *b_ih, const REAL *b_hh,
+                           const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
+                           int train, const rf_blas *blas) {
+    gru_layout L = gru_layout_of(p, I, H, train);
+    ptrdiff_t GH = 3 * H, BH = p->B * H;
+    REAL *bias = NULL, *st = ws + L.step;
+    if (b_ih || b_hh) {  /* b_ih and b_hr, b_hz folded into the input projection */
+        bias = ws + L.bias;
+        for (ptrdiff_t k = 0; k < GH; k++)
+            bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh && k < 2 * H ? b_hh[k] : 0);
+    }
+    const REAL *b_hn = b_hh ? b_hh + 2 * H : NULL;
+    RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
+    for (ptrdiff_t step0 = 0; step0 < p->steps;) {
+        ptrdiff_t step1 = rf_chunk_end(p, step0, train);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, GH, blas);
+        for (ptrdiff_t s = step0; s < step1; s++) {
+            ptrdiff_t bs = p->batch_sizes[s];
+            ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
+            const REAL *hp = ws + L.h + (train ? p->offsets[s] * H : (s & 1) * BH);
+            REAL *hn = ws + L.h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
+            REAL *aux = ws + L.aux + (train ? p->offsets[s] * H : 0);
+            REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * GH;
+            if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
+                RF_FN(rf_gemm)(blas, 0, 1, bs, GH, H, 1, hp, H, w_hh, H, 0, st, GH);
+                RF_FN(gru_step_rz)(g, aux, st, hp, bs, H, lbr);
+            } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
+                RF_FN(rf_gemm)(blas, 0, 1, bs, 2 * H, H, 1, hp, H, w_hh, H, 0, st, GH);
+                RF_FN(gru_step_rz)(g, aux, st, hp, bs, H, lbr);
+                RF_FN(rf_gemm)(blas, 0, 1, bs, H, H, 1, aux, H, w_hh + 2 * H * H, H, 0,
+                               st + 2 * H, GH);
+            }
+            RF_FN(gru_step_n)(g, aux, st, hp, hn, y, h_n, b_hn, p, s, bs, next_bs, H, lbr, train);
+        }
+        step0 = step1;
+    }
+}
+
+/* One step's backward pointwise pass (lbr, or the first pass without lbr). On entry g holds
+ * the saved r z n; on exit the z and n blocks hold their pre-activation gradients, and with
+ * lbr the r block too, aux the gradient of W_hn h + b_hn, and st the step's recurrent-side
+ * gate gradients [dr dz d(W_hn h)]. dh: the gradient carried into h_t; leaves as the direct
+ * part of the gradient of h_{t-1}, z dh. */
+RF_CLONES static void RF_FN(gru_step_backward)(REAL *g, REAL *aux, REAL *st, REAL *dh,
+                                               const REAL *hp, const REAL *dy,
+                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
+                                               ptrdiff_t H, int lbr) {
+    for (ptrdiff_t j = 0; j < bs; j++) {
+        REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
+        REAL *sr = st + j * 3 * H, *sz = sr + H, *sn = sr + 2 * H;
+        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
+        const REAL *h = hp + j * H;
+        REAL *dh_row = dh + j * H, *aux_row = aux + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL r = gr[k], z = gz[k], n = gn[k];
+            REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
+            REAL dz = d_h * (h[k] - n) * z * (1 - z);           /* h' = (1-z) n + z h */
+            REAL dn = d_h * (1 - z) * (1 - n * n);
+            dh_row[k] = d_h * z;
+            gz[k] = dz;
+            gn[k] = dn;
+            if (lbr) {                                          /* n = tanh(.. + r hl) */
+                REAL hl = aux_row[k];
+                REAL dr = dn * hl * r * (1 - r);
+                gr[k] = dr;
+                aux_row[k] = dn * r;
+                sr[k] = dr; sz[k] = dz; sn[k] = dn * r;
+            }
+        }
+    }
+}
+
+/* Without lbr, the second backward pass: drh = d(r h_{t-1}) = dn W_hn is in st; gives dr
+ * (into g's r block) and adds r drh to dh. */
+RF_CLONES static void RF_FN(gru_step_backward_r)(REAL *g, REAL *dh, const REAL *drh,
+                                                 const REAL *hp, ptrdiff_t bs, ptrdiff_t H) {
+    for (ptrdiff_t j = 0; j < bs; j++) {
+        REAL *gr = g + j * 3 * H;
+        const REAL *d = drh + j * H, *h = hp + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL r = gr[k];
+            gr[k] = d[k] * h[k] * r * (1 - r);
+            dh[j * H + k] += d[k] * r;
+        }
+    }
+}
+
+void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
+                            REAL *db_ih, REAL *db_hh,
+                            const REAL *dy, const REAL *dh_n,
+                            REAL *ws, REAL *scratch, const REAL *x,
+                            const REAL *w_ih, const REAL *w_hh,
+                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
+                            const rf_blas *blas) {
+    gru_layout L = gru_layout_of(p, I, H, 1);
+    ptrdiff_t GH = 3 * H, N = p->rows;
+    REAL *dh = scratch, *st = ws + L.step;
+    RF_FN(rf_sort_rows)(dh, dh_n, p, H);
+    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
+        ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s];
+        REAL *g = ws + L.gates + at * GH, *aux = ws + L.aux + at * H;
+        const REAL *hp = ws + L.h + at * H;
+        RF_FN(gru_step_backward)(g, aux, st, dh, hp, dy, p, s, bs, H, lbr);
+        if (lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh */
+            RF_FN(rf_gemm)(blas, 0, 0, bs, H, GH, 1, st, GH, w_hh, H, 1, dh, H);
+        } else {    /* drh = dn W_hn;  then dh_{t-1} += [dr dz] W_hrz */
+            RF_FN(rf_gemm)(blas, 0, 0, bs, H, H, 1, g + 2 * H, GH, w_hh + 2 * H * H, H, 0, st, H);
+            RF_FN(gru_step_backward_r)(g, dh, st, hp, bs, H);
+            RF_FN(rf_gemm)(blas, 0, 0, bs, H, 2 * H, 1, g, GH, w_hh, H, 1, dh, H);
+        }
+    }
+    RF_FN(rf_unsort_rows)(dh0, dh, p, H);
+    const REAL *dgates = ws + L.gates, *h = ws + L.h, *aux = ws + L.aux;
+    /* dW_hrz = sum_t [dr dz]^T h_{t-1};  dW_hn = sum_t d(W_hn h)^T h_{t-1} (lbr)
+     * or dn^T (r h_{t-1}) (not lbr) */
+    RF_FN(rf_gemm)(blas, 1, 0, 2 * H, H, N, 1, dgates, GH, h, H, 0, dw_hh, H);
+    if (lbr)
+        RF_FN(rf_gemm)(blas, 1, 0, H, H, N, 1, aux, H, h, H, 0, dw_hh + 2 * H * H, H);
+    else
+        RF_FN(rf_gemm)(blas, 1, 0, H, H, N, 1, dgates + 2 * H, GH, aux, H, 0, dw_hh + 2 * H * H, H);
+    if (db_hh) {
+        RF_FN(rf_column_sums)(db_hh, dgates, N, 2 * H, GH);
+        if (lbr) RF_FN(rf_column_sums)(db_hh + 2 * H, aux, N, H, H);
+        else RF_FN(rf_column_sums)(db_hh + 2 * H, dgates + 2 * H, N, H, GH);
+    }
+    if (db_ih) RF_FN(rf_column_sums)(db_ih, dgates, N, GH, GH);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, blas);
+}
+
+#undef SIGMOID
+#undef TANH
+
+#endif /* RF_TEMPLATE */

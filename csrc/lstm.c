@@ -1,0 +1,183 @@
+/* lstm.c -- LSTM forward and backward through time.
+ *
+ *   gates = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh,  blocks i f g o
+ *   i, f, o = sigmoid(.), g = tanh(.);  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+ *
+ * Forward: the input projection of all steps is one GEMM (rf_project); each step adds
+ * h_{t-1} W_hh^T into its gate rows (one GEMM over the rows still running) and one fused
+ * pass applies the activations, the state update and the writes of y, h_n, c_n.
+ * Backward: per step (reversed) one fused pass turns the saved gates into gate gradients,
+ * in place, and one GEMM carries dh back through W_hh; dW_hh, dW_ih, dx and the bias
+ * gradients are single GEMMs / column sums over all steps after the loop.
+ * The part below RF_TEMPLATE is compiled twice, for float and for double. */
+#ifndef RF_TEMPLATE
+#include <string.h>
+
+#include "rnnfuse.h"
+
+/* Workspace layout, in elements from the start of ws.
+ * train=1 keeps every step for backward, in packed rows (N = p->rows):
+ *   bias (4H) | gates (N,4H): post-activation i f g o | h (N,H): h_{t-1} of each row |
+ *   c (N,H): c_{t-1} | tanh_c (N,H): tanh(c_t) | xbuf (N,I): gathered x, when not dense
+ * train=0 keeps one chunk of steps and two states (current, next):
+ *   bias (4H) | gates (R,4H) | h (2,B,H) | c (2,B,H) | xbuf (R,I), R = chunk rows */
+typedef struct { ptrdiff_t bias, gates, h, c, tanh_c, xbuf, total; } lstm_layout;
+
+static lstm_layout lstm_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
+    lstm_layout L;
+    ptrdiff_t rows = train ? p->rows : rf_chunk_rows(p);
+    ptrdiff_t states = train ? p->rows * H : 2 * p->B * H;
+    L.bias = 0;
+    L.gates = L.bias + 4 * H;
+    L.h = L.gates + rows * 4 * H;
+    L.c = L.h + states;
+    L.tanh_c = L.c + states;
+    L.xbuf = L.tanh_c + (train ? p->rows * H : 0);
+    L.total = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    return L;
+}
+
+ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
+    return lstm_layout_of(p, I, H, train).total;
+}
+
+#define RF_TEMPLATE
+#define REAL float
+#define RF_SUFFIX f32
+#include "lstm.c"
+#undef REAL
+#undef RF_SUFFIX
+#define REAL double
+#define RF_SUFFIX f64
+#include "lstm.c"
+
+#else /* RF_TEMPLATE: dtype-generic part */
+
+#define SIGMOID RF_FN(rf_sigmoid)
+#define TANH RF_FN(rf_tanh)
+
+/* One step's pointwise pass over its bs running rows. g: the step's gate rows, holding
+ * pre-activations on entry (post-activations on exit when train). hp, cp: the states
+ * entering the step; hn, cn: where rows that go on to step s+1 (j < next_bs) put theirs;
+ * the others have finished and write h_n, c_n. */
+RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
+                                       REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
+                                       const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
+                                       ptrdiff_t next_bs, ptrdiff_t H, int train) {
+    for (ptrdiff_t j = 0; j < bs; j++) {
+        ptrdiff_t b = p->order[j];
+        REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
+        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
+        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
+        REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
+        const REAL *c_prev = cp + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL i = SIGMOID(gi[k]), f = SIGMOID(gf[k]), gt = TANH(gg[k]), o = SIGMOID(go[k]);
+            REAL c = f * c_prev[k] + i * gt;
+            REAL tc = TANH(c);
+            REAL h = o * tc;
+            if (train) {
+                gi[k] = i; gf[k] = f; gg[k] = gt; go[k] = o;
+                tanh_c[j * H + k] = tc;
+            }
+            c_out[k] = c;
+            h_out[k] = h;
+            y_row[k] = h;
+        }
+    }
+}
+
+void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
+                            const REAL *x, const REAL *h0, const REAL *c0,
+                            const REAL *w_ih, const REAL *w_hh,
+                            const REAL *b_ih, const REAL *b_hh,
+                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,
+                            const rf_blas *blas) {
+    lstm_layout L = lstm_layout_of(p, I, H, train);
+    ptrdiff_t GH = 4 * H, BH = p->B * H;
+    REAL *bias = NULL;
+    if (b_ih || b_hh) {  /* both biases folded into the input projection */
+        bias = ws + L.bias;
+        for (ptrdiff_t k = 0; k < GH; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
+    }
+    RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
+    RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
+    for (ptrdiff_t step0 = 0; step0 < p->steps;) {
+        ptrdiff_t step1 = rf_chunk_end(p, step0, train);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, GH, blas);
+        for (ptrdiff_t s = step0; s < step1; s++) {
+            ptrdiff_t bs = p->batch_sizes[s];
+            ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
+            ptrdiff_t now = train ? p->offsets[s] * H : (s & 1) * BH;
+            ptrdiff_t next = train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH;
+            REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * GH;
+            /* gates += h_{t-1} W_hh^T */
+            RF_FN(rf_gemm)(blas, 0, 1, bs, GH, H, 1, ws + L.h + now, H, w_hh, H, 1, g, GH);
+            RF_FN(lstm_step)(g, train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
+                             ws + L.h + next, ws + L.c + next, y, h_n, c_n, p, s, bs,
+                             next_bs, H, train);
+        }
+        step0 = step1;
+    }
+}
+
+/* One step's backward pointwise pass. On entry g holds the saved i f g o; on exit their
+ * pre-activation gradients. dh, dc: the gradients carried into this step's outputs
+ * (sorted rows); dc leaves as the gradient of c_{t-1}. */
+RF_CLONES static void RF_FN(lstm_step_backward)(REAL *g, REAL *dh, REAL *dc,
+                                                const REAL *tanh_c, const REAL *cp,
+                                                const REAL *dy, const rf_plan *p,
+                                                ptrdiff_t s, ptrdiff_t bs, ptrdiff_t H) {
+    for (ptrdiff_t j = 0; j < bs; j++) {
+        REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
+        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
+        REAL *dh_row = dh + j * H, *dc_row = dc + j * H;
+        const REAL *tc_row = tanh_c + j * H, *c_prev = cp + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL i = gi[k], f = gf[k], gt = gg[k], o = go[k], tc = tc_row[k];
+            REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
+            REAL d_c = dc_row[k] + d_h * o * (1 - tc * tc);   /* h = o tanh(c) */
+            dc_row[k] = d_c * f;                              /* c = f c_prev + i g */
+            gi[k] = d_c * gt * i * (1 - i);
+            gf[k] = d_c * c_prev[k] * f * (1 - f);
+            gg[k] = d_c * i * (1 - gt * gt);
+            go[k] = d_h * tc * o * (1 - o);
+        }
+    }
+}
+
+void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,
+                             REAL *db_ih, REAL *db_hh,
+                             const REAL *dy, const REAL *dh_n, const REAL *dc_n,
+                             REAL *ws, REAL *scratch, const REAL *x,
+                             const REAL *w_ih, const REAL *w_hh,
+                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                             const rf_blas *blas) {
+    lstm_layout L = lstm_layout_of(p, I, H, 1);
+    ptrdiff_t GH = 4 * H, B = p->B;
+    REAL *dh = scratch, *dc = scratch + B * H;
+    /* A row's final-state gradient enters at its last step; until then it waits here. */
+    RF_FN(rf_sort_rows)(dh, dh_n, p, H);
+    RF_FN(rf_sort_rows)(dc, dc_n, p, H);
+    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
+        ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s];
+        REAL *g = ws + L.gates + at * GH;
+        RF_FN(lstm_step_backward)(g, dh, dc, ws + L.tanh_c + at * H, ws + L.c + at * H, dy,
+                                  p, s, bs, H);
+        /* dh_{t-1} = dgates W_hh */
+        RF_FN(rf_gemm)(blas, 0, 0, bs, H, GH, 1, g, GH, w_hh, H, 0, dh, H);
+    }
+    RF_FN(rf_unsort_rows)(dh0, dh, p, H);
+    RF_FN(rf_unsort_rows)(dc0, dc, p, H);
+    const REAL *dgates = ws + L.gates;
+    /* dW_hh = sum_t dgates_t^T h_{t-1} */
+    RF_FN(rf_gemm)(blas, 1, 0, GH, H, p->rows, 1, dgates, GH, ws + L.h, H, 0, dw_hh, H);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, blas);
+    if (db_ih) RF_FN(rf_column_sums)(db_ih, dgates, p->rows, GH, GH);
+    if (db_hh) RF_FN(rf_column_sums)(db_hh, dgates, p->rows, GH, GH);
+}
+
+#undef SIGMOID
+#undef TANH
+
+#endif /* RF_TEMPLATE */

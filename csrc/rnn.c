@@ -1,0 +1,139 @@
+/* rnn.c -- Elman RNN forward and backward through time.
+ *
+ *   h' = act(W_ih x + b_ih + W_hh h + b_hh),  act = tanh or relu
+ *
+ * Same loop shape as lstm.c, with one gate: the saved activation h' is all backward needs
+ * (tanh' = 1 - h'^2, relu' = [h' > 0]).
+ * The part below RF_TEMPLATE is compiled twice, for float and for double. */
+#ifndef RF_TEMPLATE
+#include <string.h>
+
+#include "rnnfuse.h"
+
+/* Workspace layout, in elements from the start of ws.
+ * train=1, packed rows (N = p->rows):
+ *   bias (H) | gates (N,H): h' | h (N,H): h_{t-1} | xbuf (N,I): gathered x, when not dense
+ * train=0: bias (H) | gates (R,H) | h (2,B,H) | xbuf (R,I) */
+typedef struct { ptrdiff_t bias, gates, h, xbuf, total; } rnn_layout;
+
+static rnn_layout rnn_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
+    rnn_layout L;
+    ptrdiff_t rows = train ? p->rows : rf_chunk_rows(p);
+    L.bias = 0;
+    L.gates = L.bias + H;
+    L.h = L.gates + rows * H;
+    L.xbuf = L.h + (train ? p->rows * H : 2 * p->B * H);
+    L.total = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    return L;
+}
+
+ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
+    return rnn_layout_of(p, I, H, train).total;
+}
+
+#define RF_TEMPLATE
+#define REAL float
+#define RF_SUFFIX f32
+#include "rnn.c"
+#undef REAL
+#undef RF_SUFFIX
+#define REAL double
+#define RF_SUFFIX f64
+#include "rnn.c"
+
+#else /* RF_TEMPLATE: dtype-generic part */
+
+/* One step's pointwise pass: g holds the pre-activations of the bs running rows and
+ * leaves holding h'. Rows j < next_bs go on (hn), the others have finished (h_n). */
+RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
+                                      const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
+                                      ptrdiff_t next_bs, ptrdiff_t H, int relu) {
+    for (ptrdiff_t j = 0; j < bs; j++) {
+        ptrdiff_t b = p->order[j];
+        REAL *a = g + j * H;
+        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
+        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            /* relu keeps NaN: (NaN > 0) is false, so test for the zero case instead */
+            REAL h = relu ? (a[k] < 0 ? 0 : a[k]) : RF_FN(rf_tanh)(a[k]);
+            a[k] = h;
+            h_out[k] = h;
+            y_row[k] = h;
+        }
+    }
+}
+
+void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
+                           const REAL *x, const REAL *h0,
+                           const REAL *w_ih, const REAL *w_hh,
+                           const REAL *b_ih, const REAL *b_hh,
+                           const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
+                           int train, const rf_blas *blas) {
+    rnn_layout L = rnn_layout_of(p, I, H, train);
+    ptrdiff_t BH = p->B * H;
+    REAL *bias = NULL;
+    if (b_ih || b_hh) {
+        bias = ws + L.bias;
+        for (ptrdiff_t k = 0; k < H; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
+    }
+    RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
+    for (ptrdiff_t step0 = 0; step0 < p->steps;) {
+        ptrdiff_t step1 = rf_chunk_end(p, step0, train);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, H, blas);
+        for (ptrdiff_t s = step0; s < step1; s++) {
+            ptrdiff_t bs = p->batch_sizes[s];
+            ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
+            const REAL *hp = ws + L.h + (train ? p->offsets[s] * H : (s & 1) * BH);
+            REAL *hn = ws + L.h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
+            REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * H;
+            /* g += h_{t-1} W_hh^T */
+            RF_FN(rf_gemm)(blas, 0, 1, bs, H, H, 1, hp, H, w_hh, H, 1, g, H);
+            RF_FN(rnn_step)(g, hn, y, h_n, p, s, bs, next_bs, H, relu);
+        }
+        step0 = step1;
+    }
+}
+
+/* One step's backward pointwise pass: g holds h' and leaves holding the pre-activation
+ * gradient; dh is the gradient carried into h_t. */
+RF_CLONES static void RF_FN(rnn_step_backward)(REAL *g, const REAL *dh, const REAL *dy,
+                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
+                                               ptrdiff_t H, int relu) {
+    for (ptrdiff_t j = 0; j < bs; j++) {
+        REAL *a = g + j * H;
+        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL d_h = dh[j * H + k] + (dy_row ? dy_row[k] : 0);
+            REAL h = a[k];
+            a[k] = relu ? (h > 0 ? d_h : 0) : d_h * (1 - h * h);
+        }
+    }
+}
+
+void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
+                            REAL *db_ih, REAL *db_hh,
+                            const REAL *dy, const REAL *dh_n,
+                            REAL *ws, REAL *scratch, const REAL *x,
+                            const REAL *w_ih, const REAL *w_hh,
+                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
+                            const rf_blas *blas) {
+    rnn_layout L = rnn_layout_of(p, I, H, 1);
+    REAL *dh = scratch;
+    RF_FN(rf_sort_rows)(dh, dh_n, p, H);
+    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
+        ptrdiff_t bs = p->batch_sizes[s];
+        REAL *g = ws + L.gates + p->offsets[s] * H;
+        RF_FN(rnn_step_backward)(g, dh, dy, p, s, bs, H, relu);
+        /* dh_{t-1} = dpre W_hh */
+        RF_FN(rf_gemm)(blas, 0, 0, bs, H, H, 1, g, H, w_hh, H, 0, dh, H);
+    }
+    RF_FN(rf_unsort_rows)(dh0, dh, p, H);
+    const REAL *dgates = ws + L.gates;
+    /* dW_hh = sum_t dpre_t^T h_{t-1} */
+    RF_FN(rf_gemm)(blas, 1, 0, H, H, p->rows, 1, dgates, H, ws + L.h, H, 0, dw_hh, H);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, H, blas);
+    if (db_ih) RF_FN(rf_column_sums)(db_ih, dgates, p->rows, H, H);
+    if (db_hh) RF_FN(rf_column_sums)(db_hh, dgates, p->rows, H, H);
+}
+
+#endif /* RF_TEMPLATE */

@@ -1,0 +1,189 @@
+/* rnnfuse.h -- the contract between the C kernels and their one caller, _kernels.pyx.
+ *
+ * Notation: T padded time steps, B batch, I input size, H hidden size, G gates per unit
+ * (LSTM 4: i f g o; GRU 3: r z n; RNN 1). Every matrix is row-major and C-contiguous;
+ * weights are in PyTorch's layout: w_ih (G*H, I), w_hh (G*H, H), biases (G*H).
+ * Sizes and offsets are ptrdiff_t (T*B*G*H may pass 2^31). Pointers are never NULL unless
+ * the comment says "or NULL". The C code trusts its arguments: the Python layer validates
+ * shapes, dtypes and lengths before the GIL is released.
+ *
+ * Batches are processed in "step space": the plan orders the batch by decreasing length
+ * (stably), so that at step s only the first batch_sizes[s] sorted rows are still running,
+ * and stores every per-step quantity "packed" as PyTorch's PackedSequence does: step s
+ * occupies rows offsets[s] .. offsets[s+1]-1, row j of the step being sorted row j. Step s
+ * of sorted row j reads and writes time t = s (forward) or t = length-1-s (reverse).
+ */
+#ifndef RNNFUSE_H
+#define RNNFUSE_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* BLAS reached through pointers that _kernels.pyx fills from scipy.linalg.cython_blas
+ * (Fortran calling convention, column-major, 32-bit integers). */
+typedef void (*rf_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
+                            float *alpha, float *a, int *lda, float *b, int *ldb,
+                            float *beta, float *c, int *ldc);
+typedef void (*rf_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
+                            double *alpha, double *a, int *lda, double *b, int *ldb,
+                            double *beta, double *c, int *ldc);
+typedef struct {
+    rf_sgemm_fn sgemm;
+    rf_dgemm_fn dgemm;
+} rf_blas;
+
+/* The batch ordering of one call; built by rf_plan_build, read-only afterwards. */
+typedef struct {
+    ptrdiff_t T, B;               /* padded steps and batch of x */
+    ptrdiff_t steps;              /* longest length: the number of steps that run */
+    ptrdiff_t rows;               /* sum of lengths: rows of every packed buffer */
+    int reverse;                  /* 1: each sequence runs t = length-1 .. 0 */
+    const int64_t *order;         /* (B,) sorted row j -> batch row order[j] */
+    const int64_t *lengths;       /* (B,) lengths, indexed by batch row */
+    const int64_t *batch_sizes;   /* (steps,) rows still running at step s */
+    const int64_t *offsets;       /* (steps+1,) first packed row of step s */
+} rf_plan;
+
+/* Sorts the batch by decreasing length (counting sort, stable) and fills order (B),
+ * batch_sizes (T) and offsets (T+1); lengths must lie in [0, T]. Returns the number of
+ * steps that run (the longest length); offsets[steps] is the number of packed rows. */
+ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
+                        int64_t *order, int64_t *batch_sizes, int64_t *offsets,
+                        int64_t *count /* scratch, (T+1) */);
+
+/* Which vectorized code path the run-time dispatch picks on this CPU. */
+const char *rf_simd_path(void);
+
+
+/* Workspace sizes, in elements of the call's dtype. "train" keeps what backward needs. */
+ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
+ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
+ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
+/* Backward scratch, beyond the forward's workspace. */
+ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G);
+
+/* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
+ * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
+ * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
+ * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
+#define RF_DECLARE_KERNELS(REAL, SFX)                                                         \
+    void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \
+                               const REAL *x, const REAL *h0, const REAL *c0,               \
+                               const REAL *w_ih, const REAL *w_hh,                          \
+                               const REAL *b_ih, const REAL *b_hh,                          \
+                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,       \
+                               const rf_blas *blas);                                        \
+    void rf_gru_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
+                              const REAL *x, const REAL *h0,                                \
+                              const REAL *w_ih, const REAL *w_hh,                           \
+                              const REAL *b_ih, const REAL *b_hh,                           \
+                              const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,          \
+                              int train, const rf_blas *blas);                              \
+    void rf_rnn_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
+                              const REAL *x, const REAL *h0,                                \
+                              const REAL *w_ih, const REAL *w_hh,                           \
+                              const REAL *b_ih, const REAL *b_hh,                           \
+                              const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,         \
+                              int train, const rf_blas *blas);                              \
+    /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,   \
+     * db_ih, db_hh (db_*: or NULL when not wanted). dy, dh_n, dc_n: or NULL (zeros).       \
+     * ws: the training forward's workspace, overwritten (backward runs once per ctx).      \
+     * scratch: rf_backward_scratch elements. x, w_*: the forward's.                        \
+     * Each db_* receives the bias gradient whether or not that bias existed. */            \
+    void rf_lstm_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,    \
+                                REAL *db_ih, REAL *db_hh,                                   \
+                                const REAL *dy, const REAL *dh_n, const REAL *dc_n,         \
+                                REAL *ws, REAL *scratch, const REAL *x,                     \
+                                const REAL *w_ih, const REAL *w_hh,                         \
+                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H,                 \
+                                const rf_blas *blas);                                       \
+    void rf_gru_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
+                               REAL *db_ih, REAL *db_hh,                                    \
+                               const REAL *dy, const REAL *dh_n,                            \
+                               REAL *ws, REAL *scratch, const REAL *x,                      \
+                               const REAL *w_ih, const REAL *w_hh,                          \
+                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,         \
+                               const rf_blas *blas);                                        \
+    void rf_rnn_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
+                               REAL *db_ih, REAL *db_hh,                                    \
+                               const REAL *dy, const REAL *dh_n,                            \
+                               REAL *ws, REAL *scratch, const REAL *x,                      \
+                               const REAL *w_ih, const REAL *w_hh,                          \
+                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,        \
+                               const rf_blas *blas);                                        \
+    /* Shared pieces (common.c). */                                                         \
+    void rf_gemm_##SFX(const rf_blas *blas, int trans_a, int trans_b,                       \
+                       ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, REAL alpha,                   \
+                       const REAL *A, ptrdiff_t lda, const REAL *B, ptrdiff_t ldb,          \
+                       REAL beta, REAL *C, ptrdiff_t ldc);                                  \
+    void rf_gather_##SFX(REAL *packed, const REAL *seq, const rf_plan *p,                   \
+                         ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t F);                    \
+    void rf_scatter_##SFX(REAL *seq, const REAL *packed, const rf_plan *p, ptrdiff_t F);    \
+    void rf_sort_rows_##SFX(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t F);     \
+    void rf_unsort_rows_##SFX(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t F);   \
+    void rf_initial_state_##SFX(REAL *state, REAL *final, const REAL *init,                 \
+                                const rf_plan *p, ptrdiff_t H);                             \
+    void rf_column_sums_##SFX(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,     \
+                              ptrdiff_t lda);                                               \
+    void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const REAL *w_ih,         \
+                          const REAL *bias, const rf_plan *p, ptrdiff_t step0,              \
+                          ptrdiff_t step1, ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas); \
+    void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \
+                               const REAL *x, const REAL *w_ih, const rf_plan *p,           \
+                               ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas);
+
+RF_DECLARE_KERNELS(float, f32)
+RF_DECLARE_KERNELS(double, f64)
+
+/* ---- Pieces for the kernel bodies, which each cell file instantiates twice. ---- */
+
+#define RF_CAT_(a, b) a##_##b
+#define RF_CAT(a, b) RF_CAT_(a, b)
+#define RF_FN(name) RF_CAT(name, RF_SUFFIX)   /* rf_gemm -> rf_gemm_f32 / rf_gemm_f64 */
+
+/* Pointwise loops are compiled twice and picked at run time (never -march=native). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define RF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define RF_HAVE_CLONES 1
+#else
+#define RF_CLONES
+#define RF_HAVE_CLONES 0
+#endif
+
+/* Logistic sigmoid, written so that large |x| saturates to 0 or 1 instead of overflowing. */
+static inline float rf_sigmoid_f32(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline double rf_sigmoid_f64(double x) { return 1.0 / (1.0 + exp(-x)); }
+static inline float rf_tanh_f32(float x) { return tanhf(x); }
+static inline double rf_tanh_f64(double x) { return tanh(x); }
+
+/* Time index of step s of sorted row j. */
+static inline ptrdiff_t rf_time(const rf_plan *p, ptrdiff_t j, ptrdiff_t s) {
+    return p->reverse ? (ptrdiff_t)p->lengths[p->order[j]] - 1 - s : s;
+}
+
+/* Whether packed rows are x's rows in order (every length T, forward): then x is used in
+ * place, without gathering. */
+static inline int rf_dense(const rf_plan *p) {
+    return !p->reverse && p->rows == p->T * p->B;
+}
+
+/* Packed rows the inference forward projects at once: bounds its workspace independently
+ * of T (the training forward keeps every step, for backward). */
+#define RF_CHUNK_ROWS 1024
+
+static inline ptrdiff_t rf_chunk_rows(const rf_plan *p) {
+    ptrdiff_t cap = p->B > RF_CHUNK_ROWS ? p->B : RF_CHUNK_ROWS;
+    return p->rows < cap ? p->rows : cap;
+}
+
+/* The end of the chunk of steps that starts at step0: with train, every step; otherwise as
+ * many steps as fit in rf_chunk_rows (at least one). */
+static inline ptrdiff_t rf_chunk_end(const rf_plan *p, ptrdiff_t step0, int train) {
+    if (train) return p->steps;
+    ptrdiff_t cap = rf_chunk_rows(p), step1 = step0 + 1;
+    while (step1 < p->steps && p->offsets[step1 + 1] - p->offsets[step0] <= cap) step1++;
+    return step1;
+}
+
+#endif /* RNNFUSE_H */

@@ -1,0 +1,47 @@
+"""rnnfuse.show_config(): what this build is and what it runs on."""
+import platform
+import sys
+
+from . import _kernels
+
+
+def config():
+    """The build and runtime facts as a dict (what show_config prints)."""
+    from importlib.metadata import version
+    from threadpoolctl import threadpool_info
+
+    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, the one the kernels call)
+
+    return {
+        "rnnfuse": version("rnnfuse") if _installed() else "0+unknown",
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "compile_args": _kernels.compile_args(),
+        "simd_path": _kernels.simd_path(),
+        "threadpools": [
+            {k: info.get(k) for k in ("user_api", "internal_api", "version",
+                                      "architecture", "num_threads", "filepath")}
+            for info in threadpool_info()
+        ],
+    }
+
+
+def _installed():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        version("rnnfuse")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def show_config():
+    """Print the version, compiler flags, the vectorized path active on this CPU, and the
+    BLAS libraries with their thread counts (via threadpoolctl)."""
+    cfg = config()
+    for key in ("rnnfuse", "python", "platform", "compile_args", "simd_path"):
+        print(f"{key + ':':14}{cfg[key]}")
+    print("threadpools:")
+    for pool in cfg["threadpools"]:
+        print(f"  - {pool['internal_api']} {pool['version']} ({pool['user_api']}), "
+              f"{pool['num_threads']} threads, kernel {pool['architecture']}: {pool['filepath']}")

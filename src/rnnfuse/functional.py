@@ -1,0 +1,252 @@
+"""The kernel API: validate, allocate, call the C kernels.
+
+Six functions, the contract of DESIGN.md (``rnnfuse.reference`` has the same six in plain
+NumPy)::
+
+    y, h_n, c_n, ctx = lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = lstm_backward(dy, dh_n, dc_n, ctx)
+    y, h_n, ctx = gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                              linear_before_reset=True)
+    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = gru_backward(dy, dh_n, ctx)
+    y, h_n, ctx = rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                              nonlinearity="tanh")
+    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = rnn_backward(dy, dh_n, ctx)
+
+Time-major ``x (T, B, I)``, ``y (T, B, H)``, states ``(B, H)``; weights in PyTorch's layout
+``w_ih (G*H, I)``, ``w_hh (G*H, H)``, biases ``(G*H,)`` (G = 4, 3, 1). ``h0``, ``c0``,
+biases, ``dy``, ``dh_n``, ``dc_n`` may be None (zeros / no bias; the gradient of an absent
+bias is None). ``lengths`` (B,) integers in [0, T] mark steps t >= lengths[b] as padding.
+float32 or float64, one dtype per call. Inputs are never modified; non-contiguous inputs
+are copied once.
+
+Every forward also takes ``need_ctx`` (keyword only, default True): with False it runs
+inference only, keeps no state for backward (its workspace does not grow with T) and
+returns ``ctx=None``. The ctx keeps references to ``x``, ``w_ih`` and ``w_hh``: modifying
+them in place before backward changes the gradients. backward consumes its ctx.
+"""
+import numpy as np
+
+from . import _kernels
+
+__all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
+           "rnn_forward", "rnn_backward"]
+
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+_INT_MAX = 2**31 - 1  # SciPy's BLAS takes 32-bit dimensions
+
+
+class Context:
+    """What backward needs from forward; opaque, and consumed by one backward call."""
+
+    __slots__ = ("cell", "dtype", "plan", "ws", "x", "w_ih", "w_hh", "has_bias",
+                 "option", "input_size", "hidden_size")
+
+    def __repr__(self):
+        state = "used" if self.ws is None else "ready"
+        return f"<rnnfuse {self.cell} ctx, {self.dtype}, {state}>"
+
+
+# ---------------------------------------------------------------- validation helpers
+
+def _dtype_of(x):
+    x = _array("x", x)
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"x must have dtype float32 or float64, got {x.dtype}")
+    return x.dtype
+
+
+def _array(name, a):
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if isinstance(a, np.ndarray):
+        return a
+    arr = np.asarray(a)
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a numeric array, got {type(a).__name__}")
+    return arr
+
+
+def _check(name, a, shape, dtype, optional=False):
+    """a as a C-contiguous array of this shape and dtype (None stays None if optional)."""
+    if a is None and optional:
+        return None
+    a = _array(name, a)
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {a.dtype}")
+    if a.ndim != len(shape):
+        raise ValueError(f"{name} must be {len(shape)}-D with shape {shape}, "
+                         f"got {a.ndim}-D with shape {a.shape}")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def _check_x(x, dtype):
+    x = _array("x", x)
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D (T, B, input_size), got {x.ndim}-D with shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _check_lengths(lengths, T, B):
+    if lengths is None:
+        return np.full(B, T, dtype=np.int64)
+    lengths = _array("lengths", lengths)
+    if lengths.dtype == np.bool_ or not np.issubdtype(lengths.dtype, np.integer):
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape ({B},) (one per batch row), got {lengths.shape}")
+    if B and (lengths.min() < 0 or lengths.max() > T):
+        bad = lengths[(lengths < 0) | (lengths > T)]
+        raise ValueError(f"lengths must lie in [0, T={T}], got {bad.tolist()[:5]}")
+    return np.ascontiguousarray(lengths, dtype=np.int64)
+
+
+def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
+    G = _GATES[cell]
+    w_hh = _array("w_hh", w_hh)
+    if w_hh.ndim != 2 or w_hh.shape[0] != G * w_hh.shape[1] or w_hh.shape[1] == 0:
+        raise ValueError(f"w_hh must have shape ({G}*hidden_size, hidden_size) with "
+                         f"hidden_size > 0, got {w_hh.shape}")
+    H, I = w_hh.shape[1], x_shape[2]
+    if I == 0:
+        raise ValueError("x must have input_size > 0, got x of shape "
+                         f"{tuple(x_shape)}")
+    if G * H > _INT_MAX or I > _INT_MAX:
+        raise ValueError(f"{G}*hidden_size and input_size must be below 2**31, "
+                         f"got hidden_size={H}, input_size={I}")
+    return (H,
+            _check("w_ih", w_ih, (G * H, I), dtype),
+            _check("w_hh", w_hh, (G * H, H), dtype),
+            _check("b_ih", b_ih, (G * H,), dtype, optional=True),
+            _check("b_hh", b_hh, (G * H,), dtype, optional=True))
+
+
+def _flat(a, dtype):
+    """A flat view for _kernels; None becomes an empty array, which reaches C as NULL."""
+    return np.empty(0, dtype) if a is None else a.reshape(-1)
+
+
+def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx):
+    dtype = _dtype_of(x)
+    x = _check_x(x, dtype)
+    T, B, I = x.shape
+    H, w_ih, w_hh, b_ih, b_hh = _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x.shape)
+    names = ("h0", "c0")
+    states = [_check(n, s, (B, H), dtype, optional=True) for n, s in zip(names, states)]
+    lengths = _check_lengths(lengths, T, B)
+    plan = _kernels.Plan(lengths, T, bool(reverse))
+
+    ws = np.empty(_kernels.workspace_size(cell, plan, I, H, bool(need_ctx)), dtype)
+    padded = plan.rows < T * B
+    y = (np.zeros if padded else np.empty)((T, B, H), dtype)
+    finals = [np.empty((B, H), dtype) for _ in states]
+    f = lambda a: _flat(a, dtype)  # noqa: E731
+    args = [f(x)] + [f(s) for s in states] + [f(w_ih), f(w_hh), f(b_ih), f(b_hh), plan, I, H]
+    if cell == "lstm":
+        _kernels.lstm_forward(f(y), f(finals[0]), f(finals[1]), ws, *args, bool(need_ctx))
+    elif cell == "gru":
+        _kernels.gru_forward(f(y), f(finals[0]), ws, *args, option, bool(need_ctx))
+    else:
+        _kernels.rnn_forward(f(y), f(finals[0]), ws, *args, option, bool(need_ctx))
+
+    ctx = None
+    if need_ctx:
+        ctx = Context()
+        ctx.cell, ctx.dtype, ctx.plan, ctx.ws = cell, dtype, plan, ws
+        ctx.x, ctx.w_ih, ctx.w_hh = x, w_ih, w_hh
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.option, ctx.input_size, ctx.hidden_size = option, I, H
+    return y, finals, ctx
+
+
+def _backward(cell, dy, finals, ctx):
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be the ctx returned by rnnfuse.functional.{cell}_forward, "
+                        f"got {type(ctx).__name__}")
+    if ctx.cell != cell:
+        raise ValueError(f"ctx comes from {ctx.cell}_forward, but this is {cell}_backward")
+    if ctx.ws is None:
+        raise ValueError("ctx was already used by a backward call; run forward again "
+                         "(backward overwrites the saved state)")
+    dtype, plan, I, H = ctx.dtype, ctx.plan, ctx.input_size, ctx.hidden_size
+    T, B = plan.T, plan.B
+    G = _GATES[cell]
+    dy = _check("dy", dy, (T, B, H), dtype, optional=True)
+    names = ("dh_n", "dc_n")
+    finals = [_check(n, d, (B, H), dtype, optional=True) for n, d in zip(names, finals)]
+
+    scratch = np.empty(_kernels.backward_scratch_size(cell, plan, I, H), dtype)
+    dx = (np.zeros if plan.rows < T * B else np.empty)((T, B, I), dtype)
+    dinits = [np.empty((B, H), dtype) for _ in finals]
+    dw_ih = np.empty((G * H, I), dtype)
+    dw_hh = np.empty((G * H, H), dtype)
+    db = [np.empty(G * H, dtype) if has else None for has in ctx.has_bias]
+    f = lambda a: _flat(a, dtype)  # noqa: E731
+    outs = [f(dx)] + [f(d) for d in dinits] + [f(dw_ih), f(dw_hh), f(db[0]), f(db[1])]
+    ins = [f(dy)] + [f(d) for d in finals]
+    rest = [ctx.ws, scratch, f(ctx.x), f(ctx.w_ih), f(ctx.w_hh), plan, I, H]
+    ctx.ws = None  # consumed, whatever happens below
+    if cell == "lstm":
+        _kernels.lstm_backward(*outs, *ins, *rest)
+    elif cell == "gru":
+        _kernels.gru_backward(*outs, *ins, *rest, ctx.option)
+    else:
+        _kernels.rnn_backward(*outs, *ins, *rest, ctx.option)
+    return (dx, *dinits, dw_ih, dw_hh, db[0], db[1])
+
+
+# ---------------------------------------------------------------- the contract
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, *,
+                 need_ctx=True):
+    """LSTM over a whole sequence. Returns ``y (T,B,H), h_n (B,H), c_n (B,H), ctx``.
+
+    Gates i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of W_ih x + b_ih + W_hh h + b_hh;
+    c' = f c + i g; h' = o tanh(c').
+    """
+    y, (h_n, c_n), ctx = _forward("lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
+                                  reverse, None, need_ctx)
+    return y, h_n, c_n, ctx
+
+
+def lstm_backward(dy, dh_n, dc_n, ctx):
+    """Gradients ``dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
+    return _backward("lstm", dy, (dh_n, dc_n), ctx)
+
+
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                linear_before_reset=True, *, need_ctx=True):
+    """GRU over a whole sequence. Returns ``y (T,B,H), h_n (B,H), ctx``.
+
+    r, z = sigmoid(...); n = tanh(W_in x + b_in + r (W_hn h + b_hn)) with
+    ``linear_before_reset`` (PyTorch), else tanh(W_in x + b_in + W_hn (r h) + b_hn);
+    h' = (1 - z) n + z h.
+    """
+    if not isinstance(linear_before_reset, (bool, np.bool_)):
+        raise TypeError("linear_before_reset must be a bool, got "
+                        f"{type(linear_before_reset).__name__}")
+    y, (h_n,), ctx = _forward("gru", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                              bool(linear_before_reset), need_ctx)
+    return y, h_n, ctx
+
+
+def gru_backward(dy, dh_n, ctx):
+    """Gradients ``dx, dh0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
+    return _backward("gru", dy, (dh_n,), ctx)
+
+
+def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                nonlinearity="tanh", *, need_ctx=True):
+    """Elman RNN over a whole sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
+    ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    y, (h_n,), ctx = _forward("rnn", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                              nonlinearity == "relu", need_ctx)
+    return y, h_n, ctx
+
+
+def rnn_backward(dy, dh_n, ctx):
+    """Gradients ``dx, dh0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
+    return _backward("rnn", dy, (dh_n,), ctx)
