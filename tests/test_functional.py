@@ -1,0 +1,358 @@
+"""The C kernels (rnnfuse.functional) against the NumPy reference, and their boundary.
+
+One test, two backends: every cell, option, dtype and ragged batch runs through both and
+must agree (float64 to 1e-10 relative, float32 to 1e-5). The reference itself is checked
+by finite differences in test_reference.py.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rnnfuse import functional as F
+from rnnfuse import reference as R
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"), ("rnn", "relu")]
+
+
+def make_case(cell, T, B, I, H, dtype, seed=0, lengths=None, biases=(True, True),
+              states=True, upstream=True):
+    """Random weights (scale ~1/sqrt(H)), inputs and upstream gradients for one call."""
+    rng = np.random.default_rng(seed)
+    G = GATES[cell]
+    r = lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(dtype)  # noqa: E731
+    s = 1 / np.sqrt(H)
+    return dict(
+        x=r(T, B, I), h0=r(B, H) if states else None, c0=r(B, H) if states else None,
+        w_ih=r(G * H, I, scale=s), w_hh=r(G * H, H, scale=s),
+        b_ih=r(G * H, scale=s) if biases[0] else None,
+        b_hh=r(G * H, scale=s) if biases[1] else None,
+        lengths=lengths,
+        dy=r(T, B, H) if upstream else None, dh_n=r(B, H) if upstream else None,
+        dc_n=r(B, H) if upstream else None)
+
+
+def run(module, cell, option, case, reverse=False, need_ctx=True):
+    """Forward then backward; returns (forward outputs, gradients) as tuples."""
+    c = case
+    weights = (c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"])
+    if cell == "lstm":
+        y, h_n, c_n, ctx = module.lstm_forward(c["x"], c["h0"], c["c0"], *weights,
+                                               lengths=c["lengths"], reverse=reverse,
+                                               need_ctx=need_ctx)
+        outs = (y, h_n, c_n)
+        grads = module.lstm_backward(c["dy"], c["dh_n"], c["dc_n"], ctx) if need_ctx else ()
+    elif cell == "gru":
+        y, h_n, ctx = module.gru_forward(c["x"], c["h0"], *weights, lengths=c["lengths"],
+                                         reverse=reverse, linear_before_reset=option,
+                                         need_ctx=need_ctx)
+        outs = (y, h_n)
+        grads = module.gru_backward(c["dy"], c["dh_n"], ctx) if need_ctx else ()
+    else:
+        y, h_n, ctx = module.rnn_forward(c["x"], c["h0"], *weights, lengths=c["lengths"],
+                                         reverse=reverse, nonlinearity=option,
+                                         need_ctx=need_ctx)
+        outs = (y, h_n)
+        grads = module.rnn_backward(c["dy"], c["dh_n"], ctx) if need_ctx else ()
+    return tuple(outs), tuple(grads)
+
+
+def assert_close(got, want, dtype, what=""):
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        if b is None:
+            assert a is None, f"{what}[{k}]: expected None"
+            continue
+        assert a.dtype == b.dtype == dtype, f"{what}[{k}]: dtype {a.dtype} vs {b.dtype}"
+        assert a.shape == b.shape, f"{what}[{k}]: shape {a.shape} vs {b.shape}"
+        scale = max(np.max(np.abs(b)), np.finfo(dtype).tiny) if b.size else 1.0
+        err = np.max(np.abs(a.astype(np.float64) - b)) / scale if b.size else 0.0
+        assert err <= TOL[dtype], f"{what}[{k}]: relative error {err:.2e}"
+
+
+def check_against_reference(cell, option, case, dtype, reverse):
+    got = run(F, cell, option, case, reverse)
+    want = run(R, cell, option, case, reverse)
+    assert_close(got[0], want[0], dtype, "forward")
+    assert_close(got[1], want[1], dtype, "backward")
+    return got
+
+
+# ---------------------------------------------------------------- kernels vs reference
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lengths", [None, "ragged", "short"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("optional", ["all", "none", "b_ih only", "b_hh only"])
+def test_matches_reference(cell, option, dtype, lengths, reverse, optional):
+    T, B, I, H = 7, 5, 3, 6
+    lens = {None: None, "ragged": np.array([7, 0, 3, 7, 1]), "short": np.array([2, 5, 4, 1, 3])}
+    biases = {"all": (True, True), "none": (False, False),
+              "b_ih only": (True, False), "b_hh only": (False, True)}[optional]
+    given = optional == "all"
+    case = make_case(cell, T, B, I, H, dtype, seed=hash((cell, lengths)) % 1000,
+                     lengths=lens[lengths], biases=biases, states=given, upstream=given)
+    check_against_reference(cell, option, case, dtype, reverse)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(),
+       cell_option=st.sampled_from(CELLS),
+       dtype=st.sampled_from([np.float32, np.float64]),
+       T=st.integers(1, 6), B=st.integers(1, 5), I=st.integers(1, 9), H=st.integers(1, 17),
+       reverse=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes_match_reference(data, cell_option, dtype, T, B, I, H, reverse, seed):
+    cell, option = cell_option
+    lengths = data.draw(st.none() | st.lists(st.integers(0, T), min_size=B, max_size=B))
+    case = make_case(cell, T, B, I, H, dtype, seed=seed, lengths=lengths)
+    check_against_reference(cell, option, case, dtype, reverse)
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_inference_chunks_match_training_forward(cell, option, reverse):
+    # 300 steps x 9 rows pass the inference forward's chunk of 1024 packed rows.
+    T, B = 300, 9
+    lengths = np.random.default_rng(1).integers(T // 4, T + 1, size=B)
+    lengths[2] = T
+    case = make_case(cell, T, B, 4, 5, np.float64, lengths=lengths)
+    train_outs, _ = run(F, cell, option, case, reverse)
+    infer_outs, _ = run(F, cell, option, case, reverse, need_ctx=False)
+    for a, b in zip(infer_outs, train_outs):
+        np.testing.assert_array_equal(a, b)
+    assert_close(infer_outs, run(R, cell, option, case, reverse, need_ctx=False)[0],
+                 np.float64, "inference")
+
+
+def test_need_ctx_false_returns_no_ctx():
+    case = make_case("gru", 3, 2, 2, 3, np.float32)
+    y, h_n, ctx = F.gru_forward(case["x"], None, case["w_ih"], case["w_hh"], None, None,
+                                need_ctx=False)
+    assert ctx is None and y.shape == (3, 2, 3) and h_n.shape == (2, 3)
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+def test_padding_is_zero_and_final_state_is_last_valid(cell, option):
+    case = make_case(cell, 6, 4, 3, 5, np.float64, lengths=np.array([6, 2, 0, 4]))
+    (y, h_n, *rest), grads = run(F, cell, option, case)
+    for b, n in enumerate(case["lengths"]):
+        assert np.all(y[n:, b] == 0)
+        np.testing.assert_array_equal(h_n[b], y[n - 1, b] if n else case["h0"][b])
+        np.testing.assert_array_equal(grads[0][n:, b], 0)  # dx at padding
+    np.testing.assert_array_equal(grads[1][2], case["dh_n"][2])  # length 0: dh0 = dh_n
+
+
+# ---------------------------------------------------------------- memory layout
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("layout", ["fortran", "strided"])
+def test_non_contiguous_inputs(cell, option, layout):
+    case = make_case(cell, 5, 3, 4, 6, np.float64, lengths=np.array([5, 2, 4]))
+    want = run(F, cell, option, case)
+
+    def relayout(a):
+        if a is None or a.ndim == 0:
+            return a
+        if layout == "fortran":
+            return np.asfortranarray(a)
+        wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        wide[..., ::2] = a
+        return wide[..., ::2]
+
+    odd = {k: relayout(v) for k, v in case.items()}
+    assert not odd["x"].flags.c_contiguous
+    got = run(F, cell, option, odd)
+    for w, g in zip(want, got):
+        for a, b in zip(w, g):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+def test_inputs_are_not_modified(cell, option):
+    case = make_case(cell, 4, 3, 2, 5, np.float32, lengths=np.array([4, 1, 3]))
+    before = {k: None if v is None else v.copy() for k, v in case.items()}
+    run(F, cell, option, case, reverse=True)
+    for k, v in case.items():
+        if v is not None:
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+def test_read_only_inputs():
+    case = make_case("lstm", 3, 2, 2, 3, np.float64)
+    for v in case.values():
+        if v is not None:
+            v.flags.writeable = False
+    got = run(F, "lstm", None, case)
+    assert_close(got[1], run(R, "lstm", None, case)[1], np.float64)
+
+
+def test_array_like_inputs():
+    case = make_case("rnn", 3, 2, 2, 3, np.float64)
+    want = run(F, "rnn", "tanh", case)
+    lists = {k: None if v is None else v.tolist() for k, v in case.items()}
+    got = run(F, "rnn", "tanh", lists)
+    for w, g in zip(want, got):
+        for a, b in zip(w, g):
+            np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- empty sizes
+
+@pytest.mark.parametrize("cell,option", CELLS)
+def test_zero_steps(cell, option):
+    case = make_case(cell, 0, 3, 2, 4, np.float64)
+    (y, h_n, *c_n), grads = run(F, cell, option, case)
+    assert y.shape == (0, 3, 4)
+    np.testing.assert_array_equal(h_n, case["h0"])
+    dx, dh0, *rest = grads
+    assert dx.shape == (0, 3, 2)
+    np.testing.assert_array_equal(dh0, case["dh_n"])
+    dw_ih, dw_hh, db_ih, db_hh = rest[-4:]
+    for g in (dw_ih, dw_hh, db_ih, db_hh):
+        np.testing.assert_array_equal(g, 0)
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+def test_zero_batch(cell, option):
+    case = make_case(cell, 4, 0, 2, 3, np.float32, lengths=np.zeros(0, np.int64))
+    (y, h_n, *_), grads = run(F, cell, option, case)
+    assert y.shape == (4, 0, 3) and h_n.shape == (0, 3)
+    assert grads[0].shape == (4, 0, 2)
+    np.testing.assert_array_equal(grads[-4], 0)  # dw_ih
+
+
+# ---------------------------------------------------------------- bad input
+
+def lstm_args(**change):
+    case = make_case("lstm", 4, 3, 2, 5, np.float32)
+    args = dict(x=case["x"], h0=case["h0"], c0=case["c0"], w_ih=case["w_ih"],
+                w_hh=case["w_hh"], b_ih=case["b_ih"], b_hh=case["b_hh"])
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(x=np.ones((4, 3, 2), np.int64)), TypeError, "x must have dtype float32 or float64, got int64"),
+    (dict(x=np.ones((4, 3, 2), np.float16)), TypeError, "x must have dtype float32 or float64, got float16"),
+    (dict(x=np.ones((4, 3, 2), np.complex64)), TypeError, "x must have dtype float32 or float64"),
+    (dict(x=None), TypeError, "x must be an array, got None"),
+    (dict(x=np.ones((4, 3), np.float32)), ValueError, "x must be 3-D (T, B, input_size), got 2-D"),
+    (dict(x=np.ones((4, 3, 0), np.float32)), ValueError, "x must have input_size > 0"),
+    (dict(w_ih=np.ones((20, 2), np.float64)), TypeError, "w_ih must have dtype float32 (the dtype of x), got float64"),
+    (dict(w_ih=np.ones((20, 3), np.float32)), ValueError, "w_ih must have shape (20, 2), got (20, 3)"),
+    (dict(w_ih=np.ones(20, np.float32)), ValueError, "w_ih must be 2-D with shape (20, 2), got 1-D"),
+    (dict(w_ih=None), TypeError, "w_ih must be an array, got None"),
+    (dict(w_hh=np.ones((5, 5), np.float32)), ValueError, "w_hh must have shape (4*hidden_size, hidden_size)"),
+    (dict(w_hh=np.ones((0, 0), np.float32)), ValueError, "hidden_size > 0"),
+    (dict(w_hh=np.ones((20, 5), np.float64)), TypeError, "w_hh must have dtype float32"),
+    (dict(b_ih=np.ones(19, np.float32)), ValueError, "b_ih must have shape (20,), got (19,)"),
+    (dict(b_hh=np.ones(20, np.float64)), TypeError, "b_hh must have dtype float32"),
+    (dict(h0=np.ones((3, 4), np.float32)), ValueError, "h0 must have shape (3, 5), got (3, 4)"),
+    (dict(c0=np.ones((2, 5), np.float32)), ValueError, "c0 must have shape (3, 5), got (2, 5)"),
+    (dict(c0=np.ones((3, 5), np.int32)), TypeError, "c0 must have dtype float32"),
+    (dict(h0=np.array([[object()]])), TypeError, "h0 must have dtype float32"),
+])
+def test_forward_rejects_bad_arrays(change, error, message):
+    args = lstm_args(**change)
+    with pytest.raises(error) as info:
+        F.lstm_forward(**args)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("lengths,error,message", [
+    (np.array([1.0, 2.0, 3.0]), TypeError, "lengths must be integers, got dtype float64"),
+    (np.array([True, False, True]), TypeError, "lengths must be integers, got dtype bool"),
+    (np.array([1, 2]), ValueError, "lengths must have shape (3,) (one per batch row), got (2,)"),
+    (np.array([[1, 2, 3]]), ValueError, "lengths must have shape (3,)"),
+    (np.array([1, 5, 2]), ValueError, "lengths must lie in [0, T=4], got [5]"),
+    (np.array([-1, 2, 2]), ValueError, "lengths must lie in [0, T=4], got [-1]"),
+    ("abc", TypeError, "lengths must be integers"),
+])
+def test_forward_rejects_bad_lengths(lengths, error, message):
+    with pytest.raises(error) as info:
+        F.lstm_forward(**lstm_args(), lengths=lengths)
+    assert message in str(info.value)
+
+
+def test_lengths_accept_any_integer_dtype():
+    args = lstm_args()
+    a = F.lstm_forward(**args, lengths=np.array([4, 1, 2], np.uint8))
+    b = F.lstm_forward(**args, lengths=[4, 1, 2])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_options_are_checked():
+    case = make_case("gru", 2, 1, 1, 2, np.float64)
+    args = (case["x"], None, case["w_ih"], case["w_hh"], None, None)
+    with pytest.raises(TypeError, match="linear_before_reset must be a bool, got str"):
+        F.gru_forward(*args, linear_before_reset="yes")
+    rnn = make_case("rnn", 2, 1, 1, 2, np.float64)
+    with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu', got 'sigmoid'"):
+        F.rnn_forward(rnn["x"], None, rnn["w_ih"], rnn["w_hh"], None, None,
+                      nonlinearity="sigmoid")
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(dy=np.ones((4, 3, 4), np.float32)), ValueError, "dy must have shape (4, 3, 5), got (4, 3, 4)"),
+    (dict(dy=np.ones((4, 3, 5), np.float64)), TypeError, "dy must have dtype float32"),
+    (dict(dh_n=np.ones((3, 5, 1), np.float32)), ValueError, "dh_n must be 2-D with shape (3, 5)"),
+    (dict(dc_n=np.ones((3, 5), np.int64)), TypeError, "dc_n must have dtype float32"),
+])
+def test_backward_rejects_bad_gradients(change, error, message):
+    *_, ctx = F.lstm_forward(**lstm_args())
+    grads = dict(dy=None, dh_n=None, dc_n=None)
+    grads.update(change)
+    with pytest.raises(error) as info:
+        F.lstm_backward(grads["dy"], grads["dh_n"], grads["dc_n"], ctx)
+    assert message in str(info.value)
+
+
+def test_ctx_is_used_once():
+    *_, ctx = F.lstm_forward(**lstm_args())
+    F.lstm_backward(None, None, None, ctx)
+    with pytest.raises(ValueError, match="ctx was already used by a backward call"):
+        F.lstm_backward(None, None, None, ctx)
+
+
+def test_ctx_of_another_cell_or_module_is_refused():
+    case = make_case("gru", 2, 2, 2, 3, np.float64)
+    *_, gru_ctx = F.gru_forward(case["x"], None, case["w_ih"], case["w_hh"], None, None)
+    with pytest.raises(ValueError, match="ctx comes from gru_forward, but this is rnn_backward"):
+        F.rnn_backward(None, None, gru_ctx)
+    *_, ref_ctx = R.gru_forward(case["x"], None, case["w_ih"], case["w_hh"], None, None)
+    with pytest.raises(TypeError, match="ctx must be the ctx returned by rnnfuse.functional.gru_forward"):
+        F.gru_backward(None, None, ref_ctx)
+    with pytest.raises(TypeError, match="got NoneType"):
+        F.gru_backward(None, None, None)
+
+
+def test_failed_backward_validation_keeps_ctx_usable():
+    *_, ctx = F.lstm_forward(**lstm_args())
+    with pytest.raises(ValueError):
+        F.lstm_backward(np.ones((1, 1, 1), np.float32), None, None, ctx)
+    assert F.lstm_backward(None, None, None, ctx)[0].shape == (4, 3, 2)
+
+
+# ---------------------------------------------------------------- numerical edges
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_saturated_gates_stay_finite(cell, option, dtype):
+    case = make_case(cell, 3, 2, 2, 3, dtype)
+    case["x"] = (np.sign(case["x"]) * 1e4).astype(dtype)
+    case["w_ih"] = np.sign(case["w_ih"]).astype(dtype)
+    outs, grads = run(F, cell, option, case)
+    for a in outs + grads:
+        if option != "relu":  # relu is unbounded: 1e4 inputs overflow float32 honestly
+            assert np.all(np.isfinite(a))
+
+
+def test_nan_propagates_to_the_affected_row_only():
+    case = make_case("lstm", 3, 2, 2, 3, np.float64)
+    case["x"][1, 0, 0] = np.nan
+    (y, h_n, c_n), _ = run(F, "lstm", None, case)
+    assert np.all(np.isfinite(y[0])) and np.all(np.isnan(y[1:, 0]))
+    assert np.all(np.isfinite(y[:, 1])) and np.all(np.isfinite(h_n[1]))

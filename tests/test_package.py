@@ -1,0 +1,35 @@
+"""The installed package: version, configuration report, command line."""
+import re
+import subprocess
+import sys
+
+import rnnfuse
+from rnnfuse import _kernels
+
+
+def test_version_is_the_installed_one():
+    from importlib.metadata import version
+    assert rnnfuse.__version__ == version("rnnfuse")
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", rnnfuse.__version__)
+
+
+def test_show_config_reports_build_and_blas(capsys):
+    rnnfuse.show_config()
+    out = capsys.readouterr().out
+    assert f"rnnfuse:      {rnnfuse.__version__}" in out
+    assert "-O3" in out or "-O1" in out
+    assert "-ffast-math" not in out and "-Ofast" not in out
+    assert f"simd_path:    {_kernels.simd_path()}" in out
+    assert re.search(r"blas .*\d+ threads", out, re.IGNORECASE)
+
+
+def test_simd_path_matches_cpu():
+    flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
+    want_v3 = "avx2" in flags and "fma" in flags
+    assert _kernels.simd_path().startswith("x86-64-v3") == want_v3
+
+
+def test_command_line_config_runs_from_another_directory(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rnnfuse", "config"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    assert "simd_path:" in out
