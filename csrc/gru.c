@@ -59,23 +59,22 @@ ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, const REAL *hp,
                                          ptrdiff_t bs, ptrdiff_t H, int lbr) {
     for (ptrdiff_t j = 0; j < bs; j++) {
-        REAL *gr = g + j * 3 * H, *gz = gr + H;
-        const REAL *sr = st + j * 3 * H, *sz = sr + H, *h = hp + j * H;
-        for (ptrdiff_t k = 0; k < H; k++) {
-            gr[k] = SIGMOID(gr[k] + sr[k]);
-            gz[k] = SIGMOID(gz[k] + sz[k]);
-            if (!lbr) rh[j * H + k] = gr[k] * h[k];
-        }
+        REAL *grz = g + j * 3 * H;
+        const REAL *srz = st + j * 3 * H, *h = hp + j * H;
+        for (ptrdiff_t k = 0; k < 2 * H; k++) grz[k] += srz[k];
+        SIGMOID(grz, 2 * H);
+        if (!lbr)
+            for (ptrdiff_t k = 0; k < H; k++) rh[j * H + k] = grz[k] * h[k];
     }
 }
 
 /* n and the new state of a step's bs rows. st's n block holds W_hn h (lbr) or W_hn (r h);
- * with lbr, aux keeps W_hn h + b_hn for backward. Rows j < next_bs go on to the next step
- * (their state goes to hn), the others have finished (h_n). */
+ * with lbr, aux (or NULL) keeps W_hn h + b_hn for backward. Rows j < next_bs go on to the
+ * next step (their state goes to hn), the others have finished (h_n). */
 RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, const REAL *hp,
                                         REAL *hn, REAL *y, REAL *h_n, const REAL *b_hn,
                                         const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
-                                        ptrdiff_t next_bs, ptrdiff_t H, int lbr, int train) {
+                                        ptrdiff_t next_bs, ptrdiff_t H, int lbr) {
     for (ptrdiff_t j = 0; j < bs; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
@@ -84,10 +83,12 @@ RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, cons
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
         for (ptrdiff_t k = 0; k < H; k++) {
             REAL hl = sn[k] + (b_hn ? b_hn[k] : 0);
-            REAL n = TANH(gn[k] + (lbr ? gr[k] * hl : hl));
-            if (lbr && train) aux[j * H + k] = hl;
-            gn[k] = n;
-            REAL h_new = (1 - gz[k]) * n + gz[k] * h[k];
+            if (lbr && aux) aux[j * H + k] = hl;
+            gn[k] += lbr ? gr[k] * hl : hl;
+        }
+        TANH(gn, H);
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL h_new = (1 - gz[k]) * gn[k] + gz[k] * h[k];
             h_out[k] = h_new;
             y_row[k] = h_new;
         }
@@ -129,7 +130,8 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                 RF_FN(rf_gemm)(blas, 0, 1, bs, H, H, 1, aux, H, w_hh + 2 * H * H, H, 0,
                                st + 2 * H, GH);
             }
-            RF_FN(gru_step_n)(g, aux, st, hp, hn, y, h_n, b_hn, p, s, bs, next_bs, H, lbr, train);
+            RF_FN(gru_step_n)(g, train ? aux : NULL, st, hp, hn, y, h_n, b_hn, p, s, bs,
+                              next_bs, H, lbr);
         }
         step0 = step1;
     }

@@ -57,13 +57,13 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
 #define TANH RF_FN(rf_tanh)
 
 /* One step's pointwise pass over its bs running rows. g: the step's gate rows, holding
- * pre-activations on entry (post-activations on exit when train). hp, cp: the states
- * entering the step; hn, cn: where rows that go on to step s+1 (j < next_bs) put theirs;
- * the others have finished and write h_n, c_n. */
+ * pre-activations on entry and post-activations on exit. cp: the cell states entering the
+ * step; hn, cn: where rows that go on to step s+1 (j < next_bs) put their states; the
+ * others have finished and write h_n, c_n. tanh_c: or NULL (inference). */
 RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
                                        REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
                                        const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
-                                       ptrdiff_t next_bs, ptrdiff_t H, int train) {
+                                       ptrdiff_t next_bs, ptrdiff_t H) {
     for (ptrdiff_t j = 0; j < bs; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
@@ -71,16 +71,18 @@ RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, RE
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
         REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
         const REAL *c_prev = cp + j * H;
+        SIGMOID(gi, 2 * H);  /* i, f */
+        TANH(gg, H);
+        SIGMOID(go, H);
         for (ptrdiff_t k = 0; k < H; k++) {
-            REAL i = SIGMOID(gi[k]), f = SIGMOID(gf[k]), gt = TANH(gg[k]), o = SIGMOID(go[k]);
-            REAL c = f * c_prev[k] + i * gt;
-            REAL tc = TANH(c);
-            REAL h = o * tc;
-            if (train) {
-                gi[k] = i; gf[k] = f; gg[k] = gt; go[k] = o;
-                tanh_c[j * H + k] = tc;
-            }
+            REAL c = gf[k] * c_prev[k] + gi[k] * gg[k];
             c_out[k] = c;
+            h_out[k] = c;
+        }
+        TANH(h_out, H);
+        if (tanh_c) memcpy(tanh_c + j * H, h_out, (size_t)H * sizeof(REAL));
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL h = go[k] * h_out[k];
             h_out[k] = h;
             y_row[k] = h;
         }
@@ -115,7 +117,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
             RF_FN(rf_gemm)(blas, 0, 1, bs, GH, H, 1, ws + L.h + now, H, w_hh, H, 1, g, GH);
             RF_FN(lstm_step)(g, train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
                              ws + L.h + next, ws + L.c + next, y, h_n, c_n, p, s, bs,
-                             next_bs, H, train);
+                             next_bs, H);
         }
         step0 = step1;
     }

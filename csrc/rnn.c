@@ -48,18 +48,18 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
                                       const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
                                       ptrdiff_t next_bs, ptrdiff_t H, int relu) {
+    if (relu) {  /* max(a, 0) that keeps NaN: (NaN < 0) is false */
+        for (ptrdiff_t k = 0; k < bs * H; k++) g[k] = g[k] < 0 ? 0 : g[k];
+    } else {
+        RF_FN(rf_tanh)(g, bs * H);
+    }
     for (ptrdiff_t j = 0; j < bs; j++) {
         ptrdiff_t b = p->order[j];
-        REAL *a = g + j * H;
+        const REAL *h = g + j * H;
         REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
-        for (ptrdiff_t k = 0; k < H; k++) {
-            /* relu keeps NaN: (NaN > 0) is false, so test for the zero case instead */
-            REAL h = relu ? (a[k] < 0 ? 0 : a[k]) : RF_FN(rf_tanh)(a[k]);
-            a[k] = h;
-            h_out[k] = h;
-            y_row[k] = h;
-        }
+        memcpy(h_out, h, (size_t)H * sizeof(REAL));
+        memcpy(y_row, h, (size_t)H * sizeof(REAL));
     }
 }
 

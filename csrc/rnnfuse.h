@@ -151,11 +151,12 @@ RF_DECLARE_KERNELS(double, f64)
 #define RF_HAVE_CLONES 0
 #endif
 
-/* Logistic sigmoid, written so that large |x| saturates to 0 or 1 instead of overflowing. */
-static inline float rf_sigmoid_f32(float x) { return 1.0f / (1.0f + expf(-x)); }
-static inline double rf_sigmoid_f64(double x) { return 1.0 / (1.0 + exp(-x)); }
-static inline float rf_tanh_f32(float x) { return tanhf(x); }
-static inline double rf_tanh_f64(double x) { return tanh(x); }
+/* Activations over an array, in place (vmath.c): libm, or for float32 on AVX2+FMA CPUs a
+ * vectorized version with a documented and tested error bound. */
+void rf_sigmoid_f32(float *a, ptrdiff_t n);
+void rf_tanh_f32(float *a, ptrdiff_t n);
+void rf_sigmoid_f64(double *a, ptrdiff_t n);
+void rf_tanh_f64(double *a, ptrdiff_t n);
 
 /* Time index of step s of sorted row j. */
 static inline ptrdiff_t rf_time(const rf_plan *p, ptrdiff_t j, ptrdiff_t s) {

@@ -39,6 +39,10 @@ cdef extern from "rnnfuse.h" nogil:
     Py_ssize_t rf_gru_workspace(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int train)
     Py_ssize_t rf_rnn_workspace(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int train)
     Py_ssize_t rf_backward_scratch(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G)
+    void rf_sigmoid_f32(float *a, Py_ssize_t n)
+    void rf_tanh_f32(float *a, Py_ssize_t n)
+    void rf_sigmoid_f64(double *a, Py_ssize_t n)
+    void rf_tanh_f64(double *a, Py_ssize_t n)
 
     void rf_lstm_forward_f32(float *y, float *h_n, float *c_n, float *ws, const float *x,
                              const float *h0, const float *c0, const float *w_ih,
@@ -116,6 +120,18 @@ def simd_path():
 def compile_args():
     """The C compiler flags the kernels were built with."""
     return RNNFUSE_COMPILE_ARGS.decode()
+
+
+def activation(str name, floating[::1] a):
+    """Apply the kernels' own sigmoid or tanh to a, in place (for testing their accuracy)."""
+    if name not in ("sigmoid", "tanh"):
+        raise ValueError(f"unknown activation {name!r}")
+    cdef bint sig = name == "sigmoid"
+    with nogil:
+        if floating is float:
+            (rf_sigmoid_f32 if sig else rf_tanh_f32)(_p(a), a.shape[0])
+        else:
+            (rf_sigmoid_f64 if sig else rf_tanh_f64)(_p(a), a.shape[0])
 
 
 cdef class Plan:
