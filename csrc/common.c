@@ -46,20 +46,23 @@ const char *rf_simd_path(void) {
 
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
     (void)I;
-    /* carried dh and dc (B,H each) and one step's recurrent-side gate gradients (B,G*H) */
-    return p->B * H * (2 + G);
+    /* carried dh and dc (B,H each) | W_hh packed for dh W_hh (G*H rows, H columns) */
+    return 2 * p->B * H + rf_packed_size(G * H, H);
 }
 
 #define RF_TEMPLATE
 #define REAL float
 #define RF_SUFFIX f32
+#define RF_IS_FLOAT 1
 #define RF_BLAS_GEMM sgemm
 #include "common.c"
 #undef REAL
 #undef RF_SUFFIX
+#undef RF_IS_FLOAT
 #undef RF_BLAS_GEMM
 #define REAL double
 #define RF_SUFFIX f64
+#define RF_IS_FLOAT 0
 #define RF_BLAS_GEMM dgemm
 #include "common.c"
 
@@ -156,6 +159,40 @@ void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t c
     for (ptrdiff_t c = 0; c < cols; c++) out[c] = 0;
     for (ptrdiff_t r = 0; r < rows; r++)
         for (ptrdiff_t c = 0; c < cols; c++) out[c] += A[r * lda + c];
+}
+
+/* Prepares op(W) (K rows, N columns) for rf_step_gemm: packed into pack_buffer
+ * (rf_packed_size(K, N) elements) where the micro-kernel runs, else used in place. */
+void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
+                              ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer) {
+    W->w = w;
+    W->ldw = ldw;
+    W->trans = trans;
+    W->packed = NULL;
+    W->panel_stride = RF_PANEL * K;
+#if RF_IS_FLOAT
+    if (rf_packed_available()) {
+        rf_pack_f32(pack_buffer, w, ldw, trans, K, N);
+        W->packed = pack_buffer;
+    }
+#else
+    (void)N; (void)pack_buffer;
+#endif
+}
+
+/* One recurrent product of a step: C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :]. */
+void RF_FN(rf_step_gemm)(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,
+                         ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                         ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
+#if RF_IS_FLOAT
+    if (W->packed) {
+        rf_packed_gemm_f32(M, N, K, A, lda, W->packed + k0 * RF_PANEL, W->panel_stride,
+                           accumulate, C, ldc);
+        return;
+    }
+#endif
+    const REAL *w = (const REAL *)W->w + (W->trans ? k0 : k0 * W->ldw);
+    RF_FN(rf_gemm)(blas, 0, W->trans, M, N, K, 1, A, lda, w, W->ldw, accumulate ? 1 : 0, C, ldc);
 }
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:

@@ -18,10 +18,11 @@
 /* Workspace layout, in elements from the start of ws.
  * train=1 keeps every step for backward, in packed rows (N = p->rows):
  *   bias (4H) | gates (N,4H): post-activation i f g o | h (N,H): h_{t-1} of each row |
- *   c (N,H): c_{t-1} | tanh_c (N,H): tanh(c_t) | xbuf (N,I): gathered x, when not dense
+ *   c (N,H): c_{t-1} | tanh_c (N,H): tanh(c_t) | xbuf (N,I): gathered x, when not dense |
+ *   w_hh: W_hh^T packed for the step products
  * train=0 keeps one chunk of steps and two states (current, next):
- *   bias (4H) | gates (R,4H) | h (2,B,H) | c (2,B,H) | xbuf (R,I), R = chunk rows */
-typedef struct { ptrdiff_t bias, gates, h, c, tanh_c, xbuf, total; } lstm_layout;
+ *   bias (4H) | gates (R,4H) | h (2,B,H) | c (2,B,H) | xbuf (R,I), R = chunk rows | w_hh */
+typedef struct { ptrdiff_t bias, gates, h, c, tanh_c, xbuf, w_hh, total; } lstm_layout;
 
 static lstm_layout lstm_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
     lstm_layout L;
@@ -33,7 +34,8 @@ static lstm_layout lstm_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, in
     L.c = L.h + states;
     L.tanh_c = L.c + states;
     L.xbuf = L.tanh_c + (train ? p->rows * H : 0);
-    L.total = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.total = L.w_hh + rf_packed_size(H, 4 * H);
     return L;
 }
 
@@ -104,6 +106,8 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     }
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
+    rf_weight W;
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 1, H, GH, ws + L.w_hh);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, GH, blas);
@@ -114,7 +118,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
             ptrdiff_t next = train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH;
             REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * GH;
             /* gates += h_{t-1} W_hh^T */
-            RF_FN(rf_gemm)(blas, 0, 1, bs, GH, H, 1, ws + L.h + now, H, w_hh, H, 1, g, GH);
+            RF_FN(rf_step_gemm)(blas, &W, 0, bs, GH, H, ws + L.h + now, H, 1, g, GH);
             RF_FN(lstm_step)(g, train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
                              ws + L.h + next, ws + L.c + next, y, h_n, c_n, p, s, bs,
                              next_bs, H);
@@ -158,6 +162,8 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     lstm_layout L = lstm_layout_of(p, I, H, 1);
     ptrdiff_t GH = 4 * H, B = p->B;
     REAL *dh = scratch, *dc = scratch + B * H;
+    rf_weight W;
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * B * H);
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);
@@ -167,7 +173,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
         RF_FN(lstm_step_backward)(g, dh, dc, ws + L.tanh_c + at * H, ws + L.c + at * H, dy,
                                   p, s, bs, H);
         /* dh_{t-1} = dgates W_hh */
-        RF_FN(rf_gemm)(blas, 0, 0, bs, H, GH, 1, g, GH, w_hh, H, 0, dh, H);
+        RF_FN(rf_step_gemm)(blas, &W, 0, bs, H, GH, g, GH, 0, dh, H);
     }
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     RF_FN(rf_unsort_rows)(dc0, dc, p, H);

@@ -12,9 +12,10 @@
 
 /* Workspace layout, in elements from the start of ws.
  * train=1, packed rows (N = p->rows):
- *   bias (H) | gates (N,H): h' | h (N,H): h_{t-1} | xbuf (N,I): gathered x, when not dense
- * train=0: bias (H) | gates (R,H) | h (2,B,H) | xbuf (R,I) */
-typedef struct { ptrdiff_t bias, gates, h, xbuf, total; } rnn_layout;
+ *   bias (H) | gates (N,H): h' | h (N,H): h_{t-1} | xbuf (N,I): gathered x, when not dense |
+ *   w_hh: W_hh^T packed for the step products
+ * train=0: bias (H) | gates (R,H) | h (2,B,H) | xbuf (R,I) | w_hh */
+typedef struct { ptrdiff_t bias, gates, h, xbuf, w_hh, total; } rnn_layout;
 
 static rnn_layout rnn_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
     rnn_layout L;
@@ -23,7 +24,8 @@ static rnn_layout rnn_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int 
     L.gates = L.bias + H;
     L.h = L.gates + rows * H;
     L.xbuf = L.h + (train ? p->rows * H : 2 * p->B * H);
-    L.total = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.total = L.w_hh + rf_packed_size(H, H);
     return L;
 }
 
@@ -77,6 +79,8 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
         for (ptrdiff_t k = 0; k < H; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
     }
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
+    rf_weight W;
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 1, H, H, ws + L.w_hh);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, H, blas);
@@ -87,7 +91,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
             REAL *hn = ws + L.h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
             REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * H;
             /* g += h_{t-1} W_hh^T */
-            RF_FN(rf_gemm)(blas, 0, 1, bs, H, H, 1, hp, H, w_hh, H, 1, g, H);
+            RF_FN(rf_step_gemm)(blas, &W, 0, bs, H, H, hp, H, 1, g, H);
             RF_FN(rnn_step)(g, hn, y, h_n, p, s, bs, next_bs, H, relu);
         }
         step0 = step1;
@@ -119,13 +123,15 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             const rf_blas *blas) {
     rnn_layout L = rnn_layout_of(p, I, H, 1);
     REAL *dh = scratch;
+    rf_weight W;
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
         ptrdiff_t bs = p->batch_sizes[s];
         REAL *g = ws + L.gates + p->offsets[s] * H;
         RF_FN(rnn_step_backward)(g, dh, dy, p, s, bs, H, relu);
         /* dh_{t-1} = dpre W_hh */
-        RF_FN(rf_gemm)(blas, 0, 0, bs, H, H, 1, g, H, w_hh, H, 0, dh, H);
+        RF_FN(rf_step_gemm)(blas, &W, 0, bs, H, H, g, H, 0, dh, H);
     }
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates;

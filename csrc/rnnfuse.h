@@ -63,6 +63,26 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 /* Backward scratch, beyond the forward's workspace. */
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G);
 
+/* A recurrent weight prepared for the per-step products C (+)= A op(W): op(W) = W^T when
+ * trans. For float32 on AVX2+FMA CPUs op(W) is packed once per call into panels of
+ * RF_PANEL columns (packed.c); otherwise packed is NULL and the product goes to BLAS. */
+#define RF_PANEL 16
+typedef struct {
+    const void *w;           /* W, row-major with leading dimension ldw */
+    ptrdiff_t ldw;
+    int trans;
+    const float *packed;     /* op(W) in panels, or NULL */
+    ptrdiff_t panel_stride;  /* floats from one panel to the next: RF_PANEL * rows of op(W) */
+} rf_weight;
+
+/* Elements a packed op(W) of K rows and N columns takes (allocated for both dtypes). */
+ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
+int rf_packed_available(void);
+void rf_pack_f32(float *Bp, const float *B, ptrdiff_t ldb, int trans, ptrdiff_t K, ptrdiff_t N);
+void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
+                        const float *Bp, ptrdiff_t panel_stride, int accumulate, float *C,
+                        ptrdiff_t ldc);
+
 /* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
  * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
@@ -129,6 +149,11 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
     void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const REAL *w_ih,         \
                           const REAL *bias, const rf_plan *p, ptrdiff_t step0,              \
                           ptrdiff_t step1, ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas); \
+    void rf_prepare_weight_##SFX(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,     \
+                                 ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer);              \
+    void rf_step_gemm_##SFX(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,          \
+                            ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,           \
+                            ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc);         \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \
                                const REAL *x, const REAL *w_ih, const rf_plan *p,           \
                                ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas);
