@@ -41,64 +41,92 @@ AVX2 static inline __m256i lanes(ptrdiff_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* One tile: rows m0 .. m0+mr-1 (mr <= MR), columns n0 .. n0+nc-1 of one panel. Inlined with
- * a constant mr, so the accumulators stay in registers. */
+/* One register tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns.
+ * A tile keeps 2 * mr * np accumulators, and ks of them per output vector split the sum
+ * over k, so that even one row has enough independent FMA chains to hide their latency.
+ * Inlined with constant mr, np, ks, so the accumulators stay in registers. */
+#define UNROLL _Pragma("GCC unroll 16")
 AVX2 static inline __attribute__((always_inline)) void tile(
-        int mr, ptrdiff_t nc, ptrdiff_t K, const float *A, ptrdiff_t lda,
-        const float *panel, int accumulate, float *C, ptrdiff_t ldc) {
-    __m256 acc[MR][2];
-    for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    for (ptrdiff_t k = 0; k < K; k++) {
-        __m256 b0 = _mm256_loadu_ps(panel + k * NR), b1 = _mm256_loadu_ps(panel + k * NR + 8);
-        for (int i = 0; i < mr; i++) {
-            __m256 a = _mm256_broadcast_ss(A + i * lda + k);
-            acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+        int mr, int np, int ks, ptrdiff_t nc, ptrdiff_t K, const float *A, ptrdiff_t lda,
+        const float *panels, ptrdiff_t panel_stride, int accumulate, float *C, ptrdiff_t ldc) {
+    __m256 acc[4][MR][8];
+    UNROLL for (int s = 0; s < ks; s++)
+        UNROLL for (int i = 0; i < mr; i++)
+            UNROLL for (int v = 0; v < 2 * np; v++) acc[s][i][v] = _mm256_setzero_ps();
+    ptrdiff_t k = 0;
+    for (; k + ks <= K; k += ks) {
+        UNROLL for (int s = 0; s < ks; s++) {
+            const float *row = panels + (k + s) * NR;
+            UNROLL for (int i = 0; i < mr; i++) {
+                __m256 a = _mm256_broadcast_ss(A + i * lda + k + s);
+                UNROLL for (int v = 0; v < 2 * np; v++) {
+                    __m256 b = _mm256_loadu_ps(row + (v / 2) * panel_stride + (v % 2) * 8);
+                    acc[s][i][v] = _mm256_fmadd_ps(a, b, acc[s][i][v]);
+                }
+            }
         }
     }
-    if (nc == NR) {
-        for (int i = 0; i < mr; i++) {
-            float *c = C + i * ldc;
-            if (accumulate) {
-                acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(c));
-                acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(c + 8));
+    for (; k < K; k++) {
+        const float *row = panels + k * NR;
+        UNROLL for (int i = 0; i < mr; i++) {
+            __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+            UNROLL for (int v = 0; v < 2 * np; v++) {
+                __m256 b = _mm256_loadu_ps(row + (v / 2) * panel_stride + (v % 2) * 8);
+                acc[0][i][v] = _mm256_fmadd_ps(a, b, acc[0][i][v]);
             }
-            _mm256_storeu_ps(c, acc[i][0]);
-            _mm256_storeu_ps(c + 8, acc[i][1]);
         }
-    } else {  /* the last, partial panel: masked, never touching columns >= N */
-        __m256i m0 = lanes(nc), m1 = lanes(nc - 8);
-        for (int i = 0; i < mr; i++) {
-            float *c = C + i * ldc;
-            if (accumulate) {
-                acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_maskload_ps(c, m0));
-                acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_maskload_ps(c + 8, m1));
-            }
-            _mm256_maskstore_ps(c, m0, acc[i][0]);
-            _mm256_maskstore_ps(c + 8, m1, acc[i][1]);
+    }
+    UNROLL for (int s = 1; s < ks; s++)
+        UNROLL for (int i = 0; i < mr; i++)
+            UNROLL for (int v = 0; v < 2 * np; v++)
+                acc[0][i][v] = _mm256_add_ps(acc[0][i][v], acc[s][i][v]);
+    __m256i full = _mm256_set1_epi32(-1);
+    UNROLL for (int i = 0; i < mr; i++) {
+        UNROLL for (int v = 0; v < 2 * np; v++) {
+            float *c = C + i * ldc + (v / 2) * NR + (v % 2) * 8;
+            /* only the tile's last panel may be partial: masked, never touching columns >= N */
+            __m256i m = (v / 2 == np - 1 && nc < NR) ? lanes(nc - (v % 2) * 8) : full;
+            __m256 sum = acc[0][i][v];
+            if (accumulate) sum = _mm256_add_ps(sum, _mm256_maskload_ps(c, m));
+            _mm256_maskstore_ps(c, m, sum);
         }
     }
 }
 
+/* Rows m0 .. M-1 in tiles of MR, then the remainder, for one group of np panels. */
+#define ROWS(np, ks_small)                                                                  \
+    do {                                                                                    \
+        ptrdiff_t m0 = 0;                                                                   \
+        for (; m0 + MR <= M; m0 += MR)                                                      \
+            tile(MR, np, 1, nc, K, A + m0 * lda, lda, panel, panel_stride, accumulate,      \
+                 C + m0 * ldc + n0, ldc);                                                   \
+        const float *a = A + m0 * lda;                                                      \
+        float *c = C + m0 * ldc + n0;                                                       \
+        switch (M - m0) {                                                                   \
+            case 5: tile(5, np, 1, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
+            case 4: tile(4, np, 1, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
+            case 3: tile(3, np, ks_small, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
+            case 2: tile(2, np, ks_small, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
+            case 1: tile(1, np, 2 * ks_small, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
+            default: break;                                                                 \
+        }                                                                                   \
+    } while (0)
+
 AVX2 static void packed_gemm_avx2(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A,
                                   ptrdiff_t lda, const float *Bp, ptrdiff_t panel_stride,
                                   int accumulate, float *C, ptrdiff_t ldc) {
-    for (ptrdiff_t n0 = 0; n0 < N; n0 += NR) {
+    ptrdiff_t n0 = 0;
+    if (M < MR) {  /* few rows: two panels per tile for more independent accumulators */
+        for (; n0 + 2 * NR <= N; n0 += 2 * NR) {
+            const float *panel = Bp + (n0 / NR) * panel_stride;
+            ptrdiff_t nc = NR;
+            ROWS(2, 1);
+        }
+    }
+    for (; n0 < N; n0 += NR) {
         const float *panel = Bp + (n0 / NR) * panel_stride;
         ptrdiff_t nc = N - n0 < NR ? N - n0 : NR;
-        ptrdiff_t m0 = 0;
-        for (; m0 + MR <= M; m0 += MR)
-            tile(MR, nc, K, A + m0 * lda, lda, panel, accumulate, C + m0 * ldc + n0, ldc);
-        const float *a = A + m0 * lda;
-        float *c = C + m0 * ldc + n0;
-        switch (M - m0) {
-            case 5: tile(5, nc, K, a, lda, panel, accumulate, c, ldc); break;
-            case 4: tile(4, nc, K, a, lda, panel, accumulate, c, ldc); break;
-            case 3: tile(3, nc, K, a, lda, panel, accumulate, c, ldc); break;
-            case 2: tile(2, nc, K, a, lda, panel, accumulate, c, ldc); break;
-            case 1: tile(1, nc, K, a, lda, panel, accumulate, c, ldc); break;
-            default: break;
-        }
+        ROWS(1, 2);
     }
 }
 #endif /* RF_HAVE_CLONES */

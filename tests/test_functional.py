@@ -356,3 +356,14 @@ def test_nan_propagates_to_the_affected_row_only():
     (y, h_n, c_n), _ = run(F, "lstm", None, case)
     assert np.all(np.isfinite(y[0])) and np.all(np.isnan(y[1:, 0]))
     assert np.all(np.isfinite(y[:, 1])) and np.all(np.isfinite(h_n[1]))
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("B", [1, 2, 3, 6, 7, 13])
+@pytest.mark.parametrize("H", [16, 33, 40])
+def test_register_tile_edges_match_reference(cell, option, B, H):
+    # The float32 step product works in tiles of 6 rows x 16 or 32 columns: cover whole and
+    # partial tiles in both directions, ragged so the running rows shrink step by step.
+    lengths = np.arange(B) % 4 + 2
+    case = make_case(cell, 5, B, 7, H, np.float32, seed=B * H, lengths=lengths)
+    check_against_reference(cell, option, case, np.float32, reverse=bool(B % 2))
