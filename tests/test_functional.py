@@ -172,12 +172,13 @@ def test_non_contiguous_inputs(cell, option, layout):
 
 @pytest.mark.parametrize("cell,option", CELLS)
 def test_inputs_are_not_modified(cell, option):
-    case = make_case(cell, 4, 3, 2, 5, np.float32, lengths=np.array([4, 1, 3]))
+    case = make_case(cell, 4, 3, 2, 5, np.float32, lengths=np.array([4, 1, 3], np.int64))
     before = {k: None if v is None else v.copy() for k, v in case.items()}
     run(F, cell, option, case, reverse=True)
     for k, v in case.items():
         if v is not None:
             np.testing.assert_array_equal(v, before[k], err_msg=k)
+            assert v.flags.writeable, f"{k} was made read-only"
 
 
 def test_read_only_inputs():

@@ -158,6 +158,8 @@ cdef class Plan:
         self.steps = rf_plan_build(T, B, _p64c(self._lengths), _p64(self._order),
                                    _p64(self._batch_sizes), _p64(self._offsets), &c[0])
         self.rows = self.offsets[T]
+        for a in (self.order, self.batch_sizes, self.offsets):  # plans are shared read-only
+            a.flags.writeable = False
 
     cdef rf_plan view(self):
         cdef rf_plan p

@@ -24,6 +24,8 @@ inference only, keeps no state for backward (its workspace does not grow with T)
 returns ``ctx=None``. The ctx keeps references to ``x``, ``w_ih`` and ``w_hh``: modifying
 them in place before backward changes the gradients. backward consumes its ctx.
 """
+import functools
+
 import numpy as np
 
 from . import _kernels
@@ -70,27 +72,37 @@ def _check(name, a, shape, dtype, optional=False):
     """a as a C-contiguous array of this shape and dtype (None stays None if optional)."""
     if a is None and optional:
         return None
-    a = _array(name, a)
+    if type(a) is not np.ndarray:
+        a = _array(name, a)
     if a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {a.dtype}")
-    if a.ndim != len(shape):
-        raise ValueError(f"{name} must be {len(shape)}-D with shape {shape}, "
-                         f"got {a.ndim}-D with shape {a.shape}")
     if a.shape != shape:
+        if a.ndim != len(shape):
+            raise ValueError(f"{name} must be {len(shape)}-D with shape {shape}, "
+                             f"got {a.ndim}-D with shape {a.shape}")
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def _check_x(x, dtype):
+def _check_x(x):
     x = _array("x", x)
     if x.ndim != 3:
         raise ValueError(f"x must be 3-D (T, B, input_size), got {x.ndim}-D with shape {x.shape}")
-    return np.ascontiguousarray(x)
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
-def _check_lengths(lengths, T, B):
+@functools.lru_cache(maxsize=64)
+def _full_length_plan(T, B, reverse):
+    """The plan of a batch without padding; plans are read-only, so one serves every call."""
+    lengths = np.full(B, T, dtype=np.int64)
+    lengths.flags.writeable = False
+    return _kernels.Plan(lengths, T, reverse)
+
+
+def _plan(lengths, T, B, reverse):
+    """The batch plan (order by length, rows per step) after checking lengths."""
     if lengths is None:
-        return np.full(B, T, dtype=np.int64)
+        return _full_length_plan(T, B, reverse)
     lengths = _array("lengths", lengths)
     if lengths.dtype == np.bool_ or not np.issubdtype(lengths.dtype, np.integer):
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
@@ -99,7 +111,7 @@ def _check_lengths(lengths, T, B):
     if B and (lengths.min() < 0 or lengths.max() > T):
         bad = lengths[(lengths < 0) | (lengths > T)]
         raise ValueError(f"lengths must lie in [0, T={T}], got {bad.tolist()[:5]}")
-    return np.ascontiguousarray(lengths, dtype=np.int64)
+    return _kernels.Plan(np.ascontiguousarray(lengths, dtype=np.int64), T, reverse)
 
 
 def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
@@ -129,13 +141,12 @@ def _flat(a, dtype):
 
 def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx):
     dtype = _dtype_of(x)
-    x = _check_x(x, dtype)
+    x = _check_x(x)
     T, B, I = x.shape
     H, w_ih, w_hh, b_ih, b_hh = _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x.shape)
     names = ("h0", "c0")
     states = [_check(n, s, (B, H), dtype, optional=True) for n, s in zip(names, states)]
-    lengths = _check_lengths(lengths, T, B)
-    plan = _kernels.Plan(lengths, T, bool(reverse))
+    plan = _plan(lengths, T, B, bool(reverse))
 
     ws = np.empty(_kernels.workspace_size(cell, plan, I, H, bool(need_ctx)), dtype)
     padded = plan.rows < T * B
