@@ -145,7 +145,10 @@ cdef class Plan:
 
     def __init__(self, lengths, Py_ssize_t T, bint reverse):
         cdef const int64_t[::1] lens = lengths
-        cdef Py_ssize_t B = lens.shape[0]
+        cdef Py_ssize_t B = lens.shape[0], b
+        for b in range(B):  # the C sort indexes by length: never trust it unchecked
+            if lens[b] < 0 or lens[b] > T:
+                raise ValueError(f"lengths must lie in [0, T={T}], got {lens[b]}")
         self.T, self.B, self.reverse = T, B, reverse
         self.lengths = lengths
         self.order = np.empty(B, dtype=np.int64)
