@@ -43,6 +43,7 @@ cdef extern from "rnnfuse.h" nogil:
     void rf_tanh_f32(float *a, Py_ssize_t n)
     void rf_sigmoid_f64(double *a, Py_ssize_t n)
     void rf_tanh_f64(double *a, Py_ssize_t n)
+    int rf_threads_for(Py_ssize_t work)
 
     void rf_lstm_forward_f32(float *y, float *h_n, float *c_n, float *ws, const float *x,
                              const float *h0, const float *c0, const float *w_ih,
@@ -115,6 +116,11 @@ GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 def simd_path():
     """The vectorized code path the run-time dispatch picks on this CPU."""
     return rf_simd_path().decode()
+
+
+def threads_for(Py_ssize_t work):
+    """Threads the kernels' own loops use for a product of this many multiply-adds."""
+    return rf_threads_for(work)
 
 
 def compile_args():
