@@ -44,6 +44,10 @@ const char *rf_simd_path(void) {
     return "baseline";
 }
 
+ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
+    return T * B * I + G * H * I + G * H * H + T * B * G * H + T * B * H + B * H;
+}
+
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
     (void)I;
     /* carried dh and dc (B,H each) | W_hh packed for dh W_hh (G*H rows, H columns) */
@@ -227,6 +231,26 @@ void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgate
         RF_FN(rf_gemm)(blas, 0, 0, N, I, GH, 1, dgates, GH, w_ih, I, 0, xbuf, I);
         RF_FN(rf_scatter)(dx, xbuf, p, I);
     }
+}
+
+
+/* The "GEMM floor" of a call, for the benchmarks: only its matrix products, one BLAS call
+ * each, for a dense batch (T,B), G gates, forward or (train) forward + backward. buf holds
+ * rf_gemm_floor_size elements (their values do not matter). */
+void RF_FN(rf_gemm_floor)(const rf_blas *blas, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,
+                          ptrdiff_t H, ptrdiff_t G, int train, REAL *buf) {
+    ptrdiff_t N = T * B, GH = G * H;
+    REAL *x = buf, *w_ih = x + N * I, *w_hh = w_ih + GH * I, *gates = w_hh + GH * H;
+    REAL *h = gates + N * GH, *dh = h + N * H;
+    RF_FN(rf_gemm)(blas, 0, 1, N, GH, I, 1, x, I, w_ih, I, 0, gates, GH);
+    for (ptrdiff_t t = 0; t < T; t++)
+        RF_FN(rf_gemm)(blas, 0, 1, B, GH, H, 1, h + t * B * H, H, w_hh, H, 1, gates + t * B * GH, GH);
+    if (!train) return;
+    for (ptrdiff_t t = T - 1; t >= 0; t--)
+        RF_FN(rf_gemm)(blas, 0, 0, B, H, GH, 1, gates + t * B * GH, GH, w_hh, H, 0, dh, H);
+    RF_FN(rf_gemm)(blas, 1, 0, GH, H, N, 1, gates, GH, h, H, 0, w_hh, H);
+    RF_FN(rf_gemm)(blas, 1, 0, GH, I, N, 1, gates, GH, x, I, 0, w_ih, I);
+    RF_FN(rf_gemm)(blas, 0, 0, N, I, GH, 1, gates, GH, w_ih, I, 0, x, I);
 }
 
 #endif /* RF_TEMPLATE */

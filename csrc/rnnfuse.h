@@ -52,6 +52,9 @@ ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
                         int64_t *order, int64_t *batch_sizes, int64_t *offsets,
                         int64_t *count /* scratch, (T+1) */);
 
+/* Elements of the buffer rf_gemm_floor_* runs on. */
+ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G);
+
 /* Which vectorized code path the run-time dispatch picks on this CPU. */
 const char *rf_simd_path(void);
 
@@ -157,6 +160,8 @@ void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, p
     void rf_step_gemm_##SFX(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,          \
                             ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,           \
                             ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc);         \
+    void rf_gemm_floor_##SFX(const rf_blas *blas, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,      \
+                             ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \
                                const REAL *x, const REAL *w_ih, const rf_plan *p,           \
                                ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas);

@@ -33,3 +33,13 @@ def test_command_line_config_runs_from_another_directory(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rnnfuse", "config"], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
     assert "simd_path:" in out
+
+
+def test_gemm_floor_runs_and_checks_its_buffer():
+    import numpy as np
+    import pytest
+    buf = _kernels.gemm_floor_buffer("gru", 3, 2, 4, 5, np.float64)
+    _kernels.gemm_floor("gru", 3, 2, 4, 5, buf, True)
+    assert np.all(buf == 0)  # zeros in, zeros out: it ran the products on its own buffer
+    with pytest.raises(ValueError, match="buf is too small"):
+        _kernels.gemm_floor("gru", 3, 2, 4, 6, buf, True)

@@ -44,6 +44,12 @@ cdef extern from "rnnfuse.h" nogil:
     void rf_sigmoid_f64(double *a, Py_ssize_t n)
     void rf_tanh_f64(double *a, Py_ssize_t n)
     int rf_threads_for(Py_ssize_t work)
+    Py_ssize_t rf_gemm_floor_size(Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                                  Py_ssize_t G)
+    void rf_gemm_floor_f32(const rf_blas *blas, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
+                           Py_ssize_t H, Py_ssize_t G, int train, float *buf)
+    void rf_gemm_floor_f64(const rf_blas *blas, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
+                           Py_ssize_t H, Py_ssize_t G, int train, double *buf)
 
     void rf_lstm_forward_f32(float *y, float *h_n, float *c_n, float *ws, const float *x,
                              const float *h0, const float *c0, const float *w_ih,
@@ -121,6 +127,26 @@ def simd_path():
 def threads_for(Py_ssize_t work):
     """Threads the kernels' own loops use for a product of this many multiply-adds."""
     return rf_threads_for(work)
+
+
+def gemm_floor_buffer(str cell, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                      dtype):
+    """A buffer for gemm_floor (zeros: the values do not matter, and zeros are never NaN)."""
+    return np.zeros(rf_gemm_floor_size(T, B, I, H, GATES[cell]), dtype)
+
+
+def gemm_floor(str cell, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+               floating[::1] buf, bint train):
+    """Run only the matrix products of one dense call, one BLAS call each (the benchmarks'
+    "GEMM floor"). buf: from gemm_floor_buffer with the same sizes."""
+    cdef Py_ssize_t G = GATES[cell]
+    if buf.shape[0] < rf_gemm_floor_size(T, B, I, H, G):
+        raise ValueError("buf is too small for these sizes; use gemm_floor_buffer")
+    with nogil:
+        if floating is float:
+            rf_gemm_floor_f32(&_blas, T, B, I, H, G, train, &buf[0])
+        else:
+            rf_gemm_floor_f64(&_blas, T, B, I, H, G, train, &buf[0])
 
 
 def compile_args():
