@@ -134,9 +134,13 @@ def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
             _check("b_hh", b_hh, (G * H,), dtype, optional=True))
 
 
+_ABSENT = {np.dtype(np.float32): np.empty(0, np.float32),
+           np.dtype(np.float64): np.empty(0, np.float64)}
+
+
 def _flat(a, dtype):
     """A flat view for _kernels; None becomes an empty array, which reaches C as NULL."""
-    return np.empty(0, dtype) if a is None else a.reshape(-1)
+    return _ABSENT[dtype] if a is None else a.reshape(-1)
 
 
 def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx):
