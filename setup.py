@@ -26,10 +26,6 @@ if sanitize:
     flags = ["-fsanitize=address,undefined", "-fno-wrapv", "-fno-omit-frame-pointer"]
     compile_args += flags
     link_args += flags
-if sys.platform.startswith("linux"):
-    # OpenMP for the per-step products of large layers (-fopenmp at compile AND link time)
-    compile_args.append("-fopenmp")
-    link_args.append("-fopenmp")
 if sys.platform == "win32":
     compile_args, link_args = ["/O2"], []
 

@@ -9,9 +9,6 @@
  * row block while it sits in L1.
  */
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "rnnfuse.h"
 
@@ -156,49 +153,14 @@ static void packed_gemm_scalar(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const floa
     }
 }
 
-/* Threads pay only for big products: below this many multiply-adds one thread runs. */
-#define RF_THREAD_MIN_WORK (1 << 22)
-
-int rf_threads_for(ptrdiff_t work) {
-#ifdef _OPENMP
-    if (work >= RF_THREAD_MIN_WORK && !omp_in_parallel()) return omp_get_max_threads();
-#else
-    (void)work;
-#endif
-    return 1;
-}
-
-/* The columns n0 .. n1-1 of the product (whole panels but for the last). */
-static void packed_columns(int avx2, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t M, ptrdiff_t K,
-                           const float *A, ptrdiff_t lda, const float *Bp,
-                           ptrdiff_t panel_stride, int accumulate, float *C, ptrdiff_t ldc) {
-    const float *bp = Bp + (n0 / NR) * panel_stride;
-#if RF_HAVE_CLONES
-    if (avx2) {
-        packed_gemm_avx2(M, n1 - n0, K, A, lda, bp, panel_stride, accumulate, C + n0, ldc);
-        return;
-    }
-#endif
-    (void)avx2;
-    packed_gemm_scalar(M, n1 - n0, K, A, lda, bp, panel_stride, accumulate, C + n0, ldc);
-}
-
 void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                         const float *Bp, ptrdiff_t panel_stride, int accumulate, float *C,
                         ptrdiff_t ldc) {
-    int avx2 = rf_packed_available();
-    int threads = rf_threads_for(M * N * K);
-    if (threads == 1) {  /* no parallel region at all: even an idle one costs per step */
-        packed_columns(avx2, 0, N, M, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
+#if RF_HAVE_CLONES
+    if (rf_packed_available()) {
+        packed_gemm_avx2(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
         return;
     }
-    /* Each thread owns a contiguous range of whole panels, so of output columns: no two
-     * threads write one element, and the result depends only on the thread count. */
-    ptrdiff_t per_thread = ((N + NR - 1) / NR + threads - 1) / threads * NR;
-    #pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++) {
-        ptrdiff_t n0 = t * per_thread, n1 = n0 + per_thread < N ? n0 + per_thread : N;
-        if (n0 < n1)
-            packed_columns(avx2, n0, n1, M, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
-    }
+#endif
+    packed_gemm_scalar(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
 }

@@ -81,9 +81,6 @@ typedef struct {
 /* Elements a packed op(W) of K rows and N columns takes (allocated for both dtypes). */
 ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
 int rf_packed_available(void);
-/* Threads to use for a product of this many multiply-adds: 1 below a threshold, else
- * OpenMP's current maximum (OMP_NUM_THREADS, or a threadpoolctl limit). */
-int rf_threads_for(ptrdiff_t work);
 void rf_pack_f32(float *Bp, const float *B, ptrdiff_t ldb, int trans, ptrdiff_t K, ptrdiff_t N);
 void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                         const float *Bp, ptrdiff_t panel_stride, int accumulate, float *C,

@@ -43,7 +43,6 @@ cdef extern from "rnnfuse.h" nogil:
     void rf_tanh_f32(float *a, Py_ssize_t n)
     void rf_sigmoid_f64(double *a, Py_ssize_t n)
     void rf_tanh_f64(double *a, Py_ssize_t n)
-    int rf_threads_for(Py_ssize_t work)
     Py_ssize_t rf_gemm_floor_size(Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
                                   Py_ssize_t G)
     void rf_gemm_floor_f32(const rf_blas *blas, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
@@ -122,11 +121,6 @@ GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 def simd_path():
     """The vectorized code path the run-time dispatch picks on this CPU."""
     return rf_simd_path().decode()
-
-
-def threads_for(Py_ssize_t work):
-    """Threads the kernels' own loops use for a product of this many multiply-adds."""
-    return rf_threads_for(work)
 
 
 def gemm_floor_buffer(str cell, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
