@@ -33,6 +33,7 @@ kernels = Extension(
     "rnnfuse._kernels",
     sources=["src/rnnfuse/_kernels.pyx"] + sorted(glob("csrc/*.c")),
     include_dirs=["csrc"],
+    depends=sorted(glob("csrc/*.h")) + sorted(glob("csrc/*.c")),  # rebuild on any change
     extra_compile_args=compile_args,
     extra_link_args=link_args,
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),

@@ -54,21 +54,8 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
     return 2 * p->B * H + rf_packed_size(G * H, H);
 }
 
-#define RF_TEMPLATE
-#define REAL float
-#define RF_SUFFIX f32
-#define RF_IS_FLOAT 1
-#define RF_BLAS_GEMM sgemm
-#include "common.c"
-#undef REAL
-#undef RF_SUFFIX
-#undef RF_IS_FLOAT
-#undef RF_BLAS_GEMM
-#define REAL double
-#define RF_SUFFIX f64
-#define RF_IS_FLOAT 0
-#define RF_BLAS_GEMM dgemm
-#include "common.c"
+#define RF_TEMPLATE_FILE "common.c"
+#include "instantiate.h"
 
 #else /* RF_TEMPLATE: dtype-generic part */
 

@@ -43,15 +43,8 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
     return lstm_layout_of(p, I, H, train).total;
 }
 
-#define RF_TEMPLATE
-#define REAL float
-#define RF_SUFFIX f32
-#include "lstm.c"
-#undef REAL
-#undef RF_SUFFIX
-#define REAL double
-#define RF_SUFFIX f64
-#include "lstm.c"
+#define RF_TEMPLATE_FILE "lstm.c"
+#include "instantiate.h"
 
 #else /* RF_TEMPLATE: dtype-generic part */
 

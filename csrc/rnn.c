@@ -33,15 +33,8 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
     return rnn_layout_of(p, I, H, train).total;
 }
 
-#define RF_TEMPLATE
-#define REAL float
-#define RF_SUFFIX f32
-#include "rnn.c"
-#undef REAL
-#undef RF_SUFFIX
-#define REAL double
-#define RF_SUFFIX f64
-#include "rnn.c"
+#define RF_TEMPLATE_FILE "rnn.c"
+#include "instantiate.h"
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
