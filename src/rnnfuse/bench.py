@@ -1,0 +1,698 @@
+"""Benchmarks: the grid, the implementations side by side, and ``python -m rnnfuse bench``.
+
+One source for both harnesses: benches/ (pytest-benchmark) and the command line import the
+grid, the problems, the runners and the checks from here.
+
+- The grid: every cell (LSTM, GRU, RNN tanh), inference (forward only) and training step
+  (forward + backward), float32 and float64, on the shapes of ``GRID`` (T, B, I, H), one of
+  them also as a ragged batch (lengths uniform in [T/4, T]). ``QUICK_GRID`` is the smoke grid.
+- The implementations: ``rnnfuse`` (rnnfuse.functional), ``reference`` (rnnfuse.reference,
+  plain NumPy), and, when installed, ``torch`` (torch.nn.LSTM/GRU/RNN, packed sequences for
+  ragged batches) and ``onnxruntime`` (an ONNX LSTM/GRU/RNN node built from the same weights;
+  inference only). A peer that is missing, or cannot run a case, raises ``Unavailable``.
+- Every runner's result is checked against the reference once, before anything is timed.
+- Threads: everything runs on ``threads`` threads (default 1): BLAS through threadpoolctl,
+  PyTorch through torch.set_num_threads, ONNX Runtime through intra_op_num_threads.
+
+The command line prints, per case, the median ms per call of interleaved runs in one process
+and each implementation's time divided by rnnfuse's (above 1: rnnfuse is faster), next to
+the GEMM floor (the call's matrix products alone, one BLAS call each) and the FLOP bound
+(the matrix-product FLOPs at the measured single-call GEMM peak of this machine).
+"""
+import argparse
+import functools
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Shape", "Case", "GRID", "QUICK_GRID", "CELLS", "MODES", "DTYPES", "IMPLS",
+           "Unavailable", "NotApplicable", "cases", "problem", "runner", "reference_result",
+           "check", "limit_threads", "measure", "gemm_peak", "matmul_flops", "main"]
+
+CELLS = ("lstm", "gru", "rnn")
+MODES = ("inference", "training")
+DTYPES = ("float32", "float64")
+IMPLS = ("rnnfuse", "reference", "torch", "onnxruntime")
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+# Checks before timing: the largest |difference| over the largest |reference value|, per
+# output. Loose enough for a peer's own summation order and activations over 200 steps,
+# tight enough that a wrong gate, bias or padding rule fails by orders of magnitude.
+TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
+
+
+@dataclass(frozen=True)
+class Shape:
+    T: int
+    B: int
+    I: int  # noqa: E741
+    H: int
+    ragged: bool = False
+
+    @property
+    def label(self):
+        return f"T{self.T}xB{self.B}xI{self.I}xH{self.H}" + ("-ragged" if self.ragged else "")
+
+
+GRID = (
+    Shape(50, 1, 32, 32),
+    Shape(100, 16, 64, 128),
+    Shape(100, 32, 128, 256),
+    Shape(100, 64, 256, 512),
+    Shape(200, 8, 128, 128),
+    Shape(35, 20, 650, 650),
+    Shape(100, 32, 128, 256, ragged=True),
+)
+QUICK_GRID = (
+    Shape(50, 1, 32, 32),
+    Shape(50, 4, 32, 32, ragged=True),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    cell: str
+    mode: str
+    dtype: str
+    shape: Shape
+
+    @property
+    def group(self):
+        """The pytest-benchmark group: the implementations of one case sit side by side."""
+        return f"{self.cell}-{self.mode}-{self.dtype}-{self.shape.label}"
+
+    @property
+    def training(self):
+        return self.mode == "training"
+
+
+def cases(grid=GRID, cells=CELLS, modes=MODES, dtypes=DTYPES):
+    """Every (cell, mode, dtype, shape) of the grid, shape-major (small problems first)."""
+    return [Case(c, m, d, s) for s in grid for d in dtypes for m in modes for c in cells]
+
+
+class Unavailable(Exception):
+    """This implementation cannot run this case here (not installed, or not supported)."""
+
+
+class NotApplicable(Unavailable):
+    """This case is outside what the implementation is for (ONNX Runtime training)."""
+
+
+# ----------------------------------------------------------------------------- problems
+
+@dataclass(frozen=True)
+class Problem:
+    x: np.ndarray
+    h0: np.ndarray
+    c0: np.ndarray  # None except for LSTM
+    w_ih: np.ndarray
+    w_hh: np.ndarray
+    b_ih: np.ndarray
+    b_hh: np.ndarray
+    lengths: np.ndarray  # None for a dense batch
+    dy: np.ndarray
+    dh_n: np.ndarray
+    dc_n: np.ndarray  # None except for LSTM
+
+
+@functools.lru_cache(maxsize=4)
+def problem(cell, dtype, shape, seed=0):
+    """Random inputs, weights (PyTorch's init range) and upstream gradients for one case:
+    seeded, never ones or zeros."""
+    T, B, I, H = shape.T, shape.B, shape.I, shape.H
+    G = _GATES[cell]
+    rng = np.random.default_rng([seed, CELLS.index(cell), DTYPES.index(dtype), T, B, I, H,
+                                 shape.ragged])
+    k = 1.0 / math.sqrt(H)
+
+    def normal(*s, scale=1.0):
+        return (scale * rng.standard_normal(s)).astype(dtype)
+
+    def uniform(*s):
+        return rng.uniform(-k, k, s).astype(dtype)
+
+    lstm = cell == "lstm"
+    lengths = None
+    if shape.ragged:
+        lengths = rng.integers(max(1, T // 4), T + 1, size=B).astype(np.int64)
+    p = Problem(x=normal(T, B, I), h0=normal(B, H, scale=0.5),
+                c0=normal(B, H, scale=0.5) if lstm else None,
+                w_ih=uniform(G * H, I), w_hh=uniform(G * H, H),
+                b_ih=uniform(G * H), b_hh=uniform(G * H), lengths=lengths,
+                dy=normal(T, B, H), dh_n=normal(B, H), dc_n=normal(B, H) if lstm else None)
+    for a in vars(p).values():
+        if a is not None:
+            a.setflags(write=False)  # no runner may modify the shared inputs
+    return p
+
+
+# ------------------------------------------------------------------------------ runners
+
+def runner(impl, case, threads=1):
+    """A zero-argument callable that runs one call of ``case`` with ``impl`` and returns
+    what check() compares: inference ``(y, h_n[, c_n])``, training the gradients
+    ``(dx, dh0[, dc0], dw_ih, dw_hh, db_ih, db_hh)`` (NumPy arrays or torch tensors).
+    Raises Unavailable when ``impl`` cannot run here."""
+    p = problem(case.cell, case.dtype, case.shape)
+    if impl == "rnnfuse":
+        from . import functional
+        return _kernel_runner(functional, case, p)
+    if impl == "reference":
+        from . import reference
+        return _kernel_runner(reference, case, p)
+    if impl == "torch":
+        return _torch_runner(case, p, threads)
+    if impl == "onnxruntime":
+        return _ort_runner(case, p, threads)
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _kernel_runner(mod, case, p):
+    fwd = getattr(mod, f"{case.cell}_forward")
+    bwd = getattr(mod, f"{case.cell}_backward")
+    lstm = case.cell == "lstm"
+    states = (p.h0, p.c0) if lstm else (p.h0,)
+    args = (p.x, *states, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.lengths)
+    n_out = 3 if lstm else 2
+    if not case.training:
+        return lambda: fwd(*args, need_ctx=False)[:n_out]
+    upstream = (p.dy, p.dh_n, p.dc_n) if lstm else (p.dy, p.dh_n)
+
+    def step():
+        ctx = fwd(*args, need_ctx=True)[-1]
+        return bwd(*upstream, ctx)
+    return step
+
+
+def _import_torch(threads):
+    try:
+        import torch
+    except ImportError:
+        raise Unavailable("PyTorch is not installed") from None
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch
+
+
+def _torch_runner(case, p, threads):
+    torch = _import_torch(threads)
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    T, B, I, H = case.shape.T, case.shape.B, case.shape.I, case.shape.H
+    tdtype = getattr(torch, case.dtype)
+    lstm = case.cell == "lstm"
+    if case.cell == "lstm":
+        module = torch.nn.LSTM(I, H, dtype=tdtype)
+    elif case.cell == "gru":
+        module = torch.nn.GRU(I, H, dtype=tdtype)
+    else:
+        module = torch.nn.RNN(I, H, nonlinearity="tanh", dtype=tdtype)
+    with torch.no_grad():
+        for name, value in (("weight_ih_l0", p.w_ih), ("weight_hh_l0", p.w_hh),
+                            ("bias_ih_l0", p.b_ih), ("bias_hh_l0", p.b_hh)):
+            getattr(module, name).copy_(torch.from_numpy(value.copy()))
+    params = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
+
+    def tensor(a, grad=False):
+        t = torch.from_numpy(a.copy())
+        return t.requires_grad_() if grad else t
+
+    grad = case.training
+    x = tensor(p.x, grad)
+    h0 = tensor(p.h0[None], grad)
+    c0 = tensor(p.c0[None], grad) if lstm else None
+    hx = (h0, c0) if lstm else h0
+    lengths = None if p.lengths is None else torch.from_numpy(p.lengths.copy())
+
+    def forward():
+        if lengths is None:
+            y, state = module(x, hx)
+        else:
+            packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            y, state = module(packed, hx)
+            y = pad_packed_sequence(y, total_length=T)[0]
+        return (y, *state) if lstm else (y, state)
+
+    if not grad:
+        def infer():
+            with torch.no_grad():
+                y, *finals = forward()
+            return (y, *(s[0] for s in finals))
+        return infer
+
+    upstream = [tensor(p.dy), tensor(p.dh_n[None])] + ([tensor(p.dc_n[None])] if lstm else [])
+    inputs = [x, h0] + ([c0] if lstm else []) + params
+
+    def step():
+        outputs = forward()
+        grads = torch.autograd.grad(outputs, inputs, upstream)
+        n = 3 if lstm else 2  # dx, dh0[, dc0] first
+        return (grads[0],) + tuple(g[0] for g in grads[1:n]) + tuple(grads[n:])
+    return step
+
+
+# ONNX gate order, as indices into PyTorch's blocks: LSTM i,o,f,c from i,f,g,o; GRU z,r,h
+# from r,z,n; RNN one block.
+_ONNX_GATES = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
+
+
+def _onnx_model(case, p):
+    """One ONNX LSTM/GRU/RNN node with the problem's weights as initializers."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise Unavailable("onnx is not installed (needed to build the ONNX Runtime model)") \
+            from None
+    T, B, I, H = case.shape.T, case.shape.B, case.shape.I, case.shape.H
+    G = _GATES[case.cell]
+    perm = list(_ONNX_GATES[case.cell])
+
+    def gates(w):  # (G*H, ...) in PyTorch's order -> ONNX's order
+        return w.reshape(G, H, -1)[perm].reshape(G * H, -1)
+
+    elem = TensorProto.FLOAT if case.dtype == "float32" else TensorProto.DOUBLE
+    inits = [numpy_helper.from_array(np.ascontiguousarray(gates(p.w_ih)[None]), "W"),
+             numpy_helper.from_array(np.ascontiguousarray(gates(p.w_hh)[None]), "R"),
+             numpy_helper.from_array(np.concatenate([gates(p.b_ih).ravel(),
+                                                     gates(p.b_hh).ravel()])[None], "B")]
+    lstm = case.cell == "lstm"
+    graph_inputs = [helper.make_tensor_value_info("X", elem, [T, B, I]),
+                    helper.make_tensor_value_info("initial_h", elem, [1, B, H])]
+    if lstm:
+        graph_inputs.append(helper.make_tensor_value_info("initial_c", elem, [1, B, H]))
+    seq = ""
+    if p.lengths is not None:
+        seq = "sequence_lens"
+        graph_inputs.append(helper.make_tensor_value_info(seq, TensorProto.INT32, [B]))
+    node_inputs = ["X", "W", "R", "B", seq, "initial_h"] + (["initial_c"] if lstm else [])
+    out_names = ["Y", "Y_h"] + (["Y_c"] if lstm else [])
+    attrs = {"hidden_size": H}
+    if case.cell == "gru":
+        attrs["linear_before_reset"] = 1
+    if case.cell == "rnn":
+        attrs["activations"] = ["Tanh"]
+    node = helper.make_node(case.cell.upper(), node_inputs, out_names, **attrs)
+    outputs = [helper.make_tensor_value_info("Y", elem, [T, 1, B, H])]
+    outputs += [helper.make_tensor_value_info(n, elem, [1, B, H]) for n in out_names[1:]]
+    graph = helper.make_graph([node], f"rnnfuse_{case.cell}", graph_inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = min(onnx.IR_VERSION, 8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _ort_runner(case, p, threads):
+    if case.training:
+        raise NotApplicable("ONNX Runtime: inference only")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Unavailable("ONNX Runtime is not installed") from None
+    model = _onnx_model(case, p)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 4  # a probe that fails below is reported, not logged
+    feeds = {"X": p.x, "initial_h": p.h0[None]}
+    if case.cell == "lstm":
+        feeds["initial_c"] = p.c0[None]
+    if p.lengths is not None:
+        feeds["sequence_lens"] = p.lengths.astype(np.int32)
+    try:  # a missing kernel shows at session creation, or (LSTM, GRU double) at run time
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4
+        sess.run(None, feeds, quiet)
+    except Exception as e:
+        why = str(e).splitlines()[0].split("Status Message: ")[-1].split(" : ")[-1]
+        raise Unavailable(f"ONNX Runtime cannot run {case.cell} {case.dtype}: "
+                          f"{why[:200]}") from None
+
+    def infer():
+        y, *finals = sess.run(None, feeds)
+        return (y[:, 0], *(s[0] for s in finals))
+    return infer
+
+
+# ------------------------------------------------------------------------------- checks
+
+@functools.lru_cache(maxsize=2)
+def reference_result(case):
+    """The reference's result for ``case`` (computed once; what check() compares with)."""
+    return tuple(_as_numpy(a) for a in runner("reference", case)())
+
+
+def _as_numpy(a):
+    if a is None:
+        return None
+    if hasattr(a, "detach"):  # a torch tensor
+        a = a.detach().numpy()
+    return np.asarray(a)
+
+
+def _output_names(case):
+    lstm = case.cell == "lstm"
+    if not case.training:
+        return ("y", "h_n", "c_n") if lstm else ("y", "h_n")
+    return (("dx", "dh0", "dc0") if lstm else ("dx", "dh0")) + ("dw_ih", "dw_hh", "db_ih",
+                                                               "db_hh")
+
+
+def check(case, impl, got, want=None):
+    """Compare ``got`` (a runner's result) with the reference's; returns the worst relative
+    error (max |got - want| / max |want|), raises AssertionError naming the output if it
+    is over TOLERANCE[dtype] or a shape, dtype or NaN differs."""
+    want = reference_result(case) if want is None else want
+    names = _output_names(case)
+    got = tuple(_as_numpy(a) for a in got)
+    if len(got) != len(names) or len(want) != len(names):
+        raise AssertionError(f"{impl} {case.group}: {len(got)} outputs, expected {names}")
+    worst = 0.0
+    for name, g, w in zip(names, got, want):
+        if g.shape != w.shape or g.dtype != w.dtype:
+            raise AssertionError(f"{impl} {case.group}: {name} is {g.dtype}{g.shape}, "
+                                 f"the reference's {w.dtype}{w.shape}")
+        if not np.array_equal(np.isnan(g), np.isnan(w)):
+            raise AssertionError(f"{impl} {case.group}: {name} has NaN where the reference "
+                                 "has none (or the other way round)")
+        scale = float(np.max(np.abs(w), initial=0.0)) or 1.0
+        err = float(np.max(np.abs(np.nan_to_num(g.astype(np.float64) - w)), initial=0.0)) / scale
+        if not err <= TOLERANCE[case.dtype]:
+            raise AssertionError(f"{impl} {case.group}: {name} differs from the reference "
+                                 f"by {err:.3g} of its largest value (tolerance "
+                                 f"{TOLERANCE[case.dtype]:g})")
+        worst = max(worst, err)
+    return worst
+
+
+# ------------------------------------------------------------------------------ timing
+
+def limit_threads(threads):
+    """threadpoolctl's limit on every BLAS and OpenMP pool loaded so far (None: no limit)."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=threads)
+
+
+def time_once(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def plan_rounds(seconds_per_call, budget, min_rounds=3, max_rounds=200, min_sample=1e-3):
+    """(rounds, iterations): each sample (``iterations`` calls) lasts at least
+    ``min_sample`` s, and all the samples together about ``budget`` s."""
+    per_call = max(seconds_per_call, 1e-7)
+    iterations = max(1, math.ceil(min_sample / per_call))
+    rounds = int(budget / (per_call * iterations))
+    return max(min_rounds, min(max_rounds, rounds)), iterations
+
+
+def measure(fns, budget=1.0, min_rounds=3, max_rounds=100):
+    """Median seconds per call of each of ``fns`` (name -> callable), from interleaved
+    rounds in this process: each round runs every callable once (a few times when it is
+    very short), in an order rotated from round to round. Garbage collection is off while
+    timing. Returns {name: (median seconds, number of samples)}."""
+    names = list(fns)
+    est = {n: min(time_once(fns[n]) for _ in range(2)) for n in names}
+    iters = {n: plan_rounds(est[n], budget, min_sample=2e-3)[1] for n in names}
+    per_round = sum(est[n] * iters[n] for n in names)
+    rounds = max(min_rounds, min(max_rounds, int(budget / max(per_round, 1e-9))))
+    samples = {n: [] for n in names}
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                fn, k = fns[n], iters[n]
+                t = time.perf_counter()
+                for _ in range(k):
+                    fn()
+                samples[n].append((time.perf_counter() - t) / k)
+    finally:
+        if enabled:
+            gc.enable()
+    return {n: (statistics.median(s), len(s)) for n, s in samples.items()}
+
+
+def gemm_peak(dtype, threads=1, n=1024):
+    """Measured GEMM peak (FLOP/s) of this machine's BLAS: the best of a few ``n x n``
+    NumPy matmuls under ``threads`` BLAS threads."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    with limit_threads(threads):
+        a @ b
+        best = min(time_once(lambda: a @ b) for _ in range(5))
+    return 2.0 * n ** 3 / best
+
+
+def matmul_flops(case):
+    """FLOPs of the matrix products of one call, counting only the valid steps:
+    forward 2 N G H (I + H), N = the number of valid (step, sequence) pairs; a training
+    step three times that (backward: dh W_hh and dx, dW_hh and dW_ih)."""
+    s = case.shape
+    p = problem(case.cell, case.dtype, s)
+    N = int(p.lengths.sum()) if p.lengths is not None else s.T * s.B
+    fwd = 2.0 * N * _GATES[case.cell] * s.H * (s.I + s.H)
+    return 3 * fwd if case.training else fwd
+
+
+def _gemm_floor_runner(case):
+    """The call's matrix products alone, one BLAS call each (dense shapes only)."""
+    from . import _kernels
+    s = case.shape
+    if s.ragged:
+        raise NotApplicable("no GEMM floor for ragged batches")
+    buf = _kernels.gemm_floor_buffer(case.cell, s.T, s.B, s.I, s.H, np.dtype(case.dtype))
+    return lambda: _kernels.gemm_floor(case.cell, s.T, s.B, s.I, s.H, buf, case.training)
+
+
+# -------------------------------------------------------------------------- command line
+
+def _parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m rnnfuse bench",
+        description="Time rnnfuse's kernels against the NumPy reference, PyTorch and ONNX "
+                    "Runtime (when installed) on the benchmark grid: median ms per call of "
+                    "interleaved runs, and each one's time over rnnfuse's.")
+    ap.add_argument("--quick", action="store_true",
+                    help="the smoke grid (two small shapes, float32) with a short budget")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for every implementation (default 1)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--plot", metavar="PATH", help="draw a bar chart (needs matplotlib)")
+    ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated subset of "
+                    f"{','.join(CELLS)}")
+    ap.add_argument("--modes", default=None, help=f"subset of {','.join(MODES)}")
+    ap.add_argument("--dtypes", default=None, help=f"subset of {','.join(DTYPES)} "
+                    "(default both; float32 with --quick)")
+    ap.add_argument("--impls", default=",".join(IMPLS),
+                    help=f"subset of {','.join(IMPLS)} (rnnfuse is always run)")
+    ap.add_argument("--shapes", default=None, metavar="I,J,...",
+                    help="indices into the grid (0-based) to run")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds of timing per case (default 1.0, 0.2 with --quick)")
+    return ap
+
+
+def _subset(ap, text, allowed, what):
+    items = tuple(x for x in text.split(",") if x)
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        ap.error(f"--{what}: {','.join(bad) or 'nothing given'} not in {','.join(allowed)}")
+    return items
+
+
+def _fmt_ms(s):
+    if s is None:
+        return "-"
+    ms = 1e3 * s
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def _machine(threads):
+    from threadpoolctl import threadpool_info
+
+    from . import _kernels
+    import scipy.linalg  # noqa: F401  (loads the BLAS the kernels call)
+    info = {"python": sys.version.split()[0], "platform": platform.platform(),
+            "processor": platform.processor(), "threads": threads,
+            "simd_path": _kernels.simd_path(),
+            "blas": [{k: p.get(k) for k in ("internal_api", "version", "architecture",
+                                            "num_threads", "filepath")}
+                     for p in threadpool_info() if p.get("user_api") == "blas"]}
+    for mod in ("numpy", "torch", "onnxruntime"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def main(argv=None):
+    ap = _parser()
+    args = ap.parse_args(argv)
+    cells = _subset(ap, args.cells, CELLS, "cells")
+    modes = _subset(ap, args.modes or ",".join(MODES), MODES, "modes")
+    dtypes = _subset(ap, args.dtypes or ("float32" if args.quick else ",".join(DTYPES)),
+                     DTYPES, "dtypes")
+    impls = ("rnnfuse",) + tuple(i for i in _subset(ap, args.impls, IMPLS, "impls")
+                                 if i != "rnnfuse")
+    if args.threads < 1:
+        ap.error("--threads must be at least 1")
+    grid = QUICK_GRID if args.quick else GRID
+    if args.shapes:
+        try:
+            grid = tuple(grid[int(i)] for i in args.shapes.split(","))
+        except (ValueError, IndexError):
+            ap.error(f"--shapes: indices into a grid of {len(grid)} shapes")
+    budget = args.budget if args.budget is not None else (0.2 if args.quick else 1.0)
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+        except ImportError:
+            ap.error("--plot needs matplotlib (pip install matplotlib)")
+    threads = args.threads
+
+    # Import the peers before limiting threads, so that threadpoolctl sees their pools too.
+    available, missing = [], {}
+    for impl in impls:
+        try:
+            if impl == "torch":
+                _import_torch(threads)
+            elif impl == "onnxruntime":
+                import onnx  # noqa: F401
+                import onnxruntime  # noqa: F401
+            available.append(impl)
+        except (ImportError, Unavailable) as e:
+            missing[impl] = str(e) if isinstance(e, Unavailable) else f"{impl}: {e}"
+    for why in missing.values():
+        print(f"skipped: {why}", file=sys.stderr)
+
+    limits = limit_threads(threads)  # held until the end (threadpoolctl restores on exit)
+    machine = _machine(threads)
+    peaks = {d: gemm_peak(d, threads) for d in dtypes}
+    print(f"rnnfuse bench: {threads} thread(s), SIMD {machine['simd_path']}, BLAS "
+          + ", ".join(f"{b['internal_api']} {b['version']} {b['architecture']}"
+                      for b in machine["blas"]))
+    print("GEMM peak (n=1024 matmul): "
+          + ", ".join(f"{d} {peaks[d] / 1e9:.1f} GFLOP/s" for d in dtypes))
+    print("ms per call (median of interleaved runs); x = that time / rnnfuse's "
+          "(above 1: rnnfuse is faster); floor = the call's GEMMs alone; bound = its GEMM "
+          "FLOPs at the GEMM peak\n")
+
+    peers = [i for i in available if i != "rnnfuse"]
+    head = (f"{'cell':5} {'mode':9} {'dtype':7} {'shape':26} {'rnnfuse':>9} "
+            + " ".join(f"{_SHORT[i]:>9}" for i in peers)
+            + f" {'floor':>9} {'bound':>9} " + " ".join(f"{_SHORT[i] + ' x':>9}" for i in peers)
+            + f" {'floor x':>8} {'bound x':>8}")
+    print(head)
+    print("-" * len(head))
+    rows, failed, said = [], [], set()
+    with limits:
+        for case in cases(grid, cells, modes, dtypes):
+            row = _run_case(case, available, threads, budget, peaks[case.dtype], failed)
+            rows.append(row)
+            ms = row["seconds"]
+            rf = ms.get("rnnfuse")
+
+            def ratio(s):
+                return f"{s / rf:.2f}" if s is not None and rf else "-"
+            print(f"{case.cell:5} {case.mode:9} {case.dtype:7} {case.shape.label:26} "
+                  f"{_fmt_ms(rf):>9} "
+                  + " ".join(f"{_fmt_ms(ms.get(i)):>9}" for i in peers)
+                  + f" {_fmt_ms(row['floor']):>9} {_fmt_ms(row['bound']):>9} "
+                  + " ".join(f"{ratio(ms.get(i)):>9}" for i in peers)
+                  + f" {ratio(row['floor']):>8} {ratio(row['bound']):>8}", flush=True)
+            for impl, why in row["errors"].items():
+                if why not in said:  # each reason once
+                    said.add(why)
+                    print(f"    {impl}: {why}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "gemm_peak_flops": peaks, "budget_s": budget,
+                       "skipped": missing, "rows": rows}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        _plot(rows, args.plot, threads)
+        print(f"wrote {args.plot}")
+    if failed:
+        print(f"\nFAILED: {len(failed)} result(s) differ from the reference: "
+              + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+_SHORT = {"rnnfuse": "rnnfuse", "reference": "ref", "torch": "torch", "onnxruntime": "ort"}
+
+
+def _run_case(case, impls, threads, budget, peak, failed):
+    """Check each implementation once against the reference, then time them interleaved."""
+    fns, errors, checks = {}, {}, {}
+    for impl in impls:
+        try:
+            fn = runner(impl, case, threads)
+        except NotApplicable:
+            continue
+        except Unavailable as e:
+            errors[impl] = f"skipped ({e})"
+            continue
+        try:
+            checks[impl] = check(case, impl, fn())
+        except AssertionError as e:
+            errors[impl] = f"WRONG, not timed: {e}"
+            failed.append(f"{impl} {case.group}")
+            continue
+        fns[impl] = fn
+    try:
+        fns["floor"] = _gemm_floor_runner(case)
+        fns["floor"]()
+    except NotApplicable:
+        fns.pop("floor", None)
+    timed = measure(fns, budget) if fns else {}
+    floor = timed.pop("floor", (None, 0))[0]
+    s = case.shape
+    return {"cell": case.cell, "mode": case.mode, "dtype": case.dtype, "T": s.T, "B": s.B,
+            "I": s.I, "H": s.H, "ragged": s.ragged, "group": case.group,
+            "seconds": {k: v[0] for k, v in timed.items()},
+            "samples": {k: v[1] for k, v in timed.items()},
+            "floor": floor, "bound": matmul_flops(case) / peak,
+            "max_rel_err": checks, "errors": errors}
+
+
+def _plot(rows, path, threads):
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["mode"], r["dtype"]) for r in rows})
+    impls = [i for i in IMPLS if any(i in r["seconds"] for r in rows)]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(10, 1 + 0.9 * len(rows)))
+    for ax, (mode, dtype) in zip(axes[:, 0], panels):
+        sel = [r for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)]
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            ys = [j + k * width for j in range(len(sel))]
+            ms = [1e3 * r["seconds"].get(impl, float("nan")) for r in sel]
+            ax.barh(ys, ms, height=width, label=impl)
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(sel))])
+        ax.set_yticklabels([f"{r['cell']} {r['group'].split('-', 3)[3]}" for r in sel],
+                           fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per call (log scale; shorter is faster)")
+        ax.set_title(f"{mode}, {dtype}, {threads} thread(s)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
