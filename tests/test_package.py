@@ -43,3 +43,11 @@ def test_gemm_floor_runs_and_checks_its_buffer():
     assert np.all(buf == 0)  # zeros in, zeros out: it ran the products on its own buffer
     with pytest.raises(ValueError, match="buf is too small"):
         _kernels.gemm_floor("gru", 3, 2, 4, 6, buf, True)
+
+
+def test_fast_path_does_not_import_the_reference():
+    code = ("import sys, rnnfuse, numpy as np; from rnnfuse import functional, LSTM; "
+            "LSTM(2, 3).forward(np.ones((2, 1, 2), np.float32)); "
+            "assert 'rnnfuse.reference' not in sys.modules; "
+            "assert rnnfuse.reference.lstm_forward")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,659 @@
+"""Layers on the kernels: LSTM, GRU, RNN (stacked, bidirectional, dropout), Embedding,
+Linear and Sequential, in the shape of PyTorch's ``torch.nn`` modules.
+
+Every layer keeps its parameters as NumPy arrays under PyTorch's names, accumulates
+gradients into ``layer.grads`` (same names, same shapes) and has::
+
+    y = layer.forward(x) / layer(x)       dx = layer.backward(dy)
+    layer.parameters()  layer.named_parameters()  layer.grads  layer.zero_grad()
+    layer.state_dict()  layer.load_state_dict(sd)  layer.train()  layer.eval()
+
+Recurrent layers are *stateful*: ``forward(x, state=None, lengths=None)`` returns
+``(y, state)`` and ``backward(dy, dstate=None)`` returns ``(dx, dstate)``; ``state`` is
+``(h, c)`` for LSTM and ``h`` for GRU and RNN, each ``(num_layers*num_directions, B, H)``.
+Every forward is matched by at most one backward, which uses what that forward saved.
+
+Notation: T steps, B batch rows, I input features, H hidden units, L = num_layers,
+D = num_directions (1 or 2), G gate blocks per cell (LSTM 4, GRU 3, RNN 1).
+"""
+import numbers
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = ["Module", "LSTM", "GRU", "RNN", "Embedding", "Linear", "Sequential"]
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _check_int(name, value, minimum):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_dtype(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+    return dt
+
+
+def _make_rng(seed):
+    """A numpy Generator from None (fresh entropy), an int >= 0 or a Generator."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None:
+        return np.random.default_rng()
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError("seed must be None, an int or a numpy.random.Generator, "
+                        f"got {type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return np.random.default_rng(int(seed))
+
+
+def _check_array(name, a, dtype, shape=None, what=""):
+    """a as an ndarray of this dtype (and shape, if given); ``what`` explains the shape."""
+    if not isinstance(a, np.ndarray):
+        if a is None or isinstance(a, (tuple, Mapping)):
+            raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+        a = np.asarray(a)
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the layer's dtype), got {a.dtype}")
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}{what}, got {a.shape}")
+    return a
+
+
+_NO_FORWARD, _USED = object(), object()  # states of a layer's tape besides "saved"
+
+
+# ---------------------------------------------------------------- base class
+
+class Module:
+    """Parameters, gradients, state dicts, train/eval, and the forward/backward tape.
+
+    Subclasses fill ``self._params`` (name -> array, in state-dict order) and call
+    ``self._add_param`` so that ``self._grads`` gets a zero array of the same shape.
+    """
+
+    stateful = False  # True: forward(x, state, lengths) -> (y, state); see Sequential
+    _no_forward_hint = ""
+
+    def __init__(self):
+        self.training = True
+        self._params, self._grads = {}, {}
+        self._tape = _NO_FORWARD
+
+    def _add_param(self, name, value):
+        self._params[name] = value
+        self._grads[name] = np.zeros_like(value)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # -- the tape: what forward saved for its one backward
+    def _save(self, tape):
+        self._tape = tape
+
+    def _peek(self):
+        """What the last forward saved; a clear error if there is none (or it was used)."""
+        name = type(self).__name__
+        if self._tape is _NO_FORWARD:
+            raise RuntimeError(f"{name}.backward called without a matching forward: run "
+                               f"forward first{self._no_forward_hint}")
+        if self._tape is _USED:
+            raise RuntimeError(f"{name}.backward called twice for one forward; run forward "
+                               "again (each forward allows one backward)")
+        return self._tape
+
+    def _take(self):
+        """_peek, and mark the tape used: call it once the upstream gradients are checked."""
+        tape, self._tape = self._peek(), _USED
+        return tape
+
+    # -- parameters and gradients
+    def named_parameters(self):
+        """name -> parameter array (the live arrays: updating them updates the layer)."""
+        return dict(self._params)
+
+    def parameters(self):
+        """The parameter arrays (live), in state-dict order."""
+        return list(self.named_parameters().values())
+
+    @property
+    def grads(self):
+        """name -> accumulated gradient, the same names and shapes as the parameters
+        (a fresh dict of the live arrays: backward adds into them in place)."""
+        return dict(self._grads)
+
+    def zero_grad(self):
+        """Reset every accumulated gradient to zero (in place)."""
+        for g in self.grads.values():
+            g.fill(0)
+
+    def train(self, mode=True):
+        """Training mode (dropout on; forward keeps what backward needs). Returns self."""
+        self.training = _check_bool("mode", mode)
+        return self
+
+    def eval(self):
+        """Inference mode: no dropout, and forward keeps nothing for backward."""
+        return self.train(False)
+
+    # -- state dicts
+    def state_dict(self):
+        """name -> a copy of each parameter, with PyTorch's names and shapes."""
+        return {k: v.copy() for k, v in self.named_parameters().items()}
+
+    def load_state_dict(self, state_dict):
+        """Copy parameters in from ``state_dict`` (arrays, or anything np.asarray takes).
+
+        Keys, shapes and dtypes must match ``state_dict()`` exactly; otherwise a
+        ValueError lists every problem and the layer is left unchanged.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of name -> array, "
+                            f"got {type(state_dict).__name__}")
+        params = self.named_parameters()
+        problems = [f"missing key {k!r}" for k in params if k not in state_dict]
+        problems += [f"unexpected key {k!r}" for k in state_dict if k not in params]
+        arrays = {}
+        for k, p in params.items():
+            if k not in state_dict:
+                continue
+            try:
+                a = np.asarray(state_dict[k])
+            except Exception as e:  # e.g. a tensor that requires grad
+                problems.append(f"{k!r}: cannot be read as an array ({e})")
+                continue
+            if a.shape != p.shape:
+                problems.append(f"{k!r}: expected shape {p.shape}, got {a.shape}")
+            if a.dtype != p.dtype:
+                problems.append(f"{k!r}: expected dtype {p.dtype}, got {a.dtype}")
+            arrays[k] = a
+        if problems:
+            raise ValueError(f"{type(self).__name__}.load_state_dict refused (nothing was "
+                             f"loaded), {len(problems)} problem(s):\n  - "
+                             + "\n  - ".join(problems))
+        for k, a in arrays.items():
+            params[k][...] = a  # in place: parameters() handed out earlier stay valid
+
+
+# ---------------------------------------------------------------- recurrent layers
+
+class _RNNBase(Module):
+    """One implementation of stacking, directions, dropout and the state for all cells.
+
+    A cell subclass gives ``_gates``, ``_n_states`` (2 for LSTM's (h, c)) and
+    ``_run``/``_back``, its single-direction call into rnnfuse.functional.
+    """
+
+    stateful = True
+    _no_forward_hint = " (in eval mode, forward(..., need_grad=True))"
+    _gates = None  # G, gate blocks per cell
+    _n_states = 1  # arrays in the state: 1 (h) or 2 (h, c)
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype=np.float32, seed=None):
+        super().__init__()
+        self.input_size = _check_int("input_size", input_size, 1)
+        self.hidden_size = _check_int("hidden_size", hidden_size, 1)
+        self.num_layers = _check_int("num_layers", num_layers, 1)
+        self.bias = _check_bool("bias", bias)
+        self.batch_first = _check_bool("batch_first", batch_first)
+        self.bidirectional = _check_bool("bidirectional", bidirectional)
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a float, got {type(dropout).__name__} {dropout!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+        self.dropout = float(dropout)
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn("dropout acts between stacked layers (on the outputs of all but "
+                          f"the last), so it does nothing with num_layers=1 (dropout="
+                          f"{self.dropout})", UserWarning,
+                          stacklevel=2 if type(self).__init__ is _RNNBase.__init__ else 3)
+        self.dtype = _check_dtype(dtype)
+        self._rng = _make_rng(seed)  # draws the initial weights, then the dropout masks
+
+        # PyTorch's names and order; every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)).
+        H, G, k = self.hidden_size, self._gates, 1.0 / np.sqrt(self.hidden_size)
+        for layer in range(self.num_layers):
+            n_in = self.input_size if layer == 0 else self.num_directions * H
+            for d in range(self.num_directions):
+                shapes = [(G * H, n_in), (G * H, H)] + [(G * H,)] * (2 if self.bias else 0)
+                for name, shape in zip(self._names(layer, d), shapes):
+                    self._add_param(name, self._rng.uniform(-k, k, shape).astype(self.dtype))
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    def _names(self, layer, d):
+        """Parameter names of one layer and direction: weight_ih_l0, ..., bias_hh_l1_reverse."""
+        sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        return [k + sfx for k in kinds]
+
+    def _weights(self, layer, d):
+        w = [self._params[n] for n in self._names(layer, d)]
+        return w if self.bias else w + [None, None]
+
+    def __repr__(self):
+        args = [str(self.input_size), str(self.hidden_size)]
+        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
+                    "bidirectional": False, **self._extra_defaults()}
+        args += [f"{k}={getattr(self, k)!r}" for k, v in defaults.items()
+                 if getattr(self, k) != v]
+        if self.dtype != np.float32:
+            args.append(f"dtype={self.dtype}")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    def _extra_defaults(self):
+        return {}
+
+    # -- inputs
+    def _check_x(self, x):
+        """x (T, B, I), or (B, T, I) if batch_first; returned time-major (a view)."""
+        x = _check_array("x", x, self.dtype)
+        layout = "(B, T, input_size), batch_first" if self.batch_first else "(T, B, input_size)"
+        if x.ndim != 3:
+            raise ValueError(f"x must be 3-D {layout}, got {x.ndim}-D with shape {x.shape}")
+        if x.shape[2] != self.input_size:
+            raise ValueError(f"x must have input_size={self.input_size} features on its last "
+                             f"axis, got shape {x.shape}")
+        return x.transpose(1, 0, 2) if self.batch_first else x
+
+    def _check_state(self, name, state, B):
+        """state as a list of _n_states arrays (L*D, B, H) or None (zeros)."""
+        names = ("h", "c")[:self._n_states]
+        if self._n_states == 2:
+            if state is None:
+                return [None, None]
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError(f"{name} must be a tuple ({names[0]}, {names[1]}) for "
+                                f"{type(self).__name__}, got {type(state).__name__}")
+            parts = list(state)
+        else:
+            parts = [state]
+        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
+        what = " (num_layers*num_directions, batch, hidden_size)"
+        return [None if s is None else
+                _check_array(f"{name}[{n}]" if self._n_states == 2 else name, s, self.dtype,
+                             shape, what)
+                for n, s in zip(names, parts)]
+
+    def _pack_state(self, parts):
+        return tuple(parts) if self._n_states == 2 else parts[0]
+
+    def _dropout_mask(self, shape):
+        """Inverted dropout: keep with probability 1-p, scaled by 1/(1-p)."""
+        p = self.dropout
+        keep = self._rng.random(shape) >= p
+        return keep.astype(self.dtype) * self.dtype.type(0.0 if p == 1 else 1.0 / (1.0 - p))
+
+    # -- forward and backward
+    def forward(self, x, state=None, lengths=None, *, need_grad=None):
+        """Run the stack over x. Returns ``(y, state)``: y (T, B, D*H) (or (B, T, D*H) if
+        batch_first), the final state (h_n, or (h_n, c_n) for LSTM) each (L*D, B, H).
+
+        ``state``: the initial state in the same form, or None for zeros. ``lengths`` (B,)
+        integers in [0, T]: steps t >= lengths[b] are padding (y is zero there and the
+        final state is the last valid one); the reverse direction runs over each row's
+        valid prefix. ``need_grad`` (default: ``self.training``) keeps what backward needs;
+        eval mode therefore runs inference only, unless need_grad=True.
+        """
+        self._tape = _NO_FORWARD  # a failing forward leaves nothing for backward
+        xt = self._check_x(x)
+        T, B, _ = xt.shape
+        init = self._check_state("state", state, B)
+        need_grad = self.training if need_grad is None else _check_bool("need_grad", need_grad)
+        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        finals = [np.empty((L * D, B, H), self.dtype) for _ in range(self._n_states)]
+        tape, inp = [], xt
+        for layer in range(L):
+            ys, ctxs = [], []
+            for d in range(D):
+                k = layer * D + d  # index in h_n, as PyTorch orders it
+                s0 = [None if s is None else s[k] for s in init]
+                y, fin, ctx = self._run(inp, s0, self._weights(layer, d), lengths, d == 1,
+                                        need_grad)
+                for all_, f in zip(finals, fin):
+                    all_[k] = f
+                ys.append(y)
+                ctxs.append(ctx)
+            out = ys[0] if D == 1 else np.concatenate(ys, axis=2)  # [forward | reverse]
+            mask = None
+            if self.training and self.dropout > 0 and layer < L - 1:
+                mask = self._dropout_mask(out.shape)
+                out = out * mask
+            tape.append((ctxs, mask))
+            inp = out
+        if need_grad:
+            self._save((T, B, tape))
+        y = np.ascontiguousarray(inp.transpose(1, 0, 2)) if self.batch_first else inp
+        return y, self._pack_state(finals)
+
+    def backward(self, dy, dstate=None):
+        """Backpropagate through the last forward. ``dy`` is the gradient of y (its shape;
+        None for zeros), ``dstate`` of the final state (its form; None for zeros).
+
+        Returns ``(dx, dstate0)``: the gradients of x and of the initial state, and adds
+        the parameter gradients into ``self.grads``.
+        """
+        T, B, tape = self._peek()
+        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        if dy is not None:
+            shape = (B, T, D * H) if self.batch_first else (T, B, D * H)
+            dy = _check_array("dy", dy, self.dtype, shape, " (the shape of y)")
+            dy = dy.transpose(1, 0, 2) if self.batch_first else dy
+        dfinal = self._check_state("dstate", dstate, B)
+        self._take()
+
+        dinit = [np.empty((L * D, B, H), self.dtype) for _ in range(self._n_states)]
+        g = dy  # gradient of the current layer's (dropped-out) output
+        for layer in reversed(range(L)):
+            ctxs, _ = tape[layer]
+            dinp = None
+            for d in range(D):
+                k = layer * D + d
+                gd = None if g is None else g[:, :, d * H:(d + 1) * H]
+                dx, dh0, dws = self._back(gd, [None if s is None else s[k] for s in dfinal],
+                                          ctxs[d])
+                for all_, s in zip(dinit, dh0):
+                    all_[k] = s
+                for name, dw in zip(self._names(layer, d), dws):
+                    self._grads[name] += dw
+                dinp = dx if dinp is None else dinp + dx  # both directions read the input
+            mask = tape[layer - 1][1] if layer > 0 else None
+            g = dinp * mask if mask is not None else dinp  # through the dropout below
+        dx = np.ascontiguousarray(g.transpose(1, 0, 2)) if self.batch_first else g
+        return dx, self._pack_state(dinit)
+
+
+class LSTM(_RNNBase):
+    """Long short-term memory, as ``torch.nn.LSTM``: gates i, f, g, o;
+    c' = f*c + i*g, h' = o*tanh(c'). State ``(h, c)``.
+
+    ``y, (h_n, c_n) = lstm(x, state=None, lengths=None)``;
+    ``dx, (dh0, dc0) = lstm.backward(dy, (dh_n, dc_n))``.
+    """
+
+    _gates, _n_states = 4, 2
+
+    def _run(self, x, s0, w, lengths, reverse, need_ctx):
+        y, h, c, ctx = F.lstm_forward(x, s0[0], s0[1], *w, lengths=lengths, reverse=reverse,
+                                      need_ctx=need_ctx)
+        return y, (h, c), ctx
+
+    def _back(self, dy, dfin, ctx):
+        dx, dh0, dc0, *dw = F.lstm_backward(dy, dfin[0], dfin[1], ctx)
+        return dx, (dh0, dc0), dw
+
+
+class GRU(_RNNBase):
+    """Gated recurrent unit, as ``torch.nn.GRU``: gates r, z, n; h' = (1-z)*n + z*h.
+
+    ``linear_before_reset=True`` (PyTorch's GRU): n = tanh(W_in x + b_in + r*(W_hn h + b_hn));
+    False (the original GRU, ONNX's default): n = tanh(W_in x + b_in + W_hn (r*h) + b_hn).
+    ``y, h_n = gru(x, state=None, lengths=None)``; ``dx, dh0 = gru.backward(dy, dh_n)``.
+    """
+
+    _gates = 3
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype=np.float32, seed=None, *,
+                 linear_before_reset=True):
+        self.linear_before_reset = _check_bool("linear_before_reset", linear_before_reset)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, dtype, seed)
+
+    def _extra_defaults(self):
+        return {"linear_before_reset": True}
+
+    def _run(self, x, s0, w, lengths, reverse, need_ctx):
+        y, h, ctx = F.gru_forward(x, s0[0], *w, lengths=lengths, reverse=reverse,
+                                  linear_before_reset=self.linear_before_reset,
+                                  need_ctx=need_ctx)
+        return y, (h,), ctx
+
+    def _back(self, dy, dfin, ctx):
+        dx, dh0, *dw = F.gru_backward(dy, dfin[0], ctx)
+        return dx, (dh0,), dw
+
+
+class RNN(_RNNBase):
+    """Elman RNN, as ``torch.nn.RNN``: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
+    ``nonlinearity`` "tanh" or "relu". ``y, h_n = rnn(x)``; ``dx, dh0 = rnn.backward(dy)``.
+    """
+
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
+                 seed=None):
+        # nonlinearity in 4th place, as torch.nn.RNN(input_size, hidden_size, num_layers,
+        # nonlinearity, bias, ...) has it.
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, dtype, seed)
+
+    def _extra_defaults(self):
+        return {"nonlinearity": "tanh"}
+
+    def _run(self, x, s0, w, lengths, reverse, need_ctx):
+        y, h, ctx = F.rnn_forward(x, s0[0], *w, lengths=lengths, reverse=reverse,
+                                  nonlinearity=self.nonlinearity, need_ctx=need_ctx)
+        return y, (h,), ctx
+
+    def _back(self, dy, dfin, ctx):
+        dx, dh0, *dw = F.rnn_backward(dy, dfin[0], ctx)
+        return dx, (dh0,), dw
+
+
+# ---------------------------------------------------------------- small layers
+
+class Embedding(Module):
+    """Token ids to vectors, as ``torch.nn.Embedding``: y = weight[ids].
+
+    ``weight (num_embeddings, embedding_dim)`` ~ N(0, 1); the row ``padding_idx`` (if
+    given) starts at zero and gets no gradient. ``forward(ids)`` takes integer ids of any
+    shape and returns ``ids.shape + (embedding_dim,)``; ``backward(dy)`` adds the rows of
+    dy into ``grads["weight"]`` and returns None (ids have no gradient).
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, dtype=np.float32,
+                 seed=None):
+        super().__init__()
+        self.num_embeddings = _check_int("num_embeddings", num_embeddings, 1)
+        self.embedding_dim = _check_int("embedding_dim", embedding_dim, 1)
+        if padding_idx is not None:
+            padding_idx = _check_int("padding_idx", padding_idx, -self.num_embeddings)
+            if padding_idx >= self.num_embeddings:
+                raise ValueError(f"padding_idx must be < num_embeddings={num_embeddings}, "
+                                 f"got {padding_idx}")
+            padding_idx %= self.num_embeddings  # negative counts from the end, as in PyTorch
+        self.padding_idx = padding_idx
+        self.dtype = _check_dtype(dtype)
+        weight = _make_rng(seed).standard_normal((self.num_embeddings, self.embedding_dim))
+        if padding_idx is not None:
+            weight[padding_idx] = 0
+        self._add_param("weight", weight.astype(self.dtype))
+
+    def __repr__(self):
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"Embedding({self.num_embeddings}, {self.embedding_dim}{pad})"
+
+    def forward(self, ids):
+        self._tape = _NO_FORWARD
+        ids = np.asarray(ids)
+        if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.num_embeddings)
+        if bad.any():
+            raise ValueError(f"ids must lie in [0, num_embeddings={self.num_embeddings}), "
+                             f"got {np.unique(ids[bad]).tolist()[:10]}")
+        self._save(ids)
+        return self._params["weight"][ids]
+
+    def backward(self, dy):
+        ids = self._peek()
+        dy = _check_array("dy", dy, self.dtype, ids.shape + (self.embedding_dim,),
+                          " (the shape of y)")
+        self._take()
+        keep = ids != self.padding_idx if self.padding_idx is not None else slice(None)
+        np.add.at(self._grads["weight"], ids[keep], dy[keep])  # dW[id] += dy at each use
+        return None
+
+
+class Linear(Module):
+    """y = x W^T + b over the last axis, so (T, B, in_features) -> (T, B, out_features):
+    the same map at every timestep. As ``torch.nn.Linear``: weight (out, in), bias (out,),
+    both ~ uniform(-1/sqrt(in), 1/sqrt(in))."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, seed=None):
+        super().__init__()
+        self.in_features = _check_int("in_features", in_features, 1)
+        self.out_features = _check_int("out_features", out_features, 1)
+        self.bias = _check_bool("bias", bias)
+        self.dtype = _check_dtype(dtype)
+        rng, k = _make_rng(seed), 1.0 / np.sqrt(self.in_features)
+        shape = (self.out_features, self.in_features)
+        self._add_param("weight", rng.uniform(-k, k, shape).astype(self.dtype))
+        if self.bias:
+            self._add_param("bias", rng.uniform(-k, k, self.out_features).astype(self.dtype))
+
+    def __repr__(self):
+        b = "" if self.bias else ", bias=False"
+        return f"Linear(in_features={self.in_features}, out_features={self.out_features}{b})"
+
+    def forward(self, x):
+        self._tape = _NO_FORWARD
+        x = _check_array("x", x, self.dtype)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have in_features={self.in_features} on its last axis, "
+                             f"got shape {x.shape}")
+        self._save(x)
+        y = x @ self._params["weight"].T
+        return y + self._params["bias"] if self.bias else y
+
+    def backward(self, dy):
+        x = self._peek()
+        dy = _check_array("dy", dy, self.dtype, x.shape[:-1] + (self.out_features,),
+                          " (the shape of y)")
+        self._take()
+        x2, dy2 = x.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
+        self._grads["weight"] += dy2.T @ x2  # dW = sum over rows of dy x^T
+        if self.bias:
+            self._grads["bias"] += dy2.sum(axis=0)
+        return dy @ self._params["weight"]  # dx = dy W
+
+
+class Sequential(Module):
+    """Layers applied in order; its parameters are theirs, named ``"<index>.<name>"``
+    as in ``torch.nn.Sequential`` (``"1.weight_ih_l0"``).
+
+    The convention: a *stateful* layer (LSTM, GRU, RNN, a nested Sequential; any Module
+    with ``stateful = True``) takes ``forward(x, state, lengths=lengths)`` and returns
+    ``(y, state)``; every other layer maps ``forward(x) -> y`` and ``backward(dy) -> dx``.
+    Sequential is stateful itself: its ``state`` is a list with one entry per stateful
+    layer in order (None entries mean zeros)::
+
+        y, states = model.forward(x, state=None, lengths=None)
+        dx, dstates0 = model.backward(dy, dstate=None)
+
+    ``lengths`` goes to every stateful layer; other layers see padded steps like any
+    other (a Linear writes its bias there), so mask the loss at padding. dx is None when
+    the first layer is an Embedding.
+    """
+
+    stateful = True
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, m in enumerate(layers):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential takes rnnfuse layers (Module instances); "
+                                f"argument {i} is {type(m).__name__}")
+        self.layers = list(layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}): {m!r}" for i, m in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+    def named_parameters(self):
+        return {f"{i}.{k}": v for i, m in enumerate(self.layers)
+                for k, v in m.named_parameters().items()}
+
+    @property
+    def grads(self):
+        return {f"{i}.{k}": v for i, m in enumerate(self.layers) for k, v in m.grads.items()}
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.layers:
+            m.train(mode)
+        return self
+
+    def _states(self, name, state):
+        n = sum(m.stateful for m in self.layers)
+        if state is None:
+            return [None] * n
+        if not isinstance(state, (list, tuple)) or len(state) != n:
+            raise ValueError(f"{name} must be None or a list with one entry per stateful "
+                             f"layer ({n}), got {type(state).__name__}"
+                             + (f" of length {len(state)}"
+                                if isinstance(state, (list, tuple)) else ""))
+        return list(state)
+
+    def forward(self, x, state=None, lengths=None):
+        """Returns ``(y, states)``: the last layer's output and the final state of each
+        stateful layer, in order."""
+        self._tape = _NO_FORWARD
+        states, out = iter(self._states("state", state)), []
+        for m in self.layers:
+            if m.stateful:
+                x, s = m.forward(x, next(states), lengths=lengths)
+                out.append(s)
+            else:
+                x = m.forward(x)
+        self._save(True)
+        return x, out
+
+    def backward(self, dy, dstate=None):
+        """Returns ``(dx, dstates0)``: the gradient of x and of each stateful layer's
+        initial state, in order; parameter gradients go into the layers' grads."""
+        self._peek()
+        dstates = self._states("dstate", dstate)
+        out = []
+        for m in reversed(self.layers):  # each layer checks its dy before using its tape
+            if m.stateful:
+                dy, ds = m.backward(dy, dstates.pop())
+                out.append(ds)
+            else:
+                dy = m.backward(dy)
+        self._take()
+        return dy, out[::-1]
