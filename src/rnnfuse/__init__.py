@@ -1,9 +1,13 @@
 """rnnfuse: fast fused C kernels for Elman RNN, LSTM and GRU on the CPU."""
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import functional, onnx_weights
+from . import checkpoint, data, functional, losses, onnx_weights, optim
 from ._config import show_config
+from .checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
+from .data import BatchIterator, bucket_by_length, pad_sequences, reset_state, tbptt_windows
 from .layers import GRU, LSTM, RNN, Embedding, Linear, Module, Sequential
+from .losses import cross_entropy, mse_loss
+from .optim import SGD, Adam, AdamW, CosineAnnealingLR, LinearWarmup, StepLR, clip_grad_norm
 
 
 def __getattr__(name):
@@ -21,4 +25,9 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0+unknown"
 
 __all__ = ["LSTM", "GRU", "RNN", "Embedding", "Linear", "Sequential", "Module",
-           "functional", "reference", "onnx_weights", "show_config", "__version__"]
+           "cross_entropy", "mse_loss",
+           "SGD", "Adam", "AdamW", "clip_grad_norm", "StepLR", "CosineAnnealingLR", "LinearWarmup",
+           "pad_sequences", "bucket_by_length", "BatchIterator", "tbptt_windows", "reset_state",
+           "save_checkpoint", "load_checkpoint", "restore_checkpoint", "CheckpointError",
+           "functional", "reference", "losses", "optim", "data", "checkpoint", "onnx_weights",
+           "show_config", "__version__"]

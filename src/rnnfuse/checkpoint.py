@@ -13,7 +13,8 @@ File format (version 1), little-endian::
            8   version    uint32    1
           12   header_len uint64    bytes of the JSON header
           20   data_len   uint64    bytes of the array data
-          28   header     JSON (UTF-8): {"tree": ..., "arrays": [{"dtype", "shape", "offset", "nbytes"}]}
+          28   header     JSON (UTF-8):
+                          {"tree": ..., "arrays": [{"dtype", "shape", "offset", "nbytes"}, ...]}
                data       the arrays' bytes, C order, one after the other
           end  sha256     32 bytes  SHA-256 of everything before it
 
@@ -329,7 +330,8 @@ def restore_checkpoint(path, model, optimizer=None, scheduler=None, rng=None, *,
             try:
                 rng.bit_generator.state = state
             except (TypeError, ValueError, KeyError) as e:
-                raise CheckpointError(f"rng state does not fit {type(rng.bit_generator).__name__}: {e}") from None
+                kind = type(rng.bit_generator).__name__
+                raise CheckpointError(f"rng state does not fit {kind}: {e}") from None
 
     slots = [(optimizer, "optimizer", ckpt["optimizer"]),
              (scheduler, "scheduler", ckpt["scheduler"]),

@@ -68,14 +68,17 @@ def _make_rng(seed):
 
 def _sequence_list(name, seqs):
     """seqs as a list of arrays of rank >= 1 sharing their trailing shape."""
-    if isinstance(seqs, np.ndarray) or not isinstance(seqs, Sequence) or isinstance(seqs, (str, bytes)):
+    if (isinstance(seqs, (np.ndarray, str, bytes)) or not isinstance(seqs, Sequence)):
         raise TypeError(f"{name} must be a list of arrays (one per sequence), "
                         f"got {type(seqs).__name__}")
     out = []
     for i, s in enumerate(seqs):
         if s is None or isinstance(s, (str, bytes, Mapping)):
             raise TypeError(f"{name}[{i}] must be an array, got {type(s).__name__}")
-        a = np.asarray(s)
+        try:
+            a = np.asarray(s)
+        except ValueError:  # ragged nested lists
+            a = np.empty(0, dtype=object)
         if a.dtype == object:
             raise TypeError(f"{name}[{i}] must be a numeric array, got a ragged or object array")
         if a.ndim == 0:
@@ -128,7 +131,8 @@ def pad_sequences(seqs, dtype=None, padding_value=0):
     try:
         padded = np.full((T, len(arrays)) + arrays[0].shape[1:], padding_value, dtype=dtype)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"padding_value {padding_value!r} cannot be stored in dtype {dtype}") from None
+        raise ValueError(f"padding_value {padding_value!r} cannot be stored "
+                         f"in dtype {dtype}") from None
     for i, a in enumerate(arrays):
         padded[:len(a), i] = a
     return padded, lengths
@@ -200,7 +204,8 @@ class BatchIterator:
             name = f"fields[{j}]"
             if isinstance(f, np.ndarray):
                 if f.ndim == 0 or len(f) != n:
-                    raise ValueError(f"{name} must have one entry per sequence ({n}), got shape {f.shape}")
+                    raise ValueError(f"{name} must have one entry per sequence ({n}), "
+                                     f"got shape {f.shape}")
                 self.fields.append(("stack", f))
             else:
                 f = _sequence_list(name, f)
@@ -272,8 +277,10 @@ class BatchIterator:
     def load_state_dict(self, state_dict):
         """Continue where ``state_dict()`` was taken (same data, batch size and options)."""
         if not isinstance(state_dict, Mapping) or set(state_dict) != {"epoch", "position", "rng"}:
-            raise ValueError("state_dict must be a mapping with keys ['epoch', 'position', 'rng'], "
-                             f"got {sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__}")
+            got = (sorted(state_dict) if isinstance(state_dict, Mapping)
+                   else type(state_dict).__name__)
+            raise ValueError("state_dict must be a mapping with keys ['epoch', 'position', "
+                             f"'rng'], got {got}")
         epoch = _check_int("state_dict['epoch']", state_dict["epoch"], 0)
         pos = _check_int("state_dict['position']", state_dict["position"], 0)
         if pos > len(self):
@@ -371,21 +378,24 @@ def tbptt_windows(streams, k, batch_size, *, targets=None, padding_value=0):
 def reset_state(state, reset, batch_axis=1):
     """Zero the batch rows of ``state`` where ``reset`` is True (returns new arrays).
 
-    state : None, an array, or a tuple of arrays (LSTM's (h, c)); layer states are
+    state : None, an array, or a tuple or list of those, nested (LSTM's ``(h, c)``,
+        Sequential's list per stateful layer); layer states are
         ``(num_layers*num_directions, B, H)`` (batch_axis=1, the default); kernel states
         ``(B, H)`` (batch_axis=0)
     reset : (B,) bool
-    None stays None (a layer starts from zeros).
+    None entries stay None (a layer starts from zeros).
     """
     if state is None:
         return None
-    if isinstance(state, tuple):
-        return tuple(reset_state(s, reset, batch_axis) for s in state)
+    if isinstance(state, (tuple, list)):
+        return type(state)(reset_state(s, reset, batch_axis) for s in state)
     if not isinstance(state, np.ndarray):
-        raise TypeError(f"state must be None, an array or a tuple of arrays, got {type(state).__name__}")
+        raise TypeError("state must be None, an array, or a tuple or list of those, "
+                        f"got {type(state).__name__}")
     reset = np.asarray(reset)
     if reset.dtype != bool or reset.ndim != 1:
-        raise TypeError(f"reset must be a 1-D bool array, got dtype {reset.dtype} shape {reset.shape}")
+        raise TypeError(f"reset must be a 1-D bool array, "
+                        f"got dtype {reset.dtype} shape {reset.shape}")
     if not -state.ndim <= batch_axis < state.ndim or state.shape[batch_axis] != reset.shape[0]:
         raise ValueError(f"state must have {reset.shape[0]} rows (len(reset)) on axis "
                          f"{batch_axis}, got shape {state.shape}")

@@ -17,7 +17,6 @@ and the gradient is zero, for both reductions.
 Everything is computed in the input's dtype (float32 or float64); the softmax is
 stabilised with log-sum-exp. NaN and inf in the inputs propagate as in NumPy.
 """
-import numbers
 
 import numpy as np
 

@@ -88,7 +88,8 @@ def _check_params(params):
 def _check_grads(grads, params):
     """The (name, grad) pairs to apply, in params order; every problem raised up front."""
     if not isinstance(grads, Mapping):
-        raise TypeError(f"grads must be a mapping of name -> np.ndarray, got {type(grads).__name__}")
+        raise TypeError("grads must be a mapping of name -> np.ndarray, "
+                        f"got {type(grads).__name__}")
     extra = [k for k in grads if k not in params]
     if extra:
         raise ValueError(f"grads has name(s) that are not parameters: {extra!r}")
@@ -403,17 +404,21 @@ class LRSchedule:
         self.optimizer.lr = self.get_lr()
 
     def _checked_state(self, state_dict):
-        sd = _check_mapping("state_dict", state_dict, "schedule state")
+        sd = self._check_type(state_dict)
         want = {"type", "base_lr", "last_step", *self._fields}
         if set(sd) != want:
             raise ValueError(f"schedule state_dict must have keys {sorted(want)}, got {sorted(sd)}")
-        if sd["type"] != type(self).__name__:
-            raise ValueError(f"schedule state_dict is for {sd['type']!r}, "
-                             f"this schedule is {type(self).__name__!r}")
         _check_float("state_dict['base_lr']", sd["base_lr"])
         _check_int("state_dict['last_step']", sd["last_step"], 0)
         scratch = type(self).__new__(type(self))
         scratch._set_fields(**{f: sd[f] for f in self._fields})  # the constructor's checks
+        return sd
+
+    def _check_type(self, state_dict):
+        sd = _check_mapping("state_dict", state_dict, "schedule state")
+        if sd.get("type") != type(self).__name__:
+            raise ValueError(f"schedule state_dict is for {sd.get('type')!r}, "
+                             f"this schedule is {type(self).__name__!r}")
         return sd
 
     def _restore(self, sd):
@@ -458,7 +463,8 @@ class CosineAnnealingLR(LRSchedule):
 
     def lr_at(self, step):
         t = min(step, self.T_max)
-        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.T_max)) / 2
+        cos = math.cos(math.pi * t / self.T_max)
+        return self.eta_min + (self.base_lr - self.eta_min) * (1 + cos) / 2
 
 
 class LinearWarmup(LRSchedule):
@@ -504,12 +510,13 @@ class LinearWarmup(LRSchedule):
         return sd
 
     def _checked_state(self, state_dict):
-        sd = _check_mapping("state_dict", state_dict, "schedule state")
+        sd = self._check_type(state_dict)
         if "after" not in sd:
             raise ValueError("LinearWarmup state_dict must have key 'after'")
         if (sd["after"] is None) != (self.after is None):
             raise ValueError("LinearWarmup state_dict 'after' does not match this schedule's "
-                             f"(saved {type(sd['after']).__name__}, have {type(self.after).__name__})")
+                             f"(saved {type(sd['after']).__name__}, "
+                             f"have {type(self.after).__name__})")
         if self.after is not None:
             self.after._checked_state(sd["after"])
         return super()._checked_state({k: v for k, v in sd.items() if k != "after"}) | {
