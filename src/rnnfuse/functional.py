@@ -25,6 +25,7 @@ returns ``ctx=None``. The ctx keeps references to ``x``, ``w_ih`` and ``w_hh``: 
 them in place before backward changes the gradients. backward consumes its ctx.
 """
 import functools
+import threading
 
 import numpy as np
 
@@ -34,6 +35,9 @@ __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "rnn_forward", "rnn_backward"]
 
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+_USED = ("ctx was already used by a backward call; run forward again "
+         "(backward overwrites the saved state)")
+_TAKE = threading.Lock()
 _INT_MAX = 2**31 - 1  # SciPy's BLAS takes 32-bit dimensions
 
 
@@ -62,10 +66,20 @@ def _array(name, a):
         raise TypeError(f"{name} must be an array, got None")
     if isinstance(a, np.ndarray):
         return a
-    arr = np.asarray(a)
+    try:
+        arr = np.asarray(a)
+    except ValueError as e:  # e.g. a ragged nested list
+        raise ValueError(f"{name} could not be made an array: {e}") from None
     if arr.dtype == object:
         raise TypeError(f"{name} must be a numeric array, got {type(a).__name__}")
     return arr
+
+
+def _c_array(a):
+    """a itself if C-contiguous and aligned (the C code may assume both), else a copy."""
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.array(a, order="C")
 
 
 def _check(name, a, shape, dtype, optional=False):
@@ -81,17 +95,17 @@ def _check(name, a, shape, dtype, optional=False):
             raise ValueError(f"{name} must be {len(shape)}-D with shape {shape}, "
                              f"got {a.ndim}-D with shape {a.shape}")
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    return _c_array(a)
 
 
 def _check_x(x):
     x = _array("x", x)
     if x.ndim != 3:
         raise ValueError(f"x must be 3-D (T, B, input_size), got {x.ndim}-D with shape {x.shape}")
-    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    return _c_array(x)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def _full_length_plan(T, B, reverse):
     """The plan of a batch without padding; plans are read-only, so one serves every call."""
     lengths = np.full(B, T, dtype=np.int64)
@@ -101,9 +115,12 @@ def _full_length_plan(T, B, reverse):
 
 def _plan(lengths, T, B, reverse):
     """The batch plan (order by length, rows per step) after checking lengths."""
-    if lengths is None:
-        return _full_length_plan(T, B, reverse)
+    if lengths is None:  # short sequences are where a plan's cost shows: those are cached
+        return _full_length_plan(T, B, reverse) if T <= 4096 else \
+            _full_length_plan.__wrapped__(T, B, reverse)
     lengths = _array("lengths", lengths)
+    if lengths.size == 0 and lengths.shape == (B,):
+        lengths = lengths.astype(np.int64)  # [] for an empty batch
     if lengths.dtype == np.bool_ or not np.issubdtype(lengths.dtype, np.integer):
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if lengths.shape != (B,):
@@ -111,7 +128,7 @@ def _plan(lengths, T, B, reverse):
     if B and (lengths.min() < 0 or lengths.max() > T):
         bad = lengths[(lengths < 0) | (lengths > T)]
         raise ValueError(f"lengths must lie in [0, T={T}], got {bad.tolist()[:5]}")
-    return _kernels.Plan(np.ascontiguousarray(lengths, dtype=np.int64), T, reverse)
+    return _kernels.Plan(_c_array(lengths.astype(np.int64, copy=False)), T, reverse)
 
 
 def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
@@ -150,6 +167,8 @@ def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, 
     H, w_ih, w_hh, b_ih, b_hh = _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x.shape)
     names = ("h0", "c0")
     states = [_check(n, s, (B, H), dtype, optional=True) for n, s in zip(names, states)]
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     plan = _plan(lengths, T, B, bool(reverse))
 
     ws = np.empty(_kernels.workspace_size(cell, plan, I, H, bool(need_ctx)), dtype)
@@ -176,20 +195,23 @@ def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, 
 
 
 def _backward(cell, dy, finals, ctx):
-    if not isinstance(ctx, Context):
+    if not isinstance(ctx, Context) or not hasattr(ctx, "ws"):
         raise TypeError(f"ctx must be the ctx returned by rnnfuse.functional.{cell}_forward, "
                         f"got {type(ctx).__name__}")
     if ctx.cell != cell:
         raise ValueError(f"ctx comes from {ctx.cell}_forward, but this is {cell}_backward")
     if ctx.ws is None:
-        raise ValueError("ctx was already used by a backward call; run forward again "
-                         "(backward overwrites the saved state)")
+        raise ValueError(_USED)
     dtype, plan, I, H = ctx.dtype, ctx.plan, ctx.input_size, ctx.hidden_size
     T, B = plan.T, plan.B
     G = _GATES[cell]
     dy = _check("dy", dy, (T, B, H), dtype, optional=True)
     names = ("dh_n", "dc_n")
     finals = [_check(n, d, (B, H), dtype, optional=True) for n, d in zip(names, finals)]
+    with _TAKE:  # two threads must not both run backward over one saved state
+        ws, ctx.ws = ctx.ws, None
+    if ws is None:
+        raise ValueError(_USED)
 
     scratch = np.empty(_kernels.backward_scratch_size(cell, plan, I, H), dtype)
     dx = (np.zeros if plan.rows < T * B else np.empty)((T, B, I), dtype)
@@ -200,8 +222,7 @@ def _backward(cell, dy, finals, ctx):
     f = lambda a: _flat(a, dtype)  # noqa: E731
     outs = [f(dx)] + [f(d) for d in dinits] + [f(dw_ih), f(dw_hh), f(db[0]), f(db[1])]
     ins = [f(dy)] + [f(d) for d in finals]
-    rest = [ctx.ws, scratch, f(ctx.x), f(ctx.w_ih), f(ctx.w_hh), plan, I, H]
-    ctx.ws = None  # consumed, whatever happens below
+    rest = [ws, scratch, f(ctx.x), f(ctx.w_ih), f(ctx.w_hh), plan, I, H]
     if cell == "lstm":
         _kernels.lstm_backward(*outs, *ins, *rest)
     elif cell == "gru":
