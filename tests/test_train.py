@@ -1,0 +1,86 @@
+"""The training loop (rnnfuse.train.fit) on a tiny character model."""
+import json
+
+import numpy as np
+import pytest
+
+from rnnfuse import Adam, CheckpointError, CosineAnnealingLR
+from rnnfuse import tasks, train
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def make(seed=0, hidden=8, lr=1e-2):
+    vocab = tasks.Vocab(TEXT)
+    ids = vocab.encode(TEXT)
+    rng = np.random.default_rng(seed)
+    model = tasks.char_model(vocab.size, "lstm", hidden, 1, embed=6, seed=seed)
+    opt = Adam(model.named_parameters(), lr=lr)
+    sched = CosineAnnealingLR(opt, T_max=200)
+    task = tasks.CharLM(model, ids[:1500], ids[1500:], k=10, batch_size=4, rng=rng)
+    return task, opt, sched, rng
+
+
+def run(tmp_path=None, resume=None, save=None, **kw):
+    task, opt, sched, rng = make()
+    return train.fit(task, opt, scheduler=sched, clip=1.0, rng=rng, progress=False,
+                     resume=resume, save=save, **kw)
+
+
+def test_loss_decreases_and_jsonl_written(tmp_path):
+    path = tmp_path / "m.jsonl"
+    res = run(epochs=3, metrics=str(path))
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert all(r["kind"] == "epoch" and "loss" in r and "tok_per_s" in r for r in lines)
+    assert res.stopped == "epochs" and res.epoch == 3
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert res.step == len(res.losses)
+
+
+def test_early_stopping_triggers():
+    # lr 0: the held-out loss never improves after the first evaluation
+    task, opt, sched, rng = make(lr=0.0)
+    res = train.fit(task, opt, epochs=20, patience=2, rng=rng, progress=False)
+    assert res.stopped == "early_stopping"
+    assert res.epoch == 3 and len(res.history) == 3
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = run(epochs=3)
+    ck = str(tmp_path / "ck.rnnf")
+    # interrupted twice: at an epoch boundary, then in the middle of an epoch
+    first = run(epochs=1, save=ck)
+    assert first.epoch == 1
+    mid = run(epochs=3, save=ck, resume=ck, max_steps=first.step + 7)
+    assert mid.stopped == "max_steps"
+    rest = run(epochs=3, save=ck, resume=ck)
+    assert rest.losses == full.losses          # exactly, every step
+    assert rest.last["loss"] == full.last["loss"]
+    assert rest.step == full.step and rest.epoch == 3
+    assert [p for p in tmp_path.iterdir() if p.name != "ck.rnnf"] == []  # no temp files left
+
+
+def test_resume_refuses_another_model(tmp_path):
+    ck = str(tmp_path / "ck.rnnf")
+    run(epochs=1, save=ck)
+    task, opt, _, rng = make(hidden=12)
+    with pytest.raises(CheckpointError, match="does not match"):
+        train.fit(task, opt, epochs=2, rng=rng, progress=False, resume=ck)
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    task, opt, _, rng = make()
+    task.model.named_parameters()["2.bias"][...] = np.nan
+    with pytest.raises(train.TrainingError, match="loss became nan"):
+        train.fit(task, opt, epochs=1, rng=rng, progress=False)
+
+
+def test_plain_progress_lines(capsys):
+    import io
+    buf = io.StringIO()
+    task, opt, _, rng = make()
+    bar = train.Progress(total=None, desc="train", stream=buf, every=0.0, use_tqdm=False)
+    bar.update(1, 2.0, 100)
+    bar.close()
+    assert "loss 2.0000" in buf.getvalue() and "tok/s" in buf.getvalue()
