@@ -69,7 +69,19 @@ def _build_parser():
     c.add_argument("--prime", default="def ", help="text the sample starts from")
     _add_shared(c, hidden=256, layers=1, epochs=20)
     c.set_defaults(max_minutes=4.0, eval_every=500)
+    for name in _COMMANDS:
+        _command(name).add_parser(sub, _add_shared)
     return parser
+
+
+# The other training commands, one module each (rnnfuse/cmd_<name>.py) with
+# add_parser(sub, add_shared) and run(args) -> exit status.
+_COMMANDS = ()
+
+
+def _command(name):
+    import importlib
+    return importlib.import_module(f".cmd_{name}", __package__)
 
 
 class _UserError(Exception):
@@ -183,7 +195,7 @@ def main(argv=None):
     from .tasks import InputError
     from .train import TrainingError
     try:
-        return _charlm(args)
+        return _charlm(args) if args.command == "charlm" else _command(args.command).run(args)
     except (_UserError, InputError, CheckpointError, TrainingError) as e:
         print(f"rnnfuse {args.command}: error: {e}", file=sys.stderr)
         return 2
