@@ -389,3 +389,16 @@ def test_repeatable_bitwise_at_each_thread_count(cell, option, threads):
     for a, b in zip(first[0] + first[1], again[0] + again[1]):
         if a is not None:
             np.testing.assert_array_equal(a, b)
+
+
+def test_changing_lengths_after_forward_does_not_reach_backward():
+    lengths = np.array([4, 1, 3], np.int64)
+    case = make_case("lstm", 4, 3, 2, 5, np.float64, lengths=lengths)
+    want = run(F, "lstm", None, case)
+    c = case
+    *_, ctx = F.lstm_forward(c["x"], c["h0"], c["c0"], c["w_ih"], c["w_hh"], c["b_ih"],
+                             c["b_hh"], lengths=lengths)
+    lengths[:] = [4, 4, 4]  # the caller reuses their array before backward
+    grads = F.lstm_backward(c["dy"], c["dh_n"], c["dc_n"], ctx)
+    for a, b in zip(grads, want[1]):
+        np.testing.assert_array_equal(a, b)

@@ -128,7 +128,11 @@ def _plan(lengths, T, B, reverse):
     if B and (lengths.min() < 0 or lengths.max() > T):
         bad = lengths[(lengths < 0) | (lengths > T)]
         raise ValueError(f"lengths must lie in [0, T={T}], got {bad.tolist()[:5]}")
-    return _kernels.Plan(_c_array(lengths.astype(np.int64, copy=False)), T, reverse)
+    # A private, read-only copy: backward indexes time by these lengths again, so a caller
+    # who changes their array after forward must not be able to move those indices.
+    lengths = np.array(lengths, dtype=np.int64, order="C")
+    lengths.flags.writeable = False
+    return _kernels.Plan(lengths, T, reverse)
 
 
 def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
