@@ -76,7 +76,7 @@ def _build_parser():
 
 # The other training commands, one module each (rnnfuse/cmd_<name>.py) with
 # add_parser(sub, add_shared) and run(args) -> exit status.
-_COMMANDS = ()
+_COMMANDS = ("forecast", "classify")
 
 
 def _command(name):

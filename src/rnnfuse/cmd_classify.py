@@ -1,0 +1,213 @@
+"""``python -m rnnfuse classify``: sequence classification from the final hidden state.
+
+By default scikit-learn's bundled 8x8 handwritten digits (``load_digits``, no download),
+each image read row by row as 8 steps of 8 features (pixel values / 16). Or ``--npz FILE``
+with ``x`` (N, T, F) numbers and ``y`` (N,) integer labels. A recurrent stack
+(``--bidirectional`` optional) -> final hidden state -> Linear -> cross-entropy over
+(B, C); seeded, stratified train/test split; reports test accuracy.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+from .cmd_forecast import FinalState
+
+__all__ = ["add_parser", "run", "load_npz", "Classify"]
+
+
+def load_digits():
+    """(x (1797, 8, 8) float32 in [0, 1], y (1797,) int64)."""
+    from .__main__ import _UserError
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError:
+        raise _UserError("the default digits data needs scikit-learn: "
+                         "pip install 'rnnfuse[examples]' (or give --npz FILE)") from None
+    d = _load()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def load_npz(path):
+    """x (N, T, F) float32 and y (N,) int64 from an .npz file; InputError when unusable."""
+    from .tasks import InputError
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise InputError(f"{path} lacks array(s) {', '.join(missing)}; it holds "
+                                 f"{', '.join(f.files) or 'nothing'}")
+            x, y = f["x"], f["y"]
+    except FileNotFoundError:
+        raise InputError(f"npz file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"npz path is a directory, not a file: {path}") from None
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({str(e).splitlines()[0]})") from None
+    if x.ndim != 3 or x.dtype.kind not in "iuf":
+        raise InputError(f"{path}: x must be numbers of shape (N, T, F), got {x.dtype} {x.shape}")
+    if y.shape != x.shape[:1] or y.dtype.kind not in "iu" or (y.size and y.min() < 0):
+        raise InputError(f"{path}: y must be {x.shape[0]} non-negative integer labels, "
+                         f"got {y.dtype} {y.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(f"{path}: x holds NaN or infinite values")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def stratified_split(y, test, seed):
+    """(train indices, test indices): ``test`` of each class (at least one where the class
+    has two or more), drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    tr, te = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * test))
+        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        te.append(idx[:k])
+        tr.append(idx[k:])
+    return rng.permutation(np.concatenate(tr)), np.sort(np.concatenate(te))
+
+
+class _Batches:
+    """Shuffled mini-batches ``(x (T, B, F), labels (B,))``, BatchIterator's protocol."""
+
+    def __init__(self, x, y, batch_size, seed):
+        from .data import BatchIterator
+        self._it = BatchIterator(list(x), y, batch_size=batch_size, shuffle=True, seed=seed)
+
+    def __len__(self):
+        return len(self._it)
+
+    def __iter__(self):
+        for xb, _, yb in self._it:
+            yield xb, yb
+
+    def state_dict(self):
+        return self._it.state_dict()
+
+    def load_state_dict(self, sd):
+        self._it.load_state_dict(sd)
+
+
+class Classify:
+    """Train on (x, y) batches; evaluate test loss and accuracy."""
+
+    def __init__(self, model, x_train, y_train, x_test, y_test, batch_size, seed,
+                 eval_batch=1024):
+        self.model = model
+        self.data = _Batches(x_train, y_train, batch_size, seed)
+        self.x_test, self.y_test, self.eval_batch = x_test, y_test, eval_batch
+
+    def train_step(self, batch):
+        from .losses import cross_entropy
+        x, y = batch
+        logits = self.model.forward(x)
+        loss, dlogits = cross_entropy(logits, y)
+        self.model.backward(dlogits)
+        return float(loss) * len(y), len(y)
+
+    def evaluate(self):
+        from .losses import cross_entropy
+        nll, correct = 0.0, 0
+        for a in range(0, len(self.x_test), self.eval_batch):
+            x = np.ascontiguousarray(self.x_test[a:a + self.eval_batch].swapaxes(0, 1))
+            y = self.y_test[a:a + self.eval_batch]
+            logits = self.model.forward(x)
+            nll += float(cross_entropy(logits, y, reduction="sum")[0])
+            correct += int((logits.argmax(axis=1) == y).sum())
+        n = max(len(self.y_test), 1)
+        return {"loss": nll / n, "accuracy": correct / n}
+
+
+def add_parser(sub, add_shared):
+    p = sub.add_parser(
+        "classify", help="classify sequences (default: 8x8 digits read row by row)",
+        description="Sequence classification: recurrent stack -> final hidden state -> "
+        "Linear, cross-entropy; seeded stratified train/test split; reports test accuracy. "
+        "Default data: scikit-learn's bundled 8x8 digits, each read as 8 rows of 8 pixels "
+        "(needs scikit-learn: pip install 'rnnfuse[examples]').")
+    p.add_argument("--npz", metavar="FILE", help=".npz with x (N, T, F) and integer labels "
+                   "y (N,) (default: the digits)")
+    p.add_argument("--test", type=float, default=0.2,
+                   help="fraction of each class held out for testing (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="sequences per batch "
+                   "(default: %(default)s)")
+    p.add_argument("--bidirectional", action="store_true",
+                   help="run the stack in both directions")
+    add_shared(p, hidden=128, layers=1, epochs=60)
+    p.set_defaults(max_minutes=4.0)
+    return p
+
+
+def run(args):
+    from threadpoolctl import threadpool_limits
+
+    from . import optim, train
+    from .__main__ import _UserError
+    from .tasks import InputError
+
+    for name in ("hidden", "layers", "epochs", "batch", "threads", "steps", "patience",
+                 "eval_every"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise _UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not 0 < args.test < 1:
+        raise _UserError(f"--test must lie in (0, 1), got {args.test}")
+    max_minutes = args.max_minutes if args.max_minutes and args.max_minutes > 0 else None
+    out = open(os.devnull, "w") if args.quiet else sys.stderr
+
+    if args.npz is not None:
+        x, y = load_npz(args.npz)
+        source = args.npz
+    else:
+        x, y = load_digits()
+        source = "scikit-learn digits (8 rows x 8 pixels)"
+    classes = int(y.max()) + 1 if len(y) else 0
+    tr, te = stratified_split(y, args.test, args.seed)
+    if len(tr) < 1 or len(te) < 1 or classes < 2:
+        raise InputError(f"{source}: too few sequences ({len(y)}) or classes ({classes}) "
+                         "to train and test on")
+    majority = float(np.mean(y[te] == np.bincount(y[tr], minlength=classes).argmax()))
+    print(f"classify: {source}: {len(tr)} training / {len(te)} test sequences of "
+          f"{x.shape[1]} steps x {x.shape[2]} features, {classes} classes", file=out)
+
+    model = FinalState(args.cell, x.shape[2], args.hidden, args.layers, classes,
+                       bidirectional=args.bidirectional, seed=args.seed)
+    opt = optim.Adam(model.named_parameters(), lr=args.lr)
+    task = Classify(model, x[tr], y[tr], x[te], y[te], args.batch, args.seed)
+    # cosine decay over the planned steps: a steadier final accuracy than a constant rate
+    sched = optim.CosineAnnealingLR(opt, T_max=args.steps or args.epochs * len(task.data),
+                                    eta_min=args.lr * 0.01)
+    config = {"task": "classify", "cell": args.cell, "hidden": args.hidden,
+              "layers": args.layers, "bidirectional": args.bidirectional,
+              "batch": args.batch, "classes": classes, "source": source}
+
+    def report(rec):
+        print(f"eval  epoch {rec['epoch']} step {rec['step']}: test accuracy "
+              f"{rec['accuracy']:.4f}, loss {rec['loss']:.4f}, {rec['elapsed_s']:.0f} s",
+              file=out, flush=True)
+
+    with threadpool_limits(limits=args.threads):
+        result = train.fit(task, opt, epochs=args.epochs, scheduler=sched,
+                           clip=args.clip or None,
+                           patience=args.patience, eval_every=args.eval_every,
+                           max_steps=args.steps,
+                           max_seconds=None if max_minutes is None else max_minutes * 60,
+                           metrics=args.metrics, save=args.save, resume=args.resume,
+                           progress=not args.quiet, unit="seq", stream=out, plot=args.plot,
+                           config=config, on_eval=report)
+    acc = result.last["accuracy"]
+    print(f"test accuracy: {acc:.4f} ({round(acc * len(te))}/{len(te)}; majority class "
+          f"{majority:.4f}) after {result.step} steps, {result.elapsed_s:.0f} s "
+          f"({result.stopped})")
+    if args.json:
+        print(json.dumps({"command": "classify", "accuracy": acc,
+                          "loss": result.last["loss"],
+                          "majority_accuracy": majority, "steps": result.step,
+                          "epochs": result.epoch, "stopped": result.stopped,
+                          "elapsed_s": round(result.elapsed_s, 3), "train_sequences": int(len(tr)),
+                          "test_sequences": int(len(te)), **config, "seed": args.seed}))
+    return 0
