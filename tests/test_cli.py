@@ -97,3 +97,13 @@ def test_config_still_works():
     assert r.returncode == 0 and r.stdout.strip()
     r = cli("config", "--bogus")
     assert r.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["charlm", "forecast", "classify", "memory", "autoencode"])
+def test_bad_flag_is_one_line_error_under_python_m(command, tmp_path):
+    # Under `python -m rnnfuse` the command modules see a second copy of rnnfuse.__main__:
+    # its errors must still be caught as input errors, not escape as tracebacks.
+    out = subprocess.run([sys.executable, "-m", "rnnfuse", command, "--hidden", "0"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"rnnfuse {command}: error: --hidden must be >= 1, got 0"

@@ -76,7 +76,7 @@ def _build_parser():
 
 # The other training commands, one module each (rnnfuse/cmd_<name>.py) with
 # add_parser(sub, add_shared) and run(args) -> exit status.
-_COMMANDS = ("forecast", "classify")
+_COMMANDS = ("forecast", "classify", "memory", "autoencode")
 
 
 def _command(name):
@@ -84,8 +84,10 @@ def _command(name):
     return importlib.import_module(f".cmd_{name}", __package__)
 
 
-class _UserError(Exception):
-    pass
+# Bad flags are input errors like any other. One class from a real module, because under
+# `python -m rnnfuse` this file is __main__, and a command module importing
+# rnnfuse.__main__ gets a second copy of it, with a second class of the same name.
+from .tasks import InputError as _UserError  # noqa: E402
 
 
 def _positive(name, v, minimum=1):

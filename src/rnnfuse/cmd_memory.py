@@ -1,0 +1,207 @@
+"""``python -m rnnfuse memory``: the adding problem (Hochreiter & Schmidhuber 1997).
+
+Each sequence is (T, 2): a value channel uniform in [0, 1] and a marker channel that is 1
+at exactly two steps, one in each half. The target is the sum of the two marked values,
+predicted from the recurrent stack's final hidden state through a Linear (MSE loss).
+Predicting 1.0 always scores MSE 1/6 ~ 0.167; a model that carries the first marked
+value across ~T/2 steps does far better. The command trains LSTM, GRU and the tanh RNN
+with the same hidden size, steps and optimizer and reports each one's held-out MSE, to
+show the plain RNN's vanishing gradient. ``--cell`` given explicitly trains that cell only.
+
+With several cells, the --save/--resume/--metrics/--plot paths get the cell name inserted
+before their extension (``ck.rnnf`` -> ``ck.lstm.rnnf``); ``--max-minutes`` is the total
+budget, split evenly across the cells; ``--steps`` (default 3000) applies to each cell.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+from .layers import GRU, LSTM, RNN, Linear, Sequential
+from .losses import mse_loss
+from .tasks import InputError
+
+__all__ = ["add_parser", "run", "adding_problem", "AddingTask"]
+
+CELLS = ("lstm", "gru", "rnn")
+_CLASSES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+BASELINE = 1.0  # the trivial prediction; its expected MSE is Var(u1 + u2) = 1/6
+
+
+def add_parser(sub, add_shared):
+    p = sub.add_parser("memory", help="the adding problem: LSTM vs GRU vs tanh RNN",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--length", type=int, default=100,
+                   help="sequence length T (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64, help="sequences per batch "
+                   "(default: %(default)s)")
+    p.add_argument("--train-size", type=int, default=64_000,
+                   help="training sequences (default: %(default)s)")
+    p.add_argument("--heldout-size", type=int, default=2000,
+                   help="held-out sequences (default: %(default)s)")
+    add_shared(p, hidden=64, layers=1, epochs=100)
+    # cell None: all three; steps is per cell, max_minutes the total
+    p.set_defaults(cell=None, steps=3000, max_minutes=5.0, eval_every=500, lr=2e-3)
+    return p
+
+
+def adding_problem(n, length, rng, dtype=np.float32):
+    """``(x (length, n, 2), y (n, 1))``: values, markers (one in each half) and their sums."""
+    half = length // 2
+    x = np.zeros((length, n, 2), dtype)
+    x[:, :, 0] = rng.random((length, n))
+    a = rng.integers(0, half, n)
+    b = rng.integers(half, length, n)
+    cols = np.arange(n)
+    x[a, cols, 1] = 1
+    x[b, cols, 1] = 1
+    y = (x[a, cols, 0] + x[b, cols, 0]).astype(dtype)[:, None]
+    return x, y
+
+
+class _Batches:
+    """Mini-batches of a fixed training set, reshuffled each epoch; the train.fit data
+    protocol (``for`` runs one epoch, resumable through ``state_dict``)."""
+
+    def __init__(self, x, y, batch, rng):
+        self.x, self.y, self.batch, self.rng = x, y, batch, rng
+        self.epoch, self._pos, self._order = 0, 0, None
+
+    def __len__(self):
+        return self.x.shape[1] // self.batch  # drop the last, partial batch
+
+    def __iter__(self):
+        if self._order is None:
+            self._order, self._pos = self.rng.permutation(self.x.shape[1]), 0
+        while self._pos < len(self):
+            i = self._order[self._pos * self.batch:(self._pos + 1) * self.batch]
+            self._pos += 1
+            yield self.x[:, i], self.y[i]
+        self._order, self.epoch = None, self.epoch + 1
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self._pos,
+                "order": np.zeros(0, np.int64) if self._order is None else self._order}
+
+    def load_state_dict(self, sd):
+        self.epoch, self._pos = int(sd["epoch"]), int(sd["position"])
+        order = np.asarray(sd["order"], dtype=np.int64)
+        self._order = order if order.size else None
+
+
+class AddingTask:
+    """Recurrent stack -> final hidden state -> Linear(hidden, 1); MSE."""
+
+    def __init__(self, cell, hidden, layers, train, heldout, batch, rng, seed=0):
+        r1, r2 = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+        self.rnn = _CLASSES[cell](2, hidden, num_layers=layers, seed=r1)
+        self.head = Linear(hidden, 1, seed=r2)
+        self.model = Sequential(self.rnn, self.head)  # the parameter container
+        self.data = _Batches(*train, batch, rng)
+        self.heldout = heldout
+
+    def predict(self, x):
+        y, _ = self.rnn.forward(x)
+        return self.head.forward(y[-1])  # the top layer's last hidden state
+
+    def train_step(self, batch):
+        x, target = batch
+        pred = self.predict(x)
+        loss, dpred = mse_loss(pred, target)
+        dy = np.zeros((x.shape[0],) + pred.shape[:1] + (self.rnn.hidden_size,), pred.dtype)
+        dy[-1] = self.head.backward(dpred)
+        self.rnn.backward(dy)
+        return float(loss) * len(target), len(target)
+
+    def evaluate(self):
+        x, target = self.heldout
+        sq = 0.0
+        for i in range(0, x.shape[1], 500):
+            sq += float(np.square(self.predict(x[:, i:i + 500]).astype(np.float64)
+                                  - target[i:i + 500]).sum())
+        mse = sq / len(target)
+        return {"loss": mse, "mse": mse}
+
+
+def _suffixed(path, cell, many):
+    if path is None or not many:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{cell}{ext}"
+
+
+def _check(args):
+    for name in ("hidden", "layers", "epochs", "threads", "batch", "steps", "patience",
+                 "eval_every"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.length < 2:
+        raise InputError(f"--length must be >= 2, got {args.length}")
+    if args.train_size < args.batch:
+        raise InputError(f"--train-size ({args.train_size}) must be >= --batch ({args.batch})")
+    if args.heldout_size < 1:
+        raise InputError(f"--heldout-size must be >= 1, got {args.heldout_size}")
+
+
+def run(args):
+    from threadpoolctl import threadpool_limits
+
+    from . import optim, train
+
+    _check(args)
+    out = open(os.devnull, "w") if args.quiet else sys.stderr
+    cells = CELLS if args.cell is None else (args.cell,)
+    many = len(cells) > 1
+    minutes = args.max_minutes if args.max_minutes and args.max_minutes > 0 else None
+    data_rng = np.random.default_rng([args.seed, 1])
+    train_set = adding_problem(args.train_size, args.length, data_rng)
+    heldout = adding_problem(args.heldout_size, args.length, data_rng)
+    baseline = float(np.mean(np.square(heldout[1].astype(np.float64) - BASELINE)))
+    print(f"memory: adding problem, length {args.length}, {args.train_size:,} training / "
+          f"{args.heldout_size:,} held-out sequences; baseline (always {BASELINE}) MSE "
+          f"{baseline:.4f}", file=out)
+
+    results = {}
+    with threadpool_limits(limits=args.threads):
+        for cell in cells:
+            rng = np.random.default_rng(args.seed)
+            task = AddingTask(cell, args.hidden, args.layers, train_set, heldout, args.batch,
+                              rng, seed=args.seed)
+            opt = optim.Adam(task.model.named_parameters(), lr=args.lr)
+            config = {"task": "memory", "cell": cell, "hidden": args.hidden,
+                      "layers": args.layers, "length": args.length, "batch": args.batch,
+                      "train_size": args.train_size}
+
+            def report(rec, cell=cell, seen=set()):
+                if rec["step"] in seen:  # an epoch's end on an --eval-every step
+                    return
+                seen.add(rec["step"])
+                print(f"eval  {cell:4s} step {rec['step']}: held-out MSE {rec['mse']:.5f} "
+                      f"(baseline {baseline:.4f}), {rec['seq_per_s']:,.0f} seq/s, "
+                      f"{rec['elapsed_s']:.0f} s", file=out, flush=True)
+
+            res = train.fit(task, opt, epochs=args.epochs, clip=args.clip or None,
+                            patience=args.patience, eval_every=args.eval_every,
+                            max_steps=args.steps,
+                            max_seconds=None if minutes is None else minutes * 60 / len(cells),
+                            metrics=_suffixed(args.metrics, cell, many),
+                            save=_suffixed(args.save, cell, many),
+                            resume=_suffixed(args.resume, cell, many), rng=rng,
+                            progress=not args.quiet, unit="seq", stream=out,
+                            plot=_suffixed(args.plot, cell, many), config=config,
+                            on_eval=report)
+            results[cell] = {"mse": res.last["mse"], "best_mse": res.best["mse"],
+                             "steps": res.step, "stopped": res.stopped,
+                             "elapsed_s": round(res.elapsed_s, 3)}
+
+    parts = ", ".join(f"{c.upper()} {r['mse']:.4f}" for c, r in results.items())
+    print(f"held-out MSE at length {args.length}: {parts} (baseline {baseline:.4f}); "
+          + ", ".join(f"{c} {r['steps']} steps {r['elapsed_s']:.0f} s"
+                      for c, r in results.items()))
+    if args.json:
+        print(json.dumps({"command": "memory", "length": args.length, "baseline_mse": baseline,
+                          "cells": results, "hidden": args.hidden, "layers": args.layers,
+                          "batch": args.batch, "lr": args.lr, "seed": args.seed}))
+    return 0
