@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from .cmd_forecast import FinalState
+from .data import PairBatches
 
 __all__ = ["add_parser", "run", "load_npz", "Classify"]
 
@@ -71,34 +72,13 @@ def stratified_split(y, test, seed):
     return rng.permutation(np.concatenate(tr)), np.sort(np.concatenate(te))
 
 
-class _Batches:
-    """Shuffled mini-batches ``(x (T, B, F), labels (B,))``, BatchIterator's protocol."""
-
-    def __init__(self, x, y, batch_size, seed):
-        from .data import BatchIterator
-        self._it = BatchIterator(list(x), y, batch_size=batch_size, shuffle=True, seed=seed)
-
-    def __len__(self):
-        return len(self._it)
-
-    def __iter__(self):
-        for xb, _, yb in self._it:
-            yield xb, yb
-
-    def state_dict(self):
-        return self._it.state_dict()
-
-    def load_state_dict(self, sd):
-        self._it.load_state_dict(sd)
-
-
 class Classify:
     """Train on (x, y) batches; evaluate test loss and accuracy."""
 
     def __init__(self, model, x_train, y_train, x_test, y_test, batch_size, seed,
                  eval_batch=1024):
         self.model = model
-        self.data = _Batches(x_train, y_train, batch_size, seed)
+        self.data = PairBatches(x_train, y_train, batch_size, seed)
         self.x_test, self.y_test, self.eval_batch = x_test, y_test, eval_batch
 
     def train_step(self, batch):

@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from .data import PairBatches
 from .layers import GRU, LSTM, RNN, Linear, Sequential
 
 __all__ = ["add_parser", "run", "mackey_glass", "read_csv_column", "FinalState"]
@@ -145,34 +146,13 @@ class FinalState(Sequential):
 
 # ---------------------------------------------------------------- the task
 
-class _Windows:
-    """Fixed-length training windows in shuffled mini-batches (BatchIterator's protocol)."""
-
-    def __init__(self, x, y, batch_size, seed):
-        from .data import BatchIterator
-        self._it = BatchIterator(list(x), y, batch_size=batch_size, shuffle=True, seed=seed)
-
-    def __len__(self):
-        return len(self._it)
-
-    def __iter__(self):
-        for xb, _, yb in self._it:
-            yield xb, yb
-
-    def state_dict(self):
-        return self._it.state_dict()
-
-    def load_state_dict(self, sd):
-        self._it.load_state_dict(sd)
-
-
 class Forecast:
     """x (N, W, 1) standardized windows, y (N, 1) the standardized next value."""
 
     def __init__(self, model, x_train, y_train, x_held, y_held, batch_size, seed, scale,
                  eval_batch=1024):
         self.model = model
-        self.data = _Windows(x_train, y_train, batch_size, seed)
+        self.data = PairBatches(x_train, y_train, batch_size, seed)
         self.x_held, self.y_held, self.scale, self.eval_batch = x_held, y_held, scale, eval_batch
 
     def train_step(self, batch):

@@ -26,45 +26,18 @@ discarded. A row whose sequence ends inside a window idles (length shorter than 
 state carried unchanged through the padding), and starts its next sequence at the next
 window with ``reset[b] = True``.
 """
-import numbers
 from collections import namedtuple
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["pad_sequences", "bucket_by_length", "BatchIterator", "Window", "tbptt_windows",
-           "reset_state"]
+from ._checks import check_bool as _check_bool, check_int as _check_int, make_rng as _make_rng
+
+__all__ = ["pad_sequences", "bucket_by_length", "BatchIterator", "PairBatches", "Window",
+           "tbptt_windows", "reset_state"]
 
 
 # ---------------------------------------------------------------- argument checks
-
-def _check_int(name, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _make_rng(seed):
-    """A numpy Generator from None (fresh entropy), an int >= 0 or a Generator (used as is)."""
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if seed is None:
-        return np.random.default_rng()
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
-        raise TypeError("seed must be None, an int or a numpy.random.Generator, "
-                        f"got {type(seed).__name__} {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return np.random.default_rng(int(seed))
-
 
 def _sequence_list(name, seqs):
     """seqs as a list of arrays of rank >= 1 sharing their trailing shape."""
@@ -402,3 +375,25 @@ def reset_state(state, reset, batch_axis=1):
     shape = [1] * state.ndim
     shape[batch_axis] = -1
     return np.where(reset.reshape(shape), state.dtype.type(0), state)
+
+
+class PairBatches:
+    """Shuffled mini-batches ``(x (T, B, ...), y (B, ...))`` of equal-length sequences with one
+    target each: BatchIterator without the lengths, for train.fit's data protocol (a ``for``
+    runs one epoch; resumable through ``state_dict``)."""
+
+    def __init__(self, x, y, batch_size, seed):
+        self._it = BatchIterator(list(x), y, batch_size=batch_size, shuffle=True, seed=seed)
+
+    def __len__(self):
+        return len(self._it)
+
+    def __iter__(self):
+        for xb, _, yb in self._it:
+            yield xb, yb
+
+    def state_dict(self):
+        return self._it.state_dict()
+
+    def load_state_dict(self, sd):
+        self._it.load_state_dict(sd)

@@ -23,25 +23,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import functional as F
+from ._checks import check_bool as _check_bool, check_int as _check_int, make_rng as _make_rng
 
 __all__ = ["Module", "LSTM", "GRU", "RNN", "Embedding", "Linear", "Sequential"]
 
 
 # ---------------------------------------------------------------- argument checks
-
-def _check_int(name, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return bool(value)
-
 
 def _check_dtype(dtype):
     try:
@@ -51,20 +38,6 @@ def _check_dtype(dtype):
     if dt not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
     return dt
-
-
-def _make_rng(seed):
-    """A numpy Generator from None (fresh entropy), an int >= 0 or a Generator."""
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if seed is None:
-        return np.random.default_rng()
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
-        raise TypeError("seed must be None, an int or a numpy.random.Generator, "
-                        f"got {type(seed).__name__} {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return np.random.default_rng(int(seed))
 
 
 def _check_array(name, a, dtype, shape=None, what=""):

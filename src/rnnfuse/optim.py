@@ -30,6 +30,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._checks import check_int as _check_int
+
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm",
            "LRSchedule", "StepLR", "CosineAnnealingLR", "LinearWarmup"]
 
@@ -44,14 +46,6 @@ def _check_float(name, value, low=0.0, high=None, high_open=False):
         bound = f"in [{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_mapping(name, value, what):
