@@ -88,11 +88,7 @@ def _command(name):
 # `python -m rnnfuse` this file is __main__, and a command module importing
 # rnnfuse.__main__ gets a second copy of it, with a second class of the same name.
 from .tasks import InputError as _UserError  # noqa: E402
-
-
-def _positive(name, v, minimum=1):
-    if v is not None and v < minimum:
-        raise _UserError(f"{name} must be >= {minimum}, got {v}")
+from .tasks import check_flag as _positive  # noqa: E402
 
 
 def _charlm(args):

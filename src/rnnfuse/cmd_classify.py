@@ -20,7 +20,7 @@ __all__ = ["add_parser", "run", "load_npz", "Classify"]
 
 def load_digits():
     """(x (1797, 8, 8) float32 in [0, 1], y (1797,) int64)."""
-    from .__main__ import _UserError
+    from .tasks import InputError as _UserError
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError:
@@ -126,7 +126,7 @@ def run(args):
     from threadpoolctl import threadpool_limits
 
     from . import optim, train
-    from .__main__ import _UserError
+    from .tasks import InputError as _UserError
     from .tasks import InputError
 
     for name in ("hidden", "layers", "epochs", "batch", "threads", "steps", "patience",

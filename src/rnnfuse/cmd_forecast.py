@@ -200,27 +200,21 @@ def add_parser(sub, add_shared):
     return p
 
 
-def _positive(name, v, minimum=1):
-    from .__main__ import _UserError
-    if v is not None and v < minimum:
-        raise _UserError(f"{name} must be >= {minimum}, got {v}")
-
-
 def run(args):
     from threadpoolctl import threadpool_limits
 
     from . import optim, train
-    from .__main__ import _UserError
     from .tasks import InputError
+    from .tasks import check_flag as _positive
 
     for name in ("hidden", "layers", "epochs", "window", "batch", "threads", "length"):
         _positive(f"--{name}", getattr(args, name))
     for name in ("steps", "patience", "eval_every"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if not 0 < args.heldout < 1:
-        raise _UserError(f"--heldout must lie in (0, 1), got {args.heldout}")
+        raise InputError(f"--heldout must lie in (0, 1), got {args.heldout}")
     if args.column is not None and args.csv is None:
-        raise _UserError("--column needs --csv")
+        raise InputError("--column needs --csv")
     max_minutes = args.max_minutes if args.max_minutes and args.max_minutes > 0 else None
     out = open(os.devnull, "w") if args.quiet else sys.stderr
 

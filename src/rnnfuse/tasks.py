@@ -24,6 +24,12 @@ class InputError(ValueError):
 
 # ---------------------------------------------------------------- corpora
 
+def check_flag(name, value, minimum=1):
+    """A command-line number that must be at least ``minimum`` (None: not given)."""
+    if value is not None and value < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
+
+
 def read_text(path):
     """The UTF-8 text of ``path``; InputError if it is missing, unreadable, empty or not UTF-8."""
     try:
