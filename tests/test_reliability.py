@@ -389,7 +389,7 @@ def test_every_kernel_once(cell, option, dtype, reverse, batch):
 
 def test_gil_is_released_during_a_kernel():
     """A Python thread keeps running while a long kernel call is in C."""
-    c = make_case("lstm", 300, 48, 32, 128, np.float64)
+    c = make_case("lstm", 1000, 48, 32, 128, np.float64)  # ~0.15 s here: long enough to tell
     forward(F, "lstm", None, c, need_ctx=False)  # warm up
     stamps, done = [], threading.Event()
 
