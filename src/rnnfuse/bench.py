@@ -206,7 +206,7 @@ def _torch_runner(case, p, threads):
     torch = _import_torch(threads)
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    T, I, H = case.shape.T, case.shape.I, case.shape.H
+    T, B, I, H = case.shape.T, case.shape.B, case.shape.I, case.shape.H
     tdtype = getattr(torch, case.dtype)
     lstm = case.cell == "lstm"
     if case.cell == "lstm":
@@ -272,7 +272,7 @@ def _onnx_model(case, p):
     except ImportError:
         raise Unavailable("onnx is not installed (needed to build the ONNX Runtime model)") \
             from None
-    T, I, H = case.shape.T, case.shape.I, case.shape.H
+    T, B, I, H = case.shape.T, case.shape.B, case.shape.I, case.shape.H
     G = _GATES[case.cell]
     perm = list(_ONNX_GATES[case.cell])
 
