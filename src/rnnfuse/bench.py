@@ -206,7 +206,7 @@ def _torch_runner(case, p, threads):
     torch = _import_torch(threads)
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    T, B, I, H = case.shape.T, case.shape.B, case.shape.I, case.shape.H
+    T, I, H = case.shape.T, case.shape.I, case.shape.H
     tdtype = getattr(torch, case.dtype)
     lstm = case.cell == "lstm"
     if case.cell == "lstm":
