@@ -146,13 +146,8 @@ def _charlm(args):
               f"{rec['elapsed_s']:.0f} s", file=out, flush=True)
 
     with threadpool_limits(limits=args.threads):
-        result = train.fit(task, opt, epochs=args.epochs, clip=args.clip or None,
-                           patience=args.patience, eval_every=args.eval_every,
-                           max_steps=args.steps,
-                           max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
-                           metrics=args.metrics, save=args.save, resume=args.resume, rng=rng,
-                           progress=not args.quiet, unit="tok", stream=out, plot=args.plot,
-                           config=config, on_eval=report)
+        result = train.fit_from_flags(task, opt, args, max_minutes=args.max_minutes, rng=rng,
+                                      unit="tok", stream=out, config=config, on_eval=report)
         sample = (task.sample(vocab, args.prime, args.sample, args.temperature,
                               np.random.default_rng(args.seed))
                   if args.sample > 0 else "")

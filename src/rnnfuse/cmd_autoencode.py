@@ -139,13 +139,8 @@ def run(args):
               f"{rec['tok_per_s']:,.0f} tok/s, {rec['elapsed_s']:.0f} s", file=out, flush=True)
 
     with threadpool_limits(limits=args.threads):
-        res = train.fit(task, opt, epochs=args.epochs, clip=args.clip or None,
-                        patience=args.patience, eval_every=args.eval_every,
-                        max_steps=args.steps,
-                        max_seconds=None if minutes is None else minutes * 60,
-                        metrics=args.metrics, save=args.save, resume=args.resume, rng=rng,
-                        progress=not args.quiet, unit="tok", stream=out, plot=args.plot,
-                        config=config, on_eval=report)
+        res = train.fit_from_flags(task, opt, args, max_minutes=minutes, rng=rng, unit="tok",
+                                   stream=out, config=config, on_eval=report)
     last = res.last
     print(f"held-out greedy reconstruction: token accuracy {last['token_accuracy']:.4f} "
           f"(chance {chance:.3f}), sequences exact {last['sequence_accuracy']:.4f}, "

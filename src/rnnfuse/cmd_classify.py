@@ -171,14 +171,9 @@ def run(args):
               file=out, flush=True)
 
     with threadpool_limits(limits=args.threads):
-        result = train.fit(task, opt, epochs=args.epochs, scheduler=sched,
-                           clip=args.clip or None,
-                           patience=args.patience, eval_every=args.eval_every,
-                           max_steps=args.steps,
-                           max_seconds=None if max_minutes is None else max_minutes * 60,
-                           metrics=args.metrics, save=args.save, resume=args.resume,
-                           progress=not args.quiet, unit="seq", stream=out, plot=args.plot,
-                           config=config, on_eval=report)
+        result = train.fit_from_flags(task, opt, args, max_minutes=max_minutes,
+                                      scheduler=sched, unit="seq", stream=out, config=config,
+                                      on_eval=report)
     acc = result.last["accuracy"]
     print(f"test accuracy: {acc:.4f} ({round(acc * len(te))}/{len(te)}; majority class "
           f"{majority:.4f}) after {result.step} steps, {result.elapsed_s:.0f} s "

@@ -268,13 +268,8 @@ def run(args):
               file=out, flush=True)
 
     with threadpool_limits(limits=args.threads):
-        result = train.fit(task, opt, epochs=args.epochs, clip=args.clip or None,
-                           patience=args.patience, eval_every=args.eval_every,
-                           max_steps=args.steps,
-                           max_seconds=None if max_minutes is None else max_minutes * 60,
-                           metrics=args.metrics, save=args.save, resume=args.resume,
-                           progress=not args.quiet, unit="win", stream=out, plot=args.plot,
-                           config=config, on_eval=report)
+        result = train.fit_from_flags(task, opt, args, max_minutes=max_minutes, unit="win",
+                                      stream=out, config=config, on_eval=report)
     rmse = result.last["rmse"]
     print(f"held-out RMSE: {rmse:.5g} (persistence {persist:.5g}, linear AR({W}) "
           f"{linear:.5g}; {rmse / linear:.3f}x the linear baseline) after {result.step} steps, "

@@ -182,16 +182,10 @@ def run(args):
                       f"(baseline {baseline:.4f}), {rec['seq_per_s']:,.0f} seq/s, "
                       f"{rec['elapsed_s']:.0f} s", file=out, flush=True)
 
-            res = train.fit(task, opt, epochs=args.epochs, clip=args.clip or None,
-                            patience=args.patience, eval_every=args.eval_every,
-                            max_steps=args.steps,
-                            max_seconds=None if minutes is None else minutes * 60 / len(cells),
-                            metrics=_suffixed(args.metrics, cell, many),
-                            save=_suffixed(args.save, cell, many),
-                            resume=_suffixed(args.resume, cell, many), rng=rng,
-                            progress=not args.quiet, unit="seq", stream=out,
-                            plot=_suffixed(args.plot, cell, many), config=config,
-                            on_eval=report)
+            res = train.fit_from_flags(
+                task, opt, args, max_minutes=None if minutes is None else minutes / len(cells),
+                paths=lambda path: _suffixed(path, cell, many), rng=rng, unit="seq",
+                stream=out, config=config, on_eval=report)
             results[cell] = {"mse": res.last["mse"], "best_mse": res.best["mse"],
                              "steps": res.step, "stopped": res.stopped,
                              "elapsed_s": round(res.elapsed_s, 3)}
