@@ -9,6 +9,7 @@ import os
 import sys
 from glob import glob
 
+import numpy
 from setuptools import Extension, setup
 
 debug = os.environ.get("RNNFUSE_DEBUG") == "1"
@@ -32,7 +33,7 @@ if sys.platform == "win32":
 kernels = Extension(
     "rnnfuse._kernels",
     sources=["src/rnnfuse/_kernels.pyx"] + sorted(glob("csrc/*.c")),
-    include_dirs=["csrc"],
+    include_dirs=["csrc", numpy.get_include()],  # the stream's step uses NumPy's C API
     depends=sorted(glob("csrc/*.h")) + sorted(glob("csrc/*.c")),  # rebuild on any change
     extra_compile_args=compile_args,
     extra_link_args=link_args,

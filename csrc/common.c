@@ -54,6 +54,16 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
     return 2 * p->B * H + rf_packed_size(G * H, H);
 }
 
+ptrdiff_t rf_recurrent_pack_size(ptrdiff_t G, ptrdiff_t H) {
+    /* the GRU without linear_before_reset packs its n block apart, after the rest */
+    return rf_packed_size(H, G * H) + (G == 3 ? rf_packed_size(H, H) : 0);
+}
+
+void rf_pack_recurrent_f32(float *dst, const float *w_hh, ptrdiff_t G, ptrdiff_t H, int lbr) {
+    rf_weight W[2];
+    rf_prepare_recurrent_f32(W, w_hh, G, H, lbr, dst, NULL);
+}
+
 #define RF_TEMPLATE_FILE "common.c"
 #include "instantiate.h"
 
@@ -153,9 +163,11 @@ void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t c
 }
 
 /* Prepares op(W) (K rows, N columns) for rf_step_gemm: packed into pack_buffer
- * (rf_packed_size(K, N) elements) where the micro-kernel runs, else used in place. */
+ * (rf_packed_size(K, N) elements) where the micro-kernel runs, else used in place.
+ * prepacked (float32 only; or NULL): op(W) already packed, used instead of packing. */
 void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
-                              ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer) {
+                              ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
+                              const float *prepacked) {
     W->w = w;
     W->ldw = ldw;
     W->trans = trans;
@@ -163,12 +175,28 @@ void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int tr
     W->panel_stride = RF_PANEL * K;
 #if RF_IS_FLOAT
     if (rf_packed_available()) {
-        rf_pack_f32(pack_buffer, w, ldw, trans, K, N);
-        W->packed = pack_buffer;
+        if (!prepacked) rf_pack_f32(pack_buffer, w, ldw, trans, K, N);
+        W->packed = prepacked ? prepacked : pack_buffer;
     }
 #else
-    (void)N; (void)pack_buffer;
+    (void)N; (void)pack_buffer; (void)prepacked;
 #endif
+}
+
+/* The forward's recurrent weight, op(W_hh) = W_hh^T (H rows, G*H columns): W[0] holds the
+ * columns of every gate, except for the GRU without linear_before_reset, whose n block
+ * multiplies r h apart: there W[0] holds the r z columns and W[1] the n block. Packed into
+ * pack_buffer (rf_recurrent_pack_size elements), or taken from prepacked (or NULL), laid
+ * out as rf_pack_recurrent_f32 packs it. */
+void RF_FN(rf_prepare_recurrent)(rf_weight W[2], const REAL *w_hh, ptrdiff_t G, ptrdiff_t H,
+                                 int lbr, REAL *pack_buffer, const float *prepacked) {
+    int split = G == 3 && !lbr;
+    ptrdiff_t second = rf_packed_size(H, G * H);
+    RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
+                             prepacked);
+    if (split)
+        RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H, pack_buffer + second,
+                                 prepacked ? prepacked + second : NULL);
 }
 
 /* One recurrent product of a step: C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :]. */

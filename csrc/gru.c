@@ -18,11 +18,11 @@
  * train=1, packed rows (N = p->rows):
  *   bias (3H) | gates (N,3H): post-activation r z n | aux (N,H): W_hn h + b_hn when lbr,
  *   r h otherwise | h (N,H): h_{t-1} | step (B,3H): one step's recurrent product |
- *   xbuf (N,I): gathered x, when not dense | w_rz, w_n: W_hh^T packed for the step
- *   products (with lbr all of it in w_rz; without, the r z rows and the n rows apart)
+ *   xbuf (N,I): gathered x, when not dense | w_hh: W_hh^T packed for the step
+ *   products (rf_prepare_recurrent)
  * train=0: bias (3H) | gates (R,3H) | aux (B,H) | h (2,B,H) | step (B,3H) | xbuf (R,I) |
- *   w_rz | w_n */
-typedef struct { ptrdiff_t bias, gates, aux, h, step, xbuf, w_rz, w_n, total; } gru_layout;
+ *   w_hh */
+typedef struct { ptrdiff_t bias, gates, aux, h, step, xbuf, w_hh, total; } gru_layout;
 
 static gru_layout gru_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
     gru_layout L;
@@ -33,9 +33,8 @@ static gru_layout gru_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int 
     L.h = L.aux + (train ? p->rows * H : p->B * H);
     L.step = L.h + (train ? p->rows * H : 2 * p->B * H);
     L.xbuf = L.step + p->B * 3 * H;
-    L.w_rz = L.xbuf + (rf_dense(p) ? 0 : rows * I);
-    L.w_n = L.w_rz + rf_packed_size(H, 3 * H);
-    L.total = L.w_n + rf_packed_size(H, H);
+    L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.total = L.w_hh + rf_recurrent_pack_size(3, H);
     return L;
 }
 
@@ -95,7 +94,7 @@ RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, cons
 void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
-                           const REAL *b_ih, const REAL *b_hh,
+                           const REAL *b_ih, const REAL *b_hh, const float *w_hh_packed,
                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
                            int train, const rf_blas *blas) {
     gru_layout L = gru_layout_of(p, I, H, train);
@@ -108,9 +107,8 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     }
     const REAL *b_hn = b_hh ? b_hh + 2 * H : NULL;
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
-    rf_weight W_rz, W_n;  /* with lbr W_rz is all of W_hh^T */
-    RF_FN(rf_prepare_weight)(&W_rz, w_hh, H, 1, H, lbr ? GH : 2 * H, ws + L.w_rz);
-    RF_FN(rf_prepare_weight)(&W_n, w_hh + 2 * H * H, H, 1, H, H, ws + L.w_n);
+    rf_weight W[2];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
+    RF_FN(rf_prepare_recurrent)(W, w_hh, 3, H, lbr, ws + L.w_hh, w_hh_packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, GH, blas);
@@ -122,12 +120,12 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
             REAL *aux = ws + L.aux + (train ? p->offsets[s] * H : 0);
             REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * GH;
             if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
-                RF_FN(rf_step_gemm)(blas, &W_rz, 0, bs, GH, H, hp, H, 0, st, GH);
+                RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, GH, H, hp, H, 0, st, GH);
                 RF_FN(gru_step_rz)(g, aux, st, hp, bs, H, lbr);
             } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
-                RF_FN(rf_step_gemm)(blas, &W_rz, 0, bs, 2 * H, H, hp, H, 0, st, GH);
+                RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, 2 * H, H, hp, H, 0, st, GH);
                 RF_FN(gru_step_rz)(g, aux, st, hp, bs, H, lbr);
-                RF_FN(rf_step_gemm)(blas, &W_n, 0, bs, H, H, aux, H, 0, st + 2 * H, GH);
+                RF_FN(rf_step_gemm)(blas, &W[1], 0, bs, H, H, aux, H, 0, st + 2 * H, GH);
             }
             RF_FN(gru_step_n)(g, train ? aux : NULL, st, hp, hn, y, h_n, b_hn, p, s, bs,
                               next_bs, H, lbr);
@@ -196,7 +194,7 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     ptrdiff_t GH = 3 * H, N = p->rows;
     REAL *dh = scratch, *st = ws + L.step;
     rf_weight W;  /* W_hh itself: rows 0..2H-1 for r z, 2H..3H-1 for n */
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
         ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s];

@@ -35,7 +35,7 @@ static lstm_layout lstm_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, in
     L.tanh_c = L.c + states;
     L.xbuf = L.tanh_c + (train ? p->rows * H : 0);
     L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
-    L.total = L.w_hh + rf_packed_size(H, 4 * H);
+    L.total = L.w_hh + rf_recurrent_pack_size(4, H);
     return L;
 }
 
@@ -87,7 +87,7 @@ RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, RE
 void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const REAL *x, const REAL *h0, const REAL *c0,
                             const REAL *w_ih, const REAL *w_hh,
-                            const REAL *b_ih, const REAL *b_hh,
+                            const REAL *b_ih, const REAL *b_hh, const float *w_hh_packed,
                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,
                             const rf_blas *blas) {
     lstm_layout L = lstm_layout_of(p, I, H, train);
@@ -99,8 +99,8 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     }
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
-    rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 1, H, GH, ws + L.w_hh);
+    rf_weight W[2];
+    RF_FN(rf_prepare_recurrent)(W, w_hh, 4, H, 0, ws + L.w_hh, w_hh_packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, GH, blas);
@@ -111,7 +111,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
             ptrdiff_t next = train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH;
             REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * GH;
             /* gates += h_{t-1} W_hh^T */
-            RF_FN(rf_step_gemm)(blas, &W, 0, bs, GH, H, ws + L.h + now, H, 1, g, GH);
+            RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, GH, H, ws + L.h + now, H, 1, g, GH);
             RF_FN(lstm_step)(g, train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
                              ws + L.h + next, ws + L.c + next, y, h_n, c_n, p, s, bs,
                              next_bs, H);
@@ -156,7 +156,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     ptrdiff_t GH = 4 * H, B = p->B;
     REAL *dh = scratch, *dc = scratch + B * H;
     rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * B * H);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * B * H, NULL);
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);

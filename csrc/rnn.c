@@ -25,7 +25,7 @@ static rnn_layout rnn_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int 
     L.h = L.gates + rows * H;
     L.xbuf = L.h + (train ? p->rows * H : 2 * p->B * H);
     L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
-    L.total = L.w_hh + rf_packed_size(H, H);
+    L.total = L.w_hh + rf_recurrent_pack_size(1, H);
     return L;
 }
 
@@ -61,7 +61,7 @@ RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
 void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
-                           const REAL *b_ih, const REAL *b_hh,
+                           const REAL *b_ih, const REAL *b_hh, const float *w_hh_packed,
                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
                            int train, const rf_blas *blas) {
     rnn_layout L = rnn_layout_of(p, I, H, train);
@@ -72,8 +72,8 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
         for (ptrdiff_t k = 0; k < H; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
     }
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
-    rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 1, H, H, ws + L.w_hh);
+    rf_weight W[2];
+    RF_FN(rf_prepare_recurrent)(W, w_hh, 1, H, 0, ws + L.w_hh, w_hh_packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, H, blas);
@@ -84,7 +84,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
             REAL *hn = ws + L.h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
             REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * H;
             /* g += h_{t-1} W_hh^T */
-            RF_FN(rf_step_gemm)(blas, &W, 0, bs, H, H, hp, H, 1, g, H);
+            RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, H, H, hp, H, 1, g, H);
             RF_FN(rnn_step)(g, hn, y, h_n, p, s, bs, next_bs, H, relu);
         }
         step0 = step1;
@@ -117,7 +117,7 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     rnn_layout L = rnn_layout_of(p, I, H, 1);
     REAL *dh = scratch;
     rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
         ptrdiff_t bs = p->batch_sizes[s];

@@ -82,6 +82,13 @@ typedef struct {
 ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
 int rf_packed_available(void);
 void rf_pack_f32(float *Bp, const float *B, ptrdiff_t ldb, int trans, ptrdiff_t K, ptrdiff_t N);
+/* A forward's recurrent weight W_hh (G*H, H) packed ahead of time, so that calls with the
+ * same weights (a stream of single steps, a layer at inference) skip packing: pass it as
+ * the forward's w_hh_packed. rf_recurrent_pack_size elements (of either dtype); packs
+ * nothing (and the forward ignores w_hh_packed) where rf_packed_available() is 0.
+ * lbr: the GRU's linear_before_reset (other cells: ignored). */
+ptrdiff_t rf_recurrent_pack_size(ptrdiff_t G, ptrdiff_t H);
+void rf_pack_recurrent_f32(float *dst, const float *w_hh, ptrdiff_t G, ptrdiff_t H, int lbr);
 void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                         const float *Bp, ptrdiff_t panel_stride, int accumulate, float *C,
                         ptrdiff_t ldc);
@@ -89,24 +96,28 @@ void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, p
 /* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
  * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
+ * w_hh_packed: w_hh as rf_pack_recurrent_f32 packed it, or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
 #define RF_DECLARE_KERNELS(REAL, SFX)                                                         \
     void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \
                                const REAL *x, const REAL *h0, const REAL *c0,               \
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const REAL *b_ih, const REAL *b_hh,                          \
+                               const float *w_hh_packed,                                    \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,       \
                                const rf_blas *blas);                                        \
     void rf_gru_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
+                              const float *w_hh_packed,                                     \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,          \
                               int train, const rf_blas *blas);                              \
     void rf_rnn_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
+                              const float *w_hh_packed,                                     \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,         \
                               int train, const rf_blas *blas);                              \
     /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,   \
@@ -153,7 +164,11 @@ void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, p
                           const REAL *bias, const rf_plan *p, ptrdiff_t step0,              \
                           ptrdiff_t step1, ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas); \
     void rf_prepare_weight_##SFX(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,     \
-                                 ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer);              \
+                                 ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,               \
+                                 const float *prepacked);                                   \
+    void rf_prepare_recurrent_##SFX(rf_weight W[2], const REAL *w_hh, ptrdiff_t G,          \
+                                    ptrdiff_t H, int lbr, REAL *pack_buffer,                \
+                                    const float *prepacked);                                \
     void rf_step_gemm_##SFX(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,          \
                             ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,           \
                             ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc);         \

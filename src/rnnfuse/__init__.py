@@ -5,7 +5,7 @@ from . import checkpoint, data, functional, losses, onnx_weights, optim
 from ._config import show_config
 from .checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
 from .data import BatchIterator, bucket_by_length, pad_sequences, reset_state, tbptt_windows
-from .layers import GRU, LSTM, RNN, Embedding, Linear, Module, Sequential
+from .layers import GRU, LSTM, RNN, Embedding, Linear, Module, Sequential, Stream
 from .losses import cross_entropy, mse_loss
 from .optim import SGD, Adam, AdamW, CosineAnnealingLR, LinearWarmup, StepLR, clip_grad_norm
 
@@ -24,7 +24,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["LSTM", "GRU", "RNN", "Embedding", "Linear", "Sequential", "Module",
+__all__ = ["LSTM", "GRU", "RNN", "Stream", "Embedding", "Linear", "Sequential", "Module",
            "cross_entropy", "mse_loss",
            "SGD", "Adam", "AdamW", "clip_grad_norm", "StepLR", "CosineAnnealingLR", "LinearWarmup",
            "pad_sequences", "bucket_by_length", "BatchIterator", "tbptt_windows", "reset_state",

@@ -22,10 +22,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import functional as F
+from . import _kernels, functional as F
 from ._checks import check_bool as _check_bool, check_int as _check_int, make_rng as _make_rng
 
-__all__ = ["Module", "LSTM", "GRU", "RNN", "Embedding", "Linear", "Sequential"]
+__all__ = ["Module", "LSTM", "GRU", "RNN", "Stream", "Embedding", "Linear", "Sequential"]
 
 
 # ---------------------------------------------------------------- argument checks
@@ -359,6 +359,34 @@ class _RNNBase(Module):
         return dx, self._pack_state(dinit)
 
 
+    def stream(self, batch_size=1, state=None):
+        """A :class:`Stream` that runs this layer one timestep at a time (for generation
+        and online inference), starting from ``state`` (the layer's form, with
+        batch_size rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size,
+        input_size), returns y_t (batch_size, hidden_size): the same numbers as
+        ``forward`` over the whole sequence in eval mode. The stream copies the weights
+        as they are now; only unidirectional layers can be streamed.
+        """
+        if self.bidirectional:
+            raise ValueError("a bidirectional layer cannot be streamed: its reverse "
+                             "direction needs the whole sequence")
+        B = _check_int("batch_size", batch_size, 0)
+        weights = []
+        for layer in range(self.num_layers):
+            I = self.input_size if layer == 0 else self.hidden_size
+            x_shape = (1, B, I)
+            # the kernels' own checks; copies, so that later updates of the layer (an
+            # optimizer step) cannot leave the stream's packed W_hh out of date
+            _, *w = F._check_weights(self._cell, self.dtype, *self._weights(layer, 0), x_shape)
+            weights.append([None if a is None else a.copy() for a in w])
+        s = _kernels.Stream(self._cell, self._option, self.dtype, B, weights)
+        s.reset(state)
+        return s
+
+
+Stream = _kernels.Stream
+
+
 class LSTM(_RNNBase):
     """Long short-term memory, as ``torch.nn.LSTM``: gates i, f, g, o;
     c' = f*c + i*g, h' = o*tanh(c'). State ``(h, c)``.
@@ -368,6 +396,7 @@ class LSTM(_RNNBase):
     """
 
     _gates, _n_states = 4, 2
+    _cell, _option = "lstm", False
 
     def _run(self, x, s0, w, lengths, reverse, need_ctx):
         y, h, c, ctx = F.lstm_forward(x, s0[0], s0[1], *w, lengths=lengths, reverse=reverse,
@@ -387,7 +416,7 @@ class GRU(_RNNBase):
     ``y, h_n = gru(x, state=None, lengths=None)``; ``dx, dh0 = gru.backward(dy, dh_n)``.
     """
 
-    _gates = 3
+    _gates, _cell = 3, "gru"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, dtype=np.float32, seed=None, *,
@@ -398,6 +427,10 @@ class GRU(_RNNBase):
 
     def _extra_defaults(self):
         return {"linear_before_reset": True}
+
+    @property
+    def _option(self):
+        return self.linear_before_reset
 
     def _run(self, x, s0, w, lengths, reverse, need_ctx):
         y, h, ctx = F.gru_forward(x, s0[0], *w, lengths=lengths, reverse=reverse,
@@ -415,7 +448,7 @@ class RNN(_RNNBase):
     ``nonlinearity`` "tanh" or "relu". ``y, h_n = rnn(x)``; ``dx, dh0 = rnn.backward(dy)``.
     """
 
-    _gates = 1
+    _gates, _cell = 1, "rnn"
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
@@ -430,6 +463,10 @@ class RNN(_RNNBase):
 
     def _extra_defaults(self):
         return {"nonlinearity": "tanh"}
+
+    @property
+    def _option(self):
+        return self.nonlinearity == "relu"
 
     def _run(self, x, s0, w, lengths, reverse, need_ctx):
         y, h, ctx = F.rnn_forward(x, s0[0], *w, lengths=lengths, reverse=reverse,
