@@ -352,13 +352,53 @@ def test_misaligned_arrays_reach_c_aligned(monkeypatch):
         seen.extend(a for a in args if isinstance(a, np.ndarray))
         return real(*args)
 
-    real = _kernels.gru_forward
-    monkeypatch.setattr(_kernels, "gru_forward", spy)
+    real = _kernels.forward
+    monkeypatch.setattr(_kernels, "forward", spy)
     c = make_case("gru", 3, 2, 4, 5, np.float32)
     c["b_ih"] = relayout(c["b_ih"], "unaligned")
     c["x"] = relayout(c["x"], "unaligned")
     forward(F, "gru", True, c)
     assert seen and all(a.flags.aligned for a in seen)
+
+
+@pytest.mark.parametrize("damage", ["short", "long", "dtype", "strided", "unaligned",
+                                    "read-only output", "list", "missing"])
+@pytest.mark.parametrize("target", ["x", "w_hh", "b_ih", "y", "ws"])
+def test_kernel_wrappers_refuse_buffers_c_would_overrun(damage, target):
+    """_kernels trusts functional.py for values but not for the buffers it hands C: an
+    array of the wrong size, dtype or layout is refused before the GIL is released."""
+    from rnnfuse import _kernels
+    T, B, I, H = 3, 2, 4, 5
+    rng = np.random.default_rng(0)
+    plan = _kernels.Plan(np.full(B, T, np.int64), T, False)
+    a = {"x": rng.standard_normal((T, B, I)), "w_hh": rng.standard_normal((3 * H, H)),
+         "b_ih": rng.standard_normal(3 * H), "y": np.zeros((T, B, H)),
+         "ws": np.zeros(_kernels.workspace_size("gru", plan, I, H, False))}
+    a = {k: v.astype(np.float32) for k, v in a.items()}
+    w_ih = rng.standard_normal((3 * H, I)).astype(np.float32)
+
+    def call(a):
+        _kernels.forward("gru", a["y"], np.empty((B, H), np.float32), None, a["ws"], a["x"],
+                         None, None, w_ih, a["w_hh"], a["b_ih"], None, plan, I, H, False, True)
+
+    call(a)  # intact, the call runs
+    v = a[target]
+    a[target] = {"short": lambda: v.reshape(-1)[:-1].copy(),
+                 "long": lambda: np.concatenate([v.reshape(-1), v.reshape(-1)[:1]]),
+                 "dtype": lambda: v.astype(np.float64),
+                 "strided": lambda: np.repeat(v.reshape(-1), 2)[::2],
+                 "unaligned": lambda: relayout(v, "unaligned"),
+                 "read-only output": lambda: np.frombuffer(v.tobytes(), np.float32),
+                 "list": lambda: v.tolist(),
+                 "missing": lambda: None}[damage]()
+    if damage == "read-only output" and target not in ("y", "ws"):
+        return  # inputs may be read-only
+    if damage == "missing" and target == "b_ih":
+        return  # biases are optional
+    if damage == "dtype" and target == "x":
+        return  # x decides the call's dtype: then every other array is the mismatch
+    with pytest.raises((ValueError, TypeError), match=r"_kernels: "):
+        call(a)
 
 
 # ---------------------------------------------------------------- 2. every kernel, once

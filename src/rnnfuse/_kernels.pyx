@@ -1,10 +1,8 @@
-# The only Cython that touches C: flat, typed, C-contiguous buffers in, the GIL released
-# once for the whole kernel, C called. Everything here trusts functional.py, which has
-# validated dtypes, shapes and lengths and allocated every output and workspace.
-#
-# Arrays are passed flat (reshape(-1) of C-contiguous arrays) and an absent optional
-# array (h0, c0, a bias, dy, dh_n, dc_n, a bias gradient) is passed as an empty array of
-# the call's dtype: it reaches C as NULL.
+# The only Cython that touches C: C-contiguous ndarrays in, the GIL released once for the
+# whole kernel, C called. functional.py validates shapes, dtypes and lengths and allocates
+# every output and workspace; the wrappers here re-check only what keeps C inside its
+# buffers. An absent optional array (h0, c0, a bias, dy, dh_n, dc_n, a bias gradient) is
+# passed as None and reaches C as NULL.
 from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -113,6 +111,16 @@ cdef extern from "rnnfuse.h" nogil:
                              const double *dh_n, double *ws, double *scratch, const double *x,
                              const double *w_ih, const double *w_hh, const rf_plan *p,
                              Py_ssize_t I, Py_ssize_t H, int relu, const rf_blas *blas)
+
+
+# After rnnfuse.h: NumPy's headers bring complex.h, whose macro I would rename the
+# prototypes' I parameters.
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef enum:
+    _LSTM, _GRU, _RNN
 
 
 # The BLAS table: SciPy's BLAS, filled once at import and only read afterwards.
@@ -229,18 +237,13 @@ cdef inline const int64_t *_p64c(const int64_t[::1] a) noexcept:
 cdef inline floating *_p(floating[::1] a) noexcept nogil:
     return &a[0] if a.shape[0] > 0 else NULL
 
-cdef inline const floating *_c(const floating[::1] a) noexcept nogil:
-    return &a[0] if a.shape[0] > 0 else NULL
-
-
-_NO_PACK = np.empty(0, np.float32)
-
 
 def pack_recurrent(const float[::1] w_hh, Py_ssize_t G, Py_ssize_t H, bint lbr):
     """W_hh (G*H, H) of a float32 forward packed ahead of time (rnnfuse.h), to pass as the
     forwards' w_hh_packed; None where the forwards do not pack (no AVX2+FMA)."""
-    if w_hh.shape[0] != G * H * H:
-        raise ValueError(f"w_hh must have {G}*{H}*{H} elements, got {w_hh.shape[0]}")
+    if H <= 0 or G not in (1, 3, 4) or w_hh.shape[0] != G * H * H:
+        raise ValueError(f"w_hh must have G*H*H elements with G in (1, 3, 4) and H > 0, "
+                         f"got {w_hh.shape[0]} for G={G}, H={H}")
     if not rf_packed_available():
         return None
     packed = np.zeros(rf_recurrent_pack_size(G, H), np.float32)
@@ -251,144 +254,206 @@ def pack_recurrent(const float[::1] w_hh, Py_ssize_t G, Py_ssize_t H, bint lbr):
     return packed
 
 
-cdef const float *_packed(const float[::1] w_hh_packed, Py_ssize_t G, Py_ssize_t H) except? NULL:
-    """The C pointer of a forward's w_hh_packed (NULL: none), after checking its size."""
-    if w_hh_packed.shape[0] == 0:
+# The kernel wrappers take ndarrays and hand C their data pointers (NumPy's C API: cheaper
+# than typed memoryviews, which cost ~0.2 us each). They trust functional.py for shapes
+# and values but check, per array, what keeps C inside its buffers: exact type, dtype,
+# C-contiguous and aligned, writable for outputs, and the element count C will touch.
+
+cdef enum:
+    _REQUIRED = 0
+    _OPTIONAL = 1  # None is allowed: NULL
+    _OUT = 2       # written by C: must be writable
+
+
+cdef void *_buf(a, Py_ssize_t size, int typenum, str name, int flags) except? NULL:
+    """a's data for C (NULL for None where optional, or for an empty array)."""
+    cdef bint optional = flags & _OPTIONAL, out = flags & _OUT
+    if a is None and optional:
         return NULL
-    if w_hh_packed.shape[0] != rf_recurrent_pack_size(G, H):
-        raise ValueError("w_hh_packed does not come from pack_recurrent with these sizes")
-    return &w_hh_packed[0]
+    if not (cnp.PyArray_CheckExact(a) and cnp.PyArray_TYPE(a) == typenum
+            and cnp.PyArray_ISCARRAY_RO(a) and cnp.PyArray_SIZE(a) == size
+            and (not out or cnp.PyArray_ISWRITEABLE(a))):
+        raise ValueError(f"_kernels: {name} must be a C-contiguous, aligned"
+                         f"{', writable' if out else ''} ndarray of {size} elements of the "
+                         f"call's dtype, got {type(a).__name__} {getattr(a, 'dtype', '')} "
+                         f"{getattr(a, 'shape', '')}")
+    return cnp.PyArray_DATA(a) if size else NULL
 
 
-def lstm_forward(floating[::1] y, floating[::1] h_n, floating[::1] c_n, floating[::1] ws,
-                 const floating[::1] x, const floating[::1] h0, const floating[::1] c0,
-                 const floating[::1] w_ih, const floating[::1] w_hh,
-                 const floating[::1] b_ih, const floating[::1] b_hh,
-                 Plan plan, Py_ssize_t I, Py_ssize_t H, bint train,
-                 const float[::1] w_hh_packed=_NO_PACK):
+cdef int _typenum(x) except -1:
+    if cnp.PyArray_Check(x) and cnp.PyArray_TYPE(x) in (cnp.NPY_FLOAT, cnp.NPY_DOUBLE):
+        return cnp.PyArray_TYPE(x)
+    raise TypeError(f"_kernels: x must be a float32 or float64 ndarray, got {type(x).__name__}")
+
+
+cdef struct _Fwd:  # one forward's pointers; x's dtype decides float or double
+    void *y
+    void *h_n
+    void *c_n
+    void *ws
+    void *x
+    void *h0
+    void *c0
+    void *w_ih
+    void *w_hh
+    void *b_ih
+    void *b_hh
+    const float *packed
+
+
+cdef _Fwd _forward_args(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                        w_hh_packed, Plan plan, Py_ssize_t I, Py_ssize_t H, bint train,
+                        bint option) except *:
+    cdef int t = _typenum(x)
+    cdef Py_ssize_t G = GATES[cell], TB = plan.T * plan.B, BH = plan.B * H
+    cdef _Fwd a
+    a.y = _buf(y, TB * H, t, "y", _OUT)
+    a.h_n = _buf(h_n, BH, t, "h_n", _OUT)
+    a.c_n = _buf(c_n, BH, t, "c_n", _OUT) if G == 4 else NULL
+    a.ws = _buf(ws, workspace_size(cell, plan, I, H, train), t, "ws", _OUT)
+    a.x = _buf(x, TB * I, t, "x", _REQUIRED)
+    a.h0 = _buf(h0, BH, t, "h0", _OPTIONAL)
+    a.c0 = _buf(c0, BH, t, "c0", _OPTIONAL) if G == 4 else NULL
+    a.w_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
+    a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
+    a.b_ih = _buf(b_ih, G * H, t, "b_ih", _OPTIONAL)
+    a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
+    a.packed = NULL
+    if w_hh_packed is not None and t == cnp.NPY_FLOAT:
+        a.packed = <const float *>_buf(w_hh_packed, rf_recurrent_pack_size(G, H), t,
+                                       "w_hh_packed", _REQUIRED)
+    return a
+
+
+def forward(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan,
+            Py_ssize_t I, Py_ssize_t H, bint train, bint option=False, w_hh_packed=None):
+    """One forward: cell "lstm" (c_n, c0 used), "gru" (option = linear_before_reset) or
+    "rnn" (option = relu); c_n and c0 are ignored (pass None) for GRU and RNN.
+    w_hh_packed: from pack_recurrent with the same weights, or None."""
+    cdef _Fwd a = _forward_args(cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                w_hh_packed, plan, I, H, train, option)
     cdef rf_plan p = plan.view()
-    cdef const float *packed = _packed(w_hh_packed, 4, H)
+    cdef int c = {"lstm": _LSTM, "gru": _GRU, "rnn": _RNN}[cell]
+    cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
     with nogil:
-        if floating is float:
-            rf_lstm_forward_f32(_p(y), _p(h_n), _p(c_n), _p(ws), _c(x), _c(h0), _c(c0), _c(w_ih),
-                                _c(w_hh), _c(b_ih), _c(b_hh), packed, &p, I, H, train, &_blas)
+        _run_forward(c, f32, &a, &p, I, H, train, option)
+
+
+cdef void _run_forward(int cell, bint f32, const _Fwd *a, const rf_plan *p, Py_ssize_t I,
+                       Py_ssize_t H, bint train, bint option) noexcept nogil:
+    if f32:
+        if cell == _LSTM:
+            rf_lstm_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.c_n, <float *>a.ws,
+                                <float *>a.x, <float *>a.h0, <float *>a.c0, <float *>a.w_ih,
+                                <float *>a.w_hh, <float *>a.b_ih, <float *>a.b_hh, a.packed,
+                                p, I, H, train, &_blas)
+        elif cell == _GRU:
+            rf_gru_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.ws, <float *>a.x,
+                               <float *>a.h0, <float *>a.w_ih, <float *>a.w_hh,
+                               <float *>a.b_ih, <float *>a.b_hh, a.packed, p, I, H, option,
+                               train, &_blas)
         else:
-            rf_lstm_forward_f64(_p(y), _p(h_n), _p(c_n), _p(ws), _c(x), _c(h0), _c(c0), _c(w_ih),
-                                _c(w_hh), _c(b_ih), _c(b_hh), NULL, &p, I, H, train, &_blas)
-
-
-def gru_forward(floating[::1] y, floating[::1] h_n, floating[::1] ws,
-                const floating[::1] x, const floating[::1] h0,
-                const floating[::1] w_ih, const floating[::1] w_hh,
-                const floating[::1] b_ih, const floating[::1] b_hh,
-                Plan plan, Py_ssize_t I, Py_ssize_t H, bint lbr, bint train,
-                const float[::1] w_hh_packed=_NO_PACK):
-    cdef rf_plan p = plan.view()
-    cdef const float *packed = _packed(w_hh_packed, 3, H)
-    with nogil:
-        if floating is float:
-            rf_gru_forward_f32(_p(y), _p(h_n), _p(ws), _c(x), _c(h0), _c(w_ih), _c(w_hh),
-                               _c(b_ih), _c(b_hh), packed, &p, I, H, lbr, train, &_blas)
+            rf_rnn_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.ws, <float *>a.x,
+                               <float *>a.h0, <float *>a.w_ih, <float *>a.w_hh,
+                               <float *>a.b_ih, <float *>a.b_hh, a.packed, p, I, H, option,
+                               train, &_blas)
+    else:
+        if cell == _LSTM:
+            rf_lstm_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.c_n,
+                                <double *>a.ws, <double *>a.x, <double *>a.h0,
+                                <double *>a.c0, <double *>a.w_ih, <double *>a.w_hh,
+                                <double *>a.b_ih, <double *>a.b_hh, NULL, p, I, H, train,
+                                &_blas)
+        elif cell == _GRU:
+            rf_gru_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.ws, <double *>a.x,
+                               <double *>a.h0, <double *>a.w_ih, <double *>a.w_hh,
+                               <double *>a.b_ih, <double *>a.b_hh, NULL, p, I, H, option,
+                               train, &_blas)
         else:
-            rf_gru_forward_f64(_p(y), _p(h_n), _p(ws), _c(x), _c(h0), _c(w_ih), _c(w_hh),
-                               _c(b_ih), _c(b_hh), NULL, &p, I, H, lbr, train, &_blas)
+            rf_rnn_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.ws, <double *>a.x,
+                               <double *>a.h0, <double *>a.w_ih, <double *>a.w_hh,
+                               <double *>a.b_ih, <double *>a.b_hh, NULL, p, I, H, option,
+                               train, &_blas)
 
 
-def rnn_forward(floating[::1] y, floating[::1] h_n, floating[::1] ws,
-                const floating[::1] x, const floating[::1] h0,
-                const floating[::1] w_ih, const floating[::1] w_hh,
-                const floating[::1] b_ih, const floating[::1] b_hh,
-                Plan plan, Py_ssize_t I, Py_ssize_t H, bint relu, bint train,
-                const float[::1] w_hh_packed=_NO_PACK):
-    cdef rf_plan p = plan.view()
-    cdef const float *packed = _packed(w_hh_packed, 1, H)
-    with nogil:
-        if floating is float:
-            rf_rnn_forward_f32(_p(y), _p(h_n), _p(ws), _c(x), _c(h0), _c(w_ih), _c(w_hh),
-                               _c(b_ih), _c(b_hh), packed, &p, I, H, relu, train, &_blas)
-        else:
-            rf_rnn_forward_f64(_p(y), _p(h_n), _p(ws), _c(x), _c(h0), _c(w_ih), _c(w_hh),
-                               _c(b_ih), _c(b_hh), NULL, &p, I, H, relu, train, &_blas)
-
-
-def lstm_backward(floating[::1] dx, floating[::1] dh0, floating[::1] dc0,
-                  floating[::1] dw_ih, floating[::1] dw_hh,
-                  floating[::1] db_ih, floating[::1] db_hh,
-                  const floating[::1] dy, const floating[::1] dh_n, const floating[::1] dc_n,
-                  floating[::1] ws, floating[::1] scratch, const floating[::1] x,
-                  const floating[::1] w_ih, const floating[::1] w_hh,
-                  Plan plan, Py_ssize_t I, Py_ssize_t H):
-    cdef rf_plan p = plan.view()
-    with nogil:
-        if floating is float:
-            rf_lstm_backward_f32(_p(dx), _p(dh0), _p(dc0), _p(dw_ih), _p(dw_hh), _p(db_ih),
-                                 _p(db_hh), _c(dy), _c(dh_n), _c(dc_n), _p(ws), _p(scratch),
-                                 _c(x), _c(w_ih), _c(w_hh), &p, I, H, &_blas)
-        else:
-            rf_lstm_backward_f64(_p(dx), _p(dh0), _p(dc0), _p(dw_ih), _p(dw_hh), _p(db_ih),
-                                 _p(db_hh), _c(dy), _c(dh_n), _c(dc_n), _p(ws), _p(scratch),
-                                 _c(x), _c(w_ih), _c(w_hh), &p, I, H, &_blas)
-
-
-def gru_backward(floating[::1] dx, floating[::1] dh0, floating[::1] dw_ih,
-                 floating[::1] dw_hh, floating[::1] db_ih, floating[::1] db_hh,
-                 const floating[::1] dy, const floating[::1] dh_n,
-                 floating[::1] ws, floating[::1] scratch, const floating[::1] x,
-                 const floating[::1] w_ih, const floating[::1] w_hh,
-                 Plan plan, Py_ssize_t I, Py_ssize_t H, bint lbr):
+def backward(str cell, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
+             scratch, x, w_ih, w_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
+             bint option=False):
+    """One backward over a training forward's ws (overwritten). dc0, dc_n: LSTM only
+    (None otherwise); db_*, dy, dh_n, dc_n: or None."""
+    cdef int t = _typenum(x)
+    cdef Py_ssize_t G = GATES[cell], TB = plan.T * plan.B, BH = plan.B * H
+    cdef bint lstm = G == 4
+    cdef void *pdx = _buf(dx, TB * I, t, "dx", _OUT)
+    cdef void *pdh0 = _buf(dh0, BH, t, "dh0", _OUT)
+    cdef void *pdc0 = _buf(dc0, BH, t, "dc0", _OUT) if lstm else NULL
+    cdef void *pdw_ih = _buf(dw_ih, G * H * I, t, "dw_ih", _OUT)
+    cdef void *pdw_hh = _buf(dw_hh, G * H * H, t, "dw_hh", _OUT)
+    cdef void *pdb_ih = _buf(db_ih, G * H, t, "db_ih", _OPTIONAL | _OUT)
+    cdef void *pdb_hh = _buf(db_hh, G * H, t, "db_hh", _OPTIONAL | _OUT)
+    cdef void *pdy = _buf(dy, TB * H, t, "dy", _OPTIONAL)
+    cdef void *pdh_n = _buf(dh_n, BH, t, "dh_n", _OPTIONAL)
+    cdef void *pdc_n = _buf(dc_n, BH, t, "dc_n", _OPTIONAL) if lstm else NULL
+    cdef void *pws = _buf(ws, workspace_size(cell, plan, I, H, True), t, "ws", _OUT)
+    cdef void *pscratch = _buf(scratch, backward_scratch_size(cell, plan, I, H), t,
+                               "scratch", _OUT)
+    cdef void *px = _buf(x, TB * I, t, "x", _REQUIRED)
+    cdef void *pw_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
+    cdef void *pw_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
     cdef rf_plan p = plan.view()
     with nogil:
-        if floating is float:
-            rf_gru_backward_f32(_p(dx), _p(dh0), _p(dw_ih), _p(dw_hh), _p(db_ih), _p(db_hh),
-                                _c(dy), _c(dh_n), _p(ws), _p(scratch), _c(x), _c(w_ih),
-                                _c(w_hh), &p, I, H, lbr, &_blas)
+        if t == cnp.NPY_FLOAT:
+            if lstm:
+                rf_lstm_backward_f32(<float *>pdx, <float *>pdh0, <float *>pdc0,
+                                     <float *>pdw_ih, <float *>pdw_hh, <float *>pdb_ih,
+                                     <float *>pdb_hh, <float *>pdy, <float *>pdh_n,
+                                     <float *>pdc_n, <float *>pws, <float *>pscratch,
+                                     <float *>px, <float *>pw_ih, <float *>pw_hh, &p, I, H,
+                                     &_blas)
+            elif G == 3:
+                rf_gru_backward_f32(<float *>pdx, <float *>pdh0, <float *>pdw_ih,
+                                    <float *>pdw_hh, <float *>pdb_ih, <float *>pdb_hh,
+                                    <float *>pdy, <float *>pdh_n, <float *>pws,
+                                    <float *>pscratch, <float *>px, <float *>pw_ih,
+                                    <float *>pw_hh, &p, I, H, option, &_blas)
+            else:
+                rf_rnn_backward_f32(<float *>pdx, <float *>pdh0, <float *>pdw_ih,
+                                    <float *>pdw_hh, <float *>pdb_ih, <float *>pdb_hh,
+                                    <float *>pdy, <float *>pdh_n, <float *>pws,
+                                    <float *>pscratch, <float *>px, <float *>pw_ih,
+                                    <float *>pw_hh, &p, I, H, option, &_blas)
         else:
-            rf_gru_backward_f64(_p(dx), _p(dh0), _p(dw_ih), _p(dw_hh), _p(db_ih), _p(db_hh),
-                                _c(dy), _c(dh_n), _p(ws), _p(scratch), _c(x), _c(w_ih),
-                                _c(w_hh), &p, I, H, lbr, &_blas)
-
-
-def rnn_backward(floating[::1] dx, floating[::1] dh0, floating[::1] dw_ih,
-                 floating[::1] dw_hh, floating[::1] db_ih, floating[::1] db_hh,
-                 const floating[::1] dy, const floating[::1] dh_n,
-                 floating[::1] ws, floating[::1] scratch, const floating[::1] x,
-                 const floating[::1] w_ih, const floating[::1] w_hh,
-                 Plan plan, Py_ssize_t I, Py_ssize_t H, bint relu):
-    cdef rf_plan p = plan.view()
-    with nogil:
-        if floating is float:
-            rf_rnn_backward_f32(_p(dx), _p(dh0), _p(dw_ih), _p(dw_hh), _p(db_ih), _p(db_hh),
-                                _c(dy), _c(dh_n), _p(ws), _p(scratch), _c(x), _c(w_ih),
-                                _c(w_hh), &p, I, H, relu, &_blas)
-        else:
-            rf_rnn_backward_f64(_p(dx), _p(dh0), _p(dw_ih), _p(dw_hh), _p(db_ih), _p(db_hh),
-                                _c(dy), _c(dh_n), _p(ws), _p(scratch), _c(x), _c(w_ih),
-                                _c(w_hh), &p, I, H, relu, &_blas)
+            if lstm:
+                rf_lstm_backward_f64(<double *>pdx, <double *>pdh0, <double *>pdc0,
+                                     <double *>pdw_ih, <double *>pdw_hh, <double *>pdb_ih,
+                                     <double *>pdb_hh, <double *>pdy, <double *>pdh_n,
+                                     <double *>pdc_n, <double *>pws, <double *>pscratch,
+                                     <double *>px, <double *>pw_ih, <double *>pw_hh, &p, I,
+                                     H, &_blas)
+            elif G == 3:
+                rf_gru_backward_f64(<double *>pdx, <double *>pdh0, <double *>pdw_ih,
+                                    <double *>pdw_hh, <double *>pdb_ih, <double *>pdb_hh,
+                                    <double *>pdy, <double *>pdh_n, <double *>pws,
+                                    <double *>pscratch, <double *>px, <double *>pw_ih,
+                                    <double *>pw_hh, &p, I, H, option, &_blas)
+            else:
+                rf_rnn_backward_f64(<double *>pdx, <double *>pdh0, <double *>pdw_ih,
+                                    <double *>pdw_hh, <double *>pdb_ih, <double *>pdb_hh,
+                                    <double *>pdy, <double *>pdh_n, <double *>pws,
+                                    <double *>pscratch, <double *>px, <double *>pw_ih,
+                                    <double *>pw_hh, &p, I, H, option, &_blas)
 
 
 # ---------------------------------------------------------------- streams
 
-cimport numpy as cnp
 from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
 from libc.stdlib cimport calloc, free
 
-cnp.import_array()
-
-cdef enum:
-    _LSTM, _GRU, _RNN
-
 ctypedef struct _StreamLayer:
-    Py_ssize_t n_in            # input size
-    void *w_ih
-    void *w_hh
-    void *b_ih                # or NULL
-    void *b_hh                # or NULL
-    const float *w_hh_packed  # or NULL
-    void *ws                  # the inference workspace of one step
-    void *y                   # this layer's output, the next layer's input
-    void *h[2]                # the state, double-buffered: read one, write the other
-    void *c[2]
+    Py_ssize_t n_in  # input size
+    void *y          # this layer's output, the next layer's input
+    _Fwd call[2]     # the forward's pointers when reading state 0 or 1 (double-buffered)
 
 
 cdef void *_data(a):
@@ -425,7 +490,8 @@ cdef class Stream:
     def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights):
         """Internal: use ``layer.stream()``. weights: per layer (w_ih, w_hh, b_ih, b_hh),
         C-contiguous arrays of dtype (biases may be None), already checked by the layer."""
-        cdef Py_ssize_t l, B = batch_size
+        cdef Py_ssize_t l, k, B = batch_size
+        cdef _Fwd *call
         self.cell = {"lstm": _LSTM, "gru": _GRU, "rnn": _RNN}[cell]
         self.option = bool(option)
         self.dtype = np.dtype(dtype)
@@ -454,12 +520,15 @@ cdef class Stream:
             self._h.append(h)
             self._c.append(c)
             self.layers[l].n_in = I
-            self.layers[l].w_ih, self.layers[l].w_hh = _data(w_ih), _data(w_hh)
-            self.layers[l].b_ih, self.layers[l].b_hh = _data(b_ih), _data(b_hh)
-            self.layers[l].w_hh_packed = <const float *>_data(packed)
-            self.layers[l].ws, self.layers[l].y = _data(ws), _data(y)
-            self.layers[l].h[0], self.layers[l].h[1] = _data(h[0]), _data(h[1])
-            self.layers[l].c[0], self.layers[l].c[1] = _data(c[0]), _data(c[1])
+            self.layers[l].y = _data(y)
+            for k in range(2):  # read state k, write state 1-k
+                call = &self.layers[l].call[k]
+                call.w_ih, call.w_hh = _data(w_ih), _data(w_hh)
+                call.b_ih, call.b_hh = _data(b_ih), _data(b_hh)
+                call.packed = <const float *>_data(packed)
+                call.ws = _data(ws)
+                call.h0, call.h_n = _data(h[k]), _data(h[1 - k])
+                call.c0, call.c_n = _data(c[k]), _data(c[1 - k])
         self.cur = 0
 
     def __dealloc__(self):
@@ -549,50 +618,17 @@ cdef class Stream:
         return np.array(x, order="C")  # a C-contiguous, aligned copy
 
     cdef void _step(self, const void *x, void *y) noexcept nogil:
-        cdef Py_ssize_t l, H = self.hidden_size, last = self.num_layers - 1
-        cdef int a = self.cur, b = 1 - self.cur
+        cdef Py_ssize_t l, last = self.num_layers - 1
         cdef _StreamLayer *s
-        cdef const void *inp
-        cdef void *out
+        cdef _Fwd *call
         for l in range(self.num_layers):
             s = &self.layers[l]
-            out = y if l == last else s.y
-            inp = x if l == 0 else self.layers[l - 1].y
-            if self.typenum == cnp.NPY_FLOAT:
-                if self.cell == _LSTM:
-                    rf_lstm_forward_f32(<float *>out, <float *>s.h[b], <float *>s.c[b],
-                                        <float *>s.ws, <const float *>inp, <float *>s.h[a],
-                                        <float *>s.c[a], <float *>s.w_ih, <float *>s.w_hh,
-                                        <float *>s.b_ih, <float *>s.b_hh, s.w_hh_packed,
-                                        &self.plan, s.n_in, H, 0, &_blas)
-                elif self.cell == _GRU:
-                    rf_gru_forward_f32(<float *>out, <float *>s.h[b], <float *>s.ws,
-                                       <const float *>inp, <float *>s.h[a], <float *>s.w_ih,
-                                       <float *>s.w_hh, <float *>s.b_ih, <float *>s.b_hh,
-                                       s.w_hh_packed, &self.plan, s.n_in, H, self.option, 0, &_blas)
-                else:
-                    rf_rnn_forward_f32(<float *>out, <float *>s.h[b], <float *>s.ws,
-                                       <const float *>inp, <float *>s.h[a], <float *>s.w_ih,
-                                       <float *>s.w_hh, <float *>s.b_ih, <float *>s.b_hh,
-                                       s.w_hh_packed, &self.plan, s.n_in, H, self.option, 0, &_blas)
-            else:
-                if self.cell == _LSTM:
-                    rf_lstm_forward_f64(<double *>out, <double *>s.h[b], <double *>s.c[b],
-                                        <double *>s.ws, <const double *>inp, <double *>s.h[a],
-                                        <double *>s.c[a], <double *>s.w_ih, <double *>s.w_hh,
-                                        <double *>s.b_ih, <double *>s.b_hh, NULL,
-                                        &self.plan, s.n_in, H, 0, &_blas)
-                elif self.cell == _GRU:
-                    rf_gru_forward_f64(<double *>out, <double *>s.h[b], <double *>s.ws,
-                                       <const double *>inp, <double *>s.h[a], <double *>s.w_ih,
-                                       <double *>s.w_hh, <double *>s.b_ih, <double *>s.b_hh,
-                                       NULL, &self.plan, s.n_in, H, self.option, 0, &_blas)
-                else:
-                    rf_rnn_forward_f64(<double *>out, <double *>s.h[b], <double *>s.ws,
-                                       <const double *>inp, <double *>s.h[a], <double *>s.w_ih,
-                                       <double *>s.w_hh, <double *>s.b_ih, <double *>s.b_hh,
-                                       NULL, &self.plan, s.n_in, H, self.option, 0, &_blas)
-        self.cur = b
+            call = &s.call[self.cur]
+            call.x = <void *>x if l == 0 else self.layers[l - 1].y
+            call.y = y if l == last else s.y
+            _run_forward(self.cell, self.typenum == cnp.NPY_FLOAT, call, &self.plan, s.n_in,
+                         self.hidden_size, 0, self.option)
+        self.cur = 1 - self.cur
 
 
 _BUSY = "this stream is being stepped by another thread; make one stream per thread"

@@ -155,15 +155,6 @@ def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
             _check("b_hh", b_hh, (G * H,), dtype, optional=True))
 
 
-_ABSENT = {np.dtype(np.float32): np.empty(0, np.float32),
-           np.dtype(np.float64): np.empty(0, np.float64)}
-
-
-def _flat(a, dtype):
-    """A flat view for _kernels; None becomes an empty array, which reaches C as NULL."""
-    return _ABSENT[dtype] if a is None else a.reshape(-1)
-
-
 def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx):
     dtype = _dtype_of(x)
     x = _check_x(x)
@@ -179,14 +170,9 @@ def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, 
     padded = plan.rows < T * B
     y = (np.zeros if padded else np.empty)((T, B, H), dtype)
     finals = [np.empty((B, H), dtype) for _ in states]
-    f = lambda a: _flat(a, dtype)  # noqa: E731
-    args = [f(x)] + [f(s) for s in states] + [f(w_ih), f(w_hh), f(b_ih), f(b_hh), plan, I, H]
-    if cell == "lstm":
-        _kernels.lstm_forward(f(y), f(finals[0]), f(finals[1]), ws, *args, bool(need_ctx))
-    elif cell == "gru":
-        _kernels.gru_forward(f(y), f(finals[0]), ws, *args, option, bool(need_ctx))
-    else:
-        _kernels.rnn_forward(f(y), f(finals[0]), ws, *args, option, bool(need_ctx))
+    _kernels.forward(cell, y, finals[0], finals[1] if cell == "lstm" else None, ws, x,
+                     states[0], states[1] if cell == "lstm" else None, w_ih, w_hh, b_ih, b_hh,
+                     plan, I, H, bool(need_ctx), option)
 
     ctx = None
     if need_ctx:
@@ -223,16 +209,10 @@ def _backward(cell, dy, finals, ctx):
     dw_ih = np.empty((G * H, I), dtype)
     dw_hh = np.empty((G * H, H), dtype)
     db = [np.empty(G * H, dtype) if has else None for has in ctx.has_bias]
-    f = lambda a: _flat(a, dtype)  # noqa: E731
-    outs = [f(dx)] + [f(d) for d in dinits] + [f(dw_ih), f(dw_hh), f(db[0]), f(db[1])]
-    ins = [f(dy)] + [f(d) for d in finals]
-    rest = [ws, scratch, f(ctx.x), f(ctx.w_ih), f(ctx.w_hh), plan, I, H]
-    if cell == "lstm":
-        _kernels.lstm_backward(*outs, *ins, *rest)
-    elif cell == "gru":
-        _kernels.gru_backward(*outs, *ins, *rest, ctx.option)
-    else:
-        _kernels.rnn_backward(*outs, *ins, *rest, ctx.option)
+    lstm = cell == "lstm"
+    _kernels.backward(cell, dx, dinits[0], dinits[1] if lstm else None, dw_ih, dw_hh, db[0],
+                      db[1], dy, finals[0], finals[1] if lstm else None, ws, scratch, ctx.x,
+                      ctx.w_ih, ctx.w_hh, plan, I, H, bool(ctx.option))
     return (dx, *dinits, dw_ih, dw_hh, db[0], db[1])
 
 
