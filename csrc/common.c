@@ -215,20 +215,19 @@ void RF_FN(rf_step_gemm)(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,
 }
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
- * gates = bias + X_packed @ w_ih^T, one GEMM of (rows, I) x (I, G*H).
- * xbuf receives the gathered rows (unused when x is dense); bias: or NULL. */
+ * gates = X_packed @ w_ih^T, one GEMM of (rows, I) x (I, G*H). (The cells add the biases
+ * in their per-step pass, where the gates are in cache anyway.)
+ * xbuf receives the gathered rows (unused when x is dense). */
 void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const REAL *w_ih,
-                       const REAL *bias, const rf_plan *p, ptrdiff_t step0,
-                       ptrdiff_t step1, ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas) {
+                       const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,
+                       ptrdiff_t GH, const rf_blas *blas) {
     ptrdiff_t rows = p->offsets[step1] - p->offsets[step0];
     const REAL *xs = x + p->offsets[step0] * I;
     if (!rf_dense(p)) {
         RF_FN(rf_gather)(xbuf, x, p, step0, step1, I);
         xs = xbuf;
     }
-    if (bias)
-        for (ptrdiff_t r = 0; r < rows; r++) memcpy(gates + r * GH, bias, (size_t)GH * sizeof(REAL));
-    RF_FN(rf_gemm)(blas, 0, 1, rows, GH, I, 1, xs, I, w_ih, I, bias ? 1 : 0, gates, GH);
+    RF_FN(rf_gemm)(blas, 0, 1, rows, GH, I, 1, xs, I, w_ih, I, 0, gates, GH);
 }
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:

@@ -51,25 +51,28 @@ ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 #define TANH RF_FN(rf_tanh)
 
 /* r and z of a step's bs rows, in place over their pre-activations (input part in g,
- * recurrent part in st). Without lbr, also rh = r h_{t-1}, the operand of W_hn. */
+ * folded biases in bias or NULL, recurrent part in st). Without lbr, also rh = r h_{t-1},
+ * the operand of W_hn. */
 RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, const REAL *hp,
-                                         ptrdiff_t bs, ptrdiff_t H, int lbr) {
+                                         const REAL *bias, ptrdiff_t bs, ptrdiff_t H,
+                                         int lbr) {
     for (ptrdiff_t j = 0; j < bs; j++) {
         REAL *grz = g + j * 3 * H;
         const REAL *srz = st + j * 3 * H, *h = hp + j * H;
-        for (ptrdiff_t k = 0; k < 2 * H; k++) grz[k] += srz[k];
+        for (ptrdiff_t k = 0; k < 2 * H; k++) grz[k] = (grz[k] + (bias ? bias[k] : 0)) + srz[k];
         SIGMOID(grz, 2 * H);
         if (!lbr)
             for (ptrdiff_t k = 0; k < H; k++) rh[j * H + k] = grz[k] * h[k];
     }
 }
 
-/* n and the new state of a step's bs rows. st's n block holds W_hn h (lbr) or W_hn (r h);
- * with lbr, aux (or NULL) keeps W_hn h + b_hn for backward. Rows j < next_bs go on to the
+/* n and the new state of a step's bs rows. g's n block holds W_in x, b_in its bias (or
+ * NULL), st's n block W_hn h (lbr) or W_hn (r h); with lbr, aux (or NULL) keeps
+ * W_hn h + b_hn for backward. Rows j < next_bs go on to the
  * next step (their state goes to hn), the others have finished (h_n). */
 RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, const REAL *hp,
-                                        REAL *hn, REAL *y, REAL *h_n, const REAL *b_hn,
-                                        const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
+                                        REAL *hn, REAL *y, REAL *h_n, const REAL *b_in,
+                                        const REAL *b_hn, const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
                                         ptrdiff_t next_bs, ptrdiff_t H, int lbr) {
     for (ptrdiff_t j = 0; j < bs; j++) {
         ptrdiff_t b = p->order[j];
@@ -80,7 +83,7 @@ RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, cons
         for (ptrdiff_t k = 0; k < H; k++) {
             REAL hl = sn[k] + (b_hn ? b_hn[k] : 0);
             if (lbr && aux) aux[j * H + k] = hl;
-            gn[k] += lbr ? gr[k] * hl : hl;
+            gn[k] = (gn[k] + (b_in ? b_in[k] : 0)) + (lbr ? gr[k] * hl : hl);
         }
         TANH(gn, H);
         for (ptrdiff_t k = 0; k < H; k++) {
@@ -100,7 +103,7 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     gru_layout L = gru_layout_of(p, I, H, train);
     ptrdiff_t GH = 3 * H, BH = p->B * H;
     REAL *bias = NULL, *st = ws + L.step;
-    if (b_ih || b_hh) {  /* b_ih and b_hr, b_hz folded into the input projection */
+    if (b_ih || b_hh) {  /* b_ih with b_hr, b_hz folded in (b_hn stays apart: r scales it) */
         bias = ws + L.bias;
         for (ptrdiff_t k = 0; k < GH; k++)
             bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh && k < 2 * H ? b_hh[k] : 0);
@@ -111,7 +114,7 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     RF_FN(rf_prepare_recurrent)(W, w_hh, 3, H, lbr, ws + L.w_hh, w_hh_packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
-        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, GH, blas);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, p, step0, step1, I, GH, blas);
         for (ptrdiff_t s = step0; s < step1; s++) {
             ptrdiff_t bs = p->batch_sizes[s];
             ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
@@ -121,14 +124,14 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
             REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * GH;
             if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
                 RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, GH, H, hp, H, 0, st, GH);
-                RF_FN(gru_step_rz)(g, aux, st, hp, bs, H, lbr);
+                RF_FN(gru_step_rz)(g, aux, st, hp, bias, bs, H, lbr);
             } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
                 RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, 2 * H, H, hp, H, 0, st, GH);
-                RF_FN(gru_step_rz)(g, aux, st, hp, bs, H, lbr);
+                RF_FN(gru_step_rz)(g, aux, st, hp, bias, bs, H, lbr);
                 RF_FN(rf_step_gemm)(blas, &W[1], 0, bs, H, H, aux, H, 0, st + 2 * H, GH);
             }
-            RF_FN(gru_step_n)(g, train ? aux : NULL, st, hp, hn, y, h_n, b_hn, p, s, bs,
-                              next_bs, H, lbr);
+            RF_FN(gru_step_n)(g, train ? aux : NULL, st, hp, hn, y, h_n,
+                              bias ? bias + 2 * H : NULL, b_hn, p, s, bs, next_bs, H, lbr);
         }
         step0 = step1;
     }

@@ -52,13 +52,13 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
 #define TANH RF_FN(rf_tanh)
 
 /* One step's pointwise pass over its bs running rows. g: the step's gate rows, holding
- * pre-activations on entry and post-activations on exit. cp: the cell states entering the
+ * pre-activations (less the biases, or NULL) on entry and post-activations on exit. cp: the cell states entering the
  * step; hn, cn: where rows that go on to step s+1 (j < next_bs) put their states; the
  * others have finished and write h_n, c_n. tanh_c: or NULL (inference). */
 RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
                                        REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
-                                       const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
-                                       ptrdiff_t next_bs, ptrdiff_t H) {
+                                       const REAL *bias, const rf_plan *p, ptrdiff_t s,
+                                       ptrdiff_t bs, ptrdiff_t next_bs, ptrdiff_t H) {
     for (ptrdiff_t j = 0; j < bs; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
@@ -66,6 +66,8 @@ RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, RE
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
         REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
         const REAL *c_prev = cp + j * H;
+        if (bias)
+            for (ptrdiff_t k = 0; k < 4 * H; k++) gi[k] += bias[k];
         SIGMOID(gi, 2 * H);  /* i, f */
         TANH(gg, H);
         SIGMOID(go, H);
@@ -93,7 +95,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     lstm_layout L = lstm_layout_of(p, I, H, train);
     ptrdiff_t GH = 4 * H, BH = p->B * H;
     REAL *bias = NULL;
-    if (b_ih || b_hh) {  /* both biases folded into the input projection */
+    if (b_ih || b_hh) {  /* both biases folded into one */
         bias = ws + L.bias;
         for (ptrdiff_t k = 0; k < GH; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
     }
@@ -103,7 +105,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_prepare_recurrent)(W, w_hh, 4, H, 0, ws + L.w_hh, w_hh_packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
-        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, GH, blas);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, p, step0, step1, I, GH, blas);
         for (ptrdiff_t s = step0; s < step1; s++) {
             ptrdiff_t bs = p->batch_sizes[s];
             ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
@@ -113,7 +115,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
             /* gates += h_{t-1} W_hh^T */
             RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, GH, H, ws + L.h + now, H, 1, g, GH);
             RF_FN(lstm_step)(g, train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
-                             ws + L.h + next, ws + L.c + next, y, h_n, c_n, p, s, bs,
+                             ws + L.h + next, ws + L.c + next, y, h_n, c_n, bias, p, s, bs,
                              next_bs, H);
         }
         step0 = step1;

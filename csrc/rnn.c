@@ -38,11 +38,14 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
-/* One step's pointwise pass: g holds the pre-activations of the bs running rows and
- * leaves holding h'. Rows j < next_bs go on (hn), the others have finished (h_n). */
+/* One step's pointwise pass: g holds the pre-activations of the bs running rows (less
+ * the bias, or NULL) and leaves holding h'. Rows j < next_bs go on (hn), the others have finished (h_n). */
 RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
-                                      const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
-                                      ptrdiff_t next_bs, ptrdiff_t H, int relu) {
+                                      const REAL *bias, const rf_plan *p, ptrdiff_t s,
+                                      ptrdiff_t bs, ptrdiff_t next_bs, ptrdiff_t H, int relu) {
+    if (bias)
+        for (ptrdiff_t j = 0; j < bs; j++)
+            for (ptrdiff_t k = 0; k < H; k++) g[j * H + k] += bias[k];
     if (relu) {  /* max(a, 0) that keeps NaN: (NaN < 0) is false */
         for (ptrdiff_t k = 0; k < bs * H; k++) g[k] = g[k] < 0 ? 0 : g[k];
     } else {
@@ -76,7 +79,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
     RF_FN(rf_prepare_recurrent)(W, w_hh, 1, H, 0, ws + L.w_hh, w_hh_packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
-        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, bias, p, step0, step1, I, H, blas);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, p, step0, step1, I, H, blas);
         for (ptrdiff_t s = step0; s < step1; s++) {
             ptrdiff_t bs = p->batch_sizes[s];
             ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
@@ -85,7 +88,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
             REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * H;
             /* g += h_{t-1} W_hh^T */
             RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, H, H, hp, H, 1, g, H);
-            RF_FN(rnn_step)(g, hn, y, h_n, p, s, bs, next_bs, H, relu);
+            RF_FN(rnn_step)(g, hn, y, h_n, bias, p, s, bs, next_bs, H, relu);
         }
         step0 = step1;
     }

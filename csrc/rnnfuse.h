@@ -161,8 +161,8 @@ void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, p
     void rf_column_sums_##SFX(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,     \
                               ptrdiff_t lda);                                               \
     void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const REAL *w_ih,         \
-                          const REAL *bias, const rf_plan *p, ptrdiff_t step0,              \
-                          ptrdiff_t step1, ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas); \
+                          const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,  \
+                          ptrdiff_t GH, const rf_blas *blas);                               \
     void rf_prepare_weight_##SFX(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,     \
                                  ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,               \
                                  const float *prepacked);                                   \
