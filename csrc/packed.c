@@ -50,6 +50,9 @@ AVX2 static inline __attribute__((always_inline)) void tile(
         int mr, int np, int ks, ptrdiff_t nc, ptrdiff_t K, const float *A, ptrdiff_t lda,
         const float *panels, ptrdiff_t panel_stride, int accumulate, float *C, ptrdiff_t ldc) {
     __m256 acc[4][MR][8];
+    if (accumulate)  /* C's lines are read only at the end: fetch them while the sum runs */
+        UNROLL for (int i = 0; i < mr; i++)
+            UNROLL for (int p = 0; p < np; p++) _mm_prefetch((const char *)(C + i * ldc + p * NR), _MM_HINT_T0);
     UNROLL for (int s = 0; s < ks; s++)
         UNROLL for (int i = 0; i < mr; i++)
             UNROLL for (int v = 0; v < 2 * np; v++) acc[s][i][v] = _mm256_setzero_ps();
