@@ -31,9 +31,11 @@ CC="$cc" RNNFUSE_SANITIZE=1 "${pip[@]}" --no-build-isolation "$work/src"
 echo "sanitize.sh: built in $((SECONDS - start)) s" >&2
 
 # 3. The tests, with the sanitizer runtime preloaded into the (unsanitized) interpreter.
-#    Every kernel, cell, option, dtype, direction and batch kind is in this default subset.
+#    Every kernel, cell, option, dtype, direction and batch kind is in this default subset,
+#    and the C-level API (test_capi.py builds its example with the unsanitized compiler).
 if [ $# -eq 0 ]; then
-    set -- tests/test_functional.py tests/test_reliability.py tests/test_vmath.py -q
+    set -- tests/test_functional.py tests/test_reliability.py tests/test_vmath.py \
+        tests/test_capi.py -q
 fi
 asan=$("$cc" -print-file-name=libasan.so)
 # --capture=sys: reports are written to fd 2 by C; pytest's fd capture would swallow them

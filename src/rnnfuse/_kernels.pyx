@@ -376,6 +376,24 @@ cdef void _run_forward(int cell, bint f32, const _Fwd *a, const rf_plan *p, Py_s
                                train, &_blas)
 
 
+cdef struct _Bwd:  # one backward's pointers, as _Fwd is a forward's
+    void *dx
+    void *dh0
+    void *dc0
+    void *dw_ih
+    void *dw_hh
+    void *db_ih
+    void *db_hh
+    void *dy
+    void *dh_n
+    void *dc_n
+    void *ws
+    void *scratch
+    void *x
+    void *w_ih
+    void *w_hh
+
+
 def backward(str cell, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
              scratch, x, w_ih, w_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
              bint option=False):
@@ -384,64 +402,70 @@ def backward(str cell, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = GATES[cell], TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = G == 4
-    cdef void *pdx = _buf(dx, TB * I, t, "dx", _OUT)
-    cdef void *pdh0 = _buf(dh0, BH, t, "dh0", _OUT)
-    cdef void *pdc0 = _buf(dc0, BH, t, "dc0", _OUT) if lstm else NULL
-    cdef void *pdw_ih = _buf(dw_ih, G * H * I, t, "dw_ih", _OUT)
-    cdef void *pdw_hh = _buf(dw_hh, G * H * H, t, "dw_hh", _OUT)
-    cdef void *pdb_ih = _buf(db_ih, G * H, t, "db_ih", _OPTIONAL | _OUT)
-    cdef void *pdb_hh = _buf(db_hh, G * H, t, "db_hh", _OPTIONAL | _OUT)
-    cdef void *pdy = _buf(dy, TB * H, t, "dy", _OPTIONAL)
-    cdef void *pdh_n = _buf(dh_n, BH, t, "dh_n", _OPTIONAL)
-    cdef void *pdc_n = _buf(dc_n, BH, t, "dc_n", _OPTIONAL) if lstm else NULL
-    cdef void *pws = _buf(ws, workspace_size(cell, plan, I, H, True), t, "ws", _OUT)
-    cdef void *pscratch = _buf(scratch, backward_scratch_size(cell, plan, I, H), t,
-                               "scratch", _OUT)
-    cdef void *px = _buf(x, TB * I, t, "x", _REQUIRED)
-    cdef void *pw_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
-    cdef void *pw_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
+    cdef _Bwd a
+    a.dx = _buf(dx, TB * I, t, "dx", _OUT)
+    a.dh0 = _buf(dh0, BH, t, "dh0", _OUT)
+    a.dc0 = _buf(dc0, BH, t, "dc0", _OUT) if lstm else NULL
+    a.dw_ih = _buf(dw_ih, G * H * I, t, "dw_ih", _OUT)
+    a.dw_hh = _buf(dw_hh, G * H * H, t, "dw_hh", _OUT)
+    a.db_ih = _buf(db_ih, G * H, t, "db_ih", _OPTIONAL | _OUT)
+    a.db_hh = _buf(db_hh, G * H, t, "db_hh", _OPTIONAL | _OUT)
+    a.dy = _buf(dy, TB * H, t, "dy", _OPTIONAL)
+    a.dh_n = _buf(dh_n, BH, t, "dh_n", _OPTIONAL)
+    a.dc_n = _buf(dc_n, BH, t, "dc_n", _OPTIONAL) if lstm else NULL
+    a.ws = _buf(ws, workspace_size(cell, plan, I, H, True), t, "ws", _OUT)
+    a.scratch = _buf(scratch, backward_scratch_size(cell, plan, I, H), t, "scratch", _OUT)
+    a.x = _buf(x, TB * I, t, "x", _REQUIRED)
+    a.w_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
+    a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
     cdef rf_plan p = plan.view()
+    cdef int c = {"lstm": _LSTM, "gru": _GRU, "rnn": _RNN}[cell]
     with nogil:
-        if t == cnp.NPY_FLOAT:
-            if lstm:
-                rf_lstm_backward_f32(<float *>pdx, <float *>pdh0, <float *>pdc0,
-                                     <float *>pdw_ih, <float *>pdw_hh, <float *>pdb_ih,
-                                     <float *>pdb_hh, <float *>pdy, <float *>pdh_n,
-                                     <float *>pdc_n, <float *>pws, <float *>pscratch,
-                                     <float *>px, <float *>pw_ih, <float *>pw_hh, &p, I, H,
-                                     &_blas)
-            elif G == 3:
-                rf_gru_backward_f32(<float *>pdx, <float *>pdh0, <float *>pdw_ih,
-                                    <float *>pdw_hh, <float *>pdb_ih, <float *>pdb_hh,
-                                    <float *>pdy, <float *>pdh_n, <float *>pws,
-                                    <float *>pscratch, <float *>px, <float *>pw_ih,
-                                    <float *>pw_hh, &p, I, H, option, &_blas)
-            else:
-                rf_rnn_backward_f32(<float *>pdx, <float *>pdh0, <float *>pdw_ih,
-                                    <float *>pdw_hh, <float *>pdb_ih, <float *>pdb_hh,
-                                    <float *>pdy, <float *>pdh_n, <float *>pws,
-                                    <float *>pscratch, <float *>px, <float *>pw_ih,
-                                    <float *>pw_hh, &p, I, H, option, &_blas)
+        _run_backward(c, t == cnp.NPY_FLOAT, &a, &p, I, H, option)
+
+
+cdef void _run_backward(int cell, bint f32, const _Bwd *a, const rf_plan *p, Py_ssize_t I,
+                        Py_ssize_t H, bint option) noexcept nogil:
+    if f32:
+        if cell == _LSTM:
+            rf_lstm_backward_f32(<float *>a.dx, <float *>a.dh0, <float *>a.dc0,
+                                 <float *>a.dw_ih, <float *>a.dw_hh, <float *>a.db_ih,
+                                 <float *>a.db_hh, <float *>a.dy, <float *>a.dh_n,
+                                 <float *>a.dc_n, <float *>a.ws, <float *>a.scratch,
+                                 <float *>a.x, <float *>a.w_ih, <float *>a.w_hh, p, I, H, &_blas)
+        elif cell == _GRU:
+            rf_gru_backward_f32(<float *>a.dx, <float *>a.dh0, <float *>a.dw_ih,
+                                <float *>a.dw_hh, <float *>a.db_ih, <float *>a.db_hh,
+                                <float *>a.dy, <float *>a.dh_n, <float *>a.ws,
+                                <float *>a.scratch, <float *>a.x, <float *>a.w_ih,
+                                <float *>a.w_hh, p, I, H, option, &_blas)
         else:
-            if lstm:
-                rf_lstm_backward_f64(<double *>pdx, <double *>pdh0, <double *>pdc0,
-                                     <double *>pdw_ih, <double *>pdw_hh, <double *>pdb_ih,
-                                     <double *>pdb_hh, <double *>pdy, <double *>pdh_n,
-                                     <double *>pdc_n, <double *>pws, <double *>pscratch,
-                                     <double *>px, <double *>pw_ih, <double *>pw_hh, &p, I,
-                                     H, &_blas)
-            elif G == 3:
-                rf_gru_backward_f64(<double *>pdx, <double *>pdh0, <double *>pdw_ih,
-                                    <double *>pdw_hh, <double *>pdb_ih, <double *>pdb_hh,
-                                    <double *>pdy, <double *>pdh_n, <double *>pws,
-                                    <double *>pscratch, <double *>px, <double *>pw_ih,
-                                    <double *>pw_hh, &p, I, H, option, &_blas)
-            else:
-                rf_rnn_backward_f64(<double *>pdx, <double *>pdh0, <double *>pdw_ih,
-                                    <double *>pdw_hh, <double *>pdb_ih, <double *>pdb_hh,
-                                    <double *>pdy, <double *>pdh_n, <double *>pws,
-                                    <double *>pscratch, <double *>px, <double *>pw_ih,
-                                    <double *>pw_hh, &p, I, H, option, &_blas)
+            rf_rnn_backward_f32(<float *>a.dx, <float *>a.dh0, <float *>a.dw_ih,
+                                <float *>a.dw_hh, <float *>a.db_ih, <float *>a.db_hh,
+                                <float *>a.dy, <float *>a.dh_n, <float *>a.ws,
+                                <float *>a.scratch, <float *>a.x, <float *>a.w_ih,
+                                <float *>a.w_hh, p, I, H, option, &_blas)
+    else:
+        if cell == _LSTM:
+            rf_lstm_backward_f64(<double *>a.dx, <double *>a.dh0, <double *>a.dc0,
+                                 <double *>a.dw_ih, <double *>a.dw_hh, <double *>a.db_ih,
+                                 <double *>a.db_hh, <double *>a.dy, <double *>a.dh_n,
+                                 <double *>a.dc_n, <double *>a.ws, <double *>a.scratch,
+                                 <double *>a.x, <double *>a.w_ih, <double *>a.w_hh, p, I, H,
+                                 &_blas)
+        elif cell == _GRU:
+            rf_gru_backward_f64(<double *>a.dx, <double *>a.dh0, <double *>a.dw_ih,
+                                <double *>a.dw_hh, <double *>a.db_ih, <double *>a.db_hh,
+                                <double *>a.dy, <double *>a.dh_n, <double *>a.ws,
+                                <double *>a.scratch, <double *>a.x, <double *>a.w_ih,
+                                <double *>a.w_hh, p, I, H, option, &_blas)
+        else:
+            rf_rnn_backward_f64(<double *>a.dx, <double *>a.dh0, <double *>a.dw_ih,
+                                <double *>a.dw_hh, <double *>a.db_ih, <double *>a.db_hh,
+                                <double *>a.dy, <double *>a.dh_n, <double *>a.ws,
+                                <double *>a.scratch, <double *>a.x, <double *>a.w_ih,
+                                <double *>a.w_hh, p, I, H, option, &_blas)
+
 
 
 # ---------------------------------------------------------------- streams
@@ -632,3 +656,5 @@ cdef class Stream:
 
 
 _BUSY = "this stream is being stepped by another thread; make one stream per thread"
+
+include "capi.pxi"  # the C-level API of _kernels.pxd (rnnfuse.capi)

@@ -1,0 +1,540 @@
+"""PyTorch modules over the rnnfuse kernels: drop-in ``torch.nn.LSTM``, ``GRU`` and ``RNN``.
+
+::
+
+    import torch
+    from rnnfuse.torch import LSTM, swap_modules
+
+    lstm = LSTM(64, 128, num_layers=2, bidirectional=True)   # as torch.nn.LSTM(...)
+    y, (h_n, c_n) = lstm(x)            # x (T, B, 64), (B, T, 64) if batch_first, (T, 64)
+                                       # unbatched, or a PackedSequence
+    lstm.load_state_dict(torch_lstm.state_dict())            # and the other way round
+    swapped = swap_modules(model)      # in place: every torch.nn.LSTM/GRU/RNN in model
+
+The modules take the constructor arguments of their ``torch.nn`` namesakes, have the same
+``forward(input, hx=None)``, return the same outputs, and register the same parameters
+(``weight_ih_l0``, ``bias_hh_l1_reverse``, ...) with the same initialisation, so state dicts
+load both ways and ``torch.optim`` trains them. What rnnfuse does not do is refused at
+construction: ``proj_size > 0``, devices other than the CPU, dtypes other than float32 and
+float64.
+
+Each direction of each layer is one call of an autograd Function over
+``rnnfuse.functional``: ``LSTMFunction``, ``GRUFunction``, ``RNNFunction``. Tensors reach
+the kernels as NumPy views (no copy when contiguous) and come back with
+``torch.from_numpy``. When autograd records nothing (``torch.no_grad()``,
+``torch.inference_mode()``, or no input or parameter requires grad) the kernels run with
+``need_ctx=False`` and keep no training workspace; eval mode alone does not turn gradients
+off, as in torch.nn (it only turns dropout off). Backward may run again over a graph kept
+with ``retain_graph=True`` (it replays the forward); double backward (``create_graph=True``)
+is refused.
+
+Importing this module needs PyTorch; ``import rnnfuse`` never imports it.
+"""
+import numbers
+import warnings
+
+try:
+    import torch
+except ImportError as e:
+    raise ImportError(f"rnnfuse.torch needs PyTorch, which could not be imported ({e}); "
+                      "install it with `pip install torch`") from e
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import functional as F
+from ._checks import check_bool as _check_bool, check_int as _check_int
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMFunction", "GRUFunction", "RNNFunction", "swap_modules"]
+
+
+# ---------------------------------------------------------------- autograd Functions
+
+def _np(t):
+    """A NumPy view of a CPU tensor (None stays None); a copy only if it is not contiguous."""
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+def _split(function, args):
+    """A Function's arguments as (x, states..., w_ih, w_hh, b_ih, b_hh) and
+    (lengths, reverse, options...)."""
+    n = function.n_states + 5
+    return args[:n], args[n:]
+
+
+def _kernel_forward(function, args, need_ctx):
+    """Run the kernel of ``function``'s cell on its arguments: (y, finals, kernel ctx)."""
+    tensors, (lengths, reverse, *options) = _split(function, args)
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.numpy()
+    forward = getattr(F, function.cell + "_forward")
+    y, *finals, kctx = forward(*map(_np, tensors), lengths, reverse, *options, need_ctx=need_ctx)
+    return torch.from_numpy(y), [torch.from_numpy(f) for f in finals], kctx
+
+
+def _record(ctx, function, args):
+    """Function.forward of every cell: run the kernel, keeping what backward needs."""
+    need = any(ctx.needs_input_grad)
+    y, finals, kctx = _kernel_forward(function, args, need_ctx=need)
+    if need:
+        ctx.set_materialize_grads(False)  # an unused output's gradient reaches the kernel as None
+        tensors, rest = _split(function, args)
+        # Saved through autograd, so that torch refuses if an input is changed in place
+        # before backward (the kernel's ctx reads x and the weights through NumPy views).
+        ctx.save_for_backward(*tensors)
+        ctx.function, ctx.rest = function, rest
+    ctx.kernel = kctx
+    return (y, *finals)
+
+
+def _run(function, *args):
+    """``function.apply(*args)`` when autograd records this call; otherwise the kernel
+    alone with need_ctx=False, which keeps no workspace for backward."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                       for a in args):
+        return function.apply(*args)
+    y, finals, _ = _kernel_forward(function, args, need_ctx=False)
+    return (y, *finals)
+
+
+class _CellFunction(torch.autograd.Function):
+    """The backward shared by the three cells (their forwards differ only in arguments)."""
+
+    cell, n_states = None, 1
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            # create_graph=True. (once_differentiable would hand back constants whenever the
+            # incoming gradients do not require grad, so a gradient penalty would silently
+            # lose its second-order terms: refuse instead.)
+            raise RuntimeError("rnnfuse.torch computes first derivatives only: backward "
+                               "with create_graph=True (double backward, e.g. a gradient "
+                               "penalty) is not supported; use the torch.nn module for that")
+        saved = ctx.saved_tensors  # torch refuses here if the graph was freed or an input changed
+        kctx, ctx.kernel = ctx.kernel, None
+        if kctx is None:
+            # A second backward over a graph kept with retain_graph=True: the first one
+            # consumed the kernel's record (backward overwrites it), so replay the forward.
+            kctx = _kernel_forward(ctx.function, (*saved, *ctx.rest), need_ctx=True)[2]
+        backward = getattr(F, ctx.function.cell + "_backward")
+        out = backward(*(None if g is None else _np(g) for g in grads), kctx)
+        out = list(out) + [None] * (len(ctx.needs_input_grad) - len(out))  # lengths, reverse, ...
+        return tuple(torch.from_numpy(g) if need and g is not None else None
+                     for g, need in zip(out, ctx.needs_input_grad))
+
+
+class LSTMFunction(_CellFunction):
+    """One direction of one LSTM layer, as an autograd Function::
+
+        y, h_n, c_n = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+
+    Arguments as ``rnnfuse.functional.lstm_forward``: time-major ``x (T, B, I)``, states
+    ``(B, H)``, weights in PyTorch's layout; ``h0``, ``c0``, the biases and ``lengths`` (B,)
+    may be None. Padding steps (t >= lengths[b]) give y = 0 and no gradient.
+    """
+
+    cell, n_states = "lstm", 2
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
+        return _record(ctx, LSTMFunction, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse))
+
+
+class GRUFunction(_CellFunction):
+    """One direction of one GRU layer, as an autograd Function::
+
+        y, h_n = GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                   linear_before_reset)
+
+    Arguments as ``rnnfuse.functional.gru_forward`` (``linear_before_reset=True`` is
+    PyTorch's GRU).
+    """
+
+    cell = "gru"
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                linear_before_reset=True):
+        return _record(ctx, GRUFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                          linear_before_reset))
+
+
+class RNNFunction(_CellFunction):
+    """One direction of one Elman RNN layer, as an autograd Function::
+
+        y, h_n = RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                   nonlinearity)
+
+    Arguments as ``rnnfuse.functional.rnn_forward``; ``nonlinearity`` "tanh" or "relu".
+    """
+
+    cell = "rnn"
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                nonlinearity="tanh"):
+        return _record(ctx, RNNFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                          nonlinearity))
+
+
+# ---------------------------------------------------------------- modules
+
+def _check_tensor(name, t, dtype):
+    """t on the CPU with the parameters' dtype."""
+    if t.device.type != "cpu":
+        raise RuntimeError(f"{name} is on {t.device}, but rnnfuse runs on the CPU: "
+                           "move it with .cpu()")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} (the parameters' dtype), got "
+                         f"{t.dtype}: convert it with .to({dtype})")
+
+
+def _repack(y, lengths, like):
+    """y (T, B, D*H), padded and in the caller's batch order, as a PackedSequence laid out
+    like ``like`` (its batch_sizes, sorted_indices and unsorted_indices)."""
+    if like.sorted_indices is not None:
+        y, lengths = y.index_select(1, like.sorted_indices), lengths[like.sorted_indices]
+    data = pack_padded_sequence(y, lengths, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+class _RNNBase(torch.nn.Module):
+    """Stacking, directions, dropout, states and checks for all cells; a subclass names its
+    autograd Function, its gate count G and its torch.nn twin."""
+
+    _function = None       # the cell's autograd Function
+    _gates = None          # G: gate blocks per cell (LSTM 4, GRU 3, RNN 1)
+    _torch_class = None    # the torch.nn class this one replaces
+    _torch_args = ()       # constructor arguments besides RNNBase's (proj_size, nonlinearity)
+    proj_size = 0          # as torch.nn's attribute; rnnfuse has no projections
+
+    def __init__(self, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                 bidirectional, device, dtype):
+        super().__init__()
+        self.mode = mode
+        self.input_size = _check_int("input_size", input_size, 1)
+        self.hidden_size = _check_int("hidden_size", hidden_size, 1)
+        self.num_layers = _check_int("num_layers", num_layers, 1)
+        self.bias = _check_bool("bias", bias)
+        self.batch_first = _check_bool("batch_first", batch_first)
+        self.bidirectional = _check_bool("bidirectional", bidirectional)
+        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
+                or not 0 <= dropout <= 1):
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+        self.dropout = float(dropout)
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn("dropout acts on the outputs of all but the last layer, so it does "
+                          f"nothing with num_layers=1 (dropout={self.dropout})", UserWarning,
+                          stacklevel=3)
+        device = torch.get_default_device() if device is None else torch.device(device)
+        if device.type != "cpu":
+            raise ValueError(f"device must be the CPU (rnnfuse's kernels run there), got {device}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+
+        # torch.nn's names and registration order, so that reset_parameters draws the same
+        # numbers as torch.nn under the same seed.
+        G, H = self._gates, self.hidden_size
+        for layer in range(self.num_layers):
+            n_in = self.input_size if layer == 0 else self.num_directions * H
+            for d in range(self.num_directions):
+                shapes = [(G * H, n_in), (G * H, H), (G * H,), (G * H,)]
+                for name, shape in zip(self._names(layer, d), shapes):
+                    empty = torch.empty(shape, device=device, dtype=dtype)
+                    self.register_parameter(name, torch.nn.Parameter(empty))
+        self.reset_parameters()
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _n_states(self):
+        return self._function.n_states
+
+    @property
+    def _options(self):
+        """The cell's arguments after ``reverse`` in its Function."""
+        return ()
+
+    def _names(self, layer, d):
+        """weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0 (suffix _reverse for d=1)."""
+        sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        return [k + sfx for k in kinds]
+
+    def _weights(self, layer, d):
+        w = [getattr(self, n) for n in self._names(layer, d)]
+        return w if self.bias else w + [None, None]
+
+    @property
+    def all_weights(self):
+        """The parameters per layer and direction, as torch.nn's ``all_weights``."""
+        return [[getattr(self, n) for n in self._names(layer, d)]
+                for layer in range(self.num_layers) for d in range(self.num_directions)]
+
+    def reset_parameters(self):
+        """Every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)), as torch.nn."""
+        k = self.hidden_size ** -0.5
+        for p in self.parameters():
+            torch.nn.init.uniform_(p, -k, k)
+
+    def flatten_parameters(self):
+        """Nothing to do (torch.nn's is for cuDNN); here so that calling code keeps working."""
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
+                    "bidirectional": False, "nonlinearity": "tanh"}
+        return s + "".join(f", {k}={getattr(self, k)}" for k, v in defaults.items()
+                           if getattr(self, k, v) != v)
+
+    @classmethod
+    def from_torch(cls, module):
+        """The rnnfuse module configured as ``module`` (a ``torch.nn`` module of this
+        kind), *sharing* its parameters: the same ``nn.Parameter`` objects, so both see
+        every update and an optimizer built on ``module.parameters()`` trains the result.
+        (Copy with ``copy.deepcopy(module)`` first for an independent twin.) Its training
+        mode is kept; hooks registered on ``module`` are not.
+
+        Raises TypeError for another class (subclasses too: their forward may differ), and
+        the constructor's errors for what rnnfuse does not support (``proj_size > 0``, a
+        device other than the CPU, a dtype other than float32/float64).
+        """
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__}.from_torch needs a torch.nn."
+                            f"{cls._torch_class.__name__}, got {type(module).__qualname__}")
+        w = module.weight_ih_l0
+        kwargs = {k: getattr(module, k) for k in ("num_layers", "bias", "batch_first",
+                                                  "dropout", "bidirectional",
+                                                  *cls._torch_args)}
+        # fork_rng: the twin's own initial draw, replaced below, must not move the global RNG
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.nn already warned about its arguments
+            twin = cls(module.input_size, module.hidden_size, device=w.device, dtype=w.dtype,
+                       **kwargs)
+        for name in list(twin._parameters):
+            setattr(twin, name, getattr(module, name))
+        return twin.train(module.training)
+
+    # -- forward
+    def _parameters_dtype(self):
+        """The parameters' dtype, checked again: .to(), .half() or .cuda() can change it."""
+        dtype = self.weight_ih_l0.dtype
+        for name, p in self.named_parameters():
+            if p.device.type != "cpu":
+                raise RuntimeError(f"{type(self).__name__}'s parameter {name} is on {p.device}, "
+                                   "but rnnfuse runs on the CPU: keep the module there")
+            if p.dtype != dtype or dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{type(self).__name__}'s parameters must all be "
+                                f"torch.float32 or all torch.float64, got {p.dtype} for {name}")
+        return dtype
+
+    def _check_hx(self, hx, batch, batched, dtype):
+        """hx as a list of n_states tensors (L*D, B, H), or of Nones (zeros)."""
+        if hx is None:
+            return [None] * self._n_states
+        if self._n_states == 2:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("hx must be a tuple (h_0, c_0) of two tensors for LSTM, got "
+                                f"{type(hx).__name__}")
+            parts, names = hx, ("hx[0] (h_0)", "hx[1] (c_0)")
+        else:
+            parts, names = (hx,), ("hx",)
+        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        if batched:
+            shape, layout = (LD, batch, H), "(num_layers*num_directions, batch, hidden_size)"
+        else:
+            shape, layout = (LD, H), ("(num_layers*num_directions, hidden_size) for "
+                                      "unbatched 2-D input")
+        states = []
+        for name, s in zip(names, parts):
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
+            _check_tensor(name, s, dtype)
+            if tuple(s.shape) != shape:
+                raise RuntimeError(f"{name} must have shape {shape} = {layout}, "
+                                   f"got {tuple(s.shape)}")
+            states.append(s if batched else s.unsqueeze(1))
+        return states
+
+    def forward(self, input, hx=None):
+        """Run the stack over ``input``, as torch.nn's forward.
+
+        ``input``: (T, B, input_size), or (B, T, input_size) if batch_first; (T, input_size)
+        unbatched; or a PackedSequence (then the output is a PackedSequence with the same
+        batch_sizes, sorted_indices and unsorted_indices). ``hx``: the initial state,
+        (num_layers*num_directions, B, hidden_size) ((..., hidden_size) unbatched), for
+        LSTM a tuple (h_0, c_0); None for zeros; rows in the caller's batch order, also
+        for packed input.
+
+        Returns ``output, h_n`` (GRU, RNN) or ``output, (h_n, c_n)`` (LSTM): ``output``
+        (T, B, D*hidden_size) ([forward | reverse] halves) in the layout of ``input``.
+        """
+        dtype = self._parameters_dtype()
+        name = type(self).__name__
+        if isinstance(input, PackedSequence):
+            _check_tensor("input", input.data, dtype)
+            x, lengths = pad_packed_sequence(input)  # (T, B, I), rows in the caller's order
+            batched = True
+        elif isinstance(input, torch.Tensor):
+            if input.dim() not in (2, 3):
+                layout = "(batch, seq_len" if self.batch_first else "(seq_len, batch"
+                raise ValueError(f"{name}: input must be 2-D (seq_len, input_size) unbatched "
+                                 f"or 3-D {layout}, input_size), got {input.dim()}-D with "
+                                 f"shape {tuple(input.shape)}")
+            _check_tensor("input", input, dtype)
+            batched, lengths = input.dim() == 3, None
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+        else:
+            raise TypeError(f"{name}: input must be a torch.Tensor or a PackedSequence, got "
+                            f"{type(input).__name__}")
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size="
+                               f"{self.input_size}, got {x.shape[-1]}")
+        states = self._check_hx(hx, x.shape[1], batched, dtype)
+
+        y, finals = self._stack(x, states, lengths)
+        if isinstance(input, PackedSequence):
+            y = _repack(y, lengths, input)
+        elif not batched:
+            y, finals = y.squeeze(1), [f.squeeze(1) for f in finals]
+        elif self.batch_first:
+            y = y.transpose(0, 1)
+        return y, (tuple(finals) if self._n_states == 2 else finals[0])
+
+    def _stack(self, x, states, lengths):
+        """Layers and directions over time-major x: (y (T, B, D*H), [h_n(, c_n)])."""
+        L, D = self.num_layers, self.num_directions
+        finals = [[] for _ in states]  # per state, the L*D rows in torch.nn's order
+        inp = x
+        for layer in range(L):
+            ys = []
+            for d in range(D):
+                s0 = [None if s is None else s[layer * D + d] for s in states]
+                y, *fin = _run(self._function, inp, *s0, *self._weights(layer, d), lengths,
+                               d == 1, *self._options)
+                ys.append(y)
+                for acc, f in zip(finals, fin):
+                    acc.append(f)
+            inp = ys[0] if D == 1 else torch.cat(ys, dim=2)
+            if self.training and self.dropout > 0 and layer < L - 1:
+                inp = torch.nn.functional.dropout(inp, self.dropout, training=True)
+        return inp, [torch.stack(f) for f in finals]
+
+
+class LSTM(_RNNBase):
+    """Drop-in ``torch.nn.LSTM`` on the rnnfuse kernels (CPU; float32 or float64).
+
+    ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)``;
+    ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``. Only ``proj_size=0`` is supported.
+    """
+
+    _function, _gates, _torch_class = LSTMFunction, 4, torch.nn.LSTM
+    _torch_args = ("proj_size",)
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
+        if proj_size != 0:
+            raise ValueError(f"proj_size={proj_size!r} is not supported: rnnfuse.torch.LSTM "
+                             "has no projection (proj_size must be 0; keep torch.nn.LSTM "
+                             "for proj_size > 0)")
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, device, dtype)
+
+
+class GRU(_RNNBase):
+    """Drop-in ``torch.nn.GRU`` on the rnnfuse kernels (CPU; float32 or float64).
+
+    ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, device=None, dtype=None)``;
+    ``output, h_n = gru(input, h_0)``.
+    """
+
+    _function, _gates, _torch_class = GRUFunction, 3, torch.nn.GRU
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, device, dtype)
+
+    @property
+    def _options(self):
+        return (True,)  # linear_before_reset: PyTorch's GRU
+
+
+class RNN(_RNNBase):
+    """Drop-in ``torch.nn.RNN`` on the rnnfuse kernels (CPU; float32 or float64).
+
+    ``RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None)``;
+    ``output, h_n = rnn(input, h_0)``.
+    """
+
+    _function, _gates, _torch_class = RNNFunction, 1, torch.nn.RNN
+    _torch_args = ("nonlinearity",)
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__("RNN_" + nonlinearity.upper(), input_size, hidden_size, num_layers,
+                         bias, batch_first, dropout, bidirectional, device, dtype)
+
+    @property
+    def _options(self):
+        return (self.nonlinearity,)
+
+
+# ---------------------------------------------------------------- swapping
+
+_TWINS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNN: RNN}
+
+
+def swap_modules(model):
+    """Replace, in place, every ``torch.nn.LSTM``, ``GRU`` and ``RNN`` inside ``model`` by its
+    rnnfuse twin (``from_torch``), which shares the original's parameters: outputs are
+    unchanged up to rounding, and an optimizer built before the swap keeps training the
+    model. A module reached under several names is replaced by one twin everywhere.
+
+    Returns the qualified names replaced (as ``model.named_modules()`` spells them).
+
+    Modules that cannot be replaced are left as they are, and one ``UserWarning`` names
+    each with its reason: ``proj_size > 0``, parameters not on the CPU or not
+    float32/float64, subclasses of the torch.nn classes (their forward may differ), and
+    ``model`` itself when it is one (it cannot be replaced in place: use
+    ``rnnfuse.torch.LSTM.from_torch(model)`` and so on). Forward hooks on the replaced
+    modules are not carried over.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    kinds = tuple(_TWINS)
+    swapped, skipped, twins = [], [], {}
+    if isinstance(model, kinds):
+        skipped.append("the model itself: it cannot be replaced in place; use "
+                       "rnnfuse.torch.LSTM/GRU/RNN.from_torch(model)")
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, kinds):
+                continue
+            qualified = f"{prefix}.{name}" if prefix else name
+            if id(child) not in twins:
+                twin_class = next(t for k, t in _TWINS.items() if isinstance(child, k))
+                try:
+                    twins[id(child)] = twin_class.from_torch(child)
+                except (TypeError, ValueError) as e:
+                    twins[id(child)] = e
+            twin = twins[id(child)]
+            if isinstance(twin, Exception):
+                skipped.append(f"{qualified}: {twin}")
+                continue
+            setattr(parent, name, twin)
+            swapped.append(qualified)
+    if skipped:
+        warnings.warn("swap_modules left these modules as they are:\n  - "
+                      + "\n  - ".join(skipped), UserWarning, stacklevel=2)
+    return swapped

@@ -1,0 +1,83 @@
+"""Test harness for rnnfuse.capi (built by test_capi.py): each entry point called with
+pointers, sizes and codes chosen from Python, so the tests reach every cell, dtype and
+error path. An array argument passes its data pointer (None: NULL) and nothing else: the
+sizes are separate, as for any C caller."""
+from libc.stdint cimport int64_t, uintptr_t
+
+from rnnfuse.capi cimport *
+
+CODES = dict(OK=RNNFUSE_OK, EARG=RNNFUSE_EARG, ESIZE=RNNFUSE_ESIZE, ENULL=RNNFUSE_ENULL,
+             ELENGTHS=RNNFUSE_ELENGTHS, ENOMEM=RNNFUSE_ENOMEM, EDTYPE=RNNFUSE_EDTYPE,
+             EUSED=RNNFUSE_EUSED)
+CELLS = dict(lstm=RNNFUSE_LSTM, gru=RNNFUSE_GRU, rnn=RNNFUSE_RNN)
+
+
+cdef void *_p(a) except? NULL:
+    return NULL if a is None else <void *><uintptr_t>a.ctypes.data
+
+
+cdef class Ctx:
+    """Owns a rnnfuse_ctx (freed with the object, or by free())."""
+    cdef rnnfuse_ctx *ptr
+
+    def __dealloc__(self):
+        rnnfuse_ctx_free(self.ptr)
+
+    def free(self):
+        rnnfuse_ctx_free(self.ptr)
+        self.ptr = NULL
+
+    @property
+    def null(self):
+        return self.ptr == NULL
+
+
+def forward(bint f32, int cell, int option, y, h_n, c_n, Ctx ctx, x, h0, c0, w_ih, w_hh,
+            b_ih, b_hh, lengths, int reverse, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
+            Py_ssize_t H):
+    """The status of rnnfuse_forward_f32/f64; ctx None: inference."""
+    cdef rnnfuse_ctx **pctx = NULL if ctx is None else &ctx.ptr
+    cdef void *p[10]
+    for i, a in enumerate((y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh)):
+        p[i] = _p(a)
+    cdef const int64_t *plen = <const int64_t *>_p(lengths)
+    cdef int status
+    with nogil:
+        if f32:
+            status = rnnfuse_forward_f32(cell, option, <float *>p[0], <float *>p[1],
+                                         <float *>p[2], pctx, <float *>p[3], <float *>p[4],
+                                         <float *>p[5], <float *>p[6], <float *>p[7],
+                                         <float *>p[8], <float *>p[9], plen, reverse,
+                                         T, B, I, H)
+        else:
+            status = rnnfuse_forward_f64(cell, option, <double *>p[0], <double *>p[1],
+                                         <double *>p[2], pctx, <double *>p[3],
+                                         <double *>p[4], <double *>p[5], <double *>p[6],
+                                         <double *>p[7], <double *>p[8], <double *>p[9],
+                                         plen, reverse, T, B, I, H)
+    return status
+
+
+def backward(bint f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, Ctx ctx):
+    """The status of rnnfuse_backward_f32/f64; ctx None: NULL."""
+    cdef void *p[10]
+    for i, a in enumerate((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n)):
+        p[i] = _p(a)
+    cdef rnnfuse_ctx *c = NULL if ctx is None else ctx.ptr
+    cdef int status
+    with nogil:
+        if f32:
+            status = rnnfuse_backward_f32(<float *>p[0], <float *>p[1], <float *>p[2],
+                                          <float *>p[3], <float *>p[4], <float *>p[5],
+                                          <float *>p[6], <float *>p[7], <float *>p[8],
+                                          <float *>p[9], c)
+        else:
+            status = rnnfuse_backward_f64(<double *>p[0], <double *>p[1], <double *>p[2],
+                                          <double *>p[3], <double *>p[4], <double *>p[5],
+                                          <double *>p[6], <double *>p[7], <double *>p[8],
+                                          <double *>p[9], c)
+    return status
+
+
+def strerror(int status):
+    return rnnfuse_strerror(status).decode()
