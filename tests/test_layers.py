@@ -421,6 +421,8 @@ def test_load_state_dict_refuses_every_mismatch_at_once():
     (dict(hidden_size=-1), ValueError, "hidden_size must be >= 1, got -1"),
     (dict(hidden_size=True), TypeError, "hidden_size must be an int, got bool"),
     (dict(num_layers=0), ValueError, "num_layers must be >= 1, got 0"),
+    (dict(hidden_size=2**29), ValueError, r"4\*hidden_size and input_size must be below 2\*\*31"),
+    (dict(input_size=10**30), ValueError, r"below 2\*\*31 .*input_size=10+$"),
     (dict(bias=1), TypeError, "bias must be a bool, got int 1"),
     (dict(batch_first="yes"), TypeError, "batch_first must be a bool, got str"),
     (dict(bidirectional=None), TypeError, "bidirectional must be a bool, got NoneType"),

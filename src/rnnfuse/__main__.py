@@ -1,8 +1,10 @@
 """Command line: ``python -m rnnfuse <command>``."""
-import argparse
 import json
+import math
 import os
 import sys
+
+from ._checks import OneLineParser
 
 
 def _add_shared(p, *, hidden, layers, epochs):
@@ -42,7 +44,7 @@ def _add_shared(p, *, hidden, layers, epochs):
 
 
 def _build_parser():
-    parser = argparse.ArgumentParser(prog="rnnfuse", description=__doc__)
+    parser = OneLineParser(prog="rnnfuse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("config", help="print the build and runtime configuration")
     sub.add_parser("bench", help="time the kernels against the NumPy reference and peers",
@@ -90,6 +92,24 @@ def _command(name):
 from .tasks import InputError as _UserError  # noqa: E402
 from .tasks import check_flag as _positive  # noqa: E402
 
+# The most any integer flag may be (the seed excepted): far past what fits in memory, and
+# short of sizes NumPy cannot even express as a shape.
+_MAX_INT_FLAG = 2**31 - 1
+
+
+def _check_shared(args):
+    """The numbers every training command takes (``_add_shared``), and the upper bound on
+    all integer flags; the commands check the rest."""
+    for name, value in vars(args).items():
+        if type(value) is int and name != "seed" and value > _MAX_INT_FLAG:
+            raise _UserError(f"--{name.replace('_', '-')} must be <= {_MAX_INT_FLAG}, got {value}")
+    _positive("--seed", args.seed, 0)
+    for name in ("lr", "clip"):
+        if not 0 <= getattr(args, name) < math.inf:  # NaN fails too
+            raise _UserError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
+    if args.max_minutes is not None and math.isnan(args.max_minutes):
+        raise _UserError("--max-minutes must be a number (0 for no limit), got nan")
+
 
 def _charlm(args):
     import numpy as np
@@ -102,6 +122,10 @@ def _charlm(args):
     _positive("--steps", args.steps)
     _positive("--patience", args.patience)
     _positive("--eval-every", args.eval_every)
+    _positive("--max-chars", args.max_chars)
+    _positive("--sample", args.sample, 0)
+    if not args.temperature >= 0:  # NaN fails too
+        raise _UserError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.heldout < 0.5:
         raise _UserError(f"--heldout must lie in (0, 0.5), got {args.heldout}")
     if args.max_minutes is not None and args.max_minutes <= 0:
@@ -173,28 +197,32 @@ def _charlm(args):
 def main(argv=None):
     parser = _build_parser()
     args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.exit(2, f"rnnfuse {args.command}: error: unrecognized arguments: "
+                    f"{' '.join(rest)}\n")
     if args.command == "config":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         from . import show_config
         show_config()
         return 0
     if args.command == "bench":
         from . import bench
         return bench.main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from .checkpoint import CheckpointError
     from .tasks import InputError
     from .train import TrainingError
     try:
+        _check_shared(args)
         return _charlm(args) if args.command == "charlm" else _command(args.command).run(args)
     except (_UserError, InputError, CheckpointError, TrainingError) as e:
         print(f"rnnfuse {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except OSError as e:  # a path that is missing, a directory, unreadable, too long, ...
         print(f"rnnfuse {args.command}: error: {e.strerror or e}: "
               f"{e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except MemoryError as e:  # sizes too large for this machine
+        print(f"rnnfuse {args.command}: error: out of memory ({str(e) or 'no detail'}); "
+              "choose smaller sizes", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rnnfuse {args.command}: interrupted", file=sys.stderr)

@@ -1,8 +1,17 @@
 """Argument checks shared by the Python layers: each names the argument, what was expected
 and what it got."""
+import argparse
 import numbers
 
 import numpy as np
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, ``rnnfuse <command>: error: ...``, exit status 2,
+    like every other input error of the commands (argparse would print the usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def check_int(name, value, minimum):

@@ -19,7 +19,6 @@ and each implementation's time divided by rnnfuse's (above 1: rnnfuse is faster)
 the GEMM floor (the call's matrix products alone, one BLAS call each) and the FLOP bound
 (the matrix-product FLOPs at the measured single-call GEMM peak of this machine).
 """
-import argparse
 import functools
 import gc
 import json
@@ -31,6 +30,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from ._checks import OneLineParser
 
 __all__ = ["Shape", "Case", "GRID", "QUICK_GRID", "CELLS", "MODES", "DTYPES", "IMPLS",
            "Unavailable", "NotApplicable", "cases", "problem", "runner", "reference_result",
@@ -481,8 +482,8 @@ def _gemm_floor_runner(case):
 # -------------------------------------------------------------------------- command line
 
 def _parser():
-    ap = argparse.ArgumentParser(
-        prog="python -m rnnfuse bench",
+    ap = OneLineParser(
+        prog="rnnfuse bench",
         description="Time rnnfuse's kernels against the NumPy reference, PyTorch and ONNX "
                     "Runtime (when installed) on the benchmark grid: median ms per call of "
                     "interleaved runs, and each one's time over rnnfuse's.")
@@ -558,6 +559,8 @@ def main(argv=None):
         except (ValueError, IndexError):
             ap.error(f"--shapes: indices into a grid of {len(grid)} shapes")
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 1.0)
+    if not 0 < budget <= 3600:  # NaN fails too
+        ap.error(f"--budget must be seconds in (0, 3600], got {args.budget}")
     if args.plot:
         try:
             import matplotlib

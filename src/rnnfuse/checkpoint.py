@@ -149,19 +149,25 @@ def save_checkpoint(path, model_state, optimizer_state=None, scheduler_state=Non
         raise IsADirectoryError(f"path is a directory, not a checkpoint file: {path}")
 
     # 1. encode everything in memory first: bad input fails before the disk is touched
-    arrays = []
-    tree = {"model": _encode(dict(model_state), arrays, "model_state"),
-            "optimizer": _encode(optimizer_state, arrays, "optimizer_state"),
-            "scheduler": _encode(scheduler_state, arrays, "scheduler_state"),
-            "rng": _encode(rng_state, arrays, "rng_state"),
-            "step": int(step),
-            "extra": _encode(extra, arrays, "extra")}
+    arrays, tree = [], {}
+    for key, value, name in (("model", dict(model_state), "model_state"),
+                             ("optimizer", optimizer_state, "optimizer_state"),
+                             ("scheduler", scheduler_state, "scheduler_state"),
+                             ("rng", rng_state, "rng_state"), ("step", int(step), "step"),
+                             ("extra", extra, "extra")):
+        try:
+            tree[key] = _encode(value, arrays, name)
+        except RecursionError:  # a list or dict inside itself, or thousands of levels deep
+            raise ValueError(f"{name} is nested too deeply or contains itself") from None
     table, offset = [], 0
     for a in arrays:
         table.append({"dtype": a.dtype.str, "shape": list(a.shape),
                       "offset": offset, "nbytes": a.nbytes})
         offset += a.nbytes
-    header = json.dumps({"tree": tree, "arrays": table}, separators=(",", ":")).encode()
+    try:
+        header = json.dumps({"tree": tree, "arrays": table}, separators=(",", ":")).encode()
+    except RecursionError:  # the tagged tree is twice as deep as the state
+        raise ValueError("the state is nested too deeply to be saved") from None
     preamble = _PREAMBLE.pack(_MAGIC, FORMAT_VERSION, len(header), offset)
 
     # 2. temp file in the same directory (O_EXCL, mode from the umask), fsync, rename
@@ -254,7 +260,8 @@ def load_checkpoint(path, expected=None):
         out = {k: _decode(tree[k], arrays) for k in _KEYS}
     except CheckpointError as e:
         raise CheckpointError(f"{name}: {e}") from None
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError,
+            RecursionError) as e:  # Overflow: int(inf); Recursion: JSON nested too deeply
         raise CheckpointError(f"{name}: checkpoint header is malformed "
                               f"({type(e).__name__}: {e})") from None
     model = out["model"]
@@ -329,7 +336,7 @@ def restore_checkpoint(path, model, optimizer=None, scheduler=None, rng=None, *,
         def load_state_dict(self, state):
             try:
                 rng.bit_generator.state = state
-            except (TypeError, ValueError, KeyError) as e:
+            except (TypeError, ValueError, KeyError, OverflowError) as e:
                 kind = type(rng.bit_generator).__name__
                 raise CheckpointError(f"rng state does not fit {kind}: {e}") from None
 

@@ -32,9 +32,14 @@ def load_digits():
 
 def load_npz(path):
     """x (N, T, F) float32 and y (N,) int64 from an .npz file; InputError when unusable."""
+    import zipfile
+
     from .tasks import InputError
     try:
-        with np.load(path, allow_pickle=False) as f:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy: one array, no names
+            raise InputError(f"{path} is a .npy file, not an .npz holding x and y")
+        with f:
             missing = [k for k in ("x", "y") if k not in f.files]
             if missing:
                 raise InputError(f"{path} lacks array(s) {', '.join(missing)}; it holds "
@@ -46,10 +51,11 @@ def load_npz(path):
         raise InputError(f"npz path is a directory, not a file: {path}") from None
     except InputError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # EOF: an empty file
         raise InputError(f"{path}: not a readable .npz file ({str(e).splitlines()[0]})") from None
-    if x.ndim != 3 or x.dtype.kind not in "iuf":
-        raise InputError(f"{path}: x must be numbers of shape (N, T, F), got {x.dtype} {x.shape}")
+    if x.ndim != 3 or x.dtype.kind not in "iuf" or 0 in x.shape:
+        raise InputError(f"{path}: x must be numbers of shape (N, T, F), none of them 0, "
+                         f"got {x.dtype} {x.shape}")
     if y.shape != x.shape[:1] or y.dtype.kind not in "iu" or (y.size and y.min() < 0):
         raise InputError(f"{path}: y must be {x.shape[0]} non-negative integer labels, "
                          f"got {y.dtype} {y.shape}")

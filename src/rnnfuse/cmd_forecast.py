@@ -271,8 +271,10 @@ def run(args):
         result = train.fit_from_flags(task, opt, args, max_minutes=max_minutes, unit="win",
                                       stream=out, config=config, on_eval=report)
     rmse = result.last["rmse"]
+    ratio = (f"{rmse / linear:.3f}x the linear baseline" if linear > 0
+             else "the linear baseline is exact")  # a series that is linear in its window
     print(f"held-out RMSE: {rmse:.5g} (persistence {persist:.5g}, linear AR({W}) "
-          f"{linear:.5g}; {rmse / linear:.3f}x the linear baseline) after {result.step} steps, "
+          f"{linear:.5g}; {ratio}) after {result.step} steps, "
           f"{result.elapsed_s:.0f} s ({result.stopped})")
     if args.json:
         print(json.dumps({"command": "forecast", "rmse": rmse, "best_rmse": result.best["rmse"],

@@ -125,7 +125,7 @@ class AddingTask:
 
 
 def _suffixed(path, cell, many):
-    if path is None or not many:
+    if path is None or not many or os.path.isdir(path):  # a directory: fit() refuses it
         return path
     root, ext = os.path.splitext(path)
     return f"{root}.{cell}{ext}"

@@ -54,6 +54,8 @@ def _sequence_list(name, seqs):
             a = np.empty(0, dtype=object)
         if a.dtype == object:
             raise TypeError(f"{name}[{i}] must be a numeric array, got a ragged or object array")
+        if a.dtype.kind not in "biufc":
+            raise TypeError(f"{name}[{i}] must be a numeric array, got dtype {a.dtype}")
         if a.ndim == 0:
             raise ValueError(f"{name}[{i}] must have a time axis (shape (L, ...)), got a scalar")
         if out and a.shape[1:] != out[0].shape[1:]:
@@ -76,6 +78,16 @@ def _lengths_array(name, lengths):
     if lengths.size and lengths.min() < 0:
         raise ValueError(f"{name} must be >= 0, got {lengths.min()}")
     return lengths
+
+
+def _fill(padding_value, dtype):
+    """padding_value as a 0-d array of dtype; ValueError where it cannot be stored
+    (NaN in an integer dtype, -1 in an unsigned one, text in a numeric one)."""
+    try:
+        return np.array(padding_value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"padding_value {padding_value!r} cannot be stored "
+                         f"in dtype {np.dtype(dtype)}") from None
 
 
 # ---------------------------------------------------------------- padding and bucketing
@@ -101,11 +113,8 @@ def pad_sequences(seqs, dtype=None, padding_value=0):
             raise TypeError(f"dtype must be a NumPy dtype or None, got {dtype!r}") from None
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     T = int(lengths.max())
-    try:
-        padded = np.full((T, len(arrays)) + arrays[0].shape[1:], padding_value, dtype=dtype)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"padding_value {padding_value!r} cannot be stored "
-                         f"in dtype {dtype}") from None
+    padded = np.full((T, len(arrays)) + arrays[0].shape[1:], _fill(padding_value, dtype),
+                     dtype=dtype)
     for i, a in enumerate(arrays):
         padded[:len(a), i] = a
     return padded, lengths
@@ -193,6 +202,12 @@ class BatchIterator:
         self.rng = _make_rng(seed)
         self.dtype, self.padding_value = dtype, padding_value
         pad_sequences(self.seqs[:1], dtype, padding_value)  # check dtype and padding_value now
+        # ... in every dtype a batch can take, not only seqs[0]'s: a batch refused mid-epoch
+        # would be lost, the position having moved past it
+        padded = [f for kind, f in self.fields if kind == "pad"]
+        for arrays in padded if dtype is not None else [self.seqs] + padded:
+            for dt in {a.dtype for a in arrays}:
+                _fill(padding_value, dt)
         self._lengths = lens
         self.epoch = 0          # completed epochs
         self._batches = None    # the open epoch's index arrays, or None
@@ -261,8 +276,8 @@ class BatchIterator:
         old = self.rng.bit_generator.state
         try:
             self.rng.bit_generator.state = state_dict["rng"]
-        except (TypeError, ValueError, KeyError) as e:
-            self.rng.bit_generator.state = old
+        except (TypeError, ValueError, KeyError, OverflowError) as e:  # Overflow: an int
+            self.rng.bit_generator.state = old                        # too big for a word
             raise ValueError(f"state_dict['rng'] is not a state of this iterator's "
                              f"{type(self.rng.bit_generator).__name__} generator: {e}") from None
         self.epoch, self._batches, self._pos = epoch, None, 0
@@ -300,6 +315,7 @@ def tbptt_windows(streams, k, batch_size, *, targets=None, padding_value=0):
     are skipped. Yields ``Window(x, y, lengths, reset, seq_ids)`` until every sequence is
     consumed; the state protocol (carry the value, reset on ``reset``, pass
     ``dstate=None``, drop the returned dstate) is in this module's docstring.
+    Arguments are checked at the call, not at the first window.
     """
     k = _check_int("k", k, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -318,10 +334,13 @@ def tbptt_windows(streams, k, batch_size, *, targets=None, padding_value=0):
                          f"{len(ys)} sequence(s) for {len(xs)}")
     if not xs:
         raise ValueError("streams must hold at least one sequence, got an empty list")
-    x_tail, x_dtype = xs[0].shape[1:], np.result_type(*xs)
-    y_tail = ys[0].shape[1:] if ys else None
-    y_dtype = np.result_type(*ys) if ys else None
+    x_fill = _fill(padding_value, np.result_type(*xs))
+    y_fill = None if ys is None else _fill(padding_value, np.result_type(*ys))
+    return _windows(xs, ys, k, batch_size, x_fill, y_fill)
 
+
+def _windows(xs, ys, k, batch_size, x_fill, y_fill):
+    """tbptt_windows' generator, over checked arguments (the fills carry the dtypes)."""
     queue = iter([i for i, a in enumerate(xs) if len(a) > 0])
     seq = np.full(batch_size, -1, dtype=np.int64)    # sequence on each row
     pos = np.zeros(batch_size, dtype=np.int64)       # next step of it
@@ -331,8 +350,8 @@ def tbptt_windows(streams, k, batch_size, *, targets=None, padding_value=0):
     while (seq >= 0).any():
         lengths = np.where(seq >= 0, np.minimum(k, [len(xs[s]) - p for s, p in zip(seq, pos)]), 0)
         T = int(lengths.max())
-        x = np.full((T, batch_size) + x_tail, padding_value, dtype=x_dtype)
-        y = None if ys is None else np.full((T, batch_size) + y_tail, padding_value, dtype=y_dtype)
+        x = np.full((T, batch_size) + xs[0].shape[1:], x_fill)
+        y = None if ys is None else np.full((T, batch_size) + ys[0].shape[1:], y_fill)
         for b in np.flatnonzero(lengths):
             s, p, n = seq[b], pos[b], lengths[b]
             x[:n, b] = xs[s][p:p + n]

@@ -16,6 +16,7 @@ Every forward is matched by at most one backward, which uses what that forward s
 Notation: T steps, B batch rows, I input features, H hidden units, L = num_layers,
 D = num_directions (1 or 2), G gate blocks per cell (LSTM 4, GRU 3, RNN 1).
 """
+import math
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -188,6 +189,10 @@ class _RNNBase(Module):
         self.input_size = _check_int("input_size", input_size, 1)
         self.hidden_size = _check_int("hidden_size", hidden_size, 1)
         self.num_layers = _check_int("num_layers", num_layers, 1)
+        if self._gates * self.hidden_size >= 2**31 or self.input_size >= 2**31:
+            raise ValueError(f"{self._gates}*hidden_size and input_size must be below 2**31 "
+                             f"(the BLAS's 32-bit sizes), got hidden_size={self.hidden_size}, "
+                             f"input_size={self.input_size}")
         self.bias = _check_bool("bias", bias)
         self.batch_first = _check_bool("batch_first", batch_first)
         self.bidirectional = _check_bool("bidirectional", bidirectional)
@@ -205,7 +210,7 @@ class _RNNBase(Module):
         self._rng = _make_rng(seed)  # draws the initial weights, then the dropout masks
 
         # PyTorch's names and order; every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)).
-        H, G, k = self.hidden_size, self._gates, 1.0 / np.sqrt(self.hidden_size)
+        H, G, k = self.hidden_size, self._gates, 1.0 / math.sqrt(self.hidden_size)
         for layer in range(self.num_layers):
             n_in = self.input_size if layer == 0 else self.num_directions * H
             for d in range(self.num_directions):

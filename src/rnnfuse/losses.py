@@ -25,11 +25,18 @@ __all__ = ["cross_entropy", "mse_loss"]
 
 # ---------------------------------------------------------------- argument checks
 
+def _as_array(name, a):
+    try:
+        return np.asarray(a)
+    except ValueError:  # a ragged nested list: NumPy's message names no argument
+        raise ValueError(f"{name} must be an array, got a ragged nested sequence") from None
+
+
 def _float_array(name, a):
     if not isinstance(a, np.ndarray):
         if a is None or isinstance(a, (str, bytes, dict)):
             raise TypeError(f"{name} must be a float32 or float64 array, got {type(a).__name__}")
-        a = np.asarray(a)
+        a = _as_array(name, a)
     if a.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     return a
@@ -39,7 +46,7 @@ def _int_array(name, a, shape, what):
     if not isinstance(a, np.ndarray):
         if a is None or isinstance(a, (str, bytes, dict)):
             raise TypeError(f"{name} must be an integer array, got {type(a).__name__}")
-        a = np.asarray(a)
+        a = _as_array(name, a)
     if a.dtype.kind not in "iu" and not (a.size == 0 and a.dtype == np.float64):
         raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
     if a.shape != shape:
@@ -155,7 +162,7 @@ def mse_loss(pred, target, lengths=None, *, reduction="mean"):
     if not isinstance(target, np.ndarray):
         if target is None or isinstance(target, (str, bytes, dict)):
             raise TypeError(f"target must be an array, got {type(target).__name__}")
-        target = np.asarray(target)
+        target = _as_array("target", target)
     if target.dtype.kind not in "biuf":
         raise TypeError(f"target must be a real numeric array, got dtype {target.dtype}")
     if target.shape != pred.shape:

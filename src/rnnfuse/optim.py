@@ -41,7 +41,10 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm",
 def _check_float(name, value, low=0.0, high=None, high_open=False):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        raise ValueError(f"{name} must be a finite number, got {value}") from None
     if not (value >= low) or (high is not None and (value >= high if high_open else value > high)):
         bound = f"in [{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
@@ -236,8 +239,8 @@ class SGD(Optimizer):
             g = g + self.weight_decay * p
         if self.momentum != 0:
             buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = g.copy()
+            if buf is None:  # np.array, not g.copy(): for a 0-d p, g may be a NumPy scalar
+                buf = state["momentum_buffer"] = np.array(g, dtype=p.dtype)
             else:
                 buf *= self.momentum
                 buf += (1 - self.dampening) * g
@@ -436,7 +439,10 @@ class StepLR(LRSchedule):
         self.gamma = _check_float("gamma", gamma)
 
     def lr_at(self, step):
-        return self.base_lr * self.gamma ** (step // self.step_size)
+        try:
+            return self.base_lr * self.gamma ** (step // self.step_size)
+        except OverflowError:  # gamma > 1 over many steps: past the float range, as torch's inf
+            return math.inf if self.base_lr > 0 else 0.0
 
 
 class CosineAnnealingLR(LRSchedule):

@@ -249,10 +249,12 @@ class CharLM:
         out = []
         last = logits[-1, 0].astype(np.float64)
         for _ in range(length):
-            if temperature <= 0:
+            with np.errstate(over="ignore"):
+                z = last / temperature if temperature > 0 else last
+            if temperature <= 0 or not np.isfinite(z).all():  # greedy: the limit of a tiny
+                # temperature (whose z overflows), and the only choice with NaN logits
                 nxt = int(np.argmax(last))
             else:
-                z = last / temperature
                 p = np.exp(z - z.max())
                 p /= p.sum()
                 nxt = int(rng.choice(len(p), p=p))

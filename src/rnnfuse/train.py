@@ -129,18 +129,28 @@ def plot_losses(path, losses, history, title="training"):
     ax.legend()
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # leave no half-written file behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 
 # ---------------------------------------------------------------- the loop
 
 def _check_path_dir(name, path):
+    """Checked before training, not at the first write: the directory exists and the
+    path is not itself a directory."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{name}: directory does not exist: {directory}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{name}: path is a directory, not a file: {path}")
 
 
 def fit(task, optimizer, *, epochs=1, scheduler=None, clip=None, patience=None, min_delta=0.0,
@@ -232,6 +242,9 @@ def fit(task, optimizer, *, epochs=1, scheduler=None, clip=None, patience=None, 
                f"{unit}_per_s": units_since / max(now - t_since, 1e-9),
                "lr": float(optimizer.lr), "elapsed_s": now - t0}
         units_since, t_since = 0, now
+        if not math.isfinite(rec["loss"]):  # the model diverged: its checkpoint is worthless
+            raise TrainingError(f"the held-out loss became {rec['loss']} at step {step}; "
+                                "lower the learning rate or clip the gradients")
         if best is None or rec["loss"] < best["loss"] - min_delta:
             best, bad_evals = rec, 0
         else:
