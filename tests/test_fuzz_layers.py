@@ -2,6 +2,8 @@
 dtype, sizes from 0, ragged or not) run forward and backward with the right shapes, zero
 padding and finite gradients; inputs of a wrong kind raise TypeError or ValueError.
 (Values are checked against PyTorch and the kernels in test_layers*.py.)"""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,9 +12,11 @@ from hypothesis import strategies as st
 import rnnfuse
 
 CELLS = {"lstm": rnnfuse.LSTM, "gru": rnnfuse.GRU, "rnn": rnnfuse.RNN}
+# tools/fuzz_long.sh sets RNNFUSE_FUZZ_EXAMPLES for its long runs
+LONG = os.environ.get("RNNFUSE_FUZZ_EXAMPLES")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=int(LONG or 60), deadline=None, derandomize=LONG is None)
 @given(cell=st.sampled_from(sorted(CELLS)), layers=st.integers(1, 2), bidir=st.booleans(),
        batch_first=st.booleans(), bias=st.booleans(),
        dtype=st.sampled_from([np.float32, np.float64]),
@@ -45,7 +49,7 @@ WRONG = [None, "abc", 3, 2.5, [[1.0]], np.ones((2, 2), np.int64), np.ones((2, 2,
          np.array([[[object()]]])]
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=int(LONG or 80), deadline=None, derandomize=LONG is None)
 @given(cell=st.sampled_from(sorted(CELLS)), wrong=st.sampled_from(range(len(WRONG))),
        slot=st.sampled_from(["x", "state", "lengths", "dy"]))
 def test_wrong_inputs_raise_type_or_value_error(cell, wrong, slot):
