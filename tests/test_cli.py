@@ -107,3 +107,11 @@ def test_bad_flag_is_one_line_error_under_python_m(command, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == f"rnnfuse {command}: error: --hidden must be >= 1, got 0"
+
+
+def test_error_lines_survive_exceptions_without_a_message():
+    """An EOFError from a truncated .npz member has no message: the one-line error names
+    its type instead of failing on an empty first line (found by tools/fuzz_long.sh)."""
+    from rnnfuse._checks import first_line
+    assert first_line(EOFError()) == "EOFError"
+    assert first_line(ValueError("bad\nmore")) == "bad"

@@ -231,3 +231,30 @@ def test_public_names():
     assert (stream.batch_size, stream.input_size, stream.hidden_size, stream.num_layers) == \
         (1, 2, 3, 1)
     assert "LSTM stream" in repr(stream)
+
+
+@pytest.mark.parametrize("damage", ["short w_hh", "wrong dtype", "strided w_ih",
+                                    "layer sizes", "no layers", "bad cell"])
+def test_direct_construction_checks_the_buffers(damage):
+    """rnnfuse.Stream is public: made by hand with arrays that do not fit, it raises
+    instead of letting C read outside them."""
+    H, I = 4, 3
+    rng = np.random.default_rng(0)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    layers = [[w(4 * H, I), w(4 * H, H), w(4 * H), None], [w(4 * H, H), w(4 * H, H), None, None]]
+    cell = "lstm"
+    rnnfuse.Stream(cell, False, np.float32, 2, layers).step(np.ones((2, I), np.float32))
+    if damage == "short w_hh":
+        layers[1][1] = w(4 * H, H - 1)
+    elif damage == "wrong dtype":
+        layers[0][2] = layers[0][2].astype(np.float64)
+    elif damage == "strided w_ih":
+        layers[0][0] = w(4 * H, 2 * I)[:, ::2]
+    elif damage == "layer sizes":
+        layers[1][0] = w(4 * H, H + 1)
+    elif damage == "no layers":
+        layers = []
+    else:
+        cell = "lstm2"
+    with pytest.raises(ValueError):
+        rnnfuse.Stream(cell, False, np.float32, 2, layers)

@@ -41,3 +41,8 @@ def make_rng(seed):
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     return np.random.default_rng(int(seed))
+
+
+def first_line(error):
+    """An exception's message, first line only, for a one-line error (its type if empty)."""
+    return (str(error).splitlines() or [type(error).__name__])[0]

@@ -513,17 +513,31 @@ cdef class Stream:
 
     def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights):
         """Internal: use ``layer.stream()``. weights: per layer (w_ih, w_hh, b_ih, b_hh),
-        C-contiguous arrays of dtype (biases may be None), already checked by the layer."""
-        cdef Py_ssize_t l, k, B = batch_size
+        C-contiguous arrays of dtype (biases may be None); checked again here for what keeps
+        C inside its buffers."""
+        cdef Py_ssize_t l, k, B = batch_size, G, H, I
         cdef _Fwd *call
+        if self.layers != NULL:
+            raise RuntimeError("a Stream is initialised once")
+        if cell not in GATES or not weights or B < 0 or dtype not in (np.float32, np.float64):
+            raise ValueError("Stream(cell, option, dtype, batch_size, weights): use "
+                             "layer.stream()")
         self.cell = {"lstm": _LSTM, "gru": _GRU, "rnn": _RNN}[cell]
         self.option = bool(option)
         self.dtype = np.dtype(dtype)
         self.typenum = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
         G = GATES[cell]
         H = weights[0][1].shape[1]
+        I = weights[0][0].shape[1]
+        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+            if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
+                raise ValueError(f"Stream: layer {l}'s w_ih has shape {w_ih.shape}")
+            _buf(w_ih, G * H * w_ih.shape[1], self.typenum, "w_ih", _REQUIRED)
+            _buf(w_hh, G * H * H, self.typenum, "w_hh", _REQUIRED)
+            _buf(b_ih, G * H, self.typenum, "b_ih", _OPTIONAL)
+            _buf(b_hh, G * H, self.typenum, "b_hh", _OPTIONAL)
         self.batch_size, self.hidden_size, self.num_layers = B, H, len(weights)
-        self.input_size = weights[0][0].shape[1]
+        self.input_size = I
         self._n_states = 2 if cell == "lstm" else 1
         lengths = np.ones(B, np.int64)
         self._plan_obj = Plan(lengths, 1, False)

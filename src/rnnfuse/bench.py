@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._checks import OneLineParser
+from ._checks import OneLineParser, first_line
 
 __all__ = ["Shape", "Case", "GRID", "QUICK_GRID", "CELLS", "MODES", "DTYPES", "IMPLS",
            "Unavailable", "NotApplicable", "cases", "problem", "runner", "reference_result",
@@ -335,7 +335,7 @@ def _ort_runner(case, p, threads):
         quiet.log_severity_level = 4
         sess.run(None, feeds, quiet)
     except Exception as e:
-        why = str(e).splitlines()[0].split("Status Message: ")[-1].split(" : ")[-1]
+        why = first_line(e).split("Status Message: ")[-1].split(" : ")[-1]
         raise Unavailable(f"ONNX Runtime cannot run {case.cell} {case.dtype}: "
                           f"{why[:200]}") from None
 

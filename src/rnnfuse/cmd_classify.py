@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+from ._checks import first_line
 from .cmd_forecast import FinalState
 from .data import PairBatches
 
@@ -52,7 +53,7 @@ def load_npz(path):
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # EOF: an empty file
-        raise InputError(f"{path}: not a readable .npz file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable .npz file ({first_line(e)})") from None
     if x.ndim != 3 or x.dtype.kind not in "iuf" or 0 in x.shape:
         raise InputError(f"{path}: x must be numbers of shape (N, T, F), none of them 0, "
                          f"got {x.dtype} {x.shape}")

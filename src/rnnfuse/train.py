@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from ._checks import first_line
 from .checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
 from .optim import clip_grad_norm
 
@@ -202,7 +203,7 @@ def fit(task, optimizer, *, epochs=1, scheduler=None, clip=None, patience=None, 
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{os.path.basename(resume)}: checkpoint does not fit this "
-                                  f"run: {str(e).splitlines()[0]}") from None
+                                  f"run: {first_line(e)}") from None
         fit_state = extra.get("fit") or {}
         step = head["step"]
         epoch = int(fit_state.get("epoch", 0))
