@@ -493,3 +493,24 @@ def test_forward_refuses_parameters_moved_off_the_kernels_reach():
         rt.GRU(3, 4).half()(torch.randn(5, 2, 3).half())
     with pytest.raises(RuntimeError, match=r"parameter weight_ih_l0 is on meta"):
         rt.GRU(3, 4).to("meta")(torch.randn(5, 2, 3))
+
+
+def test_tensors_reach_the_kernels_and_come_back_without_copies(monkeypatch):
+    """Contiguous CPU tensors are handed to the kernels as NumPy views of their memory,
+    and the kernels' outputs become the returned tensors without a copy."""
+    seen = {}
+    real = F.lstm_forward
+
+    def spy(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *args, **kw):
+        out = real(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *args, **kw)
+        seen.update(x=x, w_ih=w_ih, w_hh=w_hh, y=out[0])
+        return out
+
+    monkeypatch.setattr(F, "lstm_forward", spy)
+    lstm = rt.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    y, _ = lstm(x)
+    assert seen["x"].__array_interface__["data"][0] == x.data_ptr()
+    assert seen["w_ih"].__array_interface__["data"][0] == lstm.weight_ih_l0.data_ptr()
+    assert seen["w_hh"].__array_interface__["data"][0] == lstm.weight_hh_l0.data_ptr()
+    assert y.data_ptr() == seen["y"].__array_interface__["data"][0]
