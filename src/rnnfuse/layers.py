@@ -363,13 +363,13 @@ class _RNNBase(Module):
         dx = np.ascontiguousarray(g.transpose(1, 0, 2)) if self.batch_first else g
         return dx, self._pack_state(dinit)
 
-
     def stream(self, batch_size=1, state=None):
         """A :class:`Stream` that runs this layer one timestep at a time (for generation
         and online inference), starting from ``state`` (the layer's form, with
         batch_size rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size,
-        input_size), returns y_t (batch_size, hidden_size): the same numbers as
-        ``forward`` over the whole sequence in eval mode. The stream copies the weights
+        input_size), returns y_t (batch_size, hidden_size): the numbers of ``forward``
+        over the whole sequence in eval mode, to rounding (the input projection is one
+        BLAS call per step instead of one per sequence). The stream copies the weights
         as they are now; only unidirectional layers can be streamed.
         """
         if self.bidirectional:
