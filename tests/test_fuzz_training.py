@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from rnnfuse import checkpoint, data, losses, optim
 from rnnfuse.checkpoint import CheckpointError
+from layouts import relayout  # tests/layouts.py
 
 FUZZ_EXAMPLES = int(os.environ.get("RNNFUSE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None,
@@ -37,26 +38,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 
 # ---------------------------------------------------------------- helpers
 
-def relayout(a, kind):
-    """The same values in another memory layout: the functions must not care."""
-    if kind == "C" or a.ndim == 0:
-        return a
-    if kind == "F":
-        return np.asfortranarray(a)
-    if kind == "strided":
-        wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
-        wide[..., ::2] = a
-        return wide[..., ::2]
-    if kind == "reversed":
-        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
-    if kind == "readonly":
-        b = a.copy()
-        b.flags.writeable = False
-        return b
-    raise AssertionError(kind)
-
-
-LAYOUTS = st.sampled_from(["C", "F", "strided", "reversed", "readonly"])
+LAYOUTS = st.sampled_from(["C", "F", "strided", "negative", "readonly"])
 
 
 def snapshot(*objs):
