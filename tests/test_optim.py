@@ -355,3 +355,10 @@ def test_schedule_bad_input_and_bad_state():
         with pytest.raises(err, match=msg):
             sched.load_state_dict(bad)
         assert sched.state_dict() == good
+
+
+def test_clip_grad_norm_refuses_the_same_array_twice():
+    g = np.full(4, 3.0)
+    with pytest.raises(ValueError, match=r"grads\['b'\] is the same array as grads\['a'\]"):
+        clip_grad_norm({"a": g, "b": g}, 1.0)
+    assert np.array_equal(g, np.full(4, 3.0))  # nothing scaled

@@ -321,7 +321,7 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     max_norm = _check_float("max_norm", max_norm)
     if norm_type not in (2, 2.0, math.inf):
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
-    arrays = []
+    arrays, seen = [], {}
     for k, g in grads.items():
         if g is None:
             continue
@@ -330,6 +330,9 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
             raise TypeError(f"grads[{k!r}] must be a float32 or float64 array, got {got}")
         if not g.flags.writeable:
             raise ValueError(f"grads[{k!r}] must be writeable (it is scaled in place)")
+        if id(g) in seen:  # it would count twice in the norm and be scaled twice
+            raise ValueError(f"grads[{k!r}] is the same array as grads[{seen[id(g)]!r}]")
+        seen[id(g)] = k
         arrays.append(g)
     if not arrays:
         return 0.0
