@@ -1,6 +1,5 @@
 """Command line: ``python -m rnnfuse <command>``."""
 import json
-import math
 import os
 import sys
 
@@ -91,25 +90,7 @@ def _command(name):
 # rnnfuse.__main__ gets a second copy of it, with a second class of the same name.
 from .tasks import InputError as _UserError  # noqa: E402
 from .tasks import check_flag as _positive  # noqa: E402
-
-# The most any integer flag may be (the seed excepted): far past what fits in memory, and
-# short of sizes NumPy cannot even express as a shape.
-_MAX_INT_FLAG = 2**31 - 1
-
-
-def _check_shared(args):
-    """The numbers every training command takes (``_add_shared``), and the upper bound on
-    all integer flags; the commands check the rest."""
-    for name, value in vars(args).items():
-        if type(value) is int and name != "seed" and value > _MAX_INT_FLAG:
-            raise _UserError(f"--{name.replace('_', '-')} must be <= {_MAX_INT_FLAG}, got {value}")
-    _positive("--seed", args.seed, 0)
-    for name in ("lr", "clip"):
-        if not 0 <= getattr(args, name) < math.inf:  # NaN fails too
-            raise _UserError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
-    if args.max_minutes is not None and math.isnan(args.max_minutes):
-        raise _UserError("--max-minutes must be a number (0 for no limit), got nan")
-
+from .tasks import check_shared_flags  # noqa: E402
 
 def _charlm(args):
     import numpy as np
@@ -117,19 +98,14 @@ def _charlm(args):
 
     from . import optim, tasks, train
 
-    for name in ("hidden", "layers", "epochs", "bptt", "batch", "embed", "threads"):
-        _positive(f"--{name}", getattr(args, name))
-    _positive("--steps", args.steps)
-    _positive("--patience", args.patience)
-    _positive("--eval-every", args.eval_every)
-    _positive("--max-chars", args.max_chars)
+    check_shared_flags(args)
+    for name in ("bptt", "embed", "max_chars"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _positive("--sample", args.sample, 0)
     if not args.temperature >= 0:  # NaN fails too
         raise _UserError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.heldout < 0.5:
         raise _UserError(f"--heldout must lie in (0, 0.5), got {args.heldout}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        args.max_minutes = None
     out = open(os.devnull, "w") if args.quiet else sys.stderr  # progress and eval lines
 
     # 1. the corpus: documents, then held-out = the last documents (or the tail of one text)
@@ -211,7 +187,6 @@ def main(argv=None):
     from .tasks import InputError
     from .train import TrainingError
     try:
-        _check_shared(args)
         return _charlm(args) if args.command == "charlm" else _command(args.command).run(args)
     except (_UserError, InputError, CheckpointError, TrainingError) as e:
         print(f"rnnfuse {args.command}: error: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 from .cmd_memory import _Batches
 from .layers import GRU, LSTM, RNN, Linear, Sequential
 from .losses import cross_entropy
-from .tasks import InputError
+from .tasks import InputError, check_flag, check_shared_flags
 
 __all__ = ["add_parser", "run", "AutoencodeTask"]
 
@@ -95,11 +95,9 @@ class AutoencodeTask:
 
 
 def _check(args):
-    for name in ("hidden", "layers", "epochs", "threads", "batch", "steps", "patience",
-                 "eval_every", "length", "heldout_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    check_shared_flags(args)
+    for name in ("length", "heldout_size"):
+        check_flag(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.vocab < 2:
         raise InputError(f"--vocab must be >= 2, got {args.vocab}")
     if args.train_size < args.batch:
@@ -113,7 +111,6 @@ def run(args):
 
     _check(args)
     out = open(os.devnull, "w") if args.quiet else sys.stderr
-    minutes = args.max_minutes if args.max_minutes and args.max_minutes > 0 else None
     data_rng = np.random.default_rng([args.seed, 2])
     train_ids = data_rng.integers(0, args.vocab, (args.length, args.train_size))
     heldout = data_rng.integers(0, args.vocab, (args.length, args.heldout_size))
@@ -139,7 +136,7 @@ def run(args):
               f"{rec['tok_per_s']:,.0f} tok/s, {rec['elapsed_s']:.0f} s", file=out, flush=True)
 
     with threadpool_limits(limits=args.threads):
-        res = train.fit_from_flags(task, opt, args, max_minutes=minutes, rng=rng, unit="tok",
+        res = train.fit_from_flags(task, opt, args, max_minutes=args.max_minutes, rng=rng, unit="tok",
                                    stream=out, config=config, on_eval=report)
     last = res.last
     print(f"held-out greedy reconstruction: token accuracy {last['token_accuracy']:.4f} "

@@ -133,17 +133,11 @@ def run(args):
     from threadpoolctl import threadpool_limits
 
     from . import optim, train
-    from .tasks import InputError as _UserError
-    from .tasks import InputError
+    from .tasks import InputError, check_shared_flags
 
-    for name in ("hidden", "layers", "epochs", "batch", "threads", "steps", "patience",
-                 "eval_every"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise _UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    check_shared_flags(args)
     if not 0 < args.test < 1:
-        raise _UserError(f"--test must lie in (0, 1), got {args.test}")
-    max_minutes = args.max_minutes if args.max_minutes and args.max_minutes > 0 else None
+        raise InputError(f"--test must lie in (0, 1), got {args.test}")
     out = open(os.devnull, "w") if args.quiet else sys.stderr
 
     if args.npz is not None:
@@ -178,7 +172,7 @@ def run(args):
               file=out, flush=True)
 
     with threadpool_limits(limits=args.threads):
-        result = train.fit_from_flags(task, opt, args, max_minutes=max_minutes,
+        result = train.fit_from_flags(task, opt, args, max_minutes=args.max_minutes,
                                       scheduler=sched, unit="seq", stream=out, config=config,
                                       on_eval=report)
     acc = result.last["accuracy"]

@@ -205,17 +205,15 @@ def run(args):
 
     from . import optim, train
     from .tasks import InputError
-    from .tasks import check_flag as _positive
+    from .tasks import check_flag, check_shared_flags
 
-    for name in ("hidden", "layers", "epochs", "window", "batch", "threads", "length"):
-        _positive(f"--{name}", getattr(args, name))
-    for name in ("steps", "patience", "eval_every"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_shared_flags(args)
+    for name in ("window", "length"):
+        check_flag(f"--{name}", getattr(args, name))
     if not 0 < args.heldout < 1:
         raise InputError(f"--heldout must lie in (0, 1), got {args.heldout}")
     if args.column is not None and args.csv is None:
         raise InputError("--column needs --csv")
-    max_minutes = args.max_minutes if args.max_minutes and args.max_minutes > 0 else None
     out = open(os.devnull, "w") if args.quiet else sys.stderr
 
     # 1. the series, its windows, the chronological split, the training statistics
@@ -268,7 +266,7 @@ def run(args):
               file=out, flush=True)
 
     with threadpool_limits(limits=args.threads):
-        result = train.fit_from_flags(task, opt, args, max_minutes=max_minutes, unit="win",
+        result = train.fit_from_flags(task, opt, args, max_minutes=args.max_minutes, unit="win",
                                       stream=out, config=config, on_eval=report)
     rmse = result.last["rmse"]
     ratio = (f"{rmse / linear:.3f}x the linear baseline" if linear > 0

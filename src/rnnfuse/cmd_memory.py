@@ -20,7 +20,7 @@ import numpy as np
 
 from .layers import GRU, LSTM, RNN, Linear, Sequential
 from .losses import mse_loss
-from .tasks import InputError
+from .tasks import InputError, check_shared_flags
 
 __all__ = ["add_parser", "run", "adding_problem", "AddingTask"]
 
@@ -132,11 +132,7 @@ def _suffixed(path, cell, many):
 
 
 def _check(args):
-    for name in ("hidden", "layers", "epochs", "threads", "batch", "steps", "patience",
-                 "eval_every"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    check_shared_flags(args)
     if args.length < 2:
         raise InputError(f"--length must be >= 2, got {args.length}")
     if args.train_size < args.batch:
@@ -154,7 +150,6 @@ def run(args):
     out = open(os.devnull, "w") if args.quiet else sys.stderr
     cells = CELLS if args.cell is None else (args.cell,)
     many = len(cells) > 1
-    minutes = args.max_minutes if args.max_minutes and args.max_minutes > 0 else None
     data_rng = np.random.default_rng([args.seed, 1])
     train_set = adding_problem(args.train_size, args.length, data_rng)
     heldout = adding_problem(args.heldout_size, args.length, data_rng)
@@ -182,8 +177,9 @@ def run(args):
                       f"(baseline {baseline:.4f}), {rec['seq_per_s']:,.0f} seq/s, "
                       f"{rec['elapsed_s']:.0f} s", file=out, flush=True)
 
+            share = None if args.max_minutes is None else args.max_minutes / len(cells)
             res = train.fit_from_flags(
-                task, opt, args, max_minutes=None if minutes is None else minutes / len(cells),
+                task, opt, args, max_minutes=share,
                 paths=lambda path: _suffixed(path, cell, many), rng=rng, unit="seq",
                 stream=out, config=config, on_eval=report)
             results[cell] = {"mse": res.last["mse"], "best_mse": res.best["mse"],

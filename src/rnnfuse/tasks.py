@@ -13,7 +13,8 @@ import numpy as np
 from .layers import GRU, LSTM, RNN, Embedding, Linear, Sequential
 from .losses import cross_entropy
 
-__all__ = ["InputError", "read_text", "stdlib_corpus", "Vocab", "StreamWindows", "CharLM"]
+__all__ = ["InputError", "check_flag", "check_shared_flags", "read_text", "stdlib_corpus",
+           "Vocab", "StreamWindows", "CharLM"]
 
 LN2 = math.log(2.0)
 
@@ -28,6 +29,31 @@ def check_flag(name, value, minimum=1):
     """A command-line number that must be at least ``minimum`` (None: not given)."""
     if value is not None and value < minimum:
         raise InputError(f"{name} must be >= {minimum}, got {value}")
+
+
+# The most any integer flag may be (the seed excepted): far past what fits in memory, and
+# short of sizes NumPy cannot even express as a shape.
+MAX_INT_FLAG = 2**31 - 1
+
+
+def check_shared_flags(args):
+    """The flags every training command takes (``rnnfuse.__main__._add_shared``, and
+    --batch, which each defines), and the upper bound on all its integer flags; each
+    command checks its own. --max-minutes 0 (or less) becomes None: no limit."""
+    for name, value in vars(args).items():
+        if type(value) is int and name != "seed" and value > MAX_INT_FLAG:
+            raise InputError(f"--{name.replace('_', '-')} must be <= {MAX_INT_FLAG}, got {value}")
+    for name in ("hidden", "layers", "epochs", "batch", "threads", "steps", "patience",
+                 "eval_every"):
+        check_flag(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_flag("--seed", args.seed, 0)
+    for name in ("lr", "clip"):
+        if not 0 <= getattr(args, name) < math.inf:  # NaN fails too
+            raise InputError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
+    if args.max_minutes is not None and math.isnan(args.max_minutes):
+        raise InputError("--max-minutes must be a number (0 for no limit), got nan")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        args.max_minutes = None
 
 
 def read_text(path):
