@@ -29,6 +29,8 @@ if sanitize:
     link_args += flags
 if sys.platform == "win32":
     compile_args, link_args = ["/O2"], []
+# threads.c: dladdr/dlopen and pthreads (part of libc since glibc 2.34, apart before)
+libraries = ["dl", "pthread"] if sys.platform.startswith("linux") else []
 
 kernels = Extension(
     "rnnfuse._kernels",
@@ -37,6 +39,7 @@ kernels = Extension(
     depends=sorted(glob("csrc/*.h")) + sorted(glob("csrc/*.c")),  # rebuild on any change
     extra_compile_args=compile_args,
     extra_link_args=link_args,
+    libraries=libraries,
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                    ("RNNFUSE_COMPILE_ARGS", '"' + " ".join(compile_args) + '"')],
 )

@@ -54,14 +54,26 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
     return 2 * p->B * H + rf_packed_size(G * H, H);
 }
 
-ptrdiff_t rf_recurrent_pack_size(ptrdiff_t G, ptrdiff_t H) {
+/* Where rf_prepare_weights puts each packed weight. */
+static ptrdiff_t recurrent_pack_size(ptrdiff_t G, ptrdiff_t H) {
     /* the GRU without linear_before_reset packs its n block apart, after the rest */
     return rf_packed_size(H, G * H) + (G == 3 ? rf_packed_size(H, H) : 0);
 }
 
-void rf_pack_recurrent_f32(float *dst, const float *w_hh, ptrdiff_t G, ptrdiff_t H, int lbr) {
-    rf_weight W[2];
-    rf_prepare_recurrent_f32(W, w_hh, G, H, lbr, dst, NULL);
+ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
+    return recurrent_pack_size(G, H) + rf_packed_size(I, G * H);
+}
+
+void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
+                         ptrdiff_t H, ptrdiff_t I, int lbr) {
+    rf_weight W[3];
+    rf_prepare_weights_f32(W, w_ih, w_hh, G, H, I, lbr, dst, NULL);
+}
+
+void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, ptrdiff_t G,
+                         ptrdiff_t H, ptrdiff_t I, int lbr) {
+    rf_weight W[3];
+    rf_prepare_weights_f64(W, w_ih, w_hh, G, H, I, lbr, dst, NULL);
 }
 
 #define RF_TEMPLATE_FILE "common.c"
@@ -163,71 +175,108 @@ void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t c
 }
 
 /* Prepares op(W) (K rows, N columns) for rf_step_gemm: packed into pack_buffer
- * (rf_packed_size(K, N) elements) where the micro-kernel runs, else used in place.
- * prepacked (float32 only; or NULL): op(W) already packed, used instead of packing. */
+ * (rf_packed_size(K, N) elements) where our product runs, else used in place by BLAS.
+ * prepacked (or NULL): op(W) already packed, used instead of packing. */
 void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
                               ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
-                              const float *prepacked) {
+                              const REAL *prepacked) {
     W->w = w;
     W->ldw = ldw;
     W->trans = trans;
     W->packed = NULL;
-    W->panel_stride = RF_PANEL * K;
-#if RF_IS_FLOAT
+    W->panel_stride = RF_NR * K;
     if (rf_packed_available()) {
-        if (!prepacked) rf_pack_f32(pack_buffer, w, ldw, trans, K, N);
+        if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N);
         W->packed = prepacked ? prepacked : pack_buffer;
     }
-#else
-    (void)N; (void)pack_buffer; (void)prepacked;
-#endif
 }
 
-/* The forward's recurrent weight, op(W_hh) = W_hh^T (H rows, G*H columns): W[0] holds the
- * columns of every gate, except for the GRU without linear_before_reset, whose n block
- * multiplies r h apart: there W[0] holds the r z columns and W[1] the n block. Packed into
- * pack_buffer (rf_recurrent_pack_size elements), or taken from prepacked (or NULL), laid
- * out as rf_pack_recurrent_f32 packs it. */
-void RF_FN(rf_prepare_recurrent)(rf_weight W[2], const REAL *w_hh, ptrdiff_t G, ptrdiff_t H,
-                                 int lbr, REAL *pack_buffer, const float *prepacked) {
+/* A forward's weights: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns) for the per-step
+ * products, except for the GRU without linear_before_reset, whose n block multiplies r h
+ * apart: there W[0] holds the r z columns and W[1] the n block; W[2] = W_ih^T (I rows,
+ * G*H columns) for the input projection. Packed into pack_buffer (rf_weights_pack_size
+ * elements), or taken from prepacked (or NULL), packed the same way. */
+void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
+                               ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
+                               REAL *pack_buffer, const REAL *prepacked) {
     int split = G == 3 && !lbr;
-    ptrdiff_t second = rf_packed_size(H, G * H);
+    ptrdiff_t second = rf_packed_size(H, G * H), input = recurrent_pack_size(G, H);
     RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
                              prepacked);
     if (split)
         RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H, pack_buffer + second,
                                  prepacked ? prepacked + second : NULL);
+    RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, G * H, pack_buffer + input,
+                             prepacked ? prepacked + input : NULL);
 }
 
 /* One recurrent product of a step: C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :]. */
 void RF_FN(rf_step_gemm)(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
-#if RF_IS_FLOAT
     if (W->packed) {
-        rf_packed_gemm_f32(M, N, K, A, lda, W->packed + k0 * RF_PANEL, W->panel_stride,
-                           accumulate, C, ldc);
+        RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
+                              W->panel_stride, accumulate, C, ldc, 1);
         return;
     }
-#endif
     const REAL *w = (const REAL *)W->w + (W->trans ? k0 : k0 * W->ldw);
     RF_FN(rf_gemm)(blas, 0, W->trans, M, N, K, 1, A, lda, w, W->ldw, accumulate ? 1 : 0, C, ldc);
 }
 
+/* One thread's share of an input projection: contiguous whole tiles of rows. */
+typedef struct {
+    ptrdiff_t rows, GH, I, panel_stride;
+    const REAL *x, *w;
+    REAL *gates;
+} RF_FN(projection);
+
+static void RF_FN(project_part)(void *arg, int part, int parts) {
+    const RF_FN(projection) *q = arg;
+    ptrdiff_t tiles = (q->rows + RF_MR - 1) / RF_MR;
+    ptrdiff_t r0 = tiles * part / parts * RF_MR, r1 = tiles * (part + 1) / parts * RF_MR;
+    if (r1 > q->rows) r1 = q->rows;
+    if (r0 < r1)
+        RF_FN(rf_packed_gemm)(r1 - r0, q->GH, q->I, q->x + r0 * q->I, q->I, q->w,
+                              q->panel_stride, 0, q->gates + r0 * q->GH, q->GH, 0);
+}
+
+/* Flops below which a thread's share is not worth starting it (tens of microseconds). */
+#define RF_FLOPS_PER_THREAD (1 << 23)
+
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
- * gates = X_packed @ w_ih^T, one GEMM of (rows, I) x (I, G*H). (The cells add the biases
- * in their per-step pass, where the gates are in cache anyway.)
+ * gates = X_packed @ W_ih^T over all their rows at once. (The cells add the biases in
+ * their per-step pass, where the gates are in cache anyway.) Each row is rounded the same
+ * way however many rows a call projects, so that a stream stepping one step at a time gets
+ * a forward's numbers exactly: our product without its k-split, or else one BLAS call per
+ * step, whose M (the step's rows) a stream's call repeats.
+ * threaded: share the rows among the BLAS's threads (the same numbers for any count).
+ * Training forwards pass 0: they follow a backward whose BLAS threads still spin for a
+ * while (OpenBLAS: ~0.1 s), and a thread of ours that fights them for the cores made
+ * the projection slower than one thread (measured, 2 cores).
  * xbuf receives the gathered rows (unused when x is dense). */
-void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const REAL *w_ih,
+void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,
                        const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,
-                       ptrdiff_t GH, const rf_blas *blas) {
-    ptrdiff_t rows = p->offsets[step1] - p->offsets[step0];
-    const REAL *xs = x + p->offsets[step0] * I;
+                       ptrdiff_t GH, int threaded, const rf_blas *blas) {
+    ptrdiff_t first = p->offsets[step0], rows = p->offsets[step1] - first;
+    const REAL *xs = x + first * I;
     if (!rf_dense(p)) {
         RF_FN(rf_gather)(xbuf, x, p, step0, step1, I);
         xs = xbuf;
     }
-    RF_FN(rf_gemm)(blas, 0, 1, rows, GH, I, 1, xs, I, w_ih, I, 0, gates, GH);
+    if (W_ih->packed) {
+        RF_FN(projection) job = {rows, GH, I, W_ih->panel_stride, xs,
+                                 (const REAL *)W_ih->packed, gates};
+        double worth = 2.0 * (double)rows * (double)GH * (double)I / RF_FLOPS_PER_THREAD;
+        int parts = threaded ? rf_threads(blas) : 1;
+        if (worth < parts) parts = worth < 1 ? 1 : (int)worth;
+        rf_run_parts(RF_FN(project_part), &job, parts);
+        return;
+    }
+    for (ptrdiff_t s = step0; s < step1; s++) {
+        ptrdiff_t row = p->offsets[s] - first;
+        RF_FN(rf_gemm)(blas, 0, 1, p->batch_sizes[s], GH, I, 1, xs + row * I, I,
+                       (const REAL *)W_ih->w, I, 0, gates + row * GH, GH);
+    }
 }
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:

@@ -18,11 +18,11 @@
  * train=1, packed rows (N = p->rows):
  *   bias (3H) | gates (N,3H): post-activation r z n | aux (N,H): W_hn h + b_hn when lbr,
  *   r h otherwise | h (N,H): h_{t-1} | step (B,3H): one step's recurrent product |
- *   xbuf (N,I): gathered x, when not dense | w_hh: W_hh^T packed for the step
- *   products (rf_prepare_recurrent)
+ *   xbuf (N,I): gathered x, when not dense | weights: W_hh^T and W_ih^T
+ *   packed (rf_prepare_weights)
  * train=0: bias (3H) | gates (R,3H) | aux (B,H) | h (2,B,H) | step (B,3H) | xbuf (R,I) |
- *   w_hh */
-typedef struct { ptrdiff_t bias, gates, aux, h, step, xbuf, w_hh, total; } gru_layout;
+ *   weights */
+typedef struct { ptrdiff_t bias, gates, aux, h, step, xbuf, weights, total; } gru_layout;
 
 static gru_layout gru_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
     gru_layout L;
@@ -33,8 +33,8 @@ static gru_layout gru_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int 
     L.h = L.aux + (train ? p->rows * H : p->B * H);
     L.step = L.h + (train ? p->rows * H : 2 * p->B * H);
     L.xbuf = L.step + p->B * 3 * H;
-    L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
-    L.total = L.w_hh + rf_recurrent_pack_size(3, H);
+    L.weights = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.total = L.weights + rf_weights_pack_size(3, H, I);
     return L;
 }
 
@@ -97,7 +97,7 @@ RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, cons
 void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
-                           const REAL *b_ih, const REAL *b_hh, const float *w_hh_packed,
+                           const REAL *b_ih, const REAL *b_hh, const REAL *packed,
                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
                            int train, const rf_blas *blas) {
     gru_layout L = gru_layout_of(p, I, H, train);
@@ -110,11 +110,12 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     }
     const REAL *b_hn = b_hh ? b_hh + 2 * H : NULL;
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
-    rf_weight W[2];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
-    RF_FN(rf_prepare_recurrent)(W, w_hh, 3, H, lbr, ws + L.w_hh, w_hh_packed);
+    rf_weight W[3];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
-        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, p, step0, step1, I, GH, blas);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
+                          !train, blas);
         for (ptrdiff_t s = step0; s < step1; s++) {
             ptrdiff_t bs = p->batch_sizes[s];
             ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;

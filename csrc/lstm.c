@@ -19,10 +19,11 @@
  * train=1 keeps every step for backward, in packed rows (N = p->rows):
  *   bias (4H) | gates (N,4H): post-activation i f g o | h (N,H): h_{t-1} of each row |
  *   c (N,H): c_{t-1} | tanh_c (N,H): tanh(c_t) | xbuf (N,I): gathered x, when not dense |
- *   w_hh: W_hh^T packed for the step products
+ *   weights: W_hh^T and W_ih^T packed (rf_prepare_weights)
  * train=0 keeps one chunk of steps and two states (current, next):
- *   bias (4H) | gates (R,4H) | h (2,B,H) | c (2,B,H) | xbuf (R,I), R = chunk rows | w_hh */
-typedef struct { ptrdiff_t bias, gates, h, c, tanh_c, xbuf, w_hh, total; } lstm_layout;
+ *   bias (4H) | gates (R,4H) | h (2,B,H) | c (2,B,H) | xbuf (R,I), R = chunk rows |
+ *   weights */
+typedef struct { ptrdiff_t bias, gates, h, c, tanh_c, xbuf, weights, total; } lstm_layout;
 
 static lstm_layout lstm_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
     lstm_layout L;
@@ -34,8 +35,8 @@ static lstm_layout lstm_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, in
     L.c = L.h + states;
     L.tanh_c = L.c + states;
     L.xbuf = L.tanh_c + (train ? p->rows * H : 0);
-    L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
-    L.total = L.w_hh + rf_recurrent_pack_size(4, H);
+    L.weights = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.total = L.weights + rf_weights_pack_size(4, H, I);
     return L;
 }
 
@@ -89,7 +90,7 @@ RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, RE
 void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const REAL *x, const REAL *h0, const REAL *c0,
                             const REAL *w_ih, const REAL *w_hh,
-                            const REAL *b_ih, const REAL *b_hh, const float *w_hh_packed,
+                            const REAL *b_ih, const REAL *b_hh, const REAL *packed,
                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,
                             const rf_blas *blas) {
     lstm_layout L = lstm_layout_of(p, I, H, train);
@@ -101,11 +102,12 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     }
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
-    rf_weight W[2];
-    RF_FN(rf_prepare_recurrent)(W, w_hh, 4, H, 0, ws + L.w_hh, w_hh_packed);
+    rf_weight W[3];
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
-        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, p, step0, step1, I, GH, blas);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
+                          !train, blas);
         for (ptrdiff_t s = step0; s < step1; s++) {
             ptrdiff_t bs = p->batch_sizes[s];
             ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;

@@ -1,138 +1,32 @@
-/* packed.c -- the per-step recurrent products, float32, on AVX2+FMA: C (M,N) (+)= A (M,K)
- * op(B) (K,N) with op(B) packed once per call into panels of 16 columns.
+/* packed.c -- our own matrix product, for the per-step recurrent products and the input
+ * projection: C (M,N) (+)= A (M,K) op(B) (K,N), with op(B) packed ahead (once per call, or
+ * once per stream) into panels one cache line wide (RF_NR columns: 16 floats, 8 doubles):
+ * panel p holds columns RF_NR*p .. RF_NR*p+RF_NR-1, row k at offset RF_NR*k, zero padded
+ * past N. A register tile of up to 6 rows x one panel accumulates in 12 ymm registers.
  *
- * A per-step BLAS call pays its own overhead and re-packs W_hh every step, and the M of a
- * step (the rows still running) is small. Here W_hh is packed once per call, K-major in
- * panels of 16 columns (panel p holds columns 16p .. 16p+15, row k at offset 16k, zero
- * padded past N), and a register tile of up to 6 rows x 16 columns accumulates in 12 ymm
- * registers. Panels are the outer loop, so each is read once per step and reused by every
- * row block while it sits in L1.
- */
+ * Why not BLAS: a per-step BLAS call pays its own overhead and re-packs W_hh every step,
+ * for the few rows a step has. And a BLAS rounds a row of a product differently depending
+ * on M (SciPy's OpenBLAS, measured: 322 of 896 shapes with K >= 33), so a stream that
+ * projects one step's rows would not match a forward that projects all its steps at once.
+ * Here, unless split_k, every output is one FMA chain over k in order, whatever M is.
+ * The part below RF_TEMPLATE is compiled twice, for float and for double. */
+#ifndef RF_TEMPLATE
 #include <string.h>
 
 #include "rnnfuse.h"
 
-#define NR RF_PANEL  /* panel width: two ymm vectors */
-#define MR 6   /* rows per register tile */
-
-ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N) {
-    return ((N + NR - 1) / NR) * NR * K;
-}
-
-void rf_pack_f32(float *Bp, const float *B, ptrdiff_t ldb, int trans, ptrdiff_t K,
-                 ptrdiff_t N) {
-    for (ptrdiff_t n0 = 0; n0 < N; n0 += NR) {
-        float *panel = Bp + n0 * K;
-        for (ptrdiff_t k = 0; k < K; k++)
-            for (ptrdiff_t c = 0; c < NR; c++) {
-                ptrdiff_t n = n0 + c;
-                panel[k * NR + c] = n >= N ? 0.0f : trans ? B[n * ldb + k] : B[k * ldb + n];
-            }
-    }
-}
-
 #if RF_HAVE_CLONES
 #include <immintrin.h>
-
 #define AVX2 __attribute__((target("avx2,fma")))
-
-/* Lane c of the mask is on for c < n. */
-AVX2 static inline __m256i lanes(ptrdiff_t n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-/* One register tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns.
- * A tile keeps 2 * mr * np accumulators, and ks of them per output vector split the sum
- * over k, so that even one row has enough independent FMA chains to hide their latency.
- * Inlined with constant mr, np, ks, so the accumulators stay in registers. */
 #define UNROLL _Pragma("GCC unroll 16")
-AVX2 static inline __attribute__((always_inline)) void tile(
-        int mr, int np, int ks, ptrdiff_t nc, ptrdiff_t K, const float *A, ptrdiff_t lda,
-        const float *panels, ptrdiff_t panel_stride, int accumulate, float *C, ptrdiff_t ldc) {
-    __m256 acc[4][MR][8];
-    if (accumulate)  /* C's lines are read only at the end: fetch them while the sum runs */
-        UNROLL for (int i = 0; i < mr; i++)
-            UNROLL for (int p = 0; p < np; p++) _mm_prefetch((const char *)(C + i * ldc + p * NR), _MM_HINT_T0);
-    UNROLL for (int s = 0; s < ks; s++)
-        UNROLL for (int i = 0; i < mr; i++)
-            UNROLL for (int v = 0; v < 2 * np; v++) acc[s][i][v] = _mm256_setzero_ps();
-    ptrdiff_t k = 0;
-    for (; k + ks <= K; k += ks) {
-        UNROLL for (int s = 0; s < ks; s++) {
-            const float *row = panels + (k + s) * NR;
-            UNROLL for (int i = 0; i < mr; i++) {
-                __m256 a = _mm256_broadcast_ss(A + i * lda + k + s);
-                UNROLL for (int v = 0; v < 2 * np; v++) {
-                    __m256 b = _mm256_loadu_ps(row + (v / 2) * panel_stride + (v % 2) * 8);
-                    acc[s][i][v] = _mm256_fmadd_ps(a, b, acc[s][i][v]);
-                }
-            }
-        }
-    }
-    for (; k < K; k++) {
-        const float *row = panels + k * NR;
-        UNROLL for (int i = 0; i < mr; i++) {
-            __m256 a = _mm256_broadcast_ss(A + i * lda + k);
-            UNROLL for (int v = 0; v < 2 * np; v++) {
-                __m256 b = _mm256_loadu_ps(row + (v / 2) * panel_stride + (v % 2) * 8);
-                acc[0][i][v] = _mm256_fmadd_ps(a, b, acc[0][i][v]);
-            }
-        }
-    }
-    UNROLL for (int s = 1; s < ks; s++)
-        UNROLL for (int i = 0; i < mr; i++)
-            UNROLL for (int v = 0; v < 2 * np; v++)
-                acc[0][i][v] = _mm256_add_ps(acc[0][i][v], acc[s][i][v]);
-    __m256i full = _mm256_set1_epi32(-1);
-    UNROLL for (int i = 0; i < mr; i++) {
-        UNROLL for (int v = 0; v < 2 * np; v++) {
-            float *c = C + i * ldc + (v / 2) * NR + (v % 2) * 8;
-            /* only the tile's last panel may be partial: masked, never touching columns >= N */
-            __m256i m = (v / 2 == np - 1 && nc < NR) ? lanes(nc - (v % 2) * 8) : full;
-            __m256 sum = acc[0][i][v];
-            if (accumulate) sum = _mm256_add_ps(sum, _mm256_maskload_ps(c, m));
-            _mm256_maskstore_ps(c, m, sum);
-        }
-    }
-}
+#endif
 
-/* Rows m0 .. M-1 in tiles of MR, then the remainder, for one group of np panels. */
-#define ROWS(np, ks_small)                                                                  \
-    do {                                                                                    \
-        ptrdiff_t m0 = 0;                                                                   \
-        for (; m0 + MR <= M; m0 += MR)                                                      \
-            tile(MR, np, 1, nc, K, A + m0 * lda, lda, panel, panel_stride, accumulate,      \
-                 C + m0 * ldc + n0, ldc);                                                   \
-        const float *a = A + m0 * lda;                                                      \
-        float *c = C + m0 * ldc + n0;                                                       \
-        switch (M - m0) {                                                                   \
-            case 5: tile(5, np, 1, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
-            case 4: tile(4, np, 1, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
-            case 3: tile(3, np, ks_small, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
-            case 2: tile(2, np, ks_small, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
-            case 1: tile(1, np, 2 * ks_small, nc, K, a, lda, panel, panel_stride, accumulate, c, ldc); break; \
-            default: break;                                                                 \
-        }                                                                                   \
-    } while (0)
+#define MR RF_MR
 
-AVX2 static void packed_gemm_avx2(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A,
-                                  ptrdiff_t lda, const float *Bp, ptrdiff_t panel_stride,
-                                  int accumulate, float *C, ptrdiff_t ldc) {
-    ptrdiff_t n0 = 0;
-    if (M < MR) {  /* few rows: two panels per tile for more independent accumulators */
-        for (; n0 + 2 * NR <= N; n0 += 2 * NR) {
-            const float *panel = Bp + (n0 / NR) * panel_stride;
-            ptrdiff_t nc = NR;
-            ROWS(2, 1);
-        }
-    }
-    for (; n0 < N; n0 += NR) {
-        const float *panel = Bp + (n0 / NR) * panel_stride;
-        ptrdiff_t nc = N - n0 < NR ? N - n0 : NR;
-        ROWS(1, 2);
-    }
+/* Sized with the narrower float panel, so the one count serves both dtypes. */
+ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N) {
+    return ((N + 15) / 16) * 16 * K;
 }
-#endif /* RF_HAVE_CLONES */
 
 int rf_packed_available(void) {
 #if RF_HAVE_CLONES
@@ -142,28 +36,177 @@ int rf_packed_available(void) {
 #endif
 }
 
-/* The same product in plain C, for CPUs without AVX2 (callers prefer BLAS there). */
-static void packed_gemm_scalar(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A,
-                               ptrdiff_t lda, const float *Bp, ptrdiff_t panel_stride,
-                               int accumulate, float *C, ptrdiff_t ldc) {
-    for (ptrdiff_t n = 0; n < N; n++) {
-        const float *col = Bp + (n / NR) * panel_stride + n % NR;
-        for (ptrdiff_t m = 0; m < M; m++) {
-            float sum = 0;
-            for (ptrdiff_t k = 0; k < K; k++) sum += A[m * lda + k] * col[k * NR];
-            C[m * ldc + n] = accumulate ? C[m * ldc + n] + sum : sum;
+#define RF_TEMPLATE_FILE "packed.c"
+#include "instantiate.h"
+
+#else /* RF_TEMPLATE: dtype-generic part */
+
+void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,
+                    ptrdiff_t N) {
+    for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_NR) {
+        REAL *panel = Bp + n0 * K;
+        for (ptrdiff_t k = 0; k < K; k++)
+            for (ptrdiff_t c = 0; c < RF_NR; c++) {
+                ptrdiff_t n = n0 + c;
+                panel[k * RF_NR + c] = n >= N ? 0 : trans ? B[n * ldb + k] : B[k * ldb + n];
+            }
+    }
+}
+
+#if RF_HAVE_CLONES
+
+#if RF_IS_FLOAT
+#define VEC __m256
+#define V_ZERO _mm256_setzero_ps
+#define V_LOAD _mm256_loadu_ps
+#define V_BROADCAST _mm256_broadcast_ss
+#define V_FMA _mm256_fmadd_ps
+#define V_ADD _mm256_add_ps
+#define V_MASKLOAD _mm256_maskload_ps
+#define V_MASKSTORE _mm256_maskstore_ps
+#define V_LANES(n) _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n)), \
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+#else
+#define VEC __m256d
+#define V_ZERO _mm256_setzero_pd
+#define V_LOAD _mm256_loadu_pd
+#define V_BROADCAST _mm256_broadcast_sd
+#define V_FMA _mm256_fmadd_pd
+#define V_ADD _mm256_add_pd
+#define V_MASKLOAD _mm256_maskload_pd
+#define V_MASKSTORE _mm256_maskstore_pd
+#define V_LANES(n) _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3))
+#endif
+#define VL (RF_NR / 2)  /* lanes per vector: a panel row is two vectors */
+
+/* One register tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns.
+ * A tile keeps 2 * mr * np accumulators, and ks of them per output vector split the sum
+ * over k, so that even one row has enough independent FMA chains to hide their latency.
+ * Inlined with constant mr, np, ks, so the accumulators stay in registers. */
+AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
+        int mr, int np, int ks, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
+        const REAL *panels, ptrdiff_t panel_stride, int accumulate, REAL *C, ptrdiff_t ldc) {
+    VEC acc[4][MR][4];
+    if (accumulate)  /* C's lines are read only at the end: fetch them while the sum runs */
+        UNROLL for (int i = 0; i < mr; i++)
+            UNROLL for (int p = 0; p < np; p++) _mm_prefetch((const char *)(C + i * ldc + p * RF_NR), _MM_HINT_T0);
+    UNROLL for (int s = 0; s < ks; s++)
+        UNROLL for (int i = 0; i < mr; i++)
+            UNROLL for (int v = 0; v < 2 * np; v++) acc[s][i][v] = V_ZERO();
+    ptrdiff_t k = 0;
+    for (; k + ks <= K; k += ks) {
+        UNROLL for (int s = 0; s < ks; s++) {
+            const REAL *row = panels + (k + s) * RF_NR;
+            UNROLL for (int i = 0; i < mr; i++) {
+                VEC a = V_BROADCAST(A + i * lda + k + s);
+                UNROLL for (int v = 0; v < 2 * np; v++) {
+                    VEC b = V_LOAD(row + (v / 2) * panel_stride + (v % 2) * VL);
+                    acc[s][i][v] = V_FMA(a, b, acc[s][i][v]);
+                }
+            }
+        }
+    }
+    for (; k < K; k++) {
+        const REAL *row = panels + k * RF_NR;
+        UNROLL for (int i = 0; i < mr; i++) {
+            VEC a = V_BROADCAST(A + i * lda + k);
+            UNROLL for (int v = 0; v < 2 * np; v++) {
+                VEC b = V_LOAD(row + (v / 2) * panel_stride + (v % 2) * VL);
+                acc[0][i][v] = V_FMA(a, b, acc[0][i][v]);
+            }
+        }
+    }
+    UNROLL for (int s = 1; s < ks; s++)
+        UNROLL for (int i = 0; i < mr; i++)
+            UNROLL for (int v = 0; v < 2 * np; v++)
+                acc[0][i][v] = V_ADD(acc[0][i][v], acc[s][i][v]);
+    __m256i full = _mm256_set1_epi32(-1);
+    UNROLL for (int i = 0; i < mr; i++) {
+        UNROLL for (int v = 0; v < 2 * np; v++) {
+            REAL *c = C + i * ldc + (v / 2) * RF_NR + (v % 2) * VL;
+            /* only the tile's last panel may be partial: masked, never touching columns >= N */
+            __m256i m = (v / 2 == np - 1 && nc < RF_NR) ? V_LANES(nc - (v % 2) * VL) : full;
+            VEC sum = acc[0][i][v];
+            if (accumulate) sum = V_ADD(sum, V_MASKLOAD(c, m));
+            V_MASKSTORE(c, m, sum);
         }
     }
 }
 
-void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
-                        const float *Bp, ptrdiff_t panel_stride, int accumulate, float *C,
-                        ptrdiff_t ldc) {
-#if RF_HAVE_CLONES
-    if (rf_packed_available()) {
-        packed_gemm_avx2(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
-        return;
+/* A tile of mr rows at row m0 of the block; its k-split ks only where split_k. */
+#define TILE(mr, np, ks)                                                                     \
+    RF_FN(tile)(mr, np, split_k ? ks : 1, nc, K, A + m0 * lda, lda, panel, panel_stride,   \
+                accumulate, C + m0 * ldc + n0, ldc)
+
+/* Rows 0 .. M-1 in tiles of MR, then the remainder, for one group of np panels. */
+#define ROWS(np, ks_small)                                                                  \
+    do {                                                                                    \
+        ptrdiff_t m0 = 0;                                                                   \
+        for (; m0 + MR <= M; m0 += MR) RF_FN(tile)(MR, np, 1, nc, K, A + m0 * lda, lda,     \
+                                                   panel, panel_stride, accumulate,         \
+                                                   C + m0 * ldc + n0, ldc);                 \
+        switch (M - m0) {                                                                   \
+            case 5: TILE(5, np, 1); break;                                                  \
+            case 4: TILE(4, np, 1); break;                                                  \
+            case 3: if (split_k) TILE(3, np, ks_small); else TILE(3, np, 1); break;         \
+            case 2: if (split_k) TILE(2, np, ks_small); else TILE(2, np, 1); break;         \
+            case 1: if (split_k) TILE(1, np, 2 * ks_small); else TILE(1, np, 1); break;     \
+            default: break;                                                                 \
+        }                                                                                   \
+    } while (0)
+
+/* One block of rows, whose A rows stay in cache while every panel passes over them.
+ * Panels are the outer loop, so each is read once per block and reused by every row tile
+ * while it sits in L1. */
+AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                                  ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
+                                  int accumulate, REAL *C, ptrdiff_t ldc, int split_k) {
+    ptrdiff_t n0 = 0;
+    if (M < MR) {  /* few rows: two panels per tile for more independent accumulators */
+        for (; n0 + 2 * RF_NR <= N; n0 += 2 * RF_NR) {
+            const REAL *panel = Bp + (n0 / RF_NR) * panel_stride;
+            ptrdiff_t nc = RF_NR;
+            ROWS(2, 1);
+        }
     }
-#endif
-    packed_gemm_scalar(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
+    for (; n0 < N; n0 += RF_NR) {
+        const REAL *panel = Bp + (n0 / RF_NR) * panel_stride;
+        ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
+        ROWS(1, 2);
+    }
 }
+#undef TILE
+#undef ROWS
+#undef VEC
+#undef V_ZERO
+#undef V_LOAD
+#undef V_BROADCAST
+#undef V_FMA
+#undef V_ADD
+#undef V_MASKLOAD
+#undef V_MASKSTORE
+#undef V_LANES
+#undef VL
+#endif /* RF_HAVE_CLONES */
+
+void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
+                           const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
+                           ptrdiff_t ldc, int split_k) {
+#if RF_HAVE_CLONES
+    /* blocks of whole tiles, about 192 KiB of A each: a large M (an input projection)
+     * streams A from L2 once per panel rather than from memory */
+    ptrdiff_t block = K > 0 ? (192 * 1024 / (K * (ptrdiff_t)sizeof(REAL)) / MR) * MR : M;
+    if (block < MR) block = MR;
+    for (ptrdiff_t m0 = 0; m0 < M; m0 += block) {
+        ptrdiff_t rows = M - m0 < block ? M - m0 : block;
+        RF_FN(row_block)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
+                         C + m0 * ldc, ldc, split_k);
+    }
+#else
+    /* never called: the forwards pack nothing where rf_packed_available() is 0 */
+    (void)M; (void)N; (void)K; (void)A; (void)lda; (void)Bp; (void)panel_stride;
+    (void)accumulate; (void)C; (void)ldc; (void)split_k;
+#endif
+}
+
+#endif /* RF_TEMPLATE */

@@ -13,9 +13,9 @@
 /* Workspace layout, in elements from the start of ws.
  * train=1, packed rows (N = p->rows):
  *   bias (H) | gates (N,H): h' | h (N,H): h_{t-1} | xbuf (N,I): gathered x, when not dense |
- *   w_hh: W_hh^T packed for the step products
- * train=0: bias (H) | gates (R,H) | h (2,B,H) | xbuf (R,I) | w_hh */
-typedef struct { ptrdiff_t bias, gates, h, xbuf, w_hh, total; } rnn_layout;
+ *   weights: W_hh^T and W_ih^T packed (rf_prepare_weights)
+ * train=0: bias (H) | gates (R,H) | h (2,B,H) | xbuf (R,I) | weights */
+typedef struct { ptrdiff_t bias, gates, h, xbuf, weights, total; } rnn_layout;
 
 static rnn_layout rnn_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
     rnn_layout L;
@@ -24,8 +24,8 @@ static rnn_layout rnn_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int 
     L.gates = L.bias + H;
     L.h = L.gates + rows * H;
     L.xbuf = L.h + (train ? p->rows * H : 2 * p->B * H);
-    L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
-    L.total = L.w_hh + rf_recurrent_pack_size(1, H);
+    L.weights = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.total = L.weights + rf_weights_pack_size(1, H, I);
     return L;
 }
 
@@ -64,7 +64,7 @@ RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
 void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
-                           const REAL *b_ih, const REAL *b_hh, const float *w_hh_packed,
+                           const REAL *b_ih, const REAL *b_hh, const REAL *packed,
                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
                            int train, const rf_blas *blas) {
     rnn_layout L = rnn_layout_of(p, I, H, train);
@@ -75,11 +75,12 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
         for (ptrdiff_t k = 0; k < H; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
     }
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
-    rf_weight W[2];
-    RF_FN(rf_prepare_recurrent)(W, w_hh, 1, H, 0, ws + L.w_hh, w_hh_packed);
+    rf_weight W[3];
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
-        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, w_ih, p, step0, step1, I, H, blas);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, H,
+                          !train, blas);
         for (ptrdiff_t s = step0; s < step1; s++) {
             ptrdiff_t bs = p->batch_sizes[s];
             ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;

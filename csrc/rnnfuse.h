@@ -28,10 +28,21 @@ typedef void (*rf_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
 typedef void (*rf_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
                             double *alpha, double *a, int *lda, double *b, int *ldb,
                             double *beta, double *c, int *ldc);
+typedef int (*rf_threads_fn)(void);
 typedef struct {
     rf_sgemm_fn sgemm;
     rf_dgemm_fn dgemm;
+    rf_threads_fn num_threads;  /* the BLAS's current thread count, or NULL: one thread */
 } rf_blas;
+
+/* Threads (threads.c). The kernels' own parallel parts use as many threads as the BLAS is
+ * allowed now: rf_threads, from the num_threads that rf_find_blas_threads finds in the
+ * library holding a BLAS function (NULL where there is none). rf_run_parts runs
+ * fn(arg, part, parts) for every part, on threads started and joined here. */
+#define RF_MAX_THREADS 64
+rf_threads_fn rf_find_blas_threads(const void *blas_function);
+int rf_threads(const rf_blas *blas);
+void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int parts);
 
 /* The batch ordering of one call; built by rf_plan_build, read-only afterwards. */
 typedef struct {
@@ -66,58 +77,59 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 /* Backward scratch, beyond the forward's workspace. */
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G);
 
-/* A recurrent weight prepared for the per-step products C (+)= A op(W): op(W) = W^T when
- * trans. For float32 on AVX2+FMA CPUs op(W) is packed once per call into panels of
- * RF_PANEL columns (packed.c); otherwise packed is NULL and the product goes to BLAS. */
-#define RF_PANEL 16
+/* A weight prepared for products C (+)= A op(W), op(W) = W^T when trans: on AVX2+FMA CPUs
+ * op(W) is packed once per call into panels one cache line wide, RF_NR columns (packed.c),
+ * and the product is ours; otherwise packed is NULL and the product goes to BLAS. */
+#define RF_PANEL_BYTES 64
+#define RF_MR 6  /* rows of a register tile */
+#define RF_NR ((ptrdiff_t)(RF_PANEL_BYTES / sizeof(REAL)))  /* in the dtype-generic parts */
 typedef struct {
     const void *w;           /* W, row-major with leading dimension ldw */
     ptrdiff_t ldw;
     int trans;
-    const float *packed;     /* op(W) in panels, or NULL */
-    ptrdiff_t panel_stride;  /* floats from one panel to the next: RF_PANEL * rows of op(W) */
+    const void *packed;      /* op(W) in panels, or NULL */
+    ptrdiff_t panel_stride;  /* elements from one panel to the next: RF_NR * rows of op(W) */
 } rf_weight;
 
-/* Elements a packed op(W) of K rows and N columns takes (allocated for both dtypes). */
+/* Elements a packed op(W) of K rows and N columns takes (enough for either dtype). */
 ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
 int rf_packed_available(void);
-void rf_pack_f32(float *Bp, const float *B, ptrdiff_t ldb, int trans, ptrdiff_t K, ptrdiff_t N);
-/* A forward's recurrent weight W_hh (G*H, H) packed ahead of time, so that calls with the
- * same weights (a stream of single steps, a layer at inference) skip packing: pass it as
- * the forward's w_hh_packed. rf_recurrent_pack_size elements (of either dtype); packs
- * nothing (and the forward ignores w_hh_packed) where rf_packed_available() is 0.
- * lbr: the GRU's linear_before_reset (other cells: ignored). */
-ptrdiff_t rf_recurrent_pack_size(ptrdiff_t G, ptrdiff_t H);
-void rf_pack_recurrent_f32(float *dst, const float *w_hh, ptrdiff_t G, ptrdiff_t H, int lbr);
-void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
-                        const float *Bp, ptrdiff_t panel_stride, int accumulate, float *C,
-                        ptrdiff_t ldc);
+/* A forward's weights packed ahead of time, so that calls with the same weights (a stream
+ * of single steps) skip packing: pass them as the forward's packed. Packs W_hh^T (for the
+ * GRU without linear_before_reset its n block apart), then W_ih^T: rf_weights_pack_size
+ * elements of the call's dtype. Packs nothing (and the forwards ignore packed) where
+ * rf_packed_available() is 0. lbr: the GRU's linear_before_reset (other cells: ignored). */
+ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I);
+void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
+                         ptrdiff_t H, ptrdiff_t I, int lbr);
+void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, ptrdiff_t G,
+                         ptrdiff_t H, ptrdiff_t I, int lbr);
 
 /* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
  * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
- * w_hh_packed: w_hh as rf_pack_recurrent_f32 packed it, or NULL (packed into ws here).
+ * packed: w_ih and w_hh as rf_pack_weights_* packed them, or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
 #define RF_DECLARE_KERNELS(REAL, SFX)                                                         \
     void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \
                                const REAL *x, const REAL *h0, const REAL *c0,               \
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const REAL *b_ih, const REAL *b_hh,                          \
-                               const float *w_hh_packed,                                    \
+                               const REAL *packed,                                          \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,       \
                                const rf_blas *blas);                                        \
     void rf_gru_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
-                              const float *w_hh_packed,                                     \
+                              const REAL *packed,                                           \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,          \
                               int train, const rf_blas *blas);                              \
     void rf_rnn_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
-                              const float *w_hh_packed,                                     \
+                              const REAL *packed,                                           \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,         \
                               int train, const rf_blas *blas);                              \
     /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,   \
@@ -160,18 +172,24 @@ void rf_packed_gemm_f32(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, p
                                 const rf_plan *p, ptrdiff_t H);                             \
     void rf_column_sums_##SFX(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,     \
                               ptrdiff_t lda);                                               \
-    void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const REAL *w_ih,         \
+    void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,    \
                           const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,  \
-                          ptrdiff_t GH, const rf_blas *blas);                               \
+                          ptrdiff_t GH, int threaded, const rf_blas *blas);                 \
     void rf_prepare_weight_##SFX(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,     \
                                  ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,               \
-                                 const float *prepacked);                                   \
-    void rf_prepare_recurrent_##SFX(rf_weight W[2], const REAL *w_hh, ptrdiff_t G,          \
-                                    ptrdiff_t H, int lbr, REAL *pack_buffer,                \
-                                    const float *prepacked);                                \
+                                 const REAL *prepacked);                                    \
+    void rf_prepare_weights_##SFX(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,       \
+                                  ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,           \
+                                  REAL *pack_buffer, const REAL *prepacked);                \
     void rf_step_gemm_##SFX(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,          \
                             ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,           \
                             ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc);         \
+    /* Ours (packed.c): B packed as rf_pack_* packs op(B), K rows, N columns. */            \
+    void rf_pack_##SFX(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,      \
+                       ptrdiff_t N);                                                        \
+    void rf_packed_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,         \
+                              ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
+                              int accumulate, REAL *C, ptrdiff_t ldc, int split_k);         \
     void rf_gemm_floor_##SFX(const rf_blas *blas, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,      \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \

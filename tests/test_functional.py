@@ -117,18 +117,23 @@ def test_random_shapes_match_reference(data, cell_option, dtype, T, B, I, H, rev
 
 @pytest.mark.parametrize("cell,option", CELLS)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_inference_chunks_match_training_forward(cell, option, reverse):
-    # 300 steps x 9 rows pass the inference forward's chunk of 1024 packed rows.
-    T, B = 300, 9
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inference_matches_training_forward_bitwise(cell, option, reverse, dtype, threads):
+    """The inference forward projects chunks of 1024 packed rows, shared among the BLAS's
+    threads; the training forward all rows on one thread: the same numbers."""
+    from threadpoolctl import threadpool_limits
+    T, B = 300, 9  # past the chunk, and wide enough (G*H*I) to be shared by threads
     lengths = np.random.default_rng(1).integers(T // 4, T + 1, size=B)
     lengths[2] = T
-    case = make_case(cell, T, B, 4, 5, np.float64, lengths=lengths)
+    case = make_case(cell, T, B, 160, 64, dtype, lengths=lengths)
     train_outs, _ = run(F, cell, option, case, reverse)
-    infer_outs, _ = run(F, cell, option, case, reverse, need_ctx=False)
+    with threadpool_limits(threads):
+        infer_outs, _ = run(F, cell, option, case, reverse, need_ctx=False)
     for a, b in zip(infer_outs, train_outs):
         np.testing.assert_array_equal(a, b)
     assert_close(infer_outs, run(R, cell, option, case, reverse, need_ctx=False)[0],
-                 np.float64, "inference")
+                 dtype, "inference")
 
 
 def test_need_ctx_false_returns_no_ctx():
@@ -389,6 +394,22 @@ def test_repeatable_bitwise_at_each_thread_count(cell, option, threads):
     for a, b in zip(first[0] + first[1], again[0] + again[1]):
         if a is not None:
             np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_threads_follow_the_blas_limit():
+    """The kernels' own parallel parts use the thread count of SciPy's BLAS, so that one
+    threadpoolctl limit governs both."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from rnnfuse import _kernels
+    with threadpool_limits(1):
+        assert _kernels.threads() == 1
+    with threadpool_limits(2):
+        counts = [i["num_threads"] for i in threadpool_info()
+                  if i["internal_api"] == "openblas" and "scipy.libs" in i["filepath"]]
+        if not counts:
+            pytest.skip("SciPy's BLAS here is not its bundled OpenBLAS")
+        assert _kernels.threads() == counts[0] <= 2
 
 
 def test_changing_lengths_after_forward_does_not_reach_backward():

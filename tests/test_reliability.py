@@ -563,7 +563,7 @@ def _inference_extra(cell, option, T, B, I, H, dtype, lengths, reverse):
 @pytest.mark.parametrize("ragged,reverse", [(False, False), (True, True)])
 def test_inference_workspace_does_not_grow_with_T(cell, option, ragged, reverse):
     """need_ctx=False: beyond its outputs, a forward allocates a workspace bounded by
-    B*H states plus one chunk of max(B, 1024) packed rows and the packed W_hh, whatever T
+    B*H states plus one chunk of max(B, 1024) packed rows and the packed weights, whatever T
     (plus the batch plan, 3 int64 per step)."""
     B, I, H, dtype = 4, 8, 16, np.float32
     G, item = GATES[cell], np.dtype(dtype).itemsize
@@ -573,7 +573,7 @@ def test_inference_workspace_does_not_grow_with_T(cell, option, ragged, reverse)
         lengths = None if lengths is None else np.minimum(lengths, T)
         extras[T] = _inference_extra(cell, option, T, B, I, H, dtype, lengths, reverse)
     rows = max(B, 1024)
-    packed = -(-G * H // 16) * 16 * H * 2
+    packed = -(-G * H // 16) * 16 * (2 * H + I)  # W_hh^T (the GRU may pack two parts), W_ih^T
     bound = item * (G * H + rows * (G * H + I) + 4 * B * H + 3 * B * G * H + packed) \
         + 3 * 8 * (8000 + 2) + 8 * B + 16 * 1024
     for T, extra in extras.items():

@@ -17,9 +17,13 @@ cdef extern from "rnnfuse.h" nogil:
                                  float*, int*, float*, float*, int*)
     ctypedef void (*rf_dgemm_fn)(char*, char*, int*, int*, int*, double*, double*, int*,
                                  double*, int*, double*, double*, int*)
+    ctypedef int (*rf_threads_fn)()
     ctypedef struct rf_blas:
         rf_sgemm_fn sgemm
         rf_dgemm_fn dgemm
+        rf_threads_fn num_threads
+    rf_threads_fn rf_find_blas_threads(const void *blas_function)
+    int rf_threads(const rf_blas *blas)
     ctypedef struct rf_plan:
         Py_ssize_t T, B, steps, rows
         int reverse
@@ -37,8 +41,11 @@ cdef extern from "rnnfuse.h" nogil:
     Py_ssize_t rf_gru_workspace(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int train)
     Py_ssize_t rf_rnn_workspace(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int train)
     Py_ssize_t rf_backward_scratch(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G)
-    Py_ssize_t rf_recurrent_pack_size(Py_ssize_t G, Py_ssize_t H)
-    void rf_pack_recurrent_f32(float *dst, const float *w_hh, Py_ssize_t G, Py_ssize_t H, int lbr)
+    Py_ssize_t rf_weights_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I)
+    void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
+                             Py_ssize_t H, Py_ssize_t I, int lbr)
+    void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh,
+                             Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr)
     int rf_packed_available()
     void rf_sigmoid_f32(float *a, Py_ssize_t n)
     void rf_tanh_f32(float *a, Py_ssize_t n)
@@ -54,29 +61,29 @@ cdef extern from "rnnfuse.h" nogil:
     void rf_lstm_forward_f32(float *y, float *h_n, float *c_n, float *ws, const float *x,
                              const float *h0, const float *c0, const float *w_ih,
                              const float *w_hh, const float *b_ih, const float *b_hh,
-                             const float *w_hh_packed, const rf_plan *p, Py_ssize_t I,
+                             const float *packed, const rf_plan *p, Py_ssize_t I,
                              Py_ssize_t H, int train, const rf_blas *blas)
     void rf_lstm_forward_f64(double *y, double *h_n, double *c_n, double *ws, const double *x,
                              const double *h0, const double *c0, const double *w_ih,
                              const double *w_hh, const double *b_ih, const double *b_hh,
-                             const float *w_hh_packed, const rf_plan *p, Py_ssize_t I,
+                             const double *packed, const rf_plan *p, Py_ssize_t I,
                              Py_ssize_t H, int train, const rf_blas *blas)
     void rf_gru_forward_f32(float *y, float *h_n, float *ws, const float *x, const float *h0,
                             const float *w_ih, const float *w_hh, const float *b_ih,
-                            const float *b_hh, const float *w_hh_packed, const rf_plan *p,
+                            const float *b_hh, const float *packed, const rf_plan *p,
                             Py_ssize_t I, Py_ssize_t H, int lbr, int train, const rf_blas *blas)
     void rf_gru_forward_f64(double *y, double *h_n, double *ws, const double *x,
                             const double *h0, const double *w_ih, const double *w_hh,
-                            const double *b_ih, const double *b_hh, const float *w_hh_packed,
+                            const double *b_ih, const double *b_hh, const double *packed,
                             const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int lbr, int train,
                             const rf_blas *blas)
     void rf_rnn_forward_f32(float *y, float *h_n, float *ws, const float *x, const float *h0,
                             const float *w_ih, const float *w_hh, const float *b_ih,
-                            const float *b_hh, const float *w_hh_packed, const rf_plan *p,
+                            const float *b_hh, const float *packed, const rf_plan *p,
                             Py_ssize_t I, Py_ssize_t H, int relu, int train, const rf_blas *blas)
     void rf_rnn_forward_f64(double *y, double *h_n, double *ws, const double *x,
                             const double *h0, const double *w_ih, const double *w_hh,
-                            const double *b_ih, const double *b_hh, const float *w_hh_packed,
+                            const double *b_ih, const double *b_hh, const double *packed,
                             const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int relu, int train,
                             const rf_blas *blas)
 
@@ -127,6 +134,14 @@ cdef enum:
 cdef rf_blas _blas
 _blas.sgemm = <rf_sgemm_fn>sgemm
 _blas.dgemm = <rf_dgemm_fn>dgemm
+_blas.num_threads = rf_find_blas_threads(<void *>sgemm)
+
+
+def threads():
+    """How many threads the kernels' own parallel parts use now: the BLAS's thread count
+    (threadpoolctl's limit), or 1 where it cannot be read."""
+    return rf_threads(&_blas)
+
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
@@ -238,22 +253,6 @@ cdef inline floating *_p(floating[::1] a) noexcept nogil:
     return &a[0] if a.shape[0] > 0 else NULL
 
 
-def pack_recurrent(const float[::1] w_hh, Py_ssize_t G, Py_ssize_t H, bint lbr):
-    """W_hh (G*H, H) of a float32 forward packed ahead of time (rnnfuse.h), to pass as the
-    forwards' w_hh_packed; None where the forwards do not pack (no AVX2+FMA)."""
-    if H <= 0 or G not in (1, 3, 4) or w_hh.shape[0] != G * H * H:
-        raise ValueError(f"w_hh must have G*H*H elements with G in (1, 3, 4) and H > 0, "
-                         f"got {w_hh.shape[0]} for G={G}, H={H}")
-    if not rf_packed_available():
-        return None
-    packed = np.zeros(rf_recurrent_pack_size(G, H), np.float32)
-    cdef float[::1] dst = packed
-    with nogil:
-        rf_pack_recurrent_f32(&dst[0], &w_hh[0], G, H, lbr)
-    packed.flags.writeable = False
-    return packed
-
-
 # The kernel wrappers take ndarrays and hand C their data pointers (NumPy's C API: cheaper
 # than typed memoryviews, which cost ~0.2 us each). They trust functional.py for shapes
 # and values but check, per array, what keeps C inside its buffers: exact type, dtype,
@@ -280,10 +279,37 @@ cdef void *_buf(a, Py_ssize_t size, int typenum, str name, int flags) except? NU
     return cnp.PyArray_DATA(a) if size else NULL
 
 
-cdef int _typenum(x) except -1:
-    if cnp.PyArray_Check(x) and cnp.PyArray_TYPE(x) in (cnp.NPY_FLOAT, cnp.NPY_DOUBLE):
-        return cnp.PyArray_TYPE(x)
-    raise TypeError(f"_kernels: x must be a float32 or float64 ndarray, got {type(x).__name__}")
+cdef int _typenum(a, str name="x") except -1:
+    if cnp.PyArray_Check(a) and cnp.PyArray_TYPE(a) in (cnp.NPY_FLOAT, cnp.NPY_DOUBLE):
+        return cnp.PyArray_TYPE(a)
+    raise TypeError(f"_kernels: {name} must be a float32 or float64 ndarray, got "
+                    f"{type(a).__name__}")
+
+
+def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
+    """A forward's w_ih (G*H, I) and w_hh (G*H, H) packed ahead of time (rnnfuse.h), to pass
+    as the forwards' packed with the same weights; None where the forwards do not pack (no
+    AVX2+FMA). lbr: the GRU's linear_before_reset."""
+    cdef int t = _typenum(w_hh, "w_hh")
+    if not (G in (1, 3, 4) and w_ih.ndim == 2 and w_hh.ndim == 2 and w_hh.shape[1] >= 1
+            and w_ih.shape[1] >= 1 and w_hh.shape[0] == w_ih.shape[0] == G * w_hh.shape[1]):
+        raise ValueError(f"w_ih and w_hh must be (G*H, I) and (G*H, H) with G in (1, 3, 4), "
+                         f"got {w_ih.shape} and {w_hh.shape} for G={G}")
+    cdef Py_ssize_t H = w_hh.shape[1], I = w_ih.shape[1]
+    cdef void *src_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
+    cdef void *src_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
+    if not rf_packed_available():
+        return None
+    packed = np.zeros(rf_weights_pack_size(G, H, I), w_hh.dtype)
+    cdef void *dst = cnp.PyArray_DATA(packed)
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            rf_pack_weights_f32(<float *>dst, <float *>src_ih, <float *>src_hh, G, H, I, lbr)
+        else:
+            rf_pack_weights_f64(<double *>dst, <double *>src_ih, <double *>src_hh, G, H, I,
+                                lbr)
+    packed.flags.writeable = False
+    return packed
 
 
 cdef struct _Fwd:  # one forward's pointers; x's dtype decides float or double
@@ -298,11 +324,11 @@ cdef struct _Fwd:  # one forward's pointers; x's dtype decides float or double
     void *w_hh
     void *b_ih
     void *b_hh
-    const float *packed
+    const void *packed
 
 
 cdef _Fwd _forward_args(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                        w_hh_packed, Plan plan, Py_ssize_t I, Py_ssize_t H, bint train,
+                        packed, Plan plan, Py_ssize_t I, Py_ssize_t H, bint train,
                         bint option) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = GATES[cell], TB = plan.T * plan.B, BH = plan.B * H
@@ -318,20 +344,17 @@ cdef _Fwd _forward_args(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, 
     a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
     a.b_ih = _buf(b_ih, G * H, t, "b_ih", _OPTIONAL)
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
-    a.packed = NULL
-    if w_hh_packed is not None and t == cnp.NPY_FLOAT:
-        a.packed = <const float *>_buf(w_hh_packed, rf_recurrent_pack_size(G, H), t,
-                                       "w_hh_packed", _REQUIRED)
+    a.packed = _buf(packed, rf_weights_pack_size(G, H, I), t, "packed", _OPTIONAL)
     return a
 
 
 def forward(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan,
-            Py_ssize_t I, Py_ssize_t H, bint train, bint option=False, w_hh_packed=None):
+            Py_ssize_t I, Py_ssize_t H, bint train, bint option=False, packed=None):
     """One forward: cell "lstm" (c_n, c0 used), "gru" (option = linear_before_reset) or
     "rnn" (option = relu); c_n and c0 are ignored (pass None) for GRU and RNN.
-    w_hh_packed: from pack_recurrent with the same weights, or None."""
+    packed: from pack_weights with the same weights, or None."""
     cdef _Fwd a = _forward_args(cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                w_hh_packed, plan, I, H, train, option)
+                                packed, plan, I, H, train, option)
     cdef rf_plan p = plan.view()
     cdef int c = {"lstm": _LSTM, "gru": _GRU, "rnn": _RNN}[cell]
     cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
@@ -345,35 +368,35 @@ cdef void _run_forward(int cell, bint f32, const _Fwd *a, const rf_plan *p, Py_s
         if cell == _LSTM:
             rf_lstm_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.c_n, <float *>a.ws,
                                 <float *>a.x, <float *>a.h0, <float *>a.c0, <float *>a.w_ih,
-                                <float *>a.w_hh, <float *>a.b_ih, <float *>a.b_hh, a.packed,
-                                p, I, H, train, &_blas)
+                                <float *>a.w_hh, <float *>a.b_ih, <float *>a.b_hh,
+                                <float *>a.packed, p, I, H, train, &_blas)
         elif cell == _GRU:
             rf_gru_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.ws, <float *>a.x,
                                <float *>a.h0, <float *>a.w_ih, <float *>a.w_hh,
-                               <float *>a.b_ih, <float *>a.b_hh, a.packed, p, I, H, option,
-                               train, &_blas)
+                               <float *>a.b_ih, <float *>a.b_hh, <float *>a.packed, p, I, H,
+                               option, train, &_blas)
         else:
             rf_rnn_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.ws, <float *>a.x,
                                <float *>a.h0, <float *>a.w_ih, <float *>a.w_hh,
-                               <float *>a.b_ih, <float *>a.b_hh, a.packed, p, I, H, option,
-                               train, &_blas)
+                               <float *>a.b_ih, <float *>a.b_hh, <float *>a.packed, p, I, H,
+                               option, train, &_blas)
     else:
         if cell == _LSTM:
             rf_lstm_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.c_n,
                                 <double *>a.ws, <double *>a.x, <double *>a.h0,
                                 <double *>a.c0, <double *>a.w_ih, <double *>a.w_hh,
-                                <double *>a.b_ih, <double *>a.b_hh, NULL, p, I, H, train,
-                                &_blas)
+                                <double *>a.b_ih, <double *>a.b_hh, <double *>a.packed, p, I,
+                                H, train, &_blas)
         elif cell == _GRU:
             rf_gru_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.ws, <double *>a.x,
                                <double *>a.h0, <double *>a.w_ih, <double *>a.w_hh,
-                               <double *>a.b_ih, <double *>a.b_hh, NULL, p, I, H, option,
-                               train, &_blas)
+                               <double *>a.b_ih, <double *>a.b_hh, <double *>a.packed, p, I,
+                               H, option, train, &_blas)
         else:
             rf_rnn_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.ws, <double *>a.x,
                                <double *>a.h0, <double *>a.w_ih, <double *>a.w_hh,
-                               <double *>a.b_ih, <double *>a.b_hh, NULL, p, I, H, option,
-                               train, &_blas)
+                               <double *>a.b_ih, <double *>a.b_hh, <double *>a.packed, p, I,
+                               H, option, train, &_blas)
 
 
 cdef struct _Bwd:  # one backward's pointers, as _Fwd is a forward's
@@ -490,7 +513,7 @@ cdef class Stream:
     Made by ``layer.stream(batch_size=1, state=None)``. ``stream.step(x_t)`` takes one
     step's input ``(batch_size, input_size)`` and returns that step's output
     ``(batch_size, hidden_size)`` (a new array): the matching row of ``layer.forward`` over
-    the whole sequence, to rounding. ``stream.state`` is the current state in the
+    the whole sequence, bit for bit. ``stream.state`` is the current state in the
     layer's form (copies); ``stream.reset(state=None)`` sets it (None: zeros).
 
     The stream keeps its own copy of the layer's weights as they were when it was made, and
@@ -549,8 +572,7 @@ cdef class Stream:
         for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
             I = w_ih.shape[1]
             ws = np.empty(workspace_size(cell, self._plan_obj, I, H, False), self.dtype)
-            packed = (pack_recurrent(w_hh.reshape(-1), G, H, self.option)
-                      if self.dtype == np.float32 else None)
+            packed = pack_weights(w_ih, w_hh, G, self.option)
             y = np.zeros((B, H), self.dtype)
             h = [np.zeros((B, H), self.dtype) for _ in range(2)]
             c = [np.zeros((B, H), self.dtype) for _ in range(2)]
@@ -563,7 +585,7 @@ cdef class Stream:
                 call = &self.layers[l].call[k]
                 call.w_ih, call.w_hh = _data(w_ih), _data(w_hh)
                 call.b_ih, call.b_hh = _data(b_ih), _data(b_hh)
-                call.packed = <const float *>_data(packed)
+                call.packed = _data(packed)
                 call.ws = _data(ws)
                 call.h0, call.h_n = _data(h[k]), _data(h[1 - k])
                 call.c0, call.c_n = _data(c[k]), _data(c[1 - k])

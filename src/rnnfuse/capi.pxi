@@ -96,7 +96,7 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
     a.y, a.h_n, a.c_n, a.ws = y, h_n, c_n if lstm else NULL, c.ws
     a.x, a.h0, a.c0 = <void *>x, <void *>h0, <void *>c0 if lstm else NULL
     a.w_ih, a.w_hh, a.b_ih, a.b_hh = <void *>w_ih, <void *>w_hh, <void *>b_ih, <void *>b_hh
-    a.packed = NULL  # the kernel packs W_hh into ws itself
+    a.packed = NULL  # the kernel packs the weights into ws itself
     _run_forward(_internal_cell(cell), f32, &a, &c.plan, I, H, train, option)
     if train:
         ctx_out[0] = <rnnfuse_ctx *>c

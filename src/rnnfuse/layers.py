@@ -368,8 +368,7 @@ class _RNNBase(Module):
         and online inference), starting from ``state`` (the layer's form, with
         batch_size rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size,
         input_size), returns y_t (batch_size, hidden_size): the numbers of ``forward``
-        over the whole sequence in eval mode, to rounding (the input projection is one
-        BLAS call per step instead of one per sequence). The stream copies the weights
+        over the whole sequence in eval mode, bit for bit. The stream copies the weights
         as they are now; only unidirectional layers can be streamed.
         """
         if self.bidirectional:
@@ -381,7 +380,7 @@ class _RNNBase(Module):
             I = self.input_size if layer == 0 else self.hidden_size
             x_shape = (1, B, I)
             # the kernels' own checks; copies, so that later updates of the layer (an
-            # optimizer step) cannot leave the stream's packed W_hh out of date
+            # optimizer step) cannot leave the stream's packed weights out of date
             _, *w = F._check_weights(self._cell, self.dtype, *self._weights(layer, 0), x_shape)
             weights.append([None if a is None else a.copy() for a in w])
         s = _kernels.Stream(self._cell, self._option, self.dtype, B, weights)
