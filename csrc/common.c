@@ -174,28 +174,25 @@ void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t c
         for (ptrdiff_t c = 0; c < cols; c++) out[c] += A[r * lda + c];
 }
 
-/* Prepares op(W) (K rows, N columns) for rf_step_gemm: packed into pack_buffer
- * (rf_packed_size(K, N) elements) where our product runs, else used in place by BLAS.
- * prepacked (or NULL): op(W) already packed, used instead of packing. */
+/* Prepares op(W) (K rows, N columns) for rf_step_gemm: taken from prepacked, or packed
+ * into pack_buffer (rf_packed_size(K, N) elements), for our product; with neither (NULL),
+ * used in place by BLAS. */
 void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
                               ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
                               const REAL *prepacked) {
     W->w = w;
     W->ldw = ldw;
     W->trans = trans;
-    W->packed = NULL;
     W->panel_stride = RF_NR * K;
-    if (rf_packed_available()) {
-        if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N);
-        W->packed = prepacked ? prepacked : pack_buffer;
-    }
+    if (!prepacked && pack_buffer) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N);
+    W->packed = prepacked ? prepacked : pack_buffer;
 }
 
 /* A forward's weights: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns) for the per-step
  * products, except for the GRU without linear_before_reset, whose n block multiplies r h
  * apart: there W[0] holds the r z columns and W[1] the n block; W[2] = W_ih^T (I rows,
- * G*H columns) for the input projection. Packed into pack_buffer (rf_weights_pack_size
- * elements), or taken from prepacked (or NULL), packed the same way. */
+ * G*H columns) for the input projection. Taken from prepacked, or packed into pack_buffer
+ * (rf_weights_pack_size elements), laid out the same way; with neither, left to BLAS. */
 void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
                                REAL *pack_buffer, const REAL *prepacked) {
@@ -204,9 +201,11 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
     RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
                              prepacked);
     if (split)
-        RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H, pack_buffer + second,
+        RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H,
+                                 pack_buffer ? pack_buffer + second : NULL,
                                  prepacked ? prepacked + second : NULL);
-    RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, G * H, pack_buffer + input,
+    RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, G * H,
+                             pack_buffer ? pack_buffer + input : NULL,
                              prepacked ? prepacked + input : NULL);
 }
 

@@ -33,6 +33,8 @@ typedef struct {
     rf_sgemm_fn sgemm;
     rf_dgemm_fn dgemm;
     rf_threads_fn num_threads;  /* the BLAS's current thread count, or NULL: one thread */
+    int packed;  /* 1: the forwards' products and dh W_hh are ours, on packed weights
+                  * (rf_packed_available() must be 1); 0: they are BLAS calls */
 } rf_blas;
 
 /* Threads (threads.c). The kernels' own parallel parts use as many threads as the BLAS is
@@ -77,9 +79,10 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 /* Backward scratch, beyond the forward's workspace. */
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G);
 
-/* A weight prepared for products C (+)= A op(W), op(W) = W^T when trans: on AVX2+FMA CPUs
- * op(W) is packed once per call into panels one cache line wide, RF_NR columns (packed.c),
- * and the product is ours; otherwise packed is NULL and the product goes to BLAS. */
+/* A weight prepared for products C (+)= A op(W), op(W) = W^T when trans: where the table
+ * says packed (AVX2+FMA CPUs), op(W) is packed once per call into panels one cache line
+ * wide, RF_NR columns (packed.c), and the product is ours; otherwise packed is NULL and
+ * the product goes to BLAS. */
 #define RF_PANEL_BYTES 64
 #define RF_MR 6  /* rows of a register tile */
 #define RF_NR ((ptrdiff_t)(RF_PANEL_BYTES / sizeof(REAL)))  /* in the dtype-generic parts */
@@ -97,8 +100,8 @@ int rf_packed_available(void);
 /* A forward's weights packed ahead of time, so that calls with the same weights (a stream
  * of single steps) skip packing: pass them as the forward's packed. Packs W_hh^T (for the
  * GRU without linear_before_reset its n block apart), then W_ih^T: rf_weights_pack_size
- * elements of the call's dtype. Packs nothing (and the forwards ignore packed) where
- * rf_packed_available() is 0. lbr: the GRU's linear_before_reset (other cells: ignored). */
+ * elements of the call's dtype, only where rf_packed_available() (the forwards ignore
+ * packed where the BLAS table says not packed). lbr: the GRU's linear_before_reset. */
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I);
 void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                          ptrdiff_t H, ptrdiff_t I, int lbr);

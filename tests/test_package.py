@@ -16,10 +16,11 @@ def test_version_is_the_installed_one():
 def test_show_config_reports_build_and_blas(capsys):
     rnnfuse.show_config()
     out = capsys.readouterr().out
-    assert f"rnnfuse:      {rnnfuse.__version__}" in out
+    assert f"rnnfuse:        {rnnfuse.__version__}" in out
     assert "-O3" in out or "-O1" in out
     assert "-ffast-math" not in out and "-Ofast" not in out
-    assert f"simd_path:    {_kernels.simd_path()}" in out
+    assert f"simd_path:      {_kernels.simd_path()}" in out
+    assert f"products:       {_kernels.products()}" in out
     assert re.search(r"blas .*\d+ threads", out, re.IGNORECASE)
 
 
@@ -27,6 +28,19 @@ def test_simd_path_matches_cpu():
     flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
     want_v3 = "avx2" in flags and "fma" in flags
     assert _kernels.simd_path().startswith("x86-64-v3") == want_v3
+
+
+def test_products_follow_the_cpu_and_the_switch():
+    """Our packed products run exactly where the CPU has AVX2+FMA, unless RNNFUSE_PACKED=0."""
+    import os
+    want = "packed" if _kernels.simd_path().startswith("x86-64-v3") else "blas"
+    if os.environ.get("RNNFUSE_PACKED") == "0":
+        want = "blas"
+    assert _kernels.products() == want
+    code = "from rnnfuse import _kernels; print(_kernels.products())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RNNFUSE_PACKED": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "blas"
 
 
 def test_command_line_config_runs_from_another_directory(tmp_path):

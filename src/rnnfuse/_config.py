@@ -18,6 +18,8 @@ def config():
         "platform": platform.platform(),
         "compile_args": _kernels.compile_args(),
         "simd_path": _kernels.simd_path(),
+        "products": _kernels.products(),
+        "kernel_threads": _kernels.threads(),
         "threadpools": [
             {k: info.get(k) for k in ("user_api", "internal_api", "version",
                                       "architecture", "num_threads", "filepath")}
@@ -36,11 +38,13 @@ def _installed():
 
 
 def show_config():
-    """Print the version, compiler flags, the vectorized path active on this CPU, and the
-    BLAS libraries with their thread counts (via threadpoolctl)."""
+    """Print the version, compiler flags, the vectorized path active on this CPU, who
+    computes the forwards' products and on how many threads, and the BLAS libraries with
+    their thread counts (via threadpoolctl)."""
     cfg = config()
-    for key in ("rnnfuse", "python", "platform", "compile_args", "simd_path"):
-        print(f"{key + ':':14}{cfg[key]}")
+    for key in ("rnnfuse", "python", "platform", "compile_args", "simd_path", "products",
+                "kernel_threads"):
+        print(f"{key + ':':16}{cfg[key]}")
     print("threadpools:")
     for pool in cfg["threadpools"]:
         print(f"  - {pool['internal_api']} {pool['version']} ({pool['user_api']}), "

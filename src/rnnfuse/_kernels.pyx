@@ -6,6 +6,8 @@
 from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
+import os
+
 import numpy as np
 
 ctypedef fused floating:
@@ -22,6 +24,7 @@ cdef extern from "rnnfuse.h" nogil:
         rf_sgemm_fn sgemm
         rf_dgemm_fn dgemm
         rf_threads_fn num_threads
+        int packed
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
     int rf_threads(const rf_blas *blas)
     ctypedef struct rf_plan:
@@ -135,6 +138,14 @@ cdef rf_blas _blas
 _blas.sgemm = <rf_sgemm_fn>sgemm
 _blas.dgemm = <rf_dgemm_fn>dgemm
 _blas.num_threads = rf_find_blas_threads(<void *>sgemm)
+# RNNFUSE_PACKED=0 leaves every product to BLAS, as on CPUs without AVX2+FMA: for tests.
+_blas.packed = rf_packed_available() and os.environ.get("RNNFUSE_PACKED", "1") != "0"
+
+
+def products():
+    """Who computes the forwards' products: "packed" (our micro-kernel on packed weights) or
+    "blas" (no AVX2+FMA, or RNNFUSE_PACKED=0)."""
+    return "packed" if _blas.packed else "blas"
 
 
 def threads():
@@ -289,7 +300,7 @@ cdef int _typenum(a, str name="x") except -1:
 def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     """A forward's w_ih (G*H, I) and w_hh (G*H, H) packed ahead of time (rnnfuse.h), to pass
     as the forwards' packed with the same weights; None where the forwards do not pack (no
-    AVX2+FMA). lbr: the GRU's linear_before_reset."""
+    AVX2+FMA, or RNNFUSE_PACKED=0). lbr: the GRU's linear_before_reset."""
     cdef int t = _typenum(w_hh, "w_hh")
     if not (G in (1, 3, 4) and w_ih.ndim == 2 and w_hh.ndim == 2 and w_hh.shape[1] >= 1
             and w_ih.shape[1] >= 1 and w_hh.shape[0] == w_ih.shape[0] == G * w_hh.shape[1]):
@@ -298,7 +309,7 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     cdef Py_ssize_t H = w_hh.shape[1], I = w_ih.shape[1]
     cdef void *src_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     cdef void *src_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
-    if not rf_packed_available():
+    if not _blas.packed:
         return None
     packed = np.zeros(rf_weights_pack_size(G, H, I), w_hh.dtype)
     cdef void *dst = cnp.PyArray_DATA(packed)
