@@ -41,18 +41,6 @@ int rf_packed_available(void) {
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
-void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,
-                    ptrdiff_t N) {
-    for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_NR) {
-        REAL *panel = Bp + n0 * K;
-        for (ptrdiff_t k = 0; k < K; k++)
-            for (ptrdiff_t c = 0; c < RF_NR; c++) {
-                ptrdiff_t n = n0 + c;
-                panel[k * RF_NR + c] = n >= N ? 0 : trans ? B[n * ldb + k] : B[k * ldb + n];
-            }
-    }
-}
-
 #if RF_HAVE_CLONES
 
 #if RF_IS_FLOAT
@@ -78,6 +66,50 @@ void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t
 #define V_LANES(n) _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3))
 #endif
 #define VL (RF_NR / 2)  /* lanes per vector: a panel row is two vectors */
+
+/* A VL x VL block of W (rows c, row stride ldb) to VL panel rows (stride RF_NR):
+ * dst[k * RF_NR + c] = src[c * ldb + k], as vector shuffles. */
+AVX2 static inline void RF_FN(transpose_block)(REAL *dst, const REAL *src, ptrdiff_t ldb) {
+#if RF_IS_FLOAT
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ldb);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + i * RF_NR, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * RF_NR, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+#else
+    __m256d r[4], t[4];
+    for (int i = 0; i < 4; i++) r[i] = _mm256_loadu_pd(src + i * ldb);
+    for (int i = 0; i < 4; i += 2) {
+        t[i] = _mm256_unpacklo_pd(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_pd(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        _mm256_storeu_pd(dst + i * RF_NR, _mm256_permute2f128_pd(t[i], t[i + 2], 0x20));
+        _mm256_storeu_pd(dst + (i + 2) * RF_NR, _mm256_permute2f128_pd(t[i], t[i + 2], 0x31));
+    }
+#endif
+}
+
+/* Full panels of W^T, VL rows of op(W) at a time; returns the rows it packed. */
+AVX2 static ptrdiff_t RF_FN(pack_transposed)(REAL *panel, const REAL *W, ptrdiff_t ldb,
+                                             ptrdiff_t K) {
+    ptrdiff_t k = 0;
+    for (; k + VL <= K; k += VL)
+        for (ptrdiff_t c = 0; c < RF_NR; c += VL)
+            RF_FN(transpose_block)(panel + k * RF_NR + c, W + c * ldb + k, ldb);
+    return k;
+}
 
 /* One register tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns.
  * A tile keeps 2 * mr * np accumulators, and ks of them per output vector split the sum
@@ -188,6 +220,25 @@ AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const R
 #undef V_LANES
 #undef VL
 #endif /* RF_HAVE_CLONES */
+
+void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,
+                    ptrdiff_t N) {
+    for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_NR) {
+        REAL *panel = Bp + n0 * K;
+        ptrdiff_t k = 0;
+        if (!trans && n0 + RF_NR <= N)  /* whole panel rows are slices of B's rows */
+            for (; k < K; k++) memcpy(panel + k * RF_NR, B + k * ldb + n0, sizeof(REAL) * RF_NR);
+#if RF_HAVE_CLONES
+        if (trans && n0 + RF_NR <= N && rf_packed_available())
+            k = RF_FN(pack_transposed)(panel, B + n0 * ldb, ldb, K);
+#endif
+        for (; k < K; k++)
+            for (ptrdiff_t c = 0; c < RF_NR; c++) {
+                ptrdiff_t n = n0 + c;
+                panel[k * RF_NR + c] = n >= N ? 0 : trans ? B[n * ldb + k] : B[k * ldb + n];
+            }
+    }
+}
 
 void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
                            const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
