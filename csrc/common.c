@@ -239,8 +239,9 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
                               q->panel_stride, 0, q->gates + r0 * q->GH, q->GH, 0);
 }
 
-/* Flops below which a thread's share is not worth starting it (tens of microseconds). */
-#define RF_FLOPS_PER_THREAD (1 << 23)
+/* The least flops a thread's share must have to pay for starting the thread: starting and
+ * joining one cost ~45 us here (a VM), the time of ~4.5 MFLOP. */
+#define RF_FLOPS_PER_THREAD (1 << 25)
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
  * gates = X_packed @ W_ih^T over all their rows at once. (The cells add the biases in
