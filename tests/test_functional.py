@@ -126,7 +126,7 @@ def test_inference_matches_training_forward_bitwise(cell, option, reverse, dtype
     T, B = 300, 9  # past the chunk, and wide enough (G*H*I) to be shared by threads
     lengths = np.random.default_rng(1).integers(T // 4, T + 1, size=B)
     lengths[2] = T
-    case = make_case(cell, T, B, 160, 64, dtype, lengths=lengths)
+    case = make_case(cell, T, B, 520, 64, dtype, lengths=lengths)
     train_outs, _ = run(F, cell, option, case, reverse)
     with threadpool_limits(threads):
         infer_outs, _ = run(F, cell, option, case, reverse, need_ctx=False)
