@@ -245,10 +245,10 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
  * gates = X_packed @ W_ih^T over all their rows at once. (The cells add the biases in
- * their per-step pass, where the gates are in cache anyway.) Each row is rounded the same
- * way however many rows a call projects, so that a stream stepping one step at a time gets
- * a forward's numbers exactly: our product without its k-split, or else one BLAS call per
- * step, whose M (the step's rows) a stream's call repeats.
+ * their per-step pass, where the gates are in cache anyway.) Our product, without its
+ * k-split, rounds each row the same way however many rows a call projects, so that a
+ * stream stepping one step at a time gets a forward's numbers exactly; a BLAS (where W_ih
+ * is not packed) promises no such thing, and there the two agree to rounding.
  * threaded: share the rows among the BLAS's threads (the same numbers for any count).
  * Training forwards pass 0: they follow a backward whose BLAS threads still spin for a
  * while (OpenBLAS: ~0.1 s), and a thread of ours that fights them for the cores made
@@ -257,8 +257,8 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
 void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,
                        const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,
                        ptrdiff_t GH, int threaded, const rf_blas *blas) {
-    ptrdiff_t first = p->offsets[step0], rows = p->offsets[step1] - first;
-    const REAL *xs = x + first * I;
+    ptrdiff_t rows = p->offsets[step1] - p->offsets[step0];
+    const REAL *xs = x + p->offsets[step0] * I;
     if (!rf_dense(p)) {
         RF_FN(rf_gather)(xbuf, x, p, step0, step1, I);
         xs = xbuf;
@@ -272,11 +272,7 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
         rf_run_parts(RF_FN(project_part), &job, parts);
         return;
     }
-    for (ptrdiff_t s = step0; s < step1; s++) {
-        ptrdiff_t row = p->offsets[s] - first;
-        RF_FN(rf_gemm)(blas, 0, 1, p->batch_sizes[s], GH, I, 1, xs + row * I, I,
-                       (const REAL *)W_ih->w, I, 0, gates + row * GH, GH);
-    }
+    RF_FN(rf_gemm)(blas, 0, 1, rows, GH, I, 1, xs, I, (const REAL *)W_ih->w, I, 0, gates, GH);
 }
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rnnfuse import _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 
@@ -121,7 +122,8 @@ def test_random_shapes_match_reference(data, cell_option, dtype, T, B, I, H, rev
 @pytest.mark.parametrize("threads", [1, 2])
 def test_inference_matches_training_forward_bitwise(cell, option, reverse, dtype, threads):
     """The inference forward projects chunks of 1024 packed rows, shared among the BLAS's
-    threads; the training forward all rows on one thread: the same numbers."""
+    threads; the training forward all rows on one thread: the same numbers where the
+    products are ours (a BLAS may round a row otherwise in a call of another shape)."""
     from threadpoolctl import threadpool_limits
     T, B = 300, 9  # past the chunk, and wide enough (G*H*I) to be shared by threads
     lengths = np.random.default_rng(1).integers(T // 4, T + 1, size=B)
@@ -130,8 +132,9 @@ def test_inference_matches_training_forward_bitwise(cell, option, reverse, dtype
     train_outs, _ = run(F, cell, option, case, reverse)
     with threadpool_limits(threads):
         infer_outs, _ = run(F, cell, option, case, reverse, need_ctx=False)
-    for a, b in zip(infer_outs, train_outs):
-        np.testing.assert_array_equal(a, b)
+    if _kernels.products() == "packed":
+        for a, b in zip(infer_outs, train_outs):
+            np.testing.assert_array_equal(a, b)
     assert_close(infer_outs, run(R, cell, option, case, reverse, need_ctx=False)[0],
                  dtype, "inference")
 
@@ -401,7 +404,6 @@ def test_kernel_threads_follow_the_blas_limit():
     threadpoolctl limit governs both."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from rnnfuse import _kernels
     with threadpool_limits(1):
         assert _kernels.threads() == 1
     with threadpool_limits(2):

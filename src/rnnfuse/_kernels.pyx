@@ -524,7 +524,8 @@ cdef class Stream:
     Made by ``layer.stream(batch_size=1, state=None)``. ``stream.step(x_t)`` takes one
     step's input ``(batch_size, input_size)`` and returns that step's output
     ``(batch_size, hidden_size)`` (a new array): the matching row of ``layer.forward`` over
-    the whole sequence, bit for bit. ``stream.state`` is the current state in the
+    the whole sequence, bit for bit on CPUs with AVX2+FMA (to rounding where the products
+    are BLAS calls). ``stream.state`` is the current state in the
     layer's form (copies); ``stream.reset(state=None)`` sets it (None: zeros).
 
     The stream keeps its own copy of the layer's weights as they were when it was made, and
