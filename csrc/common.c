@@ -174,25 +174,21 @@ void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t c
         for (ptrdiff_t c = 0; c < cols; c++) out[c] += A[r * lda + c];
 }
 
-/* Prepares op(W) (K rows, N columns) for rf_step_gemm: taken from prepacked, or packed
- * into pack_buffer (rf_packed_size(K, N) elements), for our product; with neither (NULL),
- * used in place by BLAS. */
+/* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
+ * prepacked (or NULL), else packed into pack_buffer (rf_packed_size(K, N) elements). */
 void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
                               ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
                               const REAL *prepacked) {
-    W->w = w;
-    W->ldw = ldw;
-    W->trans = trans;
-    W->panel_stride = RF_NR * K;
-    if (!prepacked && pack_buffer) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N);
+    if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N);
     W->packed = prepacked ? prepacked : pack_buffer;
+    W->panel_stride = RF_NR * K;
 }
 
 /* A forward's weights: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns) for the per-step
  * products, except for the GRU without linear_before_reset, whose n block multiplies r h
  * apart: there W[0] holds the r z columns and W[1] the n block; W[2] = W_ih^T (I rows,
- * G*H columns) for the input projection. Taken from prepacked, or packed into pack_buffer
- * (rf_weights_pack_size elements), laid out the same way; with neither, left to BLAS. */
+ * G*H columns) for the input projection. Taken from prepacked (or NULL), else packed
+ * into pack_buffer (rf_weights_pack_size elements), laid out the same way. */
 void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
                                REAL *pack_buffer, const REAL *prepacked) {
@@ -201,11 +197,9 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
     RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
                              prepacked);
     if (split)
-        RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H,
-                                 pack_buffer ? pack_buffer + second : NULL,
+        RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H, pack_buffer + second,
                                  prepacked ? prepacked + second : NULL);
-    RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, G * H,
-                             pack_buffer ? pack_buffer + input : NULL,
+    RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, G * H, pack_buffer + input,
                              prepacked ? prepacked + input : NULL);
 }
 
@@ -213,13 +207,8 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
 void RF_FN(rf_step_gemm)(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
-    if (W->packed) {
-        RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
-                              W->panel_stride, accumulate, C, ldc, 1);
-        return;
-    }
-    const REAL *w = (const REAL *)W->w + (W->trans ? k0 : k0 * W->ldw);
-    RF_FN(rf_gemm)(blas, 0, W->trans, M, N, K, 1, A, lda, w, W->ldw, accumulate ? 1 : 0, C, ldc);
+    RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
+                          W->panel_stride, accumulate, C, ldc, 1, blas->portable);
 }
 
 /* One thread's share of an input projection: contiguous whole tiles of rows. */
@@ -227,6 +216,7 @@ typedef struct {
     ptrdiff_t rows, GH, I, panel_stride;
     const REAL *x, *w;
     REAL *gates;
+    int portable;
 } RF_FN(projection);
 
 static void RF_FN(project_part)(void *arg, int part, int parts) {
@@ -236,7 +226,8 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
     if (r1 > q->rows) r1 = q->rows;
     if (r0 < r1)
         RF_FN(rf_packed_gemm)(r1 - r0, q->GH, q->I, q->x + r0 * q->I, q->I, q->w,
-                              q->panel_stride, 0, q->gates + r0 * q->GH, q->GH, 0);
+                              q->panel_stride, 0, q->gates + r0 * q->GH, q->GH, 0,
+                              q->portable);
 }
 
 /* The least flops a thread's share must have to pay for starting the thread: starting and
@@ -247,11 +238,10 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
  * gates = X_packed @ W_ih^T over all their rows at once. (The cells add the biases in
  * their per-step pass, where the gates are in cache anyway.) Our product, without its
  * k-split, rounds each row the same way however many rows a call projects, so that a
- * stream stepping one step at a time gets a forward's numbers exactly; a BLAS (where W_ih
- * is not packed) promises no such thing, and there the two agree to rounding.
- * threaded: share the rows among the BLAS's threads (the same numbers for any count).
- * Training forwards pass 0: they follow a backward whose BLAS threads still spin for a
- * while (OpenBLAS: ~0.1 s), and a thread of ours that fights them for the cores made
+ * stream stepping one step at a time gets a forward's numbers exactly, which a BLAS does
+ * not promise. threaded: share the rows among the BLAS's threads (the same numbers for any
+ * count). Training forwards pass 0: they follow a backward whose BLAS threads still spin
+ * for a while (OpenBLAS: ~0.1 s), and a thread of ours that fights them for the cores made
  * the projection slower than one thread (measured, 2 cores).
  * xbuf receives the gathered rows (unused when x is dense). */
 void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,
@@ -263,16 +253,12 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
         RF_FN(rf_gather)(xbuf, x, p, step0, step1, I);
         xs = xbuf;
     }
-    if (W_ih->packed) {
-        RF_FN(projection) job = {rows, GH, I, W_ih->panel_stride, xs,
-                                 (const REAL *)W_ih->packed, gates};
-        double worth = 2.0 * (double)rows * (double)GH * (double)I / RF_FLOPS_PER_THREAD;
-        int parts = threaded ? rf_threads(blas) : 1;
-        if (worth < parts) parts = worth < 1 ? 1 : (int)worth;
-        rf_run_parts(RF_FN(project_part), &job, parts);
-        return;
-    }
-    RF_FN(rf_gemm)(blas, 0, 1, rows, GH, I, 1, xs, I, (const REAL *)W_ih->w, I, 0, gates, GH);
+    RF_FN(projection) job = {rows, GH, I, W_ih->panel_stride, xs, (const REAL *)W_ih->packed,
+                             gates, blas->portable};
+    double worth = 2.0 * (double)rows * (double)GH * (double)I / RF_FLOPS_PER_THREAD;
+    int parts = threaded ? rf_threads(blas) : 1;
+    if (worth < parts) parts = worth < 1 ? 1 : (int)worth;
+    rf_run_parts(RF_FN(project_part), &job, parts);
 }
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:

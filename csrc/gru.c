@@ -111,8 +111,7 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     const REAL *b_hn = b_hh ? b_hh + 2 * H : NULL;
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, blas->packed ? ws + L.weights : NULL,
-                              blas->packed ? packed : NULL);
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
@@ -199,8 +198,7 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     ptrdiff_t GH = 3 * H, N = p->rows;
     REAL *dh = scratch, *st = ws + L.step;
     rf_weight W;  /* W_hh itself: rows 0..2H-1 for r z, 2H..3H-1 for n */
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H,
-                             blas->packed ? scratch + 2 * p->B * H : NULL, NULL);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
         ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s];

@@ -103,8 +103,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W[3];
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, blas->packed ? ws + L.weights : NULL,
-                              blas->packed ? packed : NULL);
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
@@ -161,8 +160,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     ptrdiff_t GH = 4 * H, B = p->B;
     REAL *dh = scratch, *dc = scratch + B * H;
     rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H,
-                             blas->packed ? scratch + 2 * B * H : NULL, NULL);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * B * H, NULL);
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);

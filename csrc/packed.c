@@ -2,13 +2,14 @@
  * projection: C (M,N) (+)= A (M,K) op(B) (K,N), with op(B) packed ahead (once per call, or
  * once per stream) into panels one cache line wide (RF_NR columns: 16 floats, 8 doubles):
  * panel p holds columns RF_NR*p .. RF_NR*p+RF_NR-1, row k at offset RF_NR*k, zero padded
- * past N. A register tile of up to 6 rows x one panel accumulates in 12 ymm registers.
+ * past N. On AVX2+FMA CPUs a register tile of up to 6 rows x one panel accumulates in 12
+ * ymm registers; elsewhere a portable tile of 2 rows in the compiler's generic vectors.
  *
  * Why not BLAS: a per-step BLAS call pays its own overhead and re-packs W_hh every step,
  * for the few rows a step has. And a BLAS rounds a row of a product differently depending
  * on M (SciPy's OpenBLAS, measured: 322 of 896 shapes with K >= 33), so a stream that
  * projects one step's rows would not match a forward that projects all its steps at once.
- * Here, unless split_k, every output is one FMA chain over k in order, whatever M is.
+ * Here, unless split_k, every output is one chain over k in order, whatever M is.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
 #include <string.h>
@@ -28,7 +29,7 @@ ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N) {
     return ((N + 15) / 16) * 16 * K;
 }
 
-int rf_packed_available(void) {
+int rf_avx2_available(void) {
 #if RF_HAVE_CLONES
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
@@ -229,7 +230,7 @@ void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t
         if (!trans && n0 + RF_NR <= N)  /* whole panel rows are slices of B's rows */
             for (; k < K; k++) memcpy(panel + k * RF_NR, B + k * ldb + n0, sizeof(REAL) * RF_NR);
 #if RF_HAVE_CLONES
-        if (trans && n0 + RF_NR <= N && rf_packed_available())
+        if (trans && n0 + RF_NR <= N && rf_avx2_available())
             k = RF_FN(pack_transposed)(panel, B + n0 * ldb, ldb, K);
 #endif
         for (; k < K; k++)
@@ -240,24 +241,79 @@ void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t
     }
 }
 
+/* The portable product: tiles of two rows by one panel, in the compiler's generic vectors
+ * (four make a panel row: SSE2, NEON, ...), each output one chain over k in order. An odd
+ * last row runs through the same tile as both of its rows, so every row is computed by the
+ * same code whatever M is. */
+#if defined(__GNUC__)
+typedef REAL RF_FN(vec) __attribute__((vector_size(RF_PANEL_BYTES / 4)));
+
+static inline void RF_FN(tile_portable)(ptrdiff_t K, const REAL *a0, const REAL *a1,
+                                        const REAL *panel, REAL out[2][RF_NR]) {
+    typedef RF_FN(vec) V;
+    V acc0[4] = {0}, acc1[4] = {0}, b[4];
+    for (ptrdiff_t k = 0; k < K; k++) {
+        memcpy(b, panel + k * RF_NR, sizeof b);
+        for (int v = 0; v < 4; v++) {
+            acc0[v] += a0[k] * b[v];
+            acc1[v] += a1[k] * b[v];
+        }
+    }
+    memcpy(out[0], acc0, sizeof acc0);
+    memcpy(out[1], acc1, sizeof acc1);
+}
+#else
+static inline void RF_FN(tile_portable)(ptrdiff_t K, const REAL *a0, const REAL *a1,
+                                        const REAL *panel, REAL out[2][RF_NR]) {
+    for (ptrdiff_t c = 0; c < RF_NR; c++) out[0][c] = out[1][c] = 0;
+    for (ptrdiff_t k = 0; k < K; k++)
+        for (ptrdiff_t c = 0; c < RF_NR; c++) {
+            out[0][c] += a0[k] * panel[k * RF_NR + c];
+            out[1][c] += a1[k] * panel[k * RF_NR + c];
+        }
+}
+#endif
+
+static void RF_FN(row_block_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                                      ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
+                                      int accumulate, REAL *C, ptrdiff_t ldc) {
+    for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_NR) {
+        const REAL *panel = Bp + (n0 / RF_NR) * panel_stride;
+        ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
+        for (ptrdiff_t m = 0; m < M; m += 2) {
+            ptrdiff_t rows = M - m < 2 ? 1 : 2;
+            REAL sum[2][RF_NR];
+            RF_FN(tile_portable)(K, A + m * lda, A + (m + rows - 1) * lda, panel, sum);
+            for (ptrdiff_t i = 0; i < rows; i++) {
+                REAL *out = C + (m + i) * ldc + n0;
+                for (ptrdiff_t c = 0; c < nc; c++)
+                    out[c] = accumulate ? out[c] + sum[i][c] : sum[i][c];
+            }
+        }
+    }
+}
+
 void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
                            const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
-                           ptrdiff_t ldc, int split_k) {
-#if RF_HAVE_CLONES
+                           ptrdiff_t ldc, int split_k, int portable) {
     /* blocks of whole tiles, about 192 KiB of A each: a large M (an input projection)
      * streams A from L2 once per panel rather than from memory */
     ptrdiff_t block = K > 0 ? (192 * 1024 / (K * (ptrdiff_t)sizeof(REAL)) / MR) * MR : M;
     if (block < MR) block = MR;
     for (ptrdiff_t m0 = 0; m0 < M; m0 += block) {
         ptrdiff_t rows = M - m0 < block ? M - m0 : block;
-        RF_FN(row_block)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
-                         C + m0 * ldc, ldc, split_k);
-    }
+#if RF_HAVE_CLONES
+        if (!portable && rf_avx2_available()) {
+            RF_FN(row_block)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
+                             C + m0 * ldc, ldc, split_k);
+            continue;
+        }
 #else
-    /* never called: the forwards pack nothing where rf_packed_available() is 0 */
-    (void)M; (void)N; (void)K; (void)A; (void)lda; (void)Bp; (void)panel_stride;
-    (void)accumulate; (void)C; (void)ldc; (void)split_k;
+        (void)portable; (void)split_k;
 #endif
+        RF_FN(row_block_portable)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride,
+                                  accumulate, C + m0 * ldc, ldc);
+    }
 }
 
 #endif /* RF_TEMPLATE */

@@ -76,8 +76,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
     }
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, blas->packed ? ws + L.weights : NULL,
-                              blas->packed ? packed : NULL);
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed);
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, H,
@@ -122,8 +121,7 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     rnn_layout L = rnn_layout_of(p, I, H, 1);
     REAL *dh = scratch;
     rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H,
-                             blas->packed ? scratch + 2 * p->B * H : NULL, NULL);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
         ptrdiff_t bs = p->batch_sizes[s];

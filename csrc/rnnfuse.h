@@ -33,8 +33,8 @@ typedef struct {
     rf_sgemm_fn sgemm;
     rf_dgemm_fn dgemm;
     rf_threads_fn num_threads;  /* the BLAS's current thread count, or NULL: one thread */
-    int packed;  /* 1: the forwards' products and dh W_hh are ours, on packed weights
-                  * (rf_packed_available() must be 1); 0: they are BLAS calls */
+    int portable;  /* 1: our products on the portable kernel even where AVX2+FMA runs
+                    * (for tests); 0: the AVX2+FMA kernel where the CPU has it */
 } rf_blas;
 
 /* Threads (threads.c). The kernels' own parallel parts use as many threads as the BLAS is
@@ -79,29 +79,24 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 /* Backward scratch, beyond the forward's workspace. */
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G);
 
-/* A weight prepared for products C (+)= A op(W), op(W) = W^T when trans: where the table
- * says packed (AVX2+FMA CPUs), op(W) is packed once per call into panels one cache line
- * wide, RF_NR columns (packed.c), and the product is ours; otherwise packed is NULL and
- * the product goes to BLAS. */
+/* A weight prepared for our products C (+)= A op(W) (packed.c): op(W), W or W^T, packed
+ * once per call (or once per stream) into panels one cache line wide, RF_NR columns. */
 #define RF_PANEL_BYTES 64
 #define RF_MR 6  /* rows of a register tile */
 #define RF_NR ((ptrdiff_t)(RF_PANEL_BYTES / sizeof(REAL)))  /* in the dtype-generic parts */
 typedef struct {
-    const void *w;           /* W, row-major with leading dimension ldw */
-    ptrdiff_t ldw;
-    int trans;
-    const void *packed;      /* op(W) in panels, or NULL */
+    const void *packed;      /* op(W) in panels */
     ptrdiff_t panel_stride;  /* elements from one panel to the next: RF_NR * rows of op(W) */
 } rf_weight;
 
 /* Elements a packed op(W) of K rows and N columns takes (enough for either dtype). */
 ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
-int rf_packed_available(void);
+/* Whether the AVX2+FMA micro-kernel can run here (else the portable one runs). */
+int rf_avx2_available(void);
 /* A forward's weights packed ahead of time, so that calls with the same weights (a stream
  * of single steps) skip packing: pass them as the forward's packed. Packs W_hh^T (for the
  * GRU without linear_before_reset its n block apart), then W_ih^T: rf_weights_pack_size
- * elements of the call's dtype, only where rf_packed_available() (the forwards ignore
- * packed where the BLAS table says not packed). lbr: the GRU's linear_before_reset. */
+ * elements of the call's dtype. lbr: the GRU's linear_before_reset (other cells: ignored). */
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I);
 void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                          ptrdiff_t H, ptrdiff_t I, int lbr);
@@ -192,7 +187,8 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
                        ptrdiff_t N);                                                        \
     void rf_packed_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,         \
                               ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
-                              int accumulate, REAL *C, ptrdiff_t ldc, int split_k);         \
+                              int accumulate, REAL *C, ptrdiff_t ldc, int split_k,          \
+                              int portable);                                                \
     void rf_gemm_floor_##SFX(const rf_blas *blas, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,      \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \

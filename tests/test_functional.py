@@ -122,8 +122,7 @@ def test_random_shapes_match_reference(data, cell_option, dtype, T, B, I, H, rev
 @pytest.mark.parametrize("threads", [1, 2])
 def test_inference_matches_training_forward_bitwise(cell, option, reverse, dtype, threads):
     """The inference forward projects chunks of 1024 packed rows, shared among the BLAS's
-    threads; the training forward all rows on one thread: the same numbers where the
-    products are ours (a BLAS may round a row otherwise in a call of another shape)."""
+    threads; the training forward all rows on one thread: the same numbers."""
     from threadpoolctl import threadpool_limits
     T, B = 300, 9  # past the chunk, and wide enough (G*H*I) to be shared by threads
     lengths = np.random.default_rng(1).integers(T // 4, T + 1, size=B)
@@ -132,9 +131,8 @@ def test_inference_matches_training_forward_bitwise(cell, option, reverse, dtype
     train_outs, _ = run(F, cell, option, case, reverse)
     with threadpool_limits(threads):
         infer_outs, _ = run(F, cell, option, case, reverse, need_ctx=False)
-    if _kernels.products() == "packed":
-        for a, b in zip(infer_outs, train_outs):
-            np.testing.assert_array_equal(a, b)
+    for a, b in zip(infer_outs, train_outs):
+        np.testing.assert_array_equal(a, b)
     assert_close(infer_outs, run(R, cell, option, case, reverse, need_ctx=False)[0],
                  dtype, "inference")
 

@@ -20,7 +20,7 @@ def test_show_config_reports_build_and_blas(capsys):
     assert "-O3" in out or "-O1" in out
     assert "-ffast-math" not in out and "-Ofast" not in out
     assert f"simd_path:      {_kernels.simd_path()}" in out
-    assert f"products:       {_kernels.products()}" in out
+    assert f"kernel:         {_kernels.kernel()}" in out
     assert re.search(r"blas .*\d+ threads", out, re.IGNORECASE)
 
 
@@ -30,17 +30,19 @@ def test_simd_path_matches_cpu():
     assert _kernels.simd_path().startswith("x86-64-v3") == want_v3
 
 
-def test_products_follow_the_cpu_and_the_switch():
-    """Our packed products run exactly where the CPU has AVX2+FMA, unless RNNFUSE_PACKED=0."""
+def test_kernel_follows_the_cpu_and_the_switch():
+    """The AVX2+FMA micro-kernel runs exactly where the CPU has both, unless
+    RNNFUSE_KERNEL=portable."""
     import os
-    want = "packed" if _kernels.simd_path().startswith("x86-64-v3") else "blas"
-    if os.environ.get("RNNFUSE_PACKED") == "0":
-        want = "blas"
-    assert _kernels.products() == want
-    code = "from rnnfuse import _kernels; print(_kernels.products())"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RNNFUSE_PACKED": "0"},
+    want = "avx2" if _kernels.simd_path().startswith("x86-64-v3") else "portable"
+    if os.environ.get("RNNFUSE_KERNEL") == "portable":
+        want = "portable"
+    assert _kernels.kernel() == want
+    code = "from rnnfuse import _kernels; print(_kernels.kernel())"
+    out = subprocess.run([sys.executable, "-c", code],
+                         env={**os.environ, "RNNFUSE_KERNEL": "portable"},
                          capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "blas"
+    assert out.strip() == "portable"
 
 
 def test_command_line_config_runs_from_another_directory(tmp_path):

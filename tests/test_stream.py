@@ -1,10 +1,9 @@
 """Streams: a unidirectional layer advanced one timestep at a time (layer.stream()).
 
 The oracle is the layer's own whole-sequence forward in eval mode, itself tested against
-the reference and finite differences in test_layers.py. Where the products are ours
-(AVX2+FMA CPUs) the two agree bit for bit: the input projection rounds each row alike
-however many rows one call projects (all steps in a forward, one step in a stream; see
-rf_project). Where they are BLAS calls (other CPUs, RNNFUSE_PACKED=0), to rounding.
+the reference and finite differences in test_layers.py. The two agree bit for bit: the
+input projection rounds each row alike however many rows one call projects (all steps in a
+forward, one step in a stream; see rf_project), on either micro-kernel.
 """
 import threading
 
@@ -12,27 +11,12 @@ import numpy as np
 import pytest
 
 import rnnfuse
-from rnnfuse import _kernels
 from rnnfuse.layers import GRU, LSTM, RNN
 
 CELLS = [(LSTM, {}), (GRU, {"linear_before_reset": True}),
          (GRU, {"linear_before_reset": False}), (RNN, {"nonlinearity": "tanh"}),
          (RNN, {"nonlinearity": "relu"})]
 CELL_IDS = ["lstm", "gru_lbr", "gru_orig", "rnn_tanh", "rnn_relu"]
-EXACT = _kernels.products() == "packed"
-
-
-def assert_same(got, want, steps=1):
-    """Bit for bit where the products are ours; else to rounding, a few ulp of the outputs'
-    scale per step."""
-    if EXACT:
-        assert np.array_equal(got, want)
-    else:
-        tol = 2e-6 if got.dtype == np.float32 else 1e-14
-        scale = max(1.0, float(np.abs(want).max(initial=0)))
-        np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale * max(steps, 1))
-
-
 def parts(state):
     return list(state) if isinstance(state, tuple) else [state]
 
@@ -70,9 +54,9 @@ def test_stream_matches_whole_sequence_forward_exactly(cls, opts, dtype, T, B, I
 
     stream = layer.stream(B, state)
     ys = run_stream(stream, x)
-    assert_same(ys, y, T)
+    assert np.array_equal(ys, y)
     for got, want in zip(parts(stream.state), parts(final)):
-        assert_same(got, want, 10 * T)
+        assert np.array_equal(got, want)
     assert ys.dtype == dtype and all(s.dtype == dtype for s in parts(stream.state))
 
 
@@ -87,11 +71,11 @@ def test_state_carries_across_calls_and_chunks():
     mid = stream.state
     y1, st1 = layer.forward(x[:8])
     for got, want in zip(mid, st1):
-        assert_same(got, want, 8)
+        assert np.array_equal(got, want)
     second = run_stream(stream, x[8:])
-    assert_same(np.concatenate([first, second]), y, 20)
-    assert_same(stream.state[0], h, 20)
-    assert_same(stream.state[1], c, 20)
+    assert np.array_equal(np.concatenate([first, second]), y)
+    assert np.array_equal(stream.state[0], h)
+    assert np.array_equal(stream.state[1], c)
 
 
 def test_reset_and_state_are_copies():
@@ -118,14 +102,14 @@ def test_stream_keeps_the_weights_it_was_made_with():
     stream = layer.stream(2)
     for p in layer.parameters():
         p += 1.0  # an optimizer step after the stream was made
-    assert_same(run_stream(stream, x), want, 4)
+    assert np.array_equal(run_stream(stream, x), want)
 
 
 def test_eval_semantics_without_dropout():
     layer = LSTM(3, 4, num_layers=2, dropout=0.5, seed=0)  # left in training mode
     x = np.random.default_rng(0).standard_normal((6, 1, 3)).astype(np.float32)
     want, _ = layer.eval().forward(x)
-    assert_same(run_stream(layer.train().stream(), x), want, 6)
+    assert np.array_equal(run_stream(layer.train().stream(), x), want)
 
 
 def test_step_accepts_any_layout_and_leaves_x_alone():

@@ -33,27 +33,27 @@ echo "sanitize.sh: built in $((SECONDS - start)) s" >&2
 # 3. The tests, with the sanitizer runtime preloaded into the (unsanitized) interpreter.
 #    Every kernel, cell, option, dtype, direction and batch kind is in this default subset,
 #    and the C-level API (test_capi.py builds its example with the unsanitized compiler);
-#    then the kernels again with every product left to BLAS (RNNFUSE_PACKED=0).
+#    then the kernels again on the portable micro-kernel (RNNFUSE_KERNEL=portable).
 asan=$("$cc" -print-file-name=libasan.so)
 # --capture=sys: reports are written to fd 2 by C; pytest's fd capture would swallow them
 # when the process halts. (UBSan ignores log_path inside the ASan runtime: scan the output.)
 rc=0
-run_tests() {  # run_tests PACKED PYTEST_ARGS...
-    local packed=$1
+run_tests() {  # run_tests KERNEL PYTEST_ARGS...
+    local kernel=$1
     shift
     (cd "$work/src" &&
-     RNNFUSE_PACKED=$packed LD_PRELOAD="$asan" PYTHONMALLOC=malloc \
+     RNNFUSE_KERNEL=$kernel LD_PRELOAD="$asan" PYTHONMALLOC=malloc \
      ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1" \
      UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1" \
      "$work/venv/bin/python" -m pytest -p no:cacheprovider --capture=sys "$@") \
         2>&1 | tee -a "$work/logs/pytest.log" || rc=$?
 }
 if [ $# -eq 0 ]; then
-    run_tests 1 tests/test_functional.py tests/test_reliability.py tests/test_vmath.py \
+    run_tests default tests/test_functional.py tests/test_reliability.py tests/test_vmath.py \
         tests/test_capi.py -q
-    run_tests 0 tests/test_functional.py -q
+    run_tests portable tests/test_functional.py -q
 else
-    run_tests "${RNNFUSE_PACKED:-1}" "$@"
+    run_tests "${RNNFUSE_KERNEL:-default}" "$@"
 fi
 if grep -qE "runtime error:|ERROR: AddressSanitizer|ERROR: LeakSanitizer|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$work/logs/pytest.log"; then
     echo "sanitize.sh: SANITIZER REPORT (see above; pytest exit $rc)" >&2

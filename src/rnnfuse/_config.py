@@ -18,7 +18,7 @@ def config():
         "platform": platform.platform(),
         "compile_args": _kernels.compile_args(),
         "simd_path": _kernels.simd_path(),
-        "products": _kernels.products(),
+        "kernel": _kernels.kernel(),
         "kernel_threads": _kernels.threads(),
         "threadpools": [
             {k: info.get(k) for k in ("user_api", "internal_api", "version",
@@ -38,11 +38,11 @@ def _installed():
 
 
 def show_config():
-    """Print the version, compiler flags, the vectorized path active on this CPU, who
-    computes the forwards' products and on how many threads, and the BLAS libraries with
-    their thread counts (via threadpoolctl)."""
+    """Print the version, compiler flags, the vectorized path active on this CPU, the
+    micro-kernel of our products and its thread count, and the BLAS libraries with their
+    thread counts (via threadpoolctl)."""
     cfg = config()
-    for key in ("rnnfuse", "python", "platform", "compile_args", "simd_path", "products",
+    for key in ("rnnfuse", "python", "platform", "compile_args", "simd_path", "kernel",
                 "kernel_threads"):
         print(f"{key + ':':16}{cfg[key]}")
     print("threadpools:")

@@ -24,7 +24,7 @@ cdef extern from "rnnfuse.h" nogil:
         rf_sgemm_fn sgemm
         rf_dgemm_fn dgemm
         rf_threads_fn num_threads
-        int packed
+        int portable
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
     int rf_threads(const rf_blas *blas)
     ctypedef struct rf_plan:
@@ -49,7 +49,7 @@ cdef extern from "rnnfuse.h" nogil:
                              Py_ssize_t H, Py_ssize_t I, int lbr)
     void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh,
                              Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr)
-    int rf_packed_available()
+    int rf_avx2_available()
     void rf_sigmoid_f32(float *a, Py_ssize_t n)
     void rf_tanh_f32(float *a, Py_ssize_t n)
     void rf_sigmoid_f64(double *a, Py_ssize_t n)
@@ -138,14 +138,15 @@ cdef rf_blas _blas
 _blas.sgemm = <rf_sgemm_fn>sgemm
 _blas.dgemm = <rf_dgemm_fn>dgemm
 _blas.num_threads = rf_find_blas_threads(<void *>sgemm)
-# RNNFUSE_PACKED=0 leaves every product to BLAS, as on CPUs without AVX2+FMA: for tests.
-_blas.packed = rf_packed_available() and os.environ.get("RNNFUSE_PACKED", "1") != "0"
+# RNNFUSE_KERNEL=portable runs our products on the portable kernel, as on CPUs without
+# AVX2+FMA: for tests.
+_blas.portable = not rf_avx2_available() or os.environ.get("RNNFUSE_KERNEL") == "portable"
 
 
-def products():
-    """Who computes the forwards' products: "packed" (our micro-kernel on packed weights) or
-    "blas" (no AVX2+FMA, or RNNFUSE_PACKED=0)."""
-    return "packed" if _blas.packed else "blas"
+def kernel():
+    """The micro-kernel of our products: "avx2" (AVX2+FMA) or "portable" (other CPUs, or
+    RNNFUSE_KERNEL=portable)."""
+    return "portable" if _blas.portable else "avx2"
 
 
 def threads():
@@ -299,8 +300,7 @@ cdef int _typenum(a, str name="x") except -1:
 
 def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     """A forward's w_ih (G*H, I) and w_hh (G*H, H) packed ahead of time (rnnfuse.h), to pass
-    as the forwards' packed with the same weights; None where the forwards do not pack (no
-    AVX2+FMA, or RNNFUSE_PACKED=0). lbr: the GRU's linear_before_reset."""
+    as the forwards' packed with the same weights. lbr: the GRU's linear_before_reset."""
     cdef int t = _typenum(w_hh, "w_hh")
     if not (G in (1, 3, 4) and w_ih.ndim == 2 and w_hh.ndim == 2 and w_hh.shape[1] >= 1
             and w_ih.shape[1] >= 1 and w_hh.shape[0] == w_ih.shape[0] == G * w_hh.shape[1]):
@@ -309,8 +309,6 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     cdef Py_ssize_t H = w_hh.shape[1], I = w_ih.shape[1]
     cdef void *src_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     cdef void *src_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
-    if not _blas.packed:
-        return None
     packed = np.zeros(rf_weights_pack_size(G, H, I), w_hh.dtype)
     cdef void *dst = cnp.PyArray_DATA(packed)
     with nogil:
@@ -524,8 +522,7 @@ cdef class Stream:
     Made by ``layer.stream(batch_size=1, state=None)``. ``stream.step(x_t)`` takes one
     step's input ``(batch_size, input_size)`` and returns that step's output
     ``(batch_size, hidden_size)`` (a new array): the matching row of ``layer.forward`` over
-    the whole sequence, bit for bit on CPUs with AVX2+FMA (to rounding where the products
-    are BLAS calls). ``stream.state`` is the current state in the
+    the whole sequence, bit for bit. ``stream.state`` is the current state in the
     layer's form (copies); ``stream.reset(state=None)`` sets it (None: zeros).
 
     The stream keeps its own copy of the layer's weights as they were when it was made, and

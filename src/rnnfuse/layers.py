@@ -368,9 +368,8 @@ class _RNNBase(Module):
         and online inference), starting from ``state`` (the layer's form, with
         batch_size rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size,
         input_size), returns y_t (batch_size, hidden_size): the numbers of ``forward``
-        over the whole sequence in eval mode, bit for bit on CPUs with AVX2+FMA (to
-        rounding elsewhere, where the products are BLAS calls). The stream copies the
-        weights as they are now; only unidirectional layers can be streamed.
+        over the whole sequence in eval mode, bit for bit. The stream copies the weights
+        as they are now; only unidirectional layers can be streamed.
         """
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
