@@ -4,6 +4,8 @@ One test, two backends: every cell, option, dtype and ragged batch runs through 
 must agree (float64 to 1e-10 relative, float32 to 1e-5). The reference itself is checked
 by finite differences in test_reference.py.
 """
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -410,6 +412,43 @@ def test_kernel_threads_follow_the_blas_limit():
         if not counts:
             pytest.skip("SciPy's BLAS here is not its bundled OpenBLAS")
         assert _kernels.threads() == counts[0] <= 2
+
+
+def test_a_threads_next_call_reuses_its_workspace_and_gets_the_same_numbers():
+    case = make_case("lstm", 40, 16, 32, 64, np.float32)  # a ~1.5 MB training workspace
+    first = run(F, "lstm", None, case)
+    spare = F._SPARE.ws
+    assert spare is not None and spare.nbytes >= F._SPARE_MIN_BYTES
+    run(F, "lstm", None, make_case("lstm", 3, 2, 4, 5, np.float32))  # too small to take it
+    assert F._SPARE.ws is spare
+    spare[...] = np.nan  # what the spare held does not leak into the call that takes it
+    again = run(F, "lstm", None, case)
+    assert F._SPARE.ws is spare  # taken, filled anew, given back
+    for a, b in zip(first[0] + first[1], again[0] + again[1]):
+        np.testing.assert_array_equal(a, b)
+    F.release_workspace()
+    assert F._SPARE.ws is None
+
+
+def test_threads_keep_their_own_spare_workspace():
+    case = make_case("gru", 40, 16, 32, 64, np.float64)
+    want = run(F, "gru", True, case)
+    F.release_workspace()
+    got, spares = [], []
+
+    def work():
+        got.append(run(F, "gru", True, case))
+        spares.append(F._SPARE.ws)
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert F._SPARE.ws is None  # this thread's slot was not touched
+    assert spares[0] is not spares[1]
+    for result in got:
+        for a, b in zip(want[0] + want[1], result[0] + result[1]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_changing_lengths_after_forward_does_not_reach_backward():
