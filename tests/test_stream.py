@@ -247,3 +247,16 @@ def test_direct_construction_checks_the_buffers(damage):
         cell = "lstm2"
     with pytest.raises(ValueError):
         rnnfuse.Stream(cell, False, np.float32, 2, layers)
+
+
+@pytest.mark.parametrize("w_ih, w_hh, G, exc, match", [
+    ([[1.0]], np.ones((4, 1), np.float32), 4, TypeError, "w_ih must be a float32 or float64"),
+    (np.ones((4, 2), np.float32), np.ones((4, 2), np.float32), 4, ValueError, "w_ih and w_hh"),
+    (np.ones((8, 2), np.float32), np.ones((8, 2), np.float32), 2, ValueError, "G in"),
+    (np.ones((4, 2), np.float64), np.ones((4, 1), np.float32), 4, ValueError, "w_ih must be a C"),
+    (np.ones((4, 4), np.float32)[:, ::2], np.ones((4, 1), np.float32), 4, ValueError, "w_ih"),
+])
+def test_pack_weights_refuses_what_it_cannot_pack(w_ih, w_hh, G, exc, match):
+    from rnnfuse import _kernels
+    with pytest.raises(exc, match=match):
+        _kernels.pack_weights(w_ih, w_hh, G, False)

@@ -302,6 +302,7 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     """A forward's w_ih (G*H, I) and w_hh (G*H, H) packed ahead of time (rnnfuse.h), to pass
     as the forwards' packed with the same weights. lbr: the GRU's linear_before_reset."""
     cdef int t = _typenum(w_hh, "w_hh")
+    _typenum(w_ih, "w_ih")  # the same dtype is checked below
     if not (G in (1, 3, 4) and w_ih.ndim == 2 and w_hh.ndim == 2 and w_hh.shape[1] >= 1
             and w_ih.shape[1] >= 1 and w_hh.shape[0] == w_ih.shape[0] == G * w_hh.shape[1]):
         raise ValueError(f"w_ih and w_hh must be (G*H, I) and (G*H, H) with G in (1, 3, 4), "
