@@ -48,6 +48,7 @@ int rf_avx2_available(void) {
 #define VEC __m256
 #define V_ZERO _mm256_setzero_ps
 #define V_LOAD _mm256_loadu_ps
+#define V_STORE _mm256_storeu_ps
 #define V_BROADCAST _mm256_broadcast_ss
 #define V_FMA _mm256_fmadd_ps
 #define V_ADD _mm256_add_ps
@@ -59,6 +60,7 @@ int rf_avx2_available(void) {
 #define VEC __m256d
 #define V_ZERO _mm256_setzero_pd
 #define V_LOAD _mm256_loadu_pd
+#define V_STORE _mm256_storeu_pd
 #define V_BROADCAST _mm256_broadcast_sd
 #define V_FMA _mm256_fmadd_pd
 #define V_ADD _mm256_add_pd
@@ -153,15 +155,19 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
         UNROLL for (int i = 0; i < mr; i++)
             UNROLL for (int v = 0; v < 2 * np; v++)
                 acc[0][i][v] = V_ADD(acc[0][i][v], acc[s][i][v]);
-    __m256i full = _mm256_set1_epi32(-1);
     UNROLL for (int i = 0; i < mr; i++) {
         UNROLL for (int v = 0; v < 2 * np; v++) {
             REAL *c = C + i * ldc + (v / 2) * RF_NR + (v % 2) * VL;
             /* only the tile's last panel may be partial: masked, never touching columns >= N */
-            __m256i m = (v / 2 == np - 1 && nc < RF_NR) ? V_LANES(nc - (v % 2) * VL) : full;
             VEC sum = acc[0][i][v];
-            if (accumulate) sum = V_ADD(sum, V_MASKLOAD(c, m));
-            V_MASKSTORE(c, m, sum);
+            if (v / 2 == np - 1 && nc < RF_NR) {  /* masked: never touch columns >= N */
+                __m256i m = V_LANES(nc - (v % 2) * VL);
+                if (accumulate) sum = V_ADD(sum, V_MASKLOAD(c, m));
+                V_MASKSTORE(c, m, sum);
+            } else {  /* plain moves: masked ones are slow (microcoded on AMD) */
+                if (accumulate) sum = V_ADD(sum, V_LOAD(c));
+                V_STORE(c, sum);
+            }
         }
     }
 }
@@ -213,6 +219,7 @@ AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const R
 #undef VEC
 #undef V_ZERO
 #undef V_LOAD
+#undef V_STORE
 #undef V_BROADCAST
 #undef V_FMA
 #undef V_ADD
