@@ -201,7 +201,9 @@ AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const R
                                   ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
                                   int accumulate, REAL *C, ptrdiff_t ldc, int split_k) {
     ptrdiff_t n0 = 0;
-    if (M < MR) {  /* few rows: two panels per tile for more independent accumulators */
+    /* 1-3 rows: two panels per tile for more independent accumulators (4 or 5 rows of two
+     * panels would want 16-20 accumulators of the 16 registers: spilled, measured slower) */
+    if (M <= 3) {
         for (; n0 + 2 * RF_NR <= N; n0 += 2 * RF_NR) {
             const REAL *panel = Bp + (n0 / RF_NR) * panel_stride;
             ptrdiff_t nc = RF_NR;
