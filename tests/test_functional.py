@@ -414,20 +414,40 @@ def test_kernel_threads_follow_the_blas_limit():
         assert _kernels.threads() == counts[0] <= 2
 
 
+def address(a):
+    return a.__array_interface__["data"][0]
+
+
 def test_a_threads_next_call_reuses_its_workspace_and_gets_the_same_numbers():
     case = make_case("lstm", 40, 16, 32, 64, np.float32)  # a ~1.5 MB training workspace
     first = run(F, "lstm", None, case)
     spare = F._SPARE.ws
     assert spare is not None and spare.nbytes >= F._SPARE_MIN_BYTES
+    assert address(spare) % 64 == 0  # kept from its cache-line start
+
+    def same_spare():
+        return (address(F._SPARE.ws), F._SPARE.ws.size) == (address(spare), spare.size)
     run(F, "lstm", None, make_case("lstm", 3, 2, 4, 5, np.float32))  # too small to take it
-    assert F._SPARE.ws is spare
+    assert same_spare()
     spare[...] = np.nan  # what the spare held does not leak into the call that takes it
     again = run(F, "lstm", None, case)
-    assert F._SPARE.ws is spare  # taken, filled anew, given back
+    assert same_spare()  # taken, filled anew, given back
     for a, b in zip(first[0] + first[1], again[0] + again[1]):
         np.testing.assert_array_equal(a, b)
     F.release_workspace()
     assert F._SPARE.ws is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_workspaces_and_packed_weights_start_on_a_cache_line(dtype):
+    # NumPy aligns to 16 bytes; a panel row (64 bytes) must not straddle two cache lines.
+    starts = {address(_kernels.aligned_empty(n, dtype)) % 64 for n in range(1, 300, 7)}
+    assert starts == {0}
+    big = _kernels.aligned_empty(1 << 18, dtype)
+    assert big.size == 1 << 18 and big.dtype == dtype and big.flags.c_contiguous
+    w_ih = np.ones((12, 5), dtype)
+    w_hh = np.ones((12, 3), dtype)
+    assert address(_kernels.pack_weights(w_ih, w_hh, 4, False)) % 64 == 0
 
 
 def test_threads_keep_their_own_spare_workspace():

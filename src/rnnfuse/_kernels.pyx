@@ -238,6 +238,18 @@ cdef class Plan:
         return p
 
 
+def aligned_empty(Py_ssize_t n, dtype):
+    """An uninitialised 1-D array of n elements of dtype whose data starts on a cache line
+    (64 bytes). NumPy only aligns to 16: the packed weights' panel rows, a line each, then
+    straddled two lines (an LSTM forward at (200,8,128,128) ran ~8% slower)."""
+    dtype = np.dtype(dtype)
+    cdef Py_ssize_t pad = 64 // dtype.itemsize
+    buf = np.empty(n + pad, dtype)
+    cdef size_t past = <size_t>cnp.PyArray_DATA(buf) % 64
+    cdef Py_ssize_t off = (64 - past) % 64 // dtype.itemsize
+    return buf[off:off + n]
+
+
 def workspace_size(str cell, Plan plan, Py_ssize_t I, Py_ssize_t H, bint train):
     """Elements of the forward's workspace (with train: the saved state backward reads)."""
     cdef rf_plan p = plan.view()
@@ -310,7 +322,8 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     cdef Py_ssize_t H = w_hh.shape[1], I = w_ih.shape[1]
     cdef void *src_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     cdef void *src_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
-    packed = np.zeros(rf_weights_pack_size(G, H, I), w_hh.dtype)
+    packed = aligned_empty(rf_weights_pack_size(G, H, I), w_hh.dtype)
+    packed[:] = 0
     cdef void *dst = cnp.PyArray_DATA(packed)
     with nogil:
         if t == cnp.NPY_FLOAT:
@@ -581,7 +594,7 @@ cdef class Stream:
         self._keep, self._h, self._c = [], [], []  # the arrays the C pointers point into
         for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
             I = w_ih.shape[1]
-            ws = np.empty(workspace_size(cell, self._plan_obj, I, H, False), self.dtype)
+            ws = aligned_empty(workspace_size(cell, self._plan_obj, I, H, False), self.dtype)
             packed = pack_weights(w_ih, w_hh, G, self.option)
             y = np.zeros((B, H), self.dtype)
             h = [np.zeros((B, H), self.dtype) for _ in range(2)]

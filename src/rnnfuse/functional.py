@@ -123,14 +123,16 @@ def _workspace(n, dtype):
     if spare is not None and spare.dtype == dtype and n <= spare.size <= 2 * n:
         _SPARE.ws = None
         return spare[:n]
-    return np.empty(n, dtype)
+    return _kernels.aligned_empty(n, dtype)
 
 
 def _keep_spare(ws):
-    """ws is no longer used by anything: keep it (whole) as the thread's spare if large."""
+    """ws is no longer used by anything: keep it as the thread's spare if large, from its
+    start (a cache line) to the end of its memory."""
     whole = ws if ws.base is None else ws.base
     if whole.nbytes >= _SPARE_MIN_BYTES:
-        _SPARE.ws = whole
+        start = ws.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
+        _SPARE.ws = whole[start // ws.itemsize:]
 
 
 def release_workspace():
@@ -239,7 +241,7 @@ def _backward(cell, dy, finals, ctx):
     if ws is None:
         raise ValueError(_USED)
 
-    scratch = np.empty(_kernels.backward_scratch_size(cell, plan, I, H), dtype)
+    scratch = _kernels.aligned_empty(_kernels.backward_scratch_size(cell, plan, I, H), dtype)
     dx = (np.zeros if plan.rows < T * B else np.empty)((T, B, I), dtype)
     dinits = [np.empty((B, H), dtype) for _ in finals]
     dw_ih = np.empty((G * H, I), dtype)
