@@ -167,8 +167,8 @@ void RF_FN(rf_initial_state)(REAL *state, REAL *final, const REAL *init, const r
 }
 
 /* out[c] = sum over rows of A[r, c]. */
-void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,
-                           ptrdiff_t lda) {
+RF_CLONES void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,
+                                     ptrdiff_t lda) {
     for (ptrdiff_t c = 0; c < cols; c++) out[c] = 0;
     for (ptrdiff_t r = 0; r < rows; r++)
         for (ptrdiff_t c = 0; c < cols; c++) out[c] += A[r * lda + c];
