@@ -158,9 +158,9 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
     UNROLL for (int i = 0; i < mr; i++) {
         UNROLL for (int v = 0; v < 2 * np; v++) {
             REAL *c = C + i * ldc + (v / 2) * RF_NR + (v % 2) * VL;
-            /* only the tile's last panel may be partial: masked, never touching columns >= N */
             VEC sum = acc[0][i][v];
-            if (v / 2 == np - 1 && nc < RF_NR) {  /* masked: never touch columns >= N */
+            /* only the tile's last panel may be partial: masked, never touching columns >= N */
+            if (v / 2 == np - 1 && nc < RF_NR) {
                 __m256i m = V_LANES(nc - (v % 2) * VL);
                 if (accumulate) sum = V_ADD(sum, V_MASKLOAD(c, m));
                 V_MASKSTORE(c, m, sum);
