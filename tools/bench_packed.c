@@ -1,0 +1,61 @@
+/* bench_packed.c -- GFLOP/s of the own product (csrc/packed.c) alone, at one shape, without
+ * Python or the cells around it: C (M,N) += A (M,K) op(W), W (N,K) packed as W^T, as the
+ * forwards do. Best of 7 runs of reps calls each (the machine is shared: compare variants
+ * by alternating runs, not by one number).
+ *
+ *   gcc -O3 -std=c11 -Icsrc tools/bench_packed.c -o /tmp/bench_packed
+ *   /tmp/bench_packed M N K [reps] [split_k]    e.g. 16 512 128 (an LSTM step: B=16, H=128)
+ *                                               or 1600 512 64 1000 0 (its projection)
+ * split_k (default 1, as the per-step products) 0 as a projection: no k-split, row tiles
+ * outer. The float32 AVX2+FMA path where the CPU has it, else the portable tile. */
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "packed.c"
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static float *buffer(ptrdiff_t n, float scale) {  /* cache-line aligned, as rnnfuse's are */
+    float *a = aligned_alloc(64, (size_t)((n * (ptrdiff_t)sizeof(float) + 63) / 64 * 64));
+    if (!a) { perror("aligned_alloc"); exit(1); }
+    for (ptrdiff_t i = 0; i < n; i++) a[i] = scale * (float)(i % 7 - 3);
+    return a;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s M N K [reps] [split_k]\n", argv[0]);
+        return 2;
+    }
+    ptrdiff_t M = atol(argv[1]), N = atol(argv[2]), K = atol(argv[3]);
+    long reps = argc > 4 ? atol(argv[4]) : 0;
+    int split_k = argc > 5 ? atoi(argv[5]) : 1;
+    if (M < 1 || N < 1 || K < 1) {
+        fprintf(stderr, "M, N and K must be positive\n");
+        return 2;
+    }
+    double flops = 2.0 * (double)M * (double)N * (double)K;
+    if (reps < 1) reps = (long)(2e8 / flops) + 1;  /* about 2 ms a run at 100 GFLOP/s */
+    float *A = buffer(M * K, 0.1f), *W = buffer(N * K, 0.01f), *C = buffer(M * N, 0.0f);
+    float *packed = buffer(rf_packed_size(K, N), 0.0f);
+    rf_pack_f32(packed, W, K, 1, K, N);
+    double best = 1e30;
+    for (int run = 0; run < 7; run++) {
+        double t = seconds();
+        for (long r = 0; r < reps; r++)
+            rf_packed_gemm_f32(M, N, K, A, K, packed, RF_PANEL_BYTES / (ptrdiff_t)sizeof(float) * K,
+                               1, C, N, split_k, 0);
+        t = seconds() - t;
+        if (t < best) best = t;
+    }
+    printf("M=%td N=%td K=%td split_k=%d %s: %.1f GFLOP/s (%.3f us a call)\n", M, N, K,
+           split_k, rf_avx2_available() ? "avx2" : "portable", flops * (double)reps / best * 1e-9,
+           best / (double)reps * 1e6);
+    return 0;
+}
