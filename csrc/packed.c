@@ -321,8 +321,9 @@ static void RF_FN(row_block_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, con
 void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
                            const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
                            ptrdiff_t ldc, int split_k, int portable) {
-    /* blocks of whole tiles, about 192 KiB of A each: a large M (an input projection)
-     * streams A from L2 once per panel rather than from memory */
+    /* blocks of whole tiles, about 192 KiB of A each: where panels are the outer loop (a
+     * step of many rows; the portable tile) A then streams from L2 once per panel rather
+     * than from memory. (A projection's AVX2 tiles take rows outer: blocks change nothing.) */
     ptrdiff_t block = K > 0 ? (192 * 1024 / (K * (ptrdiff_t)sizeof(REAL)) / MR) * MR : M;
     if (block < MR) block = MR;
     for (ptrdiff_t m0 = 0; m0 < M; m0 += block) {
