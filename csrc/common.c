@@ -76,6 +76,52 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     rf_prepare_weights_f64(W, w_ih, w_hh, G, H, I, lbr, dst, NULL);
 }
 
+/* The least flops a thread's share must have to pay for starting the thread: starting and
+ * joining one cost ~45 us here (a VM), the time of ~4.5 MFLOP. */
+#define RF_FLOPS_PER_THREAD (1 << 25)
+
+/* The flops of ~0.1 s on one core here: about as long as OpenBLAS's idle threads spin
+ * after a call (2^28 cycles by default). A thread of ours that starts within that time
+ * shares its core with a spinning one: measured, a training forward right after a
+ * backward's BLAS products ran slower on two threads than on one (43 vs 38 ms, LSTM
+ * (100,32,128,256)), and faster when run alone (35 vs 45 ms). */
+#define RF_SPIN_FLOPS 8e9
+
+int rf_step_parts(const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, double flops_per_row,
+                  int after_blas, const rf_blas *blas) {
+    if (step0 >= step1) return 1;
+    ptrdiff_t tiles = (p->batch_sizes[step0] + RF_MR - 1) / RF_MR;
+    double flops = (double)(p->offsets[step1] - p->offsets[step0]) * flops_per_row;
+    if (after_blas && flops < RF_SPIN_FLOPS) return 1;
+    double worth = flops / RF_FLOPS_PER_THREAD;
+    int parts = rf_threads(blas);
+    if (parts > tiles) parts = (int)tiles;
+    if (worth < parts) parts = worth < 1 ? 1 : (int)worth;
+    return parts;
+}
+
+/* The first sorted row of part `part`: a whole-tile boundary, the one nearest to where the
+ * parts before it hold their share of the real steps (rows are sorted longest first). */
+static ptrdiff_t part_start(const rf_plan *p, int part, int parts) {
+    if (part >= parts) return p->B;
+    double target = (double)p->rows * part / parts, done = 0;
+    ptrdiff_t j = 0;
+    while (j < p->B) {
+        ptrdiff_t end = j + RF_MR < p->B ? j + RF_MR : p->B;
+        double tile = 0;
+        for (ptrdiff_t i = j; i < end; i++) tile += (double)p->lengths[p->order[i]];
+        if (done + tile / 2 >= target) break;
+        done += tile;
+        j = end;
+    }
+    return j;
+}
+
+void rf_part_rows(const rf_plan *p, int part, int parts, ptrdiff_t *j0, ptrdiff_t *j1) {
+    *j0 = part_start(p, part, parts);
+    *j1 = part_start(p, part + 1, parts);
+}
+
 #define RF_TEMPLATE_FILE "common.c"
 #include "instantiate.h"
 
@@ -229,10 +275,6 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
                               q->panel_stride, 0, q->gates + r0 * q->GH, q->GH, 0,
                               q->portable);
 }
-
-/* The least flops a thread's share must have to pay for starting the thread: starting and
- * joining one cost ~45 us here (a VM), the time of ~4.5 MFLOP. */
-#define RF_FLOPS_PER_THREAD (1 << 25)
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
  * gates = X_packed @ W_ih^T over all their rows at once. (The cells add the biases in

@@ -50,13 +50,13 @@ ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 #define SIGMOID RF_FN(rf_sigmoid)
 #define TANH RF_FN(rf_tanh)
 
-/* r and z of a step's bs rows, in place over their pre-activations (input part in g,
+/* r and z of a step's rows j0 .. j1-1, in place over their pre-activations (input part in g,
  * folded biases in bias or NULL, recurrent part in st). Without lbr, also rh = r h_{t-1},
  * the operand of W_hn. */
 RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, const REAL *hp,
-                                         const REAL *bias, ptrdiff_t bs, ptrdiff_t H,
-                                         int lbr) {
-    for (ptrdiff_t j = 0; j < bs; j++) {
+                                         const REAL *bias, ptrdiff_t j0, ptrdiff_t j1,
+                                         ptrdiff_t H, int lbr) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
         REAL *grz = g + j * 3 * H;
         const REAL *srz = st + j * 3 * H, *h = hp + j * H;
         for (ptrdiff_t k = 0; k < 2 * H; k++) grz[k] = (grz[k] + (bias ? bias[k] : 0)) + srz[k];
@@ -66,15 +66,16 @@ RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, cons
     }
 }
 
-/* n and the new state of a step's bs rows. g's n block holds W_in x, b_in its bias (or
+/* n and the new state of a step's rows j0 .. j1-1. g's n block holds W_in x, b_in its bias (or
  * NULL), st's n block W_hn h (lbr) or W_hn (r h); with lbr, aux (or NULL) keeps
  * W_hn h + b_hn for backward. Rows j < next_bs go on to the
  * next step (their state goes to hn), the others have finished (h_n). */
 RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, const REAL *hp,
                                         REAL *hn, REAL *y, REAL *h_n, const REAL *b_in,
-                                        const REAL *b_hn, const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
-                                        ptrdiff_t next_bs, ptrdiff_t H, int lbr) {
-    for (ptrdiff_t j = 0; j < bs; j++) {
+                                        const REAL *b_hn, const rf_plan *p, ptrdiff_t s,
+                                        ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
+                                        ptrdiff_t H, int lbr) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
         const REAL *sn = st + j * 3 * H + 2 * H, *h = hp + j * H;
@@ -94,6 +95,51 @@ RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, cons
     }
 }
 
+/* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
+typedef struct {
+    REAL *y, *h_n, *ws;
+    const REAL *bias, *b_hn;
+    const rf_weight *W;  /* W[0], and without lbr W[1] (rf_prepare_weights) */
+    const rf_plan *p;
+    gru_layout L;
+    ptrdiff_t H, step0, step1;
+    int lbr, train;
+    const rf_blas *blas;
+} RF_FN(gru_steps_job);
+
+static void RF_FN(gru_steps)(void *arg, int part, int parts) {
+    const RF_FN(gru_steps_job) *q = arg;
+    const rf_plan *p = q->p;
+    const rf_blas *blas = q->blas;
+    ptrdiff_t H = q->H, GH = 3 * H, BH = p->B * H, j0, j1;
+    gru_layout L = q->L;
+    int lbr = q->lbr, train = q->train;
+    REAL *ws = q->ws, *st = ws + L.step;
+    rf_part_rows(p, part, parts, &j0, &j1);
+    for (ptrdiff_t s = q->step0; s < q->step1 && p->batch_sizes[s] > j0; s++) {
+        ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1, m = end - j0;
+        ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
+        const REAL *hp = ws + L.h + (train ? p->offsets[s] * H : (s & 1) * BH);
+        REAL *hn = ws + L.h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
+        REAL *aux = ws + L.aux + (train ? p->offsets[s] * H : 0);
+        REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[q->step0])) * GH;
+        if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
+            RF_FN(rf_step_gemm)(blas, &q->W[0], 0, m, GH, H, hp + j0 * H, H, 0,
+                                st + j0 * GH, GH);
+            RF_FN(gru_step_rz)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+        } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
+            RF_FN(rf_step_gemm)(blas, &q->W[0], 0, m, 2 * H, H, hp + j0 * H, H, 0,
+                                st + j0 * GH, GH);
+            RF_FN(gru_step_rz)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+            RF_FN(rf_step_gemm)(blas, &q->W[1], 0, m, H, H, aux + j0 * H, H, 0,
+                                st + j0 * GH + 2 * H, GH);
+        }
+        RF_FN(gru_step_n)(g, train ? aux : NULL, st, hp, hn, q->y, q->h_n,
+                          q->bias ? q->bias + 2 * H : NULL, q->b_hn, p, s, j0, end, next_bs,
+                          H, lbr);
+    }
+}
+
 void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
@@ -101,8 +147,8 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
                            int train, const rf_blas *blas) {
     gru_layout L = gru_layout_of(p, I, H, train);
-    ptrdiff_t GH = 3 * H, BH = p->B * H;
-    REAL *bias = NULL, *st = ws + L.step;
+    ptrdiff_t GH = 3 * H;
+    REAL *bias = NULL;
     if (b_ih || b_hh) {  /* b_ih with b_hr, b_hz folded in (b_hn stays apart: r scales it) */
         bias = ws + L.bias;
         for (ptrdiff_t k = 0; k < GH; k++)
@@ -112,42 +158,30 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed);
+    RF_FN(gru_steps_job) job = {y, h_n, ws, bias, b_hn, W, p, L, H, 0, 0, lbr, train, blas};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
                           !train, blas);
-        for (ptrdiff_t s = step0; s < step1; s++) {
-            ptrdiff_t bs = p->batch_sizes[s];
-            ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
-            const REAL *hp = ws + L.h + (train ? p->offsets[s] * H : (s & 1) * BH);
-            REAL *hn = ws + L.h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
-            REAL *aux = ws + L.aux + (train ? p->offsets[s] * H : 0);
-            REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * GH;
-            if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
-                RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, GH, H, hp, H, 0, st, GH);
-                RF_FN(gru_step_rz)(g, aux, st, hp, bias, bs, H, lbr);
-            } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
-                RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, 2 * H, H, hp, H, 0, st, GH);
-                RF_FN(gru_step_rz)(g, aux, st, hp, bias, bs, H, lbr);
-                RF_FN(rf_step_gemm)(blas, &W[1], 0, bs, H, H, aux, H, 0, st + 2 * H, GH);
-            }
-            RF_FN(gru_step_n)(g, train ? aux : NULL, st, hp, hn, y, h_n,
-                              bias ? bias + 2 * H : NULL, b_hn, p, s, bs, next_bs, H, lbr);
-        }
+        job.step0 = step0;
+        job.step1 = step1;
+        rf_run_parts(RF_FN(gru_steps), &job,
+                     rf_step_parts(p, step0, step1, 2.0 * GH * H, train, blas));
         step0 = step1;
     }
 }
 
-/* One step's backward pointwise pass (lbr, or the first pass without lbr). On entry g holds
+/* One step's backward pointwise pass over rows j0 .. j1-1 (lbr, or the first pass without
+ * lbr). On entry g holds
  * the saved r z n; on exit the z and n blocks hold their pre-activation gradients, and with
  * lbr the r block too, aux the gradient of W_hn h + b_hn, and st the step's recurrent-side
  * gate gradients [dr dz d(W_hn h)]. dh: the gradient carried into h_t; leaves as the direct
  * part of the gradient of h_{t-1}, z dh. */
 RF_CLONES static void RF_FN(gru_step_backward)(REAL *g, REAL *aux, REAL *st, REAL *dh,
                                                const REAL *hp, const REAL *dy,
-                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
-                                               ptrdiff_t H, int lbr) {
-    for (ptrdiff_t j = 0; j < bs; j++) {
+                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
+                                               ptrdiff_t j1, ptrdiff_t H, int lbr) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
         REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
         REAL *sr = st + j * 3 * H, *sz = sr + H, *sn = sr + 2 * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
@@ -175,14 +209,53 @@ RF_CLONES static void RF_FN(gru_step_backward)(REAL *g, REAL *aux, REAL *st, REA
 /* Without lbr, the second backward pass: drh = d(r h_{t-1}) = dn W_hn is in st; gives dr
  * (into g's r block) and adds r drh to dh. */
 RF_CLONES static void RF_FN(gru_step_backward_r)(REAL *g, REAL *dh, const REAL *drh,
-                                                 const REAL *hp, ptrdiff_t bs, ptrdiff_t H) {
-    for (ptrdiff_t j = 0; j < bs; j++) {
+                                                 const REAL *hp, ptrdiff_t j0, ptrdiff_t j1,
+                                                 ptrdiff_t H) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
         REAL *gr = g + j * 3 * H;
         const REAL *d = drh + j * H, *h = hp + j * H;
         for (ptrdiff_t k = 0; k < H; k++) {
             REAL r = gr[k];
             gr[k] = d[k] * h[k] * r * (1 - r);
             dh[j * H + k] += d[k] * r;
+        }
+    }
+}
+
+/* The time loop of a backward, for one part's rows. */
+typedef struct {
+    REAL *ws, *dh;
+    const REAL *dy;
+    const rf_weight *W_hh;
+    const rf_plan *p;
+    gru_layout L;
+    ptrdiff_t H;
+    int lbr;
+    const rf_blas *blas;
+} RF_FN(gru_back_steps_job);
+
+static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
+    const RF_FN(gru_back_steps_job) *q = arg;
+    const rf_plan *p = q->p;
+    const rf_weight *W = q->W_hh;
+    const rf_blas *blas = q->blas;
+    ptrdiff_t H = q->H, GH = 3 * H, j0, j1;
+    REAL *st = q->ws + q->L.step, *dh = q->dh;
+    rf_part_rows(p, part, parts, &j0, &j1);
+    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
+        ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s], end = bs < j1 ? bs : j1;
+        ptrdiff_t m = end - j0;
+        if (m <= 0) continue;
+        REAL *g = q->ws + q->L.gates + at * GH, *aux = q->ws + q->L.aux + at * H;
+        const REAL *hp = q->ws + q->L.h + at * H;
+        RF_FN(gru_step_backward)(g, aux, st, dh, hp, q->dy, p, s, j0, end, H, q->lbr);
+        if (q->lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh */
+            RF_FN(rf_step_gemm)(blas, W, 0, m, H, GH, st + j0 * GH, GH, 1, dh + j0 * H, H);
+        } else {       /* drh = dn W_hn;  then dh_{t-1} += [dr dz] W_hrz */
+            RF_FN(rf_step_gemm)(blas, W, 2 * H, m, H, H, g + j0 * GH + 2 * H, GH, 0,
+                                st + j0 * H, H);
+            RF_FN(gru_step_backward_r)(g, dh, st, hp, j0, end, H);
+            RF_FN(rf_step_gemm)(blas, W, 0, m, H, 2 * H, g + j0 * GH, GH, 1, dh + j0 * H, H);
         }
     }
 }
@@ -196,23 +269,13 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             const rf_blas *blas) {
     gru_layout L = gru_layout_of(p, I, H, 1);
     ptrdiff_t GH = 3 * H, N = p->rows;
-    REAL *dh = scratch, *st = ws + L.step;
+    REAL *dh = scratch;
     rf_weight W;  /* W_hh itself: rows 0..2H-1 for r z, 2H..3H-1 for n */
     RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
-        ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s];
-        REAL *g = ws + L.gates + at * GH, *aux = ws + L.aux + at * H;
-        const REAL *hp = ws + L.h + at * H;
-        RF_FN(gru_step_backward)(g, aux, st, dh, hp, dy, p, s, bs, H, lbr);
-        if (lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh */
-            RF_FN(rf_step_gemm)(blas, &W, 0, bs, H, GH, st, GH, 1, dh, H);
-        } else {    /* drh = dn W_hn;  then dh_{t-1} += [dr dz] W_hrz */
-            RF_FN(rf_step_gemm)(blas, &W, 2 * H, bs, H, H, g + 2 * H, GH, 0, st, H);
-            RF_FN(gru_step_backward_r)(g, dh, st, hp, bs, H);
-            RF_FN(rf_step_gemm)(blas, &W, 0, bs, H, 2 * H, g, GH, 1, dh, H);
-        }
-    }
+    RF_FN(gru_back_steps_job) job = {ws, dh, dy, &W, p, L, H, lbr, blas};
+    rf_run_parts(RF_FN(gru_back_steps), &job,
+                 rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, blas));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates, *h = ws + L.h, *aux = ws + L.aux;
     /* dW_hrz = sum_t [dr dz]^T h_{t-1};  dW_hn = sum_t d(W_hn h)^T h_{t-1} (lbr)

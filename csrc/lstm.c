@@ -52,15 +52,17 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
 #define SIGMOID RF_FN(rf_sigmoid)
 #define TANH RF_FN(rf_tanh)
 
-/* One step's pointwise pass over its bs running rows. g: the step's gate rows, holding
- * pre-activations (less the biases, or NULL) on entry and post-activations on exit. cp: the cell states entering the
- * step; hn, cn: where rows that go on to step s+1 (j < next_bs) put their states; the
- * others have finished and write h_n, c_n. tanh_c: or NULL (inference). */
+/* One step's pointwise pass over its running rows j0 .. j1-1. g: the step's gate rows,
+ * holding pre-activations (less the biases, or NULL) on entry and post-activations on
+ * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
+ * (j < next_bs) put their states; the others have finished and write h_n, c_n. tanh_c: or
+ * NULL (inference). */
 RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
                                        REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
                                        const REAL *bias, const rf_plan *p, ptrdiff_t s,
-                                       ptrdiff_t bs, ptrdiff_t next_bs, ptrdiff_t H) {
-    for (ptrdiff_t j = 0; j < bs; j++) {
+                                       ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
+                                       ptrdiff_t H) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
         REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
@@ -87,6 +89,40 @@ RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, RE
     }
 }
 
+/* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
+typedef struct {
+    REAL *y, *h_n, *c_n, *ws;
+    const REAL *bias;
+    const rf_weight *W_hh;
+    const rf_plan *p;
+    lstm_layout L;
+    ptrdiff_t H, step0, step1;
+    int train;
+    const rf_blas *blas;
+} RF_FN(lstm_steps_job);
+
+static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
+    const RF_FN(lstm_steps_job) *q = arg;
+    const rf_plan *p = q->p;
+    ptrdiff_t H = q->H, GH = 4 * H, BH = p->B * H, j0, j1;
+    lstm_layout L = q->L;
+    REAL *ws = q->ws;
+    rf_part_rows(p, part, parts, &j0, &j1);
+    for (ptrdiff_t s = q->step0; s < q->step1 && p->batch_sizes[s] > j0; s++) {
+        ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1;
+        ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
+        ptrdiff_t now = q->train ? p->offsets[s] * H : (s & 1) * BH;
+        ptrdiff_t next = q->train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH;
+        REAL *g = ws + L.gates + (p->offsets[s] - (q->train ? 0 : p->offsets[q->step0])) * GH;
+        /* gates += h_{t-1} W_hh^T */
+        RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, GH, H, ws + L.h + now + j0 * H, H,
+                            1, g + j0 * GH, GH);
+        RF_FN(lstm_step)(g, q->train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
+                         ws + L.h + next, ws + L.c + next, q->y, q->h_n, q->c_n, q->bias, p,
+                         s, j0, end, next_bs, H);
+    }
+}
+
 void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const REAL *x, const REAL *h0, const REAL *c0,
                             const REAL *w_ih, const REAL *w_hh,
@@ -94,7 +130,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,
                             const rf_blas *blas) {
     lstm_layout L = lstm_layout_of(p, I, H, train);
-    ptrdiff_t GH = 4 * H, BH = p->B * H;
+    ptrdiff_t GH = 4 * H;
     REAL *bias = NULL;
     if (b_ih || b_hh) {  /* both biases folded into one */
         bias = ws + L.bias;
@@ -104,34 +140,28 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed);
+    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, &W[0], p, L, H, 0, 0, train, blas};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
                           !train, blas);
-        for (ptrdiff_t s = step0; s < step1; s++) {
-            ptrdiff_t bs = p->batch_sizes[s];
-            ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
-            ptrdiff_t now = train ? p->offsets[s] * H : (s & 1) * BH;
-            ptrdiff_t next = train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH;
-            REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * GH;
-            /* gates += h_{t-1} W_hh^T */
-            RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, GH, H, ws + L.h + now, H, 1, g, GH);
-            RF_FN(lstm_step)(g, train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
-                             ws + L.h + next, ws + L.c + next, y, h_n, c_n, bias, p, s, bs,
-                             next_bs, H);
-        }
+        job.step0 = step0;
+        job.step1 = step1;
+        rf_run_parts(RF_FN(lstm_steps), &job,
+                     rf_step_parts(p, step0, step1, 2.0 * GH * H, train, blas));
         step0 = step1;
     }
 }
 
-/* One step's backward pointwise pass. On entry g holds the saved i f g o; on exit their
- * pre-activation gradients. dh, dc: the gradients carried into this step's outputs
- * (sorted rows); dc leaves as the gradient of c_{t-1}. */
+/* One step's backward pointwise pass over rows j0 .. j1-1. On entry g holds the saved
+ * i f g o; on exit their pre-activation gradients. dh, dc: the gradients carried into this
+ * step's outputs (sorted rows); dc leaves as the gradient of c_{t-1}. */
 RF_CLONES static void RF_FN(lstm_step_backward)(REAL *g, REAL *dh, REAL *dc,
                                                 const REAL *tanh_c, const REAL *cp,
                                                 const REAL *dy, const rf_plan *p,
-                                                ptrdiff_t s, ptrdiff_t bs, ptrdiff_t H) {
-    for (ptrdiff_t j = 0; j < bs; j++) {
+                                                ptrdiff_t s, ptrdiff_t j0, ptrdiff_t j1,
+                                                ptrdiff_t H) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
         REAL *dh_row = dh + j * H, *dc_row = dc + j * H;
@@ -146,6 +176,34 @@ RF_CLONES static void RF_FN(lstm_step_backward)(REAL *g, REAL *dh, REAL *dc,
             gg[k] = d_c * i * (1 - gt * gt);
             go[k] = d_h * tc * o * (1 - o);
         }
+    }
+}
+
+/* The time loop of a backward, for one part's rows. */
+typedef struct {
+    REAL *ws, *dh, *dc;
+    const REAL *dy;
+    const rf_weight *W_hh;
+    const rf_plan *p;
+    lstm_layout L;
+    ptrdiff_t H;
+    const rf_blas *blas;
+} RF_FN(lstm_back_steps_job);
+
+static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
+    const RF_FN(lstm_back_steps_job) *q = arg;
+    const rf_plan *p = q->p;
+    ptrdiff_t H = q->H, GH = 4 * H, j0, j1;
+    rf_part_rows(p, part, parts, &j0, &j1);
+    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
+        ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s], end = bs < j1 ? bs : j1;
+        if (end <= j0) continue;
+        REAL *g = q->ws + q->L.gates + at * GH;
+        RF_FN(lstm_step_backward)(g, q->dh, q->dc, q->ws + q->L.tanh_c + at * H,
+                                  q->ws + q->L.c + at * H, q->dy, p, s, j0, end, H);
+        /* dh_{t-1} = dgates W_hh */
+        RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, H, GH, g + j0 * GH, GH, 0,
+                            q->dh + j0 * H, H);
     }
 }
 
@@ -164,14 +222,9 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);
-    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
-        ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s];
-        REAL *g = ws + L.gates + at * GH;
-        RF_FN(lstm_step_backward)(g, dh, dc, ws + L.tanh_c + at * H, ws + L.c + at * H, dy,
-                                  p, s, bs, H);
-        /* dh_{t-1} = dgates W_hh */
-        RF_FN(rf_step_gemm)(blas, &W, 0, bs, H, GH, g, GH, 0, dh, H);
-    }
+    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, &W, p, L, H, blas};
+    rf_run_parts(RF_FN(lstm_back_steps), &job,
+                 rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, blas));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     RF_FN(rf_unsort_rows)(dc0, dc, p, H);
     const REAL *dgates = ws + L.gates;

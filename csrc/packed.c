@@ -172,26 +172,15 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
     }
 }
 
-/* A tile of mr rows at row m0 of the block; its k-split ks only where split_k. */
-#define TILE(mr, np, ks)                                                                     \
-    RF_FN(tile)(mr, np, split_k ? ks : 1, nc, K, A + m0 * lda, lda, panel, panel_stride,   \
-                accumulate, C + m0 * ldc + n0, ldc)
-
-/* Rows 0 .. M-1 in tiles of MR, then the remainder, for one group of np panels. */
-#define ROWS(np, ks_small)                                                                  \
-    do {                                                                                    \
-        ptrdiff_t m0 = 0;                                                                   \
-        for (; m0 + MR <= M; m0 += MR) RF_FN(tile)(MR, np, 1, nc, K, A + m0 * lda, lda,     \
-                                                   panel, panel_stride, accumulate,         \
-                                                   C + m0 * ldc + n0, ldc);                 \
-        switch (M - m0) {                                                                   \
-            case 5: TILE(5, np, 1); break;                                                  \
-            case 4: TILE(4, np, 1); break;                                                  \
-            case 3: if (split_k) TILE(3, np, ks_small); else TILE(3, np, 1); break;         \
-            case 2: if (split_k) TILE(2, np, ks_small); else TILE(2, np, 1); break;         \
-            case 1: if (split_k) TILE(1, np, 2 * ks_small); else TILE(1, np, 1); break;     \
-            default: break;                                                                 \
-        }                                                                                   \
+/* A tile of mr rows x np panels at row m0, column n0 (nc columns in its last panel); its
+ * k-split ks only where split_k (ks stays a constant in each inlined tile). */
+#define TILE_KS(mr, np, ks, m0, n0, nc)                                                      \
+    RF_FN(tile)(mr, np, ks, nc, K, A + (m0) * lda, lda, Bp + ((n0) / RF_NR) * panel_stride, \
+                panel_stride, accumulate, C + (m0) * ldc + (n0), ldc)
+#define TILE(mr, np, ks, m0, n0, nc)                                                         \
+    do {                                                                                     \
+        if (split_k) TILE_KS(mr, np, ks, m0, n0, nc);                                        \
+        else TILE_KS(mr, np, 1, m0, n0, nc);                                                 \
     } while (0)
 
 /* One block of rows, whose A rows stay in cache while every panel passes over them.
@@ -199,41 +188,50 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
  * by every row tile while it sits in L1. A projection's many rows: whole row tiles are the
  * outer loop, so a tile's rows stay in L1 while the panels stream past from L2 or L3
  * (measured here at projection shapes, medians of 10 alternating runs: 66 -> 86 GFLOP/s at
- * M=700, N=2600, K=650; the same at M=3200, N=1024, K=128); the rows left over go on below. */
+ * M=700, N=2600, K=650; the same at M=3200, N=1024, K=128).
+ * The rows left over from whole tiles: 1-3 of them take two panels per tile, for more
+ * independent accumulators (4 or 5 rows of two panels would want 16-20 of the 16
+ * registers: spilled, measured slower). Which tile computes a row depends only on the
+ * row's place among whole tiles, never on M, so a step shared among threads in ranges of
+ * whole tiles (rf_part_rows) gets the numbers of one thread. */
 AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                                   ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
                                   int accumulate, REAL *C, ptrdiff_t ldc, int split_k) {
-    ptrdiff_t n0 = 0;
+    ptrdiff_t full = M / MR * MR, left = M - full, n0;
+    ptrdiff_t first = 0;  /* whole tiles the panel loops below still have to run */
     if (!split_k) {
-        ptrdiff_t m0 = 0;
-        for (; m0 + MR <= M; m0 += MR)
-            for (n0 = 0; n0 < N; n0 += RF_NR) {
-                const REAL *panel = Bp + (n0 / RF_NR) * panel_stride;
-                ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
-                TILE(MR, 1, 1);
-            }
-        A += m0 * lda;
-        C += m0 * ldc;
-        M -= m0;
-        n0 = 0;
+        for (ptrdiff_t m0 = 0; m0 < full; m0 += MR)
+            for (n0 = 0; n0 < N; n0 += RF_NR) TILE(MR, 1, 1, m0, n0, N - n0 < RF_NR ? N - n0 : RF_NR);
+        first = full;
     }
-    /* 1-3 rows: two panels per tile for more independent accumulators (4 or 5 rows of two
-     * panels would want 16-20 accumulators of the 16 registers: spilled, measured slower) */
-    if (M <= 3) {
+    n0 = 0;
+    if (left >= 1 && left <= 3)
         for (; n0 + 2 * RF_NR <= N; n0 += 2 * RF_NR) {
-            const REAL *panel = Bp + (n0 / RF_NR) * panel_stride;
-            ptrdiff_t nc = RF_NR;
-            ROWS(2, 1);
+            for (ptrdiff_t m0 = first; m0 < full; m0 += MR) {
+                TILE(MR, 1, 1, m0, n0, RF_NR);
+                TILE(MR, 1, 1, m0, n0 + RF_NR, RF_NR);
+            }
+            switch (left) {
+                case 3: TILE(3, 2, 1, full, n0, RF_NR); break;
+                case 2: TILE(2, 2, 1, full, n0, RF_NR); break;
+                default: TILE(1, 2, 2, full, n0, RF_NR); break;
+            }
         }
-    }
     for (; n0 < N; n0 += RF_NR) {
-        const REAL *panel = Bp + (n0 / RF_NR) * panel_stride;
         ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
-        ROWS(1, 2);
+        for (ptrdiff_t m0 = first; m0 < full; m0 += MR) TILE(MR, 1, 1, m0, n0, nc);
+        switch (left) {
+            case 5: TILE(5, 1, 1, full, n0, nc); break;
+            case 4: TILE(4, 1, 1, full, n0, nc); break;
+            case 3: TILE(3, 1, 2, full, n0, nc); break;
+            case 2: TILE(2, 1, 2, full, n0, nc); break;
+            case 1: TILE(1, 1, 4, full, n0, nc); break;
+            default: break;
+        }
     }
 }
 #undef TILE
-#undef ROWS
+#undef TILE_KS
 #undef VEC
 #undef V_ZERO
 #undef V_LOAD

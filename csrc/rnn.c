@@ -38,26 +38,62 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
-/* One step's pointwise pass: g holds the pre-activations of the bs running rows (less
- * the bias, or NULL) and leaves holding h'. Rows j < next_bs go on (hn), the others have finished (h_n). */
+/* One step's pointwise pass over its running rows j0 .. j1-1: g holds their
+ * pre-activations (less the bias, or NULL) and leaves holding h'. Rows j < next_bs go on
+ * (hn), the others have finished (h_n). */
 RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
                                       const REAL *bias, const rf_plan *p, ptrdiff_t s,
-                                      ptrdiff_t bs, ptrdiff_t next_bs, ptrdiff_t H, int relu) {
+                                      ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
+                                      ptrdiff_t H, int relu) {
+    REAL *rows = g + j0 * H;
+    ptrdiff_t n = (j1 - j0) * H;
     if (bias)
-        for (ptrdiff_t j = 0; j < bs; j++)
-            for (ptrdiff_t k = 0; k < H; k++) g[j * H + k] += bias[k];
+        for (ptrdiff_t j = 0; j < j1 - j0; j++)
+            for (ptrdiff_t k = 0; k < H; k++) rows[j * H + k] += bias[k];
     if (relu) {  /* max(a, 0) that keeps NaN: (NaN < 0) is false */
-        for (ptrdiff_t k = 0; k < bs * H; k++) g[k] = g[k] < 0 ? 0 : g[k];
+        for (ptrdiff_t k = 0; k < n; k++) rows[k] = rows[k] < 0 ? 0 : rows[k];
     } else {
-        RF_FN(rf_tanh)(g, bs * H);
+        RF_FN(rf_tanh)(rows, n);
     }
-    for (ptrdiff_t j = 0; j < bs; j++) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
         const REAL *h = g + j * H;
         REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
         memcpy(h_out, h, (size_t)H * sizeof(REAL));
         memcpy(y_row, h, (size_t)H * sizeof(REAL));
+    }
+}
+
+/* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
+typedef struct {
+    REAL *y, *h_n, *ws;
+    const REAL *bias;
+    const rf_weight *W_hh;
+    const rf_plan *p;
+    rnn_layout L;
+    ptrdiff_t H, step0, step1;
+    int train, relu;
+    const rf_blas *blas;
+} RF_FN(rnn_steps_job);
+
+static void RF_FN(rnn_steps)(void *arg, int part, int parts) {
+    const RF_FN(rnn_steps_job) *q = arg;
+    const rf_plan *p = q->p;
+    ptrdiff_t H = q->H, BH = p->B * H, j0, j1;
+    REAL *ws = q->ws;
+    rf_part_rows(p, part, parts, &j0, &j1);
+    for (ptrdiff_t s = q->step0; s < q->step1 && p->batch_sizes[s] > j0; s++) {
+        ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1;
+        ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
+        const REAL *hp = ws + q->L.h + (q->train ? p->offsets[s] * H : (s & 1) * BH);
+        REAL *hn = ws + q->L.h + (q->train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
+        REAL *g = ws + q->L.gates
+                  + (p->offsets[s] - (q->train ? 0 : p->offsets[q->step0])) * H;
+        /* g += h_{t-1} W_hh^T */
+        RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, H, H, hp + j0 * H, H, 1,
+                            g + j0 * H, H);
+        RF_FN(rnn_step)(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs, H, q->relu);
     }
 }
 
@@ -68,7 +104,6 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
                            int train, const rf_blas *blas) {
     rnn_layout L = rnn_layout_of(p, I, H, train);
-    ptrdiff_t BH = p->B * H;
     REAL *bias = NULL;
     if (b_ih || b_hh) {
         bias = ws + L.bias;
@@ -77,30 +112,25 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed);
+    RF_FN(rnn_steps_job) job = {y, h_n, ws, bias, &W[0], p, L, H, 0, 0, train, relu, blas};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, H,
                           !train, blas);
-        for (ptrdiff_t s = step0; s < step1; s++) {
-            ptrdiff_t bs = p->batch_sizes[s];
-            ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
-            const REAL *hp = ws + L.h + (train ? p->offsets[s] * H : (s & 1) * BH);
-            REAL *hn = ws + L.h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
-            REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[step0])) * H;
-            /* g += h_{t-1} W_hh^T */
-            RF_FN(rf_step_gemm)(blas, &W[0], 0, bs, H, H, hp, H, 1, g, H);
-            RF_FN(rnn_step)(g, hn, y, h_n, bias, p, s, bs, next_bs, H, relu);
-        }
+        job.step0 = step0;
+        job.step1 = step1;
+        rf_run_parts(RF_FN(rnn_steps), &job,
+                     rf_step_parts(p, step0, step1, 2.0 * H * H, train, blas));
         step0 = step1;
     }
 }
 
-/* One step's backward pointwise pass: g holds h' and leaves holding the pre-activation
- * gradient; dh is the gradient carried into h_t. */
+/* One step's backward pointwise pass over rows j0 .. j1-1: g holds h' and leaves holding
+ * the pre-activation gradient; dh is the gradient carried into h_t. */
 RF_CLONES static void RF_FN(rnn_step_backward)(REAL *g, const REAL *dh, const REAL *dy,
-                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t bs,
-                                               ptrdiff_t H, int relu) {
-    for (ptrdiff_t j = 0; j < bs; j++) {
+                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
+                                               ptrdiff_t j1, ptrdiff_t H, int relu) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
         REAL *a = g + j * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
         for (ptrdiff_t k = 0; k < H; k++) {
@@ -108,6 +138,33 @@ RF_CLONES static void RF_FN(rnn_step_backward)(REAL *g, const REAL *dh, const RE
             REAL h = a[k];
             a[k] = relu ? (h > 0 ? d_h : 0) : d_h * (1 - h * h);
         }
+    }
+}
+
+/* The time loop of a backward, for one part's rows. */
+typedef struct {
+    REAL *gates, *dh;
+    const REAL *dy;
+    const rf_weight *W_hh;
+    const rf_plan *p;
+    ptrdiff_t H;
+    int relu;
+    const rf_blas *blas;
+} RF_FN(rnn_back_steps_job);
+
+static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
+    const RF_FN(rnn_back_steps_job) *q = arg;
+    const rf_plan *p = q->p;
+    ptrdiff_t H = q->H, j0, j1;
+    rf_part_rows(p, part, parts, &j0, &j1);
+    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
+        ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1;
+        if (end <= j0) continue;
+        REAL *g = q->gates + p->offsets[s] * H;
+        RF_FN(rnn_step_backward)(g, q->dh, q->dy, p, s, j0, end, H, q->relu);
+        /* dh_{t-1} = dpre W_hh */
+        RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, H, H, g + j0 * H, H, 0,
+                            q->dh + j0 * H, H);
     }
 }
 
@@ -123,13 +180,9 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     rf_weight W;
     RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
-        ptrdiff_t bs = p->batch_sizes[s];
-        REAL *g = ws + L.gates + p->offsets[s] * H;
-        RF_FN(rnn_step_backward)(g, dh, dy, p, s, bs, H, relu);
-        /* dh_{t-1} = dpre W_hh */
-        RF_FN(rf_step_gemm)(blas, &W, 0, bs, H, H, g, H, 0, dh, H);
-    }
+    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, &W, p, H, relu, blas};
+    rf_run_parts(RF_FN(rnn_back_steps), &job,
+                 rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, blas));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates;
     /* dW_hh = sum_t dpre_t^T h_{t-1} */

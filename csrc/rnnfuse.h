@@ -65,6 +65,19 @@ ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
                         int64_t *order, int64_t *batch_sizes, int64_t *offsets,
                         int64_t *count /* scratch, (T+1) */);
 
+/* A call's time loop shared among threads (common.c): rows of a batch never meet within a
+ * step, so each part owns a range of sorted rows for every step and runs the loop on its
+ * own, with no waiting between steps. The ranges are whole register tiles (RF_MR rows),
+ * so every row is computed by the same tile as on one thread: the same numbers at any
+ * thread count. rf_step_parts: how many parts steps step0 .. step1-1 are worth, at
+ * flops_per_row; after_blas: the call follows BLAS products whose threads may still spin
+ * (a training forward, after the last backward), so only long loops are shared.
+ * rf_part_rows: the sorted rows [*j0, *j1) of one part, balanced by the real steps of its
+ * rows. */
+int rf_step_parts(const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, double flops_per_row,
+                  int after_blas, const rf_blas *blas);
+void rf_part_rows(const rf_plan *p, int part, int parts, ptrdiff_t *j0, ptrdiff_t *j1);
+
 /* Elements of the buffer rf_gemm_floor_* runs on. */
 ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G);
 

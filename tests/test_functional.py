@@ -124,7 +124,7 @@ def test_random_shapes_match_reference(data, cell_option, dtype, T, B, I, H, rev
 @pytest.mark.parametrize("threads", [1, 2])
 def test_inference_matches_training_forward_bitwise(cell, option, reverse, dtype, threads):
     """The inference forward projects chunks of 1024 packed rows, shared among the BLAS's
-    threads; the training forward all rows on one thread: the same numbers."""
+    threads; the training forward all rows at once, on one thread: the same numbers."""
     from threadpoolctl import threadpool_limits
     T, B = 300, 9  # past the chunk, and wide enough (G*H*I) to be shared by threads
     lengths = np.random.default_rng(1).integers(T // 4, T + 1, size=B)
@@ -412,6 +412,75 @@ def test_kernel_threads_follow_the_blas_limit():
         if not counts:
             pytest.skip("SciPy's BLAS here is not its bundled OpenBLAS")
         assert _kernels.threads() == counts[0] <= 2
+
+
+def _two_threads():
+    """threadpool_limits(2), skipping where the BLAS cannot run two threads here."""
+    from threadpoolctl import threadpool_limits
+
+    limits = threadpool_limits(2)
+    if _kernels.threads() < 2:
+        limits.restore_original_limits()
+        pytest.skip("the BLAS here runs one thread")
+    return limits
+
+
+@pytest.mark.parametrize("lengths", [[30] * 64, list(range(64, 0, -1)), [0] * 20 + [9] * 44,
+                                     [5] * 7, [40] * 3])
+def test_time_loops_are_shared_in_whole_tiles(lengths):
+    """Each thread runs every step of a range of sorted rows: the ranges tile the batch in
+    whole register tiles (6 rows), balanced by the real steps they hold."""
+    lengths = np.array(lengths, dtype=np.int64)
+    plan = _kernels.Plan(lengths, int(lengths.max()), False)
+    with _two_threads():
+        ranges = plan.step_parts("lstm", 512)
+    starts = [j0 for j0, _ in ranges]
+    assert starts[0] == 0 and ranges[-1][1] == len(lengths)
+    assert [j1 for _, j1 in ranges[:-1]] == starts[1:]
+    assert all(j0 % 6 == 0 for j0 in starts)
+    tiles = -(-int((lengths > 0).sum()) // 6)
+    assert len(ranges) == min(2, max(tiles, 1))
+    if len(ranges) == 2:  # the cut is the tile boundary nearest to half the real steps
+        steps = np.cumsum(np.sort(lengths)[::-1])
+        cut = ranges[1][0]
+        best = min(range(0, len(lengths) + 1, 6),
+                   key=lambda j: abs((steps[j - 1] if j else 0) - steps[-1] / 2))
+        assert cut == best
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        assert plan.step_parts("lstm", 512) == [(0, len(lengths))]
+
+
+def test_small_time_loops_stay_on_one_thread():
+    plan = _kernels.Plan(np.full(64, 50, dtype=np.int64), 50, False)
+    with _two_threads():
+        assert plan.step_parts("rnn", 8) == [(0, 64)]
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_time_loops_on_two_threads_give_the_numbers_of_one(cell, option, dtype, reverse):
+    """Forward (inference and training) and the backward's state gradients, which come from
+    the time loops alone, are bitwise the same whether the loop runs on one thread or is
+    shared by two."""
+    from threadpoolctl import threadpool_limits
+
+    T, B, H = 30, 40, 128 if cell == "lstm" else 256
+    lengths = np.random.default_rng(2).integers(0, T + 1, size=B)
+    lengths[5] = T
+    case = make_case(cell, T, B, 16, H, dtype, seed=3, lengths=lengths)
+    plan = _kernels.Plan(lengths.astype(np.int64), T, reverse)
+    results = {}
+    for threads in (1, 2):
+        with (_two_threads() if threads == 2 else threadpool_limits(1)):
+            assert len(plan.step_parts(cell, H)) == threads  # the loops really are shared
+            outs, grads = run(F, cell, option, case, reverse)
+            infer, _ = run(F, cell, option, case, reverse, need_ctx=False)
+        dstates = grads[1:3] if cell == "lstm" else grads[1:2]
+        results[threads] = outs + infer + dstates
+    for a, b in zip(results[1], results[2]):
+        np.testing.assert_array_equal(a, b)
 
 
 def address(a):

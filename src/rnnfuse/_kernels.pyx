@@ -38,6 +38,9 @@ cdef extern from "rnnfuse.h" nogil:
     Py_ssize_t rf_plan_build(Py_ssize_t T, Py_ssize_t B, const int64_t *lengths,
                              int64_t *order, int64_t *batch_sizes, int64_t *offsets,
                              int64_t *count)
+    int rf_step_parts(const rf_plan *p, Py_ssize_t step0, Py_ssize_t step1,
+                      double flops_per_row, int after_blas, const rf_blas *blas)
+    void rf_part_rows(const rf_plan *p, int part, int parts, Py_ssize_t *j0, Py_ssize_t *j1)
     const char *rf_simd_path()
     const char *RNNFUSE_COMPILE_ARGS
     Py_ssize_t rf_lstm_workspace(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int train)
@@ -229,6 +232,19 @@ cdef class Plan:
         self.rows = self.offsets[T]
         for a in (self.order, self.batch_sizes, self.offsets):  # plans are shared read-only
             a.flags.writeable = False
+
+    def step_parts(self, str cell, Py_ssize_t H):
+        """How a backward's time loop is shared among threads now: the sorted-row ranges
+        [j0, j1) each thread runs every step of (one range where threads do not pay)."""
+        cdef rf_plan p = self.view()
+        cdef Py_ssize_t j0, j1
+        cdef double G = GATES[cell]
+        cdef int parts = rf_step_parts(&p, 0, self.steps, 2 * G * H * H, 0, &_blas)
+        ranges = []
+        for part in range(parts):
+            rf_part_rows(&p, part, parts, &j0, &j1)
+            ranges.append((j0, j1))
+        return ranges
 
     cdef rf_plan view(self):
         cdef rf_plan p
