@@ -463,12 +463,86 @@ def test_threads_on_shared_weights_match_serial():
         assert_identical(outs + grads, serial[i][0] + serial[i][1], f"thread {tid} job {i}")
 
 
+def _shared_loops_case(cell, seed):
+    """Big enough that the time loops are shared among two threads (see
+    test_functional.test_time_loops_on_two_threads_give_the_numbers_of_one)."""
+    lengths = np.random.default_rng(seed).integers(0, 31, size=40)
+    return make_case(cell, 30, 40, 16, 128 if cell == "lstm" else 256, np.float32, seed=seed,
+                     lengths=lengths)
+
+
+def test_callers_sharing_the_thread_pool_match_serial():
+    """Python threads whose calls want the kernels' thread pool at once: one gets it, the
+    others run their parts on their own thread; every result is bitwise the serial one."""
+    from threadpoolctl import threadpool_limits
+    jobs = [(cell, option, _shared_loops_case(cell, k), bool(k % 2))
+            for k, (cell, option) in enumerate(CELLS)]
+    with threadpool_limits(2):
+        serial = [run(F, cell, option, c, rev) for cell, option, c, rev in jobs]
+        results, errors = {}, []
+
+        def worker(tid, rounds=3):
+            try:
+                for r in range(rounds):
+                    for j in range(len(jobs)):
+                        i = (j + tid + r) % len(jobs)
+                        cell, option, c, rev = jobs[i]
+                        results[(tid, r, i)] = run(F, cell, option, c, rev)
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert len(results) == 3 * 3 * len(jobs)
+    for (tid, r, i), (outs, grads) in results.items():
+        outs_serial, grads_serial = serial[i]
+        # the weight gradients and dx come from BLAS, whose own threads may split them
+        # differently when calls overlap: compare what the time loops alone produce
+        assert_identical(outs + grads[1:2], outs_serial + grads_serial[1:2],
+                         f"thread {tid} job {i}")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_thread_pool():
+    """After the parent has used the pool, a forked child's shared time loops neither hang
+    on the parent's workers (they are not in the child) nor give other numbers."""
+    from threadpoolctl import threadpool_limits
+    c = _shared_loops_case("lstm", 7)
+    with threadpool_limits(2):
+        expected = forward(F, "lstm", None, c, need_ctx=False)[0]
+        pid = os.fork()
+        if pid == 0:  # the child: exit status says whether it matched
+            ok = False
+            try:
+                with threadpool_limits(2):
+                    got = forward(F, "lstm", None, c, need_ctx=False)[0]
+                ok = all(np.array_equal(a, b) for a, b in zip(got, expected))
+            finally:
+                os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in a kernel call")
+        time.sleep(0.01)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child's numbers differ"
+
+
 @pytest.mark.skipif(UNDER_SANITIZER, reason="instrumentation adds its own globals")
 def test_no_writable_global_state_in_the_extension():
     """No C globals that a call could write: nm lists no data/bss symbol in the extension
     beyond Cython's own (its module state and the BLAS table, filled once at import),
-    NumPy's C API table (filled once by import_array) and the toolchain's (libgcc's CPU
-    model, set once by the run-time dispatch)."""
+    NumPy's C API table (filled once by import_array), the toolchain's (libgcc's CPU
+    model, set once by the run-time dispatch) and the thread pool's (threads.c: every
+    field guarded by its mutexes, tested by the two tests above)."""
     import re
     import shutil
 
@@ -480,6 +554,7 @@ def test_no_writable_global_state_in_the_extension():
     allowed = re.compile(r"^(_*[pP]yx|__pyx|PyArray_API$|_DYNAMIC$|_GLOBAL_OFFSET_TABLE_$|__TMC_END__$|"
                          r"__cpu_model$|__cpu_features2?$|__do_global_dtors|__dso_handle$|"
                          r"__frame_dummy|completed\.\d+$|main_interpreter_id\.\d+$|"
+                         r"pool$|atfork_once$|"
                          r"(contiguous|generic|indirect|indirect_contiguous|strided)$)")
     mutable = [p[2] for p in (line.split() for line in out.splitlines())
                if len(p) == 3 and p[1] in "bBdD" and not allowed.match(p[2])]
