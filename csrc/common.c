@@ -76,8 +76,9 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     rf_prepare_weights_f64(W, w_ih, w_hh, G, H, I, lbr, dst, NULL);
 }
 
-/* The least flops a thread's share must have to pay for starting the thread: starting and
- * joining one cost ~45 us here (a VM), the time of ~4.5 MFLOP. */
+/* The least flops a part must have to pay for handing it to another thread: a pool
+ * worker still spinning takes it at once, a sleeping one wakes in 0.1-0.4 ms here (a VM);
+ * 2^25 flops are ~0.4 ms of work. */
 #define RF_FLOPS_PER_THREAD (1 << 25)
 
 /* The flops of ~0.1 s on one core here: about as long as OpenBLAS's idle threads spin

@@ -421,6 +421,31 @@ def test_gil_is_released_during_a_kernel():
     assert gaps.max() < 0.5 * (t1 - t0), f"ticker stalled {gaps.max():.3f}s of {t1 - t0:.3f}s"
 
 
+def _run_concurrently(jobs, threads, rounds):
+    """Every job `rounds` times on each of `threads` Python threads at once, each thread
+    in its own order: {(thread, round, job): run's result}."""
+    results, errors = {}, []
+
+    def worker(tid):
+        try:
+            for r in range(rounds):
+                for j in range(len(jobs)):
+                    i = (j + 5 * tid + r) % len(jobs)
+                    cell, option, c, rev = jobs[i]
+                    results[(tid, r, i)] = run(F, cell, option, c, rev)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+    assert len(results) == threads * rounds * len(jobs)
+    return results
+
+
 def test_threads_on_shared_weights_match_serial():
     """Several threads call every kernel at once on shared weights: bitwise as serial."""
     from threadpoolctl import threadpool_limits
@@ -440,25 +465,7 @@ def test_threads_on_shared_weights_match_serial():
             c[w].flags.writeable = False
     with threadpool_limits(1):
         serial = [run(F, cell, option, c, rev) for cell, option, c, rev in jobs]
-        results, errors = {}, []
-
-        def worker(tid, rounds=6):
-            try:
-                for r in range(rounds):
-                    for j in range(len(jobs)):
-                        i = (j + 5 * tid + r) % len(jobs)
-                        cell, option, c, rev = jobs[i]
-                        results[(tid, r, i)] = run(F, cell, option, c, rev)
-            except Exception as e:  # pragma: no cover - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors
-    assert len(results) == 4 * 6 * len(jobs)
+        results = _run_concurrently(jobs, threads=4, rounds=6)
     for (tid, r, i), (outs, grads) in results.items():
         assert_identical(outs + grads, serial[i][0] + serial[i][1], f"thread {tid} job {i}")
 
@@ -479,25 +486,7 @@ def test_callers_sharing_the_thread_pool_match_serial():
             for k, (cell, option) in enumerate(CELLS)]
     with threadpool_limits(2):
         serial = [run(F, cell, option, c, rev) for cell, option, c, rev in jobs]
-        results, errors = {}, []
-
-        def worker(tid, rounds=3):
-            try:
-                for r in range(rounds):
-                    for j in range(len(jobs)):
-                        i = (j + tid + r) % len(jobs)
-                        cell, option, c, rev = jobs[i]
-                        results[(tid, r, i)] = run(F, cell, option, c, rev)
-            except Exception as e:  # pragma: no cover - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors
-    assert len(results) == 3 * 3 * len(jobs)
+        results = _run_concurrently(jobs, threads=3, rounds=3)
     for (tid, r, i), (outs, grads) in results.items():
         outs_serial, grads_serial = serial[i]
         # the weight gradients and dx come from BLAS, whose own threads may split them
