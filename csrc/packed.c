@@ -201,7 +201,8 @@ AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const R
     ptrdiff_t first = 0;  /* whole tiles the panel loops below still have to run */
     if (!split_k) {
         for (ptrdiff_t m0 = 0; m0 < full; m0 += MR)
-            for (n0 = 0; n0 < N; n0 += RF_NR) TILE(MR, 1, 1, m0, n0, N - n0 < RF_NR ? N - n0 : RF_NR);
+            for (n0 = 0; n0 < N; n0 += RF_NR)
+                TILE(MR, 1, 1, m0, n0, N - n0 < RF_NR ? N - n0 : RF_NR);
         first = full;
     }
     n0 = 0;

@@ -19,9 +19,11 @@
 
 /* e^x, 8 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes'
  * coefficients), times 2^n built in the exponent bits. Below -87.3 the result is 0; above
- * ln(FLT_MAX) it is +inf (IEEE overflow of the last multiply). NaN is handled by callers. */
+ * ln(FLT_MAX) it is +inf (IEEE overflow of the last multiply). NaN stays NaN: the clamps
+ * take x as their second operand, which minps/maxps return when either is NaN, and the
+ * NaN then flows through every step (no compare-and-blend needed). */
 AVX2 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.8f)), _mm256_set1_ps(-87.4f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.4f), _mm256_min_ps(_mm256_set1_ps(88.8f), x));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);   /* ln2, hi part */
@@ -38,15 +40,10 @@ AVX2 static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(_mm256_add_ps(p, p), _mm256_castsi256_ps(e));
 }
 
-AVX2 static inline __m256 keep_nan(__m256 result, __m256 x) {
-    return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-
 /* sigmoid(x) = 1 / (1 + e^-x) */
 AVX2 static inline __m256 sigmoid8(__m256 x) {
     __m256 one = _mm256_set1_ps(1.0f);
-    __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-    return keep_nan(s, x);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
 /* tanh: near 0 an odd polynomial (Cephes' tanhf coefficients), as (1-e)/(1+e) with
@@ -64,9 +61,9 @@ AVX2 static inline __m256 tanh8(__m256 x) {
     __m256 one = _mm256_set1_ps(1.0f);
     __m256 e = exp8(_mm256_mul_ps(ax, _mm256_set1_ps(-2.0f)));
     __m256 large = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    /* NaN: the compare is false, so the (NaN) exp path is kept */
     __m256 t = _mm256_blendv_ps(large, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
-    t = _mm256_or_ps(t, _mm256_and_ps(sign, x));  /* tanh(-x) = -tanh(x), -0 included */
-    return keep_nan(t, x);
+    return _mm256_or_ps(t, _mm256_and_ps(sign, x));  /* tanh(-x) = -tanh(x), -0 included */
 }
 
 /* Whole vectors, then the tail through a zero-padded vector (no reads past the end). */
