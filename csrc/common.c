@@ -77,9 +77,11 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
 }
 
 /* The least flops a part must have to pay for handing it to another thread: a pool
- * worker still spinning takes it at once, a sleeping one wakes in 0.1-0.4 ms here (a VM);
- * 2^25 flops are ~0.4 ms of work. */
-#define RF_FLOPS_PER_THREAD (1 << 25)
+ * worker still spinning takes it at once, a sleeping one wakes in 0.1-0.4 ms here (a VM).
+ * 2^23 flops are ~0.1 ms of work. Measured (GRU inference, T=100, I=64, H=128, 2 threads):
+ * with 2^25 the projection of B=16 stayed on one thread and the call gained nothing
+ * (3.2 ms, 1 thread 3.1); with 2^23, 2.6 ms. */
+#define RF_FLOPS_PER_THREAD (1 << 23)
 
 /* The flops of ~0.1 s on one core here: about as long as OpenBLAS's idle threads spin
  * after a call (2^28 cycles by default). A thread of ours that starts within that time
