@@ -50,9 +50,9 @@ ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 #define SIGMOID RF_FN(rf_sigmoid)
 #define TANH RF_FN(rf_tanh)
 
-/* r and z of a step's rows j0 .. j1-1, in place over their pre-activations (input part in g,
- * folded biases in bias or NULL, recurrent part in st). Without lbr, also rh = r h_{t-1},
- * the operand of W_hn. */
+/* r and z of a step's rows j0 .. j1-1, in place over their pre-activations (input part in
+ * g, folded biases in bias or NULL, recurrent part in st). Without lbr, also
+ * rh = r h_{t-1}, the operand of W_hn. */
 RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, const REAL *hp,
                                          const REAL *bias, ptrdiff_t j0, ptrdiff_t j1,
                                          ptrdiff_t H, int lbr) {
@@ -66,10 +66,10 @@ RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, cons
     }
 }
 
-/* n and the new state of a step's rows j0 .. j1-1. g's n block holds W_in x, b_in its bias (or
- * NULL), st's n block W_hn h (lbr) or W_hn (r h); with lbr, aux (or NULL) keeps
- * W_hn h + b_hn for backward. Rows j < next_bs go on to the
- * next step (their state goes to hn), the others have finished (h_n). */
+/* n and the new state of a step's rows j0 .. j1-1. g's n block holds W_in x, b_in its bias
+ * (or NULL), st's n block W_hn h (lbr) or W_hn (r h); with lbr, aux (or NULL) keeps
+ * W_hn h + b_hn for backward. Rows j < next_bs go on to the next step (their state goes to
+ * hn), the others have finished (h_n). */
 RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, const REAL *hp,
                                         REAL *hn, REAL *y, REAL *h_n, const REAL *b_in,
                                         const REAL *b_hn, const rf_plan *p, ptrdiff_t s,
@@ -172,11 +172,10 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
 }
 
 /* One step's backward pointwise pass over rows j0 .. j1-1 (lbr, or the first pass without
- * lbr). On entry g holds
- * the saved r z n; on exit the z and n blocks hold their pre-activation gradients, and with
- * lbr the r block too, aux the gradient of W_hn h + b_hn, and st the step's recurrent-side
- * gate gradients [dr dz d(W_hn h)]. dh: the gradient carried into h_t; leaves as the direct
- * part of the gradient of h_{t-1}, z dh. */
+ * lbr). On entry g holds the saved r z n; on exit the z and n blocks hold their
+ * pre-activation gradients, and with lbr the r block too, aux the gradient of
+ * W_hn h + b_hn, and st the step's recurrent-side gate gradients [dr dz d(W_hn h)]. dh: the
+ * gradient carried into h_t; leaves as the direct part of the gradient of h_{t-1}, z dh. */
 RF_CLONES static void RF_FN(gru_step_backward)(REAL *g, REAL *aux, REAL *st, REAL *dh,
                                                const REAL *hp, const REAL *dy,
                                                const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
