@@ -81,12 +81,16 @@ static int settled(atomic_ulong *value, unsigned long x, int equal) {
 
 static void await_value(atomic_ulong *value, unsigned long x, int equal, pthread_cond_t *cond) {
     long long until = now_ns() + RF_SPIN_NS;
-    while (!settled(value, x, equal))
+    while (!settled(value, x, equal)) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();  /* leaves the core's other hardware thread its share */
+#endif
         if (now_ns() > until) {
             pthread_mutex_lock(&pool.lock);
             while (!settled(value, x, equal)) pthread_cond_wait(cond, &pool.lock);
             pthread_mutex_unlock(&pool.lock);
         }
+    }
 }
 
 static void *worker(void *id) {
