@@ -90,17 +90,22 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
  * (100,32,128,256)), and faster when run alone (35 vs 45 ms). */
 #define RF_SPIN_FLOPS 8e9
 
+/* How many threads a job of this many flops, in this many register tiles of rows, is
+ * worth: at most the BLAS's thread count and one tile each. */
+static int parts_worth(const rf_blas *blas, double flops, ptrdiff_t tiles) {
+    int parts = rf_threads(blas);
+    double worth = flops / RF_FLOPS_PER_THREAD;
+    if (parts > tiles) parts = tiles < 1 ? 1 : (int)tiles;
+    if (worth < parts) parts = worth < 1 ? 1 : (int)worth;
+    return parts;
+}
+
 int rf_step_parts(const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, double flops_per_row,
                   int after_blas, const rf_blas *blas) {
     if (step0 >= step1) return 1;
-    ptrdiff_t tiles = (p->batch_sizes[step0] + RF_MR - 1) / RF_MR;
     double flops = (double)(p->offsets[step1] - p->offsets[step0]) * flops_per_row;
     if (after_blas && flops < RF_SPIN_FLOPS) return 1;
-    double worth = flops / RF_FLOPS_PER_THREAD;
-    int parts = rf_threads(blas);
-    if (parts > tiles) parts = (int)tiles;
-    if (worth < parts) parts = worth < 1 ? 1 : (int)worth;
-    return parts;
+    return parts_worth(blas, flops, (p->batch_sizes[step0] + RF_MR - 1) / RF_MR);
 }
 
 /* The first sorted row of part `part`: a whole-tile boundary, the one nearest to where the
@@ -300,10 +305,9 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
     }
     RF_FN(projection) job = {rows, GH, I, W_ih->panel_stride, xs, (const REAL *)W_ih->packed,
                              gates, blas->portable};
-    double worth = 2.0 * (double)rows * (double)GH * (double)I / RF_FLOPS_PER_THREAD;
-    int parts = threaded ? rf_threads(blas) : 1;
-    if (worth < parts) parts = worth < 1 ? 1 : (int)worth;
-    rf_run_parts(RF_FN(project_part), &job, parts);
+    double flops = 2.0 * (double)rows * (double)GH * (double)I;
+    rf_run_parts(RF_FN(project_part), &job,
+                 threaded ? parts_worth(blas, flops, (rows + RF_MR - 1) / RF_MR) : 1);
 }
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:

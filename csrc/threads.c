@@ -61,11 +61,11 @@ static struct {
     unsigned long first_job[RF_MAX_THREADS];  /* worker i waits for jobs after this one */
     void (*fn)(void *arg, int part, int parts);
     void *arg;
-    int parts, shared;             /* the job's parts; 1 .. shared-1 run on workers */
+    int parts;                     /* the job's parts: worker i runs part i if i < parts */
     atomic_ulong job;              /* bumped to start a job */
     atomic_ulong remaining;        /* workers yet to finish with the job */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_COND_INITIALIZER, 0, {0}, NULL, NULL, 0, 0, 0, 0};
+          PTHREAD_COND_INITIALIZER, 0, {0}, NULL, NULL, 0, 0, 0};
 
 static long long now_ns(void) {
     struct timespec t;
@@ -99,7 +99,7 @@ static void *worker(void *id) {
     for (;;) {
         await_value(&pool.job, seen, 0, &pool.wake);
         seen = atomic_load(&pool.job);
-        if (part < pool.shared) pool.fn(pool.arg, part, pool.parts);
+        if (part < pool.parts) pool.fn(pool.arg, part, pool.parts);
         /* every worker answers every job, so none can still be reading this one's fields
          * when the next is set up */
         if (atomic_fetch_sub(&pool.remaining, 1) == 1) {
@@ -140,11 +140,10 @@ void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int par
             if (!ok) break;
             pool.workers++;
         }
-        int shared = parts - 1 < pool.workers ? parts : pool.workers + 1;
+        int shared = parts - 1 < pool.workers ? parts : pool.workers + 1;  /* parts on threads */
         pool.fn = fn;
         pool.arg = arg;
         pool.parts = parts;
-        pool.shared = shared;
         atomic_store(&pool.remaining, (unsigned long)pool.workers);
         pthread_mutex_lock(&pool.lock);
         atomic_fetch_add(&pool.job, 1);
