@@ -47,25 +47,36 @@ int rf_threads(const rf_blas *blas) {
 }
 
 #if RF_HAVE_THREADS
-/* The pool: workers started on first use and kept. Worker i runs part i of each job. A job
- * ends when every part has; meanwhile a second caller (another Python thread) runs its
- * parts on its own thread, one after another: the same numbers, as every job's parts own
- * their outputs. Between jobs a worker spins a moment (a call's parallel parts come back
- * to back: waking a sleeping thread costs 0.1-0.4 ms on this VM, measured), then sleeps. */
+/* The pool: workers started on first use and kept. The parts of a job go to whoever
+ * claims them first, the caller included, so a worker that is slow to wake (asleep, or its
+ * core busy with another process) leaves its part to the caller rather than holding the
+ * call up; which part a thread runs never changes the numbers, as every part owns its
+ * outputs. A second caller (another Python thread) finds the pool busy and runs its parts
+ * on its own thread, one after another. Between jobs a worker spins a moment (a call's
+ * parallel parts come back to back: waking a sleeping thread costs 0.1-0.4 ms on this VM,
+ * measured), then sleeps. */
 #define RF_SPIN_NS 100000
+#define RF_PART_BITS 8  /* the ticket's low bits: next part to claim (RF_MAX_THREADS < 256) */
+#define RF_CLOSED ((1UL << RF_PART_BITS) - 1)
+_Static_assert(RF_MAX_THREADS < RF_CLOSED, "a ticket's part bits hold every part number");
 static struct {
     pthread_mutex_t busy;          /* held by the caller whose job the pool runs */
     pthread_mutex_t lock;          /* with the two conditions: sleeping and waking */
     pthread_cond_t wake, done;
     int workers;                   /* started so far */
     unsigned long first_job[RF_MAX_THREADS];  /* worker i waits for jobs after this one */
-    void (*fn)(void *arg, int part, int parts);
-    void *arg;
-    int parts;                     /* the job's parts: worker i runs part i if i < parts */
-    atomic_ulong job;              /* bumped to start a job */
-    atomic_ulong remaining;        /* workers yet to finish with the job */
+    _Atomic(void (*)(void *, int, int)) fn;
+    _Atomic(void *) arg;
+    atomic_int parts;
+    /* job number << RF_PART_BITS | the next part to claim, RF_CLOSED while the job's
+     * fields are rewritten. A part is claimed by compare-and-swap from the exact ticket
+     * seen before the fields were read, so a late worker never runs a part of a job that
+     * is over, or with fields half of one job and half of the next. */
+    atomic_ulong ticket;
+    atomic_ulong job;              /* the job number, bumped to wake workers */
+    atomic_ulong finished;         /* parts of the current job that have run */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_COND_INITIALIZER, 0, {0}, NULL, NULL, 0, 0, 0};
+          PTHREAD_COND_INITIALIZER, 0, {0}, NULL, NULL, 0, 0, 0, 0};
 
 static long long now_ns(void) {
     struct timespec t;
@@ -93,20 +104,31 @@ static void await_value(atomic_ulong *value, unsigned long x, int equal, pthread
     }
 }
 
-static void *worker(void *id) {
-    int part = (int)(intptr_t)id;
-    unsigned long seen = pool.first_job[part];
+/* Runs parts of job `job` until none is left to claim. */
+static void claim_parts(unsigned long job) {
     for (;;) {
-        await_value(&pool.job, seen, 0, &pool.wake);
-        seen = atomic_load(&pool.job);
-        if (part < pool.parts) pool.fn(pool.arg, part, pool.parts);
-        /* every worker answers every job, so none can still be reading this one's fields
-         * when the next is set up */
-        if (atomic_fetch_sub(&pool.remaining, 1) == 1) {
+        unsigned long t = atomic_load(&pool.ticket);
+        void (*fn)(void *, int, int) = atomic_load(&pool.fn);
+        void *arg = atomic_load(&pool.arg);
+        int parts = atomic_load(&pool.parts);
+        unsigned long part = t & RF_CLOSED;
+        if (t >> RF_PART_BITS != job || part >= (unsigned long)parts) return;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) continue;
+        fn(arg, (int)part, parts);
+        if (atomic_fetch_add(&pool.finished, 1) + 1 == (unsigned long)parts) {
             pthread_mutex_lock(&pool.lock);
             pthread_cond_signal(&pool.done);
             pthread_mutex_unlock(&pool.lock);
         }
+    }
+}
+
+static void *worker(void *id) {
+    unsigned long seen = pool.first_job[(intptr_t)id];
+    for (;;) {
+        await_value(&pool.job, seen, 0, &pool.wake);
+        seen = atomic_load(&pool.job);
+        claim_parts(seen);
     }
     return NULL;
 }
@@ -140,18 +162,19 @@ void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int par
             if (!ok) break;
             pool.workers++;
         }
-        int shared = parts - 1 < pool.workers ? parts : pool.workers + 1;  /* parts on threads */
-        pool.fn = fn;
-        pool.arg = arg;
-        pool.parts = parts;
-        atomic_store(&pool.remaining, (unsigned long)pool.workers);
+        unsigned long job = atomic_load(&pool.job) + 1;
+        atomic_store(&pool.ticket, job << RF_PART_BITS | RF_CLOSED);
+        atomic_store(&pool.fn, fn);
+        atomic_store(&pool.arg, arg);
+        atomic_store(&pool.parts, parts);
+        atomic_store(&pool.finished, 0);
+        atomic_store(&pool.ticket, job << RF_PART_BITS);
         pthread_mutex_lock(&pool.lock);
-        atomic_fetch_add(&pool.job, 1);
+        atomic_store(&pool.job, job);
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.lock);
-        fn(arg, 0, parts);
-        for (int i = shared; i < parts; i++) fn(arg, i, parts);  /* no worker to be had */
-        await_value(&pool.remaining, 0, 1, &pool.done);
+        claim_parts(job);
+        await_value(&pool.finished, (unsigned long)parts, 1, &pool.done);
         pthread_mutex_unlock(&pool.busy);
         return;
     }
