@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "rnnfuse.h"
+#include "vmath.h"
 
 /* Workspace layout, in elements from the start of ws.
  * train=1 keeps every step for backward, in packed rows (N = p->rows):
@@ -52,16 +53,84 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
 #define SIGMOID RF_FN(rf_sigmoid)
 #define TANH RF_FN(rf_tanh)
 
+#if RF_HAVE_CLONES && RF_IS_FLOAT
+/* nv vectors of 8 floats from a, the last holding n_last (masked: zeros past them). */
+RF_AVX2 static RF_INLINE void load_units(__m256 *v, const float *a, int nv, int n_last) {
+    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_last),
+                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int u = 0; u < nv; u++)  /* masked moves are slow on AMD: only where needed */
+        v[u] = u < nv - 1 || n_last == 8 ? _mm256_loadu_ps(a + 8 * u)
+                                         : _mm256_maskload_ps(a + 8 * u, m);
+}
+
+RF_AVX2 static RF_INLINE void store_units(float *a, const __m256 *v, int nv, int n_last) {
+    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_last),
+                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int u = 0; u < nv; u++) {
+        if (u < nv - 1 || n_last == 8) _mm256_storeu_ps(a + 8 * u, v[u]);
+        else _mm256_maskstore_ps(a + 8 * u, m, v[u]);
+    }
+}
+
+/* lstm_step's work on 8 (nv - 1) + n_last hidden units of one row, from unit k: every gate
+ * in registers, nv vectors of each side by side (see vmath.h). */
+RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c_prev,
+                                         float *h_out, float *c_out, float *y,
+                                         const float *bias, ptrdiff_t H, ptrdiff_t k,
+                                         int nv, int n_last) {
+    __m256 a[4][2], b[2], c[2], tc[2];
+    for (int q = 0; q < 4; q++) {
+        load_units(a[q], g + q * H + k, nv, n_last);
+        if (bias) {
+            load_units(b, bias + q * H + k, nv, n_last);
+            for (int u = 0; u < nv; u++) a[q][u] = _mm256_add_ps(a[q][u], b[u]);
+        }
+    }
+    rf_sigmoid8n(a[0], nv);
+    rf_sigmoid8n(a[1], nv);
+    rf_tanh8n(a[2], nv);
+    rf_sigmoid8n(a[3], nv);
+    load_units(c, c_prev + k, nv, n_last);
+    for (int u = 0; u < nv; u++)  /* c = f c_prev + i g, h = o tanh(c), unfused as in C */
+        tc[u] = c[u] = _mm256_add_ps(_mm256_mul_ps(a[1][u], c[u]), _mm256_mul_ps(a[0][u], a[2][u]));
+    rf_tanh8n(tc, nv);
+    store_units(c_out + k, c, nv, n_last);
+    if (tanh_c) {  /* training: backward reads the activations */
+        store_units(tanh_c + k, tc, nv, n_last);
+        for (int q = 0; q < 4; q++) store_units(g + q * H + k, a[q], nv, n_last);
+    }
+    for (int u = 0; u < nv; u++) tc[u] = _mm256_mul_ps(a[3][u], tc[u]);
+    store_units(h_out + k, tc, nv, n_last);
+    store_units(y + k, tc, nv, n_last);
+}
+
+/* lstm_step's pass over one row where AVX2+FMA runs: one pass over the hidden units, 16 at
+ * a time, where the portable code makes eight over the row; the same operations on the
+ * same values, so the same bits. Measured, B=16, H=128: 3.6-5.3 -> 3.6-4.2 ns a unit (C
+ * harness); LSTM inference (100,16,64,128) 1.32-1.40x -> 1.15-1.18x ONNX Runtime's time
+ * (medians, interleaved in one process, 4 alternating runs of each build). */
+RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, float *h_out,
+                                  float *c_out, float *y, const float *bias, ptrdiff_t H) {
+    ptrdiff_t k = 0;
+    for (; k + 16 <= H; k += 16) lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, H, k, 2, 8);
+    if (k + 8 <= H) {
+        lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, H, k, 1, 8);
+        k += 8;
+    }
+    if (k < H) lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, H, k, 1, (int)(H - k));
+}
+#endif
+
 /* One step's pointwise pass over its running rows j0 .. j1-1. g: the step's gate rows,
  * holding pre-activations (less the biases, or NULL) on entry and post-activations on
  * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
  * (j < next_bs) put their states; the others have finished and write h_n, c_n. tanh_c: or
- * NULL (inference). */
+ * NULL (inference). fused: one pass per row on AVX2+FMA (float), else the portable code. */
 RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
                                        REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
                                        const REAL *bias, const rf_plan *p, ptrdiff_t s,
                                        ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                       ptrdiff_t H) {
+                                       ptrdiff_t H, int fused) {
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
@@ -69,6 +138,15 @@ RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, RE
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
         REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
         const REAL *c_prev = cp + j * H;
+#if RF_HAVE_CLONES && RF_IS_FLOAT
+        if (fused) {
+            lstm_row_avx2(gi, tanh_c ? tanh_c + j * H : NULL, c_prev, h_out, c_out, y_row,
+                          bias, H);
+            continue;
+        }
+#else
+        (void)fused;
+#endif
         if (bias)
             for (ptrdiff_t k = 0; k < 4 * H; k++) gi[k] += bias[k];
         SIGMOID(gi, 2 * H);  /* i, f */
@@ -119,7 +197,7 @@ static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
                             1, g + j0 * GH, GH);
         RF_FN(lstm_step)(g, q->train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
                          ws + L.h + next, ws + L.c + next, q->y, q->h_n, q->c_n, q->bias, p,
-                         s, j0, end, next_bs, H);
+                         s, j0, end, next_bs, H, !q->blas->portable);
     }
 }
 
