@@ -54,24 +54,6 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
 #define TANH RF_FN(rf_tanh)
 
 #if RF_HAVE_CLONES && RF_IS_FLOAT
-/* nv vectors of 8 floats from a, the last holding n_last (masked: zeros past them). */
-RF_AVX2 static RF_INLINE void load_units(__m256 *v, const float *a, int nv, int n_last) {
-    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_last),
-                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int u = 0; u < nv; u++)  /* masked moves are slow on AMD: only where needed */
-        v[u] = u < nv - 1 || n_last == 8 ? _mm256_loadu_ps(a + 8 * u)
-                                         : _mm256_maskload_ps(a + 8 * u, m);
-}
-
-RF_AVX2 static RF_INLINE void store_units(float *a, const __m256 *v, int nv, int n_last) {
-    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_last),
-                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int u = 0; u < nv; u++) {
-        if (u < nv - 1 || n_last == 8) _mm256_storeu_ps(a + 8 * u, v[u]);
-        else _mm256_maskstore_ps(a + 8 * u, m, v[u]);
-    }
-}
-
 /* lstm_step's work on 8 (nv - 1) + n_last hidden units of one row, from unit k: every gate
  * in registers, nv vectors of each side by side (see vmath.h). */
 RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c_prev,
@@ -80,9 +62,9 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
                                          int nv, int n_last) {
     __m256 a[4][2], b[2], c[2], tc[2];
     for (int q = 0; q < 4; q++) {
-        load_units(a[q], g + q * H + k, nv, n_last);
+        rf_load8n(a[q], g + q * H + k, nv, n_last);
         if (bias) {
-            load_units(b, bias + q * H + k, nv, n_last);
+            rf_load8n(b, bias + q * H + k, nv, n_last);
             for (int u = 0; u < nv; u++) a[q][u] = _mm256_add_ps(a[q][u], b[u]);
         }
     }
@@ -90,18 +72,18 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
     rf_sigmoid8n(a[1], nv);
     rf_tanh8n(a[2], nv);
     rf_sigmoid8n(a[3], nv);
-    load_units(c, c_prev + k, nv, n_last);
+    rf_load8n(c, c_prev + k, nv, n_last);
     for (int u = 0; u < nv; u++)  /* c = f c_prev + i g, h = o tanh(c), unfused as in C */
         tc[u] = c[u] = _mm256_add_ps(_mm256_mul_ps(a[1][u], c[u]), _mm256_mul_ps(a[0][u], a[2][u]));
     rf_tanh8n(tc, nv);
-    store_units(c_out + k, c, nv, n_last);
+    rf_store8n(c_out + k, c, nv, n_last);
     if (tanh_c) {  /* training: backward reads the activations */
-        store_units(tanh_c + k, tc, nv, n_last);
-        for (int q = 0; q < 4; q++) store_units(g + q * H + k, a[q], nv, n_last);
+        rf_store8n(tanh_c + k, tc, nv, n_last);
+        for (int q = 0; q < 4; q++) rf_store8n(g + q * H + k, a[q], nv, n_last);
     }
     for (int u = 0; u < nv; u++) tc[u] = _mm256_mul_ps(a[3][u], tc[u]);
-    store_units(h_out + k, tc, nv, n_last);
-    store_units(y + k, tc, nv, n_last);
+    rf_store8n(h_out + k, tc, nv, n_last);
+    rf_store8n(y + k, tc, nv, n_last);
 }
 
 /* lstm_step's pass over one row where AVX2+FMA runs: one pass over the hidden units, 16 at
@@ -111,13 +93,10 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
  * (medians, interleaved in one process, 4 alternating runs of each build). */
 RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, float *h_out,
                                   float *c_out, float *y, const float *bias, ptrdiff_t H) {
-    ptrdiff_t k = 0;
-    for (; k + 16 <= H; k += 16) lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, H, k, 2, 8);
-    if (k + 8 <= H) {
-        lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, H, k, 1, 8);
-        k += 8;
-    }
-    if (k < H) lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, H, k, 1, (int)(H - k));
+#define UNITS(k, nv, n_last) \
+    lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, H, k, nv, n_last)
+    RF_OVER_UNITS(H, UNITS);
+#undef UNITS
 }
 #endif
 
@@ -197,7 +176,7 @@ static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
                             1, g + j0 * GH, GH);
         RF_FN(lstm_step)(g, q->train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
                          ws + L.h + next, ws + L.c + next, q->y, q->h_n, q->c_n, q->bias, p,
-                         s, j0, end, next_bs, H, !q->blas->portable);
+                         s, j0, end, next_bs, H, RF_ONE_PASS(q->blas));
     }
 }
 

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "rnnfuse.h"
+#include "vmath.h"
 
 /* Workspace layout, in elements from the start of ws.
  * train=1, packed rows (N = p->rows):
@@ -38,13 +39,51 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
+#if RF_HAVE_CLONES && RF_IS_FLOAT
+/* rnn_step's work (tanh) on 8 (nv - 1) + n_last units of one row, from unit k. */
+RF_AVX2 static RF_INLINE void rnn_units(float *g, float *h_out, float *y, const float *bias,
+                                        ptrdiff_t k, int nv, int n_last) {
+    __m256 a[2], b[2];
+    rf_load8n(a, g + k, nv, n_last);
+    if (bias) {
+        rf_load8n(b, bias + k, nv, n_last);
+        for (int u = 0; u < nv; u++) a[u] = _mm256_add_ps(a[u], b[u]);
+    }
+    rf_tanh8n(a, nv);
+    rf_store8n(g + k, a, nv, n_last);
+    rf_store8n(h_out + k, a, nv, n_last);
+    rf_store8n(y + k, a, nv, n_last);
+}
+
+/* rnn_step for one row where AVX2+FMA runs (float, tanh): one pass, where the portable
+ * code makes four; the same bits. */
+RF_AVX2 static void rnn_row_avx2(float *g, float *h_out, float *y, const float *bias,
+                                 ptrdiff_t H) {
+#define UNITS(k, nv, n_last) rnn_units(g, h_out, y, bias, k, nv, n_last)
+    RF_OVER_UNITS(H, UNITS);
+#undef UNITS
+}
+#endif
+
 /* One step's pointwise pass over its running rows j0 .. j1-1: g holds their
  * pre-activations (less the bias, or NULL) and leaves holding h'. Rows j < next_bs go on
- * (hn), the others have finished (h_n). */
+ * (hn), the others have finished (h_n). fused: tanh in one pass per row on AVX2+FMA (float). */
 RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
                                       const REAL *bias, const rf_plan *p, ptrdiff_t s,
                                       ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                      ptrdiff_t H, int relu) {
+                                      ptrdiff_t H, int relu, int fused) {
+#if RF_HAVE_CLONES && RF_IS_FLOAT
+    if (fused && !relu) {
+        for (ptrdiff_t j = j0; j < j1; j++) {
+            ptrdiff_t b = p->order[j];
+            rnn_row_avx2(g + j * H, j < next_bs ? hn + j * H : h_n + b * H,
+                         y + (rf_time(p, j, s) * p->B + b) * H, bias, H);
+        }
+        return;
+    }
+#else
+    (void)fused;
+#endif
     REAL *rows = g + j0 * H;
     ptrdiff_t n = (j1 - j0) * H;
     if (bias)
@@ -93,7 +132,8 @@ static void RF_FN(rnn_steps)(void *arg, int part, int parts) {
         /* g += h_{t-1} W_hh^T */
         RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, H, H, hp + j0 * H, H, 1,
                             g + j0 * H, H);
-        RF_FN(rnn_step)(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs, H, q->relu);
+        RF_FN(rnn_step)(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs, H, q->relu,
+                        RF_ONE_PASS(q->blas));
     }
 }
 

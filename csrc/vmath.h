@@ -15,6 +15,10 @@
  * without RF_HAVE_CLONES. */
 #ifndef RNNFUSE_VMATH_H
 #define RNNFUSE_VMATH_H
+
+/* Whether a cell's pointwise work takes its one-pass AVX2 code: float, where our products
+ * take their AVX2 kernel (RNNFUSE_KERNEL=portable runs, and so tests, the portable code). */
+#define RF_ONE_PASS(blas) (RF_HAVE_CLONES && RF_IS_FLOAT && !(blas)->portable)
 #if RF_HAVE_CLONES
 #include <immintrin.h>
 
@@ -86,6 +90,38 @@ RF_AVX2 static RF_INLINE void rf_tanh8n(__m256 *x, int n) {
         x[v] = _mm256_or_ps(t, _mm256_and_ps(sign, x[v]));  /* tanh(-x) = -tanh(x), -0 too */
     }
 }
+
+/* nv vectors of 8 floats from a (to a), the last holding only its first n_last lanes (the
+ * rest read as zeros, never written): the cells' one-pass code over a row's units. */
+RF_AVX2 static RF_INLINE void rf_load8n(__m256 *v, const float *a, int nv, int n_last) {
+    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_last),
+                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int u = 0; u < nv; u++)  /* masked moves are slow on AMD: only where needed */
+        v[u] = u < nv - 1 || n_last == 8 ? _mm256_loadu_ps(a + 8 * u)
+                                         : _mm256_maskload_ps(a + 8 * u, m);
+}
+
+RF_AVX2 static RF_INLINE void rf_store8n(float *a, const __m256 *v, int nv, int n_last) {
+    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n_last),
+                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int u = 0; u < nv; u++) {
+        if (u < nv - 1 || n_last == 8) _mm256_storeu_ps(a + 8 * u, v[u]);
+        else _mm256_maskstore_ps(a + 8 * u, m, v[u]);
+    }
+}
+
+/* Runs UNITS(k, nv, n_last) over a row's H units from k = 0: two vectors at a time, then
+ * one, then the last n_last < 8 units (see rf_load8n). */
+#define RF_OVER_UNITS(H, UNITS)                                             \
+    do {                                                                    \
+        ptrdiff_t k_ = 0;                                                   \
+        for (; k_ + 16 <= (H); k_ += 16) UNITS(k_, 2, 8);                   \
+        if (k_ + 8 <= (H)) {                                                \
+            UNITS(k_, 1, 8);                                                \
+            k_ += 8;                                                        \
+        }                                                                   \
+        if (k_ < (H)) UNITS(k_, 1, (int)((H) - k_));                        \
+    } while (0)
 
 #undef RF_EACH
 #endif /* RF_HAVE_CLONES */
