@@ -129,14 +129,14 @@ RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, cons
 /* n and the new state of a step's rows j0 .. j1-1. g's n block holds W_in x, bias the
  * folded biases (or NULL; the n block's is b_in), st's n block W_hn h (lbr) or W_hn (r h);
  * with lbr, aux (or NULL) keeps W_hn h + b_hn for backward. Rows j < next_bs go on to the
- * next step (their state goes to hn), the others have finished (h_n). fused: on AVX2+FMA
+ * next step (their state goes to hn), the others have finished (h_n). one_pass: on AVX2+FMA
  * (float) one pass per row, with lbr r and z too (gru_step_rz is skipped); train: keep the
  * activations in g for backward. */
 RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, const REAL *hp,
                                         REAL *hn, REAL *y, REAL *h_n, const REAL *bias,
                                         const REAL *b_hn, const rf_plan *p, ptrdiff_t s,
                                         ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                        ptrdiff_t H, int lbr, int fused, int train) {
+                                        ptrdiff_t H, int lbr, int one_pass, int train) {
     const REAL *b_in = bias ? bias + 2 * H : NULL;
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
@@ -145,13 +145,13 @@ RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, cons
         REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
 #if RF_HAVE_CLONES && RF_IS_FLOAT
-        if (fused) {
+        if (one_pass) {
             gru_row_avx2(gr, st + j * 3 * H, h, bias, b_hn, aux ? aux + j * H : NULL, h_out,
                          y_row, train, lbr, H);
             continue;
         }
 #else
-        (void)fused;
+        (void)one_pass;
         (void)train;
 #endif
         for (ptrdiff_t k = 0; k < H; k++) {
@@ -186,7 +186,7 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
     const rf_blas *blas = q->blas;
     ptrdiff_t H = q->H, GH = 3 * H, BH = p->B * H, j0, j1;
     gru_layout L = q->L;
-    int lbr = q->lbr, train = q->train, fused = RF_ONE_PASS(blas);
+    int lbr = q->lbr, train = q->train, one_pass = RF_ONE_PASS(blas);
     REAL *ws = q->ws, *st = ws + L.step;
     rf_part_rows(p, part, parts, &j0, &j1);
     for (ptrdiff_t s = q->step0; s < q->step1 && p->batch_sizes[s] > j0; s++) {
@@ -199,7 +199,7 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
         if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
             RF_FN(rf_step_gemm)(blas, &q->W[0], 0, m, GH, H, hp + j0 * H, H, 0,
                                 st + j0 * GH, GH);
-            if (!fused) RF_FN(gru_step_rz)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+            if (!one_pass) RF_FN(gru_step_rz)(g, aux, st, hp, q->bias, j0, end, H, lbr);
         } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
             RF_FN(rf_step_gemm)(blas, &q->W[0], 0, m, 2 * H, H, hp + j0 * H, H, 0,
                                 st + j0 * GH, GH);
@@ -208,7 +208,7 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
                                 st + j0 * GH + 2 * H, GH);
         }
         RF_FN(gru_step_n)(g, train ? aux : NULL, st, hp, hn, q->y, q->h_n, q->bias, q->b_hn,
-                          p, s, j0, end, next_bs, H, lbr, fused, train);
+                          p, s, j0, end, next_bs, H, lbr, one_pass, train);
     }
 }
 

@@ -73,7 +73,8 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
     rf_tanh8n(a[2], nv);
     rf_sigmoid8n(a[3], nv);
     rf_load8n(c, c_prev + k, nv, n_last);
-    for (int u = 0; u < nv; u++)  /* c = f c_prev + i g, h = o tanh(c), unfused as in C */
+    /* c = f c_prev + i g: two products, then their sum (no FMA), as the portable code */
+    for (int u = 0; u < nv; u++)
         tc[u] = c[u] = _mm256_add_ps(_mm256_mul_ps(a[1][u], c[u]), _mm256_mul_ps(a[0][u], a[2][u]));
     rf_tanh8n(tc, nv);
     rf_store8n(c_out + k, c, nv, n_last);
@@ -104,12 +105,13 @@ RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, 
  * holding pre-activations (less the biases, or NULL) on entry and post-activations on
  * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
  * (j < next_bs) put their states; the others have finished and write h_n, c_n. tanh_c: or
- * NULL (inference). fused: one pass per row on AVX2+FMA (float), else the portable code. */
+ * NULL (inference). one_pass: one pass per row on AVX2+FMA (float; else the portable
+ * code). */
 RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
                                        REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
                                        const REAL *bias, const rf_plan *p, ptrdiff_t s,
                                        ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                       ptrdiff_t H, int fused) {
+                                       ptrdiff_t H, int one_pass) {
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
@@ -118,13 +120,13 @@ RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, RE
         REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
         const REAL *c_prev = cp + j * H;
 #if RF_HAVE_CLONES && RF_IS_FLOAT
-        if (fused) {
+        if (one_pass) {
             lstm_row_avx2(gi, tanh_c ? tanh_c + j * H : NULL, c_prev, h_out, c_out, y_row,
                           bias, H);
             continue;
         }
 #else
-        (void)fused;
+        (void)one_pass;
 #endif
         if (bias)
             for (ptrdiff_t k = 0; k < 4 * H; k++) gi[k] += bias[k];

@@ -67,13 +67,14 @@ RF_AVX2 static void rnn_row_avx2(float *g, float *h_out, float *y, const float *
 
 /* One step's pointwise pass over its running rows j0 .. j1-1: g holds their
  * pre-activations (less the bias, or NULL) and leaves holding h'. Rows j < next_bs go on
- * (hn), the others have finished (h_n). fused: tanh in one pass per row on AVX2+FMA (float). */
+ * (hn), the others have finished (h_n). one_pass: tanh in one pass per row on AVX2+FMA
+ * (float). */
 RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
                                       const REAL *bias, const rf_plan *p, ptrdiff_t s,
                                       ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                      ptrdiff_t H, int relu, int fused) {
+                                      ptrdiff_t H, int relu, int one_pass) {
 #if RF_HAVE_CLONES && RF_IS_FLOAT
-    if (fused && !relu) {
+    if (one_pass && !relu) {
         for (ptrdiff_t j = j0; j < j1; j++) {
             ptrdiff_t b = p->order[j];
             rnn_row_avx2(g + j * H, j < next_bs ? hn + j * H : h_n + b * H,
@@ -82,7 +83,7 @@ RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
         return;
     }
 #else
-    (void)fused;
+    (void)one_pass;
 #endif
     REAL *rows = g + j0 * H;
     ptrdiff_t n = (j1 - j0) * H;
