@@ -91,8 +91,10 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
 #define RF_SPIN_FLOPS 8e9
 
 /* How many threads a job of this many flops, in this many register tiles of rows, is
- * worth: at most the BLAS's thread count and one tile each. */
-static int parts_worth(const rf_blas *blas, double flops, ptrdiff_t tiles) {
+ * worth: at most the BLAS's thread count and one tile each; after_blas (see rnnfuse.h),
+ * one unless it outlasts the BLAS threads' spin. */
+static int parts_worth(const rf_blas *blas, double flops, ptrdiff_t tiles, int after_blas) {
+    if (after_blas && flops < RF_SPIN_FLOPS) return 1;
     int parts = rf_threads(blas);
     double worth = flops / RF_FLOPS_PER_THREAD;
     if (parts > tiles) parts = tiles < 1 ? 1 : (int)tiles;
@@ -104,8 +106,7 @@ int rf_step_parts(const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, double flo
                   int after_blas, const rf_blas *blas) {
     if (step0 >= step1) return 1;
     double flops = (double)(p->offsets[step1] - p->offsets[step0]) * flops_per_row;
-    if (after_blas && flops < RF_SPIN_FLOPS) return 1;
-    return parts_worth(blas, flops, (p->batch_sizes[step0] + RF_MR - 1) / RF_MR);
+    return parts_worth(blas, flops, (p->batch_sizes[step0] + RF_MR - 1) / RF_MR, after_blas);
 }
 
 /* The first sorted row of part `part`: a whole-tile boundary, the one nearest to where the
@@ -289,14 +290,12 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
  * their per-step pass, where the gates are in cache anyway.) Our product, without its
  * k-split, rounds each row the same way however many rows a call projects, so that a
  * stream stepping one step at a time gets a forward's numbers exactly, which a BLAS does
- * not promise. threaded: share the rows among the BLAS's threads (the same numbers for any
- * count). Training forwards pass 0: they follow a backward whose BLAS threads still spin
- * for a while (OpenBLAS: ~0.1 s), and a thread of ours that fights them for the cores made
- * the projection slower than one thread (measured, 2 cores).
+ * not promise. The rows are shared among the BLAS's threads (the same numbers for any
+ * count) as a time loop's are (rf_step_parts): after_blas for a training forward.
  * xbuf receives the gathered rows (unused when x is dense). */
 void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,
                        const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,
-                       ptrdiff_t GH, int threaded, const rf_blas *blas) {
+                       ptrdiff_t GH, int after_blas, const rf_blas *blas) {
     ptrdiff_t rows = p->offsets[step1] - p->offsets[step0];
     const REAL *xs = x + p->offsets[step0] * I;
     if (!rf_dense(p)) {
@@ -307,7 +306,7 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
                              gates, blas->portable};
     double flops = 2.0 * (double)rows * (double)GH * (double)I;
     rf_run_parts(RF_FN(project_part), &job,
-                 threaded ? parts_worth(blas, flops, (rows + RF_MR - 1) / RF_MR) : 1);
+                 parts_worth(blas, flops, (rows + RF_MR - 1) / RF_MR, after_blas));
 }
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:

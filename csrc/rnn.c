@@ -157,7 +157,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, H,
-                          !train, blas);
+                          train, blas);
         job.step0 = step0;
         job.step1 = step1;
         rf_run_parts(RF_FN(rnn_steps), &job,

@@ -185,7 +185,7 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
                               ptrdiff_t lda);                                               \
     void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,    \
                           const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,  \
-                          ptrdiff_t GH, int threaded, const rf_blas *blas);                 \
+                          ptrdiff_t GH, int after_blas, const rf_blas *blas);               \
     void rf_prepare_weight_##SFX(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,     \
                                  ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,               \
                                  const REAL *prepacked);                                    \
