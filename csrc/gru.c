@@ -59,8 +59,10 @@ RF_AVX2 static RF_INLINE void gru_units(float *g, const float *st, const float *
                                         const float *bias, const float *b_hn, float *aux,
                                         float *h_out, float *y, int keep, int lbr,
                                         ptrdiff_t H, ptrdiff_t k, int nv, int n_last) {
-    __m256 r[2], z[2], n[2], hl[2], t[2], b[2], one = _mm256_set1_ps(1.0f);
-    b[0] = b[1] = _mm256_setzero_ps();  /* an absent bias adds 0, as the portable code */
+    __m256 r[RF_UNITS_MAX], z[RF_UNITS_MAX], n[RF_UNITS_MAX], hl[RF_UNITS_MAX];
+    __m256 t[RF_UNITS_MAX], b[RF_UNITS_MAX], one = _mm256_set1_ps(1.0f);
+    /* an absent bias adds 0, as in the portable code (-0 + 0 is +0) */
+    for (int u = 0; u < nv; u++) b[u] = _mm256_setzero_ps();
     rf_load8n(r, g + k, nv, n_last);
     rf_load8n(z, g + H + k, nv, n_last);
     if (lbr) {
@@ -77,12 +79,12 @@ RF_AVX2 static RF_INLINE void gru_units(float *g, const float *st, const float *
             rf_store8n(g + H + k, z, nv, n_last);
         }
     }
-    b[0] = b[1] = _mm256_setzero_ps();
+    for (int u = 0; u < nv; u++) b[u] = _mm256_setzero_ps();
     if (b_hn) rf_load8n(b, b_hn + k, nv, n_last);
     rf_load8n(hl, st + 2 * H + k, nv, n_last);
     for (int u = 0; u < nv; u++) hl[u] = _mm256_add_ps(hl[u], b[u]);
     if (lbr && aux) rf_store8n(aux + k, hl, nv, n_last);
-    b[0] = b[1] = _mm256_setzero_ps();
+    for (int u = 0; u < nv; u++) b[u] = _mm256_setzero_ps();
     if (bias) rf_load8n(b, bias + 2 * H + k, nv, n_last);
     rf_load8n(n, g + 2 * H + k, nv, n_last);
     for (int u = 0; u < nv; u++)
@@ -98,7 +100,7 @@ RF_AVX2 static RF_INLINE void gru_units(float *g, const float *st, const float *
 }
 
 /* The step's pointwise work for one row where AVX2+FMA runs (float): one pass over the
- * units, 16 at a time, where the portable code makes four or five; the same operations on
+ * units, 32 at a time, where the portable code makes four or five; the same operations on
  * the same values, so the same bits. */
 RF_AVX2 static void gru_row_avx2(float *g, const float *st, const float *h_prev,
                                  const float *bias, const float *b_hn, float *aux,

@@ -60,7 +60,7 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
                                          float *h_out, float *c_out, float *y,
                                          const float *bias, ptrdiff_t H, ptrdiff_t k,
                                          int nv, int n_last) {
-    __m256 a[4][2], b[2], c[2], tc[2];
+    __m256 a[4][RF_UNITS_MAX], b[RF_UNITS_MAX], c[RF_UNITS_MAX], tc[RF_UNITS_MAX];
     for (int q = 0; q < 4; q++) {
         rf_load8n(a[q], g + q * H + k, nv, n_last);
         if (bias) {
@@ -87,11 +87,12 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
     rf_store8n(y + k, tc, nv, n_last);
 }
 
-/* lstm_step's pass over one row where AVX2+FMA runs: one pass over the hidden units, 16 at
+/* lstm_step's pass over one row where AVX2+FMA runs: one pass over the hidden units, 32 at
  * a time, where the portable code makes eight over the row; the same operations on the
- * same values, so the same bits. Measured, B=16, H=128: 3.6-5.3 -> 3.6-4.2 ns a unit (C
- * harness); LSTM inference (100,16,64,128) 1.32-1.40x -> 1.15-1.18x ONNX Runtime's time
- * (medians, interleaved in one process, 4 alternating runs of each build). */
+ * same values, so the same bits. Measured, LSTM inference (100,16,64,128), rnnfuse's time
+ * over ONNX Runtime's (medians interleaved in one process, alternating builds): eight
+ * passes 1.32-1.40 -> one pass of 16 units 1.15-1.18 (a noisy hour); 16 units 1.05-1.08
+ * -> 32 units 1.02-1.04 (a quiet one). */
 RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, float *h_out,
                                   float *c_out, float *y, const float *bias, ptrdiff_t H) {
 #define UNITS(k, nv, n_last) \

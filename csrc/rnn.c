@@ -43,7 +43,7 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 /* rnn_step's work (tanh) on 8 (nv - 1) + n_last units of one row, from unit k. */
 RF_AVX2 static RF_INLINE void rnn_units(float *g, float *h_out, float *y, const float *bias,
                                         ptrdiff_t k, int nv, int n_last) {
-    __m256 a[2], b[2];
+    __m256 a[RF_UNITS_MAX], b[RF_UNITS_MAX];
     rf_load8n(a, g + k, nv, n_last);
     if (bias) {
         rf_load8n(b, bias + k, nv, n_last);
