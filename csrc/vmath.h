@@ -11,8 +11,8 @@
  * of its formula to all n before the next step: n independent dependency chains then sit
  * side by side in the instruction stream, where one vector's chain alone leaves the FP
  * units waiting on latency whenever the caller has little other work in flight. The
- * operations on each lane are the same whatever n is. Include after rnnfuse.h; empty
- * without RF_HAVE_CLONES. */
+ * operations on each lane are the same whatever n is (n <= RF_UNITS_MAX). Include after
+ * rnnfuse.h; without RF_HAVE_CLONES only RF_ONE_PASS (0) is defined. */
 #ifndef RNNFUSE_VMATH_H
 #define RNNFUSE_VMATH_H
 
@@ -25,7 +25,9 @@
 #define RF_AVX2 __attribute__((target("avx2,fma")))
 #define RF_INLINE inline __attribute__((always_inline))
 #define RF_EACH _Pragma("GCC unroll 8") for (int v = 0; v < n; v++)
-#define RF_LOCKSTEP_MAX 8
+/* Four vectors side by side beat two (LSTM step, B=16, C harness: 2.8-2.9 against 3.6-3.9
+ * ns a unit at H=128, 256 and 650), though their registers spill. */
+#define RF_UNITS_MAX 4
 
 /* e^x, in place: x = m ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes'
  * coefficients), times 2^m built in the exponent bits. Below -87.3 the result is 0; above
@@ -33,7 +35,7 @@
  * take x as their second operand, which minps/maxps return when either is NaN, and the
  * NaN then flows through every step (no compare-and-blend needed). */
 RF_AVX2 static RF_INLINE void rf_exp8n(__m256 *x, int n) {
-    __m256 m[RF_LOCKSTEP_MAX], r[RF_LOCKSTEP_MAX], p[RF_LOCKSTEP_MAX];
+    __m256 m[RF_UNITS_MAX], r[RF_UNITS_MAX], p[RF_UNITS_MAX];
     RF_EACH {
         x[v] = _mm256_max_ps(_mm256_set1_ps(-87.4f), _mm256_min_ps(_mm256_set1_ps(88.8f), x[v]));
         m[v] = _mm256_round_ps(_mm256_mul_ps(x[v], _mm256_set1_ps(1.44269504088896341f)),
@@ -69,7 +71,7 @@ RF_AVX2 static RF_INLINE void rf_sigmoid8n(__m256 *x, int n) {
  * with e = e^(-2|x|) elsewhere would lose digits to cancellation; sign restored at the end. */
 RF_AVX2 static RF_INLINE void rf_tanh8n(__m256 *x, int n) {
     __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
-    __m256 ax[RF_LOCKSTEP_MAX], small[RF_LOCKSTEP_MAX], e[RF_LOCKSTEP_MAX];
+    __m256 ax[RF_UNITS_MAX], small[RF_UNITS_MAX], e[RF_UNITS_MAX];
     RF_EACH {
         ax[v] = _mm256_andnot_ps(sign, x[v]);
         __m256 z = _mm256_mul_ps(x[v], x[v]);
@@ -111,10 +113,7 @@ RF_AVX2 static RF_INLINE void rf_store8n(float *a, const __m256 *v, int nv, int 
 }
 
 /* Runs UNITS(k, nv, n_last) over a row's H units from k = 0: RF_UNITS_MAX vectors at a
- * time, then one, then the last n_last < 8 units (see rf_load8n). Four vectors side by
- * side beat two (LSTM step, B=16, C harness: 2.8-2.9 against 3.6-3.9 ns a unit at H=128,
- * 256 and 650), though their registers spill. */
-#define RF_UNITS_MAX 4
+ * time, then one, then the last n_last < 8 units (see rf_load8n). */
 #define RF_OVER_UNITS(H, UNITS)                                             \
     do {                                                                    \
         ptrdiff_t k_ = 0;                                                   \
