@@ -52,6 +52,14 @@ ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 #define TANH RF_FN(rf_tanh)
 
 #if RF_HAVE_CLONES && RF_IS_FLOAT
+/* nv vectors of an optional bias from bias + at, zeros where it is absent: the portable
+ * code adds 0 then too (-0 + 0 is +0). */
+RF_AVX2 static RF_INLINE void bias8n(__m256 *b, const float *bias, ptrdiff_t at, int nv,
+                                     int n_last) {
+    if (bias) rf_load8n(b, bias + at, nv, n_last);
+    else for (int u = 0; u < nv; u++) b[u] = _mm256_setzero_ps();
+}
+
 /* gru_step_n's work on 8 (nv - 1) + n_last units of one row, from unit k, every gate in
  * registers; with lbr also gru_step_rz's (without, r and z come from g, made by it, as
  * the product with r h sits between the two). keep: store r, z, n for backward. */
@@ -59,33 +67,26 @@ RF_AVX2 static RF_INLINE void gru_units(float *g, const float *st, const float *
                                         const float *bias, const float *b_hn, float *aux,
                                         float *h_out, float *y, int keep, int lbr,
                                         ptrdiff_t H, ptrdiff_t k, int nv, int n_last) {
-    __m256 r[RF_UNITS_MAX], z[RF_UNITS_MAX], n[RF_UNITS_MAX], hl[RF_UNITS_MAX];
-    __m256 t[RF_UNITS_MAX], b[RF_UNITS_MAX], one = _mm256_set1_ps(1.0f);
-    /* an absent bias adds 0, as in the portable code (-0 + 0 is +0) */
-    for (int u = 0; u < nv; u++) b[u] = _mm256_setzero_ps();
-    rf_load8n(r, g + k, nv, n_last);
-    rf_load8n(z, g + H + k, nv, n_last);
+    __m256 rz[2][RF_UNITS_MAX], n[RF_UNITS_MAX], hl[RF_UNITS_MAX], t[RF_UNITS_MAX];
+    __m256 b[RF_UNITS_MAX], one = _mm256_set1_ps(1.0f), *r = rz[0], *z = rz[1];
     if (lbr) {
-        if (bias) rf_load8n(b, bias + k, nv, n_last);
-        rf_load8n(t, st + k, nv, n_last);
-        for (int u = 0; u < nv; u++) r[u] = _mm256_add_ps(_mm256_add_ps(r[u], b[u]), t[u]);
-        if (bias) rf_load8n(b, bias + H + k, nv, n_last);
-        rf_load8n(t, st + H + k, nv, n_last);
-        for (int u = 0; u < nv; u++) z[u] = _mm256_add_ps(_mm256_add_ps(z[u], b[u]), t[u]);
-        rf_sigmoid8n(r, nv);
-        rf_sigmoid8n(z, nv);
-        if (keep) {
-            rf_store8n(g + k, r, nv, n_last);
-            rf_store8n(g + H + k, z, nv, n_last);
+        for (int q = 0; q < 2; q++) {  /* r, z = sigmoid(g + bias + st) */
+            rf_load8n(rz[q], g + q * H + k, nv, n_last);
+            bias8n(b, bias, q * H + k, nv, n_last);
+            rf_load8n(t, st + q * H + k, nv, n_last);
+            for (int u = 0; u < nv; u++)
+                rz[q][u] = _mm256_add_ps(_mm256_add_ps(rz[q][u], b[u]), t[u]);
+            rf_sigmoid8n(rz[q], nv);
+            if (keep) rf_store8n(g + q * H + k, rz[q], nv, n_last);
         }
+    } else {
+        rf_load8n(z, g + H + k, nv, n_last);
     }
-    for (int u = 0; u < nv; u++) b[u] = _mm256_setzero_ps();
-    if (b_hn) rf_load8n(b, b_hn + k, nv, n_last);
+    bias8n(b, b_hn, k, nv, n_last);
     rf_load8n(hl, st + 2 * H + k, nv, n_last);
     for (int u = 0; u < nv; u++) hl[u] = _mm256_add_ps(hl[u], b[u]);
     if (lbr && aux) rf_store8n(aux + k, hl, nv, n_last);
-    for (int u = 0; u < nv; u++) b[u] = _mm256_setzero_ps();
-    if (bias) rf_load8n(b, bias + 2 * H + k, nv, n_last);
+    bias8n(b, bias, 2 * H + k, nv, n_last);
     rf_load8n(n, g + 2 * H + k, nv, n_last);
     for (int u = 0; u < nv; u++)
         n[u] = _mm256_add_ps(_mm256_add_ps(n[u], b[u]), lbr ? _mm256_mul_ps(r[u], hl[u]) : hl[u]);
