@@ -15,6 +15,8 @@ from rnnfuse import _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 
+from layouts import relayout  # tests/layouts.py
+
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"), ("rnn", "relu")]
@@ -562,3 +564,89 @@ def test_changing_lengths_after_forward_does_not_reach_backward():
     grads = F.lstm_backward(c["dy"], c["dh_n"], c["dc_n"], ctx)
     for a, b in zip(grads, want[1]):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- small calls
+
+def _spy_small_calls(monkeypatch):
+    """Per kernel call, whether _kernels ran it from the arguments as given ("taken") or
+    returned None, leaving them to functional.py's checks ("checked")."""
+    seen = []
+    for name in ("forward_small", "backward"):
+        def spy(*args, real=getattr(_kernels, name), name=name):
+            out = real(*args)
+            seen.append((name, "checked" if out is None else "taken"))
+            return out
+        monkeypatch.setattr(_kernels, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("optional", ["all", "none"])
+def test_small_calls_give_the_checked_paths_numbers(monkeypatch, cell, option, dtype,
+                                                    reverse, optional):
+    """A small call whose arrays are already what the kernels take skips functional.py's
+    checks; the same values in Fortran order go through them: the same bits."""
+    full = optional == "all"
+    case = make_case(cell, 7, 3, 5, 9, dtype, biases=(full, True), states=full,
+                     upstream=full)
+    seen = _spy_small_calls(monkeypatch)
+    taken = run(F, cell, option, case, reverse=reverse)
+    assert seen == [("forward_small", "taken"), ("backward", "taken")]
+    del seen[:]
+    odd = {k: v if v is None or v.ndim < 2 else np.asfortranarray(v) for k, v in case.items()}
+    checked = run(F, cell, option, odd, reverse=reverse)
+    assert seen[0] == ("forward_small", "checked")
+    if full:  # dy in Fortran order: refused, converted, then taken
+        assert seen[1:] == [("backward", "checked"), ("backward", "taken")]
+    for a, b in zip(taken[0] + taken[1], checked[0] + checked[1]):
+        if a is None:
+            assert b is None
+        else:
+            assert a.dtype == dtype and a.flags.c_contiguous
+            np.testing.assert_array_equal(a, b)
+    assert F.release_workspace() is None
+
+
+class _Sub(np.ndarray):
+    pass
+
+
+@pytest.mark.parametrize("change", ["subclass x", "subclass w_hh", "unaligned h0",
+                                    "strided b_ih", "numpy bool reverse", "large"])
+def test_small_calls_leave_other_arguments_to_the_checks(monkeypatch, change):
+    """What the kernels do not take as it is goes through functional.py, which converts it
+    (and explains what it refuses): the numbers of the same values as plain arrays."""
+    case = make_case("gru", 6, 2, 3, 4, np.float32)
+    reverse = False
+    want = run(F, "gru", True, case)
+    odd = dict(case)
+    if change.startswith("subclass"):
+        name = change.split()[1]
+        odd[name] = case[name].view(_Sub)
+    elif change == "unaligned h0":
+        odd["h0"] = relayout(case["h0"], "unaligned")
+    elif change == "strided b_ih":
+        odd["b_ih"] = relayout(case["b_ih"], "strided")
+    elif change == "numpy bool reverse":
+        reverse = np.bool_(False)
+    else:  # a training workspace of 1 MiB or more is kept for the next call instead
+        odd = case = make_case("gru", 300, 16, 3, 16, np.float32)
+        want = run(F, "gru", True, case)
+    seen = _spy_small_calls(monkeypatch)
+    got = run(F, "gru", True, odd, reverse=reverse)
+    assert seen == [("forward_small", "checked"), ("backward", "taken")]
+    for a, b in zip(want[0] + want[1], got[0] + got[1]):
+        assert type(b) is np.ndarray
+        np.testing.assert_array_equal(a, b)
+    F.release_workspace()
+
+
+def test_small_backward_refuses_a_tampered_ctx():
+    case = make_case("rnn", 4, 2, 3, 5, np.float32)
+    *_, ctx = F.rnn_forward(case["x"], None, case["w_ih"], case["w_hh"], None, None)
+    ctx.hidden_size = 50  # dy of (4, 2, 50) would then be read: the buffers are re-checked
+    with pytest.raises(ValueError, match="_kernels: "):
+        F.rnn_backward(np.zeros((4, 2, 50), np.float32), None, ctx)

@@ -136,6 +136,16 @@ cdef enum:
     _LSTM, _GRU, _RNN
 
 
+cdef int _cell(str cell) except -1:
+    if cell == "lstm":
+        return _LSTM
+    if cell == "gru":
+        return _GRU
+    if cell == "rnn":
+        return _RNN
+    raise ValueError(f"unknown cell {cell!r}")
+
+
 # The BLAS table: SciPy's BLAS, filled once at import and only read afterwards.
 cdef rf_blas _blas
 _blas.sgemm = <rf_sgemm_fn>sgemm
@@ -258,12 +268,18 @@ def aligned_empty(Py_ssize_t n, dtype):
     """An uninitialised 1-D array of n elements of dtype whose data starts on a cache line
     (64 bytes). NumPy only aligns to 16: the packed weights' panel rows, a line each, then
     straddled two lines (an LSTM forward at (200,8,128,128) ran ~8% slower)."""
-    dtype = np.dtype(dtype)
-    cdef Py_ssize_t pad = 64 // dtype.itemsize
-    buf = np.empty(n + pad, dtype)
-    cdef size_t past = <size_t>cnp.PyArray_DATA(buf) % 64
-    cdef Py_ssize_t off = (64 - past) % 64 // dtype.itemsize
-    return buf[off:off + n]
+    return _aligned_empty(n, np.dtype(dtype).num)
+
+
+cdef cnp.ndarray _aligned_empty(cnp.npy_intp n, int typenum):
+    """aligned_empty through NumPy's C API (~0.3 us a call; through Python, ~1.4)."""
+    cdef cnp.npy_intp pad = 64 // (4 if typenum == cnp.NPY_FLOAT else 8), whole = n + pad
+    cdef cnp.ndarray buf = cnp.PyArray_EMPTY(1, &whole, typenum, 0)
+    cdef char *data = <char *>cnp.PyArray_DATA(buf)
+    cdef cnp.ndarray view = cnp.PyArray_SimpleNewFromData(1, &n, typenum,
+                                                          data + (64 - <size_t>data % 64) % 64)
+    cnp.set_array_base(view, buf)  # the view keeps the whole buffer alive
+    return view
 
 
 def workspace_size(str cell, Plan plan, Py_ssize_t I, Py_ssize_t H, bint train):
@@ -351,6 +367,40 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     return packed
 
 
+# ---------------------------------------------------------------- small calls
+
+# From this size on, functional.py keeps a call's workspace for the next call (and checks
+# its arguments in Python). A smaller call whose arguments are already what the kernels
+# take runs from here: functional.py's checks, in Python, cost ~10 us a call, as much as
+# the kernels of an RNN training step at (T,B,I,H) = (50,1,32,32) (~7 us forward, ~13
+# backward).
+SMALL_BYTES = 1 << 20
+cdef Py_ssize_t _MAX_DIM = 2**31 - 1  # SciPy's BLAS takes 32-bit dimensions
+
+
+cdef bint _takes(a, int typenum, int nd, cnp.npy_intp d0, cnp.npy_intp d1=0,
+                 cnp.npy_intp d2=0) noexcept:
+    """a is exactly what the kernels take: an ndarray (no subclass), aligned, C-contiguous,
+    in the machine's byte order, of this dtype and shape (nd = 1, 2 or 3)."""
+    if not cnp.PyArray_CheckExact(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if not (cnp.PyArray_TYPE(arr) == typenum and cnp.PyArray_NDIM(arr) == nd
+            and cnp.PyArray_ISCARRAY_RO(arr) and cnp.PyArray_ISNOTSWAPPED(arr)):
+        return False
+    cdef cnp.npy_intp *d = cnp.PyArray_DIMS(arr)
+    return d[0] == d0 and (nd < 2 or d[1] == d1) and (nd < 3 or d[2] == d2)
+
+
+cdef object _empty(int typenum, int nd, cnp.npy_intp d0, cnp.npy_intp d1,
+                   cnp.npy_intp d2=0, bint zeros=False):
+    cdef cnp.npy_intp dims[3]
+    dims[0], dims[1], dims[2] = d0, d1, d2
+    if zeros:
+        return cnp.PyArray_ZEROS(nd, dims, typenum, 0)
+    return cnp.PyArray_EMPTY(nd, dims, typenum, 0)
+
+
 cdef struct _Fwd:  # one forward's pointers; x's dtype decides float or double
     void *y
     void *h_n
@@ -395,10 +445,52 @@ def forward(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan p
     cdef _Fwd a = _forward_args(cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                 packed, plan, I, H, train, option)
     cdef rf_plan p = plan.view()
-    cdef int c = {"lstm": _LSTM, "gru": _GRU, "rnn": _RNN}[cell]
+    cdef int c = _cell(cell)
     cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
     with nogil:
         _run_forward(c, f32, &a, &p, I, H, train, option)
+
+
+def forward_small(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, bint train,
+                  bint option, full_plan):
+    """A whole forward without lengths whose arguments are already what the kernels take
+    and whose workspace is under SMALL_BYTES: returns (y, h_n, c_n, ws, plan), c_n None
+    but for the LSTM, plan = full_plan(T, B, reverse). Anything else returns None with
+    nothing done: functional.py then checks, explains or converts. c0: None but for the
+    LSTM."""
+    cdef Py_ssize_t G = GATES[cell], T, B, I, H, n
+    if not (cnp.PyArray_CheckExact(x) and cnp.PyArray_NDIM(<cnp.ndarray>x) == 3
+            and cnp.PyArray_CheckExact(w_hh) and cnp.PyArray_NDIM(<cnp.ndarray>w_hh) == 2
+            and (reverse is True or reverse is False)):
+        return None
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    cdef cnp.npy_intp *d = cnp.PyArray_DIMS(<cnp.ndarray>x)
+    T, B, I = d[0], d[1], d[2]
+    H = cnp.PyArray_DIMS(<cnp.ndarray>w_hh)[1]
+    if not ((t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE) and T > 0 and B > 0
+            and 0 < I <= _MAX_DIM and 0 < H and G * H <= _MAX_DIM
+            and _takes(x, t, 3, T, B, I) and _takes(w_hh, t, 2, G * H, H)
+            and _takes(w_ih, t, 2, G * H, I)
+            and (b_ih is None or _takes(b_ih, t, 1, G * H))
+            and (b_hh is None or _takes(b_hh, t, 1, G * H))
+            and (h0 is None or _takes(h0, t, 2, B, H))
+            and (c0 is None or G == 4 and _takes(c0, t, 2, B, H))):
+        return None
+    cdef Plan plan = full_plan(T, B, reverse)
+    n = workspace_size(cell, plan, I, H, train)
+    if n * (4 if t == cnp.NPY_FLOAT else 8) >= SMALL_BYTES:
+        return None
+    ws = _aligned_empty(n, t)
+    y = _empty(t, 3, T, B, H)
+    h_n = _empty(t, 2, B, H)
+    c_n = _empty(t, 2, B, H) if G == 4 else None
+    cdef _Fwd a = _forward_args(cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                None, plan, I, H, train, option)
+    cdef rf_plan p = plan.view()
+    cdef int c = _cell(cell)
+    with nogil:
+        _run_forward(c, t == cnp.NPY_FLOAT, &a, &p, I, H, train, option)
+    return y, h_n, c_n, ws, plan
 
 
 cdef void _run_forward(int cell, bint f32, const _Fwd *a, const rf_plan *p, Py_ssize_t I,
@@ -456,11 +548,9 @@ cdef struct _Bwd:  # one backward's pointers, as _Fwd is a forward's
     void *w_hh
 
 
-def backward(str cell, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
-             scratch, x, w_ih, w_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
-             bint option=False):
-    """One backward over a training forward's ws (overwritten). dc0, dc_n: LSTM only
-    (None otherwise); db_*, dy, dh_n, dc_n: or None."""
+cdef _Bwd _backward_args(str cell, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
+                        ws, scratch, x, w_ih, w_hh, Plan plan, Py_ssize_t I,
+                        Py_ssize_t H) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = GATES[cell], TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = G == 4
@@ -480,10 +570,43 @@ def backward(str cell, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
     a.x = _buf(x, TB * I, t, "x", _REQUIRED)
     a.w_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
+    return a
+
+
+def backward(str cell, dy, dh_n, dc_n, ctx):
+    """One backward over a training forward's ctx (functional.py's Context, checked there)
+    whose dy, dh_n and dc_n (LSTM only) are None or already what the kernels take:
+    returns dx, dh0, dc0 (None but for the LSTM), dw_ih, dw_hh, db_ih, db_hh (None for an
+    absent bias) and the workspace, taken from ctx by ctx.take() and overwritten. For any
+    other dy, dh_n or dc_n: None, with ctx untouched (functional.py then checks, explains
+    or converts)."""
+    cdef Plan plan = ctx.plan
+    cdef Py_ssize_t G = GATES[cell], T = plan.T, B = plan.B
+    cdef Py_ssize_t I = ctx.input_size, H = ctx.hidden_size
+    x, w_ih, w_hh = ctx.x, ctx.w_ih, ctx.w_hh
+    cdef int t = _typenum(x)
+    if not ((dy is None or _takes(dy, t, 3, T, B, H))
+            and (dh_n is None or _takes(dh_n, t, 2, B, H))
+            and (dc_n is None or G == 4 and _takes(dc_n, t, 2, B, H))):
+        return None
+    ws = ctx.take()
+    has_ih, has_hh = ctx.has_bias
+    scratch = _aligned_empty(backward_scratch_size(cell, plan, I, H), t)
+    dx = _empty(t, 3, T, B, I, zeros=plan.rows < T * B)  # padding's gradient is zero
+    dh0 = _empty(t, 2, B, H)
+    dc0 = _empty(t, 2, B, H) if G == 4 else None
+    dw_ih = _empty(t, 2, G * H, I)
+    dw_hh = _empty(t, 2, G * H, H)
+    db_ih = _empty(t, 1, G * H, 0) if has_ih else None
+    db_hh = _empty(t, 1, G * H, 0) if has_hh else None
+    cdef _Bwd a = _backward_args(cell, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n,
+                                 dc_n, ws, scratch, x, w_ih, w_hh, plan, I, H)
     cdef rf_plan p = plan.view()
-    cdef int c = {"lstm": _LSTM, "gru": _GRU, "rnn": _RNN}[cell]
+    cdef int c = _cell(cell)
+    cdef bint option = ctx.option
     with nogil:
         _run_backward(c, t == cnp.NPY_FLOAT, &a, &p, I, H, option)
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, ws
 
 
 cdef void _run_backward(int cell, bint f32, const _Bwd *a, const rf_plan *p, Py_ssize_t I,

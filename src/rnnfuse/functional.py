@@ -54,6 +54,14 @@ class Context:
         state = "used" if self.ws is None else "ready"
         return f"<rnnfuse {self.cell} ctx, {self.dtype}, {state}>"
 
+    def take(self):
+        """The saved state, once: backward overwrites it."""
+        with _TAKE:  # two threads must not both run backward over one saved state
+            ws, self.ws = self.ws, None
+        if ws is None:
+            raise ValueError(_USED)
+        return ws
+
 
 # ---------------------------------------------------------------- validation helpers
 
@@ -79,7 +87,10 @@ def _array(name, a):
 
 
 def _c_array(a):
-    """a itself if C-contiguous and aligned (the C code may assume both), else a copy."""
+    """a itself if a C-contiguous, aligned ndarray (the C code may assume both; a subclass
+    is viewed as one), else a copy."""
+    if type(a) is not np.ndarray:
+        a = a.view(np.ndarray)
     if a.flags.c_contiguous and a.flags.aligned:
         return a
     return np.array(a, order="C")
@@ -113,7 +124,7 @@ def _check_x(x):
 # other NumPy work in between takes and returns memory (LSTM training step (100,64,256,512)
 # interleaved with the NumPy reference: 779 -> 631 ms, `python -m rnnfuse bench`).
 _SPARE = threading.local()
-_SPARE_MIN_BYTES = 1 << 20
+_SPARE_MIN_BYTES = _kernels.SMALL_BYTES
 
 
 def _workspace(n, dtype):
@@ -149,11 +160,16 @@ def _full_length_plan(T, B, reverse):
     return _kernels.Plan(lengths, T, reverse)
 
 
+def _full_plan(T, B, reverse):
+    # short sequences are where a plan's cost shows: those are cached
+    return _full_length_plan(T, B, reverse) if T <= 4096 else \
+        _full_length_plan.__wrapped__(T, B, reverse)
+
+
 def _plan(lengths, T, B, reverse):
     """The batch plan (order by length, rows per step) after checking lengths."""
-    if lengths is None:  # short sequences are where a plan's cost shows: those are cached
-        return _full_length_plan(T, B, reverse) if T <= 4096 else \
-            _full_length_plan.__wrapped__(T, B, reverse)
+    if lengths is None:
+        return _full_plan(T, B, reverse)
     lengths = _array("lengths", lengths)
     if lengths.size == 0 and lengths.shape == (B,):
         lengths = lengths.astype(np.int64)  # [] for an empty batch
@@ -192,6 +208,37 @@ def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
 
 
 def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx):
+    lstm = cell == "lstm"
+    small = None
+    if lengths is None:
+        small = _kernels.forward_small(cell, x, states[0], states[1] if lstm else None, w_ih,
+                                       w_hh, b_ih, b_hh, reverse, need_ctx, option,
+                                       _full_plan)
+    if small is not None:
+        y, h_n, c_n, ws, plan = small
+        finals = [h_n, c_n] if lstm else [h_n]
+        dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
+    else:
+        y, finals, ws, plan, x, w_ih, w_hh = _checked_forward(
+            cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx)
+        dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
+
+    ctx = None
+    if not need_ctx:
+        _keep_spare(ws)
+    else:
+        ctx = Context()
+        ctx.cell, ctx.dtype, ctx.plan, ctx.ws = cell, dtype, plan, ws
+        ctx.x, ctx.w_ih, ctx.w_hh = x, w_ih, w_hh
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.option, ctx.input_size, ctx.hidden_size = option, I, H
+    return y, finals, ctx
+
+
+def _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option,
+                     need_ctx):
+    """A forward with every argument checked, and converted where needed: y, the final
+    states, the workspace, the plan and the x, w_ih, w_hh the kernels read."""
     dtype = _dtype_of(x)
     x = _check_x(x)
     T, B, I = x.shape
@@ -209,17 +256,7 @@ def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, 
     _kernels.forward(cell, y, finals[0], finals[1] if cell == "lstm" else None, ws, x,
                      states[0], states[1] if cell == "lstm" else None, w_ih, w_hh, b_ih, b_hh,
                      plan, I, H, bool(need_ctx), option)
-
-    ctx = None
-    if not need_ctx:
-        _keep_spare(ws)
-    else:
-        ctx = Context()
-        ctx.cell, ctx.dtype, ctx.plan, ctx.ws = cell, dtype, plan, ws
-        ctx.x, ctx.w_ih, ctx.w_hh = x, w_ih, w_hh
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
-        ctx.option, ctx.input_size, ctx.hidden_size = option, I, H
-    return y, finals, ctx
+    return y, finals, ws, plan, x, w_ih, w_hh
 
 
 def _backward(cell, dy, finals, ctx):
@@ -230,29 +267,21 @@ def _backward(cell, dy, finals, ctx):
         raise ValueError(f"ctx comes from {ctx.cell}_forward, but this is {cell}_backward")
     if ctx.ws is None:
         raise ValueError(_USED)
-    dtype, plan, I, H = ctx.dtype, ctx.plan, ctx.input_size, ctx.hidden_size
-    T, B = plan.T, plan.B
-    G = _GATES[cell]
-    dy = _check("dy", dy, (T, B, H), dtype, optional=True)
-    names = ("dh_n", "dc_n")
-    finals = [_check(n, d, (B, H), dtype, optional=True) for n, d in zip(names, finals)]
-    with _TAKE:  # two threads must not both run backward over one saved state
-        ws, ctx.ws = ctx.ws, None
-    if ws is None:
-        raise ValueError(_USED)
-
-    scratch = _kernels.aligned_empty(_kernels.backward_scratch_size(cell, plan, I, H), dtype)
-    dx = (np.zeros if plan.rows < T * B else np.empty)((T, B, I), dtype)
-    dinits = [np.empty((B, H), dtype) for _ in finals]
-    dw_ih = np.empty((G * H, I), dtype)
-    dw_hh = np.empty((G * H, H), dtype)
-    db = [np.empty(G * H, dtype) if has else None for has in ctx.has_bias]
     lstm = cell == "lstm"
-    _kernels.backward(cell, dx, dinits[0], dinits[1] if lstm else None, dw_ih, dw_hh, db[0],
-                      db[1], dy, finals[0], finals[1] if lstm else None, ws, scratch, ctx.x,
-                      ctx.w_ih, ctx.w_hh, plan, I, H, bool(ctx.option))
+    dh_n, dc_n = finals if lstm else (finals[0], None)
+    out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
+    if out is None:  # not yet what the kernels take: check, explain or convert
+        T, B, H = ctx.plan.T, ctx.plan.B, ctx.hidden_size
+        dy = _check("dy", dy, (T, B, H), ctx.dtype, optional=True)
+        dh_n = _check("dh_n", dh_n, (B, H), ctx.dtype, optional=True)
+        if lstm:
+            dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
+        out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, ws = out
     _keep_spare(ws)
-    return (dx, *dinits, dw_ih, dw_hh, db[0], db[1])
+    if lstm:
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
 # ---------------------------------------------------------------- the contract
