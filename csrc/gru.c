@@ -354,11 +354,11 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     const REAL *dgates = ws + L.gates, *h = ws + L.h, *aux = ws + L.aux;
     /* dW_hrz = sum_t [dr dz]^T h_{t-1};  dW_hn = sum_t d(W_hn h)^T h_{t-1} (lbr)
      * or dn^T (r h_{t-1}) (not lbr) */
-    RF_FN(rf_gemm)(blas, 1, 0, 2 * H, H, N, 1, dgates, GH, h, H, 0, dw_hh, H);
+    RF_FN(rf_grad_gemm)(blas, 1, 2 * H, H, N, dgates, GH, h, H, dw_hh, H);
     if (lbr)
-        RF_FN(rf_gemm)(blas, 1, 0, H, H, N, 1, aux, H, h, H, 0, dw_hh + 2 * H * H, H);
+        RF_FN(rf_grad_gemm)(blas, 1, H, H, N, aux, H, h, H, dw_hh + 2 * H * H, H);
     else
-        RF_FN(rf_gemm)(blas, 1, 0, H, H, N, 1, dgates + 2 * H, GH, aux, H, 0, dw_hh + 2 * H * H, H);
+        RF_FN(rf_grad_gemm)(blas, 1, H, H, N, dgates + 2 * H, GH, aux, H, dw_hh + 2 * H * H, H);
     if (db_hh) {
         RF_FN(rf_column_sums)(db_hh, dgates, N, 2 * H, GH);
         if (lbr) RF_FN(rf_column_sums)(db_hh + 2 * H, aux, N, H, H);

@@ -289,7 +289,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     RF_FN(rf_unsort_rows)(dc0, dc, p, H);
     const REAL *dgates = ws + L.gates;
     /* dW_hh = sum_t dgates_t^T h_{t-1} */
-    RF_FN(rf_gemm)(blas, 1, 0, GH, H, p->rows, 1, dgates, GH, ws + L.h, H, 0, dw_hh, H);
+    RF_FN(rf_grad_gemm)(blas, 1, GH, H, p->rows, dgates, GH, ws + L.h, H, dw_hh, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, blas);
     if (db_ih) RF_FN(rf_column_sums)(db_ih, dgates, p->rows, GH, GH);
     if (db_hh) RF_FN(rf_column_sums)(db_hh, dgates, p->rows, GH, GH);

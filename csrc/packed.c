@@ -70,9 +70,10 @@ int rf_avx2_available(void) {
 #endif
 #define VL (RF_NR / 2)  /* lanes per vector: a panel row is two vectors */
 
-/* A VL x VL block of W (rows c, row stride ldb) to VL panel rows (stride RF_NR):
- * dst[k * RF_NR + c] = src[c * ldb + k], as vector shuffles. */
-AVX2 static inline void RF_FN(transpose_block)(REAL *dst, const REAL *src, ptrdiff_t ldb) {
+/* A VL x VL block of W (rows c, row stride ldb) to VL rows of dst (stride ldd):
+ * dst[k * ldd + c] = src[c * ldb + k], as vector shuffles. */
+AVX2 static inline void RF_FN(transpose_block)(REAL *dst, ptrdiff_t ldd, const REAL *src,
+                                               ptrdiff_t ldb) {
 #if RF_IS_FLOAT
     __m256 r[8], t[8], u[8];
     for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ldb);
@@ -87,8 +88,8 @@ AVX2 static inline void RF_FN(transpose_block)(REAL *dst, const REAL *src, ptrdi
         u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
     }
     for (int i = 0; i < 4; i++) {
-        _mm256_storeu_ps(dst + i * RF_NR, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
-        _mm256_storeu_ps(dst + (i + 4) * RF_NR, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+        _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
     }
 #else
     __m256d r[4], t[4];
@@ -98,8 +99,8 @@ AVX2 static inline void RF_FN(transpose_block)(REAL *dst, const REAL *src, ptrdi
         t[i + 1] = _mm256_unpackhi_pd(r[i], r[i + 1]);
     }
     for (int i = 0; i < 2; i++) {
-        _mm256_storeu_pd(dst + i * RF_NR, _mm256_permute2f128_pd(t[i], t[i + 2], 0x20));
-        _mm256_storeu_pd(dst + (i + 2) * RF_NR, _mm256_permute2f128_pd(t[i], t[i + 2], 0x31));
+        _mm256_storeu_pd(dst + i * ldd, _mm256_permute2f128_pd(t[i], t[i + 2], 0x20));
+        _mm256_storeu_pd(dst + (i + 2) * ldd, _mm256_permute2f128_pd(t[i], t[i + 2], 0x31));
     }
 #endif
 }
@@ -110,8 +111,22 @@ AVX2 static ptrdiff_t RF_FN(pack_transposed)(REAL *panel, const REAL *W, ptrdiff
     ptrdiff_t k = 0;
     for (; k + VL <= K; k += VL)
         for (ptrdiff_t c = 0; c < RF_NR; c += VL)
-            RF_FN(transpose_block)(panel + k * RF_NR + c, W + c * ldb + k, ldb);
+            RF_FN(transpose_block)(panel + k * RF_NR + c, RF_NR, W + c * ldb + k, ldb);
     return k;
+}
+
+/* rf_transpose's whole VL x VL blocks; returns the rows of src it did. */
+AVX2 static ptrdiff_t RF_FN(transpose_blocks)(REAL *dst, ptrdiff_t ldd, const REAL *src,
+                                              ptrdiff_t lds, ptrdiff_t rows, ptrdiff_t cols) {
+    ptrdiff_t r = 0;
+    for (; r + VL <= rows; r += VL) {
+        ptrdiff_t c = 0;
+        for (; c + VL <= cols; c += VL)
+            RF_FN(transpose_block)(dst + c * ldd + r, ldd, src + r * lds + c, lds);
+        for (; c < cols; c++)
+            for (ptrdiff_t i = r; i < r + VL; i++) dst[c * ldd + i] = src[i * lds + c];
+    }
+    return r;
 }
 
 /* One register tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns.
@@ -263,6 +278,16 @@ void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t
                 panel[k * RF_NR + c] = n >= N ? 0 : trans ? B[n * ldb + k] : B[k * ldb + n];
             }
     }
+}
+
+void RF_FN(rf_transpose)(REAL *dst, ptrdiff_t ldd, const REAL *src, ptrdiff_t lds,
+                         ptrdiff_t rows, ptrdiff_t cols) {
+    ptrdiff_t r = 0;
+#if RF_HAVE_CLONES
+    if (rf_avx2_available()) r = RF_FN(transpose_blocks)(dst, ldd, src, lds, rows, cols);
+#endif
+    for (; r < rows; r++)
+        for (ptrdiff_t c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
 }
 
 /* The portable product: tiles of two rows by one panel, in the compiler's generic vectors

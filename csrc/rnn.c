@@ -227,7 +227,7 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates;
     /* dW_hh = sum_t dpre_t^T h_{t-1} */
-    RF_FN(rf_gemm)(blas, 1, 0, H, H, p->rows, 1, dgates, H, ws + L.h, H, 0, dw_hh, H);
+    RF_FN(rf_grad_gemm)(blas, 1, H, H, p->rows, dgates, H, ws + L.h, H, dw_hh, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, H, blas);
     if (db_ih) RF_FN(rf_column_sums)(db_ih, dgates, p->rows, H, H);
     if (db_hh) RF_FN(rf_column_sums)(db_hh, dgates, p->rows, H, H);

@@ -174,6 +174,9 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
                        ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, REAL alpha,                   \
                        const REAL *A, ptrdiff_t lda, const REAL *B, ptrdiff_t ldb,          \
                        REAL beta, REAL *C, ptrdiff_t ldc);                                  \
+    void rf_grad_gemm_##SFX(const rf_blas *blas, int trans_a, ptrdiff_t M, ptrdiff_t N,   \
+                            ptrdiff_t K, const REAL *A, ptrdiff_t lda, const REAL *B,      \
+                            ptrdiff_t ldb, REAL *C, ptrdiff_t ldc);                        \
     void rf_gather_##SFX(REAL *packed, const REAL *seq, const rf_plan *p,                   \
                          ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t F);                    \
     void rf_scatter_##SFX(REAL *seq, const REAL *packed, const rf_plan *p, ptrdiff_t F);    \
@@ -198,6 +201,9 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     /* Ours (packed.c): B packed as rf_pack_* packs op(B), K rows, N columns. */            \
     void rf_pack_##SFX(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,      \
                        ptrdiff_t N);                                                        \
+    /* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols. */                    \
+    void rf_transpose_##SFX(REAL *dst, ptrdiff_t ldd, const REAL *src, ptrdiff_t lds,       \
+                            ptrdiff_t rows, ptrdiff_t cols);                                \
     void rf_packed_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,         \
                               ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
                               int accumulate, REAL *C, ptrdiff_t ldc, int split_k,          \
