@@ -1,8 +1,9 @@
 # The only Cython that touches C: C-contiguous ndarrays in, the GIL released once for the
-# whole kernel, C called. functional.py validates shapes, dtypes and lengths and allocates
-# every output and workspace; the wrappers here re-check only what keeps C inside its
-# buffers. An absent optional array (h0, c0, a bias, dy, dh_n, dc_n, a bias gradient) is
-# passed as None and reaches C as NULL.
+# whole kernel, C called. functional.py validates shapes, dtypes and lengths (and converts
+# what needs it); a small forward whose arrays need nothing (forward_small) and every
+# backward allocate their outputs here, other forwards in functional.py. The wrappers
+# re-check what keeps C inside its buffers. An absent optional array (h0, c0, a bias, dy,
+# dh_n, dc_n, a bias gradient) is passed as None and reaches C as NULL.
 from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 

@@ -217,11 +217,10 @@ def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, 
     if small is not None:
         y, h_n, c_n, ws, plan = small
         finals = [h_n, c_n] if lstm else [h_n]
-        dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
     else:
         y, finals, ws, plan, x, w_ih, w_hh = _checked_forward(
             cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx)
-        dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
+    dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
 
     ctx = None
     if not need_ctx:

@@ -210,6 +210,11 @@ class _RNNBase(Module):
         self._rng = _make_rng(seed)  # draws the initial weights, then the dropout masks
 
         # PyTorch's names and order; every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)).
+        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        self._param_names = [[kind + f"_l{layer}" + ("_reverse" if d == 1 else "")
+                              for kind in kinds]
+                             for layer in range(self.num_layers)
+                             for d in range(self.num_directions)]
         H, G, k = self.hidden_size, self._gates, 1.0 / math.sqrt(self.hidden_size)
         for layer in range(self.num_layers):
             n_in = self.input_size if layer == 0 else self.num_directions * H
@@ -223,10 +228,9 @@ class _RNNBase(Module):
         return 2 if self.bidirectional else 1
 
     def _names(self, layer, d):
-        """Parameter names of one layer and direction: weight_ih_l0, ..., bias_hh_l1_reverse."""
-        sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
-        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
-        return [k + sfx for k in kinds]
+        """Parameter names of one layer and direction: weight_ih_l0, ..., bias_hh_l1_reverse
+        (made once: every forward and backward reads them)."""
+        return self._param_names[layer * self.num_directions + d]
 
     def _weights(self, layer, d):
         w = [self._params[n] for n in self._names(layer, d)]
@@ -259,10 +263,10 @@ class _RNNBase(Module):
 
     def _check_state(self, name, state, B):
         """state as a list of _n_states arrays (L*D, B, H) or None (zeros)."""
+        if state is None:
+            return [None] * self._n_states
         names = ("h", "c")[:self._n_states]
         if self._n_states == 2:
-            if state is None:
-                return [None, None]
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise TypeError(f"{name} must be a tuple ({names[0]}, {names[1]}) for "
                                 f"{type(self).__name__}, got {type(state).__name__}")
