@@ -1,8 +1,7 @@
 # The only Cython that touches C: C-contiguous ndarrays in, the GIL released once for the
 # whole kernel, C called. functional.py validates shapes, dtypes and lengths (and converts
-# what needs it); a small forward whose arrays need nothing (forward_small) and every
-# backward allocate their outputs here, other forwards in functional.py. The wrappers
-# re-check what keeps C inside its buffers. An absent optional array (h0, c0, a bias, dy,
+# what needs it) and provides the forward's workspace; the outputs are allocated here. The
+# wrappers re-check what keeps C inside its buffers. An absent optional array (h0, c0, a bias, dy,
 # dh_n, dc_n, a bias gradient) is passed as None and reaches C as NULL.
 from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
@@ -418,8 +417,7 @@ cdef struct _Fwd:  # one forward's pointers; x's dtype decides float or double
 
 
 cdef _Fwd _forward_args(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                        packed, Plan plan, Py_ssize_t I, Py_ssize_t H, bint train,
-                        bint option) except *:
+                        Plan plan, Py_ssize_t I, Py_ssize_t H, bint train) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = GATES[cell], TB = plan.T * plan.B, BH = plan.B * H
     cdef _Fwd a
@@ -434,31 +432,35 @@ cdef _Fwd _forward_args(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, 
     a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
     a.b_ih = _buf(b_ih, G * H, t, "b_ih", _OPTIONAL)
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
-    a.packed = _buf(packed, rf_weights_pack_size(G, H, I), t, "packed", _OPTIONAL)
+    a.packed = NULL  # the kernel packs the weights into ws itself
     return a
 
 
-def forward(str cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan,
-            Py_ssize_t I, Py_ssize_t H, bint train, bint option=False, packed=None):
-    """One forward: cell "lstm" (c_n, c0 used), "gru" (option = linear_before_reset) or
-    "rnn" (option = relu); c_n and c0 are ignored (pass None) for GRU and RNN.
-    packed: from pack_weights with the same weights, or None."""
+cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
+                    Py_ssize_t H, bint train, bint option=False):
+    """One forward of cell "lstm" (c0 used), "gru" (option = linear_before_reset) or "rnn"
+    (option = relu) over ws (workspace_size elements): returns y (zero at padding), h_n
+    and c_n (None but for the LSTM). c0: None but for the LSTM."""
+    cdef int t = _typenum(x)
+    cdef Py_ssize_t T = plan.T, B = plan.B
+    y = _empty(t, 3, T, B, H, zeros=plan.rows < T * B)  # the kernels skip padding
+    h_n = _empty(t, 2, B, H)
+    c_n = _empty(t, 2, B, H) if cell == "lstm" else None
     cdef _Fwd a = _forward_args(cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                packed, plan, I, H, train, option)
+                                plan, I, H, train)
     cdef rf_plan p = plan.view()
     cdef int c = _cell(cell)
-    cdef bint f32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
     with nogil:
-        _run_forward(c, f32, &a, &p, I, H, train, option)
+        _run_forward(c, t == cnp.NPY_FLOAT, &a, &p, I, H, train, option)
+    return y, h_n, c_n
 
 
 def forward_small(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, bint train,
                   bint option, full_plan):
-    """A whole forward without lengths whose arguments are already what the kernels take
-    and whose workspace is under SMALL_BYTES: returns (y, h_n, c_n, ws, plan), c_n None
-    but for the LSTM, plan = full_plan(T, B, reverse). Anything else returns None with
-    nothing done: functional.py then checks, explains or converts. c0: None but for the
-    LSTM."""
+    """forward, without lengths, where every argument is already what the kernels take and
+    the workspace is under SMALL_BYTES: returns (y, h_n, c_n, ws, plan), plan =
+    full_plan(T, B, reverse). Anything else returns None with nothing done: functional.py
+    then checks, explains or converts."""
     cdef Py_ssize_t G = GATES[cell], T, B, I, H, n
     if not (cnp.PyArray_CheckExact(x) and cnp.PyArray_NDIM(<cnp.ndarray>x) == 3
             and cnp.PyArray_CheckExact(w_hh) and cnp.PyArray_NDIM(<cnp.ndarray>w_hh) == 2
@@ -482,16 +484,8 @@ def forward_small(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, bint tra
     if n * (4 if t == cnp.NPY_FLOAT else 8) >= SMALL_BYTES:
         return None
     ws = _aligned_empty(n, t)
-    y = _empty(t, 3, T, B, H)
-    h_n = _empty(t, 2, B, H)
-    c_n = _empty(t, 2, B, H) if G == 4 else None
-    cdef _Fwd a = _forward_args(cell, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                None, plan, I, H, train, option)
-    cdef rf_plan p = plan.view()
-    cdef int c = _cell(cell)
-    with nogil:
-        _run_forward(c, t == cnp.NPY_FLOAT, &a, &p, I, H, train, option)
-    return y, h_n, c_n, ws, plan
+    return (*forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, plan, ws, I, H, train, option),
+            ws, plan)
 
 
 cdef void _run_forward(int cell, bint f32, const _Fwd *a, const rf_plan *p, Py_ssize_t I,

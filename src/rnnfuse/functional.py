@@ -249,13 +249,10 @@ def _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, 
     plan = _plan(lengths, T, B, bool(reverse))
 
     ws = _workspace(_kernels.workspace_size(cell, plan, I, H, bool(need_ctx)), dtype)
-    padded = plan.rows < T * B
-    y = (np.zeros if padded else np.empty)((T, B, H), dtype)
-    finals = [np.empty((B, H), dtype) for _ in states]
-    _kernels.forward(cell, y, finals[0], finals[1] if cell == "lstm" else None, ws, x,
-                     states[0], states[1] if cell == "lstm" else None, w_ih, w_hh, b_ih, b_hh,
-                     plan, I, H, bool(need_ctx), option)
-    return y, finals, ws, plan, x, w_ih, w_hh
+    lstm = cell == "lstm"
+    y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
+                                   w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option)
+    return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh
 
 
 def _backward(cell, dy, finals, ctx):
