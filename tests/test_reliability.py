@@ -370,6 +370,22 @@ def test_kernel_wrappers_refuse_buffers_c_would_overrun(damage, target):
         call(a)
 
 
+def test_kernel_wrappers_refuse_a_missing_plan():
+    """A plan of None reached C as a NULL plan before (a segfault): now a TypeError."""
+    from rnnfuse import _kernels
+    x = np.ones((2, 1, 3), np.float32)
+    w_ih, w_hh = np.ones((4, 3), np.float32), np.ones((4, 4), np.float32)
+    with pytest.raises(TypeError, match="plan"):
+        _kernels.workspace_size("rnn", None, 3, 4, True)
+    with pytest.raises(TypeError, match="plan"):
+        _kernels.forward("rnn", x, None, None, w_ih, w_hh, None, None, None,
+                         np.zeros(100, np.float32), 3, 4, True)
+    *_, ctx = F.rnn_forward(x, None, w_ih, w_hh, None, None)
+    ctx.plan = None
+    with pytest.raises(TypeError, match="plan"):
+        F.rnn_backward(None, None, ctx)
+
+
 # ---------------------------------------------------------------- 2. every kernel, once
 # (the sanitizer/valgrind subset: every cell, option, dtype, direction, batch kind)
 

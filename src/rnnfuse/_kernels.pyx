@@ -282,7 +282,7 @@ cdef cnp.ndarray _aligned_empty(cnp.npy_intp n, int typenum):
     return view
 
 
-def workspace_size(str cell, Plan plan, Py_ssize_t I, Py_ssize_t H, bint train):
+def workspace_size(str cell, Plan plan not None, Py_ssize_t I, Py_ssize_t H, bint train):
     """Elements of the forward's workspace (with train: the saved state backward reads)."""
     cdef rf_plan p = plan.view()
     if cell == "lstm":
@@ -294,7 +294,7 @@ def workspace_size(str cell, Plan plan, Py_ssize_t I, Py_ssize_t H, bint train):
     raise ValueError(f"unknown cell {cell!r}")
 
 
-def backward_scratch_size(str cell, Plan plan, Py_ssize_t I, Py_ssize_t H):
+def backward_scratch_size(str cell, Plan plan not None, Py_ssize_t I, Py_ssize_t H):
     cdef rf_plan p = plan.view()
     return rf_backward_scratch(&p, I, H, GATES[cell])
 
@@ -441,6 +441,8 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     """One forward of cell "lstm" (c0 used), "gru" (option = linear_before_reset) or "rnn"
     (option = relu) over ws (workspace_size elements): returns y (zero at padding), h_n
     and c_n (None but for the LSTM). c0: None but for the LSTM."""
+    if plan is None:  # (a cpdef function cannot say "not None")
+        raise TypeError("_kernels: plan must be a Plan, got None")
     cdef int t = _typenum(x)
     cdef Py_ssize_t T = plan.T, B = plan.B
     y = _empty(t, 3, T, B, H, zeros=plan.rows < T * B)  # the kernels skip padding
@@ -576,6 +578,8 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
     other dy, dh_n or dc_n: None, with ctx untouched (functional.py then checks, explains
     or converts)."""
     cdef Plan plan = ctx.plan
+    if plan is None:
+        raise TypeError("_kernels: ctx.plan must be a Plan, got None")
     cdef Py_ssize_t G = GATES[cell], T = plan.T, B = plan.B
     cdef Py_ssize_t I = ctx.input_size, H = ctx.hidden_size
     x, w_ih, w_hh = ctx.x, ctx.w_ih, ctx.w_hh
