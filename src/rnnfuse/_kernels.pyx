@@ -1,8 +1,8 @@
 # The only Cython that touches C: C-contiguous ndarrays in, the GIL released once for the
 # whole kernel, C called. functional.py validates shapes, dtypes and lengths (and converts
 # what needs it) and provides the forward's workspace; the outputs are allocated here. The
-# wrappers re-check what keeps C inside its buffers. An absent optional array (h0, c0, a bias, dy,
-# dh_n, dc_n, a bias gradient) is passed as None and reaches C as NULL.
+# wrappers re-check what keeps C inside its buffers. An absent optional array (h0, c0, a
+# bias, dy, dh_n, dc_n, a bias gradient) is passed as None and reaches C as NULL.
 from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 

@@ -261,8 +261,6 @@ def _backward(cell, dy, finals, ctx):
                         f"got {type(ctx).__name__}")
     if ctx.cell != cell:
         raise ValueError(f"ctx comes from {ctx.cell}_forward, but this is {cell}_backward")
-    if ctx.ws is None:
-        raise ValueError(_USED)
     lstm = cell == "lstm"
     dh_n, dc_n = finals if lstm else (finals[0], None)
     out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
