@@ -171,36 +171,87 @@ void RF_FN(rf_gemm)(const rf_blas *blas, int trans_a, int trans_b,
     }
 }
 
-/* A backward's input- and weight-side gradient products of at most this many
- * multiply-adds run on our product: the BLAS packs both operands on every call, and its
- * three products took ~25% of the RNN training step at (T,B,I,H) = (50,1,32,32) (perf);
- * on ours the step ran ~13% faster. */
+/* A backward's input- and weight-side gradient products (dW_hh, dW_ih, dx) run on our
+ * product, blocked as a BLAS is: K (every step's rows, for the weight gradients) in blocks
+ * of RF_GRAD_KC, N in blocks of RF_GRAD_PANELS panels, so that a block of packed B (256 KiB
+ * of floats) stays in L2 while 6-row tiles of A pass over it. The BLAS packs both operands
+ * on every call, and its copies of the long operands cost OpenBLAS 37% of its time in
+ * these products at RNN training (100,32,128,256) (perf: sgemm_kernel 23.7% of the step,
+ * otcopy, itcopy and oncopy 14.0%); ~25% of the whole step at (50,1,32,32). Where N is
+ * wider than RF_GRAD_N_MAX, the BLAS's copies count for less and it measured as fast or
+ * faster (medians of alternating calls: ours 0.97-1.1x its time at N = 512, 1.05-1.2x at
+ * 650), and so do products over RF_OWN_GRAD_GEMM_MAX multiply-adds on the portable tile. */
+#define RF_GRAD_KC ((ptrdiff_t)(2048 / sizeof(REAL)))
+#define RF_GRAD_PANELS 8
+#define RF_GRAD_N_MAX 256
 #define RF_OWN_GRAD_GEMM_MAX (1 << 18)
 
-/* Row-major C (M,N) = op(A) (M,K) B (K,N), for a backward's gradients: our product for
- * small jobs (A transposed into a copy where trans_a, B packed), else the BLAS. */
+/* One thread's rows of a gradient product: whole tiles of C's rows, so every output is the
+ * same sum in the same order (blocks of K in turn, one chain over k within each) at any
+ * thread count. a_buf: op(A)'s rows transposed a block at a time (trans_a); b_buf: one
+ * block of packed B per part. */
+typedef struct {
+    int trans_a, portable;
+    ptrdiff_t M, N, K, lda, ldb, ldc;
+    const REAL *A, *B;
+    REAL *C, *a_buf, *b_buf;
+    ptrdiff_t kc, b_part;  /* a_buf's row stride; b_buf's elements per part */
+} RF_FN(grad_product);
+
+static void RF_FN(grad_part)(void *arg, int part, int parts) {
+    const RF_FN(grad_product) *q = arg;
+    ptrdiff_t tiles = (q->M + RF_MR - 1) / RF_MR, KC = RF_GRAD_KC;
+    ptrdiff_t NC = RF_GRAD_PANELS * RF_NR;
+    ptrdiff_t r0 = tiles * part / parts * RF_MR, r1 = tiles * (part + 1) / parts * RF_MR;
+    if (r1 > q->M) r1 = q->M;
+    if (r0 >= r1) return;
+    REAL *At = q->a_buf + r0 * q->kc, *Bp = q->b_buf + part * q->b_part;
+    for (ptrdiff_t k0 = 0; k0 < q->K; k0 += KC) {
+        ptrdiff_t kc = q->K - k0 < KC ? q->K - k0 : KC;
+        const REAL *a = q->A + r0 * q->lda + k0;
+        ptrdiff_t lda = q->lda;
+        if (q->trans_a) {  /* A is (K, M): its columns r0 .. r1-1 become At's rows */
+            RF_FN(rf_transpose)(At, kc, q->A + k0 * q->lda + r0, q->lda, kc, r1 - r0);
+            a = At;
+            lda = kc;
+        }
+        for (ptrdiff_t n0 = 0; n0 < q->N; n0 += NC) {
+            ptrdiff_t nc = q->N - n0 < NC ? q->N - n0 : NC;
+            RF_FN(rf_pack)(Bp, q->B + k0 * q->ldb + n0, q->ldb, 0, kc, nc);
+            RF_FN(rf_packed_gemm)(r1 - r0, nc, kc, a, lda, Bp, RF_NR * kc, k0 > 0,
+                                  q->C + r0 * q->ldc + n0, q->ldc, 0, q->portable);
+        }
+    }
+}
+
+/* Row-major C (M,N) = op(A) (M,K) B (K,N), for a backward's gradients (see RF_GRAD_KC). */
 void RF_FN(rf_grad_gemm)(const rf_blas *blas, int trans_a, ptrdiff_t M, ptrdiff_t N,
                          ptrdiff_t K, const REAL *A, ptrdiff_t lda, const REAL *B,
                          ptrdiff_t ldb, REAL *C, ptrdiff_t ldc) {
-    if (M > 0 && N > 0 && K > 0 && (double)M * N * K <= RF_OWN_GRAD_GEMM_MAX) {
-        ptrdiff_t packed = rf_packed_size(K, N), copy = trans_a ? M * K : 0;
-        size_t bytes = (size_t)(packed + copy) * sizeof(REAL);
-        REAL *buf = aligned_alloc(RF_PANEL_BYTES, (bytes + RF_PANEL_BYTES - 1) / RF_PANEL_BYTES
-                                                  * RF_PANEL_BYTES);
-        if (buf) {
-            RF_FN(rf_pack)(buf, B, ldb, 0, K, N);
-            if (trans_a) {
-                RF_FN(rf_transpose)(buf + packed, K, A, lda, K, M);
-                A = buf + packed;
-                lda = K;
-            }
-            RF_FN(rf_packed_gemm)(M, N, K, A, lda, buf, RF_NR * K, 0, C, ldc, 0,
-                                  blas->portable);
-            free(buf);
-            return;
-        }
+    int small = (double)M * N * K <= RF_OWN_GRAD_GEMM_MAX;
+    int ours = small || (N <= RF_GRAD_N_MAX && !blas->portable && rf_avx2_available());
+    ptrdiff_t tiles = (M + RF_MR - 1) / RF_MR, a_size = 0, b_size = 0;
+    int parts = 1;
+    REAL *buf = NULL;
+    if (M > 0 && N > 0 && K > 0 && ours) {
+        parts = parts_worth(blas, 2.0 * (double)M * (double)N * (double)K, tiles, 0);
+        /* buffers no larger than the blocks; packed B starts on a cache line */
+        ptrdiff_t kc = K < RF_GRAD_KC ? K : RF_GRAD_KC, nc = RF_GRAD_PANELS * RF_NR;
+        a_size = trans_a ? (tiles * RF_MR * kc + RF_NR - 1) / RF_NR * RF_NR : 0;
+        b_size = parts * rf_packed_size(kc, N < nc ? N : nc);
+        size_t bytes = (size_t)(a_size + b_size) * sizeof(REAL);
+        buf = aligned_alloc(RF_PANEL_BYTES, (bytes + RF_PANEL_BYTES - 1) / RF_PANEL_BYTES
+                                            * RF_PANEL_BYTES);
     }
-    RF_FN(rf_gemm)(blas, trans_a, 0, M, N, K, 1, A, lda, B, ldb, 0, C, ldc);
+    if (!buf) {  /* the BLAS's turn (also when there is no memory for our blocks) */
+        RF_FN(rf_gemm)(blas, trans_a, 0, M, N, K, 1, A, lda, B, ldb, 0, C, ldc);
+        return;
+    }
+    RF_FN(grad_product) job = {trans_a, blas->portable, M, N, K, lda, ldb, ldc, A, B, C,
+                               buf, buf + a_size, K < RF_GRAD_KC ? K : RF_GRAD_KC,
+                               b_size / parts};
+    rf_run_parts(RF_FN(grad_part), &job, parts);
+    free(buf);
 }
 
 /* packed[row] = seq[t, order[j]] for the rows of steps step0 .. step1-1 (rows counted from

@@ -496,6 +496,38 @@ def test_time_loops_on_two_threads_give_the_numbers_of_one(cell, option, dtype, 
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_gradient_products_on_two_threads_give_the_numbers_of_one(cell, option, dtype, ragged):
+    """The backward's weight and input gradients are products over every step's rows, on
+    our product where its AVX2 kernel runs: blocked over the rows (512 floats, 256 doubles
+    a block) and over columns (8 panels), their output rows shared among threads in whole
+    tiles. Here with several blocks of both, partial panels and tiles, and enough work for
+    two threads: the reference's numbers, and the same bits on one thread and on two."""
+    if _kernels.kernel() != "avx2":
+        pytest.skip("the portable kernel leaves products this large to the BLAS")
+    from threadpoolctl import threadpool_limits
+
+    T, B, I = 50, 13, 130  # 650 rows, 130 columns of x
+    H = {"lstm": 37, "gru": 53, "rnn": 120}[cell]  # G*H rows of dW: 148, 159, 120
+    lengths = None
+    if ragged:
+        B *= 2
+        lengths = np.random.default_rng(5).integers(0, T + 1, size=B)
+    case = make_case(cell, T, B, I, H, dtype, seed=6, lengths=lengths)
+    grads = {}
+    for threads in (1, 2):
+        with (_two_threads() if threads == 2 else threadpool_limits(1)):
+            if threads == 1:
+                grads[1] = check_against_reference(cell, option, case, dtype, reverse=ragged)[1]
+            else:
+                grads[2] = run(F, cell, option, case, reverse=ragged)[1]
+    for a, b in zip(grads[1], grads[2]):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
 def address(a):
     return a.__array_interface__["data"][0]
 
