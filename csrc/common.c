@@ -178,9 +178,10 @@ void RF_FN(rf_gemm)(const rf_blas *blas, int trans_a, int trans_b,
  * on every call, and its copies of the long operands cost OpenBLAS 37% of its time in
  * these products at RNN training (100,32,128,256) (perf: sgemm_kernel 23.7% of the step,
  * otcopy, itcopy and oncopy 14.0%); ~25% of the whole step at (50,1,32,32). Where N is
- * wider than RF_GRAD_N_MAX, the BLAS's copies count for less and it measured as fast or
- * faster (medians of alternating calls: ours 0.97-1.1x its time at N = 512, 1.05-1.2x at
- * 650), and so do products over RF_OWN_GRAD_GEMM_MAX multiply-adds on the portable tile. */
+ * wider than RF_GRAD_N_MAX, the BLAS's copies count for less and it was the faster (medians
+ * of alternating calls, ours over its time: 1.03-1.08x at N = 512, 1.03-1.19x at 650;
+ * 0.75-0.99x at N = 64 to 256); products over RF_OWN_GRAD_GEMM_MAX multiply-adds on the
+ * portable tile go to the BLAS too. */
 #define RF_GRAD_KC ((ptrdiff_t)(2048 / sizeof(REAL)))
 #define RF_GRAD_PANELS 8
 #define RF_GRAD_N_MAX 256
