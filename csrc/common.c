@@ -231,13 +231,13 @@ void RF_FN(rf_grad_gemm)(const rf_blas *blas, int trans_a, ptrdiff_t M, ptrdiff_
                          ptrdiff_t ldb, REAL *C, ptrdiff_t ldc) {
     int small = (double)M * N * K <= RF_OWN_GRAD_GEMM_MAX;
     int ours = small || (N <= RF_GRAD_N_MAX && !blas->portable && rf_avx2_available());
+    /* buffers no larger than the blocks; packed B starts on a cache line */
     ptrdiff_t tiles = (M + RF_MR - 1) / RF_MR, a_size = 0, b_size = 0;
+    ptrdiff_t kc = K < RF_GRAD_KC ? K : RF_GRAD_KC, nc = RF_GRAD_PANELS * RF_NR;
     int parts = 1;
     REAL *buf = NULL;
     if (M > 0 && N > 0 && K > 0 && ours) {
         parts = parts_worth(blas, 2.0 * (double)M * (double)N * (double)K, tiles, 0);
-        /* buffers no larger than the blocks; packed B starts on a cache line */
-        ptrdiff_t kc = K < RF_GRAD_KC ? K : RF_GRAD_KC, nc = RF_GRAD_PANELS * RF_NR;
         a_size = trans_a ? (tiles * RF_MR * kc + RF_NR - 1) / RF_NR * RF_NR : 0;
         b_size = parts * rf_packed_size(kc, N < nc ? N : nc);
         size_t bytes = (size_t)(a_size + b_size) * sizeof(REAL);
@@ -249,8 +249,7 @@ void RF_FN(rf_grad_gemm)(const rf_blas *blas, int trans_a, ptrdiff_t M, ptrdiff_
         return;
     }
     RF_FN(grad_product) job = {trans_a, blas->portable, M, N, K, lda, ldb, ldc, A, B, C,
-                               buf, buf + a_size, K < RF_GRAD_KC ? K : RF_GRAD_KC,
-                               b_size / parts};
+                               buf, buf + a_size, kc, b_size / parts};
     rf_run_parts(RF_FN(grad_part), &job, parts);
     free(buf);
 }
@@ -392,6 +391,15 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
     double flops = 2.0 * (double)rows * (double)GH * (double)I;
     rf_run_parts(RF_FN(project_part), &job,
                  parts_worth(blas, flops, (rows + RF_MR - 1) / RF_MR, after_blas));
+}
+
+/* The bias gradients: both biases enter the pre-activations alike, so each gets the column
+ * sums of the gates' gradients (rows x cols), computed once; db_ih, db_hh: or NULL. */
+void RF_FN(rf_bias_grads)(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_t rows,
+                          ptrdiff_t cols) {
+    REAL *db = db_ih ? db_ih : db_hh;
+    if (db) RF_FN(rf_column_sums)(db, dgates, rows, cols, cols);
+    if (db_ih && db_hh) memcpy(db_hh, db_ih, (size_t)cols * sizeof(REAL));
 }
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:

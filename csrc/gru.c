@@ -10,8 +10,6 @@
  * which then needs a second GEMM per step, between the r pass and the n pass.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
-#include <string.h>
-
 #include "rnnfuse.h"
 #include "vmath.h"
 
@@ -359,11 +357,8 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
         RF_FN(rf_grad_gemm)(blas, 1, H, H, N, aux, H, h, H, dw_hh + 2 * H * H, H);
     else
         RF_FN(rf_grad_gemm)(blas, 1, H, H, N, dgates + 2 * H, GH, aux, H, dw_hh + 2 * H * H, H);
-    /* db_ih: the column sums of every gate's gradient, computed once; db_hh has the same r
-     * and z, and the same n unless lbr (then that of W_hn h + b_hn) */
-    REAL *db = db_ih ? db_ih : db_hh;
-    if (db) RF_FN(rf_column_sums)(db, dgates, N, GH, GH);
-    if (db_ih && db_hh) memcpy(db_hh, db_ih, (size_t)GH * sizeof(REAL));
+    /* db_hh's n block with lbr is that of W_hn h + b_hn, inside the reset gate */
+    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, N, GH);
     if (db_hh && lbr) RF_FN(rf_column_sums)(db_hh + 2 * H, aux, N, H, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, blas);
 }

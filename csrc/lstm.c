@@ -291,10 +291,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     /* dW_hh = sum_t dgates_t^T h_{t-1} */
     RF_FN(rf_grad_gemm)(blas, 1, GH, H, p->rows, dgates, GH, ws + L.h, H, dw_hh, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, blas);
-    /* both biases enter the pre-activations alike: one gradient, computed once */
-    REAL *db = db_ih ? db_ih : db_hh;
-    if (db) RF_FN(rf_column_sums)(db, dgates, p->rows, GH, GH);
-    if (db_ih && db_hh) memcpy(db_hh, db_ih, (size_t)GH * sizeof(REAL));
+    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, GH);
 }
 
 #undef SIGMOID

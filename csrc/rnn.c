@@ -229,10 +229,7 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     /* dW_hh = sum_t dpre_t^T h_{t-1} */
     RF_FN(rf_grad_gemm)(blas, 1, H, H, p->rows, dgates, H, ws + L.h, H, dw_hh, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, H, blas);
-    /* both biases enter the pre-activation alike: one gradient, computed once */
-    REAL *db = db_ih ? db_ih : db_hh;
-    if (db) RF_FN(rf_column_sums)(db, dgates, p->rows, H, H);
-    if (db_ih && db_hh) memcpy(db_hh, db_ih, (size_t)H * sizeof(REAL));
+    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, H);
 }
 
 #endif /* RF_TEMPLATE */

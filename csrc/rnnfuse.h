@@ -184,6 +184,8 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     void rf_unsort_rows_##SFX(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t F);   \
     void rf_initial_state_##SFX(REAL *state, REAL *final, const REAL *init,                 \
                                 const rf_plan *p, ptrdiff_t H);                             \
+    void rf_bias_grads_##SFX(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_t rows,  \
+                             ptrdiff_t cols);                                               \
     void rf_column_sums_##SFX(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,     \
                               ptrdiff_t lda);                                               \
     void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,    \
