@@ -7,8 +7,12 @@ import rnnfuse
 from rnnfuse import _kernels
 
 
-def test_version_is_the_installed_one():
+def test_version_is_written_in_one_place():
+    """rnnfuse/_version.py is the one place: the package and its metadata both read it."""
     from importlib.metadata import version
+
+    from rnnfuse import _version
+    assert rnnfuse.__version__ == _version.__version__
     assert rnnfuse.__version__ == version("rnnfuse")
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", rnnfuse.__version__)
 

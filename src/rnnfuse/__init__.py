@@ -1,8 +1,7 @@
 """rnnfuse: fast fused C kernels for Elman RNN, LSTM and GRU on the CPU."""
-from importlib.metadata import PackageNotFoundError, version as _version
-
 from . import checkpoint, data, functional, losses, onnx_weights, optim
 from ._config import show_config
+from ._version import __version__
 from .checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
 from .data import BatchIterator, bucket_by_length, pad_sequences, reset_state, tbptt_windows
 from .layers import GRU, LSTM, RNN, Embedding, Linear, Module, Sequential, Stream
@@ -18,11 +17,6 @@ def __getattr__(name):
         return importlib.import_module(".reference", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-try:
-    __version__ = _version("rnnfuse")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
 
 __all__ = ["LSTM", "GRU", "RNN", "Stream", "Embedding", "Linear", "Sequential", "Module",
            "cross_entropy", "mse_loss",

@@ -3,17 +3,17 @@ import platform
 import sys
 
 from . import _kernels
+from ._version import __version__
 
 
 def config():
     """The build and runtime facts as a dict (what show_config prints)."""
-    from importlib.metadata import version
     from threadpoolctl import threadpool_info
 
     import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, the one the kernels call)
 
     return {
-        "rnnfuse": version("rnnfuse") if _installed() else "0+unknown",
+        "rnnfuse": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "compile_args": _kernels.compile_args(),
@@ -26,15 +26,6 @@ def config():
             for info in threadpool_info()
         ],
     }
-
-
-def _installed():
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        version("rnnfuse")
-        return True
-    except PackageNotFoundError:
-        return False
 
 
 def show_config():
