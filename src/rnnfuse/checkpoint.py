@@ -51,6 +51,9 @@ _MAGIC = b"RNNFCKPT"
 _PREAMBLE = struct.Struct("<8sIQQ")   # magic, version, header_len, data_len
 _DIGEST = 32
 _KEYS = ("model", "optimizer", "scheduler", "rng", "step", "extra")
+_ARGUMENT = {"model": "model_state", "optimizer": "optimizer_state",  # save_checkpoint's
+             "scheduler": "scheduler_state", "rng": "rng_state", "step": "step",
+             "extra": "extra"}
 
 
 class CheckpointError(ValueError):
@@ -129,12 +132,7 @@ def save_checkpoint(path, model_state, optimizer_state=None, scheduler_state=Non
     step : int >= 0, the training step
     extra : any nested data (dicts with str keys, lists, tuples, numbers, str, arrays)
     """
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
+    path, directory = _target(path)
     _check_model_state(model_state)
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
@@ -142,21 +140,39 @@ def save_checkpoint(path, model_state, optimizer_state=None, scheduler_state=Non
         raise ValueError(f"step must be >= 0, got {step}")
     if isinstance(rng_state, np.random.Generator):
         rng_state = rng_state.bit_generator.state
-    directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory does not exist: {directory}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"path is a directory, not a checkpoint file: {path}")
 
     # 1. encode everything in memory first: bad input fails before the disk is touched
+    state = {"model": dict(model_state), "optimizer": optimizer_state,
+             "scheduler": scheduler_state, "rng": rng_state, "step": int(step), "extra": extra}
+    preamble, header, arrays = _encode_file(state)
+    # 2. temp file in the same directory, fsync, rename
+    _write_atomically(path, directory, (preamble, header), arrays)
+    return path
+
+
+def _target(path):
+    """path as a str, and the absolute directory it goes in."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    return path, os.path.dirname(os.path.abspath(path))
+
+
+def _encode_file(state):
+    """The preamble, the JSON header and the arrays of a checkpoint of ``state`` (the
+    ``_KEYS`` of the saved tree; ``model`` a dict of arrays, ``step`` an int)."""
     arrays, tree = [], {}
-    for key, value, name in (("model", dict(model_state), "model_state"),
-                             ("optimizer", optimizer_state, "optimizer_state"),
-                             ("scheduler", scheduler_state, "scheduler_state"),
-                             ("rng", rng_state, "rng_state"), ("step", int(step), "step"),
-                             ("extra", extra, "extra")):
+    for key in _KEYS:
+        name = _ARGUMENT[key]
         try:
-            tree[key] = _encode(value, arrays, name)
+            tree[key] = _encode(state[key], arrays, name)
         except RecursionError:  # a list or dict inside itself, or thousands of levels deep
             raise ValueError(f"{name} is nested too deeply or contains itself") from None
     table, offset = [], 0
@@ -168,15 +184,19 @@ def save_checkpoint(path, model_state, optimizer_state=None, scheduler_state=Non
         header = json.dumps({"tree": tree, "arrays": table}, separators=(",", ":")).encode()
     except RecursionError:  # the tagged tree is twice as deep as the state
         raise ValueError("the state is nested too deeply to be saved") from None
-    preamble = _PREAMBLE.pack(_MAGIC, FORMAT_VERSION, len(header), offset)
+    return _PREAMBLE.pack(_MAGIC, FORMAT_VERSION, len(header), offset), header, arrays
 
-    # 2. temp file in the same directory (O_EXCL, mode from the umask), fsync, rename
+
+def _write_atomically(path, directory, head, arrays):
+    """Write the chunks of head, then the arrays' bytes, then the SHA-256 of all of it to a
+    temporary file in ``directory`` (O_EXCL, mode from the umask), fsync it and rename it
+    over ``path``; on any failure remove the temporary file and re-raise."""
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             digest = hashlib.sha256()
-            for chunk in (preamble, header):
+            for chunk in head:
                 digest.update(chunk)
                 f.write(chunk)
             for a in arrays:
@@ -194,7 +214,6 @@ def save_checkpoint(path, model_state, optimizer_state=None, scheduler_state=Non
             pass
         raise
     _fsync_directory(directory)
-    return path
 
 
 def _fsync_directory(directory):

@@ -93,6 +93,15 @@ def cross_entropy(logits, targets, lengths=None, *, reduction="mean"):
     """
     logits = _float_array("logits", logits)
     _check_reduction(reduction)
+    targets, mask, n = _checked_targets(logits, targets, lengths)
+    if n == 0:
+        return logits.dtype.type(0), np.zeros_like(logits)
+    return _softmax_nll(logits, targets, mask, n, reduction)
+
+
+def _checked_targets(logits, targets, lengths):
+    """cross_entropy's targets as int64, the (T, B) mask of real steps (None: all real) and
+    the number of real tokens, after checking shapes, lengths and class ids."""
     if logits.ndim not in (2, 3):
         raise ValueError("logits must have shape (T, B, V) or (B, C), "
                          f"got {logits.ndim} dimension(s) {logits.shape}")
@@ -113,11 +122,12 @@ def cross_entropy(logits, targets, lengths=None, *, reduction="mean"):
     if real.size and (real.min() < 0 or real.max() >= V):
         bad = real[(real < 0) | (real >= V)][0]
         raise ValueError(f"targets must be class ids in [0, {V}), got {bad}")
-    n = real.size
-    dtype = logits.dtype
-    if n == 0:
-        return dtype.type(0), np.zeros_like(logits)
+    return targets, mask, real.size
 
+
+def _softmax_nll(logits, targets, mask, n, reduction):
+    """The loss and its gradient over n > 0 real tokens (checked by _checked_targets)."""
+    dtype = logits.dtype
     # log_softmax = z - max - log(sum(exp(z - max))): exp never overflows
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)

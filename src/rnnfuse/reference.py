@@ -335,34 +335,9 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         hp = h[:bt]
         if need_ctx:
             Hprev[sl] = hp
-        a = A[sl]
-        arz, an = a[:, : 2 * H], a[:, 2 * H:]
-        if lbr:
-            # 2. hh = h_{t-1} W_hh^T (+ b_hn on the n block): one GEMM for all three gates
-            hh = hp @ w_hh_t
-            hn = hh[:, 2 * H:]
-            if b_hn is not None:
-                hn += b_hn
-            arz += hh[:, : 2 * H]
-            _sigmoid_(arz)
-            r = a[:, :H]
-            an += r * hn  # n = tanh(a_n + r * hn)
-            if need_ctx:
-                Aux[sl] = hn
-        else:
-            # 2. r, z first, then n from r*h_{t-1}: two GEMMs
-            arz += hp @ w_hrz_t
-            _sigmoid_(arz)
-            rh = a[:, :H] * hp
-            an += rh @ w_hn_t  # n = tanh(a_n + (r h) W_hn^T)
-            if need_ctx:
-                Aux[sl] = rh
-        np.tanh(an, out=an)
-        z, n = a[:, H: 2 * H], an
-        # 3. h_t = (1-z) n + z h_{t-1} = n + z (h_{t-1} - n), in place
-        hp -= n
-        hp *= z
-        hp += n
+        aux = _gru_step(A[sl], hp, lbr, w_hh_t, w_hrz_t, w_hn_t, b_hn)
+        if need_ctx:
+            Aux[sl] = aux
         Y[sl] = hp
     y = pack.scatter(Y)
     h_n = pack.unsort_state(h)
@@ -373,6 +348,39 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
             has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H,
         )
     return y, h_n, ctx
+
+
+def _gru_step(a, hp, lbr, w_hh_t, w_hrz_t, w_hn_t, b_hn):
+    """One GRU step of the B_t running rows, in place: the input projection ``a (B_t, 3H)``
+    becomes the gates r, z, n and ``hp (B_t, H)`` goes from h_{t-1} to h_t. Returns what
+    backward needs besides: hn = W_hn h_{t-1} + b_hn (lbr) or r*h_{t-1} (not lbr)."""
+    H = hp.shape[1]
+    arz, an = a[:, : 2 * H], a[:, 2 * H:]
+    if lbr:
+        # 2. hh = h_{t-1} W_hh^T (+ b_hn on the n block): one GEMM for all three gates
+        hh = hp @ w_hh_t
+        hn = hh[:, 2 * H:]
+        if b_hn is not None:
+            hn += b_hn
+        arz += hh[:, : 2 * H]
+        _sigmoid_(arz)
+        r = a[:, :H]
+        an += r * hn  # n = tanh(a_n + r * hn)
+        aux = hn
+    else:
+        # 2. r, z first, then n from r*h_{t-1}: two GEMMs
+        arz += hp @ w_hrz_t
+        _sigmoid_(arz)
+        rh = a[:, :H] * hp
+        an += rh @ w_hn_t  # n = tanh(a_n + (r h) W_hn^T)
+        aux = rh
+    np.tanh(an, out=an)
+    z, n = a[:, H: 2 * H], an
+    # 3. h_t = (1-z) n + z h_{t-1} = n + z (h_{t-1} - n), in place
+    hp -= n
+    hp *= z
+    hp += n
+    return aux
 
 
 def gru_backward(dy, dh_n, ctx):
