@@ -1,4 +1,6 @@
 """rnnfuse: fast fused C kernels for Elman RNN, LSTM and GRU on the CPU."""
+from typing import TYPE_CHECKING
+
 from . import checkpoint, data, functional, losses, onnx_weights, optim
 from ._config import show_config
 from ._version import __version__
@@ -9,13 +11,16 @@ from .losses import cross_entropy, mse_loss
 from .optim import SGD, Adam, AdamW, CosineAnnealingLR, LinearWarmup, StepLR, clip_grad_norm
 
 
-def __getattr__(name):
-    # The NumPy reference is the tests' oracle and the benchmarks' baseline, never part of
-    # the fast path: imported only when asked for.
-    if name == "reference":
-        import importlib
-        return importlib.import_module(".reference", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if TYPE_CHECKING:
+    from . import reference
+else:
+    def __getattr__(name):
+        # The NumPy reference is the tests' oracle and the benchmarks' baseline, never part
+        # of the fast path: imported only when asked for.
+        if name == "reference":
+            import importlib
+            return importlib.import_module(".reference", __name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["LSTM", "GRU", "RNN", "Stream", "Embedding", "Linear", "Sequential", "Module",

@@ -33,15 +33,22 @@ Reading checks, in order: size, magic, version, exact length (truncation), check
 (corruption), header, and, when asked, the model state's names, shapes and dtypes. Any
 failure raises ``CheckpointError`` (a ValueError) with a one-line message.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 import numbers
 import os
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
+
+#: What a checkpoint path may be.
+PathLike = str | os.PathLike[str]
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint",
            "restore_checkpoint", "check_model_state"]
@@ -60,9 +67,17 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not match what it is loaded into."""
 
 
+class Stateful(Protocol):
+    """An object whose state a checkpoint saves and restores (a layer, an optimizer, a
+    schedule, a data iterator)."""
+
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state_dict: Any, /) -> Any: ...
+
+
 # ---------------------------------------------------------------- encoding the tree
 
-def _encode(obj, arrays, where):
+def _encode(obj: Any, arrays: list[NDArray[Any]], where: str) -> Any:
     """obj as tagged JSON; arrays collects the ndarrays (and NumPy scalars as 0-d arrays)."""
     if obj is None or isinstance(obj, (bool, str)):
         return obj
@@ -91,7 +106,7 @@ def _encode(obj, arrays, where):
                     "lists, tuples, str, int, float, bool, None and NumPy arrays")
 
 
-def _decode(node, arrays):
+def _decode(node: Any, arrays: Sequence[NDArray[Any]]) -> Any:
     if node is None or isinstance(node, (bool, str, int, float)):
         return node
     if isinstance(node, dict) and len(node) == 1:
@@ -108,7 +123,7 @@ def _decode(node, arrays):
 
 # ---------------------------------------------------------------- writing
 
-def _check_model_state(model_state):
+def _check_model_state(model_state: Any) -> None:
     if not isinstance(model_state, Mapping):
         raise TypeError("model_state must be a mapping of name -> np.ndarray, "
                         f"got {type(model_state).__name__}")
@@ -119,8 +134,9 @@ def _check_model_state(model_state):
             raise TypeError(f"model_state[{k!r}] must be an np.ndarray, got {type(v).__name__}")
 
 
-def save_checkpoint(path, model_state, optimizer_state=None, scheduler_state=None,
-                    rng_state=None, step=0, extra=None):
+def save_checkpoint(path: PathLike, model_state: Mapping[str, NDArray[Any]],
+                    optimizer_state: Any = None, scheduler_state: Any = None,
+                    rng_state: Any = None, step: int = 0, extra: Any = None) -> str:
     """Write a checkpoint atomically; returns the path written.
 
     path : str or os.PathLike; its directory must exist. An existing file is replaced only
@@ -154,7 +170,7 @@ def save_checkpoint(path, model_state, optimizer_state=None, scheduler_state=Non
     return path
 
 
-def _target(path):
+def _target(path: PathLike) -> tuple[str, str]:
     """path as a str, and the absolute directory it goes in."""
     try:
         path = os.fspath(path)
@@ -165,10 +181,11 @@ def _target(path):
     return path, os.path.dirname(os.path.abspath(path))
 
 
-def _encode_file(state):
+def _encode_file(state: Mapping[str, Any]) -> tuple[bytes, bytes, list[NDArray[Any]]]:
     """The preamble, the JSON header and the arrays of a checkpoint of ``state`` (the
     ``_KEYS`` of the saved tree; ``model`` a dict of arrays, ``step`` an int)."""
-    arrays, tree = [], {}
+    arrays: list[NDArray[Any]] = []
+    tree = {}
     for key in _KEYS:
         name = _ARGUMENT[key]
         try:
@@ -187,7 +204,8 @@ def _encode_file(state):
     return _PREAMBLE.pack(_MAGIC, FORMAT_VERSION, len(header), offset), header, arrays
 
 
-def _write_atomically(path, directory, head, arrays):
+def _write_atomically(path: str, directory: str, head: Sequence[bytes],
+                      arrays: Sequence[NDArray[Any]]) -> None:
     """Write the chunks of head, then the arrays' bytes, then the SHA-256 of all of it to a
     temporary file in ``directory`` (O_EXCL, mode from the umask), fsync it and rename it
     over ``path``; on any failure remove the temporary file and re-raise."""
@@ -200,7 +218,7 @@ def _write_atomically(path, directory, head, arrays):
                 digest.update(chunk)
                 f.write(chunk)
             for a in arrays:
-                buf = memoryview(a.reshape(-1).view(np.uint8)) if a.nbytes else b""
+                buf = a.reshape(-1).view(np.uint8).data if a.nbytes else b""
                 digest.update(buf)
                 f.write(buf)
             f.write(digest.digest())
@@ -216,7 +234,7 @@ def _write_atomically(path, directory, head, arrays):
     _fsync_directory(directory)
 
 
-def _fsync_directory(directory):
+def _fsync_directory(directory: str) -> None:
     """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -232,7 +250,8 @@ def _fsync_directory(directory):
 
 # ---------------------------------------------------------------- reading
 
-def load_checkpoint(path, expected=None):
+def load_checkpoint(path: PathLike,
+                    expected: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read and verify a checkpoint; returns plain data.
 
     path : str or os.PathLike
@@ -251,25 +270,7 @@ def load_checkpoint(path, expected=None):
     with open(path, "rb") as f:
         blob = f.read()
     name = os.path.basename(path)
-    if len(blob) < _PREAMBLE.size:
-        raise CheckpointError(f"{name}: truncated or not a checkpoint "
-                              f"({len(blob)} bytes, shorter than the {_PREAMBLE.size}-byte header)")
-    magic, version, header_len, data_len = _PREAMBLE.unpack_from(blob)
-    if magic != _MAGIC:
-        raise CheckpointError(f"{name}: not an rnnfuse checkpoint (magic {magic!r}, "
-                              f"expected {_MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{name}: checkpoint format version {version} is not supported "
-                              f"(this rnnfuse reads version {FORMAT_VERSION})")
-    size = _PREAMBLE.size + header_len + data_len + _DIGEST
-    if len(blob) < size:
-        raise CheckpointError(f"{name}: truncated checkpoint ({len(blob)} bytes, "
-                              f"expected {size})")
-    if len(blob) > size:
-        raise CheckpointError(f"{name}: corrupted checkpoint ({len(blob) - size} unexpected "
-                              f"trailing bytes)")
-    if hashlib.sha256(memoryview(blob)[:-_DIGEST]).digest() != blob[-_DIGEST:]:
-        raise CheckpointError(f"{name}: corrupted checkpoint (SHA-256 checksum mismatch)")
+    version, header_len, data_len = _check_frame(blob, name)
 
     start = _PREAMBLE.size + header_len
     try:
@@ -293,7 +294,33 @@ def load_checkpoint(path, expected=None):
     return out
 
 
-def _read_array(blob, start, data_len, spec):
+def _check_frame(blob: bytes, name: str) -> tuple[int, int, int]:
+    """Size, magic, version, exact length and checksum of a checkpoint file's bytes;
+    returns its version, header length and data length."""
+    if len(blob) < _PREAMBLE.size:
+        raise CheckpointError(f"{name}: truncated or not a checkpoint "
+                              f"({len(blob)} bytes, shorter than the {_PREAMBLE.size}-byte header)")
+    magic, version, header_len, data_len = _PREAMBLE.unpack_from(blob)
+    if magic != _MAGIC:
+        raise CheckpointError(f"{name}: not an rnnfuse checkpoint (magic {magic!r}, "
+                              f"expected {_MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{name}: checkpoint format version {version} is not supported "
+                              f"(this rnnfuse reads version {FORMAT_VERSION})")
+    size = _PREAMBLE.size + header_len + data_len + _DIGEST
+    if len(blob) < size:
+        raise CheckpointError(f"{name}: truncated checkpoint ({len(blob)} bytes, "
+                              f"expected {size})")
+    if len(blob) > size:
+        raise CheckpointError(f"{name}: corrupted checkpoint ({len(blob) - size} unexpected "
+                              f"trailing bytes)")
+    if hashlib.sha256(memoryview(blob)[:-_DIGEST]).digest() != blob[-_DIGEST:]:
+        raise CheckpointError(f"{name}: corrupted checkpoint (SHA-256 checksum mismatch)")
+    return version, header_len, data_len
+
+
+def _read_array(blob: bytes, start: int, data_len: int,
+                spec: Mapping[str, Any]) -> NDArray[Any]:
     dtype = np.dtype(spec["dtype"])
     shape = tuple(int(n) for n in spec["shape"])
     offset, nbytes = int(spec["offset"]), int(spec["nbytes"])
@@ -304,7 +331,8 @@ def _read_array(blob, start, data_len, spec):
     return flat.reshape(shape).copy()
 
 
-def check_model_state(state, expected, source="checkpoint"):
+def check_model_state(state: Mapping[str, Any], expected: Mapping[str, Any],
+                      source: str = "checkpoint") -> None:
     """Raise CheckpointError unless ``state`` has exactly ``expected``'s names, shapes, dtypes.
 
     expected : mapping name -> array (anything with .shape and .dtype)
@@ -327,8 +355,9 @@ def check_model_state(state, expected, source="checkpoint"):
                               f"problem(s)): " + "; ".join(problems))
 
 
-def restore_checkpoint(path, model, optimizer=None, scheduler=None, rng=None, *,
-                       data_iterator=None):
+def restore_checkpoint(path: PathLike, model: Stateful, optimizer: Stateful | None = None,
+                       scheduler: Stateful | None = None, rng: np.random.Generator | None = None,
+                       *, data_iterator: Stateful | None = None) -> dict[str, Any]:
     """Load a checkpoint and apply it to live objects, all or nothing.
 
     model : an object with ``state_dict()`` and ``load_state_dict(sd)`` (e.g. an rnnfuse
@@ -347,33 +376,21 @@ def restore_checkpoint(path, model, optimizer=None, scheduler=None, rng=None, *,
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be None or a numpy.random.Generator, got {type(rng).__name__}")
     ckpt = load_checkpoint(path, expected=model.state_dict())
-
-    class _RngSlot:  # the generator behind the state_dict protocol
-        def state_dict(self):
-            return rng.bit_generator.state
-
-        def load_state_dict(self, state):
-            try:
-                rng.bit_generator.state = state
-            except (TypeError, ValueError, KeyError, OverflowError) as e:
-                kind = type(rng.bit_generator).__name__
-                raise CheckpointError(f"rng state does not fit {kind}: {e}") from None
-
-    slots = [(optimizer, "optimizer", ckpt["optimizer"]),
+    slots: list[tuple[Stateful | None, str, Any]] = [(optimizer, "optimizer", ckpt["optimizer"]),
              (scheduler, "scheduler", ckpt["scheduler"]),
-             (None if rng is None else _RngSlot(), "rng", ckpt["rng"])]
+             (None if rng is None else _RngSlot(rng), "rng", ckpt["rng"])]
     if data_iterator is not None:
         extra = ckpt["extra"]
         slots.append((data_iterator, "extra['data']",
                       extra.get("data") if isinstance(extra, dict) else None))
-    slots = [(obj, label, value) for obj, label, value in slots if obj is not None]
-    for obj, label, value in slots:
+    given = [(obj, label, value) for obj, label, value in slots if obj is not None]
+    for obj, label, value in given:
         if value is None:
             raise CheckpointError(f"{os.path.basename(os.fspath(path))}: checkpoint has no "
                                   f"{label} state to restore")
     done = []
     try:
-        for obj, _, value in slots:
+        for obj, _, value in given:
             before = obj.state_dict()
             obj.load_state_dict(value)
             done.append((obj, before))
@@ -383,3 +400,20 @@ def restore_checkpoint(path, model, optimizer=None, scheduler=None, rng=None, *,
             obj.load_state_dict(before)
         raise
     return ckpt
+
+
+class _RngSlot:
+    """A numpy Generator behind the state_dict protocol."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def state_dict(self) -> Any:
+        return self.rng.bit_generator.state
+
+    def load_state_dict(self, state: Any) -> None:
+        try:
+            self.rng.bit_generator.state = state
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            kind = type(self.rng.bit_generator).__name__
+            raise CheckpointError(f"rng state does not fit {kind}: {e}") from None

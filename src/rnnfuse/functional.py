@@ -27,12 +27,18 @@ them in place before backward changes the gradients. backward consumes its ctx.
 Each thread keeps the last large workspace (1 MiB or more) a call finished with, for its
 next call of a similar size; ``release_workspace()`` frees it.
 """
+from __future__ import annotations
+
 import functools
 import threading
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _kernels
+from ._typing import CellGrads, FloatArray, LSTMGrads
 
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "rnn_forward", "rnn_backward", "release_workspace"]
@@ -49,12 +55,23 @@ class Context:
 
     __slots__ = ("cell", "dtype", "plan", "ws", "x", "w_ih", "w_hh", "has_bias",
                  "option", "input_size", "hidden_size")
+    cell: str
+    dtype: np.dtype[Any]
+    plan: _kernels.Plan
+    ws: FloatArray | None
+    x: FloatArray
+    w_ih: FloatArray
+    w_hh: FloatArray
+    has_bias: tuple[bool, bool]
+    option: bool | None
+    input_size: int
+    hidden_size: int
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "used" if self.ws is None else "ready"
         return f"<rnnfuse {self.cell} ctx, {self.dtype}, {state}>"
 
-    def take(self):
+    def take(self) -> FloatArray:
         """The saved state, once: backward overwrites it."""
         with _TAKE:  # two threads must not both run backward over one saved state
             ws, self.ws = self.ws, None
@@ -65,14 +82,14 @@ class Context:
 
 # ---------------------------------------------------------------- validation helpers
 
-def _dtype_of(x):
+def _dtype_of(x: ArrayLike) -> np.dtype[Any]:
     x = _array("x", x)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"x must have dtype float32 or float64, got {x.dtype}")
     return x.dtype
 
 
-def _array(name, a):
+def _array(name: str, a: Any) -> NDArray[Any]:
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     if isinstance(a, np.ndarray):
@@ -86,7 +103,7 @@ def _array(name, a):
     return arr
 
 
-def _c_array(a):
+def _c_array(a: NDArray[Any]) -> NDArray[Any]:
     """a itself if a C-contiguous, aligned ndarray (the C code may assume both; a subclass
     is viewed as one), else a copy."""
     if type(a) is not np.ndarray:
@@ -96,7 +113,8 @@ def _c_array(a):
     return np.array(a, order="C")
 
 
-def _check(name, a, shape, dtype, optional=False):
+def _check(name: str, a: ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype[Any],
+           optional: bool = False) -> Any:
     """a as a C-contiguous array of this shape and dtype (None stays None if optional)."""
     if a is None and optional:
         return None
@@ -112,7 +130,7 @@ def _check(name, a, shape, dtype, optional=False):
     return _c_array(a)
 
 
-def _check_x(x):
+def _check_x(x: ArrayLike) -> FloatArray:
     x = _array("x", x)
     if x.ndim != 3:
         raise ValueError(f"x must be 3-D (T, B, input_size), got {x.ndim}-D with shape {x.shape}")
@@ -127,7 +145,7 @@ _SPARE = threading.local()
 _SPARE_MIN_BYTES = _kernels.SMALL_BYTES
 
 
-def _workspace(n, dtype):
+def _workspace(n: int, dtype: np.dtype[Any]) -> FloatArray:
     """A workspace of n elements: the thread's spare where it fits without keeping more than
     twice the memory alive, else a new array."""
     spare = getattr(_SPARE, "ws", None)
@@ -137,7 +155,7 @@ def _workspace(n, dtype):
     return _kernels.aligned_empty(n, dtype)
 
 
-def _keep_spare(ws):
+def _keep_spare(ws: FloatArray) -> None:
     """ws is no longer used by anything: keep it as the thread's spare if large, from its
     start (a cache line) to the end of its memory."""
     whole = ws if ws.base is None else ws.base
@@ -146,27 +164,27 @@ def _keep_spare(ws):
         _SPARE.ws = whole[start // ws.itemsize:]
 
 
-def release_workspace():
+def release_workspace() -> None:
     """Free the workspace the calling thread keeps between calls (the largest part of a
     training step's memory, kept so that the next call skips allocating it anew)."""
     _SPARE.ws = None
 
 
 @functools.lru_cache(maxsize=32)
-def _full_length_plan(T, B, reverse):
+def _full_length_plan(T: int, B: int, reverse: bool) -> _kernels.Plan:
     """The plan of a batch without padding; plans are read-only, so one serves every call."""
     lengths = np.full(B, T, dtype=np.int64)
     lengths.flags.writeable = False
     return _kernels.Plan(lengths, T, reverse)
 
 
-def _full_plan(T, B, reverse):
+def _full_plan(T: int, B: int, reverse: bool) -> _kernels.Plan:
     # short sequences are where a plan's cost shows: those are cached
     return _full_length_plan(T, B, reverse) if T <= 4096 else \
         _full_length_plan.__wrapped__(T, B, reverse)
 
 
-def _plan(lengths, T, B, reverse):
+def _plan(lengths: ArrayLike | None, T: int, B: int, reverse: bool) -> _kernels.Plan:
     """The batch plan (order by length, rows per step) after checking lengths."""
     if lengths is None:
         return _full_plan(T, B, reverse)
@@ -187,7 +205,9 @@ def _plan(lengths, T, B, reverse):
     return _kernels.Plan(lengths, T, reverse)
 
 
-def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
+def _check_weights(cell: str, dtype: np.dtype[Any], w_ih: ArrayLike, w_hh: ArrayLike,
+                   b_ih: ArrayLike | None, b_hh: ArrayLike | None, x_shape: Sequence[int],
+                   ) -> tuple[int, FloatArray, FloatArray, FloatArray | None, FloatArray | None]:
     G = _GATES[cell]
     w_hh = _array("w_hh", w_hh)
     if w_hh.ndim != 2 or w_hh.shape[0] != G * w_hh.shape[1] or w_hh.shape[1] == 0:
@@ -207,7 +227,10 @@ def _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x_shape):
             _check("b_hh", b_hh, (G * H,), dtype, optional=True))
 
 
-def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx):
+def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w_hh: Any,
+             b_ih: ArrayLike | None, b_hh: ArrayLike | None, lengths: ArrayLike | None,
+             reverse: bool, option: bool | None, need_ctx: bool,
+             ) -> tuple[FloatArray, list[Any], Context | None]:
     lstm = cell == "lstm"
     small = None
     if lengths is None:
@@ -234,8 +257,9 @@ def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, 
     return y, finals, ctx
 
 
-def _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option,
-                     need_ctx):
+def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih: Any,
+                     b_hh: Any, lengths: ArrayLike | None, reverse: bool,
+                     option: bool | None, need_ctx: bool) -> tuple[Any, ...]:
     """A forward with every argument checked, and converted where needed: y, the final
     states, the workspace, the plan and the x, w_ih, w_hh the kernels read."""
     dtype = _dtype_of(x)
@@ -255,7 +279,8 @@ def _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, 
     return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh
 
 
-def _backward(cell, dy, finals, ctx):
+def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None],
+              ctx: Context) -> tuple[Any, ...]:
     if not isinstance(ctx, Context) or not hasattr(ctx, "ws"):
         raise TypeError(f"ctx must be the ctx returned by rnnfuse.functional.{cell}_forward, "
                         f"got {type(ctx).__name__}")
@@ -263,7 +288,7 @@ def _backward(cell, dy, finals, ctx):
         raise ValueError(f"ctx comes from {ctx.cell}_forward, but this is {cell}_backward")
     lstm = cell == "lstm"
     dh_n, dc_n = finals if lstm else (finals[0], None)
-    out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
+    out: Any = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
     if out is None:  # not yet what the kernels take: check, explain or convert
         T, B, H = ctx.plan.T, ctx.plan.B, ctx.hidden_size
         dy = _check("dy", dy, (T, B, H), ctx.dtype, optional=True)
@@ -280,8 +305,11 @@ def _backward(cell, dy, finals, ctx):
 
 # ---------------------------------------------------------------- the contract
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, *,
-                 need_ctx=True):
+def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih: ArrayLike,
+                 w_hh: ArrayLike, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
+                 lengths: ArrayLike | None = None, reverse: bool = False, *,
+                 need_ctx: bool = True,
+                 ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
     """LSTM over a whole sequence. Returns ``y (T,B,H), h_n (B,H), c_n (B,H), ctx``.
 
     Gates i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of W_ih x + b_ih + W_hh h + b_hh;
@@ -292,13 +320,17 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     return y, h_n, c_n, ctx
 
 
-def lstm_backward(dy, dh_n, dc_n, ctx):
+def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
+                  ctx: Context) -> LSTMGrads:
     """Gradients ``dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
     return _backward("lstm", dy, (dh_n, dc_n), ctx)
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                linear_before_reset=True, *, need_ctx=True):
+def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: ArrayLike,
+                b_ih: ArrayLike | None, b_hh: ArrayLike | None,
+                lengths: ArrayLike | None = None, reverse: bool = False,
+                linear_before_reset: bool = True, *, need_ctx: bool = True,
+                ) -> tuple[FloatArray, FloatArray, Context | None]:
     """GRU over a whole sequence. Returns ``y (T,B,H), h_n (B,H), ctx``.
 
     r, z = sigmoid(...); n = tanh(W_in x + b_in + r (W_hn h + b_hn)) with
@@ -313,13 +345,16 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     return y, h_n, ctx
 
 
-def gru_backward(dy, dh_n, ctx):
+def gru_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: Context) -> CellGrads:
     """Gradients ``dx, dh0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
     return _backward("gru", dy, (dh_n,), ctx)
 
 
-def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                nonlinearity="tanh", *, need_ctx=True):
+def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: ArrayLike,
+                b_ih: ArrayLike | None, b_hh: ArrayLike | None,
+                lengths: ArrayLike | None = None, reverse: bool = False,
+                nonlinearity: Literal["tanh", "relu"] = "tanh", *, need_ctx: bool = True,
+                ) -> tuple[FloatArray, FloatArray, Context | None]:
     """Elman RNN over a whole sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
     ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``."""
     if nonlinearity not in ("tanh", "relu"):
@@ -329,6 +364,6 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     return y, h_n, ctx
 
 
-def rnn_backward(dy, dh_n, ctx):
+def rnn_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: Context) -> CellGrads:
     """Gradients ``dx, dh0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
     return _backward("rnn", dy, (dh_n,), ctx)

@@ -16,14 +16,19 @@ Every forward is matched by at most one backward, which uses what that forward s
 Notation: T steps, B batch rows, I input features, H hidden units, L = num_layers,
 D = num_directions (1 or 2), G gate blocks per cell (LSTM 4, GRU 3, RNN 1).
 """
+from __future__ import annotations
+
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _kernels, functional as F
+from ._typing import FloatArray, State
 from ._checks import check_bool as _check_bool, check_int as _check_int, make_rng as _make_rng
 
 __all__ = ["Module", "LSTM", "GRU", "RNN", "Stream", "Embedding", "Linear", "Sequential"]
@@ -31,7 +36,7 @@ __all__ = ["Module", "LSTM", "GRU", "RNN", "Stream", "Embedding", "Linear", "Seq
 
 # ---------------------------------------------------------------- argument checks
 
-def _check_dtype(dtype):
+def _check_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -41,7 +46,8 @@ def _check_dtype(dtype):
     return dt
 
 
-def _check_array(name, a, dtype, shape=None, what=""):
+def _check_array(name: str, a: Any, dtype: np.dtype[Any], shape: Sequence[int] | None = None,
+                 what: str = "") -> NDArray[Any]:
     """a as an ndarray of this dtype (and shape, if given); ``what`` explains the shape."""
     if not isinstance(a, np.ndarray):
         if a is None or isinstance(a, (tuple, Mapping)):
@@ -54,6 +60,8 @@ def _check_array(name, a, dtype, shape=None, what=""):
     return a
 
 
+_M = TypeVar("_M", bound="Module")
+_S = TypeVar("_S", bound="Sequential")
 _NO_FORWARD, _USED = object(), object()  # states of a layer's tape besides "saved"
 
 
@@ -68,24 +76,27 @@ class Module:
 
     stateful = False  # True: forward(x, state, lengths) -> (y, state); see Sequential
     _no_forward_hint = ""
+    forward: Callable[..., Any]  # each layer's own, with its own arguments
+    backward: Callable[..., Any]
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.training = True
-        self._params, self._grads = {}, {}
-        self._tape = _NO_FORWARD
+        self._params: dict[str, NDArray[Any]] = {}
+        self._grads: dict[str, NDArray[Any]] = {}
+        self._tape: Any = _NO_FORWARD
 
-    def _add_param(self, name, value):
+    def _add_param(self, name: str, value: NDArray[Any]) -> None:
         self._params[name] = value
         self._grads[name] = np.zeros_like(value)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
     # -- the tape: what forward saved for its one backward
-    def _save(self, tape):
+    def _save(self, tape: Any) -> None:
         self._tape = tape
 
-    def _peek(self):
+    def _peek(self) -> Any:
         """What the last forward saved; a clear error if there is none (or it was used)."""
         name = type(self).__name__
         if self._tape is _NO_FORWARD:
@@ -96,46 +107,46 @@ class Module:
                                "again (each forward allows one backward)")
         return self._tape
 
-    def _take(self):
+    def _take(self) -> Any:
         """_peek, and mark the tape used: call it once the upstream gradients are checked."""
         tape, self._tape = self._peek(), _USED
         return tape
 
     # -- parameters and gradients
-    def named_parameters(self):
+    def named_parameters(self) -> dict[str, NDArray[Any]]:
         """name -> parameter array (the live arrays: updating them updates the layer)."""
         return dict(self._params)
 
-    def parameters(self):
+    def parameters(self) -> list[NDArray[Any]]:
         """The parameter arrays (live), in state-dict order."""
         return list(self.named_parameters().values())
 
     @property
-    def grads(self):
+    def grads(self) -> dict[str, NDArray[Any]]:
         """name -> accumulated gradient, the same names and shapes as the parameters
         (a fresh dict of the live arrays: backward adds into them in place)."""
         return dict(self._grads)
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Reset every accumulated gradient to zero (in place)."""
         for g in self.grads.values():
             g.fill(0)
 
-    def train(self, mode=True):
+    def train(self: _M, mode: bool = True) -> _M:
         """Training mode (dropout on; forward keeps what backward needs). Returns self."""
         self.training = _check_bool("mode", mode)
         return self
 
-    def eval(self):
+    def eval(self: _M) -> _M:
         """Inference mode: no dropout, and forward keeps nothing for backward."""
         return self.train(False)
 
     # -- state dicts
-    def state_dict(self):
+    def state_dict(self) -> dict[str, NDArray[Any]]:
         """name -> a copy of each parameter, with PyTorch's names and shapes."""
         return {k: v.copy() for k, v in self.named_parameters().items()}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Copy parameters in from ``state_dict`` (arrays, or anything np.asarray takes).
 
         Keys, shapes and dtypes must match ``state_dict()`` exactly; otherwise a
@@ -180,11 +191,22 @@ class _RNNBase(Module):
 
     stateful = True
     _no_forward_hint = " (in eval mode, forward(..., need_grad=True))"
-    _gates = None  # G, gate blocks per cell
+    _gates: int  # G, gate blocks per cell
+    dtype: np.dtype[Any]
+    dropout: float
+    _rng: np.random.Generator
+    _param_names: list[list[str]]
     _n_states = 1  # arrays in the state: 1 (h) or 2 (h, c)
+    _cell: str  # the cell's name in rnnfuse.functional
+    # the cell's single-direction forward and backward: (y, final states, ctx) and
+    # (dx, initial-state gradients, [dw_ih, dw_hh, db_ih, db_hh])
+    _run: Callable[..., tuple[FloatArray, tuple[FloatArray, ...], Any]]
+    _back: Callable[..., tuple[FloatArray, tuple[FloatArray, ...], list[Any]]]
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype=np.float32, seed=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, dtype: DTypeLike = np.float32,
+                 seed: int | np.random.Generator | None = None) -> None:
         super().__init__()
         self.input_size = _check_int("input_size", input_size, 1)
         self.hidden_size = _check_int("hidden_size", hidden_size, 1)
@@ -224,19 +246,24 @@ class _RNNBase(Module):
                     self._add_param(name, self._rng.uniform(-k, k, shape).astype(self.dtype))
 
     @property
-    def num_directions(self):
+    def _option(self) -> bool:
+        """The cell's option for rnnfuse.functional (GRU: linear_before_reset; RNN: relu)."""
+        return False
+
+    @property
+    def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    def _names(self, layer, d):
+    def _names(self, layer: int, d: int) -> list[str]:
         """Parameter names of one layer and direction: weight_ih_l0, ..., bias_hh_l1_reverse
         (made once: every forward and backward reads them)."""
         return self._param_names[layer * self.num_directions + d]
 
-    def _weights(self, layer, d):
-        w = [self._params[n] for n in self._names(layer, d)]
+    def _weights(self, layer: int, d: int) -> list[Any]:
+        w: list[Any] = [self._params[n] for n in self._names(layer, d)]
         return w if self.bias else w + [None, None]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = [str(self.input_size), str(self.hidden_size)]
         defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
                     "bidirectional": False, **self._extra_defaults()}
@@ -246,11 +273,11 @@ class _RNNBase(Module):
             args.append(f"dtype={self.dtype}")
         return f"{type(self).__name__}({', '.join(args)})"
 
-    def _extra_defaults(self):
+    def _extra_defaults(self) -> dict[str, Any]:
         return {}
 
     # -- inputs
-    def _check_x(self, x):
+    def _check_x(self, x: ArrayLike) -> NDArray[Any]:
         """x (T, B, I), or (B, T, I) if batch_first; returned time-major (a view)."""
         x = _check_array("x", x, self.dtype)
         layout = "(B, T, input_size), batch_first" if self.batch_first else "(T, B, input_size)"
@@ -261,7 +288,7 @@ class _RNNBase(Module):
                              f"axis, got shape {x.shape}")
         return x.transpose(1, 0, 2) if self.batch_first else x
 
-    def _check_state(self, name, state, B):
+    def _check_state(self, name: str, state: Any, B: int) -> list[NDArray[Any] | None]:
         """state as a list of _n_states arrays (L*D, B, H) or None (zeros)."""
         if state is None:
             return [None] * self._n_states
@@ -280,17 +307,19 @@ class _RNNBase(Module):
                              shape, what)
                 for n, s in zip(names, parts)]
 
-    def _pack_state(self, parts):
+    def _pack_state(self, parts: Sequence[Any]) -> Any:
         return tuple(parts) if self._n_states == 2 else parts[0]
 
-    def _dropout_mask(self, shape):
+    def _dropout_mask(self, shape: tuple[int, ...]) -> NDArray[Any]:
         """Inverted dropout: keep with probability 1-p, scaled by 1/(1-p)."""
         p = self.dropout
         keep = self._rng.random(shape) >= p
         return keep.astype(self.dtype) * self.dtype.type(0.0 if p == 1 else 1.0 / (1.0 - p))
 
     # -- forward and backward
-    def forward(self, x, state=None, lengths=None, *, need_grad=None):
+    def forward(self, x: ArrayLike, state: State | None = None,
+                lengths: ArrayLike | None = None, *,
+                need_grad: bool | None = None) -> tuple[FloatArray, Any]:
         """Run the stack over x. Returns ``(y, state)``: y (T, B, D*H) (or (B, T, D*H) if
         batch_first), the final state (h_n, or (h_n, c_n) for LSTM) each (L*D, B, H).
 
@@ -331,7 +360,8 @@ class _RNNBase(Module):
         y = np.ascontiguousarray(inp.transpose(1, 0, 2)) if self.batch_first else inp
         return y, self._pack_state(finals)
 
-    def backward(self, dy, dstate=None):
+    def backward(self, dy: ArrayLike | None,
+                 dstate: State | None = None) -> tuple[FloatArray, Any]:
         """Backpropagate through the last forward. ``dy`` is the gradient of y (its shape;
         None for zeros), ``dstate`` of the final state (its form; None for zeros).
 
@@ -348,7 +378,7 @@ class _RNNBase(Module):
         self._take()
 
         dinit = [np.empty((L * D, B, H), self.dtype) for _ in range(self._n_states)]
-        g = dy  # gradient of the current layer's (dropped-out) output
+        g: Any = dy  # gradient of the current layer's (dropped-out) output
         for layer in reversed(range(L)):
             ctxs, _ = tape[layer]
             dinp = None
@@ -367,7 +397,7 @@ class _RNNBase(Module):
         dx = np.ascontiguousarray(g.transpose(1, 0, 2)) if self.batch_first else g
         return dx, self._pack_state(dinit)
 
-    def stream(self, batch_size=1, state=None):
+    def stream(self, batch_size: int = 1, state: State | None = None) -> _kernels.Stream:
         """A :class:`Stream` that runs this layer one timestep at a time (for generation
         and online inference), starting from ``state`` (the layer's form, with
         batch_size rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size,
@@ -385,7 +415,8 @@ class _RNNBase(Module):
             x_shape = (1, B, I)
             # the kernels' own checks; copies, so that later updates of the layer (an
             # optimizer step) cannot leave the stream's packed weights out of date
-            _, *w = F._check_weights(self._cell, self.dtype, *self._weights(layer, 0), x_shape)
+            w_ih, w_hh, b_ih, b_hh = self._weights(layer, 0)
+            _, *w = F._check_weights(self._cell, self.dtype, w_ih, w_hh, b_ih, b_hh, x_shape)
             weights.append([None if a is None else a.copy() for a in w])
         s = _kernels.Stream(self._cell, self._option, self.dtype, B, weights)
         s.reset(state)
@@ -404,14 +435,18 @@ class LSTM(_RNNBase):
     """
 
     _gates, _n_states = 4, 2
-    _cell, _option = "lstm", False
+    _cell = "lstm"
 
-    def _run(self, x, s0, w, lengths, reverse, need_ctx):
-        y, h, c, ctx = F.lstm_forward(x, s0[0], s0[1], *w, lengths=lengths, reverse=reverse,
-                                      need_ctx=need_ctx)
+    def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
+             lengths: ArrayLike | None, reverse: bool,
+             need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
+        w_ih, w_hh, b_ih, b_hh = w
+        y, h, c, ctx = F.lstm_forward(x, s0[0], s0[1], w_ih, w_hh, b_ih, b_hh, lengths=lengths,
+                                      reverse=reverse, need_ctx=need_ctx)
         return y, (h, c), ctx
 
-    def _back(self, dy, dfin, ctx):
+    def _back(self, dy: Any, dfin: Sequence[Any],
+              ctx: Any) -> tuple[FloatArray, tuple[FloatArray, ...], list[Any]]:
         dx, dh0, dc0, *dw = F.lstm_backward(dy, dfin[0], dfin[1], ctx)
         return dx, (dh0, dc0), dw
 
@@ -426,27 +461,33 @@ class GRU(_RNNBase):
 
     _gates, _cell = 3, "gru"
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype=np.float32, seed=None, *,
-                 linear_before_reset=True):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, dtype: DTypeLike = np.float32,
+                 seed: int | np.random.Generator | None = None, *,
+                 linear_before_reset: bool = True) -> None:
         self.linear_before_reset = _check_bool("linear_before_reset", linear_before_reset)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 
-    def _extra_defaults(self):
+    def _extra_defaults(self) -> dict[str, Any]:
         return {"linear_before_reset": True}
 
     @property
-    def _option(self):
+    def _option(self) -> bool:
         return self.linear_before_reset
 
-    def _run(self, x, s0, w, lengths, reverse, need_ctx):
-        y, h, ctx = F.gru_forward(x, s0[0], *w, lengths=lengths, reverse=reverse,
-                                  linear_before_reset=self.linear_before_reset,
+    def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
+             lengths: ArrayLike | None, reverse: bool,
+             need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
+        w_ih, w_hh, b_ih, b_hh = w
+        y, h, ctx = F.gru_forward(x, s0[0], w_ih, w_hh, b_ih, b_hh, lengths=lengths,
+                                  reverse=reverse, linear_before_reset=self.linear_before_reset,
                                   need_ctx=need_ctx)
         return y, (h,), ctx
 
-    def _back(self, dy, dfin, ctx):
+    def _back(self, dy: Any, dfin: Sequence[Any],
+              ctx: Any) -> tuple[FloatArray, tuple[FloatArray, ...], list[Any]]:
         dx, dh0, *dw = F.gru_backward(dy, dfin[0], ctx)
         return dx, (dh0,), dw
 
@@ -458,9 +499,11 @@ class RNN(_RNNBase):
 
     _gates, _cell = 1, "rnn"
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
-                 seed=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: Literal["tanh", "relu"] = "tanh", bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 dtype: DTypeLike = np.float32,
+                 seed: int | np.random.Generator | None = None) -> None:
         # nonlinearity in 4th place, as torch.nn.RNN(input_size, hidden_size, num_layers,
         # nonlinearity, bias, ...) has it.
         if nonlinearity not in ("tanh", "relu"):
@@ -469,19 +512,24 @@ class RNN(_RNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 
-    def _extra_defaults(self):
+    def _extra_defaults(self) -> dict[str, Any]:
         return {"nonlinearity": "tanh"}
 
     @property
-    def _option(self):
+    def _option(self) -> bool:
         return self.nonlinearity == "relu"
 
-    def _run(self, x, s0, w, lengths, reverse, need_ctx):
-        y, h, ctx = F.rnn_forward(x, s0[0], *w, lengths=lengths, reverse=reverse,
-                                  nonlinearity=self.nonlinearity, need_ctx=need_ctx)
+    def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
+             lengths: ArrayLike | None, reverse: bool,
+             need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
+        w_ih, w_hh, b_ih, b_hh = w
+        y, h, ctx = F.rnn_forward(x, s0[0], w_ih, w_hh, b_ih, b_hh, lengths=lengths,
+                                  reverse=reverse, nonlinearity=self.nonlinearity,
+                                  need_ctx=need_ctx)
         return y, (h,), ctx
 
-    def _back(self, dy, dfin, ctx):
+    def _back(self, dy: Any, dfin: Sequence[Any],
+              ctx: Any) -> tuple[FloatArray, tuple[FloatArray, ...], list[Any]]:
         dx, dh0, *dw = F.rnn_backward(dy, dfin[0], ctx)
         return dx, (dh0,), dw
 
@@ -497,8 +545,9 @@ class Embedding(Module):
     dy into ``grads["weight"]`` and returns None (ids have no gradient).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, dtype=np.float32,
-                 seed=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 dtype: DTypeLike = np.float32,
+                 seed: int | np.random.Generator | None = None) -> None:
         super().__init__()
         self.num_embeddings = _check_int("num_embeddings", num_embeddings, 1)
         self.embedding_dim = _check_int("embedding_dim", embedding_dim, 1)
@@ -515,11 +564,11 @@ class Embedding(Module):
             weight[padding_idx] = 0
         self._add_param("weight", weight.astype(self.dtype))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return f"Embedding({self.num_embeddings}, {self.embedding_dim}{pad})"
 
-    def forward(self, ids):
+    def forward(self, ids: ArrayLike) -> FloatArray:
         self._tape = _NO_FORWARD
         ids = np.asarray(ids)
         if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
@@ -531,7 +580,7 @@ class Embedding(Module):
         self._save(ids)
         return self._params["weight"][ids]
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> None:
         ids = self._peek()
         dy = _check_array("dy", dy, self.dtype, ids.shape + (self.embedding_dim,),
                           " (the shape of y)")
@@ -546,7 +595,9 @@ class Linear(Module):
     the same map at every timestep. As ``torch.nn.Linear``: weight (out, in), bias (out,),
     both ~ uniform(-1/sqrt(in), 1/sqrt(in))."""
 
-    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, seed=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: DTypeLike = np.float32,
+                 seed: int | np.random.Generator | None = None) -> None:
         super().__init__()
         self.in_features = _check_int("in_features", in_features, 1)
         self.out_features = _check_int("out_features", out_features, 1)
@@ -558,11 +609,11 @@ class Linear(Module):
         if self.bias:
             self._add_param("bias", rng.uniform(-k, k, self.out_features).astype(self.dtype))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         b = "" if self.bias else ", bias=False"
         return f"Linear(in_features={self.in_features}, out_features={self.out_features}{b})"
 
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> FloatArray:
         self._tape = _NO_FORWARD
         x = _check_array("x", x, self.dtype)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
@@ -572,7 +623,7 @@ class Linear(Module):
         y = x @ self._params["weight"].T
         return y + self._params["bias"] if self.bias else y
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> FloatArray:
         x = self._peek()
         dy = _check_array("dy", dy, self.dtype, x.shape[:-1] + (self.out_features,),
                           " (the shape of y)")
@@ -604,7 +655,7 @@ class Sequential(Module):
 
     stateful = True
 
-    def __init__(self, *layers):
+    def __init__(self, *layers: Module) -> None:
         super().__init__()
         for i, m in enumerate(layers):
             if not isinstance(m, Module):
@@ -612,31 +663,31 @@ class Sequential(Module):
                                 f"argument {i} is {type(m).__name__}")
         self.layers = list(layers)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Module:
         return self.layers[i]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.layers)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = "".join(f"\n  ({i}): {m!r}" for i, m in enumerate(self.layers))
         return f"Sequential({inner}\n)"
 
-    def named_parameters(self):
+    def named_parameters(self) -> dict[str, NDArray[Any]]:
         return {f"{i}.{k}": v for i, m in enumerate(self.layers)
                 for k, v in m.named_parameters().items()}
 
     @property
-    def grads(self):
+    def grads(self) -> dict[str, NDArray[Any]]:
         return {f"{i}.{k}": v for i, m in enumerate(self.layers) for k, v in m.grads.items()}
 
-    def train(self, mode=True):
+    def train(self: _S, mode: bool = True) -> _S:
         super().train(mode)
         for m in self.layers:
             m.train(mode)
         return self
 
-    def _states(self, name, state):
+    def _states(self, name: str, state: Sequence[Any] | None) -> list[Any]:
         n = sum(m.stateful for m in self.layers)
         if state is None:
             return [None] * n
@@ -647,7 +698,8 @@ class Sequential(Module):
                                 if isinstance(state, (list, tuple)) else ""))
         return list(state)
 
-    def forward(self, x, state=None, lengths=None):
+    def forward(self, x: ArrayLike, state: Sequence[Any] | None = None,
+                lengths: ArrayLike | None = None) -> tuple[Any, list[Any]]:
         """Returns ``(y, states)``: the last layer's output and the final state of each
         stateful layer, in order."""
         self._tape = _NO_FORWARD
@@ -661,7 +713,8 @@ class Sequential(Module):
         self._save(True)
         return x, out
 
-    def backward(self, dy, dstate=None):
+    def backward(self, dy: ArrayLike | None,
+                 dstate: Sequence[Any] | None = None) -> tuple[Any, list[Any]]:
         """Returns ``(dx, dstates0)``: the gradient of x and of each stateful layer's
         initial state, in order; parameter gradients go into the layers' grads."""
         self._peek()

@@ -18,21 +18,28 @@ Everything is computed in the input's dtype (float32 or float64); the softmax is
 stabilised with log-sum-exp. NaN and inf in the inputs propagate as in NumPy.
 """
 
+from __future__ import annotations
+
+from typing import Any, Literal, overload
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._typing import FloatArray
 
 __all__ = ["cross_entropy", "mse_loss"]
 
 
 # ---------------------------------------------------------------- argument checks
 
-def _as_array(name, a):
+def _as_array(name: str, a: Any) -> NDArray[Any]:
     try:
         return np.asarray(a)
     except ValueError:  # a ragged nested list: NumPy's message names no argument
         raise ValueError(f"{name} must be an array, got a ragged nested sequence") from None
 
 
-def _float_array(name, a):
+def _float_array(name: str, a: Any) -> FloatArray:
     if not isinstance(a, np.ndarray):
         if a is None or isinstance(a, (str, bytes, dict)):
             raise TypeError(f"{name} must be a float32 or float64 array, got {type(a).__name__}")
@@ -42,7 +49,7 @@ def _float_array(name, a):
     return a
 
 
-def _int_array(name, a, shape, what):
+def _int_array(name: str, a: Any, shape: tuple[int, ...], what: str) -> NDArray[np.int64]:
     if not isinstance(a, np.ndarray):
         if a is None or isinstance(a, (str, bytes, dict)):
             raise TypeError(f"{name} must be an integer array, got {type(a).__name__}")
@@ -54,12 +61,20 @@ def _int_array(name, a, shape, what):
     return a.astype(np.int64, copy=False)
 
 
-def _check_reduction(reduction):
+def _check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def _mask(lengths, T, B):
+@overload
+def _mask(lengths: None, T: int, B: int) -> None: ...
+
+
+@overload
+def _mask(lengths: ArrayLike, T: int, B: int) -> NDArray[np.bool_]: ...
+
+
+def _mask(lengths: ArrayLike | None, T: int, B: int) -> NDArray[np.bool_] | None:
     """(T, B) bool mask of the real steps, or None when every step is real."""
     if lengths is None:
         return None
@@ -72,7 +87,9 @@ def _mask(lengths, T, B):
 
 # ---------------------------------------------------------------- cross-entropy
 
-def cross_entropy(logits, targets, lengths=None, *, reduction="mean"):
+def cross_entropy(logits: ArrayLike, targets: ArrayLike, lengths: ArrayLike | None = None, *,
+                  reduction: Literal["mean", "sum"] = "mean",
+                  ) -> tuple[np.floating[Any], FloatArray]:
     """Softmax cross-entropy over the last axis, with its gradient.
 
     Parameters
@@ -99,7 +116,8 @@ def cross_entropy(logits, targets, lengths=None, *, reduction="mean"):
     return _softmax_nll(logits, targets, mask, n, reduction)
 
 
-def _checked_targets(logits, targets, lengths):
+def _checked_targets(logits: FloatArray, targets: ArrayLike, lengths: ArrayLike | None,
+                     ) -> tuple[NDArray[np.int64], NDArray[np.bool_] | None, int]:
     """cross_entropy's targets as int64, the (T, B) mask of real steps (None: all real) and
     the number of real tokens, after checking shapes, lengths and class ids."""
     if logits.ndim not in (2, 3):
@@ -125,7 +143,8 @@ def _checked_targets(logits, targets, lengths):
     return targets, mask, real.size
 
 
-def _softmax_nll(logits, targets, mask, n, reduction):
+def _softmax_nll(logits: FloatArray, targets: NDArray[np.int64], mask: NDArray[np.bool_] | None,
+                 n: int, reduction: str) -> tuple[np.floating[Any], FloatArray]:
     """The loss and its gradient over n > 0 real tokens (checked by _checked_targets)."""
     dtype = logits.dtype
     # log_softmax = z - max - log(sum(exp(z - max))): exp never overflows
@@ -150,7 +169,8 @@ def _softmax_nll(logits, targets, mask, n, reduction):
 
 # ---------------------------------------------------------------- mean squared error
 
-def mse_loss(pred, target, lengths=None, *, reduction="mean"):
+def mse_loss(pred: ArrayLike, target: ArrayLike, lengths: ArrayLike | None = None, *,
+             reduction: Literal["mean", "sum"] = "mean") -> tuple[np.floating[Any], FloatArray]:
     """Mean squared error ``sum((pred - target)**2) / n`` with its gradient.
 
     Parameters

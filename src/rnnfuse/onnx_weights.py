@@ -19,9 +19,13 @@ against the layer when given: the same weights under another linear_before_reset
 activation compute something else). Peepholes (LSTM's P), clip, input_forget and other
 activations have no counterpart in rnnfuse and are refused. dtypes are kept, not cast.
 """
-from collections.abc import Mapping
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .layers import GRU, LSTM, RNN
 
@@ -33,24 +37,24 @@ _ONNX_FROM_TORCH = {"lstm": [0, 3, 1, 2],   # i, o, f, c <- i, f, g, o
                     "rnn": [0]}
 
 
-def _cell_of(layer):
+def _cell_of(layer: object) -> str:
     for cls, cell in ((LSTM, "lstm"), (GRU, "gru"), (RNN, "rnn")):
         if isinstance(layer, cls):
             return cell
     raise TypeError(f"layer must be an rnnfuse LSTM, GRU or RNN, got {type(layer).__name__}")
 
 
-def _reorder(a, order):
+def _reorder(a: NDArray[Any], order: Sequence[int] | NDArray[np.integer[Any]]) -> NDArray[Any]:
     """Permute the gate blocks (of H rows each) along axis 0: block k <- block order[k]."""
     H = a.shape[0] // len(order)
     return np.concatenate([a[j * H:(j + 1) * H] for j in order])
 
 
-def _attributes(layer, cell):
+def _attributes(layer: LSTM | GRU | RNN, cell: str) -> dict[str, Any]:
     D = layer.num_directions
-    attrs = {"hidden_size": layer.hidden_size,
-             "direction": "bidirectional" if D == 2 else "forward"}
-    if cell == "gru":
+    attrs: dict[str, Any] = {"hidden_size": layer.hidden_size,
+                             "direction": "bidirectional" if D == 2 else "forward"}
+    if isinstance(layer, GRU):  # cell == "gru"
         attrs["linear_before_reset"] = int(layer.linear_before_reset)
     acts = {"lstm": ["Sigmoid", "Tanh", "Tanh"], "gru": ["Sigmoid", "Tanh"],
             "rnn": [getattr(layer, "nonlinearity", "").capitalize()]}
@@ -58,7 +62,7 @@ def _attributes(layer, cell):
     return attrs
 
 
-def to_onnx(layer):
+def to_onnx(layer: LSTM | GRU | RNN) -> list[dict[str, Any]]:
     """The layer's parameters as ONNX operator inputs: a list, one dict per stacked layer."""
     cell = _cell_of(layer)
     order, sd = _ONNX_FROM_TORCH[cell], layer.state_dict()
@@ -73,7 +77,8 @@ def to_onnx(layer):
     return out
 
 
-def from_onnx(layer, weights):
+def from_onnx(layer: LSTM | GRU | RNN,
+              weights: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
     """Load ONNX operator inputs (``to_onnx``'s form; a single dict for num_layers=1)
     into ``layer``, through ``load_state_dict``: all or nothing."""
     cell = _cell_of(layer)
@@ -102,7 +107,7 @@ def from_onnx(layer, weights):
         for name, a, shape in (("W", W, (D, GH, n_in)), ("R", R, (D, GH, H))):
             if a.shape != shape:
                 raise ValueError(f"{where}['{name}'] must have shape {shape}, got {a.shape}")
-        B = w.get("B")
+        B: Any = w.get("B")
         if B is not None:
             B = np.asarray(B)
             if B.shape != (D, 2 * GH):
@@ -120,7 +125,7 @@ def from_onnx(layer, weights):
     layer.load_state_dict(sd)
 
 
-def _check_attributes(where, given, expected):
+def _check_attributes(where: str, given: Any, expected: Mapping[str, Any]) -> None:
     if given is None:
         return
     if not isinstance(given, Mapping):

@@ -24,11 +24,15 @@ Optimizers and schedules have ``state_dict()`` / ``load_state_dict(sd)``: plain 
 dicts of numbers, strings and arrays (what ``rnnfuse.checkpoint`` stores), restoring the
 hyperparameters (lr included) and every buffer, so a run resumes exactly.
 """
+from __future__ import annotations
+
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ._checks import check_int as _check_int
 
@@ -38,7 +42,8 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm",
 
 # ---------------------------------------------------------------- argument checks
 
-def _check_float(name, value, low=0.0, high=None, high_open=False):
+def _check_float(name: str, value: Any, low: float = 0.0, high: float | None = None,
+                 high_open: bool = False) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     try:
@@ -51,13 +56,13 @@ def _check_float(name, value, low=0.0, high=None, high_open=False):
     return value
 
 
-def _check_mapping(name, value, what):
+def _check_mapping(name: str, value: Any, what: str) -> Mapping[Any, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a mapping of {what}, got {type(value).__name__}")
     return value
 
 
-def _check_params(params):
+def _check_params(params: Any) -> dict[str, NDArray[Any]]:
     """name -> live float array; the same array twice, or a read-only one, is refused."""
     if not isinstance(params, Mapping):
         hint = " (pass model.named_parameters())" if hasattr(params, "named_parameters") else ""
@@ -65,7 +70,7 @@ def _check_params(params):
                         f"got {type(params).__name__}")
     if not params:
         raise ValueError("params must not be empty, got an empty mapping")
-    seen = {}
+    seen: dict[int, str] = {}
     for k, p in params.items():
         if not isinstance(k, str):
             raise TypeError(f"params keys must be str, got {type(k).__name__} {k!r}")
@@ -82,7 +87,8 @@ def _check_params(params):
     return dict(params)
 
 
-def _check_grads(grads, params):
+def _check_grads(grads: Any, params: Mapping[str, NDArray[Any]],
+                 ) -> list[tuple[str, NDArray[Any], NDArray[Any]]]:
     """The (name, grad) pairs to apply, in params order; every problem raised up front."""
     if not isinstance(grads, Mapping):
         raise TypeError("grads must be a mapping of name -> np.ndarray, "
@@ -119,27 +125,31 @@ class Optimizer:
     already incremented).
     """
 
-    _buffers = ()
+    _buffers: tuple[str, ...] = ()
+    _set_hyper: Callable[..., None]
+    _hyper: Callable[[], dict[str, Any]]
+    _update: Callable[[NDArray[Any], NDArray[Any], dict[str, Any]], None]
 
-    def __init__(self, params, **hyper):
+    def __init__(self, params: Mapping[str, NDArray[Any]], **hyper: Any) -> None:
         self.params = _check_params(params)
         self._set_hyper(**hyper)
-        self.state = {}   # name -> {"step": int, buffer name -> array}, filled at first step
+        # name -> {"step": int, buffer name -> array}, filled at first step
+        self.state: dict[str, dict[str, Any]] = {}
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         """The learning rate; schedules set it before each step."""
         return self._lr
 
     @lr.setter
-    def lr(self, value):
+    def lr(self, value: float) -> None:
         self._lr = _check_float("lr", value)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper().items())
         return f"{type(self).__name__}({len(self.params)} params, {args})"
 
-    def step(self, grads):
+    def step(self, grads: Mapping[str, NDArray[Any] | None]) -> None:
         """Update (in place) every parameter that has a gradient in ``grads``.
 
         grads : mapping name -> array of the parameter's shape and dtype; a missing name
@@ -151,7 +161,7 @@ class Optimizer:
             self._update(p, g, state)
 
     # -- state dicts
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """``{"type": class name, "hyper": {...}, "state": {name: {"step": int, buffer: array}}}``,
         with copies of the buffers."""
         return {"type": type(self).__name__,
@@ -160,7 +170,7 @@ class Optimizer:
                               for b, v in s.items()}
                           for k, s in self.state.items()}}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore hyperparameters (lr included) and buffers from ``state_dict()``'s output.
 
         Everything is checked first: on error a ValueError/TypeError says what is wrong and
@@ -213,12 +223,14 @@ class SGD(Optimizer):
 
     _buffers = ("momentum_buffer",)
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False):
+    def __init__(self, params: Mapping[str, NDArray[Any]], lr: float = 1e-3,
+                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False) -> None:
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov)
 
-    def _set_hyper(self, lr, momentum, dampening, weight_decay, nesterov):
+    def _set_hyper(self, lr: float, momentum: float, dampening: float, weight_decay: float,
+                   nesterov: bool) -> None:
         if not isinstance(nesterov, (bool, np.bool_)):
             raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__} {nesterov!r}")
         momentum = _check_float("momentum", momentum)
@@ -230,11 +242,11 @@ class SGD(Optimizer):
         self.momentum, self.dampening, self.nesterov = momentum, dampening, bool(nesterov)
         self.weight_decay = _check_float("weight_decay", weight_decay)
 
-    def _hyper(self):
+    def _hyper(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
                 "weight_decay": self.weight_decay, "nesterov": self.nesterov}
 
-    def _update(self, p, g, state):
+    def _update(self, p: NDArray[Any], g: NDArray[Any], state: dict[str, Any]) -> None:
         if self.weight_decay != 0:
             g = g + self.weight_decay * p
         if self.momentum != 0:
@@ -259,10 +271,13 @@ class Adam(Optimizer):
     _buffers = ("exp_avg", "exp_avg_sq")
     _decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params: Mapping[str, NDArray[Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
-    def _set_hyper(self, lr, betas, eps, weight_decay):
+    def _set_hyper(self, lr: float, betas: tuple[float, float], eps: float,
+                   weight_decay: float) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         betas = (_check_float("betas[0]", betas[0], 0.0, 1.0, high_open=True),
@@ -272,11 +287,11 @@ class Adam(Optimizer):
         self.lr = lr
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
 
-    def _hyper(self):
+    def _hyper(self) -> dict[str, Any]:
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay}
 
-    def _update(self, p, g, state):
+    def _update(self, p: NDArray[Any], g: NDArray[Any], state: dict[str, Any]) -> None:
         beta1, beta2 = self.betas
         if self.weight_decay != 0:
             if self._decoupled:
@@ -301,13 +316,16 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    def __init__(self, params: Mapping[str, NDArray[Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2) -> None:
         super().__init__(params, lr, betas, eps, weight_decay)
 
 
 # ---------------------------------------------------------------- gradient clipping
 
-def clip_grad_norm(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
+def clip_grad_norm(grads: Mapping[str, NDArray[Any] | None], max_norm: float,
+                   norm_type: float = 2.0, error_if_nonfinite: bool = False) -> float:
     """Scale ``grads`` (in place) so that their global norm is at most ``max_norm``.
 
     grads : mapping name -> float array (None values are skipped)
@@ -321,7 +339,8 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     max_norm = _check_float("max_norm", max_norm)
     if norm_type not in (2, 2.0, math.inf):
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
-    arrays, seen = [], {}
+    arrays: list[NDArray[Any]] = []
+    seen: dict[int, str] = {}
     for k, g in grads.items():
         if g is None:
             continue
@@ -352,6 +371,15 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
 
 # ---------------------------------------------------------------- learning-rate schedules
 
+class _HasLR(Protocol):
+    """What a schedule drives: an optimizer's learning rate."""
+
+    @property
+    def lr(self) -> float: ...
+    @lr.setter
+    def lr(self, value: float) -> None: ...
+
+
 class LRSchedule:
     """Base class: sets ``optimizer.lr = lr_at(last_step)``; closed-form, so exactly resumable.
 
@@ -361,49 +389,50 @@ class LRSchedule:
     their hyperparameters in ``_fields``.
     """
 
-    _fields = ()
+    _fields: tuple[str, ...] = ()
+    _set_fields: Callable[..., None]
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer: _HasLR) -> None:
         if not hasattr(optimizer, "lr"):
             raise TypeError(f"optimizer must have an lr attribute, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.base_lr = float(optimizer.lr)
         self.last_step = 0
 
-    def _start(self):
+    def _start(self) -> None:
         self.optimizer.lr = self.get_lr()
 
-    def lr_at(self, step):  # pragma: no cover - abstract
+    def lr_at(self, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def get_lr(self):
+    def get_lr(self) -> float:
         """The learning rate at the current step."""
         return self.lr_at(self.last_step)
 
-    def step(self):
+    def step(self) -> float:
         """Advance one step and set the optimizer's lr; returns the new lr."""
         self.last_step += 1
         lr = self.get_lr()
         self.optimizer.lr = lr
         return lr
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
         return f"{type(self).__name__}({args}, base_lr={self.base_lr}, last_step={self.last_step})"
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """``{"type", "base_lr", "last_step", <hyperparameters>}``."""
         sd = {"type": type(self).__name__, "base_lr": self.base_lr, "last_step": self.last_step}
         sd.update({f: getattr(self, f) for f in self._fields})
         return sd
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the schedule and set the optimizer's lr; checked first, unchanged on error."""
         sd = self._checked_state(state_dict)
         self._restore(sd)
         self.optimizer.lr = self.get_lr()
 
-    def _checked_state(self, state_dict):
+    def _checked_state(self, state_dict: Any) -> Any:
         sd = self._check_type(state_dict)
         want = {"type", "base_lr", "last_step", *self._fields}
         if set(sd) != want:
@@ -414,14 +443,14 @@ class LRSchedule:
         scratch._set_fields(**{f: sd[f] for f in self._fields})  # the constructor's checks
         return sd
 
-    def _check_type(self, state_dict):
+    def _check_type(self, state_dict: Any) -> Any:
         sd = _check_mapping("state_dict", state_dict, "schedule state")
         if sd.get("type") != type(self).__name__:
             raise ValueError(f"schedule state_dict is for {sd.get('type')!r}, "
                              f"this schedule is {type(self).__name__!r}")
         return sd
 
-    def _restore(self, sd):
+    def _restore(self, sd: Mapping[str, Any]) -> None:
         self._set_fields(**{f: sd[f] for f in self._fields})
         self.base_lr = float(sd["base_lr"])
         self.last_step = int(sd["last_step"])
@@ -432,16 +461,16 @@ class StepLR(LRSchedule):
 
     _fields = ("step_size", "gamma")
 
-    def __init__(self, optimizer, step_size, gamma=0.1):
+    def __init__(self, optimizer: _HasLR, step_size: int, gamma: float = 0.1) -> None:
         super().__init__(optimizer)
         self._set_fields(step_size, gamma)
         self._start()
 
-    def _set_fields(self, step_size, gamma):
+    def _set_fields(self, step_size: int, gamma: float) -> None:
         self.step_size = _check_int("step_size", step_size, 1)
         self.gamma = _check_float("gamma", gamma)
 
-    def lr_at(self, step):
+    def lr_at(self, step: int) -> float:
         try:
             return self.base_lr * self.gamma ** (step // self.step_size)
         except OverflowError:  # gamma > 1 over many steps: past the float range, as torch's inf
@@ -455,16 +484,16 @@ class CosineAnnealingLR(LRSchedule):
 
     _fields = ("T_max", "eta_min")
 
-    def __init__(self, optimizer, T_max, eta_min=0.0):
+    def __init__(self, optimizer: _HasLR, T_max: int, eta_min: float = 0.0) -> None:
         super().__init__(optimizer)
         self._set_fields(T_max, eta_min)
         self._start()
 
-    def _set_fields(self, T_max, eta_min):
+    def _set_fields(self, T_max: int, eta_min: float) -> None:
         self.T_max = _check_int("T_max", T_max, 1)
         self.eta_min = _check_float("eta_min", eta_min)
 
-    def lr_at(self, step):
+    def lr_at(self, step: int) -> float:
         t = min(step, self.T_max)
         cos = math.cos(math.pi * t / self.T_max)
         return self.eta_min + (self.base_lr - self.eta_min) * (1 + cos) / 2
@@ -482,7 +511,8 @@ class LinearWarmup(LRSchedule):
 
     _fields = ("warmup_steps", "start_factor")
 
-    def __init__(self, optimizer, warmup_steps, after=None, start_factor=0.0):
+    def __init__(self, optimizer: _HasLR, warmup_steps: int, after: LRSchedule | None = None,
+                 start_factor: float = 0.0) -> None:
         if after is not None:
             if not isinstance(after, LRSchedule):
                 raise TypeError(f"after must be None or an LRSchedule, got {type(after).__name__}")
@@ -495,11 +525,11 @@ class LinearWarmup(LRSchedule):
         self._set_fields(warmup_steps, start_factor)
         self._start()
 
-    def _set_fields(self, warmup_steps, start_factor):
+    def _set_fields(self, warmup_steps: int, start_factor: float) -> None:
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         self.start_factor = _check_float("start_factor", start_factor, 0.0, 1.0)
 
-    def lr_at(self, step):
+    def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.base_lr * (self.start_factor
                                    + (1 - self.start_factor) * step / self.warmup_steps)
@@ -507,12 +537,12 @@ class LinearWarmup(LRSchedule):
             return self.base_lr
         return self.after.lr_at(step - self.warmup_steps)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["after"] = None if self.after is None else self.after.state_dict()
         return sd
 
-    def _checked_state(self, state_dict):
+    def _checked_state(self, state_dict: Any) -> Any:
         sd = self._check_type(state_dict)
         if "after" not in sd:
             raise ValueError("LinearWarmup state_dict must have key 'after'")
@@ -525,7 +555,7 @@ class LinearWarmup(LRSchedule):
         return super()._checked_state({k: v for k, v in sd.items() if k != "after"}) | {
             "after": sd["after"]}
 
-    def _restore(self, sd):
+    def _restore(self, sd: Mapping[str, Any]) -> None:
         super()._restore(sd)
         if self.after is not None:
             self.after._restore(sd["after"])

@@ -35,7 +35,14 @@ How it computes (the loop shape of the kernels, in NumPy):
    gradients are column sums.
 """
 
+from __future__ import annotations
+
+from typing import Any, Literal
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._typing import CellGrads, FloatArray, LSTMGrads
 
 __all__ = [
     "lstm_forward",
@@ -50,7 +57,7 @@ __all__ = [
 # ----------------------------------------------------------------------------- helpers
 
 
-def _sigmoid_(a):
+def _sigmoid_(a: NDArray[Any]) -> NDArray[Any]:
     """In place: a <- 1 / (1 + exp(-a)). exp may overflow to inf, giving the exact limit 0."""
     # Not np.negative(a, out=a): NumPy 2.4.6's in-place float32 negative reads a strided
     # (n, 1) view as if it were contiguous (a wrong answer, no error).
@@ -69,7 +76,7 @@ class _Packing:
     the loop, so the sequences running at step t are always the leading ``B_t`` rows.
     """
 
-    def __init__(self, T, B, lengths, reverse):
+    def __init__(self, T: int, B: int, lengths: ArrayLike | None, reverse: bool) -> None:
         self.T, self.B = T, B
         if lengths is not None:
             lengths = np.asarray(lengths).astype(np.intp)
@@ -95,7 +102,7 @@ class _Packing:
         # (rows of step t in the packed arrays, B_t)
         self.steps = [(slice(offsets[t], offsets[t + 1]), bt) for t, bt in enumerate(steps_bt)]
 
-    def gather(self, a):
+    def gather(self, a: NDArray[Any]) -> NDArray[Any]:
         """(T, B, k) -> (N, k) packed rows (a view when possible; never written to)."""
         if self.mode == "identity":
             return a.reshape(self.T * self.B, a.shape[2])
@@ -103,7 +110,7 @@ class _Packing:
             return a[::-1].reshape(self.T * self.B, a.shape[2])
         return a[self.tsrc, self.bsrc]
 
-    def scatter(self, p):
+    def scatter(self, p: NDArray[Any]) -> NDArray[Any]:
         """(N, k) packed rows -> (T, B, k), zeros at padding."""
         k = p.shape[1]
         if self.mode == "identity":
@@ -114,7 +121,8 @@ class _Packing:
         out[self.tsrc, self.bsrc] = p
         return out
 
-    def sort_state(self, s, shape, dtype):
+    def sort_state(self, s: ArrayLike | None, shape: tuple[int, int],
+                   dtype: np.dtype[Any]) -> NDArray[Any]:
         """A fresh (B, H) state in sorted order (zeros for None); the caller's array is untouched."""
         if s is None:
             return np.zeros(shape, dtype=dtype)
@@ -122,7 +130,7 @@ class _Packing:
             return np.array(s, dtype=dtype, order="C")
         return np.asarray(s)[self.order].astype(dtype, copy=False)
 
-    def unsort_state(self, s):
+    def unsort_state(self, s: NDArray[Any]) -> NDArray[Any]:
         if self.order is None:
             return s
         out = np.empty_like(s)
@@ -133,17 +141,17 @@ class _Packing:
 class _Context:
     """What backward needs, saved by forward. Opaque; usable by one backward call."""
 
-    def __init__(self, cell, **saved):
+    def __init__(self, cell: str, **saved: Any) -> None:
         self.cell = cell
         self.used = False
-        self.saved = saved
+        self.saved: dict[str, Any] | None = saved
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "used" if self.used else "unused"
         return f"<rnnfuse.reference {self.cell} context ({state})>"
 
 
-def _take_ctx(ctx, cell):
+def _take_ctx(ctx: object, cell: str) -> dict[str, Any]:
     """Check that ctx is an unused context of `cell`, mark it used and return what it saved."""
     if ctx is None:
         raise ValueError(
@@ -158,7 +166,7 @@ def _take_ctx(ctx, cell):
         raise TypeError(
             f"ctx comes from {ctx.cell}_forward, but {cell}_backward needs the ctx of {cell}_forward"
         )
-    if ctx.used:
+    if ctx.used or ctx.saved is None:
         raise ValueError(
             f"ctx was already used by a {cell}_backward call; backward can be called once per forward"
         )
@@ -167,7 +175,8 @@ def _take_ctx(ctx, cell):
     return saved
 
 
-def _setup(x, w_ih, w_hh, lengths, reverse):
+def _setup(x: ArrayLike, w_ih: NDArray[Any], w_hh: NDArray[Any], lengths: ArrayLike | None,
+           reverse: bool) -> tuple[NDArray[Any], np.dtype[Any], int, int, int, _Packing]:
     x = np.asarray(x)
     T, B, _ = x.shape
     H = w_hh.shape[1]
@@ -175,7 +184,8 @@ def _setup(x, w_ih, w_hh, lengths, reverse):
     return x, x.dtype, T, B, H, pack
 
 
-def _folded_bias(b_ih, b_hh, G, H, dtype, skip_hh_block=None):
+def _folded_bias(b_ih: ArrayLike | None, b_hh: ArrayLike | None, G: int, H: int,
+                 dtype: np.dtype[Any], skip_hh_block: int | None = None) -> NDArray[Any] | None:
     """b_ih + b_hh as one (G*H,) vector (None if both are absent); optionally leave out one
     gate block of b_hh (GRU's n-block when the reset gate multiplies it)."""
     if b_ih is None and b_hh is None:
@@ -193,7 +203,8 @@ def _folded_bias(b_ih, b_hh, G, H, dtype, skip_hh_block=None):
     return b
 
 
-def _input_projection(X, w_ih, bias):
+def _input_projection(X: NDArray[Any], w_ih: NDArray[Any],
+                      bias: NDArray[Any] | None) -> NDArray[Any]:
     # XP = X W_ih^T + bias, for all valid steps at once: (N, I) x (I, G*H)
     XP = X @ w_ih.T
     if bias is not None:
@@ -201,20 +212,25 @@ def _input_projection(X, w_ih, bias):
     return XP
 
 
-def _grad_setup(pack, dy, dh_n, B, H, dtype):
+def _grad_setup(pack: _Packing, dy: ArrayLike | None, dh_n: ArrayLike | None, B: int, H: int,
+                dtype: np.dtype[Any]) -> tuple[NDArray[Any] | None, NDArray[Any]]:
     DY = None if dy is None else pack.gather(np.asarray(dy, dtype=dtype))
     dh = pack.sort_state(dh_n, (B, H), dtype)
     return DY, dh
 
 
-def _bias_grads(db, has_b_ih, has_b_hh):
+def _bias_grads(db: NDArray[Any], has_b_ih: bool,
+                has_b_hh: bool) -> tuple[NDArray[Any] | None, NDArray[Any] | None]:
     return (db if has_b_ih else None), (db.copy() if has_b_hh else None)
 
 
 # ------------------------------------------------------------------------------- LSTM
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, *, need_ctx=True):
+def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih: FloatArray,
+                 w_hh: FloatArray, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
+                 lengths: ArrayLike | None = None, reverse: bool = False, *, need_ctx: bool = True,
+                 ) -> tuple[FloatArray, FloatArray, FloatArray, _Context | None]:
     """LSTM over a (T, B, I) sequence. Returns y (T, B, H), h_n, c_n (B, H) and ctx.
 
     Gates i, f, g, o: i,f,o = sigmoid, g = tanh of (W_i* x + b_i* + W_h* h + b_h*);
@@ -263,7 +279,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     return y, h_n, c_n, ctx
 
 
-def lstm_backward(dy, dh_n, dc_n, ctx):
+def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
+                  ctx: _Context) -> LSTMGrads:
     """Gradients of lstm_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
     (a bias gradient is None where that bias was None)."""
     s = _take_ctx(ctx, "lstm")
@@ -308,8 +325,11 @@ def lstm_backward(dy, dh_n, dc_n, ctx):
 # -------------------------------------------------------------------------------- GRU
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                linear_before_reset=True, *, need_ctx=True):
+def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: FloatArray,
+                b_ih: ArrayLike | None, b_hh: ArrayLike | None,
+                lengths: ArrayLike | None = None, reverse: bool = False,
+                linear_before_reset: bool = True, *, need_ctx: bool = True,
+                ) -> tuple[FloatArray, FloatArray, _Context | None]:
     """GRU over a (T, B, I) sequence. Returns y (T, B, H), h_n (B, H) and ctx.
 
     Gates r, z, n: r,z = sigmoid(W_i* x + b_i* + W_h* h + b_h*);
@@ -350,7 +370,9 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     return y, h_n, ctx
 
 
-def _gru_step(a, hp, lbr, w_hh_t, w_hrz_t, w_hn_t, b_hn):
+def _gru_step(a: NDArray[Any], hp: NDArray[Any], lbr: bool, w_hh_t: NDArray[Any],
+              w_hrz_t: NDArray[Any], w_hn_t: NDArray[Any],
+              b_hn: NDArray[Any] | None) -> NDArray[Any]:
     """One GRU step of the B_t running rows, in place: the input projection ``a (B_t, 3H)``
     becomes the gates r, z, n and ``hp (B_t, H)`` goes from h_{t-1} to h_t. Returns what
     backward needs besides: hn = W_hn h_{t-1} + b_hn (lbr) or r*h_{t-1} (not lbr)."""
@@ -383,7 +405,7 @@ def _gru_step(a, hp, lbr, w_hh_t, w_hrz_t, w_hn_t, b_hn):
     return aux
 
 
-def gru_backward(dy, dh_n, ctx):
+def gru_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) -> CellGrads:
     """Gradients of gru_forward. Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh
     (a bias gradient is None where that bias was None)."""
     s = _take_ctx(ctx, "gru")
@@ -447,8 +469,11 @@ def gru_backward(dy, dh_n, ctx):
 # -------------------------------------------------------------------------------- RNN
 
 
-def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, nonlinearity="tanh",
-                *, need_ctx=True):
+def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: FloatArray,
+                b_ih: ArrayLike | None, b_hh: ArrayLike | None,
+                lengths: ArrayLike | None = None, reverse: bool = False,
+                nonlinearity: Literal["tanh", "relu"] = "tanh", *, need_ctx: bool = True,
+                ) -> tuple[FloatArray, FloatArray, _Context | None]:
     """Elman RNN over a (T, B, I) sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act "tanh"
     or "relu". Returns y (T, B, H), h_n (B, H) and ctx."""
     if nonlinearity not in ("tanh", "relu"):
@@ -484,7 +509,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, nonl
     return y, h_n, ctx
 
 
-def rnn_backward(dy, dh_n, ctx):
+def rnn_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) -> CellGrads:
     """Gradients of rnn_forward. Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh
     (a bias gradient is None where that bias was None)."""
     s = _take_ctx(ctx, "rnn")
