@@ -1,7 +1,11 @@
 """The installed package: version, configuration report, command line."""
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import rnnfuse
 from rnnfuse import _kernels
@@ -37,7 +41,6 @@ def test_simd_path_matches_cpu():
 def test_kernel_follows_the_cpu_and_the_switch():
     """The AVX2+FMA micro-kernel runs exactly where the CPU has both, unless
     RNNFUSE_KERNEL=portable."""
-    import os
     want = "avx2" if _kernels.simd_path().startswith("x86-64-v3") else "portable"
     if os.environ.get("RNNFUSE_KERNEL") == "portable":
         want = "portable"
@@ -57,7 +60,6 @@ def test_command_line_config_runs_from_another_directory(tmp_path):
 
 def test_gemm_floor_runs_and_checks_its_buffer():
     import numpy as np
-    import pytest
     buf = _kernels.gemm_floor_buffer("gru", 3, 2, 4, 5, np.float64)
     _kernels.gemm_floor("gru", 3, 2, 4, 5, buf, True)
     assert np.all(buf == 0)  # zeros in, zeros out: it ran the products on its own buffer
@@ -71,3 +73,69 @@ def test_fast_path_does_not_import_the_reference():
             "assert 'rnnfuse.reference' not in sys.modules; "
             "assert rnnfuse.reference.lstm_forward")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- packaging
+
+PACKAGE_DIR = Path(rnnfuse.__file__).parent
+TYPING_FILES = ("py.typed", "_kernels.pyi")
+
+
+def test_typing_files_ship_with_the_package():
+    """py.typed marks the package as typed (PEP 561); _kernels.pyi types the compiled
+    module. Both lie beside the package and are named in its package data and MANIFEST."""
+    for name in TYPING_FILES:
+        assert (PACKAGE_DIR / name).is_file(), name
+    root = PACKAGE_DIR.parent.parent
+    if not (root / "pyproject.toml").is_file():
+        pytest.skip("not running from a source tree")
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    data = config["tool"]["setuptools"]["package-data"]["rnnfuse"]
+    assert "py.typed" in data and "*.pyi" in data
+    manifest = (root / "MANIFEST.in").read_text()
+    assert "src/rnnfuse/*.pyi" in manifest and "src/rnnfuse/py.typed" in manifest
+    assert config["project"]["license-files"] == ["LICENSE"]
+    assert config["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "rnnfuse._version.__version__"}
+
+
+def test_kernels_stub_matches_the_compiled_module():
+    """Every class and function _kernels.pyi declares exists in the compiled module, as a
+    class or a callable, and its classes' methods and properties exist too."""
+    import ast
+    tree = ast.parse((PACKAGE_DIR / "_kernels.pyi").read_text())
+    declared = 0
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name != "__getattr__":
+            assert callable(getattr(_kernels, node.name)), node.name
+            declared += 1
+        elif isinstance(node, ast.ClassDef):
+            cls = getattr(_kernels, node.name)
+            assert isinstance(cls, type), node.name
+            for member in node.body:
+                if isinstance(member, ast.FunctionDef):
+                    assert hasattr(cls, member.name), f"{node.name}.{member.name}"
+            declared += 1
+        elif isinstance(node, ast.AnnAssign):
+            assert hasattr(_kernels, node.target.id), node.target.id
+            declared += 1
+    assert declared >= 8
+
+
+@pytest.mark.skipif(os.environ.get("RNNFUSE_WHEEL_TESTS") != "1",
+                    reason="builds a wheel (a minute): set RNNFUSE_WHEEL_TESTS=1; CI runs "
+                           "tools/check_wheel.sh")
+def test_wheel_carries_typing_files_and_license(tmp_path):
+    import zipfile
+    root = PACKAGE_DIR.parent.parent
+    if not (root / "pyproject.toml").is_file():
+        pytest.skip("not running from a source tree")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(root)], check=True)
+    wheel, = tmp_path.glob("rnnfuse-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in TYPING_FILES + ("_version.py",):
+        assert f"rnnfuse/{name}" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert f"rnnfuse-{rnnfuse.__version__}.dist-info/METADATA" in names
