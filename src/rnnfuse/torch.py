@@ -30,8 +30,14 @@ is refused.
 
 Importing this module needs PyTorch; ``import rnnfuse`` never imports it.
 """
+from __future__ import annotations
+
 import numbers
 import warnings
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from numpy.typing import NDArray
 
 try:
     import torch
@@ -48,19 +54,21 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMFunction", "GRUFunction", "RNNFunction", "
 
 # ---------------------------------------------------------------- autograd Functions
 
-def _np(t):
+def _np(t: torch.Tensor | None) -> NDArray[Any] | None:
     """A NumPy view of a CPU tensor (None stays None); a copy only if it is not contiguous."""
     return None if t is None else t.detach().contiguous().numpy()
 
 
-def _split(function, args):
+def _split(function: type[_CellFunction],
+           args: Sequence[Any]) -> tuple[Sequence[Any], Sequence[Any]]:
     """A Function's arguments as (x, states..., w_ih, w_hh, b_ih, b_hh) and
     (lengths, reverse, options...)."""
     n = function.n_states + 5
     return args[:n], args[n:]
 
 
-def _kernel_forward(function, args, need_ctx):
+def _kernel_forward(function: type[_CellFunction], args: Sequence[Any],
+                    need_ctx: bool) -> tuple[torch.Tensor, list[torch.Tensor], Any]:
     """Run the kernel of ``function``'s cell on its arguments: (y, finals, kernel ctx)."""
     tensors, (lengths, reverse, *options) = _split(function, args)
     if isinstance(lengths, torch.Tensor):
@@ -70,7 +78,8 @@ def _kernel_forward(function, args, need_ctx):
     return torch.from_numpy(y), [torch.from_numpy(f) for f in finals], kctx
 
 
-def _record(ctx, function, args):
+def _record(ctx: Any, function: type[_CellFunction],
+            args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
     """Function.forward of every cell: run the kernel, keeping what backward needs."""
     need = any(ctx.needs_input_grad)
     y, finals, kctx = _kernel_forward(function, args, need_ctx=need)
@@ -85,7 +94,7 @@ def _record(ctx, function, args):
     return (y, *finals)
 
 
-def _run(function, *args):
+def _run(function: type[_CellFunction], *args: Any) -> tuple[torch.Tensor, ...]:
     """``function.apply(*args)`` when autograd records this call; otherwise the kernel
     alone with need_ctx=False, which keeps no workspace for backward."""
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
@@ -98,10 +107,11 @@ def _run(function, *args):
 class _CellFunction(torch.autograd.Function):
     """The backward shared by the three cells (their forwards differ only in arguments)."""
 
-    cell, n_states = None, 1
+    cell: str
+    n_states = 1
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             # create_graph=True. (once_differentiable would hand back constants whenever the
             # incoming gradients do not require grad, so a gradient penalty would silently
@@ -135,7 +145,10 @@ class LSTMFunction(_CellFunction):
     cell, n_states = "lstm", 2
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
+    def forward(ctx: Any, x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
+                w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None,
+                b_hh: torch.Tensor | None, lengths: torch.Tensor | None = None,
+                reverse: bool = False) -> tuple[torch.Tensor, ...]:
         return _record(ctx, LSTMFunction, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse))
 
 
@@ -152,8 +165,10 @@ class GRUFunction(_CellFunction):
     cell = "gru"
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                linear_before_reset=True):
+    def forward(ctx: Any, x: torch.Tensor, h0: torch.Tensor | None, w_ih: torch.Tensor,
+                w_hh: torch.Tensor, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None,
+                lengths: torch.Tensor | None = None, reverse: bool = False,
+                linear_before_reset: bool = True) -> tuple[torch.Tensor, ...]:
         return _record(ctx, GRUFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                           linear_before_reset))
 
@@ -170,15 +185,17 @@ class RNNFunction(_CellFunction):
     cell = "rnn"
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                nonlinearity="tanh"):
+    def forward(ctx: Any, x: torch.Tensor, h0: torch.Tensor | None, w_ih: torch.Tensor,
+                w_hh: torch.Tensor, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None,
+                lengths: torch.Tensor | None = None, reverse: bool = False,
+                nonlinearity: str = "tanh") -> tuple[torch.Tensor, ...]:
         return _record(ctx, RNNFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                           nonlinearity))
 
 
 # ---------------------------------------------------------------- modules
 
-def _check_tensor(name, t, dtype):
+def _check_tensor(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     """t on the CPU with the parameters' dtype."""
     if t.device.type != "cpu":
         raise RuntimeError(f"{name} is on {t.device}, but rnnfuse runs on the CPU: "
@@ -188,7 +205,7 @@ def _check_tensor(name, t, dtype):
                          f"{t.dtype}: convert it with .to({dtype})")
 
 
-def _repack(y, lengths, like):
+def _repack(y: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
     """y (T, B, D*H), padded and in the caller's batch order, as a PackedSequence laid out
     like ``like`` (its batch_sizes, sorted_indices and unsorted_indices)."""
     if like.sorted_indices is not None:
@@ -197,18 +214,24 @@ def _repack(y, lengths, like):
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
+_R = TypeVar("_R", bound="_RNNBase")
+
+
 class _RNNBase(torch.nn.Module):
     """Stacking, directions, dropout, states and checks for all cells; a subclass names its
     autograd Function, its gate count G and its torch.nn twin."""
 
-    _function = None       # the cell's autograd Function
-    _gates = None          # G: gate blocks per cell (LSTM 4, GRU 3, RNN 1)
-    _torch_class = None    # the torch.nn class this one replaces
-    _torch_args = ()       # constructor arguments besides RNNBase's (proj_size, nonlinearity)
+    _function: type[_CellFunction]  # the cell's autograd Function
+    _gates: int            # G: gate blocks per cell (LSTM 4, GRU 3, RNN 1)
+    _torch_class: type[torch.nn.Module]  # the torch.nn class this one replaces
+    # constructor arguments besides RNNBase's (proj_size, nonlinearity)
+    _torch_args: tuple[str, ...] = ()
     proj_size = 0          # as torch.nn's attribute; rnnfuse has no projections
+    dropout: float
 
-    def __init__(self, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                 bidirectional, device, dtype):
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int,
+                 bias: bool, batch_first: bool, dropout: float, bidirectional: bool,
+                 device: torch.device | str | None, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.mode = mode
         self.input_size = _check_int("input_size", input_size, 1)
@@ -245,44 +268,44 @@ class _RNNBase(torch.nn.Module):
         self.reset_parameters()
 
     @property
-    def num_directions(self):
+    def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
     @property
-    def _n_states(self):
+    def _n_states(self) -> int:
         return self._function.n_states
 
     @property
-    def _options(self):
+    def _options(self) -> tuple[Any, ...]:
         """The cell's arguments after ``reverse`` in its Function."""
         return ()
 
-    def _names(self, layer, d):
+    def _names(self, layer: int, d: int) -> list[str]:
         """weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0 (suffix _reverse for d=1)."""
         sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
         kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
         return [k + sfx for k in kinds]
 
-    def _weights(self, layer, d):
+    def _weights(self, layer: int, d: int) -> list[Any]:
         w = [getattr(self, n) for n in self._names(layer, d)]
         return w if self.bias else w + [None, None]
 
     @property
-    def all_weights(self):
+    def all_weights(self) -> list[list[torch.nn.Parameter]]:
         """The parameters per layer and direction, as torch.nn's ``all_weights``."""
         return [[getattr(self, n) for n in self._names(layer, d)]
                 for layer in range(self.num_layers) for d in range(self.num_directions)]
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)), as torch.nn."""
         k = self.hidden_size ** -0.5
         for p in self.parameters():
             torch.nn.init.uniform_(p, -k, k)
 
-    def flatten_parameters(self):
+    def flatten_parameters(self) -> None:
         """Nothing to do (torch.nn's is for cuDNN); here so that calling code keeps working."""
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
                     "bidirectional": False, "nonlinearity": "tanh"}
@@ -290,7 +313,7 @@ class _RNNBase(torch.nn.Module):
                            if getattr(self, k, v) != v)
 
     @classmethod
-    def from_torch(cls, module):
+    def from_torch(cls: type[_R], module: torch.nn.Module) -> _R:
         """The rnnfuse module configured as ``module`` (a ``torch.nn`` module of this
         kind), *sharing* its parameters: the same ``nn.Parameter`` objects, so both see
         every update and an optimizer built on ``module.parameters()`` trains the result.
@@ -318,7 +341,7 @@ class _RNNBase(torch.nn.Module):
         return twin.train(module.training)
 
     # -- forward
-    def _parameters_dtype(self):
+    def _parameters_dtype(self) -> torch.dtype:
         """The parameters' dtype, checked again: .to(), .half() or .cuda() can change it."""
         dtype = self.weight_ih_l0.dtype
         for name, p in self.named_parameters():
@@ -330,8 +353,12 @@ class _RNNBase(torch.nn.Module):
                                 f"torch.float32 or all torch.float64, got {p.dtype} for {name}")
         return dtype
 
-    def _check_hx(self, hx, batch, batched, dtype):
+    def _check_hx(self, hx: Any, batch: int, batched: bool,
+                  dtype: torch.dtype) -> list[torch.Tensor | None]:
         """hx as a list of n_states tensors (L*D, B, H), or of Nones (zeros)."""
+        parts: Sequence[Any]
+        names: tuple[str, ...]
+        shape: tuple[int, ...]
         if hx is None:
             return [None] * self._n_states
         if self._n_states == 2:
@@ -358,7 +385,9 @@ class _RNNBase(torch.nn.Module):
             states.append(s if batched else s.unsqueeze(1))
         return states
 
-    def forward(self, input, hx=None):
+    def forward(self, input: torch.Tensor | PackedSequence,
+                hx: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[Any, Any]:
         """Run the stack over ``input``, as torch.nn's forward.
 
         ``input``: (T, B, input_size), or (B, T, input_size) if batch_first; (T, input_size)
@@ -405,10 +434,12 @@ class _RNNBase(torch.nn.Module):
             y = y.transpose(0, 1)
         return y, (tuple(finals) if self._n_states == 2 else finals[0])
 
-    def _stack(self, x, states, lengths):
+    def _stack(self, x: torch.Tensor, states: Sequence[torch.Tensor | None],
+               lengths: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Layers and directions over time-major x: (y (T, B, D*H), [h_n(, c_n)])."""
         L, D = self.num_layers, self.num_directions
-        finals = [[] for _ in states]  # per state, the L*D rows in torch.nn's order
+        # per state, the L*D rows in torch.nn's order
+        finals: list[list[torch.Tensor]] = [[] for _ in states]
         inp = x
         for layer in range(L):
             ys = []
@@ -436,8 +467,10 @@ class LSTM(_RNNBase):
     _function, _gates, _torch_class = LSTMFunction, 4, torch.nn.LSTM
     _torch_args = ("proj_size",)
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         if proj_size != 0:
             raise ValueError(f"proj_size={proj_size!r} is not supported: rnnfuse.torch.LSTM "
                              "has no projection (proj_size must be 0; keep torch.nn.LSTM "
@@ -456,13 +489,15 @@ class GRU(_RNNBase):
 
     _function, _gates, _torch_class = GRUFunction, 3, torch.nn.GRU
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, device=None, dtype=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, device, dtype)
 
     @property
-    def _options(self):
+    def _options(self) -> tuple[Any, ...]:
         return (True,)  # linear_before_reset: PyTorch's GRU
 
 
@@ -477,8 +512,11 @@ class RNN(_RNNBase):
     _function, _gates, _torch_class = RNNFunction, 1, torch.nn.RNN
     _torch_args = ("nonlinearity",)
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
@@ -486,16 +524,17 @@ class RNN(_RNNBase):
                          bias, batch_first, dropout, bidirectional, device, dtype)
 
     @property
-    def _options(self):
+    def _options(self) -> tuple[Any, ...]:
         return (self.nonlinearity,)
 
 
 # ---------------------------------------------------------------- swapping
 
-_TWINS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNN: RNN}
+_TWINS: dict[type[torch.nn.Module], type[_RNNBase]] = {
+    torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNN: RNN}
 
 
-def swap_modules(model):
+def swap_modules(model: torch.nn.Module) -> list[str]:
     """Replace, in place, every ``torch.nn.LSTM``, ``GRU`` and ``RNN`` inside ``model`` by its
     rnnfuse twin (``from_torch``), which shares the original's parameters: outputs are
     unchanged up to rounding, and an optimizer built before the swap keeps training the
@@ -513,7 +552,9 @@ def swap_modules(model):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     kinds = tuple(_TWINS)
-    swapped, skipped, twins = [], [], {}
+    swapped: list[str] = []
+    skipped: list[str] = []
+    twins: dict[int, _RNNBase | Exception] = {}
     if isinstance(model, kinds):
         skipped.append("the model itself: it cannot be replaced in place; use "
                        "rnnfuse.torch.LSTM/GRU/RNN.from_torch(model)")
