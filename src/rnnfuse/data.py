@@ -264,26 +264,38 @@ class BatchIterator:
 
     def load_state_dict(self, state_dict):
         """Continue where ``state_dict()`` was taken (same data, batch size and options)."""
-        if not isinstance(state_dict, Mapping) or set(state_dict) != {"epoch", "position", "rng"}:
-            got = (sorted(state_dict) if isinstance(state_dict, Mapping)
-                   else type(state_dict).__name__)
-            raise ValueError("state_dict must be a mapping with keys ['epoch', 'position', "
-                             f"'rng'], got {got}")
-        epoch = _check_int("state_dict['epoch']", state_dict["epoch"], 0)
-        pos = _check_int("state_dict['position']", state_dict["position"], 0)
-        if pos > len(self):
-            raise ValueError(f"state_dict['position'] must be <= {len(self)} batches, got {pos}")
-        old = self.rng.bit_generator.state
-        try:
-            self.rng.bit_generator.state = state_dict["rng"]
-        except (TypeError, ValueError, KeyError, OverflowError) as e:  # Overflow: an int
-            self.rng.bit_generator.state = old                        # too big for a word
-            raise ValueError(f"state_dict['rng'] is not a state of this iterator's "
-                             f"{type(self.rng.bit_generator).__name__} generator: {e}") from None
+        epoch, pos = _epoch_and_position(state_dict, ("epoch", "position", "rng"), len(self))
+        _restore_rng(self.rng, state_dict["rng"])
         self.epoch, self._batches, self._pos = epoch, None, 0
         if pos > 0:
             self._open_epoch()
             self._pos = pos
+
+
+def _epoch_and_position(state_dict, keys, batches):
+    """The checked ``epoch`` and ``position`` of a batcher's state_dict with exactly
+    ``keys``; the position is at most ``batches`` (per epoch)."""
+    if not isinstance(state_dict, Mapping) or set(state_dict) != set(keys):
+        got = (sorted(state_dict) if isinstance(state_dict, Mapping)
+               else type(state_dict).__name__)
+        raise ValueError(f"state_dict must be a mapping with keys {sorted(keys)}, got {got}")
+    epoch = _check_int("state_dict['epoch']", state_dict["epoch"], 0)
+    pos = _check_int("state_dict['position']", state_dict["position"], 0)
+    if pos > batches:
+        raise ValueError(f"state_dict['position'] must be <= {batches} batches, got {pos}")
+    return epoch, pos
+
+
+def _restore_rng(rng, state):
+    """Set ``rng`` to ``state`` (a ``bit_generator.state``); a ValueError, and ``rng`` left
+    as it was, when the state does not fit."""
+    old = rng.bit_generator.state
+    try:
+        rng.bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:  # Overflow: an int
+        rng.bit_generator.state = old                             # too big for a word
+        raise ValueError(f"state_dict['rng'] is not a state of this iterator's "
+                         f"{type(rng.bit_generator).__name__} generator: {e}") from None
 
 
 # ---------------------------------------------------------------- truncated BPTT
@@ -397,22 +409,100 @@ def reset_state(state, reset, batch_axis=1):
 
 
 class PairBatches:
-    """Shuffled mini-batches ``(x (T, B, ...), y (B, ...))`` of equal-length sequences with one
-    target each: BatchIterator without the lengths, for train.fit's data protocol (a ``for``
-    runs one epoch; resumable through ``state_dict``)."""
+    """Seeded, resumable mini-batches of equal-length sequences with one target each, for
+    ``rnnfuse.train.fit``'s data protocol (each ``for`` runs the rest of one epoch).
 
-    def __init__(self, x, y, batch_size, seed):
-        self._it = BatchIterator(list(x), y, batch_size=batch_size, shuffle=True, seed=seed)
+    ``PairBatches(x, y, batch_size, seed=None, *, rng=None, drop_last=False)``
+
+    x : ``(N, T, ...)`` the sequences, sequence-major (a time-major array ``(T, N, ...)``
+        goes in as ``x.swapaxes(0, 1)``, a view)
+    y : ``(N, ...)`` one target per sequence
+    seed : None, an int or a Generator: the batcher's own generator. ``state_dict()`` is
+        then BatchIterator's ``{"epoch", "position", "rng"}``, the generator's state before
+        the open epoch was drawn.
+    rng : instead of ``seed``, a Generator that its owner saves and restores (``fit``'s
+        ``rng``); ``state_dict()`` is then ``{"epoch", "position", "order"}``, the open
+        epoch's drawn order (empty when none is open).
+    drop_last : drop each epoch's last, smaller batch
+
+    Each epoch opens with ``permutation(N)`` drawn from the generator and yields the
+    consecutive slices of it as ``(x (T, B, ...) C-contiguous, y (B, ...))``. A restored
+    batcher yields exactly the batches the original would have yielded next.
+    """
+
+    def __init__(self, x, y, batch_size, seed=None, *, rng=None, drop_last=False):
+        self.x, self.y = np.asarray(x), np.asarray(y)
+        if self.x.ndim < 2:
+            raise ValueError(f"x must have shape (N, T, ...), got {self.x.shape}")
+        if self.y.ndim < 1 or len(self.y) != len(self.x):
+            raise ValueError(f"y must have one entry per sequence ({len(self.x)}), "
+                             f"got shape {self.y.shape}")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.drop_last = _check_bool("drop_last", drop_last)
+        if len(self) == 0:
+            raise ValueError(f"{len(self.x)} sequences make no batch of {self.batch_size}"
+                             + (" (drop_last)" if self.drop_last else ""))
+        if rng is not None and seed is not None:
+            raise TypeError("give seed (a generator of its own) or rng (one saved "
+                            "elsewhere), not both")
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        self._own_rng = rng is None
+        self.rng = _make_rng(seed) if rng is None else rng
+        self.epoch = 0          # completed epochs
+        self._order = None      # the open epoch's permutation, or None
+        self._pos = 0           # batches of the open (or last) epoch already yielded
+        self._epoch_rng = None  # generator state before the open epoch was drawn
 
     def __len__(self):
-        return len(self._it)
+        """Batches per epoch."""
+        n, b = len(self.x), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def _open_epoch(self):
+        self._epoch_rng = self.rng.bit_generator.state
+        self._order, self._pos = self.rng.permutation(len(self.x)), 0
 
     def __iter__(self):
-        for xb, _, yb in self._it:
-            yield xb, yb
+        if self._order is None:
+            self._open_epoch()
+        b = self.batch_size
+        while self._pos < len(self):
+            index = self._order[self._pos * b:(self._pos + 1) * b]
+            self._pos += 1
+            yield np.ascontiguousarray(np.swapaxes(self.x[index], 0, 1)), self.y[index]
+        self._order, self.epoch = None, self.epoch + 1
 
     def state_dict(self):
-        return self._it.state_dict()
+        """See the class docstring: the generator's state with a generator of its own, the
+        drawn order with a shared one."""
+        open_ = self._order is not None
+        if self._own_rng:
+            return {"epoch": self.epoch, "position": self._pos if open_ else 0,
+                    "rng": self._epoch_rng if open_ else self.rng.bit_generator.state}
+        return {"epoch": self.epoch, "position": self._pos,
+                "order": self._order if open_ else np.zeros(0, np.int64)}
 
-    def load_state_dict(self, sd):
-        self._it.load_state_dict(sd)
+    def load_state_dict(self, state_dict):
+        """Continue where ``state_dict()`` was taken (same data, batch size and options)."""
+        keys = ("epoch", "position", "rng" if self._own_rng else "order")
+        epoch, pos = _epoch_and_position(state_dict, keys, len(self))
+        if self._own_rng:
+            _restore_rng(self.rng, state_dict["rng"])
+            self.epoch, self._order, self._pos = epoch, None, 0
+            if pos > 0:
+                self._open_epoch()
+                self._pos = pos
+            return
+        order = self._checked_order(state_dict["order"])
+        self.epoch, self._pos = epoch, pos
+        self._order = order if order.size else None
+
+    def _checked_order(self, order):
+        n = len(self.x)
+        order = np.asarray(order)
+        if order.ndim != 1 or (order.size and (order.dtype.kind not in "iu" or not
+                                               np.array_equal(np.sort(order), np.arange(n)))):
+            raise ValueError(f"state_dict['order'] must be empty or a permutation of "
+                             f"{n} indices, got {order.dtype} {order.shape}")
+        return order.astype(np.int64)
