@@ -84,3 +84,36 @@ def test_plain_progress_lines(capsys):
     bar.update(1, 2.0, 100)
     bar.close()
     assert "loss 2.0000" in buf.getvalue() and "tok/s" in buf.getvalue()
+
+
+def test_resumed_progress_bar_starts_at_the_step_reached(tmp_path, monkeypatch):
+    import io
+    import sys
+    import types
+
+    made = []
+
+    class FakeBar:  # records how fit() sets up the bar; shows nothing
+        def __init__(self, **kw):
+            made.append(kw)
+
+        def set_postfix_str(self, *args, **kw):
+            pass
+
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    auto = types.ModuleType("tqdm.auto")
+    auto.tqdm = FakeBar
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
+    ck = str(tmp_path / "ck.rnnf")
+    task, opt, sched, rng = make()
+    first = train.fit(task, opt, epochs=1, rng=rng, save=ck, stream=io.StringIO())
+    task, opt, sched, rng = make()
+    train.fit(task, opt, epochs=2, rng=rng, resume=ck, stream=io.StringIO())
+    assert [kw["initial"] for kw in made] == [0, first.step]
+    assert made[1]["total"] == 2 * len(task.data)
