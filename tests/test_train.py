@@ -5,19 +5,20 @@ import numpy as np
 import pytest
 
 from rnnfuse import Adam, CheckpointError, CosineAnnealingLR
-from rnnfuse import tasks, train
+from rnnfuse import train
+from rnnfuse.apps import charlm
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 
 def make(seed=0, hidden=8, lr=1e-2):
-    vocab = tasks.Vocab(TEXT)
+    vocab = charlm.Vocab(TEXT)
     ids = vocab.encode(TEXT)
     rng = np.random.default_rng(seed)
-    model = tasks.char_model(vocab.size, "lstm", hidden, 1, embed=6, seed=seed)
+    model = charlm.char_model(vocab.size, "lstm", hidden, 1, embed=6, seed=seed)
     opt = Adam(model.named_parameters(), lr=lr)
     sched = CosineAnnealingLR(opt, T_max=200)
-    task = tasks.CharLM(model, ids[:1500], ids[1500:], k=10, batch_size=4, rng=rng)
+    task = charlm.CharLM(model, ids[:1500], ids[1500:], k=10, batch_size=4, rng=rng)
     return task, opt, sched, rng
 
 

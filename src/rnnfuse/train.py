@@ -386,15 +386,3 @@ class _Loop:
                         None if sched is None else sched.state_dict(),
                         None if self.rng is None else self.rng.bit_generator.state,
                         self.state.step, extra)
-
-
-def fit_from_flags(task, optimizer, args, *, max_minutes, paths=lambda path: path, **kw):
-    """fit() driven by the commands' shared flags (``rnnfuse.__main__._add_shared``):
-    epochs, clip, patience, eval_every, steps, save/resume/metrics/plot (each passed through
-    ``paths``, e.g. to give each of several models its own file) and quiet; ``max_minutes``
-    is the command's resolved time budget (None: no limit). Other fit() arguments in ``kw``."""
-    return fit(task, optimizer, epochs=args.epochs, clip=args.clip or None,
-               patience=args.patience, eval_every=args.eval_every, max_steps=args.steps,
-               max_seconds=None if max_minutes is None else max_minutes * 60,
-               metrics=paths(args.metrics), save=paths(args.save), resume=paths(args.resume),
-               plot=paths(args.plot), progress=not args.quiet, **kw)
