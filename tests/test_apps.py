@@ -126,3 +126,89 @@ def test_commands_import_nothing_from_each_other():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 assert node.module == "common", f"{name} imports from .{node.module}"
+
+
+# ---------------------------------------------------------------- generation by streams
+
+def sample_by_full_forwards(task, vocab, prime, length, temperature, rng):
+    """charlm's sampling as it was: the whole model's forward for every character."""
+    from rnnfuse.apps.charlm import _draw
+    task.model.eval()
+    ids = vocab.encode(prime) if prime else np.array([vocab.encode("\n")[0]])
+    logits, state = task.model.forward(ids[:, None], None)
+    out = []
+    for _ in range(length):
+        out.append(_draw(logits[-1, 0].astype(np.float64), temperature, rng))
+        logits, state = task.model.forward(np.array([[out[-1]]]), state)
+    return prime + vocab.decode(out)
+
+
+def char_task(cell, layers, seed=0):
+    from rnnfuse.apps import charlm
+    vocab = charlm.Vocab(TEXT)
+    ids = vocab.encode(TEXT)
+    model = charlm.char_model(vocab.size, cell, 12, layers, embed=5, seed=seed)
+    # weights moved off their initialisation, so the samples are not near-uniform draws
+    rng = np.random.default_rng(seed + 1)
+    for p in model.parameters():
+        p += rng.normal(scale=0.5, size=p.shape).astype(p.dtype)
+    return charlm.CharLM(model, ids[:200], ids[200:], k=8, batch_size=2, rng=rng), vocab
+
+
+@pytest.mark.parametrize("cell, layers", [("lstm", 1), ("gru", 2), ("rnn", 1), ("lstm", 3)])
+@pytest.mark.parametrize("prime, temperature", [("def ", 0.8), ("", 0.0), ("class A", 1.7),
+                                                ("x", 1e-300)])
+def test_sampling_by_stream_equals_sampling_by_full_forwards(cell, layers, prime, temperature):
+    """The stream's steps are the whole-sequence forward's numbers bit for bit, and each
+    step's logits come from the same (1, 1, ...) shapes: the same characters, every one."""
+    task, vocab = char_task(cell, layers)
+    head, logits = task.model.layers[2], []
+    linear = head.forward
+    head.forward = lambda x: logits.append(linear(x)) or logits[-1]  # records every call
+    got = task.sample(vocab, prime, 120, temperature, np.random.default_rng(3))
+    by_stream, logits[:] = logits[:], []
+    want = sample_by_full_forwards(task, vocab, prime, 120, temperature,
+                                   np.random.default_rng(3))
+    assert got == want and len(got) == len(prime) + 120
+    # every step's logits, bit for bit (the full forwards make one more, unused)
+    assert len(by_stream) == 120 and len(logits) == 121
+    assert all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(by_stream, logits))
+    assert len(set(got[len(prime):])) > 1 or temperature < 0.01  # drawn, not one repeat
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sampling_leaves_the_model_in_its_mode(training):
+    task, vocab = char_task("gru", 1)
+    task.model.train(training)
+    task.sample(vocab, "def ", 5, 0.8, np.random.default_rng(0))
+    assert task.model.training is training
+    assert all(m.training is training for m in task.model.layers)
+    # also when sampling fails: a prime the embedding refuses (an id past the vocabulary)
+    task.model.layers[0].num_embeddings = 1
+    with pytest.raises(ValueError):
+        task.sample(vocab, "def ", 5, 0.8, np.random.default_rng(0))
+    assert task.model.training is training
+
+
+def test_sampling_nothing_gives_the_prime():
+    task, vocab = char_task("lstm", 1)
+    assert task.sample(vocab, "def ", 0, 0.8, np.random.default_rng(0)) == "def "
+
+
+@pytest.mark.parametrize("cell, layers", [("lstm", 2), ("gru", 1), ("rnn", 1)])
+def test_greedy_decoding_by_stream_equals_decoding_by_full_forwards(cell, layers):
+    from rnnfuse.apps.autoencode import AutoencodeTask, _onehot
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 6, (7, 50))
+    task = AutoencodeTask(cell, 10, layers, 6, ids, ids, 8, rng, seed=4)
+    for p in task.model.parameters():  # confident, varied predictions
+        p += rng.normal(scale=0.7, size=p.shape).astype(p.dtype)
+    task.model.eval()
+    _, state = task.enc.forward(_onehot(ids, 6))
+    tok, want = np.full(50, 6), []
+    for _ in range(7):  # the decoder's forward over one step at a time, as it was
+        y, state = task.dec.forward(_onehot(tok, 7)[None], state)
+        tok = np.argmax(task.head.forward(y[0]), axis=-1)
+        want.append(tok)
+    got = task.reconstruct(ids)
+    assert np.array_equal(got, np.array(want)) and len(np.unique(got)) > 1

@@ -75,13 +75,15 @@ class AutoencodeTask:
         return float(loss) * x.size, x.size
 
     def reconstruct(self, x):
-        """Greedy decoding of ``x`` (T, B) from the encoder's final state."""
+        """Greedy decoding of ``x`` (T, B) from the encoder's final state: the decoder
+        stepped as a stream (its state kept between steps), fed its own last token."""
         _, state = self.enc.forward(_onehot(x, self.vocab))
+        decoder = self.dec.stream(x.shape[1], state)
         tok = np.full(x.shape[1], self.vocab, np.int64)
         out = np.empty_like(x)
         for t in range(x.shape[0]):
-            y, state = self.dec.forward(_onehot(tok, self.vocab + 1)[None], state)
-            tok = np.argmax(self.head.forward(y[0]), axis=-1)
+            y = decoder.step(_onehot(tok, self.vocab + 1))
+            tok = np.argmax(self.head.forward(y), axis=-1)
             out[t] = tok
         return out
 

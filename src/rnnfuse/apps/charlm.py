@@ -234,16 +234,23 @@ class CharLM:
 
     def sample(self, vocab, prime="", length=300, temperature=1.0, rng=None):
         """Generated text: ``prime`` then ``length`` characters drawn at ``temperature``
-        (0: greedy)."""
+        (0: greedy). The prime runs through the model in eval mode; then each character
+        is one step of a stream of the recurrent stack (its state kept between steps).
+        The model is left in the mode it was in."""
         rng = np.random.default_rng() if rng is None else rng
+        embed, rnn, head = self.model.layers
+        was_training = self.model.training
         self.model.eval()
-        ids = vocab.encode(prime) if prime else np.array([vocab.encode("\n")[0]])
-        logits, state = self.model.forward(ids[:, None], None)
-        out = []
-        for _ in range(length):
-            out.append(_draw(logits[-1, 0].astype(np.float64), temperature, rng))
-            logits, state = self.model.forward(np.array([[out[-1]]]), state)
-        self.model.train()
+        try:
+            ids = vocab.encode(prime) if prime else np.array([vocab.encode("\n")[0]])
+            logits, (state,) = self.model.forward(ids[:, None], None)
+            stream, out = rnn.stream(1, state), []
+            while len(out) < length:
+                if out:  # a forward over one step, in its shapes (1, 1, ...): its numbers
+                    logits = head.forward(stream.step(embed.forward(np.array([out[-1]])))[None])
+                out.append(_draw(logits[-1, 0].astype(np.float64), temperature, rng))
+        finally:
+            self.model.train(was_training)
         return prime + vocab.decode(out)
 
 
