@@ -27,14 +27,20 @@ state carried unchanged through the padding), and starts its next sequence at th
 window with ``reset[b] = True``.
 """
 from collections import namedtuple
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from ._checks import check_bool as _check_bool, check_int as _check_int, make_rng as _make_rng
 
 __all__ = ["pad_sequences", "bucket_by_length", "BatchIterator", "PairBatches", "Window",
            "tbptt_windows", "reset_state"]
+
+Seed = Union[int, np.random.Generator, None]
+# a layer's state: an array, None (zeros), or a tuple or list of those, nested
+State = Union[np.ndarray, tuple, list, None]
 
 
 # ---------------------------------------------------------------- argument checks
@@ -65,7 +71,7 @@ def _sequence_list(name, seqs):
     return out
 
 
-def _lengths_array(name, lengths):
+def _lengths_array(name: str, lengths: Any) -> np.ndarray:
     if not isinstance(lengths, np.ndarray):
         if lengths is None or isinstance(lengths, (str, bytes, Mapping)):
             raise TypeError(f"{name} must be a 1-D integer array, got {type(lengths).__name__}")
@@ -92,7 +98,8 @@ def _fill(padding_value, dtype):
 
 # ---------------------------------------------------------------- padding and bucketing
 
-def pad_sequences(seqs, dtype=None, padding_value=0):
+def pad_sequences(seqs: Sequence[npt.ArrayLike], dtype: npt.DTypeLike | None = None,
+                  padding_value: Any = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stack variable-length sequences time-major, padding the ends.
 
     seqs : non-empty list of arrays, each ``(L_i, ...)`` with the same trailing shape
@@ -120,7 +127,8 @@ def pad_sequences(seqs, dtype=None, padding_value=0):
     return padded, lengths
 
 
-def bucket_by_length(lengths, batch_size, *, shuffle=False, seed=None, drop_last=False):
+def bucket_by_length(lengths: npt.ArrayLike, batch_size: int, *, shuffle: bool = False,
+                     seed: Seed = None, drop_last: bool = False) -> list[np.ndarray]:
     """Group indices into batches of similar length (less padding per batch).
 
     lengths : (N,) integers >= 0, e.g. ``[len(s) for s in seqs]``
@@ -133,16 +141,16 @@ def bucket_by_length(lengths, batch_size, *, shuffle=False, seed=None, drop_last
     Returns a list of int64 index arrays, each of ``batch_size`` entries (the last may be
     shorter), together covering every index once (minus the dropped ones).
     """
-    lengths = _lengths_array("lengths", lengths)
+    lens = _lengths_array("lengths", lengths)
     batch_size = _check_int("batch_size", batch_size, 1)
     shuffle = _check_bool("shuffle", shuffle)
     drop_last = _check_bool("drop_last", drop_last)
     if shuffle:
         rng = _make_rng(seed)
-        perm = rng.permutation(len(lengths))
-        order = perm[np.argsort(lengths[perm], kind="stable")]
+        perm = rng.permutation(len(lens))
+        order = perm[np.argsort(lens[perm], kind="stable")]
     else:
-        order = np.argsort(lengths, kind="stable")
+        order = np.argsort(lens, kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
@@ -174,8 +182,10 @@ class BatchIterator:
     original would have yielded next.
     """
 
-    def __init__(self, seqs, *fields, batch_size, shuffle=True, seed=None, drop_last=False,
-                 bucket=False, dtype=None, padding_value=0):
+    def __init__(self, seqs: Sequence[npt.ArrayLike], *fields: Any, batch_size: int,
+                 shuffle: bool = True, seed: Seed = None, drop_last: bool = False,
+                 bucket: bool = False, dtype: npt.DTypeLike | None = None,
+                 padding_value: Any = 0) -> None:
         self.seqs = _sequence_list("seqs", seqs)
         n = len(self.seqs)
         if n == 0:
@@ -210,11 +220,11 @@ class BatchIterator:
                 _fill(padding_value, dt)
         self._lengths = lens
         self.epoch = 0          # completed epochs
-        self._batches = None    # the open epoch's index arrays, or None
+        self._batches: Any = None  # the open epoch's index arrays, or None
         self._pos = 0           # batches of the open epoch already yielded
         self._epoch_rng = None  # generator state before the open epoch was drawn
 
-    def __len__(self):
+    def __len__(self) -> int:
         """Batches per epoch."""
         n, b = len(self.seqs), self.batch_size
         return n // b if self.drop_last else -(-n // b)
@@ -234,7 +244,7 @@ class BatchIterator:
         self._epoch_rng = self.rng.bit_generator.state
         self._batches, self._pos = self._plan(), 0
 
-    def batch(self, index):
+    def batch(self, index: npt.ArrayLike) -> tuple[np.ndarray, ...]:
         """The batch ``(x, lengths, *fields)`` of these sequence indices."""
         index = np.asarray(index)
         x, lengths = pad_sequences([self.seqs[i] for i in index], self.dtype, self.padding_value)
@@ -246,7 +256,7 @@ class BatchIterator:
                 out.append(pad_sequences([f[i] for i in index], None, self.padding_value)[0])
         return tuple(out)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         if self._batches is None:
             self._open_epoch()
         while self._pos < len(self._batches):
@@ -255,14 +265,14 @@ class BatchIterator:
             yield self.batch(index)
         self._batches, self.epoch = None, self.epoch + 1
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "position", "rng"}``: completed epochs, batches yielded in the open
         epoch, and the generator's state before that epoch was drawn (or now, if none is open)."""
         open_ = self._batches is not None
         return {"epoch": self.epoch, "position": self._pos if open_ else 0,
                 "rng": self._epoch_rng if open_ else self.rng.bit_generator.state}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue where ``state_dict()`` was taken (same data, batch size and options)."""
         epoch, pos = _epoch_and_position(state_dict, ("epoch", "position", "rng"), len(self))
         _restore_rng(self.rng, state_dict["rng"])
@@ -311,7 +321,9 @@ seq_ids : (B,) int64 index of the sequence each row is on (-1: idle, no sequence
 """
 
 
-def tbptt_windows(streams, k, batch_size, *, targets=None, padding_value=0):
+def tbptt_windows(streams: Sequence[npt.ArrayLike] | np.ndarray, k: int, batch_size: int, *,
+                  targets: Sequence[npt.ArrayLike] | np.ndarray | None = None,
+                  padding_value: Any = 0) -> Iterator[Window]:
     """Cut long sequences into windows of ``k`` steps over ``batch_size`` parallel rows.
 
     streams : a list of N sequences ``(L_i, ...)`` (e.g. documents), or one array
@@ -379,7 +391,7 @@ def _windows(xs, ys, k, batch_size, x_fill, y_fill):
                 reset[b] = seq[b] >= 0
 
 
-def reset_state(state, reset, batch_axis=1):
+def reset_state(state: State, reset: npt.ArrayLike, batch_axis: int = 1) -> State:
     """Zero the batch rows of ``state`` where ``reset`` is True (returns new arrays).
 
     state : None, an array, or a tuple or list of those, nested (LSTM's ``(h, c)``,
@@ -430,7 +442,8 @@ class PairBatches:
     batcher yields exactly the batches the original would have yielded next.
     """
 
-    def __init__(self, x, y, batch_size, seed=None, *, rng=None, drop_last=False):
+    def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, batch_size: int, seed: Seed = None, *,
+                 rng: np.random.Generator | None = None, drop_last: bool = False) -> None:
         self.x, self.y = np.asarray(x), np.asarray(y)
         if self.x.ndim < 2:
             raise ValueError(f"x must have shape (N, T, ...), got {self.x.shape}")
@@ -450,11 +463,11 @@ class PairBatches:
         self._own_rng = rng is None
         self.rng = _make_rng(seed) if rng is None else rng
         self.epoch = 0          # completed epochs
-        self._order = None      # the open epoch's permutation, or None
+        self._order: Any = None  # the open epoch's permutation, or None
         self._pos = 0           # batches of the open (or last) epoch already yielded
         self._epoch_rng = None  # generator state before the open epoch was drawn
 
-    def __len__(self):
+    def __len__(self) -> int:
         """Batches per epoch."""
         n, b = len(self.x), self.batch_size
         return n // b if self.drop_last else -(-n // b)
@@ -463,7 +476,7 @@ class PairBatches:
         self._epoch_rng = self.rng.bit_generator.state
         self._order, self._pos = self.rng.permutation(len(self.x)), 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self._order is None:
             self._open_epoch()
         b = self.batch_size
@@ -473,7 +486,7 @@ class PairBatches:
             yield np.ascontiguousarray(np.swapaxes(self.x[index], 0, 1)), self.y[index]
         self._order, self.epoch = None, self.epoch + 1
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """See the class docstring: the generator's state with a generator of its own, the
         drawn order with a shared one."""
         open_ = self._order is not None
@@ -483,7 +496,7 @@ class PairBatches:
         return {"epoch": self.epoch, "position": self._pos,
                 "order": self._order if open_ else np.zeros(0, np.int64)}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue where ``state_dict()`` was taken (same data, batch size and options)."""
         keys = ("epoch", "position", "rng" if self._own_rng else "order")
         epoch, pos = _epoch_and_position(state_dict, keys, len(self))

@@ -27,6 +27,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
@@ -34,7 +36,21 @@ from ._checks import first_line
 from .checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
 from .optim import clip_grad_norm
 
-__all__ = ["fit", "FitResult", "Progress", "TrainingError"]
+__all__ = ["fit", "FitResult", "Progress", "Task", "TrainingError"]
+
+PathLike = str | os.PathLike
+
+
+class Task(Protocol):
+    """What fit() trains (see the module docstring; start_epoch, state_dict and
+    load_state_dict are optional)."""
+
+    model: Any
+    data: Any
+
+    def train_step(self, batch: Any) -> tuple[float, int]: ...
+
+    def evaluate(self) -> dict[str, Any]: ...
 
 
 class TrainingError(RuntimeError):
@@ -155,10 +171,15 @@ def _check_path_dir(name, path):
         raise IsADirectoryError(f"{name}: path is a directory, not a file: {path}")
 
 
-def fit(task, optimizer, *, epochs=1, scheduler=None, clip=None, patience=None, min_delta=0.0,
-        eval_every=None, max_steps=None, max_seconds=None, metrics=None, save=None,
-        resume=None, rng=None, progress=True, unit="tok", stream=None, plot=None,
-        config=None, on_eval=None):
+def fit(task: Task, optimizer: Any, *, epochs: int = 1, scheduler: Any = None,
+        clip: float | None = None, patience: int | None = None, min_delta: float = 0.0,
+        eval_every: int | None = None, max_steps: int | None = None,
+        max_seconds: float | None = None, metrics: PathLike | None = None,
+        save: PathLike | None = None, resume: PathLike | None = None,
+        rng: np.random.Generator | None = None, progress: bool = True, unit: str = "tok",
+        stream: TextIO | None = None, plot: PathLike | None = None,
+        config: dict[str, Any] | None = None,
+        on_eval: Callable[[dict[str, Any]], Any] | None = None) -> FitResult:
     """Train ``task.model`` with ``optimizer``; see the module docstring for ``task``.
 
     epochs : passes over ``task.data`` (counting those done before a resume)

@@ -8,6 +8,7 @@ the decoder's output to the token logits (cross-entropy). The command reports th
 held-out token accuracy of greedy reconstruction (chance: 1/vocab) and the fraction of
 sequences reconstructed exactly.
 """
+import argparse
 import json
 
 import numpy as np
@@ -21,7 +22,7 @@ from .common import (CELLS, add_shared_flags, check_flags, check_shared_flags,
 __all__ = ["add_parser", "run", "AutoencodeTask"]
 
 
-def add_parser(sub):
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("autoencode", help="sequence autoencoder on random token sequences",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--length", type=int, default=10,
@@ -112,7 +113,7 @@ def _report(out):
     return once_per_step(report)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """The command: train the autoencoder, print its held-out greedy reconstruction.
     Returns the exit status."""
     from threadpoolctl import threadpool_limits

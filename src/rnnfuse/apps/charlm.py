@@ -5,6 +5,7 @@ time on one text (a file, or by default a seeded selection of the Python standar
 library's own ``.py`` sources, read at run time); reports held-out bits per character
 beside the unigram baseline and prints a sample.
 """
+import argparse
 import json
 import math
 import os
@@ -268,7 +269,7 @@ def _draw(logits, temperature, rng):
 
 # ---------------------------------------------------------------- the command
 
-def add_parser(sub):
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c = sub.add_parser("charlm", help="train a character-level language model",
                        description="Character-level language model (Embedding -> recurrent "
                        "stack -> Linear) trained with truncated BPTT; reports held-out bits "
@@ -325,7 +326,7 @@ def _corpus(args):
     return train_text, held_text, source
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """The command: train, print held-out bits per character and a sample. Returns the exit
     status."""
     from threadpoolctl import threadpool_limits

@@ -6,6 +6,7 @@ with ``x`` (N, T, F) numbers and ``y`` (N,) integer labels. A recurrent stack
 (``--bidirectional`` optional) -> final hidden state -> Linear -> cross-entropy over
 (B, C); seeded, stratified train/test split; reports test accuracy.
 """
+import argparse
 import json
 
 import numpy as np
@@ -106,7 +107,7 @@ class Classify:
         return {"loss": nll / n, "accuracy": correct / n}
 
 
-def add_parser(sub):
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "classify", help="classify sequences (default: 8x8 digits read row by row)",
         description="Sequence classification: recurrent stack -> final hidden state -> "
@@ -135,7 +136,7 @@ def _data(args):
     return x, y, "scikit-learn digits (8 rows x 8 pixels)"
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """The command: train on a stratified split, print the test accuracy. Returns the exit
     status."""
     from threadpoolctl import threadpool_limits

@@ -1,9 +1,12 @@
 """What the commands share: the input error, the shared flags and their checks, the cell
 table, the progress stream, the final-state readout, and fit() driven by the flags."""
+import argparse
 import contextlib
 import math
 import os
 import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -28,7 +31,8 @@ class InputError(ValueError):
 
 # ---------------------------------------------------------------- flags
 
-def add_shared_flags(p, *, hidden, layers, epochs):
+def add_shared_flags(p: argparse.ArgumentParser, *, hidden: int, layers: int,
+                     epochs: int) -> None:
     """The flags every training command takes, with the command's default sizes."""
     g = p.add_argument_group("model and training")
     g.add_argument("--cell", choices=tuple(CELLS), default="lstm",
@@ -64,26 +68,26 @@ def add_shared_flags(p, *, hidden, layers, epochs):
                    help="no progress display and no evaluation lines on stderr")
 
 
-def check_flag(name, value, minimum=1):
+def check_flag(name: str, value: float | None, minimum: float = 1) -> None:
     """A command-line number that must be at least ``minimum`` (None: not given)."""
     if value is not None and value < minimum:
         raise InputError(f"{name} must be >= {minimum}, got {value}")
 
 
-def check_flags(args, *names, minimum=1):
+def check_flags(args: argparse.Namespace, *names: str, minimum: float = 1) -> None:
     """check_flag for each attribute of ``args`` in ``names`` (``eval_every`` is
     ``--eval-every``)."""
     for name in names:
         check_flag(f"--{name.replace('_', '-')}", getattr(args, name), minimum)
 
 
-def check_interval(name, value, low, high):
+def check_interval(name: str, value: float, low: float, high: float) -> None:
     """A command-line number strictly between ``low`` and ``high`` (NaN fails too)."""
     if not low < value < high:
         raise InputError(f"{name} must lie in ({low:g}, {high:g}), got {value}")
 
 
-def check_shared_flags(args):
+def check_shared_flags(args: argparse.Namespace) -> None:
     """The flags of ``add_shared_flags`` and --batch (which each command defines), and the
     upper bound on every integer flag; each command checks its own. --max-minutes 0 (or
     less) becomes None: no limit."""
@@ -102,7 +106,7 @@ def check_shared_flags(args):
         args.max_minutes = None
 
 
-def check_train_size(args):
+def check_train_size(args: argparse.Namespace) -> None:
     """--train-size holds at least one --batch (the commands that generate their data)."""
     if args.train_size < args.batch:
         raise InputError(f"--train-size ({args.train_size}) must be >= --batch ({args.batch})")
@@ -111,7 +115,7 @@ def check_train_size(args):
 # ---------------------------------------------------------------- running
 
 @contextlib.contextmanager
-def progress_stream(quiet):
+def progress_stream(quiet: bool) -> Iterator[TextIO]:
     """Where progress and evaluation lines go: stderr, or with --quiet the null device
     (opened here and closed on the way out)."""
     if not quiet:
@@ -121,7 +125,7 @@ def progress_stream(quiet):
         yield null
 
 
-def once_per_step(report):
+def once_per_step(report: Callable[[dict], Any]) -> Callable[[dict], None]:
     """``report(record)`` at most once per step: an epoch that ends on an --eval-every
     step is evaluated twice there."""
     seen = set()
@@ -133,7 +137,9 @@ def once_per_step(report):
     return report_once
 
 
-def fit_from_flags(task, optimizer, args, *, max_minutes, paths=lambda path: path, **kw):
+def fit_from_flags(task: Any, optimizer: Any, args: argparse.Namespace, *,
+                   max_minutes: float | None,
+                   paths: Callable[[Any], Any] = lambda path: path, **kw: Any) -> Any:
     """``rnnfuse.train.fit`` driven by the shared flags: epochs, clip, patience, eval_every,
     steps, save/resume/metrics/plot (each passed through ``paths``, e.g. to give each of
     several models its own file) and quiet; ``max_minutes`` is the command's resolved time

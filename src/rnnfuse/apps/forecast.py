@@ -11,6 +11,7 @@ dx/dt = 0.2 x(t-tau) / (1 + x(t-tau)^10) - 0.1 x(t), tau = 17, integrated with R
 dt = 0.1 from x = 1.2 and sampled every 6 time units (the classic x(t+6) benchmark
 setting), after discarding a transient.
 """
+import argparse
 import csv
 import json
 
@@ -131,7 +132,7 @@ class Forecast:
 
 # ---------------------------------------------------------------- command
 
-def add_parser(sub):
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "forecast", help="forecast the next value of a time series",
         description="Next-value forecasting: a window of past values -> the next value "
@@ -202,7 +203,7 @@ class _Split:
         self.linear = float(np.sqrt(np.mean((A[cut:] @ coef - y_held) ** 2)))
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """The command: train on the series' windows, print the held-out RMSE beside the
     baselines. Returns the exit status."""
     from threadpoolctl import threadpool_limits

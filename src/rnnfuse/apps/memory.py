@@ -12,6 +12,7 @@ With several cells, the --save/--resume/--metrics/--plot paths get the cell name
 before their extension (``ck.rnnf`` -> ``ck.lstm.rnnf``); ``--max-minutes`` is the total
 budget, split evenly across the cells; ``--steps`` (default 3000) applies to each cell.
 """
+import argparse
 import json
 import os
 
@@ -28,7 +29,7 @@ __all__ = ["add_parser", "run", "adding_problem", "AddingTask"]
 BASELINE = 1.0  # the trivial prediction; its expected MSE is Var(u1 + u2) = 1/6
 
 
-def add_parser(sub):
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="the adding problem: LSTM vs GRU vs tanh RNN",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--length", type=int, default=100,
@@ -136,7 +137,7 @@ def _train_cell(cell, args, train_set, heldout, baseline, out, n_cells):
             "stopped": res.stopped, "elapsed_s": round(res.elapsed_s, 3)}
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """The command: train the cells, print their held-out MSE. Returns the exit status."""
     from threadpoolctl import threadpool_limits
 
