@@ -189,7 +189,8 @@ def char_model(vocab_size, cell="lstm", hidden=256, layers=1, embed=64, seed=0,
 
 class CharLM:
     """The charlm task: train on ``train_ids`` with carried state, evaluate bits per char
-    on ``heldout_ids`` (forward only, state carried over windows of ``eval_k`` steps)."""
+    on ``heldout_ids`` (forward only, state carried over windows of ``eval_k`` steps).
+    ``model`` is ``char_model``'s Sequential(Embedding, recurrent stack, Linear)."""
 
     def __init__(self, model, train_ids, heldout_ids, k, batch_size, rng, eval_batch=64,
                  eval_k=256):
