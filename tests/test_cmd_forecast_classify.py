@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 
-import rnnfuse.__main__ as m
-from rnnfuse import cmd_classify, cmd_forecast
-from rnnfuse.tasks import InputError
+from rnnfuse.apps import classify as cmd_classify
+from rnnfuse.apps import forecast as cmd_forecast
+from rnnfuse.apps.common import FinalState, InputError
 
 
 def parse(mod, *argv):
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
-    mod.add_parser(sub, m._add_shared)
-    return p.parse_args([mod.__name__.rsplit("_", 1)[1], *map(str, argv)])
+    mod.add_parser(sub)
+    return p.parse_args([mod.__name__.rsplit(".", 1)[1], *map(str, argv)])
 
 
 def last_json(capsys):
@@ -77,9 +77,9 @@ def test_forecast_bad_input(tmp_path, content, argv, needle):
 
 
 def test_forecast_bad_flags():
-    with pytest.raises(m._UserError, match="--window"):
+    with pytest.raises(InputError, match="--window"):
         cmd_forecast.run(parse(cmd_forecast, "--window", "0"))
-    with pytest.raises(m._UserError, match="--column needs --csv"):
+    with pytest.raises(InputError, match="--column needs --csv"):
         cmd_forecast.run(parse(cmd_forecast, "--column", "x"))
 
 
@@ -113,8 +113,7 @@ def test_classify_bidirectional_npz(tmp_path, capsys):
 
 def test_final_state_gradient_matches_finite_differences():
     from rnnfuse.losses import mse_loss
-    model = cmd_forecast.FinalState("gru", 3, 4, 2, 2, bidirectional=True, seed=1,
-                                    dtype=np.float64)
+    model = FinalState("gru", 3, 4, 2, 2, bidirectional=True, seed=1, dtype=np.float64)
     x = np.random.default_rng(2).normal(size=(5, 2, 3))
     t = np.random.default_rng(3).normal(size=(2, 2))
     model.zero_grad()
@@ -150,6 +149,6 @@ def test_classify_without_sklearn_says_what_to_install(monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", fake)
-    with pytest.raises(m._UserError, match=r"rnnfuse\[examples\]") as e:
+    with pytest.raises(InputError, match=r"rnnfuse\[examples\]") as e:
         cmd_classify.run(parse(cmd_classify, "--quiet"))
     assert "\n" not in str(e.value)

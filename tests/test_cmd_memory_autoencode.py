@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 
-import rnnfuse.__main__ as m
-from rnnfuse import cmd_autoencode, cmd_memory
-from rnnfuse.tasks import InputError
+from rnnfuse.apps import autoencode as cmd_autoencode
+from rnnfuse.apps import memory as cmd_memory
+from rnnfuse.apps.common import InputError
 
 
 def _parse(mod, argv):
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
-    mod.add_parser(sub, m._add_shared)
+    mod.add_parser(sub)
     return p.parse_args(argv)
 
 

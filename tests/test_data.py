@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from rnnfuse import reference as ref
-from rnnfuse.data import (BatchIterator, bucket_by_length, pad_sequences, reset_state,
-                          tbptt_windows)
+from rnnfuse.data import (BatchIterator, PairBatches, bucket_by_length, pad_sequences,
+                          reset_state, tbptt_windows)
 
 
 def _seqs(rng, lengths, tail=(2,), dtype=np.float64):
@@ -161,6 +161,129 @@ def test_batch_iterator_bad_input():
         it.load_state_dict({"epoch": 0, "position": 1, "rng": {"bit_generator": "MT19937"}})
     with pytest.raises(ValueError, match="state_dict must be a mapping with keys"):
         it.load_state_dict({"epoch": 0})
+
+
+# ---------------------------------------------------------------- fixed-length pairs
+
+def _former_shared_batches(x_tm, y, batch, rng, epochs):
+    """The batches the memory and autoencode commands drew before PairBatches served them:
+    each epoch a permutation from the shared generator, x indexed on its time-major batch
+    axis, the last partial batch dropped."""
+    out = []
+    for _ in range(epochs):
+        order = rng.permutation(x_tm.shape[1])
+        for p in range(x_tm.shape[1] // batch):
+            i = order[p * batch:(p + 1) * batch]
+            out.append((x_tm[:, i], y[i]))
+    return out
+
+
+def _same_batches(got, want):
+    assert len(got) == len(want)
+    for (gx, gy), (wx, wy) in zip(got, want):
+        assert gx.dtype == wx.dtype and gy.dtype == wy.dtype
+        assert np.array_equal(gx, wx) and np.array_equal(gy, wy)
+        assert gx.flags.c_contiguous
+
+
+def test_pair_batches_with_its_own_seed_are_batch_iterators_batches():
+    """forecast and classify: PairBatches(x (N, T, F), y, batch, seed), formerly a
+    BatchIterator over list(x): the same batches (without the lengths) and the same state."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(23, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 23)
+    pairs, it = PairBatches(x, y, 5, 7), BatchIterator(list(x), y, batch_size=5, seed=7)
+    assert len(pairs) == len(it) == 5
+    for _ in range(3):
+        _same_batches(list(pairs), [(b[0], b[2]) for b in it])
+        sd, want = pairs.state_dict(), it.state_dict()
+        assert sd["epoch"] == want["epoch"] and sd["position"] == want["position"] == 0
+        assert sd["rng"] == want["rng"]
+    next(iter(pairs)), next(iter(it))
+    sd, want = pairs.state_dict(), it.state_dict()
+    assert set(sd) == {"epoch", "position", "rng"} and sd["position"] == want["position"] == 1
+    assert sd["rng"] == want["rng"]
+
+
+def test_pair_batches_with_a_shared_generator_are_the_former_memory_batches():
+    """memory: x (T, N, 2) given as x.swapaxes(0, 1), the generator shared with fit,
+    drop_last: the batches, and the generator's draws, of the former batcher."""
+    rng = np.random.default_rng(1)
+    x = rng.random((9, 37, 2)).astype(np.float32)
+    y = rng.random((37, 1)).astype(np.float32)
+    mine, theirs = np.random.default_rng(5), np.random.default_rng(5)
+    pairs = PairBatches(x.swapaxes(0, 1), y, 8, rng=mine, drop_last=True)
+    assert len(pairs) == 4
+    got = list(pairs) + list(pairs) + list(pairs)
+    _same_batches(got, _former_shared_batches(x, y, 8, theirs, 3))
+    assert mine.bit_generator.state == theirs.bit_generator.state
+    sd = pairs.state_dict()
+    assert set(sd) == {"epoch", "position", "order"} and sd["epoch"] == 3
+    assert sd["order"].dtype == np.int64 and sd["order"].size == 0
+
+
+def test_pair_batches_of_token_ids_are_the_former_autoencode_batches():
+    """autoencode: ids (T, N) given as ids.T with themselves as the target."""
+    ids = np.random.default_rng(2).integers(0, 5, (4, 30))
+    mine, theirs = np.random.default_rng(3), np.random.default_rng(3)
+    pairs = PairBatches(ids.T, ids.T, 7, rng=mine, drop_last=True)
+    got = list(pairs) + list(pairs)
+    _same_batches(got, _former_shared_batches(ids, ids.T, 7, theirs, 2))
+    assert got[0][0].shape == (4, 7) and got[0][0].dtype == ids.dtype
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_pair_batches_resume_mid_epoch_exactly(shared):
+    x = np.random.default_rng(4).normal(size=(17, 3, 1))
+    y = np.arange(17)
+
+    def make(seed):
+        g = np.random.default_rng(seed)
+        b = (PairBatches(x, y, 4, rng=g, drop_last=True) if shared else PairBatches(x, y, 4, g))
+        return b, g
+
+    full, _ = make(9)
+    want = list(full) + list(full)
+    first, g1 = make(9)
+    head = []
+    for batch in first:
+        head.append(batch)
+        if len(head) == 3:
+            break
+    sd, g_state = first.state_dict(), g1.bit_generator.state
+    again, g2 = make(123)
+    if shared:  # the generator's owner restores it
+        g2.bit_generator.state = g_state
+    again.load_state_dict(sd)
+    _same_batches(head + list(again) + list(again), want)
+
+
+def test_pair_batches_bad_input_and_bad_state():
+    x, y = np.zeros((6, 2, 1)), np.zeros(6)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, T, ...\)"):
+        PairBatches(np.zeros(6), y, 2)
+    with pytest.raises(ValueError, match=r"y must have one entry per sequence \(6\)"):
+        PairBatches(x, np.zeros(5), 2)
+    with pytest.raises(ValueError, match="6 sequences make no batch of 7"):
+        PairBatches(x, y, 7, drop_last=True)
+    with pytest.raises(TypeError, match="not both"):
+        PairBatches(x, y, 2, 0, rng=np.random.default_rng())
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        PairBatches(x, y, 2.0)
+    own = PairBatches(x, y, 4, 0)
+    assert len(own) == 2
+    with pytest.raises(ValueError, match="state_dict must be a mapping with keys"):
+        own.load_state_dict({"epoch": 0, "position": 0, "order": np.arange(6)})
+    shared = PairBatches(x, y, 4, rng=np.random.default_rng(0), drop_last=True)
+    assert len(shared) == 1
+    before = shared.state_dict()
+    for order, needle in [(np.arange(5), "permutation of 6"), (np.zeros(6, int), "permutation"),
+                          (np.arange(6.0), "permutation"), (np.zeros((2, 3), int), "permutation")]:
+        with pytest.raises(ValueError, match=needle):
+            shared.load_state_dict({"epoch": 0, "position": 0, "order": order})
+    with pytest.raises(ValueError, match=r"state_dict\['position'\] must be <= 1 batches"):
+        shared.load_state_dict({"epoch": 0, "position": 2, "order": np.arange(6)})
+    assert all(np.array_equal(shared.state_dict()[k], v) for k, v in before.items())
 
 
 # ---------------------------------------------------------------- truncated BPTT

@@ -5,19 +5,20 @@ import numpy as np
 import pytest
 
 from rnnfuse import Adam, CheckpointError, CosineAnnealingLR
-from rnnfuse import tasks, train
+from rnnfuse import train
+from rnnfuse.apps import charlm
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 
 def make(seed=0, hidden=8, lr=1e-2):
-    vocab = tasks.Vocab(TEXT)
+    vocab = charlm.Vocab(TEXT)
     ids = vocab.encode(TEXT)
     rng = np.random.default_rng(seed)
-    model = tasks.char_model(vocab.size, "lstm", hidden, 1, embed=6, seed=seed)
+    model = charlm.char_model(vocab.size, "lstm", hidden, 1, embed=6, seed=seed)
     opt = Adam(model.named_parameters(), lr=lr)
     sched = CosineAnnealingLR(opt, T_max=200)
-    task = tasks.CharLM(model, ids[:1500], ids[1500:], k=10, batch_size=4, rng=rng)
+    task = charlm.CharLM(model, ids[:1500], ids[1500:], k=10, batch_size=4, rng=rng)
     return task, opt, sched, rng
 
 
@@ -84,3 +85,36 @@ def test_plain_progress_lines(capsys):
     bar.update(1, 2.0, 100)
     bar.close()
     assert "loss 2.0000" in buf.getvalue() and "tok/s" in buf.getvalue()
+
+
+def test_resumed_progress_bar_starts_at_the_step_reached(tmp_path, monkeypatch):
+    import io
+    import sys
+    import types
+
+    made = []
+
+    class FakeBar:  # records how fit() sets up the bar; shows nothing
+        def __init__(self, **kw):
+            made.append(kw)
+
+        def set_postfix_str(self, *args, **kw):
+            pass
+
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    auto = types.ModuleType("tqdm.auto")
+    auto.tqdm = FakeBar
+    monkeypatch.setitem(sys.modules, "tqdm", types.ModuleType("tqdm"))
+    monkeypatch.setitem(sys.modules, "tqdm.auto", auto)
+    ck = str(tmp_path / "ck.rnnf")
+    task, opt, sched, rng = make()
+    first = train.fit(task, opt, epochs=1, rng=rng, save=ck, stream=io.StringIO())
+    task, opt, sched, rng = make()
+    train.fit(task, opt, epochs=2, rng=rng, resume=ck, stream=io.StringIO())
+    assert [kw["initial"] for kw in made] == [0, first.step]
+    assert made[1]["total"] == 2 * len(task.data)

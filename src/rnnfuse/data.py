@@ -27,14 +27,20 @@ state carried unchanged through the padding), and starts its next sequence at th
 window with ``reset[b] = True``.
 """
 from collections import namedtuple
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from ._checks import check_bool as _check_bool, check_int as _check_int, make_rng as _make_rng
 
 __all__ = ["pad_sequences", "bucket_by_length", "BatchIterator", "PairBatches", "Window",
            "tbptt_windows", "reset_state"]
+
+Seed = Union[int, np.random.Generator, None]
+# a layer's state: an array, None (zeros), or a tuple or list of those, nested
+State = Union[np.ndarray, tuple, list, None]
 
 
 # ---------------------------------------------------------------- argument checks
@@ -65,7 +71,7 @@ def _sequence_list(name, seqs):
     return out
 
 
-def _lengths_array(name, lengths):
+def _lengths_array(name: str, lengths: Any) -> np.ndarray:
     if not isinstance(lengths, np.ndarray):
         if lengths is None or isinstance(lengths, (str, bytes, Mapping)):
             raise TypeError(f"{name} must be a 1-D integer array, got {type(lengths).__name__}")
@@ -92,7 +98,8 @@ def _fill(padding_value, dtype):
 
 # ---------------------------------------------------------------- padding and bucketing
 
-def pad_sequences(seqs, dtype=None, padding_value=0):
+def pad_sequences(seqs: Sequence[npt.ArrayLike], dtype: npt.DTypeLike | None = None,
+                  padding_value: Any = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stack variable-length sequences time-major, padding the ends.
 
     seqs : non-empty list of arrays, each ``(L_i, ...)`` with the same trailing shape
@@ -120,7 +127,8 @@ def pad_sequences(seqs, dtype=None, padding_value=0):
     return padded, lengths
 
 
-def bucket_by_length(lengths, batch_size, *, shuffle=False, seed=None, drop_last=False):
+def bucket_by_length(lengths: npt.ArrayLike, batch_size: int, *, shuffle: bool = False,
+                     seed: Seed = None, drop_last: bool = False) -> list[np.ndarray]:
     """Group indices into batches of similar length (less padding per batch).
 
     lengths : (N,) integers >= 0, e.g. ``[len(s) for s in seqs]``
@@ -133,16 +141,16 @@ def bucket_by_length(lengths, batch_size, *, shuffle=False, seed=None, drop_last
     Returns a list of int64 index arrays, each of ``batch_size`` entries (the last may be
     shorter), together covering every index once (minus the dropped ones).
     """
-    lengths = _lengths_array("lengths", lengths)
+    lens = _lengths_array("lengths", lengths)
     batch_size = _check_int("batch_size", batch_size, 1)
     shuffle = _check_bool("shuffle", shuffle)
     drop_last = _check_bool("drop_last", drop_last)
     if shuffle:
         rng = _make_rng(seed)
-        perm = rng.permutation(len(lengths))
-        order = perm[np.argsort(lengths[perm], kind="stable")]
+        perm = rng.permutation(len(lens))
+        order = perm[np.argsort(lens[perm], kind="stable")]
     else:
-        order = np.argsort(lengths, kind="stable")
+        order = np.argsort(lens, kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
@@ -174,8 +182,10 @@ class BatchIterator:
     original would have yielded next.
     """
 
-    def __init__(self, seqs, *fields, batch_size, shuffle=True, seed=None, drop_last=False,
-                 bucket=False, dtype=None, padding_value=0):
+    def __init__(self, seqs: Sequence[npt.ArrayLike], *fields: Any, batch_size: int,
+                 shuffle: bool = True, seed: Seed = None, drop_last: bool = False,
+                 bucket: bool = False, dtype: npt.DTypeLike | None = None,
+                 padding_value: Any = 0) -> None:
         self.seqs = _sequence_list("seqs", seqs)
         n = len(self.seqs)
         if n == 0:
@@ -210,11 +220,11 @@ class BatchIterator:
                 _fill(padding_value, dt)
         self._lengths = lens
         self.epoch = 0          # completed epochs
-        self._batches = None    # the open epoch's index arrays, or None
+        self._batches: Any = None  # the open epoch's index arrays, or None
         self._pos = 0           # batches of the open epoch already yielded
         self._epoch_rng = None  # generator state before the open epoch was drawn
 
-    def __len__(self):
+    def __len__(self) -> int:
         """Batches per epoch."""
         n, b = len(self.seqs), self.batch_size
         return n // b if self.drop_last else -(-n // b)
@@ -234,7 +244,7 @@ class BatchIterator:
         self._epoch_rng = self.rng.bit_generator.state
         self._batches, self._pos = self._plan(), 0
 
-    def batch(self, index):
+    def batch(self, index: npt.ArrayLike) -> tuple[np.ndarray, ...]:
         """The batch ``(x, lengths, *fields)`` of these sequence indices."""
         index = np.asarray(index)
         x, lengths = pad_sequences([self.seqs[i] for i in index], self.dtype, self.padding_value)
@@ -246,7 +256,7 @@ class BatchIterator:
                 out.append(pad_sequences([f[i] for i in index], None, self.padding_value)[0])
         return tuple(out)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         if self._batches is None:
             self._open_epoch()
         while self._pos < len(self._batches):
@@ -255,35 +265,47 @@ class BatchIterator:
             yield self.batch(index)
         self._batches, self.epoch = None, self.epoch + 1
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "position", "rng"}``: completed epochs, batches yielded in the open
         epoch, and the generator's state before that epoch was drawn (or now, if none is open)."""
         open_ = self._batches is not None
         return {"epoch": self.epoch, "position": self._pos if open_ else 0,
                 "rng": self._epoch_rng if open_ else self.rng.bit_generator.state}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue where ``state_dict()`` was taken (same data, batch size and options)."""
-        if not isinstance(state_dict, Mapping) or set(state_dict) != {"epoch", "position", "rng"}:
-            got = (sorted(state_dict) if isinstance(state_dict, Mapping)
-                   else type(state_dict).__name__)
-            raise ValueError("state_dict must be a mapping with keys ['epoch', 'position', "
-                             f"'rng'], got {got}")
-        epoch = _check_int("state_dict['epoch']", state_dict["epoch"], 0)
-        pos = _check_int("state_dict['position']", state_dict["position"], 0)
-        if pos > len(self):
-            raise ValueError(f"state_dict['position'] must be <= {len(self)} batches, got {pos}")
-        old = self.rng.bit_generator.state
-        try:
-            self.rng.bit_generator.state = state_dict["rng"]
-        except (TypeError, ValueError, KeyError, OverflowError) as e:  # Overflow: an int
-            self.rng.bit_generator.state = old                        # too big for a word
-            raise ValueError(f"state_dict['rng'] is not a state of this iterator's "
-                             f"{type(self.rng.bit_generator).__name__} generator: {e}") from None
+        epoch, pos = _epoch_and_position(state_dict, ("epoch", "position", "rng"), len(self))
+        _restore_rng(self.rng, state_dict["rng"])
         self.epoch, self._batches, self._pos = epoch, None, 0
         if pos > 0:
             self._open_epoch()
             self._pos = pos
+
+
+def _epoch_and_position(state_dict, keys, batches):
+    """The checked ``epoch`` and ``position`` of a batcher's state_dict with exactly
+    ``keys``; the position is at most ``batches`` (per epoch)."""
+    if not isinstance(state_dict, Mapping) or set(state_dict) != set(keys):
+        got = (sorted(state_dict) if isinstance(state_dict, Mapping)
+               else type(state_dict).__name__)
+        raise ValueError(f"state_dict must be a mapping with keys {sorted(keys)}, got {got}")
+    epoch = _check_int("state_dict['epoch']", state_dict["epoch"], 0)
+    pos = _check_int("state_dict['position']", state_dict["position"], 0)
+    if pos > batches:
+        raise ValueError(f"state_dict['position'] must be <= {batches} batches, got {pos}")
+    return epoch, pos
+
+
+def _restore_rng(rng, state):
+    """Set ``rng`` to ``state`` (a ``bit_generator.state``); a ValueError, and ``rng`` left
+    as it was, when the state does not fit."""
+    old = rng.bit_generator.state
+    try:
+        rng.bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:  # Overflow: an int
+        rng.bit_generator.state = old                             # too big for a word
+        raise ValueError(f"state_dict['rng'] is not a state of this iterator's "
+                         f"{type(rng.bit_generator).__name__} generator: {e}") from None
 
 
 # ---------------------------------------------------------------- truncated BPTT
@@ -299,7 +321,9 @@ seq_ids : (B,) int64 index of the sequence each row is on (-1: idle, no sequence
 """
 
 
-def tbptt_windows(streams, k, batch_size, *, targets=None, padding_value=0):
+def tbptt_windows(streams: Sequence[npt.ArrayLike] | np.ndarray, k: int, batch_size: int, *,
+                  targets: Sequence[npt.ArrayLike] | np.ndarray | None = None,
+                  padding_value: Any = 0) -> Iterator[Window]:
     """Cut long sequences into windows of ``k`` steps over ``batch_size`` parallel rows.
 
     streams : a list of N sequences ``(L_i, ...)`` (e.g. documents), or one array
@@ -367,7 +391,7 @@ def _windows(xs, ys, k, batch_size, x_fill, y_fill):
                 reset[b] = seq[b] >= 0
 
 
-def reset_state(state, reset, batch_axis=1):
+def reset_state(state: State, reset: npt.ArrayLike, batch_axis: int = 1) -> State:
     """Zero the batch rows of ``state`` where ``reset`` is True (returns new arrays).
 
     state : None, an array, or a tuple or list of those, nested (LSTM's ``(h, c)``,
@@ -397,22 +421,101 @@ def reset_state(state, reset, batch_axis=1):
 
 
 class PairBatches:
-    """Shuffled mini-batches ``(x (T, B, ...), y (B, ...))`` of equal-length sequences with one
-    target each: BatchIterator without the lengths, for train.fit's data protocol (a ``for``
-    runs one epoch; resumable through ``state_dict``)."""
+    """Seeded, resumable mini-batches of equal-length sequences with one target each, for
+    ``rnnfuse.train.fit``'s data protocol (each ``for`` runs the rest of one epoch).
 
-    def __init__(self, x, y, batch_size, seed):
-        self._it = BatchIterator(list(x), y, batch_size=batch_size, shuffle=True, seed=seed)
+    ``PairBatches(x, y, batch_size, seed=None, *, rng=None, drop_last=False)``
 
-    def __len__(self):
-        return len(self._it)
+    x : ``(N, T, ...)`` the sequences, sequence-major (a time-major array ``(T, N, ...)``
+        goes in as ``x.swapaxes(0, 1)``, a view)
+    y : ``(N, ...)`` one target per sequence
+    seed : None, an int or a Generator: the batcher's own generator. ``state_dict()`` is
+        then BatchIterator's ``{"epoch", "position", "rng"}``, the generator's state before
+        the open epoch was drawn.
+    rng : instead of ``seed``, a Generator that its owner saves and restores (``fit``'s
+        ``rng``); ``state_dict()`` is then ``{"epoch", "position", "order"}``, the open
+        epoch's drawn order (empty when none is open).
+    drop_last : drop each epoch's last, smaller batch
 
-    def __iter__(self):
-        for xb, _, yb in self._it:
-            yield xb, yb
+    Each epoch opens with ``permutation(N)`` drawn from the generator and yields the
+    consecutive slices of it as ``(x (T, B, ...) C-contiguous, y (B, ...))``. A restored
+    batcher yields exactly the batches the original would have yielded next.
+    """
 
-    def state_dict(self):
-        return self._it.state_dict()
+    def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, batch_size: int, seed: Seed = None, *,
+                 rng: np.random.Generator | None = None, drop_last: bool = False) -> None:
+        self.x, self.y = np.asarray(x), np.asarray(y)
+        if self.x.ndim < 2:
+            raise ValueError(f"x must have shape (N, T, ...), got {self.x.shape}")
+        if self.y.ndim < 1 or len(self.y) != len(self.x):
+            raise ValueError(f"y must have one entry per sequence ({len(self.x)}), "
+                             f"got shape {self.y.shape}")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.drop_last = _check_bool("drop_last", drop_last)
+        if len(self) == 0:
+            raise ValueError(f"{len(self.x)} sequences make no batch of {self.batch_size}"
+                             + (" (drop_last)" if self.drop_last else ""))
+        if rng is not None and seed is not None:
+            raise TypeError("give seed (a generator of its own) or rng (one saved "
+                            "elsewhere), not both")
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        self._own_rng = rng is None
+        self.rng = _make_rng(seed) if rng is None else rng
+        self.epoch = 0          # completed epochs
+        self._order: Any = None  # the open epoch's permutation, or None
+        self._pos = 0           # batches of the open (or last) epoch already yielded
+        self._epoch_rng = None  # generator state before the open epoch was drawn
 
-    def load_state_dict(self, sd):
-        self._it.load_state_dict(sd)
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n, b = len(self.x), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def _open_epoch(self):
+        self._epoch_rng = self.rng.bit_generator.state
+        self._order, self._pos = self.rng.permutation(len(self.x)), 0
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self._order is None:
+            self._open_epoch()
+        b = self.batch_size
+        while self._pos < len(self):
+            index = self._order[self._pos * b:(self._pos + 1) * b]
+            self._pos += 1
+            yield np.ascontiguousarray(np.swapaxes(self.x[index], 0, 1)), self.y[index]
+        self._order, self.epoch = None, self.epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """See the class docstring: the generator's state with a generator of its own, the
+        drawn order with a shared one."""
+        open_ = self._order is not None
+        if self._own_rng:
+            return {"epoch": self.epoch, "position": self._pos if open_ else 0,
+                    "rng": self._epoch_rng if open_ else self.rng.bit_generator.state}
+        return {"epoch": self.epoch, "position": self._pos,
+                "order": self._order if open_ else np.zeros(0, np.int64)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue where ``state_dict()`` was taken (same data, batch size and options)."""
+        keys = ("epoch", "position", "rng" if self._own_rng else "order")
+        epoch, pos = _epoch_and_position(state_dict, keys, len(self))
+        if self._own_rng:
+            _restore_rng(self.rng, state_dict["rng"])
+            self.epoch, self._order, self._pos = epoch, None, 0
+            if pos > 0:
+                self._open_epoch()
+                self._pos = pos
+            return
+        order = self._checked_order(state_dict["order"])
+        self.epoch, self._pos = epoch, pos
+        self._order = order if order.size else None
+
+    def _checked_order(self, order):
+        n = len(self.x)
+        order = np.asarray(order)
+        if order.ndim != 1 or (order.size and (order.dtype.kind not in "iu" or not
+                                               np.array_equal(np.sort(order), np.arange(n)))):
+            raise ValueError(f"state_dict['order'] must be empty or a permutation of "
+                             f"{n} indices, got {order.dtype} {order.shape}")
+        return order.astype(np.int64)

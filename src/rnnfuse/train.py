@@ -27,6 +27,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
@@ -34,7 +36,21 @@ from ._checks import first_line
 from .checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
 from .optim import clip_grad_norm
 
-__all__ = ["fit", "FitResult", "Progress", "TrainingError"]
+__all__ = ["fit", "FitResult", "Progress", "Task", "TrainingError"]
+
+PathLike = str | os.PathLike
+
+
+class Task(Protocol):
+    """What fit() trains (see the module docstring; start_epoch, state_dict and
+    load_state_dict are optional)."""
+
+    model: Any
+    data: Any
+
+    def train_step(self, batch: Any) -> tuple[float, int]: ...
+
+    def evaluate(self) -> dict[str, Any]: ...
 
 
 class TrainingError(RuntimeError):
@@ -54,10 +70,11 @@ class FitResult(dict):
 
 class Progress:
     """A progress display: tqdm when installed (and asked for), else a plain line every
-    ``every`` seconds on ``stream``. ``update(n_steps, loss, units)``; ``close()``."""
+    ``every`` seconds on ``stream``. ``initial``: the steps already done (a resumed run's
+    bar starts there). ``update(n_steps, loss, units)``; ``close()``."""
 
     def __init__(self, total=None, desc="", unit="tok", stream=None, every=10.0, use_tqdm=True,
-                 enabled=True):
+                 enabled=True, initial=0):
         self.stream = sys.stderr if stream is None else stream
         self.unit, self.desc, self.every, self.enabled = unit, desc, every, enabled
         self._bar = None
@@ -72,7 +89,7 @@ class Progress:
                 tqdm = None
             if tqdm is not None:
                 self._bar = tqdm(total=total, desc=desc, unit="step", file=self.stream,
-                                 leave=False, dynamic_ncols=True)
+                                 leave=False, dynamic_ncols=True, initial=initial)
 
     def update(self, n, loss, units):
         self._steps += n
@@ -154,10 +171,15 @@ def _check_path_dir(name, path):
         raise IsADirectoryError(f"{name}: path is a directory, not a file: {path}")
 
 
-def fit(task, optimizer, *, epochs=1, scheduler=None, clip=None, patience=None, min_delta=0.0,
-        eval_every=None, max_steps=None, max_seconds=None, metrics=None, save=None,
-        resume=None, rng=None, progress=True, unit="tok", stream=None, plot=None,
-        config=None, on_eval=None):
+def fit(task: Task, optimizer: Any, *, epochs: int = 1, scheduler: Any = None,
+        clip: float | None = None, patience: int | None = None, min_delta: float = 0.0,
+        eval_every: int | None = None, max_steps: int | None = None,
+        max_seconds: float | None = None, metrics: PathLike | None = None,
+        save: PathLike | None = None, resume: PathLike | None = None,
+        rng: np.random.Generator | None = None, progress: bool = True, unit: str = "tok",
+        stream: TextIO | None = None, plot: PathLike | None = None,
+        config: dict[str, Any] | None = None,
+        on_eval: Callable[[dict[str, Any]], Any] | None = None) -> FitResult:
     """Train ``task.model`` with ``optimizer``; see the module docstring for ``task``.
 
     epochs : passes over ``task.data`` (counting those done before a resume)
@@ -178,154 +200,210 @@ def fit(task, optimizer, *, epochs=1, scheduler=None, clip=None, patience=None, 
     on_eval : optional callback ``on_eval(record)`` after each evaluation
     Returns a FitResult.
     """
-    model = task.model
     stream = sys.stderr if stream is None else stream
     for name, p in (("metrics", metrics), ("save", save), ("plot", plot)):
         if p is not None:
             _check_path_dir(name, p)
-    steps_per_epoch = len(task.data) if hasattr(task.data, "__len__") else None
-
-    step, epoch, best, bad_evals, history, losses = 0, 0, None, 0, [], []
-    epoch_open = False  # an epoch was started and not finished (after a mid-epoch resume)
+    loop = _Loop(task, optimizer, scheduler=scheduler, rng=rng, clip=clip, patience=patience,
+                 min_delta=min_delta, eval_every=eval_every, max_steps=max_steps,
+                 max_seconds=max_seconds, metrics=metrics, save=save, unit=unit,
+                 config=config, on_eval=on_eval)
     if resume is not None:
-        head = load_checkpoint(resume, expected=model.state_dict())
+        loop.resume(resume)
+    loop.run(epochs, progress, stream)
+    st = loop.state
+    if plot is not None and plot_losses(plot, st.losses, st.history) is None:
+        print("note: matplotlib is not installed; no plot written", file=stream)
+    return FitResult(step=st.step, epoch=st.epoch, best=st.best,
+                     last=st.history[-1] if st.history else None, history=st.history,
+                     stopped=st.stopped, elapsed_s=time.perf_counter() - loop.t0,
+                     losses=st.losses)
+
+
+class _FitState:
+    """Where the loop stands: what a checkpoint saves of it (``fields``, and the step in
+    the checkpoint's header) and why it stopped."""
+
+    fields = ("epoch", "best", "bad_evals", "history", "losses", "epoch_open")
+
+    def __init__(self):
+        self.step = 0              # optimizer steps taken
+        self.epoch = 0             # epochs completed
+        self.best = None           # the evaluation with the lowest loss
+        self.bad_evals = 0         # evaluations since it
+        self.history = []          # every evaluation
+        self.losses = []           # the training loss of every step
+        self.epoch_open = False    # an epoch was started and not finished
+        self.stopped = None        # why the loop ended, once it has
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "best": self.best, "bad_evals": self.bad_evals,
+                "history": self.history, "losses": np.asarray(self.losses, dtype=np.float64),
+                "epoch_open": self.epoch_open}
+
+    def load_state_dict(self, fit_state, step):
+        self.step = step
+        self.epoch = int(fit_state.get("epoch", 0))
+        self.best = fit_state.get("best")
+        self.bad_evals = int(fit_state.get("bad_evals", 0))
+        self.history = list(fit_state.get("history", []))
+        self.losses = [float(v) for v in np.asarray(fit_state.get("losses", np.zeros(0)))]
+        self.epoch_open = bool(fit_state.get("epoch_open", False))
+
+
+class _Loop:
+    """One fit(): the task and its optimizer, the settings, the state, and the steps
+    fit() is made of (resume, run, epoch, train step, evaluation, checkpoint)."""
+
+    def __init__(self, task, optimizer, *, scheduler, rng, clip, patience, min_delta,
+                 eval_every, max_steps, max_seconds, metrics, save, unit, config, on_eval):
+        self.task, self.model, self.optimizer = task, task.model, optimizer
+        self.scheduler, self.rng = scheduler, rng
+        self.clip, self.patience, self.min_delta = clip, patience, min_delta
+        self.eval_every, self.max_steps, self.max_seconds = eval_every, max_steps, max_seconds
+        self.metrics, self.save, self.unit = metrics, save, unit
+        self.config, self.on_eval = config, on_eval
+        self.state = _FitState()
+        self.t0 = self.t_since = time.perf_counter()
+        self.units_since = 0  # units trained since the last evaluation
+
+    def resume(self, path):
+        """Restore the model, optimizer, schedule, generator, data position, task and loop
+        state from a checkpoint of ``save``; refuse one of another configuration."""
+        head = load_checkpoint(path, expected=self.model.state_dict())
         extra = head["extra"] if isinstance(head["extra"], dict) else {}
-        if config is not None and extra.get("config") is not None:
-            saved = extra["config"]
-            diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        saved = extra.get("config")
+        if self.config is not None and saved is not None:
+            diff = sorted(k for k in set(saved) | set(self.config)
+                          if saved.get(k) != self.config.get(k))
             if diff:
-                raise CheckpointError(f"{os.path.basename(resume)}: checkpoint was made with a "
+                raise CheckpointError(f"{os.path.basename(path)}: checkpoint was made with a "
                                       f"different configuration ({', '.join(diff)})")
         try:
-            restore_checkpoint(resume, model, optimizer, scheduler, rng,
-                               data_iterator=task.data)
+            restore_checkpoint(path, self.model, self.optimizer, self.scheduler, self.rng,
+                               data_iterator=self.task.data)
         except (ValueError, TypeError) as e:
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"{os.path.basename(resume)}: checkpoint does not fit this "
+            raise CheckpointError(f"{os.path.basename(path)}: checkpoint does not fit this "
                                   f"run: {first_line(e)}") from None
-        fit_state = extra.get("fit") or {}
-        step = head["step"]
-        epoch = int(fit_state.get("epoch", 0))
-        best = fit_state.get("best")
-        bad_evals = int(fit_state.get("bad_evals", 0))
-        history = list(fit_state.get("history", []))
-        losses = [float(v) for v in np.asarray(fit_state.get("losses", np.zeros(0)))]
-        epoch_open = bool(fit_state.get("epoch_open", False))
-        if hasattr(task, "load_state_dict"):
-            task.load_state_dict(extra.get("task"))
+        self.state.load_state_dict(extra.get("fit") or {}, head["step"])
+        if hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(extra.get("task"))
 
-    def checkpoint():
-        if save is None:
+    def run(self, epochs, progress, stream):
+        """Epochs until ``epochs`` are done or a budget or early stopping ends the run."""
+        st = self.state
+        self.t0 = self.t_since = time.perf_counter()
+        data = self.task.data
+        per_epoch = len(data) if hasattr(data, "__len__") else None
+        self.model.train()
+        bar = Progress(total=None if per_epoch is None else epochs * per_epoch,
+                       initial=st.step, desc="train", unit=self.unit, stream=stream,
+                       enabled=progress)
+        try:
+            while st.epoch < epochs and st.stopped is None:
+                self.epoch(bar)
+        finally:
+            bar.close()
+        if st.stopped is None:
+            st.stopped = "epochs"
+
+    def epoch(self, bar):
+        """The rest of one epoch: its steps, the evaluations due, the checkpoint at its end
+        (or where a budget or early stopping cuts it short)."""
+        st = self.state
+        if not st.epoch_open and hasattr(self.task, "start_epoch"):
+            self.task.start_epoch()
+        st.epoch_open = True
+        for batch in self.task.data:
+            self.train_step(batch, bar)
+            if self.max_steps is not None and st.step >= self.max_steps:
+                st.stopped = "max_steps"
+            elif (self.max_seconds is not None
+                  and time.perf_counter() - self.t0 >= self.max_seconds):
+                st.stopped = "max_seconds"
+            if st.stopped is not None:
+                break
+            if self.eval_every and st.step % self.eval_every == 0:
+                self.evaluate("step")
+                if self._out_of_patience():
+                    st.stopped = "early_stopping"
+                    break
+        else:
+            st.epoch += 1
+            st.epoch_open = False
+            self.evaluate("epoch")
+            if self._out_of_patience():
+                st.stopped = "early_stopping"
+            self.checkpoint()
             return
-        fit_state = {"epoch": epoch, "best": best, "bad_evals": bad_evals, "history": history,
-                     "losses": np.asarray(losses, dtype=np.float64), "epoch_open": epoch_open}
-        extra = {"fit": fit_state, "data": task.data.state_dict(), "config": config,
-                 "task": task.state_dict() if hasattr(task, "state_dict") else None}
-        save_checkpoint(save, model.state_dict(),
-                        optimizer.state_dict(),
-                        None if scheduler is None else scheduler.state_dict(),
-                        None if rng is None else rng.bit_generator.state, step, extra)
+        # left the epoch early: a budget or early stopping
+        if st.stopped in ("max_steps", "max_seconds"):
+            self.evaluate("final")
+        self.checkpoint()
 
-    t0 = time.perf_counter()
-    units_since, t_since = 0, time.perf_counter()
+    def _out_of_patience(self):
+        return self.patience is not None and self.state.bad_evals >= self.patience
 
-    def evaluate(kind):
-        nonlocal best, bad_evals, units_since, t_since
-        model.eval()
-        m = dict(task.evaluate())
-        model.train()
+    def train_step(self, batch, bar):
+        """One optimizer step: zero_grad, the task's forward and backward, clip, step."""
+        st = self.state
+        self.model.zero_grad()
+        loss_sum, units = self.task.train_step(batch)
+        loss = float(loss_sum) / max(units, 1)
+        if not math.isfinite(loss):
+            raise TrainingError(f"the training loss became {loss} at step {st.step + 1}; "
+                                "lower the learning rate or clip the gradients")
+        if self.clip is not None:
+            clip_grad_norm(self.model.grads, self.clip)
+        self.optimizer.step(self.model.grads)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        st.step += 1
+        st.losses.append(loss)
+        self.units_since += units
+        bar.update(1, loss, units)
+
+    def evaluate(self, kind):
+        """Held-out metrics as a record (kept, written to the metrics file, passed to
+        on_eval); the early-stopping bookkeeping. A non-finite loss ends training."""
+        st = self.state
+        self.model.eval()
+        m = dict(self.task.evaluate())
+        self.model.train()
         now = time.perf_counter()
-        rec = {"kind": kind, "epoch": epoch, "step": step,
-               "train_loss": float(np.mean(losses[-100:])) if losses else None,
+        rec = {"kind": kind, "epoch": st.epoch, "step": st.step,
+               "train_loss": float(np.mean(st.losses[-100:])) if st.losses else None,
                **{k: (float(v) if isinstance(v, (np.floating, float)) else v)
                   for k, v in m.items()},
-               f"{unit}_per_s": units_since / max(now - t_since, 1e-9),
-               "lr": float(optimizer.lr), "elapsed_s": now - t0}
-        units_since, t_since = 0, now
+               f"{self.unit}_per_s": self.units_since / max(now - self.t_since, 1e-9),
+               "lr": float(self.optimizer.lr), "elapsed_s": now - self.t0}
+        self.units_since, self.t_since = 0, now
         if not math.isfinite(rec["loss"]):  # the model diverged: its checkpoint is worthless
-            raise TrainingError(f"the held-out loss became {rec['loss']} at step {step}; "
+            raise TrainingError(f"the held-out loss became {rec['loss']} at step {st.step}; "
                                 "lower the learning rate or clip the gradients")
-        if best is None or rec["loss"] < best["loss"] - min_delta:
-            best, bad_evals = rec, 0
+        if st.best is None or rec["loss"] < st.best["loss"] - self.min_delta:
+            st.best, st.bad_evals = rec, 0
         else:
-            bad_evals += 1
-        rec["best_loss"] = best["loss"]
-        history.append(rec)
-        if metrics is not None:
-            _append_jsonl(metrics, rec)
-        if on_eval is not None:
-            on_eval(rec)
+            st.bad_evals += 1
+        rec["best_loss"] = st.best["loss"]
+        st.history.append(rec)
+        if self.metrics is not None:
+            _append_jsonl(self.metrics, rec)
+        if self.on_eval is not None:
+            self.on_eval(rec)
         return rec
 
-    stopped = None
-    model.train()
-    bar = Progress(total=None if steps_per_epoch is None else epochs * steps_per_epoch,
-                   desc="train", unit=unit, stream=stream, enabled=progress)
-    if bar._bar is not None:
-        bar._bar.update(step)
-    try:
-        while epoch < epochs and stopped is None:
-            if not epoch_open and hasattr(task, "start_epoch"):
-                task.start_epoch()
-            epoch_open = True
-            for batch in task.data:
-                model.zero_grad()
-                loss_sum, units = task.train_step(batch)
-                loss = float(loss_sum) / max(units, 1)
-                if not math.isfinite(loss):
-                    raise TrainingError(f"the training loss became {loss} at step {step + 1}; "
-                                        "lower the learning rate or clip the gradients")
-                if clip is not None:
-                    clip_grad_norm(model.grads, clip)
-                optimizer.step(model.grads)
-                if scheduler is not None:
-                    scheduler.step()
-                step += 1
-                losses.append(loss)
-                units_since += units
-                bar.update(1, loss, units)
-                if max_steps is not None and step >= max_steps:
-                    stopped = "max_steps"
-                elif max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
-                    stopped = "max_seconds"
-                if stopped is not None:
-                    break
-                if eval_every and step % eval_every == 0:
-                    evaluate("step")
-                    if patience is not None and bad_evals >= patience:
-                        stopped = "early_stopping"
-                        break
-            else:
-                epoch += 1
-                epoch_open = False
-                evaluate("epoch")
-                if patience is not None and bad_evals >= patience:
-                    stopped = "early_stopping"
-                checkpoint()
-                continue
-            # left the epoch early: a budget or early stopping
-            if stopped in ("max_steps", "max_seconds"):
-                evaluate("final")
-            checkpoint()
-    finally:
-        bar.close()
-    if stopped is None:
-        stopped = "epochs"
-    if plot is not None and plot_losses(plot, losses, history) is None:
-        print("note: matplotlib is not installed; no plot written", file=stream)
-    return FitResult(step=step, epoch=epoch, best=best, last=history[-1] if history else None,
-                     history=history, stopped=stopped, elapsed_s=time.perf_counter() - t0,
-                     losses=losses)
-
-
-def fit_from_flags(task, optimizer, args, *, max_minutes, paths=lambda path: path, **kw):
-    """fit() driven by the commands' shared flags (``rnnfuse.__main__._add_shared``):
-    epochs, clip, patience, eval_every, steps, save/resume/metrics/plot (each passed through
-    ``paths``, e.g. to give each of several models its own file) and quiet; ``max_minutes``
-    is the command's resolved time budget (None: no limit). Other fit() arguments in ``kw``."""
-    return fit(task, optimizer, epochs=args.epochs, clip=args.clip or None,
-               patience=args.patience, eval_every=args.eval_every, max_steps=args.steps,
-               max_seconds=None if max_minutes is None else max_minutes * 60,
-               metrics=paths(args.metrics), save=paths(args.save), resume=paths(args.resume),
-               plot=paths(args.plot), progress=not args.quiet, **kw)
+    def checkpoint(self):
+        """Write the checkpoint of ``save`` (atomically), if there is one."""
+        if self.save is None:
+            return
+        task, sched = self.task, self.scheduler
+        extra = {"fit": self.state.state_dict(), "data": task.data.state_dict(),
+                 "config": self.config,
+                 "task": task.state_dict() if hasattr(task, "state_dict") else None}
+        save_checkpoint(self.save, self.model.state_dict(), self.optimizer.state_dict(),
+                        None if sched is None else sched.state_dict(),
+                        None if self.rng is None else self.rng.bit_generator.state,
+                        self.state.step, extra)

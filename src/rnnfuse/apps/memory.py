@@ -12,24 +12,24 @@ With several cells, the --save/--resume/--metrics/--plot paths get the cell name
 before their extension (``ck.rnnf`` -> ``ck.lstm.rnnf``); ``--max-minutes`` is the total
 budget, split evenly across the cells; ``--steps`` (default 3000) applies to each cell.
 """
+import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-from .layers import GRU, LSTM, RNN, Linear, Sequential
-from .losses import mse_loss
-from .tasks import InputError, check_shared_flags
+from ..data import PairBatches
+from ..layers import Linear, Sequential
+from ..losses import mse_loss
+from .common import (CELLS, add_shared_flags, check_flags, check_shared_flags,
+                     check_train_size, fit_from_flags, once_per_step, progress_stream)
 
 __all__ = ["add_parser", "run", "adding_problem", "AddingTask"]
 
-CELLS = ("lstm", "gru", "rnn")
-_CLASSES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 BASELINE = 1.0  # the trivial prediction; its expected MSE is Var(u1 + u2) = 1/6
 
 
-def add_parser(sub, add_shared):
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="the adding problem: LSTM vs GRU vs tanh RNN",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--length", type=int, default=100,
@@ -40,7 +40,7 @@ def add_parser(sub, add_shared):
                    help="training sequences (default: %(default)s)")
     p.add_argument("--heldout-size", type=int, default=2000,
                    help="held-out sequences (default: %(default)s)")
-    add_shared(p, hidden=64, layers=1, epochs=100)
+    add_shared_flags(p, hidden=64, layers=1, epochs=100)
     # cell None: all three; steps is per cell, max_minutes the total
     p.set_defaults(cell=None, steps=3000, max_minutes=5.0, eval_every=500, lr=2e-3)
     return p
@@ -60,45 +60,19 @@ def adding_problem(n, length, rng, dtype=np.float32):
     return x, y
 
 
-class _Batches:
-    """Mini-batches of a fixed training set, reshuffled each epoch; the train.fit data
-    protocol (``for`` runs one epoch, resumable through ``state_dict``)."""
-
-    def __init__(self, x, y, batch, rng):
-        self.x, self.y, self.batch, self.rng = x, y, batch, rng
-        self.epoch, self._pos, self._order = 0, 0, None
-
-    def __len__(self):
-        return self.x.shape[1] // self.batch  # drop the last, partial batch
-
-    def __iter__(self):
-        if self._order is None:
-            self._order, self._pos = self.rng.permutation(self.x.shape[1]), 0
-        while self._pos < len(self):
-            i = self._order[self._pos * self.batch:(self._pos + 1) * self.batch]
-            self._pos += 1
-            yield self.x[:, i], self.y[i]
-        self._order, self.epoch = None, self.epoch + 1
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self._pos,
-                "order": np.zeros(0, np.int64) if self._order is None else self._order}
-
-    def load_state_dict(self, sd):
-        self.epoch, self._pos = int(sd["epoch"]), int(sd["position"])
-        order = np.asarray(sd["order"], dtype=np.int64)
-        self._order = order if order.size else None
-
-
 class AddingTask:
-    """Recurrent stack -> final hidden state -> Linear(hidden, 1); MSE."""
+    """Recurrent stack -> final hidden state -> Linear(hidden, 1); MSE.
+
+    ``train`` and ``heldout`` are ``adding_problem``'s ``(x (T, N, 2), y (N, 1))``; the
+    training batches are drawn from ``rng`` (train.fit saves and restores it)."""
 
     def __init__(self, cell, hidden, layers, train, heldout, batch, rng, seed=0):
         r1, r2 = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-        self.rnn = _CLASSES[cell](2, hidden, num_layers=layers, seed=r1)
+        self.rnn = CELLS[cell](2, hidden, num_layers=layers, seed=r1)
         self.head = Linear(hidden, 1, seed=r2)
         self.model = Sequential(self.rnn, self.head)  # the parameter container
-        self.data = _Batches(*train, batch, rng)
+        x, y = train
+        self.data = PairBatches(x.swapaxes(0, 1), y, batch, rng=rng, drop_last=True)
         self.heldout = heldout
 
     def predict(self, x):
@@ -133,58 +107,52 @@ def _suffixed(path, cell, many):
 
 def _check(args):
     check_shared_flags(args)
-    if args.length < 2:
-        raise InputError(f"--length must be >= 2, got {args.length}")
-    if args.train_size < args.batch:
-        raise InputError(f"--train-size ({args.train_size}) must be >= --batch ({args.batch})")
-    if args.heldout_size < 1:
-        raise InputError(f"--heldout-size must be >= 1, got {args.heldout_size}")
+    check_flags(args, "length", minimum=2)
+    check_train_size(args)
+    check_flags(args, "heldout_size")
 
 
-def run(args):
+def _train_cell(cell, args, train_set, heldout, baseline, out, n_cells):
+    """Train one of ``n_cells`` cells as the flags say; its results for the report."""
+    from .. import optim
+
+    rng = np.random.default_rng(args.seed)
+    task = AddingTask(cell, args.hidden, args.layers, train_set, heldout, args.batch, rng,
+                      seed=args.seed)
+    opt = optim.Adam(task.model.named_parameters(), lr=args.lr)
+    config = {"task": "memory", "cell": cell, "hidden": args.hidden, "layers": args.layers,
+              "length": args.length, "batch": args.batch, "train_size": args.train_size}
+
+    def report(rec):
+        print(f"eval  {cell:4s} step {rec['step']}: held-out MSE {rec['mse']:.5f} "
+              f"(baseline {baseline:.4f}), {rec['seq_per_s']:,.0f} seq/s, "
+              f"{rec['elapsed_s']:.0f} s", file=out, flush=True)
+
+    share = None if args.max_minutes is None else args.max_minutes / n_cells
+    many = n_cells > 1
+    res = fit_from_flags(task, opt, args, max_minutes=share,
+                         paths=lambda path: _suffixed(path, cell, many), rng=rng, unit="seq",
+                         stream=out, config=config, on_eval=once_per_step(report))
+    return {"mse": res.last["mse"], "best_mse": res.best["mse"], "steps": res.step,
+            "stopped": res.stopped, "elapsed_s": round(res.elapsed_s, 3)}
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: train the cells, print their held-out MSE. Returns the exit status."""
     from threadpoolctl import threadpool_limits
 
-    from . import optim, train
-
     _check(args)
-    out = open(os.devnull, "w") if args.quiet else sys.stderr
-    cells = CELLS if args.cell is None else (args.cell,)
-    many = len(cells) > 1
+    cells = tuple(CELLS) if args.cell is None else (args.cell,)
     data_rng = np.random.default_rng([args.seed, 1])
     train_set = adding_problem(args.train_size, args.length, data_rng)
     heldout = adding_problem(args.heldout_size, args.length, data_rng)
     baseline = float(np.mean(np.square(heldout[1].astype(np.float64) - BASELINE)))
-    print(f"memory: adding problem, length {args.length}, {args.train_size:,} training / "
-          f"{args.heldout_size:,} held-out sequences; baseline (always {BASELINE}) MSE "
-          f"{baseline:.4f}", file=out)
-
-    results = {}
-    with threadpool_limits(limits=args.threads):
-        for cell in cells:
-            rng = np.random.default_rng(args.seed)
-            task = AddingTask(cell, args.hidden, args.layers, train_set, heldout, args.batch,
-                              rng, seed=args.seed)
-            opt = optim.Adam(task.model.named_parameters(), lr=args.lr)
-            config = {"task": "memory", "cell": cell, "hidden": args.hidden,
-                      "layers": args.layers, "length": args.length, "batch": args.batch,
-                      "train_size": args.train_size}
-
-            def report(rec, cell=cell, seen=set()):
-                if rec["step"] in seen:  # an epoch's end on an --eval-every step
-                    return
-                seen.add(rec["step"])
-                print(f"eval  {cell:4s} step {rec['step']}: held-out MSE {rec['mse']:.5f} "
-                      f"(baseline {baseline:.4f}), {rec['seq_per_s']:,.0f} seq/s, "
-                      f"{rec['elapsed_s']:.0f} s", file=out, flush=True)
-
-            share = None if args.max_minutes is None else args.max_minutes / len(cells)
-            res = train.fit_from_flags(
-                task, opt, args, max_minutes=share,
-                paths=lambda path: _suffixed(path, cell, many), rng=rng, unit="seq",
-                stream=out, config=config, on_eval=report)
-            results[cell] = {"mse": res.last["mse"], "best_mse": res.best["mse"],
-                             "steps": res.step, "stopped": res.stopped,
-                             "elapsed_s": round(res.elapsed_s, 3)}
+    with progress_stream(args.quiet) as out, threadpool_limits(limits=args.threads):
+        print(f"memory: adding problem, length {args.length}, {args.train_size:,} training / "
+              f"{args.heldout_size:,} held-out sequences; baseline (always {BASELINE}) MSE "
+              f"{baseline:.4f}", file=out)
+        results = {cell: _train_cell(cell, args, train_set, heldout, baseline, out,
+                                     len(cells)) for cell in cells}
 
     parts = ", ".join(f"{c.upper()} {r['mse']:.4f}" for c, r in results.items())
     print(f"held-out MSE at length {args.length}: {parts} (baseline {baseline:.4f}); "

@@ -1,60 +1,31 @@
-"""Tasks for ``rnnfuse.train.fit``: data, model and step of each command-line job.
+"""``python -m rnnfuse charlm``: a character-level language model.
 
-charlm: a character-level language model (Embedding -> LSTM/GRU/RNN stack -> Linear)
-trained with truncated backpropagation through time on one text (a file, or by default a
-seeded selection of the Python standard library's own ``.py`` sources, read at run time).
+Embedding -> LSTM/GRU/RNN stack -> Linear, trained with truncated backpropagation through
+time on one text (a file, or by default a seeded selection of the Python standard
+library's own ``.py`` sources, read at run time); reports held-out bits per character
+beside the unigram baseline and prints a sample.
 """
+import argparse
+import json
 import math
 import os
+import sys
 import sysconfig
 
 import numpy as np
 
-from .layers import GRU, LSTM, RNN, Embedding, Linear, Sequential
-from .losses import cross_entropy
+from ..layers import Embedding, Linear, Sequential
+from ..losses import cross_entropy
+from .common import (CELLS, InputError, add_shared_flags, check_flag, check_flags,
+                     check_interval, check_shared_flags, fit_from_flags, progress_stream)
 
-__all__ = ["InputError", "check_flag", "check_shared_flags", "read_text", "stdlib_corpus",
-           "Vocab", "StreamWindows", "CharLM"]
+__all__ = ["add_parser", "run", "read_text", "stdlib_corpus", "Vocab", "unigram_bits",
+           "StreamWindows", "char_model", "CharLM"]
 
 LN2 = math.log(2.0)
 
 
-class InputError(ValueError):
-    """Bad user input (a missing, empty or undecodable text); the message is one line."""
-
-
 # ---------------------------------------------------------------- corpora
-
-def check_flag(name, value, minimum=1):
-    """A command-line number that must be at least ``minimum`` (None: not given)."""
-    if value is not None and value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-
-
-# The most any integer flag may be (the seed excepted): far past what fits in memory, and
-# short of sizes NumPy cannot even express as a shape.
-MAX_INT_FLAG = 2**31 - 1
-
-
-def check_shared_flags(args):
-    """The flags every training command takes (``rnnfuse.__main__._add_shared``, and
-    --batch, which each defines), and the upper bound on all its integer flags; each
-    command checks its own. --max-minutes 0 (or less) becomes None: no limit."""
-    for name, value in vars(args).items():
-        if type(value) is int and name != "seed" and value > MAX_INT_FLAG:
-            raise InputError(f"--{name.replace('_', '-')} must be <= {MAX_INT_FLAG}, got {value}")
-    for name in ("hidden", "layers", "epochs", "batch", "threads", "steps", "patience",
-                 "eval_every"):
-        check_flag(f"--{name.replace('_', '-')}", getattr(args, name))
-    check_flag("--seed", args.seed, 0)
-    for name in ("lr", "clip"):
-        if not 0 <= getattr(args, name) < math.inf:  # NaN fails too
-            raise InputError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
-    if args.max_minutes is not None and math.isnan(args.max_minutes):
-        raise InputError("--max-minutes must be a number (0 for no limit), got nan")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        args.max_minutes = None
-
 
 def read_text(path):
     """The UTF-8 text of ``path``; InputError if it is missing, unreadable, empty or not UTF-8."""
@@ -207,21 +178,19 @@ class StreamWindows:
 
 # ---------------------------------------------------------------- the model and task
 
-_CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
-
-
 def char_model(vocab_size, cell="lstm", hidden=256, layers=1, embed=64, seed=0,
                dtype=np.float32):
     ss = np.random.SeedSequence(seed).spawn(3)
     rngs = [np.random.default_rng(s) for s in ss]
     return Sequential(Embedding(vocab_size, embed, dtype=dtype, seed=rngs[0]),
-                      _CELLS[cell](embed, hidden, num_layers=layers, dtype=dtype, seed=rngs[1]),
+                      CELLS[cell](embed, hidden, num_layers=layers, dtype=dtype, seed=rngs[1]),
                       Linear(hidden, vocab_size, dtype=dtype, seed=rngs[2]))
 
 
 class CharLM:
     """The charlm task: train on ``train_ids`` with carried state, evaluate bits per char
-    on ``heldout_ids`` (forward only, state carried over windows of ``eval_k`` steps)."""
+    on ``heldout_ids`` (forward only, state carried over windows of ``eval_k`` steps).
+    ``model`` is ``char_model``'s Sequential(Embedding, recurrent stack, Linear)."""
 
     def __init__(self, model, train_ids, heldout_ids, k, batch_size, rng, eval_batch=64,
                  eval_k=256):
@@ -267,25 +236,154 @@ class CharLM:
 
     def sample(self, vocab, prime="", length=300, temperature=1.0, rng=None):
         """Generated text: ``prime`` then ``length`` characters drawn at ``temperature``
-        (0: greedy)."""
+        (0: greedy). The prime runs through the model in eval mode; then each character
+        is one step of a stream of the recurrent stack (its state kept between steps).
+        The model is left in the mode it was in."""
         rng = np.random.default_rng() if rng is None else rng
+        embed, rnn, head = self.model.layers
+        was_training = self.model.training
         self.model.eval()
-        ids = vocab.encode(prime) if prime else np.array([vocab.encode("\n")[0]])
-        logits, state = self.model.forward(ids[:, None], None)
-        out = []
-        last = logits[-1, 0].astype(np.float64)
-        for _ in range(length):
-            with np.errstate(over="ignore"):
-                z = last / temperature if temperature > 0 else last
-            if temperature <= 0 or not np.isfinite(z).all():  # greedy: the limit of a tiny
-                # temperature (whose z overflows), and the only choice with NaN logits
-                nxt = int(np.argmax(last))
-            else:
-                p = np.exp(z - z.max())
-                p /= p.sum()
-                nxt = int(rng.choice(len(p), p=p))
-            out.append(nxt)
-            logits, state = self.model.forward(np.array([[nxt]]), state)
-            last = logits[-1, 0].astype(np.float64)
-        self.model.train()
+        try:
+            ids = vocab.encode(prime) if prime else np.array([vocab.encode("\n")[0]])
+            logits, (state,) = self.model.forward(ids[:, None], None)
+            stream, out = rnn.stream(1, state), []
+            while len(out) < length:
+                if out:  # a forward over one step, in its shapes (1, 1, ...): its numbers
+                    logits = head.forward(stream.step(embed.forward(np.array([out[-1]])))[None])
+                out.append(_draw(logits[-1, 0].astype(np.float64), temperature, rng))
+        finally:
+            self.model.train(was_training)
         return prime + vocab.decode(out)
+
+
+def _draw(logits, temperature, rng):
+    """The next id: drawn from softmax(logits / temperature), or the argmax."""
+    with np.errstate(over="ignore"):
+        z = logits / temperature if temperature > 0 else logits
+    if temperature <= 0 or not np.isfinite(z).all():  # greedy: the limit of a tiny
+        # temperature (whose z overflows), and the only choice with NaN logits
+        return int(np.argmax(logits))
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+# ---------------------------------------------------------------- the command
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    c = sub.add_parser("charlm", help="train a character-level language model",
+                       description="Character-level language model (Embedding -> recurrent "
+                       "stack -> Linear) trained with truncated BPTT; reports held-out bits "
+                       "per character beside the unigram baseline and prints a sample. "
+                       "Without --text it trains on a seeded selection of the Python "
+                       "standard library's .py sources.")
+    c.add_argument("--text", metavar="FILE", help="UTF-8 training text (default: the Python "
+                   "standard library's sources)")
+    c.add_argument("--max-chars", type=int, default=3_000_000,
+                   help="cap on the default corpus (default: %(default)s)")
+    c.add_argument("--heldout", type=float, default=0.05,
+                   help="fraction held out for evaluation (default: %(default)s)")
+    c.add_argument("--bptt", type=int, default=64, help="TBPTT window k (default: %(default)s)")
+    c.add_argument("--batch", type=int, default=64, help="rows per batch (default: %(default)s)")
+    c.add_argument("--embed", type=int, default=64, help="embedding size (default: %(default)s)")
+    c.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature, 0 for greedy (default: %(default)s)")
+    c.add_argument("--sample", type=int, default=300, metavar="N",
+                   help="characters to generate after training, 0 for none (default: %(default)s)")
+    c.add_argument("--prime", default="def ", help="text the sample starts from")
+    add_shared_flags(c, hidden=256, layers=1, epochs=20)
+    c.set_defaults(max_minutes=4.0, eval_every=500)
+    return c
+
+
+def _check(args):
+    check_shared_flags(args)
+    check_flags(args, "bptt", "embed", "max_chars")
+    check_flag("--sample", args.sample, 0)
+    if not args.temperature >= 0:  # NaN fails too
+        raise InputError(f"--temperature must be >= 0, got {args.temperature}")
+    check_interval("--heldout", args.heldout, 0, 0.5)
+
+
+def _corpus(args):
+    """(training text, held-out text, a description of the source): the held-out text is
+    the last documents of the default corpus, or the tail of --text."""
+    if args.text is not None:
+        text = read_text(args.text)
+        cut = int(len(text) * (1 - args.heldout))
+        train_text, held_text, source = text[:cut], text[cut:], args.text
+    else:
+        docs, _ = stdlib_corpus(args.max_chars, seed=0)
+        total, acc, cut = sum(map(len, docs)), 0, len(docs)
+        for i, d in enumerate(docs):
+            acc += len(d)
+            if acc > total * (1 - args.heldout):
+                cut = max(1, i)
+                break
+        train_text, held_text = "\n".join(docs[:cut]), "\n".join(docs[cut:])
+        source = f"Python {sys.version.split()[0]} standard library ({len(docs)} files)"
+    if len(held_text) < 2:
+        raise InputError("the text is too short to hold out any of it for evaluation")
+    return train_text, held_text, source
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: train, print held-out bits per character and a sample. Returns the exit
+    status."""
+    from threadpoolctl import threadpool_limits
+
+    from .. import optim
+
+    _check(args)
+    with progress_stream(args.quiet) as out:
+        train_text, held_text, source = _corpus(args)
+        vocab = Vocab(train_text, min_count=1)
+        train_ids, held_ids = vocab.encode(train_text), vocab.encode(held_text)
+        entropy, unigram = unigram_bits(train_ids, held_ids, vocab.size)
+        print(f"charlm: {source}: {len(train_ids):,} training / {len(held_ids):,} held-out "
+              f"chars, vocabulary {vocab.size}", file=out)
+        rng = np.random.default_rng(args.seed)
+        model = char_model(vocab.size, args.cell, args.hidden, args.layers, args.embed,
+                           seed=args.seed)
+        opt = optim.Adam(model.named_parameters(), lr=args.lr)
+        task = CharLM(model, train_ids, held_ids, args.bptt, args.batch, rng)
+        config = {"task": "charlm", "cell": args.cell, "hidden": args.hidden,
+                  "layers": args.layers, "embed": args.embed, "vocab": vocab.size,
+                  "bptt": args.bptt, "batch": args.batch}
+
+        def report(rec):
+            print(f"eval  epoch {rec['epoch']} step {rec['step']}: held-out {rec['bpc']:.3f} "
+                  f"bits/char (unigram {unigram:.3f}), {rec['tok_per_s']:,.0f} chars/s, "
+                  f"{rec['elapsed_s']:.0f} s", file=out, flush=True)
+
+        with threadpool_limits(limits=args.threads):
+            result = fit_from_flags(task, opt, args, max_minutes=args.max_minutes, rng=rng,
+                                    unit="tok", stream=out, config=config, on_eval=report)
+            sample = (task.sample(vocab, args.prime, args.sample, args.temperature,
+                                  np.random.default_rng(args.seed))
+                      if args.sample > 0 else "")
+    _print_result(args, result, sample, {
+        "unigram_bpc": unigram, "train_entropy_bits": entropy,
+        "train_chars": int(len(train_ids)), "heldout_chars": int(len(held_ids)),
+        "vocab": vocab.size}, config)
+    return 0
+
+
+def _print_result(args, result, sample, data, config):
+    last = result.last
+    print(f"held-out bits/char: {last['bpc']:.4f} (unigram baseline {data['unigram_bpc']:.4f}; "
+          f"training-text entropy {data['train_entropy_bits']:.4f}) after {result.step} "
+          f"steps, {result.elapsed_s:.0f} s ({result.stopped})")
+    if sample:
+        print(f"--- sample (temperature {args.temperature}) ---")
+        print(sample)
+        print("---")
+    if args.json:
+        print(json.dumps({"command": "charlm", "bpc": last["bpc"], "best_bpc": result.best["bpc"],
+                          "unigram_bpc": data["unigram_bpc"],
+                          "train_entropy_bits": data["train_entropy_bits"],
+                          "steps": result.step, "epochs": result.epoch,
+                          "stopped": result.stopped, "elapsed_s": round(result.elapsed_s, 3),
+                          "chars_per_s": last["tok_per_s"], "train_chars": data["train_chars"],
+                          "heldout_chars": data["heldout_chars"], "vocab": data["vocab"],
+                          **config, "cell": args.cell, "seed": args.seed}))

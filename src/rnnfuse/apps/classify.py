@@ -6,26 +6,25 @@ with ``x`` (N, T, F) numbers and ``y`` (N,) integer labels. A recurrent stack
 (``--bidirectional`` optional) -> final hidden state -> Linear -> cross-entropy over
 (B, C); seeded, stratified train/test split; reports test accuracy.
 """
+import argparse
 import json
-import os
-import sys
 
 import numpy as np
 
-from ._checks import first_line
-from .cmd_forecast import FinalState
-from .data import PairBatches
+from .._checks import first_line
+from ..data import PairBatches
+from .common import (FinalState, InputError, add_shared_flags, check_interval,
+                     check_shared_flags, fit_from_flags, progress_stream)
 
 __all__ = ["add_parser", "run", "load_npz", "Classify"]
 
 
 def load_digits():
     """(x (1797, 8, 8) float32 in [0, 1], y (1797,) int64)."""
-    from .tasks import InputError as _UserError
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError:
-        raise _UserError("the default digits data needs scikit-learn: "
+        raise InputError("the default digits data needs scikit-learn: "
                          "pip install 'rnnfuse[examples]' (or give --npz FILE)") from None
     d = _load()
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
@@ -35,7 +34,6 @@ def load_npz(path):
     """x (N, T, F) float32 and y (N,) int64 from an .npz file; InputError when unusable."""
     import zipfile
 
-    from .tasks import InputError
     try:
         f = np.load(path, allow_pickle=False)
         if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy: one array, no names
@@ -89,7 +87,7 @@ class Classify:
         self.x_test, self.y_test, self.eval_batch = x_test, y_test, eval_batch
 
     def train_step(self, batch):
-        from .losses import cross_entropy
+        from ..losses import cross_entropy
         x, y = batch
         logits = self.model.forward(x)
         loss, dlogits = cross_entropy(logits, y)
@@ -97,7 +95,7 @@ class Classify:
         return float(loss) * len(y), len(y)
 
     def evaluate(self):
-        from .losses import cross_entropy
+        from ..losses import cross_entropy
         nll, correct = 0.0, 0
         for a in range(0, len(self.x_test), self.eval_batch):
             x = np.ascontiguousarray(self.x_test[a:a + self.eval_batch].swapaxes(0, 1))
@@ -109,7 +107,7 @@ class Classify:
         return {"loss": nll / n, "accuracy": correct / n}
 
 
-def add_parser(sub, add_shared):
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "classify", help="classify sequences (default: 8x8 digits read row by row)",
         description="Sequence classification: recurrent stack -> final hidden state -> "
@@ -124,37 +122,36 @@ def add_parser(sub, add_shared):
                    "(default: %(default)s)")
     p.add_argument("--bidirectional", action="store_true",
                    help="run the stack in both directions")
-    add_shared(p, hidden=128, layers=1, epochs=60)
+    add_shared_flags(p, hidden=128, layers=1, epochs=60)
     p.set_defaults(max_minutes=4.0)
     return p
 
 
-def run(args):
-    from threadpoolctl import threadpool_limits
-
-    from . import optim, train
-    from .tasks import InputError, check_shared_flags
-
-    check_shared_flags(args)
-    if not 0 < args.test < 1:
-        raise InputError(f"--test must lie in (0, 1), got {args.test}")
-    out = open(os.devnull, "w") if args.quiet else sys.stderr
-
+def _data(args):
+    """(x, y, a description of where they come from)."""
     if args.npz is not None:
         x, y = load_npz(args.npz)
-        source = args.npz
-    else:
-        x, y = load_digits()
-        source = "scikit-learn digits (8 rows x 8 pixels)"
+        return x, y, args.npz
+    x, y = load_digits()
+    return x, y, "scikit-learn digits (8 rows x 8 pixels)"
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: train on a stratified split, print the test accuracy. Returns the exit
+    status."""
+    from threadpoolctl import threadpool_limits
+
+    from .. import optim
+
+    check_shared_flags(args)
+    check_interval("--test", args.test, 0, 1)
+    x, y, source = _data(args)
     classes = int(y.max()) + 1 if len(y) else 0
     tr, te = stratified_split(y, args.test, args.seed)
     if len(tr) < 1 or len(te) < 1 or classes < 2:
         raise InputError(f"{source}: too few sequences ({len(y)}) or classes ({classes}) "
                          "to train and test on")
     majority = float(np.mean(y[te] == np.bincount(y[tr], minlength=classes).argmax()))
-    print(f"classify: {source}: {len(tr)} training / {len(te)} test sequences of "
-          f"{x.shape[1]} steps x {x.shape[2]} features, {classes} classes", file=out)
-
     model = FinalState(args.cell, x.shape[2], args.hidden, args.layers, classes,
                        bidirectional=args.bidirectional, seed=args.seed)
     opt = optim.Adam(model.named_parameters(), lr=args.lr)
@@ -165,16 +162,18 @@ def run(args):
     config = {"task": "classify", "cell": args.cell, "hidden": args.hidden,
               "layers": args.layers, "bidirectional": args.bidirectional,
               "batch": args.batch, "classes": classes, "source": source}
+    with progress_stream(args.quiet) as out, threadpool_limits(limits=args.threads):
+        print(f"classify: {source}: {len(tr)} training / {len(te)} test sequences of "
+              f"{x.shape[1]} steps x {x.shape[2]} features, {classes} classes", file=out)
 
-    def report(rec):
-        print(f"eval  epoch {rec['epoch']} step {rec['step']}: test accuracy "
-              f"{rec['accuracy']:.4f}, loss {rec['loss']:.4f}, {rec['elapsed_s']:.0f} s",
-              file=out, flush=True)
+        def report(rec):
+            print(f"eval  epoch {rec['epoch']} step {rec['step']}: test accuracy "
+                  f"{rec['accuracy']:.4f}, loss {rec['loss']:.4f}, {rec['elapsed_s']:.0f} s",
+                  file=out, flush=True)
 
-    with threadpool_limits(limits=args.threads):
-        result = train.fit_from_flags(task, opt, args, max_minutes=args.max_minutes,
-                                      scheduler=sched, unit="seq", stream=out, config=config,
-                                      on_eval=report)
+        result = fit_from_flags(task, opt, args, max_minutes=args.max_minutes,
+                                scheduler=sched, unit="seq", stream=out, config=config,
+                                on_eval=report)
     acc = result.last["accuracy"]
     print(f"test accuracy: {acc:.4f} ({round(acc * len(te))}/{len(te)}; majority class "
           f"{majority:.4f}) after {result.step} steps, {result.elapsed_s:.0f} s "

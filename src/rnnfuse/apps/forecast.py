@@ -11,19 +11,17 @@ dx/dt = 0.2 x(t-tau) / (1 + x(t-tau)^10) - 0.1 x(t), tau = 17, integrated with R
 dt = 0.1 from x = 1.2 and sampled every 6 time units (the classic x(t+6) benchmark
 setting), after discarding a transient.
 """
+import argparse
 import csv
 import json
-import os
-import sys
 
 import numpy as np
 
-from .data import PairBatches
-from .layers import GRU, LSTM, RNN, Linear, Sequential
+from ..data import PairBatches
+from .common import (FinalState, InputError, add_shared_flags, check_flags, check_interval,
+                     check_shared_flags, fit_from_flags, progress_stream)
 
-__all__ = ["add_parser", "run", "mackey_glass", "read_csv_column", "FinalState"]
-
-_CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+__all__ = ["add_parser", "run", "mackey_glass", "read_csv_column", "Forecast"]
 
 
 # ---------------------------------------------------------------- data
@@ -60,7 +58,6 @@ def read_csv_column(path, column=None):
     ``column`` may be omitted when the file has a single column. Raises InputError (one
     line) for a missing or unreadable file, a missing column (listing the columns), or a
     value that is not a finite number (naming its line)."""
-    from .tasks import InputError
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f)
@@ -103,47 +100,6 @@ def read_csv_column(path, column=None):
     return np.asarray(values, dtype=np.float64), column
 
 
-# ---------------------------------------------------------------- model
-
-class FinalState(Sequential):
-    """A recurrent stack whose final hidden state (of the top layer; forward and reverse
-    directions concatenated when bidirectional) feeds a Linear head.
-
-    ``forward(x (T, B, F)) -> (B, out)``; ``backward(dout)`` adds the parameter gradients.
-    Parameters are named as in ``Sequential(rnn, linear)``."""
-
-    stateful = False
-
-    def __init__(self, cell, input_size, hidden, layers, out, bidirectional=False,
-                 dropout=0.0, seed=0, dtype=np.float32):
-        ss = np.random.SeedSequence(seed).spawn(2)
-        rnn = _CELLS[cell](input_size, hidden, num_layers=layers, bidirectional=bidirectional,
-                           dropout=dropout, dtype=dtype, seed=np.random.default_rng(ss[0]))
-        head = Linear(rnn.num_directions * hidden, out, dtype=dtype,
-                      seed=np.random.default_rng(ss[1]))
-        super().__init__(rnn, head)
-
-    def forward(self, x):
-        rnn, head = self.layers
-        y, _ = rnn.forward(x)
-        H = rnn.hidden_size
-        feat = y[-1, :, :H]
-        if rnn.bidirectional:  # the reverse direction ends at t = 0
-            feat = np.concatenate([feat, y[0, :, H:]], axis=1)
-        self._shape = y.shape
-        return head.forward(np.ascontiguousarray(feat))
-
-    def backward(self, dout):
-        rnn, head = self.layers
-        dfeat = head.backward(dout)
-        H = rnn.hidden_size
-        dy = np.zeros(self._shape, dtype=dfeat.dtype)
-        dy[-1, :, :H] = dfeat[:, :H]
-        if rnn.bidirectional:
-            dy[0, :, H:] = dfeat[:, H:]
-        rnn.backward(dy)
-
-
 # ---------------------------------------------------------------- the task
 
 class Forecast:
@@ -156,7 +112,7 @@ class Forecast:
         self.x_held, self.y_held, self.scale, self.eval_batch = x_held, y_held, scale, eval_batch
 
     def train_step(self, batch):
-        from .losses import mse_loss
+        from ..losses import mse_loss
         x, y = batch
         pred = self.model.forward(x)
         loss, dpred = mse_loss(pred, y)
@@ -176,7 +132,7 @@ class Forecast:
 
 # ---------------------------------------------------------------- command
 
-def add_parser(sub, add_shared):
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "forecast", help="forecast the next value of a time series",
         description="Next-value forecasting: a window of past values -> the next value "
@@ -195,79 +151,89 @@ def add_parser(sub, add_shared):
     p.add_argument("--heldout", type=float, default=0.2,
                    help="fraction of the windows held out, the latest (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="windows per batch (default: %(default)s)")
-    add_shared(p, hidden=32, layers=1, epochs=60)
+    add_shared_flags(p, hidden=32, layers=1, epochs=60)
     p.set_defaults(max_minutes=4.0)
     return p
 
 
-def run(args):
-    from threadpoolctl import threadpool_limits
-
-    from . import optim, train
-    from .tasks import InputError
-    from .tasks import check_flag, check_shared_flags
-
+def _check(args):
     check_shared_flags(args)
-    for name in ("window", "length"):
-        check_flag(f"--{name}", getattr(args, name))
-    if not 0 < args.heldout < 1:
-        raise InputError(f"--heldout must lie in (0, 1), got {args.heldout}")
+    check_flags(args, "window", "length")
+    check_interval("--heldout", args.heldout, 0, 1)
     if args.column is not None and args.csv is None:
         raise InputError("--column needs --csv")
-    out = open(os.devnull, "w") if args.quiet else sys.stderr
 
-    # 1. the series, its windows, the chronological split, the training statistics
+
+def _series(args):
+    """(the series, a description of where it comes from)."""
     if args.csv is not None:
         series, column = read_csv_column(args.csv, args.column)
-        source = f"{args.csv} column {column!r}"
-    else:
-        series = mackey_glass(args.length)
-        source = "Mackey-Glass (tau=17, every 6 time units)"
+        return series, f"{args.csv} column {column!r}"
+    return mackey_glass(args.length), "Mackey-Glass (tau=17, every 6 time units)"
+
+
+class _Split:
+    """The windows of a series, split chronologically (the last ``heldout`` fraction held
+    out), standardized with the statistics of every value the training windows touch; and
+    the two baselines' held-out RMSE in the series' units."""
+
+    def __init__(self, series, W, heldout, source):
+        n = len(series) - W  # windows
+        n_held = int(round(n * heldout))
+        if n - n_held < 2 or n_held < 1:
+            raise InputError(f"too few values ({len(series)}) for a window of {W} and a "
+                             f"{heldout:g} held-out fraction; need at least "
+                             f"{W + 3 + int(np.ceil(2 * heldout / (1 - heldout)))} rows")
+        windows = np.lib.stride_tricks.sliding_window_view(series[:-1], W)  # (n, W)
+        target = series[W:]
+        cut = n - n_held
+        mean = float(series[:cut + W].mean())
+        std = float(series[:cut + W].std())
+        if not std > 0:
+            raise InputError(f"the training part of {source} is constant; nothing to learn")
+        z = lambda a: (a - mean) / std  # noqa: E731
+        self.xs = z(windows)[..., None].astype(np.float32)
+        self.ys = z(target)[:, None].astype(np.float32)
+        self.cut, self.n_held, self.std = cut, n_held, std
+        y_held = target[cut:]
+        self.z_held = z(y_held)[:, None]
+        self.persist = float(np.sqrt(np.mean((windows[cut:, -1] - y_held) ** 2)))
+        A = np.c_[windows, np.ones(n)]
+        coef = np.linalg.lstsq(A[:cut], target[:cut], rcond=None)[0]
+        self.linear = float(np.sqrt(np.mean((A[cut:] @ coef - y_held) ** 2)))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: train on the series' windows, print the held-out RMSE beside the
+    baselines. Returns the exit status."""
+    from threadpoolctl import threadpool_limits
+
+    from .. import optim
+
+    _check(args)
+    series, source = _series(args)
     W = args.window
-    n = len(series) - W  # windows
-    n_held = int(round(n * args.heldout))
-    if n - n_held < 2 or n_held < 1:
-        raise InputError(f"too few values ({len(series)}) for a window of {W} and a "
-                         f"{args.heldout:g} held-out fraction; need at least "
-                         f"{W + 3 + int(np.ceil(2 * args.heldout / (1 - args.heldout)))} rows")
-    windows = np.lib.stride_tricks.sliding_window_view(series[:-1], W)  # (n, W)
-    target = series[W:]
-    cut = n - n_held
-    mean = float(series[:cut + W].mean())  # every value the training windows touch
-    std = float(series[:cut + W].std())
-    if not std > 0:
-        raise InputError(f"the training part of {source} is constant; nothing to learn")
-    z = lambda a: (a - mean) / std  # noqa: E731
-    xs = z(windows)[..., None].astype(np.float32)
-    ys = z(target)[:, None].astype(np.float32)
-
-    # 2. baselines on the held-out windows, in the series' units
-    y_held = target[cut:]
-    persist = float(np.sqrt(np.mean((windows[cut:, -1] - y_held) ** 2)))
-    A = np.c_[windows, np.ones(n)]
-    coef = np.linalg.lstsq(A[:cut], target[:cut], rcond=None)[0]
-    linear = float(np.sqrt(np.mean((A[cut:] @ coef - y_held) ** 2)))
-    print(f"forecast: {source}: {len(series)} values, window {W}, {cut} training / "
-          f"{n_held} held-out windows; baselines: persistence RMSE {persist:.5g}, "
-          f"linear AR({W}) RMSE {linear:.5g}", file=out)
-
-    # 3. model, task, training
+    d = _Split(series, W, args.heldout, source)
+    persist, linear, cut = d.persist, d.linear, d.cut
     model = FinalState(args.cell, 1, args.hidden, args.layers, 1, seed=args.seed)
     opt = optim.Adam(model.named_parameters(), lr=args.lr)
-    task = Forecast(model, xs[:cut], ys[:cut], xs[cut:], z(y_held)[:, None], args.batch,
-                    args.seed, std)
+    task = Forecast(model, d.xs[:cut], d.ys[:cut], d.xs[cut:], d.z_held, args.batch,
+                    args.seed, d.std)
     config = {"task": "forecast", "cell": args.cell, "hidden": args.hidden,
               "layers": args.layers, "window": W, "batch": args.batch,
               "source": source, "values": int(len(series))}
+    with progress_stream(args.quiet) as out, threadpool_limits(limits=args.threads):
+        print(f"forecast: {source}: {len(series)} values, window {W}, {cut} training / "
+              f"{d.n_held} held-out windows; baselines: persistence RMSE {persist:.5g}, "
+              f"linear AR({W}) RMSE {linear:.5g}", file=out)
 
-    def report(rec):
-        print(f"eval  epoch {rec['epoch']} step {rec['step']}: held-out RMSE {rec['rmse']:.5g} "
-              f"(persistence {persist:.5g}, linear {linear:.5g}), {rec['elapsed_s']:.0f} s",
-              file=out, flush=True)
+        def report(rec):
+            print(f"eval  epoch {rec['epoch']} step {rec['step']}: held-out RMSE "
+                  f"{rec['rmse']:.5g} (persistence {persist:.5g}, linear {linear:.5g}), "
+                  f"{rec['elapsed_s']:.0f} s", file=out, flush=True)
 
-    with threadpool_limits(limits=args.threads):
-        result = train.fit_from_flags(task, opt, args, max_minutes=args.max_minutes, unit="win",
-                                      stream=out, config=config, on_eval=report)
+        result = fit_from_flags(task, opt, args, max_minutes=args.max_minutes, unit="win",
+                                stream=out, config=config, on_eval=report)
     rmse = result.last["rmse"]
     ratio = (f"{rmse / linear:.3f}x the linear baseline" if linear > 0
              else "the linear baseline is exact")  # a series that is linear in its window
@@ -280,5 +246,5 @@ def run(args):
                           "mse_standardized": result.last["loss"], "steps": result.step,
                           "epochs": result.epoch, "stopped": result.stopped,
                           "elapsed_s": round(result.elapsed_s, 3), "train_windows": int(cut),
-                          "heldout_windows": int(n_held), **config, "seed": args.seed}))
+                          "heldout_windows": int(d.n_held), **config, "seed": args.seed}))
     return 0
