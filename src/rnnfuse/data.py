@@ -50,7 +50,7 @@ def _sequence_list(name, seqs):
     if (isinstance(seqs, (np.ndarray, str, bytes)) or not isinstance(seqs, Sequence)):
         raise TypeError(f"{name} must be a list of arrays (one per sequence), "
                         f"got {type(seqs).__name__}")
-    out = []
+    out: list[np.ndarray] = []
     for i, s in enumerate(seqs):
         if s is None or isinstance(s, (str, bytes, Mapping)):
             raise TypeError(f"{name}[{i}] must be an array, got {type(s).__name__}")
@@ -222,7 +222,7 @@ class BatchIterator:
         self.epoch = 0          # completed epochs
         self._batches: Any = None  # the open epoch's index arrays, or None
         self._pos = 0           # batches of the open epoch already yielded
-        self._epoch_rng = None  # generator state before the open epoch was drawn
+        self._epoch_rng: Mapping[str, Any] | None = None  # generator state before the open epoch
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -387,7 +387,7 @@ def _windows(xs, ys, k, batch_size, x_fill, y_fill):
         reset[:] = False
         for b in np.flatnonzero(seq >= 0):
             if pos[b] >= len(xs[seq[b]]):
-                seq[b], pos[b] = next(queue, -1), 0
+                seq[b], pos[b] = next(queue, -1), 0  # type: ignore[call-overload]
                 reset[b] = seq[b] >= 0
 
 
@@ -465,7 +465,7 @@ class PairBatches:
         self.epoch = 0          # completed epochs
         self._order: Any = None  # the open epoch's permutation, or None
         self._pos = 0           # batches of the open (or last) epoch already yielded
-        self._epoch_rng = None  # generator state before the open epoch was drawn
+        self._epoch_rng: Mapping[str, Any] | None = None  # generator state before the open epoch
 
     def __len__(self) -> int:
         """Batches per epoch."""
