@@ -376,7 +376,7 @@ def _windows(xs, ys, k, batch_size, x_fill, y_fill):
         T = int(lengths.max())
         x = np.full((T, batch_size) + xs[0].shape[1:], x_fill)
         y = None if ys is None else np.full((T, batch_size) + ys[0].shape[1:], y_fill)
-        for b in np.flatnonzero(lengths):
+        for b in np.flatnonzero(lengths).tolist():
             s, p, n = seq[b], pos[b], lengths[b]
             x[:n, b] = xs[s][p:p + n]
             if y is not None:
@@ -385,9 +385,9 @@ def _windows(xs, ys, k, batch_size, x_fill, y_fill):
         # advance: a finished row takes the next sequence and must reset its state
         pos += lengths
         reset[:] = False
-        for b in np.flatnonzero(seq >= 0):
+        for b in np.flatnonzero(seq >= 0).tolist():
             if pos[b] >= len(xs[seq[b]]):
-                seq[b], pos[b] = next(queue, -1), 0  # type: ignore[call-overload]
+                seq[b], pos[b] = next(queue, -1), 0
                 reset[b] = seq[b] >= 0
 
 
