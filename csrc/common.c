@@ -2,11 +2,36 @@
  * table, gathering x into packed order and scattering back, and the input-side products.
  * The dtype-generic part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
+#define _POSIX_C_SOURCE 200112L  /* posix_memalign under -std=c11 */
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _WIN32
+#include <malloc.h>
+#endif
 
 #include "rnnfuse.h"
+
+/* posix_memalign (or the Windows call) rather than C11's aligned_alloc, which some C
+ * libraries still lack. */
+void *rf_aligned_alloc(size_t align, size_t size) {
+    if (size > SIZE_MAX - align) return NULL;
+    size = (size + align - 1) / align * align;
+#ifdef _WIN32
+    return _aligned_malloc(size, align);
+#else
+    void *p = NULL;
+    return posix_memalign(&p, align, size) == 0 ? p : NULL;
+#endif
+}
+
+void rf_aligned_free(void *p) {
+#ifdef _WIN32
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
 
 ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
                         int64_t *order, int64_t *batch_sizes, int64_t *offsets,
@@ -241,8 +266,7 @@ void RF_FN(rf_grad_gemm)(const rf_blas *blas, int trans_a, ptrdiff_t M, ptrdiff_
         a_size = trans_a ? (tiles * RF_MR * kc + RF_NR - 1) / RF_NR * RF_NR : 0;
         b_size = parts * rf_packed_size(kc, N < nc ? N : nc);
         size_t bytes = (size_t)(a_size + b_size) * sizeof(REAL);
-        buf = aligned_alloc(RF_PANEL_BYTES, (bytes + RF_PANEL_BYTES - 1) / RF_PANEL_BYTES
-                                            * RF_PANEL_BYTES);
+        buf = rf_aligned_alloc(RF_PANEL_BYTES, bytes);
     }
     if (!buf) {  /* the BLAS's turn (also when there is no memory for our blocks) */
         RF_FN(rf_gemm)(blas, trans_a, 0, M, N, K, 1, A, lda, B, ldb, 0, C, ldc);
@@ -251,7 +275,7 @@ void RF_FN(rf_grad_gemm)(const rf_blas *blas, int trans_a, ptrdiff_t M, ptrdiff_
     RF_FN(grad_product) job = {trans_a, blas->portable, M, N, K, lda, ldb, ldc, A, B, C,
                                buf, buf + a_size, kc, b_size / parts};
     rf_run_parts(RF_FN(grad_part), &job, parts);
-    free(buf);
+    rf_aligned_free(buf);
 }
 
 /* packed[row] = seq[t, order[j]] for the rows of steps step0 .. step1-1 (rows counted from

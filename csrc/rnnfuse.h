@@ -46,6 +46,11 @@ rf_threads_fn rf_find_blas_threads(const void *blas_function);
 int rf_threads(const rf_blas *blas);
 void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int parts);
 
+/* Memory starting on an `align`-byte boundary (a power of two, at least sizeof(void *)),
+ * size rounded up to a multiple of align, or NULL; released by rf_aligned_free (common.c). */
+void *rf_aligned_alloc(size_t align, size_t size);
+void rf_aligned_free(void *p);
+
 /* The batch ordering of one call; built by rf_plan_build, read-only afterwards. */
 typedef struct {
     ptrdiff_t T, B;               /* padded steps and batch of x */
