@@ -41,8 +41,8 @@ rf_threads_fn rf_find_blas_threads(const void *blas_function) {
     return NULL;
 }
 
-int rf_threads(const rf_blas *blas) {
-    int n = blas->num_threads ? blas->num_threads() : 1;
+int rf_threads(const rf_runtime *rt) {
+    int n = rt->num_threads ? rt->num_threads() : 1;
     return n < 1 ? 1 : n > RF_MAX_THREADS ? RF_MAX_THREADS : n;
 }
 

@@ -12,14 +12,13 @@
  * side by side in the instruction stream, where one vector's chain alone leaves the FP
  * units waiting on latency whenever the caller has little other work in flight. The
  * operations on each lane are the same whatever n is (n <= RF_UNITS_MAX). Include after
- * rnnfuse.h; without RF_HAVE_CLONES only RF_ONE_PASS (0) is defined. */
+ * rnnfuse.h; without RF_HAVE_AVX2 only RF_ONE_PASS (0) is defined. */
 #ifndef RNNFUSE_VMATH_H
 #define RNNFUSE_VMATH_H
 
-/* Whether a cell's pointwise work takes its one-pass AVX2 code: float, where our products
- * take their AVX2 kernel (RNNFUSE_KERNEL=portable runs, and so tests, the portable code). */
-#define RF_ONE_PASS(blas) (RF_HAVE_CLONES && RF_IS_FLOAT && !(blas)->portable)
-#if RF_HAVE_CLONES
+/* Whether a cell's pointwise work takes its one-pass AVX2 code: float, on the AVX2 path. */
+#define RF_ONE_PASS(rt) (RF_HAVE_AVX2 && RF_IS_FLOAT && (rt)->avx2)
+#if RF_HAVE_AVX2
 #include <immintrin.h>
 
 #define RF_AVX2 __attribute__((target("avx2,fma")))
@@ -124,5 +123,5 @@ RF_AVX2 static RF_INLINE void rf_store8n(float *a, const __m256 *v, int nv, int 
     } while (0)
 
 #undef RF_EACH
-#endif /* RF_HAVE_CLONES */
+#endif /* RF_HAVE_AVX2 */
 #endif /* RNNFUSE_VMATH_H */

@@ -20,13 +20,14 @@ cdef extern from "rnnfuse.h" nogil:
     ctypedef void (*rf_dgemm_fn)(char*, char*, int*, int*, int*, double*, double*, int*,
                                  double*, int*, double*, double*, int*)
     ctypedef int (*rf_threads_fn)()
-    ctypedef struct rf_blas:
+    ctypedef struct rf_runtime:
         rf_sgemm_fn sgemm
         rf_dgemm_fn dgemm
         rf_threads_fn num_threads
-        int portable
+        int avx2
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
-    int rf_threads(const rf_blas *blas)
+    int rf_threads(const rf_runtime *rt)
+    int rf_choose_kernel(const char *request)
     ctypedef struct rf_plan:
         Py_ssize_t T, B, steps, rows
         int reverse
@@ -39,7 +40,7 @@ cdef extern from "rnnfuse.h" nogil:
                              int64_t *order, int64_t *batch_sizes, int64_t *offsets,
                              int64_t *count)
     int rf_step_parts(const rf_plan *p, Py_ssize_t step0, Py_ssize_t step1,
-                      double flops_per_row, int after_blas, const rf_blas *blas)
+                      double flops_per_row, int after_blas, const rf_runtime *rt)
     void rf_part_rows(const rf_plan *p, int part, int parts, Py_ssize_t *j0, Py_ssize_t *j1)
     const char *rf_simd_path()
     const char *RNNFUSE_COMPILE_ARGS
@@ -49,81 +50,80 @@ cdef extern from "rnnfuse.h" nogil:
     Py_ssize_t rf_backward_scratch(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G)
     Py_ssize_t rf_weights_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I)
     void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
-                             Py_ssize_t H, Py_ssize_t I, int lbr)
+                             Py_ssize_t H, Py_ssize_t I, int lbr, int avx2)
     void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh,
-                             Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr)
-    int rf_avx2_available()
-    void rf_sigmoid_f32(float *a, Py_ssize_t n)
-    void rf_tanh_f32(float *a, Py_ssize_t n)
-    void rf_sigmoid_f64(double *a, Py_ssize_t n)
-    void rf_tanh_f64(double *a, Py_ssize_t n)
+                             Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr, int avx2)
+    void rf_sigmoid_f32(float *a, Py_ssize_t n, int avx2)
+    void rf_tanh_f32(float *a, Py_ssize_t n, int avx2)
+    void rf_sigmoid_f64(double *a, Py_ssize_t n, int avx2)
+    void rf_tanh_f64(double *a, Py_ssize_t n, int avx2)
     Py_ssize_t rf_gemm_floor_size(Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
                                   Py_ssize_t G)
-    void rf_gemm_floor_f32(const rf_blas *blas, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
+    void rf_gemm_floor_f32(const rf_runtime *rt, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
                            Py_ssize_t H, Py_ssize_t G, int train, float *buf)
-    void rf_gemm_floor_f64(const rf_blas *blas, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
+    void rf_gemm_floor_f64(const rf_runtime *rt, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
                            Py_ssize_t H, Py_ssize_t G, int train, double *buf)
 
     void rf_lstm_forward_f32(float *y, float *h_n, float *c_n, float *ws, const float *x,
                              const float *h0, const float *c0, const float *w_ih,
                              const float *w_hh, const float *b_ih, const float *b_hh,
                              const float *packed, const rf_plan *p, Py_ssize_t I,
-                             Py_ssize_t H, int train, const rf_blas *blas)
+                             Py_ssize_t H, int train, const rf_runtime *rt)
     void rf_lstm_forward_f64(double *y, double *h_n, double *c_n, double *ws, const double *x,
                              const double *h0, const double *c0, const double *w_ih,
                              const double *w_hh, const double *b_ih, const double *b_hh,
                              const double *packed, const rf_plan *p, Py_ssize_t I,
-                             Py_ssize_t H, int train, const rf_blas *blas)
+                             Py_ssize_t H, int train, const rf_runtime *rt)
     void rf_gru_forward_f32(float *y, float *h_n, float *ws, const float *x, const float *h0,
                             const float *w_ih, const float *w_hh, const float *b_ih,
                             const float *b_hh, const float *packed, const rf_plan *p,
-                            Py_ssize_t I, Py_ssize_t H, int lbr, int train, const rf_blas *blas)
+                            Py_ssize_t I, Py_ssize_t H, int lbr, int train, const rf_runtime *rt)
     void rf_gru_forward_f64(double *y, double *h_n, double *ws, const double *x,
                             const double *h0, const double *w_ih, const double *w_hh,
                             const double *b_ih, const double *b_hh, const double *packed,
                             const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int lbr, int train,
-                            const rf_blas *blas)
+                            const rf_runtime *rt)
     void rf_rnn_forward_f32(float *y, float *h_n, float *ws, const float *x, const float *h0,
                             const float *w_ih, const float *w_hh, const float *b_ih,
                             const float *b_hh, const float *packed, const rf_plan *p,
-                            Py_ssize_t I, Py_ssize_t H, int relu, int train, const rf_blas *blas)
+                            Py_ssize_t I, Py_ssize_t H, int relu, int train, const rf_runtime *rt)
     void rf_rnn_forward_f64(double *y, double *h_n, double *ws, const double *x,
                             const double *h0, const double *w_ih, const double *w_hh,
                             const double *b_ih, const double *b_hh, const double *packed,
                             const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int relu, int train,
-                            const rf_blas *blas)
+                            const rf_runtime *rt)
 
     void rf_lstm_backward_f32(float *dx, float *dh0, float *dc0, float *dw_ih, float *dw_hh,
                               float *db_ih, float *db_hh, const float *dy, const float *dh_n,
                               const float *dc_n, float *ws, float *scratch, const float *x,
                               const float *w_ih, const float *w_hh, const rf_plan *p,
-                              Py_ssize_t I, Py_ssize_t H, const rf_blas *blas)
+                              Py_ssize_t I, Py_ssize_t H, const rf_runtime *rt)
     void rf_lstm_backward_f64(double *dx, double *dh0, double *dc0, double *dw_ih,
                               double *dw_hh, double *db_ih, double *db_hh, const double *dy,
                               const double *dh_n, const double *dc_n, double *ws,
                               double *scratch, const double *x, const double *w_ih,
                               const double *w_hh, const rf_plan *p, Py_ssize_t I,
-                              Py_ssize_t H, const rf_blas *blas)
+                              Py_ssize_t H, const rf_runtime *rt)
     void rf_gru_backward_f32(float *dx, float *dh0, float *dw_ih, float *dw_hh, float *db_ih,
                              float *db_hh, const float *dy, const float *dh_n, float *ws,
                              float *scratch, const float *x, const float *w_ih,
                              const float *w_hh, const rf_plan *p, Py_ssize_t I, Py_ssize_t H,
-                             int lbr, const rf_blas *blas)
+                             int lbr, const rf_runtime *rt)
     void rf_gru_backward_f64(double *dx, double *dh0, double *dw_ih, double *dw_hh,
                              double *db_ih, double *db_hh, const double *dy,
                              const double *dh_n, double *ws, double *scratch, const double *x,
                              const double *w_ih, const double *w_hh, const rf_plan *p,
-                             Py_ssize_t I, Py_ssize_t H, int lbr, const rf_blas *blas)
+                             Py_ssize_t I, Py_ssize_t H, int lbr, const rf_runtime *rt)
     void rf_rnn_backward_f32(float *dx, float *dh0, float *dw_ih, float *dw_hh, float *db_ih,
                              float *db_hh, const float *dy, const float *dh_n, float *ws,
                              float *scratch, const float *x, const float *w_ih,
                              const float *w_hh, const rf_plan *p, Py_ssize_t I, Py_ssize_t H,
-                             int relu, const rf_blas *blas)
+                             int relu, const rf_runtime *rt)
     void rf_rnn_backward_f64(double *dx, double *dh0, double *dw_ih, double *dw_hh,
                              double *db_ih, double *db_hh, const double *dy,
                              const double *dh_n, double *ws, double *scratch, const double *x,
                              const double *w_ih, const double *w_hh, const rf_plan *p,
-                             Py_ssize_t I, Py_ssize_t H, int relu, const rf_blas *blas)
+                             Py_ssize_t I, Py_ssize_t H, int relu, const rf_runtime *rt)
 
 
 # After rnnfuse.h: NumPy's headers bring complex.h, whose macro I would rename the
@@ -146,33 +146,51 @@ cdef int _cell(str cell) except -1:
     raise ValueError(f"unknown cell {cell!r}")
 
 
-# The BLAS table: SciPy's BLAS, filled once at import and only read afterwards.
-cdef rf_blas _blas
-_blas.sgemm = <rf_sgemm_fn>sgemm
-_blas.dgemm = <rf_dgemm_fn>dgemm
-_blas.num_threads = rf_find_blas_threads(<void *>sgemm)
-# RNNFUSE_KERNEL=portable runs our products on the portable kernel, as on CPUs without
-# AVX2+FMA: for tests.
-_blas.portable = not rf_avx2_available() or os.environ.get("RNNFUSE_KERNEL") == "portable"
+# What every call runs on: SciPy's BLAS, its thread count, and the code path. Filled at
+# import; afterwards only set_kernel writes it.
+cdef rf_runtime _rt
+_rt.sgemm = <rf_sgemm_fn>sgemm
+_rt.dgemm = <rf_dgemm_fn>dgemm
+_rt.num_threads = rf_find_blas_threads(<void *>sgemm)
+
+
+def set_kernel(name=None):
+    """Choose the code path of the products, the pointwise passes and the activations
+    alike: "avx2" (AVX2+FMA; ValueError where the CPU lacks it), "portable" (as on CPUs
+    without AVX2+FMA), or None: the default, "portable" if the environment variable
+    RNNFUSE_KERNEL is "portable", else the best this CPU runs. Process-wide and for
+    tests: not while kernels run in other threads (each call reads it once, at its start)."""
+    if name is None and os.environ.get("RNNFUSE_KERNEL") == "portable":
+        name = "portable"
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"kernel name must be a str or None, got {type(name).__name__}")
+    request = name.encode() if name else None
+    cdef int avx2 = rf_choose_kernel(<const char *>request if request else NULL)
+    if avx2 < 0 or name == "":
+        raise ValueError(f"kernel must be 'avx2' or 'portable' (or None), got {name!r}"
+                         + (" (this CPU lacks AVX2+FMA)" if name == "avx2" else ""))
+    _rt.avx2 = avx2
+
+
+set_kernel()
 
 
 def kernel():
-    """The micro-kernel of our products: "avx2" (AVX2+FMA) or "portable" (other CPUs, or
-    RNNFUSE_KERNEL=portable)."""
-    return "portable" if _blas.portable else "avx2"
+    """The code path the kernels run now (see set_kernel): "avx2" or "portable"."""
+    return "avx2" if _rt.avx2 else "portable"
 
 
 def threads():
     """How many threads the kernels' own parallel parts use now: the BLAS's thread count
     (threadpoolctl's limit), or 1 where it cannot be read."""
-    return rf_threads(&_blas)
+    return rf_threads(&_rt)
 
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def simd_path():
-    """The vectorized code path the run-time dispatch picks on this CPU."""
+    """The best code path this CPU runs, in words (kernel() says which one runs now)."""
     return rf_simd_path().decode()
 
 
@@ -191,9 +209,9 @@ def gemm_floor(str cell, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
         raise ValueError("buf is too small for these sizes; use gemm_floor_buffer")
     with nogil:
         if floating is float:
-            rf_gemm_floor_f32(&_blas, T, B, I, H, G, train, &buf[0])
+            rf_gemm_floor_f32(&_rt, T, B, I, H, G, train, &buf[0])
         else:
-            rf_gemm_floor_f64(&_blas, T, B, I, H, G, train, &buf[0])
+            rf_gemm_floor_f64(&_rt, T, B, I, H, G, train, &buf[0])
 
 
 def compile_args():
@@ -208,9 +226,9 @@ def activation(str name, floating[::1] a):
     cdef bint sig = name == "sigmoid"
     with nogil:
         if floating is float:
-            (rf_sigmoid_f32 if sig else rf_tanh_f32)(_p(a), a.shape[0])
+            (rf_sigmoid_f32 if sig else rf_tanh_f32)(_p(a), a.shape[0], _rt.avx2)
         else:
-            (rf_sigmoid_f64 if sig else rf_tanh_f64)(_p(a), a.shape[0])
+            (rf_sigmoid_f64 if sig else rf_tanh_f64)(_p(a), a.shape[0], _rt.avx2)
 
 
 cdef class Plan:
@@ -249,7 +267,7 @@ cdef class Plan:
         cdef rf_plan p = self.view()
         cdef Py_ssize_t j0, j1
         cdef double G = GATES[cell]
-        cdef int parts = rf_step_parts(&p, 0, self.steps, 2 * G * H * H, 0, &_blas)
+        cdef int parts = rf_step_parts(&p, 0, self.steps, 2 * G * H * H, 0, &_rt)
         ranges = []
         for part in range(parts):
             rf_part_rows(&p, part, parts, &j0, &j1)
@@ -359,10 +377,11 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     cdef void *dst = cnp.PyArray_DATA(packed)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            rf_pack_weights_f32(<float *>dst, <float *>src_ih, <float *>src_hh, G, H, I, lbr)
+            rf_pack_weights_f32(<float *>dst, <float *>src_ih, <float *>src_hh, G, H, I, lbr,
+                                _rt.avx2)
         else:
             rf_pack_weights_f64(<double *>dst, <double *>src_ih, <double *>src_hh, G, H, I,
-                                lbr)
+                                lbr, _rt.avx2)
     packed.flags.writeable = False
     return packed
 
@@ -497,34 +516,34 @@ cdef void _run_forward(int cell, bint f32, const _Fwd *a, const rf_plan *p, Py_s
             rf_lstm_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.c_n, <float *>a.ws,
                                 <float *>a.x, <float *>a.h0, <float *>a.c0, <float *>a.w_ih,
                                 <float *>a.w_hh, <float *>a.b_ih, <float *>a.b_hh,
-                                <float *>a.packed, p, I, H, train, &_blas)
+                                <float *>a.packed, p, I, H, train, &_rt)
         elif cell == _GRU:
             rf_gru_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.ws, <float *>a.x,
                                <float *>a.h0, <float *>a.w_ih, <float *>a.w_hh,
                                <float *>a.b_ih, <float *>a.b_hh, <float *>a.packed, p, I, H,
-                               option, train, &_blas)
+                               option, train, &_rt)
         else:
             rf_rnn_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.ws, <float *>a.x,
                                <float *>a.h0, <float *>a.w_ih, <float *>a.w_hh,
                                <float *>a.b_ih, <float *>a.b_hh, <float *>a.packed, p, I, H,
-                               option, train, &_blas)
+                               option, train, &_rt)
     else:
         if cell == _LSTM:
             rf_lstm_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.c_n,
                                 <double *>a.ws, <double *>a.x, <double *>a.h0,
                                 <double *>a.c0, <double *>a.w_ih, <double *>a.w_hh,
                                 <double *>a.b_ih, <double *>a.b_hh, <double *>a.packed, p, I,
-                                H, train, &_blas)
+                                H, train, &_rt)
         elif cell == _GRU:
             rf_gru_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.ws, <double *>a.x,
                                <double *>a.h0, <double *>a.w_ih, <double *>a.w_hh,
                                <double *>a.b_ih, <double *>a.b_hh, <double *>a.packed, p, I,
-                               H, option, train, &_blas)
+                               H, option, train, &_rt)
         else:
             rf_rnn_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.ws, <double *>a.x,
                                <double *>a.h0, <double *>a.w_ih, <double *>a.w_hh,
                                <double *>a.b_ih, <double *>a.b_hh, <double *>a.packed, p, I,
-                               H, option, train, &_blas)
+                               H, option, train, &_rt)
 
 
 cdef struct _Bwd:  # one backward's pointers, as _Fwd is a forward's
@@ -616,19 +635,19 @@ cdef void _run_backward(int cell, bint f32, const _Bwd *a, const rf_plan *p, Py_
                                  <float *>a.dw_ih, <float *>a.dw_hh, <float *>a.db_ih,
                                  <float *>a.db_hh, <float *>a.dy, <float *>a.dh_n,
                                  <float *>a.dc_n, <float *>a.ws, <float *>a.scratch,
-                                 <float *>a.x, <float *>a.w_ih, <float *>a.w_hh, p, I, H, &_blas)
+                                 <float *>a.x, <float *>a.w_ih, <float *>a.w_hh, p, I, H, &_rt)
         elif cell == _GRU:
             rf_gru_backward_f32(<float *>a.dx, <float *>a.dh0, <float *>a.dw_ih,
                                 <float *>a.dw_hh, <float *>a.db_ih, <float *>a.db_hh,
                                 <float *>a.dy, <float *>a.dh_n, <float *>a.ws,
                                 <float *>a.scratch, <float *>a.x, <float *>a.w_ih,
-                                <float *>a.w_hh, p, I, H, option, &_blas)
+                                <float *>a.w_hh, p, I, H, option, &_rt)
         else:
             rf_rnn_backward_f32(<float *>a.dx, <float *>a.dh0, <float *>a.dw_ih,
                                 <float *>a.dw_hh, <float *>a.db_ih, <float *>a.db_hh,
                                 <float *>a.dy, <float *>a.dh_n, <float *>a.ws,
                                 <float *>a.scratch, <float *>a.x, <float *>a.w_ih,
-                                <float *>a.w_hh, p, I, H, option, &_blas)
+                                <float *>a.w_hh, p, I, H, option, &_rt)
     else:
         if cell == _LSTM:
             rf_lstm_backward_f64(<double *>a.dx, <double *>a.dh0, <double *>a.dc0,
@@ -636,19 +655,19 @@ cdef void _run_backward(int cell, bint f32, const _Bwd *a, const rf_plan *p, Py_
                                  <double *>a.db_hh, <double *>a.dy, <double *>a.dh_n,
                                  <double *>a.dc_n, <double *>a.ws, <double *>a.scratch,
                                  <double *>a.x, <double *>a.w_ih, <double *>a.w_hh, p, I, H,
-                                 &_blas)
+                                 &_rt)
         elif cell == _GRU:
             rf_gru_backward_f64(<double *>a.dx, <double *>a.dh0, <double *>a.dw_ih,
                                 <double *>a.dw_hh, <double *>a.db_ih, <double *>a.db_hh,
                                 <double *>a.dy, <double *>a.dh_n, <double *>a.ws,
                                 <double *>a.scratch, <double *>a.x, <double *>a.w_ih,
-                                <double *>a.w_hh, p, I, H, option, &_blas)
+                                <double *>a.w_hh, p, I, H, option, &_rt)
         else:
             rf_rnn_backward_f64(<double *>a.dx, <double *>a.dh0, <double *>a.dw_ih,
                                 <double *>a.dw_hh, <double *>a.db_ih, <double *>a.db_hh,
                                 <double *>a.dy, <double *>a.dh_n, <double *>a.ws,
                                 <double *>a.scratch, <double *>a.x, <double *>a.w_ih,
-                                <double *>a.w_hh, p, I, H, option, &_blas)
+                                <double *>a.w_hh, p, I, H, option, &_rt)
 
 
 
