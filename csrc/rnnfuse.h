@@ -116,7 +116,24 @@ ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H,
 const char *rf_simd_path(void);
 
 
-/* Workspace sizes, in elements of the call's dtype. "train" keeps what backward needs. */
+/* The cells (cells.c), described once: every layer above reads this table. The ids are
+ * the C API's cell codes (rnnfuse.capi: RNNFUSE_LSTM = 1, ...). option, per cell: GRU
+ * linear_before_reset (1) or not (0); RNN relu (1) or tanh (0); LSTM none (ignored). */
+typedef enum { RF_LSTM = 1, RF_GRU = 2, RF_RNN = 3 } rf_cell_id;
+#define RF_NUM_CELLS 3
+typedef struct {
+    int id;         /* an rf_cell_id */
+    char name[8];   /* "lstm", "gru", "rnn" */
+    int gates;      /* G: gate blocks of H rows in the weights */
+    int states;     /* 2: h and c (LSTM); 1: h */
+} rf_cell;
+extern const rf_cell rf_cells[RF_NUM_CELLS];
+/* The table's entry for a cell id, or NULL. */
+const rf_cell *rf_cell_find(int id);
+
+/* Workspace sizes, in elements of the call's dtype. "train" keeps what backward needs.
+ * rf_workspace: any cell's (-1 for an unknown id). */
+ptrdiff_t rf_workspace(int cell, const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
 ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
 ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
 ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
@@ -248,6 +265,29 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
 
 RF_DECLARE_KERNELS(float, f32)
 RF_DECLARE_KERNELS(double, f64)
+
+/* The one entry point per pass (cells.c): one forward or backward of any cell, its buffers
+ * as the cell's rf_*_forward_* / rf_*_backward_* take them (pointers to the call's dtype;
+ * those a cell does not have, such as c_n but for the LSTM, are ignored). Each call reads
+ * rt once, so one call runs on one code path. Returns 0, or -1 for an unknown cell. */
+typedef struct {
+    void *y, *h_n, *c_n, *ws;
+    const void *x, *h0, *c0, *w_ih, *w_hh, *b_ih, *b_hh, *packed;
+} rf_forward_bufs;
+typedef struct {
+    void *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
+    const void *dy, *dh_n, *dc_n;
+    void *ws, *scratch;
+    const void *x, *w_ih, *w_hh;
+} rf_backward_bufs;
+int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
+                   ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt);
+int rf_forward_f64(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
+                   ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt);
+int rf_backward_f32(int cell, int option, const rf_backward_bufs *a, const rf_plan *p,
+                    ptrdiff_t I, ptrdiff_t H, const rf_runtime *rt);
+int rf_backward_f64(int cell, int option, const rf_backward_bufs *a, const rf_plan *p,
+                    ptrdiff_t I, ptrdiff_t H, const rf_runtime *rt);
 
 /* ---- Pieces for the kernel bodies, which each cell file instantiates twice. ---- */
 
