@@ -104,18 +104,14 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     rf_prepare_weights_f64(W, w_ih, w_hh, G, H, I, lbr, dst, NULL, avx2);
 }
 
-/* The least flops a part must have to pay for handing it to another thread: a pool
- * worker still spinning takes it at once, a sleeping one wakes in 0.1-0.4 ms here (a VM).
- * 2^23 flops are ~0.1 ms of work. Measured (GRU inference, T=100, I=64, H=128, 2 threads):
- * with 2^25 the projection of B=16 stayed on one thread and the call gained nothing
- * (3.2 ms, 1 thread 3.1); with 2^23, 2.6 ms. */
+/* The least flops a part must have to pay for handing it to another thread: about as
+ * long as a sleeping pool worker takes to wake; a larger bound kept mid-sized
+ * projections on one thread, where two were faster. */
 #define RF_FLOPS_PER_THREAD (1 << 23)
 
-/* The flops of ~0.1 s on one core here: about as long as OpenBLAS's idle threads spin
- * after a call (2^28 cycles by default). A thread of ours that starts within that time
- * shares its core with a spinning one: measured, a training forward right after a
- * backward's BLAS products ran slower on two threads than on one (43 vs 38 ms, LSTM
- * (100,32,128,256)), and faster when run alone (35 vs 45 ms). */
+/* The flops of ~0.1 s on one core: about as long as OpenBLAS's idle threads spin after a
+ * call (2^28 cycles by default). A thread of ours started within that time shares its
+ * core with a spinning one, so a shorter loop right after BLAS products stays on one. */
 #define RF_SPIN_FLOPS 8e9
 
 /* How many threads a job of this many flops, in this many register tiles of rows, is
@@ -213,14 +209,10 @@ void RF_FN(rf_gemm)(const rf_runtime *rt, int trans_a, int trans_b,
 /* A backward's input- and weight-side gradient products (dW_hh, dW_ih, dx) run on our
  * product, blocked as a BLAS is: K (every step's rows, for the weight gradients) in blocks
  * of RF_GRAD_KC, N in blocks of RF_GRAD_PANELS panels, so that a block of packed B (256 KiB
- * of floats) stays in L2 while 6-row tiles of A pass over it. The BLAS packs both operands
- * on every call, and its copies of the long operands cost OpenBLAS 37% of its time in
- * these products at RNN training (100,32,128,256) (perf: sgemm_kernel 23.7% of the step,
- * otcopy, itcopy and oncopy 14.0%); ~25% of the whole step at (50,1,32,32). Where N is
- * wider than RF_GRAD_N_MAX, the BLAS's copies count for less and it was the faster (medians
- * of alternating calls, ours over its time: 1.03-1.08x at N = 512, 1.03-1.19x at 650;
- * 0.75-0.99x at N = 64 to 256); products over RF_OWN_GRAD_GEMM_MAX multiply-adds on the
- * portable tile go to the BLAS too. */
+ * of floats) stays in L2 while 6-row tiles of A pass over it. The BLAS copies both operands
+ * on every call, a large share of these products' time; where N is wider than
+ * RF_GRAD_N_MAX those copies count for less and the BLAS is the faster. Products over
+ * RF_OWN_GRAD_GEMM_MAX multiply-adds on the portable tile go to the BLAS too. */
 #define RF_GRAD_KC ((ptrdiff_t)(2048 / sizeof(REAL)))
 #define RF_GRAD_PANELS 8
 #define RF_GRAD_N_MAX 256

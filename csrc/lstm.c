@@ -164,10 +164,8 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
 
 /* lstm_step's pass over one row where AVX2+FMA runs: one pass over the hidden units, 32 at
  * a time, where the portable code makes eight over the row; the same operations on the
- * same values, so the same bits. Measured, LSTM inference (100,16,64,128), rnnfuse's time
- * over ONNX Runtime's (medians interleaved in one process, alternating builds): eight
- * passes 1.32-1.40 -> one pass of 16 units 1.15-1.18 (a noisy hour); 16 units 1.05-1.08
- * -> 32 units 1.02-1.04 (a quiet one). */
+ * same values, so the same bits: the gates stay in registers instead of making eight trips
+ * through memory. */
 RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, float *h_out,
                                   float *c_out, float *y, const float *bias, ptrdiff_t H) {
 #define UNITS(k, nv, n_last) \

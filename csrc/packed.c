@@ -7,7 +7,7 @@
  *
  * Why not BLAS: a per-step BLAS call pays its own overhead and re-packs W_hh every step,
  * for the few rows a step has. And a BLAS rounds a row of a product differently depending
- * on M (SciPy's OpenBLAS, measured: 322 of 896 shapes with K >= 33), so a stream that
+ * on M (SciPy's OpenBLAS does, for many shapes with K >= 33), so a stream that
  * projects one step's rows would not match a forward that projects all its steps at once.
  * Here, unless split_k, every output is one chain over k in order, whatever M is.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
@@ -193,12 +193,10 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
 /* One block of rows, whose A rows stay in cache while every panel passes over them.
  * A step's few rows (split_k): panels are the outer loop, so each is read once and reused
  * by every row tile while it sits in L1. A projection's many rows: whole row tiles are the
- * outer loop, so a tile's rows stay in L1 while the panels stream past from L2 or L3
- * (measured here at projection shapes, medians of 10 alternating runs: 66 -> 86 GFLOP/s at
- * M=700, N=2600, K=650; the same at M=3200, N=1024, K=128).
+ * outer loop, so a tile's rows stay in L1 while the panels stream past from L2 or L3.
  * The rows left over from whole tiles: 1-3 of them take two panels per tile, for more
  * independent accumulators (4 or 5 rows of two panels would want 16-20 of the 16
- * registers: spilled, measured slower). Which tile computes a row depends only on the
+ * registers, and spill). Which tile computes a row depends only on the
  * row's place among whole tiles, never on M, so a step shared among threads in ranges of
  * whole tiles (rf_part_rows) gets the numbers of one thread. */
 AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,

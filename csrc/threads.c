@@ -53,8 +53,7 @@ int rf_threads(const rf_runtime *rt) {
  * call up; which part a thread runs never changes the numbers, as every part owns its
  * outputs. A second caller (another Python thread) finds the pool busy and runs its parts
  * on its own thread, one after another. Between jobs a worker spins a moment (a call's
- * parallel parts come back to back: waking a sleeping thread costs 0.1-0.4 ms on this VM,
- * measured), then sleeps. */
+ * parallel parts come back to back, and waking a sleeping thread is slow), then sleeps. */
 #define RF_SPIN_NS 100000
 #define RF_PART_BITS 8  /* the ticket's low bits: next part to claim (RF_MAX_THREADS < 256) */
 #define RF_CLOSED ((UINT64_C(1) << RF_PART_BITS) - 1)

@@ -268,12 +268,12 @@ cdef class Plan:
 def aligned_empty(Py_ssize_t n, dtype):
     """An uninitialised 1-D array of n elements of dtype whose data starts on a cache line
     (64 bytes). NumPy only aligns to 16: the packed weights' panel rows, a line each, then
-    straddled two lines (an LSTM forward at (200,8,128,128) ran ~8% slower)."""
+    straddled two lines, and every load of one touched two."""
     return _aligned_empty(n, np.dtype(dtype).num)
 
 
 cdef cnp.ndarray _aligned_empty(cnp.npy_intp n, int typenum):
-    """aligned_empty through NumPy's C API (~0.3 us a call; through Python, ~1.4)."""
+    """aligned_empty through NumPy's C API (several times cheaper than through Python)."""
     cdef cnp.npy_intp pad = 64 // (4 if typenum == cnp.NPY_FLOAT else 8), whole = n + pad
     cdef cnp.ndarray buf = cnp.PyArray_EMPTY(1, &whole, typenum, 0)
     cdef char *data = <char *>cnp.PyArray_DATA(buf)
@@ -306,9 +306,9 @@ cdef inline floating *_p(floating[::1] a) noexcept nogil:
 
 
 # The kernel wrappers take ndarrays and hand C their data pointers (NumPy's C API: cheaper
-# than typed memoryviews, which cost ~0.2 us each). They trust functional.py for shapes
-# and values but check, per array, what keeps C inside its buffers: exact type, dtype,
-# C-contiguous and aligned, writable for outputs, and the element count C will touch.
+# than typed memoryviews). They trust functional.py for shapes and values but check, per
+# array, what keeps C inside its buffers: exact type, dtype, C-contiguous and aligned,
+# writable for outputs, and the element count C will touch.
 
 cdef enum:
     _REQUIRED = 0
@@ -343,10 +343,11 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     as the forwards' packed with the same weights. lbr: the GRU's linear_before_reset."""
     cdef int t = _typenum(w_hh, "w_hh")
     _typenum(w_ih, "w_ih")  # the same dtype is checked below
-    if not (G in (1, 3, 4) and w_ih.ndim == 2 and w_hh.ndim == 2 and w_hh.shape[1] >= 1
+    if not (G in GATES.values() and w_ih.ndim == 2 and w_hh.ndim == 2 and w_hh.shape[1] >= 1
             and w_ih.shape[1] >= 1 and w_hh.shape[0] == w_ih.shape[0] == G * w_hh.shape[1]):
-        raise ValueError(f"w_ih and w_hh must be (G*H, I) and (G*H, H) with G in (1, 3, 4), "
-                         f"got {w_ih.shape} and {w_hh.shape} for G={G}")
+        raise ValueError(f"w_ih and w_hh must be (G*H, I) and (G*H, H) with G in "
+                         f"{tuple(sorted(GATES.values()))}, got {w_ih.shape} and "
+                         f"{w_hh.shape} for G={G}")
     cdef Py_ssize_t H = w_hh.shape[1], I = w_ih.shape[1]
     cdef void *src_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     cdef void *src_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
