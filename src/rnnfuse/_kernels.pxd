@@ -31,7 +31,9 @@
 # of them gets the pool, the others run their parts one after another on their own thread
 # meanwhile. The numbers depend on that thread count only, never on which thread ran a
 # part or on other callers. After fork() the child has none of the parent's workers: its
-# first call that wants threads starts a pool of its own. Nothing else is shared between
+# first call that wants threads starts a pool of its own. The code path (AVX2+FMA or
+# portable: rnnfuse._kernels.kernel(), chosen at import from the CPU and RNNFUSE_KERNEL) is
+# process-wide too, read once at the start of each call. Nothing else is shared between
 # calls, and nothing is written outside a call's own buffers.
 from libc.stdint cimport int64_t
 
