@@ -37,7 +37,8 @@ int RF_FN(rf_forward)(int cell, int option, const rf_forward_bufs *a, const rf_p
     switch (cell) {
         case RF_LSTM:
             RF_FN(rf_lstm_forward)(a->y, a->h_n, a->c_n, a->ws, a->x, a->h0, a->c0, a->w_ih,
-                                   a->w_hh, a->b_ih, a->b_hh, a->packed, p, I, H, train, &call);
+                                   a->w_hh, a->b_ih, a->b_hh, a->packed, p, I, H, train,
+                                   &call);
             return 0;
         case RF_GRU:
             RF_FN(rf_gru_forward)(a->y, a->h_n, a->ws, a->x, a->h0, a->w_ih, a->w_hh, a->b_ih,

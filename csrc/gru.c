@@ -260,7 +260,8 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
         if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
             RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, GH, H, hp + j0 * H, H, 0,
                                 st + j0 * GH, GH);
-            if (!one_pass) RF_PICK(gru_step_rz, avx2)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+            if (!one_pass)
+                RF_PICK(gru_step_rz, avx2)(g, aux, st, hp, q->bias, j0, end, H, lbr);
         } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
             RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, 2 * H, H, hp + j0 * H, H, 0,
                                 st + j0 * GH, GH);

@@ -167,62 +167,62 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
  * packed: w_ih and w_hh as rf_pack_weights_* packed them, or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
-#define RF_DECLARE_KERNELS(REAL, SFX)                                                         \
+#define RF_DECLARE_KERNELS(REAL, SFX)                                                       \
     void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \
                                const REAL *x, const REAL *h0, const REAL *c0,               \
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const REAL *b_ih, const REAL *b_hh,                          \
                                const REAL *packed,                                          \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,       \
-                               const rf_runtime *rt);                                        \
+                               const rf_runtime *rt);                                       \
     void rf_gru_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
                               const REAL *packed,                                           \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,          \
-                              int train, const rf_runtime *rt);                              \
+                              int train, const rf_runtime *rt);                             \
     void rf_rnn_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
                               const REAL *packed,                                           \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,         \
-                              int train, const rf_runtime *rt);                              \
-    /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,   \
+                              int train, const rf_runtime *rt);                             \
+    /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,    \
      * db_ih, db_hh (db_*: or NULL when not wanted). dy, dh_n, dc_n: or NULL (zeros).       \
      * ws: the training forward's workspace, overwritten (backward runs once per ctx).      \
      * scratch: rf_backward_scratch elements. x, w_*: the forward's.                        \
      * Each db_* receives the bias gradient whether or not that bias existed. */            \
-    void rf_lstm_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,    \
+    void rf_lstm_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,   \
                                 REAL *db_ih, REAL *db_hh,                                   \
                                 const REAL *dy, const REAL *dh_n, const REAL *dc_n,         \
                                 REAL *ws, REAL *scratch, const REAL *x,                     \
                                 const REAL *w_ih, const REAL *w_hh,                         \
                                 const rf_plan *p, ptrdiff_t I, ptrdiff_t H,                 \
-                                const rf_runtime *rt);                                       \
+                                const rf_runtime *rt);                                      \
     void rf_gru_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
                                REAL *db_ih, REAL *db_hh,                                    \
                                const REAL *dy, const REAL *dh_n,                            \
                                REAL *ws, REAL *scratch, const REAL *x,                      \
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,         \
-                               const rf_runtime *rt);                                        \
+                               const rf_runtime *rt);                                       \
     void rf_rnn_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
                                REAL *db_ih, REAL *db_hh,                                    \
                                const REAL *dy, const REAL *dh_n,                            \
                                REAL *ws, REAL *scratch, const REAL *x,                      \
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,        \
-                               const rf_runtime *rt);                                        \
+                               const rf_runtime *rt);                                       \
     /* Shared pieces (common.c). */                                                         \
-    void rf_gemm_##SFX(const rf_runtime *rt, int trans_a, int trans_b,                       \
+    void rf_gemm_##SFX(const rf_runtime *rt, int trans_a, int trans_b,                      \
                        ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, REAL alpha,                   \
                        const REAL *A, ptrdiff_t lda, const REAL *B, ptrdiff_t ldb,          \
                        REAL beta, REAL *C, ptrdiff_t ldc);                                  \
-    void rf_grad_gemm_##SFX(const rf_runtime *rt, int trans_a, ptrdiff_t M, ptrdiff_t N,   \
-                            ptrdiff_t K, const REAL *A, ptrdiff_t lda, const REAL *B,      \
-                            ptrdiff_t ldb, REAL *C, ptrdiff_t ldc);                        \
+    void rf_grad_gemm_##SFX(const rf_runtime *rt, int trans_a, ptrdiff_t M, ptrdiff_t N,    \
+                            ptrdiff_t K, const REAL *A, ptrdiff_t lda, const REAL *B,       \
+                            ptrdiff_t ldb, REAL *C, ptrdiff_t ldc);                         \
     void rf_gather_##SFX(REAL *packed, const REAL *seq, const rf_plan *p,                   \
                          ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t F);                    \
     void rf_scatter_##SFX(REAL *seq, const REAL *packed, const rf_plan *p, ptrdiff_t F);    \
@@ -236,17 +236,17 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
                               ptrdiff_t lda, int avx2);                                     \
     void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,    \
                           const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,  \
-                          ptrdiff_t GH, int after_blas, const rf_runtime *rt);               \
+                          ptrdiff_t GH, int after_blas, const rf_runtime *rt);              \
     void rf_prepare_weight_##SFX(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,     \
                                  ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,               \
                                  const REAL *prepacked, int avx2);                          \
     void rf_prepare_weights_##SFX(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,       \
                                   ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,           \
                                   REAL *pack_buffer, const REAL *prepacked, int avx2);      \
-    void rf_step_gemm_##SFX(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,          \
+    void rf_step_gemm_##SFX(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,         \
                             ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,           \
                             ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc);         \
-    /* Ours (packed.c): B packed as rf_pack_* packs op(B), K rows, N columns; avx2: the    \
+    /* Ours (packed.c): B packed as rf_pack_* packs op(B), K rows, N columns; avx2: the     \
      * code path (rf_runtime.avx2). */                                                      \
     void rf_pack_##SFX(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,      \
                        ptrdiff_t N, int avx2);                                              \
@@ -257,7 +257,7 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
                               ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
                               int accumulate, REAL *C, ptrdiff_t ldc, int split_k,          \
                               int avx2);                                                    \
-    void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,      \
+    void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,   \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \
                                const REAL *x, const REAL *w_ih, const rf_plan *p,           \
