@@ -17,8 +17,10 @@ sanitize = os.environ.get("RNNFUSE_SANITIZE") == "1"
 debug = debug or sanitize
 
 # -O3 but never -ffast-math/-Ofast: NaN and inf must propagate, and a fast-math shared
-# object would change the denormal handling of the whole process.
-compile_args = ["-std=c11", "-O1" if debug else "-O3", "-fno-math-errno"]
+# object would change the denormal handling of the whole process. -ffp-contract=off: no
+# a*b+c fused behind our back, so the AVX2 and portable copies of a pointwise pass, a
+# stream and a forward, compute the same roundings (ISO C's default, said explicitly).
+compile_args = ["-std=c11", "-O1" if debug else "-O3", "-fno-math-errno", "-ffp-contract=off"]
 link_args = []
 if debug:
     compile_args += ["-g", "-UNDEBUG"]

@@ -2,11 +2,36 @@
  * table, gathering x into packed order and scattering back, and the input-side products.
  * The dtype-generic part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
+#define _POSIX_C_SOURCE 200112L  /* posix_memalign under -std=c11 */
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _WIN32
+#include <malloc.h>
+#endif
 
 #include "rnnfuse.h"
+
+/* posix_memalign (or the Windows call) rather than C11's aligned_alloc, which some C
+ * libraries still lack. */
+void *rf_aligned_alloc(size_t align, size_t size) {
+    if (size > SIZE_MAX - align) return NULL;
+    size = (size + align - 1) / align * align;
+#ifdef _WIN32
+    return _aligned_malloc(size, align);
+#else
+    void *p = NULL;
+    return posix_memalign(&p, align, size) == 0 ? p : NULL;
+#endif
+}
+
+void rf_aligned_free(void *p) {
+#ifdef _WIN32
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
 
 ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
                         int64_t *order, int64_t *batch_sizes, int64_t *offsets,
@@ -36,13 +61,15 @@ ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
     return steps;
 }
 
+int rf_choose_kernel(const char *request) {
+    if (!request || !*request) return rf_cpu_avx2();
+    if (!strcmp(request, "portable")) return 0;
+    if (!strcmp(request, "avx2")) return rf_cpu_avx2() ? 1 : -1;
+    return -1;
+}
+
 const char *rf_simd_path(void) {
-#if RF_HAVE_CLONES
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return "x86-64-v3 (AVX2+FMA)";
-#endif
-    return "baseline";
+    return rf_choose_kernel(NULL) ? "x86-64-v3 (AVX2+FMA)" : "baseline";
 }
 
 ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
@@ -66,37 +93,33 @@ ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
 }
 
 void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
-                         ptrdiff_t H, ptrdiff_t I, int lbr) {
+                         ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
     rf_weight W[3];
-    rf_prepare_weights_f32(W, w_ih, w_hh, G, H, I, lbr, dst, NULL);
+    rf_prepare_weights_f32(W, w_ih, w_hh, G, H, I, lbr, dst, NULL, avx2);
 }
 
 void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, ptrdiff_t G,
-                         ptrdiff_t H, ptrdiff_t I, int lbr) {
+                         ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
     rf_weight W[3];
-    rf_prepare_weights_f64(W, w_ih, w_hh, G, H, I, lbr, dst, NULL);
+    rf_prepare_weights_f64(W, w_ih, w_hh, G, H, I, lbr, dst, NULL, avx2);
 }
 
-/* The least flops a part must have to pay for handing it to another thread: a pool
- * worker still spinning takes it at once, a sleeping one wakes in 0.1-0.4 ms here (a VM).
- * 2^23 flops are ~0.1 ms of work. Measured (GRU inference, T=100, I=64, H=128, 2 threads):
- * with 2^25 the projection of B=16 stayed on one thread and the call gained nothing
- * (3.2 ms, 1 thread 3.1); with 2^23, 2.6 ms. */
+/* The least flops a part must have to pay for handing it to another thread: about as
+ * long as a sleeping pool worker takes to wake; a larger bound kept mid-sized
+ * projections on one thread, where two were faster. */
 #define RF_FLOPS_PER_THREAD (1 << 23)
 
-/* The flops of ~0.1 s on one core here: about as long as OpenBLAS's idle threads spin
- * after a call (2^28 cycles by default). A thread of ours that starts within that time
- * shares its core with a spinning one: measured, a training forward right after a
- * backward's BLAS products ran slower on two threads than on one (43 vs 38 ms, LSTM
- * (100,32,128,256)), and faster when run alone (35 vs 45 ms). */
+/* The flops of ~0.1 s on one core: about as long as OpenBLAS's idle threads spin after a
+ * call (2^28 cycles by default). A thread of ours started within that time shares its
+ * core with a spinning one, so a shorter loop right after BLAS products stays on one. */
 #define RF_SPIN_FLOPS 8e9
 
 /* How many threads a job of this many flops, in this many register tiles of rows, is
  * worth: at most the BLAS's thread count and one tile each; after_blas (see rnnfuse.h),
  * one unless it outlasts the BLAS threads' spin. */
-static int parts_worth(const rf_blas *blas, double flops, ptrdiff_t tiles, int after_blas) {
+static int parts_worth(const rf_runtime *rt, double flops, ptrdiff_t tiles, int after_blas) {
     if (after_blas && flops < RF_SPIN_FLOPS) return 1;
-    int parts = rf_threads(blas);
+    int parts = rf_threads(rt);
     double worth = flops / RF_FLOPS_PER_THREAD;
     if (parts > tiles) parts = tiles < 1 ? 1 : (int)tiles;
     if (worth < parts) parts = worth < 1 ? 1 : (int)worth;
@@ -104,10 +127,10 @@ static int parts_worth(const rf_blas *blas, double flops, ptrdiff_t tiles, int a
 }
 
 int rf_step_parts(const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, double flops_per_row,
-                  int after_blas, const rf_blas *blas) {
+                  int after_blas, const rf_runtime *rt) {
     if (step0 >= step1) return 1;
     double flops = (double)(p->offsets[step1] - p->offsets[step0]) * flops_per_row;
-    return parts_worth(blas, flops, (p->batch_sizes[step0] + RF_MR - 1) / RF_MR, after_blas);
+    return parts_worth(rt, flops, (p->batch_sizes[step0] + RF_MR - 1) / RF_MR, after_blas);
 }
 
 /* The first sorted row of part `part`: a whole-tile boundary, the one nearest to where the
@@ -135,7 +158,19 @@ void rf_part_rows(const rf_plan *p, int part, int parts, ptrdiff_t *j0, ptrdiff_
 #define RF_TEMPLATE_FILE "common.c"
 #include "instantiate.h"
 
+#elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
+
+RF_PASS_TARGET static void RF_PASS(column_sums)(REAL *out, const REAL *A, ptrdiff_t rows,
+                                                ptrdiff_t cols, ptrdiff_t lda) {
+    for (ptrdiff_t c = 0; c < cols; c++) out[c] = 0;
+    for (ptrdiff_t r = 0; r < rows; r++)
+        for (ptrdiff_t c = 0; c < cols; c++) out[c] += A[r * lda + c];
+}
+
 #else /* RF_TEMPLATE: dtype-generic part */
+
+#define RF_PASSES_FILE "common.c"
+#include "passes.h"
 
 /* Largest extent handed to the 32-bit BLAS in one call; bigger M and K are split. */
 #define RF_BLAS_MAX ((ptrdiff_t)1 << 30)
@@ -143,7 +178,7 @@ void rf_part_rows(const rf_plan *p, int part, int parts, ptrdiff_t *j0, ptrdiff_
 /* Row-major C (M,N) = alpha op(A) (M,K) op(B) (K,N) + beta C. Row-major is column-major
  * transposed, so this is the Fortran call with the operands swapped: C^T = op(B)^T op(A)^T.
  * N and the leading dimensions are below 2^31 (checked in Python). */
-void RF_FN(rf_gemm)(const rf_blas *blas, int trans_a, int trans_b,
+void RF_FN(rf_gemm)(const rf_runtime *rt, int trans_a, int trans_b,
                     ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, REAL alpha,
                     const REAL *A, ptrdiff_t lda, const REAL *B, ptrdiff_t ldb,
                     REAL beta, REAL *C, ptrdiff_t ldc) {
@@ -164,7 +199,7 @@ void RF_FN(rf_gemm)(const rf_blas *blas, int trans_a, int trans_b,
             int k = (int)(K - k0 < RF_BLAS_MAX ? K - k0 : RF_BLAS_MAX);
             const REAL *a = trans_a ? a_rows + k0 * lda : a_rows + k0;
             const REAL *b = trans_b ? B + k0 : B + k0 * ldb;
-            blas->RF_BLAS_GEMM(&tb, &ta, &n, &m, &k, &alpha, (REAL *)b, &ildb,
+            rt->RF_BLAS_GEMM(&tb, &ta, &n, &m, &k, &alpha, (REAL *)b, &ildb,
                                (REAL *)a, &ilda, &beta_k, C + i0 * ldc, &ildc);
             beta_k = 1;
         }
@@ -174,14 +209,10 @@ void RF_FN(rf_gemm)(const rf_blas *blas, int trans_a, int trans_b,
 /* A backward's input- and weight-side gradient products (dW_hh, dW_ih, dx) run on our
  * product, blocked as a BLAS is: K (every step's rows, for the weight gradients) in blocks
  * of RF_GRAD_KC, N in blocks of RF_GRAD_PANELS panels, so that a block of packed B (256 KiB
- * of floats) stays in L2 while 6-row tiles of A pass over it. The BLAS packs both operands
- * on every call, and its copies of the long operands cost OpenBLAS 37% of its time in
- * these products at RNN training (100,32,128,256) (perf: sgemm_kernel 23.7% of the step,
- * otcopy, itcopy and oncopy 14.0%); ~25% of the whole step at (50,1,32,32). Where N is
- * wider than RF_GRAD_N_MAX, the BLAS's copies count for less and it was the faster (medians
- * of alternating calls, ours over its time: 1.03-1.08x at N = 512, 1.03-1.19x at 650;
- * 0.75-0.99x at N = 64 to 256); products over RF_OWN_GRAD_GEMM_MAX multiply-adds on the
- * portable tile go to the BLAS too. */
+ * of floats) stays in L2 while 6-row tiles of A pass over it. The BLAS copies both operands
+ * on every call, a large share of these products' time; where N is wider than
+ * RF_GRAD_N_MAX those copies count for less and the BLAS is the faster. Products over
+ * RF_OWN_GRAD_GEMM_MAX multiply-adds on the portable tile go to the BLAS too. */
 #define RF_GRAD_KC ((ptrdiff_t)(2048 / sizeof(REAL)))
 #define RF_GRAD_PANELS 8
 #define RF_GRAD_N_MAX 256
@@ -192,7 +223,7 @@ void RF_FN(rf_gemm)(const rf_blas *blas, int trans_a, int trans_b,
  * thread count. a_buf: op(A)'s rows transposed a block at a time (trans_a); b_buf: one
  * block of packed B per part. */
 typedef struct {
-    int trans_a, portable;
+    int trans_a, avx2;
     ptrdiff_t M, N, K, lda, ldb, ldc;
     const REAL *A, *B;
     REAL *C, *a_buf, *b_buf;
@@ -212,46 +243,45 @@ static void RF_FN(grad_part)(void *arg, int part, int parts) {
         const REAL *a = q->A + r0 * q->lda + k0;
         ptrdiff_t lda = q->lda;
         if (q->trans_a) {  /* A is (K, M): its columns r0 .. r1-1 become At's rows */
-            RF_FN(rf_transpose)(At, kc, q->A + k0 * q->lda + r0, q->lda, kc, r1 - r0);
+            RF_FN(rf_transpose)(At, kc, q->A + k0 * q->lda + r0, q->lda, kc, r1 - r0, q->avx2);
             a = At;
             lda = kc;
         }
         for (ptrdiff_t n0 = 0; n0 < q->N; n0 += NC) {
             ptrdiff_t nc = q->N - n0 < NC ? q->N - n0 : NC;
-            RF_FN(rf_pack)(Bp, q->B + k0 * q->ldb + n0, q->ldb, 0, kc, nc);
+            RF_FN(rf_pack)(Bp, q->B + k0 * q->ldb + n0, q->ldb, 0, kc, nc, q->avx2);
             RF_FN(rf_packed_gemm)(r1 - r0, nc, kc, a, lda, Bp, RF_NR * kc, k0 > 0,
-                                  q->C + r0 * q->ldc + n0, q->ldc, 0, q->portable);
+                                  q->C + r0 * q->ldc + n0, q->ldc, 0, q->avx2);
         }
     }
 }
 
 /* Row-major C (M,N) = op(A) (M,K) B (K,N), for a backward's gradients (see RF_GRAD_KC). */
-void RF_FN(rf_grad_gemm)(const rf_blas *blas, int trans_a, ptrdiff_t M, ptrdiff_t N,
+void RF_FN(rf_grad_gemm)(const rf_runtime *rt, int trans_a, ptrdiff_t M, ptrdiff_t N,
                          ptrdiff_t K, const REAL *A, ptrdiff_t lda, const REAL *B,
                          ptrdiff_t ldb, REAL *C, ptrdiff_t ldc) {
     int small = (double)M * N * K <= RF_OWN_GRAD_GEMM_MAX;
-    int ours = small || (N <= RF_GRAD_N_MAX && !blas->portable && rf_avx2_available());
+    int ours = small || (N <= RF_GRAD_N_MAX && rt->avx2);
     /* buffers no larger than the blocks; packed B starts on a cache line */
     ptrdiff_t tiles = (M + RF_MR - 1) / RF_MR, a_size = 0, b_size = 0;
     ptrdiff_t kc = K < RF_GRAD_KC ? K : RF_GRAD_KC, nc = RF_GRAD_PANELS * RF_NR;
     int parts = 1;
     REAL *buf = NULL;
     if (M > 0 && N > 0 && K > 0 && ours) {
-        parts = parts_worth(blas, 2.0 * (double)M * (double)N * (double)K, tiles, 0);
+        parts = parts_worth(rt, 2.0 * (double)M * (double)N * (double)K, tiles, 0);
         a_size = trans_a ? (tiles * RF_MR * kc + RF_NR - 1) / RF_NR * RF_NR : 0;
         b_size = parts * rf_packed_size(kc, N < nc ? N : nc);
         size_t bytes = (size_t)(a_size + b_size) * sizeof(REAL);
-        buf = aligned_alloc(RF_PANEL_BYTES, (bytes + RF_PANEL_BYTES - 1) / RF_PANEL_BYTES
-                                            * RF_PANEL_BYTES);
+        buf = rf_aligned_alloc(RF_PANEL_BYTES, bytes);
     }
     if (!buf) {  /* the BLAS's turn (also when there is no memory for our blocks) */
-        RF_FN(rf_gemm)(blas, trans_a, 0, M, N, K, 1, A, lda, B, ldb, 0, C, ldc);
+        RF_FN(rf_gemm)(rt, trans_a, 0, M, N, K, 1, A, lda, B, ldb, 0, C, ldc);
         return;
     }
-    RF_FN(grad_product) job = {trans_a, blas->portable, M, N, K, lda, ldb, ldc, A, B, C,
+    RF_FN(grad_product) job = {trans_a, rt->avx2, M, N, K, lda, ldb, ldc, A, B, C,
                                buf, buf + a_size, kc, b_size / parts};
     rf_run_parts(RF_FN(grad_part), &job, parts);
-    free(buf);
+    rf_aligned_free(buf);
 }
 
 /* packed[row] = seq[t, order[j]] for the rows of steps step0 .. step1-1 (rows counted from
@@ -306,19 +336,17 @@ void RF_FN(rf_initial_state)(REAL *state, REAL *final, const REAL *init, const r
 }
 
 /* out[c] = sum over rows of A[r, c]. */
-RF_CLONES void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,
-                                     ptrdiff_t lda) {
-    for (ptrdiff_t c = 0; c < cols; c++) out[c] = 0;
-    for (ptrdiff_t r = 0; r < rows; r++)
-        for (ptrdiff_t c = 0; c < cols; c++) out[c] += A[r * lda + c];
+void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,
+                           ptrdiff_t lda, int avx2) {
+    RF_PICK(column_sums, avx2)(out, A, rows, cols, lda);
 }
 
 /* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
  * prepacked (or NULL), else packed into pack_buffer (rf_packed_size(K, N) elements). */
 void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
                               ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
-                              const REAL *prepacked) {
-    if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N);
+                              const REAL *prepacked, int avx2) {
+    if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N, avx2);
     W->packed = prepacked ? prepacked : pack_buffer;
     W->panel_stride = RF_NR * K;
 }
@@ -330,24 +358,24 @@ void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int tr
  * into pack_buffer (rf_weights_pack_size elements), laid out the same way. */
 void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
-                               REAL *pack_buffer, const REAL *prepacked) {
+                               REAL *pack_buffer, const REAL *prepacked, int avx2) {
     int split = G == 3 && !lbr;
     ptrdiff_t second = rf_packed_size(H, G * H), input = recurrent_pack_size(G, H);
     RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
-                             prepacked);
+                             prepacked, avx2);
     if (split)
         RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H, pack_buffer + second,
-                                 prepacked ? prepacked + second : NULL);
+                                 prepacked ? prepacked + second : NULL, avx2);
     RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, G * H, pack_buffer + input,
-                             prepacked ? prepacked + input : NULL);
+                             prepacked ? prepacked + input : NULL, avx2);
 }
 
 /* One recurrent product of a step: C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :]. */
-void RF_FN(rf_step_gemm)(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,
+void RF_FN(rf_step_gemm)(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
     RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
-                          W->panel_stride, accumulate, C, ldc, 1, blas->portable);
+                          W->panel_stride, accumulate, C, ldc, 1, rt->avx2);
 }
 
 /* One thread's share of an input projection: contiguous whole tiles of rows. */
@@ -355,7 +383,7 @@ typedef struct {
     ptrdiff_t rows, GH, I, panel_stride;
     const REAL *x, *w;
     REAL *gates;
-    int portable;
+    int avx2;
 } RF_FN(projection);
 
 static void RF_FN(project_part)(void *arg, int part, int parts) {
@@ -366,7 +394,7 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
     if (r0 < r1)
         RF_FN(rf_packed_gemm)(r1 - r0, q->GH, q->I, q->x + r0 * q->I, q->I, q->w,
                               q->panel_stride, 0, q->gates + r0 * q->GH, q->GH, 0,
-                              q->portable);
+                              q->avx2);
 }
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
@@ -379,7 +407,7 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
  * xbuf receives the gathered rows (unused when x is dense). */
 void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,
                        const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,
-                       ptrdiff_t GH, int after_blas, const rf_blas *blas) {
+                       ptrdiff_t GH, int after_blas, const rf_runtime *rt) {
     ptrdiff_t rows = p->offsets[step1] - p->offsets[step0];
     const REAL *xs = x + p->offsets[step0] * I;
     if (!rf_dense(p)) {
@@ -387,18 +415,18 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
         xs = xbuf;
     }
     RF_FN(projection) job = {rows, GH, I, W_ih->panel_stride, xs, (const REAL *)W_ih->packed,
-                             gates, blas->portable};
+                             gates, rt->avx2};
     double flops = 2.0 * (double)rows * (double)GH * (double)I;
     rf_run_parts(RF_FN(project_part), &job,
-                 parts_worth(blas, flops, (rows + RF_MR - 1) / RF_MR, after_blas));
+                 parts_worth(rt, flops, (rows + RF_MR - 1) / RF_MR, after_blas));
 }
 
 /* The bias gradients: both biases enter the pre-activations alike, so each gets the column
  * sums of the gates' gradients (rows x cols), computed once; db_ih, db_hh: or NULL. */
 void RF_FN(rf_bias_grads)(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_t rows,
-                          ptrdiff_t cols) {
+                          ptrdiff_t cols, int avx2) {
     REAL *db = db_ih ? db_ih : db_hh;
-    if (db) RF_FN(rf_column_sums)(db, dgates, rows, cols, cols);
+    if (db) RF_FN(rf_column_sums)(db, dgates, rows, cols, cols, avx2);
     if (db_ih && db_hh) memcpy(db_hh, db_ih, (size_t)cols * sizeof(REAL));
 }
 
@@ -407,14 +435,14 @@ void RF_FN(rf_bias_grads)(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_
  * xbuf: the training forward's gathered x (overwritten here), unused when x is dense. */
 void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,
                             const REAL *x, const REAL *w_ih, const rf_plan *p,
-                            ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas) {
+                            ptrdiff_t I, ptrdiff_t GH, const rf_runtime *rt) {
     ptrdiff_t N = p->rows;
     const REAL *xs = rf_dense(p) ? x : xbuf;
-    RF_FN(rf_grad_gemm)(blas, 1, GH, I, N, dgates, GH, xs, I, dw_ih, I);
+    RF_FN(rf_grad_gemm)(rt, 1, GH, I, N, dgates, GH, xs, I, dw_ih, I);
     if (rf_dense(p)) {
-        RF_FN(rf_grad_gemm)(blas, 0, N, I, GH, dgates, GH, w_ih, I, dx, I);
+        RF_FN(rf_grad_gemm)(rt, 0, N, I, GH, dgates, GH, w_ih, I, dx, I);
     } else {
-        RF_FN(rf_grad_gemm)(blas, 0, N, I, GH, dgates, GH, w_ih, I, xbuf, I);
+        RF_FN(rf_grad_gemm)(rt, 0, N, I, GH, dgates, GH, w_ih, I, xbuf, I);
         RF_FN(rf_scatter)(dx, xbuf, p, I);
     }
 }
@@ -423,20 +451,20 @@ void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgate
 /* The "GEMM floor" of a call, for the benchmarks: only its matrix products, one BLAS call
  * each, for a dense batch (T,B), G gates, forward or (train) forward + backward. buf holds
  * rf_gemm_floor_size elements (their values do not matter). */
-void RF_FN(rf_gemm_floor)(const rf_blas *blas, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,
+void RF_FN(rf_gemm_floor)(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,
                           ptrdiff_t H, ptrdiff_t G, int train, REAL *buf) {
     ptrdiff_t N = T * B, GH = G * H;
     REAL *x = buf, *w_ih = x + N * I, *w_hh = w_ih + GH * I, *gates = w_hh + GH * H;
     REAL *h = gates + N * GH, *dh = h + N * H;
-    RF_FN(rf_gemm)(blas, 0, 1, N, GH, I, 1, x, I, w_ih, I, 0, gates, GH);
+    RF_FN(rf_gemm)(rt, 0, 1, N, GH, I, 1, x, I, w_ih, I, 0, gates, GH);
     for (ptrdiff_t t = 0; t < T; t++)
-        RF_FN(rf_gemm)(blas, 0, 1, B, GH, H, 1, h + t * B * H, H, w_hh, H, 1, gates + t * B * GH, GH);
+        RF_FN(rf_gemm)(rt, 0, 1, B, GH, H, 1, h + t * B * H, H, w_hh, H, 1, gates + t * B * GH, GH);
     if (!train) return;
     for (ptrdiff_t t = T - 1; t >= 0; t--)
-        RF_FN(rf_gemm)(blas, 0, 0, B, H, GH, 1, gates + t * B * GH, GH, w_hh, H, 0, dh, H);
-    RF_FN(rf_gemm)(blas, 1, 0, GH, H, N, 1, gates, GH, h, H, 0, w_hh, H);
-    RF_FN(rf_gemm)(blas, 1, 0, GH, I, N, 1, gates, GH, x, I, 0, w_ih, I);
-    RF_FN(rf_gemm)(blas, 0, 0, N, I, GH, 1, gates, GH, w_ih, I, 0, x, I);
+        RF_FN(rf_gemm)(rt, 0, 0, B, H, GH, 1, gates + t * B * GH, GH, w_hh, H, 0, dh, H);
+    RF_FN(rf_gemm)(rt, 1, 0, GH, H, N, 1, gates, GH, h, H, 0, w_hh, H);
+    RF_FN(rf_gemm)(rt, 1, 0, GH, I, N, 1, gates, GH, x, I, 0, w_ih, I);
+    RF_FN(rf_gemm)(rt, 0, 0, N, I, GH, 1, gates, GH, w_ih, I, 0, x, I);
 }
 
 #endif /* RF_TEMPLATE */

@@ -44,12 +44,127 @@ ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 #define RF_TEMPLATE_FILE "gru.c"
 #include "instantiate.h"
 
+#elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
+
+#define SIGMOID(a, n) RF_FN(rf_sigmoid)(a, n, RF_PASS_AVX2)
+#define TANH(a, n) RF_FN(rf_tanh)(a, n, RF_PASS_AVX2)
+
+/* r and z of a step's rows j0 .. j1-1, in place over their pre-activations (input part in
+ * g, folded biases in bias or NULL, recurrent part in st). Without lbr, also
+ * rh = r h_{t-1}, the operand of W_hn. */
+RF_PASS_TARGET static void RF_PASS(gru_step_rz)(REAL *g, REAL *rh, const REAL *st,
+                                                const REAL *hp, const REAL *bias,
+                                                ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t H,
+                                                int lbr) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        REAL *grz = g + j * 3 * H;
+        const REAL *srz = st + j * 3 * H, *h = hp + j * H;
+        for (ptrdiff_t k = 0; k < 2 * H; k++) grz[k] = (grz[k] + (bias ? bias[k] : 0)) + srz[k];
+        SIGMOID(grz, 2 * H);
+        if (!lbr)
+            for (ptrdiff_t k = 0; k < H; k++) rh[j * H + k] = grz[k] * h[k];
+    }
+}
+
+/* n and the new state of a step's rows j0 .. j1-1. g's n block holds W_in x, bias the
+ * folded biases (or NULL; the n block's is b_in), st's n block W_hn h (lbr) or W_hn (r h);
+ * with lbr, aux (or NULL) keeps W_hn h + b_hn for backward. Rows j < next_bs go on to the
+ * next step (their state goes to hn), the others have finished (h_n). On the AVX2 path
+ * float takes one pass per row, with lbr r and z too (gru_step_rz is skipped: RF_ONE_PASS);
+ * train: keep the activations in g for backward. */
+RF_PASS_TARGET static void RF_PASS(gru_step_n)(REAL *g, REAL *aux, const REAL *st,
+                                               const REAL *hp, REAL *hn, REAL *y, REAL *h_n,
+                                               const REAL *bias, const REAL *b_hn,
+                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
+                                               ptrdiff_t j1, ptrdiff_t next_bs, ptrdiff_t H,
+                                               int lbr, int train) {
+    const REAL *b_in = bias ? bias + 2 * H : NULL;
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        ptrdiff_t b = p->order[j];
+        REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
+        const REAL *sn = st + j * 3 * H + 2 * H, *h = hp + j * H;
+        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
+        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
+#if RF_HAVE_AVX2 && RF_IS_FLOAT
+        if (RF_PASS_AVX2) {
+            gru_row_avx2(gr, st + j * 3 * H, h, bias, b_hn, aux ? aux + j * H : NULL, h_out,
+                         y_row, train, lbr, H);
+            continue;
+        }
+#else
+        (void)train;
+#endif
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL hl = sn[k] + (b_hn ? b_hn[k] : 0);
+            if (lbr && aux) aux[j * H + k] = hl;
+            gn[k] = (gn[k] + (b_in ? b_in[k] : 0)) + (lbr ? gr[k] * hl : hl);
+        }
+        TANH(gn, H);
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL h_new = (1 - gz[k]) * gn[k] + gz[k] * h[k];
+            h_out[k] = h_new;
+            y_row[k] = h_new;
+        }
+    }
+}
+
+/* One step's backward pointwise pass over rows j0 .. j1-1 (lbr, or the first pass without
+ * lbr). On entry g holds the saved r z n; on exit the z and n blocks hold their
+ * pre-activation gradients, and with lbr the r block too, aux the gradient of
+ * W_hn h + b_hn, and st the step's recurrent-side gate gradients [dr dz d(W_hn h)]. dh: the
+ * gradient carried into h_t; leaves as the direct part of the gradient of h_{t-1}, z dh. */
+RF_PASS_TARGET static void RF_PASS(gru_step_backward)(REAL *g, REAL *aux, REAL *st,
+                                                      REAL *dh, const REAL *hp,
+                                                      const REAL *dy, const rf_plan *p,
+                                                      ptrdiff_t s, ptrdiff_t j0, ptrdiff_t j1,
+                                                      ptrdiff_t H, int lbr) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
+        REAL *sr = st + j * 3 * H, *sz = sr + H, *sn = sr + 2 * H;
+        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
+        const REAL *h = hp + j * H;
+        REAL *dh_row = dh + j * H, *aux_row = aux + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL r = gr[k], z = gz[k], n = gn[k];
+            REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
+            REAL dz = d_h * (h[k] - n) * z * (1 - z);           /* h' = (1-z) n + z h */
+            REAL dn = d_h * (1 - z) * (1 - n * n);
+            dh_row[k] = d_h * z;
+            gz[k] = dz;
+            gn[k] = dn;
+            if (lbr) {                                          /* n = tanh(.. + r hl) */
+                REAL hl = aux_row[k];
+                REAL dr = dn * hl * r * (1 - r);
+                gr[k] = dr;
+                aux_row[k] = dn * r;
+                sr[k] = dr; sz[k] = dz; sn[k] = dn * r;
+            }
+        }
+    }
+}
+
+/* Without lbr, the second backward pass: drh = d(r h_{t-1}) = dn W_hn is in st; gives dr
+ * (into g's r block) and adds r drh to dh. */
+RF_PASS_TARGET static void RF_PASS(gru_step_backward_r)(REAL *g, REAL *dh, const REAL *drh,
+                                                        const REAL *hp, ptrdiff_t j0,
+                                                        ptrdiff_t j1, ptrdiff_t H) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        REAL *gr = g + j * 3 * H;
+        const REAL *d = drh + j * H, *h = hp + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL r = gr[k];
+            gr[k] = d[k] * h[k] * r * (1 - r);
+            dh[j * H + k] += d[k] * r;
+        }
+    }
+}
+
+#undef SIGMOID
+#undef TANH
+
 #else /* RF_TEMPLATE: dtype-generic part */
 
-#define SIGMOID RF_FN(rf_sigmoid)
-#define TANH RF_FN(rf_tanh)
-
-#if RF_HAVE_CLONES && RF_IS_FLOAT
+#if RF_HAVE_AVX2 && RF_IS_FLOAT
 /* nv vectors of an optional bias from bias + at, zeros where it is absent: the portable
  * code adds 0 then too (-0 + 0 is +0). */
 RF_AVX2 static RF_INLINE void bias8n(__m256 *b, const float *bias, ptrdiff_t at, int nv,
@@ -111,63 +226,8 @@ RF_AVX2 static void gru_row_avx2(float *g, const float *st, const float *h_prev,
 }
 #endif
 
-/* r and z of a step's rows j0 .. j1-1, in place over their pre-activations (input part in
- * g, folded biases in bias or NULL, recurrent part in st). Without lbr, also
- * rh = r h_{t-1}, the operand of W_hn. */
-RF_CLONES static void RF_FN(gru_step_rz)(REAL *g, REAL *rh, const REAL *st, const REAL *hp,
-                                         const REAL *bias, ptrdiff_t j0, ptrdiff_t j1,
-                                         ptrdiff_t H, int lbr) {
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *grz = g + j * 3 * H;
-        const REAL *srz = st + j * 3 * H, *h = hp + j * H;
-        for (ptrdiff_t k = 0; k < 2 * H; k++) grz[k] = (grz[k] + (bias ? bias[k] : 0)) + srz[k];
-        SIGMOID(grz, 2 * H);
-        if (!lbr)
-            for (ptrdiff_t k = 0; k < H; k++) rh[j * H + k] = grz[k] * h[k];
-    }
-}
-
-/* n and the new state of a step's rows j0 .. j1-1. g's n block holds W_in x, bias the
- * folded biases (or NULL; the n block's is b_in), st's n block W_hn h (lbr) or W_hn (r h);
- * with lbr, aux (or NULL) keeps W_hn h + b_hn for backward. Rows j < next_bs go on to the
- * next step (their state goes to hn), the others have finished (h_n). one_pass: on AVX2+FMA
- * (float) one pass per row, with lbr r and z too (gru_step_rz is skipped); train: keep the
- * activations in g for backward. */
-RF_CLONES static void RF_FN(gru_step_n)(REAL *g, REAL *aux, const REAL *st, const REAL *hp,
-                                        REAL *hn, REAL *y, REAL *h_n, const REAL *bias,
-                                        const REAL *b_hn, const rf_plan *p, ptrdiff_t s,
-                                        ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                        ptrdiff_t H, int lbr, int one_pass, int train) {
-    const REAL *b_in = bias ? bias + 2 * H : NULL;
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        ptrdiff_t b = p->order[j];
-        REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
-        const REAL *sn = st + j * 3 * H + 2 * H, *h = hp + j * H;
-        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
-        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
-#if RF_HAVE_CLONES && RF_IS_FLOAT
-        if (one_pass) {
-            gru_row_avx2(gr, st + j * 3 * H, h, bias, b_hn, aux ? aux + j * H : NULL, h_out,
-                         y_row, train, lbr, H);
-            continue;
-        }
-#else
-        (void)one_pass;
-        (void)train;
-#endif
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL hl = sn[k] + (b_hn ? b_hn[k] : 0);
-            if (lbr && aux) aux[j * H + k] = hl;
-            gn[k] = (gn[k] + (b_in ? b_in[k] : 0)) + (lbr ? gr[k] * hl : hl);
-        }
-        TANH(gn, H);
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL h_new = (1 - gz[k]) * gn[k] + gz[k] * h[k];
-            h_out[k] = h_new;
-            y_row[k] = h_new;
-        }
-    }
-}
+#define RF_PASSES_FILE "gru.c"
+#include "passes.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
@@ -178,16 +238,16 @@ typedef struct {
     gru_layout L;
     ptrdiff_t H, step0, step1;
     int lbr, train;
-    const rf_blas *blas;
+    const rf_runtime *rt;
 } RF_FN(gru_steps_job);
 
 static void RF_FN(gru_steps)(void *arg, int part, int parts) {
     const RF_FN(gru_steps_job) *q = arg;
     const rf_plan *p = q->p;
-    const rf_blas *blas = q->blas;
+    const rf_runtime *rt = q->rt;
     ptrdiff_t H = q->H, GH = 3 * H, BH = p->B * H, j0, j1;
     gru_layout L = q->L;
-    int lbr = q->lbr, train = q->train, one_pass = RF_ONE_PASS(blas);
+    int lbr = q->lbr, train = q->train, avx2 = rt->avx2, one_pass = RF_ONE_PASS(rt);
     REAL *ws = q->ws, *st = ws + L.step;
     rf_part_rows(p, part, parts, &j0, &j1);
     for (ptrdiff_t s = q->step0; s < q->step1 && p->batch_sizes[s] > j0; s++) {
@@ -198,18 +258,19 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
         REAL *aux = ws + L.aux + (train ? p->offsets[s] * H : 0);
         REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[q->step0])) * GH;
         if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
-            RF_FN(rf_step_gemm)(blas, &q->W[0], 0, m, GH, H, hp + j0 * H, H, 0,
+            RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, GH, H, hp + j0 * H, H, 0,
                                 st + j0 * GH, GH);
-            if (!one_pass) RF_FN(gru_step_rz)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+            if (!one_pass)
+                RF_PICK(gru_step_rz, avx2)(g, aux, st, hp, q->bias, j0, end, H, lbr);
         } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
-            RF_FN(rf_step_gemm)(blas, &q->W[0], 0, m, 2 * H, H, hp + j0 * H, H, 0,
+            RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, 2 * H, H, hp + j0 * H, H, 0,
                                 st + j0 * GH, GH);
-            RF_FN(gru_step_rz)(g, aux, st, hp, q->bias, j0, end, H, lbr);
-            RF_FN(rf_step_gemm)(blas, &q->W[1], 0, m, H, H, aux + j0 * H, H, 0,
+            RF_PICK(gru_step_rz, avx2)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+            RF_FN(rf_step_gemm)(rt, &q->W[1], 0, m, H, H, aux + j0 * H, H, 0,
                                 st + j0 * GH + 2 * H, GH);
         }
-        RF_FN(gru_step_n)(g, train ? aux : NULL, st, hp, hn, q->y, q->h_n, q->bias, q->b_hn,
-                          p, s, j0, end, next_bs, H, lbr, one_pass, train);
+        RF_PICK(gru_step_n, avx2)(g, train ? aux : NULL, st, hp, hn, q->y, q->h_n, q->bias,
+                                  q->b_hn, p, s, j0, end, next_bs, H, lbr, train);
     }
 }
 
@@ -218,7 +279,7 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *w_ih, const REAL *w_hh,
                            const REAL *b_ih, const REAL *b_hh, const REAL *packed,
                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
-                           int train, const rf_blas *blas) {
+                           int train, const rf_runtime *rt) {
     gru_layout L = gru_layout_of(p, I, H, train);
     ptrdiff_t GH = 3 * H;
     REAL *bias = NULL;
@@ -230,67 +291,17 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     const REAL *b_hn = b_hh ? b_hh + 2 * H : NULL;
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed);
-    RF_FN(gru_steps_job) job = {y, h_n, ws, bias, b_hn, W, p, L, H, 0, 0, lbr, train, blas};
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed, rt->avx2);
+    RF_FN(gru_steps_job) job = {y, h_n, ws, bias, b_hn, W, p, L, H, 0, 0, lbr, train, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
-                          train, blas);
+                          train, rt);
         job.step0 = step0;
         job.step1 = step1;
         rf_run_parts(RF_FN(gru_steps), &job,
-                     rf_step_parts(p, step0, step1, 2.0 * GH * H, train, blas));
+                     rf_step_parts(p, step0, step1, 2.0 * GH * H, train, rt));
         step0 = step1;
-    }
-}
-
-/* One step's backward pointwise pass over rows j0 .. j1-1 (lbr, or the first pass without
- * lbr). On entry g holds the saved r z n; on exit the z and n blocks hold their
- * pre-activation gradients, and with lbr the r block too, aux the gradient of
- * W_hn h + b_hn, and st the step's recurrent-side gate gradients [dr dz d(W_hn h)]. dh: the
- * gradient carried into h_t; leaves as the direct part of the gradient of h_{t-1}, z dh. */
-RF_CLONES static void RF_FN(gru_step_backward)(REAL *g, REAL *aux, REAL *st, REAL *dh,
-                                               const REAL *hp, const REAL *dy,
-                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
-                                               ptrdiff_t j1, ptrdiff_t H, int lbr) {
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
-        REAL *sr = st + j * 3 * H, *sz = sr + H, *sn = sr + 2 * H;
-        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
-        const REAL *h = hp + j * H;
-        REAL *dh_row = dh + j * H, *aux_row = aux + j * H;
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL r = gr[k], z = gz[k], n = gn[k];
-            REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
-            REAL dz = d_h * (h[k] - n) * z * (1 - z);           /* h' = (1-z) n + z h */
-            REAL dn = d_h * (1 - z) * (1 - n * n);
-            dh_row[k] = d_h * z;
-            gz[k] = dz;
-            gn[k] = dn;
-            if (lbr) {                                          /* n = tanh(.. + r hl) */
-                REAL hl = aux_row[k];
-                REAL dr = dn * hl * r * (1 - r);
-                gr[k] = dr;
-                aux_row[k] = dn * r;
-                sr[k] = dr; sz[k] = dz; sn[k] = dn * r;
-            }
-        }
-    }
-}
-
-/* Without lbr, the second backward pass: drh = d(r h_{t-1}) = dn W_hn is in st; gives dr
- * (into g's r block) and adds r drh to dh. */
-RF_CLONES static void RF_FN(gru_step_backward_r)(REAL *g, REAL *dh, const REAL *drh,
-                                                 const REAL *hp, ptrdiff_t j0, ptrdiff_t j1,
-                                                 ptrdiff_t H) {
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *gr = g + j * 3 * H;
-        const REAL *d = drh + j * H, *h = hp + j * H;
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL r = gr[k];
-            gr[k] = d[k] * h[k] * r * (1 - r);
-            dh[j * H + k] += d[k] * r;
-        }
     }
 }
 
@@ -303,14 +314,14 @@ typedef struct {
     gru_layout L;
     ptrdiff_t H;
     int lbr;
-    const rf_blas *blas;
+    const rf_runtime *rt;
 } RF_FN(gru_back_steps_job);
 
 static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
     const RF_FN(gru_back_steps_job) *q = arg;
     const rf_plan *p = q->p;
     const rf_weight *W = q->W_hh;
-    const rf_blas *blas = q->blas;
+    const rf_runtime *rt = q->rt;
     ptrdiff_t H = q->H, GH = 3 * H, j0, j1;
     REAL *st = q->ws + q->L.step, *dh = q->dh;
     rf_part_rows(p, part, parts, &j0, &j1);
@@ -320,14 +331,15 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
         if (m <= 0) continue;
         REAL *g = q->ws + q->L.gates + at * GH, *aux = q->ws + q->L.aux + at * H;
         const REAL *hp = q->ws + q->L.h + at * H;
-        RF_FN(gru_step_backward)(g, aux, st, dh, hp, q->dy, p, s, j0, end, H, q->lbr);
+        RF_PICK(gru_step_backward, rt->avx2)(g, aux, st, dh, hp, q->dy, p, s, j0, end, H,
+                                             q->lbr);
         if (q->lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh */
-            RF_FN(rf_step_gemm)(blas, W, 0, m, H, GH, st + j0 * GH, GH, 1, dh + j0 * H, H);
+            RF_FN(rf_step_gemm)(rt, W, 0, m, H, GH, st + j0 * GH, GH, 1, dh + j0 * H, H);
         } else {       /* drh = dn W_hn;  then dh_{t-1} += [dr dz] W_hrz */
-            RF_FN(rf_step_gemm)(blas, W, 2 * H, m, H, H, g + j0 * GH + 2 * H, GH, 0,
+            RF_FN(rf_step_gemm)(rt, W, 2 * H, m, H, H, g + j0 * GH + 2 * H, GH, 0,
                                 st + j0 * H, H);
-            RF_FN(gru_step_backward_r)(g, dh, st, hp, j0, end, H);
-            RF_FN(rf_step_gemm)(blas, W, 0, m, H, 2 * H, g + j0 * GH, GH, 1, dh + j0 * H, H);
+            RF_PICK(gru_step_backward_r, rt->avx2)(g, dh, st, hp, j0, end, H);
+            RF_FN(rf_step_gemm)(rt, W, 0, m, H, 2 * H, g + j0 * GH, GH, 1, dh + j0 * H, H);
         }
     }
 }
@@ -338,32 +350,29 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             REAL *ws, REAL *scratch, const REAL *x,
                             const REAL *w_ih, const REAL *w_hh,
                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
-                            const rf_blas *blas) {
+                            const rf_runtime *rt) {
     gru_layout L = gru_layout_of(p, I, H, 1);
     ptrdiff_t GH = 3 * H, N = p->rows;
     REAL *dh = scratch;
     rf_weight W;  /* W_hh itself: rows 0..2H-1 for r z, 2H..3H-1 for n */
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    RF_FN(gru_back_steps_job) job = {ws, dh, dy, &W, p, L, H, lbr, blas};
+    RF_FN(gru_back_steps_job) job = {ws, dh, dy, &W, p, L, H, lbr, rt};
     rf_run_parts(RF_FN(gru_back_steps), &job,
-                 rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, blas));
+                 rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates, *h = ws + L.h, *aux = ws + L.aux;
     /* dW_hrz = sum_t [dr dz]^T h_{t-1};  dW_hn = sum_t d(W_hn h)^T h_{t-1} (lbr)
      * or dn^T (r h_{t-1}) (not lbr) */
-    RF_FN(rf_grad_gemm)(blas, 1, 2 * H, H, N, dgates, GH, h, H, dw_hh, H);
+    RF_FN(rf_grad_gemm)(rt, 1, 2 * H, H, N, dgates, GH, h, H, dw_hh, H);
     if (lbr)
-        RF_FN(rf_grad_gemm)(blas, 1, H, H, N, aux, H, h, H, dw_hh + 2 * H * H, H);
+        RF_FN(rf_grad_gemm)(rt, 1, H, H, N, aux, H, h, H, dw_hh + 2 * H * H, H);
     else
-        RF_FN(rf_grad_gemm)(blas, 1, H, H, N, dgates + 2 * H, GH, aux, H, dw_hh + 2 * H * H, H);
+        RF_FN(rf_grad_gemm)(rt, 1, H, H, N, dgates + 2 * H, GH, aux, H, dw_hh + 2 * H * H, H);
     /* db_hh's n block with lbr is that of W_hn h + b_hn, inside the reset gate */
-    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, N, GH);
-    if (db_hh && lbr) RF_FN(rf_column_sums)(db_hh + 2 * H, aux, N, H, H);
-    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, blas);
+    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, N, GH, rt->avx2);
+    if (db_hh && lbr) RF_FN(rf_column_sums)(db_hh + 2 * H, aux, N, H, H, rt->avx2);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, rt);
 }
-
-#undef SIGMOID
-#undef TANH
 
 #endif /* RF_TEMPLATE */

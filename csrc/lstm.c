@@ -48,12 +48,87 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
 #define RF_TEMPLATE_FILE "lstm.c"
 #include "instantiate.h"
 
+#elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
+
+#define SIGMOID(a, n) RF_FN(rf_sigmoid)(a, n, RF_PASS_AVX2)
+#define TANH(a, n) RF_FN(rf_tanh)(a, n, RF_PASS_AVX2)
+
+/* One step's pointwise pass over its running rows j0 .. j1-1. g: the step's gate rows,
+ * holding pre-activations (less the biases, or NULL) on entry and post-activations on
+ * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
+ * (j < next_bs) put their states; the others have finished and write h_n, c_n. tanh_c: or
+ * NULL (inference). On the AVX2 path float takes one pass per row (lstm_row_avx2). */
+RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
+                                              REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
+                                              const REAL *bias, const rf_plan *p, ptrdiff_t s,
+                                              ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
+                                              ptrdiff_t H) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        ptrdiff_t b = p->order[j];
+        REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
+        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
+        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
+        REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
+        const REAL *c_prev = cp + j * H;
+#if RF_HAVE_AVX2 && RF_IS_FLOAT
+        if (RF_PASS_AVX2) {
+            lstm_row_avx2(gi, tanh_c ? tanh_c + j * H : NULL, c_prev, h_out, c_out, y_row,
+                          bias, H);
+            continue;
+        }
+#endif
+        if (bias)
+            for (ptrdiff_t k = 0; k < 4 * H; k++) gi[k] += bias[k];
+        SIGMOID(gi, 2 * H);  /* i, f */
+        TANH(gg, H);
+        SIGMOID(go, H);
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL c = gf[k] * c_prev[k] + gi[k] * gg[k];
+            c_out[k] = c;
+            h_out[k] = c;
+        }
+        TANH(h_out, H);
+        if (tanh_c) memcpy(tanh_c + j * H, h_out, (size_t)H * sizeof(REAL));
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL h = go[k] * h_out[k];
+            h_out[k] = h;
+            y_row[k] = h;
+        }
+    }
+}
+
+/* One step's backward pointwise pass over rows j0 .. j1-1. On entry g holds the saved
+ * i f g o; on exit their pre-activation gradients. dh, dc: the gradients carried into this
+ * step's outputs (sorted rows); dc leaves as the gradient of c_{t-1}. */
+RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *dc,
+                                                       const REAL *tanh_c, const REAL *cp,
+                                                       const REAL *dy, const rf_plan *p,
+                                                       ptrdiff_t s, ptrdiff_t j0,
+                                                       ptrdiff_t j1, ptrdiff_t H) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
+        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
+        REAL *dh_row = dh + j * H, *dc_row = dc + j * H;
+        const REAL *tc_row = tanh_c + j * H, *c_prev = cp + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL i = gi[k], f = gf[k], gt = gg[k], o = go[k], tc = tc_row[k];
+            REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
+            REAL d_c = dc_row[k] + d_h * o * (1 - tc * tc);   /* h = o tanh(c) */
+            dc_row[k] = d_c * f;                              /* c = f c_prev + i g */
+            gi[k] = d_c * gt * i * (1 - i);
+            gf[k] = d_c * c_prev[k] * f * (1 - f);
+            gg[k] = d_c * i * (1 - gt * gt);
+            go[k] = d_h * tc * o * (1 - o);
+        }
+    }
+}
+
+#undef SIGMOID
+#undef TANH
+
 #else /* RF_TEMPLATE: dtype-generic part */
 
-#define SIGMOID RF_FN(rf_sigmoid)
-#define TANH RF_FN(rf_tanh)
-
-#if RF_HAVE_CLONES && RF_IS_FLOAT
+#if RF_HAVE_AVX2 && RF_IS_FLOAT
 /* lstm_step's work on 8 (nv - 1) + n_last hidden units of one row, from unit k: every gate
  * in registers, nv vectors of each side by side (see vmath.h). */
 RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c_prev,
@@ -89,10 +164,8 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
 
 /* lstm_step's pass over one row where AVX2+FMA runs: one pass over the hidden units, 32 at
  * a time, where the portable code makes eight over the row; the same operations on the
- * same values, so the same bits. Measured, LSTM inference (100,16,64,128), rnnfuse's time
- * over ONNX Runtime's (medians interleaved in one process, alternating builds): eight
- * passes 1.32-1.40 -> one pass of 16 units 1.15-1.18 (a noisy hour); 16 units 1.05-1.08
- * -> 32 units 1.02-1.04 (a quiet one). */
+ * same values, so the same bits: the gates stay in registers instead of making eight trips
+ * through memory. */
 RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, float *h_out,
                                   float *c_out, float *y, const float *bias, ptrdiff_t H) {
 #define UNITS(k, nv, n_last) \
@@ -102,52 +175,8 @@ RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, 
 }
 #endif
 
-/* One step's pointwise pass over its running rows j0 .. j1-1. g: the step's gate rows,
- * holding pre-activations (less the biases, or NULL) on entry and post-activations on
- * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
- * (j < next_bs) put their states; the others have finished and write h_n, c_n. tanh_c: or
- * NULL (inference). one_pass: one pass per row on AVX2+FMA (float; else the portable
- * code). */
-RF_CLONES static void RF_FN(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
-                                       REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
-                                       const REAL *bias, const rf_plan *p, ptrdiff_t s,
-                                       ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                       ptrdiff_t H, int one_pass) {
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        ptrdiff_t b = p->order[j];
-        REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
-        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
-        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
-        REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
-        const REAL *c_prev = cp + j * H;
-#if RF_HAVE_CLONES && RF_IS_FLOAT
-        if (one_pass) {
-            lstm_row_avx2(gi, tanh_c ? tanh_c + j * H : NULL, c_prev, h_out, c_out, y_row,
-                          bias, H);
-            continue;
-        }
-#else
-        (void)one_pass;
-#endif
-        if (bias)
-            for (ptrdiff_t k = 0; k < 4 * H; k++) gi[k] += bias[k];
-        SIGMOID(gi, 2 * H);  /* i, f */
-        TANH(gg, H);
-        SIGMOID(go, H);
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL c = gf[k] * c_prev[k] + gi[k] * gg[k];
-            c_out[k] = c;
-            h_out[k] = c;
-        }
-        TANH(h_out, H);
-        if (tanh_c) memcpy(tanh_c + j * H, h_out, (size_t)H * sizeof(REAL));
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL h = go[k] * h_out[k];
-            h_out[k] = h;
-            y_row[k] = h;
-        }
-    }
-}
+#define RF_PASSES_FILE "lstm.c"
+#include "passes.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
@@ -158,7 +187,7 @@ typedef struct {
     lstm_layout L;
     ptrdiff_t H, step0, step1;
     int train;
-    const rf_blas *blas;
+    const rf_runtime *rt;
 } RF_FN(lstm_steps_job);
 
 static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
@@ -175,11 +204,12 @@ static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
         ptrdiff_t next = q->train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH;
         REAL *g = ws + L.gates + (p->offsets[s] - (q->train ? 0 : p->offsets[q->step0])) * GH;
         /* gates += h_{t-1} W_hh^T */
-        RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, GH, H, ws + L.h + now + j0 * H, H,
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, GH, H, ws + L.h + now + j0 * H, H,
                             1, g + j0 * GH, GH);
-        RF_FN(lstm_step)(g, q->train ? ws + L.tanh_c + now : NULL, ws + L.c + now,
-                         ws + L.h + next, ws + L.c + next, q->y, q->h_n, q->c_n, q->bias, p,
-                         s, j0, end, next_bs, H, RF_ONE_PASS(q->blas));
+        RF_PICK(lstm_step, q->rt->avx2)(g, q->train ? ws + L.tanh_c + now : NULL,
+                                        ws + L.c + now, ws + L.h + next, ws + L.c + next,
+                                        q->y, q->h_n, q->c_n, q->bias, p, s, j0, end,
+                                        next_bs, H);
     }
 }
 
@@ -188,7 +218,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const REAL *w_ih, const REAL *w_hh,
                             const REAL *b_ih, const REAL *b_hh, const REAL *packed,
                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,
-                            const rf_blas *blas) {
+                            const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, train);
     ptrdiff_t GH = 4 * H;
     REAL *bias = NULL;
@@ -199,43 +229,17 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W[3];
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed);
-    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, &W[0], p, L, H, 0, 0, train, blas};
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed, rt->avx2);
+    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, &W[0], p, L, H, 0, 0, train, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
-                          train, blas);
+                          train, rt);
         job.step0 = step0;
         job.step1 = step1;
         rf_run_parts(RF_FN(lstm_steps), &job,
-                     rf_step_parts(p, step0, step1, 2.0 * GH * H, train, blas));
+                     rf_step_parts(p, step0, step1, 2.0 * GH * H, train, rt));
         step0 = step1;
-    }
-}
-
-/* One step's backward pointwise pass over rows j0 .. j1-1. On entry g holds the saved
- * i f g o; on exit their pre-activation gradients. dh, dc: the gradients carried into this
- * step's outputs (sorted rows); dc leaves as the gradient of c_{t-1}. */
-RF_CLONES static void RF_FN(lstm_step_backward)(REAL *g, REAL *dh, REAL *dc,
-                                                const REAL *tanh_c, const REAL *cp,
-                                                const REAL *dy, const rf_plan *p,
-                                                ptrdiff_t s, ptrdiff_t j0, ptrdiff_t j1,
-                                                ptrdiff_t H) {
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
-        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
-        REAL *dh_row = dh + j * H, *dc_row = dc + j * H;
-        const REAL *tc_row = tanh_c + j * H, *c_prev = cp + j * H;
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL i = gi[k], f = gf[k], gt = gg[k], o = go[k], tc = tc_row[k];
-            REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
-            REAL d_c = dc_row[k] + d_h * o * (1 - tc * tc);   /* h = o tanh(c) */
-            dc_row[k] = d_c * f;                              /* c = f c_prev + i g */
-            gi[k] = d_c * gt * i * (1 - i);
-            gf[k] = d_c * c_prev[k] * f * (1 - f);
-            gg[k] = d_c * i * (1 - gt * gt);
-            go[k] = d_h * tc * o * (1 - o);
-        }
     }
 }
 
@@ -247,7 +251,7 @@ typedef struct {
     const rf_plan *p;
     lstm_layout L;
     ptrdiff_t H;
-    const rf_blas *blas;
+    const rf_runtime *rt;
 } RF_FN(lstm_back_steps_job);
 
 static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
@@ -259,10 +263,12 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
         ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s], end = bs < j1 ? bs : j1;
         if (end <= j0) continue;
         REAL *g = q->ws + q->L.gates + at * GH;
-        RF_FN(lstm_step_backward)(g, q->dh, q->dc, q->ws + q->L.tanh_c + at * H,
-                                  q->ws + q->L.c + at * H, q->dy, p, s, j0, end, H);
+        RF_PICK(lstm_step_backward, q->rt->avx2)(g, q->dh, q->dc,
+                                                 q->ws + q->L.tanh_c + at * H,
+                                                 q->ws + q->L.c + at * H, q->dy, p, s, j0,
+                                                 end, H);
         /* dh_{t-1} = dgates W_hh */
-        RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, H, GH, g + j0 * GH, GH, 0,
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, GH, g + j0 * GH, GH, 0,
                             q->dh + j0 * H, H);
     }
 }
@@ -273,28 +279,25 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
                              REAL *ws, REAL *scratch, const REAL *x,
                              const REAL *w_ih, const REAL *w_hh,
                              const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
-                             const rf_blas *blas) {
+                             const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, 1);
     ptrdiff_t GH = 4 * H, B = p->B;
     REAL *dh = scratch, *dc = scratch + B * H;
     rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * B * H, NULL);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * B * H, NULL, rt->avx2);
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);
-    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, &W, p, L, H, blas};
+    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, &W, p, L, H, rt};
     rf_run_parts(RF_FN(lstm_back_steps), &job,
-                 rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, blas));
+                 rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     RF_FN(rf_unsort_rows)(dc0, dc, p, H);
     const REAL *dgates = ws + L.gates;
     /* dW_hh = sum_t dgates_t^T h_{t-1} */
-    RF_FN(rf_grad_gemm)(blas, 1, GH, H, p->rows, dgates, GH, ws + L.h, H, dw_hh, H);
-    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, blas);
-    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, GH);
+    RF_FN(rf_grad_gemm)(rt, 1, GH, H, p->rows, dgates, GH, ws + L.h, H, dw_hh, H);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, rt);
+    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, GH, rt->avx2);
 }
-
-#undef SIGMOID
-#undef TANH
 
 #endif /* RF_TEMPLATE */

@@ -7,7 +7,7 @@
  *
  * Why not BLAS: a per-step BLAS call pays its own overhead and re-packs W_hh every step,
  * for the few rows a step has. And a BLAS rounds a row of a product differently depending
- * on M (SciPy's OpenBLAS, measured: 322 of 896 shapes with K >= 33), so a stream that
+ * on M (SciPy's OpenBLAS does, for many shapes with K >= 33), so a stream that
  * projects one step's rows would not match a forward that projects all its steps at once.
  * Here, unless split_k, every output is one chain over k in order, whatever M is.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
@@ -16,7 +16,7 @@
 
 #include "rnnfuse.h"
 
-#if RF_HAVE_CLONES
+#if RF_HAVE_AVX2
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma")))
 #define UNROLL _Pragma("GCC unroll 16")
@@ -29,20 +29,12 @@ ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N) {
     return ((N + 15) / 16) * 16 * K;
 }
 
-int rf_avx2_available(void) {
-#if RF_HAVE_CLONES
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
-}
-
 #define RF_TEMPLATE_FILE "packed.c"
 #include "instantiate.h"
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
-#if RF_HAVE_CLONES
+#if RF_HAVE_AVX2
 
 #if RF_IS_FLOAT
 #define VEC __m256
@@ -201,12 +193,10 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
 /* One block of rows, whose A rows stay in cache while every panel passes over them.
  * A step's few rows (split_k): panels are the outer loop, so each is read once and reused
  * by every row tile while it sits in L1. A projection's many rows: whole row tiles are the
- * outer loop, so a tile's rows stay in L1 while the panels stream past from L2 or L3
- * (measured here at projection shapes, medians of 10 alternating runs: 66 -> 86 GFLOP/s at
- * M=700, N=2600, K=650; the same at M=3200, N=1024, K=128).
+ * outer loop, so a tile's rows stay in L1 while the panels stream past from L2 or L3.
  * The rows left over from whole tiles: 1-3 of them take two panels per tile, for more
  * independent accumulators (4 or 5 rows of two panels would want 16-20 of the 16
- * registers: spilled, measured slower). Which tile computes a row depends only on the
+ * registers, and spill). Which tile computes a row depends only on the
  * row's place among whole tiles, never on M, so a step shared among threads in ranges of
  * whole tiles (rf_part_rows) gets the numbers of one thread. */
 AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
@@ -259,18 +249,20 @@ AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const R
 #undef V_MASKSTORE
 #undef V_LANES
 #undef VL
-#endif /* RF_HAVE_CLONES */
+#endif /* RF_HAVE_AVX2 */
 
 void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,
-                    ptrdiff_t N) {
+                    ptrdiff_t N, int avx2) {
     for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_NR) {
         REAL *panel = Bp + n0 * K;
         ptrdiff_t k = 0;
         if (!trans && n0 + RF_NR <= N)  /* whole panel rows are slices of B's rows */
             for (; k < K; k++) memcpy(panel + k * RF_NR, B + k * ldb + n0, sizeof(REAL) * RF_NR);
-#if RF_HAVE_CLONES
-        if (trans && n0 + RF_NR <= N && rf_avx2_available())
+#if RF_HAVE_AVX2
+        if (trans && n0 + RF_NR <= N && avx2)
             k = RF_FN(pack_transposed)(panel, B + n0 * ldb, ldb, K);
+#else
+        (void)avx2;
 #endif
         for (; k < K; k++)
             for (ptrdiff_t c = 0; c < RF_NR; c++) {
@@ -281,10 +273,12 @@ void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t
 }
 
 void RF_FN(rf_transpose)(REAL *dst, ptrdiff_t ldd, const REAL *src, ptrdiff_t lds,
-                         ptrdiff_t rows, ptrdiff_t cols) {
+                         ptrdiff_t rows, ptrdiff_t cols, int avx2) {
     ptrdiff_t r = 0;
-#if RF_HAVE_CLONES
-    if (rf_avx2_available()) r = RF_FN(transpose_blocks)(dst, ldd, src, lds, rows, cols);
+#if RF_HAVE_AVX2
+    if (avx2) r = RF_FN(transpose_blocks)(dst, ldd, src, lds, rows, cols);
+#else
+    (void)avx2;
 #endif
     for (; r < rows; r++)
         for (ptrdiff_t c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
@@ -344,7 +338,7 @@ static void RF_FN(row_block_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, con
 
 void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
                            const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
-                           ptrdiff_t ldc, int split_k, int portable) {
+                           ptrdiff_t ldc, int split_k, int avx2) {
     /* blocks of whole tiles, about 192 KiB of A each: where panels are the outer loop (a
      * step of many rows; the portable tile) A then streams from L2 once per panel rather
      * than from memory. (A projection's AVX2 tiles take rows outer: blocks change nothing.) */
@@ -352,14 +346,14 @@ void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
     if (block < MR) block = MR;
     for (ptrdiff_t m0 = 0; m0 < M; m0 += block) {
         ptrdiff_t rows = M - m0 < block ? M - m0 : block;
-#if RF_HAVE_CLONES
-        if (!portable && rf_avx2_available()) {
+#if RF_HAVE_AVX2
+        if (avx2) {
             RF_FN(row_block)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
                              C + m0 * ldc, ldc, split_k);
             continue;
         }
 #else
-        (void)portable; (void)split_k;
+        (void)avx2; (void)split_k;
 #endif
         RF_FN(row_block_portable)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride,
                                   accumulate, C + m0 * ldc, ldc);

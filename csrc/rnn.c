@@ -37,9 +37,66 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 #define RF_TEMPLATE_FILE "rnn.c"
 #include "instantiate.h"
 
+#elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
+
+/* One step's pointwise pass over its running rows j0 .. j1-1: g holds their
+ * pre-activations (less the bias, or NULL) and leaves holding h'. Rows j < next_bs go on
+ * (hn), the others have finished (h_n). On the AVX2 path float tanh takes one pass per
+ * row. */
+RF_PASS_TARGET static void RF_PASS(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
+                                             const REAL *bias, const rf_plan *p, ptrdiff_t s,
+                                             ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
+                                             ptrdiff_t H, int relu) {
+#if RF_HAVE_AVX2 && RF_IS_FLOAT
+    if (RF_PASS_AVX2 && !relu) {
+        for (ptrdiff_t j = j0; j < j1; j++) {
+            ptrdiff_t b = p->order[j];
+            rnn_row_avx2(g + j * H, j < next_bs ? hn + j * H : h_n + b * H,
+                         y + (rf_time(p, j, s) * p->B + b) * H, bias, H);
+        }
+        return;
+    }
+#endif
+    REAL *rows = g + j0 * H;
+    ptrdiff_t n = (j1 - j0) * H;
+    if (bias)
+        for (ptrdiff_t j = 0; j < j1 - j0; j++)
+            for (ptrdiff_t k = 0; k < H; k++) rows[j * H + k] += bias[k];
+    if (relu) {  /* max(a, 0) that keeps NaN: (NaN < 0) is false */
+        for (ptrdiff_t k = 0; k < n; k++) rows[k] = rows[k] < 0 ? 0 : rows[k];
+    } else {
+        RF_FN(rf_tanh)(rows, n, RF_PASS_AVX2);
+    }
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        ptrdiff_t b = p->order[j];
+        const REAL *h = g + j * H;
+        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
+        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
+        memcpy(h_out, h, (size_t)H * sizeof(REAL));
+        memcpy(y_row, h, (size_t)H * sizeof(REAL));
+    }
+}
+
+/* One step's backward pointwise pass over rows j0 .. j1-1: g holds h' and leaves holding
+ * the pre-activation gradient; dh is the gradient carried into h_t. */
+RF_PASS_TARGET static void RF_PASS(rnn_step_backward)(REAL *g, const REAL *dh,
+                                                      const REAL *dy, const rf_plan *p,
+                                                      ptrdiff_t s, ptrdiff_t j0, ptrdiff_t j1,
+                                                      ptrdiff_t H, int relu) {
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        REAL *a = g + j * H;
+        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL d_h = dh[j * H + k] + (dy_row ? dy_row[k] : 0);
+            REAL h = a[k];
+            a[k] = relu ? (h > 0 ? d_h : 0) : d_h * (1 - h * h);
+        }
+    }
+}
+
 #else /* RF_TEMPLATE: dtype-generic part */
 
-#if RF_HAVE_CLONES && RF_IS_FLOAT
+#if RF_HAVE_AVX2 && RF_IS_FLOAT
 /* rnn_step's work (tanh) on 8 (nv - 1) + n_last units of one row, from unit k. */
 RF_AVX2 static RF_INLINE void rnn_units(float *g, float *h_out, float *y, const float *bias,
                                         ptrdiff_t k, int nv, int n_last) {
@@ -65,45 +122,8 @@ RF_AVX2 static void rnn_row_avx2(float *g, float *h_out, float *y, const float *
 }
 #endif
 
-/* One step's pointwise pass over its running rows j0 .. j1-1: g holds their
- * pre-activations (less the bias, or NULL) and leaves holding h'. Rows j < next_bs go on
- * (hn), the others have finished (h_n). one_pass: tanh in one pass per row on AVX2+FMA
- * (float). */
-RF_CLONES static void RF_FN(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
-                                      const REAL *bias, const rf_plan *p, ptrdiff_t s,
-                                      ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                      ptrdiff_t H, int relu, int one_pass) {
-#if RF_HAVE_CLONES && RF_IS_FLOAT
-    if (one_pass && !relu) {
-        for (ptrdiff_t j = j0; j < j1; j++) {
-            ptrdiff_t b = p->order[j];
-            rnn_row_avx2(g + j * H, j < next_bs ? hn + j * H : h_n + b * H,
-                         y + (rf_time(p, j, s) * p->B + b) * H, bias, H);
-        }
-        return;
-    }
-#else
-    (void)one_pass;
-#endif
-    REAL *rows = g + j0 * H;
-    ptrdiff_t n = (j1 - j0) * H;
-    if (bias)
-        for (ptrdiff_t j = 0; j < j1 - j0; j++)
-            for (ptrdiff_t k = 0; k < H; k++) rows[j * H + k] += bias[k];
-    if (relu) {  /* max(a, 0) that keeps NaN: (NaN < 0) is false */
-        for (ptrdiff_t k = 0; k < n; k++) rows[k] = rows[k] < 0 ? 0 : rows[k];
-    } else {
-        RF_FN(rf_tanh)(rows, n);
-    }
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        ptrdiff_t b = p->order[j];
-        const REAL *h = g + j * H;
-        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
-        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
-        memcpy(h_out, h, (size_t)H * sizeof(REAL));
-        memcpy(y_row, h, (size_t)H * sizeof(REAL));
-    }
-}
+#define RF_PASSES_FILE "rnn.c"
+#include "passes.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
@@ -114,7 +134,7 @@ typedef struct {
     rnn_layout L;
     ptrdiff_t H, step0, step1;
     int train, relu;
-    const rf_blas *blas;
+    const rf_runtime *rt;
 } RF_FN(rnn_steps_job);
 
 static void RF_FN(rnn_steps)(void *arg, int part, int parts) {
@@ -131,10 +151,10 @@ static void RF_FN(rnn_steps)(void *arg, int part, int parts) {
         REAL *g = ws + q->L.gates
                   + (p->offsets[s] - (q->train ? 0 : p->offsets[q->step0])) * H;
         /* g += h_{t-1} W_hh^T */
-        RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, H, H, hp + j0 * H, H, 1,
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, H, hp + j0 * H, H, 1,
                             g + j0 * H, H);
-        RF_FN(rnn_step)(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs, H, q->relu,
-                        RF_ONE_PASS(q->blas));
+        RF_PICK(rnn_step, q->rt->avx2)(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs,
+                                       H, q->relu);
     }
 }
 
@@ -143,7 +163,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *w_ih, const REAL *w_hh,
                            const REAL *b_ih, const REAL *b_hh, const REAL *packed,
                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
-                           int train, const rf_blas *blas) {
+                           int train, const rf_runtime *rt) {
     rnn_layout L = rnn_layout_of(p, I, H, train);
     REAL *bias = NULL;
     if (b_ih || b_hh) {
@@ -152,33 +172,17 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
     }
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed);
-    RF_FN(rnn_steps_job) job = {y, h_n, ws, bias, &W[0], p, L, H, 0, 0, train, relu, blas};
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed, rt->avx2);
+    RF_FN(rnn_steps_job) job = {y, h_n, ws, bias, &W[0], p, L, H, 0, 0, train, relu, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, H,
-                          train, blas);
+                          train, rt);
         job.step0 = step0;
         job.step1 = step1;
         rf_run_parts(RF_FN(rnn_steps), &job,
-                     rf_step_parts(p, step0, step1, 2.0 * H * H, train, blas));
+                     rf_step_parts(p, step0, step1, 2.0 * H * H, train, rt));
         step0 = step1;
-    }
-}
-
-/* One step's backward pointwise pass over rows j0 .. j1-1: g holds h' and leaves holding
- * the pre-activation gradient; dh is the gradient carried into h_t. */
-RF_CLONES static void RF_FN(rnn_step_backward)(REAL *g, const REAL *dh, const REAL *dy,
-                                               const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
-                                               ptrdiff_t j1, ptrdiff_t H, int relu) {
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *a = g + j * H;
-        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL d_h = dh[j * H + k] + (dy_row ? dy_row[k] : 0);
-            REAL h = a[k];
-            a[k] = relu ? (h > 0 ? d_h : 0) : d_h * (1 - h * h);
-        }
     }
 }
 
@@ -190,7 +194,7 @@ typedef struct {
     const rf_plan *p;
     ptrdiff_t H;
     int relu;
-    const rf_blas *blas;
+    const rf_runtime *rt;
 } RF_FN(rnn_back_steps_job);
 
 static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
@@ -202,9 +206,9 @@ static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
         ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1;
         if (end <= j0) continue;
         REAL *g = q->gates + p->offsets[s] * H;
-        RF_FN(rnn_step_backward)(g, q->dh, q->dy, p, s, j0, end, H, q->relu);
+        RF_PICK(rnn_step_backward, q->rt->avx2)(g, q->dh, q->dy, p, s, j0, end, H, q->relu);
         /* dh_{t-1} = dpre W_hh */
-        RF_FN(rf_step_gemm)(q->blas, q->W_hh, 0, end - j0, H, H, g + j0 * H, H, 0,
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, H, g + j0 * H, H, 0,
                             q->dh + j0 * H, H);
     }
 }
@@ -215,21 +219,21 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             REAL *ws, REAL *scratch, const REAL *x,
                             const REAL *w_ih, const REAL *w_hh,
                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
-                            const rf_blas *blas) {
+                            const rf_runtime *rt) {
     rnn_layout L = rnn_layout_of(p, I, H, 1);
     REAL *dh = scratch;
     rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL);
+    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, &W, p, H, relu, blas};
+    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, &W, p, H, relu, rt};
     rf_run_parts(RF_FN(rnn_back_steps), &job,
-                 rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, blas));
+                 rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates;
     /* dW_hh = sum_t dpre_t^T h_{t-1} */
-    RF_FN(rf_grad_gemm)(blas, 1, H, H, p->rows, dgates, H, ws + L.h, H, dw_hh, H);
-    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, H, blas);
-    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, H);
+    RF_FN(rf_grad_gemm)(rt, 1, H, H, p->rows, dgates, H, ws + L.h, H, dw_hh, H);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, H, rt);
+    RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, H, rt->avx2);
 }
 
 #endif /* RF_TEMPLATE */

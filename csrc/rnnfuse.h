@@ -29,13 +29,39 @@ typedef void (*rf_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
                             double *alpha, double *a, int *lda, double *b, int *ldb,
                             double *beta, double *c, int *ldc);
 typedef int (*rf_threads_fn)(void);
+
+/* What a call runs on, filled by _kernels.pyx and read-only during a call: the BLAS, how
+ * many threads it may use, and which code path runs our products, the cells' pointwise
+ * passes and the activations alike (rf_choose_kernel's decision). */
 typedef struct {
     rf_sgemm_fn sgemm;
     rf_dgemm_fn dgemm;
     rf_threads_fn num_threads;  /* the BLAS's current thread count, or NULL: one thread */
-    int portable;  /* 1: our products on the portable kernel even where AVX2+FMA runs
-                    * (for tests); 0: the AVX2+FMA kernel where the CPU has it */
-} rf_blas;
+    int avx2;  /* 1: the AVX2+FMA code (only where rf_cpu_avx2()); 0: the portable code */
+} rf_runtime;
+
+/* The build has AVX2+FMA code beside the portable code (GCC on x86-64 Linux); it runs
+ * where the CPU has both, chosen at run time, never by -march=native. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define RF_HAVE_AVX2 1
+#else
+#define RF_HAVE_AVX2 0
+#endif
+
+/* Whether this CPU can run the AVX2+FMA code of this build. */
+static inline int rf_cpu_avx2(void) {
+#if RF_HAVE_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* The one CPU-feature decision (common.c), for rf_runtime.avx2: "portable" -> 0; "avx2"
+ * -> 1 where rf_cpu_avx2(), else -1 (it cannot run here); NULL or "" -> the best this CPU
+ * runs; anything else -> -1. */
+int rf_choose_kernel(const char *request);
 
 /* Threads (threads.c). The kernels' own parallel parts use as many threads as the BLAS is
  * allowed now: rf_threads, from the num_threads that rf_find_blas_threads finds in the
@@ -43,8 +69,13 @@ typedef struct {
  * fn(arg, part, parts) for every part, on threads started and joined here. */
 #define RF_MAX_THREADS 64
 rf_threads_fn rf_find_blas_threads(const void *blas_function);
-int rf_threads(const rf_blas *blas);
+int rf_threads(const rf_runtime *rt);
 void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int parts);
+
+/* Memory starting on an `align`-byte boundary (a power of two, at least sizeof(void *)),
+ * size rounded up to a multiple of align, or NULL; released by rf_aligned_free (common.c). */
+void *rf_aligned_alloc(size_t align, size_t size);
+void rf_aligned_free(void *p);
 
 /* The batch ordering of one call; built by rf_plan_build, read-only afterwards. */
 typedef struct {
@@ -75,17 +106,34 @@ ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
  * rf_part_rows: the sorted rows [*j0, *j1) of one part, balanced by the real steps of its
  * rows. */
 int rf_step_parts(const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, double flops_per_row,
-                  int after_blas, const rf_blas *blas);
+                  int after_blas, const rf_runtime *rt);
 void rf_part_rows(const rf_plan *p, int part, int parts, ptrdiff_t *j0, ptrdiff_t *j1);
 
 /* Elements of the buffer rf_gemm_floor_* runs on. */
 ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G);
 
-/* Which vectorized code path the run-time dispatch picks on this CPU. */
+/* The best code path this CPU runs (rf_choose_kernel(NULL)), in words. */
 const char *rf_simd_path(void);
 
 
-/* Workspace sizes, in elements of the call's dtype. "train" keeps what backward needs. */
+/* The cells (cells.c), described once: every layer above reads this table. The ids are
+ * the C API's cell codes (rnnfuse.capi: RNNFUSE_LSTM = 1, ...). option, per cell: GRU
+ * linear_before_reset (1) or not (0); RNN relu (1) or tanh (0); LSTM none (ignored). */
+typedef enum { RF_LSTM = 1, RF_GRU = 2, RF_RNN = 3 } rf_cell_id;
+#define RF_NUM_CELLS 3
+typedef struct {
+    int id;         /* an rf_cell_id */
+    char name[8];   /* "lstm", "gru", "rnn" */
+    int gates;      /* G: gate blocks of H rows in the weights */
+    int states;     /* 2: h and c (LSTM); 1: h */
+} rf_cell;
+extern const rf_cell rf_cells[RF_NUM_CELLS];
+/* The table's entry for a cell id, or NULL. */
+const rf_cell *rf_cell_find(int id);
+
+/* Workspace sizes, in elements of the call's dtype. "train" keeps what backward needs.
+ * rf_workspace: any cell's (-1 for an unknown id). */
+ptrdiff_t rf_workspace(int cell, const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
 ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
 ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
 ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
@@ -104,79 +152,77 @@ typedef struct {
 
 /* Elements a packed op(W) of K rows and N columns takes (enough for either dtype). */
 ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
-/* Whether the AVX2+FMA micro-kernel can run here (else the portable one runs). */
-int rf_avx2_available(void);
 /* A forward's weights packed ahead of time, so that calls with the same weights (a stream
  * of single steps) skip packing: pass them as the forward's packed. Packs W_hh^T (for the
  * GRU without linear_before_reset its n block apart), then W_ih^T: rf_weights_pack_size
  * elements of the call's dtype. lbr: the GRU's linear_before_reset (other cells: ignored). */
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I);
 void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
-                         ptrdiff_t H, ptrdiff_t I, int lbr);
+                         ptrdiff_t H, ptrdiff_t I, int lbr, int avx2);
 void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, ptrdiff_t G,
-                         ptrdiff_t H, ptrdiff_t I, int lbr);
+                         ptrdiff_t H, ptrdiff_t I, int lbr, int avx2);
 
 /* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
  * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
  * packed: w_ih and w_hh as rf_pack_weights_* packed them, or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
-#define RF_DECLARE_KERNELS(REAL, SFX)                                                         \
+#define RF_DECLARE_KERNELS(REAL, SFX)                                                       \
     void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \
                                const REAL *x, const REAL *h0, const REAL *c0,               \
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const REAL *b_ih, const REAL *b_hh,                          \
                                const REAL *packed,                                          \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,       \
-                               const rf_blas *blas);                                        \
+                               const rf_runtime *rt);                                       \
     void rf_gru_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
                               const REAL *packed,                                           \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,          \
-                              int train, const rf_blas *blas);                              \
+                              int train, const rf_runtime *rt);                             \
     void rf_rnn_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
                               const REAL *packed,                                           \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,         \
-                              int train, const rf_blas *blas);                              \
-    /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,   \
+                              int train, const rf_runtime *rt);                             \
+    /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,    \
      * db_ih, db_hh (db_*: or NULL when not wanted). dy, dh_n, dc_n: or NULL (zeros).       \
      * ws: the training forward's workspace, overwritten (backward runs once per ctx).      \
      * scratch: rf_backward_scratch elements. x, w_*: the forward's.                        \
      * Each db_* receives the bias gradient whether or not that bias existed. */            \
-    void rf_lstm_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,    \
+    void rf_lstm_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,   \
                                 REAL *db_ih, REAL *db_hh,                                   \
                                 const REAL *dy, const REAL *dh_n, const REAL *dc_n,         \
                                 REAL *ws, REAL *scratch, const REAL *x,                     \
                                 const REAL *w_ih, const REAL *w_hh,                         \
                                 const rf_plan *p, ptrdiff_t I, ptrdiff_t H,                 \
-                                const rf_blas *blas);                                       \
+                                const rf_runtime *rt);                                      \
     void rf_gru_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
                                REAL *db_ih, REAL *db_hh,                                    \
                                const REAL *dy, const REAL *dh_n,                            \
                                REAL *ws, REAL *scratch, const REAL *x,                      \
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,         \
-                               const rf_blas *blas);                                        \
+                               const rf_runtime *rt);                                       \
     void rf_rnn_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
                                REAL *db_ih, REAL *db_hh,                                    \
                                const REAL *dy, const REAL *dh_n,                            \
                                REAL *ws, REAL *scratch, const REAL *x,                      \
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,        \
-                               const rf_blas *blas);                                        \
+                               const rf_runtime *rt);                                       \
     /* Shared pieces (common.c). */                                                         \
-    void rf_gemm_##SFX(const rf_blas *blas, int trans_a, int trans_b,                       \
+    void rf_gemm_##SFX(const rf_runtime *rt, int trans_a, int trans_b,                      \
                        ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, REAL alpha,                   \
                        const REAL *A, ptrdiff_t lda, const REAL *B, ptrdiff_t ldb,          \
                        REAL beta, REAL *C, ptrdiff_t ldc);                                  \
-    void rf_grad_gemm_##SFX(const rf_blas *blas, int trans_a, ptrdiff_t M, ptrdiff_t N,   \
-                            ptrdiff_t K, const REAL *A, ptrdiff_t lda, const REAL *B,      \
-                            ptrdiff_t ldb, REAL *C, ptrdiff_t ldc);                        \
+    void rf_grad_gemm_##SFX(const rf_runtime *rt, int trans_a, ptrdiff_t M, ptrdiff_t N,    \
+                            ptrdiff_t K, const REAL *A, ptrdiff_t lda, const REAL *B,       \
+                            ptrdiff_t ldb, REAL *C, ptrdiff_t ldc);                         \
     void rf_gather_##SFX(REAL *packed, const REAL *seq, const rf_plan *p,                   \
                          ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t F);                    \
     void rf_scatter_##SFX(REAL *seq, const REAL *packed, const rf_plan *p, ptrdiff_t F);    \
@@ -185,39 +231,63 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     void rf_initial_state_##SFX(REAL *state, REAL *final, const REAL *init,                 \
                                 const rf_plan *p, ptrdiff_t H);                             \
     void rf_bias_grads_##SFX(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_t rows,  \
-                             ptrdiff_t cols);                                               \
+                             ptrdiff_t cols, int avx2);                                     \
     void rf_column_sums_##SFX(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,     \
-                              ptrdiff_t lda);                                               \
+                              ptrdiff_t lda, int avx2);                                     \
     void rf_project_##SFX(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *W_ih,    \
                           const rf_plan *p, ptrdiff_t step0, ptrdiff_t step1, ptrdiff_t I,  \
-                          ptrdiff_t GH, int after_blas, const rf_blas *blas);               \
+                          ptrdiff_t GH, int after_blas, const rf_runtime *rt);              \
     void rf_prepare_weight_##SFX(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,     \
                                  ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,               \
-                                 const REAL *prepacked);                                    \
+                                 const REAL *prepacked, int avx2);                          \
     void rf_prepare_weights_##SFX(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,       \
                                   ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,           \
-                                  REAL *pack_buffer, const REAL *prepacked);                \
-    void rf_step_gemm_##SFX(const rf_blas *blas, const rf_weight *W, ptrdiff_t k0,          \
+                                  REAL *pack_buffer, const REAL *prepacked, int avx2);      \
+    void rf_step_gemm_##SFX(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,         \
                             ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,           \
                             ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc);         \
-    /* Ours (packed.c): B packed as rf_pack_* packs op(B), K rows, N columns. */            \
+    /* Ours (packed.c): B packed as rf_pack_* packs op(B), K rows, N columns; avx2: the     \
+     * code path (rf_runtime.avx2). */                                                      \
     void rf_pack_##SFX(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,      \
-                       ptrdiff_t N);                                                        \
-    /* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols. */                    \
+                       ptrdiff_t N, int avx2);                                              \
+    /* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols. */                       \
     void rf_transpose_##SFX(REAL *dst, ptrdiff_t ldd, const REAL *src, ptrdiff_t lds,       \
-                            ptrdiff_t rows, ptrdiff_t cols);                                \
+                            ptrdiff_t rows, ptrdiff_t cols, int avx2);                      \
     void rf_packed_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,         \
                               ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
                               int accumulate, REAL *C, ptrdiff_t ldc, int split_k,          \
-                              int portable);                                                \
-    void rf_gemm_floor_##SFX(const rf_blas *blas, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,      \
+                              int avx2);                                                    \
+    void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,   \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \
                                const REAL *x, const REAL *w_ih, const rf_plan *p,           \
-                               ptrdiff_t I, ptrdiff_t GH, const rf_blas *blas);
+                               ptrdiff_t I, ptrdiff_t GH, const rf_runtime *rt);
 
 RF_DECLARE_KERNELS(float, f32)
 RF_DECLARE_KERNELS(double, f64)
+
+/* The one entry point per pass (cells.c): one forward or backward of any cell, its buffers
+ * as the cell's rf_*_forward_* / rf_*_backward_* take them (pointers to the call's dtype;
+ * those a cell does not have, such as c_n but for the LSTM, are ignored). Each call reads
+ * rt once, so one call runs on one code path. Returns 0, or -1 for an unknown cell. */
+typedef struct {
+    void *y, *h_n, *c_n, *ws;
+    const void *x, *h0, *c0, *w_ih, *w_hh, *b_ih, *b_hh, *packed;
+} rf_forward_bufs;
+typedef struct {
+    void *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
+    const void *dy, *dh_n, *dc_n;
+    void *ws, *scratch;
+    const void *x, *w_ih, *w_hh;
+} rf_backward_bufs;
+int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
+                   ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt);
+int rf_forward_f64(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
+                   ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt);
+int rf_backward_f32(int cell, int option, const rf_backward_bufs *a, const rf_plan *p,
+                    ptrdiff_t I, ptrdiff_t H, const rf_runtime *rt);
+int rf_backward_f64(int cell, int option, const rf_backward_bufs *a, const rf_plan *p,
+                    ptrdiff_t I, ptrdiff_t H, const rf_runtime *rt);
 
 /* ---- Pieces for the kernel bodies, which each cell file instantiates twice. ---- */
 
@@ -225,21 +295,20 @@ RF_DECLARE_KERNELS(double, f64)
 #define RF_CAT(a, b) RF_CAT_(a, b)
 #define RF_FN(name) RF_CAT(name, RF_SUFFIX)   /* rf_gemm -> rf_gemm_f32 / rf_gemm_f64 */
 
-/* Pointwise loops are compiled twice and picked at run time (never -march=native). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define RF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#define RF_HAVE_CLONES 1
+/* A pointwise pass compiled once per code path (passes.h): the copy that avx2 (the call's
+ * rf_runtime.avx2) picks, name_f32_v3 (x86-64-v3: AVX2, FMA) or name_f32_base. */
+#if RF_HAVE_AVX2
+#define RF_PICK(name, avx2) ((avx2) ? RF_CAT(RF_FN(name), v3) : RF_CAT(RF_FN(name), base))
 #else
-#define RF_CLONES
-#define RF_HAVE_CLONES 0
+#define RF_PICK(name, avx2) RF_CAT(RF_FN(name), base)
 #endif
 
-/* Activations over an array, in place (vmath.c): libm, or for float32 on AVX2+FMA CPUs a
- * vectorized version with a documented and tested error bound. */
-void rf_sigmoid_f32(float *a, ptrdiff_t n);
-void rf_tanh_f32(float *a, ptrdiff_t n);
-void rf_sigmoid_f64(double *a, ptrdiff_t n);
-void rf_tanh_f64(double *a, ptrdiff_t n);
+/* Activations over an array, in place (vmath.c): libm, or for float32 with avx2 a
+ * vectorized version with a documented and tested error bound (vmath.h). */
+void rf_sigmoid_f32(float *a, ptrdiff_t n, int avx2);
+void rf_tanh_f32(float *a, ptrdiff_t n, int avx2);
+void rf_sigmoid_f64(double *a, ptrdiff_t n, int avx2);
+void rf_tanh_f64(double *a, ptrdiff_t n, int avx2);
 
 /* Time index of step s of sorted row j. */
 static inline ptrdiff_t rf_time(const rf_plan *p, ptrdiff_t j, ptrdiff_t s) {

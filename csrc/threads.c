@@ -41,8 +41,8 @@ rf_threads_fn rf_find_blas_threads(const void *blas_function) {
     return NULL;
 }
 
-int rf_threads(const rf_blas *blas) {
-    int n = blas->num_threads ? blas->num_threads() : 1;
+int rf_threads(const rf_runtime *rt) {
+    int n = rt->num_threads ? rt->num_threads() : 1;
     return n < 1 ? 1 : n > RF_MAX_THREADS ? RF_MAX_THREADS : n;
 }
 
@@ -53,28 +53,28 @@ int rf_threads(const rf_blas *blas) {
  * call up; which part a thread runs never changes the numbers, as every part owns its
  * outputs. A second caller (another Python thread) finds the pool busy and runs its parts
  * on its own thread, one after another. Between jobs a worker spins a moment (a call's
- * parallel parts come back to back: waking a sleeping thread costs 0.1-0.4 ms on this VM,
- * measured), then sleeps. */
+ * parallel parts come back to back, and waking a sleeping thread is slow), then sleeps. */
 #define RF_SPIN_NS 100000
 #define RF_PART_BITS 8  /* the ticket's low bits: next part to claim (RF_MAX_THREADS < 256) */
-#define RF_CLOSED ((1UL << RF_PART_BITS) - 1)
+#define RF_CLOSED ((UINT64_C(1) << RF_PART_BITS) - 1)
 _Static_assert(RF_MAX_THREADS < RF_CLOSED, "a ticket's part bits hold every part number");
 static struct {
     pthread_mutex_t busy;          /* held by the caller whose job the pool runs */
     pthread_mutex_t lock;          /* with the two conditions: sleeping and waking */
     pthread_cond_t wake, done;
     int workers;                   /* started so far */
-    unsigned long first_job[RF_MAX_THREADS];  /* worker i waits for jobs after this one */
+    uint64_t first_job[RF_MAX_THREADS];  /* worker i waits for jobs after this one */
     _Atomic(void (*)(void *, int, int)) fn;
     _Atomic(void *) arg;
     atomic_int parts;
     /* job number << RF_PART_BITS | the next part to claim, RF_CLOSED while the job's
      * fields are rewritten. A part is claimed by compare-and-swap from the exact ticket
      * seen before the fields were read, so a late worker never runs a part of a job that
-     * is over, or with fields half of one job and half of the next. */
-    atomic_ulong ticket;
-    atomic_ulong job;              /* the job number, bumped to wake workers */
-    atomic_ulong finished;         /* parts of the current job that have run */
+     * is over, or with fields half of one job and half of the next. 64 bits on every
+     * system: a 32-bit counter would wrap after 2^24 jobs and a caller could wait forever. */
+    _Atomic uint64_t ticket;
+    _Atomic uint64_t job;          /* the job number, bumped to wake workers */
+    _Atomic uint64_t finished;     /* parts of the current job that have run */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
           PTHREAD_COND_INITIALIZER, 0, {0}, NULL, NULL, 0, 0, 0, 0};
 
@@ -86,11 +86,11 @@ static long long now_ns(void) {
 
 /* Waits until *value is x (equal) or is no longer x (!equal): spinning a moment, then
  * asleep on cond, which is signalled under pool.lock after every change that matters. */
-static int settled(atomic_ulong *value, unsigned long x, int equal) {
+static int settled(_Atomic uint64_t *value, uint64_t x, int equal) {
     return (atomic_load(value) == x) == equal;
 }
 
-static void await_value(atomic_ulong *value, unsigned long x, int equal, pthread_cond_t *cond) {
+static void await_value(_Atomic uint64_t *value, uint64_t x, int equal, pthread_cond_t *cond) {
     long long until = now_ns() + RF_SPIN_NS;
     while (!settled(value, x, equal)) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -105,17 +105,17 @@ static void await_value(atomic_ulong *value, unsigned long x, int equal, pthread
 }
 
 /* Runs parts of job `job` until none is left to claim. */
-static void claim_parts(unsigned long job) {
+static void claim_parts(uint64_t job) {
     for (;;) {
-        unsigned long t = atomic_load(&pool.ticket);
+        uint64_t t = atomic_load(&pool.ticket);
         void (*fn)(void *, int, int) = atomic_load(&pool.fn);
         void *arg = atomic_load(&pool.arg);
         int parts = atomic_load(&pool.parts);
-        unsigned long part = t & RF_CLOSED;
-        if (t >> RF_PART_BITS != job || part >= (unsigned long)parts) return;
+        uint64_t part = t & RF_CLOSED;
+        if (t >> RF_PART_BITS != job || part >= (uint64_t)parts) return;
         if (!atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) continue;
         fn(arg, (int)part, parts);
-        if (atomic_fetch_add(&pool.finished, 1) + 1 == (unsigned long)parts) {
+        if (atomic_fetch_add(&pool.finished, 1) + 1 == (uint64_t)parts) {
             pthread_mutex_lock(&pool.lock);
             pthread_cond_signal(&pool.done);
             pthread_mutex_unlock(&pool.lock);
@@ -124,7 +124,7 @@ static void claim_parts(unsigned long job) {
 }
 
 static void *worker(void *id) {
-    unsigned long seen = pool.first_job[(intptr_t)id];
+    uint64_t seen = pool.first_job[(intptr_t)id];
     for (;;) {
         await_value(&pool.job, seen, 0, &pool.wake);
         seen = atomic_load(&pool.job);
@@ -133,12 +133,15 @@ static void *worker(void *id) {
     return NULL;
 }
 
-/* A forked child has none of the parent's workers: it starts its own. */
+/* A forked child has none of the parent's workers: it starts its own. Its copies of the
+ * mutexes and conditions may have been held or waited on by threads that do not exist
+ * there, so they are made anew (initialised, never copied: a pthread object's copy is not
+ * a valid object). */
 static void reset_in_child(void) {
-    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
-    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
-    pool.busy = pool.lock = m;
-    pool.wake = pool.done = c;
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
     pool.workers = 0;
 }
 
@@ -162,7 +165,7 @@ void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int par
             if (!ok) break;
             pool.workers++;
         }
-        unsigned long job = atomic_load(&pool.job) + 1;
+        uint64_t job = atomic_load(&pool.job) + 1;
         atomic_store(&pool.ticket, job << RF_PART_BITS | RF_CLOSED);
         atomic_store(&pool.fn, fn);
         atomic_store(&pool.arg, arg);
@@ -174,7 +177,7 @@ void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int par
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.lock);
         claim_parts(job);
-        await_value(&pool.finished, (unsigned long)parts, 1, &pool.done);
+        await_value(&pool.finished, (uint64_t)parts, 1, &pool.done);
         pthread_mutex_unlock(&pool.busy);
         return;
     }

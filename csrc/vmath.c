@@ -1,14 +1,15 @@
 /* vmath.c -- the activations over arrays, in place: sigmoid and tanh.
  *
- * float64 uses libm. float32 uses, on CPUs with AVX2+FMA, the vector sigmoid and tanh of
- * vmath.h (picked at run time; their error bound is documented there); elsewhere libm. */
+ * float64 uses libm. float32 uses, on the AVX2+FMA code path (avx2, the call's
+ * rf_runtime), the vector sigmoid and tanh of vmath.h (their error bound is documented
+ * there); on the portable path libm. */
 #include <math.h>
 #include <stdint.h>
 
 #include "rnnfuse.h"
 #include "vmath.h"
 
-#if RF_HAVE_CLONES
+#if RF_HAVE_AVX2
 /* Whole vectors, then the tail through a zero-padded vector (no reads past the end). One
  * vector at a time: the iterations are independent, and the core overlaps them itself. */
 #define RF_MAP8(fn8n, a, n)                                                 \
@@ -32,30 +33,31 @@
 
 RF_AVX2 static void sigmoid_avx2(float *a, ptrdiff_t n) { RF_MAP8(rf_sigmoid8n, a, n); }
 RF_AVX2 static void tanh_avx2(float *a, ptrdiff_t n) { RF_MAP8(rf_tanh8n, a, n); }
+#endif /* RF_HAVE_AVX2 */
 
-static int have_avx2(void) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-#endif /* RF_HAVE_CLONES */
-
-void rf_sigmoid_f32(float *a, ptrdiff_t n) {
-#if RF_HAVE_CLONES
-    if (have_avx2()) { sigmoid_avx2(a, n); return; }
+void rf_sigmoid_f32(float *a, ptrdiff_t n, int avx2) {
+#if RF_HAVE_AVX2
+    if (avx2) { sigmoid_avx2(a, n); return; }
 #endif
+    (void)avx2;
     for (ptrdiff_t k = 0; k < n; k++) a[k] = 1.0f / (1.0f + expf(-a[k]));
 }
 
-void rf_tanh_f32(float *a, ptrdiff_t n) {
-#if RF_HAVE_CLONES
-    if (have_avx2()) { tanh_avx2(a, n); return; }
+void rf_tanh_f32(float *a, ptrdiff_t n, int avx2) {
+#if RF_HAVE_AVX2
+    if (avx2) { tanh_avx2(a, n); return; }
 #endif
+    (void)avx2;
     for (ptrdiff_t k = 0; k < n; k++) a[k] = tanhf(a[k]);
 }
 
-void rf_sigmoid_f64(double *a, ptrdiff_t n) {
+/* float64: libm on both paths. */
+void rf_sigmoid_f64(double *a, ptrdiff_t n, int avx2) {
+    (void)avx2;
     for (ptrdiff_t k = 0; k < n; k++) a[k] = 1.0 / (1.0 + exp(-a[k]));
 }
 
-void rf_tanh_f64(double *a, ptrdiff_t n) {
+void rf_tanh_f64(double *a, ptrdiff_t n, int avx2) {
+    (void)avx2;
     for (ptrdiff_t k = 0; k < n; k++) a[k] = tanh(a[k]);
 }

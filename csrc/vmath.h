@@ -1,7 +1,7 @@
 /* vmath.h -- sigmoid and tanh of float32 vectors (AVX2+FMA), for vmath.c's array
  * functions and for the cells' one-pass pointwise code, which gets the same bits.
  *
- * Measured error against the correctly rounded result (tests/test_vmath.py sweeps every
+ * Error against the correctly rounded result (tests/test_vmath.py sweeps every
  * 2^-12 step of [-20, 20] and the edges): sigmoid at most 3 ulp, tanh at most 1 ulp. Both
  * saturate exactly: sigmoid(x) is 0 or 1 and tanh(x) is +-1 once the true value rounds
  * there; NaN stays NaN. (rf_exp8n itself flushes results below 2 FLT_MIN to 0, which
@@ -12,21 +12,19 @@
  * side by side in the instruction stream, where one vector's chain alone leaves the FP
  * units waiting on latency whenever the caller has little other work in flight. The
  * operations on each lane are the same whatever n is (n <= RF_UNITS_MAX). Include after
- * rnnfuse.h; without RF_HAVE_CLONES only RF_ONE_PASS (0) is defined. */
+ * rnnfuse.h; without RF_HAVE_AVX2 only RF_ONE_PASS (0) is defined. */
 #ifndef RNNFUSE_VMATH_H
 #define RNNFUSE_VMATH_H
 
-/* Whether a cell's pointwise work takes its one-pass AVX2 code: float, where our products
- * take their AVX2 kernel (RNNFUSE_KERNEL=portable runs, and so tests, the portable code). */
-#define RF_ONE_PASS(blas) (RF_HAVE_CLONES && RF_IS_FLOAT && !(blas)->portable)
-#if RF_HAVE_CLONES
+/* Whether a cell's pointwise work takes its one-pass AVX2 code: float, on the AVX2 path. */
+#define RF_ONE_PASS(rt) (RF_HAVE_AVX2 && RF_IS_FLOAT && (rt)->avx2)
+#if RF_HAVE_AVX2
 #include <immintrin.h>
 
 #define RF_AVX2 __attribute__((target("avx2,fma")))
 #define RF_INLINE inline __attribute__((always_inline))
 #define RF_EACH _Pragma("GCC unroll 8") for (int v = 0; v < n; v++)
-/* Four vectors side by side beat two (LSTM step, B=16, C harness: 2.8-2.9 against 3.6-3.9
- * ns a unit at H=128, 256 and 650), though their registers spill. */
+/* Four vectors side by side: faster than two, though their registers spill. */
 #define RF_UNITS_MAX 4
 
 /* e^x, in place: x = m ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes'
@@ -124,5 +122,5 @@ RF_AVX2 static RF_INLINE void rf_store8n(float *a, const __m256 *v, int nv, int 
     } while (0)
 
 #undef RF_EACH
-#endif /* RF_HAVE_CLONES */
+#endif /* RF_HAVE_AVX2 */
 #endif /* RNNFUSE_VMATH_H */

@@ -544,9 +544,9 @@ def test_a_forked_child_gets_its_own_thread_pool():
 @pytest.mark.skipif(UNDER_SANITIZER, reason="instrumentation adds its own globals")
 def test_no_writable_global_state_in_the_extension():
     """No C globals that a call could write: nm lists no data/bss symbol in the extension
-    beyond Cython's own (its module state and the BLAS table, filled once at import),
+    beyond Cython's own (its module state and the runtime, filled at import),
     NumPy's C API table (filled once by import_array), the toolchain's (libgcc's CPU
-    model, set once by the run-time dispatch) and the thread pool's (threads.c: every
+    model, set once by the CPU check) and the thread pool's (threads.c: every
     field guarded by its mutexes, tested by the two tests above)."""
     import re
     import shutil

@@ -7,7 +7,8 @@
  *   /tmp/bench_packed M N K [reps] [split_k]    e.g. 16 512 128 (an LSTM step: B=16, H=128)
  *                                               or 1600 512 64 1000 0 (its projection)
  * split_k (default 1, as the per-step products) 0 as a projection: no k-split, row tiles
- * outer. The float32 AVX2+FMA path where the CPU has it, else the portable tile. */
+ * outer. The float32 AVX2+FMA path where the CPU has it (rf_cpu_avx2), else the portable
+ * tile. */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,18 +45,19 @@ int main(int argc, char **argv) {
     if (reps < 1) reps = (long)(2e8 / flops) + 1;  /* about 2 ms a run at 100 GFLOP/s */
     float *A = buffer(M * K, 0.1f), *W = buffer(N * K, 0.01f), *C = buffer(M * N, 0.0f);
     float *packed = buffer(rf_packed_size(K, N), 0.0f);
-    rf_pack_f32(packed, W, K, 1, K, N);
+    int avx2 = rf_cpu_avx2();
+    rf_pack_f32(packed, W, K, 1, K, N, avx2);
     double best = 1e30;
     for (int run = 0; run < 7; run++) {
         double t = seconds();
         for (long r = 0; r < reps; r++)
             rf_packed_gemm_f32(M, N, K, A, K, packed, RF_PANEL_BYTES / (ptrdiff_t)sizeof(float) * K,
-                               1, C, N, split_k, 0);
+                               1, C, N, split_k, avx2);
         t = seconds() - t;
         if (t < best) best = t;
     }
     printf("M=%td N=%td K=%td split_k=%d %s: %.1f GFLOP/s (%.3f us a call)\n", M, N, K,
-           split_k, rf_avx2_available() ? "avx2" : "portable", flops * (double)reps / best * 1e-9,
+           split_k, avx2 ? "avx2" : "portable", flops * (double)reps / best * 1e-9,
            best / (double)reps * 1e6);
     return 0;
 }

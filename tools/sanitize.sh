@@ -33,7 +33,7 @@ echo "sanitize.sh: built in $((SECONDS - start)) s" >&2
 # 3. The tests, with the sanitizer runtime preloaded into the (unsanitized) interpreter.
 #    Every kernel, cell, option, dtype, direction and batch kind is in this default subset,
 #    and the C-level API (test_capi.py builds its example with the unsanitized compiler);
-#    then the kernels again on the portable micro-kernel (RNNFUSE_KERNEL=portable): every
+#    then the kernels again on the portable code path (RNNFUSE_KERNEL=portable): every
 #    cell, option, dtype and batch kind against the reference, the tile edges and the
 #    shared time loops (the long bitwise comparisons run on it in CI without sanitizers).
 asan=$("$cc" -print-file-name=libasan.so)

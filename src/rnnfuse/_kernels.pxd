@@ -8,7 +8,7 @@
 # own .pxd (its __pyx_capi__, fetched when the cimporting module is imported), so the C
 # kernels stay compiled once and callers need neither csrc/ nor rnnfuse.h.
 #
-# Notation and layout as rnnfuse.functional (DESIGN.md): T steps, B batch, I input size,
+# Notation and layout as rnnfuse.functional (docs/design.md): T steps, B batch, I input size,
 # H hidden size, G gates (LSTM 4: i f g o; GRU 3: r z n; RNN 1). Every array is a
 # C-contiguous, row-major block of the function's dtype, passed as a pointer to its first
 # element: x (T,B,I), y (T,B,H), states (B,H), w_ih (G*H,I), w_hh (G*H,H), biases (G*H)
@@ -16,12 +16,25 @@
 # elements may always be NULL. Outputs never alias inputs. The numbers are bitwise those
 # of rnnfuse.functional for the same inputs (the same kernels, plans and workspaces).
 #
-# Every function is noexcept nogil: call it with or without the GIL, from any thread (no
-# shared state; a ctx is used by one thread at a time). It checks every argument it can
-# before touching a buffer, allocates its own plan and workspace (malloc) and frees
-# nothing it did not allocate. Given sizes that match the buffers, it never reads or
-# writes outside them. It returns RNNFUSE_OK (0) or one of the negative codes below, and
-# then has written nothing (a failed forward sets *ctx to NULL).
+# Every function is noexcept nogil: call it with or without the GIL, from any thread (a
+# ctx is used by one thread at a time). It checks every argument it can before touching a
+# buffer, allocates its own plan and workspace (malloc) and frees nothing it did not
+# allocate. Given sizes that match the buffers, it never reads or writes outside them. It
+# returns RNNFUSE_OK (0) or one of the negative codes below, and then has written nothing
+# (a failed forward sets *ctx to NULL).
+#
+# What callers share: one thread pool per process. A call shares its longer loops and
+# larger products among as many threads as SciPy's BLAS is allowed at the time of the call
+# (threadpoolctl, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS; one where that count cannot be
+# read; at most 64), the calling thread included; the workers are started on first use
+# and kept for the life of the process. Calls from several threads at once are safe: one
+# of them gets the pool, the others run their parts one after another on their own thread
+# meanwhile. The numbers depend on that thread count only, never on which thread ran a
+# part or on other callers. After fork() the child has none of the parent's workers: its
+# first call that wants threads starts a pool of its own. The code path (AVX2+FMA or
+# portable: rnnfuse._kernels.kernel(), chosen at import from the CPU and RNNFUSE_KERNEL) is
+# process-wide too, read once at the start of each call. Nothing else is shared between
+# calls, and nothing is written outside a call's own buffers.
 from libc.stdint cimport int64_t
 
 # Cells; option: GRU linear_before_reset (1: PyTorch's, cuDNN's; 0: the original GRU,

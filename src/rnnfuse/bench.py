@@ -41,7 +41,7 @@ CELLS = ("lstm", "gru", "rnn")
 MODES = ("inference", "training")
 DTYPES = ("float32", "float64")
 IMPLS = ("rnnfuse", "reference", "torch", "onnxruntime")
-_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+from ._kernels import GATES as _GATES  # noqa: E402 (the C cell table)
 
 # Checks before timing: the largest |difference| over the largest |reference value|, per
 # output. Loose enough for a peer's own summation order and activations over 200 steps,

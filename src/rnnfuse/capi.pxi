@@ -1,6 +1,6 @@
 # The C-level API declared (and documented) in _kernels.pxd, public as rnnfuse.capi.
-# Included at the end of _kernels.pyx: it calls the kernels through the same dispatch
-# (_run_forward) and BLAS table as the Python wrappers, so its numbers are theirs. Where
+# Included at the end of _kernels.pyx: it calls the kernels through the same entry points
+# (_forward, _backward) and runtime as the Python wrappers, so its numbers are theirs. Where
 # functional.py validates in Python, these functions validate in C and return a status;
 # the order is: codes and sizes, then required pointers and lengths, then allocations,
 # and only then any write to the caller's buffers.
@@ -20,12 +20,9 @@ cdef struct _Ctx:  # what a rnnfuse_ctx points to
     const void *w_hh
 
 
-cdef inline Py_ssize_t _gates(int cell) noexcept nogil:
-    return 4 if cell == RNNFUSE_LSTM else 3 if cell == RNNFUSE_GRU else 1
-
-
-cdef inline int _internal_cell(int cell) noexcept nogil:
-    return _LSTM if cell == RNNFUSE_LSTM else _GRU if cell == RNNFUSE_GRU else _RNN
+# The public cell codes are the C table's ids (rnnfuse.h), so they go to C as they are.
+if (RNNFUSE_LSTM, RNNFUSE_GRU, RNNFUSE_RNN) != (RF_LSTM, RF_GRU, RF_RNN):
+    raise ImportError("rnnfuse._kernels: the C API's cell codes differ from rnnfuse.h's")
 
 
 cdef inline bint _given(const void *p, Py_ssize_t n) noexcept nogil:
@@ -40,10 +37,10 @@ cdef void *_alloc(Py_ssize_t n, bint f32) noexcept nogil:
 
 cdef int _check_sizes(int cell, int option, int reverse, Py_ssize_t T, Py_ssize_t B,
                       Py_ssize_t I, Py_ssize_t H) noexcept nogil:
-    if cell not in (RNNFUSE_LSTM, RNNFUSE_GRU, RNNFUSE_RNN) or option not in (0, 1) \
-            or reverse not in (0, 1):
+    cdef const rf_cell *c = rf_cell_find(cell)
+    if c == NULL or option not in (0, 1) or reverse not in (0, 1):
         return RNNFUSE_EARG
-    cdef Py_ssize_t G = _gates(cell)
+    cdef Py_ssize_t G = c.gates
     if T < 0 or B < 0 or I < 1 or H < 1 or H > INT32_MAX // G or I > INT32_MAX:
         return RNNFUSE_ESIZE  # SciPy's BLAS takes 32-bit dimensions
     # A bound on the elements of every buffer either pass allocates or touches, in floating
@@ -92,12 +89,12 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
 
     if c.plan.rows < TB:  # the kernels leave padded steps of y alone
         memset(y, 0, TB * H * (sizeof(float) if f32 else sizeof(double)))
-    cdef _Fwd a
+    cdef rf_forward_bufs a
     a.y, a.h_n, a.c_n, a.ws = y, h_n, c_n if lstm else NULL, c.ws
-    a.x, a.h0, a.c0 = <void *>x, <void *>h0, <void *>c0 if lstm else NULL
-    a.w_ih, a.w_hh, a.b_ih, a.b_hh = <void *>w_ih, <void *>w_hh, <void *>b_ih, <void *>b_hh
+    a.x, a.h0, a.c0 = x, h0, c0 if lstm else NULL
+    a.w_ih, a.w_hh, a.b_ih, a.b_hh = w_ih, w_hh, b_ih, b_hh
     a.packed = NULL  # the kernel packs the weights into ws itself
-    _run_forward(_internal_cell(cell), f32, &a, &c.plan, I, H, train, option)
+    _forward(f32, cell, option, &a, &c.plan, I, H, train)  # cell checked: it returns 0
     if train:
         ctx_out[0] = <rnnfuse_ctx *>c
     else:
@@ -125,11 +122,7 @@ cdef int _plan_new(_Ctx *c, const int64_t *lengths, int reverse, Py_ssize_t T,
 
 
 cdef Py_ssize_t _workspace(const _Ctx *c, bint train) noexcept nogil:
-    if c.cell == RNNFUSE_LSTM:
-        return rf_lstm_workspace(&c.plan, c.n_in, c.hidden, train)
-    if c.cell == RNNFUSE_GRU:
-        return rf_gru_workspace(&c.plan, c.n_in, c.hidden, train)
-    return rf_rnn_workspace(&c.plan, c.n_in, c.hidden, train)
+    return rf_workspace(c.cell, &c.plan, c.n_in, c.hidden, train)
 
 
 cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, void *dw_hh,
@@ -147,20 +140,21 @@ cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, v
     if not (_given(dx, TB * c.n_in) and _given(dh0, BH) and (_given(dc0, BH) or not lstm)
             and dw_ih != NULL and dw_hh != NULL):
         return RNNFUSE_ENULL
-    cdef void *scratch = _alloc(rf_backward_scratch(&c.plan, c.n_in, c.hidden, _gates(c.cell)), f32)
+    cdef Py_ssize_t G = rf_cell_find(c.cell).gates
+    cdef void *scratch = _alloc(rf_backward_scratch(&c.plan, c.n_in, c.hidden, G), f32)
     if scratch == NULL:
         return RNNFUSE_ENOMEM
 
     if c.plan.rows < TB:  # the kernels leave padded steps of dx alone
         memset(dx, 0, TB * c.n_in * (sizeof(float) if f32 else sizeof(double)))
-    cdef _Bwd a
+    cdef rf_backward_bufs a
     a.dx, a.dh0, a.dc0, a.dw_ih, a.dw_hh = dx, dh0, dc0 if lstm else NULL, dw_ih, dw_hh
     a.db_ih = db_ih if c.has_b_ih else NULL
     a.db_hh = db_hh if c.has_b_hh else NULL
-    a.dy, a.dh_n, a.dc_n = <void *>dy, <void *>dh_n, <void *>dc_n if lstm else NULL
+    a.dy, a.dh_n, a.dc_n = dy, dh_n, dc_n if lstm else NULL
     a.ws, a.scratch = c.ws, scratch
-    a.x, a.w_ih, a.w_hh = <void *>c.x, <void *>c.w_ih, <void *>c.w_hh
-    _run_backward(_internal_cell(c.cell), f32, &a, &c.plan, c.n_in, c.hidden, c.option)
+    a.x, a.w_ih, a.w_hh = c.x, c.w_ih, c.w_hh
+    _backward(f32, c.cell, c.option, &a, &c.plan, c.n_in, c.hidden)  # a forward's cell
     free(scratch)
     free(c.ws)  # overwritten by the backward: release it now
     c.ws = NULL

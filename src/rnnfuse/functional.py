@@ -43,7 +43,7 @@ from ._typing import CellGrads, FloatArray, LSTMGrads
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
            "rnn_forward", "rnn_backward", "release_workspace"]
 
-_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+_GATES = _kernels.GATES  # from the C cell table
 _USED = ("ctx was already used by a backward call; run forward again "
          "(backward overwrites the saved state)")
 _TAKE = threading.Lock()

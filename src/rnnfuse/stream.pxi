@@ -1,0 +1,202 @@
+# Stream, included by _kernels.pyx: a unidirectional layer stepped one timestep at a time,
+# through the same forward entry point as whole sequences.
+from cpython.pythread cimport (NOWAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
+from libc.stdlib cimport calloc, free
+
+ctypedef struct _StreamLayer:
+    Py_ssize_t n_in  # input size
+    void *y          # this layer's output, the next layer's input
+    rf_forward_bufs call[2]  # the forward's pointers reading state 0 or 1 (double-buffered)
+
+
+cdef void *_data(a):
+    return cnp.PyArray_DATA(a) if a is not None and a.size else NULL
+
+
+cdef class Stream:
+    """A unidirectional layer stepped one timestep at a time, its state kept between calls.
+
+    Made by ``layer.stream(batch_size=1, state=None)``. ``stream.step(x_t)`` takes one
+    step's input ``(batch_size, input_size)`` and returns that step's output
+    ``(batch_size, hidden_size)`` (a new array): the matching row of ``layer.forward`` over
+    the whole sequence, bit for bit. ``stream.state`` is the current state in the
+    layer's form (copies); ``stream.reset(state=None)`` sets it (None: zeros).
+
+    The stream keeps its own copy of the layer's weights as they were when it was made, and
+    runs as in eval mode (no dropout). One stream is stepped by one thread at a time
+    (a concurrent step raises RuntimeError); make one stream per thread.
+    """
+    cdef int cell, option, typenum
+    cdef readonly Py_ssize_t batch_size, input_size, hidden_size, num_layers
+    cdef readonly object dtype
+    cdef _StreamLayer *layers
+    cdef rf_plan plan
+    cdef int cur
+    cdef object _plan_obj, _keep, _h, _c, _n_states
+    cdef PyThread_type_lock lock
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+
+    def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights):
+        """Internal: use ``layer.stream()``. weights: per layer (w_ih, w_hh, b_ih, b_hh),
+        C-contiguous arrays of dtype (biases may be None); checked again here for what keeps
+        C inside its buffers."""
+        cdef Py_ssize_t l, k, B = batch_size, G, H, I
+        cdef const rf_cell *spec = _cell(cell) if cell in CELLS else NULL
+        cdef rf_forward_bufs *call
+        if self.layers != NULL:
+            raise RuntimeError("a Stream is initialised once")
+        if spec == NULL or not weights or B < 0 or dtype not in (np.float32, np.float64):
+            raise ValueError("Stream(cell, option, dtype, batch_size, weights): use "
+                             "layer.stream()")
+        self.cell = spec.id
+        self.option = bool(option)
+        self.dtype = np.dtype(dtype)
+        self.typenum = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
+        G = spec.gates
+        H = weights[0][1].shape[1]
+        I = weights[0][0].shape[1]
+        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+            if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
+                raise ValueError(f"Stream: layer {l}'s w_ih has shape {w_ih.shape}")
+            _buf(w_ih, G * H * w_ih.shape[1], self.typenum, "w_ih", _REQUIRED)
+            _buf(w_hh, G * H * H, self.typenum, "w_hh", _REQUIRED)
+            _buf(b_ih, G * H, self.typenum, "b_ih", _OPTIONAL)
+            _buf(b_hh, G * H, self.typenum, "b_hh", _OPTIONAL)
+        self.batch_size, self.hidden_size, self.num_layers = B, H, len(weights)
+        self.input_size = I
+        self._n_states = spec.states
+        lengths = np.ones(B, np.int64)
+        self._plan_obj = Plan(lengths, 1, False)
+        self.plan = (<Plan>self._plan_obj).view()
+        self.layers = <_StreamLayer *>calloc(len(weights), sizeof(_StreamLayer))
+        if self.layers == NULL:
+            raise MemoryError()
+        self._keep, self._h, self._c = [], [], []  # the arrays the C pointers point into
+        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+            I = w_ih.shape[1]
+            ws = aligned_empty(workspace_size(cell, self._plan_obj, I, H, False), self.dtype)
+            packed = pack_weights(w_ih, w_hh, G, self.option)
+            y = np.zeros((B, H), self.dtype)
+            h = [np.zeros((B, H), self.dtype) for _ in range(2)]
+            c = [np.zeros((B, H), self.dtype) for _ in range(2)]
+            self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, y]
+            self._h.append(h)
+            self._c.append(c)
+            self.layers[l].n_in = I
+            self.layers[l].y = _data(y)
+            for k in range(2):  # read state k, write state 1-k
+                call = &self.layers[l].call[k]
+                call.w_ih, call.w_hh = _data(w_ih), _data(w_hh)
+                call.b_ih, call.b_hh = _data(b_ih), _data(b_hh)
+                call.packed = _data(packed)
+                call.ws = _data(ws)
+                call.h0, call.h_n = _data(h[k]), _data(h[1 - k])
+                call.c0, call.c_n = _data(c[k]), _data(c[1 - k])
+        self.cur = 0
+
+    def __dealloc__(self):
+        free(self.layers)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    def __repr__(self):
+        name = rf_cell_find(self.cell).name.decode().upper()
+        return (f"<rnnfuse {name} stream: {self.num_layers} layer(s), batch_size="
+                f"{self.batch_size}, input_size={self.input_size}, hidden_size="
+                f"{self.hidden_size}, {self.dtype}>")
+
+    cdef object _states(self):
+        """The state buffers being read next, as (h, c) or (h,) lists of (B, H) arrays."""
+        return [[bufs[self.cur] for bufs in per_layer]
+                for per_layer in (self._h, self._c)[:self._n_states]]
+
+    @property
+    def state(self):
+        """The current state, in the layer's form: ``(h, c)`` for LSTM, ``h`` for GRU and
+        RNN, each (num_layers, batch_size, hidden_size) (copies)."""
+        parts = [np.stack(bufs) for bufs in self._states()]
+        return tuple(parts) if self._n_states == 2 else parts[0]
+
+    def reset(self, state=None):
+        """Set the state: None for zeros, else in the layer's form (see ``state``)."""
+        cdef Py_ssize_t L = self.num_layers
+        shape = (L, self.batch_size, self.hidden_size)
+        if state is None:
+            parts = [None] * self._n_states
+        elif self._n_states == 2:
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError(f"state must be a tuple (h, c) for an LSTM stream, got "
+                                f"{type(state).__name__}")
+            parts = list(state)
+        else:
+            parts = [state]
+        arrays = []
+        for name, s in zip(("h", "c") if self._n_states == 2 else ("state",), parts):
+            if s is not None:
+                s = np.asarray(s)
+                if s.dtype != self.dtype:
+                    raise TypeError(f"{name} must have dtype {self.dtype} (the stream's "
+                                    f"dtype), got {s.dtype}")
+                if s.shape != shape:
+                    raise ValueError(f"{name} must have shape {shape} (num_layers, "
+                                     f"batch_size, hidden_size), got {s.shape}")
+            arrays.append(s)
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            raise RuntimeError(_BUSY)
+        try:
+            for bufs, s in zip(self._states(), arrays):
+                for l in range(L):
+                    bufs[l][...] = 0 if s is None else s[l]
+        finally:
+            PyThread_release_lock(self.lock)
+
+    def step(self, x):
+        """Advance every layer by one timestep: x (batch_size, input_size) -> y (batch_size,
+        hidden_size), the top layer's output."""
+        if not (cnp.PyArray_CheckExact(x) and cnp.PyArray_TYPE(x) == self.typenum
+                and cnp.PyArray_NDIM(x) == 2 and cnp.PyArray_ISCARRAY_RO(x)
+                and cnp.PyArray_DIM(x, 0) == self.batch_size
+                and cnp.PyArray_DIM(x, 1) == self.input_size):
+            x = self._check_x(x)
+        cdef cnp.npy_intp dims[2]
+        dims[0], dims[1] = self.batch_size, self.hidden_size
+        y = cnp.PyArray_EMPTY(2, dims, self.typenum, 0)
+        cdef const void *xp = cnp.PyArray_DATA(x)
+        cdef void *yp = cnp.PyArray_DATA(y)
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            raise RuntimeError(_BUSY)
+        with nogil:
+            self._step(xp, yp)
+        PyThread_release_lock(self.lock)
+        return y
+
+    def _check_x(self, x):
+        """The slow path of step: any array-like, with errors that name x."""
+        x = np.asarray(x)
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have dtype {self.dtype} (the stream's dtype), got {x.dtype}")
+        if x.shape != (self.batch_size, self.input_size):
+            raise ValueError(f"x must have shape ({self.batch_size}, {self.input_size}) "
+                             f"(batch_size, input_size), got {x.shape}")
+        return np.array(x, order="C")  # a C-contiguous, aligned copy
+
+    cdef void _step(self, const void *x, void *y) noexcept nogil:
+        cdef Py_ssize_t l, last = self.num_layers - 1
+        cdef _StreamLayer *s
+        cdef rf_forward_bufs *call
+        for l in range(self.num_layers):
+            s = &self.layers[l]
+            call = &s.call[self.cur]
+            call.x = x if l == 0 else <const void *>self.layers[l - 1].y
+            call.y = y if l == last else s.y
+            _forward(self.typenum == cnp.NPY_FLOAT, self.cell, self.option, call, &self.plan,
+                     s.n_in, self.hidden_size, 0)
+        self.cur = 1 - self.cur
+
+
+_BUSY = "this stream is being stepped by another thread; make one stream per thread"

@@ -1,0 +1,125 @@
+"""The one CPU-feature decision: both code paths in one process.
+
+_kernels.set_kernel chooses the AVX2+FMA code or the portable code for the products, the
+pointwise passes and the activations alike. Here every cell, option and dtype runs on each
+path: against the NumPy reference, bitwise the same when run again on the same path, and
+really switched (float32 gives other bits on the other path, as its activations and
+products differ).
+"""
+import os
+
+import numpy as np
+import pytest
+
+import rnnfuse
+from rnnfuse import _kernels
+from rnnfuse import functional as F
+from rnnfuse import reference as R
+
+CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"), ("rnn", "relu")]
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+HAVE_AVX2 = _kernels.simd_path().startswith("x86-64-v3")
+PATHS = ["avx2", "portable"] if HAVE_AVX2 else ["portable"]
+
+
+@pytest.fixture
+def restore_kernel():
+    before = _kernels.kernel()
+    yield
+    _kernels.set_kernel(before)
+
+
+def _case(cell, dtype, seed):
+    rng = np.random.default_rng(seed)
+    T, B, I, H = 9, 7, 11, 37  # partial register tiles and panels, several 8-unit vectors
+    G = _kernels.GATES[cell]
+    r = lambda *shape, s=1.0: (s * rng.standard_normal(shape)).astype(dtype)  # noqa: E731
+    s = 1 / np.sqrt(H)
+    lengths = rng.integers(0, T + 1, size=B)
+    lengths[0] = T
+    return dict(x=r(T, B, I), h0=r(B, H), c0=r(B, H), w_ih=r(G * H, I, s=s),
+                w_hh=r(G * H, H, s=s), b_ih=r(G * H, s=s), b_hh=r(G * H, s=s),
+                lengths=lengths, dy=r(T, B, H), dh_n=r(B, H), dc_n=r(B, H))
+
+
+def _run(module, cell, option, c):
+    """Forward and backward; every output and gradient in one tuple."""
+    w = (c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"])
+    if cell == "lstm":
+        *out, ctx = module.lstm_forward(c["x"], c["h0"], c["c0"], *w, lengths=c["lengths"])
+        return (*out, *module.lstm_backward(c["dy"], c["dh_n"], c["dc_n"], ctx))
+    if cell == "gru":
+        *out, ctx = module.gru_forward(c["x"], c["h0"], *w, lengths=c["lengths"],
+                                       linear_before_reset=option)
+        return (*out, *module.gru_backward(c["dy"], c["dh_n"], ctx))
+    *out, ctx = module.rnn_forward(c["x"], c["h0"], *w, lengths=c["lengths"],
+                                   nonlinearity=option)
+    return (*out, *module.rnn_backward(c["dy"], c["dh_n"], ctx))
+
+
+def _assert_close(got, want, dtype):
+    for a, b in zip(got, want, strict=True):
+        floor = 1.0 if dtype == np.float32 else np.finfo(dtype).tiny
+        err = np.max(np.abs(a.astype(np.float64) - b)) / max(np.max(np.abs(b)), floor)
+        assert err <= TOL[dtype], err
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_both_paths_in_one_process(cell, option, dtype, restore_kernel):
+    case = _case(cell, dtype, seed=len(cell) + (option is True))
+    ref = _run(R, cell, option, {k: v.astype(np.float64) if v.dtype != np.int64 else v
+                                 for k, v in case.items()})
+    results = {}
+    for path in PATHS:
+        _kernels.set_kernel(path)
+        assert _kernels.kernel() == path
+        first, again = _run(F, cell, option, case), _run(F, cell, option, case)
+        for a, b in zip(first, again, strict=True):
+            np.testing.assert_array_equal(a, b)  # the same path: the same bits
+        _assert_close(first, ref, dtype)
+        results[path] = first
+    if len(PATHS) == 2 and dtype == np.float32:  # the switch took: other bits
+        assert any(not np.array_equal(a, b) for a, b in zip(*results.values()))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_stream_matches_forward_on_either_path(path, restore_kernel):
+    _kernels.set_kernel(path)
+    layer = rnnfuse.GRU(5, 19, num_layers=2, dtype=np.float32, seed=1)
+    x = np.random.default_rng(2).standard_normal((6, 3, 5)).astype(np.float32)
+    y, _ = layer.forward(x)
+    s = layer.stream(batch_size=3)
+    np.testing.assert_array_equal(np.stack([s.step(x_t) for x_t in x]), y)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_activations_follow_the_path(name, restore_kernel):
+    a = np.linspace(-12, 12, 4097, dtype=np.float32)
+    x = a.astype(np.float64)
+    want = 1 / (1 + np.exp(-x)) if name == "sigmoid" else np.tanh(x)
+    got = {}
+    for path in PATHS:
+        _kernels.set_kernel(path)
+        got[path] = a.copy()
+        _kernels.activation(name, got[path])
+        np.testing.assert_allclose(got[path], want, rtol=4 * np.finfo(np.float32).eps,
+                                   atol=1e-30)
+    if len(PATHS) == 2:  # the vector approximations and libm round some values apart
+        assert not np.array_equal(got["avx2"], got["portable"])
+
+
+def test_set_kernel_refuses_what_cannot_run(restore_kernel):
+    for bad in ("", "fast", "AVX2"):
+        with pytest.raises(ValueError, match="kernel must be"):
+            _kernels.set_kernel(bad)
+    with pytest.raises(TypeError, match="str or None"):
+        _kernels.set_kernel(1)
+    if not HAVE_AVX2:
+        with pytest.raises(ValueError, match="lacks AVX2"):
+            _kernels.set_kernel("avx2")
+    _kernels.set_kernel("portable")
+    assert _kernels.kernel() == "portable"
+    _kernels.set_kernel(None)  # the default chooser: RNNFUSE_KERNEL, then the CPU
+    portable = os.environ.get("RNNFUSE_KERNEL") == "portable" or not HAVE_AVX2
+    assert _kernels.kernel() == ("portable" if portable else "avx2")
