@@ -2,7 +2,7 @@
 # names that rnnfuse.functional and rnnfuse.layers call. The remaining helpers (build and
 # CPU facts, benchmark and test hooks) are typed as Any by __getattr__ below.
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -14,6 +14,19 @@ _Float = NDArray[np.floating[Any]]
 _Int64 = NDArray[np.int64]
 
 SMALL_BYTES: int
+
+class Cell(NamedTuple):
+    """A cell of the C table: its C API code, gate blocks G and states (LSTM 2, else 1)."""
+
+    id: int
+    gates: int
+    states: int
+
+CELLS: dict[str, Cell]
+GATES: dict[str, int]
+
+def set_kernel(name: str | None = None) -> None: ...
+def kernel() -> str: ...
 
 class Plan:
     """The batch ordering of one call (rows sorted by decreasing length, rows per step)."""
