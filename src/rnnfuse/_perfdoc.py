@@ -74,7 +74,9 @@ The kernels use as many threads as the BLAS is allowed (threadpoolctl, `OMP_NUM_
 loop is shared by batch rows: each thread runs every step for its own range of whole 6-row
 tiles, so no thread waits for another between steps and every row is computed the same way
 at any thread count. The threads are a pool started on first use; between parts a worker
-spins briefly, then sleeps. Small problems run on one thread.
+spins briefly, then sleeps. Small problems run on one thread. A second thread pays only
+where a core is free for it: on a machine busy with other work (see the load average in the
+stamp) it competes for a core and the call can come out slower than on one thread.
 
 $threads_note
 
@@ -116,7 +118,7 @@ def _stamp(machine):
     peers = ", ".join(f"{m} {machine[m]}" for m in ("torch", "onnxruntime", "onnx")
                       if m in machine) or "none installed"
     load = machine.get("loadavg"), machine.get("loadavg_after")
-    rows = [("CPU", f"{machine['cpu']} ({machine['cpu_count']} logical CPUs)"),
+    rows = [("CPU", f"{machine['cpu']}; {machine['cpu_count']} logical CPUs"),
             ("rnnfuse", f"{machine['rnnfuse']}, built with `{machine['compile_args']}`"),
             ("vectorized path", f"{machine['simd_path']}; micro-kernel {machine['kernel']}"),
             ("BLAS (threadpoolctl)", blas),

@@ -643,14 +643,21 @@ def _ratio(s, rf):
 
 
 def _cpu_model():
+    """The CPU's name, family and model, and which of AVX2, FMA, AVX-512F it has (Linux's
+    /proc/cpuinfo; elsewhere what platform says)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = [f for f in ("avx2", "fma", "avx512f") if f in fields.get("flags", "").split()]
+    return (f"{fields['model name']}, family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}, with {' '.join(flags) or 'no avx2/fma/avx512f'}")
 
 
 def _machine(threads):
