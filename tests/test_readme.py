@@ -50,3 +50,8 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text() if (ROOT / ".ci" / "run").exists() else ""
     command = "pip install -e '.[test]' && pytest"
     assert command in TEXT and (not ci or command in ci)
+
+
+@needs_readme
+def test_readme_is_a_five_minute_read():
+    assert len(TEXT.splitlines()) < 200, "README.md is for users: details go to docs/"
