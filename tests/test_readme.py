@@ -35,3 +35,23 @@ def test_readme_cython_is_the_tested_example():
 
 def test_readme_has_examples():
     assert BLOCKS or not README.exists(), "README.md has no python examples"
+
+
+@needs_readme
+def test_readme_links_point_to_files():
+    links = re.findall(r"\]\(([^)#:]+)\)", TEXT)
+    assert "docs/design.md" in links and "docs/performance.md" in links
+    for link in links:
+        assert (ROOT / link).exists(), f"README.md links to {link}, which is not there"
+
+
+@needs_readme
+def test_readme_test_command_is_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text() if (ROOT / ".ci" / "run").exists() else ""
+    command = "pip install -e '.[test]' && pytest"
+    assert command in TEXT and (not ci or command in ci)
+
+
+@needs_readme
+def test_readme_is_a_five_minute_read():
+    assert len(TEXT.splitlines()) < 200, "README.md is for users: details go to docs/"

@@ -173,7 +173,7 @@ def test_empty_sequence_passes_state_gradient(cell):
 
 
 def naive_forward(cell, p, lengths=None, reverse=False):
-    """One sample, one step at a time, straight from the formulas in DESIGN.md."""
+    """One sample, one step at a time, straight from the formulas in docs/design.md."""
     x = p["x"].astype(np.float64)
     T, B, _ = x.shape
     H = p["w_hh"].shape[1]

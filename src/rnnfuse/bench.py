@@ -17,12 +17,16 @@ grid, the problems, the runners and the checks from here.
 The command line prints, per case, the median ms per call of interleaved runs in one process
 and each implementation's time divided by rnnfuse's (above 1: rnnfuse is faster), next to
 the GEMM floor (the call's matrix products alone, one BLAS call each) and the FLOP bound
-(the matrix-product FLOPs at the measured single-call GEMM peak of this machine).
+(the matrix-product FLOPs at the measured single-call GEMM peak of this machine). With
+``--markdown PATH`` it also times rnnfuse at two thread counts (thread_scaling) and the
+peak memory of one call (peak_memory), and writes the performance document
+(docs/performance.md) from the template in rnnfuse._perfdoc.
 """
 import functools
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -35,7 +39,8 @@ from ._checks import OneLineParser, first_line
 
 __all__ = ["Shape", "Case", "GRID", "QUICK_GRID", "CELLS", "MODES", "DTYPES", "IMPLS",
            "Unavailable", "NotApplicable", "cases", "problem", "runner", "reference_result",
-           "check", "limit_threads", "measure", "gemm_peak", "matmul_flops", "main"]
+           "check", "limit_threads", "measure", "gemm_peak", "matmul_flops", "thread_scaling",
+           "peak_memory", "main"]
 
 CELLS = ("lstm", "gru", "rnn")
 MODES = ("inference", "training")
@@ -479,6 +484,53 @@ def _gemm_floor_runner(case):
     return lambda: _kernels.gemm_floor(case.cell, s.T, s.B, s.I, s.H, buf, case.training)
 
 
+# ----------------------------------------------------------------- threads and memory
+
+def thread_scaling(case, counts=(1, 2), rounds=5, sample=0.05):
+    """Median seconds per rnnfuse call of ``case`` at each BLAS thread count of ``counts``
+    (the kernels follow the BLAS's count): rounds alternate the order of the counts, the
+    limit is set between samples, never inside a timed call, and a sample lasts about
+    ``sample`` seconds. Returns {count: median seconds}."""
+    from threadpoolctl import ThreadpoolController
+    controller = ThreadpoolController()
+    fn = runner("rnnfuse", case)
+    with controller.limit(limits=counts[0]):
+        reps = max(1, int(sample / time_once(fn)))
+    samples = {n: [] for n in counts}
+    for r in range(rounds):
+        for n in (counts if r % 2 == 0 else counts[::-1]):
+            with controller.limit(limits=n):
+                fn()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                samples[n].append((time.perf_counter() - t) / reps)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def peak_memory(impl, case):
+    """Peak bytes allocated through Python and NumPy during one call of ``case`` by ``impl``
+    (tracemalloc; outputs, workspace and, for a training step, the ctx included; the C
+    kernels' small per-thread scratch is not seen). rnnfuse's kept workspace is released
+    first, so the call allocates a fresh one."""
+    import tracemalloc
+
+    from . import functional
+    fn = runner(impl, case)
+    fn()
+    functional.release_workspace()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+        functional.release_workspace()
+
+
 # -------------------------------------------------------------------------- command line
 
 def _parser():
@@ -493,6 +545,13 @@ def _parser():
                     help="threads for every implementation (default 1)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--plot", metavar="PATH", help="draw a bar chart (needs matplotlib)")
+    ap.add_argument("--markdown", metavar="PATH",
+                    help="also measure threads and memory, and write the performance "
+                         "document (docs/performance.md) to PATH ('-': standard output, "
+                         "with the progress table on standard error)")
+    ap.add_argument("--vs-threads", type=int, default=2, metavar="N",
+                    help="with --markdown: the thread count the threads table compares "
+                         "with --threads (default 2; 0: no threads table)")
     ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated subset of "
                     f"{','.join(CELLS)}")
     ap.add_argument("--modes", default=None, help=f"subset of {','.join(MODES)}")
@@ -515,51 +574,31 @@ def _subset(ap, text, allowed, what):
     return items
 
 
-def _fmt_ms(s):
-    if s is None:
-        return "-"
-    ms = 1e3 * s
-    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
-
-
-def _machine(threads):
-    from threadpoolctl import threadpool_info
-
-    from . import _kernels
-    import scipy.linalg  # noqa: F401  (loads the BLAS the kernels call)
-    info = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "processor": platform.processor(), "threads": threads,
-            "simd_path": _kernels.simd_path(),
-            "blas": [{k: p.get(k) for k in ("internal_api", "version", "architecture",
-                                            "num_threads", "filepath")}
-                     for p in threadpool_info() if p.get("user_api") == "blas"]}
-    for mod in ("numpy", "torch", "onnxruntime"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    return info
-
-
-def main(argv=None):
+def _options(argv):
+    """The command line, checked and resolved (cells, modes, dtypes, impls, grid, budget):
+    a bad flag exits with status 2 before anything runs."""
     ap = _parser()
     args = ap.parse_args(argv)
-    cells = _subset(ap, args.cells, CELLS, "cells")
-    modes = _subset(ap, args.modes or ",".join(MODES), MODES, "modes")
-    dtypes = _subset(ap, args.dtypes or ("float32" if args.quick else ",".join(DTYPES)),
-                     DTYPES, "dtypes")
-    impls = ("rnnfuse",) + tuple(i for i in _subset(ap, args.impls, IMPLS, "impls")
-                                 if i != "rnnfuse")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.cells = _subset(ap, args.cells, CELLS, "cells")
+    args.modes = _subset(ap, args.modes or ",".join(MODES), MODES, "modes")
+    args.dtypes = _subset(ap, args.dtypes or ("float32" if args.quick else ",".join(DTYPES)),
+                          DTYPES, "dtypes")
+    args.impls = ("rnnfuse",) + tuple(i for i in _subset(ap, args.impls, IMPLS, "impls")
+                                      if i != "rnnfuse")
     if args.threads < 1:
         ap.error("--threads must be at least 1")
-    grid = QUICK_GRID if args.quick else GRID
+    if args.vs_threads < 0 or args.vs_threads == args.threads:
+        ap.error(f"--vs-threads must be 0 or a count other than --threads ({args.threads})")
+    args.grid = QUICK_GRID if args.quick else GRID
     if args.shapes:
         try:
-            grid = tuple(grid[int(i)] for i in args.shapes.split(","))
+            args.grid = tuple(args.grid[int(i)] for i in args.shapes.split(","))
         except (ValueError, IndexError):
-            ap.error(f"--shapes: indices into a grid of {len(grid)} shapes")
-    budget = args.budget if args.budget is not None else (0.2 if args.quick else 1.0)
-    if not 0 < budget <= 3600:  # NaN fails too
+            ap.error(f"--shapes: indices into a grid of {len(args.grid)} shapes")
+    if args.budget is None:
+        args.budget = 0.2 if args.quick else 1.0
+    if not 0 < args.budget <= 3600:  # NaN fails too
         ap.error(f"--budget must be seconds in (0, 3600], got {args.budget}")
     if args.plot:
         try:
@@ -567,9 +606,15 @@ def main(argv=None):
             matplotlib.use("Agg")
         except ImportError:
             ap.error("--plot needs matplotlib (pip install matplotlib)")
-    threads = args.threads
+    for path in (args.json, args.plot, args.markdown):
+        if path and path != "-" and not os.path.isdir(os.path.dirname(path) or "."):
+            ap.error(f"{path}: no such directory")
+    return args
 
-    # Import the peers before limiting threads, so that threadpoolctl sees their pools too.
+
+def _load_peers(impls, threads):
+    """Import the peers (before threads are limited, so that threadpoolctl sees their pools
+    too). Returns (the implementations that run, {missing one: why})."""
     available, missing = [], {}
     for impl in impls:
         try:
@@ -583,54 +628,166 @@ def main(argv=None):
             missing[impl] = str(e) if isinstance(e, Unavailable) else f"{impl}: {e}"
     for why in missing.values():
         print(f"skipped: {why}", file=sys.stderr)
+    return available, missing
 
-    limits = limit_threads(threads)  # held until the end (threadpoolctl restores on exit)
-    machine = _machine(threads)
-    peaks = {d: gemm_peak(d, threads) for d in dtypes}
+
+def _fmt_ms(s):
+    if s is None:
+        return "-"
+    ms = 1e3 * s
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def _ratio(s, rf):
+    return f"{s / rf:.2f}" if s is not None and rf else "-"
+
+
+def _cpu_model():
+    """The CPU's name, family and model, and which of AVX2, FMA, AVX-512F it has (Linux's
+    /proc/cpuinfo; elsewhere what platform says)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = [f for f in ("avx2", "fma", "avx512f") if f in fields.get("flags", "").split()]
+    return (f"{fields['model name']}, family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}, with {' '.join(flags) or 'no avx2/fma/avx512f'}")
+
+
+def _machine(threads):
+    """What ran: the date, the CPU, the versions, the build and the BLAS (threadpoolctl)."""
+    from ._config import config
+    cfg = config()  # also loads SciPy's BLAS, the one the kernels call
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "processor": platform.processor(), "threads": threads,
+            "rnnfuse": cfg["rnnfuse"], "compile_args": cfg["compile_args"],
+            "simd_path": cfg["simd_path"], "kernel": cfg["kernel"],
+            "blas": [{k: p.get(k) for k in ("internal_api", "version", "architecture",
+                                            "num_threads", "filepath")}
+                     for p in cfg["threadpools"] if p.get("user_api") == "blas"],
+            "env": {k: os.environ[k] for k in _ENV if k in os.environ}}
+    for mod in ("numpy", "scipy", "threadpoolctl", "torch", "onnxruntime", "onnx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info
+
+
+# the environment that changes what runs, recorded with the results
+_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE", "RNNFUSE_KERNEL")
+
+
+def _print_intro(machine, peaks, threads, out):
     print(f"rnnfuse bench: {threads} thread(s), SIMD {machine['simd_path']}, BLAS "
           + ", ".join(f"{b['internal_api']} {b['version']} {b['architecture']}"
-                      for b in machine["blas"]))
+                      for b in machine["blas"]), file=out)
     print("GEMM peak (n=1024 matmul): "
-          + ", ".join(f"{d} {peaks[d] / 1e9:.1f} GFLOP/s" for d in dtypes))
+          + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), file=out)
     print("ms per call (median of interleaved runs); x = that time / rnnfuse's "
           "(above 1: rnnfuse is faster); floor = the call's GEMMs alone; bound = its GEMM "
-          "FLOPs at the GEMM peak\n")
+          "FLOPs at the GEMM peak\n", file=out)
 
-    peers = [i for i in available if i != "rnnfuse"]
-    head = (f"{'cell':5} {'mode':9} {'dtype':7} {'shape':26} {'rnnfuse':>9} "
+
+def _table_head(peers):
+    return (f"{'cell':5} {'mode':9} {'dtype':7} {'shape':26} {'rnnfuse':>9} "
             + " ".join(f"{_SHORT[i]:>9}" for i in peers)
             + f" {'floor':>9} {'bound':>9} " + " ".join(f"{_SHORT[i] + ' x':>9}" for i in peers)
             + f" {'floor x':>8} {'bound x':>8}")
-    print(head)
-    print("-" * len(head))
-    rows, failed, said = [], [], set()
-    with limits:
-        for case in cases(grid, cells, modes, dtypes):
-            row = _run_case(case, available, threads, budget, peaks[case.dtype], failed)
-            rows.append(row)
-            ms = row["seconds"]
-            rf = ms.get("rnnfuse")
 
-            def ratio(s):
-                return f"{s / rf:.2f}" if s is not None and rf else "-"
-            print(f"{case.cell:5} {case.mode:9} {case.dtype:7} {case.shape.label:26} "
-                  f"{_fmt_ms(rf):>9} "
-                  + " ".join(f"{_fmt_ms(ms.get(i)):>9}" for i in peers)
-                  + f" {_fmt_ms(row['floor']):>9} {_fmt_ms(row['bound']):>9} "
-                  + " ".join(f"{ratio(ms.get(i)):>9}" for i in peers)
-                  + f" {ratio(row['floor']):>8} {ratio(row['bound']):>8}", flush=True)
-            for impl, why in row["errors"].items():
-                if why not in said:  # each reason once
-                    said.add(why)
-                    print(f"    {impl}: {why}")
+
+def _table_line(case, row, peers):
+    ms = row["seconds"]
+    rf = ms.get("rnnfuse")
+    return (f"{case.cell:5} {case.mode:9} {case.dtype:7} {case.shape.label:26} "
+            f"{_fmt_ms(rf):>9} "
+            + " ".join(f"{_fmt_ms(ms.get(i)):>9}" for i in peers)
+            + f" {_fmt_ms(row['floor']):>9} {_fmt_ms(row['bound']):>9} "
+            + " ".join(f"{_ratio(ms.get(i), rf):>9}" for i in peers)
+            + f" {_ratio(row['floor'], rf):>8} {_ratio(row['bound'], rf):>8}")
+
+
+def _run_grid(args, available, peaks, out):
+    """Check and time every case of the grid, printing a line per case as it finishes.
+    Returns (rows, the results that failed their check)."""
+    peers = [i for i in available if i != "rnnfuse"]
+    head = _table_head(peers)
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    rows, failed, said = [], [], set()
+    for case in cases(args.grid, args.cells, args.modes, args.dtypes):
+        row = _run_case(case, available, args.threads, args.budget, peaks[case.dtype], failed)
+        rows.append(row)
+        print(_table_line(case, row, peers), file=out, flush=True)
+        for impl, why in row["errors"].items():
+            if why not in said:  # each reason once
+                said.add(why)
+                print(f"    {impl}: {why}", file=out)
+    return rows, failed
+
+
+def _extras(args, available, out):
+    """For --markdown: rnnfuse at --threads and --vs-threads, and the peak memory of one
+    call (rnnfuse and, when it runs, the reference), per case."""
+    counts = (args.threads, args.vs_threads)
+    scaling, memory = [], []
+    for case in cases(args.grid, args.cells, args.modes, args.dtypes):
+        if args.vs_threads:
+            scaling.append((case, thread_scaling(case, counts)))
+            print(f"threads {case.group}: " + ", ".join(
+                f"{n}: {_fmt_ms(s)} ms" for n, s in scaling[-1][1].items()), file=out,
+                flush=True)
+        impls = [i for i in ("rnnfuse", "reference") if i in available]
+        memory.append((case, {i: peak_memory(i, case) for i in impls}))
+    return {"counts": counts, "scaling": scaling, "memory": memory}
+
+
+def _write_outputs(args, report, out):
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "gemm_peak_flops": peaks, "budget_s": budget,
-                       "skipped": missing, "rows": rows}, f, indent=1)
-        print(f"\nwrote {args.json}")
+            json.dump({k: report[k] for k in ("machine", "gemm_peak_flops", "budget_s",
+                                              "skipped", "rows")}, f, indent=1)
+        print(f"\nwrote {args.json}", file=out)
     if args.plot:
-        _plot(rows, args.plot, threads)
-        print(f"wrote {args.plot}")
+        _plot(report["rows"], args.plot, args.threads)
+        print(f"wrote {args.plot}", file=out)
+    if args.markdown:
+        from . import _perfdoc
+        text = _perfdoc.render(args, report)
+        if args.markdown == "-":
+            sys.stdout.write(text)
+        else:
+            with open(args.markdown, "w") as f:
+                f.write(text)
+            print(f"wrote {args.markdown}", file=out)
+
+
+def main(argv=None):
+    args = _options(argv)
+    out = sys.stderr if args.markdown == "-" else sys.stdout
+    available, missing = _load_peers(args.impls, args.threads)
+    with limit_threads(args.threads):  # threadpoolctl restores the limits on the way out
+        machine = _machine(args.threads)
+        peaks = {d: gemm_peak(d, args.threads) for d in args.dtypes}
+        _print_intro(machine, peaks, args.threads, out)
+        rows, failed = _run_grid(args, available, peaks, out)
+        extras = _extras(args, available, out) if args.markdown else None
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_after"] = os.getloadavg()
+    report = {"machine": machine, "gemm_peak_flops": peaks, "budget_s": args.budget,
+              "skipped": missing, "rows": rows, "available": available, "failed": failed,
+              "extras": extras}
+    _write_outputs(args, report, out)
     if failed:
         print(f"\nFAILED: {len(failed)} result(s) differ from the reference: "
               + ", ".join(failed), file=sys.stderr)

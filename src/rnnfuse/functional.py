@@ -1,7 +1,7 @@
 """The kernel API: validate, allocate, call the C kernels.
 
-Six functions, the contract of DESIGN.md (``rnnfuse.reference`` has the same six in plain
-NumPy)::
+Six functions, the contract of docs/design.md (``rnnfuse.reference`` has the same six in
+plain NumPy)::
 
     y, h_n, c_n, ctx = lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = lstm_backward(dy, dh_n, dc_n, ctx)

@@ -1,4 +1,4 @@
-"""Pure-NumPy reference of the rnnfuse kernel contract (see DESIGN.md).
+"""Pure-NumPy reference of the rnnfuse kernel contract (see docs/design.md).
 
 The same six functions as ``rnnfuse.functional``::
 
