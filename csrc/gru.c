@@ -46,9 +46,6 @@ ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 
 #elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
 
-#define SIGMOID(a, n) RF_FN(rf_sigmoid)(a, n, RF_PASS_AVX2)
-#define TANH(a, n) RF_FN(rf_tanh)(a, n, RF_PASS_AVX2)
-
 /* r and z of a step's rows j0 .. j1-1, in place over their pre-activations (input part in
  * g, folded biases in bias or NULL, recurrent part in st). Without lbr, also
  * rh = r h_{t-1}, the operand of W_hn. */
@@ -159,8 +156,6 @@ RF_PASS_TARGET static void RF_PASS(gru_step_backward_r)(REAL *g, REAL *dh, const
     }
 }
 
-#undef SIGMOID
-#undef TANH
 
 #else /* RF_TEMPLATE: dtype-generic part */
 

@@ -50,9 +50,6 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
 
 #elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
 
-#define SIGMOID(a, n) RF_FN(rf_sigmoid)(a, n, RF_PASS_AVX2)
-#define TANH(a, n) RF_FN(rf_tanh)(a, n, RF_PASS_AVX2)
-
 /* One step's pointwise pass over its running rows j0 .. j1-1. g: the step's gate rows,
  * holding pre-activations (less the biases, or NULL) on entry and post-activations on
  * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
@@ -123,8 +120,6 @@ RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *
     }
 }
 
-#undef SIGMOID
-#undef TANH
 
 #else /* RF_TEMPLATE: dtype-generic part */
 

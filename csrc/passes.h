@@ -8,7 +8,10 @@
  * RF_PASS_TARGET; callers take the copy their rf_runtime picks: RF_PICK(name, rt->avx2).
  * The two copies' loops round alike (-ffp-contract=off: no fused a*b+c); the v3 copy is
  * the faster, and with float it also takes the one-pass AVX2 code and the vector
- * activations, whose bits differ from libm's. */
+ * activations, whose bits differ from libm's. SIGMOID(a, n) and TANH(a, n) apply the
+ * copy's activations in place. */
+#define SIGMOID(a, n) RF_FN(rf_sigmoid)(a, n, RF_PASS_AVX2)
+#define TANH(a, n) RF_FN(rf_tanh)(a, n, RF_PASS_AVX2)
 #if RF_HAVE_AVX2
 #define RF_PASS(name) RF_CAT(RF_FN(name), v3)
 #define RF_PASS_TARGET __attribute__((target("arch=x86-64-v3")))
@@ -27,3 +30,5 @@
 #undef RF_PASS_TARGET
 #undef RF_PASS_AVX2
 #undef RF_PASSES_FILE
+#undef SIGMOID
+#undef TANH
