@@ -139,8 +139,7 @@ def _check_x(x: ArrayLike) -> FloatArray:
 
 # Each thread keeps the last large workspace its kernels finished with, for its next call:
 # a fresh one of tens of MB costs page faults and zeroing on every call, the more so when
-# other NumPy work in between takes and returns memory (LSTM training step (100,64,256,512)
-# interleaved with the NumPy reference: 779 -> 631 ms, `python -m rnnfuse bench`).
+# other NumPy work in between takes and returns memory.
 _SPARE = threading.local()
 _SPARE_MIN_BYTES = _kernels.SMALL_BYTES
 
