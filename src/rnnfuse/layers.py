@@ -198,10 +198,6 @@ class _RNNBase(Module):
     _param_names: list[list[str]]
     _n_states = 1  # arrays in the state: 1 (h) or 2 (h, c)
     _cell: str  # the cell's name in rnnfuse.functional
-    # the cell's single-direction forward and backward: (y, final states, ctx) and
-    # (dx, initial-state gradients, [dw_ih, dw_hh, db_ih, db_hh])
-    _run: Callable[..., tuple[FloatArray, tuple[FloatArray, ...], Any]]
-    _back: Callable[..., tuple[FloatArray, tuple[FloatArray, ...], list[Any]]]
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -253,6 +249,21 @@ class _RNNBase(Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
+             lengths: ArrayLike | None, reverse: bool,
+             need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
+        """One direction of one layer: functional's forward of this cell (y, finals, ctx)."""
+        w_ih, w_hh, b_ih, b_hh = w
+        y, finals, ctx = F._forward(self._cell, x, s0, w_ih, w_hh, b_ih, b_hh, lengths,
+                                    reverse, self._option, need_ctx)
+        return y, tuple(finals), ctx
+
+    def _back(self, dy: Any, dfin: Sequence[Any],
+              ctx: Any) -> tuple[FloatArray, tuple[FloatArray, ...], list[Any]]:
+        """Its backward: dx, the initial states' gradients, the weights' gradients."""
+        dx, *grads = F._backward(self._cell, dy, dfin, ctx)
+        return dx, tuple(grads[:len(dfin)]), grads[len(dfin):]
 
     def _names(self, layer: int, d: int) -> list[str]:
         """Parameter names of one layer and direction: weight_ih_l0, ..., bias_hh_l1_reverse
@@ -437,18 +448,6 @@ class LSTM(_RNNBase):
     _gates, _n_states = 4, 2
     _cell = "lstm"
 
-    def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
-             lengths: ArrayLike | None, reverse: bool,
-             need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
-        w_ih, w_hh, b_ih, b_hh = w
-        y, h, c, ctx = F.lstm_forward(x, s0[0], s0[1], w_ih, w_hh, b_ih, b_hh, lengths=lengths,
-                                      reverse=reverse, need_ctx=need_ctx)
-        return y, (h, c), ctx
-
-    def _back(self, dy: Any, dfin: Sequence[Any],
-              ctx: Any) -> tuple[FloatArray, tuple[FloatArray, ...], list[Any]]:
-        dx, dh0, dc0, *dw = F.lstm_backward(dy, dfin[0], dfin[1], ctx)
-        return dx, (dh0, dc0), dw
 
 
 class GRU(_RNNBase):
@@ -477,19 +476,6 @@ class GRU(_RNNBase):
     def _option(self) -> bool:
         return self.linear_before_reset
 
-    def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
-             lengths: ArrayLike | None, reverse: bool,
-             need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
-        w_ih, w_hh, b_ih, b_hh = w
-        y, h, ctx = F.gru_forward(x, s0[0], w_ih, w_hh, b_ih, b_hh, lengths=lengths,
-                                  reverse=reverse, linear_before_reset=self.linear_before_reset,
-                                  need_ctx=need_ctx)
-        return y, (h,), ctx
-
-    def _back(self, dy: Any, dfin: Sequence[Any],
-              ctx: Any) -> tuple[FloatArray, tuple[FloatArray, ...], list[Any]]:
-        dx, dh0, *dw = F.gru_backward(dy, dfin[0], ctx)
-        return dx, (dh0,), dw
 
 
 class RNN(_RNNBase):
@@ -519,19 +505,6 @@ class RNN(_RNNBase):
     def _option(self) -> bool:
         return self.nonlinearity == "relu"
 
-    def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
-             lengths: ArrayLike | None, reverse: bool,
-             need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
-        w_ih, w_hh, b_ih, b_hh = w
-        y, h, ctx = F.rnn_forward(x, s0[0], w_ih, w_hh, b_ih, b_hh, lengths=lengths,
-                                  reverse=reverse, nonlinearity=self.nonlinearity,
-                                  need_ctx=need_ctx)
-        return y, (h,), ctx
-
-    def _back(self, dy: Any, dfin: Sequence[Any],
-              ctx: Any) -> tuple[FloatArray, tuple[FloatArray, ...], list[Any]]:
-        dx, dh0, *dw = F.rnn_backward(dy, dfin[0], ctx)
-        return dx, (dh0,), dw
 
 
 # ---------------------------------------------------------------- small layers
