@@ -514,3 +514,84 @@ def test_tensors_reach_the_kernels_and_come_back_without_copies(monkeypatch):
     assert seen["w_ih"].__array_interface__["data"][0] == lstm.weight_ih_l0.data_ptr()
     assert seen["w_hh"].__array_interface__["data"][0] == lstm.weight_hh_l0.data_ptr()
     assert y.data_ptr() == seen["y"].__array_interface__["data"][0]
+
+
+# ---------------------------------------------------------------- TorchScript, trace, export
+
+class Wrapper(nn.Module):
+    """torch.jit.script cannot script a top-level torch.nn.LSTM either (its forward is
+    overloaded); inside a module it can."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_to_torch_shares_parameters_and_gives_the_same_outputs(cell):
+    theirs, ours, extra = classes(cell)
+    m = ours(3, 5, num_layers=2, bidirectional=True, batch_first=True, dropout=0.2,
+             **extra).eval()
+    twin = m.to_torch()
+    assert type(twin) is theirs and not twin.training
+    assert twin.batch_first and twin.bidirectional and twin.num_layers == 2
+    assert all(a is b for a, b in zip(m.parameters(), twin.parameters()))
+    x = torch.randn(2, 6, 3)
+    close(twin(x)[0], m(x)[0], torch.float32, "output")
+    with torch.no_grad():
+        m.weight_hh_l1.mul_(0.5)  # torch.nn reads the shared Parameter, not a copy
+    close(twin(x)[0], m(x)[0], torch.float32, "output after an update")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_tracing_is_refused_with_the_fix(grad):
+    model = Wrapper(rt.LSTM(3, 4))
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=r"to_torch\(\)"):
+        torch.jit.trace(model, (torch.randn(5, 2, 3),))
+
+
+def test_traced_twin_follows_its_input():
+    # What the refusal points to: the traced torch.nn twin computes, for a new input, the
+    # rnnfuse module's answer (not the example's).
+    model = Wrapper(rt.GRU(3, 4, num_layers=2))
+    assert rt.unswap_modules(model) == ["rnn"] and type(model.rnn) is nn.GRU
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (torch.randn(5, 2, 3),))
+        x = torch.randn(7, 3, 3)
+        close(traced(x), rt.GRU.from_torch(model.rnn)(x)[0], torch.float32, "traced")
+
+
+def test_script_compiles_the_torch_nn_twin():
+    torch.manual_seed(0)
+    model = Wrapper(rt.LSTM(3, 4, num_layers=2))
+    x = torch.randn(6, 2, 3)
+    want = model(x)
+    scripted = torch.jit.script(model)
+    close(scripted(x), want, torch.float32, "scripted")
+    assert isinstance(scripted, torch.jit.ScriptModule)
+
+
+def test_export_is_refused_with_the_fix():
+    with pytest.raises(RuntimeError, match=r"to_torch\(\)"):
+        torch.export.export(Wrapper(rt.RNN(3, 4)), (torch.randn(5, 2, 3),))
+
+
+def test_unswap_modules_undoes_swap_modules():
+    model = nn.Sequential(nn.LSTM(3, 4), Wrapper(nn.GRU(4, 2)))
+    params = list(model.parameters())
+    assert rt.swap_modules(model) == ["0", "1.rnn"]
+    assert rt.unswap_modules(model) == ["0", "1.rnn"]
+    assert type(model[0]) is nn.LSTM and type(model[1].rnn) is nn.GRU
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        rt.unswap_modules([model])
+
+
+def test_torchscript_onnx_export_is_refused_with_the_fix():
+    import io
+    with pytest.raises(RuntimeError, match=r"unswap_modules\(model\)"):
+        torch.onnx.export(Wrapper(rt.GRU(3, 4)), (torch.randn(5, 2, 3),), io.BytesIO(),
+                          dynamo=False)

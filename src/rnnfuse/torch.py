@@ -28,6 +28,12 @@ off, as in torch.nn (it only turns dropout off). Backward may run again over a g
 with ``retain_graph=True`` (it replays the forward); double backward (``create_graph=True``)
 is refused.
 
+Tracing and exporting (``torch.jit.trace``, ``torch.export``, ``torch.onnx.export``) record
+PyTorch's own operators, which rnnfuse's kernels are not: they are refused with an error
+that names the fix, ``module.to_torch()`` or ``unswap_modules(model)`` (the ``torch.nn``
+twins, sharing the parameters). ``torch.jit.script(model)`` scripts the twins by itself
+and, as it does with any module's ``__prepare_scriptable__``, leaves them in ``model``.
+
 Importing this module needs PyTorch; ``import rnnfuse`` never imports it.
 """
 import numbers
@@ -43,14 +49,31 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import functional as F
 from ._checks import check_bool as _check_bool, check_int as _check_int
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMFunction", "GRUFunction", "RNNFunction", "swap_modules"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMFunction", "GRUFunction", "RNNFunction", "swap_modules",
+           "unswap_modules"]
 
 
 # ---------------------------------------------------------------- autograd Functions
 
+# The kernels run outside PyTorch's dispatcher, so whatever records PyTorch's operators
+# (a trace, an export) cannot see them: it would keep their output as a constant.
+_NOT_TRACEABLE = (
+    "{name} cannot be traced: torch.jit.trace, torch.export and "
+    "torch.onnx.export record PyTorch's operators, and rnnfuse's kernels are not among "
+    "them (the trace would keep their output as a constant). Trace or export the torch.nn "
+    "twin instead: module.to_torch(), or rnnfuse.torch.unswap_modules(model) for a whole "
+    "model (both share the parameters). torch.jit.script(model) does this by itself.")
+
+
 def _np(t):
     """A NumPy view of a CPU tensor (None stays None); a copy only if it is not contiguous."""
-    return None if t is None else t.detach().contiguous().numpy()
+    if t is None:
+        return None
+    t = t.detach()
+    if type(t) is not torch.Tensor:  # a FakeTensor of torch.export, a tensor subclass
+        raise RuntimeError(_NOT_TRACEABLE.format(name="rnnfuse.torch's modules") + f" (got a "
+                           f"{type(t).__name__}, not a plain tensor)")
+    return t.contiguous().numpy()
 
 
 def _split(function, args):
@@ -197,6 +220,22 @@ def _repack(y, lengths, like):
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
+def _twin(cls, module, extra_args):
+    """A ``cls`` configured as ``module`` (its torch.nn or rnnfuse counterpart), sharing
+    its parameter objects and its training mode."""
+    w = module.weight_ih_l0
+    kwargs = {k: getattr(module, k) for k in ("num_layers", "bias", "batch_first", "dropout",
+                                              "bidirectional", *extra_args)}
+    # fork_rng: the twin's own initial draw, replaced below, must not move the global RNG
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # module's constructor already warned about these
+        twin = cls(module.input_size, module.hidden_size, device=w.device, dtype=w.dtype,
+                   **kwargs)
+    for name in list(twin._parameters):
+        setattr(twin, name, getattr(module, name))
+    return twin.train(module.training)
+
+
 class _RNNBase(torch.nn.Module):
     """Stacking, directions, dropout, states and checks for all cells; a subclass names its
     autograd Function, its gate count G and its torch.nn twin."""
@@ -304,18 +343,20 @@ class _RNNBase(torch.nn.Module):
         if type(module) is not cls._torch_class:
             raise TypeError(f"{cls.__name__}.from_torch needs a torch.nn."
                             f"{cls._torch_class.__name__}, got {type(module).__qualname__}")
-        w = module.weight_ih_l0
-        kwargs = {k: getattr(module, k) for k in ("num_layers", "bias", "batch_first",
-                                                  "dropout", "bidirectional",
-                                                  *cls._torch_args)}
-        # fork_rng: the twin's own initial draw, replaced below, must not move the global RNG
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.nn already warned about its arguments
-            twin = cls(module.input_size, module.hidden_size, device=w.device, dtype=w.dtype,
-                       **kwargs)
-        for name in list(twin._parameters):
-            setattr(twin, name, getattr(module, name))
-        return twin.train(module.training)
+        return _twin(cls, module, cls._torch_args)
+
+    def to_torch(self):
+        """The ``torch.nn`` module configured as this one, *sharing* its parameters (the
+        inverse of ``from_torch``): for what runs PyTorch's own operators rather than
+        rnnfuse's kernels, such as ``torch.jit.trace``, ``torch.export`` and
+        ``torch.onnx.export``. Its training mode is kept; hooks are not."""
+        return _twin(self._torch_class, self, self._torch_args)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles Python into TorchScript, which cannot call rnnfuse's
+        # kernels: it scripts the torch.nn twin instead (same parameters, same outputs up
+        # to rounding). torch.jit.script puts what this returns in the model's place.
+        return self.to_torch()
 
     # -- forward
     def _parameters_dtype(self):
@@ -371,6 +412,8 @@ class _RNNBase(torch.nn.Module):
         Returns ``output, h_n`` (GRU, RNN) or ``output, (h_n, c_n)`` (LSTM): ``output``
         (T, B, D*hidden_size) ([forward | reverse] halves) in the layout of ``input``.
         """
+        if torch.jit.is_tracing():
+            raise RuntimeError(_NOT_TRACEABLE.format(name=f"rnnfuse.torch.{type(self).__name__}"))
         dtype = self._parameters_dtype()
         name = type(self).__name__
         if isinstance(input, PackedSequence):
@@ -538,3 +581,22 @@ def swap_modules(model):
         warnings.warn("swap_modules left these modules as they are:\n  - "
                       + "\n  - ".join(skipped), UserWarning, stacklevel=2)
     return swapped
+
+
+def unswap_modules(model):
+    """Undo ``swap_modules``: replace, in place, every rnnfuse.torch LSTM, GRU and RNN inside
+    ``model`` by its ``torch.nn`` twin (``to_torch``), which shares its parameters. For
+    tracing or exporting a model (``torch.jit.trace``, ``torch.export``,
+    ``torch.onnx.export``), which record PyTorch's own operators. Returns the qualified
+    names replaced; ``model`` itself, when it is one, is left alone (use ``to_torch``)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    replaced, twins = [], {}
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _RNNBase):
+                if id(child) not in twins:
+                    twins[id(child)] = child.to_torch()
+                setattr(parent, name, twins[id(child)])
+                replaced.append(f"{prefix}.{name}" if prefix else name)
+    return replaced
