@@ -595,3 +595,39 @@ def test_torchscript_onnx_export_is_refused_with_the_fix():
     with pytest.raises(RuntimeError, match=r"unswap_modules\(model\)"):
         torch.onnx.export(Wrapper(rt.GRU(3, 4)), (torch.randn(5, 2, 3),), io.BytesIO(),
                           dynamo=False)
+
+
+# ---------------------------------------------------------------- autocast
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_autocast_computes_in_float32_and_returns_the_inputs_dtype(cell, low):
+    theirs, ours, extra = classes(cell)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), ours(4, 5, num_layers=2, **extra))
+    x = torch.randn(6, 2, 3)
+    with torch.autocast("cpu", dtype=low):
+        h = model[0](x)  # autocast's Linear hands the recurrent module `low`
+        assert h.dtype == low
+        y, state = model[1](h)
+        y.float().sum().backward()
+    h_n = state[0] if cell == "lstm" else state
+    assert y.dtype == h_n.dtype == low
+    want, want_state = model[1](h.detach().float())  # the same numbers, outside autocast
+    want_h = want_state[0] if cell == "lstm" else want_state
+    close(y, want.to(low), torch.float32, "output")
+    close(h_n, want_h.to(low), torch.float32, "h_n")
+    assert model[0].weight.grad is not None and model[1].weight_ih_l0.grad is not None
+    with torch.autocast("cpu", dtype=low):  # float32 input, lower-precision state
+        y32, _ = model[1](h.detach().float(), _cast_state(want_state, low))
+    assert y32.dtype == torch.float32
+
+
+def _cast_state(state, dtype):
+    return tuple(s.to(dtype) for s in state) if isinstance(state, tuple) else state.to(dtype)
+
+
+def test_lower_precision_module_is_refused_with_what_to_do():
+    with pytest.raises(TypeError, match=r"keep the module in float32 \(.float\(\)\) and run "
+                                        r"it under torch.autocast"):
+        rt.LSTM(3, 4).bfloat16()(torch.randn(5, 2, 3, dtype=torch.bfloat16))

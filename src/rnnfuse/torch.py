@@ -211,6 +211,29 @@ def _check_tensor(name, t, dtype):
                          f"{t.dtype}: convert it with .to({dtype})")
 
 
+def _autocast_dtype(input, hx, dtype):
+    """Under CPU autocast, when ``input`` or ``hx`` holds a floating dtype of lower
+    precision than the parameters' ``dtype``: the dtype to return outputs in (``input``'s).
+    Else None."""
+    if not torch.is_autocast_enabled("cpu"):
+        return None
+    data = input.data if isinstance(input, PackedSequence) else input
+    parts = [data, *(hx if isinstance(hx, (tuple, list)) else [hx])]
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point()
+           and t.dtype.itemsize < dtype.itemsize for t in parts):
+        return data.dtype
+    return None
+
+
+def _cast(value, dtype):
+    """A tensor, PackedSequence, or tuple of them (hx) in ``dtype``; None stays None."""
+    if isinstance(value, PackedSequence):
+        return value._replace(data=value.data.to(dtype))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value.to(dtype) if isinstance(value, torch.Tensor) else value
+
+
 def _repack(y, lengths, like):
     """y (T, B, D*H), padded and in the caller's batch order, as a PackedSequence laid out
     like ``like`` (its batch_sizes, sorted_indices and unsorted_indices)."""
@@ -368,7 +391,10 @@ class _RNNBase(torch.nn.Module):
                                    "but rnnfuse runs on the CPU: keep the module there")
             if p.dtype != dtype or dtype not in (torch.float32, torch.float64):
                 raise TypeError(f"{type(self).__name__}'s parameters must all be "
-                                f"torch.float32 or all torch.float64, got {p.dtype} for {name}")
+                                f"torch.float32 or all torch.float64, got {p.dtype} for {name}: "
+                                "rnnfuse computes in those; keep the module in float32 "
+                                "(.float()) and run it under torch.autocast for "
+                                "lower-precision inputs")
         return dtype
 
     def _check_hx(self, hx, batch, batched, dtype):
@@ -415,6 +441,10 @@ class _RNNBase(torch.nn.Module):
         if torch.jit.is_tracing():
             raise RuntimeError(_NOT_TRACEABLE.format(name=f"rnnfuse.torch.{type(self).__name__}"))
         dtype = self._parameters_dtype()
+        out_dtype = _autocast_dtype(input, hx, dtype)
+        if out_dtype is not None:  # computed in the parameters' dtype, returned in input's
+            y, state = self.forward(_cast(input, dtype), _cast(hx, dtype))
+            return _cast(y, out_dtype), _cast(state, out_dtype)
         name = type(self).__name__
         if isinstance(input, PackedSequence):
             _check_tensor("input", input.data, dtype)
