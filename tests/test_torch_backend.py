@@ -404,10 +404,11 @@ def test_swap_modules_reports_what_it_leaves():
                           nn.LSTM(2, 3, device="meta"), nn.RNN(2, 3).half())
     with pytest.warns(UserWarning) as record:
         names = rt.swap_modules(model)
-    assert names == ["0", "1.0"]
+    assert names == ["0", "2", "1.0"]  # parents in named_modules order
     assert model[0] is model[1][0] and type(model[0]) is rt.GRU
+    assert isinstance(model[2], MyGRU) and isinstance(model[2], rt.GRU)
     message = str(record[0].message)
-    assert "2: GRU.from_torch needs a torch.nn.GRU, got" in message
+    assert "2:" not in message
     assert "3: device must be the CPU" in message
     assert "4: dtype must be torch.float32 or torch.float64" in message
     with pytest.warns(UserWarning, match="the model itself"):
@@ -631,3 +632,66 @@ def test_lower_precision_module_is_refused_with_what_to_do():
     with pytest.raises(TypeError, match=r"keep the module in float32 \(.float\(\)\) and run "
                                         r"it under torch.autocast"):
         rt.LSTM(3, 4).bfloat16()(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+
+
+
+# ---------------------------------------------------------------- the torch.nn classes
+
+def test_modules_are_torch_nn_modules_with_flat_weights():
+    m = rt.LSTM(3, 4, num_layers=2, bidirectional=True)
+    assert isinstance(m, nn.LSTM) and isinstance(m, nn.RNNBase)
+    assert m._flat_weights_names == list(dict(m.named_parameters()))
+    assert all(a is b for a, b in zip(m._flat_weights, m.parameters()))
+    # common initialisation code reads torch.nn's attributes and runs unchanged
+    for name, p in m.named_parameters():
+        (nn.init.orthogonal_ if "weight_hh" in name else nn.init.zeros_)(p)
+    assert torch.equal(m.bias_ih_l1_reverse, torch.zeros(16))
+    twin = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(5, 2, 3)
+    close(m(x)[0], twin(x)[0], torch.float32, "output")
+    m.weight_hh_l0 = nn.Parameter(torch.zeros(16, 4))  # torch.nn's list follows
+    assert m._flat_weights[1] is m.weight_hh_l0
+
+
+class Scaled(nn.LSTM):
+    """A subclass whose forward wraps torch.nn's."""
+
+    def __init__(self, *args, scale=2.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, x, hx=None):
+        y, state = super().forward(x, hx)
+        return y * self.scale, state
+
+
+def test_swapped_subclass_keeps_its_methods_and_runs_on_rnnfuse(monkeypatch):
+    import copy
+    import io
+    torch.manual_seed(4)
+    model = nn.Sequential(Scaled(3, 4, num_layers=2, scale=3.0))
+    x = torch.randn(6, 2, 3)
+    want = model(x)[0]
+    assert rt.swap_modules(model) == ["0"]
+    swapped = model[0]
+    assert isinstance(swapped, Scaled) and isinstance(swapped, rt.LSTM)
+    assert type(swapped).__name__ == "Scaled" and swapped.scale == 3.0
+    calls = []
+    kernel = rt._kernel_forward
+    monkeypatch.setattr(rt, "_kernel_forward", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    close(model(x)[0], want, torch.float32, "output")
+    assert len(calls) == 2  # one kernel call per layer: the subclass's forward reached ours
+    for again in (copy.deepcopy(swapped),
+                  torch.load(io.BytesIO(_saved(swapped)), weights_only=False)):
+        assert type(again) is type(swapped)
+        close(again(x)[0], want, torch.float32, "output of a copy")
+    assert rt.unswap_modules(model) == ["0"] and type(model[0]) is Scaled
+    close(model(x)[0], want, torch.float32, "output after unswap")
+
+
+def _saved(module):
+    import io
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    return buf.getvalue()

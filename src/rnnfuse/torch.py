@@ -11,10 +11,12 @@
     lstm.load_state_dict(torch_lstm.state_dict())            # and the other way round
     swapped = swap_modules(model)      # in place: every torch.nn.LSTM/GRU/RNN in model
 
-The modules take the constructor arguments of their ``torch.nn`` namesakes, have the same
-``forward(input, hx=None)``, return the same outputs, and register the same parameters
-(``weight_ih_l0``, ``bias_hh_l1_reverse``, ...) with the same initialisation, so state dicts
-load both ways and ``torch.optim`` trains them. What rnnfuse does not do is refused at
+The modules are subclasses of their ``torch.nn`` namesakes (``isinstance(lstm,
+torch.nn.LSTM)``; ``_flat_weights`` and the rest of torch.nn's attributes are there): they
+take the same constructor arguments, have the same ``forward(input, hx=None)``, return the
+same outputs, and register the same parameters (``weight_ih_l0``, ``bias_hh_l1_reverse``,
+...) with the same initialisation, so state dicts load both ways and ``torch.optim`` trains
+them. Only ``forward`` differs: it runs on rnnfuse's kernels. What rnnfuse does not do is refused at
 construction: ``proj_size > 0``, devices other than the CPU, dtypes other than float32 and
 float64.
 
@@ -36,6 +38,8 @@ and, as it does with any module's ``__prepare_scriptable__``, leaves them in ``m
 
 Importing this module needs PyTorch; ``import rnnfuse`` never imports it.
 """
+import copy
+import functools
 import numbers
 import warnings
 
@@ -259,52 +263,50 @@ def _twin(cls, module, extra_args):
     return twin.train(module.training)
 
 
-class _RNNBase(torch.nn.Module):
-    """Stacking, directions, dropout, states and checks for all cells; a subclass names its
-    autograd Function, its gate count G and its torch.nn twin."""
+def _check_args(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                bidirectional, device, dtype):
+    """The constructor's arguments checked with rnnfuse's messages (and what rnnfuse cannot
+    run refused) before torch.nn's constructor sees them; returns them normalised."""
+    args = dict(input_size=_check_int("input_size", input_size, 1),
+                hidden_size=_check_int("hidden_size", hidden_size, 1),
+                num_layers=_check_int("num_layers", num_layers, 1),
+                bias=_check_bool("bias", bias), batch_first=_check_bool("batch_first", batch_first),
+                bidirectional=_check_bool("bidirectional", bidirectional))
+    if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
+            or not 0 <= dropout <= 1):
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type != "cpu":
+        raise ValueError(f"device must be the CPU (rnnfuse's kernels run there), got {device}")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    return dict(args, dropout=float(dropout), device=device, dtype=dtype)
+
+
+class _RNNBase:
+    """The forward of torch.nn's recurrent modules on rnnfuse's kernels: stacking,
+    directions, dropout, states and checks for all cells. Mixed in before the torch.nn
+    class (``class LSTM(_RNNBase, torch.nn.LSTM)``), which keeps the parameters, their
+    names and initialisation, ``_flat_weights`` and the rest of torch.nn's interface; a
+    subclass names its autograd Function and its torch.nn twin."""
 
     _function = None       # the cell's autograd Function
-    _gates = None          # G: gate blocks per cell (LSTM 4, GRU 3, RNN 1)
     _torch_class = None    # the torch.nn class this one replaces
     _torch_args = ()       # constructor arguments besides RNNBase's (proj_size, nonlinearity)
-    proj_size = 0          # as torch.nn's attribute; rnnfuse has no projections
 
-    def __init__(self, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                 bidirectional, device, dtype):
-        super().__init__()
-        self.mode = mode
-        self.input_size = _check_int("input_size", input_size, 1)
-        self.hidden_size = _check_int("hidden_size", hidden_size, 1)
-        self.num_layers = _check_int("num_layers", num_layers, 1)
-        self.bias = _check_bool("bias", bias)
-        self.batch_first = _check_bool("batch_first", batch_first)
-        self.bidirectional = _check_bool("bidirectional", bidirectional)
-        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
-                or not 0 <= dropout <= 1):
-            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
-        self.dropout = float(dropout)
+    def _init_torch(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                    bidirectional, device, dtype, **cell_args):
+        """torch.nn's constructor over the checked arguments, as torch.nn's subclass."""
+        checked = _check_args(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                              bidirectional, device, dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its dropout warning: ours is below
+            self._torch_class.__init__(self, **checked, **cell_args)
         if self.dropout > 0 and self.num_layers == 1:
             warnings.warn("dropout acts on the outputs of all but the last layer, so it does "
                           f"nothing with num_layers=1 (dropout={self.dropout})", UserWarning,
-                          stacklevel=3)
-        device = torch.get_default_device() if device is None else torch.device(device)
-        if device.type != "cpu":
-            raise ValueError(f"device must be the CPU (rnnfuse's kernels run there), got {device}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-
-        # torch.nn's names and registration order, so that reset_parameters draws the same
-        # numbers as torch.nn under the same seed.
-        G, H = self._gates, self.hidden_size
-        for layer in range(self.num_layers):
-            n_in = self.input_size if layer == 0 else self.num_directions * H
-            for d in range(self.num_directions):
-                shapes = [(G * H, n_in), (G * H, H), (G * H,), (G * H,)]
-                for name, shape in zip(self._names(layer, d), shapes):
-                    empty = torch.empty(shape, device=device, dtype=dtype)
-                    self.register_parameter(name, torch.nn.Parameter(empty))
-        self.reset_parameters()
+                          stacklevel=4)
 
     @property
     def num_directions(self):
@@ -319,37 +321,16 @@ class _RNNBase(torch.nn.Module):
         """The cell's arguments after ``reverse`` in its Function."""
         return ()
 
-    def _names(self, layer, d):
-        """weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0 (suffix _reverse for d=1)."""
-        sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
-        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
-        return [k + sfx for k in kinds]
+    def extra_repr(self):
+        # torch.nn's, with the nonlinearity that it leaves out
+        relu = ", nonlinearity=relu" if getattr(self, "nonlinearity", "tanh") == "relu" else ""
+        return self._torch_class.extra_repr(self) + relu
 
     def _weights(self, layer, d):
-        w = [getattr(self, n) for n in self._names(layer, d)]
+        sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        w = [getattr(self, n + sfx) for n in names]
         return w if self.bias else w + [None, None]
-
-    @property
-    def all_weights(self):
-        """The parameters per layer and direction, as torch.nn's ``all_weights``."""
-        return [[getattr(self, n) for n in self._names(layer, d)]
-                for layer in range(self.num_layers) for d in range(self.num_directions)]
-
-    def reset_parameters(self):
-        """Every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)), as torch.nn."""
-        k = self.hidden_size ** -0.5
-        for p in self.parameters():
-            torch.nn.init.uniform_(p, -k, k)
-
-    def flatten_parameters(self):
-        """Nothing to do (torch.nn's is for cuDNN); here so that calling code keeps working."""
-
-    def extra_repr(self):
-        s = f"{self.input_size}, {self.hidden_size}"
-        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
-                    "bidirectional": False, "nonlinearity": "tanh"}
-        return s + "".join(f", {k}={getattr(self, k)}" for k, v in defaults.items()
-                           if getattr(self, k, v) != v)
 
     @classmethod
     def from_torch(cls, module):
@@ -498,15 +479,16 @@ class _RNNBase(torch.nn.Module):
         return inp, [torch.stack(f) for f in finals]
 
 
-class LSTM(_RNNBase):
-    """Drop-in ``torch.nn.LSTM`` on the rnnfuse kernels (CPU; float32 or float64).
+class LSTM(_RNNBase, torch.nn.LSTM):
+    """Drop-in ``torch.nn.LSTM`` on the rnnfuse kernels (CPU; float32 or float64), and a
+    subclass of it.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)``;
     ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``. Only ``proj_size=0`` is supported.
     """
 
-    _function, _gates, _torch_class = LSTMFunction, 4, torch.nn.LSTM
+    _function, _torch_class = LSTMFunction, torch.nn.LSTM
     _torch_args = ("proj_size",)
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
@@ -515,48 +497,49 @@ class LSTM(_RNNBase):
             raise ValueError(f"proj_size={proj_size!r} is not supported: rnnfuse.torch.LSTM "
                              "has no projection (proj_size must be 0; keep torch.nn.LSTM "
                              "for proj_size > 0)")
-        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, device, dtype)
+        self._init_torch(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype)
 
 
-class GRU(_RNNBase):
-    """Drop-in ``torch.nn.GRU`` on the rnnfuse kernels (CPU; float32 or float64).
+class GRU(_RNNBase, torch.nn.GRU):
+    """Drop-in ``torch.nn.GRU`` on the rnnfuse kernels (CPU; float32 or float64), and a
+    subclass of it.
 
     ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, device=None, dtype=None)``;
     ``output, h_n = gru(input, h_0)``.
     """
 
-    _function, _gates, _torch_class = GRUFunction, 3, torch.nn.GRU
+    _function, _torch_class = GRUFunction, torch.nn.GRU
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None):
-        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, device, dtype)
+        self._init_torch(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype)
 
     @property
     def _options(self):
         return (True,)  # linear_before_reset: PyTorch's GRU
 
 
-class RNN(_RNNBase):
-    """Drop-in ``torch.nn.RNN`` on the rnnfuse kernels (CPU; float32 or float64).
+class RNN(_RNNBase, torch.nn.RNN):
+    """Drop-in ``torch.nn.RNN`` on the rnnfuse kernels (CPU; float32 or float64), and a
+    subclass of it.
 
     ``RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None)``;
     ``output, h_n = rnn(input, h_0)``.
     """
 
-    _function, _gates, _torch_class = RNNFunction, 1, torch.nn.RNN
+    _function, _torch_class = RNNFunction, torch.nn.RNN
     _torch_args = ("nonlinearity",)
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
-        super().__init__("RNN_" + nonlinearity.upper(), input_size, hidden_size, num_layers,
-                         bias, batch_first, dropout, bidirectional, device, dtype)
+        self._init_torch(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, nonlinearity=nonlinearity)
 
     @property
     def _options(self):
@@ -568,39 +551,78 @@ class RNN(_RNNBase):
 _TWINS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNN: RNN}
 
 
+@functools.cache
+def _fused_subclass(cls, twin_class):
+    """``cls`` (a subclass of a torch.nn recurrent class) with rnnfuse's forward beneath its
+    own methods: ``super().forward`` in ``cls`` reaches ``twin_class``'s."""
+    return type(cls.__name__, (cls, twin_class),
+                {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                 "_swapped_class": cls, "_twin_class": twin_class,
+                 "__reduce_ex__": _reduce_fused_subclass})
+
+
+def _reduce_fused_subclass(module, protocol):
+    # pickled as "cls with rnnfuse beneath", rebuilt through _fused_subclass
+    cls = type(module)
+    return _new_fused, (cls._swapped_class, cls._twin_class), module.__getstate__()
+
+
+def _new_fused(cls, twin_class):
+    return object.__new__(_fused_subclass(cls, twin_class))
+
+
+def _moved(module, cls):
+    """A ``cls`` holding ``module``'s state: the same parameters and attributes, its own
+    containers (so that the two can then differ)."""
+    new = object.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, list)) else v
+                         for k, v in module.__dict__.items()})
+    return new
+
+
+def _rnnfuse_twin(module):
+    """The rnnfuse module in ``module``'s place (sharing its parameters), or the reason
+    there is none (an exception)."""
+    twin_class = next(t for k, t in _TWINS.items() if isinstance(module, k))
+    try:
+        twin = _twin(twin_class, module, twin_class._torch_args)  # refuses what we can't run
+    except (TypeError, ValueError) as e:
+        return e
+    if type(module) is twin_class._torch_class:
+        return twin
+    return _moved(module, _fused_subclass(type(module), twin_class))
+
+
 def swap_modules(model):
     """Replace, in place, every ``torch.nn.LSTM``, ``GRU`` and ``RNN`` inside ``model`` by its
-    rnnfuse twin (``from_torch``), which shares the original's parameters: outputs are
-    unchanged up to rounding, and an optimizer built before the swap keeps training the
-    model. A module reached under several names is replaced by one twin everywhere.
+    rnnfuse twin, which shares the original's parameters: outputs are unchanged up to
+    rounding, and an optimizer built before the swap keeps training the model. A module
+    reached under several names is replaced by one twin everywhere. A subclass of a
+    torch.nn class keeps its own methods and attributes, with rnnfuse's forward beneath
+    them (its ``super().forward`` runs on rnnfuse; a forward of its own that calls
+    torch's operators keeps doing so).
 
     Returns the qualified names replaced (as ``model.named_modules()`` spells them).
 
     Modules that cannot be replaced are left as they are, and one ``UserWarning`` names
     each with its reason: ``proj_size > 0``, parameters not on the CPU or not
-    float32/float64, subclasses of the torch.nn classes (their forward may differ), and
-    ``model`` itself when it is one (it cannot be replaced in place: use
-    ``rnnfuse.torch.LSTM.from_torch(model)`` and so on). Forward hooks on the replaced
-    modules are not carried over.
+    float32/float64, and ``model`` itself when it is one (it cannot be replaced in place:
+    use ``rnnfuse.torch.LSTM.from_torch(model)`` and so on). Forward hooks on the replaced
+    torch.nn modules are not carried over (a subclass's are).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    kinds = tuple(_TWINS)
     swapped, skipped, twins = [], [], {}
-    if isinstance(model, kinds):
+    if _swappable(model):
         skipped.append("the model itself: it cannot be replaced in place; use "
                        "rnnfuse.torch.LSTM/GRU/RNN.from_torch(model)")
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, kinds):
+            if not _swappable(child):
                 continue
             qualified = f"{prefix}.{name}" if prefix else name
             if id(child) not in twins:
-                twin_class = next(t for k, t in _TWINS.items() if isinstance(child, k))
-                try:
-                    twins[id(child)] = twin_class.from_torch(child)
-                except (TypeError, ValueError) as e:
-                    twins[id(child)] = e
+                twins[id(child)] = _rnnfuse_twin(child)
             twin = twins[id(child)]
             if isinstance(twin, Exception):
                 skipped.append(f"{qualified}: {twin}")
@@ -611,6 +633,10 @@ def swap_modules(model):
         warnings.warn("swap_modules left these modules as they are:\n  - "
                       + "\n  - ".join(skipped), UserWarning, stacklevel=2)
     return swapped
+
+
+def _swappable(module):
+    return isinstance(module, tuple(_TWINS)) and not isinstance(module, _RNNBase)
 
 
 def unswap_modules(model):
@@ -626,7 +652,14 @@ def unswap_modules(model):
         for name, child in list(parent.named_children()):
             if isinstance(child, _RNNBase):
                 if id(child) not in twins:
-                    twins[id(child)] = child.to_torch()
+                    twins[id(child)] = _torch_twin(child)
                 setattr(parent, name, twins[id(child)])
                 replaced.append(f"{prefix}.{name}" if prefix else name)
     return replaced
+
+
+def _torch_twin(module):
+    """The torch.nn module in an rnnfuse module's place: a swapped subclass becomes its
+    own class again."""
+    original = getattr(type(module), "_swapped_class", None)
+    return module.to_torch() if original is None else _moved(module, original)
