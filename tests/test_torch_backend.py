@@ -695,3 +695,91 @@ def _saved(module):
     buf = io.BytesIO()
     torch.save(module, buf)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- cells
+
+def cell_classes(cell):
+    """(torch.nn cell class, rnnfuse cell class, extra constructor arguments)."""
+    if cell == "lstm":
+        return nn.LSTMCell, rt.LSTMCell, {}
+    if cell == "gru":
+        return nn.GRUCell, rt.GRUCell, {}
+    return nn.RNNCell, rt.RNNCell, {"nonlinearity": cell[4:]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("form", ["batched", "unbatched", "no_hx"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_cells_match_torch_nn_outputs_and_gradients(cell, form, bias, dtype):
+    theirs, ours, extra = cell_classes(cell)
+    torch.manual_seed(1)
+    m = theirs(5, 7, bias=bias, dtype=dtype, **extra)
+    o = ours(5, 7, bias=bias, dtype=dtype, **extra)
+    assert isinstance(o, theirs) and list(o.state_dict()) == list(m.state_dict())
+    o.load_state_dict(m.state_dict())
+    shape = (3, 5) if form != "unbatched" else (5,)
+    x = torch.randn(*shape, dtype=dtype)
+    hshape = (3, 7) if form != "unbatched" else (7,)
+    hx = None if form == "no_hx" else tuple(torch.randn(hshape, dtype=dtype)
+                                            for _ in range(2 if cell == "lstm" else 1))
+    results = []
+    for module in (m, o):
+        xi = x.clone().requires_grad_()
+        hi = None if hx is None else tuple(h.clone().requires_grad_() for h in hx)
+        out = module(xi, hi if cell == "lstm" or hi is None else hi[0])
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.manual_seed(2)
+        sum(o_.mul(torch.randn_like(o_)).sum() for o_ in outs).backward()
+        grads = [xi.grad] + ([] if hi is None else [h.grad for h in hi])
+        grads += [p.grad for p in module.parameters()]
+        results.append((outs, grads))
+    for got, want in zip(results[1][0], results[0][0]):
+        close(got, want, dtype, "output")
+    for got, want in zip(results[1][1], results[0][1]):
+        close(got, want, dtype, "gradient")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_cell_gradcheck(cell):
+    _, ours, extra = cell_classes(cell)
+    o = ours(3, 4, dtype=torch.float64, **extra)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, h: o(x, (h, h * 0.5) if cell == "lstm" else h),
+                                    (x, h))
+
+
+def test_cells_refuse_bad_input_with_names():
+    cell = rt.LSTMCell(3, 4)
+    with pytest.raises(ValueError, match=r"input must be 1-D \(input_size\) unbatched or 2-D"):
+        cell(torch.randn(2, 2, 3))
+    with pytest.raises(RuntimeError, match="input_size=3, got 5"):
+        cell(torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match=r"hx\[1\] \(c_0\) must have shape \(2, 4\)"):
+        cell(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(3, 4)))
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+        cell(torch.randn(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu'"):
+        rt.RNNCell(3, 4, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="hidden_size must be >= 1"):
+        rt.GRUCell(3, 0)
+
+
+def test_swap_modules_replaces_cells():
+    torch.manual_seed(6)
+    model = nn.ModuleList([nn.LSTMCell(3, 4), nn.GRUCell(4, 4), nn.RNNCell(4, 2, nonlinearity="relu")])
+    x = torch.randn(5, 3)
+
+    def run():
+        h, _ = model[0](x)
+        return model[2](model[1](h))
+
+    want = run()
+    assert rt.swap_modules(model) == ["0", "1", "2"]
+    assert [type(m) for m in model] == [rt.LSTMCell, rt.GRUCell, rt.RNNCell]
+    assert model[2].nonlinearity == "relu"
+    close(run(), want, torch.float32, "output")
+    assert rt.unswap_modules(model) == ["0", "1", "2"]
+    assert [type(m) for m in model] == [nn.LSTMCell, nn.GRUCell, nn.RNNCell]

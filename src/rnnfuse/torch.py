@@ -53,8 +53,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import functional as F
 from ._checks import check_bool as _check_bool, check_int as _check_int
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMFunction", "GRUFunction", "RNNFunction", "swap_modules",
-           "unswap_modules"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LSTMFunction",
+           "GRUFunction", "RNNFunction", "swap_modules", "unswap_modules"]
 
 
 # ---------------------------------------------------------------- autograd Functions
@@ -238,6 +238,27 @@ def _cast(value, dtype):
     return value.to(dtype) if isinstance(value, torch.Tensor) else value
 
 
+def _check_states(hx, n_states, shape, layout, dtype):
+    """hx as a list of n_states tensors of ``shape``, or of Nones (zeros)."""
+    if hx is None:
+        return [None] * n_states
+    if n_states == 2:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("hx must be a tuple (h_0, c_0) of two tensors for LSTM, got "
+                            f"{type(hx).__name__}")
+        parts, names = hx, ("hx[0] (h_0)", "hx[1] (c_0)")
+    else:
+        parts, names = (hx,), ("hx",)
+    for name, s in zip(names, parts):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
+        _check_tensor(name, s, dtype)
+        if tuple(s.shape) != shape:
+            raise RuntimeError(f"{name} must have shape {shape} = {layout}, "
+                               f"got {tuple(s.shape)}")
+    return list(parts)
+
+
 def _repack(y, lengths, like):
     """y (T, B, D*H), padded and in the caller's batch order, as a PackedSequence laid out
     like ``like`` (its batch_sizes, sorted_indices and unsorted_indices)."""
@@ -247,12 +268,12 @@ def _repack(y, lengths, like):
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
-def _twin(cls, module, extra_args):
+def _twin(cls, module, config):
     """A ``cls`` configured as ``module`` (its torch.nn or rnnfuse counterpart), sharing
-    its parameter objects and its training mode."""
-    w = module.weight_ih_l0
-    kwargs = {k: getattr(module, k) for k in ("num_layers", "bias", "batch_first", "dropout",
-                                              "bidirectional", *extra_args)}
+    its parameter objects and its training mode. config: the constructor's arguments
+    besides the sizes, read from ``module``."""
+    w = next(module.parameters())
+    kwargs = {k: getattr(module, k) for k in config}
     # fork_rng: the twin's own initial draw, replaced below, must not move the global RNG
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # module's constructor already warned about these
@@ -263,37 +284,104 @@ def _twin(cls, module, extra_args):
     return twin.train(module.training)
 
 
-def _check_args(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                bidirectional, device, dtype):
-    """The constructor's arguments checked with rnnfuse's messages (and what rnnfuse cannot
-    run refused) before torch.nn's constructor sees them; returns them normalised."""
-    args = dict(input_size=_check_int("input_size", input_size, 1),
-                hidden_size=_check_int("hidden_size", hidden_size, 1),
-                num_layers=_check_int("num_layers", num_layers, 1),
-                bias=_check_bool("bias", bias), batch_first=_check_bool("batch_first", batch_first),
-                bidirectional=_check_bool("bidirectional", bidirectional))
-    if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
-            or not 0 <= dropout <= 1):
-        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+def _check_sizes(input_size, hidden_size, bias, device, dtype):
+    """What every constructor takes, checked with rnnfuse's messages (and what rnnfuse
+    cannot run refused) before torch.nn's constructor sees it; returned normalised."""
     device = torch.get_default_device() if device is None else torch.device(device)
     if device.type != "cpu":
         raise ValueError(f"device must be the CPU (rnnfuse's kernels run there), got {device}")
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    return dict(args, dropout=float(dropout), device=device, dtype=dtype)
+    return dict(input_size=_check_int("input_size", input_size, 1),
+                hidden_size=_check_int("hidden_size", hidden_size, 1),
+                bias=_check_bool("bias", bias), device=device, dtype=dtype)
 
 
-class _RNNBase:
-    """The forward of torch.nn's recurrent modules on rnnfuse's kernels: stacking,
-    directions, dropout, states and checks for all cells. Mixed in before the torch.nn
-    class (``class LSTM(_RNNBase, torch.nn.LSTM)``), which keeps the parameters, their
-    names and initialisation, ``_flat_weights`` and the rest of torch.nn's interface; a
-    subclass names its autograd Function and its torch.nn twin."""
+def _check_args(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                bidirectional, device, dtype):
+    """_check_sizes and the stacking arguments of LSTM, GRU and RNN."""
+    if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
+            or not 0 <= dropout <= 1):
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    return dict(_check_sizes(input_size, hidden_size, bias, device, dtype),
+                num_layers=_check_int("num_layers", num_layers, 1),
+                batch_first=_check_bool("batch_first", batch_first),
+                bidirectional=_check_bool("bidirectional", bidirectional),
+                dropout=float(dropout))
+
+
+class _Fused:
+    """What rnnfuse's modules share, mixed in before their torch.nn class (which keeps the
+    parameters, their names and initialisation, and the rest of torch.nn's interface): the
+    twins in both directions and the checks of the parameters. A subclass names its
+    autograd Function, its torch.nn twin and its constructor's arguments."""
 
     _function = None       # the cell's autograd Function
     _torch_class = None    # the torch.nn class this one replaces
-    _torch_args = ()       # constructor arguments besides RNNBase's (proj_size, nonlinearity)
+    _config = ()           # the constructor's arguments besides the sizes, device and dtype
+
+    @classmethod
+    def from_torch(cls, module):
+        """The rnnfuse module configured as ``module`` (a ``torch.nn`` module of this
+        kind), *sharing* its parameters: the same ``nn.Parameter`` objects, so both see
+        every update and an optimizer built on ``module.parameters()`` trains the result.
+        (Copy with ``copy.deepcopy(module)`` first for an independent twin.) Its training
+        mode is kept; hooks registered on ``module`` are not.
+
+        Raises TypeError for another class (for subclasses, use ``swap_modules``), and
+        the constructor's errors for what rnnfuse does not support (``proj_size > 0``, a
+        device other than the CPU, a dtype other than float32/float64).
+        """
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__}.from_torch needs a torch.nn."
+                            f"{cls._torch_class.__name__}, got {type(module).__qualname__}")
+        return _twin(cls, module, cls._config)
+
+    def to_torch(self):
+        """The ``torch.nn`` module configured as this one, *sharing* its parameters (the
+        inverse of ``from_torch``): for what runs PyTorch's own operators rather than
+        rnnfuse's kernels, such as ``torch.jit.trace``, ``torch.export`` and
+        ``torch.onnx.export``. Its training mode is kept; hooks are not."""
+        return _twin(self._torch_class, self, self._config)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script compiles Python into TorchScript, which cannot call rnnfuse's
+        # kernels: it scripts the torch.nn twin instead (same parameters, same outputs up
+        # to rounding). torch.jit.script puts what this returns in the model's place.
+        return self.to_torch()
+
+    def forward(self, input, hx=None):
+        """torch.nn's forward, on rnnfuse's kernels (see ``_forward``)."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(_NOT_TRACEABLE.format(name=f"rnnfuse.torch.{type(self).__name__}"))
+        dtype = self._parameters_dtype()
+        out_dtype = _autocast_dtype(input, hx, dtype)
+        if out_dtype is not None:  # computed in the parameters' dtype, returned in input's
+            return _cast(self._forward(_cast(input, dtype), _cast(hx, dtype), dtype), out_dtype)
+        return self._forward(input, hx, dtype)
+
+    def _parameters_dtype(self):
+        """The parameters' dtype, checked again: .to(), .half() or .cuda() can change it."""
+        dtype = next(self.parameters()).dtype
+        for name, p in self.named_parameters():
+            if p.device.type != "cpu":
+                raise RuntimeError(f"{type(self).__name__}'s parameter {name} is on {p.device}, "
+                                   "but rnnfuse runs on the CPU: keep the module there")
+            if p.dtype != dtype or dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{type(self).__name__}'s parameters must all be "
+                                f"torch.float32 or all torch.float64, got {p.dtype} for {name}: "
+                                "rnnfuse computes in those; keep the module in float32 "
+                                "(.float()) and run it under torch.autocast for "
+                                "lower-precision inputs")
+        return dtype
+
+
+class _RNNBase(_Fused):
+    """The forward of torch.nn's LSTM, GRU and RNN on rnnfuse's kernels: stacking,
+    directions, dropout, states and checks (``class LSTM(_RNNBase, torch.nn.LSTM)``)."""
+
+    _config = ("num_layers", "bias", "batch_first", "dropout", "bidirectional")
 
     def _init_torch(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                     bidirectional, device, dtype, **cell_args):
@@ -332,81 +420,19 @@ class _RNNBase:
         w = [getattr(self, n + sfx) for n in names]
         return w if self.bias else w + [None, None]
 
-    @classmethod
-    def from_torch(cls, module):
-        """The rnnfuse module configured as ``module`` (a ``torch.nn`` module of this
-        kind), *sharing* its parameters: the same ``nn.Parameter`` objects, so both see
-        every update and an optimizer built on ``module.parameters()`` trains the result.
-        (Copy with ``copy.deepcopy(module)`` first for an independent twin.) Its training
-        mode is kept; hooks registered on ``module`` are not.
-
-        Raises TypeError for another class (subclasses too: their forward may differ), and
-        the constructor's errors for what rnnfuse does not support (``proj_size > 0``, a
-        device other than the CPU, a dtype other than float32/float64).
-        """
-        if type(module) is not cls._torch_class:
-            raise TypeError(f"{cls.__name__}.from_torch needs a torch.nn."
-                            f"{cls._torch_class.__name__}, got {type(module).__qualname__}")
-        return _twin(cls, module, cls._torch_args)
-
-    def to_torch(self):
-        """The ``torch.nn`` module configured as this one, *sharing* its parameters (the
-        inverse of ``from_torch``): for what runs PyTorch's own operators rather than
-        rnnfuse's kernels, such as ``torch.jit.trace``, ``torch.export`` and
-        ``torch.onnx.export``. Its training mode is kept; hooks are not."""
-        return _twin(self._torch_class, self, self._torch_args)
-
-    def __prepare_scriptable__(self):
-        # torch.jit.script compiles Python into TorchScript, which cannot call rnnfuse's
-        # kernels: it scripts the torch.nn twin instead (same parameters, same outputs up
-        # to rounding). torch.jit.script puts what this returns in the model's place.
-        return self.to_torch()
-
-    # -- forward
-    def _parameters_dtype(self):
-        """The parameters' dtype, checked again: .to(), .half() or .cuda() can change it."""
-        dtype = self.weight_ih_l0.dtype
-        for name, p in self.named_parameters():
-            if p.device.type != "cpu":
-                raise RuntimeError(f"{type(self).__name__}'s parameter {name} is on {p.device}, "
-                                   "but rnnfuse runs on the CPU: keep the module there")
-            if p.dtype != dtype or dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"{type(self).__name__}'s parameters must all be "
-                                f"torch.float32 or all torch.float64, got {p.dtype} for {name}: "
-                                "rnnfuse computes in those; keep the module in float32 "
-                                "(.float()) and run it under torch.autocast for "
-                                "lower-precision inputs")
-        return dtype
 
     def _check_hx(self, hx, batch, batched, dtype):
         """hx as a list of n_states tensors (L*D, B, H), or of Nones (zeros)."""
-        if hx is None:
-            return [None] * self._n_states
-        if self._n_states == 2:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError("hx must be a tuple (h_0, c_0) of two tensors for LSTM, got "
-                                f"{type(hx).__name__}")
-            parts, names = hx, ("hx[0] (h_0)", "hx[1] (c_0)")
-        else:
-            parts, names = (hx,), ("hx",)
         LD, H = self.num_layers * self.num_directions, self.hidden_size
         if batched:
             shape, layout = (LD, batch, H), "(num_layers*num_directions, batch, hidden_size)"
         else:
             shape, layout = (LD, H), ("(num_layers*num_directions, hidden_size) for "
                                       "unbatched 2-D input")
-        states = []
-        for name, s in zip(names, parts):
-            if not isinstance(s, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
-            _check_tensor(name, s, dtype)
-            if tuple(s.shape) != shape:
-                raise RuntimeError(f"{name} must have shape {shape} = {layout}, "
-                                   f"got {tuple(s.shape)}")
-            states.append(s if batched else s.unsqueeze(1))
-        return states
+        states = _check_states(hx, self._function.n_states, shape, layout, dtype)
+        return [s if batched or s is None else s.unsqueeze(1) for s in states]
 
-    def forward(self, input, hx=None):
+    def _forward(self, input, hx, dtype):
         """Run the stack over ``input``, as torch.nn's forward.
 
         ``input``: (T, B, input_size), or (B, T, input_size) if batch_first; (T, input_size)
@@ -419,13 +445,6 @@ class _RNNBase:
         Returns ``output, h_n`` (GRU, RNN) or ``output, (h_n, c_n)`` (LSTM): ``output``
         (T, B, D*hidden_size) ([forward | reverse] halves) in the layout of ``input``.
         """
-        if torch.jit.is_tracing():
-            raise RuntimeError(_NOT_TRACEABLE.format(name=f"rnnfuse.torch.{type(self).__name__}"))
-        dtype = self._parameters_dtype()
-        out_dtype = _autocast_dtype(input, hx, dtype)
-        if out_dtype is not None:  # computed in the parameters' dtype, returned in input's
-            y, state = self.forward(_cast(input, dtype), _cast(hx, dtype))
-            return _cast(y, out_dtype), _cast(state, out_dtype)
         name = type(self).__name__
         if isinstance(input, PackedSequence):
             _check_tensor("input", input.data, dtype)
@@ -489,7 +508,7 @@ class LSTM(_RNNBase, torch.nn.LSTM):
     """
 
     _function, _torch_class = LSTMFunction, torch.nn.LSTM
-    _torch_args = ("proj_size",)
+    _config = _RNNBase._config + ("proj_size",)
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
@@ -532,7 +551,7 @@ class RNN(_RNNBase, torch.nn.RNN):
     """
 
     _function, _torch_class = RNNFunction, torch.nn.RNN
-    _torch_args = ("nonlinearity",)
+    _config = _RNNBase._config + ("nonlinearity",)
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
@@ -546,9 +565,90 @@ class RNN(_RNNBase, torch.nn.RNN):
         return (self.nonlinearity,)
 
 
+# ---------------------------------------------------------------- cells
+
+class _CellBase(_Fused):
+    """The forward of torch.nn's LSTMCell, GRUCell and RNNCell on rnnfuse's kernels: one
+    fused step (``class LSTMCell(_CellBase, torch.nn.LSTMCell)``)."""
+
+    _config = ("bias",)
+
+    def _init_torch(self, input_size, hidden_size, bias, device, dtype, **cell_args):
+        self._torch_class.__init__(self, **_check_sizes(input_size, hidden_size, bias, device,
+                                                        dtype), **cell_args)
+
+    _options = _RNNBase._options
+
+    def _forward(self, input, hx, dtype):
+        """One step, as torch.nn's forward. ``input``: (B, input_size), or (input_size,)
+        unbatched. ``hx``: (B, hidden_size) ((hidden_size,) unbatched), for LSTMCell a tuple
+        (h, c); None for zeros. Returns h' (LSTMCell: (h', c')) in the layout of input."""
+        name = type(self).__name__
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: input must be 1-D (input_size) unbatched or 2-D (batch, "
+                             f"input_size), got {input.dim()}-D with shape {tuple(input.shape)}")
+        _check_tensor("input", input, dtype)
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size="
+                               f"{self.input_size}, got {input.shape[-1]}")
+        batched = input.dim() == 2
+        shape, layout = (((input.shape[0], self.hidden_size), "(batch, hidden_size)") if batched
+                         else ((self.hidden_size,), "(hidden_size) for unbatched 1-D input"))
+        states = _check_states(hx, self._function.n_states, shape, layout, dtype)
+        x = input.reshape(1, -1, self.input_size)  # one time step
+        states = [None if s is None else s.reshape(-1, self.hidden_size) for s in states]
+        bias = [self.bias_ih, self.bias_hh] if self.bias else [None, None]
+        _, *finals = _run(self._function, x, *states, self.weight_ih, self.weight_hh, *bias,
+                          None, False, *self._options)
+        finals = [f if batched else f.view(self.hidden_size) for f in finals]
+        return tuple(finals) if len(finals) == 2 else finals[0]
+
+
+class LSTMCell(_CellBase, torch.nn.LSTMCell):
+    """Drop-in ``torch.nn.LSTMCell`` on the rnnfuse kernels, and a subclass of it:
+    ``LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None)``;
+    ``h, c = cell(input, (h, c))``."""
+
+    _function, _torch_class = LSTMFunction, torch.nn.LSTMCell
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        self._init_torch(input_size, hidden_size, bias, device, dtype)
+
+
+class GRUCell(_CellBase, torch.nn.GRUCell):
+    """Drop-in ``torch.nn.GRUCell`` on the rnnfuse kernels, and a subclass of it:
+    ``GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None)``;
+    ``h = cell(input, h)``."""
+
+    _function, _torch_class = GRUFunction, torch.nn.GRUCell
+    _options = GRU._options
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        self._init_torch(input_size, hidden_size, bias, device, dtype)
+
+
+class RNNCell(_CellBase, torch.nn.RNNCell):
+    """Drop-in ``torch.nn.RNNCell`` on the rnnfuse kernels, and a subclass of it:
+    ``RNNCell(input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
+    dtype=None)``; ``h = cell(input, h)``."""
+
+    _function, _torch_class = RNNFunction, torch.nn.RNNCell
+    _config = _CellBase._config + ("nonlinearity",)
+    _options = RNN._options
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
+                 dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self._init_torch(input_size, hidden_size, bias, device, dtype, nonlinearity=nonlinearity)
+
+
 # ---------------------------------------------------------------- swapping
 
-_TWINS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNN: RNN}
+_TWINS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNN: RNN,
+          torch.nn.LSTMCell: LSTMCell, torch.nn.GRUCell: GRUCell, torch.nn.RNNCell: RNNCell}
 
 
 @functools.cache
@@ -585,7 +685,7 @@ def _rnnfuse_twin(module):
     there is none (an exception)."""
     twin_class = next(t for k, t in _TWINS.items() if isinstance(module, k))
     try:
-        twin = _twin(twin_class, module, twin_class._torch_args)  # refuses what we can't run
+        twin = _twin(twin_class, module, twin_class._config)  # refuses what we can't run
     except (TypeError, ValueError) as e:
         return e
     if type(module) is twin_class._torch_class:
@@ -594,8 +694,8 @@ def _rnnfuse_twin(module):
 
 
 def swap_modules(model):
-    """Replace, in place, every ``torch.nn.LSTM``, ``GRU`` and ``RNN`` inside ``model`` by its
-    rnnfuse twin, which shares the original's parameters: outputs are unchanged up to
+    """Replace, in place, every ``torch.nn.LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell``
+    and ``RNNCell`` inside ``model`` by its rnnfuse twin, which shares the original's parameters: outputs are unchanged up to
     rounding, and an optimizer built before the swap keeps training the model. A module
     reached under several names is replaced by one twin everywhere. A subclass of a
     torch.nn class keeps its own methods and attributes, with rnnfuse's forward beneath
@@ -636,11 +736,11 @@ def swap_modules(model):
 
 
 def _swappable(module):
-    return isinstance(module, tuple(_TWINS)) and not isinstance(module, _RNNBase)
+    return isinstance(module, tuple(_TWINS)) and not isinstance(module, _Fused)
 
 
 def unswap_modules(model):
-    """Undo ``swap_modules``: replace, in place, every rnnfuse.torch LSTM, GRU and RNN inside
+    """Undo ``swap_modules``: replace, in place, every rnnfuse.torch module inside
     ``model`` by its ``torch.nn`` twin (``to_torch``), which shares its parameters. For
     tracing or exporting a model (``torch.jit.trace``, ``torch.export``,
     ``torch.onnx.export``), which record PyTorch's own operators. Returns the qualified
@@ -650,7 +750,7 @@ def unswap_modules(model):
     replaced, twins = [], {}
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, _RNNBase):
+            if isinstance(child, _Fused):
                 if id(child) not in twins:
                     twins[id(child)] = _torch_twin(child)
                 setattr(parent, name, twins[id(child)])
