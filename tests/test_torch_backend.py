@@ -548,10 +548,13 @@ def test_to_torch_shares_parameters_and_gives_the_same_outputs(cell):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_tracing_is_refused_with_the_fix(grad):
+def test_tracing_records_the_operators(grad):
+    # (more in test_torch_ops.py) the trace calls rnnfuse's operator, not a constant
     model = Wrapper(rt.LSTM(3, 4))
-    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=r"to_torch\(\)"):
-        torch.jit.trace(model, (torch.randn(5, 2, 3),))
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(model, (torch.randn(5, 2, 3),))
+    x = torch.randn(7, 3, 3)
+    close(traced(x), model(x), torch.float32, "traced")
 
 
 def test_traced_twin_follows_its_input():
@@ -575,9 +578,22 @@ def test_script_compiles_the_torch_nn_twin():
     assert isinstance(scripted, torch.jit.ScriptModule)
 
 
-def test_export_is_refused_with_the_fix():
-    with pytest.raises(RuntimeError, match=r"to_torch\(\)"):
-        torch.export.export(Wrapper(rt.RNN(3, 4)), (torch.randn(5, 2, 3),))
+def test_export_records_the_operators():
+    # (more in test_torch_ops.py)
+    model = Wrapper(rt.RNN(3, 4))
+    ep = torch.export.export(model, (torch.randn(5, 2, 3),))
+    assert "torch.ops.rnnfuse.rnn" in str(ep.graph_module.code)
+    x = torch.randn(5, 2, 3)
+    close(ep.module()(x), model(x), torch.float32, "exported")
+
+
+def test_functions_refuse_tracers_tensors_with_the_fix():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        x, w_ih, w_hh = (mode.from_tensor(torch.randn(*s)) for s in [(5, 2, 3), (4, 3),
+                                                                     (4, 4)])
+        with pytest.raises(RuntimeError, match=r"torch\.ops\.rnnfuse\.lstm, gru and rnn"):
+            rt.RNNFunction.apply(x, None, w_ih, w_hh, None, None, None, False, "tanh")
 
 
 def test_unswap_modules_undoes_swap_modules():

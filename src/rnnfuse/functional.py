@@ -235,9 +235,10 @@ def _forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, 
 
 
 def _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option,
-                     need_ctx):
+                     need_ctx, workspace=None):
     """A forward with every argument checked, and converted where needed: y, the final
-    states, the workspace, the plan and the x, w_ih, w_hh the kernels read."""
+    states, the workspace, the plan and the x, w_ih, w_hh the kernels read.
+    workspace(n, dtype): the workspace's allocator, if not the thread's spare."""
     dtype = _dtype_of(x)
     x = _check_x(x)
     T, B, I = x.shape
@@ -248,7 +249,8 @@ def _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, 
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     plan = _plan(lengths, T, B, bool(reverse))
 
-    ws = _workspace(_kernels.workspace_size(cell, plan, I, H, bool(need_ctx)), dtype)
+    n = _kernels.workspace_size(cell, plan, I, H, bool(need_ctx))
+    ws = (_workspace if workspace is None else workspace)(n, dtype)
     lstm = cell == "lstm"
     y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
                                    w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option)

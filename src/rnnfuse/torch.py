@@ -30,18 +30,32 @@ off, as in torch.nn (it only turns dropout off). Backward may run again over a g
 with ``retain_graph=True`` (it replays the forward); double backward (``create_graph=True``)
 is refused.
 
-Tracing and exporting (``torch.jit.trace``, ``torch.export``, ``torch.onnx.export``) record
-PyTorch's own operators, which rnnfuse's kernels are not: they are refused with an error
-that names the fix, ``module.to_torch()`` or ``unswap_modules(model)`` (the ``torch.nn``
-twins, sharing the parameters). ``torch.jit.script(model)`` scripts the twins by itself
-and, as it does with any module's ``__prepare_scriptable__``, leaves them in ``model``.
+Under tracing the modules call the same kernels as PyTorch operators instead,
+``torch.ops.rnnfuse.lstm``, ``gru`` and ``rnn`` (with their backward operators and
+autograd formula; see "custom operators" below), which tracers record:
+``torch.compile(model, fullgraph=True)`` compiles them without a graph break,
+``torch.export.export`` exports them with a dynamic sequence length and batch
+(``torch.export.Dim``), ``torch.jit.trace`` records the operator (not its output), and
+``torch.func``'s ``grad`` and ``vmap`` transform them. Eager calls keep the direct path
+above, which costs less per call. Dynamo refuses subclasses of torch.nn's RNNs unless
+``torch._dynamo.config.allow_rnn`` is set; rnnfuse's modules are let in without changing
+that setting (torch.nn's own RNNs still graph-break). ``torch.onnx.export`` is refused
+with an error that names the fix, ``module.to_torch()`` or ``unswap_modules(model)`` (the
+``torch.nn`` twins, sharing the parameters). ``torch.jit.script(model)`` scripts the twins
+by itself and, as it does with any module's ``__prepare_scriptable__``, leaves them in
+``model``.
 
 Importing this module needs PyTorch; ``import rnnfuse`` never imports it.
 """
 import copy
 import functools
+import importlib.abc
+import importlib.util
 import numbers
+import sys
 import warnings
+
+import numpy as np
 
 try:
     import torch
@@ -50,7 +64,7 @@ except ImportError as e:
                       "install it with `pip install torch`") from e
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional as F
+from . import _kernels, functional as F
 from ._checks import check_bool as _check_bool, check_int as _check_int
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LSTMFunction",
@@ -59,14 +73,24 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LSTMFunction
 
 # ---------------------------------------------------------------- autograd Functions
 
-# The kernels run outside PyTorch's dispatcher, so whatever records PyTorch's operators
-# (a trace, an export) cannot see them: it would keep their output as a constant.
+# The Functions run the kernels outside PyTorch's dispatcher, where a tracer cannot see
+# them; the modules switch to the operators (torch.ops.rnnfuse.*) when something traces.
 _NOT_TRACEABLE = (
-    "{name} cannot be traced: torch.jit.trace, torch.export and "
-    "torch.onnx.export record PyTorch's operators, and rnnfuse's kernels are not among "
-    "them (the trace would keep their output as a constant). Trace or export the torch.nn "
-    "twin instead: module.to_torch(), or rnnfuse.torch.unswap_modules(model) for a whole "
-    "model (both share the parameters). torch.jit.script(model) does this by itself.")
+    "{name} runs rnnfuse's kernels outside PyTorch's dispatcher, so a trace cannot record "
+    "them (got a {kind}, not a plain tensor): under torch.compile, torch.export, "
+    "torch.jit.trace or torch.func, call rnnfuse.torch's modules or the operators "
+    "torch.ops.rnnfuse.lstm, gru and rnn, which they record")
+
+# No ONNX translation of the operators yet: the torch.nn twins export with PyTorch's own.
+_NO_ONNX = (
+    "rnnfuse.torch.{name} cannot be exported to ONNX: torch.onnx.export has no translation "
+    "of rnnfuse's operators. Export the torch.nn twin instead: module.to_torch(), or "
+    "rnnfuse.torch.unswap_modules(model) for a whole model (both share the parameters).")
+
+
+_FIRST_ORDER = ("rnnfuse.torch computes first derivatives only: backward with "
+                "create_graph=True (double backward, e.g. a gradient penalty) is not "
+                "supported; use the torch.nn module for that")
 
 
 def _np(t):
@@ -75,15 +99,15 @@ def _np(t):
         return None
     t = t.detach()
     if type(t) is not torch.Tensor:  # a FakeTensor of torch.export, a tensor subclass
-        raise RuntimeError(_NOT_TRACEABLE.format(name="rnnfuse.torch's modules") + f" (got a "
-                           f"{type(t).__name__}, not a plain tensor)")
+        raise RuntimeError(_NOT_TRACEABLE.format(name="rnnfuse.torch's autograd Functions",
+                                                 kind=type(t).__name__))
     return t.contiguous().numpy()
 
 
 def _split(function, args):
     """A Function's arguments as (x, states..., w_ih, w_hh, b_ih, b_hh) and
     (lengths, reverse, options...)."""
-    n = function.n_states + 5
+    n = _N_STATES[function.cell] + 5
     return args[:n], args[n:]
 
 
@@ -112,14 +136,43 @@ def _record(ctx, function, args):
     return (y, *finals)
 
 
-def _run(function, *args):
-    """``function.apply(*args)`` when autograd records this call; otherwise the kernel
-    alone with need_ctx=False, which keeps no workspace for backward."""
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
-                                       for a in args):
+def _recording():
+    """Whether something records operators now rather than only running them:
+    torch.compile or torch.export tracing, torch.jit.trace, a torch.func transform, a
+    TorchDispatchMode (FakeTensorMode, make_fx, ...)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
+def _run(cell, *args):
+    """The call of a module's forward: ``function.apply(*args)`` when autograd records
+    this call; otherwise the kernel alone with need_ctx=False, which keeps no workspace
+    for backward. Under tracing (``_recording``), or for tensor subclasses, the cell's
+    operator (torch.ops.rnnfuse.*) instead: the same kernels, seen by the tracer."""
+    grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                           for a in args)
+    if _recording() or any(type(a) not in (torch.Tensor, torch.nn.Parameter)
+                           for a in args if isinstance(a, torch.Tensor)):
+        # A TorchScript trace runs with or without autograd later: it keeps no workspace
+        # (backward then replays the forward), so that it does not depend on grad mode.
+        return _run_op(cell, args, grad and not torch.jit.is_tracing())
+    function = _FUNCTIONS[cell]
+    if grad:
         return function.apply(*args)
     y, finals, _ = _kernel_forward(function, args, need_ctx=False)
     return (y, *finals)
+
+
+def _run_op(cell, args, train):
+    """A cell's Function's arguments through its operator: (y, finals...)."""
+    n = _N_STATES[cell] + 5
+    tensors, (lengths, reverse, *options) = args[:n], args[n:]
+    if lengths is not None and not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.int64)
+    if torch._C._are_functorch_transforms_active():
+        return _OPS[cell][2].apply(*tensors, lengths, reverse, *options, train)[:-1]
+    return _OPS[cell][0](*tensors, lengths, reverse, *options, train)[:-1]
 
 
 class _CellFunction(torch.autograd.Function):
@@ -133,9 +186,7 @@ class _CellFunction(torch.autograd.Function):
             # create_graph=True. (once_differentiable would hand back constants whenever the
             # incoming gradients do not require grad, so a gradient penalty would silently
             # lose its second-order terms: refuse instead.)
-            raise RuntimeError("rnnfuse.torch computes first derivatives only: backward "
-                               "with create_graph=True (double backward, e.g. a gradient "
-                               "penalty) is not supported; use the torch.nn module for that")
+            raise RuntimeError(_FIRST_ORDER)
         saved = ctx.saved_tensors  # torch refuses here if the graph was freed or an input changed
         kctx, ctx.kernel = ctx.kernel, None
         if kctx is None:
@@ -201,6 +252,260 @@ class RNNFunction(_CellFunction):
                 nonlinearity="tanh"):
         return _record(ctx, RNNFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                           nonlinearity))
+
+
+_FUNCTIONS = {"lstm": LSTMFunction, "gru": GRUFunction, "rnn": RNNFunction}
+_N_STATES = {"lstm": 2, "gru": 1, "rnn": 1}
+
+
+# ---------------------------------------------------------------- custom operators
+
+# The same kernels as PyTorch operators (torch.library), for what records operators rather
+# than running Python: torch.compile (no graph break), torch.export (dynamic T and B),
+# torch.jit.trace, torch.func. Per cell, forward and backward:
+#
+#   y, h_n, c_n, ws = torch.ops.rnnfuse.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
+#                                            reverse, train)
+#   y, h_n, ws = torch.ops.rnnfuse.gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+#                                      linear_before_reset, train)
+#   y, h_n, ws = torch.ops.rnnfuse.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+#                                      nonlinearity, train)
+#   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.rnnfuse.lstm_backward(
+#       dy, dh_n, dc_n, x, w_ih, w_hh, ws, lengths, reverse, has_b_ih, has_b_hh)
+#   dx, dh0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.rnnfuse.gru_backward(
+#       dy, dh_n, x, w_ih, w_hh, ws, lengths, reverse, has_b_ih, has_b_hh,
+#       linear_before_reset)                           (rnn_backward: nonlinearity last)
+#
+# Arguments as rnnfuse.functional's (time-major; None for zero states, absent biases and
+# full lengths; lengths an int64 tensor). ``ws`` is the training workspace that
+# functional's ctx holds, as a 1-D tensor: with train=False it is empty (nothing is kept
+# for backward). Its size without lengths is a fixed formula in T, B, T*B for given
+# (I, H) (_workspace_size); with lengths it depends on their values (an unbacked size
+# under tracing). Backward reads ws and leaves it unchanged (it runs over a copy, which
+# the kernels overwrite), so a graph kept with retain_graph=True runs backward again. The
+# gradient of an absent bias is an empty tensor. Autograd is registered on the forwards:
+# their gradient is the backward operator.
+
+_OPTION = {"lstm": "", "gru": ", bool linear_before_reset", "rnn": ", str nonlinearity"}
+_STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
+
+
+def _schemas(cell):
+    """The forward's and the backward's schema (torch.library's syntax)."""
+    states = _STATE_NAMES[cell]
+    fwd = ("(Tensor x, " + "".join(f"Tensor? {s}0, " for s in states)
+           + "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
+           f"bool reverse{_OPTION[cell]}, bool train) -> ("
+           + ", ".join(["Tensor"] * (len(states) + 2)) + ")")
+    bwd = ("(Tensor? dy, " + "".join(f"Tensor? d{s}_n, " for s in states)
+           + "Tensor x, Tensor w_ih, Tensor w_hh, Tensor ws, Tensor? lengths, bool reverse, "
+           f"bool has_b_ih, bool has_b_hh{_OPTION[cell]}) -> ("
+           + ", ".join(["Tensor"] * (5 + len(states))) + ")")
+    return fwd, bwd
+
+
+def _option(cell, option):
+    """An operator's option as functional's forward takes it (None for the LSTM)."""
+    return () if cell == "lstm" else (option,)
+
+
+@functools.lru_cache(maxsize=None)
+def _workspace_terms(cell, I, H, reverse):
+    """(a, b, c, d) with the training workspace of a call without lengths a + b*T + c*B +
+    d*T*B elements, read from the kernels' own sizes at four small shapes."""
+    n = {(T, B): _kernels.workspace_size(cell, F._full_plan(T, B, reverse), I, H, True)
+         for T in (1, 2) for B in (1, 2)}
+    d = n[2, 2] - n[2, 1] - n[1, 2] + n[1, 1]
+    b, c = n[2, 1] - n[1, 1] - d, n[1, 2] - n[1, 1] - d
+    return n[1, 1] - b - c - d, b, c, d
+
+
+def _workspace_size(cell, T, B, I, H, reverse):
+    """The training workspace's elements without lengths (T and B may be symbolic; I and
+    H are made concrete: the packed weights' size rounds them)."""
+    a, b, c, d = _workspace_terms(cell, int(I), int(H), bool(reverse))
+    return a + b * T + c * B + d * T * B
+
+
+def _kernel_option(cell, option=None):
+    """The option as functional's ctx keeps it: None (LSTM), linear_before_reset (GRU),
+    relu (RNN)."""
+    return None if cell == "lstm" else bool(option) if cell == "gru" else option == "relu"
+
+
+@functools.lru_cache(maxsize=None)
+def _pack_size(cell, I, H):
+    """Elements of the packed weights, the training workspace's last part."""
+    G = F._GATES[cell]
+    return _kernels.pack_weights(np.zeros((G * H, I)), np.zeros((G * H, H)), G, True).size
+
+
+def _lengths_np(lengths):
+    return None if lengths is None else lengths.detach().numpy()
+
+
+def _define_ops(cell):
+    """Define torch.ops.rnnfuse.<cell> and <cell>_backward, their fake (shape) functions
+    and the forward's autograd formula."""
+    n = len(_STATE_NAMES[cell])
+    G = F._GATES[cell]
+    fwd_schema, bwd_schema = _schemas(cell)
+
+    def split(args):  # forward's args: x, states, weights, lengths, reverse, option, train
+        x, states = args[0], args[1:1 + n]
+        w_ih, w_hh, b_ih, b_hh, lengths, reverse = args[1 + n:7 + n]
+        option = args[7 + n] if cell != "lstm" else None
+        return x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, args[-1]
+
+    def forward(*args):
+        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = split(args)
+        arrays = (_np(x), [_np(s) for s in states], _np(w_ih), _np(w_hh), _np(b_ih),
+                  _np(b_hh), _lengths_np(lengths), reverse)
+        if not train:
+            y, finals, _ = F._forward(cell, *arrays, _kernel_option(cell, option), False)
+            ws = x.new_empty(0)
+        else:
+            ws = []
+
+            def workspace(size, dtype):  # the workspace, as a tensor returned with y
+                # What the kernels leave unwritten is zeroed, not memory's garbage (an
+                # operator's outputs are a function of its inputs): the summed bias
+                # without biases, the packed weights' padding, with lengths the steps'
+                # scratch of empty rows.
+                w = x.new_empty(size)
+                if lengths is not None:
+                    w.zero_()
+                else:
+                    w[:w_hh.shape[0]].zero_()  # G*H
+                    w[size - _pack_size(cell, x.shape[2], w_hh.shape[1]):].zero_()
+                ws.append(w)
+                return w.numpy()
+
+            y, finals = F._checked_forward(cell, *arrays, _kernel_option(cell, option),
+                                           True, workspace)[:2]
+            ws = ws[0]
+        return (torch.from_numpy(y), *(torch.from_numpy(f) for f in finals), ws)
+
+    def forward_fake(*args):
+        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = split(args)
+        T, B, I = x.shape
+        H = w_hh.shape[1]
+        if not train:
+            ws = x.new_empty(0)
+        elif lengths is None:
+            ws = x.new_empty(_workspace_size(cell, T, B, I, H, reverse))
+        else:  # the rows that take part, and so the size, depend on the lengths' values
+            ws = x.new_empty(torch.library.get_ctx().new_dynamic_size())
+        return (x.new_empty(T, B, H), *(x.new_empty(B, H) for _ in range(n)), ws)
+
+    def backward(*args):
+        douts, (x, w_ih, w_hh, ws, lengths, reverse, has_ih, has_hh, *option) = \
+            args[:1 + n], args[1 + n:]
+        xn = x.detach().contiguous().numpy()
+        T, B, I = xn.shape
+        H = w_hh.shape[1]
+        ctx = F.Context()
+        ctx.cell, ctx.dtype, ctx.plan = cell, xn.dtype, F._plan(_lengths_np(lengths), T, B,
+                                                                bool(reverse))
+        wsn = ws.detach().numpy()
+        ctx.ws = F._workspace(wsn.size, wsn.dtype)  # a copy: the kernels overwrite it
+        ctx.ws[...] = wsn
+        ctx.x, ctx.w_ih, ctx.w_hh = xn, _np(w_ih), _np(w_hh)
+        ctx.has_bias = (bool(has_ih), bool(has_hh))
+        ctx.option = _kernel_option(cell, *option)
+        ctx.input_size, ctx.hidden_size = I, H
+        grads = getattr(F, cell + "_backward")(*map(_np, douts), ctx)
+        return tuple(x.new_empty(0) if g is None else torch.from_numpy(g) for g in grads)
+
+    def backward_fake(*args):
+        x, w_ih, w_hh, ws, lengths, reverse, has_ih, has_hh = args[1 + n:9 + n]
+        T, B, I = x.shape
+        H = w_hh.shape[1]
+        return (x.new_empty(T, B, I), *(x.new_empty(B, H) for _ in range(n)),
+                x.new_empty(G * H, I), x.new_empty(G * H, H),
+                x.new_empty(G * H if has_ih else 0), x.new_empty(G * H if has_hh else 0))
+
+    fwd_op = torch.library.custom_op(f"rnnfuse::{cell}", forward, mutates_args=(),
+                                     schema=fwd_schema)
+    bwd_op = torch.library.custom_op(f"rnnfuse::{cell}_backward", backward, mutates_args=(),
+                                     schema=bwd_schema)
+    fwd_op.register_fake(forward_fake)
+    bwd_op.register_fake(backward_fake)
+
+    def save(ctx, inputs, output):
+        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = split(inputs)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[:7 + n - 1], output[-1])  # tensors, ws
+        ctx.reverse, ctx.option, ctx.train = reverse, option, train
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+
+    def gradient(ctx, *grads):
+        *saved, ws = ctx.saved_tensors
+        x, states, w_ih, w_hh, b_ih, b_hh, lengths = (saved[0], saved[1:1 + n],
+                                                      *saved[1 + n:])
+        opt = _option(cell, ctx.option)
+        if torch.is_grad_enabled() and not _recording():
+            raise RuntimeError(_FIRST_ORDER)
+        with torch.no_grad():  # torch.func's grad runs backward with create_graph=True
+            if not ctx.train:  # the forward kept nothing (it ran without autograd): replay
+                ws = fwd_op(x, *states, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, *opt,
+                            True)[-1]
+            out = bwd_op(*grads[:1 + n], x, w_ih, w_hh, ws, lengths, ctx.reverse,
+                         *ctx.has_bias, *opt)
+        dx, dstates, dw_ih, dw_hh, db_ih, db_hh = (out[0], out[1:1 + n], *out[1 + n:])
+        return (dx, *(d if s is not None else None for d, s in zip(dstates, states)),
+                dw_ih, dw_hh, db_ih if b_ih is not None else None,
+                db_hh if b_hh is not None else None, None, None, *(None,) * len(opt), None)
+
+    fwd_op.register_autograd(gradient, setup_context=save)
+
+    class OpFunction(torch.autograd.Function):
+        """The forward operator as an autograd Function with setup_context, which
+        torch.func's transforms take (they do not take an operator's registered
+        autograd): the same formula, and a batching rule for vmap."""
+
+        @staticmethod
+        def forward(*args):
+            return fwd_op(*args)
+
+        setup_context = staticmethod(save)
+        backward = staticmethod(gradient)
+
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            # Examples that share the weights are one call over a batch of N*B rows;
+            # examples with weights of their own, one call each.
+            N = info.batch_size
+            x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = split(args)
+            dims = split(in_dims)
+            if any(d is not None for d in dims[2:6]):
+                outs = [OpFunction.apply(*(a if d is None else a.select(d, k)
+                                           for a, d in zip(args, in_dims)))
+                        for k in range(N)]
+                *outs, ws = zip(*outs)
+                return ((*(torch.stack(o) for o in outs), torch.cat(ws)),
+                        (0,) * len(outs) + (None,))
+
+            def rows(a, d, at):  # a's example dim d next to its batch dim (at), merged
+                if a is None:
+                    return None
+                a = a.unsqueeze(at).expand(*a.shape[:at], N, *a.shape[at:]) if d is None \
+                    else a.movedim(d, at)
+                return a.reshape(*a.shape[:at], -1, *a.shape[at + 2:])
+
+            x1 = rows(x, dims[0], 1)
+            T, NB = x1.shape[:2]
+            out = OpFunction.apply(x1, *(rows(s, d, 0) for s, d in zip(states, dims[1])),
+                                   w_ih, w_hh, b_ih, b_hh, rows(lengths, dims[6], 0),
+                                   *args[6 + n:])
+            y, *finals, ws = out
+            return ((y.reshape(T, N, NB // N, -1), *(f.reshape(N, NB // N, -1) for f in finals),
+                     ws), (1,) + (0,) * len(finals) + (None,))
+
+    return fwd_op, bwd_op, OpFunction
+
+
+_OPS = {cell: _define_ops(cell) for cell in ("lstm", "gru", "rnn")}
 
 
 # ---------------------------------------------------------------- modules
@@ -318,6 +623,7 @@ class _Fused:
     autograd Function, its torch.nn twin and its constructor's arguments."""
 
     _function = None       # the cell's autograd Function
+    _cell, _n_states = None, 1  # its name in rnnfuse.functional, and its states
     _torch_class = None    # the torch.nn class this one replaces
     _config = ()           # the constructor's arguments besides the sizes, device and dtype
 
@@ -353,8 +659,8 @@ class _Fused:
 
     def forward(self, input, hx=None):
         """torch.nn's forward, on rnnfuse's kernels (see ``_forward``)."""
-        if torch.jit.is_tracing():
-            raise RuntimeError(_NOT_TRACEABLE.format(name=f"rnnfuse.torch.{type(self).__name__}"))
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError(_NO_ONNX.format(name=type(self).__name__))
         dtype = self._parameters_dtype()
         out_dtype = _autocast_dtype(input, hx, dtype)
         if out_dtype is not None:  # computed in the parameters' dtype, returned in input's
@@ -400,9 +706,6 @@ class _RNNBase(_Fused):
     def num_directions(self):
         return 2 if self.bidirectional else 1
 
-    @property
-    def _n_states(self):
-        return self._function.n_states
 
     @property
     def _options(self):
@@ -429,7 +732,7 @@ class _RNNBase(_Fused):
         else:
             shape, layout = (LD, H), ("(num_layers*num_directions, hidden_size) for "
                                       "unbatched 2-D input")
-        states = _check_states(hx, self._function.n_states, shape, layout, dtype)
+        states = _check_states(hx, self._n_states, shape, layout, dtype)
         return [s if batched or s is None else s.unsqueeze(1) for s in states]
 
     def _forward(self, input, hx, dtype):
@@ -487,7 +790,7 @@ class _RNNBase(_Fused):
             ys = []
             for d in range(D):
                 s0 = [None if s is None else s[layer * D + d] for s in states]
-                y, *fin = _run(self._function, inp, *s0, *self._weights(layer, d), lengths,
+                y, *fin = _run(self._cell, inp, *s0, *self._weights(layer, d), lengths,
                                d == 1, *self._options)
                 ys.append(y)
                 for acc, f in zip(finals, fin):
@@ -508,6 +811,7 @@ class LSTM(_RNNBase, torch.nn.LSTM):
     """
 
     _function, _torch_class = LSTMFunction, torch.nn.LSTM
+    _cell, _n_states = "lstm", 2
     _config = _RNNBase._config + ("proj_size",)
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
@@ -530,6 +834,7 @@ class GRU(_RNNBase, torch.nn.GRU):
     """
 
     _function, _torch_class = GRUFunction, torch.nn.GRU
+    _cell, _n_states = "gru", 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None):
@@ -551,6 +856,7 @@ class RNN(_RNNBase, torch.nn.RNN):
     """
 
     _function, _torch_class = RNNFunction, torch.nn.RNN
+    _cell, _n_states = "rnn", 1
     _config = _RNNBase._config + ("nonlinearity",)
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
@@ -596,11 +902,11 @@ class _CellBase(_Fused):
         batched = input.dim() == 2
         shape, layout = (((input.shape[0], self.hidden_size), "(batch, hidden_size)") if batched
                          else ((self.hidden_size,), "(hidden_size) for unbatched 1-D input"))
-        states = _check_states(hx, self._function.n_states, shape, layout, dtype)
+        states = _check_states(hx, self._n_states, shape, layout, dtype)
         x = input.reshape(1, -1, self.input_size)  # one time step
         states = [None if s is None else s.reshape(-1, self.hidden_size) for s in states]
         bias = [self.bias_ih, self.bias_hh] if self.bias else [None, None]
-        _, *finals = _run(self._function, x, *states, self.weight_ih, self.weight_hh, *bias,
+        _, *finals = _run(self._cell, x, *states, self.weight_ih, self.weight_hh, *bias,
                           None, False, *self._options)
         finals = [f if batched else f.view(self.hidden_size) for f in finals]
         return tuple(finals) if len(finals) == 2 else finals[0]
@@ -612,6 +918,7 @@ class LSTMCell(_CellBase, torch.nn.LSTMCell):
     ``h, c = cell(input, (h, c))``."""
 
     _function, _torch_class = LSTMFunction, torch.nn.LSTMCell
+    _cell, _n_states = "lstm", 2
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
         self._init_torch(input_size, hidden_size, bias, device, dtype)
@@ -623,6 +930,7 @@ class GRUCell(_CellBase, torch.nn.GRUCell):
     ``h = cell(input, h)``."""
 
     _function, _torch_class = GRUFunction, torch.nn.GRUCell
+    _cell, _n_states = "gru", 1
     _options = GRU._options
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
@@ -635,6 +943,7 @@ class RNNCell(_CellBase, torch.nn.RNNCell):
     dtype=None)``; ``h = cell(input, h)``."""
 
     _function, _torch_class = RNNFunction, torch.nn.RNNCell
+    _cell, _n_states = "rnn", 1
     _config = _CellBase._config + ("nonlinearity",)
     _options = RNN._options
 
@@ -643,6 +952,72 @@ class RNNCell(_CellBase, torch.nn.RNNCell):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self._init_torch(input_size, hidden_size, bias, device, dtype, nonlinearity=nonlinearity)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+# Dynamo refuses every instance of torch.nn.RNN, GRU and LSTM (a graph break, an error with
+# fullgraph=True) unless torch._dynamo.config.allow_rnn is set, and rnnfuse's modules are
+# such instances. Setting allow_rnn for the whole process would make Dynamo trace
+# torch.nn's own RNNs too, which Inductor then fails to run on the CPU; so it is set only
+# while Dynamo takes in one of rnnfuse's modules, whose forward traces into the operators
+# above. Dynamo is imported lazily (it takes a second or so), so this is installed when
+# its module is first imported.
+
+_DYNAMO_BUILDER = "torch._dynamo.variables.builder"
+
+
+def _allow_rnnfuse_modules(builder):
+    """Let Dynamo's VariableBuilder take rnnfuse's modules (as with allow_rnn). Where this
+    PyTorch lays Dynamo out otherwise, nothing changes (the modules then run eagerly
+    between compiled graphs)."""
+    cls = getattr(builder, "VariableBuilder", None)
+    wrap = getattr(cls, "wrap_module", None)
+    config = getattr(sys.modules.get("torch._dynamo"), "config", None)
+    if wrap is None or config is None or getattr(wrap, "_rnnfuse", False):
+        return
+
+    @functools.wraps(wrap)
+    def wrap_module(self, value):
+        if isinstance(value, _Fused) and not config.allow_rnn:
+            with config.patch(allow_rnn=True):
+                return wrap(self, value)
+        return wrap(self, value)
+
+    wrap_module._rnnfuse = True
+    cls.wrap_module = wrap_module
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``then(module)`` once the module ``name`` has been imported (one time)."""
+
+    def __init__(self, name, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def run(module):
+            exec_module(module)
+            try:
+                self.then(module)
+            except Exception:  # never break Dynamo's import: without it, a graph break
+                pass
+
+        spec.loader.exec_module = run
+        return spec
+
+
+if _DYNAMO_BUILDER in sys.modules:
+    _allow_rnnfuse_modules(sys.modules[_DYNAMO_BUILDER])
+else:
+    sys.meta_path.insert(0, _AfterImport(_DYNAMO_BUILDER, _allow_rnnfuse_modules))
 
 
 # ---------------------------------------------------------------- swapping

@@ -1,0 +1,313 @@
+"""rnnfuse.torch's operators (torch.ops.rnnfuse.*) and what records them: torch.library's
+opcheck, torch.compile with fullgraph=True, torch.export with a dynamic length and batch,
+torch.jit.trace and torch.func. Skipped cleanly when PyTorch is not installed.
+"""
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import rnnfuse.torch as rt  # noqa: E402
+from rnnfuse import _kernels, functional as F  # noqa: E402
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+STATES = {"lstm": 2, "gru": 1, "rnn": 1}
+OPTIONS = {"lstm": [()], "gru": [(True,), (False,)], "rnn": [("tanh",), ("relu",)]}
+CASES = [(cell, opt) for cell in GATES for opt in OPTIONS[cell]]
+MODULES = {"lstm": (nn.LSTM, rt.LSTM, {}), "gru": (nn.GRU, rt.GRU, {}),
+           "rnn_relu": (nn.RNN, rt.RNN, {"nonlinearity": "relu"})}
+CELLS = {"lstm": (nn.LSTMCell, rt.LSTMCell), "gru": (nn.GRUCell, rt.GRUCell),
+         "rnn": (nn.RNNCell, rt.RNNCell)}
+
+
+def close(got, want, what="", dtype=torch.float32):
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10,
+                                                                          atol=1e-12)
+    torch.testing.assert_close(got, want, msg=lambda m: f"{what}: {m}", **tol)
+
+
+def op_args(cell, option, lengths, train, bias=True, states=True, T=5, B=3, I=4, H=6,
+            reverse=True, seed=0):
+    """Random float64 arguments of torch.ops.rnnfuse.<cell>, inputs requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    G = GATES[cell]
+    s = [leaf(B, H) if states else None for _ in range(STATES[cell])]
+    b = [leaf(G * H), leaf(G * H)] if bias else [None, None]
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int64)
+    return (leaf(T, B, I), *s, leaf(G * H, I), leaf(G * H, H), *b, lens, reverse, *option,
+            train)
+
+
+# ---------------------------------------------------------------- the operators
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("lengths", [None, [5, 0, 3]])
+@pytest.mark.parametrize("cell,option", CASES)
+def test_opcheck_forward(cell, option, lengths, train):
+    # schema, autograd registration, fake (shape) function against the kernels, and
+    # AOTAutograd with dynamic shapes (forward and backward)
+    op = getattr(torch.ops.rnnfuse, cell)
+    torch.library.opcheck(op, op_args(cell, option, lengths, train))
+    torch.library.opcheck(op, op_args(cell, option, lengths, train, bias=False,
+                                      states=False, reverse=False, seed=1))
+
+
+@pytest.mark.parametrize("lengths", [None, [2, 5, 0]])
+@pytest.mark.parametrize("cell,option", CASES)
+def test_opcheck_backward(cell, option, lengths):
+    args = op_args(cell, option, lengths, True)
+    n = STATES[cell]
+    with torch.no_grad():
+        *outs, ws = getattr(torch.ops.rnnfuse, cell)(*args)
+    g = torch.Generator().manual_seed(2)
+    douts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    x, w_ih, w_hh = args[0].detach(), args[1 + n].detach(), args[2 + n].detach()
+    bwd = getattr(torch.ops.rnnfuse, cell + "_backward")
+    lens = args[5 + n]
+    torch.library.opcheck(bwd, (*douts, x, w_ih, w_hh, ws, lens, True, True, True,
+                                *option))
+    douts[0] = None  # only the final state's gradient
+    torch.library.opcheck(bwd, (*douts, x, w_ih, w_hh, ws, lens, True, False, True,
+                                *option))
+
+
+@pytest.mark.parametrize("cell,option", CASES)
+def test_operators_give_functionals_outputs_and_gradients(cell, option):
+    args = op_args(cell, option, [5, 1, 3], True)
+    n = STATES[cell]
+    *outs, ws = getattr(torch.ops.rnnfuse, cell)(*args)
+    arrays = [a.detach().numpy() if isinstance(a, torch.Tensor) else a for a in args[:-1]]
+    want = getattr(F, cell + "_forward")(*arrays)
+    for got, w in zip(outs, want[:-1]):
+        close(got, torch.from_numpy(w), "output", torch.float64)
+    g = torch.Generator().manual_seed(3)
+    douts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, [a for a in args[:5 + n]], douts, retain_graph=True)
+    want_grads = getattr(F, cell + "_backward")(*(d.numpy() for d in douts), want[-1])
+    for got, w in zip(grads, want_grads):
+        close(got, torch.from_numpy(w), "gradient", torch.float64)
+    # backward leaves ws as it was: a graph kept with retain_graph runs backward again
+    again = torch.autograd.grad(outs, [a for a in args[:5 + n]], douts)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_workspace_size_formula_matches_the_kernels(cell, reverse):
+    rng = torch.Generator().manual_seed(4)
+    for _ in range(6):
+        T, B, I, H = (int(v) for v in torch.randint(1, 40, (4,), generator=rng))
+        want = _kernels.workspace_size(cell, F._full_plan(T, B, reverse), I, H, True)
+        assert rt._workspace_size(cell, T, B, I, H, reverse) == want, (T, B, I, H)
+
+
+def test_operators_check_their_arguments_with_functionals_messages():
+    args = list(op_args("lstm", (), None, False))
+    args[3] = args[3][:, :2]  # w_ih of the wrong input size
+    with pytest.raises(ValueError, match=r"w_ih must have shape \(24, 4\)"):
+        torch.ops.rnnfuse.lstm(*args)
+    args = list(op_args("gru", (True,), [5, 6, 1], False))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=5\]"):
+        torch.ops.rnnfuse.gru(*args)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo's caches per test: each test compiles new modules with the same forward,
+    which would otherwise count toward Dynamo's recompile limit."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _step(model, x, hx=None):
+    """A training step's outputs and gradients (inputs and parameters)."""
+    x = x.detach().requires_grad_()
+    out = model(x) if hx is None else model(x, hx)
+    y = out[0] if isinstance(out, tuple) else out
+    loss = (y ** 2).sum() + sum((s ** 2).sum() for s in _finals(out))
+    params = [p for p in model.parameters()]
+    return y.detach(), torch.autograd.grad(loss, [x, *params])
+
+
+def _finals(out):
+    if not isinstance(out, tuple):
+        return []
+    rest = out[1]
+    return list(rest) if isinstance(rest, tuple) else [rest]
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_compile_fullgraph_gives_eagers_outputs_and_gradients(kind):
+    _, ours, extra = MODULES[kind]
+    torch.manual_seed(5)
+    m = ours(3, 5, num_layers=2, bidirectional=True, batch_first=True, **extra)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for T, B in [(6, 2), (4, 3)]:  # the second shape recompiles with dynamic shapes
+        x = torch.randn(B, T, 3)
+        y, grads = _step(compiled, x)
+        y0, grads0 = _step(m, x)
+        close(y, y0, "output")
+        for a, b in zip(grads, grads0):
+            close(a, b, "gradient")
+        with torch.no_grad():
+            close(compiled(x)[0], y0, "output without autograd")
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_compile_fullgraph_runs_the_cells(cell):
+    _, ours = CELLS[cell]
+    torch.manual_seed(6)
+    c = ours(3, 4)
+    compiled = torch.compile(c, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3)
+    h = (torch.randn(2, 4), torch.randn(2, 4)) if cell == "lstm" else torch.randn(2, 4)
+    got, want = compiled(x, h), c(x, h)
+    for a, b in zip(_finals((None, got)), _finals((None, want))):
+        close(a, b, "state")
+
+
+def test_compile_with_inductor_trains_a_model_like_eager():
+    torch.manual_seed(7)
+    model = nn.Sequential(rt.LSTM(4, 8, num_layers=2))
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(7, 3, 4)
+    y, grads = _step(compiled, x)
+    y0, grads0 = _step(model, x)
+    close(y, y0, "output")
+    for a, b in zip(grads, grads0):
+        close(a, b, "gradient")
+
+
+def test_compile_leaves_dynamos_rnn_setting_and_torch_nn_alone():
+    # Dynamo takes rnnfuse's modules, not torch.nn's (allow_rnn stays as it was)
+    import torch._dynamo
+    assert not torch._dynamo.config.allow_rnn
+    with pytest.raises(Exception, match="RNN, GRU, or LSTM"):
+        torch.compile(nn.GRU(3, 4), fullgraph=True, backend="eager")(torch.randn(5, 2, 3))
+    assert not torch._dynamo.config.allow_rnn
+
+
+# ---------------------------------------------------------------- torch.export
+
+class Wrapper(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, h):
+        y, state = self.rnn(x, h)
+        return y, state
+
+
+def _state(kind, L, B, H):
+    h = torch.randn(L, B, H)
+    return (h, torch.randn(L, B, H)) if kind == "lstm" else h
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_export_with_dynamic_length_and_batch_follows_new_shapes(kind, grad):
+    from torch.export import Dim
+    _, ours, extra = MODULES[kind]
+    torch.manual_seed(8)
+    model = Wrapper(ours(3, 5, num_layers=2, bidirectional=True, **extra)).eval()
+    T, B = Dim("T", min=1, max=4096), Dim("B", min=1, max=4096)
+    h_dims = ({1: B}, {1: B}) if kind == "lstm" else {1: B}
+    with torch.set_grad_enabled(grad):
+        ep = torch.export.export(model, (torch.randn(6, 2, 3), _state(kind, 4, 2, 5)),
+                                 dynamic_shapes={"x": {0: T, 1: B}, "h": h_dims})
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert getattr(torch.ops.rnnfuse, kind[:4].rstrip("_")).default in targets
+    for t, b in [(9, 5), (1, 1)]:
+        x, h = torch.randn(t, b, 3), _state(kind, 4, b, 5)
+        with torch.no_grad():
+            got, want = ep.module()(x, h), model(x, h)
+        close(got[0], want[0], "output")
+        for a, w in zip(_finals(got), _finals(want)):
+            close(a, w, "state")
+
+
+def test_exported_program_trains():
+    # an exported program with autograd kept (the operators' gradient formula)
+    from torch.export import Dim
+    torch.manual_seed(9)
+    model = Wrapper(rt.GRU(3, 4, num_layers=2))
+    ep = torch.export.export(model, (torch.randn(6, 2, 3), torch.randn(2, 2, 4)),
+                             dynamic_shapes={"x": {0: Dim("T"), 1: Dim("B")},
+                                             "h": {1: Dim("B")}})
+    x, h = torch.randn(8, 3, 3), torch.randn(2, 3, 4)
+    exported = ep.module()
+    xg = x.clone().requires_grad_()
+    exported(xg, h)[0].pow(2).sum().backward()
+    xw = x.clone().requires_grad_()
+    model(xw, h)[0].pow(2).sum().backward()
+    close(xg.grad, xw.grad, "input gradient")
+
+
+# ---------------------------------------------------------------- torch.jit.trace
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_trace_records_the_operator_and_follows_new_inputs(kind):
+    _, ours, extra = MODULES[kind]
+    torch.manual_seed(10)
+    model = Wrapper(ours(3, 5, num_layers=2, bidirectional=True, **extra))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (torch.randn(5, 2, 3), _state(kind, 4, 2, 5)))
+    assert f"rnnfuse::{kind[:4].rstrip('_')}" in str(traced.inlined_graph)
+    x, h = torch.randn(8, 3, 3), _state(kind, 4, 3, 5)  # another length and batch
+    with torch.no_grad():
+        got, want = traced(x, h), model(x, h)
+    close(got[0], want[0], "output")
+    for a, w in zip(_finals(got), _finals(want)):
+        close(a, w, "state")
+    # the trace keeps autograd: gradients as the module's (backward replays the forward)
+    xg, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
+    traced(xg, h)[0].pow(2).sum().backward()
+    model(xw, h)[0].pow(2).sum().backward()
+    close(xg.grad, xw.grad, "input gradient")
+
+
+# ---------------------------------------------------------------- torch.func
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_func_grad_matches_autograd(kind):
+    from torch.func import functional_call, grad
+    _, ours, extra = MODULES[kind]
+    torch.manual_seed(11)
+    m = ours(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def loss(params, x):
+        return (functional_call(m, params, (x,))[0] ** 2).sum()
+
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    got = grad(loss, argnums=(0, 1))(params, x)
+    xw = x.clone().requires_grad_()
+    want = torch.autograd.grad(loss(dict(m.named_parameters()), xw), [xw, *m.parameters()])
+    close(got[1], want[0], "input gradient", torch.float64)
+    for (name, _), w in zip(m.named_parameters(), want[1:]):
+        close(got[0][name], w, name, torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_vmap_over_examples(kind):
+    from torch.func import functional_call, stack_module_state, vmap
+    _, ours, extra = MODULES[kind]
+    torch.manual_seed(12)
+    m = ours(3, 4, bidirectional=True, **extra)
+    xs = torch.randn(3, 5, 2, 3)
+    with torch.no_grad():
+        got = vmap(lambda x: m(x)[0])(xs)  # shared weights: one call over 3*2 rows
+        close(got, torch.stack([m(x)[0] for x in xs]), "shared weights")
+        models = [ours(3, 4, bidirectional=True, **extra) for _ in range(3)]
+        params, buffers = stack_module_state(models)
+        got = vmap(lambda p, x: functional_call(m, p, (x,))[0])(params, xs)
+        close(got, torch.stack([mm(x)[0] for mm, x in zip(models, xs)]), "own weights")
