@@ -65,14 +65,13 @@ def test_opcheck_backward(cell, option, lengths):
         *outs, ws = getattr(torch.ops.rnnfuse, cell)(*args)
     g = torch.Generator().manual_seed(2)
     douts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
-    x, w_ih, w_hh = args[0].detach(), args[1 + n].detach(), args[2 + n].detach()
+    inputs = [a.detach() for a in args[:5 + n]]
     bwd = getattr(torch.ops.rnnfuse, cell + "_backward")
     lens = args[5 + n]
-    torch.library.opcheck(bwd, (*douts, x, w_ih, w_hh, ws, lens, True, True, True,
-                                *option))
+    torch.library.opcheck(bwd, (*douts, *inputs, ws, lens, True, *option))
     douts[0] = None  # only the final state's gradient
-    torch.library.opcheck(bwd, (*douts, x, w_ih, w_hh, ws, lens, True, False, True,
-                                *option))
+    inputs[3 + n] = None  # no b_ih
+    torch.library.opcheck(bwd, (*douts, *inputs, ws, lens, True, *option))
 
 
 @pytest.mark.parametrize("cell,option", CASES)

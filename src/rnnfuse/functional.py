@@ -257,7 +257,9 @@ def _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, 
     return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh
 
 
-def _backward(cell, dy, finals, ctx):
+def _backward(cell, dy, finals, ctx, keep_spare=True):
+    """keep_spare=False: ctx.ws is not this module's to keep (rnnfuse.torch's operators
+    hand in a tensor's memory)."""
     if not isinstance(ctx, Context) or not hasattr(ctx, "ws"):
         raise TypeError(f"ctx must be the ctx returned by rnnfuse.functional.{cell}_forward, "
                         f"got {type(ctx).__name__}")
@@ -274,7 +276,8 @@ def _backward(cell, dy, finals, ctx):
             dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
         out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, ws = out
-    _keep_spare(ws)
+    if keep_spare:
+        _keep_spare(ws)
     if lstm:
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh

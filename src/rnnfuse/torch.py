@@ -172,6 +172,9 @@ def _run_op(cell, args, train):
         lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.int64)
     if torch._C._are_functorch_transforms_active():
         return _OPS[cell][2].apply(*tensors, lengths, reverse, *options, train)[:-1]
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        # (an exported program keeps the operator itself, with its registered autograd)
+        return _OPS[cell][3].apply(*tensors, lengths, reverse, *options, train)[:-1]
     return _OPS[cell][0](*tensors, lengths, reverse, *options, train)[:-1]
 
 
@@ -271,20 +274,22 @@ _N_STATES = {"lstm": 2, "gru": 1, "rnn": 1}
 #   y, h_n, ws = torch.ops.rnnfuse.rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
 #                                      nonlinearity, train)
 #   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.rnnfuse.lstm_backward(
-#       dy, dh_n, dc_n, x, w_ih, w_hh, ws, lengths, reverse, has_b_ih, has_b_hh)
+#       dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse)
 #   dx, dh0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.rnnfuse.gru_backward(
-#       dy, dh_n, x, w_ih, w_hh, ws, lengths, reverse, has_b_ih, has_b_hh,
-#       linear_before_reset)                           (rnn_backward: nonlinearity last)
+#       dy, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, linear_before_reset)
+#                                                  (rnn_backward: nonlinearity last)
 #
 # Arguments as rnnfuse.functional's (time-major; None for zero states, absent biases and
-# full lengths; lengths an int64 tensor). ``ws`` is the training workspace that
-# functional's ctx holds, as a 1-D tensor: with train=False it is empty (nothing is kept
-# for backward). Its size without lengths is a fixed formula in T, B, T*B for given
-# (I, H) (_workspace_size); with lengths it depends on their values (an unbacked size
-# under tracing). Backward reads ws and leaves it unchanged (it runs over a copy, which
-# the kernels overwrite), so a graph kept with retain_graph=True runs backward again. The
-# gradient of an absent bias is an empty tensor. Autograd is registered on the forwards:
-# their gradient is the backward operator.
+# full lengths; lengths an int64 tensor); backward takes the forward's. ``ws`` is the
+# training workspace that functional's ctx holds, as a 1-D tensor, and one element more
+# that says whether a backward has used it: with train=False it is empty (nothing is kept
+# for backward). Its size without lengths is a fixed formula in T, B, T*B for given (I, H)
+# (_workspace_size); with lengths it depends on their values (an unbacked size under
+# tracing). Backward overwrites ws (declared: ``Tensor(a!) ws``), as the kernels reuse the
+# saved state for gradients, so that nothing is copied; over a used ws (a graph kept with
+# retain_graph=True) it replays the forward into it first. The gradient of an absent bias
+# is an empty tensor. Autograd is registered on the forwards: their gradient is the
+# backward operator.
 
 _OPTION = {"lstm": "", "gru": ", bool linear_before_reset", "rnn": ", str nonlinearity"}
 _STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
@@ -293,13 +298,12 @@ _STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
 def _schemas(cell):
     """The forward's and the backward's schema (torch.library's syntax)."""
     states = _STATE_NAMES[cell]
-    fwd = ("(Tensor x, " + "".join(f"Tensor? {s}0, " for s in states)
-           + "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
-           f"bool reverse{_OPTION[cell]}, bool train) -> ("
+    inputs = ("Tensor x, " + "".join(f"Tensor? {s}0, " for s in states)
+              + "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, ")
+    fwd = (f"({inputs}Tensor? lengths, bool reverse{_OPTION[cell]}, bool train) -> ("
            + ", ".join(["Tensor"] * (len(states) + 2)) + ")")
     bwd = ("(Tensor? dy, " + "".join(f"Tensor? d{s}_n, " for s in states)
-           + "Tensor x, Tensor w_ih, Tensor w_hh, Tensor ws, Tensor? lengths, bool reverse, "
-           f"bool has_b_ih, bool has_b_hh{_OPTION[cell]}) -> ("
+           + f"{inputs}Tensor(a!) ws, Tensor? lengths, bool reverse{_OPTION[cell]}) -> ("
            + ", ".join(["Tensor"] * (5 + len(states))) + ")")
     return fwd, bwd
 
@@ -357,33 +361,38 @@ def _define_ops(cell):
         option = args[7 + n] if cell != "lstm" else None
         return x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, args[-1]
 
-    def forward(*args):
-        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = split(args)
+    def run_forward(x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train,
+                    into=None):
+        """The kernels' forward: y, finals, and ws (a tensor; with train=False empty; else
+        the workspace and one more element, 0: not yet used by a backward), written into
+        ``into`` if given."""
         arrays = (_np(x), [_np(s) for s in states], _np(w_ih), _np(w_hh), _np(b_ih),
                   _np(b_hh), _lengths_np(lengths), reverse)
         if not train:
             y, finals, _ = F._forward(cell, *arrays, _kernel_option(cell, option), False)
-            ws = x.new_empty(0)
-        else:
-            ws = []
+            return y, finals, x.new_empty(0)
+        ws = []
 
-            def workspace(size, dtype):  # the workspace, as a tensor returned with y
-                # What the kernels leave unwritten is zeroed, not memory's garbage (an
-                # operator's outputs are a function of its inputs): the summed bias
-                # without biases, the packed weights' padding, with lengths the steps'
-                # scratch of empty rows.
-                w = x.new_empty(size)
-                if lengths is not None:
-                    w.zero_()
-                else:
-                    w[:w_hh.shape[0]].zero_()  # G*H
-                    w[size - _pack_size(cell, x.shape[2], w_hh.shape[1]):].zero_()
-                ws.append(w)
-                return w.numpy()
+        def workspace(size, dtype):
+            # What the kernels leave unwritten is zeroed, not memory's garbage (an
+            # operator's outputs are a function of its inputs): the summed bias without
+            # biases, the packed weights' padding, with lengths the steps' scratch of
+            # empty rows.
+            w = x.new_empty(size + 1) if into is None else into
+            if lengths is not None:
+                w.zero_()
+            else:
+                w[:w_hh.shape[0]].zero_()  # G*H
+                w[size - _pack_size(cell, x.shape[2], w_hh.shape[1]):].zero_()
+            ws.append(w)
+            return w.numpy()[:size]
 
-            y, finals = F._checked_forward(cell, *arrays, _kernel_option(cell, option),
-                                           True, workspace)[:2]
-            ws = ws[0]
+        y, finals = F._checked_forward(cell, *arrays, _kernel_option(cell, option), True,
+                                       workspace)[:2]
+        return y, finals, ws[0]
+
+    def forward(*args):
+        y, finals, ws = run_forward(*split(args))
         return (torch.from_numpy(y), *(torch.from_numpy(f) for f in finals), ws)
 
     def forward_fake(*args):
@@ -393,54 +402,74 @@ def _define_ops(cell):
         if not train:
             ws = x.new_empty(0)
         elif lengths is None:
-            ws = x.new_empty(_workspace_size(cell, T, B, I, H, reverse))
+            ws = x.new_empty(_workspace_size(cell, T, B, I, H, reverse) + 1)
         else:  # the rows that take part, and so the size, depend on the lengths' values
             ws = x.new_empty(torch.library.get_ctx().new_dynamic_size())
         return (x.new_empty(T, B, H), *(x.new_empty(B, H) for _ in range(n)), ws)
 
+    def split_backward(args):  # dy, dfinals, forward's tensors, ws, lengths, reverse, option
+        x, states = args[1 + n], args[2 + n:2 + 2 * n]
+        w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse = args[2 + 2 * n:9 + 2 * n]
+        option = args[9 + 2 * n] if cell != "lstm" else None
+        return args[:1 + n], x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option
+
     def backward(*args):
-        douts, (x, w_ih, w_hh, ws, lengths, reverse, has_ih, has_hh, *option) = \
-            args[:1 + n], args[1 + n:]
-        xn = x.detach().contiguous().numpy()
+        douts, x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option = \
+            split_backward(args)
+        if ws.numel() == 0 or ws[-1] != 0:
+            # a forward without workspace, or one that an earlier backward consumed (over
+            # a graph kept with retain_graph=True): replay the forward into it
+            if ws.numel() == 0:
+                raise ValueError("ws is empty: the forward ran with train=False")
+            run_forward(x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, True,
+                        into=ws.detach())
+        wsn = ws.detach().numpy()
+        wsn[-1] = 1  # the kernels overwrite the saved state: it is consumed
+        xn = _np(x)
         T, B, I = xn.shape
-        H = w_hh.shape[1]
         ctx = F.Context()
         ctx.cell, ctx.dtype, ctx.plan = cell, xn.dtype, F._plan(_lengths_np(lengths), T, B,
                                                                 bool(reverse))
-        wsn = ws.detach().numpy()
-        ctx.ws = F._workspace(wsn.size, wsn.dtype)  # a copy: the kernels overwrite it
-        ctx.ws[...] = wsn
-        ctx.x, ctx.w_ih, ctx.w_hh = xn, _np(w_ih), _np(w_hh)
-        ctx.has_bias = (bool(has_ih), bool(has_hh))
-        ctx.option = _kernel_option(cell, *option)
-        ctx.input_size, ctx.hidden_size = I, H
-        grads = getattr(F, cell + "_backward")(*map(_np, douts), ctx)
+        ctx.ws, ctx.x, ctx.w_ih, ctx.w_hh = wsn[:-1], xn, _np(w_ih), _np(w_hh)
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.option = _kernel_option(cell, option)
+        ctx.input_size, ctx.hidden_size = I, w_hh.shape[1]
+        grads = F._backward(cell, _np(douts[0]), [_np(d) for d in douts[1:]], ctx,
+                            keep_spare=False)
         return tuple(x.new_empty(0) if g is None else torch.from_numpy(g) for g in grads)
 
     def backward_fake(*args):
-        x, w_ih, w_hh, ws, lengths, reverse, has_ih, has_hh = args[1 + n:9 + n]
+        douts, x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option = \
+            split_backward(args)
         T, B, I = x.shape
         H = w_hh.shape[1]
         return (x.new_empty(T, B, I), *(x.new_empty(B, H) for _ in range(n)),
                 x.new_empty(G * H, I), x.new_empty(G * H, H),
-                x.new_empty(G * H if has_ih else 0), x.new_empty(G * H if has_hh else 0))
+                x.new_empty(0 if b_ih is None else G * H),
+                x.new_empty(0 if b_hh is None else G * H))
 
     fwd_op = torch.library.custom_op(f"rnnfuse::{cell}", forward, mutates_args=(),
                                      schema=fwd_schema)
-    bwd_op = torch.library.custom_op(f"rnnfuse::{cell}_backward", backward, mutates_args=(),
+    bwd_op = torch.library.custom_op(f"rnnfuse::{cell}_backward", backward,
+                                     mutates_args=("ws",),
                                      schema=bwd_schema)
     fwd_op.register_fake(forward_fake)
     bwd_op.register_fake(backward_fake)
+    fwd, bwd = (getattr(torch.ops.rnnfuse, name).default for name in (cell, cell + "_backward"))
 
     def save(ctx, inputs, output):
         x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = split(inputs)
         ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(output[-1])
         ctx.save_for_backward(*inputs[:7 + n - 1], output[-1])  # tensors, ws
         ctx.reverse, ctx.option, ctx.train = reverse, option, train
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
 
-    def gradient(ctx, *grads):
+    def gradient(ctx, *grads, own_ws=False):
+        """The forwards' gradient. own_ws: the workspace is private to the caller (not an
+        output anyone else sees): backward may overwrite it rather than a copy."""
         *saved, ws = ctx.saved_tensors
+        if ctx.train and not own_ws:
+            ws = ws.clone()  # the operator's output ws stays as it was
         x, states, w_ih, w_hh, b_ih, b_hh, lengths = (saved[0], saved[1:1 + n],
                                                       *saved[1 + n:])
         opt = _option(cell, ctx.option)
@@ -448,10 +477,10 @@ def _define_ops(cell):
             raise RuntimeError(_FIRST_ORDER)
         with torch.no_grad():  # torch.func's grad runs backward with create_graph=True
             if not ctx.train:  # the forward kept nothing (it ran without autograd): replay
-                ws = fwd_op(x, *states, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, *opt,
-                            True)[-1]
-            out = bwd_op(*grads[:1 + n], x, w_ih, w_hh, ws, lengths, ctx.reverse,
-                         *ctx.has_bias, *opt)
+                ws = fwd(x, *states, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, *opt,
+                         True)[-1]
+            out = bwd(*grads[:1 + n], x, *states, w_ih, w_hh, b_ih, b_hh, ws, lengths,
+                         ctx.reverse, *opt)
         dx, dstates, dw_ih, dw_hh, db_ih, db_hh = (out[0], out[1:1 + n], *out[1 + n:])
         return (dx, *(d if s is not None else None for d, s in zip(dstates, states)),
                 dw_ih, dw_hh, db_ih if b_ih is not None else None,
@@ -460,16 +489,20 @@ def _define_ops(cell):
     fwd_op.register_autograd(gradient, setup_context=save)
 
     class OpFunction(torch.autograd.Function):
-        """The forward operator as an autograd Function with setup_context, which
-        torch.func's transforms take (they do not take an operator's registered
-        autograd): the same formula, and a batching rule for vmap."""
+        """The forward operator as an autograd Function whose workspace output nobody
+        else sees (the modules drop it), so that backward overwrites it, copying nothing;
+        with setup_context, which torch.func's transforms take (they do not take an
+        operator's registered autograd), and a batching rule for vmap."""
 
         @staticmethod
         def forward(*args):
-            return fwd_op(*args)
+            return fwd(*args)
 
         setup_context = staticmethod(save)
-        backward = staticmethod(gradient)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return gradient(ctx, *grads, own_ws=True)
 
         @staticmethod
         def vmap(info, in_dims, *args):
@@ -502,7 +535,18 @@ def _define_ops(cell):
             return ((y.reshape(T, N, NB // N, -1), *(f.reshape(N, NB // N, -1) for f in finals),
                      ws), (1,) + (0,) * len(finals) + (None,))
 
-    return fwd_op, bwd_op, OpFunction
+    class CompiledFunction(torch.autograd.Function):
+        """OpFunction as Dynamo traces it (ctx first in forward)."""
+
+        @staticmethod
+        def forward(ctx, *args):
+            out = fwd(*args)
+            save(ctx, args, out)
+            return out
+
+        backward = OpFunction.backward
+
+    return fwd, bwd, OpFunction, CompiledFunction
 
 
 _OPS = {cell: _define_ops(cell) for cell in ("lstm", "gru", "rnn")}
