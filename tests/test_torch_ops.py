@@ -310,3 +310,30 @@ def test_vmap_over_examples(kind):
         params, buffers = stack_module_state(models)
         got = vmap(lambda p, x: functional_call(m, p, (x,))[0])(params, xs)
         close(got, torch.stack([mm(x)[0] for mm, x in zip(models, xs)]), "own weights")
+
+
+def test_compiled_backward_twice_with_retain_graph_replays_the_forward():
+    # backward overwrites the saved workspace; a second backward replays the forward
+    torch.manual_seed(13)
+    m = rt.GRU(3, 4, num_layers=2, dtype=torch.float64)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    loss = compiled(x)[0].pow(2).sum()
+    first = torch.autograd.grad(loss, list(m.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(m.parameters()))
+    want = torch.autograd.grad(m(x)[0].pow(2).sum(), list(m.parameters()))
+    for a, b, w in zip(first, second, want):
+        assert torch.equal(a, b)
+        close(a, w, "gradient", torch.float64)
+
+
+def test_workspace_pool_reuses_only_what_nothing_holds():
+    like = torch.empty(0)
+    rt.release_workspace()
+    a = rt._pooled_empty(1000, like)
+    pa = a.data_ptr()
+    b = rt._pooled_empty(1000, like)  # a is held: another buffer
+    assert b.data_ptr() != pa
+    del a
+    assert rt._pooled_empty(900, like).data_ptr() == pa  # free again: reused
+    rt.release_workspace()

@@ -53,6 +53,7 @@ import importlib.abc
 import importlib.util
 import numbers
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -68,7 +69,8 @@ from . import _kernels, functional as F
 from ._checks import check_bool as _check_bool, check_int as _check_int
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LSTMFunction",
-           "GRUFunction", "RNNFunction", "swap_modules", "unswap_modules"]
+           "GRUFunction", "RNNFunction", "swap_modules", "unswap_modules",
+           "release_workspace"]
 
 
 # ---------------------------------------------------------------- autograd Functions
@@ -83,8 +85,8 @@ _NOT_TRACEABLE = (
 
 # No ONNX translation of the operators yet: the torch.nn twins export with PyTorch's own.
 _NO_ONNX = (
-    "rnnfuse.torch.{name} cannot be exported to ONNX: torch.onnx.export has no translation "
-    "of rnnfuse's operators. Export the torch.nn twin instead: module.to_torch(), or "
+    "rnnfuse.torch's modules cannot be exported to ONNX: torch.onnx.export has no "
+    "translation of rnnfuse's operators. Export the torch.nn twin instead: module.to_torch(), or "
     "rnnfuse.torch.unswap_modules(model) for a whole model (both share the parameters).")
 
 
@@ -139,10 +141,13 @@ def _record(ctx, function, args):
 def _recording():
     """Whether something records operators now rather than only running them:
     torch.compile or torch.export tracing, torch.jit.trace, a torch.func transform, a
-    TorchDispatchMode (FakeTensorMode, make_fx, ...)."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+    TorchDispatchMode (FakeTensorMode, make_fx, ...). (Dynamo reads the first as True.)"""
+    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
             or torch._C._are_functorch_transforms_active()
             or torch._C._len_torch_dispatch_stack() > 0)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _run(cell, *args):
@@ -152,8 +157,8 @@ def _run(cell, *args):
     operator (torch.ops.rnnfuse.*) instead: the same kernels, seen by the tracer."""
     grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
                                            for a in args)
-    if _recording() or any(type(a) not in (torch.Tensor, torch.nn.Parameter)
-                           for a in args if isinstance(a, torch.Tensor)):
+    if (_recording() or type(args[0]) not in _PLAIN
+            or type(args[1 + _N_STATES[cell]]) not in _PLAIN):  # x, w_ih: a subclass
         # A TorchScript trace runs with or without autograd later: it keeps no workspace
         # (backward then replays the forward), so that it does not depend on grad mode.
         return _run_op(cell, args, grad and not torch.jit.is_tracing())
@@ -166,6 +171,8 @@ def _run(cell, *args):
 
 def _run_op(cell, args, train):
     """A cell's Function's arguments through its operator: (y, finals...)."""
+    if torch.onnx.is_in_onnx_export():
+        raise RuntimeError(_NO_ONNX)
     n = _N_STATES[cell] + 5
     tensors, (lengths, reverse, *options) = args[:n], args[n:]
     if lengths is not None and not isinstance(lengths, torch.Tensor):
@@ -344,6 +351,39 @@ def _pack_size(cell, I, H):
     return _kernels.pack_weights(np.zeros((G * H, I)), np.zeros((G * H, H)), G, True).size
 
 
+# The operators' training workspaces come from a small per-thread pool of buffers, reused
+# once nothing else holds them (by their storage's use count; a graph kept with
+# retain_graph=True holds its own): as functional keeps a spare workspace, for fresh
+# memory costs page faults on every call (an LSTM layer's forward at (50,16,64,128):
+# +40%).
+_POOL = threading.local()
+_POOL_SIZE = 8
+
+
+def _storage_users(t):
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _pooled_empty(n, like):
+    """An uninitialised 1-D tensor of n elements of like's dtype: a view of a pooled
+    buffer that nothing else uses, else of a new pooled buffer."""
+    pool = _POOL.__dict__.setdefault("buffers", [])
+    for buf in pool:
+        if buf.dtype == like.dtype and n <= buf.numel() <= 2 * n and _storage_users(buf) == 2:
+            return buf[:n]  # (the pool's tensor and the storage object above: nobody else)
+    buf = like.new_empty(n)
+    pool.append(buf)
+    del pool[:-_POOL_SIZE]
+    return buf[:n]
+
+
+def release_workspace():
+    """Free the workspaces this thread keeps for its next calls: those of the operators
+    (training under torch.compile, torch.export, torch.func) and functional's."""
+    _POOL.__dict__.pop("buffers", None)
+    F.release_workspace()
+
+
 def _lengths_np(lengths):
     return None if lengths is None else lengths.detach().numpy()
 
@@ -378,7 +418,7 @@ def _define_ops(cell):
             # operator's outputs are a function of its inputs): the summed bias without
             # biases, the packed weights' padding, with lengths the steps' scratch of
             # empty rows.
-            w = x.new_empty(size + 1) if into is None else into
+            w = _pooled_empty(size + 1, x) if into is None else into
             if lengths is not None:
                 w.zero_()
             else:
@@ -703,8 +743,6 @@ class _Fused:
 
     def forward(self, input, hx=None):
         """torch.nn's forward, on rnnfuse's kernels (see ``_forward``)."""
-        if torch.onnx.is_in_onnx_export():
-            raise RuntimeError(_NO_ONNX.format(name=type(self).__name__))
         dtype = self._parameters_dtype()
         out_dtype = _autocast_dtype(input, hx, dtype)
         if out_dtype is not None:  # computed in the parameters' dtype, returned in input's
