@@ -39,11 +39,12 @@ autograd formula; see "custom operators" below), which tracers record:
 ``torch.func``'s ``grad`` and ``vmap`` transform them. Eager calls keep the direct path
 above, which costs less per call. Dynamo refuses subclasses of torch.nn's RNNs unless
 ``torch._dynamo.config.allow_rnn`` is set; rnnfuse's modules are let in without changing
-that setting (torch.nn's own RNNs still graph-break). ``torch.onnx.export`` is refused
-with an error that names the fix, ``module.to_torch()`` or ``unswap_modules(model)`` (the
-``torch.nn`` twins, sharing the parameters). ``torch.jit.script(model)`` scripts the twins
-by itself and, as it does with any module's ``__prepare_scriptable__``, leaves them in
-``model``.
+that setting (torch.nn's own RNNs still graph-break). ``torch.onnx.export(...,
+dynamo=False)`` writes one standard ONNX LSTM, GRU or RNN node per layer and direction
+(the dynamo-based exporter has no translation of the operators: export the ``torch.nn``
+twins, ``module.to_torch()`` or ``unswap_modules(model)``, which share the parameters).
+``torch.jit.script(model)`` scripts the twins by itself and, as it does with any module's
+``__prepare_scriptable__``, leaves them in ``model``.
 
 Importing this module needs PyTorch; ``import rnnfuse`` never imports it.
 """
@@ -83,12 +84,13 @@ _NOT_TRACEABLE = (
     "torch.jit.trace or torch.func, call rnnfuse.torch's modules or the operators "
     "torch.ops.rnnfuse.lstm, gru and rnn, which they record")
 
-# No ONNX translation of the operators yet: the torch.nn twins export with PyTorch's own.
+# The TorchScript exporter translates the operators (see "ONNX" below); the dynamo-based
+# one has no translation of them.
 _NO_ONNX = (
-    "rnnfuse.torch's modules cannot be exported to ONNX: torch.onnx.export has no "
-    "translation of rnnfuse's operators. Export the torch.nn twin instead: module.to_torch(), or "
+    "rnnfuse.torch's modules export to ONNX with torch.onnx.export(..., dynamo=False) (one "
+    "standard LSTM/GRU/RNN node per layer and direction); the dynamo-based exporter has no "
+    "translation of rnnfuse's operators. Or export the torch.nn twin: module.to_torch(), or "
     "rnnfuse.torch.unswap_modules(model) for a whole model (both share the parameters).")
-
 
 _FIRST_ORDER = ("rnnfuse.torch computes first derivatives only: backward with "
                 "create_graph=True (double backward, e.g. a gradient penalty) is not "
@@ -172,7 +174,8 @@ def _run(cell, *args):
 def _run_op(cell, args, train):
     """A cell's Function's arguments through its operator: (y, finals...)."""
     if torch.onnx.is_in_onnx_export():
-        raise RuntimeError(_NO_ONNX)
+        if torch._C._get_tracing_state() is None:  # the dynamo exporter: no translation
+            raise RuntimeError(_NO_ONNX)
     n = _N_STATES[cell] + 5
     tensors, (lengths, reverse, *options) = args[:n], args[n:]
     if lengths is not None and not isinstance(lengths, torch.Tensor):
@@ -432,6 +435,8 @@ def _define_ops(cell):
         return y, finals, ws[0]
 
     def forward(*args):
+        if torch.onnx.is_in_onnx_export():  # the exporter traces this call: translate it
+            _register_onnx()
         y, finals, ws = run_forward(*split(args))
         return (torch.from_numpy(y), *(torch.from_numpy(f) for f in finals), ws)
 
@@ -1034,6 +1039,74 @@ class RNNCell(_CellBase, torch.nn.RNNCell):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self._init_torch(input_size, hidden_size, bias, device, dtype, nonlinearity=nonlinearity)
+
+
+# ---------------------------------------------------------------- ONNX
+
+# torch.onnx.export (the TorchScript exporter, dynamo=False) turns each operator into one
+# standard ONNX node: LSTM, GRU (linear_before_reset=1 for PyTorch's GRU) or RNN, one
+# direction each, lengths as sequence_lens. ONNX orders the gate blocks differently
+# (LSTM i o f c against PyTorch's i f g o; GRU z r h against r z n), so the weights are
+# reordered in the graph; see rnnfuse.onnx_weights.
+
+_ONNX_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
+_ONNX_OPSET = 14
+
+
+def _onnx_symbolic(cell):
+    from torch.onnx import symbolic_helper as sh
+    n = len(_STATE_NAMES[cell])
+
+    def const(g, values):
+        return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
+
+    def reorder(g, w, H):  # PyTorch's gate blocks in ONNX's order, then a leading 1
+        blocks = [g.op("Slice", w, const(g, [k * H]), const(g, [(k + 1) * H]), const(g, [0]))
+                  for k in _ONNX_ORDER[cell]]
+        w = blocks[0] if len(blocks) == 1 else g.op("Concat", *blocks, axis_i=0)
+        return g.op("Unsqueeze", w, const(g, [0]))
+
+    def symbolic(g, x, *args):
+        states, (w_ih, w_hh, b_ih, b_hh, lengths, reverse, *rest) = args[:n], args[n:]
+        H = sh._get_tensor_sizes(w_hh)[1]
+        missing = sh._is_none
+        inputs = [x, reorder(g, w_ih, H), reorder(g, w_hh, H)]
+        if missing(b_ih) and missing(b_hh):
+            inputs.append(g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor()))
+        else:  # ONNX has both biases: an absent one is zeros
+            b_ih, b_hh = (g.op("Mul", w, g.op("Constant", value_t=torch.tensor(0.0)))
+                          if missing(b) else b
+                          for b, w in ((b_ih, b_hh), (b_hh, b_ih)))
+            inputs.append(g.op("Concat", reorder(g, b_ih, H), reorder(g, b_hh, H), axis_i=1))
+        inputs.append(g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
+                      if missing(lengths) else
+                      g.op("Cast", lengths, to_i=6))  # int32
+        for s in states:
+            if missing(s):
+                # zeros (B, H) like x's batch: ONNX takes no state as zeros as well
+                inputs.append(g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor()))
+            else:
+                inputs.append(g.op("Unsqueeze", s, const(g, [0])))
+        attrs = dict(hidden_size_i=H,
+                     direction_s="reverse" if sh._maybe_get_const(reverse, "b") else "forward")
+        if cell == "gru":
+            attrs["linear_before_reset_i"] = int(sh._maybe_get_const(rest[0], "b"))
+        elif cell == "rnn":
+            attrs["activations_s"] = [sh._maybe_get_const(rest[0], "s").capitalize()]
+        out = g.op(cell.upper(), *inputs, outputs=1 + n, **attrs)
+        y = g.op("Squeeze", out[0], const(g, [1]))
+        finals = [g.op("Squeeze", f, const(g, [0])) for f in out[1:]]
+        ws = g.op("Constant", value_t=torch.zeros(0))
+        return (y, *finals, ws)
+
+    return symbolic
+
+
+@functools.cache
+def _register_onnx():
+    for cell in _OPS:
+        torch.onnx.register_custom_op_symbolic(f"rnnfuse::{cell}", _onnx_symbolic(cell),
+                                               _ONNX_OPSET)
 
 
 # ---------------------------------------------------------------- torch.compile
