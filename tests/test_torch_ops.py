@@ -234,6 +234,38 @@ def test_export_with_dynamic_length_and_batch_follows_new_shapes(kind, grad):
             close(a, w, "state")
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_export_cells_with_dynamic_batch(cell):
+    from torch.export import Dim
+    _, ours = CELLS[cell]
+    torch.manual_seed(16)
+    c = ours(3, 4)
+    B = Dim("B", min=1, max=4096)
+
+    def state(b):
+        return (torch.randn(b, 4), torch.randn(b, 4)) if cell == "lstm" else torch.randn(b, 4)
+
+    dims = ({0: B}, {0: B}) if cell == "lstm" else {0: B}
+    ep = torch.export.export(c, (torch.randn(2, 3), state(2)), dynamic_shapes=({0: B}, dims))
+    x, h = torch.randn(7, 3), state(7)
+    with torch.no_grad():
+        got, want = ep.module()(x, h), c(x, h)
+    for a, w in zip(_finals((None, got)), _finals((None, want))):
+        close(a, w, "state")
+
+
+def test_compile_fullgraph_runs_a_swapped_subclass():
+    class Doubled(nn.GRU):
+        def forward(self, x):
+            return super().forward(x)[0] * 2
+
+    model = nn.Sequential(Doubled(3, 4))
+    assert rt.swap_modules(model) == ["0"]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 2, 3)
+    close(compiled(x), model(x), "output")
+
+
 def test_exported_program_trains():
     # an exported program with autograd kept (the operators' gradient formula)
     from torch.export import Dim
