@@ -36,8 +36,9 @@ autograd formula; see "custom operators" below), which tracers record:
 ``torch.compile(model, fullgraph=True)`` compiles them without a graph break,
 ``torch.export.export`` exports them with a dynamic sequence length and batch
 (``torch.export.Dim``), ``torch.jit.trace`` records the operator (not its output), and
-``torch.func``'s ``grad`` and ``vmap`` transform them. Eager calls keep the direct path
-above, which costs less per call. Dynamo refuses subclasses of torch.nn's RNNs unless
+``torch.func``'s ``grad`` and ``vmap`` transform them (first derivatives only, as
+above). Eager calls keep the direct path above, which costs less per call. The operators'
+training workspaces are kept per thread for reuse; ``release_workspace()`` frees them. Dynamo refuses subclasses of torch.nn's RNNs unless
 ``torch._dynamo.config.allow_rnn`` is set; rnnfuse's modules are let in without changing
 that setting (torch.nn's own RNNs still graph-break). ``torch.onnx.export(...,
 dynamo=False)`` writes one standard ONNX LSTM, GRU or RNN node per layer and direction
@@ -357,8 +358,7 @@ def _pack_size(cell, I, H):
 # The operators' training workspaces come from a small per-thread pool of buffers, reused
 # once nothing else holds them (by their storage's use count; a graph kept with
 # retain_graph=True holds its own): as functional keeps a spare workspace, for fresh
-# memory costs page faults on every call (an LSTM layer's forward at (50,16,64,128):
-# +40%).
+# memory costs page faults on every call.
 _POOL = threading.local()
 _POOL_SIZE = 8
 
