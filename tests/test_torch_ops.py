@@ -433,3 +433,15 @@ def test_onnx_export_of_lengths_runs_in_onnxruntime():
         want = model(x, lengths)
     for a, w in zip(got, want):
         close(torch.from_numpy(a), w, "output")
+
+
+def test_compile_fullgraph_when_dynamo_was_imported_first():
+    import subprocess
+    import sys
+    code = ("import torch, torch._dynamo.variables.builder\n"
+            "import rnnfuse.torch as rt\n"
+            "m = rt.GRU(3, 4)\n"
+            "x = torch.randn(5, 2, 3)\n"
+            "y = torch.compile(m, fullgraph=True, backend='eager')(x)[0]\n"
+            "assert torch.equal(y, m(x)[0])\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
