@@ -328,6 +328,18 @@ def test_func_grad_matches_autograd(kind):
         close(got[0][name], w, name, torch.float64)
 
 
+def test_func_second_derivative_is_refused_not_zero():
+    from torch.func import grad
+    m = rt.RNN(2, 3, dtype=torch.float64)
+    x = torch.randn(4, 1, 2, dtype=torch.float64)
+
+    def f(x):
+        return m(x)[0].pow(3).sum()
+
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        grad(lambda x: grad(f)(x).sum())(x)
+
+
 @pytest.mark.parametrize("kind", list(MODULES))
 def test_vmap_over_examples(kind):
     from torch.func import functional_call, stack_module_state, vmap

@@ -153,6 +153,18 @@ def _recording():
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _nested_derivative():
+    """Whether a torch.func derivative transform (grad, jvp, ...) runs outside the one
+    whose backward runs now: a second derivative, which rnnfuse's backward (first order,
+    computed without autograd) would silently give as zero."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    kinds = [i.key() for i in retrieve_all_functorch_interpreters()]
+    return sum(k in (TransformType.Grad, TransformType.Jvp) for k in kinds) > 1
+
+
 def _run(cell, *args):
     """The call of a module's forward: ``function.apply(*args)`` when autograd records
     this call; otherwise the kernel alone with need_ctx=False, which keeps no workspace
@@ -518,7 +530,7 @@ def _define_ops(cell):
         x, states, w_ih, w_hh, b_ih, b_hh, lengths = (saved[0], saved[1:1 + n],
                                                       *saved[1 + n:])
         opt = _option(cell, ctx.option)
-        if torch.is_grad_enabled() and not _recording():
+        if torch.is_grad_enabled() and not _recording() or _nested_derivative():
             raise RuntimeError(_FIRST_ORDER)
         with torch.no_grad():  # torch.func's grad runs backward with create_graph=True
             if not ctx.train:  # the forward kept nothing (it ran without autograd): replay
