@@ -404,10 +404,11 @@ def test_swap_modules_reports_what_it_leaves():
                           nn.LSTM(2, 3, device="meta"), nn.RNN(2, 3).half())
     with pytest.warns(UserWarning) as record:
         names = rt.swap_modules(model)
-    assert names == ["0", "1.0"]
+    assert names == ["0", "2", "1.0"]  # parents in named_modules order
     assert model[0] is model[1][0] and type(model[0]) is rt.GRU
+    assert isinstance(model[2], MyGRU) and isinstance(model[2], rt.GRU)
     message = str(record[0].message)
-    assert "2: GRU.from_torch needs a torch.nn.GRU, got" in message
+    assert "2:" not in message
     assert "3: device must be the CPU" in message
     assert "4: dtype must be torch.float32 or torch.float64" in message
     with pytest.warns(UserWarning, match="the model itself"):
@@ -514,3 +515,289 @@ def test_tensors_reach_the_kernels_and_come_back_without_copies(monkeypatch):
     assert seen["w_ih"].__array_interface__["data"][0] == lstm.weight_ih_l0.data_ptr()
     assert seen["w_hh"].__array_interface__["data"][0] == lstm.weight_hh_l0.data_ptr()
     assert y.data_ptr() == seen["y"].__array_interface__["data"][0]
+
+
+# ---------------------------------------------------------------- TorchScript, trace, export
+
+class Wrapper(nn.Module):
+    """torch.jit.script cannot script a top-level torch.nn.LSTM either (its forward is
+    overloaded); inside a module it can."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_to_torch_shares_parameters_and_gives_the_same_outputs(cell):
+    theirs, ours, extra = classes(cell)
+    m = ours(3, 5, num_layers=2, bidirectional=True, batch_first=True, dropout=0.2,
+             **extra).eval()
+    twin = m.to_torch()
+    assert type(twin) is theirs and not twin.training
+    assert twin.batch_first and twin.bidirectional and twin.num_layers == 2
+    assert all(a is b for a, b in zip(m.parameters(), twin.parameters()))
+    x = torch.randn(2, 6, 3)
+    close(twin(x)[0], m(x)[0], torch.float32, "output")
+    with torch.no_grad():
+        m.weight_hh_l1.mul_(0.5)  # torch.nn reads the shared Parameter, not a copy
+    close(twin(x)[0], m(x)[0], torch.float32, "output after an update")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_tracing_records_the_operators(grad):
+    # (more in test_torch_ops.py) the trace calls rnnfuse's operator, not a constant
+    model = Wrapper(rt.LSTM(3, 4))
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(model, (torch.randn(5, 2, 3),))
+    x = torch.randn(7, 3, 3)
+    close(traced(x), model(x), torch.float32, "traced")
+
+
+def test_traced_twin_follows_its_input():
+    # What the refusal points to: the traced torch.nn twin computes, for a new input, the
+    # rnnfuse module's answer (not the example's).
+    model = Wrapper(rt.GRU(3, 4, num_layers=2))
+    assert rt.unswap_modules(model) == ["rnn"] and type(model.rnn) is nn.GRU
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (torch.randn(5, 2, 3),))
+        x = torch.randn(7, 3, 3)
+        close(traced(x), rt.GRU.from_torch(model.rnn)(x)[0], torch.float32, "traced")
+
+
+def test_script_compiles_the_torch_nn_twin():
+    torch.manual_seed(0)
+    model = Wrapper(rt.LSTM(3, 4, num_layers=2))
+    x = torch.randn(6, 2, 3)
+    want = model(x)
+    scripted = torch.jit.script(model)
+    close(scripted(x), want, torch.float32, "scripted")
+    assert isinstance(scripted, torch.jit.ScriptModule)
+
+
+def test_export_records_the_operators():
+    # (more in test_torch_ops.py)
+    model = Wrapper(rt.RNN(3, 4))
+    ep = torch.export.export(model, (torch.randn(5, 2, 3),))
+    assert "torch.ops.rnnfuse.rnn" in str(ep.graph_module.code)
+    x = torch.randn(5, 2, 3)
+    close(ep.module()(x), model(x), torch.float32, "exported")
+
+
+def test_functions_refuse_tracers_tensors_with_the_fix():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        x, w_ih, w_hh = (mode.from_tensor(torch.randn(*s)) for s in [(5, 2, 3), (4, 3),
+                                                                     (4, 4)])
+        with pytest.raises(RuntimeError, match=r"torch\.ops\.rnnfuse\.lstm, gru and rnn"):
+            rt.RNNFunction.apply(x, None, w_ih, w_hh, None, None, None, False, "tanh")
+
+
+def test_unswap_modules_undoes_swap_modules():
+    model = nn.Sequential(nn.LSTM(3, 4), Wrapper(nn.GRU(4, 2)))
+    params = list(model.parameters())
+    assert rt.swap_modules(model) == ["0", "1.rnn"]
+    assert rt.unswap_modules(model) == ["0", "1.rnn"]
+    assert type(model[0]) is nn.LSTM and type(model[1].rnn) is nn.GRU
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        rt.unswap_modules([model])
+
+
+def test_torchscript_onnx_export_writes_standard_nodes():
+    # (more in test_torch_ops.py, with onnxruntime)
+    import io
+    pytest.importorskip("onnx")  # the exporter writes through it
+    f = io.BytesIO()
+    torch.onnx.export(Wrapper(rt.GRU(3, 4)), (torch.randn(5, 2, 3),), f, dynamo=False)
+    assert b"GRU" in f.getvalue() and b"rnnfuse" not in f.getvalue()
+
+
+# ---------------------------------------------------------------- autocast
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_autocast_computes_in_float32_and_returns_the_inputs_dtype(cell, low):
+    theirs, ours, extra = classes(cell)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), ours(4, 5, num_layers=2, **extra))
+    x = torch.randn(6, 2, 3)
+    with torch.autocast("cpu", dtype=low):
+        h = model[0](x)  # autocast's Linear hands the recurrent module `low`
+        assert h.dtype == low
+        y, state = model[1](h)
+        y.float().sum().backward()
+    h_n = state[0] if cell == "lstm" else state
+    assert y.dtype == h_n.dtype == low
+    want, want_state = model[1](h.detach().float())  # the same numbers, outside autocast
+    want_h = want_state[0] if cell == "lstm" else want_state
+    close(y, want.to(low), torch.float32, "output")
+    close(h_n, want_h.to(low), torch.float32, "h_n")
+    assert model[0].weight.grad is not None and model[1].weight_ih_l0.grad is not None
+    with torch.autocast("cpu", dtype=low):  # float32 input, lower-precision state
+        y32, _ = model[1](h.detach().float(), _cast_state(want_state, low))
+    assert y32.dtype == torch.float32
+
+
+def _cast_state(state, dtype):
+    return tuple(s.to(dtype) for s in state) if isinstance(state, tuple) else state.to(dtype)
+
+
+def test_lower_precision_module_is_refused_with_what_to_do():
+    with pytest.raises(TypeError, match=r"keep the module in float32 \(.float\(\)\) and run "
+                                        r"it under torch.autocast"):
+        rt.LSTM(3, 4).bfloat16()(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+
+
+
+# ---------------------------------------------------------------- the torch.nn classes
+
+def test_modules_are_torch_nn_modules_with_flat_weights():
+    m = rt.LSTM(3, 4, num_layers=2, bidirectional=True)
+    assert isinstance(m, nn.LSTM) and isinstance(m, nn.RNNBase)
+    assert m._flat_weights_names == list(dict(m.named_parameters()))
+    assert all(a is b for a, b in zip(m._flat_weights, m.parameters()))
+    # common initialisation code reads torch.nn's attributes and runs unchanged
+    for name, p in m.named_parameters():
+        (nn.init.orthogonal_ if "weight_hh" in name else nn.init.zeros_)(p)
+    assert torch.equal(m.bias_ih_l1_reverse, torch.zeros(16))
+    twin = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(5, 2, 3)
+    close(m(x)[0], twin(x)[0], torch.float32, "output")
+    m.weight_hh_l0 = nn.Parameter(torch.zeros(16, 4))  # torch.nn's list follows
+    assert m._flat_weights[1] is m.weight_hh_l0
+
+
+class Scaled(nn.LSTM):
+    """A subclass whose forward wraps torch.nn's."""
+
+    def __init__(self, *args, scale=2.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, x, hx=None):
+        y, state = super().forward(x, hx)
+        return y * self.scale, state
+
+
+def test_swapped_subclass_keeps_its_methods_and_runs_on_rnnfuse(monkeypatch):
+    import copy
+    import io
+    torch.manual_seed(4)
+    model = nn.Sequential(Scaled(3, 4, num_layers=2, scale=3.0))
+    x = torch.randn(6, 2, 3)
+    want = model(x)[0]
+    assert rt.swap_modules(model) == ["0"]
+    swapped = model[0]
+    assert isinstance(swapped, Scaled) and isinstance(swapped, rt.LSTM)
+    assert type(swapped).__name__ == "Scaled" and swapped.scale == 3.0
+    calls = []
+    kernel = rt._kernel_forward
+    monkeypatch.setattr(rt, "_kernel_forward", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    close(model(x)[0], want, torch.float32, "output")
+    assert len(calls) == 2  # one kernel call per layer: the subclass's forward reached ours
+    for again in (copy.deepcopy(swapped),
+                  torch.load(io.BytesIO(_saved(swapped)), weights_only=False)):
+        assert type(again) is type(swapped)
+        close(again(x)[0], want, torch.float32, "output of a copy")
+    assert rt.unswap_modules(model) == ["0"] and type(model[0]) is Scaled
+    close(model(x)[0], want, torch.float32, "output after unswap")
+
+
+def _saved(module):
+    import io
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- cells
+
+def cell_classes(cell):
+    """(torch.nn cell class, rnnfuse cell class, extra constructor arguments)."""
+    if cell == "lstm":
+        return nn.LSTMCell, rt.LSTMCell, {}
+    if cell == "gru":
+        return nn.GRUCell, rt.GRUCell, {}
+    return nn.RNNCell, rt.RNNCell, {"nonlinearity": cell[4:]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("form", ["batched", "unbatched", "no_hx"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_cells_match_torch_nn_outputs_and_gradients(cell, form, bias, dtype):
+    theirs, ours, extra = cell_classes(cell)
+    torch.manual_seed(1)
+    m = theirs(5, 7, bias=bias, dtype=dtype, **extra)
+    o = ours(5, 7, bias=bias, dtype=dtype, **extra)
+    assert isinstance(o, theirs) and list(o.state_dict()) == list(m.state_dict())
+    o.load_state_dict(m.state_dict())
+    shape = (3, 5) if form != "unbatched" else (5,)
+    x = torch.randn(*shape, dtype=dtype)
+    hshape = (3, 7) if form != "unbatched" else (7,)
+    hx = None if form == "no_hx" else tuple(torch.randn(hshape, dtype=dtype)
+                                            for _ in range(2 if cell == "lstm" else 1))
+    results = []
+    for module in (m, o):
+        xi = x.clone().requires_grad_()
+        hi = None if hx is None else tuple(h.clone().requires_grad_() for h in hx)
+        out = module(xi, hi if cell == "lstm" or hi is None else hi[0])
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.manual_seed(2)
+        sum(o_.mul(torch.randn_like(o_)).sum() for o_ in outs).backward()
+        grads = [xi.grad] + ([] if hi is None else [h.grad for h in hi])
+        grads += [p.grad for p in module.parameters()]
+        results.append((outs, grads))
+    for got, want in zip(results[1][0], results[0][0]):
+        close(got, want, dtype, "output")
+    for got, want in zip(results[1][1], results[0][1]):
+        close(got, want, dtype, "gradient")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_cell_gradcheck(cell):
+    _, ours, extra = cell_classes(cell)
+    o = ours(3, 4, dtype=torch.float64, **extra)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, h: o(x, (h, h * 0.5) if cell == "lstm" else h),
+                                    (x, h))
+
+
+def test_cells_refuse_bad_input_with_names():
+    cell = rt.LSTMCell(3, 4)
+    with pytest.raises(ValueError, match=r"input must be 1-D \(input_size\) unbatched or 2-D"):
+        cell(torch.randn(2, 2, 3))
+    with pytest.raises(RuntimeError, match="input_size=3, got 5"):
+        cell(torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match=r"hx\[1\] \(c_0\) must have shape \(2, 4\)"):
+        cell(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(3, 4)))
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+        cell(torch.randn(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu'"):
+        rt.RNNCell(3, 4, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="hidden_size must be >= 1"):
+        rt.GRUCell(3, 0)
+
+
+def test_swap_modules_replaces_cells():
+    torch.manual_seed(6)
+    model = nn.ModuleList([nn.LSTMCell(3, 4), nn.GRUCell(4, 4), nn.RNNCell(4, 2, nonlinearity="relu")])
+    x = torch.randn(5, 3)
+
+    def run():
+        h, _ = model[0](x)
+        return model[2](model[1](h))
+
+    want = run()
+    assert rt.swap_modules(model) == ["0", "1", "2"]
+    assert [type(m) for m in model] == [rt.LSTMCell, rt.GRUCell, rt.RNNCell]
+    assert model[2].nonlinearity == "relu"
+    close(run(), want, torch.float32, "output")
+    assert rt.unswap_modules(model) == ["0", "1", "2"]
+    assert [type(m) for m in model] == [nn.LSTMCell, nn.GRUCell, nn.RNNCell]

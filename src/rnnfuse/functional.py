@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -258,9 +258,12 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
 
 def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih: Any,
                      b_hh: Any, lengths: ArrayLike | None, reverse: bool,
-                     option: bool | None, need_ctx: bool) -> tuple[Any, ...]:
+                     option: bool | None, need_ctx: bool,
+                     workspace: Callable[[int, np.dtype[Any]], FloatArray] | None = None,
+                     ) -> tuple[Any, ...]:
     """A forward with every argument checked, and converted where needed: y, the final
-    states, the workspace, the plan and the x, w_ih, w_hh the kernels read."""
+    states, the workspace, the plan and the x, w_ih, w_hh the kernels read.
+    workspace(n, dtype): the workspace's allocator, if not the thread's spare."""
     dtype = _dtype_of(x)
     x = _check_x(x)
     T, B, I = x.shape
@@ -271,7 +274,8 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     plan = _plan(lengths, T, B, bool(reverse))
 
-    ws = _workspace(_kernels.workspace_size(cell, plan, I, H, bool(need_ctx)), dtype)
+    n = _kernels.workspace_size(cell, plan, I, H, bool(need_ctx))
+    ws = (_workspace if workspace is None else workspace)(n, dtype)
     lstm = cell == "lstm"
     y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
                                    w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option)
@@ -279,7 +283,9 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
 
 
 def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None],
-              ctx: Context) -> tuple[Any, ...]:
+              ctx: Context, keep_spare: bool = True) -> tuple[Any, ...]:
+    """keep_spare=False: ctx.ws is not this module's to keep (rnnfuse.torch's operators
+    hand in a tensor's memory)."""
     if not isinstance(ctx, Context) or not hasattr(ctx, "ws"):
         raise TypeError(f"ctx must be the ctx returned by rnnfuse.functional.{cell}_forward, "
                         f"got {type(ctx).__name__}")
@@ -296,7 +302,8 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
             dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
         out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, ws = out
-    _keep_spare(ws)
+    if keep_spare:
+        _keep_spare(ws)
     if lstm:
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
