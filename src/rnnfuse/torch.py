@@ -1262,8 +1262,9 @@ def _rnnfuse_twin(module):
 def swap_modules(model: torch.nn.Module) -> list[str]:
     """Replace, in place, every ``torch.nn.LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell``
     and ``RNNCell`` inside ``model`` by its rnnfuse twin, which shares the original's
-    parameters: outputs are unchanged up to rounding, and an optimizer built before the swap keeps training the model. A module
-    reached under several names is replaced by one twin everywhere. A subclass of a
+    parameters: outputs are unchanged up to rounding, and an optimizer built before the
+    swap keeps training the model. A module reached under several names is replaced by
+    one twin everywhere. A subclass of a
     torch.nn class keeps its own methods and attributes, with rnnfuse's forward beneath
     them (its ``super().forward`` runs on rnnfuse; a forward of its own that calls
     torch's operators keeps doing so).
