@@ -165,10 +165,10 @@ _rt.invariant = 0
 
 def set_batch_invariant(bint on):
     """For tests and measurements: with True, every call's step products round each row
-    alike whatever the other rows of its step (as stream pools always do), at some cost
-    to steps of 1-3 rows on the AVX2 kernel; False (the default): the faster few-row
-    tiles, whose rows depend on how many rows share their step. Process-wide, as
-    set_kernel, and not while kernels run in other threads."""
+    alike whatever the other rows of its step (as stream pools always do); False (the
+    default): the AVX2 kernel's few-row tiles split their sums over k, so a row's bits
+    depend on how many rows share its step (the portable kernel is invariant either way).
+    Process-wide, as set_kernel, and not while kernels run in other threads."""
     _rt.invariant = on
 
 
