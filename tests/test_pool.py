@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from threadpoolctl import threadpool_limits
 
 import rnnfuse
@@ -161,6 +162,31 @@ def test_sessions_are_batch_invariant(cls, opts, dtype, num_layers, threads, mod
     for b, s in enumerate(sessions):
         assert_same(s.ys, list(y[:len(s.xs), b]))
         assert_same(parts(s.final), [f[:, b:b + 1] for f in parts(final)])
+
+
+_HYP_LAYER = GRU(3, 37, num_layers=2, seed=7).eval()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.permutations(range(9)).flatmap(
+    lambda p: st.integers(0, 9).map(lambda k: p[:k])), min_size=1, max_size=6),
+    st.integers(0, 2**32 - 1))
+def test_any_schedule_gives_each_session_its_numbers_alone(schedule, seed):
+    """Nine sessions, each step a drawn subset in a drawn order, on the default kernel."""
+    rng = np.random.default_rng(seed)
+    pool = _HYP_LAYER.stream_pool(9)
+    sessions = {pool.open(): Session(None) for _ in range(9)}
+    ids = np.array(list(sessions), np.int64)
+    for rows in schedule:
+        x = rng.standard_normal((len(rows), 3)).astype(np.float32)
+        y = pool.step(ids[list(rows)], x)
+        for i, r in enumerate(rows):
+            sessions[ids[r]].xs.append(x[i])
+            sessions[ids[r]].ys.append(y[i])
+    for sid, s in sessions.items():
+        ys, final = alone(_HYP_LAYER, s)
+        assert_same(s.ys, ys)
+        assert np.array_equal(pool.state(sid), final)
 
 
 @pytest.mark.parametrize("mode", MODES, indirect=True)
