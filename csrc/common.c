@@ -375,7 +375,8 @@ void RF_FN(rf_step_gemm)(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
     RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
-                          W->panel_stride, accumulate, C, ldc, 1, rt->avx2);
+                          W->panel_stride, accumulate, C, ldc,
+                          rt->invariant ? RF_STEP_INVARIANT : RF_STEP_SPLIT, rt->avx2);
 }
 
 /* One thread's share of an input projection: contiguous whole tiles of rows. */

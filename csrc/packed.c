@@ -9,7 +9,8 @@
  * for the few rows a step has. And a BLAS rounds a row of a product differently depending
  * on M (SciPy's OpenBLAS does, for many shapes with K >= 33), so a stream that
  * projects one step's rows would not match a forward that projects all its steps at once.
- * Here, unless split_k, every output is one chain over k in order, whatever M is.
+ * Here, unless split_k is RF_STEP_SPLIT, every output is one chain over k in order,
+ * whatever M is.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
 #include <string.h>
@@ -128,7 +129,7 @@ AVX2 static ptrdiff_t RF_FN(transpose_blocks)(REAL *dst, ptrdiff_t ldd, const RE
 AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
         int mr, int np, int ks, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
         const REAL *panels, ptrdiff_t panel_stride, int accumulate, REAL *C, ptrdiff_t ldc) {
-    VEC acc[4][MR][4];
+    VEC acc[4][MR][8];
     if (accumulate)  /* C's lines are read only at the end: fetch them while the sum runs */
         UNROLL for (int i = 0; i < mr; i++)
             UNROLL for (int p = 0; p < np; p++) _mm_prefetch((const char *)(C + i * ldc + p * RF_NR), _MM_HINT_T0);
@@ -235,6 +236,48 @@ AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const R
             default: break;
         }
     }
+}
+
+/* A step's rows with RF_STEP_INVARIANT: as row_block's split_k path (panels outer), but
+ * every output one chain over k in order, as in a whole tile, so that a row rounds the
+ * same whatever the rows around it. The 1-3 rows left over from whole tiles keep enough
+ * independent chains by taking more panels per tile instead of splitting k: one row
+ * four panels (eight accumulators), two or three rows two panels. */
+AVX2 static void RF_FN(row_block_invariant)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
+                                            const REAL *A, ptrdiff_t lda, const REAL *Bp,
+                                            ptrdiff_t panel_stride, int accumulate, REAL *C,
+                                            ptrdiff_t ldc) {
+    ptrdiff_t full = M / MR * MR, left = M - full, n0 = 0;
+#define FULL_TILES(n0_, nc_) \
+    for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) TILE_KS(MR, 1, 1, m0, n0_, nc_)
+    if (left == 1)
+        for (; n0 + 4 * RF_NR <= N; n0 += 4 * RF_NR) {
+            for (ptrdiff_t q = 0; q < 4; q++) FULL_TILES(n0 + q * RF_NR, RF_NR);
+            TILE_KS(1, 4, 1, full, n0, RF_NR);
+        }
+    if (left >= 1 && left <= 3)
+        for (; n0 + 2 * RF_NR <= N; n0 += 2 * RF_NR) {
+            FULL_TILES(n0, RF_NR);
+            FULL_TILES(n0 + RF_NR, RF_NR);
+            switch (left) {
+                case 3: TILE_KS(3, 2, 1, full, n0, RF_NR); break;
+                case 2: TILE_KS(2, 2, 1, full, n0, RF_NR); break;
+                default: TILE_KS(1, 2, 1, full, n0, RF_NR); break;
+            }
+        }
+    for (; n0 < N; n0 += RF_NR) {
+        ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
+        FULL_TILES(n0, nc);
+        switch (left) {
+            case 5: TILE_KS(5, 1, 1, full, n0, nc); break;
+            case 4: TILE_KS(4, 1, 1, full, n0, nc); break;
+            case 3: TILE_KS(3, 1, 1, full, n0, nc); break;
+            case 2: TILE_KS(2, 1, 1, full, n0, nc); break;
+            case 1: TILE_KS(1, 1, 1, full, n0, nc); break;
+            default: break;
+        }
+    }
+#undef FULL_TILES
 }
 #undef TILE
 #undef TILE_KS
@@ -347,6 +390,11 @@ void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
     for (ptrdiff_t m0 = 0; m0 < M; m0 += block) {
         ptrdiff_t rows = M - m0 < block ? M - m0 : block;
 #if RF_HAVE_AVX2
+        if (avx2 && split_k == RF_STEP_INVARIANT) {
+            RF_FN(row_block_invariant)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride,
+                                       accumulate, C + m0 * ldc, ldc);
+            continue;
+        }
         if (avx2) {
             RF_FN(row_block)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
                              C + m0 * ldc, ldc, split_k);

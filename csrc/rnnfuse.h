@@ -38,6 +38,8 @@ typedef struct {
     rf_dgemm_fn dgemm;
     rf_threads_fn num_threads;  /* the BLAS's current thread count, or NULL: one thread */
     int avx2;  /* 1: the AVX2+FMA code (only where rf_cpu_avx2()); 0: the portable code */
+    int invariant;  /* 1: the steps' products round every row alike whatever the rows
+                     * around it (RF_STEP_INVARIANT); 0: the default (RF_STEP_SPLIT) */
 } rf_runtime;
 
 /* The build has AVX2+FMA code beside the portable code (GCC on x86-64 Linux); it runs
@@ -144,6 +146,14 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
  * once per call (or once per stream) into panels one cache line wide, RF_NR columns. */
 #define RF_PANEL_BYTES 64
 #define RF_MR 6  /* rows of a register tile */
+/* rf_packed_gemm's split_k: 0, every output one chain over k in order (the projections);
+ * RF_STEP_SPLIT (the default of the steps), a step's 1-3 rows left over from whole tiles
+ * split their chains over k, so a row's bits depend on how many rows share its step (the
+ * numbers streams and forwards have always had); RF_STEP_INVARIANT,
+ * a step whose every row is one chain over k in order, as in a whole tile: a row rounds
+ * the same whatever the other rows of the step (batch invariance). */
+#define RF_STEP_SPLIT 1
+#define RF_STEP_INVARIANT 2
 #define RF_NR ((ptrdiff_t)(RF_PANEL_BYTES / sizeof(REAL)))  /* in the dtype-generic parts */
 typedef struct {
     const void *packed;      /* op(W) in panels */

@@ -6,7 +6,7 @@ from ._config import show_config
 from ._version import __version__
 from .checkpoint import CheckpointError, load_checkpoint, restore_checkpoint, save_checkpoint
 from .data import BatchIterator, bucket_by_length, pad_sequences, reset_state, tbptt_windows
-from .layers import GRU, LSTM, RNN, Embedding, Linear, Module, Sequential, Stream
+from .layers import GRU, LSTM, RNN, Embedding, Linear, Module, Sequential, Stream, StreamPool
 from .losses import cross_entropy, mse_loss
 from .optim import SGD, Adam, AdamW, CosineAnnealingLR, LinearWarmup, StepLR, clip_grad_norm
 
@@ -23,7 +23,7 @@ else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LSTM", "GRU", "RNN", "Stream", "Embedding", "Linear", "Sequential", "Module",
+__all__ = ["LSTM", "GRU", "RNN", "Stream", "StreamPool", "Embedding", "Linear", "Sequential", "Module",
            "cross_entropy", "mse_loss",
            "SGD", "Adam", "AdamW", "clip_grad_norm", "StepLR", "CosineAnnealingLR", "LinearWarmup",
            "pad_sequences", "bucket_by_length", "BatchIterator", "tbptt_windows", "reset_state",

@@ -26,6 +26,7 @@ cdef extern from "rnnfuse.h" nogil:
         rf_dgemm_fn dgemm
         rf_threads_fn num_threads
         int avx2
+        int invariant
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
     int rf_threads(const rf_runtime *rt)
     int rf_choose_kernel(const char *request)
@@ -159,6 +160,16 @@ def set_kernel(name=None):
 
 
 set_kernel()
+_rt.invariant = 0
+
+
+def set_batch_invariant(bint on):
+    """For tests and measurements: with True, every call's step products round each row
+    alike whatever the other rows of its step (as stream pools always do); False (the
+    default): the AVX2 kernel's few-row tiles split their sums over k, so a row's bits
+    depend on how many rows share its step (the portable kernel is invariant either way).
+    Process-wide, as set_kernel, and not while kernels run in other threads."""
+    _rt.invariant = on
 
 
 def kernel():
@@ -503,4 +514,5 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
 
 include "small.pxi"  # the small-call fast path: forward_small, _takes
 include "stream.pxi"  # Stream: a layer stepped one timestep at a time
+include "pool.pxi"  # StreamPool: sessions of one layer stepped together
 include "capi.pxi"  # the C-level API of _kernels.pxd (rnnfuse.capi)

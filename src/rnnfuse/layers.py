@@ -31,7 +31,7 @@ from . import _kernels, functional as F
 from ._typing import FloatArray, State
 from ._checks import check_bool as _check_bool, check_int as _check_int, make_rng as _make_rng
 
-__all__ = ["Module", "LSTM", "GRU", "RNN", "Stream", "Embedding", "Linear", "Sequential"]
+__all__ = ["Module", "LSTM", "GRU", "RNN", "Stream", "StreamPool", "Embedding", "Linear", "Sequential"]
 
 
 # ---------------------------------------------------------------- argument checks
@@ -416,25 +416,44 @@ class _RNNBase(Module):
         over the whole sequence in eval mode, bit for bit. The stream copies the weights
         as they are now; only unidirectional layers can be streamed.
         """
+        B = _check_int("batch_size", batch_size, 0)
+        s = _kernels.Stream(self._cell, self._option, self.dtype, B, self._stream_weights())
+        s.reset(state)
+        return s
+
+    def stream_pool(self, capacity: int) -> _kernels.StreamPool:
+        """A :class:`StreamPool` of up to ``capacity`` sessions of this layer, each with
+        its own state, any subset of them stepped together by one kernel call per layer
+        (for serving many streams at once): ``sid = pool.open(state=None)``,
+        ``y = pool.step(ids, x)``, ``pool.state(sid)``, ``pool.close(sid)``. States are
+        in the layer's form for batch 1, (num_layers, 1, hidden_size). A session's
+        outputs do not depend on which sessions step with it (see StreamPool). The pool
+        copies the weights as they are now and runs as in eval mode; only unidirectional
+        layers can be pooled.
+        """
+        C = _check_int("capacity", capacity, 1)
+        return _kernels.StreamPool(self._cell, self._option, self.dtype, C,
+                                   self._stream_weights())
+
+    def _stream_weights(self) -> list[list[Any]]:
+        """Per layer, copies of (w_ih, w_hh, b_ih, b_hh) for a stream or a pool."""
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
                              "direction needs the whole sequence")
-        B = _check_int("batch_size", batch_size, 0)
         weights = []
         for layer in range(self.num_layers):
             I = self.input_size if layer == 0 else self.hidden_size
-            x_shape = (1, B, I)
+            x_shape = (1, 1, I)
             # the kernels' own checks; copies, so that later updates of the layer (an
             # optimizer step) cannot leave the stream's packed weights out of date
             w_ih, w_hh, b_ih, b_hh = self._weights(layer, 0)
             _, *w = F._check_weights(self._cell, self.dtype, w_ih, w_hh, b_ih, b_hh, x_shape)
             weights.append([None if a is None else a.copy() for a in w])
-        s = _kernels.Stream(self._cell, self._option, self.dtype, B, weights)
-        s.reset(state)
-        return s
+        return weights
 
 
 Stream = _kernels.Stream
+StreamPool = _kernels.StreamPool
 
 
 class LSTM(_RNNBase):

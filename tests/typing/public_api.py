@@ -46,6 +46,11 @@ def layers(x: Floats) -> None:
     dx, dstate = lstm.backward(y)
     stream: rnnfuse.Stream = rnnfuse.LSTM(4, 8).eval().stream(batch_size=1)
     y_t: Floats = stream.step(x[0])
+    pool: rnnfuse.StreamPool = rnnfuse.GRU(4, 8).stream_pool(capacity=16)
+    sid: int = pool.open()
+    y_s: Floats = pool.step([sid], x[0, :1])
+    h_s = pool.state(sid)
+    pool.close(sid)
     onnx: list[dict[str, Any]] = rnnfuse.onnx_weights.to_onnx(lstm)
     rnnfuse.onnx_weights.from_onnx(lstm, onnx)
     version: str = rnnfuse.__version__

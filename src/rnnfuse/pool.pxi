@@ -1,0 +1,362 @@
+# StreamPool, included by _kernels.pyx after stream.pxi: many sessions of one unidirectional
+# layer, each with its own state, any subset of them stepped together by one kernel call
+# per layer.
+from libc.string cimport memcpy, memset
+
+ctypedef struct _PoolLayer:
+    Py_ssize_t n_in  # input size
+    char *h          # (capacity, H) the sessions' states, a row per slot
+    char *c          # (capacity, H) the LSTM's cell states, else NULL
+    char *h0         # (capacity, H) a step's states gathered in the order of its ids
+    char *c0
+    char *h_n        # (capacity, H) the states the step leaves, scattered back to the slots
+    char *c_n
+    void *y          # (capacity, H) this layer's output, the next layer's input
+    rf_forward_bufs call
+
+
+cdef class StreamPool:
+    """Sessions of one unidirectional layer, each with its own state, stepped together.
+
+    Made by ``layer.stream_pool(capacity)``. ``pool.open(state=None)`` starts a session and
+    returns its id (an int, never reused by this pool); ``pool.step(ids, x)`` advances the
+    sessions ``ids`` (distinct open ids, in any order, any subset) by one timestep, x
+    ``(len(ids), input_size)`` row i being session ``ids[i]``'s input, and returns their
+    outputs ``(len(ids), hidden_size)`` in the same order (a new array);
+    ``pool.state(sid)`` is a session's state in the layer's form for batch 1 (copies):
+    ``(h, c)`` for LSTM, ``h`` for GRU and RNN, each (num_layers, 1, hidden_size), as
+    ``layer.forward`` takes and returns it; ``pool.close(sid)`` ends it and frees its slot.
+
+    A step is one kernel call per layer over the sessions that step, their states gathered
+    and scattered in C, the GIL released. Batch invariance: the steps' products round each
+    session's row alike whatever other sessions step with it, in whatever order, and at any
+    thread count, so a session's outputs are bitwise the same whoever shares its steps. On
+    the portable kernel they are also those of a stream of batch 1 and of the session's row
+    of ``layer.forward`` in eval mode; on the AVX2 kernel those two split the sums of rows
+    left over from whole 6-row tiles, and can differ from the pool in the last bits.
+
+    Every argument is checked before any state changes: unknown, closed or repeated ids,
+    a full pool, wrong shapes or dtypes raise with nothing done. The pool keeps its own
+    copy of the layer's weights, packed once, and runs as in eval mode (no dropout). One
+    thread at a time: a call that overlaps another call on the same pool raises
+    RuntimeError (make one pool per thread, or serialise the calls).
+    """
+    cdef int cell, option, typenum
+    cdef readonly Py_ssize_t capacity, input_size, hidden_size, num_layers
+    cdef readonly object dtype
+    cdef _PoolLayer *layers
+    cdef int64_t *order      # (capacity,) 0, 1, ...: a step's rows in the order of its ids
+    cdef int64_t *ones       # (capacity,) every row of a step runs one step
+    cdef int64_t *slots      # (capacity,) the slots of the step being run
+    cdef int64_t *gen        # (capacity,) per slot: the generation of its current session
+    cdef int64_t *seen       # (capacity,) per slot: the call that last named it (repeats)
+    cdef int64_t *free_slots # a stack of the free slots
+    cdef Py_ssize_t n_free
+    cdef int64_t calls
+    cdef object _keep
+    cdef PyThread_type_lock lock
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+
+    def __init__(self, str cell, option, dtype, Py_ssize_t capacity, list weights):
+        """Internal: use ``layer.stream_pool()``. weights: per layer (w_ih, w_hh, b_ih,
+        b_hh), C-contiguous arrays of dtype (biases may be None); checked again here for
+        what keeps C inside its buffers."""
+        cdef Py_ssize_t l, k, C = capacity, G, H, I, size
+        cdef const rf_cell *spec = _cell(cell) if cell in CELLS else NULL
+        cdef _PoolLayer *s
+        if self.layers != NULL:
+            raise RuntimeError("a StreamPool is initialised once")
+        if spec == NULL or not weights or C < 1 or dtype not in (np.float32, np.float64):
+            raise ValueError("StreamPool(cell, option, dtype, capacity, weights): use "
+                             "layer.stream_pool()")
+        self.cell = spec.id
+        self.option = bool(option)
+        self.dtype = np.dtype(dtype)
+        self.typenum = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
+        G = spec.gates
+        H = weights[0][1].shape[1]
+        I = weights[0][0].shape[1]
+        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+            if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
+                raise ValueError(f"StreamPool: layer {l}'s w_ih has shape {w_ih.shape}")
+            _buf(w_ih, G * H * w_ih.shape[1], self.typenum, "w_ih", _REQUIRED)
+            _buf(w_hh, G * H * H, self.typenum, "w_hh", _REQUIRED)
+            _buf(b_ih, G * H, self.typenum, "b_ih", _OPTIONAL)
+            _buf(b_hh, G * H, self.typenum, "b_hh", _OPTIONAL)
+        self.capacity, self.hidden_size, self.num_layers = C, H, len(weights)
+        self.input_size = I
+        # the bookkeeping, one block of int64: order, ones, slots, gen, seen, free slots
+        index = np.zeros(6 * C, np.int64)
+        cdef int64_t *ip = <int64_t *>cnp.PyArray_DATA(index)
+        self.order, self.ones, self.slots = ip, ip + C, ip + 2 * C
+        self.gen, self.seen, self.free_slots = ip + 3 * C, ip + 4 * C, ip + 5 * C
+        for k in range(C):
+            self.order[k] = k
+            self.ones[k] = 1
+            self.seen[k] = -1
+            self.free_slots[k] = C - 1 - k  # the lowest slot is taken first
+        self.n_free = C
+        self.calls = 0
+        self.layers = <_PoolLayer *>calloc(len(weights), sizeof(_PoolLayer))
+        if self.layers == NULL:
+            raise MemoryError()
+        plan = Plan(np.ones(C, np.int64), 1, False)  # the largest step: the workspace's size
+        self._keep = [index]  # the arrays the C pointers point into
+        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+            s = &self.layers[l]
+            I = w_ih.shape[1]
+            ws = aligned_empty(workspace_size(cell, plan, I, H, False), self.dtype)
+            packed = pack_weights(w_ih, w_hh, G, self.option)
+            lstm = spec.states == 2
+            bufs = np.zeros((7 if lstm else 4, C, H), self.dtype)
+            self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, bufs]
+            s.n_in = I
+            size = C * H * self.dtype.itemsize
+            s.h = <char *>_data(bufs)
+            s.h0, s.h_n, s.y = s.h + size, s.h + 2 * size, <void *>(s.h + 3 * size)
+            s.c = s.h + 4 * size if lstm else NULL
+            s.c0 = s.h + 5 * size if lstm else NULL
+            s.c_n = s.h + 6 * size if lstm else NULL
+            s.call.w_ih, s.call.w_hh = _data(w_ih), _data(w_hh)
+            s.call.b_ih, s.call.b_hh = _data(b_ih), _data(b_hh)
+            s.call.packed = _data(packed)
+            s.call.ws = _data(ws)
+            s.call.h0, s.call.h_n = s.h0, s.h_n
+            s.call.c0, s.call.c_n = s.c0, s.c_n
+
+    def __dealloc__(self):
+        free(self.layers)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    def __repr__(self):
+        name = rf_cell_find(self.cell).name.decode().upper()
+        return (f"<rnnfuse {name} stream pool: {self.num_layers} layer(s), "
+                f"{self.capacity - self.n_free}/{self.capacity} sessions open, input_size="
+                f"{self.input_size}, hidden_size={self.hidden_size}, {self.dtype}>")
+
+    def __len__(self):
+        """The number of open sessions."""
+        return self.capacity - self.n_free
+
+    @property
+    def sessions(self):
+        """The open sessions' ids, ascending (a new int64 array)."""
+        cdef Py_ssize_t k
+        ids = []
+        self._acquire()
+        try:
+            for k in range(self.capacity):
+                if not self._is_free(k):
+                    ids.append(self.gen[k] * self.capacity + k)
+        finally:
+            PyThread_release_lock(self.lock)
+        return np.array(sorted(ids), np.int64)
+
+    cdef bint _is_free(self, Py_ssize_t slot) noexcept:
+        # a slot is open while its generation is odd: open and close each advance it
+        return self.gen[slot] % 2 == 0
+
+    cdef int _acquire(self) except -1:
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            raise RuntimeError(_POOL_BUSY)
+        return 0
+
+    cdef Py_ssize_t _slot(self, sid, str name="sid") except -1:
+        """The slot of open session sid (under the lock); errors name the argument."""
+        if isinstance(sid, (bool, np.bool_)) or not isinstance(sid, (int, np.integer)):
+            raise TypeError(f"{name} must be a session id (an int from open()), got "
+                            f"{type(sid).__name__}")
+        cdef int64_t v = sid if -2**63 <= sid < 2**63 else -1
+        cdef Py_ssize_t slot = v % self.capacity if v >= 0 else -1
+        if slot < 0 or v // self.capacity != self.gen[slot] or self._is_free(slot):
+            raise ValueError(f"{name}: {sid} is not an open session of this pool")
+        return slot
+
+    def _parts(self, state):
+        """The arrays of a state in the layer's form for batch 1 (None: zeros), checked."""
+        cdef Py_ssize_t L = self.num_layers
+        lstm = self.layers[0].c != NULL
+        shape = (L, 1, self.hidden_size)
+        if state is None:
+            return [None] * (2 if lstm else 1)
+        if lstm:
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError(f"state must be a tuple (h, c) for an LSTM pool, got "
+                                f"{type(state).__name__}")
+            parts = list(state)
+        else:
+            parts = [state]
+        arrays = []
+        for name, s in zip(("h", "c") if lstm else ("state",), parts):
+            if s is not None:
+                s = np.asarray(s)
+                if s.dtype != self.dtype:
+                    raise TypeError(f"{name} must have dtype {self.dtype} (the pool's "
+                                    f"dtype), got {s.dtype}")
+                if s.shape != shape:
+                    raise ValueError(f"{name} must have shape {shape} (num_layers, 1, "
+                                     f"hidden_size), got {s.shape}")
+                s = np.ascontiguousarray(s)
+            arrays.append(s)
+        return arrays
+
+    def open(self, state=None):
+        """Start a session from ``state`` (the layer's form for batch 1, see the class;
+        None: zeros) and return its id. RuntimeError when all capacity slots are open."""
+        arrays = self._parts(state)
+        cdef Py_ssize_t l, slot, nbytes = self.hidden_size * self.dtype.itemsize
+        cdef _PoolLayer *s
+        cdef char *dst
+        cdef const char *src
+        self._acquire()
+        try:
+            if self.n_free == 0:
+                raise RuntimeError(f"the pool is full: all capacity={self.capacity} "
+                                   f"sessions are open; close one first")
+            self.n_free -= 1
+            slot = self.free_slots[self.n_free]
+            self.gen[slot] += 1
+            for l in range(self.num_layers):
+                s = &self.layers[l]
+                for k, a in enumerate(arrays):
+                    dst = (s.h if k == 0 else s.c) + slot * nbytes
+                    if a is None:
+                        memset(dst, 0, nbytes)
+                    else:
+                        src = <const char *>cnp.PyArray_DATA(a) + l * nbytes
+                        memcpy(dst, src, nbytes)
+            return self.gen[slot] * self.capacity + slot
+        finally:
+            PyThread_release_lock(self.lock)
+
+    def close(self, sid):
+        """End session sid and free its slot; its id is never valid again."""
+        self._acquire()
+        try:
+            slot = self._slot(sid)
+            self.gen[slot] += 1
+            self.free_slots[self.n_free] = slot
+            self.n_free += 1
+        finally:
+            PyThread_release_lock(self.lock)
+
+    def state(self, sid):
+        """Session sid's current state, in the layer's form for batch 1: ``(h, c)`` for
+        LSTM, ``h`` for GRU and RNN, each (num_layers, 1, hidden_size) (copies)."""
+        cdef Py_ssize_t l, slot, L = self.num_layers, H = self.hidden_size
+        cdef Py_ssize_t nbytes = H * self.dtype.itemsize
+        cdef _PoolLayer *s
+        lstm = self.layers[0].c != NULL
+        parts = [np.empty((L, 1, H), self.dtype) for _ in range(2 if lstm else 1)]
+        self._acquire()
+        try:
+            slot = self._slot(sid)
+            for l in range(L):
+                s = &self.layers[l]
+                for k, a in enumerate(parts):
+                    memcpy(<char *>cnp.PyArray_DATA(a) + l * nbytes,
+                           (s.h if k == 0 else s.c) + slot * nbytes, nbytes)
+        finally:
+            PyThread_release_lock(self.lock)
+        return tuple(parts) if lstm else parts[0]
+
+    def step(self, ids, x):
+        """Advance the sessions ``ids`` by one timestep: ids, distinct open session ids (a
+        1-D integer array or sequence, any order); x (len(ids), input_size), row i the
+        input of ids[i] -> y (len(ids), hidden_size), row i the top layer's output for
+        ids[i]."""
+        ids = self._check_ids(ids)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0)
+        if not (cnp.PyArray_CheckExact(x) and cnp.PyArray_TYPE(x) == self.typenum
+                and cnp.PyArray_NDIM(x) == 2 and cnp.PyArray_ISCARRAY_RO(x)
+                and cnp.PyArray_ISNOTSWAPPED(x) and cnp.PyArray_DIM(x, 0) == n
+                and cnp.PyArray_DIM(x, 1) == self.input_size):
+            x = self._check_x(x, n)
+        cdef cnp.npy_intp dims[2]
+        dims[0], dims[1] = n, self.hidden_size
+        y = cnp.PyArray_EMPTY(2, dims, self.typenum, 0)
+        cdef const int64_t *idp = <const int64_t *>cnp.PyArray_DATA(ids)
+        cdef const void *xp = cnp.PyArray_DATA(x)
+        cdef void *yp = cnp.PyArray_DATA(y)
+        cdef Py_ssize_t i, slot, C = self.capacity
+        cdef int64_t v
+        self._acquire()
+        try:
+            # every id checked before any state changes (a C loop: no Python per session)
+            self.calls += 1
+            for i in range(n):
+                v = idp[i]
+                slot = v % C if v >= 0 else 0
+                if v < 0 or v // C != self.gen[slot] or self._is_free(slot):
+                    raise ValueError(f"ids[{i}]: {v} is not an open session of this pool")
+                if self.seen[slot] == self.calls:
+                    raise ValueError(f"ids[{i}]: session {v} appears more than once")
+                self.seen[slot] = self.calls
+                self.slots[i] = slot
+            with nogil:
+                self._step(n, xp, yp)
+        finally:
+            PyThread_release_lock(self.lock)
+        return y
+
+    def _check_ids(self, ids):
+        """ids as a C-contiguous 1-D int64 array, with errors that name ids."""
+        a = ids if cnp.PyArray_Check(ids) else np.asarray(ids)
+        if a.ndim != 1:
+            raise ValueError(f"ids must be 1-D (one id per row of x), got shape {a.shape}")
+        if a.dtype.kind not in "iu" and not (a.size == 0 and a.dtype.kind == "f"):
+            raise TypeError(f"ids must be integers (session ids from open()), got {a.dtype}")
+        if a.dtype.kind == "u" and a.size and a.max() > 2**63 - 1:
+            raise ValueError(f"ids: {a.max()} is not an open session of this pool")
+        return np.ascontiguousarray(a, np.int64)
+
+    def _check_x(self, x, Py_ssize_t n):
+        """The slow path of step: any array-like, with errors that name x."""
+        x = np.asarray(x)
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have dtype {self.dtype} (the pool's dtype), got {x.dtype}")
+        if x.shape != (n, self.input_size):
+            raise ValueError(f"x must have shape ({n}, {self.input_size}) (len(ids), "
+                             f"input_size), got {x.shape}")
+        return np.array(x, order="C")  # a C-contiguous, aligned copy in native byte order
+
+    cdef void _step(self, Py_ssize_t n, const void *x, void *y) noexcept nogil:
+        """The step of the n sessions in self.slots: per layer, gather their states into
+        rows 0 .. n-1, one forward of one timestep over those rows, scatter the states
+        back. The products run in their batch-invariant form."""
+        cdef Py_ssize_t l, i, last = self.num_layers - 1
+        cdef Py_ssize_t nbytes = self.hidden_size * (4 if self.typenum == cnp.NPY_FLOAT else 8)
+        cdef int64_t batch[1]
+        cdef int64_t offsets[2]
+        cdef rf_plan p
+        cdef rf_runtime rt = _rt
+        cdef _PoolLayer *s
+        if n == 0:
+            return
+        rt.invariant = 1
+        batch[0], offsets[0], offsets[1] = n, 0, n
+        p.T, p.B, p.steps, p.rows, p.reverse = 1, n, 1, n, 0
+        p.order, p.lengths, p.batch_sizes, p.offsets = self.order, self.ones, batch, offsets
+        for l in range(self.num_layers):
+            s = &self.layers[l]
+            for i in range(n):
+                memcpy(s.h0 + i * nbytes, s.h + self.slots[i] * nbytes, nbytes)
+                if s.c != NULL:
+                    memcpy(s.c0 + i * nbytes, s.c + self.slots[i] * nbytes, nbytes)
+            s.call.x = x if l == 0 else <const void *>self.layers[l - 1].y
+            s.call.y = y if l == last else s.y
+            (rf_forward_f32 if self.typenum == cnp.NPY_FLOAT else rf_forward_f64)(
+                self.cell, self.option, &s.call, &p, s.n_in, self.hidden_size, 0, &rt)
+            for i in range(n):
+                memcpy(s.h + self.slots[i] * nbytes, s.h_n + i * nbytes, nbytes)
+                if s.c != NULL:
+                    memcpy(s.c + self.slots[i] * nbytes, s.c_n + i * nbytes, nbytes)
+
+
+_POOL_BUSY = ("this stream pool is in use by another thread; make one pool per thread or "
+              "serialise the calls")

@@ -1,0 +1,437 @@
+"""Stream pools: many sessions of one unidirectional layer, any subset stepped together
+(layer.stream_pool()), and batch invariance.
+
+The oracles: the same session stepped alone (a pool of one), a stream of batch 1, and the
+session's row of the layer's whole-sequence forward in eval mode over a ragged batch of all
+the sessions. Pools promise the first bit for bit on every kernel and thread count; the
+other two where every step product rounds a row alike whatever the rows around it: the
+portable kernel, or the AVX2 kernel with set_batch_invariant(True) (its default few-row
+tiles split the sums of rows left over from whole 6-row tiles, see packed.c).
+"""
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from threadpoolctl import threadpool_limits
+
+import rnnfuse
+from rnnfuse import _kernels
+from rnnfuse.layers import GRU, LSTM, RNN
+
+CELLS = [(LSTM, {}), (GRU, {"linear_before_reset": True}),
+         (GRU, {"linear_before_reset": False}), (RNN, {"nonlinearity": "tanh"}),
+         (RNN, {"nonlinearity": "relu"})]
+CELL_IDS = ["lstm", "gru_lbr", "gru_orig", "rnn_tanh", "rnn_relu"]
+
+
+def _has_avx2():
+    try:
+        _kernels.set_kernel("avx2")
+    except ValueError:
+        return False
+    finally:
+        _kernels.set_kernel(None)
+    return True
+
+
+AVX2 = _has_avx2()
+MODES = ["portable", pytest.param("avx2", marks=pytest.mark.skipif(not AVX2, reason="no AVX2")),
+         pytest.param("avx2-invariant",
+                      marks=pytest.mark.skipif(not AVX2, reason="no AVX2"))]
+
+
+@pytest.fixture
+def mode(request):
+    """The kernel and step-product form a test runs on, restored afterwards."""
+    name = request.param
+    _kernels.set_kernel("portable" if name == "portable" else "avx2")
+    _kernels.set_batch_invariant(name == "avx2-invariant")
+    yield name
+    _kernels.set_kernel(None)
+    _kernels.set_batch_invariant(False)
+
+
+def parts(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def random_state(layer, rng, batch=1):
+    shape = (layer.num_layers, batch, layer.hidden_size)
+    arrays = [rng.standard_normal(shape).astype(layer.dtype)
+              for _ in range(2 if isinstance(layer, LSTM) else 1)]
+    return tuple(arrays) if isinstance(layer, LSTM) else arrays[0]
+
+
+def zeros_state(layer, batch=1):
+    shape = (layer.num_layers, batch, layer.hidden_size)
+    arrays = [np.zeros(shape, layer.dtype) for _ in range(2 if isinstance(layer, LSTM) else 1)]
+    return tuple(arrays) if isinstance(layer, LSTM) else arrays[0]
+
+
+class Session:
+    def __init__(self, state):
+        self.state, self.xs, self.ys, self.final = state, [], [], None
+
+
+def workload(layer, rng, capacity, rounds):
+    """Sessions opened (from zeros or a random state), closed and stepped in random subsets
+    and orders through one pool; returns every session's inputs, outputs and final state."""
+    pool = layer.stream_pool(capacity)
+    live, done = {}, []
+    for _ in range(rounds):
+        for _ in range(int(rng.integers(0, 3))):
+            if len(live) < capacity:
+                state = random_state(layer, rng) if rng.random() < 0.5 else None
+                live[pool.open(state)] = Session(state)
+        for sid in list(live):
+            if rng.random() < 0.1:
+                live[sid].final = pool.state(sid)
+                pool.close(sid)
+                done.append(live.pop(sid))
+        if live:
+            ids = rng.permutation(np.array(list(live), np.int64))[:int(rng.integers(0, len(live) + 1))]
+            x = rng.standard_normal((len(ids), layer.input_size)).astype(layer.dtype)
+            y = pool.step(ids, x)
+            assert y.shape == (len(ids), layer.hidden_size) and y.dtype == layer.dtype
+            for i, sid in enumerate(ids):
+                live[sid].xs.append(x[i])
+                live[sid].ys.append(y[i])
+    for sid, s in live.items():
+        s.final = pool.state(sid)
+    return done + list(live.values())
+
+
+def alone(layer, s):
+    """Session s stepped alone, in a pool of one."""
+    pool = layer.stream_pool(1)
+    sid = pool.open(s.state)
+    ys = [pool.step([sid], x[None])[0] for x in s.xs]
+    return ys, pool.state(sid)
+
+
+def streamed(layer, s):
+    stream = layer.stream(1, s.state)
+    return [stream.step(x[None])[0] for x in s.xs], stream.state
+
+
+def whole_sequences(layer, sessions):
+    """Every session as one row of a ragged forward in eval mode: (y, final state)."""
+    T = max([len(s.xs) for s in sessions] + [1])
+    x = np.zeros((T, len(sessions), layer.input_size), layer.dtype)
+    lengths = np.array([len(s.xs) for s in sessions])
+    init = zeros_state(layer, len(sessions))
+    for b, s in enumerate(sessions):
+        if s.xs:
+            x[:len(s.xs), b] = np.stack(s.xs)
+        if s.state is not None:
+            for full, part in zip(parts(init), parts(s.state)):
+                full[:, b] = part[:, 0]
+    return layer.forward(x, init, lengths=lengths)
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES, indirect=True)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls, opts", CELLS, ids=CELL_IDS)
+def test_sessions_are_batch_invariant(cls, opts, dtype, num_layers, threads, mode):
+    seed = hash((cls.__name__, str(opts), np.dtype(dtype).name, num_layers)) % 2**32
+    rng = np.random.default_rng(seed)
+    I, H = int(rng.integers(1, 12)), int(rng.choice([1, 5, 20, 37, 70]))
+    layer = cls(I, H, num_layers=num_layers, dtype=dtype, seed=seed, **opts).eval()
+    with threadpool_limits(threads):
+        sessions = workload(layer, rng, capacity=int(rng.integers(1, 14)), rounds=30)
+        for s in sessions:  # the pool's promise: whoever shares a session's steps
+            ys, final = alone(layer, s)
+            assert_same(s.ys, ys)
+            assert_same(parts(s.final), parts(final))
+        if mode == "avx2":
+            return
+        for s in sessions:  # and, where every product is row-invariant, a stream's
+            ys, final = streamed(layer, s)
+            assert_same(s.ys, ys)
+            assert_same(parts(s.final), parts(final))
+        y, final = whole_sequences(layer, sessions)  # and a forward's rows
+    for b, s in enumerate(sessions):
+        assert_same(s.ys, list(y[:len(s.xs), b]))
+        assert_same(parts(s.final), [f[:, b:b + 1] for f in parts(final)])
+
+
+_HYP_LAYER = GRU(3, 37, num_layers=2, seed=7).eval()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.permutations(range(9)).flatmap(
+    lambda p: st.integers(0, 9).map(lambda k: p[:k])), min_size=1, max_size=6),
+    st.integers(0, 2**32 - 1))
+def test_any_schedule_gives_each_session_its_numbers_alone(schedule, seed):
+    """Nine sessions, each step a drawn subset in a drawn order, on the default kernel."""
+    rng = np.random.default_rng(seed)
+    pool = _HYP_LAYER.stream_pool(9)
+    sessions = {pool.open(): Session(None) for _ in range(9)}
+    ids = np.array(list(sessions), np.int64)
+    for rows in schedule:
+        x = rng.standard_normal((len(rows), 3)).astype(np.float32)
+        y = pool.step(ids[list(rows)], x)
+        for i, r in enumerate(rows):
+            sessions[ids[r]].xs.append(x[i])
+            sessions[ids[r]].ys.append(y[i])
+    for sid, s in sessions.items():
+        ys, final = alone(_HYP_LAYER, s)
+        assert_same(s.ys, ys)
+        assert np.array_equal(pool.state(sid), final)
+
+
+@pytest.mark.parametrize("mode", MODES, indirect=True)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threads_split_a_wide_step_without_changing_bits(dtype, mode):
+    """Enough sessions that a step is shared among threads (whole tiles each): the same bits
+    at 1 and 2 threads, and as each session alone."""
+    layer = LSTM(8, 256, num_layers=2, dtype=dtype, seed=0).eval()
+    rng = np.random.default_rng(0)
+    n = 41  # six whole tiles and a row left over
+    x = rng.standard_normal((3, n, 8)).astype(dtype)
+    state = random_state(layer, rng, n)
+    results = []
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            pool = layer.stream_pool(n + 3)
+            ids = np.array([pool.open(tuple(p[:, b:b + 1] for p in state)) for b in range(n)])
+            order = rng.permutation(n)
+            ys = np.stack([pool.step(ids[order], x[t, order])[np.argsort(order)]
+                           for t in range(3)])
+            results.append(ys)
+    assert np.array_equal(results[0], results[1])
+    for b in (0, 5, 40):
+        s = Session(tuple(p[:, b:b + 1] for p in state))
+        s.xs = list(x[:, b])
+        ys, _ = alone(layer, s)
+        assert np.array_equal(np.stack(ys), results[0][:, b])
+    if mode != "avx2":
+        with threadpool_limits(2):  # a forward long enough to be shared among threads
+            y, _ = layer.forward(x, state)
+        assert np.array_equal(y, results[0])
+
+
+@pytest.mark.skipif(not AVX2, reason="no AVX2")
+@pytest.mark.xfail(strict=True, reason="the AVX2 kernel's default step tiles split the "
+                   "sums of 1-3 rows left over from whole 6-row tiles")
+def test_default_avx2_forward_rows_match_a_stream_of_one():
+    _kernels.set_kernel("avx2")
+    try:
+        layer = LSTM(8, 64, seed=0).eval()
+        x = np.random.default_rng(0).standard_normal((4, 7, 8)).astype(np.float32)
+        y, _ = layer.forward(x)
+        stream = layer.stream(1)
+        assert np.array_equal(np.stack([stream.step(x[t, :1]) for t in range(4)]), y[:, :1])
+    finally:
+        _kernels.set_kernel(None)
+
+
+@pytest.mark.parametrize("mode", ["avx2-invariant"], indirect=True)
+def test_invariant_products_keep_the_forwards_of_whole_tiles(mode):
+    """set_batch_invariant changes only rows left over from whole 6-row tiles: a batch of
+    whole tiles rounds as before."""
+    layer = GRU(5, 40, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((6, 12, 5)).astype(np.float32)
+    y_inv, _ = layer.forward(x)
+    _kernels.set_batch_invariant(False)
+    y_def, _ = layer.forward(x)
+    assert np.array_equal(y_inv, y_def)
+
+
+# ---------------------------------------------------------------- the pool's interface
+
+def snapshot(pool, ids):
+    return [[a.copy() for a in parts(pool.state(sid))] for sid in ids]
+
+
+def test_open_state_close_and_ids():
+    layer = LSTM(3, 4, num_layers=2, seed=0).eval()
+    pool = layer.stream_pool(2)
+    assert isinstance(pool, rnnfuse.StreamPool) and len(pool) == 0
+    assert (pool.capacity, pool.input_size, pool.hidden_size, pool.num_layers) == (2, 3, 4, 2)
+    assert pool.dtype == np.float32 and "LSTM stream pool" in repr(pool)
+    rng = np.random.default_rng(0)
+    state = random_state(layer, rng)
+    a, b = pool.open(state), pool.open()
+    assert isinstance(a, int) and a != b and len(pool) == 2
+    assert list(pool.sessions) == sorted([a, b])
+    for got, want in zip(pool.state(a), state):
+        assert got.shape == (2, 1, 4) and np.array_equal(got, want)
+    for got in pool.state(b):
+        assert not got.any()
+    got = pool.state(a)
+    got[0][...] = 7  # copies
+    assert np.array_equal(pool.state(a)[0], state[0])
+    pool.step([a, b], rng.standard_normal((2, 3)).astype(np.float32))
+    pool.close(a)
+    assert len(pool) == 1 and list(pool.sessions) == [b]
+    c = pool.open()  # a reopened slot starts from zeros, under a new id
+    assert c not in (a, b)
+    for got in pool.state(c):
+        assert not got.any()
+    with pytest.raises(ValueError, match="not an open session"):
+        pool.state(a)  # a closed id is never valid again
+
+
+@pytest.mark.parametrize("mode", MODES, indirect=True)
+def test_state_forms_of_gru_and_rnn(mode):
+    for layer in (GRU(3, 4, num_layers=3, seed=0), RNN(3, 4, seed=0)):
+        pool = layer.stream_pool(1)
+        h = np.random.default_rng(0).standard_normal((layer.num_layers, 1, 4)).astype(np.float32)
+        sid = pool.open(h)
+        assert np.array_equal(pool.state(sid), h)
+        y = pool.step([sid], np.ones((1, 3), np.float32))
+        want_y, want_h = layer.eval().forward(np.ones((1, 1, 3), np.float32), h)
+        assert pool.state(sid).shape == want_h.shape == (layer.num_layers, 1, 4)
+        if mode != "avx2":  # the layer's form and numbers (see the module's docstring)
+            assert np.array_equal(y, want_y[0])
+            assert np.array_equal(pool.state(sid), want_h)
+
+
+def read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def test_step_takes_ids_in_any_form_and_any_layout():
+    layer = RNN(3, 5, seed=0).eval()
+    pool = layer.stream_pool(4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6)).astype(np.float32)[:, ::2]  # strided
+    x_before = x.copy()
+    results = []
+    for ids_form, x_form in [(list, np.ascontiguousarray), (np.array, lambda a: a),
+                             (lambda v: np.array(v, np.int32), np.asfortranarray),
+                             (lambda v: np.array(v, np.uint64), read_only)]:
+        ids = [pool.open(), pool.open()]
+        results.append(pool.step(ids_form(ids), x_form(x)))
+        for sid in ids:
+            pool.close(sid)
+    assert np.array_equal(x, x_before)
+    for r in results[1:]:
+        assert np.array_equal(r, results[0])
+    empty = pool.step([], np.empty((0, 3), np.float32))
+    assert empty.shape == (0, 5)
+
+
+@pytest.mark.parametrize("ids, x, exc, match", [
+    ("unknown", None, ValueError, r"ids\[1\]: 999 is not an open session"),
+    ("negative", None, ValueError, r"ids\[0\]: -1 is not an open session"),
+    ("closed", None, ValueError, r"ids\[2\]: .* is not an open session"),
+    ("repeated", None, ValueError, r"ids\[2\]: session .* appears more than once"),
+    ("floats", None, TypeError, r"ids must be integers"),
+    ("2-D", None, ValueError, r"ids must be 1-D"),
+    ("ok", np.ones((2, 3), np.float32), ValueError, r"x must have shape \(3, 3\) \(len\(ids\)"),
+    ("ok", np.ones((3, 2), np.float32), ValueError, r"x must have shape \(3, 3\)"),
+    ("ok", np.ones((3, 3), np.float64), TypeError, r"x must have dtype float32 \(the pool's"),
+    ("ok", None, TypeError, r"x must have dtype float32 .* got object"),
+])
+def test_step_refuses_bad_arguments_and_changes_nothing(ids, x, exc, match):
+    layer = LSTM(3, 4, num_layers=2, seed=0).eval()
+    pool = layer.stream_pool(5)
+    rng = np.random.default_rng(0)
+    open_ids = [pool.open(random_state(layer, rng)) for _ in range(4)]
+    closed = open_ids.pop()
+    pool.close(closed)
+    ids = {"unknown": [open_ids[0], 999], "negative": [-1], "closed": open_ids[:2] + [closed],
+           "repeated": [open_ids[0], open_ids[1], open_ids[0]],
+           "floats": np.array(open_ids, float), "2-D": np.array([open_ids]),
+           "ok": open_ids}[ids]
+    if match.startswith("ids"):
+        x = np.ones((len(ids), 3), np.float32)
+    before = snapshot(pool, open_ids)
+    with pytest.raises(exc, match=match):
+        pool.step(ids, x)
+    for got, want in zip(snapshot(pool, open_ids), before):
+        assert_same(got, want)
+    assert len(pool) == 3
+    y = pool.step(open_ids, np.ones((3, 3), np.float32))  # still usable
+    assert y.shape == (3, 4)
+
+
+def test_open_close_and_state_refuse_bad_arguments():
+    layer = LSTM(3, 4, num_layers=2, seed=0).eval()
+    pool = layer.stream_pool(1)
+    with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\)"):
+        pool.open(np.zeros((2, 1, 4), np.float32))
+    with pytest.raises(ValueError, match=r"h must have shape \(2, 1, 4\) \(num_layers, 1"):
+        pool.open((np.zeros((2, 4), np.float32), None))
+    with pytest.raises(TypeError, match=r"c must have dtype float32"):
+        pool.open((None, np.zeros((2, 1, 4))))
+    assert len(pool) == 0
+    sid = pool.open()
+    with pytest.raises(RuntimeError, match="capacity=1"):
+        pool.open()
+    for bad, exc in [(sid + 1, ValueError), (-3, ValueError), (2**70, ValueError),
+                     ("0", TypeError), (True, TypeError), (1.0, TypeError)]:
+        with pytest.raises(exc, match="sid"):
+            pool.state(bad)
+        with pytest.raises(exc, match="sid"):
+            pool.close(bad)
+    assert len(pool) == 1 and list(pool.sessions) == [sid]
+    with pytest.raises(TypeError, match="state must have dtype float64"):
+        GRU(3, 4, dtype=np.float64).stream_pool(1).open(np.zeros((1, 1, 4), np.float32))
+
+
+def test_stream_pool_refuses_bad_construction():
+    with pytest.raises(ValueError, match="bidirectional layer cannot be streamed"):
+        LSTM(3, 4, bidirectional=True).stream_pool(2)
+    with pytest.raises(ValueError, match="capacity"):
+        LSTM(3, 4).stream_pool(0)
+    with pytest.raises(TypeError, match="capacity"):
+        LSTM(3, 4).stream_pool(1.5)
+    with pytest.raises(ValueError, match="use layer.stream_pool"):
+        rnnfuse.StreamPool("lstm", False, np.float32, 0, [])
+
+
+def test_pool_keeps_its_weights_and_runs_in_eval_mode():
+    layer = LSTM(3, 4, num_layers=2, dropout=0.5, seed=0)  # left in training mode
+    x = np.random.default_rng(0).standard_normal((5, 1, 3)).astype(np.float32)
+    want, _ = layer.eval().forward(x)
+    pool = layer.train().stream_pool(1)
+    for p in layer.parameters():
+        p += 1.0  # an optimizer step after the pool was made
+    sid = pool.open()
+    assert np.array_equal(np.stack([pool.step([sid], x[t]) for t in range(5)]), want)
+
+
+def test_concurrent_calls_on_one_pool_are_refused_not_corrupting():
+    """A call that overlaps another raises RuntimeError; the steps that ran are exactly a
+    serial run's."""
+    layer = LSTM(64, 256, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    pool = layer.stream_pool(2)
+    ids = [pool.open(), pool.open()]
+    done, refused = [], []
+
+    def work():
+        for _ in range(150):
+            try:
+                pool.step(ids, x)
+                done.append(1)
+            except RuntimeError as e:
+                assert "another thread" in str(e)
+                refused.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    serial = layer.stream_pool(2)
+    serial_ids = [serial.open(), serial.open()]
+    for _ in range(len(done)):
+        serial.step(serial_ids, x)
+    for a, b in zip(ids, serial_ids):
+        for got, want in zip(pool.state(a), serial.state(b)):
+            assert np.array_equal(got, want)
