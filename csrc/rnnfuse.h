@@ -39,7 +39,7 @@ typedef struct {
     rf_threads_fn num_threads;  /* the BLAS's current thread count, or NULL: one thread */
     int avx2;  /* 1: the AVX2+FMA code (only where rf_cpu_avx2()); 0: the portable code */
     int invariant;  /* 1: the steps' products round every row alike whatever the rows
-                     * around it (RF_STEP_INVARIANT); 0: the default (RF_STEP_SPLIT) */
+                     * around it (RF_STEP_INVARIANT, the default); 0: RF_STEP_SPLIT */
 } rf_runtime;
 
 /* The build has AVX2+FMA code beside the portable code (GCC on x86-64 Linux); it runs

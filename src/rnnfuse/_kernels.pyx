@@ -160,14 +160,14 @@ def set_kernel(name=None):
 
 
 set_kernel()
-_rt.invariant = 0
+_rt.invariant = 1
 
 
 def set_batch_invariant(bint on):
-    """For tests and measurements: with True, every call's step products round each row
-    alike whatever the other rows of its step (as stream pools always do); False (the
-    default): the AVX2 kernel's few-row tiles split their sums over k, so a row's bits
-    depend on how many rows share its step (the portable kernel is invariant either way).
+    """For tests and measurements: with True (the default), every call's step products
+    round each row alike whatever the other rows of its step; False: the AVX2 kernel's
+    few-row tiles split their sums over k, so a row's bits depend on how many rows share
+    its step (the portable kernel is invariant either way; stream pools always are).
     Process-wide, as set_kernel, and not while kernels run in other threads."""
     _rt.invariant = on
 
