@@ -65,7 +65,7 @@ RF_PASS_TARGET static void RF_PASS(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h
     if (relu) {  /* max(a, 0) that keeps NaN: (NaN < 0) is false */
         for (ptrdiff_t k = 0; k < n; k++) rows[k] = rows[k] < 0 ? 0 : rows[k];
     } else {
-        RF_FN(rf_tanh)(rows, n, RF_PASS_AVX2);
+        TANH(rows, n);
     }
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];

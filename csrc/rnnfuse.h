@@ -147,11 +147,11 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
 #define RF_PANEL_BYTES 64
 #define RF_MR 6  /* rows of a register tile */
 /* rf_packed_gemm's split_k: 0, every output one chain over k in order (the projections);
- * RF_STEP_SPLIT (the default of the steps), a step's 1-3 rows left over from whole tiles
- * split their chains over k, so a row's bits depend on how many rows share its step (the
- * numbers streams and forwards have always had); RF_STEP_INVARIANT,
- * a step whose every row is one chain over k in order, as in a whole tile: a row rounds
- * the same whatever the other rows of the step (batch invariance). */
+ * RF_STEP_INVARIANT (the default of the steps), every row of a step one chain over k in
+ * order, as in a whole tile: a row rounds the same whatever the other rows of the step
+ * (batch invariance); RF_STEP_SPLIT (set_batch_invariant(False), for measurements), a
+ * step's 1-3 rows left over from whole tiles split their chains over k, so a row's bits
+ * depend on how many rows share its step. */
 #define RF_STEP_SPLIT 1
 #define RF_STEP_INVARIANT 2
 #define RF_NR ((ptrdiff_t)(RF_PANEL_BYTES / sizeof(REAL)))  /* in the dtype-generic parts */

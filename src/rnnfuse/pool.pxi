@@ -30,10 +30,9 @@ cdef class StreamPool:
     A step is one kernel call per layer over the sessions that step, their states gathered
     and scattered in C, the GIL released. Batch invariance: the steps' products round each
     session's row alike whatever other sessions step with it, in whatever order, and at any
-    thread count, so a session's outputs are bitwise the same whoever shares its steps. On
-    the portable kernel they are also those of a stream of batch 1 and of the session's row
-    of ``layer.forward`` in eval mode; on the AVX2 kernel those two split the sums of rows
-    left over from whole 6-row tiles, and can differ from the pool in the last bits.
+    thread count, so a session's outputs are bitwise the same whoever shares its steps, and
+    those of a stream of batch 1 and of the session's row of ``layer.forward`` in eval
+    mode (every call's products are batch-invariant by default).
 
     Every argument is checked before any state changes: unknown, closed or repeated ids,
     a full pool, wrong shapes or dtypes raise with nothing done. The pool keeps its own
