@@ -69,7 +69,7 @@ int rf_choose_kernel(const char *request) {
 }
 
 const char *rf_simd_path(void) {
-    return rf_choose_kernel(NULL) ? "x86-64-v3 (AVX2+FMA)" : "baseline";
+    return rf_choose_kernel(NULL) ? "AVX2+FMA" : "baseline";
 }
 
 ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {

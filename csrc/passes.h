@@ -2,7 +2,7 @@
  *
  * Inside a dtype-generic part (instantiate.h), a file defines RF_PASSES_FILE as its own
  * name and includes this header, which includes the file back with RF_PASS defined: once
- * for x86-64-v3 (AVX2, FMA; RF_PASS_AVX2 1, names suffixed _v3) where the build has that
+ * for AVX2 and FMA (RF_PASS_AVX2 1, names suffixed _v3) where the build has that
  * code, once for the baseline (RF_PASS_AVX2 0, _base). The part of the file under
  * #ifdef RF_PASS is written once, its functions named RF_PASS(name) and marked
  * RF_PASS_TARGET; callers take the copy their rf_runtime picks: RF_PICK(name, rt->avx2).
@@ -14,7 +14,9 @@
 #define TANH(a, n) RF_FN(rf_tanh)(a, n, RF_PASS_AVX2)
 #if RF_HAVE_AVX2
 #define RF_PASS(name) RF_CAT(RF_FN(name), v3)
-#define RF_PASS_TARGET __attribute__((target("arch=x86-64-v3")))
+/* exactly the features rf_cpu_avx2 checks: a whole x86-64-v3 target would let the
+ * compiler use BMI2 and others too, which some CPUs with AVX2 and FMA lack */
+#define RF_PASS_TARGET __attribute__((target("avx2,fma")))
 #define RF_PASS_AVX2 1
 #include RF_PASSES_FILE
 #undef RF_PASS

@@ -306,7 +306,7 @@ int rf_backward_f64(int cell, int option, const rf_backward_bufs *a, const rf_pl
 #define RF_FN(name) RF_CAT(name, RF_SUFFIX)   /* rf_gemm -> rf_gemm_f32 / rf_gemm_f64 */
 
 /* A pointwise pass compiled once per code path (passes.h): the copy that avx2 (the call's
- * rf_runtime.avx2) picks, name_f32_v3 (x86-64-v3: AVX2, FMA) or name_f32_base. */
+ * rf_runtime.avx2) picks, name_f32_v3 (AVX2, FMA) or name_f32_base. */
 #if RF_HAVE_AVX2
 #define RF_PICK(name, avx2) ((avx2) ? RF_CAT(RF_FN(name), v3) : RF_CAT(RF_FN(name), base))
 #else

@@ -199,6 +199,7 @@ def test_lengths_are_copied_at_forward(h):
     (dict(I=2**31), "ESIZE"), (dict(H=2**31 // 4), "ESIZE"),      # 4H = 2^31
     (dict(H=2**31 // 4 - 1), "ENOMEM"),  # a valid size, but W_hh alone needs 2^60 elements
     (dict(T=2**40, B=2**40), "ENOMEM"),  # refused before any size is computed
+    (dict(T=2**62, B=0), "ENOMEM"),  # an empty batch still plans every step
     (dict(y=None), "ENULL"), (dict(h_n=None), "ENULL"), (dict(c_n=None), "ENULL"),
     (dict(x=None), "ENULL"), (dict(w_ih=None), "ENULL"), (dict(w_hh=None), "ENULL"),
     (dict(lengths=[3, -1]), "ELENGTHS"), (dict(lengths=[4, 3]), "ELENGTHS"),

@@ -18,7 +18,7 @@ from rnnfuse import reference as R
 
 CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"), ("rnn", "relu")]
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
-HAVE_AVX2 = _kernels.simd_path().startswith("x86-64-v3")
+HAVE_AVX2 = (_kernels.simd_path() != "baseline")
 PATHS = ["avx2", "portable"] if HAVE_AVX2 else ["portable"]
 
 

@@ -386,6 +386,47 @@ def test_kernel_wrappers_refuse_a_missing_plan():
         F.rnn_backward(None, None, ctx)
 
 
+
+def test_kernel_wrappers_refuse_sizes_the_weights_do_not_have():
+    """An empty batch pins neither I nor H through x or y: the weights' shapes must."""
+    from rnnfuse import _kernels
+    plan = _kernels.Plan(np.zeros(0, np.int64), 3, False)
+    x = np.zeros((3, 0, 4), np.float32)
+    w_ih, w_hh = np.ones((5, 4), np.float32), np.ones((5, 5), np.float32)
+    for I, H in ((4, 5), (2**40, 5), (4, 6)):
+        ws = np.zeros(max(_kernels.workspace_size("rnn", plan, 4, 5, False), 0), np.float32)
+        if (I, H) == (4, 5):
+            _kernels.forward("rnn", x, None, None, w_ih, w_hh, None, None, plan, ws, I, H, False)
+            continue
+        with pytest.raises(ValueError, match=r"_kernels: w_ih and w_hh must be"):
+            _kernels.forward("rnn", x, None, None, w_ih, w_hh, None, None, plan, ws, I, H, False)
+
+
+def test_lengths_changed_after_forward_do_not_reach_backward():
+    """The plan keeps its own lengths: the caller's array may change before backward."""
+    c = make_case("lstm", 6, 4, 3, 5, np.float64)
+    lengths = np.array([6, 2, 4, 0], np.int64)
+    *_, ctx = F.lstm_forward(c["x"], None, None, c["w_ih"], c["w_hh"], None, None,
+                             lengths=lengths, reverse=True)
+    *_, ctx2 = F.lstm_forward(c["x"], None, None, c["w_ih"], c["w_hh"], None, None,
+                              lengths=lengths.copy(), reverse=True)
+    lengths[:] = [0, 6, 6, 6]
+    dy = np.ones((6, 4, 5))
+    for got, want in zip(F.lstm_backward(dy, None, None, ctx), F.lstm_backward(dy, None, None, ctx2)):
+        assert (got is None and want is None) or np.array_equal(got, want)
+
+
+def test_a_refused_backward_leaves_its_ctx_usable():
+    c = make_case("gru", 3, 2, 4, 5, np.float32)
+    *_, ctx = F.gru_forward(c["x"], None, c["w_ih"], c["w_hh"], None, None)
+    w_hh, ctx.w_hh = ctx.w_hh, ctx.w_hh[:, :4].copy()
+    with pytest.raises(ValueError, match="w_hh"):
+        F.gru_backward(None, None, ctx)
+    ctx.w_hh = w_hh
+    dx, *_ = F.gru_backward(None, np.ones((2, 5), np.float32), ctx)
+    assert np.isfinite(dx).all() and dx.any()
+
+
 # ---------------------------------------------------------------- 2. every kernel, once
 # (the sanitizer/valgrind subset: every cell, option, dtype, direction, batch kind)
 

@@ -118,3 +118,15 @@ def test_resumed_progress_bar_starts_at_the_step_reached(tmp_path, monkeypatch):
     train.fit(task, opt, epochs=2, rng=rng, resume=ck, stream=io.StringIO())
     assert [kw["initial"] for kw in made] == [0, first.step]
     assert made[1]["total"] == 2 * len(task.data)
+
+
+def test_a_failing_evaluation_leaves_the_model_in_training_mode():
+    task, opt, sched, rng = make()
+
+    def broken():
+        raise KeyboardInterrupt  # e.g. the user stops a long evaluation
+
+    task.evaluate = broken
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(task, opt, epochs=1, rng=rng, progress=False)
+    assert all(m.training for m in task.model)

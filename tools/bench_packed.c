@@ -6,8 +6,9 @@
  *   gcc -O3 -std=c11 -Icsrc tools/bench_packed.c -o /tmp/bench_packed
  *   /tmp/bench_packed M N K [reps] [split_k]    e.g. 16 512 128 (an LSTM step: B=16, H=128)
  *                                               or 1600 512 64 1000 0 (its projection)
- * split_k (default 1, as the per-step products) 0 as a projection: no k-split, row tiles
- * outer. The float32 AVX2+FMA path where the CPU has it (rf_cpu_avx2), else the portable
+ * split_k: 2 (the default, RF_STEP_INVARIANT: the per-step products, batch-invariant),
+ * 1 (RF_STEP_SPLIT: left-over rows split over k), 0 (a projection: no k-split, row tiles
+ * outer). The float32 AVX2+FMA path where the CPU has it (rf_cpu_avx2), else the portable
  * tile. */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -36,7 +37,7 @@ int main(int argc, char **argv) {
     }
     ptrdiff_t M = atol(argv[1]), N = atol(argv[2]), K = atol(argv[3]);
     long reps = argc > 4 ? atol(argv[4]) : 0;
-    int split_k = argc > 5 ? atoi(argv[5]) : 1;
+    int split_k = argc > 5 ? atoi(argv[5]) : RF_STEP_INVARIANT;
     if (M < 1 || N < 1 || K < 1) {
         fprintf(stderr, "M, N and K must be positive\n");
         return 2;

@@ -32,7 +32,8 @@ echo "sanitize.sh: built in $((SECONDS - start)) s" >&2
 
 # 3. The tests, with the sanitizer runtime preloaded into the (unsanitized) interpreter.
 #    Every kernel, cell, option, dtype, direction and batch kind is in this default subset,
-#    and the C-level API (test_capi.py builds its example with the unsanitized compiler);
+#    the C-level API (test_capi.py builds its example with the unsanitized compiler), the
+#    streams and the stream pools;
 #    then the kernels again on the portable code path (RNNFUSE_KERNEL=portable): every
 #    cell, option, dtype and batch kind against the reference, the tile edges and the
 #    shared time loops (the long bitwise comparisons run on it in CI without sanitizers).
@@ -52,7 +53,7 @@ run_tests() {  # run_tests KERNEL PYTEST_ARGS...
 }
 if [ $# -eq 0 ]; then
     run_tests default tests/test_functional.py tests/test_reliability.py tests/test_vmath.py \
-        tests/test_capi.py -q
+        tests/test_capi.py tests/test_stream.py tests/test_pool.py -q
     run_tests portable tests/test_functional.py -q \
         -k "matches_reference or register_tile_edges or numbers_of_one"
 else

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 else:
     def __getattr__(name):
         # The NumPy reference is the tests' oracle and the benchmarks' baseline, never part
-        # of the fast path: imported only when asked for.
+        # of the fast path: imported only when asked for (so not in __all__ either).
         if name == "reference":
             import importlib
             return importlib.import_module(".reference", __name__)
@@ -28,5 +28,5 @@ __all__ = ["LSTM", "GRU", "RNN", "Stream", "StreamPool", "Embedding", "Linear", 
            "SGD", "Adam", "AdamW", "clip_grad_norm", "StepLR", "CosineAnnealingLR", "LinearWarmup",
            "pad_sequences", "bucket_by_length", "BatchIterator", "tbptt_windows", "reset_state",
            "save_checkpoint", "load_checkpoint", "restore_checkpoint", "CheckpointError",
-           "functional", "reference", "losses", "optim", "data", "checkpoint", "onnx_weights",
+           "functional", "losses", "optim", "data", "checkpoint", "onnx_weights",
            "show_config", "__version__"]

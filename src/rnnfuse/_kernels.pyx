@@ -235,6 +235,10 @@ cdef class Plan:
     cdef int64_t[::1] _order, _batch_sizes, _offsets
 
     def __init__(self, lengths, Py_ssize_t T, bint reverse):
+        # A copy: the kernels index by these lengths, in this call and in its backward,
+        # whatever the caller does with its array in between.
+        lengths = np.array(lengths, order="C")  # int64: the memoryview below checks
+        lengths.flags.writeable = False
         cdef const int64_t[::1] lens = lengths
         cdef Py_ssize_t B = lens.shape[0], b
         for b in range(B):  # the C sort indexes by length: never trust it unchecked
@@ -400,6 +404,19 @@ cdef inline int _backward(bint f32, int cell, int option, const rf_backward_bufs
     return (rf_backward_f32 if f32 else rf_backward_f64)(cell, option, a, p, I, H, &_rt)
 
 
+cdef int _check_weight_shapes(w_ih, w_hh, Py_ssize_t G, Py_ssize_t I,
+                              Py_ssize_t H) except -1:
+    """w_ih (G*H, I) and w_hh (G*H, H): the shapes, not only the sizes, so that I and H
+    cannot disagree with the weights (an empty batch pins neither through x or y)."""
+    if not (cnp.PyArray_Check(w_ih) and cnp.PyArray_Check(w_hh) and w_ih.ndim == 2
+            and w_hh.ndim == 2 and w_ih.shape[0] == G * H and w_ih.shape[1] == I
+            and w_hh.shape[0] == G * H and w_hh.shape[1] == H):
+        raise ValueError(f"_kernels: w_ih and w_hh must be {(G * H, I)} and {(G * H, H)}, "
+                         f"got {getattr(w_ih, 'shape', w_ih)} and "
+                         f"{getattr(w_hh, 'shape', w_hh)}")
+    return 0
+
+
 cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh,
                                    b_ih, b_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
                                    bint train) except *:
@@ -408,6 +425,7 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     cdef bint lstm = c.states == 2
     cdef rf_plan p = plan.view()
     cdef rf_forward_bufs a
+    _check_weight_shapes(w_ih, w_hh, G, I, H)
     a.y = _buf(y, TB * H, t, "y", _OUT)
     a.h_n = _buf(h_n, BH, t, "h_n", _OUT)
     a.c_n = _buf(c_n, BH, t, "c_n", _OUT) if lstm else NULL
@@ -454,6 +472,7 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     cdef bint lstm = c.states == 2
     cdef rf_plan p = plan.view()
     cdef rf_backward_bufs a
+    _check_weight_shapes(w_ih, w_hh, G, I, H)
     a.dx = _buf(dx, TB * I, t, "dx", _OUT)
     a.dh0 = _buf(dh0, BH, t, "dh0", _OUT)
     a.dc0 = _buf(dc0, BH, t, "dc0", _OUT) if lstm else NULL
@@ -492,17 +511,21 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         return None
     ws = ctx.take()
     has_ih, has_hh = ctx.has_bias
-    scratch = _aligned_empty(backward_scratch_size(cell, plan, I, H), t)
-    dx = _empty(t, 3, T, B, I, zeros=plan.rows < T * B)  # padding's gradient is zero
-    dh0 = _empty(t, 2, B, H)
-    dc0 = _empty(t, 2, B, H) if lstm else None
-    dw_ih = _empty(t, 2, G * H, I)
-    dw_hh = _empty(t, 2, G * H, H)
-    db_ih = _empty(t, 1, G * H, 0) if has_ih else None
-    db_hh = _empty(t, 1, G * H, 0) if has_hh else None
-    cdef rf_backward_bufs a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy,
-                                             dh_n, dc_n, ws, scratch, x, w_ih, w_hh, plan, I,
-                                             H)
+    cdef rf_backward_bufs a
+    try:  # a refusal or a failed allocation leaves ctx as it was
+        scratch = _aligned_empty(backward_scratch_size(cell, plan, I, H), t)
+        dx = _empty(t, 3, T, B, I, zeros=plan.rows < T * B)  # padding's gradient is zero
+        dh0 = _empty(t, 2, B, H)
+        dc0 = _empty(t, 2, B, H) if lstm else None
+        dw_ih = _empty(t, 2, G * H, I)
+        dw_hh = _empty(t, 2, G * H, H)
+        db_ih = _empty(t, 1, G * H, 0) if has_ih else None
+        db_hh = _empty(t, 1, G * H, 0) if has_hh else None
+        a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
+                           scratch, x, w_ih, w_hh, plan, I, H)
+    except BaseException:
+        ctx.ws = ws
+        raise
     cdef rf_plan p = plan.view()
     cdef bint option = ctx.option
     with nogil:

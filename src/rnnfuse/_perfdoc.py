@@ -52,7 +52,7 @@ The architecture, cell by cell, is in [design.md](design.md); in short:
   (ndarrays of the call's dtype and shapes, C-contiguous and aligned; no `lengths`) and whose
   workspace is under 1 MiB skips the argument checks in Python.
 - **One C source, picked at run time.** float32 and float64 share one source; the vectorized
-  code is compiled for x86-64-v3 (AVX2+FMA) and a baseline and chosen on the CPU that runs it.
+  code is compiled for AVX2+FMA and for a baseline and chosen on the CPU that runs it.
   sigmoid and tanh are 8-wide AVX2 approximations within 3 and 1 ulp of libm (tested). No
   `-ffast-math`: NaN and inf propagate as in NumPy.
 

@@ -45,8 +45,8 @@ cdef int _check_sizes(int cell, int option, int reverse, Py_ssize_t T, Py_ssize_
         return RNNFUSE_ESIZE  # SciPy's BLAS takes 32-bit dimensions
     # A bound on the elements of every buffer either pass allocates or touches, in floating
     # point (no overflow): within 2^57, every count the kernels compute fits a ptrdiff_t
-    # and every byte count a size_t.
-    if (<double>T + 2) * B * (I + 8 * G * H) + 4 * (<double>G * H + 16) * (H + 16) \
+    # and every byte count a size_t. B + 1, not B: the plan's T-sized arrays exist at B=0.
+    if (<double>T + 2) * (B + 1) * (I + 8 * G * H) + 4 * (<double>G * H + 16) * (H + 16) \
             > 2.0 ** 57:
         return RNNFUSE_ENOMEM
     return RNNFUSE_OK

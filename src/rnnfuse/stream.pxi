@@ -119,7 +119,12 @@ cdef class Stream:
     def state(self):
         """The current state, in the layer's form: ``(h, c)`` for LSTM, ``h`` for GRU and
         RNN, each (num_layers, batch_size, hidden_size) (copies)."""
-        parts = [np.stack(bufs) for bufs in self._states()]
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):  # not half a step's state
+            raise RuntimeError(_BUSY)
+        try:
+            parts = [np.stack(bufs) for bufs in self._states()]
+        finally:
+            PyThread_release_lock(self.lock)
         return tuple(parts) if self._n_states == 2 else parts[0]
 
     def reset(self, state=None):

@@ -370,8 +370,10 @@ class _Loop:
         on_eval); the early-stopping bookkeeping. A non-finite loss ends training."""
         st = self.state
         self.model.eval()
-        m = dict(self.task.evaluate())
-        self.model.train()
+        try:
+            m = dict(self.task.evaluate())
+        finally:  # training goes on (or is resumed) in training mode whatever evaluate did
+            self.model.train()
         now = time.perf_counter()
         rec = {"kind": kind, "epoch": st.epoch, "step": st.step,
                "train_loss": float(np.mean(st.losses[-100:])) if st.losses else None,
