@@ -759,3 +759,12 @@ def test_onnx_runtime_parity(cell, opts):
                                rtol=1e-5, atol=1e-5)
     for g, p in zip(got[1:], parts(s)):
         np.testing.assert_allclose(g, p, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_lists_every_module_in_order():
+    inner = Sequential(GRU(3, 4, seed=0), Linear(4, 2, seed=0))
+    lstm = LSTM(2, 3, seed=0)
+    model = Sequential(lstm, inner)
+    assert [id(m) for m in model.modules()] == [id(model), id(lstm), id(inner), id(inner[0]),
+                                                id(inner[1])]
+    assert list(lstm.modules()) == [lstm]

@@ -11,19 +11,21 @@ from rnnfuse.apps import charlm
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 
-def make(seed=0, hidden=8, lr=1e-2):
+def make(seed=0, hidden=8, lr=1e-2, dropout=0.0):
     vocab = charlm.Vocab(TEXT)
     ids = vocab.encode(TEXT)
     rng = np.random.default_rng(seed)
-    model = charlm.char_model(vocab.size, "lstm", hidden, 1, embed=6, seed=seed)
+    model = charlm.char_model(vocab.size, "lstm", hidden, 2 if dropout else 1, embed=6,
+                              seed=seed)
+    model[1].dropout = dropout  # between its two layers, masks drawn from its generator
     opt = Adam(model.named_parameters(), lr=lr)
     sched = CosineAnnealingLR(opt, T_max=200)
     task = charlm.CharLM(model, ids[:1500], ids[1500:], k=10, batch_size=4, rng=rng)
     return task, opt, sched, rng
 
 
-def run(tmp_path=None, resume=None, save=None, **kw):
-    task, opt, sched, rng = make()
+def run(tmp_path=None, resume=None, save=None, dropout=0.0, **kw):
+    task, opt, sched, rng = make(dropout=dropout)
     return train.fit(task, opt, scheduler=sched, clip=1.0, rng=rng, progress=False,
                      resume=resume, save=save, **kw)
 
@@ -47,19 +49,29 @@ def test_early_stopping_triggers():
     assert res.epoch == 3 and len(res.history) == 3
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    full = run(epochs=3)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_resume_reproduces_uninterrupted_run(tmp_path, dropout):
+    full = run(epochs=3, dropout=dropout)
     ck = str(tmp_path / "ck.rnnf")
     # interrupted twice: at an epoch boundary, then in the middle of an epoch
-    first = run(epochs=1, save=ck)
+    first = run(epochs=1, save=ck, dropout=dropout)
     assert first.epoch == 1
-    mid = run(epochs=3, save=ck, resume=ck, max_steps=first.step + 7)
+    mid = run(epochs=3, save=ck, resume=ck, max_steps=first.step + 7, dropout=dropout)
     assert mid.stopped == "max_steps"
-    rest = run(epochs=3, save=ck, resume=ck)
+    rest = run(epochs=3, save=ck, resume=ck, dropout=dropout)
     assert rest.losses == full.losses          # exactly, every step
     assert rest.last["loss"] == full.last["loss"]
     assert rest.step == full.step and rest.epoch == 3
     assert [p for p in tmp_path.iterdir() if p.name != "ck.rnnf"] == []  # no temp files left
+
+
+def test_resume_refuses_the_mask_generators_of_another_model(tmp_path):
+    ck = str(tmp_path / "ck.rnnf")
+    run(epochs=1, save=ck, dropout=0.3)
+    task, opt, _, rng = make(dropout=0.3)
+    task.model[1]._rng = np.random.Generator(np.random.MT19937(0))
+    with pytest.raises(CheckpointError, match="does not fit MT19937"):
+        train.fit(task, opt, epochs=2, rng=rng, progress=False, resume=ck)
 
 
 def test_resume_refuses_another_model(tmp_path):

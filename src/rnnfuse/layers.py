@@ -121,6 +121,10 @@ class Module:
         """The parameter arrays (live), in state-dict order."""
         return list(self.named_parameters().values())
 
+    def modules(self) -> Iterator[Module]:
+        """This module and every module inside it, in order (as ``torch.nn.Module.modules``)."""
+        yield self
+
     @property
     def grads(self) -> dict[str, NDArray[Any]]:
         """name -> accumulated gradient, the same names and shapes as the parameters
@@ -668,6 +672,11 @@ class Sequential(Module):
     def named_parameters(self) -> dict[str, NDArray[Any]]:
         return {f"{i}.{k}": v for i, m in enumerate(self.layers)
                 for k, v in m.named_parameters().items()}
+
+    def modules(self) -> Iterator[Module]:
+        yield self
+        for m in self.layers:
+            yield from m.modules()
 
     @property
     def grads(self) -> dict[str, NDArray[Any]]:

@@ -251,6 +251,25 @@ class _FitState:
         self.epoch_open = bool(fit_state.get("epoch_open", False))
 
 
+def _mask_generators(model):
+    """The generators model's layers draw their dropout masks from, in the order of
+    ``model.modules()``: a resumed run must go on drawing where the saved one stopped."""
+    modules = model.modules() if hasattr(model, "modules") else ()
+    return [m._rng for m in modules if isinstance(getattr(m, "_rng", None), np.random.Generator)]
+
+
+def _check_generator_states(path, generators, states):
+    """Refuse saved generator states that do not fit the model's, before anything changes."""
+    name = os.path.basename(path)
+    if not isinstance(states, list) or len(states) != len(generators):
+        raise CheckpointError(f"{name}: checkpoint has the mask generators of another model "
+                              f"({len(generators)} expected)")
+    for g, st in zip(generators, states):
+        kind = type(g.bit_generator).__name__
+        if not isinstance(st, dict) or st.get("bit_generator") != kind:
+            raise CheckpointError(f"{name}: a saved mask generator state does not fit {kind}")
+
+
 class _Loop:
     """One fit(): the task and its optimizer, the settings, the state, and the steps
     fit() is made of (resume, run, epoch, train step, evaluation, checkpoint)."""
@@ -279,6 +298,9 @@ class _Loop:
             if diff:
                 raise CheckpointError(f"{os.path.basename(path)}: checkpoint was made with a "
                                       f"different configuration ({', '.join(diff)})")
+        generators, states = _mask_generators(self.model), extra.get("mask_generators")
+        if states is not None:  # (absent from checkpoints of older versions)
+            _check_generator_states(path, generators, states)
         try:
             restore_checkpoint(path, self.model, self.optimizer, self.scheduler, self.rng,
                                data_iterator=self.task.data)
@@ -287,6 +309,8 @@ class _Loop:
                 raise
             raise CheckpointError(f"{os.path.basename(path)}: checkpoint does not fit this "
                                   f"run: {first_line(e)}") from None
+        for g, st in zip(generators, states or []):
+            g.bit_generator.state = st
         self.state.load_state_dict(extra.get("fit") or {}, head["step"])
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(extra.get("task"))
@@ -404,7 +428,9 @@ class _Loop:
         task, sched = self.task, self.scheduler
         extra = {"fit": self.state.state_dict(), "data": task.data.state_dict(),
                  "config": self.config,
-                 "task": task.state_dict() if hasattr(task, "state_dict") else None}
+                 "task": task.state_dict() if hasattr(task, "state_dict") else None,
+                 "mask_generators": [g.bit_generator.state
+                                     for g in _mask_generators(self.model)]}
         save_checkpoint(self.save, self.model.state_dict(), self.optimizer.state_dict(),
                         None if sched is None else sched.state_dict(),
                         None if self.rng is None else self.rng.bit_generator.state,
