@@ -62,14 +62,20 @@ ptrdiff_t rf_plan_build(ptrdiff_t T, ptrdiff_t B, const int64_t *lengths,
 }
 
 int rf_choose_kernel(const char *request) {
-    if (!request || !*request) return rf_cpu_avx2();
-    if (!strcmp(request, "portable")) return 0;
-    if (!strcmp(request, "avx2")) return rf_cpu_avx2() ? 1 : -1;
+    if (!request || !*request)
+        return rf_cpu_avx512() ? RF_SIMD_AVX512 : rf_cpu_avx2() ? RF_SIMD_AVX2 : RF_SIMD_PORTABLE;
+    if (!strcmp(request, "portable")) return RF_SIMD_PORTABLE;
+    if (!strcmp(request, "avx2")) return rf_cpu_avx2() ? RF_SIMD_AVX2 : -1;
+    if (!strcmp(request, "avx512")) return rf_cpu_avx512() ? RF_SIMD_AVX512 : -1;
     return -1;
 }
 
 const char *rf_simd_path(void) {
-    return rf_choose_kernel(NULL) ? "AVX2+FMA" : "baseline";
+    switch (rf_choose_kernel(NULL)) {  /* (a table of pointers would be writable data) */
+        case RF_SIMD_AVX512: return "AVX2+FMA, AVX-512F";
+        case RF_SIMD_AVX2: return "AVX2+FMA";
+        default: return "baseline";
+    }
 }
 
 ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
@@ -223,7 +229,7 @@ void RF_FN(rf_gemm)(const rf_runtime *rt, int trans_a, int trans_b,
  * thread count. a_buf: op(A)'s rows transposed a block at a time (trans_a); b_buf: one
  * block of packed B per part. */
 typedef struct {
-    int trans_a, avx2;
+    int trans_a, avx2, simd;
     ptrdiff_t M, N, K, lda, ldb, ldc;
     const REAL *A, *B;
     REAL *C, *a_buf, *b_buf;
@@ -251,7 +257,7 @@ static void RF_FN(grad_part)(void *arg, int part, int parts) {
             ptrdiff_t nc = q->N - n0 < NC ? q->N - n0 : NC;
             RF_FN(rf_pack)(Bp, q->B + k0 * q->ldb + n0, q->ldb, 0, kc, nc, q->avx2);
             RF_FN(rf_packed_gemm)(r1 - r0, nc, kc, a, lda, Bp, RF_NR * kc, k0 > 0,
-                                  q->C + r0 * q->ldc + n0, q->ldc, 0, q->avx2);
+                                  q->C + r0 * q->ldc + n0, q->ldc, 0, q->simd);
         }
     }
 }
@@ -278,7 +284,7 @@ void RF_FN(rf_grad_gemm)(const rf_runtime *rt, int trans_a, ptrdiff_t M, ptrdiff
         RF_FN(rf_gemm)(rt, trans_a, 0, M, N, K, 1, A, lda, B, ldb, 0, C, ldc);
         return;
     }
-    RF_FN(grad_product) job = {trans_a, rt->avx2, M, N, K, lda, ldb, ldc, A, B, C,
+    RF_FN(grad_product) job = {trans_a, rt->avx2, rf_simd(rt), M, N, K, lda, ldb, ldc, A, B, C,
                                buf, buf + a_size, kc, b_size / parts};
     rf_run_parts(RF_FN(grad_part), &job, parts);
     rf_aligned_free(buf);
@@ -376,7 +382,7 @@ void RF_FN(rf_step_gemm)(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
     RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
                           W->panel_stride, accumulate, C, ldc,
-                          rt->invariant ? RF_STEP_INVARIANT : RF_STEP_SPLIT, rt->avx2);
+                          rt->invariant ? RF_STEP_INVARIANT : RF_STEP_SPLIT, rf_simd(rt));
 }
 
 /* One thread's share of an input projection: contiguous whole tiles of rows. */
@@ -384,7 +390,7 @@ typedef struct {
     ptrdiff_t rows, GH, I, panel_stride;
     const REAL *x, *w;
     REAL *gates;
-    int avx2;
+    int simd;
 } RF_FN(projection);
 
 static void RF_FN(project_part)(void *arg, int part, int parts) {
@@ -395,7 +401,7 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
     if (r0 < r1)
         RF_FN(rf_packed_gemm)(r1 - r0, q->GH, q->I, q->x + r0 * q->I, q->I, q->w,
                               q->panel_stride, 0, q->gates + r0 * q->GH, q->GH, 0,
-                              q->avx2);
+                              q->simd);
 }
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
@@ -416,7 +422,7 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
         xs = xbuf;
     }
     RF_FN(projection) job = {rows, GH, I, W_ih->panel_stride, xs, (const REAL *)W_ih->packed,
-                             gates, rt->avx2};
+                             gates, rf_simd(rt)};
     double flops = 2.0 * (double)rows * (double)GH * (double)I;
     rf_run_parts(RF_FN(project_part), &job,
                  parts_worth(rt, flops, (rows + RF_MR - 1) / RF_MR, after_blas));

@@ -3,7 +3,8 @@
  * once per stream) into panels one cache line wide (RF_NR columns: 16 floats, 8 doubles):
  * panel p holds columns RF_NR*p .. RF_NR*p+RF_NR-1, row k at offset RF_NR*k, zero padded
  * past N. On AVX2+FMA CPUs a register tile of up to 6 rows x one panel accumulates in 12
- * ymm registers; elsewhere a portable tile of 2 rows in the compiler's generic vectors.
+ * ymm registers; on AVX-512F CPUs up to 6 rows x 4 panels in 24 zmm registers; elsewhere a
+ * portable tile of 2 rows in the compiler's generic vectors.
  *
  * Why not BLAS: a per-step BLAS call pays its own overhead and re-packs W_hh every step,
  * for the few rows a step has. And a BLAS rounds a row of a product differently depending
@@ -20,6 +21,7 @@
 #if RF_HAVE_AVX2
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
 #define UNROLL _Pragma("GCC unroll 16")
 #endif
 
@@ -292,6 +294,125 @@ AVX2 static void RF_FN(row_block_invariant)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t 
 #undef V_MASKSTORE
 #undef V_LANES
 #undef VL
+
+/* AVX-512F: a panel row is one zmm register (16 floats, 8 doubles), and 32 registers hold
+ * tiles of up to 24 accumulators. Every output is one chain of FMAs over k in order, then
+ * C added where accumulating: the AVX2 tiles' chains (without their k-split), so the
+ * same bits on either path, whichever tile computes a row. */
+#if RF_IS_FLOAT
+#define ZVEC __m512
+#define ZMASK __mmask16
+#define Z_ZERO _mm512_setzero_ps
+#define Z_LOAD _mm512_loadu_ps
+#define Z_STORE _mm512_storeu_ps
+#define Z_SET1 _mm512_set1_ps
+#define Z_FMA _mm512_fmadd_ps
+#define Z_ADD _mm512_add_ps
+#define Z_MASKLOAD _mm512_maskz_loadu_ps
+#define Z_MASKSTORE _mm512_mask_storeu_ps
+#else
+#define ZVEC __m512d
+#define ZMASK __mmask8
+#define Z_ZERO _mm512_setzero_pd
+#define Z_LOAD _mm512_loadu_pd
+#define Z_STORE _mm512_storeu_pd
+#define Z_SET1 _mm512_set1_pd
+#define Z_FMA _mm512_fmadd_pd
+#define Z_ADD _mm512_add_pd
+#define Z_MASKLOAD _mm512_maskz_loadu_pd
+#define Z_MASKSTORE _mm512_mask_storeu_pd
+#endif
+
+/* One tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns; inlined
+ * with constant mr and np, so the accumulators stay in registers. */
+AVX512 static inline __attribute__((always_inline)) void RF_FN(tile512)(
+        int mr, int np, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
+        const REAL *panels, ptrdiff_t panel_stride, int accumulate, REAL *C, ptrdiff_t ldc) {
+    ZVEC acc[MR][8], b[8];
+    UNROLL for (int i = 0; i < mr; i++)
+        UNROLL for (int q = 0; q < np; q++) acc[i][q] = Z_ZERO();
+    for (ptrdiff_t k = 0; k < K; k++) {
+        UNROLL for (int q = 0; q < np; q++) b[q] = Z_LOAD(panels + q * panel_stride + k * RF_NR);
+        UNROLL for (int i = 0; i < mr; i++) {
+            ZVEC a = Z_SET1(A[i * lda + k]);
+            UNROLL for (int q = 0; q < np; q++) acc[i][q] = Z_FMA(a, b[q], acc[i][q]);
+        }
+    }
+    ZMASK last = (ZMASK)((1u << nc) - 1);
+    UNROLL for (int i = 0; i < mr; i++)
+        UNROLL for (int q = 0; q < np; q++) {
+            REAL *c = C + i * ldc + q * RF_NR;
+            ZVEC sum = acc[i][q];
+            if (q == np - 1 && nc < RF_NR) {  /* never touching columns >= N */
+                if (accumulate) sum = Z_ADD(sum, Z_MASKLOAD(last, c));
+                Z_MASKSTORE(c, last, sum);
+            } else {
+                if (accumulate) sum = Z_ADD(sum, Z_LOAD(c));
+                Z_STORE(c, sum);
+            }
+        }
+}
+
+/* mr rows at row m0 over panels p0 .. p1-1 of P, in tiles of up to np_max panels (then
+ * of one): few rows take many panels, for enough independent chains. */
+#define RANGE512(mr, np_max, m0, p0, p1)                                                     \
+    do {                                                                                     \
+        ptrdiff_t p_ = (p0);                                                                 \
+        for (; p_ + (np_max) <= (p1); p_ += (np_max))                                        \
+            RF_FN(tile512)(mr, np_max, p_ + (np_max) == P ? nc_last : RF_NR, K,              \
+                           A + (m0) * lda, lda, Bp + p_ * panel_stride, panel_stride,        \
+                           accumulate, C + (m0) * ldc + p_ * RF_NR, ldc);                    \
+        for (; p_ < (p1); p_++)                                                              \
+            RF_FN(tile512)(mr, 1, p_ + 1 == P ? nc_last : RF_NR, K, A + (m0) * lda, lda,     \
+                           Bp + p_ * panel_stride, panel_stride, accumulate,                 \
+                           C + (m0) * ldc + p_ * RF_NR, ldc);                                \
+    } while (0)
+
+/* The rows of M left over from whole tiles, over panels p0 .. p1-1. */
+#define LEFT512(p0, p1)                                                 \
+    do {                                                                \
+        switch (left) {                                                 \
+            case 5: RANGE512(5, 4, full, p0, p1); break;                \
+            case 4: RANGE512(4, 4, full, p0, p1); break;                \
+            case 3: RANGE512(3, 8, full, p0, p1); break;                \
+            case 2: RANGE512(2, 8, full, p0, p1); break;                \
+            case 1: RANGE512(1, 8, full, p0, p1); break;                \
+            default: break;                                             \
+        }                                                               \
+    } while (0)
+
+/* row_block's and row_block_invariant's work on AVX-512F. rows_outer (a projection's many
+ * rows): a tile's rows stay in L1 while the panels stream past; otherwise (a step's few
+ * rows) panels are the outer loop, eight at a time, each group reused by every row tile
+ * while it sits in L1. */
+AVX512 static void RF_FN(row_block512)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                                       ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
+                                       int accumulate, REAL *C, ptrdiff_t ldc, int rows_outer) {
+    ptrdiff_t full = M / MR * MR, left = M - full, P = (N + RF_NR - 1) / RF_NR;
+    ptrdiff_t nc_last = N - (P - 1) * RF_NR;
+    if (rows_outer) {
+        for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) RANGE512(MR, 4, m0, 0, P);
+        LEFT512(0, P);
+        return;
+    }
+    for (ptrdiff_t p0 = 0; p0 < P; p0 += 8) {
+        ptrdiff_t p1 = p0 + 8 < P ? p0 + 8 : P;
+        for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) RANGE512(MR, 4, m0, p0, p1);
+        LEFT512(p0, p1);
+    }
+}
+#undef RANGE512
+#undef LEFT512
+#undef ZVEC
+#undef ZMASK
+#undef Z_ZERO
+#undef Z_LOAD
+#undef Z_STORE
+#undef Z_SET1
+#undef Z_FMA
+#undef Z_ADD
+#undef Z_MASKLOAD
+#undef Z_MASKSTORE
 #endif /* RF_HAVE_AVX2 */
 
 void RF_FN(rf_pack)(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,
@@ -381,7 +502,7 @@ static void RF_FN(row_block_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, con
 
 void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
                            const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
-                           ptrdiff_t ldc, int split_k, int avx2) {
+                           ptrdiff_t ldc, int split_k, int simd) {
     /* blocks of whole tiles, about 192 KiB of A each: where panels are the outer loop (a
      * step of many rows; the portable tile) A then streams from L2 once per panel rather
      * than from memory. (A projection's AVX2 tiles take rows outer: blocks change nothing.) */
@@ -390,18 +511,23 @@ void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
     for (ptrdiff_t m0 = 0; m0 < M; m0 += block) {
         ptrdiff_t rows = M - m0 < block ? M - m0 : block;
 #if RF_HAVE_AVX2
-        if (avx2 && split_k == RF_STEP_INVARIANT) {
+        if (simd == RF_SIMD_AVX512 && split_k != RF_STEP_SPLIT) {
+            RF_FN(row_block512)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
+                                C + m0 * ldc, ldc, !split_k);
+            continue;
+        }
+        if (simd && split_k == RF_STEP_INVARIANT) {
             RF_FN(row_block_invariant)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride,
                                        accumulate, C + m0 * ldc, ldc);
             continue;
         }
-        if (avx2) {
+        if (simd) {
             RF_FN(row_block)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
                              C + m0 * ldc, ldc, split_k);
             continue;
         }
 #else
-        (void)avx2; (void)split_k;
+        (void)simd; (void)split_k;
 #endif
         RF_FN(row_block_portable)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride,
                                   accumulate, C + m0 * ldc, ldc);

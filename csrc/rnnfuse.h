@@ -38,6 +38,9 @@ typedef struct {
     rf_dgemm_fn dgemm;
     rf_threads_fn num_threads;  /* the BLAS's current thread count, or NULL: one thread */
     int avx2;  /* 1: the AVX2+FMA code (only where rf_cpu_avx2()); 0: the portable code */
+    int avx512;  /* 1 (with avx2, where rf_cpu_avx512()): the products take AVX-512F
+                  * register tiles, whose sums run over k as the AVX2 tiles' do: the same
+                  * bits, twice the width */
     int invariant;  /* 1: the steps' products round every row alike whatever the rows
                      * around it (RF_STEP_INVARIANT, the default); 0: RF_STEP_SPLIT */
 } rf_runtime;
@@ -60,9 +63,24 @@ static inline int rf_cpu_avx2(void) {
 #endif
 }
 
-/* The one CPU-feature decision (common.c), for rf_runtime.avx2: "portable" -> 0; "avx2"
- * -> 1 where rf_cpu_avx2(), else -1 (it cannot run here); NULL or "" -> the best this CPU
- * runs; anything else -> -1. */
+/* Whether this CPU can also run the AVX-512F products of this build. */
+static inline int rf_cpu_avx512(void) {
+#if RF_HAVE_AVX2
+    return rf_cpu_avx2() && __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
+/* The products' code paths, in rf_packed_gemm's simd; rf_simd: the one rt chooses. */
+enum { RF_SIMD_PORTABLE = 0, RF_SIMD_AVX2 = 1, RF_SIMD_AVX512 = 2 };
+static inline int rf_simd(const rf_runtime *rt) {
+    return !rt->avx2 ? RF_SIMD_PORTABLE : rt->avx512 ? RF_SIMD_AVX512 : RF_SIMD_AVX2;
+}
+
+/* The one CPU-feature decision (common.c), as an RF_SIMD_* level: "portable" -> 0;
+ * "avx2" -> 1, "avx512" -> 2 where the CPU runs it, else -1 (it cannot run here); NULL or
+ * "" -> the best this CPU runs; anything else -> -1. */
 int rf_choose_kernel(const char *request);
 
 /* Threads (threads.c). The kernels' own parallel parts use as many threads as the BLAS is
@@ -257,7 +275,7 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
                             ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,           \
                             ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc);         \
     /* Ours (packed.c): B packed as rf_pack_* packs op(B), K rows, N columns; avx2: the     \
-     * code path (rf_runtime.avx2). */                                                      \
+     * code path (rf_runtime.avx2); simd: the product's, an RF_SIMD_* (rf_simd). */         \
     void rf_pack_##SFX(REAL *Bp, const REAL *B, ptrdiff_t ldb, int trans, ptrdiff_t K,      \
                        ptrdiff_t N, int avx2);                                              \
     /* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols. */                       \
@@ -266,7 +284,7 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     void rf_packed_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,         \
                               ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
                               int accumulate, REAL *C, ptrdiff_t ldc, int split_k,          \
-                              int avx2);                                                    \
+                              int simd);                                                    \
     void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,   \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \

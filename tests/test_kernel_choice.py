@@ -1,10 +1,11 @@
-"""The one CPU-feature decision: both code paths in one process.
+"""The one CPU-feature decision: every code path in one process.
 
-_kernels.set_kernel chooses the AVX2+FMA code or the portable code for the products, the
-pointwise passes and the activations alike. Here every cell, option and dtype runs on each
-path: against the NumPy reference, bitwise the same when run again on the same path, and
-really switched (float32 gives other bits on the other path, as its activations and
-products differ).
+_kernels.set_kernel chooses the AVX2+FMA code (with AVX-512F products, or without) or the
+portable code for the products, the pointwise passes and the activations alike. Here
+every cell, option and dtype runs on each path: against the NumPy reference, bitwise the
+same when run again on the same path, and really switched (float32 gives other bits on
+the portable path, as its activations and products differ; the AVX-512F products give
+the AVX2 products' bits, as they promise).
 """
 import os
 
@@ -18,8 +19,9 @@ from rnnfuse import reference as R
 
 CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"), ("rnn", "relu")]
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
-HAVE_AVX2 = (_kernels.simd_path() != "baseline")
-PATHS = ["avx2", "portable"] if HAVE_AVX2 else ["portable"]
+HAVE_AVX2 = _kernels.simd_path() != "baseline"
+HAVE_AVX512 = "AVX-512F" in _kernels.simd_path()
+PATHS = ["avx512"] * HAVE_AVX512 + ["avx2"] * HAVE_AVX2 + ["portable"]
 
 
 @pytest.fixture
@@ -79,8 +81,34 @@ def test_both_paths_in_one_process(cell, option, dtype, restore_kernel):
             np.testing.assert_array_equal(a, b)  # the same path: the same bits
         _assert_close(first, ref, dtype)
         results[path] = first
-    if len(PATHS) == 2 and dtype == np.float32:  # the switch took: other bits
-        assert any(not np.array_equal(a, b) for a, b in zip(*results.values()))
+    if HAVE_AVX2 and dtype == np.float32:  # the switch took: other bits
+        assert any(not np.array_equal(a, b)
+                   for a, b in zip(results["avx2"], results["portable"]))
+    if HAVE_AVX512:  # the same chains over k, twice as wide
+        for a, b in zip(results["avx512"], results["avx2"], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not HAVE_AVX512, reason="no AVX-512F")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 11, 13])
+@pytest.mark.parametrize("H", [8, 37, 200])
+def test_avx512_products_give_the_avx2_bits(B, H, dtype, restore_kernel):
+    """Every tile shape of the AVX-512F product (rows left over from whole tiles: 1-5;
+    panel groups of 8 and what is left of them; a partial last panel), in the steps, the
+    projection and the gradient products: bitwise the AVX2 product's numbers."""
+    rng = np.random.default_rng(B * 1000 + H)
+    T, I = 5, 19
+    r = lambda *shape: (rng.standard_normal(shape) / np.sqrt(H)).astype(dtype)  # noqa: E731
+    x, w_ih, w_hh, b = r(T, B, I), r(4 * H, I), r(4 * H, H), r(4 * H)
+    dy = r(T, B, H)
+    got = {}
+    for path in ("avx2", "avx512"):
+        _kernels.set_kernel(path)
+        y, h, c, ctx = F.lstm_forward(x, None, None, w_ih, w_hh, b, b, reverse=True)
+        got[path] = (y, h, c, *F.lstm_backward(dy, None, None, ctx))
+    for a, b_ in zip(got["avx2"], got["avx512"], strict=True):
+        np.testing.assert_array_equal(a, b_)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -105,7 +133,7 @@ def test_activations_follow_the_path(name, restore_kernel):
         _kernels.activation(name, got[path])
         np.testing.assert_allclose(got[path], want, rtol=4 * np.finfo(np.float32).eps,
                                    atol=1e-30)
-    if len(PATHS) == 2:  # the vector approximations and libm round some values apart
+    if HAVE_AVX2:  # the vector approximations and libm round some values apart
         assert not np.array_equal(got["avx2"], got["portable"])
 
 
@@ -115,11 +143,11 @@ def test_set_kernel_refuses_what_cannot_run(restore_kernel):
             _kernels.set_kernel(bad)
     with pytest.raises(TypeError, match="str or None"):
         _kernels.set_kernel(1)
-    if not HAVE_AVX2:
-        with pytest.raises(ValueError, match="lacks AVX2"):
-            _kernels.set_kernel("avx2")
+    for name, runs in (("avx2", HAVE_AVX2), ("avx512", HAVE_AVX512)):
+        if not runs:
+            with pytest.raises(ValueError, match="this CPU cannot run it"):
+                _kernels.set_kernel(name)
     _kernels.set_kernel("portable")
     assert _kernels.kernel() == "portable"
     _kernels.set_kernel(None)  # the default chooser: RNNFUSE_KERNEL, then the CPU
-    portable = os.environ.get("RNNFUSE_KERNEL") == "portable" or not HAVE_AVX2
-    assert _kernels.kernel() == ("portable" if portable else "avx2")
+    assert _kernels.kernel() == (os.environ.get("RNNFUSE_KERNEL") or PATHS[0])

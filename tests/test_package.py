@@ -32,24 +32,31 @@ def test_show_config_reports_build_and_blas(capsys):
     assert re.search(r"blas .*\d+ threads", out, re.IGNORECASE)
 
 
-def test_simd_path_matches_cpu():
+def _best_kernel():
     flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
-    want_v3 = "avx2" in flags and "fma" in flags
-    assert (_kernels.simd_path() != "baseline") == want_v3
+    if not ("avx2" in flags and "fma" in flags):
+        return "portable"
+    return "avx512" if "avx512f" in flags else "avx2"
+
+
+def test_simd_path_matches_cpu():
+    want = {"portable": "baseline", "avx2": "AVX2+FMA", "avx512": "AVX2+FMA, AVX-512F"}
+    assert _kernels.simd_path() == want[_best_kernel()]
 
 
 def test_kernel_follows_the_cpu_and_the_switch():
-    """The AVX2+FMA micro-kernel runs exactly where the CPU has both, unless
-    RNNFUSE_KERNEL=portable."""
-    want = "avx2" if (_kernels.simd_path() != "baseline") else "portable"
-    if os.environ.get("RNNFUSE_KERNEL") == "portable":
-        want = "portable"
-    assert _kernels.kernel() == want
+    """The vector code runs exactly where the CPU has it, unless RNNFUSE_KERNEL says
+    otherwise."""
+    assert _kernels.kernel() == (os.environ.get("RNNFUSE_KERNEL") or _best_kernel())
     code = "from rnnfuse import _kernels; print(_kernels.kernel())"
     out = subprocess.run([sys.executable, "-c", code],
                          env={**os.environ, "RNNFUSE_KERNEL": "portable"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "portable"
+    bad = subprocess.run([sys.executable, "-c", code],
+                         env={**os.environ, "RNNFUSE_KERNEL": "fastest"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "RNNFUSE_KERNEL must be one of" in bad.stderr
 
 
 def test_command_line_config_runs_from_another_directory(tmp_path):

@@ -25,9 +25,9 @@ CELLS = [(LSTM, {}), (GRU, {"linear_before_reset": True}),
 CELL_IDS = ["lstm", "gru_lbr", "gru_orig", "rnn_tanh", "rnn_relu"]
 
 
-def _has_avx2():
+def _runs(kernel):
     try:
-        _kernels.set_kernel("avx2")
+        _kernels.set_kernel(kernel)
     except ValueError:
         return False
     finally:
@@ -35,16 +35,17 @@ def _has_avx2():
     return True
 
 
-AVX2 = _has_avx2()
+AVX2, AVX512 = _runs("avx2"), _runs("avx512")
 MODES = ["portable", pytest.param("avx2", marks=pytest.mark.skipif(not AVX2, reason="no AVX2")),
-         pytest.param("avx2-split", marks=pytest.mark.skipif(not AVX2, reason="no AVX2"))]
+         pytest.param("avx2-split", marks=pytest.mark.skipif(not AVX2, reason="no AVX2")),
+         pytest.param("avx512", marks=pytest.mark.skipif(not AVX512, reason="no AVX-512"))]
 
 
 @pytest.fixture
 def mode(request):
     """The kernel and step-product form a test runs on, restored afterwards."""
     name = request.param
-    _kernels.set_kernel("portable" if name == "portable" else "avx2")
+    _kernels.set_kernel(name.removesuffix("-split"))
     _kernels.set_batch_invariant(name != "avx2-split")
     yield name
     _kernels.set_kernel(None)

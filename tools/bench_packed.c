@@ -4,12 +4,12 @@
  * by alternating runs, not by one number).
  *
  *   gcc -O3 -std=c11 -Icsrc tools/bench_packed.c -o /tmp/bench_packed
- *   /tmp/bench_packed M N K [reps] [split_k]    e.g. 16 512 128 (an LSTM step: B=16, H=128)
- *                                               or 1600 512 64 1000 0 (its projection)
+ *   /tmp/bench_packed M N K [reps] [split_k] [simd]   e.g. 16 512 128 (an LSTM step: B=16,
+ *                                                     H=128) or 1600 512 64 1000 0 (its projection)
  * split_k: 2 (the default, RF_STEP_INVARIANT: the per-step products, batch-invariant),
  * 1 (RF_STEP_SPLIT: left-over rows split over k), 0 (a projection: no k-split, row tiles
- * outer). The float32 AVX2+FMA path where the CPU has it (rf_cpu_avx2), else the portable
- * tile. */
+ * outer). simd: 0 the portable tile, 1 AVX2+FMA, 2 AVX-512F (default: the best this CPU
+ * runs). float32. */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,7 +32,7 @@ static float *buffer(ptrdiff_t n, float scale) {  /* cache-line aligned, as rnnf
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s M N K [reps] [split_k]\n", argv[0]);
+        fprintf(stderr, "usage: %s M N K [reps] [split_k] [simd]\n", argv[0]);
         return 2;
     }
     ptrdiff_t M = atol(argv[1]), N = atol(argv[2]), K = atol(argv[3]);
@@ -46,19 +46,25 @@ int main(int argc, char **argv) {
     if (reps < 1) reps = (long)(2e8 / flops) + 1;  /* about 2 ms a run at 100 GFLOP/s */
     float *A = buffer(M * K, 0.1f), *W = buffer(N * K, 0.01f), *C = buffer(M * N, 0.0f);
     float *packed = buffer(rf_packed_size(K, N), 0.0f);
-    int avx2 = rf_cpu_avx2();
-    rf_pack_f32(packed, W, K, 1, K, N, avx2);
+    int best_simd = rf_cpu_avx512() ? RF_SIMD_AVX512 : rf_cpu_avx2() ? RF_SIMD_AVX2 : 0;
+    int simd = argc > 6 ? atoi(argv[6]) : best_simd;
+    if (simd < 0 || simd > best_simd) {
+        fprintf(stderr, "simd must be 0 (portable) .. %d (the best this CPU runs)\n", best_simd);
+        return 2;
+    }
+    rf_pack_f32(packed, W, K, 1, K, N, simd > 0);
     double best = 1e30;
     for (int run = 0; run < 7; run++) {
         double t = seconds();
         for (long r = 0; r < reps; r++)
             rf_packed_gemm_f32(M, N, K, A, K, packed, RF_PANEL_BYTES / (ptrdiff_t)sizeof(float) * K,
-                               1, C, N, split_k, avx2);
+                               1, C, N, split_k, simd);
         t = seconds() - t;
         if (t < best) best = t;
     }
     printf("M=%td N=%td K=%td split_k=%d %s: %.1f GFLOP/s (%.3f us a call)\n", M, N, K,
-           split_k, avx2 ? "avx2" : "portable", flops * (double)reps / best * 1e-9,
+           split_k, (const char *[]){"portable", "avx2", "avx512"}[simd],
+           flops * (double)reps / best * 1e-9,
            best / (double)reps * 1e6);
     return 0;
 }

@@ -41,7 +41,7 @@ asan=$("$cc" -print-file-name=libasan.so)
 # --capture=sys: reports are written to fd 2 by C; pytest's fd capture would swallow them
 # when the process halts. (UBSan ignores log_path inside the ASan runtime: scan the output.)
 rc=0
-run_tests() {  # run_tests KERNEL PYTEST_ARGS...
+run_tests() {  # run_tests KERNEL PYTEST_ARGS... (KERNEL "": the best this CPU runs)
     local kernel=$1
     shift
     (cd "$work/src" &&
@@ -52,12 +52,12 @@ run_tests() {  # run_tests KERNEL PYTEST_ARGS...
         2>&1 | tee -a "$work/logs/pytest.log" || rc=$?
 }
 if [ $# -eq 0 ]; then
-    run_tests default tests/test_functional.py tests/test_reliability.py tests/test_vmath.py \
+    run_tests "" tests/test_functional.py tests/test_reliability.py tests/test_vmath.py \
         tests/test_capi.py tests/test_stream.py tests/test_pool.py -q
     run_tests portable tests/test_functional.py -q \
         -k "matches_reference or register_tile_edges or numbers_of_one"
 else
-    run_tests "${RNNFUSE_KERNEL:-default}" "$@"
+    run_tests "${RNNFUSE_KERNEL:-}" "$@"
 fi
 if grep -qE "runtime error:|ERROR: AddressSanitizer|ERROR: LeakSanitizer|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$work/logs/pytest.log"; then
     echo "sanitize.sh: SANITIZER REPORT (see above; pytest exit $rc)" >&2

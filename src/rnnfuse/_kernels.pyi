@@ -24,6 +24,7 @@ class Cell(NamedTuple):
 
 CELLS: dict[str, Cell]
 GATES: dict[str, int]
+KERNELS: tuple[str, ...]
 
 def set_kernel(name: str | None = None) -> None: ...
 def kernel() -> str: ...
