@@ -381,8 +381,7 @@ void RF_FN(rf_step_gemm)(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
     RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
-                          W->panel_stride, accumulate, C, ldc,
-                          rt->invariant ? RF_STEP_INVARIANT : RF_STEP_SPLIT, rf_simd(rt));
+                          W->panel_stride, accumulate, C, ldc, 1, rf_simd(rt));
 }
 
 /* One thread's share of an input projection: contiguous whole tiles of rows. */
@@ -406,8 +405,8 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
  * gates = X_packed @ W_ih^T over all their rows at once. (The cells add the biases in
- * their per-step pass, where the gates are in cache anyway.) Our product, without its
- * k-split, rounds each row the same way however many rows a call projects, so that a
+ * their per-step pass, where the gates are in cache anyway.) Our product rounds each row
+ * the same way however many rows a call projects, so that a
  * stream stepping one step at a time gets a forward's numbers exactly, which a BLAS does
  * not promise. The rows are shared among the BLAS's threads (the same numbers for any
  * count) as a time loop's are (rf_step_parts): after_blas for a training forward.

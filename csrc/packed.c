@@ -10,8 +10,8 @@
  * for the few rows a step has. And a BLAS rounds a row of a product differently depending
  * on M (SciPy's OpenBLAS does, for many shapes with K >= 33), so a stream that
  * projects one step's rows would not match a forward that projects all its steps at once.
- * Here, unless split_k is RF_STEP_SPLIT, every output is one chain over k in order,
- * whatever M is.
+ * Here every output is one chain over k in order, whatever M is and whichever tile
+ * computes it.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
 #include <string.h>
@@ -124,51 +124,32 @@ AVX2 static ptrdiff_t RF_FN(transpose_blocks)(REAL *dst, ptrdiff_t ldd, const RE
     return r;
 }
 
-/* One register tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns.
- * A tile keeps 2 * mr * np accumulators, and ks of them per output vector split the sum
- * over k, so that even one row has enough independent FMA chains to hide their latency.
- * Inlined with constant mr, np, ks, so the accumulators stay in registers. */
+/* One register tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns,
+ * in 2 * mr * np accumulators. Inlined with constant mr and np, so the accumulators stay
+ * in registers. */
 AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
-        int mr, int np, int ks, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
+        int mr, int np, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
         const REAL *panels, ptrdiff_t panel_stride, int accumulate, REAL *C, ptrdiff_t ldc) {
-    VEC acc[4][MR][8];
+    VEC acc[MR][8];
     if (accumulate)  /* C's lines are read only at the end: fetch them while the sum runs */
         UNROLL for (int i = 0; i < mr; i++)
             UNROLL for (int p = 0; p < np; p++) _mm_prefetch((const char *)(C + i * ldc + p * RF_NR), _MM_HINT_T0);
-    UNROLL for (int s = 0; s < ks; s++)
-        UNROLL for (int i = 0; i < mr; i++)
-            UNROLL for (int v = 0; v < 2 * np; v++) acc[s][i][v] = V_ZERO();
-    ptrdiff_t k = 0;
-    for (; k + ks <= K; k += ks) {
-        UNROLL for (int s = 0; s < ks; s++) {
-            const REAL *row = panels + (k + s) * RF_NR;
-            UNROLL for (int i = 0; i < mr; i++) {
-                VEC a = V_BROADCAST(A + i * lda + k + s);
-                UNROLL for (int v = 0; v < 2 * np; v++) {
-                    VEC b = V_LOAD(row + (v / 2) * panel_stride + (v % 2) * VL);
-                    acc[s][i][v] = V_FMA(a, b, acc[s][i][v]);
-                }
-            }
-        }
-    }
-    for (; k < K; k++) {
+    UNROLL for (int i = 0; i < mr; i++)
+        UNROLL for (int v = 0; v < 2 * np; v++) acc[i][v] = V_ZERO();
+    for (ptrdiff_t k = 0; k < K; k++) {
         const REAL *row = panels + k * RF_NR;
         UNROLL for (int i = 0; i < mr; i++) {
             VEC a = V_BROADCAST(A + i * lda + k);
             UNROLL for (int v = 0; v < 2 * np; v++) {
                 VEC b = V_LOAD(row + (v / 2) * panel_stride + (v % 2) * VL);
-                acc[0][i][v] = V_FMA(a, b, acc[0][i][v]);
+                acc[i][v] = V_FMA(a, b, acc[i][v]);
             }
         }
     }
-    UNROLL for (int s = 1; s < ks; s++)
-        UNROLL for (int i = 0; i < mr; i++)
-            UNROLL for (int v = 0; v < 2 * np; v++)
-                acc[0][i][v] = V_ADD(acc[0][i][v], acc[s][i][v]);
     UNROLL for (int i = 0; i < mr; i++) {
         UNROLL for (int v = 0; v < 2 * np; v++) {
             REAL *c = C + i * ldc + (v / 2) * RF_NR + (v % 2) * VL;
-            VEC sum = acc[0][i][v];
+            VEC sum = acc[i][v];
             /* only the tile's last panel may be partial: masked, never touching columns >= N */
             if (v / 2 == np - 1 && nc < RF_NR) {
                 __m256i m = V_LANES(nc - (v % 2) * VL);
@@ -182,107 +163,83 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
     }
 }
 
-/* A tile of mr rows x np panels at row m0, column n0 (nc columns in its last panel); its
- * k-split ks only where split_k (ks stays a constant in each inlined tile). */
-#define TILE_KS(mr, np, ks, m0, n0, nc)                                                      \
-    RF_FN(tile)(mr, np, ks, nc, K, A + (m0) * lda, lda, Bp + ((n0) / RF_NR) * panel_stride, \
+/* A tile of mr rows x np panels at row m0, column n0 (nc columns in its last panel). */
+#define TILE(mr, np, m0, n0, nc)                                                             \
+    RF_FN(tile)(mr, np, nc, K, A + (m0) * lda, lda, Bp + ((n0) / RF_NR) * panel_stride,      \
                 panel_stride, accumulate, C + (m0) * ldc + (n0), ldc)
-#define TILE(mr, np, ks, m0, n0, nc)                                                         \
-    do {                                                                                     \
-        if (split_k) TILE_KS(mr, np, ks, m0, n0, nc);                                        \
-        else TILE_KS(mr, np, 1, m0, n0, nc);                                                 \
-    } while (0)
 
-/* One block of rows, whose A rows stay in cache while every panel passes over them.
- * A step's few rows (split_k): panels are the outer loop, so each is read once and reused
- * by every row tile while it sits in L1. A projection's many rows: whole row tiles are the
- * outer loop, so a tile's rows stay in L1 while the panels stream past from L2 or L3.
- * The rows left over from whole tiles: 1-3 of them take two panels per tile, for more
- * independent accumulators (4 or 5 rows of two panels would want 16-20 of the 16
- * registers, and spill). Which tile computes a row depends only on the
- * row's place among whole tiles, never on M, so a step shared among threads in ranges of
- * whole tiles (rf_part_rows) gets the numbers of one thread. */
-AVX2 static void RF_FN(row_block)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
-                                  ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
-                                  int accumulate, REAL *C, ptrdiff_t ldc, int split_k) {
-    ptrdiff_t full = M / MR * MR, left = M - full, n0;
-    ptrdiff_t first = 0;  /* whole tiles the panel loops below still have to run */
-    if (!split_k) {
-        for (ptrdiff_t m0 = 0; m0 < full; m0 += MR)
-            for (n0 = 0; n0 < N; n0 += RF_NR)
-                TILE(MR, 1, 1, m0, n0, N - n0 < RF_NR ? N - n0 : RF_NR);
-        first = full;
-    }
+/* A projection's many rows: whole row tiles are the outer loop, so a tile's rows stay in
+ * L1 while the panels stream past from L2 or L3. The rows left over from whole tiles: 1-3
+ * of them take two panels per tile, for more independent accumulators (4 or 5 rows of two
+ * panels would want 16-20 of the 16 registers, and spill). */
+AVX2 static void RF_FN(row_block_projection)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
+                                             const REAL *A, ptrdiff_t lda, const REAL *Bp,
+                                             ptrdiff_t panel_stride, int accumulate,
+                                             REAL *C, ptrdiff_t ldc) {
+    ptrdiff_t full = M / MR * MR, left = M - full, n0 = 0;
+    for (ptrdiff_t m0 = 0; m0 < full; m0 += MR)
+        for (n0 = 0; n0 < N; n0 += RF_NR) TILE(MR, 1, m0, n0, N - n0 < RF_NR ? N - n0 : RF_NR);
     n0 = 0;
     if (left >= 1 && left <= 3)
-        for (; n0 + 2 * RF_NR <= N; n0 += 2 * RF_NR) {
-            for (ptrdiff_t m0 = first; m0 < full; m0 += MR) {
-                TILE(MR, 1, 1, m0, n0, RF_NR);
-                TILE(MR, 1, 1, m0, n0 + RF_NR, RF_NR);
-            }
+        for (; n0 + 2 * RF_NR <= N; n0 += 2 * RF_NR)
             switch (left) {
-                case 3: TILE(3, 2, 1, full, n0, RF_NR); break;
-                case 2: TILE(2, 2, 1, full, n0, RF_NR); break;
-                default: TILE(1, 2, 2, full, n0, RF_NR); break;
+                case 3: TILE(3, 2, full, n0, RF_NR); break;
+                case 2: TILE(2, 2, full, n0, RF_NR); break;
+                default: TILE(1, 2, full, n0, RF_NR); break;
             }
-        }
     for (; n0 < N; n0 += RF_NR) {
         ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
-        for (ptrdiff_t m0 = first; m0 < full; m0 += MR) TILE(MR, 1, 1, m0, n0, nc);
         switch (left) {
-            case 5: TILE(5, 1, 1, full, n0, nc); break;
-            case 4: TILE(4, 1, 1, full, n0, nc); break;
-            case 3: TILE(3, 1, 2, full, n0, nc); break;
-            case 2: TILE(2, 1, 2, full, n0, nc); break;
-            case 1: TILE(1, 1, 4, full, n0, nc); break;
+            case 5: TILE(5, 1, full, n0, nc); break;
+            case 4: TILE(4, 1, full, n0, nc); break;
+            case 3: TILE(3, 1, full, n0, nc); break;
+            case 2: TILE(2, 1, full, n0, nc); break;
+            case 1: TILE(1, 1, full, n0, nc); break;
             default: break;
         }
     }
 }
 
-/* A step's rows with RF_STEP_INVARIANT: as row_block's split_k path (panels outer), but
- * every output one chain over k in order, as in a whole tile, so that a row rounds the
- * same whatever the rows around it. The 1-3 rows left over from whole tiles keep enough
- * independent chains by taking more panels per tile instead of splitting k: one row
- * four panels (eight accumulators), two or three rows two panels. */
-AVX2 static void RF_FN(row_block_invariant)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
-                                            const REAL *A, ptrdiff_t lda, const REAL *Bp,
-                                            ptrdiff_t panel_stride, int accumulate, REAL *C,
-                                            ptrdiff_t ldc) {
+/* A step's few rows: panels are the outer loop, so each is read once and reused by every
+ * row tile while it sits in L1. The 1-3 rows left over from whole tiles keep enough
+ * independent chains by taking more panels per tile: one row four panels (eight
+ * accumulators), two or three rows two panels. */
+AVX2 static void RF_FN(row_block_step)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                                       ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
+                                       int accumulate, REAL *C, ptrdiff_t ldc) {
     ptrdiff_t full = M / MR * MR, left = M - full, n0 = 0;
 #define FULL_TILES(n0_, nc_) \
-    for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) TILE_KS(MR, 1, 1, m0, n0_, nc_)
+    for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) TILE(MR, 1, m0, n0_, nc_)
     if (left == 1)
         for (; n0 + 4 * RF_NR <= N; n0 += 4 * RF_NR) {
             for (ptrdiff_t q = 0; q < 4; q++) FULL_TILES(n0 + q * RF_NR, RF_NR);
-            TILE_KS(1, 4, 1, full, n0, RF_NR);
+            TILE(1, 4, full, n0, RF_NR);
         }
     if (left >= 1 && left <= 3)
         for (; n0 + 2 * RF_NR <= N; n0 += 2 * RF_NR) {
             FULL_TILES(n0, RF_NR);
             FULL_TILES(n0 + RF_NR, RF_NR);
             switch (left) {
-                case 3: TILE_KS(3, 2, 1, full, n0, RF_NR); break;
-                case 2: TILE_KS(2, 2, 1, full, n0, RF_NR); break;
-                default: TILE_KS(1, 2, 1, full, n0, RF_NR); break;
+                case 3: TILE(3, 2, full, n0, RF_NR); break;
+                case 2: TILE(2, 2, full, n0, RF_NR); break;
+                default: TILE(1, 2, full, n0, RF_NR); break;
             }
         }
     for (; n0 < N; n0 += RF_NR) {
         ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
         FULL_TILES(n0, nc);
         switch (left) {
-            case 5: TILE_KS(5, 1, 1, full, n0, nc); break;
-            case 4: TILE_KS(4, 1, 1, full, n0, nc); break;
-            case 3: TILE_KS(3, 1, 1, full, n0, nc); break;
-            case 2: TILE_KS(2, 1, 1, full, n0, nc); break;
-            case 1: TILE_KS(1, 1, 1, full, n0, nc); break;
+            case 5: TILE(5, 1, full, n0, nc); break;
+            case 4: TILE(4, 1, full, n0, nc); break;
+            case 3: TILE(3, 1, full, n0, nc); break;
+            case 2: TILE(2, 1, full, n0, nc); break;
+            case 1: TILE(1, 1, full, n0, nc); break;
             default: break;
         }
     }
 #undef FULL_TILES
 }
 #undef TILE
-#undef TILE_KS
 #undef VEC
 #undef V_ZERO
 #undef V_LOAD
@@ -297,8 +254,8 @@ AVX2 static void RF_FN(row_block_invariant)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t 
 
 /* AVX-512F: a panel row is one zmm register (16 floats, 8 doubles), and 32 registers hold
  * tiles of up to 24 accumulators. Every output is one chain of FMAs over k in order, then
- * C added where accumulating: the AVX2 tiles' chains (without their k-split), so the
- * same bits on either path, whichever tile computes a row. */
+ * C added where accumulating: the AVX2 tiles' chains, so the same bits on either path,
+ * whichever tile computes a row. */
 #if RF_IS_FLOAT
 #define ZVEC __m512
 #define ZMASK __mmask16
@@ -381,7 +338,7 @@ AVX512 static inline __attribute__((always_inline)) void RF_FN(tile512)(
         }                                                               \
     } while (0)
 
-/* row_block's and row_block_invariant's work on AVX-512F. rows_outer (a projection's many
+/* row_block_projection's and row_block_step's work on AVX-512F. rows_outer (a projection's many
  * rows): a tile's rows stay in L1 while the panels stream past; otherwise (a step's few
  * rows) panels are the outer loop, eight at a time, each group reused by every row tile
  * while it sits in L1. */
@@ -502,35 +459,29 @@ static void RF_FN(row_block_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, con
 
 void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
                            const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
-                           ptrdiff_t ldc, int split_k, int simd) {
+                           ptrdiff_t ldc, int step, int simd) {
     /* blocks of whole tiles, about 192 KiB of A each: where panels are the outer loop (a
      * step of many rows; the portable tile) A then streams from L2 once per panel rather
-     * than from memory. (A projection's AVX2 tiles take rows outer: blocks change nothing.) */
+     * than from memory. (A projection's tiles take rows outer: blocks change nothing.) */
     ptrdiff_t block = K > 0 ? (192 * 1024 / (K * (ptrdiff_t)sizeof(REAL)) / MR) * MR : M;
     if (block < MR) block = MR;
     for (ptrdiff_t m0 = 0; m0 < M; m0 += block) {
         ptrdiff_t rows = M - m0 < block ? M - m0 : block;
+        const REAL *a = A + m0 * lda;
+        REAL *c = C + m0 * ldc;
 #if RF_HAVE_AVX2
-        if (simd == RF_SIMD_AVX512 && split_k != RF_STEP_SPLIT) {
-            RF_FN(row_block512)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
-                                C + m0 * ldc, ldc, !split_k);
-            continue;
-        }
-        if (simd && split_k == RF_STEP_INVARIANT) {
-            RF_FN(row_block_invariant)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride,
-                                       accumulate, C + m0 * ldc, ldc);
-            continue;
-        }
-        if (simd) {
-            RF_FN(row_block)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride, accumulate,
-                             C + m0 * ldc, ldc, split_k);
-            continue;
-        }
+        if (simd == RF_SIMD_AVX512)
+            RF_FN(row_block512)(rows, N, K, a, lda, Bp, panel_stride, accumulate, c, ldc, !step);
+        else if (simd && step)
+            RF_FN(row_block_step)(rows, N, K, a, lda, Bp, panel_stride, accumulate, c, ldc);
+        else if (simd)
+            RF_FN(row_block_projection)(rows, N, K, a, lda, Bp, panel_stride, accumulate, c,
+                                        ldc);
+        else
 #else
-        (void)simd; (void)split_k;
+        (void)simd; (void)step;
 #endif
-        RF_FN(row_block_portable)(rows, N, K, A + m0 * lda, lda, Bp, panel_stride,
-                                  accumulate, C + m0 * ldc, ldc);
+            RF_FN(row_block_portable)(rows, N, K, a, lda, Bp, panel_stride, accumulate, c, ldc);
     }
 }
 

@@ -41,8 +41,6 @@ typedef struct {
     int avx512;  /* 1 (with avx2, where rf_cpu_avx512()): the products take AVX-512F
                   * register tiles, whose sums run over k as the AVX2 tiles' do: the same
                   * bits, twice the width */
-    int invariant;  /* 1: the steps' products round every row alike whatever the rows
-                     * around it (RF_STEP_INVARIANT, the default); 0: RF_STEP_SPLIT */
 } rf_runtime;
 
 /* The build has AVX2+FMA code beside the portable code (GCC on x86-64 Linux); it runs
@@ -164,14 +162,10 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
  * once per call (or once per stream) into panels one cache line wide, RF_NR columns. */
 #define RF_PANEL_BYTES 64
 #define RF_MR 6  /* rows of a register tile */
-/* rf_packed_gemm's split_k: 0, every output one chain over k in order (the projections);
- * RF_STEP_INVARIANT (the default of the steps), every row of a step one chain over k in
- * order, as in a whole tile: a row rounds the same whatever the other rows of the step
- * (batch invariance); RF_STEP_SPLIT (set_batch_invariant(False), for measurements), a
- * step's 1-3 rows left over from whole tiles split their chains over k, so a row's bits
- * depend on how many rows share its step. */
-#define RF_STEP_SPLIT 1
-#define RF_STEP_INVARIANT 2
+/* rf_packed_gemm computes every output as one chain over k in order, whatever the rows
+ * around it (batch invariance: a row rounds alike in a stream, a pool or a forward);
+ * step: 1 for a step's few rows (panels the outer loop), 0 for a projection's many (row
+ * tiles the outer loop), the same numbers either way. */
 #define RF_NR ((ptrdiff_t)(RF_PANEL_BYTES / sizeof(REAL)))  /* in the dtype-generic parts */
 typedef struct {
     const void *packed;      /* op(W) in panels */
@@ -283,7 +277,7 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
                             ptrdiff_t rows, ptrdiff_t cols, int avx2);                      \
     void rf_packed_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,         \
                               ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
-                              int accumulate, REAL *C, ptrdiff_t ldc, int split_k,          \
+                              int accumulate, REAL *C, ptrdiff_t ldc, int step,             \
                               int simd);                                                    \
     void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,   \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \

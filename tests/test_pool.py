@@ -3,10 +3,8 @@
 
 The oracles: the same session stepped alone (a pool of one), a stream of batch 1, and the
 session's row of the layer's whole-sequence forward in eval mode over a ragged batch of all
-the sessions. All three bit for bit on every kernel and thread count, as every step product
-rounds a row alike whatever the rows around it (the AVX2 kernel's "avx2-split" form,
-set_batch_invariant(False), splits the sums of rows left over from whole 6-row tiles, see
-packed.c: there only the first holds).
+the sessions. All three bit for bit on every kernel and thread count, as every product
+rounds a row alike whatever the rows around it.
 """
 import threading
 
@@ -37,19 +35,15 @@ def _runs(kernel):
 
 AVX2, AVX512 = _runs("avx2"), _runs("avx512")
 MODES = ["portable", pytest.param("avx2", marks=pytest.mark.skipif(not AVX2, reason="no AVX2")),
-         pytest.param("avx2-split", marks=pytest.mark.skipif(not AVX2, reason="no AVX2")),
          pytest.param("avx512", marks=pytest.mark.skipif(not AVX512, reason="no AVX-512"))]
 
 
 @pytest.fixture
 def mode(request):
-    """The kernel and step-product form a test runs on, restored afterwards."""
-    name = request.param
-    _kernels.set_kernel(name.removesuffix("-split"))
-    _kernels.set_batch_invariant(name != "avx2-split")
-    yield name
+    """The kernel a test runs on, restored afterwards."""
+    _kernels.set_kernel(request.param)
+    yield request.param
     _kernels.set_kernel(None)
-    _kernels.set_batch_invariant(True)
 
 
 def parts(state):
@@ -152,9 +146,7 @@ def test_sessions_are_batch_invariant(cls, opts, dtype, num_layers, threads, mod
             ys, final = alone(layer, s)
             assert_same(s.ys, ys)
             assert_same(parts(s.final), parts(final))
-        if mode == "avx2-split":
-            return
-        for s in sessions:  # and, where every product is row-invariant, a stream's
+        for s in sessions:  # and a stream's
             ys, final = streamed(layer, s)
             assert_same(s.ys, ys)
             assert_same(parts(s.final), parts(final))
@@ -214,10 +206,9 @@ def test_threads_split_a_wide_step_without_changing_bits(dtype, mode):
         s.xs = list(x[:, b])
         ys, _ = alone(layer, s)
         assert np.array_equal(np.stack(ys), results[0][:, b])
-    if mode != "avx2-split":
-        with threadpool_limits(2):  # a forward long enough to be shared among threads
-            y, _ = layer.forward(x, state)
-        assert np.array_equal(y, results[0])
+    with threadpool_limits(2):  # a forward long enough to be shared among threads
+        y, _ = layer.forward(x, state)
+    assert np.array_equal(y, results[0])
 
 
 @pytest.mark.skipif(not AVX2, reason="no AVX2")
@@ -231,18 +222,6 @@ def test_default_avx2_forward_rows_match_a_stream_of_one():
         assert np.array_equal(np.stack([stream.step(x[t, :1]) for t in range(4)]), y[:, :1])
     finally:
         _kernels.set_kernel(None)
-
-
-@pytest.mark.parametrize("mode", ["avx2"], indirect=True)
-def test_invariant_products_keep_the_forwards_of_whole_tiles(mode):
-    """set_batch_invariant(False) changes only rows left over from whole 6-row tiles: a
-    batch of whole tiles rounds alike."""
-    layer = GRU(5, 40, seed=0).eval()
-    x = np.random.default_rng(0).standard_normal((6, 12, 5)).astype(np.float32)
-    y_inv, _ = layer.forward(x)
-    _kernels.set_batch_invariant(False)
-    y_def, _ = layer.forward(x)
-    assert np.array_equal(y_inv, y_def)
 
 
 # ---------------------------------------------------------------- the pool's interface
@@ -290,9 +269,8 @@ def test_state_forms_of_gru_and_rnn(mode):
         y = pool.step([sid], np.ones((1, 3), np.float32))
         want_y, want_h = layer.eval().forward(np.ones((1, 1, 3), np.float32), h)
         assert pool.state(sid).shape == want_h.shape == (layer.num_layers, 1, 4)
-        if mode != "avx2-split":  # the layer's form and numbers (see the module's docstring)
-            assert np.array_equal(y, want_y[0])
-            assert np.array_equal(pool.state(sid), want_h)
+        assert np.array_equal(y, want_y[0])  # the layer's form and numbers
+        assert np.array_equal(pool.state(sid), want_h)
 
 
 def read_only(a):

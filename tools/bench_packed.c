@@ -4,10 +4,9 @@
  * by alternating runs, not by one number).
  *
  *   gcc -O3 -std=c11 -Icsrc tools/bench_packed.c -o /tmp/bench_packed
- *   /tmp/bench_packed M N K [reps] [split_k] [simd]   e.g. 16 512 128 (an LSTM step: B=16,
- *                                                     H=128) or 1600 512 64 1000 0 (its projection)
- * split_k: 2 (the default, RF_STEP_INVARIANT: the per-step products, batch-invariant),
- * 1 (RF_STEP_SPLIT: left-over rows split over k), 0 (a projection: no k-split, row tiles
+ *   /tmp/bench_packed M N K [reps] [step] [simd]   e.g. 16 512 128 (an LSTM step: B=16,
+ *                                                  H=128) or 1600 512 64 1000 0 (its projection)
+ * step: 1 (the default: a step's product, panels outer), 0 (a projection, row tiles
  * outer). simd: 0 the portable tile, 1 AVX2+FMA, 2 AVX-512F (default: the best this CPU
  * runs). float32. */
 #define _GNU_SOURCE
@@ -32,12 +31,12 @@ static float *buffer(ptrdiff_t n, float scale) {  /* cache-line aligned, as rnnf
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s M N K [reps] [split_k] [simd]\n", argv[0]);
+        fprintf(stderr, "usage: %s M N K [reps] [step] [simd]\n", argv[0]);
         return 2;
     }
     ptrdiff_t M = atol(argv[1]), N = atol(argv[2]), K = atol(argv[3]);
     long reps = argc > 4 ? atol(argv[4]) : 0;
-    int split_k = argc > 5 ? atoi(argv[5]) : RF_STEP_INVARIANT;
+    int step = argc > 5 ? atoi(argv[5]) : 1;
     if (M < 1 || N < 1 || K < 1) {
         fprintf(stderr, "M, N and K must be positive\n");
         return 2;
@@ -58,12 +57,12 @@ int main(int argc, char **argv) {
         double t = seconds();
         for (long r = 0; r < reps; r++)
             rf_packed_gemm_f32(M, N, K, A, K, packed, RF_PANEL_BYTES / (ptrdiff_t)sizeof(float) * K,
-                               1, C, N, split_k, simd);
+                               1, C, N, step, simd);
         t = seconds() - t;
         if (t < best) best = t;
     }
-    printf("M=%td N=%td K=%td split_k=%d %s: %.1f GFLOP/s (%.3f us a call)\n", M, N, K,
-           split_k, (const char *[]){"portable", "avx2", "avx512"}[simd],
+    printf("M=%td N=%td K=%td step=%d %s: %.1f GFLOP/s (%.3f us a call)\n", M, N, K,
+           step, (const char *[]){"portable", "avx2", "avx512"}[simd],
            flops * (double)reps / best * 1e-9,
            best / (double)reps * 1e6);
     return 0;

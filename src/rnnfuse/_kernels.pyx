@@ -27,7 +27,6 @@ cdef extern from "rnnfuse.h" nogil:
         rf_threads_fn num_threads
         int avx2
         int avx512
-        int invariant
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
     int rf_threads(const rf_runtime *rt)
     int rf_choose_kernel(const char *request)
@@ -168,16 +167,6 @@ def set_kernel(name=None):
 
 
 set_kernel()
-_rt.invariant = 1
-
-
-def set_batch_invariant(bint on):
-    """For tests and measurements: with True (the default), every call's step products
-    round each row alike whatever the other rows of its step; False: the AVX2 kernel's
-    few-row tiles split their sums over k, so a row's bits depend on how many rows share
-    its step (the portable kernel is invariant either way; stream pools always are).
-    Process-wide, as set_kernel, and not while kernels run in other threads."""
-    _rt.invariant = on
 
 
 def kernel():

@@ -32,7 +32,7 @@ cdef class StreamPool:
     session's row alike whatever other sessions step with it, in whatever order, and at any
     thread count, so a session's outputs are bitwise the same whoever shares its steps, and
     those of a stream of batch 1 and of the session's row of ``layer.forward`` in eval
-    mode (every call's products are batch-invariant by default).
+    mode.
 
     Every argument is checked before any state changes: unknown, closed or repeated ids,
     a full pool, wrong shapes or dtypes raise with nothing done. The pool keeps its own
@@ -327,17 +327,15 @@ cdef class StreamPool:
     cdef void _step(self, Py_ssize_t n, const void *x, void *y) noexcept nogil:
         """The step of the n sessions in self.slots: per layer, gather their states into
         rows 0 .. n-1, one forward of one timestep over those rows, scatter the states
-        back. The products run in their batch-invariant form."""
+        back."""
         cdef Py_ssize_t l, i, last = self.num_layers - 1
         cdef Py_ssize_t nbytes = self.hidden_size * (4 if self.typenum == cnp.NPY_FLOAT else 8)
         cdef int64_t batch[1]
         cdef int64_t offsets[2]
         cdef rf_plan p
-        cdef rf_runtime rt = _rt
         cdef _PoolLayer *s
         if n == 0:
             return
-        rt.invariant = 1
         batch[0], offsets[0], offsets[1] = n, 0, n
         p.T, p.B, p.steps, p.rows, p.reverse = 1, n, 1, n, 0
         p.order, p.lengths, p.batch_sizes, p.offsets = self.order, self.ones, batch, offsets
@@ -350,7 +348,7 @@ cdef class StreamPool:
             s.call.x = x if l == 0 else <const void *>self.layers[l - 1].y
             s.call.y = y if l == last else s.y
             (rf_forward_f32 if self.typenum == cnp.NPY_FLOAT else rf_forward_f64)(
-                self.cell, self.option, &s.call, &p, s.n_in, self.hidden_size, 0, &rt)
+                self.cell, self.option, &s.call, &p, s.n_in, self.hidden_size, 0, &_rt)
             for i in range(n):
                 memcpy(s.h + self.slots[i] * nbytes, s.h_n + i * nbytes, nbytes)
                 if s.c != NULL:
