@@ -457,32 +457,46 @@ static void RF_FN(row_block_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, con
     }
 }
 
+/* A projection's panels in blocks of about this many bytes (half the L2 of current server
+ * cores), each block kept in L2 while every row tile passes over it: a whole W_ih larger
+ * than L2 would otherwise stream from L3 or memory once per tile. */
+#define RF_PROJECTION_PANEL_BYTES (512 * 1024)
+
+/* One block of rows of rf_packed_gemm, on the code path simd. */
+static void RF_FN(row_block_on)(int simd, int step, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
+                                const REAL *A, ptrdiff_t lda, const REAL *Bp,
+                                ptrdiff_t panel_stride, int accumulate, REAL *C,
+                                ptrdiff_t ldc) {
+#if RF_HAVE_AVX2
+    if (simd == RF_SIMD_AVX512)
+        RF_FN(row_block512)(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc, !step);
+    else if (simd && step)
+        RF_FN(row_block_step)(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
+    else if (simd)
+        RF_FN(row_block_projection)(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
+    else
+#else
+    (void)simd; (void)step;
+#endif
+        RF_FN(row_block_portable)(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
+}
+
 void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
                            const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
                            ptrdiff_t ldc, int step, int simd) {
     /* blocks of whole tiles, about 192 KiB of A each: where panels are the outer loop (a
      * step of many rows; the portable tile) A then streams from L2 once per panel rather
-     * than from memory. (A projection's tiles take rows outer: blocks change nothing.) */
+     * than from memory. */
     ptrdiff_t block = K > 0 ? (192 * 1024 / (K * (ptrdiff_t)sizeof(REAL)) / MR) * MR : M;
     if (block < MR) block = MR;
-    for (ptrdiff_t m0 = 0; m0 < M; m0 += block) {
-        ptrdiff_t rows = M - m0 < block ? M - m0 : block;
-        const REAL *a = A + m0 * lda;
-        REAL *c = C + m0 * ldc;
-#if RF_HAVE_AVX2
-        if (simd == RF_SIMD_AVX512)
-            RF_FN(row_block512)(rows, N, K, a, lda, Bp, panel_stride, accumulate, c, ldc, !step);
-        else if (simd && step)
-            RF_FN(row_block_step)(rows, N, K, a, lda, Bp, panel_stride, accumulate, c, ldc);
-        else if (simd)
-            RF_FN(row_block_projection)(rows, N, K, a, lda, Bp, panel_stride, accumulate, c,
-                                        ldc);
-        else
-#else
-        (void)simd; (void)step;
-#endif
-            RF_FN(row_block_portable)(rows, N, K, a, lda, Bp, panel_stride, accumulate, c, ldc);
-    }
+    ptrdiff_t panels = K > 0 && !step ? RF_PROJECTION_PANEL_BYTES / (K * RF_PANEL_BYTES) : 0;
+    ptrdiff_t cols = panels > 1 ? panels * RF_NR : N;
+    for (ptrdiff_t n0 = 0; n0 < N; n0 += cols)
+        for (ptrdiff_t m0 = 0; m0 < M; m0 += block)
+            RF_FN(row_block_on)(simd, step, M - m0 < block ? M - m0 : block,
+                                N - n0 < cols ? N - n0 : cols, K, A + m0 * lda, lda,
+                                Bp + n0 / RF_NR * panel_stride, panel_stride, accumulate,
+                                C + m0 * ldc + n0, ldc);
 }
 
 #endif /* RF_TEMPLATE */

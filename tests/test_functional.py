@@ -91,6 +91,16 @@ def check_against_reference(cell, option, case, dtype, reverse):
 
 # ---------------------------------------------------------------- kernels vs reference
 
+@pytest.mark.parametrize("cell,option", [("lstm", None), ("gru", False)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_wide_input_projection_in_panel_blocks_matches_reference(cell, option, dtype):
+    """An input wide enough that W_ih is projected in several blocks of panels (each about
+    512 KiB, kept in L2), the last one partial: the reference's numbers."""
+    T, B, I, H = 3, 8, 1200, 70  # 4H = 280 columns: 18 panels of 1200 rows, 6 a block
+    check_against_reference(cell, option, make_case(cell, T, B, I, H, dtype, seed=8), dtype,
+                            reverse=False)
+
+
 @pytest.mark.parametrize("cell,option", CELLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("lengths", [None, "ragged", "short"])
