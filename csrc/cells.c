@@ -37,8 +37,8 @@ int RF_FN(rf_forward)(int cell, int option, const rf_forward_bufs *a, const rf_p
     switch (cell) {
         case RF_LSTM:
             RF_FN(rf_lstm_forward)(a->y, a->h_n, a->c_n, a->ws, a->x, a->h0, a->c0, a->w_ih,
-                                   a->w_hh, a->b_ih, a->b_hh, a->packed, p, I, H, train,
-                                   &call);
+                                   a->w_hh, a->b_ih, a->b_hh, a->peep, a->packed, p, I, H,
+                                   train, &call);
             return 0;
         case RF_GRU:
             RF_FN(rf_gru_forward)(a->y, a->h_n, a->ws, a->x, a->h0, a->w_ih, a->w_hh, a->b_ih,
@@ -59,8 +59,9 @@ int RF_FN(rf_backward)(int cell, int option, const rf_backward_bufs *a, const rf
     switch (cell) {
         case RF_LSTM:
             RF_FN(rf_lstm_backward)(a->dx, a->dh0, a->dc0, a->dw_ih, a->dw_hh, a->db_ih,
-                                    a->db_hh, a->dy, a->dh_n, a->dc_n, a->ws, a->scratch,
-                                    a->x, a->w_ih, a->w_hh, p, I, H, &call);
+                                    a->db_hh, a->dpeep, a->dy, a->dh_n, a->dc_n, a->ws,
+                                    a->scratch, a->x, a->w_ih, a->w_hh, a->peep, p, I, H,
+                                    &call);
             return 0;
         case RF_GRU:
             RF_FN(rf_gru_backward)(a->dx, a->dh0, a->dw_ih, a->dw_hh, a->db_ih, a->db_hh,

@@ -174,6 +174,8 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
 
 /* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
  * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
+ * peep: the LSTM's peepholes (3H) in ONNX's order i o f, or NULL (none); backward then
+ * takes the same peep and writes their gradient to dpeep (3H; else not touched).
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
  * packed: w_ih and w_hh as rf_pack_weights_* packed them, or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
@@ -181,7 +183,7 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \
                                const REAL *x, const REAL *h0, const REAL *c0,               \
                                const REAL *w_ih, const REAL *w_hh,                          \
-                               const REAL *b_ih, const REAL *b_hh,                          \
+                               const REAL *b_ih, const REAL *b_hh, const REAL *peep,        \
                                const REAL *packed,                                          \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,       \
                                const rf_runtime *rt);                                       \
@@ -205,10 +207,10 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
      * scratch: rf_backward_scratch elements. x, w_*: the forward's.                        \
      * Each db_* receives the bias gradient whether or not that bias existed. */            \
     void rf_lstm_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,   \
-                                REAL *db_ih, REAL *db_hh,                                   \
+                                REAL *db_ih, REAL *db_hh, REAL *dpeep,                      \
                                 const REAL *dy, const REAL *dh_n, const REAL *dc_n,         \
                                 REAL *ws, REAL *scratch, const REAL *x,                     \
-                                const REAL *w_ih, const REAL *w_hh,                         \
+                                const REAL *w_ih, const REAL *w_hh, const REAL *peep,       \
                                 const rf_plan *p, ptrdiff_t I, ptrdiff_t H,                 \
                                 const rf_runtime *rt);                                      \
     void rf_gru_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
@@ -283,12 +285,15 @@ RF_DECLARE_KERNELS(double, f64)
 typedef struct {
     void *y, *h_n, *c_n, *ws;
     const void *x, *h0, *c0, *w_ih, *w_hh, *b_ih, *b_hh, *packed;
+    const void *peep;  /* LSTM: or NULL */
 } rf_forward_bufs;
 typedef struct {
     void *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
     const void *dy, *dh_n, *dc_n;
     void *ws, *scratch;
     const void *x, *w_ih, *w_hh;
+    const void *peep;  /* LSTM: the forward's, or NULL */
+    void *dpeep;       /* with peep: its gradient (3H) */
 } rf_backward_bufs;
 int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                    ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt);

@@ -85,6 +85,7 @@ cdef extern from "rnnfuse.h" nogil:
         const void *b_ih
         const void *b_hh
         const void *packed
+        const void *peep
     ctypedef struct rf_backward_bufs:
         void *dx
         void *dh0
@@ -101,6 +102,8 @@ cdef extern from "rnnfuse.h" nogil:
         const void *x
         const void *w_ih
         const void *w_hh
+        const void *peep
+        void *dpeep
     int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                        Py_ssize_t I, Py_ssize_t H, int train, const rf_runtime *rt)
     int rf_forward_f64(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
@@ -402,7 +405,7 @@ cdef inline int _backward(bint f32, int cell, int option, const rf_backward_bufs
 
 cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh,
                                    b_ih, b_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
-                                   bint train) except *:
+                                   bint train, peep) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -420,14 +423,15 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.b_ih = _buf(b_ih, G * H, t, "b_ih", _OPTIONAL)
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
     a.packed = NULL  # the kernel packs the weights into ws itself
+    a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
     return a
 
 
 cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
-                    Py_ssize_t H, bint train, bint option=False):
+                    Py_ssize_t H, bint train, bint option=False, peep=None):
     """One forward of cell "lstm" (c0 used), "gru" (option = linear_before_reset) or "rnn"
     (option = relu) over ws (workspace_size elements): returns y (zero at padding), h_n
-    and c_n (None but for the LSTM). c0: None but for the LSTM."""
+    and c_n (None but for the LSTM). c0, peep (3H, i o f): None but for the LSTM."""
     if plan is None:  # (a cpdef function cannot say "not None")
         raise TypeError("_kernels: plan must be a Plan, got None")
     cdef const rf_cell *c = _cell(cell)
@@ -437,7 +441,7 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     h_n = _empty(t, 2, B, H)
     c_n = _empty(t, 2, B, H) if c.states == 2 else None
     cdef rf_forward_bufs a = _forward_args(c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih,
-                                           b_hh, plan, I, H, train)
+                                           b_hh, plan, I, H, train, peep)
     cdef rf_plan p = plan.view()
     with nogil:
         status = _forward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H, train)
@@ -448,7 +452,8 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
 
 cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_hh, db_ih,
                                      db_hh, dy, dh_n, dc_n, ws, scratch, x, w_ih, w_hh,
-                                     Plan plan, Py_ssize_t I, Py_ssize_t H) except *:
+                                     Plan plan, Py_ssize_t I, Py_ssize_t H, peep,
+                                     dpeep) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -469,6 +474,8 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     a.x = _buf(x, TB * I, t, "x", _REQUIRED)
     a.w_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
+    a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
+    a.dpeep = _buf(dpeep, 3 * H, t, "dpeep", _OUT) if a.peep != NULL else NULL
     return a
 
 
@@ -476,7 +483,8 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
     """One backward over a training forward's ctx (functional.py's Context, checked there)
     whose dy, dh_n and dc_n (LSTM only) are None or already what the kernels take:
     returns dx, dh0, dc0 (None but for the LSTM), dw_ih, dw_hh, db_ih, db_hh (None for an
-    absent bias) and the workspace, taken from ctx by ctx.take() and overwritten. For any
+    absent bias), dpeep (the peepholes' gradient, None without ctx.peep) and the
+    workspace, taken from ctx by ctx.take() and overwritten. For any
     other dy, dh_n or dc_n: None, with ctx untouched (functional.py then checks, explains
     or converts)."""
     cdef Plan plan = ctx.plan
@@ -500,16 +508,18 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
     dw_hh = _empty(t, 2, G * H, H)
     db_ih = _empty(t, 1, G * H, 0) if has_ih else None
     db_hh = _empty(t, 1, G * H, 0) if has_hh else None
+    peep = ctx.peep if lstm else None  # functional.Context: None without peepholes
+    dpeep = _empty(t, 1, 3 * H, 0) if peep is not None else None
     cdef rf_backward_bufs a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy,
                                              dh_n, dc_n, ws, scratch, x, w_ih, w_hh, plan, I,
-                                             H)
+                                             H, peep, dpeep)
     cdef rf_plan p = plan.view()
     cdef bint option = ctx.option
     with nogil:
         status = _backward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H)
     if status:
         raise RuntimeError(f"_kernels: no backward for cell {cell!r}")
-    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, ws
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, ws
 
 
 include "small.pxi"  # the small-call fast path: forward_small, _takes

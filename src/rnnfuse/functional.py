@@ -54,7 +54,7 @@ class Context:
     """What backward needs from forward; opaque, and consumed by one backward call."""
 
     __slots__ = ("cell", "dtype", "plan", "ws", "x", "w_ih", "w_hh", "has_bias",
-                 "option", "input_size", "hidden_size")
+                 "option", "input_size", "hidden_size", "peep")
     cell: str
     dtype: np.dtype[Any]
     plan: _kernels.Plan
@@ -66,6 +66,10 @@ class Context:
     option: bool | None
     input_size: int
     hidden_size: int
+    peep: FloatArray | None  # the LSTM's peepholes, or None
+
+    def __init__(self) -> None:
+        self.peep = None
 
     def __repr__(self) -> str:
         state = "used" if self.ws is None else "ready"
@@ -228,11 +232,11 @@ def _check_weights(cell: str, dtype: np.dtype[Any], w_ih: ArrayLike, w_hh: Array
 
 def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w_hh: Any,
              b_ih: ArrayLike | None, b_hh: ArrayLike | None, lengths: ArrayLike | None,
-             reverse: bool, option: bool | None, need_ctx: bool,
+             reverse: bool, option: bool | None, need_ctx: bool, peep: Any = None,
              ) -> tuple[FloatArray, list[Any], Context | None]:
     lstm = cell == "lstm"
     small = None
-    if lengths is None:
+    if lengths is None and peep is None:
         small = _kernels.forward_small(cell, x, states[0], states[1] if lstm else None, w_ih,
                                        w_hh, b_ih, b_hh, reverse, need_ctx, option,
                                        _full_plan)
@@ -240,8 +244,9 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
         y, h_n, c_n, ws, plan = small
         finals = [h_n, c_n] if lstm else [h_n]
     else:
-        y, finals, ws, plan, x, w_ih, w_hh = _checked_forward(
-            cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx)
+        y, finals, ws, plan, x, w_ih, w_hh, peep = _checked_forward(
+            cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx,
+            peep=peep)
     dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
 
     ctx = None
@@ -253,6 +258,7 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
         ctx.x, ctx.w_ih, ctx.w_hh = x, w_ih, w_hh
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.option, ctx.input_size, ctx.hidden_size = option, I, H
+        ctx.peep = peep
     return y, finals, ctx
 
 
@@ -260,9 +266,9 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
                      b_hh: Any, lengths: ArrayLike | None, reverse: bool,
                      option: bool | None, need_ctx: bool,
                      workspace: Callable[[int, np.dtype[Any]], FloatArray] | None = None,
-                     ) -> tuple[Any, ...]:
+                     peep: Any = None) -> tuple[Any, ...]:
     """A forward with every argument checked, and converted where needed: y, the final
-    states, the workspace, the plan and the x, w_ih, w_hh the kernels read.
+    states, the workspace, the plan and the x, w_ih, w_hh and peepholes the kernels read.
     workspace(n, dtype): the workspace's allocator, if not the thread's spare."""
     dtype = _dtype_of(x)
     x = _check_x(x)
@@ -270,6 +276,10 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
     H, w_ih, w_hh, b_ih, b_hh = _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x.shape)
     names = ("h0", "c0")
     states = [_check(n, s, (B, H), dtype, optional=True) for n, s in zip(names, states)]
+    if peep is not None:
+        if cell != "lstm":
+            raise ValueError(f"peepholes are an LSTM option; {cell} has none")
+        peep = _check("peepholes", peep, (3 * H,), dtype)
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     plan = _plan(lengths, T, B, bool(reverse))
@@ -278,8 +288,9 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
     ws = (_workspace if workspace is None else workspace)(n, dtype)
     lstm = cell == "lstm"
     y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
-                                   w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option)
-    return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh
+                                   w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option,
+                                   peep)
+    return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh, peep
 
 
 def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None],
@@ -301,9 +312,11 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
         if lstm:
             dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
         out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, ws = out
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, ws = out
     if keep_spare:
         _keep_spare(ws)
+    if dpeep is not None:
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep
     if lstm:
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
@@ -314,21 +327,27 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
 def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih: ArrayLike,
                  w_hh: ArrayLike, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                  lengths: ArrayLike | None = None, reverse: bool = False, *,
-                 need_ctx: bool = True,
+                 need_ctx: bool = True, peepholes: ArrayLike | None = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
     """LSTM over a whole sequence. Returns ``y (T,B,H), h_n (B,H), c_n (B,H), ctx``.
 
     Gates i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of W_ih x + b_ih + W_hh h + b_hh;
     c' = f c + i g; h' = o tanh(c').
+
+    ``peepholes``: None, or a (3H,) array P in ONNX's order i, o, f (an ONNX LSTM's P row
+    as it is): i and f then also add P_i c and P_f c (the previous cell) to their
+    pre-activations, and o adds P_o c' (the new cell). lstm_backward then returns the
+    peepholes' gradient as an eighth element.
     """
     y, (h_n, c_n), ctx = _forward("lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
-                                  reverse, None, need_ctx)
+                                  reverse, None, need_ctx, peepholes)
     return y, h_n, c_n, ctx
 
 
 def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
                   ctx: Context) -> LSTMGrads:
-    """Gradients ``dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
+    """Gradients ``dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases),
+    and ``dpeepholes`` (3H, i o f) after them where the forward had peepholes."""
     return _backward("lstm", dy, (dh_n, dc_n), ctx)
 
 

@@ -230,13 +230,17 @@ def _bias_grads(db: NDArray[Any], has_b_ih: bool,
 def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih: FloatArray,
                  w_hh: FloatArray, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                  lengths: ArrayLike | None = None, reverse: bool = False, *, need_ctx: bool = True,
+                 peepholes: ArrayLike | None = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, _Context | None]:
     """LSTM over a (T, B, I) sequence. Returns y (T, B, H), h_n, c_n (B, H) and ctx.
 
     Gates i, f, g, o: i,f,o = sigmoid, g = tanh of (W_i* x + b_i* + W_h* h + b_h*);
     c' = f*c + i*g; h' = o*tanh(c').
+    peepholes: None, or P (3H,) in ONNX's order i, o, f: i and f add P_i*c and P_f*c to
+    their pre-activations, o adds P_o*c'. lstm_backward then also returns dP (last).
     """
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
+    P = None if peepholes is None else np.asarray(peepholes, dtype=dtype)
     X = pack.gather(x)
     # 1. a = x W_ih^T + b_ih + b_hh for every valid step; becomes the gate activations in place
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 4, H, dtype))
@@ -247,6 +251,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
         Hprev = np.empty((pack.n, H), dtype=dtype)  # h_{t-1}, for dW_hh
         Cprev = np.empty((pack.n, H), dtype=dtype)  # c_{t-1}, for df
         TC = np.empty((pack.n, H), dtype=dtype)  # tanh(c_t), for do and dc
+        CT = np.empty((pack.n, H), dtype=dtype) if P is not None else None  # c_t, for dP_o
     w_hh_t = w_hh.T
     for sl, bt in pack.steps:
         hp, cp = h[:bt], c[:bt]
@@ -256,13 +261,20 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
         a = A[sl]
         # 2. a += h_{t-1} W_hh^T, then the gate nonlinearities in place
         a += hp @ w_hh_t
-        _sigmoid_(a[:, : 2 * H])  # i, f
-        np.tanh(a[:, 2 * H: 3 * H], out=a[:, 2 * H: 3 * H])  # g
-        _sigmoid_(a[:, 3 * H:])  # o
         i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+        if P is not None:  # i and f peep at c_{t-1}
+            i += P[:H] * cp
+            f += P[2 * H:] * cp
+        _sigmoid_(a[:, : 2 * H])  # i, f
+        np.tanh(g, out=g)
         # 3. c_t = f c_{t-1} + i g ;  h_t = o tanh(c_t)   (h, c updated in place)
         cp *= f
         cp += i * g
+        if P is not None:  # o peeps at c_t
+            o += P[H: 2 * H] * cp
+            if need_ctx:
+                CT[sl] = cp
+        _sigmoid_(o)
         tc = np.tanh(cp)
         np.multiply(o, tc, out=hp)
         Y[sl] = hp
@@ -274,7 +286,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     if need_ctx:
         ctx = _Context(
             "lstm", pack=pack, X=X, gates=A, Hprev=Hprev, Cprev=Cprev, TC=TC, w_ih=w_ih, w_hh=w_hh,
-            has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H,
+            has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H, P=P, CT=CT,
         )
     return y, h_n, c_n, ctx
 
@@ -282,12 +294,13 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
 def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
                   ctx: _Context) -> LSTMGrads:
     """Gradients of lstm_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
-    (a bias gradient is None where that bias was None)."""
+    (a bias gradient is None where that bias was None), and dP after them where the
+    forward had peepholes."""
     s = _take_ctx(ctx, "lstm")
     pack, dtype, H = s["pack"], s["dtype"], s["H"]
     B = pack.B
     G, TC, Cprev = s["gates"], s["TC"], s["Cprev"]
-    w_hh = s["w_hh"]
+    w_hh, P = s["w_hh"], s["P"]
     DY, dh = _grad_setup(pack, dy, dh_n, B, H, dtype)
     dc = pack.sort_state(dc_n, (B, H), dtype)
     for sl, bt in reversed(pack.steps):
@@ -301,11 +314,15 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
         da_o = dht * tc
         da_o *= o * (1 - o)
         dct += dht * o * (1 - tc * tc)
+        if P is not None:  # o's peephole
+            dct += da_o * P[H: 2 * H]
         # c_t = f c_{t-1} + i g
         da_i = dct * g * i * (1 - i)
         da_f = dct * Cprev[sl] * f * (1 - f)
         da_g = dct * i * (1 - g * g)
         dct *= f  # dc_{t-1}
+        if P is not None:  # i's and f's peepholes
+            dct += da_i * P[:H] + da_f * P[2 * H:]
         # the saved gates become the pre-activation gradients
         i[...] = da_i
         f[...] = da_f
@@ -319,6 +336,10 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
     dw_hh = G.T @ s["Hprev"]  # dW_hh = da^T h_{t-1}
     dx = pack.scatter(G @ s["w_ih"])  # dx = da W_ih
     db_ih, db_hh = _bias_grads(G.sum(axis=0), s["has_b_ih"], s["has_b_hh"])
+    if P is not None:  # dP = sum over steps of da_i c_{t-1}, da_o c_t, da_f c_{t-1}
+        dP = np.concatenate([(G[:, :H] * Cprev).sum(axis=0), (G[:, 3 * H:] * s["CT"]).sum(axis=0),
+                             (G[:, H: 2 * H] * Cprev).sum(axis=0)])
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dP
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
 
 
