@@ -219,11 +219,13 @@ RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, 
 
 #define RF_PASSES_FILE "lstm.c"
 #include "passes.h"
+#include "zoneout.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
     REAL *y, *h_n, *c_n, *ws;
     const REAL *bias, *peep;
+    const rf_zoneout *zo;
     const rf_weight *W_hh;
     const rf_plan *p;
     lstm_layout L;
@@ -252,6 +254,13 @@ static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
                                         ws + L.c + now, ws + L.h + next, ws + L.c + next,
                                         q->y, q->h_n, q->c_n, q->bias, q->peep, p, s, j0,
                                         end, next_bs, H);
+        const rf_zoneout *zo = q->zo;
+        if (zo && zo->c)
+            RF_FN(zoneout_forward)(zo, zo->c, ws + L.c + now, ws + L.c + next, q->c_n, NULL,
+                                   p, s, j0, end, next_bs, H);
+        if (zo && zo->h)
+            RF_FN(zoneout_forward)(zo, zo->h, ws + L.h + now, ws + L.h + next, q->h_n, q->y,
+                                   p, s, j0, end, next_bs, H);
     }
 }
 
@@ -259,8 +268,8 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const REAL *x, const REAL *h0, const REAL *c0,
                             const REAL *w_ih, const REAL *w_hh,
                             const REAL *b_ih, const REAL *b_hh, const REAL *peep,
-                            const REAL *packed, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
-                            int train, const rf_runtime *rt) {
+                            const REAL *packed, const rf_zoneout *zo, const rf_plan *p,
+                            ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, train);
     ptrdiff_t GH = 4 * H;
     REAL *bias = NULL;
@@ -272,8 +281,8 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed, rt->avx2);
-    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, peep, &W[0], p, L, H, 0, 0, train,
-                                 rt};
+    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, peep, zo, &W[0], p, L, H, 0, 0,
+                                 train, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
@@ -290,6 +299,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
 typedef struct {
     REAL *ws, *dh, *dc;
     const REAL *dy, *peep;
+    const rf_zoneout *zo;
     const rf_weight *W_hh;
     const rf_plan *p;
     lstm_layout L;
@@ -306,13 +316,25 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
         ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s], end = bs < j1 ? bs : j1;
         if (end <= j0) continue;
         REAL *g = q->ws + q->L.gates + at * GH;
+        const rf_zoneout *zo = q->zo;
+        const REAL *dy = q->dy;
+        REAL *carry_h = zo ? (REAL *)zo->carry : NULL;
+        REAL *carry_c = zo ? carry_h + p->B * H : NULL;
+        if (zo && zo->h) {
+            RF_FN(zoneout_backward)(zo, zo->h, q->dh, carry_h, dy, p, s, j0, end, H);
+            dy = NULL;
+        }
+        if (zo && zo->c)
+            RF_FN(zoneout_backward)(zo, zo->c, q->dc, carry_c, NULL, p, s, j0, end, H);
         RF_PICK(lstm_step_backward, q->rt->avx2)(g, q->dh, q->dc,
                                                  q->ws + q->L.tanh_c + at * H,
-                                                 q->ws + q->L.c + at * H, q->peep, q->dy, p,
-                                                 s, j0, end, H);
-        /* dh_{t-1} = dgates W_hh */
-        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, GH, g + j0 * GH, GH, 0,
-                            q->dh + j0 * H, H);
+                                                 q->ws + q->L.c + at * H, q->peep, dy, p, s,
+                                                 j0, end, H);
+        if (zo && zo->c) RF_FN(zoneout_carry)(q->dc, carry_c, j0, end, H, 1);
+        if (zo && zo->h) RF_FN(zoneout_carry)(q->dh, carry_h, j0, end, H, 0);
+        /* dh_{t-1} = dgates W_hh (+ zoneout's carry) */
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, GH, g + j0 * GH, GH,
+                            zo && zo->h, q->dh + j0 * H, H);
     }
 }
 
@@ -338,8 +360,8 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
                              const REAL *dy, const REAL *dh_n, const REAL *dc_n,
                              REAL *ws, REAL *scratch, const REAL *x,
                              const REAL *w_ih, const REAL *w_hh, const REAL *peep,
-                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
-                             const rf_runtime *rt) {
+                             const rf_zoneout *zo, const rf_plan *p, ptrdiff_t I,
+                             ptrdiff_t H, const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, 1);
     ptrdiff_t GH = 4 * H, B = p->B;
     REAL *dh = scratch, *dc = scratch + B * H;
@@ -348,7 +370,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);
-    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, peep, &W, p, L, H, rt};
+    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, peep, zo, &W, p, L, H, rt};
     rf_run_parts(RF_FN(lstm_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);

@@ -72,6 +72,11 @@ cdef extern from "rnnfuse.h" nogil:
     void rf_gemm_floor_f64(const rf_runtime *rt, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
                            Py_ssize_t H, Py_ssize_t G, int train, double *buf)
 
+    ctypedef struct rf_zoneout:
+        const void *h
+        const void *c
+        int shared
+        void *carry
     ctypedef struct rf_forward_bufs:
         void *y
         void *h_n
@@ -86,6 +91,7 @@ cdef extern from "rnnfuse.h" nogil:
         const void *b_hh
         const void *packed
         const void *peep
+        rf_zoneout zoneout
     ctypedef struct rf_backward_bufs:
         void *dx
         void *dh0
@@ -104,6 +110,7 @@ cdef extern from "rnnfuse.h" nogil:
         const void *w_hh
         const void *peep
         void *dpeep
+        rf_zoneout zoneout
     int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                        Py_ssize_t I, Py_ssize_t H, int train, const rf_runtime *rt)
     int rf_forward_f64(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
@@ -405,7 +412,7 @@ cdef inline int _backward(bint f32, int cell, int option, const rf_backward_bufs
 
 cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh,
                                    b_ih, b_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
-                                   bint train, peep) except *:
+                                   bint train, peep, zoneout) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -424,14 +431,34 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
     a.packed = NULL  # the kernel packs the weights into ws itself
     a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
+    a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     return a
 
 
+cdef rf_zoneout _zoneout(zoneout, bint lstm, int t, Py_ssize_t full,
+                         Py_ssize_t H) except *:
+    """A call's zoneout for C, less backward's carry: zoneout is None or (z_h, z_c,
+    shared), z_c None but for the LSTM, each None or of full elements (shared: H)."""
+    cdef rf_zoneout z
+    z.h = z.c = z.carry = NULL
+    z.shared = 0
+    if zoneout is None:
+        return z
+    z_h, z_c, shared = zoneout
+    cdef Py_ssize_t n = H if shared else full
+    z.shared = bool(shared)
+    z.h = _buf(z_h, n, t, "zoneout", _OPTIONAL)
+    z.c = _buf(z_c, n, t, "zoneout", _OPTIONAL) if lstm else NULL
+    return z
+
+
 cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
-                    Py_ssize_t H, bint train, bint option=False, peep=None):
+                    Py_ssize_t H, bint train, bint option=False, peep=None, zoneout=None):
     """One forward of cell "lstm" (c0 used), "gru" (option = linear_before_reset) or "rnn"
     (option = relu) over ws (workspace_size elements): returns y (zero at padding), h_n
-    and c_n (None but for the LSTM). c0, peep (3H, i o f): None but for the LSTM."""
+    and c_n (None but for the LSTM). c0, peep (3H, i o f): None but for the LSTM.
+    zoneout: None or (z_h, z_c, shared), the weights (T,B,H), or (H,) if shared, with which
+    the units of h and the LSTM's c (each or None) keep their previous values."""
     if plan is None:  # (a cpdef function cannot say "not None")
         raise TypeError("_kernels: plan must be a Plan, got None")
     cdef const rf_cell *c = _cell(cell)
@@ -441,7 +468,7 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     h_n = _empty(t, 2, B, H)
     c_n = _empty(t, 2, B, H) if c.states == 2 else None
     cdef rf_forward_bufs a = _forward_args(c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih,
-                                           b_hh, plan, I, H, train, peep)
+                                           b_hh, plan, I, H, train, peep, zoneout)
     cdef rf_plan p = plan.view()
     with nogil:
         status = _forward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H, train)
@@ -453,7 +480,7 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
 cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_hh, db_ih,
                                      db_hh, dy, dh_n, dc_n, ws, scratch, x, w_ih, w_hh,
                                      Plan plan, Py_ssize_t I, Py_ssize_t H, peep,
-                                     dpeep) except *:
+                                     dpeep, zoneout, carry) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -476,6 +503,9 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
     a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
     a.dpeep = _buf(dpeep, 3 * H, t, "dpeep", _OUT) if a.peep != NULL else NULL
+    a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
+    if a.zoneout.h != NULL or a.zoneout.c != NULL:
+        a.zoneout.carry = _buf(carry, 2 * BH, t, "carry", _OUT)
     return a
 
 
@@ -510,9 +540,11 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
     db_hh = _empty(t, 1, G * H, 0) if has_hh else None
     peep = ctx.peep if lstm else None  # functional.Context: None without peepholes
     dpeep = _empty(t, 1, 3 * H, 0) if peep is not None else None
+    zoneout = ctx.zoneout  # functional.Context: None without zoneout
+    carry = _empty(t, 1, 2 * B * H, 0) if zoneout is not None else None
     cdef rf_backward_bufs a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy,
                                              dh_n, dc_n, ws, scratch, x, w_ih, w_hh, plan, I,
-                                             H, peep, dpeep)
+                                             H, peep, dpeep, zoneout, carry)
     cdef rf_plan p = plan.view()
     cdef bint option = ctx.option
     with nogil:
