@@ -31,22 +31,29 @@ ptrdiff_t rf_workspace(int cell, const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
+/* A call's zoneout, or NULL where it has none. */
+static const rf_zoneout *RF_FN(zoneout_of)(const rf_zoneout *z) {
+    return z->h || z->c ? z : NULL;
+}
+
 int RF_FN(rf_forward)(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                       ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt) {
     const rf_runtime call = *rt;  /* one code path for the whole call */
     switch (cell) {
         case RF_LSTM:
             RF_FN(rf_lstm_forward)(a->y, a->h_n, a->c_n, a->ws, a->x, a->h0, a->c0, a->w_ih,
-                                   a->w_hh, a->b_ih, a->b_hh, a->packed, p, I, H, train,
-                                   &call);
+                                   a->w_hh, a->b_ih, a->b_hh, a->peep, a->packed,
+                                   RF_FN(zoneout_of)(&a->zoneout), p, I, H, train, &call);
             return 0;
         case RF_GRU:
             RF_FN(rf_gru_forward)(a->y, a->h_n, a->ws, a->x, a->h0, a->w_ih, a->w_hh, a->b_ih,
-                                  a->b_hh, a->packed, p, I, H, option, train, &call);
+                                  a->b_hh, a->packed, RF_FN(zoneout_of)(&a->zoneout), p, I,
+                                  H, option, train, &call);
             return 0;
         case RF_RNN:
             RF_FN(rf_rnn_forward)(a->y, a->h_n, a->ws, a->x, a->h0, a->w_ih, a->w_hh, a->b_ih,
-                                  a->b_hh, a->packed, p, I, H, option, train, &call);
+                                  a->b_hh, a->packed, RF_FN(zoneout_of)(&a->zoneout), p, I,
+                                  H, option, train, &call);
             return 0;
         default:
             return -1;
@@ -59,18 +66,21 @@ int RF_FN(rf_backward)(int cell, int option, const rf_backward_bufs *a, const rf
     switch (cell) {
         case RF_LSTM:
             RF_FN(rf_lstm_backward)(a->dx, a->dh0, a->dc0, a->dw_ih, a->dw_hh, a->db_ih,
-                                    a->db_hh, a->dy, a->dh_n, a->dc_n, a->ws, a->scratch,
-                                    a->x, a->w_ih, a->w_hh, p, I, H, &call);
+                                    a->db_hh, a->dpeep, a->dy, a->dh_n, a->dc_n, a->ws,
+                                    a->scratch, a->x, a->w_ih, a->w_hh, a->peep,
+                                    RF_FN(zoneout_of)(&a->zoneout), p, I, H, &call);
             return 0;
         case RF_GRU:
             RF_FN(rf_gru_backward)(a->dx, a->dh0, a->dw_ih, a->dw_hh, a->db_ih, a->db_hh,
                                    a->dy, a->dh_n, a->ws, a->scratch, a->x, a->w_ih,
-                                   a->w_hh, p, I, H, option, &call);
+                                   a->w_hh, RF_FN(zoneout_of)(&a->zoneout), p, I, H, option,
+                                   &call);
             return 0;
         case RF_RNN:
             RF_FN(rf_rnn_backward)(a->dx, a->dh0, a->dw_ih, a->dw_hh, a->db_ih, a->db_hh,
                                    a->dy, a->dh_n, a->ws, a->scratch, a->x, a->w_ih,
-                                   a->w_hh, p, I, H, option, &call);
+                                   a->w_hh, RF_FN(zoneout_of)(&a->zoneout), p, I, H, option,
+                                   &call);
             return 0;
         default:
             return -1;

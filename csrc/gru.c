@@ -223,11 +223,13 @@ RF_AVX2 static void gru_row_avx2(float *g, const float *st, const float *h_prev,
 
 #define RF_PASSES_FILE "gru.c"
 #include "passes.h"
+#include "zoneout.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
     REAL *y, *h_n, *ws;
     const REAL *bias, *b_hn;
+    const rf_zoneout *zo;
     const rf_weight *W;  /* W[0], and without lbr W[1] (rf_prepare_weights) */
     const rf_plan *p;
     gru_layout L;
@@ -266,6 +268,9 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
         }
         RF_PICK(gru_step_n, avx2)(g, train ? aux : NULL, st, hp, hn, q->y, q->h_n, q->bias,
                                   q->b_hn, p, s, j0, end, next_bs, H, lbr, train);
+        if (q->zo && q->zo->h)
+            RF_FN(zoneout_forward)(q->zo, q->zo->h, hp, hn, q->h_n, q->y, p, s, j0, end,
+                                   next_bs, H);
     }
 }
 
@@ -273,8 +278,8 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
                            const REAL *b_ih, const REAL *b_hh, const REAL *packed,
-                           const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
-                           int train, const rf_runtime *rt) {
+                           const rf_zoneout *zo, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                           int lbr, int train, const rf_runtime *rt) {
     gru_layout L = gru_layout_of(p, I, H, train);
     ptrdiff_t GH = 3 * H;
     REAL *bias = NULL;
@@ -287,7 +292,8 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed, rt->avx2);
-    RF_FN(gru_steps_job) job = {y, h_n, ws, bias, b_hn, W, p, L, H, 0, 0, lbr, train, rt};
+    RF_FN(gru_steps_job) job = {y, h_n, ws, bias, b_hn, zo, W, p, L, H, 0, 0, lbr, train,
+                                rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
@@ -304,6 +310,7 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
 typedef struct {
     REAL *ws, *dh;
     const REAL *dy;
+    const rf_zoneout *zo;
     const rf_weight *W_hh;
     const rf_plan *p;
     gru_layout L;
@@ -326,8 +333,11 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
         if (m <= 0) continue;
         REAL *g = q->ws + q->L.gates + at * GH, *aux = q->ws + q->L.aux + at * H;
         const REAL *hp = q->ws + q->L.h + at * H;
-        RF_PICK(gru_step_backward, rt->avx2)(g, aux, st, dh, hp, q->dy, p, s, j0, end, H,
-                                             q->lbr);
+        const rf_zoneout *zo = q->zo && q->zo->h ? q->zo : NULL;
+        if (zo) RF_FN(zoneout_backward)(zo, zo->h, dh, zo->carry, q->dy, p, s, j0, end, H);
+        RF_PICK(gru_step_backward, rt->avx2)(g, aux, st, dh, hp, zo ? NULL : q->dy, p, s, j0,
+                                             end, H, q->lbr);
+        if (zo) RF_FN(zoneout_carry)(dh, zo->carry, j0, end, H, 1);
         if (q->lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh */
             RF_FN(rf_step_gemm)(rt, W, 0, m, H, GH, st + j0 * GH, GH, 1, dh + j0 * H, H);
         } else {       /* drh = dn W_hn;  then dh_{t-1} += [dr dz] W_hrz */
@@ -343,7 +353,7 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             REAL *db_ih, REAL *db_hh,
                             const REAL *dy, const REAL *dh_n,
                             REAL *ws, REAL *scratch, const REAL *x,
-                            const REAL *w_ih, const REAL *w_hh,
+                            const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,
                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
                             const rf_runtime *rt) {
     gru_layout L = gru_layout_of(p, I, H, 1);
@@ -352,7 +362,7 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     rf_weight W;  /* W_hh itself: rows 0..2H-1 for r z, 2H..3H-1 for n */
     RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    RF_FN(gru_back_steps_job) job = {ws, dh, dy, &W, p, L, H, lbr, rt};
+    RF_FN(gru_back_steps_job) job = {ws, dh, dy, zo, &W, p, L, H, lbr, rt};
     rf_run_parts(RF_FN(gru_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);

@@ -2,6 +2,8 @@
  *
  *   gates = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh,  blocks i f g o
  *   i, f, o = sigmoid(.), g = tanh(.);  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+ * With peepholes P (3H, ONNX's order i o f) the pre-activations of i and f also get
+ * P_i c_{t-1} and P_f c_{t-1}, and that of o gets P_o c_t (the new cell).
  *
  * Forward: the input projection of all steps is one GEMM (rf_project); each step adds
  * h_{t-1} W_hh^T into its gate rows (one GEMM over the rows still running) and one fused
@@ -19,7 +21,8 @@
 /* Workspace layout, in elements from the start of ws.
  * train=1 keeps every step for backward, in packed rows (N = p->rows):
  *   bias (4H) | gates (N,4H): post-activation i f g o | h (N,H): h_{t-1} of each row |
- *   c (N,H): c_{t-1} | tanh_c (N,H): tanh(c_t) | xbuf (N,I): gathered x, when not dense |
+ *   c (N,H): c_{t-1} | tanh_c (N,H): tanh(c_t) (with peepholes, backward leaves c_t there) |
+ *   xbuf (N,I): gathered x, when not dense |
  *   weights: W_hh^T and W_ih^T packed (rf_prepare_weights)
  * train=0 keeps one chunk of steps and two states (current, next):
  *   bias (4H) | gates (R,4H) | h (2,B,H) | c (2,B,H) | xbuf (R,I), R = chunk rows |
@@ -54,12 +57,13 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
  * holding pre-activations (less the biases, or NULL) on entry and post-activations on
  * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
  * (j < next_bs) put their states; the others have finished and write h_n, c_n. tanh_c: or
- * NULL (inference). On the AVX2 path float takes one pass per row (lstm_row_avx2). */
+ * NULL (inference). peep: the peepholes (i o f), or NULL. On the AVX2 path float takes one
+ * pass per row (lstm_row_avx2). */
 RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
                                               REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
-                                              const REAL *bias, const rf_plan *p, ptrdiff_t s,
-                                              ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
-                                              ptrdiff_t H) {
+                                              const REAL *bias, const REAL *peep,
+                                              const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
+                                              ptrdiff_t j1, ptrdiff_t next_bs, ptrdiff_t H) {
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
@@ -70,20 +74,27 @@ RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL 
 #if RF_HAVE_AVX2 && RF_IS_FLOAT
         if (RF_PASS_AVX2) {
             lstm_row_avx2(gi, tanh_c ? tanh_c + j * H : NULL, c_prev, h_out, c_out, y_row,
-                          bias, H);
+                          bias, peep, H);
             continue;
         }
 #endif
         if (bias)
             for (ptrdiff_t k = 0; k < 4 * H; k++) gi[k] += bias[k];
+        if (peep)
+            for (ptrdiff_t k = 0; k < H; k++) {
+                gi[k] += peep[k] * c_prev[k];
+                gf[k] += peep[2 * H + k] * c_prev[k];
+            }
         SIGMOID(gi, 2 * H);  /* i, f */
         TANH(gg, H);
-        SIGMOID(go, H);
         for (ptrdiff_t k = 0; k < H; k++) {
             REAL c = gf[k] * c_prev[k] + gi[k] * gg[k];
             c_out[k] = c;
             h_out[k] = c;
         }
+        if (peep)
+            for (ptrdiff_t k = 0; k < H; k++) go[k] += peep[H + k] * c_out[k];
+        SIGMOID(go, H);
         TANH(h_out, H);
         if (tanh_c) memcpy(tanh_c + j * H, h_out, (size_t)H * sizeof(REAL));
         for (ptrdiff_t k = 0; k < H; k++) {
@@ -96,17 +107,39 @@ RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL 
 
 /* One step's backward pointwise pass over rows j0 .. j1-1. On entry g holds the saved
  * i f g o; on exit their pre-activation gradients. dh, dc: the gradients carried into this
- * step's outputs (sorted rows); dc leaves as the gradient of c_{t-1}. */
+ * step's outputs (sorted rows); dc leaves as the gradient of c_{t-1}. peep: the
+ * peepholes, or NULL; with them, tanh_c leaves holding c_t, which their gradient needs
+ * after the loop (lstm_peep_grads). */
 RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *dc,
-                                                       const REAL *tanh_c, const REAL *cp,
-                                                       const REAL *dy, const rf_plan *p,
-                                                       ptrdiff_t s, ptrdiff_t j0,
-                                                       ptrdiff_t j1, ptrdiff_t H) {
+                                                       REAL *tanh_c, const REAL *cp,
+                                                       const REAL *peep, const REAL *dy,
+                                                       const rf_plan *p, ptrdiff_t s,
+                                                       ptrdiff_t j0, ptrdiff_t j1,
+                                                       ptrdiff_t H) {
     for (ptrdiff_t j = j0; j < j1; j++) {
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
-        REAL *dh_row = dh + j * H, *dc_row = dc + j * H;
-        const REAL *tc_row = tanh_c + j * H, *c_prev = cp + j * H;
+        REAL *dh_row = dh + j * H, *dc_row = dc + j * H, *tc_row = tanh_c + j * H;
+        const REAL *c_prev = cp + j * H;
+        if (peep) {
+            const REAL *p_i = peep, *p_o = peep + H, *p_f = peep + 2 * H;
+            for (ptrdiff_t k = 0; k < H; k++) {
+                REAL i = gi[k], f = gf[k], gt = gg[k], o = go[k], tc = tc_row[k];
+                REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
+                REAL d_o = d_h * tc * o * (1 - o);
+                /* c reaches h through tanh and through o's peephole */
+                REAL d_c = dc_row[k] + d_h * o * (1 - tc * tc) + d_o * p_o[k];
+                REAL d_i = d_c * gt * i * (1 - i), d_f = d_c * c_prev[k] * f * (1 - f);
+                /* c_prev reaches c directly and through i's and f's peepholes */
+                dc_row[k] = d_c * f + (d_i * p_i[k] + d_f * p_f[k]);
+                tc_row[k] = f * c_prev[k] + i * gt;  /* c_t, as the forward rounded it */
+                gi[k] = d_i;
+                gf[k] = d_f;
+                gg[k] = d_c * i * (1 - gt * gt);
+                go[k] = d_o;
+            }
+            continue;
+        }
         for (ptrdiff_t k = 0; k < H; k++) {
             REAL i = gi[k], f = gf[k], gt = gg[k], o = go[k], tc = tc_row[k];
             REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
@@ -128,8 +161,8 @@ RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *
  * in registers, nv vectors of each side by side (see vmath.h). */
 RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c_prev,
                                          float *h_out, float *c_out, float *y,
-                                         const float *bias, ptrdiff_t H, ptrdiff_t k,
-                                         int nv, int n_last) {
+                                         const float *bias, const float *peep, ptrdiff_t H,
+                                         ptrdiff_t k, int nv, int n_last) {
     __m256 a[4][RF_UNITS_MAX], b[RF_UNITS_MAX], c[RF_UNITS_MAX], tc[RF_UNITS_MAX];
     for (int q = 0; q < 4; q++) {
         rf_load8n(a[q], g + q * H + k, nv, n_last);
@@ -138,14 +171,27 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
             for (int u = 0; u < nv; u++) a[q][u] = _mm256_add_ps(a[q][u], b[u]);
         }
     }
+    rf_load8n(c, c_prev + k, nv, n_last);
+    if (peep) {  /* i and f see c_prev; gate q's peephole is at peep_at[q] (i o f) */
+        static const int peep_at[2] = {0, 2};
+        for (int q = 0; q < 2; q++) {
+            rf_load8n(b, peep + peep_at[q] * H + k, nv, n_last);
+            for (int u = 0; u < nv; u++)
+                a[q][u] = _mm256_add_ps(a[q][u], _mm256_mul_ps(b[u], c[u]));
+        }
+    }
     rf_sigmoid8n(a[0], nv);
     rf_sigmoid8n(a[1], nv);
     rf_tanh8n(a[2], nv);
-    rf_sigmoid8n(a[3], nv);
-    rf_load8n(c, c_prev + k, nv, n_last);
     /* c = f c_prev + i g: two products, then their sum (no FMA), as the portable code */
     for (int u = 0; u < nv; u++)
         tc[u] = c[u] = _mm256_add_ps(_mm256_mul_ps(a[1][u], c[u]), _mm256_mul_ps(a[0][u], a[2][u]));
+    if (peep) {  /* o sees the new c */
+        rf_load8n(b, peep + H + k, nv, n_last);
+        for (int u = 0; u < nv; u++)
+            a[3][u] = _mm256_add_ps(a[3][u], _mm256_mul_ps(b[u], c[u]));
+    }
+    rf_sigmoid8n(a[3], nv);
     rf_tanh8n(tc, nv);
     rf_store8n(c_out + k, c, nv, n_last);
     if (tanh_c) {  /* training: backward reads the activations */
@@ -162,9 +208,10 @@ RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c
  * same values, so the same bits: the gates stay in registers instead of making eight trips
  * through memory. */
 RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, float *h_out,
-                                  float *c_out, float *y, const float *bias, ptrdiff_t H) {
+                                  float *c_out, float *y, const float *bias, const float *peep,
+                                  ptrdiff_t H) {
 #define UNITS(k, nv, n_last) \
-    lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, H, k, nv, n_last)
+    lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, peep, H, k, nv, n_last)
     RF_OVER_UNITS(H, UNITS);
 #undef UNITS
 }
@@ -172,11 +219,13 @@ RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, 
 
 #define RF_PASSES_FILE "lstm.c"
 #include "passes.h"
+#include "zoneout.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
     REAL *y, *h_n, *c_n, *ws;
-    const REAL *bias;
+    const REAL *bias, *peep;
+    const rf_zoneout *zo;
     const rf_weight *W_hh;
     const rf_plan *p;
     lstm_layout L;
@@ -203,17 +252,24 @@ static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
                             1, g + j0 * GH, GH);
         RF_PICK(lstm_step, q->rt->avx2)(g, q->train ? ws + L.tanh_c + now : NULL,
                                         ws + L.c + now, ws + L.h + next, ws + L.c + next,
-                                        q->y, q->h_n, q->c_n, q->bias, p, s, j0, end,
-                                        next_bs, H);
+                                        q->y, q->h_n, q->c_n, q->bias, q->peep, p, s, j0,
+                                        end, next_bs, H);
+        const rf_zoneout *zo = q->zo;
+        if (zo && zo->c)
+            RF_FN(zoneout_forward)(zo, zo->c, ws + L.c + now, ws + L.c + next, q->c_n, NULL,
+                                   p, s, j0, end, next_bs, H);
+        if (zo && zo->h)
+            RF_FN(zoneout_forward)(zo, zo->h, ws + L.h + now, ws + L.h + next, q->h_n, q->y,
+                                   p, s, j0, end, next_bs, H);
     }
 }
 
 void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const REAL *x, const REAL *h0, const REAL *c0,
                             const REAL *w_ih, const REAL *w_hh,
-                            const REAL *b_ih, const REAL *b_hh, const REAL *packed,
-                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,
-                            const rf_runtime *rt) {
+                            const REAL *b_ih, const REAL *b_hh, const REAL *peep,
+                            const REAL *packed, const rf_zoneout *zo, const rf_plan *p,
+                            ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, train);
     ptrdiff_t GH = 4 * H;
     REAL *bias = NULL;
@@ -225,7 +281,8 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed, rt->avx2);
-    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, &W[0], p, L, H, 0, 0, train, rt};
+    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, peep, zo, &W[0], p, L, H, 0, 0,
+                                 train, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
@@ -241,7 +298,8 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
 /* The time loop of a backward, for one part's rows. */
 typedef struct {
     REAL *ws, *dh, *dc;
-    const REAL *dy;
+    const REAL *dy, *peep;
+    const rf_zoneout *zo;
     const rf_weight *W_hh;
     const rf_plan *p;
     lstm_layout L;
@@ -258,23 +316,52 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
         ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s], end = bs < j1 ? bs : j1;
         if (end <= j0) continue;
         REAL *g = q->ws + q->L.gates + at * GH;
+        const rf_zoneout *zo = q->zo;
+        const REAL *dy = q->dy;
+        REAL *carry_h = zo ? (REAL *)zo->carry : NULL;
+        REAL *carry_c = zo ? carry_h + p->B * H : NULL;
+        if (zo && zo->h) {
+            RF_FN(zoneout_backward)(zo, zo->h, q->dh, carry_h, dy, p, s, j0, end, H);
+            dy = NULL;
+        }
+        if (zo && zo->c)
+            RF_FN(zoneout_backward)(zo, zo->c, q->dc, carry_c, NULL, p, s, j0, end, H);
         RF_PICK(lstm_step_backward, q->rt->avx2)(g, q->dh, q->dc,
                                                  q->ws + q->L.tanh_c + at * H,
-                                                 q->ws + q->L.c + at * H, q->dy, p, s, j0,
-                                                 end, H);
-        /* dh_{t-1} = dgates W_hh */
-        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, GH, g + j0 * GH, GH, 0,
-                            q->dh + j0 * H, H);
+                                                 q->ws + q->L.c + at * H, q->peep, dy, p, s,
+                                                 j0, end, H);
+        if (zo && zo->c) RF_FN(zoneout_carry)(q->dc, carry_c, j0, end, H, 1);
+        if (zo && zo->h) RF_FN(zoneout_carry)(q->dh, carry_h, j0, end, H, 0);
+        /* dh_{t-1} = dgates W_hh (+ zoneout's carry) */
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, GH, g + j0 * GH, GH,
+                            zo && zo->h, q->dh + j0 * H, H);
+    }
+}
+
+/* The peepholes' gradient (i o f), from the gate gradients and the states after the
+ * backward's loop: dP_i = sum of da_i c_{t-1}, dP_f = sum of da_f c_{t-1}, dP_o = sum of
+ * da_o c_t over every packed row, in row order (the same bits at any thread count). */
+static void RF_FN(lstm_peep_grads)(REAL *dpeep, const REAL *dgates, const REAL *c_prev,
+                                   const REAL *c_new, ptrdiff_t rows, ptrdiff_t H) {
+    REAL *dp_i = dpeep, *dp_o = dpeep + H, *dp_f = dpeep + 2 * H;
+    for (ptrdiff_t k = 0; k < 3 * H; k++) dpeep[k] = 0;
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const REAL *da = dgates + r * 4 * H, *cp = c_prev + r * H, *cn = c_new + r * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            dp_i[k] += da[k] * cp[k];
+            dp_f[k] += da[H + k] * cp[k];
+            dp_o[k] += da[3 * H + k] * cn[k];
+        }
     }
 }
 
 void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,
-                             REAL *db_ih, REAL *db_hh,
+                             REAL *db_ih, REAL *db_hh, REAL *dpeep,
                              const REAL *dy, const REAL *dh_n, const REAL *dc_n,
                              REAL *ws, REAL *scratch, const REAL *x,
-                             const REAL *w_ih, const REAL *w_hh,
-                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
-                             const rf_runtime *rt) {
+                             const REAL *w_ih, const REAL *w_hh, const REAL *peep,
+                             const rf_zoneout *zo, const rf_plan *p, ptrdiff_t I,
+                             ptrdiff_t H, const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, 1);
     ptrdiff_t GH = 4 * H, B = p->B;
     REAL *dh = scratch, *dc = scratch + B * H;
@@ -283,7 +370,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);
-    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, &W, p, L, H, rt};
+    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, peep, zo, &W, p, L, H, rt};
     rf_run_parts(RF_FN(lstm_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
@@ -293,6 +380,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     RF_FN(rf_grad_gemm)(rt, 1, GH, H, p->rows, dgates, GH, ws + L.h, H, dw_hh, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, rt);
     RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, GH, rt->avx2);
+    if (peep) RF_FN(lstm_peep_grads)(dpeep, dgates, ws + L.c, ws + L.tanh_c, p->rows, H);
 }
 
 #endif /* RF_TEMPLATE */

@@ -124,11 +124,13 @@ RF_AVX2 static void rnn_row_avx2(float *g, float *h_out, float *y, const float *
 
 #define RF_PASSES_FILE "rnn.c"
 #include "passes.h"
+#include "zoneout.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
     REAL *y, *h_n, *ws;
     const REAL *bias;
+    const rf_zoneout *zo;
     const rf_weight *W_hh;
     const rf_plan *p;
     rnn_layout L;
@@ -155,6 +157,9 @@ static void RF_FN(rnn_steps)(void *arg, int part, int parts) {
                             g + j0 * H, H);
         RF_PICK(rnn_step, q->rt->avx2)(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs,
                                        H, q->relu);
+        if (q->zo && q->zo->h)
+            RF_FN(zoneout_forward)(q->zo, q->zo->h, hp, hn, q->h_n, q->y, p, s, j0, end,
+                                   next_bs, H);
     }
 }
 
@@ -162,8 +167,8 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
                            const REAL *b_ih, const REAL *b_hh, const REAL *packed,
-                           const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
-                           int train, const rf_runtime *rt) {
+                           const rf_zoneout *zo, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                           int relu, int train, const rf_runtime *rt) {
     rnn_layout L = rnn_layout_of(p, I, H, train);
     REAL *bias = NULL;
     if (b_ih || b_hh) {
@@ -173,7 +178,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed, rt->avx2);
-    RF_FN(rnn_steps_job) job = {y, h_n, ws, bias, &W[0], p, L, H, 0, 0, train, relu, rt};
+    RF_FN(rnn_steps_job) job = {y, h_n, ws, bias, zo, &W[0], p, L, H, 0, 0, train, relu, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, H,
@@ -190,6 +195,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
 typedef struct {
     REAL *gates, *dh;
     const REAL *dy;
+    const rf_zoneout *zo;
     const rf_weight *W_hh;
     const rf_plan *p;
     ptrdiff_t H;
@@ -206,9 +212,13 @@ static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
         ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1;
         if (end <= j0) continue;
         REAL *g = q->gates + p->offsets[s] * H;
-        RF_PICK(rnn_step_backward, q->rt->avx2)(g, q->dh, q->dy, p, s, j0, end, H, q->relu);
-        /* dh_{t-1} = dpre W_hh */
-        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, H, g + j0 * H, H, 0,
+        const rf_zoneout *zo = q->zo && q->zo->h ? q->zo : NULL;
+        if (zo) RF_FN(zoneout_backward)(zo, zo->h, q->dh, zo->carry, q->dy, p, s, j0, end, H);
+        RF_PICK(rnn_step_backward, q->rt->avx2)(g, q->dh, zo ? NULL : q->dy, p, s, j0, end,
+                                                H, q->relu);
+        if (zo) RF_FN(zoneout_carry)(q->dh, zo->carry, j0, end, H, 0);
+        /* dh_{t-1} = dpre W_hh (+ zoneout's carry) */
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, H, g + j0 * H, H, zo != NULL,
                             q->dh + j0 * H, H);
     }
 }
@@ -217,7 +227,7 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             REAL *db_ih, REAL *db_hh,
                             const REAL *dy, const REAL *dh_n,
                             REAL *ws, REAL *scratch, const REAL *x,
-                            const REAL *w_ih, const REAL *w_hh,
+                            const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,
                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
                             const rf_runtime *rt) {
     rnn_layout L = rnn_layout_of(p, I, H, 1);
@@ -225,7 +235,7 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     rf_weight W;
     RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, &W, p, H, relu, rt};
+    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, zo, &W, p, H, relu, rt};
     rf_run_parts(RF_FN(rnn_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);

@@ -184,8 +184,22 @@ void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdi
 void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, ptrdiff_t G,
                          ptrdiff_t H, ptrdiff_t I, int lbr, int avx2);
 
+/* Zoneout (zoneout.h): each unit of a state keeps its previous value with weight k,
+ * s_t = k s_{t-1} + (1-k) s~_t. h, c: the weights of h and of the LSTM's c, or NULL (that
+ * state has none), each (T,B,H) (shared = 0: a mask per step, row and unit, indexed as y)
+ * or (H,) (shared = 1: one row for all). carry: backward's scratch of 2*B*H elements where
+ * h or c is given. Pointers to the call's dtype. */
+typedef struct {
+    const void *h, *c;
+    int shared;
+    void *carry;
+} rf_zoneout;
+
 /* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
  * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
+ * peep: the LSTM's peepholes (3H) in ONNX's order i o f, or NULL (none); backward then
+ * takes the same peep and writes their gradient to dpeep (3H; else not touched).
+ * zo: zoneout, or NULL; backward takes the forward's.
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
  * packed: w_ih and w_hh as rf_pack_weights_* packed them, or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
@@ -193,22 +207,22 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
     void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \
                                const REAL *x, const REAL *h0, const REAL *c0,               \
                                const REAL *w_ih, const REAL *w_hh,                          \
-                               const REAL *b_ih, const REAL *b_hh,                          \
-                               const REAL *packed,                                          \
+                               const REAL *b_ih, const REAL *b_hh, const REAL *peep,        \
+                               const REAL *packed, const rf_zoneout *zo,                    \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,       \
                                const rf_runtime *rt);                                       \
     void rf_gru_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
-                              const REAL *packed,                                           \
+                              const REAL *packed, const rf_zoneout *zo,                     \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,          \
                               int train, const rf_runtime *rt);                             \
     void rf_rnn_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
                               const REAL *x, const REAL *h0,                                \
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
-                              const REAL *packed,                                           \
+                              const REAL *packed, const rf_zoneout *zo,                     \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,         \
                               int train, const rf_runtime *rt);                             \
     /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,    \
@@ -217,24 +231,25 @@ void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, pt
      * scratch: rf_backward_scratch elements. x, w_*: the forward's.                        \
      * Each db_* receives the bias gradient whether or not that bias existed. */            \
     void rf_lstm_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,   \
-                                REAL *db_ih, REAL *db_hh,                                   \
+                                REAL *db_ih, REAL *db_hh, REAL *dpeep,                      \
                                 const REAL *dy, const REAL *dh_n, const REAL *dc_n,         \
                                 REAL *ws, REAL *scratch, const REAL *x,                     \
-                                const REAL *w_ih, const REAL *w_hh,                         \
+                                const REAL *w_ih, const REAL *w_hh, const REAL *peep,       \
+                                const rf_zoneout *zo,                                       \
                                 const rf_plan *p, ptrdiff_t I, ptrdiff_t H,                 \
                                 const rf_runtime *rt);                                      \
     void rf_gru_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
                                REAL *db_ih, REAL *db_hh,                                    \
                                const REAL *dy, const REAL *dh_n,                            \
                                REAL *ws, REAL *scratch, const REAL *x,                      \
-                               const REAL *w_ih, const REAL *w_hh,                          \
+                               const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,    \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,         \
                                const rf_runtime *rt);                                       \
     void rf_rnn_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
                                REAL *db_ih, REAL *db_hh,                                    \
                                const REAL *dy, const REAL *dh_n,                            \
                                REAL *ws, REAL *scratch, const REAL *x,                      \
-                               const REAL *w_ih, const REAL *w_hh,                          \
+                               const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,    \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,        \
                                const rf_runtime *rt);                                       \
     /* Shared pieces (common.c). */                                                         \
@@ -295,12 +310,17 @@ RF_DECLARE_KERNELS(double, f64)
 typedef struct {
     void *y, *h_n, *c_n, *ws;
     const void *x, *h0, *c0, *w_ih, *w_hh, *b_ih, *b_hh, *packed;
+    const void *peep;  /* LSTM: or NULL */
+    rf_zoneout zoneout;  /* h and c NULL: none */
 } rf_forward_bufs;
 typedef struct {
     void *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
     const void *dy, *dh_n, *dc_n;
     void *ws, *scratch;
     const void *x, *w_ih, *w_hh;
+    const void *peep;  /* LSTM: the forward's, or NULL */
+    void *dpeep;       /* with peep: its gradient (3H) */
+    rf_zoneout zoneout;  /* the forward's */
 } rf_backward_bufs;
 int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                    ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt);

@@ -73,6 +73,11 @@ cdef extern from "rnnfuse.h" nogil:
     void rf_gemm_floor_f64(const rf_runtime *rt, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
                            Py_ssize_t H, Py_ssize_t G, int train, double *buf)
 
+    ctypedef struct rf_zoneout:
+        const void *h
+        const void *c
+        int shared
+        void *carry
     ctypedef struct rf_forward_bufs:
         void *y
         void *h_n
@@ -86,6 +91,8 @@ cdef extern from "rnnfuse.h" nogil:
         const void *b_ih
         const void *b_hh
         const void *packed
+        const void *peep
+        rf_zoneout zoneout
     ctypedef struct rf_backward_bufs:
         void *dx
         void *dh0
@@ -102,6 +109,9 @@ cdef extern from "rnnfuse.h" nogil:
         const void *x
         const void *w_ih
         const void *w_hh
+        const void *peep
+        void *dpeep
+        rf_zoneout zoneout
     int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                        Py_ssize_t I, Py_ssize_t H, int train, const rf_runtime *rt)
     int rf_forward_f64(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
@@ -416,7 +426,7 @@ cdef int _check_weight_shapes(w_ih, w_hh, Py_ssize_t G, Py_ssize_t I,
 
 cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh,
                                    b_ih, b_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
-                                   bint train) except *:
+                                   bint train, peep, zoneout) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -435,14 +445,35 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.b_ih = _buf(b_ih, G * H, t, "b_ih", _OPTIONAL)
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
     a.packed = NULL  # the kernel packs the weights into ws itself
+    a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
+    a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     return a
 
 
+cdef rf_zoneout _zoneout(zoneout, bint lstm, int t, Py_ssize_t full,
+                         Py_ssize_t H) except *:
+    """A call's zoneout for C, less backward's carry: zoneout is None or (z_h, z_c,
+    shared), z_c None but for the LSTM, each None or of full elements (shared: H)."""
+    cdef rf_zoneout z
+    z.h = z.c = z.carry = NULL
+    z.shared = 0
+    if zoneout is None:
+        return z
+    z_h, z_c, shared = zoneout
+    cdef Py_ssize_t n = H if shared else full
+    z.shared = bool(shared)
+    z.h = _buf(z_h, n, t, "zoneout", _OPTIONAL)
+    z.c = _buf(z_c, n, t, "zoneout", _OPTIONAL) if lstm else NULL
+    return z
+
+
 cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
-                    Py_ssize_t H, bint train, bint option=False):
+                    Py_ssize_t H, bint train, bint option=False, peep=None, zoneout=None):
     """One forward of cell "lstm" (c0 used), "gru" (option = linear_before_reset) or "rnn"
     (option = relu) over ws (workspace_size elements): returns y (zero at padding), h_n
-    and c_n (None but for the LSTM). c0: None but for the LSTM."""
+    and c_n (None but for the LSTM). c0, peep (3H, i o f): None but for the LSTM.
+    zoneout: None or (z_h, z_c, shared), the weights (T,B,H), or (H,) if shared, with which
+    the units of h and the LSTM's c (each or None) keep their previous values."""
     if plan is None:  # (a cpdef function cannot say "not None")
         raise TypeError("_kernels: plan must be a Plan, got None")
     cdef const rf_cell *c = _cell(cell)
@@ -452,7 +483,7 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     h_n = _empty(t, 2, B, H)
     c_n = _empty(t, 2, B, H) if c.states == 2 else None
     cdef rf_forward_bufs a = _forward_args(c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih,
-                                           b_hh, plan, I, H, train)
+                                           b_hh, plan, I, H, train, peep, zoneout)
     cdef rf_plan p = plan.view()
     with nogil:
         status = _forward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H, train)
@@ -463,7 +494,8 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
 
 cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_hh, db_ih,
                                      db_hh, dy, dh_n, dc_n, ws, scratch, x, w_ih, w_hh,
-                                     Plan plan, Py_ssize_t I, Py_ssize_t H) except *:
+                                     Plan plan, Py_ssize_t I, Py_ssize_t H, peep,
+                                     dpeep, zoneout, carry) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -485,6 +517,11 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     a.x = _buf(x, TB * I, t, "x", _REQUIRED)
     a.w_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
+    a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
+    a.dpeep = _buf(dpeep, 3 * H, t, "dpeep", _OUT) if a.peep != NULL else NULL
+    a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
+    if a.zoneout.h != NULL or a.zoneout.c != NULL:
+        a.zoneout.carry = _buf(carry, 2 * BH, t, "carry", _OUT)
     return a
 
 
@@ -492,7 +529,8 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
     """One backward over a training forward's ctx (functional.py's Context, checked there)
     whose dy, dh_n and dc_n (LSTM only) are None or already what the kernels take:
     returns dx, dh0, dc0 (None but for the LSTM), dw_ih, dw_hh, db_ih, db_hh (None for an
-    absent bias) and the workspace, taken from ctx by ctx.take() and overwritten. For any
+    absent bias), dpeep (the peepholes' gradient, None without ctx.peep) and the
+    workspace, taken from ctx by ctx.take() and overwritten. For any
     other dy, dh_n or dc_n: None, with ctx untouched (functional.py then checks, explains
     or converts)."""
     cdef Plan plan = ctx.plan
@@ -518,8 +556,12 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         dw_hh = _empty(t, 2, G * H, H)
         db_ih = _empty(t, 1, G * H, 0) if has_ih else None
         db_hh = _empty(t, 1, G * H, 0) if has_hh else None
+        peep = ctx.peep if lstm else None  # functional.Context: None without peepholes
+        dpeep = _empty(t, 1, 3 * H, 0) if peep is not None else None
+        zoneout = ctx.zoneout  # functional.Context: None without zoneout
+        carry = _empty(t, 1, 2 * B * H, 0) if zoneout is not None else None
         a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
-                           scratch, x, w_ih, w_hh, plan, I, H)
+                           scratch, x, w_ih, w_hh, plan, I, H, peep, dpeep, zoneout, carry)
     except BaseException:
         ctx.ws = ws
         raise
@@ -529,7 +571,7 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         status = _backward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H)
     if status:
         raise RuntimeError(f"_kernels: no backward for cell {cell!r}")
-    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, ws
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, ws
 
 
 include "small.pxi"  # the small-call fast path: forward_small, _takes

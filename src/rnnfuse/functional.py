@@ -19,6 +19,12 @@ bias is None). ``lengths`` (B,) integers in [0, T] mark steps t >= lengths[b] as
 float32 or float64, one dtype per call. Inputs are never modified; non-contiguous inputs
 are copied once.
 
+Every forward also takes ``zoneout`` (keyword only, default None): each unit of the new
+state keeps its previous value with weight k, h_t = k h_{t-1} + (1-k) h~_t (the LSTM's c
+likewise; y_t is h_t). A float p in [0, 1) is eval's zoneout, k = p everywhere; for
+training, weights (T, B, H) per step, row and unit (a 0/1 mask), for the LSTM a pair
+(z_h, z_c) (either may be None). ``lstm_forward`` also takes ``peepholes`` (see there).
+
 Every forward also takes ``need_ctx`` (keyword only, default True): with False it runs
 inference only, keeps no state for backward (its workspace does not grow with T) and
 returns ``ctx=None``. The ctx keeps references to ``x``, ``w_ih`` and ``w_hh``: modifying
@@ -30,6 +36,7 @@ next call of a similar size; ``release_workspace()`` frees it.
 from __future__ import annotations
 
 import functools
+import numbers
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -54,7 +61,7 @@ class Context:
     """What backward needs from forward; opaque, and consumed by one backward call."""
 
     __slots__ = ("cell", "dtype", "plan", "ws", "x", "w_ih", "w_hh", "has_bias",
-                 "option", "input_size", "hidden_size")
+                 "option", "input_size", "hidden_size", "peep", "zoneout")
     cell: str
     dtype: np.dtype[Any]
     plan: _kernels.Plan
@@ -66,6 +73,11 @@ class Context:
     option: bool | None
     input_size: int
     hidden_size: int
+    peep: FloatArray | None  # the LSTM's peepholes, or None
+    zoneout: tuple[Any, Any, bool] | None  # (z_h, z_c, shared), or None
+
+    def __init__(self) -> None:
+        self.peep = self.zoneout = None
 
     def __repr__(self) -> str:
         state = "used" if self.ws is None else "ready"
@@ -228,11 +240,11 @@ def _check_weights(cell: str, dtype: np.dtype[Any], w_ih: ArrayLike, w_hh: Array
 
 def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w_hh: Any,
              b_ih: ArrayLike | None, b_hh: ArrayLike | None, lengths: ArrayLike | None,
-             reverse: bool, option: bool | None, need_ctx: bool,
-             ) -> tuple[FloatArray, list[Any], Context | None]:
+             reverse: bool, option: bool | None, need_ctx: bool, peep: Any = None,
+             zoneout: Any = None) -> tuple[FloatArray, list[Any], Context | None]:
     lstm = cell == "lstm"
     small = None
-    if lengths is None:
+    if lengths is None and peep is None and zoneout is None:
         small = _kernels.forward_small(cell, x, states[0], states[1] if lstm else None, w_ih,
                                        w_hh, b_ih, b_hh, reverse, need_ctx, option,
                                        _full_plan)
@@ -240,8 +252,9 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
         y, h_n, c_n, ws, plan = small
         finals = [h_n, c_n] if lstm else [h_n]
     else:
-        y, finals, ws, plan, x, w_ih, w_hh = _checked_forward(
-            cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx)
+        y, finals, ws, plan, x, w_ih, w_hh, peep, zoneout = _checked_forward(
+            cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx,
+            peep=peep, zoneout=zoneout)
     dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
 
     ctx = None
@@ -253,6 +266,7 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
         ctx.x, ctx.w_ih, ctx.w_hh = x, w_ih, w_hh
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.option, ctx.input_size, ctx.hidden_size = option, I, H
+        ctx.peep, ctx.zoneout = peep, zoneout
     return y, finals, ctx
 
 
@@ -260,9 +274,10 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
                      b_hh: Any, lengths: ArrayLike | None, reverse: bool,
                      option: bool | None, need_ctx: bool,
                      workspace: Callable[[int, np.dtype[Any]], FloatArray] | None = None,
-                     ) -> tuple[Any, ...]:
+                     peep: Any = None, zoneout: Any = None) -> tuple[Any, ...]:
     """A forward with every argument checked, and converted where needed: y, the final
-    states, the workspace, the plan and the x, w_ih, w_hh the kernels read.
+    states, the workspace, the plan and the x, w_ih, w_hh, peepholes and zoneout the
+    kernels read.
     workspace(n, dtype): the workspace's allocator, if not the thread's spare."""
     dtype = _dtype_of(x)
     x = _check_x(x)
@@ -270,6 +285,11 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
     H, w_ih, w_hh, b_ih, b_hh = _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, x.shape)
     names = ("h0", "c0")
     states = [_check(n, s, (B, H), dtype, optional=True) for n, s in zip(names, states)]
+    if peep is not None:
+        if cell != "lstm":
+            raise ValueError(f"peepholes are an LSTM option; {cell} has none")
+        peep = _check("peepholes", peep, (3 * H,), dtype)
+    zoneout = _check_zoneout(cell, zoneout, (T, B, H), dtype)
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     plan = _plan(lengths, T, B, bool(reverse))
@@ -278,8 +298,34 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
     ws = (_workspace if workspace is None else workspace)(n, dtype)
     lstm = cell == "lstm"
     y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
-                                   w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option)
-    return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh
+                                   w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option,
+                                   peep, zoneout)
+    return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh, peep, zoneout
+
+
+def _check_zoneout(cell: str, zoneout: Any, shape: tuple[int, int, int],
+                   dtype: np.dtype[Any]) -> tuple[Any, Any, bool] | None:
+    """zoneout for the kernels: None, or (z_h, z_c, shared): the weights with which h and
+    the LSTM's c keep their previous values, each None or an array of `shape` (a mask per
+    step, row and unit), or with shared one (H,) row, every unit p."""
+    if zoneout is None:
+        return None
+    lstm = cell == "lstm"
+    if isinstance(zoneout, numbers.Real) and not isinstance(zoneout, (bool, np.bool_)):
+        if not 0 <= zoneout < 1:
+            raise ValueError(f"zoneout must be a probability in [0, 1), got {zoneout}")
+        row = np.full(shape[2], zoneout, dtype)
+        return row, row if lstm else None, True
+    if lstm:
+        if not isinstance(zoneout, (tuple, list)) or len(zoneout) != 2:
+            raise TypeError("zoneout must be a float in [0, 1) or, for the LSTM, a pair "
+                            f"(z_h, z_c) of arrays or None, got {type(zoneout).__name__}")
+        z_h, z_c = (_check(f"zoneout[{k}]", z, shape, dtype, optional=True)
+                    for k, z in enumerate(zoneout))
+        return (z_h, z_c, False) if z_h is not None or z_c is not None else None
+    if isinstance(zoneout, bool):
+        raise TypeError("zoneout must be a float in [0, 1) or an array, got bool")
+    return _check("zoneout", zoneout, shape, dtype), None, False
 
 
 def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None],
@@ -301,9 +347,11 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
         if lstm:
             dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
         out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, ws = out
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, ws = out
     if keep_spare:
         _keep_spare(ws)
+    if dpeep is not None:
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep
     if lstm:
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
@@ -314,21 +362,28 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
 def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih: ArrayLike,
                  w_hh: ArrayLike, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                  lengths: ArrayLike | None = None, reverse: bool = False, *,
-                 need_ctx: bool = True,
+                 need_ctx: bool = True, peepholes: ArrayLike | None = None,
+                 zoneout: Any = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
     """LSTM over a whole sequence. Returns ``y (T,B,H), h_n (B,H), c_n (B,H), ctx``.
 
     Gates i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of W_ih x + b_ih + W_hh h + b_hh;
     c' = f c + i g; h' = o tanh(c').
+
+    ``peepholes``: None, or a (3H,) array P in ONNX's order i, o, f (an ONNX LSTM's P row
+    as it is): i and f then also add P_i c and P_f c (the previous cell) to their
+    pre-activations, and o adds P_o c' (the new cell). lstm_backward then returns the
+    peepholes' gradient as an eighth element.
     """
     y, (h_n, c_n), ctx = _forward("lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
-                                  reverse, None, need_ctx)
+                                  reverse, None, need_ctx, peepholes, zoneout)
     return y, h_n, c_n, ctx
 
 
 def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
                   ctx: Context) -> LSTMGrads:
-    """Gradients ``dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
+    """Gradients ``dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases),
+    and ``dpeepholes`` (3H, i o f) after them where the forward had peepholes."""
     return _backward("lstm", dy, (dh_n, dc_n), ctx)
 
 
@@ -336,7 +391,7 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 linear_before_reset: bool = True, *, need_ctx: bool = True,
-                ) -> tuple[FloatArray, FloatArray, Context | None]:
+                zoneout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
     """GRU over a whole sequence. Returns ``y (T,B,H), h_n (B,H), ctx``.
 
     r, z = sigmoid(...); n = tanh(W_in x + b_in + r (W_hn h + b_hn)) with
@@ -347,7 +402,7 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
         raise TypeError("linear_before_reset must be a bool, got "
                         f"{type(linear_before_reset).__name__}")
     y, (h_n,), ctx = _forward("gru", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                              bool(linear_before_reset), need_ctx)
+                              bool(linear_before_reset), need_ctx, zoneout=zoneout)
     return y, h_n, ctx
 
 
@@ -360,13 +415,13 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 nonlinearity: Literal["tanh", "relu"] = "tanh", *, need_ctx: bool = True,
-                ) -> tuple[FloatArray, FloatArray, Context | None]:
+                zoneout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
     """Elman RNN over a whole sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
     ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     y, (h_n,), ctx = _forward("rnn", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                              nonlinearity == "relu", need_ctx)
+                              nonlinearity == "relu", need_ctx, zoneout=zoneout)
     return y, h_n, ctx
 
 

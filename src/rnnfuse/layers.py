@@ -202,6 +202,7 @@ class _RNNBase(Module):
     _param_names: list[list[str]]
     _n_states = 1  # arrays in the state: 1 (h) or 2 (h, c)
     _cell: str  # the cell's name in rnnfuse.functional
+    _peepholes = False  # the LSTM's peepholes: a (3H,) weight_peep per layer and direction
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -231,8 +232,11 @@ class _RNNBase(Module):
         self.dtype = _check_dtype(dtype)
         self._rng = _make_rng(seed)  # draws the initial weights, then the dropout masks
 
-        # PyTorch's names and order; every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)).
+        # PyTorch's names and order; every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)),
+        # but peepholes, which start at zero: the layer starts as the plain LSTM of the
+        # same seed (the same draws), and backward trains them from there.
         kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        kinds += ["weight_peep"] if self._peepholes else []
         self._param_names = [[kind + f"_l{layer}" + ("_reverse" if d == 1 else "")
                               for kind in kinds]
                              for layer in range(self.num_layers)
@@ -244,6 +248,8 @@ class _RNNBase(Module):
                 shapes = [(G * H, n_in), (G * H, H)] + [(G * H,)] * (2 if self.bias else 0)
                 for name, shape in zip(self._names(layer, d), shapes):
                     self._add_param(name, self._rng.uniform(-k, k, shape).astype(self.dtype))
+                if self._peepholes:
+                    self._add_param(self._names(layer, d)[-1], np.zeros(3 * H, self.dtype))
 
     @property
     def _option(self) -> bool:
@@ -258,16 +264,17 @@ class _RNNBase(Module):
              lengths: ArrayLike | None, reverse: bool,
              need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
         """One direction of one layer: functional's forward of this cell (y, finals, ctx)."""
-        w_ih, w_hh, b_ih, b_hh = w
+        w_ih, w_hh, b_ih, b_hh, *peep = w
         y, finals, ctx = F._forward(self._cell, x, s0, w_ih, w_hh, b_ih, b_hh, lengths,
-                                    reverse, self._option, need_ctx)
+                                    reverse, self._option, need_ctx, *peep)
         return y, tuple(finals), ctx
 
     def _back(self, dy: Any, dfin: Sequence[Any],
               ctx: Any) -> tuple[FloatArray, tuple[FloatArray, ...], list[Any]]:
-        """Its backward: dx, the initial states' gradients, the weights' gradients."""
+        """Its backward: dx, the initial states' gradients, the weights' gradients (in the
+        order of _names: absent biases have none)."""
         dx, *grads = F._backward(self._cell, dy, dfin, ctx)
-        return dx, tuple(grads[:len(dfin)]), grads[len(dfin):]
+        return dx, tuple(grads[:len(dfin)]), [g for g in grads[len(dfin):] if g is not None]
 
     def _names(self, layer: int, d: int) -> list[str]:
         """Parameter names of one layer and direction: weight_ih_l0, ..., bias_hh_l1_reverse
@@ -275,8 +282,9 @@ class _RNNBase(Module):
         return self._param_names[layer * self.num_directions + d]
 
     def _weights(self, layer: int, d: int) -> list[Any]:
+        """w_ih, w_hh, b_ih, b_hh (None without bias), then the peepholes if any."""
         w: list[Any] = [self._params[n] for n in self._names(layer, d)]
-        return w if self.bias else w + [None, None]
+        return w if self.bias else w[:2] + [None, None] + w[2:]
 
     def __repr__(self) -> str:
         args = [str(self.input_size), str(self.hidden_size)]
@@ -440,7 +448,8 @@ class _RNNBase(Module):
                                    self._stream_weights())
 
     def _stream_weights(self) -> list[list[Any]]:
-        """Per layer, copies of (w_ih, w_hh, b_ih, b_hh) for a stream or a pool."""
+        """Per layer, copies of (w_ih, w_hh, b_ih, b_hh[, peepholes]) for a stream or a
+        pool."""
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
                              "direction needs the whole sequence")
@@ -450,8 +459,9 @@ class _RNNBase(Module):
             x_shape = (1, 1, I)
             # the kernels' own checks; copies, so that later updates of the layer (an
             # optimizer step) cannot leave the stream's packed weights out of date
-            w_ih, w_hh, b_ih, b_hh = self._weights(layer, 0)
+            w_ih, w_hh, b_ih, b_hh, *peep = self._weights(layer, 0)
             _, *w = F._check_weights(self._cell, self.dtype, w_ih, w_hh, b_ih, b_hh, x_shape)
+            w += [F._check("peepholes", p, (3 * self.hidden_size,), self.dtype) for p in peep]
             weights.append([None if a is None else a.copy() for a in w])
         return weights
 
@@ -466,10 +476,30 @@ class LSTM(_RNNBase):
 
     ``y, (h_n, c_n) = lstm(x, state=None, lengths=None)``;
     ``dx, (dh0, dc0) = lstm.backward(dy, (dh_n, dc_n))``.
+
+    ``peepholes=True`` adds ONNX's peepholes: per layer and direction a parameter
+    ``weight_peep_l{k}[_reverse]`` (3H,), in ONNX's order i, o, f, starting at zero; i and f
+    add P_i*c and P_f*c (the previous cell) to their pre-activations, o adds P_o*c'.
     """
 
     _gates, _n_states = 4, 2
     _cell = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, dtype: DTypeLike = np.float32,
+                 seed: int | np.random.Generator | None = None, *,
+                 peepholes: bool = False) -> None:
+        self._peepholes = _check_bool("peepholes", peepholes)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, dtype, seed)
+
+    @property
+    def peepholes(self) -> bool:
+        return self._peepholes
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return {"peepholes": False}
 
 
 

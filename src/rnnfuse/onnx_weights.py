@@ -14,10 +14,13 @@ r, z, n). ``to_onnx(layer)`` gives one dict per stacked layer::
                     "activations": per direction, ONNX's defaults (LSTM Sigmoid, Tanh,
                     Tanh; GRU Sigmoid, Tanh; RNN Tanh) or RNN's "Relu"}}
 
-and ``from_onnx(layer, weights)`` loads such a list (its "attributes" optional, but checked
+An LSTM built with ``peepholes=True`` adds ``"P": P (D, 3H)``, ONNX's peepholes in its
+order i, o, f (the order of the layer's ``weight_peep`` parameters).
+``from_onnx(layer, weights)`` loads such a list (its "attributes" optional, but checked
 against the layer when given: the same weights under another linear_before_reset or
-activation compute something else). Peepholes (LSTM's P), clip, input_forget and other
-activations have no counterpart in rnnfuse and are refused. dtypes are kept, not cast.
+activation compute something else; "P" optional, zeros when absent, and refused, unless
+zero, by a layer without peepholes). Clip, input_forget and other activations have no
+counterpart in rnnfuse and are refused. dtypes are kept, not cast.
 """
 from __future__ import annotations
 
@@ -74,6 +77,8 @@ def to_onnx(layer: LSTM | GRU | RNN) -> list[dict[str, Any]]:
         B = (np.stack([np.concatenate([_reorder(sd[n[2]], order), _reorder(sd[n[3]], order)])
                        for n in names]) if layer.bias else None)
         out.append({"W": W, "R": R, "B": B, "attributes": _attributes(layer, cell)})
+        if getattr(layer, "peepholes", False):
+            out[-1]["P"] = np.stack([sd[n[-1]] for n in names])
     return out
 
 
@@ -97,9 +102,9 @@ def from_onnx(layer: LSTM | GRU | RNN,
         if not isinstance(w, Mapping):
             raise TypeError(f"{where} must be a dict with W, R and optionally B, "
                             f"got {type(w).__name__}")
-        unknown = sorted(set(w) - {"W", "R", "B", "attributes"})
+        unknown = sorted(set(w) - {"W", "R", "B", "P", "attributes"})
         if unknown or "W" not in w or "R" not in w:
-            raise ValueError(f"{where} must have keys W, R and optionally B, attributes; "
+            raise ValueError(f"{where} must have keys W, R and optionally B, P, attributes; "
                              f"got {sorted(w)}")
         _check_attributes(where, w.get("attributes"), _attributes(layer, cell))
         n_in = layer.input_size if lay == 0 else D * H
@@ -117,12 +122,31 @@ def from_onnx(layer: LSTM | GRU | RNN,
                                  "with bias=False")
         elif layer.bias:
             B = np.zeros((D, 2 * GH), layer.dtype)  # ONNX: an absent B is zeros
+        P = _peepholes(where, layer, w.get("P"))
         for d in range(D):
             names = layer._names(lay, d)
             sd[names[0]], sd[names[1]] = _reorder(W[d], back), _reorder(R[d], back)
             if layer.bias:
                 sd[names[2]], sd[names[3]] = _reorder(B[d, :GH], back), _reorder(B[d, GH:], back)
+            if P is not None:
+                sd[names[-1]] = P[d]
     layer.load_state_dict(sd)
+
+
+def _peepholes(where: str, layer: LSTM | GRU | RNN, P: Any) -> NDArray[Any] | None:
+    """ONNX's P (D, 3H) for the layer's weight_peep parameters (zeros when absent), or
+    None for a layer without peepholes (which then accepts only an absent or zero P)."""
+    D, H = layer.num_directions, layer.hidden_size
+    has = getattr(layer, "peepholes", False)
+    if P is None:
+        return np.zeros((D, 3 * H), layer.dtype) if has else None
+    P = np.asarray(P)
+    if P.shape != (D, 3 * H):
+        raise ValueError(f"{where}['P'] must have shape {(D, 3 * H)}, got {P.shape}")
+    if not has and np.any(P != 0):
+        raise ValueError(f"{where}['P'] has nonzero peepholes, but the layer was built "
+                         "without them (LSTM(..., peepholes=True) has them)")
+    return P if has else None
 
 
 def _check_attributes(where: str, given: Any, expected: Mapping[str, Any]) -> None:

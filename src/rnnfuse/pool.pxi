@@ -79,13 +79,17 @@ cdef class StreamPool:
         G = spec.gates
         H = weights[0][1].shape[1]
         I = weights[0][0].shape[1]
-        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
             if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
                 raise ValueError(f"StreamPool: layer {l}'s w_ih has shape {w_ih.shape}")
             _buf(w_ih, G * H * w_ih.shape[1], self.typenum, "w_ih", _REQUIRED)
             _buf(w_hh, G * H * H, self.typenum, "w_hh", _REQUIRED)
             _buf(b_ih, G * H, self.typenum, "b_ih", _OPTIONAL)
             _buf(b_hh, G * H, self.typenum, "b_hh", _OPTIONAL)
+            if peep and (spec.id != RF_LSTM or len(peep) > 1):
+                raise ValueError(f"StreamPool: layer {l}'s weights have {4 + len(peep)} parts"
+                                 " (only the LSTM's have a fifth, its peepholes)")
+            _buf(peep[0] if peep else None, 3 * H, self.typenum, "peepholes", _OPTIONAL)
         self.capacity, self.hidden_size, self.num_layers = C, H, len(weights)
         self.input_size = I
         # the bookkeeping, one block of int64: order, ones, slots, gen, seen, free slots
@@ -105,14 +109,14 @@ cdef class StreamPool:
             raise MemoryError()
         plan = Plan(np.ones(C, np.int64), 1, False)  # the largest step: the workspace's size
         self._keep = [index]  # the arrays the C pointers point into
-        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
             s = &self.layers[l]
             I = w_ih.shape[1]
             ws = aligned_empty(workspace_size(cell, plan, I, H, False), self.dtype)
             packed = pack_weights(w_ih, w_hh, G, self.option)
             lstm = spec.states == 2
             bufs = np.zeros((7 if lstm else 4, C, H), self.dtype)
-            self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, bufs]
+            self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, bufs, *peep]
             s.n_in = I
             size = C * H * self.dtype.itemsize
             s.h = <char *>_data(bufs)
@@ -123,6 +127,7 @@ cdef class StreamPool:
             s.call.w_ih, s.call.w_hh = _data(w_ih), _data(w_hh)
             s.call.b_ih, s.call.b_hh = _data(b_ih), _data(b_hh)
             s.call.packed = _data(packed)
+            s.call.peep = _data(peep[0]) if peep else NULL
             s.call.ws = _data(ws)
             s.call.h0, s.call.h_n = s.h0, s.h_n
             s.call.c0, s.call.c_n = s.c0, s.c_n

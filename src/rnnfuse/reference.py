@@ -219,6 +219,29 @@ def _grad_setup(pack: _Packing, dy: ArrayLike | None, dh_n: ArrayLike | None, B:
     return DY, dh
 
 
+def _zoneout_weights(pack: _Packing, zoneout: Any, lstm: bool,
+                     dtype: np.dtype[Any]) -> tuple[Any, Any]:
+    """The weights with which h and (LSTM) c keep their previous values: each None, a
+    scalar p (eval's zoneout), or packed (N, H) rows of the given (T, B, H) masks."""
+    if zoneout is None:
+        return None, None
+    if np.ndim(zoneout) == 0 and not isinstance(zoneout, (tuple, list)):
+        p = dtype.type(zoneout)
+        return p, (p if lstm else None)
+    parts = zoneout if lstm else (zoneout, None)
+    return tuple(None if z is None else pack.gather(np.asarray(z, dtype=dtype)) for z in parts)
+
+
+def _at(k: Any, sl: slice) -> Any:
+    """A step's zoneout weights (scalar weights serve every step)."""
+    return k if np.ndim(k) == 0 else k[sl]
+
+
+def _zone(k: Any, old: NDArray[Any], new: NDArray[Any]) -> NDArray[Any]:
+    """Zoneout: each unit keeps its previous value with weight k."""
+    return k * old + (1 - k) * new
+
+
 def _bias_grads(db: NDArray[Any], has_b_ih: bool,
                 has_b_hh: bool) -> tuple[NDArray[Any] | None, NDArray[Any] | None]:
     return (db if has_b_ih else None), (db.copy() if has_b_hh else None)
@@ -230,13 +253,20 @@ def _bias_grads(db: NDArray[Any], has_b_ih: bool,
 def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih: FloatArray,
                  w_hh: FloatArray, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                  lengths: ArrayLike | None = None, reverse: bool = False, *, need_ctx: bool = True,
+                 peepholes: ArrayLike | None = None, zoneout: Any = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, _Context | None]:
     """LSTM over a (T, B, I) sequence. Returns y (T, B, H), h_n, c_n (B, H) and ctx.
 
     Gates i, f, g, o: i,f,o = sigmoid, g = tanh of (W_i* x + b_i* + W_h* h + b_h*);
     c' = f*c + i*g; h' = o*tanh(c').
+    peepholes: None, or P (3H,) in ONNX's order i, o, f: i and f add P_i*c and P_f*c to
+    their pre-activations, o adds P_o*c'. lstm_backward then also returns dP (last).
+    zoneout: None, p (every unit keeps p of its previous h and c), or a pair (z_h, z_c) of
+    (T, B, H) weights or None: h_t = z_h h_{t-1} + (1 - z_h) h~_t, c likewise; y_t = h_t.
     """
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
+    P = None if peepholes is None else np.asarray(peepholes, dtype=dtype)
+    Kh, Kc = _zoneout_weights(pack, zoneout, True, dtype)
     X = pack.gather(x)
     # 1. a = x W_ih^T + b_ih + b_hh for every valid step; becomes the gate activations in place
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 4, H, dtype))
@@ -247,24 +277,38 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
         Hprev = np.empty((pack.n, H), dtype=dtype)  # h_{t-1}, for dW_hh
         Cprev = np.empty((pack.n, H), dtype=dtype)  # c_{t-1}, for df
         TC = np.empty((pack.n, H), dtype=dtype)  # tanh(c_t), for do and dc
+        CT = np.empty((pack.n, H), dtype=dtype) if P is not None else None  # c_t, for dP_o
     w_hh_t = w_hh.T
     for sl, bt in pack.steps:
         hp, cp = h[:bt], c[:bt]
+        zoned = Kh is not None or Kc is not None
+        h_old, c_old = (hp.copy(), cp.copy()) if zoned else (None, None)
         if need_ctx:
             Hprev[sl] = hp
             Cprev[sl] = cp
         a = A[sl]
         # 2. a += h_{t-1} W_hh^T, then the gate nonlinearities in place
         a += hp @ w_hh_t
-        _sigmoid_(a[:, : 2 * H])  # i, f
-        np.tanh(a[:, 2 * H: 3 * H], out=a[:, 2 * H: 3 * H])  # g
-        _sigmoid_(a[:, 3 * H:])  # o
         i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+        if P is not None:  # i and f peep at c_{t-1}
+            i += P[:H] * cp
+            f += P[2 * H:] * cp
+        _sigmoid_(a[:, : 2 * H])  # i, f
+        np.tanh(g, out=g)
         # 3. c_t = f c_{t-1} + i g ;  h_t = o tanh(c_t)   (h, c updated in place)
         cp *= f
         cp += i * g
+        if P is not None:  # o peeps at c_t
+            o += P[H: 2 * H] * cp
+            if need_ctx:
+                CT[sl] = cp
+        _sigmoid_(o)
         tc = np.tanh(cp)
         np.multiply(o, tc, out=hp)
+        if Kc is not None:
+            cp[...] = _zone(_at(Kc, sl), c_old, cp)
+        if Kh is not None:
+            hp[...] = _zone(_at(Kh, sl), h_old, hp)
         Y[sl] = hp
         if need_ctx:
             TC[sl] = tc
@@ -274,7 +318,8 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     if need_ctx:
         ctx = _Context(
             "lstm", pack=pack, X=X, gates=A, Hprev=Hprev, Cprev=Cprev, TC=TC, w_ih=w_ih, w_hh=w_hh,
-            has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H,
+            has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H, P=P, CT=CT,
+            Kh=Kh, Kc=Kc,
         )
     return y, h_n, c_n, ctx
 
@@ -282,18 +327,26 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
 def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
                   ctx: _Context) -> LSTMGrads:
     """Gradients of lstm_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
-    (a bias gradient is None where that bias was None)."""
+    (a bias gradient is None where that bias was None), and dP after them where the
+    forward had peepholes."""
     s = _take_ctx(ctx, "lstm")
     pack, dtype, H = s["pack"], s["dtype"], s["H"]
     B = pack.B
     G, TC, Cprev = s["gates"], s["TC"], s["Cprev"]
-    w_hh = s["w_hh"]
+    w_hh, P, Kh, Kc = s["w_hh"], s["P"], s["Kh"], s["Kc"]
     DY, dh = _grad_setup(pack, dy, dh_n, B, H, dtype)
     dc = pack.sort_state(dc_n, (B, H), dtype)
     for sl, bt in reversed(pack.steps):
         dht, dct = dh[:bt], dc[:bt]
         if DY is not None:
             dht += DY[sl]  # y_t = h_t
+        # zoneout: h_t = k h_{t-1} + (1-k) h~_t; the k part waits for dh_{t-1} (c likewise)
+        if Kh is not None:
+            carry_h = _at(Kh, sl) * dht
+            dht *= 1 - _at(Kh, sl)
+        if Kc is not None:
+            carry_c = _at(Kc, sl) * dct
+            dct *= 1 - _at(Kc, sl)
         g4 = G[sl]
         i, f, g, o = g4[:, :H], g4[:, H: 2 * H], g4[:, 2 * H: 3 * H], g4[:, 3 * H:]
         tc = TC[sl]
@@ -301,11 +354,17 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
         da_o = dht * tc
         da_o *= o * (1 - o)
         dct += dht * o * (1 - tc * tc)
+        if P is not None:  # o's peephole
+            dct += da_o * P[H: 2 * H]
         # c_t = f c_{t-1} + i g
         da_i = dct * g * i * (1 - i)
         da_f = dct * Cprev[sl] * f * (1 - f)
         da_g = dct * i * (1 - g * g)
         dct *= f  # dc_{t-1}
+        if P is not None:  # i's and f's peepholes
+            dct += da_i * P[:H] + da_f * P[2 * H:]
+        if Kc is not None:
+            dct += carry_c
         # the saved gates become the pre-activation gradients
         i[...] = da_i
         f[...] = da_f
@@ -313,12 +372,18 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
         o[...] = da_o
         # dh_{t-1} = da W_hh
         np.matmul(g4, w_hh, out=dht)
+        if Kh is not None:
+            dht += carry_h
     dh0, dc0 = pack.unsort_state(dh), pack.unsort_state(dc)
     # after the loop, one GEMM each over all N packed steps
     dw_ih = G.T @ s["X"]  # dW_ih = da^T x
     dw_hh = G.T @ s["Hprev"]  # dW_hh = da^T h_{t-1}
     dx = pack.scatter(G @ s["w_ih"])  # dx = da W_ih
     db_ih, db_hh = _bias_grads(G.sum(axis=0), s["has_b_ih"], s["has_b_hh"])
+    if P is not None:  # dP = sum over steps of da_i c_{t-1}, da_o c_t, da_f c_{t-1}
+        dP = np.concatenate([(G[:, :H] * Cprev).sum(axis=0), (G[:, 3 * H:] * s["CT"]).sum(axis=0),
+                             (G[:, H: 2 * H] * Cprev).sum(axis=0)])
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dP
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
 
 
@@ -329,16 +394,18 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 linear_before_reset: bool = True, *, need_ctx: bool = True,
-                ) -> tuple[FloatArray, FloatArray, _Context | None]:
+                zoneout: Any = None) -> tuple[FloatArray, FloatArray, _Context | None]:
     """GRU over a (T, B, I) sequence. Returns y (T, B, H), h_n (B, H) and ctx.
 
     Gates r, z, n: r,z = sigmoid(W_i* x + b_i* + W_h* h + b_h*);
     linear_before_reset=True:  n = tanh(W_in x + b_in + r*(W_hn h + b_hn));
     linear_before_reset=False: n = tanh(W_in x + b_in + W_hn (r*h) + b_hn);
     h' = (1-z)*n + z*h.
+    zoneout: None, p, or (T, B, H) weights: h_t = k h_{t-1} + (1-k) h'; y_t = h_t.
     """
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     lbr = bool(linear_before_reset)
+    Kh = _zoneout_weights(pack, zoneout, False, dtype)[0]
     X = pack.gather(x)
     # 1. a = x W_ih^T + biases; with lbr the reset gate multiplies b_hn, so it stays out
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 3, H, dtype, skip_hh_block=2 if lbr else None))
@@ -353,11 +420,14 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
     w_hrz_t, w_hn_t = w_hh[: 2 * H].T, w_hh[2 * H:].T
     for sl, bt in pack.steps:
         hp = h[:bt]
+        h_old = hp.copy() if Kh is not None else None
         if need_ctx:
             Hprev[sl] = hp
         aux = _gru_step(A[sl], hp, lbr, w_hh_t, w_hrz_t, w_hn_t, b_hn)
         if need_ctx:
             Aux[sl] = aux
+        if Kh is not None:
+            hp[...] = _zone(_at(Kh, sl), h_old, hp)
         Y[sl] = hp
     y = pack.scatter(Y)
     h_n = pack.unsort_state(h)
@@ -365,7 +435,7 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
     if need_ctx:
         ctx = _Context(
             "gru", pack=pack, X=X, gates=A, Hprev=Hprev, Aux=Aux, w_ih=w_ih, w_hh=w_hh, lbr=lbr,
-            has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H,
+            has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H, Kh=Kh,
         )
     return y, h_n, ctx
 
@@ -410,13 +480,16 @@ def gru_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
     (a bias gradient is None where that bias was None)."""
     s = _take_ctx(ctx, "gru")
     pack, dtype, H, lbr = s["pack"], s["dtype"], s["H"], s["lbr"]
-    G, Hprev, Aux, w_hh = s["gates"], s["Hprev"], s["Aux"], s["w_hh"]
+    G, Hprev, Aux, w_hh, Kh = s["gates"], s["Hprev"], s["Aux"], s["w_hh"], s["Kh"]
     DY, dh = _grad_setup(pack, dy, dh_n, pack.B, H, dtype)
     w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H:]
     for sl, bt in reversed(pack.steps):
         dht = dh[:bt]
         if DY is not None:
             dht += DY[sl]
+        if Kh is not None:  # zoneout: the k part waits for dh_{t-1}
+            carry = _at(Kh, sl) * dht
+            dht *= 1 - _at(Kh, sl)
         g3 = G[sl]
         r, z, n = g3[:, :H], g3[:, H: 2 * H], g3[:, 2 * H:]
         hp = Hprev[sl]
@@ -448,6 +521,8 @@ def gru_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
             n[...] = da_n
             np.matmul(g3[:, : 2 * H], w_hrz, out=dht)
         dht += dprev  # dh_{t-1} = dh_t z + (gate gradients) W_hh
+        if Kh is not None:
+            dht += carry
     dh0 = pack.unsort_state(dh)
     if lbr:
         dw_hh = G.T @ Hprev  # dW_hh = d(hh)^T h_{t-1}
@@ -473,16 +548,20 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 nonlinearity: Literal["tanh", "relu"] = "tanh", *, need_ctx: bool = True,
-                ) -> tuple[FloatArray, FloatArray, _Context | None]:
+                zoneout: Any = None) -> tuple[FloatArray, FloatArray, _Context | None]:
     """Elman RNN over a (T, B, I) sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act "tanh"
-    or "relu". Returns y (T, B, H), h_n (B, H) and ctx."""
+    or "relu". Returns y (T, B, H), h_n (B, H) and ctx. zoneout: as gru_forward's."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     X = pack.gather(x)
-    # 1. a = x W_ih^T + b_ih + b_hh; after the loop A holds h_t for every valid step
+    Kh = _zoneout_weights(pack, zoneout, False, dtype)[0]
+    Y = None
+    # 1. a = x W_ih^T + b_ih + b_hh; after the loop A holds h'_t for every valid step
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 1, H, dtype))
     h = pack.sort_state(h0, (B, H), dtype)
+    if Kh is not None:  # y is h_t, after zoneout, and A keeps h'_t for backward
+        Y = np.empty((pack.n, H), dtype=dtype)
     if need_ctx:
         Hprev = np.empty((pack.n, H), dtype=dtype)
     w_hh_t = w_hh.T
@@ -497,14 +576,18 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
             np.tanh(a, out=a)
         else:
             np.maximum(a, 0, out=a)  # NaN propagates
-        hp[...] = a
-    y = pack.scatter(A)
+        if Kh is None:
+            hp[...] = a
+        else:
+            hp[...] = _zone(_at(Kh, sl), hp, a)
+            Y[sl] = hp
+    y = pack.scatter(A if Y is None else Y)
     h_n = pack.unsort_state(h)
     ctx = None
     if need_ctx:
         ctx = _Context(
             "rnn", pack=pack, X=X, Hs=A, Hprev=Hprev, w_ih=w_ih, w_hh=w_hh, act=nonlinearity,
-            has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H,
+            has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H, Kh=Kh,
         )
     return y, h_n, ctx
 
@@ -514,7 +597,7 @@ def rnn_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
     (a bias gradient is None where that bias was None)."""
     s = _take_ctx(ctx, "rnn")
     pack, dtype, H = s["pack"], s["dtype"], s["H"]
-    Hs, w_hh = s["Hs"], s["w_hh"]
+    Hs, w_hh, Kh = s["Hs"], s["w_hh"], s["Kh"]
     DY, dh = _grad_setup(pack, dy, dh_n, pack.B, H, dtype)
     # y may be a view of Hs, so the gradients go to a new array
     D = np.empty_like(Hs)
@@ -522,6 +605,9 @@ def rnn_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
         dht = dh[:bt]
         if DY is not None:
             dht += DY[sl]
+        if Kh is not None:  # zoneout: the k part waits for dh_{t-1}
+            carry = _at(Kh, sl) * dht
+            dht *= 1 - _at(Kh, sl)
         ht, da = Hs[sl], D[sl]
         # da = dh act'(a): tanh' = 1 - h^2, relu' = [h > 0]
         if s["act"] == "tanh":
@@ -531,6 +617,8 @@ def rnn_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
         else:
             np.multiply(dht, ht > 0, out=da)
         np.matmul(da, w_hh, out=dht)  # dh_{t-1} = da W_hh
+        if Kh is not None:
+            dht += carry
     dh0 = pack.unsort_state(dh)
     dw_ih = D.T @ s["X"]
     dw_hh = D.T @ s["Hprev"]

@@ -60,13 +60,17 @@ cdef class Stream:
         G = spec.gates
         H = weights[0][1].shape[1]
         I = weights[0][0].shape[1]
-        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
             if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
                 raise ValueError(f"Stream: layer {l}'s w_ih has shape {w_ih.shape}")
             _buf(w_ih, G * H * w_ih.shape[1], self.typenum, "w_ih", _REQUIRED)
             _buf(w_hh, G * H * H, self.typenum, "w_hh", _REQUIRED)
             _buf(b_ih, G * H, self.typenum, "b_ih", _OPTIONAL)
             _buf(b_hh, G * H, self.typenum, "b_hh", _OPTIONAL)
+            if peep and (spec.id != RF_LSTM or len(peep) > 1):
+                raise ValueError(f"Stream: layer {l}'s weights have {4 + len(peep)} parts"
+                                 " (only the LSTM's have a fifth, its peepholes)")
+            _buf(peep[0] if peep else None, 3 * H, self.typenum, "peepholes", _OPTIONAL)
         self.batch_size, self.hidden_size, self.num_layers = B, H, len(weights)
         self.input_size = I
         self._n_states = spec.states
@@ -77,14 +81,14 @@ cdef class Stream:
         if self.layers == NULL:
             raise MemoryError()
         self._keep, self._h, self._c = [], [], []  # the arrays the C pointers point into
-        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
             I = w_ih.shape[1]
             ws = aligned_empty(workspace_size(cell, self._plan_obj, I, H, False), self.dtype)
             packed = pack_weights(w_ih, w_hh, G, self.option)
             y = np.zeros((B, H), self.dtype)
             h = [np.zeros((B, H), self.dtype) for _ in range(2)]
             c = [np.zeros((B, H), self.dtype) for _ in range(2)]
-            self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, y]
+            self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, y, *peep]
             self._h.append(h)
             self._c.append(c)
             self.layers[l].n_in = I
@@ -94,6 +98,7 @@ cdef class Stream:
                 call.w_ih, call.w_hh = _data(w_ih), _data(w_hh)
                 call.b_ih, call.b_hh = _data(b_ih), _data(b_hh)
                 call.packed = _data(packed)
+                call.peep = _data(peep[0]) if peep else NULL
                 call.ws = _data(ws)
                 call.h0, call.h_n = _data(h[k]), _data(h[1 - k])
                 call.c0, call.c_n = _data(c[k]), _data(c[1 - k])

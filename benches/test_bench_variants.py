@@ -1,0 +1,48 @@
+"""Cell variants against the plain cell: an LSTM training step (forward + backward) with
+and without peepholes, float32, side by side in one group. Each variant's result is checked
+against the reference once before it is timed. Run: ``pytest benches/test_bench_variants.py``
+(threads: --bench-threads, default 1).
+"""
+import numpy as np
+import pytest
+
+from rnnfuse import functional as F
+from rnnfuse import reference as R
+
+pytest.importorskip("pytest_benchmark")
+
+SHAPES = [(100, 32, 128, 256)]  # T, B, I, H
+
+
+def _case(T, B, I, H):
+    rng = np.random.default_rng(0)
+    r = lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    s = 1 / np.sqrt(H)
+    return dict(x=r(T, B, I), w_ih=r(4 * H, I, scale=s), w_hh=r(4 * H, H, scale=s),
+                b_ih=r(4 * H, scale=s), b_hh=r(4 * H, scale=s), peep=r(3 * H, scale=s),
+                dy=r(T, B, H))
+
+
+def _step(module, c, peepholes):
+    def fn():
+        y, h_n, c_n, ctx = module.lstm_forward(c["x"], None, None, c["w_ih"], c["w_hh"],
+                                               c["b_ih"], c["b_hh"],
+                                               peepholes=c["peep"] if peepholes else None)
+        return (y, h_n, c_n) + tuple(module.lstm_backward(c["dy"], None, None, ctx))
+    return fn
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("variant", ["plain", "peepholes"])
+def test_lstm_training_step(benchmark, shape, variant):
+    case = _case(*shape)
+    fn = _step(F, case, variant == "peepholes")
+    got, want = fn(), _step(R, case, variant == "peepholes")()
+    for g, w in zip(got, want):
+        if w is not None:
+            scale = max(float(np.max(np.abs(w))), 1.0)
+            assert np.max(np.abs(g - w)) / scale < 1e-4
+    benchmark.group = "lstm-train-variants-" + "-".join(map(str, shape))
+    benchmark.extra_info.update(variant=variant, T=shape[0], B=shape[1], I=shape[2],
+                                H=shape[3])
+    benchmark.pedantic(fn, rounds=11, iterations=1, warmup_rounds=1)
