@@ -44,6 +44,68 @@ ptrdiff_t rf_gru_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 #define RF_TEMPLATE_FILE "gru.c"
 #include "instantiate.h"
 
+#elif defined(RF_VW) /* the one-pass float code, once per vector width (widths.h) */
+
+/* nv vectors of an optional bias from bias + at, zeros where it is absent: the portable
+ * code adds 0 then too (-0 + 0 is +0). */
+V_TARGET static RF_INLINE void V_FN(bias_vectors)(V_T *b, const float *bias, ptrdiff_t at,
+                                                  int nv, int n_last) {
+    if (bias) V_FN(rf_load)(b, bias + at, nv, n_last);
+    else for (int u = 0; u < nv; u++) b[u] = V_ZERO();
+}
+
+/* gru_step_n's work on RF_VW (nv - 1) + n_last units of one row, from unit k, every gate
+ * in registers; with lbr also gru_step_rz's (without, r and z come from g, made by it, as
+ * the product with r h sits between the two). keep: store r, z, n for backward. */
+V_TARGET static RF_INLINE void V_FN(gru_units)(float *g, const float *st, const float *h_prev,
+                                               const float *bias, const float *b_hn,
+                                               float *aux, float *h_out, float *y, int keep,
+                                               int lbr, ptrdiff_t H, ptrdiff_t k, int nv,
+                                               int n_last) {
+    V_T rz[2][RF_UNITS_MAX], n[RF_UNITS_MAX], hl[RF_UNITS_MAX], t[RF_UNITS_MAX];
+    V_T b[RF_UNITS_MAX], one = V_SET1(1.0f), *r = rz[0], *z = rz[1];
+    if (lbr) {
+        for (int q = 0; q < 2; q++) {  /* r, z = sigmoid(g + bias + st) */
+            V_FN(rf_load)(rz[q], g + q * H + k, nv, n_last);
+            V_FN(bias_vectors)(b, bias, q * H + k, nv, n_last);
+            V_FN(rf_load)(t, st + q * H + k, nv, n_last);
+            for (int u = 0; u < nv; u++)
+                rz[q][u] = V_ADD(V_ADD(rz[q][u], b[u]), t[u]);
+            V_FN(rf_sigmoid)(rz[q], nv);
+            if (keep) V_FN(rf_store)(g + q * H + k, rz[q], nv, n_last);
+        }
+    } else {
+        V_FN(rf_load)(z, g + H + k, nv, n_last);
+    }
+    V_FN(bias_vectors)(b, b_hn, k, nv, n_last);
+    V_FN(rf_load)(hl, st + 2 * H + k, nv, n_last);
+    for (int u = 0; u < nv; u++) hl[u] = V_ADD(hl[u], b[u]);
+    if (lbr && aux) V_FN(rf_store)(aux + k, hl, nv, n_last);
+    V_FN(bias_vectors)(b, bias, 2 * H + k, nv, n_last);
+    V_FN(rf_load)(n, g + 2 * H + k, nv, n_last);
+    for (int u = 0; u < nv; u++)
+        n[u] = V_ADD(V_ADD(n[u], b[u]), lbr ? V_MUL(r[u], hl[u]) : hl[u]);
+    V_FN(rf_tanh)(n, nv);
+    if (keep) V_FN(rf_store)(g + 2 * H + k, n, nv, n_last);
+    V_FN(rf_load)(t, h_prev + k, nv, n_last);
+    for (int u = 0; u < nv; u++)  /* h' = (1 - z) n + z h */
+        t[u] = V_ADD(V_MUL(V_SUB(one, z[u]), n[u]), V_MUL(z[u], t[u]));
+    V_FN(rf_store)(h_out + k, t, nv, n_last);
+    V_FN(rf_store)(y + k, t, nv, n_last);
+}
+
+/* The step's pointwise work for one row on a vector path (float): one pass over the
+ * units, RF_UNITS_MAX vectors at a time, where the portable code makes four or five; the
+ * same operations on the same values, so the same bits. */
+V_TARGET static void V_FN(gru_row)(float *g, const float *st, const float *h_prev,
+                                   const float *bias, const float *b_hn, float *aux,
+                                   float *h_out, float *y, int keep, int lbr, ptrdiff_t H) {
+#define UNITS(k, nv, n_last) \
+    V_FN(gru_units)(g, st, h_prev, bias, b_hn, aux, h_out, y, keep, lbr, H, k, nv, n_last)
+    RF_OVER_UNITS(H, UNITS);
+#undef UNITS
+}
+
 #elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
 
 /* r and z of a step's rows j0 .. j1-1, in place over their pre-activations (input part in
@@ -66,7 +128,7 @@ RF_PASS_TARGET static void RF_PASS(gru_step_rz)(REAL *g, REAL *rh, const REAL *s
 /* n and the new state of a step's rows j0 .. j1-1. g's n block holds W_in x, bias the
  * folded biases (or NULL; the n block's is b_in), st's n block W_hn h (lbr) or W_hn (r h);
  * with lbr, aux (or NULL) keeps W_hn h + b_hn for backward. Rows j < next_bs go on to the
- * next step (their state goes to hn), the others have finished (h_n). On the AVX2 path
+ * next step (their state goes to hn), the others have finished (h_n). On the vector paths
  * float takes one pass per row, with lbr r and z too (gru_step_rz is skipped: RF_ONE_PASS);
  * train: keep the activations in g for backward. */
 RF_PASS_TARGET static void RF_PASS(gru_step_n)(REAL *g, REAL *aux, const REAL *st,
@@ -82,12 +144,10 @@ RF_PASS_TARGET static void RF_PASS(gru_step_n)(REAL *g, REAL *aux, const REAL *s
         const REAL *sn = st + j * 3 * H + 2 * H, *h = hp + j * H;
         REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
-#if RF_HAVE_AVX2 && RF_IS_FLOAT
-        if (RF_PASS_AVX2) {
-            gru_row_avx2(gr, st + j * 3 * H, h, bias, b_hn, aux ? aux + j * H : NULL, h_out,
-                         y_row, train, lbr, H);
-            continue;
-        }
+#if RF_HAVE_AVX2 && RF_IS_FLOAT && RF_PASS_AVX2
+        RF_VFN(gru_row, RF_PASS_VW)(gr, st + j * 3 * H, h, bias, b_hn,
+                                    aux ? aux + j * H : NULL, h_out, y_row, train, lbr, H);
+        continue;
 #else
         (void)train;
 #endif
@@ -159,67 +219,8 @@ RF_PASS_TARGET static void RF_PASS(gru_step_backward_r)(REAL *g, REAL *dh, const
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
-#if RF_HAVE_AVX2 && RF_IS_FLOAT
-/* nv vectors of an optional bias from bias + at, zeros where it is absent: the portable
- * code adds 0 then too (-0 + 0 is +0). */
-RF_AVX2 static RF_INLINE void bias8n(__m256 *b, const float *bias, ptrdiff_t at, int nv,
-                                     int n_last) {
-    if (bias) rf_load8n(b, bias + at, nv, n_last);
-    else for (int u = 0; u < nv; u++) b[u] = _mm256_setzero_ps();
-}
-
-/* gru_step_n's work on 8 (nv - 1) + n_last units of one row, from unit k, every gate in
- * registers; with lbr also gru_step_rz's (without, r and z come from g, made by it, as
- * the product with r h sits between the two). keep: store r, z, n for backward. */
-RF_AVX2 static RF_INLINE void gru_units(float *g, const float *st, const float *h_prev,
-                                        const float *bias, const float *b_hn, float *aux,
-                                        float *h_out, float *y, int keep, int lbr,
-                                        ptrdiff_t H, ptrdiff_t k, int nv, int n_last) {
-    __m256 rz[2][RF_UNITS_MAX], n[RF_UNITS_MAX], hl[RF_UNITS_MAX], t[RF_UNITS_MAX];
-    __m256 b[RF_UNITS_MAX], one = _mm256_set1_ps(1.0f), *r = rz[0], *z = rz[1];
-    if (lbr) {
-        for (int q = 0; q < 2; q++) {  /* r, z = sigmoid(g + bias + st) */
-            rf_load8n(rz[q], g + q * H + k, nv, n_last);
-            bias8n(b, bias, q * H + k, nv, n_last);
-            rf_load8n(t, st + q * H + k, nv, n_last);
-            for (int u = 0; u < nv; u++)
-                rz[q][u] = _mm256_add_ps(_mm256_add_ps(rz[q][u], b[u]), t[u]);
-            rf_sigmoid8n(rz[q], nv);
-            if (keep) rf_store8n(g + q * H + k, rz[q], nv, n_last);
-        }
-    } else {
-        rf_load8n(z, g + H + k, nv, n_last);
-    }
-    bias8n(b, b_hn, k, nv, n_last);
-    rf_load8n(hl, st + 2 * H + k, nv, n_last);
-    for (int u = 0; u < nv; u++) hl[u] = _mm256_add_ps(hl[u], b[u]);
-    if (lbr && aux) rf_store8n(aux + k, hl, nv, n_last);
-    bias8n(b, bias, 2 * H + k, nv, n_last);
-    rf_load8n(n, g + 2 * H + k, nv, n_last);
-    for (int u = 0; u < nv; u++)
-        n[u] = _mm256_add_ps(_mm256_add_ps(n[u], b[u]), lbr ? _mm256_mul_ps(r[u], hl[u]) : hl[u]);
-    rf_tanh8n(n, nv);
-    if (keep) rf_store8n(g + 2 * H + k, n, nv, n_last);
-    rf_load8n(t, h_prev + k, nv, n_last);
-    for (int u = 0; u < nv; u++)  /* h' = (1 - z) n + z h */
-        t[u] = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(one, z[u]), n[u]),
-                             _mm256_mul_ps(z[u], t[u]));
-    rf_store8n(h_out + k, t, nv, n_last);
-    rf_store8n(y + k, t, nv, n_last);
-}
-
-/* The step's pointwise work for one row where AVX2+FMA runs (float): one pass over the
- * units, 32 at a time, where the portable code makes four or five; the same operations on
- * the same values, so the same bits. */
-RF_AVX2 static void gru_row_avx2(float *g, const float *st, const float *h_prev,
-                                 const float *bias, const float *b_hn, float *aux,
-                                 float *h_out, float *y, int keep, int lbr, ptrdiff_t H) {
-#define UNITS(k, nv, n_last) \
-    gru_units(g, st, h_prev, bias, b_hn, aux, h_out, y, keep, lbr, H, k, nv, n_last)
-    RF_OVER_UNITS(H, UNITS);
-#undef UNITS
-}
-#endif
+#define RF_WIDTHS_FILE "gru.c"
+#include "widths.h"
 
 #define RF_PASSES_FILE "gru.c"
 #include "passes.h"
@@ -244,7 +245,7 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
     const rf_runtime *rt = q->rt;
     ptrdiff_t H = q->H, GH = 3 * H, BH = p->B * H, j0, j1;
     gru_layout L = q->L;
-    int lbr = q->lbr, train = q->train, avx2 = rt->avx2, one_pass = RF_ONE_PASS(rt);
+    int lbr = q->lbr, train = q->train, simd = rf_simd(rt), one_pass = RF_ONE_PASS(rt);
     REAL *ws = q->ws, *st = ws + L.step;
     rf_part_rows(p, part, parts, &j0, &j1);
     for (ptrdiff_t s = q->step0; s < q->step1 && p->batch_sizes[s] > j0; s++) {
@@ -258,15 +259,15 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
             RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, GH, H, hp + j0 * H, H, 0,
                                 st + j0 * GH, GH);
             if (!one_pass)
-                RF_PICK(gru_step_rz, avx2)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+                RF_PICK(gru_step_rz, simd)(g, aux, st, hp, q->bias, j0, end, H, lbr);
         } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
             RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, 2 * H, H, hp + j0 * H, H, 0,
                                 st + j0 * GH, GH);
-            RF_PICK(gru_step_rz, avx2)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+            RF_PICK(gru_step_rz, simd)(g, aux, st, hp, q->bias, j0, end, H, lbr);
             RF_FN(rf_step_gemm)(rt, &q->W[1], 0, m, H, H, aux + j0 * H, H, 0,
                                 st + j0 * GH + 2 * H, GH);
         }
-        RF_PICK(gru_step_n, avx2)(g, train ? aux : NULL, st, hp, hn, q->y, q->h_n, q->bias,
+        RF_PICK(gru_step_n, simd)(g, train ? aux : NULL, st, hp, hn, q->y, q->h_n, q->bias,
                                   q->b_hn, p, s, j0, end, next_bs, H, lbr, train);
         if (q->zo && q->zo->h)
             RF_FN(zoneout_forward)(q->zo, q->zo->h, hp, hn, q->h_n, q->y, p, s, j0, end,
@@ -335,7 +336,7 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
         const REAL *hp = q->ws + q->L.h + at * H;
         const rf_zoneout *zo = q->zo && q->zo->h ? q->zo : NULL;
         if (zo) RF_FN(zoneout_backward)(zo, zo->h, dh, zo->carry, q->dy, p, s, j0, end, H);
-        RF_PICK(gru_step_backward, rt->avx2)(g, aux, st, dh, hp, zo ? NULL : q->dy, p, s, j0,
+        RF_PICK(gru_step_backward, rf_simd(rt))(g, aux, st, dh, hp, zo ? NULL : q->dy, p, s, j0,
                                              end, H, q->lbr);
         if (zo) RF_FN(zoneout_carry)(dh, zo->carry, j0, end, H, 1);
         if (q->lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh */
@@ -343,7 +344,7 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
         } else {       /* drh = dn W_hn;  then dh_{t-1} += [dr dz] W_hrz */
             RF_FN(rf_step_gemm)(rt, W, 2 * H, m, H, H, g + j0 * GH + 2 * H, GH, 0,
                                 st + j0 * H, H);
-            RF_PICK(gru_step_backward_r, rt->avx2)(g, dh, st, hp, j0, end, H);
+            RF_PICK(gru_step_backward_r, rf_simd(rt))(g, dh, st, hp, j0, end, H);
             RF_FN(rf_step_gemm)(rt, W, 0, m, H, 2 * H, g + j0 * GH, GH, 1, dh + j0 * H, H);
         }
     }

@@ -51,14 +51,76 @@ ptrdiff_t rf_lstm_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int trai
 #define RF_TEMPLATE_FILE "lstm.c"
 #include "instantiate.h"
 
+#elif defined(RF_VW) /* the one-pass float code, once per vector width (widths.h) */
+
+/* lstm_step's work on RF_VW (nv - 1) + n_last hidden units of one row, from unit k: every
+ * gate in registers, nv vectors of each side by side (see vmath.h). */
+V_TARGET static RF_INLINE void V_FN(lstm_units)(float *g, float *tanh_c, const float *c_prev,
+                                                float *h_out, float *c_out, float *y,
+                                                const float *bias, const float *peep,
+                                                ptrdiff_t H, ptrdiff_t k, int nv,
+                                                int n_last) {
+    V_T a[4][RF_UNITS_MAX], b[RF_UNITS_MAX], c[RF_UNITS_MAX], tc[RF_UNITS_MAX];
+    for (int q = 0; q < 4; q++) {
+        V_FN(rf_load)(a[q], g + q * H + k, nv, n_last);
+        if (bias) {
+            V_FN(rf_load)(b, bias + q * H + k, nv, n_last);
+            for (int u = 0; u < nv; u++) a[q][u] = V_ADD(a[q][u], b[u]);
+        }
+    }
+    V_FN(rf_load)(c, c_prev + k, nv, n_last);
+    if (peep) {  /* i and f see c_prev; gate q's peephole is at peep_at[q] (i o f) */
+        static const int peep_at[2] = {0, 2};
+        for (int q = 0; q < 2; q++) {
+            V_FN(rf_load)(b, peep + peep_at[q] * H + k, nv, n_last);
+            for (int u = 0; u < nv; u++)
+                a[q][u] = V_ADD(a[q][u], V_MUL(b[u], c[u]));
+        }
+    }
+    V_FN(rf_sigmoid)(a[0], nv);
+    V_FN(rf_sigmoid)(a[1], nv);
+    V_FN(rf_tanh)(a[2], nv);
+    /* c = f c_prev + i g: two products, then their sum (no FMA), as the portable code */
+    for (int u = 0; u < nv; u++)
+        tc[u] = c[u] = V_ADD(V_MUL(a[1][u], c[u]), V_MUL(a[0][u], a[2][u]));
+    if (peep) {  /* o sees the new c */
+        V_FN(rf_load)(b, peep + H + k, nv, n_last);
+        for (int u = 0; u < nv; u++)
+            a[3][u] = V_ADD(a[3][u], V_MUL(b[u], c[u]));
+    }
+    V_FN(rf_sigmoid)(a[3], nv);
+    V_FN(rf_tanh)(tc, nv);
+    V_FN(rf_store)(c_out + k, c, nv, n_last);
+    if (tanh_c) {  /* training: backward reads the activations */
+        V_FN(rf_store)(tanh_c + k, tc, nv, n_last);
+        for (int q = 0; q < 4; q++) V_FN(rf_store)(g + q * H + k, a[q], nv, n_last);
+    }
+    for (int u = 0; u < nv; u++) tc[u] = V_MUL(a[3][u], tc[u]);
+    V_FN(rf_store)(h_out + k, tc, nv, n_last);
+    V_FN(rf_store)(y + k, tc, nv, n_last);
+}
+
+/* lstm_step's pass over one row on a vector path: one pass over the hidden units,
+ * RF_UNITS_MAX vectors at a time, where the portable code makes eight over the row; the
+ * same operations on the same values, so the same bits: the gates stay in registers
+ * instead of making eight trips through memory. */
+V_TARGET static void V_FN(lstm_row)(float *g, float *tanh_c, const float *c_prev,
+                                    float *h_out, float *c_out, float *y, const float *bias,
+                                    const float *peep, ptrdiff_t H) {
+#define UNITS(k, nv, n_last) \
+    V_FN(lstm_units)(g, tanh_c, c_prev, h_out, c_out, y, bias, peep, H, k, nv, n_last)
+    RF_OVER_UNITS(H, UNITS);
+#undef UNITS
+}
+
 #elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
 
 /* One step's pointwise pass over its running rows j0 .. j1-1. g: the step's gate rows,
  * holding pre-activations (less the biases, or NULL) on entry and post-activations on
  * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
  * (j < next_bs) put their states; the others have finished and write h_n, c_n. tanh_c: or
- * NULL (inference). peep: the peepholes (i o f), or NULL. On the AVX2 path float takes one
- * pass per row (lstm_row_avx2). */
+ * NULL (inference). peep: the peepholes (i o f), or NULL. On the vector paths float takes
+ * one pass per row (lstm_row_W). */
 RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
                                               REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
                                               const REAL *bias, const REAL *peep,
@@ -71,12 +133,10 @@ RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL 
         REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
         REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
         const REAL *c_prev = cp + j * H;
-#if RF_HAVE_AVX2 && RF_IS_FLOAT
-        if (RF_PASS_AVX2) {
-            lstm_row_avx2(gi, tanh_c ? tanh_c + j * H : NULL, c_prev, h_out, c_out, y_row,
-                          bias, peep, H);
-            continue;
-        }
+#if RF_HAVE_AVX2 && RF_IS_FLOAT && RF_PASS_AVX2
+        RF_VFN(lstm_row, RF_PASS_VW)(gi, tanh_c ? tanh_c + j * H : NULL, c_prev, h_out, c_out,
+                                     y_row, bias, peep, H);
+        continue;
 #endif
         if (bias)
             for (ptrdiff_t k = 0; k < 4 * H; k++) gi[k] += bias[k];
@@ -156,66 +216,8 @@ RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
-#if RF_HAVE_AVX2 && RF_IS_FLOAT
-/* lstm_step's work on 8 (nv - 1) + n_last hidden units of one row, from unit k: every gate
- * in registers, nv vectors of each side by side (see vmath.h). */
-RF_AVX2 static RF_INLINE void lstm_units(float *g, float *tanh_c, const float *c_prev,
-                                         float *h_out, float *c_out, float *y,
-                                         const float *bias, const float *peep, ptrdiff_t H,
-                                         ptrdiff_t k, int nv, int n_last) {
-    __m256 a[4][RF_UNITS_MAX], b[RF_UNITS_MAX], c[RF_UNITS_MAX], tc[RF_UNITS_MAX];
-    for (int q = 0; q < 4; q++) {
-        rf_load8n(a[q], g + q * H + k, nv, n_last);
-        if (bias) {
-            rf_load8n(b, bias + q * H + k, nv, n_last);
-            for (int u = 0; u < nv; u++) a[q][u] = _mm256_add_ps(a[q][u], b[u]);
-        }
-    }
-    rf_load8n(c, c_prev + k, nv, n_last);
-    if (peep) {  /* i and f see c_prev; gate q's peephole is at peep_at[q] (i o f) */
-        static const int peep_at[2] = {0, 2};
-        for (int q = 0; q < 2; q++) {
-            rf_load8n(b, peep + peep_at[q] * H + k, nv, n_last);
-            for (int u = 0; u < nv; u++)
-                a[q][u] = _mm256_add_ps(a[q][u], _mm256_mul_ps(b[u], c[u]));
-        }
-    }
-    rf_sigmoid8n(a[0], nv);
-    rf_sigmoid8n(a[1], nv);
-    rf_tanh8n(a[2], nv);
-    /* c = f c_prev + i g: two products, then their sum (no FMA), as the portable code */
-    for (int u = 0; u < nv; u++)
-        tc[u] = c[u] = _mm256_add_ps(_mm256_mul_ps(a[1][u], c[u]), _mm256_mul_ps(a[0][u], a[2][u]));
-    if (peep) {  /* o sees the new c */
-        rf_load8n(b, peep + H + k, nv, n_last);
-        for (int u = 0; u < nv; u++)
-            a[3][u] = _mm256_add_ps(a[3][u], _mm256_mul_ps(b[u], c[u]));
-    }
-    rf_sigmoid8n(a[3], nv);
-    rf_tanh8n(tc, nv);
-    rf_store8n(c_out + k, c, nv, n_last);
-    if (tanh_c) {  /* training: backward reads the activations */
-        rf_store8n(tanh_c + k, tc, nv, n_last);
-        for (int q = 0; q < 4; q++) rf_store8n(g + q * H + k, a[q], nv, n_last);
-    }
-    for (int u = 0; u < nv; u++) tc[u] = _mm256_mul_ps(a[3][u], tc[u]);
-    rf_store8n(h_out + k, tc, nv, n_last);
-    rf_store8n(y + k, tc, nv, n_last);
-}
-
-/* lstm_step's pass over one row where AVX2+FMA runs: one pass over the hidden units, 32 at
- * a time, where the portable code makes eight over the row; the same operations on the
- * same values, so the same bits: the gates stay in registers instead of making eight trips
- * through memory. */
-RF_AVX2 static void lstm_row_avx2(float *g, float *tanh_c, const float *c_prev, float *h_out,
-                                  float *c_out, float *y, const float *bias, const float *peep,
-                                  ptrdiff_t H) {
-#define UNITS(k, nv, n_last) \
-    lstm_units(g, tanh_c, c_prev, h_out, c_out, y, bias, peep, H, k, nv, n_last)
-    RF_OVER_UNITS(H, UNITS);
-#undef UNITS
-}
-#endif
+#define RF_WIDTHS_FILE "lstm.c"
+#include "widths.h"
 
 #define RF_PASSES_FILE "lstm.c"
 #include "passes.h"
@@ -250,7 +252,7 @@ static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
         /* gates += h_{t-1} W_hh^T */
         RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, GH, H, ws + L.h + now + j0 * H, H,
                             1, g + j0 * GH, GH);
-        RF_PICK(lstm_step, q->rt->avx2)(g, q->train ? ws + L.tanh_c + now : NULL,
+        RF_PICK(lstm_step, rf_simd(q->rt))(g, q->train ? ws + L.tanh_c + now : NULL,
                                         ws + L.c + now, ws + L.h + next, ws + L.c + next,
                                         q->y, q->h_n, q->c_n, q->bias, q->peep, p, s, j0,
                                         end, next_bs, H);
@@ -326,7 +328,7 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
         }
         if (zo && zo->c)
             RF_FN(zoneout_backward)(zo, zo->c, q->dc, carry_c, NULL, p, s, j0, end, H);
-        RF_PICK(lstm_step_backward, q->rt->avx2)(g, q->dh, q->dc,
+        RF_PICK(lstm_step_backward, rf_simd(q->rt))(g, q->dh, q->dc,
                                                  q->ws + q->L.tanh_c + at * H,
                                                  q->ws + q->L.c + at * H, q->peep, dy, p, s,
                                                  j0, end, H);

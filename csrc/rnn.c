@@ -37,22 +37,49 @@ ptrdiff_t rf_rnn_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train
 #define RF_TEMPLATE_FILE "rnn.c"
 #include "instantiate.h"
 
+#elif defined(RF_VW) /* the one-pass float code, once per vector width (widths.h) */
+
+/* rnn_step's work (tanh) on RF_VW (nv - 1) + n_last units of one row, from unit k. */
+V_TARGET static RF_INLINE void V_FN(rnn_units)(float *g, float *h_out, float *y,
+                                               const float *bias, ptrdiff_t k, int nv,
+                                               int n_last) {
+    V_T a[RF_UNITS_MAX], b[RF_UNITS_MAX];
+    V_FN(rf_load)(a, g + k, nv, n_last);
+    if (bias) {
+        V_FN(rf_load)(b, bias + k, nv, n_last);
+        for (int u = 0; u < nv; u++) a[u] = V_ADD(a[u], b[u]);
+    }
+    V_FN(rf_tanh)(a, nv);
+    V_FN(rf_store)(g + k, a, nv, n_last);
+    V_FN(rf_store)(h_out + k, a, nv, n_last);
+    V_FN(rf_store)(y + k, a, nv, n_last);
+}
+
+/* rnn_step for one row on a vector path (float, tanh): one pass, where the portable code
+ * makes four; the same bits. */
+V_TARGET static void V_FN(rnn_row)(float *g, float *h_out, float *y, const float *bias,
+                                   ptrdiff_t H) {
+#define UNITS(k, nv, n_last) V_FN(rnn_units)(g, h_out, y, bias, k, nv, n_last)
+    RF_OVER_UNITS(H, UNITS);
+#undef UNITS
+}
+
 #elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
 
 /* One step's pointwise pass over its running rows j0 .. j1-1: g holds their
  * pre-activations (less the bias, or NULL) and leaves holding h'. Rows j < next_bs go on
- * (hn), the others have finished (h_n). On the AVX2 path float tanh takes one pass per
- * row. */
+ * (hn), the others have finished (h_n). On the vector paths float tanh takes one pass
+ * per row. */
 RF_PASS_TARGET static void RF_PASS(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h_n,
                                              const REAL *bias, const rf_plan *p, ptrdiff_t s,
                                              ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t next_bs,
                                              ptrdiff_t H, int relu) {
-#if RF_HAVE_AVX2 && RF_IS_FLOAT
-    if (RF_PASS_AVX2 && !relu) {
+#if RF_HAVE_AVX2 && RF_IS_FLOAT && RF_PASS_AVX2
+    if (!relu) {
         for (ptrdiff_t j = j0; j < j1; j++) {
             ptrdiff_t b = p->order[j];
-            rnn_row_avx2(g + j * H, j < next_bs ? hn + j * H : h_n + b * H,
-                         y + (rf_time(p, j, s) * p->B + b) * H, bias, H);
+            RF_VFN(rnn_row, RF_PASS_VW)(g + j * H, j < next_bs ? hn + j * H : h_n + b * H,
+                                        y + (rf_time(p, j, s) * p->B + b) * H, bias, H);
         }
         return;
     }
@@ -96,31 +123,8 @@ RF_PASS_TARGET static void RF_PASS(rnn_step_backward)(REAL *g, const REAL *dh,
 
 #else /* RF_TEMPLATE: dtype-generic part */
 
-#if RF_HAVE_AVX2 && RF_IS_FLOAT
-/* rnn_step's work (tanh) on 8 (nv - 1) + n_last units of one row, from unit k. */
-RF_AVX2 static RF_INLINE void rnn_units(float *g, float *h_out, float *y, const float *bias,
-                                        ptrdiff_t k, int nv, int n_last) {
-    __m256 a[RF_UNITS_MAX], b[RF_UNITS_MAX];
-    rf_load8n(a, g + k, nv, n_last);
-    if (bias) {
-        rf_load8n(b, bias + k, nv, n_last);
-        for (int u = 0; u < nv; u++) a[u] = _mm256_add_ps(a[u], b[u]);
-    }
-    rf_tanh8n(a, nv);
-    rf_store8n(g + k, a, nv, n_last);
-    rf_store8n(h_out + k, a, nv, n_last);
-    rf_store8n(y + k, a, nv, n_last);
-}
-
-/* rnn_step for one row where AVX2+FMA runs (float, tanh): one pass, where the portable
- * code makes four; the same bits. */
-RF_AVX2 static void rnn_row_avx2(float *g, float *h_out, float *y, const float *bias,
-                                 ptrdiff_t H) {
-#define UNITS(k, nv, n_last) rnn_units(g, h_out, y, bias, k, nv, n_last)
-    RF_OVER_UNITS(H, UNITS);
-#undef UNITS
-}
-#endif
+#define RF_WIDTHS_FILE "rnn.c"
+#include "widths.h"
 
 #define RF_PASSES_FILE "rnn.c"
 #include "passes.h"
@@ -155,7 +159,7 @@ static void RF_FN(rnn_steps)(void *arg, int part, int parts) {
         /* g += h_{t-1} W_hh^T */
         RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, H, hp + j0 * H, H, 1,
                             g + j0 * H, H);
-        RF_PICK(rnn_step, q->rt->avx2)(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs,
+        RF_PICK(rnn_step, rf_simd(q->rt))(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs,
                                        H, q->relu);
         if (q->zo && q->zo->h)
             RF_FN(zoneout_forward)(q->zo, q->zo->h, hp, hn, q->h_n, q->y, p, s, j0, end,
@@ -214,7 +218,7 @@ static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
         REAL *g = q->gates + p->offsets[s] * H;
         const rf_zoneout *zo = q->zo && q->zo->h ? q->zo : NULL;
         if (zo) RF_FN(zoneout_backward)(zo, zo->h, q->dh, zo->carry, q->dy, p, s, j0, end, H);
-        RF_PICK(rnn_step_backward, q->rt->avx2)(g, q->dh, zo ? NULL : q->dy, p, s, j0, end,
+        RF_PICK(rnn_step_backward, rf_simd(q->rt))(g, q->dh, zo ? NULL : q->dy, p, s, j0, end,
                                                 H, q->relu);
         if (zo) RF_FN(zoneout_carry)(q->dh, zo->carry, j0, end, H, 0);
         /* dh_{t-1} = dpre W_hh (+ zoneout's carry) */

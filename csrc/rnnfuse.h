@@ -337,20 +337,24 @@ int rf_backward_f64(int cell, int option, const rf_backward_bufs *a, const rf_pl
 #define RF_CAT(a, b) RF_CAT_(a, b)
 #define RF_FN(name) RF_CAT(name, RF_SUFFIX)   /* rf_gemm -> rf_gemm_f32 / rf_gemm_f64 */
 
-/* A pointwise pass compiled once per code path (passes.h): the copy that avx2 (the call's
- * rf_runtime.avx2) picks, name_f32_v3 (AVX2, FMA) or name_f32_base. */
+/* A pointwise pass compiled once per code path (passes.h): the copy that simd (an
+ * RF_SIMD_*, rf_simd of the call's rf_runtime) picks, name_f32_avx512 (AVX-512F),
+ * name_f32_v3 (AVX2, FMA) or name_f32_base. */
 #if RF_HAVE_AVX2
-#define RF_PICK(name, avx2) ((avx2) ? RF_CAT(RF_FN(name), v3) : RF_CAT(RF_FN(name), base))
+#define RF_PICK(name, simd)                                                    \
+    ((simd) == RF_SIMD_AVX512 ? RF_CAT(RF_FN(name), avx512)                   \
+     : (simd) ? RF_CAT(RF_FN(name), v3) : RF_CAT(RF_FN(name), base))
 #else
-#define RF_PICK(name, avx2) RF_CAT(RF_FN(name), base)
+#define RF_PICK(name, simd) RF_CAT(RF_FN(name), base)
 #endif
 
-/* Activations over an array, in place (vmath.c): libm, or for float32 with avx2 a
- * vectorized version with a documented and tested error bound (vmath.h). */
-void rf_sigmoid_f32(float *a, ptrdiff_t n, int avx2);
-void rf_tanh_f32(float *a, ptrdiff_t n, int avx2);
-void rf_sigmoid_f64(double *a, ptrdiff_t n, int avx2);
-void rf_tanh_f64(double *a, ptrdiff_t n, int avx2);
+/* Activations over an array, in place (vmath.c): libm, or for float32 on a vector path
+ * (simd, an RF_SIMD_*) a vectorized version with a documented and tested error bound
+ * (vmath.h). */
+void rf_sigmoid_f32(float *a, ptrdiff_t n, int simd);
+void rf_tanh_f32(float *a, ptrdiff_t n, int simd);
+void rf_sigmoid_f64(double *a, ptrdiff_t n, int simd);
+void rf_tanh_f64(double *a, ptrdiff_t n, int simd);
 
 /* Time index of step s of sorted row j. */
 static inline ptrdiff_t rf_time(const rf_plan *p, ptrdiff_t j, ptrdiff_t s) {

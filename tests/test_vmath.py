@@ -1,6 +1,7 @@
 """The kernels' own sigmoid and tanh: error bound against the correctly rounded result,
 saturation, and NaN/inf, on each code path. (float32 takes a vectorized polynomial on the
-AVX2 path and libm on the portable one; float64 is libm on both.)"""
+AVX2 and AVX-512 paths, 8 and 16 lanes with the same bits, and libm on the portable one;
+float64 is libm on all.)"""
 import numpy as np
 import pytest
 
@@ -9,7 +10,9 @@ from rnnfuse import _kernels
 # The AVX2 path: the bounds documented in csrc/vmath.h. The portable path: libm's (glibc's
 # tanhf is within 2 ulp).
 MAX_ULP = {"avx2": {"sigmoid": 3, "tanh": 1}, "portable": {"sigmoid": 3, "tanh": 2}}
-PATHS = ["avx2", "portable"] if (_kernels.simd_path() != "baseline") else ["portable"]
+MAX_ULP["avx512"] = MAX_ULP["avx2"]
+PATHS = (["avx512"] * ("AVX-512F" in _kernels.simd_path())
+         + ["avx2"] * (_kernels.simd_path() != "baseline") + ["portable"])
 
 
 @pytest.fixture(params=PATHS)
@@ -70,7 +73,22 @@ def test_saturation_and_special_values(dtype, path):
     np.testing.assert_array_equal(t[7:], [1, -1])
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 17])
+@pytest.mark.skipif("avx512" not in PATHS, reason="no AVX-512F")
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_sixteen_lanes_give_the_bits_of_eight(name):
+    x = np.concatenate([np.arange(-100, 100, 2.0**-9, dtype=np.float32),
+                        np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40], np.float32)])
+    got = {}
+    try:
+        for path in ("avx2", "avx512"):
+            _kernels.set_kernel(path)
+            got[path] = apply(name, x)
+    finally:
+        _kernels.set_kernel(None)
+    np.testing.assert_array_equal(got["avx2"].view(np.int32), got["avx512"].view(np.int32))
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 16, 17, 33])
 def test_every_length_and_no_write_past_the_end(n, path):
     buf = np.full(n + 8, 5.0, np.float32)
     x = np.linspace(-3, 3, n, dtype=np.float32)

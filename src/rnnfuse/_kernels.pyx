@@ -62,10 +62,10 @@ cdef extern from "rnnfuse.h" nogil:
                              Py_ssize_t H, Py_ssize_t I, int lbr, int avx2)
     void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh,
                              Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr, int avx2)
-    void rf_sigmoid_f32(float *a, Py_ssize_t n, int avx2)
-    void rf_tanh_f32(float *a, Py_ssize_t n, int avx2)
-    void rf_sigmoid_f64(double *a, Py_ssize_t n, int avx2)
-    void rf_tanh_f64(double *a, Py_ssize_t n, int avx2)
+    void rf_sigmoid_f32(float *a, Py_ssize_t n, int simd)
+    void rf_tanh_f32(float *a, Py_ssize_t n, int simd)
+    void rf_sigmoid_f64(double *a, Py_ssize_t n, int simd)
+    void rf_tanh_f64(double *a, Py_ssize_t n, int simd)
     Py_ssize_t rf_gemm_floor_size(Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
                                   Py_ssize_t G)
     void rf_gemm_floor_f32(const rf_runtime *rt, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
@@ -227,9 +227,9 @@ def activation(str name, floating[::1] a):
     cdef bint sig = name == "sigmoid"
     with nogil:
         if floating is float:
-            (rf_sigmoid_f32 if sig else rf_tanh_f32)(_p(a), a.shape[0], _rt.avx2)
+            (rf_sigmoid_f32 if sig else rf_tanh_f32)(_p(a), a.shape[0], rf_simd(&_rt))
         else:
-            (rf_sigmoid_f64 if sig else rf_tanh_f64)(_p(a), a.shape[0], _rt.avx2)
+            (rf_sigmoid_f64 if sig else rf_tanh_f64)(_p(a), a.shape[0], rf_simd(&_rt))
 
 
 cdef class Plan:
