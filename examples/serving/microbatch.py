@@ -45,10 +45,10 @@ __all__ = ["MicroBatcher"]
 
 
 class _Request:
-    __slots__ = ("sid", "x", "y", "error", "ready")
+    __slots__ = ("sid", "x", "y", "error", "ready", "next")
 
     def __init__(self, sid, x):
-        self.sid, self.x, self.y, self.error = sid, x, None, None
+        self.sid, self.x, self.y, self.error, self.next = sid, x, None, None, None
         self.ready = threading.Lock()  # held until the worker has run this step
         self.ready.acquire()
 
@@ -135,6 +135,8 @@ class MicroBatcher:
             if len(self._pending) == 1 or len(self._pending) >= len(self._open):
                 self._arrived.notify()  # wake the worker: a first step, or all are in
         request.ready.acquire()
+        if request.next is not None:  # wake the batch's next caller: one at a time
+            request.next.ready.release()
         if request.error is not None:
             raise request.error
         return request.y
@@ -176,8 +178,9 @@ class MicroBatcher:
                     r.error = e
             with self._lock:
                 self._busy.difference_update(r.sid for r in batch)
-            for r in batch:
-                r.ready.release()
+            for r, later in zip(batch, batch[1:]):
+                r.next = later
+            batch[0].ready.release()  # each caller wakes the next
 
 
 # --------------------------------------------------------------------------------- demo
@@ -228,4 +231,11 @@ def main(n_clients=64, steps=200, input_size=64, hidden_size=128, max_wait=0.002
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+    ap = argparse.ArgumentParser(description="client threads through a MicroBatcher vs "
+                                             "each thread owning a stream")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--max-wait", type=float, default=0.002)
+    a = ap.parse_args()
+    main(a.clients, a.steps, max_wait=a.max_wait)
