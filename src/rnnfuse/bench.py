@@ -21,6 +21,10 @@ the GEMM floor (the call's matrix products alone, one BLAS call each) and the FL
 ``--markdown PATH`` it also times rnnfuse at two thread counts (thread_scaling) and the
 peak memory of one call (peak_memory), and writes the performance document
 (docs/performance.md) from the template in rnnfuse._perfdoc.
+
+Serving (``--serving``, benches/test_bench_pool.py): many sessions of one layer, each
+stepped one timestep per frame, by a stream pool (one call for all), by one stream per
+session, and by the peers per session (their state passed in and out) and batched.
 """
 import functools
 import gc
@@ -40,7 +44,8 @@ from ._checks import OneLineParser, first_line
 __all__ = ["Shape", "Case", "GRID", "QUICK_GRID", "CELLS", "MODES", "DTYPES", "IMPLS",
            "Unavailable", "NotApplicable", "cases", "problem", "runner", "reference_result",
            "check", "limit_threads", "measure", "gemm_peak", "matmul_flops", "thread_scaling",
-           "peak_memory", "main"]
+           "peak_memory", "ServingShape", "SERVING_SHAPES", "SERVING_QUICK", "SERVING_IMPLS",
+           "serving_layer", "serving_stepper", "serving_check", "serving_case", "main"]
 
 CELLS = ("lstm", "gru", "rnn")
 MODES = ("inference", "training")
@@ -531,6 +536,258 @@ def peak_memory(impl, case):
         functional.release_workspace()
 
 
+# ------------------------------------------------------------------------------ serving
+
+@dataclass(frozen=True)
+class ServingShape:
+    """Many sessions of one unidirectional layer, each stepped one timestep per frame."""
+    cell: str
+    sessions: int
+    I: int  # noqa: E741
+    H: int
+    layers: int = 1
+
+    @property
+    def label(self):
+        return (f"{self.sessions} sessions of {self.cell.upper()}({self.I}, {self.H}), "
+                f"{self.layers} layer(s)")
+
+
+SERVING_SHAPES = (ServingShape("lstm", 256, 64, 128), ServingShape("gru", 256, 64, 128),
+                  ServingShape("lstm", 64, 64, 128, layers=2))
+SERVING_QUICK = (ServingShape("lstm", 16, 8, 16),)
+# "pool": one pool.step of all sessions; "streams": each session's own stream of batch 1,
+# stepped one after another; "torch" and "onnxruntime": the peer called once per session
+# with its state passed in and out; the "-batch" peers: one call over all sessions.
+SERVING_IMPLS = ("pool", "streams", "torch", "onnxruntime", "torch-batch",
+                 "onnxruntime-batch")
+SERVING_FRAME_S = 0.032  # a frame of streamed audio or video: one step per session
+_SERVING_CHECK_STEPS = 4
+
+
+def serving_layer(shape, dtype="float32"):
+    """The rnnfuse layer (seeded, eval mode) whose weights every implementation runs."""
+    from . import layers
+    cls = {"lstm": layers.LSTM, "gru": layers.GRU, "rnn": layers.RNN}[shape.cell]
+    return cls(shape.I, shape.H, num_layers=shape.layers, dtype=np.dtype(dtype),
+               seed=0).eval()
+
+
+def serving_stepper(impl, layer, n, threads=1):
+    """A callable ``x (n, I) -> y (n, H)`` that advances n sessions of ``layer`` by one
+    timestep, row i being session i, each keeping its own state between calls (all
+    zeros at first). Raises Unavailable when ``impl`` cannot run here."""
+    if impl == "pool":
+        pool = layer.stream_pool(n)
+        ids = np.array([pool.open() for _ in range(n)], np.int64)
+        return lambda x: pool.step(ids, x)
+    if impl == "streams":
+        streams = [layer.stream(1) for _ in range(n)]
+        return lambda x: np.concatenate([s.step(x[i:i + 1]) for i, s in enumerate(streams)])
+    if impl in ("torch", "torch-batch"):
+        return _torch_sessions(layer, n, impl == "torch-batch", threads)
+    if impl in ("onnxruntime", "onnxruntime-batch"):
+        return _ort_sessions(layer, n, impl == "onnxruntime-batch", threads)
+    raise ValueError(f"impl must be one of {SERVING_IMPLS}, got {impl!r}")
+
+
+def _torch_sessions(layer, n, batched, threads):
+    torch = _import_torch(threads)
+    kind = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}
+    module = kind[type(layer).__name__](layer.input_size, layer.hidden_size,
+                                        num_layers=layer.num_layers,
+                                        dtype=getattr(torch, layer.dtype.name))
+    module.load_state_dict({k: torch.from_numpy(np.array(v))
+                            for k, v in layer.state_dict().items()})
+    module.eval()
+    lstm = isinstance(module, torch.nn.LSTM)
+    L, I, H = layer.num_layers, layer.input_size, layer.hidden_size
+
+    def zeros(rows):
+        h = torch.zeros(L, rows, H, dtype=module.weight_hh_l0.dtype)
+        return (h, h.clone()) if lstm else h
+
+    if batched:
+        state = [zeros(n)]
+
+        def step_all(x):
+            with torch.inference_mode():
+                y, state[0] = module(torch.from_numpy(x).view(1, n, I), state[0])
+            return y[0].numpy()
+        return step_all
+    states = [zeros(1) for _ in range(n)]
+
+    def step_each(x):
+        xt = torch.from_numpy(x)
+        with torch.inference_mode():
+            ys = []
+            for i in range(n):
+                y, states[i] = module(xt[i].view(1, 1, I), states[i])
+                ys.append(y[0])
+            return torch.cat(ys).numpy()
+    return step_each
+
+
+def _serving_onnx_model(layer):
+    """The stacked layer as ONNX nodes, one per layer, with the states as inputs and
+    outputs (h_l, c_l in; h_l_out, c_l_out out) and a batch dimension left free."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise Unavailable("onnx is not installed (needed to build the ONNX Runtime model)") \
+            from None
+    from .onnx_weights import to_onnx
+    cell, I, H = type(layer).__name__, layer.input_size, layer.hidden_size
+    elem = TensorProto.FLOAT if layer.dtype == np.float32 else TensorProto.DOUBLE
+    lstm = cell == "LSTM"
+    parts = ("h", "c") if lstm else ("h",)
+    inputs = [helper.make_tensor_value_info("x", elem, [1, "n", I])]
+    outputs, nodes, inits, x = [], [], [], "x"
+    for l, w in enumerate(to_onnx(layer)):
+        names = {k: f"{k}{l}" for k in ("W", "R", "B")}
+        inits += [numpy_helper.from_array(np.ascontiguousarray(w[k]), names[k])
+                  for k in names if w[k] is not None]
+        for p in parts:
+            inputs.append(helper.make_tensor_value_info(f"{p}{l}", elem, [1, "n", H]))
+            outputs.append(helper.make_tensor_value_info(f"{p}{l}_out", elem, [1, "n", H]))
+        y = f"y{l}"
+        node_in = [x, names["W"], names["R"], names["B"] if w["B"] is not None else "", "",
+                   *(f"{p}{l}" for p in parts)]
+        nodes.append(helper.make_node(cell, node_in, [y, *(f"{p}{l}_out" for p in parts)],
+                                      **w["attributes"]))
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), f"axis{l}"))
+        x = f"x{l + 1}"
+        nodes.append(helper.make_node("Squeeze", [y, f"axis{l}"], [x]))  # (1, 1, n, H)
+    outputs.insert(0, helper.make_tensor_value_info(x, elem, [1, "n", H]))
+    graph = helper.make_graph(nodes, f"rnnfuse_{cell.lower()}_sessions", inputs, outputs,
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = min(onnx.IR_VERSION, 8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), [o.name for o in outputs], parts
+
+
+def _ort_sessions(layer, n, batched, threads):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise Unavailable("ONNX Runtime is not installed") from None
+    model, out_names, parts = _serving_onnx_model(layer)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    state_names = out_names[1:]  # h0, c0, h1, ... in the inputs' order, less "_out"
+    in_names = [s[:-len("_out")] for s in state_names]
+    rows = n if batched else 1
+    zeros = np.zeros((1, rows, layer.hidden_size), layer.dtype)
+    states = [{k: zeros for k in in_names} for _ in range(1 if batched else n)]
+
+    def run(feeds, x):
+        y, *finals = sess.run(out_names, dict(feeds, x=x))
+        feeds.update(zip(in_names, finals))
+        return y[0]
+
+    if batched:
+        return lambda x: run(states[0], x[None])
+    return lambda x: np.concatenate([run(states[i], x[None, i:i + 1]) for i in range(n)])
+
+
+def serving_check(impl, stepper, layer, x):
+    """Step ``stepper`` over x (T, n, I) and compare with ``layer.forward(x)``: returns
+    the worst relative error, raises AssertionError over TOLERANCE."""
+    want = layer.forward(x)[0]
+    got = np.stack([stepper(x[t]) for t in range(x.shape[0])])
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise AssertionError(f"serving {impl}: y is {got.dtype}{got.shape}, the layer's "
+                             f"{want.dtype}{want.shape}")
+    err = float(np.max(np.abs(got.astype(np.float64) - want))) / float(np.max(np.abs(want)))
+    if not err <= TOLERANCE[want.dtype.name]:
+        raise AssertionError(f"serving {impl}: y differs from the layer's forward by "
+                             f"{err:.3g} of its largest value")
+    return err
+
+
+def serving_case(shape, impls, threads=1, budget=1.0, dtype="float32"):
+    """Check every implementation of ``impls`` against the layer's forward over a few
+    steps, then time one step of all sessions, interleaved. Returns a row: seconds per
+    step of all sessions, per session, sessions per core at SERVING_FRAME_S, the gain
+    over the streams loop, and the errors ({impl: why skipped or wrong})."""
+    layer = serving_layer(shape, dtype)
+    n = shape.sessions
+    x = np.random.default_rng(0).standard_normal(
+        (_SERVING_CHECK_STEPS, n, shape.I)).astype(dtype)
+    fns, errors = {}, {}
+    for impl in impls:
+        try:
+            stepper = serving_stepper(impl, layer, n, threads)
+            serving_check(impl, stepper, layer, x)
+        except Unavailable as e:
+            errors[impl] = f"skipped ({e})"
+            continue
+        except AssertionError as e:
+            errors[impl] = f"WRONG, not timed: {e}"
+            continue
+        fns[impl] = functools.partial(stepper, x[0])
+    seconds = {k: v[0] for k, v in measure(fns, budget).items()}
+    loop = seconds.get("streams")
+    return {"cell": shape.cell, "sessions": n, "I": shape.I, "H": shape.H,
+            "layers": shape.layers, "dtype": dtype, "threads": threads,
+            "seconds": seconds,
+            "per_session": {k: s / n for k, s in seconds.items()},
+            "sessions_per_core": {k: SERVING_FRAME_S * n / (s * threads)
+                                  for k, s in seconds.items()},
+            "vs_streams": {k: loop / s for k, s in seconds.items()} if loop else {},
+            "errors": errors}
+
+
+def _serving_table(row, out):
+    shape = ServingShape(row["cell"], row["sessions"], row["I"], row["H"], row["layers"])
+    print(f"\n{shape.label}, {row['dtype']}, {row['threads']} thread(s)", file=out)
+    head = (f"{'impl':18} {'ms/step':>9} {'us/session':>11} {'sessions/core':>14} "
+            f"{'vs streams':>11}")
+    print(head + "\n" + "-" * len(head), file=out)
+    for impl, s in row["seconds"].items():
+        gain = row["vs_streams"].get(impl)
+        print(f"{impl:18} {_fmt_ms(s):>9} {1e6 * row['per_session'][impl]:>11.2f} "
+              f"{row['sessions_per_core'][impl]:>14.0f} "
+              f"{f'{gain:.2f}' if gain else '-':>11}", file=out, flush=True)
+    for impl, why in row["errors"].items():
+        print(f"    {impl}: {why}", file=out)
+
+
+def _serving_main(args, available):
+    """``bench --serving``: the serving table of each shape."""
+    impls = ["pool", "streams"] + [i for i in SERVING_IMPLS[2:]
+                                   if i.split("-")[0] in available]
+    grid = [s for s in (SERVING_QUICK if args.quick else SERVING_SHAPES)
+            if s.cell in args.cells]
+    print(f"rnnfuse bench --serving: time of one step of every session (median of "
+          f"interleaved runs); us/session = that time / sessions; sessions/core = sessions "
+          f"a core steps in {SERVING_FRAME_S * 1e3:g} ms; vs streams = the streams loop's "
+          f"time / this time", flush=True)
+    rows = []
+    with limit_threads(args.threads):
+        for shape in grid:
+            for dtype in args.serving_dtypes:
+                rows.append(serving_case(shape, impls, args.threads, args.budget, dtype))
+                _serving_table(rows[-1], sys.stdout)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": _machine(args.threads), "frame_s": SERVING_FRAME_S,
+                       "serving": rows}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    wrong = [f"{i} {r['cell']}" for r in rows for i, why in r["errors"].items()
+             if why.startswith("WRONG")]
+    if wrong:
+        print(f"\nFAILED: {', '.join(wrong)} differ from the layer's forward",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 # -------------------------------------------------------------------------- command line
 
 def _parser():
@@ -563,6 +820,11 @@ def _parser():
                     help="indices into the grid (0-based) to run")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of timing per case (default 1.0, 0.2 with --quick)")
+    ap.add_argument("--serving", action="store_true",
+                    help="instead of the grid: many sessions stepped one timestep each, by "
+                         "a stream pool, one stream per session, and the peers per session "
+                         "and batched (float32 unless --dtypes; --cells, --impls, --threads, "
+                         "--budget, --quick and --json apply)")
     return ap
 
 
@@ -580,8 +842,12 @@ def _options(argv):
     ap = _parser()
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("markdown", "plot", "shapes", "modes"):
+        if args.serving and getattr(args, flag):
+            ap.error(f"--{flag} does not apply to --serving")
     args.cells = _subset(ap, args.cells, CELLS, "cells")
     args.modes = _subset(ap, args.modes or ",".join(MODES), MODES, "modes")
+    args.serving_dtypes = _subset(ap, args.dtypes or "float32", DTYPES, "dtypes")
     args.dtypes = _subset(ap, args.dtypes or ("float32" if args.quick else ",".join(DTYPES)),
                           DTYPES, "dtypes")
     args.impls = ("rnnfuse",) + tuple(i for i in _subset(ap, args.impls, IMPLS, "impls")
@@ -776,6 +1042,8 @@ def main(argv=None):
     args = _options(argv)
     out = sys.stderr if args.markdown == "-" else sys.stdout
     available, missing = _load_peers(args.impls, args.threads)
+    if args.serving:
+        return _serving_main(args, available)
     with limit_threads(args.threads):  # threadpoolctl restores the limits on the way out
         machine = _machine(args.threads)
         peaks = {d: gemm_peak(d, args.threads) for d in args.dtypes}
