@@ -284,8 +284,8 @@ class _RNNBase(Module):
         """One direction of one layer: functional's forward of this cell (y, finals, ctx)."""
         w_ih, w_hh, b_ih, b_hh, *peep = w
         y, finals, ctx = F._forward(self._cell, x, s0, w_ih, w_hh, b_ih, b_hh, lengths,
-                                    reverse, self._option, need_ctx, *(peep or [None]),
-                                    zoneout=zoneout)
+                                    reverse, self._option, need_ctx,
+                                    peep=peep[0] if peep else None, zoneout=zoneout)
         return y, tuple(finals), ctx
 
     def _back(self, dy: Any, dfin: Sequence[Any],
