@@ -615,3 +615,27 @@ def test_stream_and_pool_carry_zoneout(cls):
     with pytest.raises(ValueError, match="zoneout must be a probability"):
         _kernels.Stream(layer._cell, layer._option, np.float32, 1, layer._stream_weights(),
                         zoneout=1.5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_variants_repeat_bitwise_at_each_thread_count(threads):
+    """Large enough for the time loops to be shared among threads: peepholes' dP and
+    zoneout's carries agree with the reference and repeat bitwise."""
+    from threadpoolctl import threadpool_limits
+    lengths = np.full(64, 30)
+    lengths[[3, 9]] = [0, 11]
+    args, z, up = zcase("lstm", 30, 64, 40, 96, np.float32, seed=33)
+    args["peepholes"] = np.random.default_rng(34).standard_normal(288).astype(np.float32)
+    a = args
+
+    def both(module):
+        y, h, c, ctx = module.lstm_forward(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"],
+                                           a["b_ih"], a["b_hh"], lengths, True,
+                                           peepholes=a["peepholes"], zoneout=z)
+        return (y, h, c) + tuple(module.lstm_backward(*up, ctx))
+
+    with threadpool_limits(threads):
+        first, again = both(F), both(F)
+    zassert_close(first, both(R), np.float32, "lstm")
+    for g, w in zip(first, again):
+        np.testing.assert_array_equal(g, w)
