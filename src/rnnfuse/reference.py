@@ -15,6 +15,8 @@ Notation: T steps, B batch, I input size, H hidden size, G gates (LSTM 4, GRU 3,
 Time-major ``x (T, B, I)``, ``y (T, B, H)``, states ``(B, H)``; PyTorch weight layout
 ``w_ih (G*H, I)``, ``w_hh (G*H, H)``, ``b_ih``, ``b_hh (G*H,)``. Every forward also takes
 ``need_ctx=True`` (keyword only); ``need_ctx=False`` saves nothing and returns ``ctx=None``.
+The variants, keyword only, as in ``rnnfuse.functional``: ``zoneout`` (every cell) and the
+LSTM's ``peepholes``.
 
 This module is the oracle for the tests and the baseline for the benchmarks. It does NOT
 validate its inputs (dtypes, shapes, lengths range): that is ``functional.py``'s job, and
