@@ -1,10 +1,12 @@
-"""Cell variants: the LSTM's peepholes (ONNX's P).
+"""Cell variants: the LSTM's peepholes (ONNX's P), and zoneout for every cell.
 
-- the reference's gradients, dP included, against float64 central finite differences;
-- the kernels (AVX2 and portable) against the reference: float32/64, ragged, reverse, B=1;
-- zero peepholes compute the plain cell; bad peepholes are refused, naming them;
-- layers (stacked, bidirectional): parameters, gradients, state dicts, streams, pools;
-- ONNX: P through to_onnx/from_onnx, and ONNX's own test_lstm_with_peepholes vector.
+- the reference's gradients (dP included) against float64 central finite differences;
+- the kernels (AVX2 and portable) against the reference: float32/64, ragged, reverse, B=1,
+  inference, and bitwise repeatable at 1 and 2 threads;
+- zero peepholes, zero masks and p=0 compute the plain cell; bad input is refused, named;
+- layers (stacked, bidirectional): parameters, gradients, state dicts, masks, streams, pools;
+- ONNX: P through to_onnx/from_onnx, ONNX's own test_lstm_with_peepholes vector, ONNX's
+  reference LSTM and ONNX Runtime (skipped without onnx / onnxruntime).
 """
 import os
 
@@ -639,3 +641,37 @@ def test_variants_repeat_bitwise_at_each_thread_count(threads):
     zassert_close(first, both(R), np.float32, "lstm")
     for g, w in zip(first, again):
         np.testing.assert_array_equal(g, w)
+
+
+def test_onnx_runtime_lstm_with_peepholes():
+    """The exported weights, P included, in a one-node ONNX graph run by ONNX Runtime give
+    our outputs (ragged, bidirectional)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(35)
+    layer = LSTM(3, 4, bidirectional=True, seed=36, peepholes=True)
+    for k, v in layer.named_parameters().items():
+        if "peep" in k:
+            v[...] = rng.standard_normal(v.shape)
+    T, B = 5, 3
+    x = rng.standard_normal((T, B, 3)).astype(np.float32)
+    lengths = np.array([5, 2, 4], np.int32)
+    h0, c0 = rng.standard_normal((2, 2, B, 4)).astype(np.float32)
+    y, (h_n, c_n) = layer(x, (h0, c0), lengths)
+    (w,) = to_onnx(layer)
+    inits = [numpy_helper.from_array(w[k], k) for k in ("W", "R", "B", "P")]
+    inits.append(numpy_helper.from_array(lengths, "sequence_lens"))
+    inputs = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
+    feeds = {"X": x, "initial_h": h0, "initial_c": c0}
+    node = helper.make_node("LSTM", inputs, ["Y", "Y_h", "Y_c"], **w["attributes"])
+    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph([node], "g", [vi(k, v.shape) for k, v in feeds.items()],
+                              [vi(o, None) for o in ("Y", "Y_h", "Y_c")], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    Y, Y_h, Y_c = sess.run(None, feeds)
+    np.testing.assert_allclose(Y.transpose(0, 2, 1, 3).reshape(T, B, 8), y, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(Y_h, h_n, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Y_c, c_n, rtol=1e-5, atol=1e-5)
