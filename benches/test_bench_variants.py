@@ -1,5 +1,5 @@
-"""Cell variants against the plain cell: an LSTM training step (forward + backward) with
-and without peepholes, float32, side by side in one group. Each variant's result is checked
+"""Cell variants against the plain cell: an LSTM training step (forward + backward) plain,
+with peepholes and with zoneout (training masks), float32, side by side in one group. Each variant's result is checked
 against the reference once before it is timed. Run: ``pytest benches/test_bench_variants.py``
 (threads: --bench-threads, default 1).
 """
@@ -20,24 +20,26 @@ def _case(T, B, I, H):
     s = 1 / np.sqrt(H)
     return dict(x=r(T, B, I), w_ih=r(4 * H, I, scale=s), w_hh=r(4 * H, H, scale=s),
                 b_ih=r(4 * H, scale=s), b_hh=r(4 * H, scale=s), peep=r(3 * H, scale=s),
-                dy=r(T, B, H))
+                dy=r(T, B, H), zoneout=tuple((rng.random((T, B, H)) < 0.15).astype(np.float32)
+                                             for _ in range(2)))
 
 
-def _step(module, c, peepholes):
+def _step(module, c, variant):
     def fn():
-        y, h_n, c_n, ctx = module.lstm_forward(c["x"], None, None, c["w_ih"], c["w_hh"],
-                                               c["b_ih"], c["b_hh"],
-                                               peepholes=c["peep"] if peepholes else None)
+        y, h_n, c_n, ctx = module.lstm_forward(
+            c["x"], None, None, c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"],
+            peepholes=c["peep"] if variant == "peepholes" else None,
+            zoneout=c["zoneout"] if variant == "zoneout" else None)
         return (y, h_n, c_n) + tuple(module.lstm_backward(c["dy"], None, None, ctx))
     return fn
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
-@pytest.mark.parametrize("variant", ["plain", "peepholes"])
+@pytest.mark.parametrize("variant", ["plain", "peepholes", "zoneout"])
 def test_lstm_training_step(benchmark, shape, variant):
     case = _case(*shape)
-    fn = _step(F, case, variant == "peepholes")
-    got, want = fn(), _step(R, case, variant == "peepholes")()
+    fn = _step(F, case, variant)
+    got, want = fn(), _step(R, case, variant)()
     for g, w in zip(got, want):
         if w is not None:
             scale = max(float(np.max(np.abs(w))), 1.0)

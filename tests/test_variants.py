@@ -1,10 +1,12 @@
-"""Cell variants: the LSTM's peepholes (ONNX's P).
+"""Cell variants: the LSTM's peepholes (ONNX's P), and zoneout for every cell.
 
-- the reference's gradients, dP included, against float64 central finite differences;
-- the kernels (AVX2 and portable) against the reference: float32/64, ragged, reverse, B=1;
-- zero peepholes compute the plain cell; bad peepholes are refused, naming them;
-- layers (stacked, bidirectional): parameters, gradients, state dicts, streams, pools;
-- ONNX: P through to_onnx/from_onnx, and ONNX's own test_lstm_with_peepholes vector.
+- the reference's gradients (dP included) against float64 central finite differences;
+- the kernels (AVX2 and portable) against the reference: float32/64, ragged, reverse, B=1,
+  inference, and bitwise repeatable at 1 and 2 threads;
+- zero peepholes, zero masks and p=0 compute the plain cell; bad input is refused, named;
+- layers (stacked, bidirectional): parameters, gradients, state dicts, masks, streams, pools;
+- ONNX: P through to_onnx/from_onnx, ONNX's own test_lstm_with_peepholes vector, ONNX's
+  reference LSTM and ONNX Runtime (skipped without onnx / onnxruntime).
 """
 import os
 
@@ -372,3 +374,304 @@ def test_onnx_reference_lstm_with_random_peepholes(direction):
         np.testing.assert_allclose(y[:, :, d * 6:(d + 1) * 6], Y[:, 0], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(h_n[d], Y_h[0], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(c_n[d], Y_c[0], rtol=1e-12, atol=1e-12)
+
+
+# ================================================================ zoneout
+
+ZCELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"), ("rnn", "relu")]
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def zcase(cell, T, B, I, H, dtype, seed=0, zoneout="mask"):
+    """Random inputs and weights of one cell, zoneout (p, or fresh 0/1 masks of keep
+    probability 0.4) and upstream gradients."""
+    rng = np.random.default_rng(seed)
+    r = lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(dtype)  # noqa: E731
+    G, s = GATES[cell], 1 / np.sqrt(H)
+    args = dict(x=r(T, B, I), h0=r(B, H), w_ih=r(G * H, I, scale=s), w_hh=r(G * H, H, scale=s),
+                b_ih=r(G * H, scale=s), b_hh=r(G * H, scale=s))
+    mask = lambda: (rng.random((T, B, H)) < 0.4).astype(dtype)  # noqa: E731
+    if cell == "lstm":
+        args["c0"] = r(B, H)
+        z = 0.4 if zoneout == "p" else (mask(), mask())
+    else:
+        z = 0.4 if zoneout == "p" else mask()
+    up = (r(T, B, H), r(B, H), r(B, H)) if cell == "lstm" else (r(T, B, H), r(B, H))
+    return args, z, up
+
+
+def zforward(module, cell, option, a, zoneout, lengths=None, reverse=False, need_ctx=True):
+    w = (a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
+    if cell == "lstm":
+        y, h, c, ctx = module.lstm_forward(a["x"], a["h0"], a["c0"], *w, lengths, reverse,
+                                           need_ctx=need_ctx, zoneout=zoneout)
+        return (y, h, c), ctx
+    if cell == "gru":
+        y, h, ctx = module.gru_forward(a["x"], a["h0"], *w, lengths, reverse, option,
+                                       need_ctx=need_ctx, zoneout=zoneout)
+    else:
+        y, h, ctx = module.rnn_forward(a["x"], a["h0"], *w, lengths, reverse, option,
+                                       need_ctx=need_ctx, zoneout=zoneout)
+    return (y, h), ctx
+
+
+def zrun(module, cell, option, a, zoneout, up, lengths=None, reverse=False):
+    outs, ctx = zforward(module, cell, option, a, zoneout, lengths, reverse)
+    backward = getattr(module, f"{cell}_backward")
+    return outs, backward(*up, ctx)
+
+
+def zassert_close(got, want, dtype, what):
+    assert len(got) == len(want), what
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, f"{what}[{k}]"
+        floor = 1.0 if dtype == np.float32 else np.finfo(dtype).tiny
+        scale = max(np.max(np.abs(b)), floor) if b.size else 1.0
+        err = np.max(np.abs(a.astype(np.float64) - b)) / scale if b.size else 0.0
+        assert err <= TOL[dtype], f"{what}[{k}]: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("cell,option", ZCELLS)
+@pytest.mark.parametrize("zoneout", ["mask", "p"])
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([3, 0, 4], True)])
+def test_zoneout_reference_gradients_match_finite_differences(cell, option, zoneout, lengths,
+                                                              reverse):
+    args, z, up = zcase(cell, 4, 3, 2, 3, np.float64, seed=21, zoneout=zoneout)
+    if option == "relu":  # keep the pre-activations away from relu's kink
+        args["b_ih"] += 0.5
+
+    def loss(a):
+        outs, _ = zforward(R, cell, option, a, z, lengths, reverse, need_ctx=False)
+        return sum(np.sum(o * u) for o, u in zip(outs, up))
+
+    _, grads = zrun(R, cell, option, args, z, up, lengths, reverse)
+    names = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"]
+    if cell != "lstm":
+        names.remove("c0")
+    eps = 1e-6
+    for name, grad in zip(names, grads):
+        for idx in np.ndindex(args[name].shape):
+            plus = {k: v.copy() for k, v in args.items()}
+            minus = {k: v.copy() for k, v in args.items()}
+            plus[name][idx] += eps
+            minus[name][idx] -= eps
+            fd = (loss(plus) - loss(minus)) / (2 * eps)
+            assert abs(grad[idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx, grad[idx], fd)
+
+
+@pytest.mark.parametrize("cell,option", ZCELLS)
+def test_zoneout_reference_follows_the_definition(cell, option):
+    """All-ones masks keep the initial state; all-zeros masks and p=0 are the plain cell;
+    p mixes the previous state and the plain step's."""
+    args, _, _ = zcase(cell, 3, 2, 2, 4, np.float64, seed=22)
+    n = 2 if cell == "lstm" else 1
+    shape = args["x"].shape[:2] + (4,)
+    pack = lambda v: tuple([v] * n) if n == 2 else v  # noqa: E731
+    kept, _ = zforward(R, cell, option, args, pack(np.ones(shape)))
+    np.testing.assert_array_equal(kept[1], args["h0"])
+    np.testing.assert_array_equal(kept[0], np.broadcast_to(args["h0"], kept[0].shape))
+    plain, _ = zforward(R, cell, option, args, None)
+    for z in (pack(np.zeros(shape)), 0.0):
+        for got, want in zip(zforward(R, cell, option, args, z)[0], plain):
+            np.testing.assert_allclose(got, want, rtol=1e-15)
+    one = {k: (v[:1] if k == "x" else v) for k, v in args.items()}
+    step, _ = zforward(R, cell, option, one, 0.25)
+    plain1, _ = zforward(R, cell, option, one, None)
+    np.testing.assert_allclose(step[1], 0.25 * args["h0"] + 0.75 * plain1[1], rtol=1e-13)
+
+
+@pytest.mark.parametrize("cell,option", ZCELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zoneout", ["mask", "p"])
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([7, 2, 0, 5, 7], False),
+                                             ([7, 2, 0, 5, 7], True)])
+def test_zoneout_kernels_match_reference(kernel, cell, option, dtype, zoneout, lengths,
+                                         reverse):
+    args, z, up = zcase(cell, 7, 5, 3, 37, dtype, seed=23, zoneout=zoneout)
+    got = zrun(F, cell, option, args, z, up, lengths, reverse)
+    want = zrun(R, cell, option, args, z, up, lengths, reverse)
+    zassert_close(got[0], want[0], dtype, "forward")
+    zassert_close(got[1], want[1], dtype, "backward")
+    if zoneout == "p":  # inference: the training forward's bits
+        outs, ctx = zforward(F, cell, option, args, z, lengths, reverse, need_ctx=False)
+        assert ctx is None
+        for g, w in zip(outs, got[0]):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_zoneout_with_peepholes_and_batch_of_one(kernel):
+    args, z, up = zcase("lstm", 6, 1, 4, 9, np.float64, seed=24)
+    args["peepholes"] = np.random.default_rng(25).standard_normal(27)
+    a = args
+    outs = []
+    for module in (F, R):
+        y, h, c, ctx = module.lstm_forward(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"],
+                                           a["b_ih"], a["b_hh"], peepholes=a["peepholes"],
+                                           zoneout=z)
+        outs.append((y, h, c) + tuple(module.lstm_backward(*up, ctx)))
+    assert len(outs[0]) == 11
+    zassert_close(outs[0], outs[1], np.float64, "lstm")
+
+
+@pytest.mark.parametrize("zoneout,error,message", [
+    (1.0, ValueError, r"zoneout must be a probability in \[0, 1\), got 1.0"),
+    (-0.1, ValueError, r"zoneout must be a probability in \[0, 1\), got -0.1"),
+    (np.zeros((2, 2, 5)), TypeError, r"for the LSTM, a pair \(z_h, z_c\)"),
+    ((np.zeros((2, 2, 4)), None), ValueError, r"zoneout\[0\] must have shape \(2, 2, 5\)"),
+    ((None, np.zeros((2, 2, 5), np.float32)), TypeError,
+     r"zoneout\[1\] must have dtype float64"),
+])
+def test_bad_zoneout_is_refused(zoneout, error, message):
+    args, _, _ = zcase("lstm", 2, 2, 3, 5, np.float64)
+    with pytest.raises(error, match=message):
+        zforward(F, "lstm", None, args, zoneout)
+
+
+def test_bad_zoneout_is_refused_gru_rnn():
+    args, _, _ = zcase("gru", 2, 2, 3, 5, np.float64)
+    with pytest.raises(ValueError, match=r"zoneout must be 3-D with shape \(2, 2, 5\)"):
+        zforward(F, "gru", True, args, np.zeros((2, 5)))
+    with pytest.raises(TypeError, match="zoneout must be a float in"):
+        zforward(F, "gru", True, args, True)
+    args, _, _ = zcase("rnn", 2, 2, 3, 5, np.float64)
+    with pytest.raises(TypeError, match="zoneout must have dtype float64"):
+        zforward(F, "rnn", "tanh", args, np.zeros((2, 2, 5), np.float32))
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU, "RNN"])
+def test_layer_zoneout_option_is_checked(cls):
+    from rnnfuse import RNN
+    cls = RNN if cls == "RNN" else cls
+    with pytest.raises(ValueError, match=r"zoneout must be a probability in \[0, 1\), got 1"):
+        cls(2, 3, zoneout=1)
+    with pytest.raises(TypeError, match="zoneout must be a float, got bool"):
+        cls(2, 3, zoneout=True)
+    assert repr(cls(2, 3, zoneout=0.25)).endswith("zoneout=0.25)")
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU, "RNN"])
+def test_layer_zoneout_masks_are_seeded_and_fresh(cls):
+    from rnnfuse import RNN
+    cls = RNN if cls == "RNN" else cls
+    x = np.random.default_rng(26).standard_normal((5, 3, 2)).astype(np.float32)
+    a, b = cls(2, 4, zoneout=0.5, seed=27), cls(2, 4, zoneout=0.5, seed=27)
+    ya, yb = a(x)[0], b(x)[0]
+    np.testing.assert_array_equal(ya, yb)  # the same seed, the same masks
+    assert not np.array_equal(a(x)[0], ya)  # the next forward draws fresh ones
+    # in training, a unit either keeps its previous value or takes the new one
+    kept = np.isclose(ya[1:], ya[:-1], rtol=0, atol=0)
+    assert 0.2 < kept.mean() < 0.8
+    a.eval()
+    assert not np.array_equal(a(x)[0], ya)
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU, "RNN"])
+def test_layer_zoneout_gradients_match_finite_differences(cls):
+    """Training masks, stacked, bidirectional, ragged, float64: each finite difference
+    reruns the forward with the same masks (the layer's rng reseeded)."""
+    from rnnfuse import RNN
+    cls = RNN if cls == "RNN" else cls
+    kw = dict(peepholes=True) if cls is LSTM else {}
+    layer = cls(2, 3, num_layers=2, bidirectional=True, dtype=np.float64, seed=28,
+                zoneout=0.4, **kw)
+    rng = np.random.default_rng(29)
+    x = rng.standard_normal((4, 3, 2))
+    dy = rng.standard_normal((4, 3, 6))
+    lengths = [4, 1, 3]
+
+    def loss():
+        layer._rng = np.random.default_rng(30)
+        y, state = layer.forward(x, lengths=lengths)
+        return np.sum(y * dy) + sum(np.sum(s) for s in (state if cls is LSTM else [state]))
+
+    layer._rng = np.random.default_rng(30)
+    y, state = layer.forward(x, lengths=lengths)
+    ones = tuple(np.ones_like(s) for s in state) if cls is LSTM else np.ones_like(state)
+    layer.backward(dy, ones)
+    eps = 1e-6
+    for name, p in layer.named_parameters().items():
+        for idx in [(0,), (p.shape[0] - 1,)]:
+            idx = idx + (0,) * (p.ndim - 1)
+            old = p[idx]
+            p[idx] = old + eps
+            up = loss()
+            p[idx] = old - eps
+            down = loss()
+            p[idx] = old
+            fd = (up - down) / (2 * eps)
+            assert abs(layer.grads[name][idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx)
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU, "RNN"])
+def test_stream_and_pool_carry_zoneout(cls):
+    from rnnfuse import RNN
+    cls = RNN if cls == "RNN" else cls
+    layer = cls(3, 5, num_layers=2, seed=31, zoneout=0.3).eval()
+    x = np.random.default_rng(32).standard_normal((6, 2, 3)).astype(np.float32)
+    y, _ = layer(x)
+    stream = layer.stream(batch_size=2)
+    np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(6)]), y)
+    pool = layer.stream_pool(2)
+    ids = [pool.open(), pool.open()]
+    np.testing.assert_array_equal(np.stack([pool.step(ids, x[t]) for t in range(6)]), y)
+    with pytest.raises(ValueError, match="zoneout must be a probability"):
+        _kernels.Stream(layer._cell, layer._option, np.float32, 1, layer._stream_weights(),
+                        zoneout=1.5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_variants_repeat_bitwise_at_each_thread_count(threads):
+    """Large enough for the time loops to be shared among threads: peepholes' dP and
+    zoneout's carries agree with the reference and repeat bitwise."""
+    from threadpoolctl import threadpool_limits
+    lengths = np.full(64, 30)
+    lengths[[3, 9]] = [0, 11]
+    args, z, up = zcase("lstm", 30, 64, 40, 96, np.float32, seed=33)
+    args["peepholes"] = np.random.default_rng(34).standard_normal(288).astype(np.float32)
+    a = args
+
+    def both(module):
+        y, h, c, ctx = module.lstm_forward(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"],
+                                           a["b_ih"], a["b_hh"], lengths, True,
+                                           peepholes=a["peepholes"], zoneout=z)
+        return (y, h, c) + tuple(module.lstm_backward(*up, ctx))
+
+    with threadpool_limits(threads):
+        first, again = both(F), both(F)
+    zassert_close(first, both(R), np.float32, "lstm")
+    for g, w in zip(first, again):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_onnx_runtime_lstm_with_peepholes():
+    """The exported weights, P included, in a one-node ONNX graph run by ONNX Runtime give
+    our outputs (ragged, bidirectional)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(35)
+    layer = LSTM(3, 4, bidirectional=True, seed=36, peepholes=True)
+    for k, v in layer.named_parameters().items():
+        if "peep" in k:
+            v[...] = rng.standard_normal(v.shape)
+    T, B = 5, 3
+    x = rng.standard_normal((T, B, 3)).astype(np.float32)
+    lengths = np.array([5, 2, 4], np.int32)
+    h0, c0 = rng.standard_normal((2, 2, B, 4)).astype(np.float32)
+    y, (h_n, c_n) = layer(x, (h0, c0), lengths)
+    (w,) = to_onnx(layer)
+    inits = [numpy_helper.from_array(w[k], k) for k in ("W", "R", "B", "P")]
+    inits.append(numpy_helper.from_array(lengths, "sequence_lens"))
+    inputs = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
+    feeds = {"X": x, "initial_h": h0, "initial_c": c0}
+    node = helper.make_node("LSTM", inputs, ["Y", "Y_h", "Y_c"], **w["attributes"])
+    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph([node], "g", [vi(k, v.shape) for k, v in feeds.items()],
+                              [vi(o, None) for o in ("Y", "Y_h", "Y_c")], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    Y, Y_h, Y_c = sess.run(None, feeds)
+    np.testing.assert_allclose(Y.transpose(0, 2, 1, 3).reshape(T, B, 8), y, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(Y_h, h_n, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Y_c, c_n, rtol=1e-5, atol=1e-5)

@@ -312,9 +312,10 @@ def _check_zoneout(cell: str, zoneout: Any, shape: tuple[int, int, int],
         return None
     lstm = cell == "lstm"
     if isinstance(zoneout, numbers.Real) and not isinstance(zoneout, (bool, np.bool_)):
-        if not 0 <= zoneout < 1:
+        p = float(zoneout)
+        if not 0 <= p < 1:
             raise ValueError(f"zoneout must be a probability in [0, 1), got {zoneout}")
-        row = np.full(shape[2], zoneout, dtype)
+        row = np.full(shape[2], p, dtype)
         return row, row if lstm else None, True
     if lstm:
         if not isinstance(zoneout, (tuple, list)) or len(zoneout) != 2:

@@ -203,6 +203,7 @@ class _RNNBase(Module):
     _n_states = 1  # arrays in the state: 1 (h) or 2 (h, c)
     _cell: str  # the cell's name in rnnfuse.functional
     _peepholes = False  # the LSTM's peepholes: a (3H,) weight_peep per layer and direction
+    zoneout = 0.0  # each unit of a new state keeps its previous value with this probability
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -230,7 +231,8 @@ class _RNNBase(Module):
                           f"{self.dropout})", UserWarning,
                           stacklevel=2 if type(self).__init__ is _RNNBase.__init__ else 3)
         self.dtype = _check_dtype(dtype)
-        self._rng = _make_rng(seed)  # draws the initial weights, then the dropout masks
+        self._rng = _make_rng(seed)  # draws the initial weights, then the dropout and
+        # zoneout masks
 
         # PyTorch's names and order; every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)),
         # but peepholes, which start at zero: the layer starts as the plain LSTM of the
@@ -260,13 +262,34 @@ class _RNNBase(Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    def _set_zoneout(self, zoneout: float) -> None:
+        if isinstance(zoneout, (bool, np.bool_)) or not isinstance(zoneout, numbers.Real):
+            raise TypeError(f"zoneout must be a float, got {type(zoneout).__name__} {zoneout!r}")
+        if not 0.0 <= zoneout < 1.0:
+            raise ValueError(f"zoneout must be a probability in [0, 1), got {zoneout}")
+        self.zoneout = float(zoneout)
+
+    def _zoneout_arg(self, shape: tuple[int, int, int]) -> Any:
+        """functional's zoneout for one direction of one layer: in training fresh masks
+        (1: keep the previous value) per step, row and unit, for h and the LSTM's c; in
+        eval the probability itself (each unit keeps that much of its previous value)."""
+        p = self.zoneout
+        if p == 0:
+            return None
+        if not self.training:
+            return p
+        masks = [(self._rng.random(shape) < p).astype(self.dtype)
+                 for _ in range(self._n_states)]
+        return tuple(masks) if self._n_states == 2 else masks[0]
+
     def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
-             lengths: ArrayLike | None, reverse: bool,
-             need_ctx: bool) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
+             lengths: ArrayLike | None, reverse: bool, need_ctx: bool,
+             zoneout: Any = None) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
         """One direction of one layer: functional's forward of this cell (y, finals, ctx)."""
         w_ih, w_hh, b_ih, b_hh, *peep = w
         y, finals, ctx = F._forward(self._cell, x, s0, w_ih, w_hh, b_ih, b_hh, lengths,
-                                    reverse, self._option, need_ctx, *peep)
+                                    reverse, self._option, need_ctx,
+                                    peep=peep[0] if peep else None, zoneout=zoneout)
         return y, tuple(finals), ctx
 
     def _back(self, dy: Any, dfin: Sequence[Any],
@@ -289,7 +312,7 @@ class _RNNBase(Module):
     def __repr__(self) -> str:
         args = [str(self.input_size), str(self.hidden_size)]
         defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
-                    "bidirectional": False, **self._extra_defaults()}
+                    "bidirectional": False, **self._extra_defaults(), "zoneout": 0.0}
         args += [f"{k}={getattr(self, k)!r}" for k, v in defaults.items()
                  if getattr(self, k) != v]
         if self.dtype != np.float32:
@@ -366,7 +389,7 @@ class _RNNBase(Module):
                 k = layer * D + d  # index in h_n, as PyTorch orders it
                 s0 = [None if s is None else s[k] for s in init]
                 y, fin, ctx = self._run(inp, s0, self._weights(layer, d), lengths, d == 1,
-                                        need_grad)
+                                        need_grad, self._zoneout_arg((T, B, H)))
                 for all_, f in zip(finals, fin):
                     all_[k] = f
                 ys.append(y)
@@ -429,7 +452,8 @@ class _RNNBase(Module):
         as they are now; only unidirectional layers can be streamed.
         """
         B = _check_int("batch_size", batch_size, 0)
-        s = _kernels.Stream(self._cell, self._option, self.dtype, B, self._stream_weights())
+        s = _kernels.Stream(self._cell, self._option, self.dtype, B, self._stream_weights(),
+                            zoneout=self.zoneout)
         s.reset(state)
         return s
 
@@ -445,7 +469,7 @@ class _RNNBase(Module):
         """
         C = _check_int("capacity", capacity, 1)
         return _kernels.StreamPool(self._cell, self._option, self.dtype, C,
-                                   self._stream_weights())
+                                   self._stream_weights(), zoneout=self.zoneout)
 
     def _stream_weights(self) -> list[list[Any]]:
         """Per layer, copies of (w_ih, w_hh, b_ih, b_hh[, peepholes]) for a stream or a
@@ -477,6 +501,9 @@ class LSTM(_RNNBase):
     ``y, (h_n, c_n) = lstm(x, state=None, lengths=None)``;
     ``dx, (dh0, dc0) = lstm.backward(dy, (dh_n, dc_n))``.
 
+    ``zoneout=p`` (all three cells): in training each unit of h and c keeps its previous
+    value with probability p (masks from the layer's rng, fresh per step, row and unit), in
+    eval p of it: h_t = p h_{t-1} + (1-p) h~_t. y_t is h_t.
     ``peepholes=True`` adds ONNX's peepholes: per layer and direction a parameter
     ``weight_peep_l{k}[_reverse]`` (3H,), in ONNX's order i, o, f, starting at zero; i and f
     add P_i*c and P_f*c (the previous cell) to their pre-activations, o adds P_o*c'.
@@ -489,8 +516,9 @@ class LSTM(_RNNBase):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, dtype: DTypeLike = np.float32,
                  seed: int | np.random.Generator | None = None, *,
-                 peepholes: bool = False) -> None:
+                 peepholes: bool = False, zoneout: float = 0.0) -> None:
         self._peepholes = _check_bool("peepholes", peepholes)
+        self._set_zoneout(zoneout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 
@@ -517,8 +545,9 @@ class GRU(_RNNBase):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, dtype: DTypeLike = np.float32,
                  seed: int | np.random.Generator | None = None, *,
-                 linear_before_reset: bool = True) -> None:
+                 linear_before_reset: bool = True, zoneout: float = 0.0) -> None:
         self.linear_before_reset = _check_bool("linear_before_reset", linear_before_reset)
+        self._set_zoneout(zoneout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 
@@ -542,12 +571,14 @@ class RNN(_RNNBase):
                  nonlinearity: Literal["tanh", "relu"] = "tanh", bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  dtype: DTypeLike = np.float32,
-                 seed: int | np.random.Generator | None = None) -> None:
+                 seed: int | np.random.Generator | None = None, *,
+                 zoneout: float = 0.0) -> None:
         # nonlinearity in 4th place, as torch.nn.RNN(input_size, hidden_size, num_layers,
         # nonlinearity, bias, ...) has it.
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
+        self._set_zoneout(zoneout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 

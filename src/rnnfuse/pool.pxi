@@ -60,10 +60,12 @@ cdef class StreamPool:
         if self.lock == NULL:
             raise MemoryError()
 
-    def __init__(self, str cell, option, dtype, Py_ssize_t capacity, list weights):
+    def __init__(self, str cell, option, dtype, Py_ssize_t capacity, list weights, *,
+                 double zoneout=0.0):
         """Internal: use ``layer.stream_pool()``. weights: per layer (w_ih, w_hh, b_ih,
-        b_hh), C-contiguous arrays of dtype (biases may be None); checked again here for
-        what keeps C inside its buffers."""
+        b_hh), C-contiguous arrays of dtype (biases may be None), and the LSTM's peepholes
+        if any; checked again here for what keeps C inside its buffers. zoneout: eval's
+        p."""
         cdef Py_ssize_t l, k, C = capacity, G, H, I, size
         cdef const rf_cell *spec = _cell(cell) if cell in CELLS else NULL
         cdef _PoolLayer *s
@@ -108,7 +110,8 @@ cdef class StreamPool:
         if self.layers == NULL:
             raise MemoryError()
         plan = Plan(np.ones(C, np.int64), 1, False)  # the largest step: the workspace's size
-        self._keep = [index]  # the arrays the C pointers point into
+        zone = _shared_zoneout(zoneout, H, self.dtype)
+        self._keep = [index, zone]  # the arrays the C pointers point into
         for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
             s = &self.layers[l]
             I = w_ih.shape[1]
@@ -128,6 +131,7 @@ cdef class StreamPool:
             s.call.b_ih, s.call.b_hh = _data(b_ih), _data(b_hh)
             s.call.packed = _data(packed)
             s.call.peep = _data(peep[0]) if peep else NULL
+            _set_zoneout(&s.call.zoneout, zone, spec.states == 2)
             s.call.ws = _data(ws)
             s.call.h0, s.call.h_n = s.h0, s.h_n
             s.call.c0, s.call.c_n = s.c0, s.c_n

@@ -15,6 +15,8 @@ Notation: T steps, B batch, I input size, H hidden size, G gates (LSTM 4, GRU 3,
 Time-major ``x (T, B, I)``, ``y (T, B, H)``, states ``(B, H)``; PyTorch weight layout
 ``w_ih (G*H, I)``, ``w_hh (G*H, H)``, ``b_ih``, ``b_hh (G*H,)``. Every forward also takes
 ``need_ctx=True`` (keyword only); ``need_ctx=False`` saves nothing and returns ``ctx=None``.
+The variants, keyword only, as in ``rnnfuse.functional``: ``zoneout`` (every cell) and the
+LSTM's ``peepholes``.
 
 This module is the oracle for the tests and the baseline for the benchmarks. It does NOT
 validate its inputs (dtypes, shapes, lengths range): that is ``functional.py``'s job, and
@@ -228,8 +230,9 @@ def _zoneout_weights(pack: _Packing, zoneout: Any, lstm: bool,
     if np.ndim(zoneout) == 0 and not isinstance(zoneout, (tuple, list)):
         p = dtype.type(zoneout)
         return p, (p if lstm else None)
-    parts = zoneout if lstm else (zoneout, None)
-    return tuple(None if z is None else pack.gather(np.asarray(z, dtype=dtype)) for z in parts)
+    z_h, z_c = zoneout if lstm else (zoneout, None)
+    rows = lambda z: None if z is None else pack.gather(np.asarray(z, dtype=dtype))  # noqa: E731
+    return rows(z_h), rows(z_c)
 
 
 def _at(k: Any, sl: slice) -> Any:
@@ -237,7 +240,7 @@ def _at(k: Any, sl: slice) -> Any:
     return k if np.ndim(k) == 0 else k[sl]
 
 
-def _zone(k: Any, old: NDArray[Any], new: NDArray[Any]) -> NDArray[Any]:
+def _zone(k: Any, old: Any, new: NDArray[Any]) -> NDArray[Any]:
     """Zoneout: each unit keeps its previous value with weight k."""
     return k * old + (1 - k) * new
 
@@ -277,7 +280,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
         Hprev = np.empty((pack.n, H), dtype=dtype)  # h_{t-1}, for dW_hh
         Cprev = np.empty((pack.n, H), dtype=dtype)  # c_{t-1}, for df
         TC = np.empty((pack.n, H), dtype=dtype)  # tanh(c_t), for do and dc
-        CT = np.empty((pack.n, H), dtype=dtype) if P is not None else None  # c_t, for dP_o
+    CT = np.empty((pack.n, H), dtype=dtype) if need_ctx and P is not None else None  # c_t
     w_hh_t = w_hh.T
     for sl, bt in pack.steps:
         hp, cp = h[:bt], c[:bt]
@@ -300,7 +303,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
         cp += i * g
         if P is not None:  # o peeps at c_t
             o += P[H: 2 * H] * cp
-            if need_ctx:
+            if CT is not None:  # for dP_o
                 CT[sl] = cp
         _sigmoid_(o)
         tc = np.tanh(cp)
@@ -383,7 +386,8 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
     if P is not None:  # dP = sum over steps of da_i c_{t-1}, da_o c_t, da_f c_{t-1}
         dP = np.concatenate([(G[:, :H] * Cprev).sum(axis=0), (G[:, 3 * H:] * s["CT"]).sum(axis=0),
                              (G[:, H: 2 * H] * Cprev).sum(axis=0)])
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dP
+        with_peep: Any = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dP)
+        return with_peep  # (the eighth element is beyond LSTMGrads, which types the plain call)
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
 
 
@@ -556,12 +560,11 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     X = pack.gather(x)
     Kh = _zoneout_weights(pack, zoneout, False, dtype)[0]
-    Y = None
     # 1. a = x W_ih^T + b_ih + b_hh; after the loop A holds h'_t for every valid step
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 1, H, dtype))
     h = pack.sort_state(h0, (B, H), dtype)
-    if Kh is not None:  # y is h_t, after zoneout, and A keeps h'_t for backward
-        Y = np.empty((pack.n, H), dtype=dtype)
+    # with zoneout y is h_t, after it, while A keeps h'_t for backward
+    Y = A if Kh is None else np.empty((pack.n, H), dtype=dtype)
     if need_ctx:
         Hprev = np.empty((pack.n, H), dtype=dtype)
     w_hh_t = w_hh.T
@@ -581,7 +584,7 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
         else:
             hp[...] = _zone(_at(Kh, sl), hp, a)
             Y[sl] = hp
-    y = pack.scatter(A if Y is None else Y)
+    y = pack.scatter(Y)
     h_n = pack.unsort_state(h)
     ctx = None
     if need_ctx:

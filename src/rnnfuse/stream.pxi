@@ -14,6 +14,20 @@ cdef void *_data(a):
     return cnp.PyArray_DATA(a) if a is not None and a.size else NULL
 
 
+def _shared_zoneout(double p, Py_ssize_t H, dtype):
+    """Eval's zoneout for a stream or a pool: one (H,) row of p, or None for none."""
+    if not 0 <= p < 1:
+        raise ValueError(f"zoneout must be a probability in [0, 1), got {p}")
+    return np.full(H, p, dtype) if p else None
+
+
+cdef void _set_zoneout(rf_zoneout *z, row, bint lstm):
+    z.h = _data(row)
+    z.c = z.h if lstm else NULL
+    z.shared = 1
+    z.carry = NULL
+
+
 cdef class Stream:
     """A unidirectional layer stepped one timestep at a time, its state kept between calls.
 
@@ -41,10 +55,11 @@ cdef class Stream:
         if self.lock == NULL:
             raise MemoryError()
 
-    def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights):
+    def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights, *,
+                 double zoneout=0.0):
         """Internal: use ``layer.stream()``. weights: per layer (w_ih, w_hh, b_ih, b_hh),
-        C-contiguous arrays of dtype (biases may be None); checked again here for what keeps
-        C inside its buffers."""
+        C-contiguous arrays of dtype (biases may be None), and the LSTM's peepholes if any;
+        checked again here for what keeps C inside its buffers. zoneout: eval's p."""
         cdef Py_ssize_t l, k, B = batch_size, G, H, I
         cdef const rf_cell *spec = _cell(cell) if cell in CELLS else NULL
         cdef rf_forward_bufs *call
@@ -81,6 +96,8 @@ cdef class Stream:
         if self.layers == NULL:
             raise MemoryError()
         self._keep, self._h, self._c = [], [], []  # the arrays the C pointers point into
+        zone = _shared_zoneout(zoneout, H, self.dtype)
+        self._keep.append(zone)
         for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
             I = w_ih.shape[1]
             ws = aligned_empty(workspace_size(cell, self._plan_obj, I, H, False), self.dtype)
@@ -99,6 +116,7 @@ cdef class Stream:
                 call.b_ih, call.b_hh = _data(b_ih), _data(b_hh)
                 call.packed = _data(packed)
                 call.peep = _data(peep[0]) if peep else NULL
+                _set_zoneout(&call.zoneout, zone, spec.states == 2)
                 call.ws = _data(ws)
                 call.h0, call.h_n = _data(h[k]), _data(h[1 - k])
                 call.c0, call.c_n = _data(c[k]), _data(c[1 - k])
