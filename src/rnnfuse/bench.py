@@ -21,6 +21,10 @@ the GEMM floor (the call's matrix products alone, one BLAS call each) and the FL
 ``--markdown PATH`` it also times rnnfuse at two thread counts (thread_scaling) and the
 peak memory of one call (peak_memory), and writes the performance document
 (docs/performance.md) from the template in rnnfuse._perfdoc.
+
+Serving (``--serving``, benches/test_bench_pool.py): many sessions of one layer, each
+stepped one timestep per frame, by a stream pool (one call for all), by one stream per
+session, and by the peers per session (their state passed in and out) and batched.
 """
 import functools
 import gc
@@ -40,7 +44,8 @@ from ._checks import OneLineParser, first_line
 __all__ = ["Shape", "Case", "GRID", "QUICK_GRID", "CELLS", "MODES", "DTYPES", "IMPLS",
            "Unavailable", "NotApplicable", "cases", "problem", "runner", "reference_result",
            "check", "limit_threads", "measure", "gemm_peak", "matmul_flops", "thread_scaling",
-           "peak_memory", "main"]
+           "peak_memory", "ServingShape", "SERVING_SHAPES", "SERVING_QUICK", "SERVING_IMPLS",
+           "serving_layer", "serving_stepper", "serving_check", "serving_case", "main"]
 
 CELLS = ("lstm", "gru", "rnn")
 MODES = ("inference", "training")
@@ -739,8 +744,8 @@ def serving_case(shape, impls, threads=1, budget=1.0, dtype="float32"):
 
 
 def _serving_table(row, out):
-    print(f"\n{ServingShape(row['cell'], row['sessions'], row['I'], row['H'], row['layers']).label}"
-          f", {row['dtype']}, {row['threads']} thread(s)", file=out)
+    shape = ServingShape(row["cell"], row["sessions"], row["I"], row["H"], row["layers"])
+    print(f"\n{shape.label}, {row['dtype']}, {row['threads']} thread(s)", file=out)
     head = (f"{'impl':18} {'ms/step':>9} {'us/session':>11} {'sessions/core':>14} "
             f"{'vs streams':>11}")
     print(head + "\n" + "-" * len(head), file=out)
