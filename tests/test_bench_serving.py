@@ -1,6 +1,7 @@
 """``python -m rnnfuse bench --serving``: sessions stepped by a pool, by streams and by the
 peers, each checked against the layer's forward before it is timed (quick, tiny budget)."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -70,3 +71,12 @@ def test_serving_peers_keep_each_sessions_state(impl, module, cell, layers):
     layer = bench.serving_layer(shape)
     x = np.random.default_rng(1).standard_normal((4, 3, 4)).astype(np.float32)
     assert bench.serving_check(impl, bench.serving_stepper(impl, layer, 3), layer, x) < 1e-5
+
+
+def test_serving_skips_missing_peers_cleanly(monkeypatch, capsys):
+    for name in ("torch", "onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    assert bench.main(["--serving", "--quick", "--budget", "0.01"]) == 0
+    out, err = capsys.readouterr()
+    assert set(table(out)) == {"pool", "streams"}
+    assert "skipped: PyTorch is not installed" in err and "skipped: onnxruntime" in err

@@ -3,6 +3,7 @@ bitwise each session's own stream's outputs; bad calls fail alone, with clear er
 import importlib.util
 import pathlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -97,8 +98,9 @@ def test_a_second_step_of_one_session_in_flight_is_refused(layer):
         x = np.zeros(layer.input_size, np.float32)
         t = threading.Thread(target=batcher.step, args=(a, x))
         t.start()
-        while not batcher._busy:
-            pass
+        deadline = time.monotonic() + 10
+        while not batcher._busy and time.monotonic() < deadline:
+            time.sleep(0.001)
         with pytest.raises(RuntimeError, match="has a step in flight"):
             batcher.step(a, x)
         with pytest.raises(RuntimeError, match="has a step in flight"):
