@@ -14,6 +14,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
 
 import rnnfuse.torch as rt  # noqa: E402
+from rnnfuse.torch import _functions  # noqa: E402
 from rnnfuse import functional as F  # noqa: E402
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
@@ -451,9 +452,19 @@ def test_constructor_refuses(make, error, match):
         make()
 
 
-def test_dropout_with_one_layer_warns():
-    with pytest.warns(UserWarning, match="does nothing with num_layers=1"):
-        rt.GRU(3, 4, dropout=0.2)
+def test_dropout_with_one_layer_warns_once_and_twins_do_not_warn_again():
+    filters = list(warnings.filters)
+    with pytest.warns(UserWarning) as record:
+        m = rt.GRU(3, 4, dropout=0.2)
+    assert [str(w.message) for w in record] == [
+        "dropout acts on the outputs of all but the last layer, so it does nothing with "
+        "num_layers=1 (dropout=0.2)"]  # torch.nn's own warning is not added
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        twin = m.to_torch()
+        again = rt.GRU.from_torch(twin)
+    assert not record and twin.dropout == again.dropout == 0.2
+    assert warnings.filters == filters  # (the process's filters were never changed)
 
 
 @pytest.mark.parametrize("args, error, match", [  # to LSTM(3, 5, num_layers=2)
@@ -696,8 +707,9 @@ def test_swapped_subclass_keeps_its_methods_and_runs_on_rnnfuse(monkeypatch):
     assert isinstance(swapped, Scaled) and isinstance(swapped, rt.LSTM)
     assert type(swapped).__name__ == "Scaled" and swapped.scale == 3.0
     calls = []
-    kernel = rt._kernel_forward
-    monkeypatch.setattr(rt, "_kernel_forward", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = _functions._kernel_forward
+    monkeypatch.setattr(_functions, "_kernel_forward",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
     close(model(x)[0], want, torch.float32, "output")
     assert len(calls) == 2  # one kernel call per layer: the subclass's forward reached ours
     for again in (copy.deepcopy(swapped),

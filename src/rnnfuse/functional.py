@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _kernels
+from ._checks import check_nonlinearity
 from ._typing import CellGrads, FloatArray, LSTMGrads
 
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
@@ -363,8 +364,7 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 ) -> tuple[FloatArray, FloatArray, Context | None]:
     """Elman RNN over a whole sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
     ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``."""
-    if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    check_nonlinearity(nonlinearity)
     y, (h_n,), ctx = _forward("rnn", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                               nonlinearity == "relu", need_ctx)
     return y, h_n, ctx
