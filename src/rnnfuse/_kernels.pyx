@@ -28,7 +28,10 @@ cdef extern from "rnnfuse.h" nogil:
         int avx2
         int invariant
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
+    ctypedef void (*rf_set_threads_fn)(int)
+    rf_set_threads_fn rf_find_blas_set_threads(const void *blas_function)
     int rf_threads(const rf_runtime *rt)
+    int rf_set_thread_cap(int n)
     int rf_choose_kernel(const char *request)
     ctypedef struct rf_plan:
         Py_ssize_t T, B, steps, rows
@@ -139,6 +142,7 @@ cdef rf_runtime _rt
 _rt.sgemm = <rf_sgemm_fn>sgemm
 _rt.dgemm = <rf_dgemm_fn>dgemm
 _rt.num_threads = rf_find_blas_threads(<void *>sgemm)
+cdef rf_set_threads_fn _set_blas_threads = rf_find_blas_set_threads(<void *>sgemm)
 
 
 def set_kernel(name=None):
@@ -178,9 +182,32 @@ def kernel():
 
 
 def threads():
-    """How many threads the kernels' own parallel parts use now: the BLAS's thread count
-    (threadpoolctl's limit), or 1 where it cannot be read."""
+    """How many threads the kernels' own parallel parts use now in this thread's calls:
+    set_threads's count, else the BLAS's thread count (threadpoolctl's limit), or 1
+    where it cannot be read."""
     return rf_threads(&_rt)
+
+
+def set_threads(int n):
+    """The thread count of the kernels' own parallel parts in the calling thread's calls
+    from now on (at most 64): n, or 0 to follow the BLAS's again (the default). Returns the
+    previous setting. For a caller with a thread setting of its own (rnnfuse.torch:
+    torch.get_num_threads()); the BLAS's own threads are not changed."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (0: follow the BLAS), got {n}")
+    return rf_set_thread_cap(n)
+
+
+def set_blas_threads(int n):
+    """Set the thread count of the BLAS that the kernels call (SciPy's) to n >= 1,
+    process-wide, as threadpoolctl does, but at the cost of one C call. Returns False
+    where this BLAS's count cannot be read and set (then nothing changes)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if _set_blas_threads == NULL or _rt.num_threads == NULL:
+        return False
+    _set_blas_threads(n)
+    return True
 
 
 def simd_path():

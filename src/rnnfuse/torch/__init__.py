@@ -48,6 +48,10 @@ twins, ``module.to_torch()`` or ``unswap_modules(model)``, which share the param
 ``torch.jit.script(model)`` scripts the twins by itself and, as it does with any module's
 ``__prepare_scriptable__``, leaves them in ``model``.
 
+Every call runs the kernels on PyTorch's thread count, ``torch.get_num_threads()``
+(``torch.set_num_threads``, ``OMP_NUM_THREADS``; torchrun sets one per process), not the
+BLAS's, so DistributedDataParallel processes do not oversubscribe the cores.
+
 Importing this module needs PyTorch; ``import rnnfuse`` never imports it. (The
 parts: _functions, the autograd Functions; _ops, the operators; _dispatch, which of
 the two a call takes; _modules, the modules and cells; _onnx, _dynamo, _swap.)

@@ -1,8 +1,12 @@
 """What rnnfuse.torch's parts share: the messages of what is refused, tensors as NumPy
-views, and whether something records operators now."""
+views, whether something records operators now, and PyTorch's thread count."""
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from .. import _kernels
 
 # The states of each cell, by name (h, c for the LSTM).
 _STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
@@ -67,3 +71,26 @@ def _nested_derivative():
 def _lengths_np(lengths):
     return None if lengths is None else lengths.detach().numpy()
 
+
+
+def _on_torch_threads(kernel_call):
+    """``kernel_call`` on PyTorch's thread count (``torch.get_num_threads()``: what
+    torch.set_num_threads and OMP_NUM_THREADS say) rather than the BLAS's: the kernels'
+    own parallel parts take it, and where the BLAS that they call for large products has
+    more threads, it is lowered to it during the call (process-wide; a call that starts
+    meanwhile finds it lowered and leaves it, so the last restores it)."""
+
+    @functools.wraps(kernel_call)
+    def call(*args, **kwargs):
+        n = torch.get_num_threads()
+        blas = _kernels.threads()  # the BLAS's count (or an enclosing call's)
+        previous = _kernels.set_threads(n)
+        lowered = blas > n and _kernels.set_blas_threads(n)
+        try:
+            return kernel_call(*args, **kwargs)
+        finally:
+            if lowered:
+                _kernels.set_blas_threads(blas)
+            _kernels.set_threads(previous)
+
+    return call

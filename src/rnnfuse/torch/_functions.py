@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import functional as F
-from ._common import _FIRST_ORDER, _N_STATES, _np
+from ._common import _FIRST_ORDER, _N_STATES, _np, _on_torch_threads
 
 def _split(function, args):
     """A Function's arguments as (x, states..., w_ih, w_hh, b_ih, b_hh) and
@@ -16,6 +16,7 @@ def _split(function, args):
     return args[:n], args[n:]
 
 
+@_on_torch_threads
 def _kernel_forward(function, args, need_ctx):
     """Run the kernel of ``function``'s cell on its arguments: (y, finals, kernel ctx)."""
     tensors, (lengths, reverse, *options) = _split(function, args)
@@ -47,6 +48,7 @@ class _CellFunction(torch.autograd.Function):
     cell: Any = None
 
     @staticmethod
+    @_on_torch_threads
     def backward(ctx, *grads):
         if torch.is_grad_enabled():
             # create_graph=True. (once_differentiable would hand back constants whenever the

@@ -11,7 +11,7 @@ import torch
 from .. import _kernels, functional as F
 from .._checks import check_nonlinearity
 from ._common import _FIRST_ORDER, _N_STATES, _STATE_NAMES, _lengths_np, _nested_derivative, \
-    _np, _recording
+    _np, _on_torch_threads, _recording
 from ._onnx import _register_onnx
 
 # ---------------------------------------------------------------- custom operators
@@ -190,6 +190,7 @@ class _CellOps:
             w[:w_hh.shape[0]].zero_()  # G*H
             w[size - _pack_size(self.cell, x.shape[2], w_hh.shape[1]):].zero_()
 
+    @_on_torch_threads
     def forward(self, *args):
         if torch.onnx.is_in_onnx_export():  # the exporter traces this call: translate it
             _register_onnx()
@@ -209,6 +210,7 @@ class _CellOps:
             ws = x.new_empty(torch.library.get_ctx().new_dynamic_size())
         return (x.new_empty(T, B, H), *(x.new_empty(B, H) for _ in range(self.n)), ws)
 
+    @_on_torch_threads
     def backward(self, *args):
         douts, x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option = \
             self.split_backward(args)
