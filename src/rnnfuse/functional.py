@@ -230,19 +230,23 @@ def _check_weights(cell: str, dtype: np.dtype[Any], w_ih: ArrayLike, w_hh: Array
 def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w_hh: Any,
              b_ih: ArrayLike | None, b_hh: ArrayLike | None, lengths: ArrayLike | None,
              reverse: bool, option: bool | None, need_ctx: bool,
+             packed: FloatArray | None = None,
              ) -> tuple[FloatArray, list[Any], Context | None]:
+    """packed: None, or w_ih and w_hh as _kernels.pack_weights packed them (for this cell,
+    option and code path), which the kernels then read rather than packing them anew."""
     lstm = cell == "lstm"
     small = None
     if lengths is None:
         small = _kernels.forward_small(cell, x, states[0], states[1] if lstm else None, w_ih,
                                        w_hh, b_ih, b_hh, reverse, need_ctx, option,
-                                       _full_plan)
+                                       _full_plan, packed)
     if small is not None:
         y, h_n, c_n, ws, plan = small
         finals = [h_n, c_n] if lstm else [h_n]
     else:
         y, finals, ws, plan, x, w_ih, w_hh = _checked_forward(
-            cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx)
+            cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx,
+            packed=packed)
     dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
 
     ctx = None
@@ -261,10 +265,11 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
                      b_hh: Any, lengths: ArrayLike | None, reverse: bool,
                      option: bool | None, need_ctx: bool,
                      workspace: Callable[[int, np.dtype[Any]], FloatArray] | None = None,
-                     ) -> tuple[Any, ...]:
+                     packed: FloatArray | None = None) -> tuple[Any, ...]:
     """A forward with every argument checked, and converted where needed: y, the final
     states, the workspace, the plan and the x, w_ih, w_hh the kernels read.
-    workspace(n, dtype): the workspace's allocator, if not the thread's spare."""
+    workspace(n, dtype): the workspace's allocator, if not the thread's spare. packed: as
+    _forward's."""
     dtype = _dtype_of(x)
     x = _check_x(x)
     T, B, I = x.shape
@@ -279,7 +284,8 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
     ws = (_workspace if workspace is None else workspace)(n, dtype)
     lstm = cell == "lstm"
     y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
-                                   w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option)
+                                   w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option,
+                                   packed)
     return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh
 
 

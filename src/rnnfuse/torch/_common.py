@@ -7,6 +7,7 @@ import functools
 import torch
 
 from .. import _kernels
+from .._checks import check_nonlinearity
 
 # The states of each cell, by name (h, c for the LSTM).
 _STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
@@ -66,6 +67,14 @@ def _nested_derivative():
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     kinds = [i.key() for i in retrieve_all_functorch_interpreters()]
     return sum(k in (TransformType.Grad, TransformType.Jvp) for k in kinds) > 1
+
+
+def _kernel_option(cell, option=None):
+    """A cell's option as functional's ctx keeps it: None (LSTM), linear_before_reset
+    (GRU), relu (RNN; the nonlinearity checked)."""
+    if cell == "rnn":
+        return check_nonlinearity(option) == "relu"
+    return None if cell == "lstm" else bool(option)
 
 
 def _lengths_np(lengths):

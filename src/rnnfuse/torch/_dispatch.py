@@ -9,11 +9,13 @@ from ._common import _N_STATES, _NO_ONNX, _PLAIN, _recording
 from ._functions import _FUNCTIONS, _kernel_forward
 from ._ops import _OPS
 
-def _run(cell, *args):
+def _run(cell, *args, pack=None):
     """The call of a module's forward: ``function.apply(*args)`` when autograd records
     this call; otherwise the kernel alone with need_ctx=False, which keeps no workspace
     for backward. Under tracing (``_recording``), or for tensor subclasses, the cell's
-    operator (torch.ops.rnnfuse.*) instead: the same kernels, seen by the tracer."""
+    operator (torch.ops.rnnfuse.*) instead: the same kernels, seen by the tracer.
+    pack: None, or a function that gives the weights packed for the kernels (the eager
+    path's last argument, ``packed``)."""
     grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
                                            for a in args)
     if (_recording() or type(args[0]) not in _PLAIN
@@ -22,6 +24,8 @@ def _run(cell, *args):
         # (backward then replays the forward), so that it does not depend on grad mode.
         return _run_op(cell, args, grad and not torch.jit.is_tracing())
     function = _FUNCTIONS[cell]
+    if pack is not None:
+        args = (*args, pack())
     if grad:
         return function.apply(*args)
     y, finals, _ = _kernel_forward(function, args, need_ctx=False)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numbers
 import warnings
+import weakref
 from typing import Any, TypeVar
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .. import _kernels
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
+from ._common import _np
 from ._dispatch import _run
 
 _M = TypeVar("_M", bound="_Fused")
@@ -184,9 +187,10 @@ class _Fused:
 
     def _parameters_dtype(self):
         """The parameters' dtype, checked again: .to(), .half() or .cuda() can change it."""
-        dtype = next(self.parameters()).dtype
-        for name, p in self.named_parameters():
-            if p.device.type != "cpu":
+        own = [(name, p) for name, p in self._parameters.items() if p is not None]
+        dtype = own[0][1].dtype
+        for name, p in own:  # (its own: torch.nn's walk over submodules costs more)
+            if not p.is_cpu:
                 raise RuntimeError(f"{type(self).__name__}'s parameter {name} is on {p.device}, "
                                    "but rnnfuse runs on the CPU: keep the module there")
             if p.dtype != dtype or dtype not in (torch.float32, torch.float64):
@@ -428,10 +432,41 @@ class _CellBase(_Fused):
         x = input.reshape(1, -1, self.input_size)  # one time step
         states = [None if s is None else s.reshape(-1, self.hidden_size) for s in states]
         bias = [self.bias_ih, self.bias_hh] if self.bias else [None, None]
-        _, *finals = _run(self._cell, x, *states, self.weight_ih, self.weight_hh, *bias,
-                          None, False, *self._options)
+        w_ih, w_hh = self.weight_ih, self.weight_hh
+        _, *finals = _run(self._cell, x, *states, w_ih, w_hh, *bias, None, False,
+                          *self._options, pack=lambda: _packed(self, w_ih, w_hh))
         finals = [f if batched else f.view(self.hidden_size) for f in finals]
         return tuple(finals) if len(finals) == 2 else finals[0]
+
+
+# Each cell's weights as the kernels pack them, kept from call to call (a cell runs one
+# step per call, where packing would cost as much as the step): packed at the second call
+# that sees the same weights (a training step's single call packs in the kernel, as
+# before), and reused while the code path and the weights are the same, tensors with the
+# same storage and version counter. An optimizer's step, load_state_dict, .to() or any
+# in-place change (under no_grad too) makes them new; a change through .data, which
+# autograd does not see either, does not.
+_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _packed(module, w_ih, w_hh):
+    """w_ih and w_hh of ``module`` (a cell) packed for the kernels, from _PACKS if there;
+    None at the first call with these weights."""
+    key = (id(w_ih), id(w_hh), w_ih.data_ptr(), w_hh.data_ptr(), w_ih._version,
+           w_hh._version, _kernels.kernel())
+    kept = _PACKS.get(module)
+    if kept is None or kept[0] != key:
+        _PACKS[module] = (key, None)  # seen once (were the key another's: packed anew)
+        return None
+    if kept[1] is not None:
+        return kept[1]
+    arrays = _np(w_ih), _np(w_hh)
+    packed = _kernels.pack_weights(*arrays, w_hh.shape[0] // w_hh.shape[1],
+                                   module._cell == "gru")  # (linear_before_reset)
+    # the tensors and their storage stay alive with the key: their ids and addresses
+    # cannot be another's while it is kept
+    _PACKS[module] = (key, packed, (w_ih, w_hh, arrays))
+    return packed
 
 
 class LSTMCell(_CellBase, torch.nn.LSTMCell):

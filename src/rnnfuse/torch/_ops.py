@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from .. import _kernels, functional as F
-from .._checks import check_nonlinearity
-from ._common import _FIRST_ORDER, _N_STATES, _STATE_NAMES, _lengths_np, _nested_derivative, \
-    _np, _on_torch_threads, _recording
+from ._common import _FIRST_ORDER, _N_STATES, _STATE_NAMES, _kernel_option, _lengths_np, \
+    _nested_derivative, _np, _on_torch_threads, _recording
 from ._onnx import _register_onnx
 
 # ---------------------------------------------------------------- custom operators
@@ -81,14 +80,6 @@ def _workspace_size(cell, T, B, I, H, reverse):
     H are made concrete: the packed weights' size rounds them)."""
     a, b, c, d = _workspace_terms(cell, int(I), int(H), bool(reverse))
     return a + b * T + c * B + d * T * B
-
-
-def _kernel_option(cell, option=None):
-    """The option as functional's ctx keeps it: None (LSTM), linear_before_reset (GRU),
-    relu (RNN; the nonlinearity checked)."""
-    if cell == "rnn":
-        return check_nonlinearity(option) == "relu"
-    return None if cell == "lstm" else bool(option)
 
 
 @functools.lru_cache(maxsize=None)
