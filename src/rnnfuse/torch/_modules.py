@@ -418,24 +418,25 @@ class _CellBase(_Fused):
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
-        if input.dim() not in (1, 2):
+        dim, size, H = input.dim(), input.shape, self.hidden_size
+        if dim not in (1, 2):
             raise ValueError(f"{name}: input must be 1-D (input_size) unbatched or 2-D (batch, "
-                             f"input_size), got {input.dim()}-D with shape {tuple(input.shape)}")
+                             f"input_size), got {dim}-D with shape {tuple(size)}")
         _check_tensor("input", input, dtype)
-        if input.shape[-1] != self.input_size:
+        if size[-1] != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size="
-                               f"{self.input_size}, got {input.shape[-1]}")
-        batched = input.dim() == 2
-        shape, layout = (((input.shape[0], self.hidden_size), "(batch, hidden_size)") if batched
-                         else ((self.hidden_size,), "(hidden_size) for unbatched 1-D input"))
+                               f"{self.input_size}, got {size[-1]}")
+        batched = dim == 2
+        shape, layout = (((size[0], H), "(batch, hidden_size)") if batched
+                         else ((H,), "(hidden_size) for unbatched 1-D input"))
         states = _check_states(hx, self._n_states, shape, layout, dtype)
-        x = input.reshape(1, -1, self.input_size)  # one time step
-        states = [None if s is None else s.reshape(-1, self.hidden_size) for s in states]
-        bias = [self.bias_ih, self.bias_hh] if self.bias else [None, None]
-        w_ih, w_hh = self.weight_ih, self.weight_hh
-        _, *finals = _run(self._cell, x, *states, w_ih, w_hh, *bias, None, False,
-                          *self._options, pack=lambda: _packed(self, w_ih, w_hh))
-        finals = [f if batched else f.view(self.hidden_size) for f in finals]
+        x = input.reshape(1, -1, size[-1])  # one time step
+        states = [None if s is None else s.reshape(-1, H) for s in states]
+        p = self._parameters  # (torch.nn's __getattr__ costs a microsecond a name)
+        w_ih, w_hh = p["weight_ih"], p["weight_hh"]
+        _, *finals = _run(self._cell, x, *states, w_ih, w_hh, p["bias_ih"], p["bias_hh"],
+                          None, False, *self._options, pack=lambda: _packed(self, w_ih, w_hh))
+        finals = [f if batched else f.view(H) for f in finals]
         return tuple(finals) if len(finals) == 2 else finals[0]
 
 
