@@ -29,6 +29,7 @@ typedef void (*rf_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k,
                             double *alpha, double *a, int *lda, double *b, int *ldb,
                             double *beta, double *c, int *ldc);
 typedef int (*rf_threads_fn)(void);
+typedef void (*rf_set_threads_fn)(int);
 
 /* What a call runs on, filled by _kernels.pyx and read-only during a call: the BLAS, how
  * many threads it may use, and which code path runs our products, the cells' pointwise
@@ -87,7 +88,11 @@ int rf_choose_kernel(const char *request);
  * fn(arg, part, parts) for every part, on threads started and joined here. */
 #define RF_MAX_THREADS 64
 rf_threads_fn rf_find_blas_threads(const void *blas_function);
+rf_set_threads_fn rf_find_blas_set_threads(const void *blas_function);  /* or NULL */
 int rf_threads(const rf_runtime *rt);
+/* The count of the calling thread's calls from now on: n, or the BLAS's for 0 (a caller
+ * such as PyTorch that has a thread setting of its own); returns the previous one. */
+int rf_set_thread_cap(int n);
 void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int parts);
 
 /* Memory starting on an `align`-byte boundary (a power of two, at least sizeof(void *)),

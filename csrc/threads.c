@@ -4,7 +4,9 @@
  * one setting (threadpoolctl, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS) governs both and the
  * two never oversubscribe. The count is read from the BLAS library that SciPy's
  * cython_blas calls into; a BLAS whose count cannot be read leaves the kernels on one
- * thread. Parts run on a pool of threads started on first use (see rf_run_parts). */
+ * thread. A caller with a thread setting of its own (PyTorch) sets its thread's count
+ * instead (rf_set_thread_cap), and the BLAS's through rf_find_blas_set_threads. Parts run
+ * on a pool of threads started on first use (see rf_run_parts). */
 #define _GNU_SOURCE  /* dladdr */
 #include "rnnfuse.h"
 
@@ -18,31 +20,52 @@
 #define RF_HAVE_THREADS 0
 #endif
 
-rf_threads_fn rf_find_blas_threads(const void *blas_function) {
+/* The first of names found in the library that holds blas_function (SciPy's
+ * cython_blas), searched with its dependencies, where the BLAS is; or NULL. */
+static void *find_in_blas(const void *blas_function, const char *const *names, size_t n) {
 #if RF_HAVE_THREADS
-    /* the library that holds blas_function (SciPy's cython_blas), searched with its
-     * dependencies, where the BLAS is */
     Dl_info info;
     if (!blas_function || !dladdr(blas_function, &info) || !info.dli_fname) return NULL;
     void *lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
     if (!lib) return NULL;
-    const char *const names[] = {
-        "scipy_openblas_get_num_threads", "scipy_openblas_get_num_threads64_",
-        "openblas_get_num_threads", "openblas_get_num_threads64_",
-        "MKL_Get_Max_Threads"};
-    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+    for (size_t i = 0; i < n; i++) {
         void *fn = dlsym(lib, names[i]);
-        if (fn) return (rf_threads_fn)fn;  /* lib stays open: the BLAS is loaded for good */
+        if (fn) return fn;  /* lib stays open: the BLAS is loaded for good */
     }
     dlclose(lib);
 #else
-    (void)blas_function;
+    (void)blas_function, (void)names, (void)n;
 #endif
     return NULL;
 }
 
+rf_threads_fn rf_find_blas_threads(const void *blas_function) {
+    const char *const names[] = {
+        "scipy_openblas_get_num_threads", "scipy_openblas_get_num_threads64_",
+        "openblas_get_num_threads", "openblas_get_num_threads64_",
+        "MKL_Get_Max_Threads"};
+    return (rf_threads_fn)find_in_blas(blas_function, names, sizeof names / sizeof *names);
+}
+
+rf_set_threads_fn rf_find_blas_set_threads(const void *blas_function) {
+    const char *const names[] = {
+        "scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+        "openblas_set_num_threads", "openblas_set_num_threads64_",
+        "MKL_Set_Num_Threads"};
+    return (rf_set_threads_fn)find_in_blas(blas_function, names, sizeof names / sizeof *names);
+}
+
+/* The calling thread's own count (rf_set_thread_cap), 0 where it follows the BLAS. */
+static _Thread_local int thread_cap;
+
+int rf_set_thread_cap(int n) {
+    int previous = thread_cap;
+    thread_cap = n < 0 ? 0 : n;
+    return previous;
+}
+
 int rf_threads(const rf_runtime *rt) {
-    int n = rt->num_threads ? rt->num_threads() : 1;
+    int n = thread_cap ? thread_cap : rt->num_threads ? rt->num_threads() : 1;
     return n < 1 ? 1 : n > RF_MAX_THREADS ? RF_MAX_THREADS : n;
 }
 

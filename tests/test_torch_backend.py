@@ -14,6 +14,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
 
 import rnnfuse.torch as rt  # noqa: E402
+from rnnfuse.torch import _functions  # noqa: E402
 from rnnfuse import functional as F  # noqa: E402
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
@@ -451,9 +452,19 @@ def test_constructor_refuses(make, error, match):
         make()
 
 
-def test_dropout_with_one_layer_warns():
-    with pytest.warns(UserWarning, match="does nothing with num_layers=1"):
-        rt.GRU(3, 4, dropout=0.2)
+def test_dropout_with_one_layer_warns_once_and_twins_do_not_warn_again():
+    filters = list(warnings.filters)
+    with pytest.warns(UserWarning) as record:
+        m = rt.GRU(3, 4, dropout=0.2)
+    assert [str(w.message) for w in record] == [
+        "dropout acts on the outputs of all but the last layer, so it does nothing with "
+        "num_layers=1 (dropout=0.2)"]  # torch.nn's own warning is not added
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        twin = m.to_torch()
+        again = rt.GRU.from_torch(twin)
+    assert not record and twin.dropout == again.dropout == 0.2
+    assert warnings.filters == filters  # (the process's filters were never changed)
 
 
 @pytest.mark.parametrize("args, error, match", [  # to LSTM(3, 5, num_layers=2)
@@ -696,8 +707,9 @@ def test_swapped_subclass_keeps_its_methods_and_runs_on_rnnfuse(monkeypatch):
     assert isinstance(swapped, Scaled) and isinstance(swapped, rt.LSTM)
     assert type(swapped).__name__ == "Scaled" and swapped.scale == 3.0
     calls = []
-    kernel = rt._kernel_forward
-    monkeypatch.setattr(rt, "_kernel_forward", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = _functions._kernel_forward
+    monkeypatch.setattr(_functions, "_kernel_forward",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
     close(model(x)[0], want, torch.float32, "output")
     assert len(calls) == 2  # one kernel call per layer: the subclass's forward reached ours
     for again in (copy.deepcopy(swapped),
@@ -801,3 +813,95 @@ def test_swap_modules_replaces_cells():
     close(run(), want, torch.float32, "output")
     assert rt.unswap_modules(model) == ["0", "1", "2"]
     assert [type(m) for m in model] == [nn.LSTMCell, nn.GRUCell, nn.RNNCell]
+
+
+# ---------------------------------------------------------------- cells' packed weights
+
+CELL_PAIRS = {"lstm": (nn.LSTMCell, rt.LSTMCell), "gru": (nn.GRUCell, rt.GRUCell),
+              "rnn": (nn.RNNCell, rt.RNNCell)}
+
+
+def _cell_pair(kind, dtype=torch.float64):
+    torch.manual_seed(7)
+    ref_cls, ours_cls = CELL_PAIRS[kind]
+    ours = ours_cls(5, 6, dtype=dtype)
+    ref = ref_cls(5, 6, dtype=dtype)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _step_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("kind", list(CELL_PAIRS))
+def test_cells_keep_packed_weights_while_they_stay_the_same(kind):
+    from rnnfuse.torch._modules import _PACKS
+    ours, ref = _cell_pair(kind)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        first = ours(x)  # packs in the kernel, as every call did
+        assert _PACKS[ours][1] is None
+        again = ours(x)  # packs ahead, then reads the pack
+        packed = _PACKS[ours][1]
+        assert packed is not None and ours(x) is not None and _PACKS[ours][1] is packed
+    for a, b in zip(first if isinstance(first, tuple) else [first],
+                    again if isinstance(again, tuple) else [again]):
+        assert torch.equal(a, b)  # the same numbers whichever packs
+    close(_step_out(again), _step_out(ref(x)), torch.float64, "output")
+
+
+@pytest.mark.parametrize("kind", list(CELL_PAIRS))
+def test_cells_repack_after_weights_change(kind):
+    ours, ref = _cell_pair(kind)
+    x = torch.randn(2, 5, dtype=torch.float64)
+
+    def check(what):
+        with torch.no_grad():
+            for _ in range(2):  # the second call reads the pack
+                close(_step_out(ours(x)), _step_out(ref(x)), torch.float64, what)
+
+    check("fresh")
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.5)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for _ in range(3):  # training: gradients through the kept pack, then a step
+        for m, opt in ((ours, opt_ours), (ref, opt_ref)):
+            opt.zero_grad()
+            for _ in range(2):  # two calls per step: the second reads a pack
+                _step_out(m(x)).square().sum().backward()
+            opt.step()
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            close(a.grad, b.grad, torch.float64, "gradient")
+        check("after an optimizer step")
+    state = {k: v * 0.5 for k, v in ref.state_dict().items()}
+    ours.load_state_dict(state)
+    ref.load_state_dict(state)
+    check("after load_state_dict")
+    with torch.no_grad():
+        ours.weight_hh.mul_(1.5)
+        ref.weight_hh.mul_(1.5)
+    check("after an in-place change")
+    ours.weight_ih = nn.Parameter(ref.weight_ih.detach().clone())
+    check("after a new parameter")
+    ours.float()
+    ref.float()
+    with torch.no_grad():
+        for _ in range(2):
+            close(_step_out(ours(x.float())), _step_out(ref(x.float())), torch.float32,
+                  "after .float()")
+
+
+def test_cells_repack_for_another_code_path():
+    from rnnfuse import _kernels
+    if _kernels.kernel() == "portable":
+        pytest.skip("this CPU runs the portable code only")
+    ours, ref = _cell_pair("gru", torch.float32)
+    x = torch.randn(1, 5)
+    try:
+        with torch.no_grad():
+            for path in ("avx2", "portable", "avx2"):
+                _kernels.set_kernel(path)
+                for _ in range(2):
+                    close(ours(x), ref(x), torch.float32, path)
+    finally:
+        _kernels.set_kernel()

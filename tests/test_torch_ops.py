@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import rnnfuse.torch as rt  # noqa: E402
+from rnnfuse.torch import _ops  # noqa: E402
 from rnnfuse import _kernels, functional as F  # noqa: E402
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -101,7 +102,7 @@ def test_workspace_size_formula_matches_the_kernels(cell, reverse):
     for _ in range(6):
         T, B, I, H = (int(v) for v in torch.randint(1, 40, (4,), generator=rng))
         want = _kernels.workspace_size(cell, F._full_plan(T, B, reverse), I, H, True)
-        assert rt._workspace_size(cell, T, B, I, H, reverse) == want, (T, B, I, H)
+        assert _ops._workspace_size(cell, T, B, I, H, reverse) == want, (T, B, I, H)
 
 
 def test_operators_check_their_arguments_with_functionals_messages():
@@ -374,12 +375,12 @@ def test_compiled_backward_twice_with_retain_graph_replays_the_forward():
 def test_workspace_pool_reuses_only_what_nothing_holds():
     like = torch.empty(0)
     rt.release_workspace()
-    a = rt._pooled_empty(1000, like)
+    a = _ops._pooled_empty(1000, like)
     pa = a.data_ptr()
-    b = rt._pooled_empty(1000, like)  # a is held: another buffer
+    b = _ops._pooled_empty(1000, like)  # a is held: another buffer
     assert b.data_ptr() != pa
     del a
-    assert rt._pooled_empty(900, like).data_ptr() == pa  # free again: reused
+    assert _ops._pooled_empty(900, like).data_ptr() == pa  # free again: reused
     rt.release_workspace()
 
 
@@ -447,13 +448,104 @@ def test_onnx_export_of_lengths_runs_in_onnxruntime():
         close(torch.from_numpy(a), w, "output")
 
 
-def test_compile_fullgraph_when_dynamo_was_imported_first():
+@pytest.mark.parametrize("before", [
+    "import torch._dynamo.variables.builder",  # Dynamo imported first
+    "",
+    # rnnfuse.torch imported first, then a probe that finds Dynamo without importing it
+    "import importlib.util; import rnnfuse.torch\n"
+    "assert importlib.util.find_spec('torch._dynamo.variables.builder')",
+])
+def test_compile_fullgraph_whatever_was_imported_first(before):
     import subprocess
     import sys
-    code = ("import torch, torch._dynamo.variables.builder\n"
+    code = (f"import torch\n{before}\n"
             "import rnnfuse.torch as rt\n"
             "m = rt.GRU(3, 4)\n"
             "x = torch.randn(5, 2, 3)\n"
             "y = torch.compile(m, fullgraph=True, backend='eager')(x)[0]\n"
             "assert torch.equal(y, m(x)[0])\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], check=True)
+
+
+def test_import_hook_runs_only_when_the_module_is_imported(tmp_path, monkeypatch):
+    import importlib
+    import sys
+    from rnnfuse.torch._dynamo import _AfterImport
+    name = "rnnfuse_hook_target"
+    (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    hook = _AfterImport(name, seen.append)
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    try:
+        assert importlib.util.find_spec(name) is not None
+        assert hook in sys.meta_path and not seen  # a probe runs nothing
+        module = importlib.import_module(name)
+        assert seen == [module] and hook not in sys.meta_path
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_dynamo_that_cannot_be_adapted_warns():
+    import types
+    from rnnfuse.torch import _dynamo
+    with pytest.warns(RuntimeWarning, match="could not let torch.compile take its modules "
+                                            "whole .*has no VariableBuilder.wrap_module"):
+        _dynamo._allow_or_warn(types.ModuleType("torch._dynamo.variables.builder"))
+
+
+# ---------------------------------------------------------------- arguments the operators refuse
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("bad", ["sigmoid", "Tanh", ""])
+def test_rnn_operator_refuses_other_nonlinearities(bad, train):
+    args = list(op_args("rnn", ("tanh",), None, train))
+    args[-2] = bad
+    with torch.no_grad(), pytest.raises(ValueError,
+                                        match="nonlinearity must be 'tanh' or 'relu'"):
+        torch.ops.rnnfuse.rnn(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(
+            ValueError, match="nonlinearity must be 'tanh' or 'relu'"):
+        torch.ops.rnnfuse.rnn(*args)  # refused when traced as well
+
+
+def test_rnn_backward_operator_refuses_other_nonlinearities():
+    args = op_args("rnn", ("tanh",), None, True)
+    with torch.no_grad():
+        y, h_n, ws = torch.ops.rnnfuse.rnn(*args)
+    inputs = [a.detach() for a in args[:6]]
+    with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu', got 'gelu'"):
+        torch.ops.rnnfuse.rnn_backward(y, h_n, *inputs, ws, None, True, "gelu")
+    assert ws[-1] == 0  # refused before the workspace is touched
+
+
+@pytest.mark.parametrize("which,shape,match", [
+    (4, (4 * 6, 5), r"w_hh must have shape \(4\*hidden_size, hidden_size\)"),
+    (3, (4 * 6, 3), r"w_ih must have shape \(24, 4\)"),
+    (0, (5, 3), r"x must be 3-D"),
+])
+def test_backward_operator_names_a_bad_argument_and_keeps_the_workspace(which, shape, match):
+    args = op_args("lstm", (), None, True)
+    with torch.no_grad():
+        *outs, ws = torch.ops.rnnfuse.lstm(*args)
+    inputs = [a.detach() for a in args[:7]]
+    inputs[which] = torch.zeros(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.rnnfuse.lstm_backward(*outs, *inputs, ws, None, True)
+    assert ws[-1] == 0  # not consumed: a correct backward still runs over it
+    good = [a.detach() for a in args[:7]]
+    torch.ops.rnnfuse.lstm_backward(*outs, *good, ws, None, True)
+    assert ws[-1] == 1
+
+
+def test_backward_operator_refuses_a_workspace_of_another_size():
+    args = op_args("gru", (True,), None, True)
+    with torch.no_grad():
+        *outs, ws = torch.ops.rnnfuse.gru(*args)
+    inputs = [a.detach() for a in args[:6]]
+    with pytest.raises(ValueError, match=r"ws must be the forward's workspace: 1-D, "
+                                         rf"contiguous, {ws.numel()} elements"):
+        torch.ops.rnnfuse.gru_backward(*outs, *inputs, ws[:-2], None, True, True)
+    with pytest.raises(ValueError, match="ws is empty: the forward ran with train=False"):
+        torch.ops.rnnfuse.gru_backward(*outs, *inputs, ws[:0], None, True, True)

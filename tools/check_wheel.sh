@@ -37,7 +37,8 @@ wheel=$(ls "$work"/wheelhouse/rnnfuse-*-manylinux*.whl)
 import sys, zipfile
 
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
-missing = [n for n in ("rnnfuse/py.typed", "rnnfuse/_kernels.pyi", "rnnfuse/_version.py")
+missing = [n for n in ("rnnfuse/py.typed", "rnnfuse/_kernels.pyi", "rnnfuse/_version.py",
+                       "rnnfuse/torch/__init__.py", "rnnfuse/apps/__init__.py")
            if n not in names]
 if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
     missing.append("the LICENSE in dist-info")

@@ -32,6 +32,13 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def check_nonlinearity(value: Any) -> str:
+    """An Elman RNN's activation: "tanh" or "relu" (nothing else, not even another case)."""
+    if not isinstance(value, str) or value not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {value!r}")
+    return value
+
+
 def make_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     """A numpy Generator from None (fresh entropy), an int >= 0 or a Generator (used as is)."""
     if isinstance(seed, np.random.Generator):

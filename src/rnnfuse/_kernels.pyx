@@ -28,7 +28,10 @@ cdef extern from "rnnfuse.h" nogil:
         int avx2
         int avx512
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
+    ctypedef void (*rf_set_threads_fn)(int)
+    rf_set_threads_fn rf_find_blas_set_threads(const void *blas_function)
     int rf_threads(const rf_runtime *rt)
+    int rf_set_thread_cap(int n)
     int rf_choose_kernel(const char *request)
     int rf_simd(const rf_runtime *rt)
     ctypedef struct rf_plan:
@@ -150,6 +153,7 @@ cdef rf_runtime _rt
 _rt.sgemm = <rf_sgemm_fn>sgemm
 _rt.dgemm = <rf_dgemm_fn>dgemm
 _rt.num_threads = rf_find_blas_threads(<void *>sgemm)
+cdef rf_set_threads_fn _set_blas_threads = rf_find_blas_set_threads(<void *>sgemm)
 
 
 KERNELS = ("portable", "avx2", "avx512")  # by RF_SIMD_* level
@@ -185,9 +189,32 @@ def kernel():
 
 
 def threads():
-    """How many threads the kernels' own parallel parts use now: the BLAS's thread count
-    (threadpoolctl's limit), or 1 where it cannot be read."""
+    """How many threads the kernels' own parallel parts use now in this thread's calls:
+    set_threads's count, else the BLAS's thread count (threadpoolctl's limit), or 1
+    where it cannot be read."""
     return rf_threads(&_rt)
+
+
+def set_threads(int n):
+    """The thread count of the kernels' own parallel parts in the calling thread's calls
+    from now on (at most 64): n, or 0 to follow the BLAS's again (the default). Returns the
+    previous setting. For a caller with a thread setting of its own (rnnfuse.torch:
+    torch.get_num_threads()); the BLAS's own threads are not changed."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (0: follow the BLAS), got {n}")
+    return rf_set_thread_cap(n)
+
+
+def set_blas_threads(int n):
+    """Set the thread count of the BLAS that the kernels call (SciPy's) to n >= 1,
+    process-wide, as threadpoolctl does, but at the cost of one C call. Returns False
+    where this BLAS's count cannot be read and set (then nothing changes)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if _set_blas_threads == NULL or _rt.num_threads == NULL:
+        return False
+    _set_blas_threads(n)
+    return True
 
 
 def simd_path():
@@ -426,7 +453,7 @@ cdef int _check_weight_shapes(w_ih, w_hh, Py_ssize_t G, Py_ssize_t I,
 
 cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh,
                                    b_ih, b_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
-                                   bint train, peep, zoneout) except *:
+                                   bint train, peep, zoneout, packed=None) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -444,7 +471,8 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
     a.b_ih = _buf(b_ih, G * H, t, "b_ih", _OPTIONAL)
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
-    a.packed = NULL  # the kernel packs the weights into ws itself
+    # packed None: the kernel packs the weights into ws itself
+    a.packed = _buf(packed, rf_weights_pack_size(G, H, I), t, "packed", _OPTIONAL)
     a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
     a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     return a
@@ -468,12 +496,15 @@ cdef rf_zoneout _zoneout(zoneout, bint lstm, int t, Py_ssize_t full,
 
 
 cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
-                    Py_ssize_t H, bint train, bint option=False, peep=None, zoneout=None):
+                    Py_ssize_t H, bint train, bint option=False, peep=None, zoneout=None,
+                    packed=None):
     """One forward of cell "lstm" (c0 used), "gru" (option = linear_before_reset) or "rnn"
     (option = relu) over ws (workspace_size elements): returns y (zero at padding), h_n
     and c_n (None but for the LSTM). c0, peep (3H, i o f): None but for the LSTM.
     zoneout: None or (z_h, z_c, shared), the weights (T,B,H), or (H,) if shared, with which
-    the units of h and the LSTM's c (each or None) keep their previous values."""
+    the units of h and the LSTM's c (each or None) keep their previous values. packed:
+    None, or w_ih and w_hh as pack_weights packed them for this cell, option and code path
+    (kernel())."""
     if plan is None:  # (a cpdef function cannot say "not None")
         raise TypeError("_kernels: plan must be a Plan, got None")
     cdef const rf_cell *c = _cell(cell)
@@ -483,7 +514,7 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     h_n = _empty(t, 2, B, H)
     c_n = _empty(t, 2, B, H) if c.states == 2 else None
     cdef rf_forward_bufs a = _forward_args(c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih,
-                                           b_hh, plan, I, H, train, peep, zoneout)
+                                           b_hh, plan, I, H, train, peep, zoneout, packed)
     cdef rf_plan p = plan.view()
     with nogil:
         status = _forward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H, train)

@@ -270,11 +270,6 @@ def _torch_runner(case, p, threads):
     return step
 
 
-# ONNX gate order, as indices into PyTorch's blocks: LSTM i,o,f,c from i,f,g,o; GRU z,r,h
-# from r,z,n; RNN one block.
-_ONNX_GATES = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
-
-
 def _onnx_model(case, p):
     """One ONNX LSTM/GRU/RNN node with the problem's weights as initializers."""
     try:
@@ -285,7 +280,8 @@ def _onnx_model(case, p):
             from None
     T, B, I, H = case.shape.T, case.shape.B, case.shape.I, case.shape.H
     G = _GATES[case.cell]
-    perm = list(_ONNX_GATES[case.cell])
+    from .onnx_weights import _ONNX_FROM_TORCH  # ONNX's gate order
+    perm = list(_ONNX_FROM_TORCH[case.cell])
 
     def gates(w):  # (G*H, ...) in PyTorch's order -> ONNX's order
         return w.reshape(G, H, -1)[perm].reshape(G * H, -1)

@@ -45,6 +45,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _kernels
+from ._checks import check_nonlinearity
 from ._typing import CellGrads, FloatArray, LSTMGrads
 
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
@@ -241,20 +242,23 @@ def _check_weights(cell: str, dtype: np.dtype[Any], w_ih: ArrayLike, w_hh: Array
 def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w_hh: Any,
              b_ih: ArrayLike | None, b_hh: ArrayLike | None, lengths: ArrayLike | None,
              reverse: bool, option: bool | None, need_ctx: bool, peep: Any = None,
-             zoneout: Any = None) -> tuple[FloatArray, list[Any], Context | None]:
+             zoneout: Any = None, packed: FloatArray | None = None,
+             ) -> tuple[FloatArray, list[Any], Context | None]:
+    """packed: None, or w_ih and w_hh as _kernels.pack_weights packed them (for this cell,
+    option and code path), which the kernels then read rather than packing them anew."""
     lstm = cell == "lstm"
     small = None
     if lengths is None and peep is None and zoneout is None:
         small = _kernels.forward_small(cell, x, states[0], states[1] if lstm else None, w_ih,
                                        w_hh, b_ih, b_hh, reverse, need_ctx, option,
-                                       _full_plan)
+                                       _full_plan, packed)
     if small is not None:
         y, h_n, c_n, ws, plan = small
         finals = [h_n, c_n] if lstm else [h_n]
     else:
         y, finals, ws, plan, x, w_ih, w_hh, peep, zoneout = _checked_forward(
             cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx,
-            peep=peep, zoneout=zoneout)
+            peep=peep, zoneout=zoneout, packed=packed)
     dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
 
     ctx = None
@@ -274,11 +278,13 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
                      b_hh: Any, lengths: ArrayLike | None, reverse: bool,
                      option: bool | None, need_ctx: bool,
                      workspace: Callable[[int, np.dtype[Any]], FloatArray] | None = None,
-                     peep: Any = None, zoneout: Any = None) -> tuple[Any, ...]:
+                     peep: Any = None, zoneout: Any = None,
+                     packed: FloatArray | None = None) -> tuple[Any, ...]:
     """A forward with every argument checked, and converted where needed: y, the final
     states, the workspace, the plan and the x, w_ih, w_hh, peepholes and zoneout the
     kernels read.
-    workspace(n, dtype): the workspace's allocator, if not the thread's spare."""
+    workspace(n, dtype): the workspace's allocator, if not the thread's spare. packed: as
+    _forward's."""
     dtype = _dtype_of(x)
     x = _check_x(x)
     T, B, I = x.shape
@@ -299,7 +305,7 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
     lstm = cell == "lstm"
     y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
                                    w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option,
-                                   peep, zoneout)
+                                   peep, zoneout, packed)
     return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh, peep, zoneout
 
 
@@ -419,8 +425,7 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 zoneout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
     """Elman RNN over a whole sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
     ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``."""
-    if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    check_nonlinearity(nonlinearity)
     y, (h_n,), ctx = _forward("rnn", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                               nonlinearity == "relu", need_ctx, zoneout=zoneout)
     return y, h_n, ctx

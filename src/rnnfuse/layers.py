@@ -29,7 +29,8 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _kernels, functional as F
 from ._typing import FloatArray, State
-from ._checks import check_bool as _check_bool, check_int as _check_int, make_rng as _make_rng
+from ._checks import (check_bool as _check_bool, check_int as _check_int,
+                      check_nonlinearity as _check_nonlinearity, make_rng as _make_rng)
 
 __all__ = ["Module", "LSTM", "GRU", "RNN", "Stream", "StreamPool", "Embedding", "Linear", "Sequential"]
 
@@ -575,9 +576,7 @@ class RNN(_RNNBase):
                  zoneout: float = 0.0) -> None:
         # nonlinearity in 4th place, as torch.nn.RNN(input_size, hidden_size, num_layers,
         # nonlinearity, bias, ...) has it.
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        self.nonlinearity = nonlinearity
+        self.nonlinearity = _check_nonlinearity(nonlinearity)
         self._set_zoneout(zoneout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)

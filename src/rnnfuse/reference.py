@@ -44,6 +44,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ._checks import check_nonlinearity
 from ._typing import CellGrads, FloatArray, LSTMGrads
 
 __all__ = [
@@ -555,8 +556,7 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
                 zoneout: Any = None) -> tuple[FloatArray, FloatArray, _Context | None]:
     """Elman RNN over a (T, B, I) sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act "tanh"
     or "relu". Returns y (T, B, H), h_n (B, H) and ctx. zoneout: as gru_forward's."""
-    if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    check_nonlinearity(nonlinearity)
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     X = pack.gather(x)
     Kh = _zoneout_weights(pack, zoneout, False, dtype)[0]

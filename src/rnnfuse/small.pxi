@@ -32,11 +32,11 @@ cdef bint _upstream_taken(dy, dh_n, dc_n, bint lstm, int typenum, Py_ssize_t T, 
 
 
 def forward_small(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, bint train,
-                  bint option, full_plan):
+                  bint option, full_plan, packed=None):
     """forward, without lengths, where every argument is already what the kernels take and
     the workspace is under SMALL_BYTES: returns (y, h_n, c_n, ws, plan), plan =
     full_plan(T, B, reverse). Anything else returns None with nothing done: functional.py
-    then checks, explains or converts."""
+    then checks, explains or converts. packed: as forward's."""
     cdef const rf_cell *c = _cell(cell)
     cdef Py_ssize_t G = c.gates, T, B, I, H, n
     if not (cnp.PyArray_CheckExact(x) and cnp.PyArray_NDIM(<cnp.ndarray>x) == 3
@@ -61,5 +61,5 @@ def forward_small(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, bint tra
     if n * (4 if t == cnp.NPY_FLOAT else 8) >= SMALL_BYTES:
         return None
     ws = _aligned_empty(n, t)
-    return (*forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, plan, ws, I, H, train, option),
-            ws, plan)
+    return (*forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, plan, ws, I, H, train, option,
+                     packed=packed), ws, plan)

@@ -1,0 +1,50 @@
+"""Which path a module's call takes: the autograd Function (eager, recording or not) or
+the operator (under tracing, or for tensor subclasses)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._common import _N_STATES, _NO_ONNX, _PLAIN, _recording
+from ._functions import _FUNCTIONS, _kernel_forward
+from ._ops import _OPS
+
+def _run(cell, *args, pack=None):
+    """The call of a module's forward: ``function.apply(*args)`` when autograd records
+    this call; otherwise the kernel alone with need_ctx=False, which keeps no workspace
+    for backward. Under tracing (``_recording``), or for tensor subclasses, the cell's
+    operator (torch.ops.rnnfuse.*) instead: the same kernels, seen by the tracer.
+    pack: None, or a function that gives the weights packed for the kernels (the eager
+    path's last argument, ``packed``)."""
+    grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                           for a in args)
+    if (_recording() or type(args[0]) not in _PLAIN
+            or type(args[1 + _N_STATES[cell]]) not in _PLAIN):  # x, w_ih: a subclass
+        # A TorchScript trace runs with or without autograd later: it keeps no workspace
+        # (backward then replays the forward), so that it does not depend on grad mode.
+        return _run_op(cell, args, grad and not torch.jit.is_tracing())
+    function = _FUNCTIONS[cell]
+    if pack is not None:
+        args = (*args, pack())
+    if grad:
+        return function.apply(*args)
+    y, finals, _ = _kernel_forward(function, args, need_ctx=False)
+    return (y, *finals)
+
+
+def _run_op(cell, args, train):
+    """A cell's Function's arguments through its operator: (y, finals...)."""
+    if torch.onnx.is_in_onnx_export():
+        if torch._C._get_tracing_state() is None:  # the dynamo exporter: no translation
+            raise RuntimeError(_NO_ONNX)
+    n = _N_STATES[cell] + 5
+    tensors, (lengths, reverse, *options) = args[:n], args[n:]
+    if lengths is not None and not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.int64)
+    if torch._C._are_functorch_transforms_active():
+        return _OPS[cell][2].apply(*tensors, lengths, reverse, *options, train)[:-1]
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        # (an exported program keeps the operator itself, with its registered autograd)
+        return _OPS[cell][3].apply(*tensors, lengths, reverse, *options, train)[:-1]
+    return _OPS[cell][0](*tensors, lengths, reverse, *options, train)[:-1]
+

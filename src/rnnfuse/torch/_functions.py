@@ -1,0 +1,142 @@
+"""The autograd Functions: one direction of one layer over rnnfuse.functional, for the
+eager path (the kernels run outside PyTorch's dispatcher, which costs less per call)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import functional as F
+from ._common import _FIRST_ORDER, _N_STATES, _kernel_option, _np, _on_torch_threads
+
+
+_N_OPTIONS = {"lstm": 0, "gru": 1, "rnn": 1}
+
+
+def _split(function, args):
+    """A Function's arguments as (x, states..., w_ih, w_hh, b_ih, b_hh), (lengths, reverse,
+    options...) and packed (None where not given)."""
+    n = _N_STATES[function.cell] + 5
+    k = n + 2 + _N_OPTIONS[function.cell]
+    return args[:n], args[n:k], args[k] if len(args) > k else None
+
+
+@_on_torch_threads
+def _kernel_forward(function, args, need_ctx):
+    """Run the kernel of ``function``'s cell on its arguments: (y, finals, kernel ctx)."""
+    tensors, (lengths, reverse, *options), packed = _split(function, args)
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.numpy()
+    if packed is None:
+        forward = getattr(F, function.cell + "_forward")
+        y, *finals, kctx = forward(*map(_np, tensors), lengths, reverse, *options,
+                                   need_ctx=need_ctx)
+    else:  # the module's weights packed ahead (its options checked at construction)
+        x, *states, w_ih, w_hh, b_ih, b_hh = map(_np, tensors)
+        y, finals, kctx = F._forward(function.cell, x, states, w_ih, w_hh, b_ih, b_hh,
+                                     lengths, reverse, _kernel_option(function.cell, *options),
+                                     need_ctx, packed=packed)
+    return torch.from_numpy(y), [torch.from_numpy(f) for f in finals], kctx
+
+
+def _record(ctx, function, args):
+    """Function.forward of every cell: run the kernel, keeping what backward needs."""
+    need = any(ctx.needs_input_grad)
+    y, finals, kctx = _kernel_forward(function, args, need_ctx=need)
+    if need:
+        ctx.set_materialize_grads(False)  # an unused output's gradient reaches the kernel as None
+        tensors, rest, _ = _split(function, args)
+        # Saved through autograd, so that torch refuses if an input is changed in place
+        # before backward (the kernel's ctx reads x and the weights through NumPy views).
+        ctx.save_for_backward(*tensors)
+        ctx.function, ctx.rest = function, rest
+    ctx.kernel = kctx
+    return (y, *finals)
+
+
+class _CellFunction(torch.autograd.Function):
+    """The backward shared by the three cells (their forwards differ only in arguments)."""
+
+    cell: Any = None
+
+    @staticmethod
+    @_on_torch_threads
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            # create_graph=True. (once_differentiable would hand back constants whenever the
+            # incoming gradients do not require grad, so a gradient penalty would silently
+            # lose its second-order terms: refuse instead.)
+            raise RuntimeError(_FIRST_ORDER)
+        saved = ctx.saved_tensors  # torch refuses here if the graph was freed or an input changed
+        kctx, ctx.kernel = ctx.kernel, None
+        if kctx is None:
+            # A second backward over a graph kept with retain_graph=True: the first one
+            # consumed the kernel's record (backward overwrites it), so replay the forward.
+            kctx = _kernel_forward(ctx.function, (*saved, *ctx.rest), need_ctx=True)[2]
+        backward = getattr(F, ctx.function.cell + "_backward")
+        out = backward(*(None if g is None else _np(g) for g in grads), kctx)
+        out = list(out) + [None] * (len(ctx.needs_input_grad) - len(out))  # lengths, reverse, ...
+        return tuple(torch.from_numpy(g) if need and g is not None else None
+                     for g, need in zip(out, ctx.needs_input_grad))
+
+
+class LSTMFunction(_CellFunction):
+    """One direction of one LSTM layer, as an autograd Function::
+
+        y, h_n, c_n = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+
+    Arguments as ``rnnfuse.functional.lstm_forward``: time-major ``x (T, B, I)``, states
+    ``(B, H)``, weights in PyTorch's layout; ``h0``, ``c0``, the biases and ``lengths`` (B,)
+    may be None. Padding steps (t >= lengths[b]) give y = 0 and no gradient. The last
+    argument, ``packed`` (all three Functions), is None or w_ih and w_hh as
+    ``rnnfuse._kernels.pack_weights`` packed them for this code path, which the forward
+    then reads instead of packing them (the cells keep theirs between calls).
+    """
+
+    cell = "lstm"
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                packed=None):
+        return _record(ctx, LSTMFunction, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                           packed))
+
+
+class GRUFunction(_CellFunction):
+    """One direction of one GRU layer, as an autograd Function::
+
+        y, h_n = GRUFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                   linear_before_reset)
+
+    Arguments as ``rnnfuse.functional.gru_forward`` (``linear_before_reset=True`` is
+    PyTorch's GRU).
+    """
+
+    cell = "gru"
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                linear_before_reset=True, packed=None):
+        return _record(ctx, GRUFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                          linear_before_reset, packed))
+
+
+class RNNFunction(_CellFunction):
+    """One direction of one Elman RNN layer, as an autograd Function::
+
+        y, h_n = RNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                   nonlinearity)
+
+    Arguments as ``rnnfuse.functional.rnn_forward``; ``nonlinearity`` "tanh" or "relu".
+    """
+
+    cell = "rnn"
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                nonlinearity="tanh", packed=None):
+        return _record(ctx, RNNFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                          nonlinearity, packed))
+
+
+_FUNCTIONS = {"lstm": LSTMFunction, "gru": GRUFunction, "rnn": RNNFunction}
