@@ -516,3 +516,4 @@ include "small.pxi"  # the small-call fast path: forward_small, _takes
 include "stream.pxi"  # Stream: a layer stepped one timestep at a time
 include "pool.pxi"  # StreamPool: sessions of one layer stepped together
 include "capi.pxi"  # the C-level API of _kernels.pxd (rnnfuse.capi)
+include "quant.pxi"  # int8 weights for inference (rnnfuse.quantized)

@@ -1,0 +1,232 @@
+/* quant.c -- int8 weights for inference (float32 calls only).
+ *
+ * A quantized forward's weights are packed once by rf_q8_pack_weights into a buffer that
+ * the forward takes as its `packed`: a header that tags it, then W_hh^T (for the GRU
+ * without linear_before_reset its n block apart) and W_ih^T, each as per-column scales
+ * followed by int8 panels. rf_prepare_weights_f32 recognises the tag and hands the cells
+ * rf_weights with scales, and rf_step_gemm_f32 / rf_project_f32 then run rf_q8_gemm:
+ *
+ *   quantize each row of A (symmetric, per row: rf_q8_quantize), multiply in int32
+ *   (exact: the same integer whatever the order), then C (+)= (float)acc * (sa * sw).
+ *
+ * Every row is computed alone and its integer sums are exact, so the numbers of a row are
+ * the same whatever the other rows of the call and the thread count (batch invariance),
+ * and the same on the portable and the AVX2 paths. */
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "rnnfuse.h"
+
+#if RF_HAVE_AVX2
+#include <immintrin.h>
+#endif
+
+/* A panel: RF_Q8_NR columns of op(W); within it, groups of RF_Q8_KG consecutive k, each
+ * group RF_Q8_NR * RF_Q8_KG bytes (column-major inside the group: 4 k of column 0, ...),
+ * one 256-bit load. K is padded with zeros to whole groups, N to whole panels. */
+#define RF_Q8_NR 8
+#define RF_Q8_KG 4
+#define RF_Q8_ALIGN 64
+/* Rows of A quantized at once (a stack buffer of K up to RF_Q8_MAX_K each). */
+#define RF_Q8_ROWS 4
+
+static const char q8_tag[24] = "rnnfuse int8 weights 1";
+
+typedef struct {
+    char tag[24];
+    int64_t G, H, I, lbr;
+} q8_header;
+
+static ptrdiff_t round_up(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m; }
+static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, RF_Q8_KG); }
+static ptrdiff_t n_padded(ptrdiff_t N) { return round_up(N, RF_Q8_NR); }
+
+/* Bytes of one packed op(W), K rows and N columns: its scales, then its panels. */
+static ptrdiff_t scales_bytes(ptrdiff_t N) {
+    return round_up(n_padded(N) * (ptrdiff_t)sizeof(float), RF_Q8_ALIGN);
+}
+static ptrdiff_t weight_bytes(ptrdiff_t K, ptrdiff_t N) {
+    return scales_bytes(N) + round_up(n_padded(N) * k_padded(K), RF_Q8_ALIGN);
+}
+
+static int split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
+
+ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
+    ptrdiff_t hh = split_n(G, lbr) ? weight_bytes(H, 2 * H) + weight_bytes(H, H)
+                                   : weight_bytes(H, G * H);
+    return RF_Q8_ALIGN + hh + weight_bytes(I, G * H);
+}
+
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K) {
+    float amax = 0;
+    int finite = 1;
+    for (ptrdiff_t k = 0; k < K; k++) {
+        float m = fabsf(a[k]);
+        finite &= m <= FLT_MAX;  /* false for inf and NaN */
+        amax = m > amax ? m : amax;
+    }
+    if (!finite || amax == 0) {  /* zeros; a non-finite row's scale carries NaN onward */
+        memset(q, 0, (size_t)K);
+        return finite ? 0.0f : NAN;
+    }
+    float inv = 127.0f / amax;
+    for (ptrdiff_t k = 0; k < K; k++) {
+        float v = nearbyintf(a[k] * inv);
+        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+    return amax / 127.0f;
+}
+
+/* Packs op(W) = W^T, W (N rows of K, row stride ldw), into dst (weight_bytes(K, N)):
+ * each row of W (a column of op(W), an output) quantized with its own scale. */
+static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K,
+                        ptrdiff_t N) {
+    float *scales = (float *)dst;
+    int8_t *panels = (int8_t *)(dst + scales_bytes(N)), row[RF_Q8_MAX_K];
+    ptrdiff_t Kp = k_padded(K), panel_stride = RF_Q8_NR * Kp;
+    memset(dst, 0, (size_t)weight_bytes(K, N));
+    for (ptrdiff_t n = 0; n < N; n++) {
+        scales[n] = rf_q8_quantize(row, w + n * ldw, K);
+        int8_t *panel = panels + n / RF_Q8_NR * panel_stride + n % RF_Q8_NR * RF_Q8_KG;
+        for (ptrdiff_t k = 0; k < K; k++)
+            panel[k / RF_Q8_KG * RF_Q8_NR * RF_Q8_KG + k % RF_Q8_KG] = row[k];
+    }
+}
+
+static void use_weight(rf_weight *W, const uint8_t *src, ptrdiff_t K, ptrdiff_t N) {
+    W->scales = (const float *)src;
+    W->packed = src + scales_bytes(N);
+    W->panel_stride = RF_Q8_NR * k_padded(K);
+}
+
+/* The three weights of a forward as rf_prepare_weights lays them out (rnnfuse.h). */
+static void weights_of(rf_weight W[3], const uint8_t *buf, ptrdiff_t G, ptrdiff_t H,
+                       ptrdiff_t I, int lbr, uint8_t *pack_to, const float *w_ih,
+                       const float *w_hh) {
+    const uint8_t *at = buf + RF_Q8_ALIGN;
+    ptrdiff_t N0 = split_n(G, lbr) ? 2 * H : G * H;
+    if (pack_to) pack_weight(pack_to + (at - buf), w_hh, H, H, N0);
+    use_weight(&W[0], at, H, N0);
+    at += weight_bytes(H, N0);
+    if (split_n(G, lbr)) {
+        if (pack_to) pack_weight(pack_to + (at - buf), w_hh + 2 * H * H, H, H, H);
+        use_weight(&W[1], at, H, H);
+        at += weight_bytes(H, H);
+    }
+    if (pack_to) pack_weight(pack_to + (at - buf), w_ih, I, I, G * H);
+    use_weight(&W[2], at, I, G * H);
+}
+
+void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
+                        ptrdiff_t H, ptrdiff_t I, int lbr) {
+    q8_header head;
+    memset(&head, 0, sizeof head);
+    memcpy(head.tag, q8_tag, sizeof q8_tag);
+    head.G = G, head.H = H, head.I = I, head.lbr = split_n(G, lbr);
+    memset(dst, 0, RF_Q8_ALIGN);
+    memcpy(dst, &head, sizeof head);
+    rf_weight W[3];
+    weights_of(W, dst, G, H, I, lbr, dst, w_ih, w_hh);
+}
+
+int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
+                   ptrdiff_t I, int lbr) {
+    q8_header head;
+    memcpy(&head, prepacked, sizeof head);
+    if (memcmp(head.tag, q8_tag, sizeof q8_tag)) return 0;
+    if (head.G != G || head.H != H || head.I != I || head.lbr != split_n(G, lbr)) return 0;
+    weights_of(W, prepacked, G, H, I, lbr, NULL, NULL, NULL);
+    return 1;
+}
+
+/* ---- the product: acc[r][n] = sum_k qa[r][k] qw[k][n], exact in int32 ---- */
+
+/* Writes one output row's columns n0 .. n0+cols-1 from their int32 sums. */
+static void rescale(const int32_t *acc, float sa, const float *sw, ptrdiff_t cols,
+                    int accumulate, float *c) {
+    for (ptrdiff_t n = 0; n < cols; n++) {
+        float v = (float)acc[n] * (sa * sw[n]);
+        c[n] = accumulate ? c[n] + v : v;
+    }
+}
+
+/* rows (at most RF_Q8_ROWS) quantized rows qa (stride Kp) times one panel. */
+static void panel_portable(int32_t acc[][RF_Q8_NR], const int8_t *qa, ptrdiff_t rows,
+                           ptrdiff_t Kp, const int8_t *panel) {
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        int32_t sum[RF_Q8_NR] = {0};
+        for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
+            const int8_t *w = panel + g * RF_Q8_NR, *a = qa + r * Kp + g;
+            for (int n = 0; n < RF_Q8_NR; n++)
+                for (int k = 0; k < RF_Q8_KG; k++)
+                    sum[n] += (int32_t)a[k] * w[n * RF_Q8_KG + k];
+        }
+        memcpy(acc[r], sum, sizeof sum);
+    }
+}
+
+#if RF_HAVE_AVX2
+/* The same sums with AVX2: vpmaddubsw multiplies |a| (unsigned) by w with a's sign moved
+ * onto it (vpsignb); |a|, |w| <= 127, so a pair of products stays within 2*127*127 < 2^15
+ * and never saturates; vpmaddwd then widens the pairs into int32. rows is a constant
+ * where it is inlined, so that the sums stay in registers. */
+__attribute__((target("avx2"), always_inline)) static inline void
+panel_avx2_rows(int32_t acc[][RF_Q8_NR], const int8_t *qa, const ptrdiff_t rows,
+                ptrdiff_t Kp, const int8_t *panel) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i sum[RF_Q8_ROWS];
+    for (ptrdiff_t r = 0; r < rows; r++) sum[r] = _mm256_setzero_si256();
+    for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(panel + g * RF_Q8_NR));
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            int32_t four;
+            memcpy(&four, qa + r * Kp + g, sizeof four);
+            __m256i a = _mm256_set1_epi32(four);
+            __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a));
+            sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, ones));
+        }
+    }
+    for (ptrdiff_t r = 0; r < rows; r++) _mm256_storeu_si256((__m256i *)acc[r], sum[r]);
+}
+
+__attribute__((target("avx2"))) static void panel_avx2(int32_t acc[][RF_Q8_NR],
+                                                       const int8_t *qa, ptrdiff_t rows,
+                                                       ptrdiff_t Kp, const int8_t *panel) {
+    switch (rows) {
+    case 4: panel_avx2_rows(acc, qa, 4, Kp, panel); break;
+    case 3: panel_avx2_rows(acc, qa, 3, Kp, panel); break;
+    case 2: panel_avx2_rows(acc, qa, 2, Kp, panel); break;
+    default: panel_avx2_rows(acc, qa, 1, Kp, panel); break;
+    }
+}
+#endif
+
+void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
+                const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int avx2) {
+    ptrdiff_t Kp = k_padded(K);
+    int8_t qa[RF_Q8_ROWS * RF_Q8_MAX_K];
+    float sa[RF_Q8_ROWS];
+    int32_t acc[RF_Q8_ROWS][RF_Q8_NR];
+    const int8_t *panels = W->packed;
+    (void)avx2;
+    for (ptrdiff_t r0 = 0; r0 < M; r0 += RF_Q8_ROWS) {
+        ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            sa[r] = rf_q8_quantize(qa + r * Kp, A + (r0 + r) * lda, K);
+            memset(qa + r * Kp + K, 0, (size_t)(Kp - K));
+        }
+        for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_Q8_NR) {
+            const int8_t *panel = panels + n0 / RF_Q8_NR * W->panel_stride;
+            ptrdiff_t cols = N - n0 < RF_Q8_NR ? N - n0 : RF_Q8_NR;
+#if RF_HAVE_AVX2
+            if (avx2) panel_avx2(acc, qa, rows, Kp, panel);
+            else
+#endif
+                panel_portable(acc, qa, rows, Kp, panel);
+            for (ptrdiff_t r = 0; r < rows; r++)
+                rescale(acc[r], sa[r], W->scales + n0, cols, accumulate,
+                        C + (r0 + r) * ldc + n0);
+        }
+    }
+}
