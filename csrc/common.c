@@ -350,6 +350,7 @@ void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int tr
     W->packed = prepacked ? prepacked : pack_buffer;
     W->panel_stride = RF_NR * K;
     W->scales = NULL;
+    W->sums = NULL;
 }
 
 /* A forward's weights: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns) for the per-step
@@ -377,10 +378,11 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
 /* C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :], on float or (float32) int8 weights. */
 static void RF_FN(weight_gemm)(const rf_weight *W, ptrdiff_t k0, ptrdiff_t M, ptrdiff_t N,
                                ptrdiff_t K, const REAL *A, ptrdiff_t lda, int accumulate,
-                               REAL *C, ptrdiff_t ldc, int split_k, int avx2) {
+                               REAL *C, ptrdiff_t ldc, int split_k, const rf_runtime *rt) {
+    int avx2 = rt->avx2;
 #if RF_IS_FLOAT
     if (W->scales) {
-        rf_q8_gemm(M, N, K, A, lda, W, accumulate, C, ldc, avx2);
+        rf_q8_gemm(M, N, K, A, lda, W, accumulate, C, ldc, avx2 && rt->vnni ? 2 : avx2);
         return;
     }
 #endif
@@ -393,7 +395,7 @@ void RF_FN(rf_step_gemm)(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
     RF_FN(weight_gemm)(W, k0, M, N, K, A, lda, accumulate, C, ldc,
-                       rt->invariant ? RF_STEP_INVARIANT : RF_STEP_SPLIT, rt->avx2);
+                       rt->invariant ? RF_STEP_INVARIANT : RF_STEP_SPLIT, rt);
 }
 
 /* One thread's share of an input projection: contiguous whole tiles of rows. */
@@ -402,7 +404,7 @@ typedef struct {
     const REAL *x;
     const rf_weight *W;
     REAL *gates;
-    int avx2;
+    const rf_runtime *rt;
 } RF_FN(projection);
 
 static void RF_FN(project_part)(void *arg, int part, int parts) {
@@ -412,7 +414,7 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
     if (r1 > q->rows) r1 = q->rows;
     if (r0 < r1)
         RF_FN(weight_gemm)(q->W, 0, r1 - r0, q->GH, q->I, q->x + r0 * q->I, q->I, 0,
-                           q->gates + r0 * q->GH, q->GH, 0, q->avx2);
+                           q->gates + r0 * q->GH, q->GH, 0, q->rt);
 }
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
@@ -432,7 +434,7 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
         RF_FN(rf_gather)(xbuf, x, p, step0, step1, I);
         xs = xbuf;
     }
-    RF_FN(projection) job = {rows, GH, I, xs, W_ih, gates, rt->avx2};
+    RF_FN(projection) job = {rows, GH, I, xs, W_ih, gates, rt};
     double flops = 2.0 * (double)rows * (double)GH * (double)I;
     rf_run_parts(RF_FN(project_part), &job,
                  parts_worth(rt, flops, (rows + RF_MR - 1) / RF_MR, after_blas));

@@ -42,12 +42,13 @@ static ptrdiff_t round_up(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m
 static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, RF_Q8_KG); }
 static ptrdiff_t n_padded(ptrdiff_t N) { return round_up(N, RF_Q8_NR); }
 
-/* Bytes of one packed op(W), K rows and N columns: its scales, then its panels. */
+/* Bytes of one packed op(W), K rows and N columns: its scales (float), its column sums
+ * (int32), then its panels. */
 static ptrdiff_t scales_bytes(ptrdiff_t N) {
     return round_up(n_padded(N) * (ptrdiff_t)sizeof(float), RF_Q8_ALIGN);
 }
 static ptrdiff_t weight_bytes(ptrdiff_t K, ptrdiff_t N) {
-    return scales_bytes(N) + round_up(n_padded(N) * k_padded(K), RF_Q8_ALIGN);
+    return 2 * scales_bytes(N) + round_up(n_padded(N) * k_padded(K), RF_Q8_ALIGN);
 }
 
 static int split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
@@ -58,24 +59,59 @@ ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
     return RF_Q8_ALIGN + hh + weight_bytes(I, G * H);
 }
 
-float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K) {
-    float amax = 0;
-    int finite = 1;
-    for (ptrdiff_t k = 0; k < K; k++) {
-        float m = fabsf(a[k]);
-        finite &= m <= FLT_MAX;  /* false for inf and NaN */
-        amax = m > amax ? m : amax;
-    }
-    if (!finite || amax == 0) {  /* zeros; a non-finite row's scale carries NaN onward */
-        memset(q, 0, (size_t)K);
-        return finite ? 0.0f : NAN;
-    }
-    float inv = 127.0f / amax;
-    for (ptrdiff_t k = 0; k < K; k++) {
-        float v = nearbyintf(a[k] * inv);
-        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
-    }
+/* rf_q8_quantize's body, compiled for the baseline and for x86-64-v3 (vectorized);
+ * both round alike (products and roundings of single floats, max exact). */
+#define QUANTIZE_BODY                                                                  \
+    float amax = 0;                                                                    \
+    int finite = 1;                                                                    \
+    for (ptrdiff_t k = 0; k < K; k++) {                                                \
+        float m = fabsf(a[k]);                                                         \
+        finite &= m <= FLT_MAX; /* false for inf and NaN */                            \
+        amax = m > amax ? m : amax;                                                    \
+    }                                                                                  \
+    if (!finite || amax == 0) { /* zeros; a non-finite row's scale carries NaN on */   \
+        memset(q, 0, (size_t)K);                                                       \
+        return finite ? 0.0f : NAN;                                                    \
+    }                                                                                  \
+    float inv = 127.0f / amax;                                                         \
+    for (ptrdiff_t k = 0; k < K; k++) {                                                \
+        float v = nearbyintf(a[k] * inv);                                              \
+        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);                          \
+    }                                                                                  \
     return amax / 127.0f;
+
+static float quantize_base(int8_t *restrict q, const float *restrict a, ptrdiff_t K) {
+    QUANTIZE_BODY
+}
+
+#if RF_HAVE_AVX2
+__attribute__((target("arch=x86-64-v3"))) static float
+quantize_v3(int8_t *restrict q, const float *restrict a, ptrdiff_t K) {
+    QUANTIZE_BODY
+}
+#endif
+
+static float quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2) {
+#if RF_HAVE_AVX2
+    if (avx2) return quantize_v3(q, a, K);
+#endif
+    (void)avx2;
+    return quantize_base(q, a, K);
+}
+
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K) {
+    return quantize_base(q, a, K);
+}
+
+int rf_q8_cpu_vnni(void) {
+#if RF_HAVE_AVX2
+    __builtin_cpu_init();
+    return rf_cpu_avx2() && ((__builtin_cpu_supports("avx512vnni")
+                              && __builtin_cpu_supports("avx512vl"))
+                             || __builtin_cpu_supports("avxvnni"));
+#else
+    return 0;
+#endif
 }
 
 /* Packs op(W) = W^T, W (N rows of K, row stride ldw), into dst (weight_bytes(K, N)):
@@ -83,11 +119,13 @@ float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K) {
 static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K,
                         ptrdiff_t N) {
     float *scales = (float *)dst;
-    int8_t *panels = (int8_t *)(dst + scales_bytes(N)), row[RF_Q8_MAX_K];
+    int32_t *sums = (int32_t *)(dst + scales_bytes(N));
+    int8_t *panels = (int8_t *)(dst + 2 * scales_bytes(N)), row[RF_Q8_MAX_K];
     ptrdiff_t Kp = k_padded(K), panel_stride = RF_Q8_NR * Kp;
     memset(dst, 0, (size_t)weight_bytes(K, N));
     for (ptrdiff_t n = 0; n < N; n++) {
         scales[n] = rf_q8_quantize(row, w + n * ldw, K);
+        for (ptrdiff_t k = 0; k < K; k++) sums[n] += row[k];
         int8_t *panel = panels + n / RF_Q8_NR * panel_stride + n % RF_Q8_NR * RF_Q8_KG;
         for (ptrdiff_t k = 0; k < K; k++)
             panel[k / RF_Q8_KG * RF_Q8_NR * RF_Q8_KG + k % RF_Q8_KG] = row[k];
@@ -96,7 +134,8 @@ static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K
 
 static void use_weight(rf_weight *W, const uint8_t *src, ptrdiff_t K, ptrdiff_t N) {
     W->scales = (const float *)src;
-    W->packed = src + scales_bytes(N);
+    W->sums = (const int32_t *)(src + scales_bytes(N));
+    W->packed = src + 2 * scales_bytes(N);
     W->panel_stride = RF_Q8_NR * k_padded(K);
 }
 
@@ -142,7 +181,7 @@ int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t
 
 /* ---- the product: acc[r][n] = sum_k qa[r][k] qw[k][n], exact in int32 ---- */
 
-/* Writes one output row's columns n0 .. n0+cols-1 from their int32 sums. */
+/* Writes one output row's columns from their int32 sums. */
 static void rescale(const int32_t *acc, float sa, const float *sw, ptrdiff_t cols,
                     int accumulate, float *c) {
     for (ptrdiff_t n = 0; n < cols; n++) {
@@ -153,7 +192,8 @@ static void rescale(const int32_t *acc, float sa, const float *sw, ptrdiff_t col
 
 /* rows (at most RF_Q8_ROWS) quantized rows qa (stride Kp) times one panel. */
 static void panel_portable(int32_t acc[][RF_Q8_NR], const int8_t *qa, ptrdiff_t rows,
-                           ptrdiff_t Kp, const int8_t *panel) {
+                           ptrdiff_t Kp, const int8_t *panel, const int32_t *sums) {
+    (void)sums;
     for (ptrdiff_t r = 0; r < rows; r++) {
         int32_t sum[RF_Q8_NR] = {0};
         for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
@@ -167,40 +207,96 @@ static void panel_portable(int32_t acc[][RF_Q8_NR], const int8_t *qa, ptrdiff_t 
 }
 
 #if RF_HAVE_AVX2
-/* The same sums with AVX2: vpmaddubsw multiplies |a| (unsigned) by w with a's sign moved
- * onto it (vpsignb); |a|, |w| <= 127, so a pair of products stays within 2*127*127 < 2^15
- * and never saturates; vpmaddwd then widens the pairs into int32. rows is a constant
- * where it is inlined, so that the sums stay in registers. */
-__attribute__((target("avx2"), always_inline)) static inline void
-panel_avx2_rows(int32_t acc[][RF_Q8_NR], const int8_t *qa, const ptrdiff_t rows,
-                ptrdiff_t Kp, const int8_t *panel) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i sum[RF_Q8_ROWS];
-    for (ptrdiff_t r = 0; r < rows; r++) sum[r] = _mm256_setzero_si256();
-    for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(panel + g * RF_Q8_NR));
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            int32_t four;
-            memcpy(&four, qa + r * Kp + g, sizeof four);
-            __m256i a = _mm256_set1_epi32(four);
-            __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a));
-            sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, ones));
-        }
+/* The same sums with SIMD, one kernel body for every instruction set: rows is a constant
+ * where it is inlined, so that the sums stay in registers; a single row keeps two chains
+ * (alternate groups of k) to hide the multiply-add's latency. PANEL_START, PANEL_STEP and
+ * PANEL_END give the instructions (the integer sums are exact, in any order). */
+#define PANEL_KERNEL(name, isa)                                                      \
+    __attribute__((target(isa), always_inline)) static inline void name##_rows(      \
+        int32_t acc[][RF_Q8_NR], const int8_t *qa, const ptrdiff_t rows, ptrdiff_t Kp,  \
+        const int8_t *panel, const int32_t *sums) {                                     \
+        PANEL_START;                                                                    \
+        __m256i sum[RF_Q8_ROWS], odd = _mm256_setzero_si256();                          \
+        for (ptrdiff_t r = 0; r < rows; r++) sum[r] = _mm256_setzero_si256();          \
+        ptrdiff_t g = 0;                                                                \
+        if (rows == 1)                                                                  \
+            for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {                         \
+                PANEL_STEP(sum[0], 0, g);                                               \
+                PANEL_STEP(odd, 0, g + RF_Q8_KG);                                       \
+            }                                                                           \
+        for (; g < Kp; g += RF_Q8_KG)                                                   \
+            for (ptrdiff_t r = 0; r < rows; r++) PANEL_STEP(sum[r], r, g);              \
+        sum[0] = _mm256_add_epi32(sum[0], odd);                                         \
+        for (ptrdiff_t r = 0; r < rows; r++)                                            \
+            _mm256_storeu_si256((__m256i *)acc[r], PANEL_END(sum[r]));                  \
+    }                                                                                   \
+    __attribute__((target(isa))) static void name(int32_t acc[][RF_Q8_NR],          \
+                                                     const int8_t *qa, ptrdiff_t rows,  \
+                                                     ptrdiff_t Kp, const int8_t *panel, \
+                                                     const int32_t *sums) {             \
+        switch (rows) {                                                                 \
+        case 4: name##_rows(acc, qa, 4, Kp, panel, sums); break;                        \
+        case 3: name##_rows(acc, qa, 3, Kp, panel, sums); break;                        \
+        case 2: name##_rows(acc, qa, 2, Kp, panel, sums); break;                        \
+        default: name##_rows(acc, qa, 1, Kp, panel, sums); break;                       \
+        }                                                                               \
     }
-    for (ptrdiff_t r = 0; r < rows; r++) _mm256_storeu_si256((__m256i *)acc[r], sum[r]);
-}
 
-__attribute__((target("avx2"))) static void panel_avx2(int32_t acc[][RF_Q8_NR],
-                                                       const int8_t *qa, ptrdiff_t rows,
-                                                       ptrdiff_t Kp, const int8_t *panel) {
-    switch (rows) {
-    case 4: panel_avx2_rows(acc, qa, 4, Kp, panel); break;
-    case 3: panel_avx2_rows(acc, qa, 3, Kp, panel); break;
-    case 2: panel_avx2_rows(acc, qa, 2, Kp, panel); break;
-    default: panel_avx2_rows(acc, qa, 1, Kp, panel); break;
-    }
-}
+/* Four a's of row r, from k = g, in every 32-bit lane. */
+#define BROADCAST_A(r, g)                                                               \
+    ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_);                \
+       _mm256_set1_epi32(four_); })
+#define PANEL_W(g) _mm256_loadu_si256((const __m256i *)(panel + (g) * RF_Q8_NR))
+
+/* AVX2: vpmaddubsw multiplies |a| (unsigned) by w with a's sign moved onto it (vpsignb);
+ * |a|, |w| <= 127, so a pair of products stays within 2*127*127 < 2^15 and never
+ * saturates; vpmaddwd then widens the pairs into int32. */
+#define PANEL_START const __m256i ones = _mm256_set1_epi16(1); (void)sums
+#define PANEL_STEP(s, r, g)                                                             \
+    do {                                                                                \
+        __m256i a_ = BROADCAST_A(r, g), w_ = PANEL_W(g);                                \
+        __m256i pairs_ = _mm256_maddubs_epi16(_mm256_abs_epi8(a_), _mm256_sign_epi8(w_, a_)); \
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs_, ones));                       \
+    } while (0)
+#define PANEL_END(s) (s)
+PANEL_KERNEL(panel_avx2, "avx2")
+#undef PANEL_START
+#undef PANEL_STEP
+#undef PANEL_END
+
+/* VNNI: vpdpbusd sums four u8 x s8 products into int32 without saturation. a's rows come
+ * offset to unsigned, a + 128 (qa ^ 0x80), so each sum holds 128 * (its column's sum)
+ * too, taken off at the end. */
+#define PANEL_START                                                                     \
+    const __m256i offset = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)sums), 7)
+#define PANEL_END(s) _mm256_sub_epi32(s, offset)
+#define PANEL_STEP(s, r, g) s = _mm256_dpbusd_epi32(s, BROADCAST_A(r, g), PANEL_W(g))
+PANEL_KERNEL(panel_avx512vnni, "avx2,avx512vnni,avx512vl")
+#undef PANEL_STEP
+#define PANEL_STEP(s, r, g) s = _mm256_dpbusd_avx_epi32(s, BROADCAST_A(r, g), PANEL_W(g))
+PANEL_KERNEL(panel_avxvnni, "avx2,avxvnni")
+#undef PANEL_START
+#undef PANEL_STEP
+#undef PANEL_END
 #endif
+
+typedef void (*panel_fn)(int32_t acc[][RF_Q8_NR], const int8_t *qa, ptrdiff_t rows,
+                         ptrdiff_t Kp, const int8_t *panel, const int32_t *sums);
+
+/* The panel kernel of a code path (rf_q8_gemm's avx2), and whether it takes a + 128. */
+static panel_fn panel_kernel(int avx2, int *offset) {
+    *offset = 0;
+#if RF_HAVE_AVX2
+    if (avx2 == 2 && rf_q8_cpu_vnni()) {
+        *offset = 1;
+        return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")
+                   ? panel_avx512vnni
+                   : panel_avxvnni;
+    }
+    if (avx2) return panel_avx2;
+#endif
+    return panel_portable;
+}
 
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                 const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int avx2) {
@@ -209,21 +305,21 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
     float sa[RF_Q8_ROWS];
     int32_t acc[RF_Q8_ROWS][RF_Q8_NR];
     const int8_t *panels = W->packed;
-    (void)avx2;
+    int offset;
+    panel_fn panel_product = panel_kernel(avx2, &offset);
     for (ptrdiff_t r0 = 0; r0 < M; r0 += RF_Q8_ROWS) {
         ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
         for (ptrdiff_t r = 0; r < rows; r++) {
-            sa[r] = rf_q8_quantize(qa + r * Kp, A + (r0 + r) * lda, K);
-            memset(qa + r * Kp + K, 0, (size_t)(Kp - K));
+            int8_t *q = qa + r * Kp;
+            sa[r] = quantize(q, A + (r0 + r) * lda, K, avx2);
+            memset(q + K, 0, (size_t)(Kp - K));
+            if (offset)
+                for (ptrdiff_t k = 0; k < Kp; k++) q[k] = (int8_t)((uint8_t)q[k] ^ 0x80);
         }
         for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_Q8_NR) {
             const int8_t *panel = panels + n0 / RF_Q8_NR * W->panel_stride;
             ptrdiff_t cols = N - n0 < RF_Q8_NR ? N - n0 : RF_Q8_NR;
-#if RF_HAVE_AVX2
-            if (avx2) panel_avx2(acc, qa, rows, Kp, panel);
-            else
-#endif
-                panel_portable(acc, qa, rows, Kp, panel);
+            panel_product(acc, qa, rows, Kp, panel, W->sums + n0);
             for (ptrdiff_t r = 0; r < rows; r++)
                 rescale(acc[r], sa[r], W->scales + n0, cols, accumulate,
                         C + (r0 + r) * ldc + n0);

@@ -13,7 +13,10 @@ from rnnfuse.layers import GRU, LSTM, RNN, Linear
 from rnnfuse.quantized import QuantizedGRU, QuantizedLSTM, quantize
 
 HAVE_AVX2 = _kernels.simd_path().startswith("x86-64-v3")
-PATHS = ["avx2", "portable"] if HAVE_AVX2 else ["portable"]
+HAVE_VNNI = _kernels.set_int8_vnni(True)
+# the int8 products' code paths: (kernel, VNNI instructions on or off)
+PATHS = ([("avx2", True)] if HAVE_VNNI else []) + ([("avx2", False)] if HAVE_AVX2 else []) \
+    + [("portable", False)]
 CELLS = [(LSTM, {}), (GRU, {"linear_before_reset": True}),
          (GRU, {"linear_before_reset": False}), (RNN, {"nonlinearity": "tanh"}),
          (RNN, {"nonlinearity": "relu"})]
@@ -21,12 +24,18 @@ CELL_IDS = ["lstm", "gru_lbr", "gru_orig", "rnn_tanh", "rnn_relu"]
 MAX_ERROR = 0.05
 
 
-@pytest.fixture(params=PATHS)
+def _use(path):
+    _kernels.set_kernel(path[0])
+    _kernels.set_int8_vnni(path[1])
+
+
+@pytest.fixture(params=PATHS, ids=["-".join(map(str, p)) for p in PATHS])
 def path(request):
     before = _kernels.kernel()
-    _kernels.set_kernel(request.param)
+    _use(request.param)
     yield request.param
     _kernels.set_kernel(before)
+    _kernels.set_int8_vnni(True)
 
 
 def np_quantize(a):
@@ -95,10 +104,11 @@ def test_int8_product_same_bits_on_every_path():
     before, got = _kernels.kernel(), []
     try:
         for p in PATHS:
-            _kernels.set_kernel(p)
+            _use(p)
             got.append(_kernels.q8_product(a, w))
     finally:
         _kernels.set_kernel(before)
+        _kernels.set_int8_vnni(True)
     for g in got[1:]:
         np.testing.assert_array_equal(g, got[0])
 

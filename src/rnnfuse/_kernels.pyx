@@ -27,6 +27,7 @@ cdef extern from "rnnfuse.h" nogil:
         rf_threads_fn num_threads
         int avx2
         int invariant
+        int vnni
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
     int rf_threads(const rf_runtime *rt)
     int rf_choose_kernel(const char *request)

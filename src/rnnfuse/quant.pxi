@@ -8,6 +8,7 @@ cdef extern from "rnnfuse.h" nogil:
         const void *packed
         Py_ssize_t panel_stride
         const float *scales
+        const int32_t *sums
     enum: RF_Q8_MAX_K
     Py_ssize_t rf_q8_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr)
     void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
@@ -15,10 +16,20 @@ cdef extern from "rnnfuse.h" nogil:
     int rf_q8_prepared(rf_weight W[3], const void *prepacked, Py_ssize_t G, Py_ssize_t H,
                        Py_ssize_t I, int lbr)
     float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K)
+    int rf_q8_cpu_vnni()
     void rf_q8_gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t lda,
                     const rf_weight *W, int accumulate, float *C, Py_ssize_t ldc, int avx2)
 
 Q8_MAX_SIZE = RF_Q8_MAX_K
+_rt.vnni = rf_q8_cpu_vnni()
+
+
+def set_int8_vnni(bint on):
+    """For tests and measurements: with True (the default where the CPU has them), int8
+    products on the "avx2" path use the VNNI instructions; False: AVX2's. Process-wide,
+    as set_kernel. Returns whether VNNI now runs."""
+    _rt.vnni = on and rf_q8_cpu_vnni()
+    return bool(_rt.vnni)
 
 
 cdef int _q8_sizes(Py_ssize_t I, Py_ssize_t H) except -1:
@@ -136,5 +147,6 @@ def q8_product(a, w, c=None):
         raise ValueError(f"c must be ({M}, {N}), got {out.shape}")
     cdef float[:, ::1] cv = out
     with nogil:
-        rf_q8_gemm(M, N, K, &av[0, 0], K, &W[2], c is not None, &cv[0, 0], N, _rt.avx2)
+        rf_q8_gemm(M, N, K, &av[0, 0], K, &W[2], c is not None, &cv[0, 0], N,
+                   2 if _rt.avx2 and _rt.vnni else _rt.avx2)
     return out
