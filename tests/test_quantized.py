@@ -220,3 +220,40 @@ def test_q8_forward_refuses_foreign_packed():
             _kernels.q8_forward("rnn", x, None, None, bad, None, None, plan, ws, 12, 24)
     with pytest.raises(ValueError, match="q8_pack_weights' array"):  # other sizes
         _kernels.q8_forward("lstm", x, None, None, q._packed[0], None, None, plan, ws, 12, 24)
+
+
+@pytest.mark.parametrize("cls,kw", CELLS, ids=CELL_IDS)
+def test_quantized_stream_and_pool_match_forward_bit_for_bit(path, cls, kw):
+    rng = np.random.default_rng(7)
+    q = _layer(cls, kw, num_layers=2).quantized()
+    x = rng.standard_normal((6, 3, 12)).astype(np.float32)
+    state = q(x[:2])[1]
+    y = q(x, state)[0]
+    stream = q.stream(3, state)
+    np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(6)]), y)
+    pool = q.stream_pool(5)
+    parts = state if isinstance(state, tuple) else (state,)
+    ids = [pool.open(tuple(p[:, b:b + 1] for p in parts) if len(parts) == 2
+                     else parts[0][:, b:b + 1]) for b in range(3)]
+    got = [pool.step(ids, x[0])]
+    pool.close(ids[1])  # the others go on alone, with the same numbers
+    got += [pool.step([ids[0], ids[2]], x[t][[0, 2]]) for t in range(1, 6)]
+    np.testing.assert_array_equal(got[0], y[0])
+    np.testing.assert_array_equal(np.stack(got[1:]), y[1:, [0, 2]])
+
+
+def test_quantized_stream_refusals():
+    q = _layer(LSTM, {}).quantized()
+    with pytest.raises(ValueError, match="bidirectional layer cannot be streamed"):
+        _layer(LSTM, {}, bidirectional=True).quantized().stream()
+    weights = q._stream_weights()
+    with pytest.raises(TypeError, match="int8 weights run float32 only"):
+        _kernels.Stream("lstm", False, np.float64, 1, weights, int8=True)
+    bad = [[weights[0][0], 11, None, None]]
+    with pytest.raises(ValueError, match="q8_pack_weights' array"):
+        _kernels.StreamPool("lstm", False, np.float32, 2, bad, int8=True)
+    with pytest.raises(ValueError, match="q8_pack_weights' array"):
+        _kernels.Stream("gru", False, np.float32, 1, weights, int8=True)
+    with pytest.raises(ValueError, match="b_ih"):
+        _kernels.Stream("lstm", False, np.float32, 1,
+                        [[weights[0][0], 12, np.zeros(3, np.float32), None]], int8=True)

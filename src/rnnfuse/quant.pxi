@@ -150,3 +150,22 @@ def q8_product(a, w, c=None):
         rf_q8_gemm(M, N, K, &av[0, 0], K, &W[2], c is not None, &cv[0, 0], N,
                    2 if _rt.avx2 and _rt.vnni else _rt.avx2)
     return out
+
+
+cdef tuple _q8_stream_sizes(str who, const rf_cell *spec, bint option, list weights):
+    """_stream_sizes for int8 weights: per layer (packed, input size, b_ih, b_hh)."""
+    cdef Py_ssize_t G = spec.gates, H = -1, I = -1, l
+    cdef bint lbr = option and spec.id == RF_GRU
+    for l, (packed, n_in, b_ih, b_hh) in enumerate(weights):
+        if l == 0:
+            I = n_in
+            if (isinstance(packed, np.ndarray) and packed.dtype == np.uint8
+                    and packed.ndim == 1 and packed.size >= 64):
+                H = packed[:56].view(np.int64)[4]  # the header's H, checked just below
+        if n_in != (I if l == 0 else H):
+            raise ValueError(f"{who}: layer {l}'s input size is {n_in}, expected "
+                             f"{I if l == 0 else H}")
+        _q8_packed(packed, G, H, n_in, lbr)
+        _buf(b_ih, G * H, cnp.NPY_FLOAT, "b_ih", _OPTIONAL)
+        _buf(b_hh, G * H, cnp.NPY_FLOAT, "b_hh", _OPTIONAL)
+    return I, H

@@ -22,6 +22,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from . import _kernels
 from . import functional as F
+from ._checks import check_int as _check_int
 from .layers import GRU, LSTM, RNN, _RNNBase
 
 __all__ = ["quantize", "QuantizedLSTM", "QuantizedGRU", "QuantizedRNN"]
@@ -84,6 +85,30 @@ class _Quantized(_RNNBase):
                                           plan, ws, I, H, self._option)
         F._keep_spare(ws)
         return y, (h_n, c_n) if lstm else (h_n,), None
+
+    def stream(self, batch_size: int = 1, state: Any = None) -> _kernels.Stream:
+        """A Stream of this layer (see LSTM.stream), on its int8 weights: its steps give
+        this layer's forward, bit for bit."""
+        B = _check_int("batch_size", batch_size, 0)
+        s = _kernels.Stream(self._cell, self._option, self.dtype, B, self._stream_weights(),
+                            int8=True)
+        s.reset(state)
+        return s
+
+    def stream_pool(self, capacity: int) -> _kernels.StreamPool:
+        """A StreamPool of this layer (see LSTM.stream_pool), on its int8 weights."""
+        C = _check_int("capacity", capacity, 1)
+        return _kernels.StreamPool(self._cell, self._option, self.dtype, C,
+                                   self._stream_weights(), int8=True)
+
+    def _stream_weights(self) -> list[list[Any]]:
+        """Per layer, (packed int8 weights, input size, b_ih, b_hh) for a stream or a pool
+        (the layer's own read-only arrays: its weights never change)."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional layer cannot be streamed: its reverse "
+                             "direction needs the whole sequence")
+        return [[self._packed[layer], self.input_size if layer == 0 else self.hidden_size,
+                 *self._weights(layer, 0)[2:]] for layer in range(self.num_layers)]
 
     def backward(self, dy: Any, dstate: Any = None) -> Any:
         raise RuntimeError(f"{type(self).__name__} is inference only: it has no backward")

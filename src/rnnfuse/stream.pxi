@@ -14,6 +14,30 @@ cdef void *_data(a):
     return cnp.PyArray_DATA(a) if a is not None and a.size else NULL
 
 
+cdef tuple _stream_sizes(str who, const rf_cell *spec, bint option, int typenum,
+                         list weights, bint int8):
+    """(input size, hidden size) of a stream's or a pool's weights, after checking what
+    keeps C inside its buffers. weights: per layer (w_ih, w_hh, b_ih, b_hh), C-contiguous
+    arrays of the dtype (biases may be None); with int8 (float32 only), per layer
+    (q8_pack_weights' array, input size, b_ih, b_hh), and the hidden size from b_ih's
+    length or, without biases, from the packed array's header check."""
+    cdef Py_ssize_t G = spec.gates, H, I, l
+    if int8:
+        if typenum != cnp.NPY_FLOAT:
+            raise TypeError(f"{who}: int8 weights run float32 only")
+        return _q8_stream_sizes(who, spec, option, weights)
+    H = weights[0][1].shape[1]
+    I = weights[0][0].shape[1]
+    for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
+            raise ValueError(f"{who}: layer {l}'s w_ih has shape {w_ih.shape}")
+        _buf(w_ih, G * H * w_ih.shape[1], typenum, "w_ih", _REQUIRED)
+        _buf(w_hh, G * H * H, typenum, "w_hh", _REQUIRED)
+        _buf(b_ih, G * H, typenum, "b_ih", _OPTIONAL)
+        _buf(b_hh, G * H, typenum, "b_hh", _OPTIONAL)
+    return I, H
+
+
 cdef class Stream:
     """A unidirectional layer stepped one timestep at a time, its state kept between calls.
 
@@ -41,10 +65,9 @@ cdef class Stream:
         if self.lock == NULL:
             raise MemoryError()
 
-    def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights):
-        """Internal: use ``layer.stream()``. weights: per layer (w_ih, w_hh, b_ih, b_hh),
-        C-contiguous arrays of dtype (biases may be None); checked again here for what keeps
-        C inside its buffers."""
+    def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights,
+                 bint int8=False):
+        """Internal: use ``layer.stream()``. weights: see _stream_sizes."""
         cdef Py_ssize_t l, k, B = batch_size, G, H, I
         cdef const rf_cell *spec = _cell(cell) if cell in CELLS else NULL
         cdef rf_forward_bufs *call
@@ -58,15 +81,7 @@ cdef class Stream:
         self.dtype = np.dtype(dtype)
         self.typenum = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
         G = spec.gates
-        H = weights[0][1].shape[1]
-        I = weights[0][0].shape[1]
-        for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-            if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
-                raise ValueError(f"Stream: layer {l}'s w_ih has shape {w_ih.shape}")
-            _buf(w_ih, G * H * w_ih.shape[1], self.typenum, "w_ih", _REQUIRED)
-            _buf(w_hh, G * H * H, self.typenum, "w_hh", _REQUIRED)
-            _buf(b_ih, G * H, self.typenum, "b_ih", _OPTIONAL)
-            _buf(b_hh, G * H, self.typenum, "b_hh", _OPTIONAL)
+        I, H = _stream_sizes("Stream", spec, self.option, self.typenum, weights, int8)
         self.batch_size, self.hidden_size, self.num_layers = B, H, len(weights)
         self.input_size = I
         self._n_states = spec.states
@@ -78,9 +93,9 @@ cdef class Stream:
             raise MemoryError()
         self._keep, self._h, self._c = [], [], []  # the arrays the C pointers point into
         for l, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-            I = w_ih.shape[1]
+            I = w_hh if int8 else w_ih.shape[1]
             ws = aligned_empty(workspace_size(cell, self._plan_obj, I, H, False), self.dtype)
-            packed = pack_weights(w_ih, w_hh, G, self.option)
+            packed = w_ih if int8 else pack_weights(w_ih, w_hh, G, self.option)
             y = np.zeros((B, H), self.dtype)
             h = [np.zeros((B, H), self.dtype) for _ in range(2)]
             c = [np.zeros((B, H), self.dtype) for _ in range(2)]
@@ -91,7 +106,8 @@ cdef class Stream:
             self.layers[l].y = _data(y)
             for k in range(2):  # read state k, write state 1-k
                 call = &self.layers[l].call[k]
-                call.w_ih, call.w_hh = _data(w_ih), _data(w_hh)
+                if not int8:  # (int8: never read, packed holds the weights)
+                    call.w_ih, call.w_hh = _data(w_ih), _data(w_hh)
                 call.b_ih, call.b_hh = _data(b_ih), _data(b_hh)
                 call.packed = _data(packed)
                 call.ws = _data(ws)
