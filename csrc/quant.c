@@ -181,7 +181,17 @@ int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t
 
 /* ---- the product: acc[r][n] = sum_k qa[r][k] qw[k][n], exact in int32 ---- */
 
-/* Writes one output row's columns from their int32 sums. */
+/* A tile's rows: quantized rows qa (stride Kp) and their scales, and where their products
+ * go. */
+typedef struct {
+    const int8_t *qa;
+    const float *sa;
+    ptrdiff_t Kp, N, ldc;
+    float *C;
+    int accumulate;
+} q8_rows;
+
+/* Writes one output row's columns from their int32 sums: c (+)= acc * (sa * sw). */
 static void rescale(const int32_t *acc, float sa, const float *sw, ptrdiff_t cols,
                     int accumulate, float *c) {
     for (ptrdiff_t n = 0; n < cols; n++) {
@@ -190,55 +200,94 @@ static void rescale(const int32_t *acc, float sa, const float *sw, ptrdiff_t col
     }
 }
 
-/* rows (at most RF_Q8_ROWS) quantized rows qa (stride Kp) times one panel. */
-static void panel_portable(int32_t acc[][RF_Q8_NR], const int8_t *qa, ptrdiff_t rows,
-                           ptrdiff_t Kp, const int8_t *panel, const int32_t *sums) {
-    (void)sums;
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        int32_t sum[RF_Q8_NR] = {0};
-        for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
-            const int8_t *w = panel + g * RF_Q8_NR, *a = qa + r * Kp + g;
-            for (int n = 0; n < RF_Q8_NR; n++)
-                for (int k = 0; k < RF_Q8_KG; k++)
-                    sum[n] += (int32_t)a[k] * w[n * RF_Q8_KG + k];
+/* rows (at most RF_Q8_ROWS) of the product, every panel of W. */
+static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *W) {
+    for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {
+        const int8_t *panel = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride;
+        ptrdiff_t cols = t->N - n0 < RF_Q8_NR ? t->N - n0 : RF_Q8_NR;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            int32_t sum[RF_Q8_NR] = {0};
+            for (ptrdiff_t g = 0; g < t->Kp; g += RF_Q8_KG) {
+                const int8_t *w = panel + g * RF_Q8_NR, *a = t->qa + r * t->Kp + g;
+                for (int n = 0; n < RF_Q8_NR; n++)
+                    for (int k = 0; k < RF_Q8_KG; k++)
+                        sum[n] += (int32_t)a[k] * w[n * RF_Q8_KG + k];
+            }
+            rescale(sum, t->sa[r], W->scales + n0, cols, t->accumulate,
+                    t->C + r * t->ldc + n0);
         }
-        memcpy(acc[r], sum, sizeof sum);
     }
 }
 
 #if RF_HAVE_AVX2
-/* The same sums with SIMD, one kernel body for every instruction set: rows is a constant
- * where it is inlined, so that the sums stay in registers; a single row keeps two chains
- * (alternate groups of k) to hide the multiply-add's latency. PANEL_START, PANEL_STEP and
- * PANEL_END give the instructions (the integer sums are exact, in any order). */
-#define PANEL_KERNEL(name, isa)                                                      \
-    __attribute__((target(isa), always_inline)) static inline void name##_rows(      \
-        int32_t acc[][RF_Q8_NR], const int8_t *qa, const ptrdiff_t rows, ptrdiff_t Kp,  \
-        const int8_t *panel, const int32_t *sums) {                                     \
-        PANEL_START;                                                                    \
-        __m256i sum[RF_Q8_ROWS], odd = _mm256_setzero_si256();                          \
-        for (ptrdiff_t r = 0; r < rows; r++) sum[r] = _mm256_setzero_si256();          \
-        ptrdiff_t g = 0;                                                                \
-        if (rows == 1)                                                                  \
-            for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {                         \
-                PANEL_STEP(sum[0], 0, g);                                               \
-                PANEL_STEP(odd, 0, g + RF_Q8_KG);                                       \
-            }                                                                           \
-        for (; g < Kp; g += RF_Q8_KG)                                                   \
-            for (ptrdiff_t r = 0; r < rows; r++) PANEL_STEP(sum[r], r, g);              \
-        sum[0] = _mm256_add_epi32(sum[0], odd);                                         \
-        for (ptrdiff_t r = 0; r < rows; r++)                                            \
-            _mm256_storeu_si256((__m256i *)acc[r], PANEL_END(sum[r]));                  \
+/* The same with SIMD, one body for every instruction set (PRODUCT_KERNEL): tiles of rows
+ * x two panels (16 columns), the sums in registers (rows is a constant where it is
+ * inlined); a single row keeps two chains per panel (alternate groups of k) to hide the
+ * multiply-add's latency. PANEL_STEP and PANEL_END give the instructions (the integer
+ * sums are exact in any order); the rescale rounds as rescale() does. */
+#define PRODUCT_KERNEL(name, isa)                                                       \
+    __attribute__((target(isa), always_inline)) static inline void name##_store(       \
+        __m256i acc, float sa, const float *sw, ptrdiff_t cols, int accumulate,         \
+        float *c) {                                                                     \
+        if (cols < RF_Q8_NR) {                                                          \
+            int32_t part[RF_Q8_NR];                                                     \
+            _mm256_storeu_si256((__m256i *)part, acc);                                  \
+            rescale(part, sa, sw, cols, accumulate, c);                                 \
+            return;                                                                     \
+        }                                                                               \
+        __m256 scale = _mm256_mul_ps(_mm256_set1_ps(sa), _mm256_loadu_ps(sw));          \
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);                       \
+        if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(c), v);                       \
+        _mm256_storeu_ps(c, v);                                                         \
     }                                                                                   \
-    __attribute__((target(isa))) static void name(int32_t acc[][RF_Q8_NR],          \
-                                                     const int8_t *qa, ptrdiff_t rows,  \
-                                                     ptrdiff_t Kp, const int8_t *panel, \
-                                                     const int32_t *sums) {             \
+    __attribute__((target(isa), always_inline)) static inline void name##_rows(        \
+        const q8_rows *t, const ptrdiff_t rows, const rf_weight *W) {                   \
+        ptrdiff_t Kp = t->Kp;                                                           \
+        const int8_t *qa = t->qa;                                                       \
+        for (ptrdiff_t n0 = 0; n0 < t->N; n0 += 2 * RF_Q8_NR) {                          \
+            const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride; \
+            int two = n0 + RF_Q8_NR < t->N;                                             \
+            const int8_t *p1 = two ? p0 + W->panel_stride : p0;                         \
+            __m256i sum[RF_Q8_ROWS][2], odd[2];                                         \
+            odd[0] = odd[1] = _mm256_setzero_si256();                                   \
+            for (ptrdiff_t r = 0; r < rows; r++)                                        \
+                sum[r][0] = sum[r][1] = _mm256_setzero_si256();                         \
+            ptrdiff_t g = 0;                                                            \
+            if (rows == 1)                                                              \
+                for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {                     \
+                    __m256i a0 = BROADCAST_A(0, g), a1 = BROADCAST_A(0, g + RF_Q8_KG);  \
+                    PANEL_STEP(sum[0][0], a0, PANEL_W(p0, g));                          \
+                    PANEL_STEP(sum[0][1], a0, PANEL_W(p1, g));                          \
+                    PANEL_STEP(odd[0], a1, PANEL_W(p0, g + RF_Q8_KG));                  \
+                    PANEL_STEP(odd[1], a1, PANEL_W(p1, g + RF_Q8_KG));                  \
+                }                                                                       \
+            for (; g < Kp; g += RF_Q8_KG) {                                             \
+                __m256i w0 = PANEL_W(p0, g), w1 = PANEL_W(p1, g);                       \
+                for (ptrdiff_t r = 0; r < rows; r++) {                                  \
+                    __m256i a = BROADCAST_A(r, g);                                      \
+                    PANEL_STEP(sum[r][0], a, w0);                                       \
+                    PANEL_STEP(sum[r][1], a, w1);                                       \
+                }                                                                       \
+            }                                                                           \
+            sum[0][0] = _mm256_add_epi32(sum[0][0], odd[0]);                            \
+            sum[0][1] = _mm256_add_epi32(sum[0][1], odd[1]);                            \
+            for (int h = 0; h <= two; h++) {                                            \
+                ptrdiff_t n = n0 + h * RF_Q8_NR;                                        \
+                ptrdiff_t cols = t->N - n < RF_Q8_NR ? t->N - n : RF_Q8_NR;             \
+                for (ptrdiff_t r = 0; r < rows; r++)                                    \
+                    name##_store(PANEL_END(sum[r][h], W->sums + n), t->sa[r],           \
+                                 W->scales + n, cols, t->accumulate,                    \
+                                 t->C + r * t->ldc + n);                                \
+            }                                                                           \
+        }                                                                               \
+    }                                                                                   \
+    __attribute__((target(isa))) static void name(const q8_rows *t, ptrdiff_t rows,     \
+                                                  const rf_weight *W) {                 \
         switch (rows) {                                                                 \
-        case 4: name##_rows(acc, qa, 4, Kp, panel, sums); break;                        \
-        case 3: name##_rows(acc, qa, 3, Kp, panel, sums); break;                        \
-        case 2: name##_rows(acc, qa, 2, Kp, panel, sums); break;                        \
-        default: name##_rows(acc, qa, 1, Kp, panel, sums); break;                       \
+        case 4: name##_rows(t, 4, W); break;                                    \
+        case 3: name##_rows(t, 3, W); break;                                            \
+        case 2: name##_rows(t, 2, W); break;                                            \
+        default: name##_rows(t, 1, W); break;                                           \
         }                                                                               \
     }
 
@@ -246,56 +295,48 @@ static void panel_portable(int32_t acc[][RF_Q8_NR], const int8_t *qa, ptrdiff_t 
 #define BROADCAST_A(r, g)                                                               \
     ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_);                \
        _mm256_set1_epi32(four_); })
-#define PANEL_W(g) _mm256_loadu_si256((const __m256i *)(panel + (g) * RF_Q8_NR))
+#define PANEL_W(panel, g) _mm256_loadu_si256((const __m256i *)((panel) + (g) * RF_Q8_NR))
 
 /* AVX2: vpmaddubsw multiplies |a| (unsigned) by w with a's sign moved onto it (vpsignb);
  * |a|, |w| <= 127, so a pair of products stays within 2*127*127 < 2^15 and never
  * saturates; vpmaddwd then widens the pairs into int32. */
-#define PANEL_START const __m256i ones = _mm256_set1_epi16(1); (void)sums
-#define PANEL_STEP(s, r, g)                                                             \
-    do {                                                                                \
-        __m256i a_ = BROADCAST_A(r, g), w_ = PANEL_W(g);                                \
-        __m256i pairs_ = _mm256_maddubs_epi16(_mm256_abs_epi8(a_), _mm256_sign_epi8(w_, a_)); \
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs_, ones));                       \
-    } while (0)
-#define PANEL_END(s) (s)
-PANEL_KERNEL(panel_avx2, "avx2")
-#undef PANEL_START
+#define PANEL_STEP(s, a, w)                                                             \
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(                    \
+            _mm256_abs_epi8(a), _mm256_sign_epi8(w, a)), _mm256_set1_epi16(1)))
+#define PANEL_END(s, sums) (s)
+PRODUCT_KERNEL(product_avx2, "avx2")
 #undef PANEL_STEP
 #undef PANEL_END
 
 /* VNNI: vpdpbusd sums four u8 x s8 products into int32 without saturation. a's rows come
  * offset to unsigned, a + 128 (qa ^ 0x80), so each sum holds 128 * (its column's sum)
  * too, taken off at the end. */
-#define PANEL_START                                                                     \
-    const __m256i offset = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)sums), 7)
-#define PANEL_END(s) _mm256_sub_epi32(s, offset)
-#define PANEL_STEP(s, r, g) s = _mm256_dpbusd_epi32(s, BROADCAST_A(r, g), PANEL_W(g))
-PANEL_KERNEL(panel_avx512vnni, "avx2,avx512vnni,avx512vl")
+#define PANEL_END(s, sums) \
+    _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sums)), 7))
+#define PANEL_STEP(s, a, w) s = _mm256_dpbusd_epi32(s, a, w)
+PRODUCT_KERNEL(product_avx512vnni, "avx2,avx512vnni,avx512vl")
 #undef PANEL_STEP
-#define PANEL_STEP(s, r, g) s = _mm256_dpbusd_avx_epi32(s, BROADCAST_A(r, g), PANEL_W(g))
-PANEL_KERNEL(panel_avxvnni, "avx2,avxvnni")
-#undef PANEL_START
+#define PANEL_STEP(s, a, w) s = _mm256_dpbusd_avx_epi32(s, a, w)
+PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 #undef PANEL_STEP
 #undef PANEL_END
 #endif
 
-typedef void (*panel_fn)(int32_t acc[][RF_Q8_NR], const int8_t *qa, ptrdiff_t rows,
-                         ptrdiff_t Kp, const int8_t *panel, const int32_t *sums);
+typedef void (*product_fn)(const q8_rows *t, ptrdiff_t rows, const rf_weight *W);
 
-/* The panel kernel of a code path (rf_q8_gemm's avx2), and whether it takes a + 128. */
-static panel_fn panel_kernel(int avx2, int *offset) {
+/* The product kernel of a code path (rf_q8_gemm's avx2), and whether it takes a + 128. */
+static product_fn product_kernel(int avx2, int *offset) {
     *offset = 0;
 #if RF_HAVE_AVX2
     if (avx2 == 2 && rf_q8_cpu_vnni()) {
         *offset = 1;
         return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")
-                   ? panel_avx512vnni
-                   : panel_avxvnni;
+                   ? product_avx512vnni
+                   : product_avxvnni;
     }
-    if (avx2) return panel_avx2;
+    if (avx2) return product_avx2;
 #endif
-    return panel_portable;
+    return product_portable;
 }
 
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
@@ -303,10 +344,8 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
     ptrdiff_t Kp = k_padded(K);
     int8_t qa[RF_Q8_ROWS * RF_Q8_MAX_K];
     float sa[RF_Q8_ROWS];
-    int32_t acc[RF_Q8_ROWS][RF_Q8_NR];
-    const int8_t *panels = W->packed;
     int offset;
-    panel_fn panel_product = panel_kernel(avx2, &offset);
+    product_fn product = product_kernel(avx2, &offset);
     for (ptrdiff_t r0 = 0; r0 < M; r0 += RF_Q8_ROWS) {
         ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
         for (ptrdiff_t r = 0; r < rows; r++) {
@@ -316,13 +355,7 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
             if (offset)
                 for (ptrdiff_t k = 0; k < Kp; k++) q[k] = (int8_t)((uint8_t)q[k] ^ 0x80);
         }
-        for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_Q8_NR) {
-            const int8_t *panel = panels + n0 / RF_Q8_NR * W->panel_stride;
-            ptrdiff_t cols = N - n0 < RF_Q8_NR ? N - n0 : RF_Q8_NR;
-            panel_product(acc, qa, rows, Kp, panel, W->sums + n0);
-            for (ptrdiff_t r = 0; r < rows; r++)
-                rescale(acc[r], sa[r], W->scales + n0, cols, accumulate,
-                        C + (r0 + r) * ldc + n0);
-        }
+        q8_rows tile = {qa, sa, Kp, N, ldc, C + r0 * ldc, accumulate};
+        product(&tile, rows, W);
     }
 }
