@@ -24,12 +24,16 @@
 
 /* A panel: RF_Q8_NR columns of op(W); within it, groups of RF_Q8_KG consecutive k, each
  * group RF_Q8_NR * RF_Q8_KG bytes (column-major inside the group: 4 k of column 0, ...),
- * one 256-bit load. K is padded with zeros to whole groups, N to whole panels. */
-#define RF_Q8_NR 8
+ * one 512-bit load or two 256-bit ones. K is padded with zeros to whole groups, N to
+ * whole panels. */
+#define RF_Q8_NR 16
+#define RF_Q8_HALF 8  /* columns of a 256-bit register */
 #define RF_Q8_KG 4
 #define RF_Q8_ALIGN 64
-/* Rows of A quantized at once (a stack buffer of K up to RF_Q8_MAX_K each). */
-#define RF_Q8_ROWS 4
+/* Rows of A quantized at once (a stack buffer of K up to RF_Q8_MAX_K each); the 256-bit
+ * kernels take them RF_Q8_ROWS_256 at a time. */
+#define RF_Q8_ROWS 8
+#define RF_Q8_ROWS_256 4
 
 static const char q8_tag[24] = "rnnfuse int8 weights 1";
 
@@ -103,12 +107,18 @@ float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K) {
     return quantize_base(q, a, K);
 }
 
+#if RF_HAVE_AVX2
+static int avx512_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+#endif
+
 int rf_q8_cpu_vnni(void) {
 #if RF_HAVE_AVX2
     __builtin_cpu_init();
-    return rf_cpu_avx2() && ((__builtin_cpu_supports("avx512vnni")
-                              && __builtin_cpu_supports("avx512vl"))
-                             || __builtin_cpu_supports("avxvnni"));
+    return rf_cpu_avx2() && (avx512_vnni() || __builtin_cpu_supports("avxvnni"));
 #else
     return 0;
 #endif
@@ -220,17 +230,18 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
 }
 
 #if RF_HAVE_AVX2
-/* The same with SIMD, one body for every instruction set (PRODUCT_KERNEL): tiles of rows
- * x two panels (16 columns), the sums in registers (rows is a constant where it is
- * inlined); a single row keeps two chains per panel (alternate groups of k) to hide the
- * multiply-add's latency. PANEL_STEP and PANEL_END give the instructions (the integer
- * sums are exact in any order); the rescale rounds as rescale() does. */
+/* The same with 256-bit SIMD, one body for every instruction set (PRODUCT_KERNEL): tiles
+ * of up to 4 rows x one panel (two registers of 8 columns), the sums in registers (rows is
+ * a constant where it is inlined); a single row keeps two chains per register (alternate
+ * groups of k) to hide the multiply-add's latency. PANEL_STEP and PANEL_END give the
+ * instructions (the integer sums are exact in any order); the rescale rounds as
+ * rescale() does. */
 #define PRODUCT_KERNEL(name, isa)                                                       \
     __attribute__((target(isa), always_inline)) static inline void name##_store(       \
         __m256i acc, float sa, const float *sw, ptrdiff_t cols, int accumulate,         \
         float *c) {                                                                     \
-        if (cols < RF_Q8_NR) {                                                          \
-            int32_t part[RF_Q8_NR];                                                     \
+        if (cols < RF_Q8_HALF) {                                                        \
+            int32_t part[RF_Q8_HALF];                                                   \
             _mm256_storeu_si256((__m256i *)part, acc);                                  \
             rescale(part, sa, sw, cols, accumulate, c);                                 \
             return;                                                                     \
@@ -241,14 +252,13 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
         _mm256_storeu_ps(c, v);                                                         \
     }                                                                                   \
     __attribute__((target(isa), always_inline)) static inline void name##_rows(        \
-        const q8_rows *t, const ptrdiff_t rows, const rf_weight *W) {                   \
+        const q8_rows *t, ptrdiff_t r0, const ptrdiff_t rows, const rf_weight *W) {     \
         ptrdiff_t Kp = t->Kp;                                                           \
-        const int8_t *qa = t->qa;                                                       \
-        for (ptrdiff_t n0 = 0; n0 < t->N; n0 += 2 * RF_Q8_NR) {                          \
+        const int8_t *qa = t->qa + r0 * Kp;                                             \
+        for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {                              \
             const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride; \
-            int two = n0 + RF_Q8_NR < t->N;                                             \
-            const int8_t *p1 = two ? p0 + W->panel_stride : p0;                         \
-            __m256i sum[RF_Q8_ROWS][2], odd[2];                                         \
+            const int8_t *p1 = p0 + RF_Q8_HALF * RF_Q8_KG;                              \
+            __m256i sum[RF_Q8_ROWS_256][2], odd[2];                                     \
             odd[0] = odd[1] = _mm256_setzero_si256();                                   \
             for (ptrdiff_t r = 0; r < rows; r++)                                        \
                 sum[r][0] = sum[r][1] = _mm256_setzero_si256();                         \
@@ -271,23 +281,25 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
             }                                                                           \
             sum[0][0] = _mm256_add_epi32(sum[0][0], odd[0]);                            \
             sum[0][1] = _mm256_add_epi32(sum[0][1], odd[1]);                            \
-            for (int h = 0; h <= two; h++) {                                            \
-                ptrdiff_t n = n0 + h * RF_Q8_NR;                                        \
-                ptrdiff_t cols = t->N - n < RF_Q8_NR ? t->N - n : RF_Q8_NR;             \
+            for (int h = 0; h < 2 && n0 + h * RF_Q8_HALF < t->N; h++) {                 \
+                ptrdiff_t n = n0 + h * RF_Q8_HALF;                                      \
+                ptrdiff_t cols = t->N - n < RF_Q8_HALF ? t->N - n : RF_Q8_HALF;         \
                 for (ptrdiff_t r = 0; r < rows; r++)                                    \
-                    name##_store(PANEL_END(sum[r][h], W->sums + n), t->sa[r],           \
+                    name##_store(PANEL_END(sum[r][h], W->sums + n), t->sa[r0 + r],      \
                                  W->scales + n, cols, t->accumulate,                    \
-                                 t->C + r * t->ldc + n);                                \
+                                 t->C + (r0 + r) * t->ldc + n);                         \
             }                                                                           \
         }                                                                               \
     }                                                                                   \
     __attribute__((target(isa))) static void name(const q8_rows *t, ptrdiff_t rows,     \
                                                   const rf_weight *W) {                 \
-        switch (rows) {                                                                 \
-        case 4: name##_rows(t, 4, W); break;                                    \
-        case 3: name##_rows(t, 3, W); break;                                            \
-        case 2: name##_rows(t, 2, W); break;                                            \
-        default: name##_rows(t, 1, W); break;                                           \
+        for (ptrdiff_t r0 = 0; r0 < rows; r0 += RF_Q8_ROWS_256) {                        \
+            switch (rows - r0) {                                                        \
+            case 1: name##_rows(t, r0, 1, W); break;                                    \
+            case 2: name##_rows(t, r0, 2, W); break;                                    \
+            case 3: name##_rows(t, r0, 3, W); break;                                    \
+            default: name##_rows(t, r0, 4, W); break;                                   \
+            }                                                                           \
         }                                                                               \
     }
 
@@ -313,13 +325,74 @@ PRODUCT_KERNEL(product_avx2, "avx2")
  * too, taken off at the end. */
 #define PANEL_END(s, sums) \
     _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sums)), 7))
-#define PANEL_STEP(s, a, w) s = _mm256_dpbusd_epi32(s, a, w)
-PRODUCT_KERNEL(product_avx512vnni, "avx2,avx512vnni,avx512vl")
-#undef PANEL_STEP
 #define PANEL_STEP(s, a, w) s = _mm256_dpbusd_avx_epi32(s, a, w)
 PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 #undef PANEL_STEP
 #undef PANEL_END
+#undef BROADCAST_A
+#undef PANEL_W
+
+/* AVX-512 VNNI: 512-bit registers, a whole panel each, tiles of up to 8 rows. */
+#define AVX512_ISA "avx2,avx512f,avx512bw,avx512vl,avx512vnni"
+__attribute__((target(AVX512_ISA), always_inline)) static inline void
+avx512_rows(const q8_rows *t, ptrdiff_t r0, const ptrdiff_t rows, const rf_weight *W) {
+    ptrdiff_t Kp = t->Kp;
+    const int8_t *qa = t->qa + r0 * Kp;
+    for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {
+        const int8_t *panel = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride;
+        __m512i sum[RF_Q8_ROWS], odd = _mm512_setzero_si512();
+        for (ptrdiff_t r = 0; r < rows; r++) sum[r] = _mm512_setzero_si512();
+        ptrdiff_t g = 0;
+#define A512(r, g) ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_); \
+                      _mm512_set1_epi32(four_); })
+#define W512(g) _mm512_loadu_si512((const void *)(panel + (g) * RF_Q8_NR))
+        if (rows == 1)
+            for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {
+                sum[0] = _mm512_dpbusd_epi32(sum[0], A512(0, g), W512(g));
+                odd = _mm512_dpbusd_epi32(odd, A512(0, g + RF_Q8_KG), W512(g + RF_Q8_KG));
+            }
+        for (; g < Kp; g += RF_Q8_KG) {
+            __m512i w = W512(g);
+            for (ptrdiff_t r = 0; r < rows; r++)
+                sum[r] = _mm512_dpbusd_epi32(sum[r], A512(r, g), w);
+        }
+#undef A512
+#undef W512
+        sum[0] = _mm512_add_epi32(sum[0], odd);
+        ptrdiff_t cols = t->N - n0 < RF_Q8_NR ? t->N - n0 : RF_Q8_NR;
+        __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(W->sums + n0)), 7);
+        __m512 sw = _mm512_loadu_ps(W->scales + n0);
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            __m512i acc = _mm512_sub_epi32(sum[r], offset);
+            float *c = t->C + (r0 + r) * t->ldc + n0;
+            if (cols < RF_Q8_NR) {
+                int32_t part[RF_Q8_NR];
+                _mm512_storeu_si512((void *)part, acc);
+                rescale(part, t->sa[r0 + r], W->scales + n0, cols, t->accumulate, c);
+                continue;
+            }
+            __m512 scale = _mm512_mul_ps(_mm512_set1_ps(t->sa[r0 + r]), sw);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+            if (t->accumulate) v = _mm512_add_ps(_mm512_loadu_ps(c), v);
+            _mm512_storeu_ps(c, v);
+        }
+    }
+}
+
+__attribute__((target(AVX512_ISA))) static void product_avx512vnni(const q8_rows *t,
+                                                                   ptrdiff_t rows,
+                                                                   const rf_weight *W) {
+    switch (rows) {
+    case 1: avx512_rows(t, 0, 1, W); break;
+    case 2: avx512_rows(t, 0, 2, W); break;
+    case 3: avx512_rows(t, 0, 3, W); break;
+    case 4: avx512_rows(t, 0, 4, W); break;
+    case 5: avx512_rows(t, 0, 5, W); break;
+    case 6: avx512_rows(t, 0, 6, W); break;
+    case 7: avx512_rows(t, 0, 7, W); break;
+    default: avx512_rows(t, 0, 8, W); break;
+    }
+}
 #endif
 
 typedef void (*product_fn)(const q8_rows *t, ptrdiff_t rows, const rf_weight *W);
@@ -330,9 +403,7 @@ static product_fn product_kernel(int avx2, int *offset) {
 #if RF_HAVE_AVX2
     if (avx2 == 2 && rf_q8_cpu_vnni()) {
         *offset = 1;
-        return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")
-                   ? product_avx512vnni
-                   : product_avxvnni;
+        return avx512_vnni() ? product_avx512vnni : product_avxvnni;
     }
     if (avx2) return product_avx2;
 #endif
