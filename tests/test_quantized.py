@@ -257,3 +257,36 @@ def test_quantized_stream_refusals():
     with pytest.raises(ValueError, match="b_ih"):
         _kernels.Stream("lstm", False, np.float32, 1,
                         [[weights[0][0], 12, np.zeros(3, np.float32), None]], int8=True)
+
+
+def test_charlm_quantized_bpc_within_002_of_float32():
+    from rnnfuse.apps import charlm
+    text = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 40
+    vocab = charlm.Vocab(text)
+    ids = vocab.encode(text)
+    model = charlm.char_model(vocab.size, "lstm", 32, 2, embed=8, seed=0)
+    rng = np.random.default_rng(1)
+    for p in model.parameters():  # weights moved off their initialisation
+        p += rng.normal(scale=0.3, size=p.shape).astype(p.dtype)
+    task = charlm.CharLM(model, ids[:1000], ids[1000:], k=8, batch_size=2, rng=rng)
+    model.train()
+    float32, int8 = task.quantized_bpc()
+    assert model.training and task.model is model  # left as it was
+    assert float32 == pytest.approx(task.quantized_bpc()[0])
+    assert abs(int8 - float32) <= 0.02 and int8 != float32
+
+
+def test_charlm_command_reports_int8_bits_per_char(tmp_path):
+    import json
+    import subprocess
+    import sys
+    text = tmp_path / "tiny.txt"
+    text.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 60)
+    r = subprocess.run([sys.executable, "-m", "rnnfuse", "charlm", "--text", str(text),
+                        "--epochs", "1", "--hidden", "16", "--embed", "8", "--batch", "4",
+                        "--bptt", "16", "--quiet", "--sample", "0", "--quantize", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "int8 weights" in r.stdout
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(last["int8_bpc"] - last["eval_bpc"]) <= 0.02
