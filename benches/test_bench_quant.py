@@ -143,3 +143,35 @@ def test_step(benchmark, step_size, impl, bench_threads, bench_budget):
     benchmark.group = f"int8 lstm step B=1 I={H} H={H}"
     benchmark.extra_info.update(impl=impl, B=1, I=H, H=H, threads=bench_threads)
     _time(benchmark, stream.step, x[0], bench_budget, max_rounds=2000)
+
+
+def main(budget=6.0):
+    """Interleaved medians of every implementation per shape, 1 thread (bench.measure):
+    ``python benches/test_bench_quant.py``."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
+    for T, B, I, H in SEQUENCES:
+        layer = _lstm(I, H)
+        x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+        runs = {}
+        for impl in IMPLS:
+            try:
+                runs[impl] = _runner(impl, layer, 1)
+            except bench.Unavailable as e:
+                print(f"{impl}: {e}")
+        want = layer(x)[0]
+        med = bench.measure({k: (lambda f=f: f(x)) for k, f in runs.items()}, budget)
+        print(f"T={T} B={B} I={I} H={H}: " + ", ".join(
+            f"{k} {med[k][0] * 1e3:.2f} ms (max error {np.abs(f(x) - want).max():.4f})"
+            for k, f in runs.items()))
+    for H in STEPS:
+        layer = _lstm(H, H)
+        x = np.random.default_rng(0).standard_normal((1, H)).astype(np.float32)
+        steps = {"float32": layer.stream(1).step, "int8": layer.quantized().stream(1).step}
+        med = bench.measure({k: (lambda f=f: f(x)) for k, f in steps.items()}, budget)
+        print(f"stream step B=1 I=H={H}: " + ", ".join(
+            f"{k} {med[k][0] * 1e6:.1f} us" for k in steps))
+
+
+if __name__ == "__main__":
+    main()

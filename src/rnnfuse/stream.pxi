@@ -19,8 +19,8 @@ cdef tuple _stream_sizes(str who, const rf_cell *spec, bint option, int typenum,
     """(input size, hidden size) of a stream's or a pool's weights, after checking what
     keeps C inside its buffers. weights: per layer (w_ih, w_hh, b_ih, b_hh), C-contiguous
     arrays of the dtype (biases may be None); with int8 (float32 only), per layer
-    (q8_pack_weights' array, input size, b_ih, b_hh), and the hidden size from b_ih's
-    length or, without biases, from the packed array's header check."""
+    (q8_pack_weights' array, input size, b_ih, b_hh), the hidden size read from the
+    packed array (which is then checked whole)."""
     cdef Py_ssize_t G = spec.gates, H, I, l
     if int8:
         if typenum != cnp.NPY_FLOAT:
