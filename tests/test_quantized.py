@@ -290,3 +290,15 @@ def test_charlm_command_reports_int8_bits_per_char(tmp_path):
     assert "int8 weights" in r.stdout
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert abs(last["int8_bpc"] - last["eval_bpc"]) <= 0.02
+
+
+def test_quantized_forward_same_bits_at_any_thread_count():
+    from threadpoolctl import threadpool_limits
+    rng = np.random.default_rng(8)
+    q = LSTM(32, 128, seed=8).eval().quantized()
+    x = rng.standard_normal((20, 24, 32)).astype(np.float32)
+    with threadpool_limits(1):
+        one = q(x)[0]
+    with threadpool_limits(2):
+        assert _kernels.threads() == 2 or pytest.skip("the BLAS runs one thread here")
+        np.testing.assert_array_equal(q(x)[0], one)

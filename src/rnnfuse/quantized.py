@@ -64,8 +64,8 @@ class _Quantized(_RNNBase):
         return self
 
     def _weights(self, layer: int, d: int) -> list[Any]:
-        b = [self._params[n] for n in self._names(layer, d)[2:]]
-        return [self._packed[layer * self.num_directions + d], None] + (b or [None, None])
+        b: list[Any] = [self._params[n] for n in self._names(layer, d)[2:]]
+        return [self._packed[layer * self.num_directions + d], None, *(b or [None, None])]
 
     def _run(self, x: NDArray[Any], s0: Any, w: Any, lengths: ArrayLike | None,
              reverse: bool, need_ctx: bool) -> tuple[Any, tuple[Any, ...], Any]:
@@ -130,7 +130,8 @@ class QuantizedRNN(_Quantized, RNN):
     """An RNN's int8 inference twin (``RNN.quantized()``)."""
 
 
-_QUANTIZED = {LSTM: QuantizedLSTM, GRU: QuantizedGRU, RNN: QuantizedRNN}
+_QUANTIZED: dict[type[_RNNBase], type[_Quantized]] = {
+    LSTM: QuantizedLSTM, GRU: QuantizedGRU, RNN: QuantizedRNN}
 
 
 def quantize(layer: _RNNBase) -> _Quantized:
