@@ -63,8 +63,7 @@ ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
     return RF_Q8_ALIGN + hh + weight_bytes(I, G * H);
 }
 
-/* rf_q8_quantize's body, compiled for the baseline and for x86-64-v3 (vectorized);
- * both round alike (products and roundings of single floats, max exact). */
+/* rf_q8_quantize's portable body. */
 #define QUANTIZE_BODY                                                                  \
     float amax = 0;                                                                    \
     int finite = 1;                                                                    \
@@ -89,21 +88,59 @@ static float quantize_base(int8_t *restrict q, const float *restrict a, ptrdiff_
 }
 
 #if RF_HAVE_AVX2
-__attribute__((target("arch=x86-64-v3"))) static float
-quantize_v3(int8_t *restrict q, const float *restrict a, ptrdiff_t K) {
-    QUANTIZE_BODY
+/* The same with AVX2, 8 (then 32) at a time: max is exact, and each q is the same
+ * product, rounding (vroundps to nearest even) and clamp as in the body. */
+__attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
+                                                           const float *restrict a,
+                                                           ptrdiff_t K) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 huge = _mm256_set1_ps(FLT_MAX);
+    __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    ptrdiff_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 m = _mm256_and_ps(_mm256_loadu_ps(a + k), abs_mask);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(m, huge, _CMP_NLE_UQ));  /* inf, NaN */
+        vmax = _mm256_max_ps(vmax, m);
+    }
+    float lanes[8], amax = 0;
+    int finite = !_mm256_movemask_ps(bad);
+    _mm256_storeu_ps(lanes, vmax);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (; k < K; k++) {
+        float m = fabsf(a[k]);
+        finite &= m <= FLT_MAX;
+        amax = m > amax ? m : amax;
+    }
+    if (!finite || amax == 0) {
+        memset(q, 0, (size_t)K);
+        return finite ? 0.0f : NAN;
+    }
+    float inv = 127.0f / amax;
+    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127), lo = _mm256_set1_ps(-127);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+#define Q8_ROUND(v) _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_round_ps( \
+        _mm256_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))))
+    for (k = 0; k + 32 <= K; k += 32) {
+        __m256i i0 = Q8_ROUND(_mm256_loadu_ps(a + k)), i1 = Q8_ROUND(_mm256_loadu_ps(a + k + 8));
+        __m256i i2 = Q8_ROUND(_mm256_loadu_ps(a + k + 16));
+        __m256i i3 = Q8_ROUND(_mm256_loadu_ps(a + k + 24));
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(b, order));
+    }
+#undef Q8_ROUND
+    for (; k < K; k++) {
+        float v = nearbyintf(a[k] * inv);
+        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+    return amax / 127.0f;
 }
 #endif
 
-static float quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2) {
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2) {
 #if RF_HAVE_AVX2
-    if (avx2) return quantize_v3(q, a, K);
+    if (avx2) return quantize_avx2(q, a, K);
 #endif
     (void)avx2;
-    return quantize_base(q, a, K);
-}
-
-float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K) {
     return quantize_base(q, a, K);
 }
 
@@ -134,7 +171,7 @@ static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K
     ptrdiff_t Kp = k_padded(K), panel_stride = RF_Q8_NR * Kp;
     memset(dst, 0, (size_t)weight_bytes(K, N));
     for (ptrdiff_t n = 0; n < N; n++) {
-        scales[n] = rf_q8_quantize(row, w + n * ldw, K);
+        scales[n] = rf_q8_quantize(row, w + n * ldw, K, 0);
         for (ptrdiff_t k = 0; k < K; k++) sums[n] += row[k];
         int8_t *panel = panels + n / RF_Q8_NR * panel_stride + n % RF_Q8_NR * RF_Q8_KG;
         for (ptrdiff_t k = 0; k < K; k++)
@@ -421,7 +458,7 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
         ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
         for (ptrdiff_t r = 0; r < rows; r++) {
             int8_t *q = qa + r * Kp;
-            sa[r] = quantize(q, A + (r0 + r) * lda, K, avx2);
+            sa[r] = rf_q8_quantize(q, A + (r0 + r) * lda, K, avx2);
             memset(q + K, 0, (size_t)(Kp - K));
             if (offset)
                 for (ptrdiff_t k = 0; k < Kp; k++) q[k] = (int8_t)((uint8_t)q[k] ^ 0x80);

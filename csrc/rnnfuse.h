@@ -177,7 +177,7 @@ void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff
                         ptrdiff_t H, ptrdiff_t I, int lbr);
 int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
                    ptrdiff_t I, int lbr);
-float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K);
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2);
 int rf_q8_cpu_vnni(void);
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                 const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int avx2);

@@ -61,13 +61,15 @@ def np_product(a, w, c=None):
     return out if c is None else c + out
 
 
-def test_quantize_rows_matches_numpy():
+@pytest.mark.parametrize("K", [37, 64, 75])
+def test_quantize_rows_matches_numpy(path, K):
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((6, 37)).astype(np.float32) * 3
+    a = rng.standard_normal((6, K)).astype(np.float32) * 3
     a[1] = 0                      # a zero row: scale 0
     a[2, :4] = [127, -63.5, 0.5, 1.5]  # exact ties round half to even
     a[3, 5] = np.inf              # non-finite rows: zeros, scale NaN
-    a[4, 7] = np.nan
+    a[4, K - 1] = np.nan
+    a[5, K - 1] = 1e6             # the largest in the vectors' tail
     q, s = _kernels.q8_quantize(a)
     q_ref, s_ref = np_quantize(a)
     np.testing.assert_array_equal(q, q_ref)

@@ -15,7 +15,7 @@ cdef extern from "rnnfuse.h" nogil:
                             Py_ssize_t H, Py_ssize_t I, int lbr)
     int rf_q8_prepared(rf_weight W[3], const void *prepacked, Py_ssize_t G, Py_ssize_t H,
                        Py_ssize_t I, int lbr)
-    float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K)
+    float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K, int avx2)
     int rf_q8_cpu_vnni()
     void rf_q8_gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t lda,
                     const rf_weight *W, int accumulate, float *C, Py_ssize_t ldc, int avx2)
@@ -117,8 +117,8 @@ cpdef tuple q8_forward(str cell, x, h0, c0, packed, b_ih, b_hh, Plan plan, ws, P
 
 
 def q8_quantize(a):
-    """Test hook: the rows of a (M, K) float32 quantized as the kernels quantize them:
-    (q int8 (M, K), scales float32 (M,))."""
+    """Test hook: the rows of a (M, K) float32 quantized as the kernels quantize them on
+    the current code path: (q int8 (M, K), scales float32 (M,))."""
     cdef const float[:, ::1] src = a
     cdef Py_ssize_t M = src.shape[0], K = src.shape[1], r
     q = np.zeros((M, K), np.int8)
@@ -127,7 +127,7 @@ def q8_quantize(a):
     cdef float[::1] sv = scales
     if K:
         for r in range(M):
-            sv[r] = rf_q8_quantize(&qv[r, 0], &src[r, 0], K)
+            sv[r] = rf_q8_quantize(&qv[r, 0], &src[r, 0], K, _rt.avx2)
     return q, scales
 
 
