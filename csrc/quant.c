@@ -63,33 +63,45 @@ ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
     return RF_Q8_ALIGN + hh + weight_bytes(I, G * H);
 }
 
-/* rf_q8_quantize's portable body. */
-#define QUANTIZE_BODY                                                                  \
-    float amax = 0;                                                                    \
-    int finite = 1;                                                                    \
-    for (ptrdiff_t k = 0; k < K; k++) {                                                \
-        float m = fabsf(a[k]);                                                         \
-        finite &= m <= FLT_MAX; /* false for inf and NaN */                            \
-        amax = m > amax ? m : amax;                                                    \
-    }                                                                                  \
-    if (!finite || amax == 0) { /* zeros; a non-finite row's scale carries NaN on */   \
-        memset(q, 0, (size_t)K);                                                       \
-        return finite ? 0.0f : NAN;                                                    \
-    }                                                                                  \
-    float inv = 127.0f / amax;                                                         \
-    for (ptrdiff_t k = 0; k < K; k++) {                                                \
-        float v = nearbyintf(a[k] * inv);                                              \
-        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);                          \
-    }                                                                                  \
-    return amax / 127.0f;
+/* Folds |a[k]| for k0 <= k < K into *amax; 0 where one of them is inf or NaN. */
+static int fold_max(float *amax, const float *a, ptrdiff_t k0, ptrdiff_t K) {
+    int finite = 1;
+    for (ptrdiff_t k = k0; k < K; k++) {
+        float m = fabsf(a[k]);
+        finite &= m <= FLT_MAX;
+        *amax = m > *amax ? m : *amax;
+    }
+    return finite;
+}
 
-static float quantize_base(int8_t *restrict q, const float *restrict a, ptrdiff_t K) {
-    QUANTIZE_BODY
+/* q[k] = round-half-even(a[k] * inv), clamped to [-127, 127], for k0 <= k < K. */
+static void round_row(int8_t *q, const float *a, float inv, ptrdiff_t k0, ptrdiff_t K) {
+    for (ptrdiff_t k = k0; k < K; k++) {
+        float v = nearbyintf(a[k] * inv);
+        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+}
+
+/* A row's scale once its max is known; a zero or non-finite row's q are zeros (a
+ * non-finite row's NaN scale carries NaN into its outputs). */
+static int degenerate(int8_t *q, ptrdiff_t K, float amax, int finite, float *scale) {
+    if (finite && amax > 0) return 0;
+    memset(q, 0, (size_t)K);
+    *scale = finite ? 0.0f : NAN;
+    return 1;
+}
+
+static float quantize_base(int8_t *q, const float *a, ptrdiff_t K) {
+    float amax = 0, scale;
+    int finite = fold_max(&amax, a, 0, K);
+    if (degenerate(q, K, amax, finite, &scale)) return scale;
+    round_row(q, a, 127.0f / amax, 0, K);
+    return amax / 127.0f;
 }
 
 #if RF_HAVE_AVX2
 /* The same with AVX2, 8 (then 32) at a time: max is exact, and each q is the same
- * product, rounding (vroundps to nearest even) and clamp as in the body. */
+ * product, rounding (vroundps to nearest even) and clamp as round_row's. */
 __attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
                                                            const float *restrict a,
                                                            ptrdiff_t K) {
@@ -102,19 +114,11 @@ __attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(m, huge, _CMP_NLE_UQ));  /* inf, NaN */
         vmax = _mm256_max_ps(vmax, m);
     }
-    float lanes[8], amax = 0;
-    int finite = !_mm256_movemask_ps(bad);
+    float lanes[8], amax = 0, scale;
     _mm256_storeu_ps(lanes, vmax);
     for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
-    for (; k < K; k++) {
-        float m = fabsf(a[k]);
-        finite &= m <= FLT_MAX;
-        amax = m > amax ? m : amax;
-    }
-    if (!finite || amax == 0) {
-        memset(q, 0, (size_t)K);
-        return finite ? 0.0f : NAN;
-    }
+    int finite = fold_max(&amax, a, k, K) && !_mm256_movemask_ps(bad);
+    if (degenerate(q, K, amax, finite, &scale)) return scale;
     float inv = 127.0f / amax;
     const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127), lo = _mm256_set1_ps(-127);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -128,10 +132,7 @@ __attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
         _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(b, order));
     }
 #undef Q8_ROUND
-    for (; k < K; k++) {
-        float v = nearbyintf(a[k] * inv);
-        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
-    }
+    round_row(q, a, inv, k, K);
     return amax / 127.0f;
 }
 #endif
