@@ -370,49 +370,67 @@ PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 #undef BROADCAST_A
 #undef PANEL_W
 
-/* AVX-512 VNNI: 512-bit registers, a whole panel each, tiles of up to 8 rows. */
+/* AVX-512 VNNI: 512-bit registers, a whole panel each; tiles of up to 8 rows x two panels,
+ * so that each broadcast of a serves two multiply-adds. */
 #define AVX512_ISA "avx2,avx512f,avx512bw,avx512vl,avx512vnni"
+
+/* One row's 16 columns from n (cols of them real): C (+)= (acc - 128 sums) * (sa * sw). */
 __attribute__((target(AVX512_ISA), always_inline)) static inline void
-avx512_rows(const q8_rows *t, ptrdiff_t r0, const ptrdiff_t rows, const rf_weight *W) {
+avx512_store(const q8_rows *t, const rf_weight *W, ptrdiff_t r, ptrdiff_t n, __m512i sum) {
+    ptrdiff_t cols = t->N - n < RF_Q8_NR ? t->N - n : RF_Q8_NR;
+    __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(W->sums + n)), 7);
+    __m512i acc = _mm512_sub_epi32(sum, offset);
+    float *c = t->C + r * t->ldc + n;
+    if (cols < RF_Q8_NR) {
+        int32_t part[RF_Q8_NR];
+        _mm512_storeu_si512((void *)part, acc);
+        rescale(part, t->sa[r], W->scales + n, cols, t->accumulate, c);
+        return;
+    }
+    __m512 scale = _mm512_mul_ps(_mm512_set1_ps(t->sa[r]), _mm512_loadu_ps(W->scales + n));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+    if (t->accumulate) v = _mm512_add_ps(_mm512_loadu_ps(c), v);
+    _mm512_storeu_ps(c, v);
+}
+
+__attribute__((target(AVX512_ISA), always_inline)) static inline void
+avx512_rows(const q8_rows *t, const ptrdiff_t rows, const rf_weight *W) {
     ptrdiff_t Kp = t->Kp;
-    const int8_t *qa = t->qa + r0 * Kp;
-    for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {
-        const int8_t *panel = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride;
-        __m512i sum[RF_Q8_ROWS], odd = _mm512_setzero_si512();
-        for (ptrdiff_t r = 0; r < rows; r++) sum[r] = _mm512_setzero_si512();
+    const int8_t *qa = t->qa;
+    for (ptrdiff_t n0 = 0; n0 < t->N; n0 += 2 * RF_Q8_NR) {
+        const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride;
+        int two = n0 + RF_Q8_NR < t->N;  /* (panels exist up to whole panels of N) */
+        const int8_t *p1 = two ? p0 + W->panel_stride : p0;
+        __m512i sum[RF_Q8_ROWS][2], odd[2];
+        odd[0] = odd[1] = _mm512_setzero_si512();
+        for (ptrdiff_t r = 0; r < rows; r++) sum[r][0] = sum[r][1] = _mm512_setzero_si512();
         ptrdiff_t g = 0;
 #define A512(r, g) ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_); \
                       _mm512_set1_epi32(four_); })
-#define W512(g) _mm512_loadu_si512((const void *)(panel + (g) * RF_Q8_NR))
+#define W512(panel, g) _mm512_loadu_si512((const void *)((panel) + (g) * RF_Q8_NR))
         if (rows == 1)
             for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {
-                sum[0] = _mm512_dpbusd_epi32(sum[0], A512(0, g), W512(g));
-                odd = _mm512_dpbusd_epi32(odd, A512(0, g + RF_Q8_KG), W512(g + RF_Q8_KG));
+                __m512i a0 = A512(0, g), a1 = A512(0, g + RF_Q8_KG);
+                sum[0][0] = _mm512_dpbusd_epi32(sum[0][0], a0, W512(p0, g));
+                sum[0][1] = _mm512_dpbusd_epi32(sum[0][1], a0, W512(p1, g));
+                odd[0] = _mm512_dpbusd_epi32(odd[0], a1, W512(p0, g + RF_Q8_KG));
+                odd[1] = _mm512_dpbusd_epi32(odd[1], a1, W512(p1, g + RF_Q8_KG));
             }
         for (; g < Kp; g += RF_Q8_KG) {
-            __m512i w = W512(g);
-            for (ptrdiff_t r = 0; r < rows; r++)
-                sum[r] = _mm512_dpbusd_epi32(sum[r], A512(r, g), w);
+            __m512i w0 = W512(p0, g), w1 = W512(p1, g);
+            for (ptrdiff_t r = 0; r < rows; r++) {
+                __m512i a = A512(r, g);
+                sum[r][0] = _mm512_dpbusd_epi32(sum[r][0], a, w0);
+                sum[r][1] = _mm512_dpbusd_epi32(sum[r][1], a, w1);
+            }
         }
 #undef A512
 #undef W512
-        sum[0] = _mm512_add_epi32(sum[0], odd);
-        ptrdiff_t cols = t->N - n0 < RF_Q8_NR ? t->N - n0 : RF_Q8_NR;
-        __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(W->sums + n0)), 7);
-        __m512 sw = _mm512_loadu_ps(W->scales + n0);
+        sum[0][0] = _mm512_add_epi32(sum[0][0], odd[0]);
+        sum[0][1] = _mm512_add_epi32(sum[0][1], odd[1]);
         for (ptrdiff_t r = 0; r < rows; r++) {
-            __m512i acc = _mm512_sub_epi32(sum[r], offset);
-            float *c = t->C + (r0 + r) * t->ldc + n0;
-            if (cols < RF_Q8_NR) {
-                int32_t part[RF_Q8_NR];
-                _mm512_storeu_si512((void *)part, acc);
-                rescale(part, t->sa[r0 + r], W->scales + n0, cols, t->accumulate, c);
-                continue;
-            }
-            __m512 scale = _mm512_mul_ps(_mm512_set1_ps(t->sa[r0 + r]), sw);
-            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
-            if (t->accumulate) v = _mm512_add_ps(_mm512_loadu_ps(c), v);
-            _mm512_storeu_ps(c, v);
+            avx512_store(t, W, r, n0, sum[r][0]);
+            if (two) avx512_store(t, W, r, n0 + RF_Q8_NR, sum[r][1]);
         }
     }
 }
@@ -421,14 +439,14 @@ __attribute__((target(AVX512_ISA))) static void product_avx512vnni(const q8_rows
                                                                    ptrdiff_t rows,
                                                                    const rf_weight *W) {
     switch (rows) {
-    case 1: avx512_rows(t, 0, 1, W); break;
-    case 2: avx512_rows(t, 0, 2, W); break;
-    case 3: avx512_rows(t, 0, 3, W); break;
-    case 4: avx512_rows(t, 0, 4, W); break;
-    case 5: avx512_rows(t, 0, 5, W); break;
-    case 6: avx512_rows(t, 0, 6, W); break;
-    case 7: avx512_rows(t, 0, 7, W); break;
-    default: avx512_rows(t, 0, 8, W); break;
+    case 1: avx512_rows(t, 1, W); break;
+    case 2: avx512_rows(t, 2, W); break;
+    case 3: avx512_rows(t, 3, W); break;
+    case 4: avx512_rows(t, 4, W); break;
+    case 5: avx512_rows(t, 5, W); break;
+    case 6: avx512_rows(t, 6, W); break;
+    case 7: avx512_rows(t, 7, W); break;
+    default: avx512_rows(t, 8, W); break;
     }
 }
 #endif
