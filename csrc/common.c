@@ -355,6 +355,8 @@ void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int tr
     if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N, avx2);
     W->packed = prepacked ? prepacked : pack_buffer;
     W->panel_stride = RF_NR * K;
+    W->scales = NULL;
+    W->sums = NULL;
 }
 
 /* A forward's weights: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns) for the per-step
@@ -365,6 +367,9 @@ void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int tr
 void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
                                REAL *pack_buffer, const REAL *prepacked, int avx2) {
+#if RF_IS_FLOAT
+    if (prepacked && rf_q8_prepared(W, prepacked, G, H, I, lbr)) return;
+#endif
     int split = G == 3 && !lbr;
     ptrdiff_t second = rf_packed_size(H, G * H), input = recurrent_pack_size(G, H);
     RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
@@ -376,20 +381,34 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
                              prepacked ? prepacked + input : NULL, avx2);
 }
 
+/* C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :], on float or (float32) int8 weights. */
+static void RF_FN(weight_gemm)(const rf_weight *W, ptrdiff_t k0, ptrdiff_t M, ptrdiff_t N,
+                               ptrdiff_t K, const REAL *A, ptrdiff_t lda, int accumulate,
+                               REAL *C, ptrdiff_t ldc, int step, const rf_runtime *rt) {
+#if RF_IS_FLOAT
+    if (W->scales) {
+        rf_q8_gemm(M, N, K, A, lda, W, accumulate, C, ldc, rt->avx2 && rt->vnni ? 2 : rt->avx2);
+        return;
+    }
+#endif
+    RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
+                          W->panel_stride, accumulate, C, ldc, step, rf_simd(rt));
+}
+
 /* One recurrent product of a step: C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :]. */
 void RF_FN(rf_step_gemm)(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
-    RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
-                          W->panel_stride, accumulate, C, ldc, 1, rf_simd(rt));
+    RF_FN(weight_gemm)(W, k0, M, N, K, A, lda, accumulate, C, ldc, 1, rt);
 }
 
 /* One thread's share of an input projection: contiguous whole tiles of rows. */
 typedef struct {
-    ptrdiff_t rows, GH, I, panel_stride;
-    const REAL *x, *w;
+    ptrdiff_t rows, GH, I;
+    const REAL *x;
+    const rf_weight *W;
     REAL *gates;
-    int simd;
+    const rf_runtime *rt;
 } RF_FN(projection);
 
 static void RF_FN(project_part)(void *arg, int part, int parts) {
@@ -398,9 +417,8 @@ static void RF_FN(project_part)(void *arg, int part, int parts) {
     ptrdiff_t r0 = tiles * part / parts * RF_MR, r1 = tiles * (part + 1) / parts * RF_MR;
     if (r1 > q->rows) r1 = q->rows;
     if (r0 < r1)
-        RF_FN(rf_packed_gemm)(r1 - r0, q->GH, q->I, q->x + r0 * q->I, q->I, q->w,
-                              q->panel_stride, 0, q->gates + r0 * q->GH, q->GH, 0,
-                              q->simd);
+        RF_FN(weight_gemm)(q->W, 0, r1 - r0, q->GH, q->I, q->x + r0 * q->I, q->I, 0,
+                           q->gates + r0 * q->GH, q->GH, 0, q->rt);
 }
 
 /* Input projection of steps step0 .. step1-1, hoisted out of the time loop:
@@ -420,8 +438,7 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
         RF_FN(rf_gather)(xbuf, x, p, step0, step1, I);
         xs = xbuf;
     }
-    RF_FN(projection) job = {rows, GH, I, W_ih->panel_stride, xs, (const REAL *)W_ih->packed,
-                             gates, rf_simd(rt)};
+    RF_FN(projection) job = {rows, GH, I, xs, W_ih, gates, rt};
     double flops = 2.0 * (double)rows * (double)GH * (double)I;
     rf_run_parts(RF_FN(project_part), &job,
                  parts_worth(rt, flops, (rows + RF_MR - 1) / RF_MR, after_blas));

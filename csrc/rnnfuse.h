@@ -42,6 +42,7 @@ typedef struct {
     int avx512;  /* 1 (with avx2, where rf_cpu_avx512()): the products take AVX-512F
                   * register tiles, whose sums run over k as the AVX2 tiles' do: the same
                   * bits, twice the width */
+    int vnni;  /* int8 products (quant.c) with avx2: 1, the VNNI code where it runs */
 } rf_runtime;
 
 /* The build has AVX2+FMA code beside the portable code (GCC on x86-64 Linux); it runs
@@ -175,7 +176,28 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
 typedef struct {
     const void *packed;      /* op(W) in panels */
     ptrdiff_t panel_stride;  /* elements from one panel to the next: RF_NR * rows of op(W) */
+    const float *scales;     /* NULL; or int8 op(W) (quant.c), a float scale per column */
+    const int32_t *sums;     /* int8 op(W): the sum of each column */
 } rf_weight;
+
+/* int8 weights for float32 inference (quant.c): rf_q8_pack_weights packs a forward's
+ * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed, which
+ * rf_prepare_weights_f32 recognises (rf_q8_prepared); the steps' products and the input
+ * projection then quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)=
+ * A (M,K) op(W), k0 = 0; avx2: 0 portable, 1 AVX2, 2 the VNNI instructions where
+ * rf_q8_cpu_vnni()). Input and hidden sizes up to RF_Q8_MAX_K (Python checks).
+ * rf_q8_quantize: q = round-half-even(a * (127 / max|a|)), returns the scale max|a| / 127
+ * (0 for a zero row, NaN for a row with inf or NaN, whose q are zeros). */
+#define RF_Q8_MAX_K 8192
+ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr);
+void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
+                        ptrdiff_t H, ptrdiff_t I, int lbr);
+int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
+                   ptrdiff_t I, int lbr);
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2);
+int rf_q8_cpu_vnni(void);
+void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
+                const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int avx2);
 
 /* Elements a packed op(W) of K rows and N columns takes (enough for either dtype). */
 ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);

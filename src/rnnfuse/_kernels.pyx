@@ -27,6 +27,7 @@ cdef extern from "rnnfuse.h" nogil:
         rf_threads_fn num_threads
         int avx2
         int avx512
+        int vnni
     rf_threads_fn rf_find_blas_threads(const void *blas_function)
     ctypedef void (*rf_set_threads_fn)(int)
     rf_set_threads_fn rf_find_blas_set_threads(const void *blas_function)
@@ -609,3 +610,4 @@ include "small.pxi"  # the small-call fast path: forward_small, _takes
 include "stream.pxi"  # Stream: a layer stepped one timestep at a time
 include "pool.pxi"  # StreamPool: sessions of one layer stepped together
 include "capi.pxi"  # the C-level API of _kernels.pxd (rnnfuse.capi)
+include "quant.pxi"  # int8 weights for inference (rnnfuse.quantized)

@@ -472,6 +472,12 @@ class _RNNBase(Module):
         return _kernels.StreamPool(self._cell, self._option, self.dtype, C,
                                    self._stream_weights(), zoneout=self.zoneout)
 
+    def quantized(self) -> Any:
+        """An eval-only copy of this float32 layer with int8 W_ih and W_hh, the same API
+        (forward with lengths, streams, stream pools): see rnnfuse.quantized."""
+        from .quantized import quantize  # (it builds on this module)
+        return quantize(self)
+
     def _stream_weights(self) -> list[list[Any]]:
         """Per layer, copies of (w_ih, w_hh, b_ih, b_hh[, peepholes]) for a stream or a
         pool."""

@@ -60,12 +60,10 @@ cdef class StreamPool:
         if self.lock == NULL:
             raise MemoryError()
 
-    def __init__(self, str cell, option, dtype, Py_ssize_t capacity, list weights, *,
-                 double zoneout=0.0):
-        """Internal: use ``layer.stream_pool()``. weights: per layer (w_ih, w_hh, b_ih,
-        b_hh), C-contiguous arrays of dtype (biases may be None), and the LSTM's peepholes
-        if any; checked again here for what keeps C inside its buffers. zoneout: eval's
-        p."""
+    def __init__(self, str cell, option, dtype, Py_ssize_t capacity, list weights,
+                 bint int8=False, *, double zoneout=0.0):
+        """Internal: use ``layer.stream_pool()``. weights: see _stream_sizes. zoneout:
+        eval's p."""
         cdef Py_ssize_t l, k, C = capacity, G, H, I, size
         cdef const rf_cell *spec = _cell(cell) if cell in CELLS else NULL
         cdef _PoolLayer *s
@@ -79,19 +77,7 @@ cdef class StreamPool:
         self.dtype = np.dtype(dtype)
         self.typenum = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
         G = spec.gates
-        H = weights[0][1].shape[1]
-        I = weights[0][0].shape[1]
-        for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
-            if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
-                raise ValueError(f"StreamPool: layer {l}'s w_ih has shape {w_ih.shape}")
-            _buf(w_ih, G * H * w_ih.shape[1], self.typenum, "w_ih", _REQUIRED)
-            _buf(w_hh, G * H * H, self.typenum, "w_hh", _REQUIRED)
-            _buf(b_ih, G * H, self.typenum, "b_ih", _OPTIONAL)
-            _buf(b_hh, G * H, self.typenum, "b_hh", _OPTIONAL)
-            if peep and (spec.id != RF_LSTM or len(peep) > 1):
-                raise ValueError(f"StreamPool: layer {l}'s weights have {4 + len(peep)} parts"
-                                 " (only the LSTM's have a fifth, its peepholes)")
-            _buf(peep[0] if peep else None, 3 * H, self.typenum, "peepholes", _OPTIONAL)
+        I, H = _stream_sizes("StreamPool", spec, self.option, self.typenum, weights, int8)
         self.capacity, self.hidden_size, self.num_layers = C, H, len(weights)
         self.input_size = I
         # the bookkeeping, one block of int64: order, ones, slots, gen, seen, free slots
@@ -114,9 +100,9 @@ cdef class StreamPool:
         self._keep = [index, zone]  # the arrays the C pointers point into
         for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
             s = &self.layers[l]
-            I = w_ih.shape[1]
+            I = w_hh if int8 else w_ih.shape[1]
             ws = aligned_empty(workspace_size(cell, plan, I, H, False), self.dtype)
-            packed = pack_weights(w_ih, w_hh, G, self.option)
+            packed = w_ih if int8 else pack_weights(w_ih, w_hh, G, self.option)
             lstm = spec.states == 2
             bufs = np.zeros((7 if lstm else 4, C, H), self.dtype)
             self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, bufs, *peep]
@@ -127,7 +113,8 @@ cdef class StreamPool:
             s.c = s.h + 4 * size if lstm else NULL
             s.c0 = s.h + 5 * size if lstm else NULL
             s.c_n = s.h + 6 * size if lstm else NULL
-            s.call.w_ih, s.call.w_hh = _data(w_ih), _data(w_hh)
+            if not int8:  # (int8: never read, packed holds the weights)
+                s.call.w_ih, s.call.w_hh = _data(w_ih), _data(w_hh)
             s.call.b_ih, s.call.b_hh = _data(b_ih), _data(b_hh)
             s.call.packed = _data(packed)
             s.call.peep = _data(peep[0]) if peep else NULL

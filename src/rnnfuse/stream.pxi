@@ -28,6 +28,38 @@ cdef void _set_zoneout(rf_zoneout *z, row, bint lstm):
     z.carry = NULL
 
 
+cdef tuple _stream_sizes(str who, const rf_cell *spec, bint option, int typenum,
+                         list weights, bint int8):
+    """(input size, hidden size) of a stream's or a pool's weights, after checking what
+    keeps C inside its buffers. weights: per layer (w_ih, w_hh, b_ih, b_hh), C-contiguous
+    arrays of the dtype (biases may be None); with int8 (float32 only), per layer
+    (q8_pack_weights' array, input size, b_ih, b_hh), the hidden size read from the
+    packed array (which is then checked whole); either followed by the LSTM's peepholes
+    if it has them."""
+    cdef Py_ssize_t G = spec.gates, H, I, l
+    if int8:
+        if typenum != cnp.NPY_FLOAT:
+            raise TypeError(f"{who}: int8 weights run float32 only")
+        I, H = _q8_stream_sizes(who, spec, option, [w[:4] for w in weights])
+    else:
+        H = weights[0][1].shape[1]
+        I = weights[0][0].shape[1]
+        for l, (w_ih, w_hh, b_ih, b_hh, *_) in enumerate(weights):
+            if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
+                raise ValueError(f"{who}: layer {l}'s w_ih has shape {w_ih.shape}")
+            _buf(w_ih, G * H * w_ih.shape[1], typenum, "w_ih", _REQUIRED)
+            _buf(w_hh, G * H * H, typenum, "w_hh", _REQUIRED)
+            _buf(b_ih, G * H, typenum, "b_ih", _OPTIONAL)
+            _buf(b_hh, G * H, typenum, "b_hh", _OPTIONAL)
+    for l, w in enumerate(weights):
+        peep = w[4:]
+        if peep and (spec.id != RF_LSTM or len(peep) > 1):
+            raise ValueError(f"{who}: layer {l}'s weights have {4 + len(peep)} parts"
+                             " (only the LSTM's have a fifth, its peepholes)")
+        _buf(peep[0] if peep else None, 3 * H, typenum, "peepholes", _OPTIONAL)
+    return I, H
+
+
 cdef class Stream:
     """A unidirectional layer stepped one timestep at a time, its state kept between calls.
 
@@ -55,11 +87,10 @@ cdef class Stream:
         if self.lock == NULL:
             raise MemoryError()
 
-    def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights, *,
-                 double zoneout=0.0):
-        """Internal: use ``layer.stream()``. weights: per layer (w_ih, w_hh, b_ih, b_hh),
-        C-contiguous arrays of dtype (biases may be None), and the LSTM's peepholes if any;
-        checked again here for what keeps C inside its buffers. zoneout: eval's p."""
+    def __init__(self, str cell, option, dtype, Py_ssize_t batch_size, list weights,
+                 bint int8=False, *, double zoneout=0.0):
+        """Internal: use ``layer.stream()``. weights: see _stream_sizes. zoneout: eval's
+        p."""
         cdef Py_ssize_t l, k, B = batch_size, G, H, I
         cdef const rf_cell *spec = _cell(cell) if cell in CELLS else NULL
         cdef rf_forward_bufs *call
@@ -73,19 +104,7 @@ cdef class Stream:
         self.dtype = np.dtype(dtype)
         self.typenum = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
         G = spec.gates
-        H = weights[0][1].shape[1]
-        I = weights[0][0].shape[1]
-        for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
-            if H < 1 or w_ih.ndim != 2 or w_ih.shape[1] != (I if l == 0 else H) or I < 1:
-                raise ValueError(f"Stream: layer {l}'s w_ih has shape {w_ih.shape}")
-            _buf(w_ih, G * H * w_ih.shape[1], self.typenum, "w_ih", _REQUIRED)
-            _buf(w_hh, G * H * H, self.typenum, "w_hh", _REQUIRED)
-            _buf(b_ih, G * H, self.typenum, "b_ih", _OPTIONAL)
-            _buf(b_hh, G * H, self.typenum, "b_hh", _OPTIONAL)
-            if peep and (spec.id != RF_LSTM or len(peep) > 1):
-                raise ValueError(f"Stream: layer {l}'s weights have {4 + len(peep)} parts"
-                                 " (only the LSTM's have a fifth, its peepholes)")
-            _buf(peep[0] if peep else None, 3 * H, self.typenum, "peepholes", _OPTIONAL)
+        I, H = _stream_sizes("Stream", spec, self.option, self.typenum, weights, int8)
         self.batch_size, self.hidden_size, self.num_layers = B, H, len(weights)
         self.input_size = I
         self._n_states = spec.states
@@ -99,9 +118,9 @@ cdef class Stream:
         zone = _shared_zoneout(zoneout, H, self.dtype)
         self._keep.append(zone)
         for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
-            I = w_ih.shape[1]
+            I = w_hh if int8 else w_ih.shape[1]
             ws = aligned_empty(workspace_size(cell, self._plan_obj, I, H, False), self.dtype)
-            packed = pack_weights(w_ih, w_hh, G, self.option)
+            packed = w_ih if int8 else pack_weights(w_ih, w_hh, G, self.option)
             y = np.zeros((B, H), self.dtype)
             h = [np.zeros((B, H), self.dtype) for _ in range(2)]
             c = [np.zeros((B, H), self.dtype) for _ in range(2)]
@@ -112,7 +131,8 @@ cdef class Stream:
             self.layers[l].y = _data(y)
             for k in range(2):  # read state k, write state 1-k
                 call = &self.layers[l].call[k]
-                call.w_ih, call.w_hh = _data(w_ih), _data(w_hh)
+                if not int8:  # (int8: never read, packed holds the weights)
+                    call.w_ih, call.w_hh = _data(w_ih), _data(w_hh)
                 call.b_ih, call.b_hh = _data(b_ih), _data(b_hh)
                 call.packed = _data(packed)
                 call.peep = _data(peep[0]) if peep else NULL

@@ -226,6 +226,21 @@ class CharLM:
         loss = nll / max(n, 1)
         return {"loss": loss, "bpc": loss / LN2, "heldout_chars": n}
 
+    def quantized_bpc(self):
+        """Held-out bits per char in eval mode: (float32, with the recurrent stack's
+        weights in int8 (layer.quantized())). The model is left in the mode it was in."""
+        embed, rnn, head = self.model.layers
+        model, was_training = self.model, self.model.training
+        try:
+            model.eval()
+            float32 = self.evaluate()["bpc"]
+            self.model = Sequential(embed, rnn.quantized(), head).eval()
+            int8 = self.evaluate()["bpc"]
+        finally:
+            self.model = model
+            model.train(was_training)
+        return float32, int8
+
     def state_dict(self):
         return {"state": self.state}
 
@@ -291,6 +306,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c.add_argument("--sample", type=int, default=300, metavar="N",
                    help="characters to generate after training, 0 for none (default: %(default)s)")
     c.add_argument("--prime", default="def ", help="text the sample starts from")
+    c.add_argument("--quantize", action="store_true",
+                   help="after training, also report held-out bits/char with the recurrent "
+                        "weights in int8 (layer.quantized())")
     add_shared_flags(c, hidden=256, layers=1, epochs=20)
     c.set_defaults(max_minutes=4.0, eval_every=500)
     return c
@@ -362,18 +380,22 @@ def run(args: argparse.Namespace) -> int:
             sample = (task.sample(vocab, args.prime, args.sample, args.temperature,
                                   np.random.default_rng(args.seed))
                       if args.sample > 0 else "")
-    _print_result(args, result, sample, {
+            quantized = task.quantized_bpc() if args.quantize else None
+    _print_result(args, result, sample, quantized, {
         "unigram_bpc": unigram, "train_entropy_bits": entropy,
         "train_chars": int(len(train_ids)), "heldout_chars": int(len(held_ids)),
         "vocab": vocab.size}, config)
     return 0
 
 
-def _print_result(args, result, sample, data, config):
+def _print_result(args, result, sample, quantized, data, config):
     last = result.last
     print(f"held-out bits/char: {last['bpc']:.4f} (unigram baseline {data['unigram_bpc']:.4f}; "
           f"training-text entropy {data['train_entropy_bits']:.4f}) after {result.step} "
           f"steps, {result.elapsed_s:.0f} s ({result.stopped})")
+    if quantized:
+        print(f"held-out bits/char, eval mode: float32 {quantized[0]:.4f}, int8 weights "
+              f"{quantized[1]:.4f} (difference {quantized[1] - quantized[0]:+.4f})")
     if sample:
         print(f"--- sample (temperature {args.temperature}) ---")
         print(sample)
@@ -386,4 +408,6 @@ def _print_result(args, result, sample, data, config):
                           "stopped": result.stopped, "elapsed_s": round(result.elapsed_s, 3),
                           "chars_per_s": last["tok_per_s"], "train_chars": data["train_chars"],
                           "heldout_chars": data["heldout_chars"], "vocab": data["vocab"],
-                          **config, "cell": args.cell, "seed": args.seed}))
+                          **config, "cell": args.cell, "seed": args.seed,
+                          **({"eval_bpc": quantized[0], "int8_bpc": quantized[1]}
+                             if quantized else {})}))

@@ -1,0 +1,488 @@
+/* quant.c -- int8 weights for inference (float32 calls only).
+ *
+ * A quantized forward's weights are packed once by rf_q8_pack_weights into a buffer that
+ * the forward takes as its `packed`: a header that tags it, then W_hh^T (for the GRU
+ * without linear_before_reset its n block apart) and W_ih^T, each as per-column scales
+ * followed by int8 panels. rf_prepare_weights_f32 recognises the tag and hands the cells
+ * rf_weights with scales, and rf_step_gemm_f32 / rf_project_f32 then run rf_q8_gemm:
+ *
+ *   quantize each row of A (symmetric, per row: rf_q8_quantize), multiply in int32
+ *   (exact: the same integer whatever the order), then C (+)= (float)acc * (sa * sw).
+ *
+ * Every row is computed alone and its integer sums are exact, so the numbers of a row are
+ * the same whatever the other rows of the call and the thread count (batch invariance),
+ * and the same on the portable and the AVX2 paths. */
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "rnnfuse.h"
+
+#if RF_HAVE_AVX2
+#include <immintrin.h>
+#endif
+
+/* A panel: RF_Q8_NR columns of op(W); within it, groups of RF_Q8_KG consecutive k, each
+ * group RF_Q8_NR * RF_Q8_KG bytes (column-major inside the group: 4 k of column 0, ...),
+ * one 512-bit load or two 256-bit ones. K is padded with zeros to whole groups, N to
+ * whole panels. */
+#define RF_Q8_NR 16
+#define RF_Q8_HALF 8  /* columns of a 256-bit register */
+#define RF_Q8_KG 4
+#define RF_Q8_ALIGN 64
+/* Rows of A quantized at once (a stack buffer of K up to RF_Q8_MAX_K each); the 256-bit
+ * kernels take them RF_Q8_ROWS_256 at a time. */
+#define RF_Q8_ROWS 8
+#define RF_Q8_ROWS_256 4
+
+static const char q8_tag[24] = "rnnfuse int8 weights 1";
+
+typedef struct {
+    char tag[24];
+    int64_t G, H, I, lbr;
+} q8_header;
+
+static ptrdiff_t round_up(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m; }
+static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, RF_Q8_KG); }
+static ptrdiff_t n_padded(ptrdiff_t N) { return round_up(N, RF_Q8_NR); }
+
+/* Bytes of one packed op(W), K rows and N columns: its scales (float), its column sums
+ * (int32), then its panels. */
+static ptrdiff_t scales_bytes(ptrdiff_t N) {
+    return round_up(n_padded(N) * (ptrdiff_t)sizeof(float), RF_Q8_ALIGN);
+}
+static ptrdiff_t weight_bytes(ptrdiff_t K, ptrdiff_t N) {
+    return 2 * scales_bytes(N) + round_up(n_padded(N) * k_padded(K), RF_Q8_ALIGN);
+}
+
+static int split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
+
+ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
+    ptrdiff_t hh = split_n(G, lbr) ? weight_bytes(H, 2 * H) + weight_bytes(H, H)
+                                   : weight_bytes(H, G * H);
+    return RF_Q8_ALIGN + hh + weight_bytes(I, G * H);
+}
+
+/* Folds |a[k]| for k0 <= k < K into *amax; 0 where one of them is inf or NaN. */
+static int fold_max(float *amax, const float *a, ptrdiff_t k0, ptrdiff_t K) {
+    int finite = 1;
+    for (ptrdiff_t k = k0; k < K; k++) {
+        float m = fabsf(a[k]);
+        finite &= m <= FLT_MAX;
+        *amax = m > *amax ? m : *amax;
+    }
+    return finite;
+}
+
+/* q[k] = round-half-even(a[k] * inv), clamped to [-127, 127], for k0 <= k < K. */
+static void round_row(int8_t *q, const float *a, float inv, ptrdiff_t k0, ptrdiff_t K) {
+    for (ptrdiff_t k = k0; k < K; k++) {
+        float v = nearbyintf(a[k] * inv);
+        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+}
+
+/* A row's scale once its max is known; a zero or non-finite row's q are zeros (a
+ * non-finite row's NaN scale carries NaN into its outputs). */
+static int degenerate(int8_t *q, ptrdiff_t K, float amax, int finite, float *scale) {
+    if (finite && amax > 0) return 0;
+    memset(q, 0, (size_t)K);
+    *scale = finite ? 0.0f : NAN;
+    return 1;
+}
+
+static float quantize_base(int8_t *q, const float *a, ptrdiff_t K) {
+    float amax = 0, scale;
+    int finite = fold_max(&amax, a, 0, K);
+    if (degenerate(q, K, amax, finite, &scale)) return scale;
+    round_row(q, a, 127.0f / amax, 0, K);
+    return amax / 127.0f;
+}
+
+#if RF_HAVE_AVX2
+/* The same with AVX2, 8 (then 32) at a time: max is exact, and each q is the same
+ * product, rounding (vroundps to nearest even) and clamp as round_row's. */
+__attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
+                                                           const float *restrict a,
+                                                           ptrdiff_t K) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 huge = _mm256_set1_ps(FLT_MAX);
+    __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    ptrdiff_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 m = _mm256_and_ps(_mm256_loadu_ps(a + k), abs_mask);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(m, huge, _CMP_NLE_UQ));  /* inf, NaN */
+        vmax = _mm256_max_ps(vmax, m);
+    }
+    float lanes[8], amax = 0, scale;
+    _mm256_storeu_ps(lanes, vmax);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    int finite = fold_max(&amax, a, k, K) && !_mm256_movemask_ps(bad);
+    if (degenerate(q, K, amax, finite, &scale)) return scale;
+    float inv = 127.0f / amax;
+    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127), lo = _mm256_set1_ps(-127);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+#define Q8_ROUND(v) _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_round_ps( \
+        _mm256_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))))
+    for (k = 0; k + 32 <= K; k += 32) {
+        __m256i i0 = Q8_ROUND(_mm256_loadu_ps(a + k)), i1 = Q8_ROUND(_mm256_loadu_ps(a + k + 8));
+        __m256i i2 = Q8_ROUND(_mm256_loadu_ps(a + k + 16));
+        __m256i i3 = Q8_ROUND(_mm256_loadu_ps(a + k + 24));
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(b, order));
+    }
+#undef Q8_ROUND
+    round_row(q, a, inv, k, K);
+    return amax / 127.0f;
+}
+#endif
+
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2) {
+#if RF_HAVE_AVX2
+    if (avx2) return quantize_avx2(q, a, K);
+#endif
+    (void)avx2;
+    return quantize_base(q, a, K);
+}
+
+#if RF_HAVE_AVX2
+static int avx512_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+#endif
+
+int rf_q8_cpu_vnni(void) {
+#if RF_HAVE_AVX2
+    __builtin_cpu_init();
+    return rf_cpu_avx2() && (avx512_vnni() || __builtin_cpu_supports("avxvnni"));
+#else
+    return 0;
+#endif
+}
+
+/* Packs op(W) = W^T, W (N rows of K, row stride ldw), into dst (weight_bytes(K, N)):
+ * each row of W (a column of op(W), an output) quantized with its own scale. */
+static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K,
+                        ptrdiff_t N) {
+    float *scales = (float *)dst;
+    int32_t *sums = (int32_t *)(dst + scales_bytes(N));
+    int8_t *panels = (int8_t *)(dst + 2 * scales_bytes(N)), row[RF_Q8_MAX_K];
+    ptrdiff_t Kp = k_padded(K), panel_stride = RF_Q8_NR * Kp;
+    memset(dst, 0, (size_t)weight_bytes(K, N));
+    for (ptrdiff_t n = 0; n < N; n++) {
+        scales[n] = rf_q8_quantize(row, w + n * ldw, K, 0);
+        for (ptrdiff_t k = 0; k < K; k++) sums[n] += row[k];
+        int8_t *panel = panels + n / RF_Q8_NR * panel_stride + n % RF_Q8_NR * RF_Q8_KG;
+        for (ptrdiff_t k = 0; k < K; k++)
+            panel[k / RF_Q8_KG * RF_Q8_NR * RF_Q8_KG + k % RF_Q8_KG] = row[k];
+    }
+}
+
+static void use_weight(rf_weight *W, const uint8_t *src, ptrdiff_t K, ptrdiff_t N) {
+    W->scales = (const float *)src;
+    W->sums = (const int32_t *)(src + scales_bytes(N));
+    W->packed = src + 2 * scales_bytes(N);
+    W->panel_stride = RF_Q8_NR * k_padded(K);
+}
+
+/* The three weights of a forward as rf_prepare_weights lays them out (rnnfuse.h). */
+static void weights_of(rf_weight W[3], const uint8_t *buf, ptrdiff_t G, ptrdiff_t H,
+                       ptrdiff_t I, int lbr, uint8_t *pack_to, const float *w_ih,
+                       const float *w_hh) {
+    const uint8_t *at = buf + RF_Q8_ALIGN;
+    ptrdiff_t N0 = split_n(G, lbr) ? 2 * H : G * H;
+    if (pack_to) pack_weight(pack_to + (at - buf), w_hh, H, H, N0);
+    use_weight(&W[0], at, H, N0);
+    at += weight_bytes(H, N0);
+    if (split_n(G, lbr)) {
+        if (pack_to) pack_weight(pack_to + (at - buf), w_hh + 2 * H * H, H, H, H);
+        use_weight(&W[1], at, H, H);
+        at += weight_bytes(H, H);
+    }
+    if (pack_to) pack_weight(pack_to + (at - buf), w_ih, I, I, G * H);
+    use_weight(&W[2], at, I, G * H);
+}
+
+void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
+                        ptrdiff_t H, ptrdiff_t I, int lbr) {
+    q8_header head;
+    memset(&head, 0, sizeof head);
+    memcpy(head.tag, q8_tag, sizeof q8_tag);
+    head.G = G, head.H = H, head.I = I, head.lbr = split_n(G, lbr);
+    memset(dst, 0, RF_Q8_ALIGN);
+    memcpy(dst, &head, sizeof head);
+    rf_weight W[3];
+    weights_of(W, dst, G, H, I, lbr, dst, w_ih, w_hh);
+}
+
+int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
+                   ptrdiff_t I, int lbr) {
+    q8_header head;
+    memcpy(&head, prepacked, sizeof head);
+    if (memcmp(head.tag, q8_tag, sizeof q8_tag)) return 0;
+    if (head.G != G || head.H != H || head.I != I || head.lbr != split_n(G, lbr)) return 0;
+    weights_of(W, prepacked, G, H, I, lbr, NULL, NULL, NULL);
+    return 1;
+}
+
+/* ---- the product: acc[r][n] = sum_k qa[r][k] qw[k][n], exact in int32 ---- */
+
+/* A tile's rows: quantized rows qa (stride Kp) and their scales, and where their products
+ * go. */
+typedef struct {
+    const int8_t *qa;
+    const float *sa;
+    ptrdiff_t Kp, N, ldc;
+    float *C;
+    int accumulate;
+} q8_rows;
+
+/* Writes one output row's columns from their int32 sums: c (+)= acc * (sa * sw). */
+static void rescale(const int32_t *acc, float sa, const float *sw, ptrdiff_t cols,
+                    int accumulate, float *c) {
+    for (ptrdiff_t n = 0; n < cols; n++) {
+        float v = (float)acc[n] * (sa * sw[n]);
+        c[n] = accumulate ? c[n] + v : v;
+    }
+}
+
+/* rows (at most RF_Q8_ROWS) of the product, every panel of W. */
+static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *W) {
+    for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {
+        const int8_t *panel = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride;
+        ptrdiff_t cols = t->N - n0 < RF_Q8_NR ? t->N - n0 : RF_Q8_NR;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            int32_t sum[RF_Q8_NR] = {0};
+            for (ptrdiff_t g = 0; g < t->Kp; g += RF_Q8_KG) {
+                const int8_t *w = panel + g * RF_Q8_NR, *a = t->qa + r * t->Kp + g;
+                for (int n = 0; n < RF_Q8_NR; n++)
+                    for (int k = 0; k < RF_Q8_KG; k++)
+                        sum[n] += (int32_t)a[k] * w[n * RF_Q8_KG + k];
+            }
+            rescale(sum, t->sa[r], W->scales + n0, cols, t->accumulate,
+                    t->C + r * t->ldc + n0);
+        }
+    }
+}
+
+#if RF_HAVE_AVX2
+/* The same with 256-bit SIMD, one body for every instruction set (PRODUCT_KERNEL): tiles
+ * of up to 4 rows x one panel (two registers of 8 columns), the sums in registers (rows is
+ * a constant where it is inlined); a single row keeps two chains per register (alternate
+ * groups of k) to hide the multiply-add's latency. PANEL_STEP and PANEL_END give the
+ * instructions (the integer sums are exact in any order); the rescale rounds as
+ * rescale() does. */
+#define PRODUCT_KERNEL(name, isa)                                                       \
+    __attribute__((target(isa), always_inline)) static inline void name##_store(       \
+        __m256i acc, float sa, const float *sw, ptrdiff_t cols, int accumulate,         \
+        float *c) {                                                                     \
+        if (cols < RF_Q8_HALF) {                                                        \
+            int32_t part[RF_Q8_HALF];                                                   \
+            _mm256_storeu_si256((__m256i *)part, acc);                                  \
+            rescale(part, sa, sw, cols, accumulate, c);                                 \
+            return;                                                                     \
+        }                                                                               \
+        __m256 scale = _mm256_mul_ps(_mm256_set1_ps(sa), _mm256_loadu_ps(sw));          \
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);                       \
+        if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(c), v);                       \
+        _mm256_storeu_ps(c, v);                                                         \
+    }                                                                                   \
+    __attribute__((target(isa), always_inline)) static inline void name##_rows(        \
+        const q8_rows *t, ptrdiff_t r0, const ptrdiff_t rows, const rf_weight *W) {     \
+        ptrdiff_t Kp = t->Kp;                                                           \
+        const int8_t *qa = t->qa + r0 * Kp;                                             \
+        for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {                              \
+            const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride; \
+            const int8_t *p1 = p0 + RF_Q8_HALF * RF_Q8_KG;                              \
+            __m256i sum[RF_Q8_ROWS_256][2], odd[2];                                     \
+            odd[0] = odd[1] = _mm256_setzero_si256();                                   \
+            for (ptrdiff_t r = 0; r < rows; r++)                                        \
+                sum[r][0] = sum[r][1] = _mm256_setzero_si256();                         \
+            ptrdiff_t g = 0;                                                            \
+            if (rows == 1)                                                              \
+                for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {                     \
+                    __m256i a0 = BROADCAST_A(0, g), a1 = BROADCAST_A(0, g + RF_Q8_KG);  \
+                    PANEL_STEP(sum[0][0], a0, PANEL_W(p0, g));                          \
+                    PANEL_STEP(sum[0][1], a0, PANEL_W(p1, g));                          \
+                    PANEL_STEP(odd[0], a1, PANEL_W(p0, g + RF_Q8_KG));                  \
+                    PANEL_STEP(odd[1], a1, PANEL_W(p1, g + RF_Q8_KG));                  \
+                }                                                                       \
+            for (; g < Kp; g += RF_Q8_KG) {                                             \
+                __m256i w0 = PANEL_W(p0, g), w1 = PANEL_W(p1, g);                       \
+                for (ptrdiff_t r = 0; r < rows; r++) {                                  \
+                    __m256i a = BROADCAST_A(r, g);                                      \
+                    PANEL_STEP(sum[r][0], a, w0);                                       \
+                    PANEL_STEP(sum[r][1], a, w1);                                       \
+                }                                                                       \
+            }                                                                           \
+            sum[0][0] = _mm256_add_epi32(sum[0][0], odd[0]);                            \
+            sum[0][1] = _mm256_add_epi32(sum[0][1], odd[1]);                            \
+            for (int h = 0; h < 2 && n0 + h * RF_Q8_HALF < t->N; h++) {                 \
+                ptrdiff_t n = n0 + h * RF_Q8_HALF;                                      \
+                ptrdiff_t cols = t->N - n < RF_Q8_HALF ? t->N - n : RF_Q8_HALF;         \
+                for (ptrdiff_t r = 0; r < rows; r++)                                    \
+                    name##_store(PANEL_END(sum[r][h], W->sums + n), t->sa[r0 + r],      \
+                                 W->scales + n, cols, t->accumulate,                    \
+                                 t->C + (r0 + r) * t->ldc + n);                         \
+            }                                                                           \
+        }                                                                               \
+    }                                                                                   \
+    __attribute__((target(isa))) static void name(const q8_rows *t, ptrdiff_t rows,     \
+                                                  const rf_weight *W) {                 \
+        for (ptrdiff_t r0 = 0; r0 < rows; r0 += RF_Q8_ROWS_256) {                        \
+            switch (rows - r0) {                                                        \
+            case 1: name##_rows(t, r0, 1, W); break;                                    \
+            case 2: name##_rows(t, r0, 2, W); break;                                    \
+            case 3: name##_rows(t, r0, 3, W); break;                                    \
+            default: name##_rows(t, r0, 4, W); break;                                   \
+            }                                                                           \
+        }                                                                               \
+    }
+
+/* Four a's of row r, from k = g, in every 32-bit lane. */
+#define BROADCAST_A(r, g)                                                               \
+    ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_);                \
+       _mm256_set1_epi32(four_); })
+#define PANEL_W(panel, g) _mm256_loadu_si256((const __m256i *)((panel) + (g) * RF_Q8_NR))
+
+/* AVX2: vpmaddubsw multiplies |a| (unsigned) by w with a's sign moved onto it (vpsignb);
+ * |a|, |w| <= 127, so a pair of products stays within 2*127*127 < 2^15 and never
+ * saturates; vpmaddwd then widens the pairs into int32. */
+#define PANEL_STEP(s, a, w)                                                             \
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(                    \
+            _mm256_abs_epi8(a), _mm256_sign_epi8(w, a)), _mm256_set1_epi16(1)))
+#define PANEL_END(s, sums) (s)
+PRODUCT_KERNEL(product_avx2, "avx2")
+#undef PANEL_STEP
+#undef PANEL_END
+
+/* VNNI: vpdpbusd sums four u8 x s8 products into int32 without saturation. a's rows come
+ * offset to unsigned, a + 128 (qa ^ 0x80), so each sum holds 128 * (its column's sum)
+ * too, taken off at the end. */
+#define PANEL_END(s, sums) \
+    _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sums)), 7))
+#define PANEL_STEP(s, a, w) s = _mm256_dpbusd_avx_epi32(s, a, w)
+PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
+#undef PANEL_STEP
+#undef PANEL_END
+#undef BROADCAST_A
+#undef PANEL_W
+
+/* AVX-512 VNNI: 512-bit registers, a whole panel each; tiles of up to 8 rows x two panels,
+ * so that each broadcast of a serves two multiply-adds. */
+#define AVX512_ISA "avx2,avx512f,avx512bw,avx512vl,avx512vnni"
+
+/* One row's 16 columns from n (cols of them real): C (+)= (acc - 128 sums) * (sa * sw). */
+__attribute__((target(AVX512_ISA), always_inline)) static inline void
+avx512_store(const q8_rows *t, const rf_weight *W, ptrdiff_t r, ptrdiff_t n, __m512i sum) {
+    ptrdiff_t cols = t->N - n < RF_Q8_NR ? t->N - n : RF_Q8_NR;
+    __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(W->sums + n)), 7);
+    __m512i acc = _mm512_sub_epi32(sum, offset);
+    float *c = t->C + r * t->ldc + n;
+    if (cols < RF_Q8_NR) {
+        int32_t part[RF_Q8_NR];
+        _mm512_storeu_si512((void *)part, acc);
+        rescale(part, t->sa[r], W->scales + n, cols, t->accumulate, c);
+        return;
+    }
+    __m512 scale = _mm512_mul_ps(_mm512_set1_ps(t->sa[r]), _mm512_loadu_ps(W->scales + n));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+    if (t->accumulate) v = _mm512_add_ps(_mm512_loadu_ps(c), v);
+    _mm512_storeu_ps(c, v);
+}
+
+__attribute__((target(AVX512_ISA), always_inline)) static inline void
+avx512_rows(const q8_rows *t, const ptrdiff_t rows, const rf_weight *W) {
+    ptrdiff_t Kp = t->Kp;
+    const int8_t *qa = t->qa;
+    for (ptrdiff_t n0 = 0; n0 < t->N; n0 += 2 * RF_Q8_NR) {
+        const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride;
+        int two = n0 + RF_Q8_NR < t->N;  /* (panels exist up to whole panels of N) */
+        const int8_t *p1 = two ? p0 + W->panel_stride : p0;
+        __m512i sum[RF_Q8_ROWS][2], odd[2];
+        odd[0] = odd[1] = _mm512_setzero_si512();
+        for (ptrdiff_t r = 0; r < rows; r++) sum[r][0] = sum[r][1] = _mm512_setzero_si512();
+        ptrdiff_t g = 0;
+#define A512(r, g) ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_); \
+                      _mm512_set1_epi32(four_); })
+#define W512(panel, g) _mm512_loadu_si512((const void *)((panel) + (g) * RF_Q8_NR))
+        if (rows == 1)
+            for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {
+                __m512i a0 = A512(0, g), a1 = A512(0, g + RF_Q8_KG);
+                sum[0][0] = _mm512_dpbusd_epi32(sum[0][0], a0, W512(p0, g));
+                sum[0][1] = _mm512_dpbusd_epi32(sum[0][1], a0, W512(p1, g));
+                odd[0] = _mm512_dpbusd_epi32(odd[0], a1, W512(p0, g + RF_Q8_KG));
+                odd[1] = _mm512_dpbusd_epi32(odd[1], a1, W512(p1, g + RF_Q8_KG));
+            }
+        for (; g < Kp; g += RF_Q8_KG) {
+            __m512i w0 = W512(p0, g), w1 = W512(p1, g);
+            for (ptrdiff_t r = 0; r < rows; r++) {
+                __m512i a = A512(r, g);
+                sum[r][0] = _mm512_dpbusd_epi32(sum[r][0], a, w0);
+                sum[r][1] = _mm512_dpbusd_epi32(sum[r][1], a, w1);
+            }
+        }
+#undef A512
+#undef W512
+        sum[0][0] = _mm512_add_epi32(sum[0][0], odd[0]);
+        sum[0][1] = _mm512_add_epi32(sum[0][1], odd[1]);
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            avx512_store(t, W, r, n0, sum[r][0]);
+            if (two) avx512_store(t, W, r, n0 + RF_Q8_NR, sum[r][1]);
+        }
+    }
+}
+
+__attribute__((target(AVX512_ISA))) static void product_avx512vnni(const q8_rows *t,
+                                                                   ptrdiff_t rows,
+                                                                   const rf_weight *W) {
+    switch (rows) {
+    case 1: avx512_rows(t, 1, W); break;
+    case 2: avx512_rows(t, 2, W); break;
+    case 3: avx512_rows(t, 3, W); break;
+    case 4: avx512_rows(t, 4, W); break;
+    case 5: avx512_rows(t, 5, W); break;
+    case 6: avx512_rows(t, 6, W); break;
+    case 7: avx512_rows(t, 7, W); break;
+    default: avx512_rows(t, 8, W); break;
+    }
+}
+#endif
+
+typedef void (*product_fn)(const q8_rows *t, ptrdiff_t rows, const rf_weight *W);
+
+/* The product kernel of a code path (rf_q8_gemm's avx2), and whether it takes a + 128. */
+static product_fn product_kernel(int avx2, int *offset) {
+    *offset = 0;
+#if RF_HAVE_AVX2
+    if (avx2 == 2 && rf_q8_cpu_vnni()) {
+        *offset = 1;
+        return avx512_vnni() ? product_avx512vnni : product_avxvnni;
+    }
+    if (avx2) return product_avx2;
+#endif
+    return product_portable;
+}
+
+void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
+                const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int avx2) {
+    ptrdiff_t Kp = k_padded(K);
+    int8_t qa[RF_Q8_ROWS * RF_Q8_MAX_K];
+    float sa[RF_Q8_ROWS];
+    int offset;
+    product_fn product = product_kernel(avx2, &offset);
+    for (ptrdiff_t r0 = 0; r0 < M; r0 += RF_Q8_ROWS) {
+        ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            int8_t *q = qa + r * Kp;
+            sa[r] = rf_q8_quantize(q, A + (r0 + r) * lda, K, avx2);
+            memset(q + K, 0, (size_t)(Kp - K));
+            if (offset)
+                for (ptrdiff_t k = 0; k < Kp; k++) q[k] = (int8_t)((uint8_t)q[k] ^ 0x80);
+        }
+        q8_rows tile = {qa, sa, Kp, N, ldc, C + r0 * ldc, accumulate};
+        product(&tile, rows, W);
+    }
+}

@@ -1,0 +1,309 @@
+"""int8 inference (rnnfuse.quantized, layer.quantized()).
+
+The int8 product is checked exactly against a NumPy integer reference (the same
+quantization, int32 sums, the same float32 rescale), on every code path; the quantized
+layers against their float32 layers within the stated error (max |y_int8 - y_float32| <=
+0.05 on layers of PyTorch's initialisation and unit-normal inputs).
+"""
+import numpy as np
+import pytest
+
+from rnnfuse import _kernels
+from rnnfuse.layers import GRU, LSTM, RNN, Linear
+from rnnfuse.quantized import QuantizedGRU, QuantizedLSTM, quantize
+
+HAVE_AVX2 = _kernels.simd_path().startswith("x86-64-v3")
+HAVE_VNNI = _kernels.set_int8_vnni(True)
+# the int8 products' code paths: (kernel, VNNI instructions on or off)
+PATHS = ([("avx2", True)] if HAVE_VNNI else []) + ([("avx2", False)] if HAVE_AVX2 else []) \
+    + [("portable", False)]
+CELLS = [(LSTM, {}), (GRU, {"linear_before_reset": True}),
+         (GRU, {"linear_before_reset": False}), (RNN, {"nonlinearity": "tanh"}),
+         (RNN, {"nonlinearity": "relu"})]
+CELL_IDS = ["lstm", "gru_lbr", "gru_orig", "rnn_tanh", "rnn_relu"]
+MAX_ERROR = 0.05
+
+
+def _use(path):
+    _kernels.set_kernel(path[0])
+    _kernels.set_int8_vnni(path[1])
+
+
+@pytest.fixture(params=PATHS, ids=["-".join(map(str, p)) for p in PATHS])
+def path(request):
+    before = _kernels.kernel()
+    _use(request.param)
+    yield request.param
+    _kernels.set_kernel(before)
+    _kernels.set_int8_vnni(True)
+
+
+def np_quantize(a):
+    """Rows of a (float32) as int8 and their scales, as documented in rnnfuse.quantized."""
+    a = np.asarray(a, np.float32)
+    amax = np.abs(a).max(axis=1)
+    finite = np.isfinite(a).all(axis=1)
+    safe = np.where(finite & (amax > 0), amax, np.float32(1))
+    inv = np.float32(127) / safe
+    q = np.clip(np.rint(a * inv[:, None]), -127, 127)
+    q = np.where((finite & (amax > 0))[:, None], q, 0).astype(np.int8)
+    scales = np.where(finite, np.where(amax > 0, amax / np.float32(127), 0), np.nan)
+    return q, scales.astype(np.float32)
+
+
+def np_product(a, w, c=None):
+    """a @ w.T on int8 rows: int32 sums, then c + acc * (scale_a * scale_w) in float32."""
+    qa, sa = np_quantize(a)
+    qw, sw = np_quantize(w)
+    acc = qa.astype(np.int64) @ qw.astype(np.int64).T
+    assert np.abs(acc).max(initial=0) < 2**31
+    out = acc.astype(np.int32).astype(np.float32) * (sa[:, None] * sw[None, :])
+    return out if c is None else c + out
+
+
+@pytest.mark.parametrize("K", [37, 64, 75])
+def test_quantize_rows_matches_numpy(path, K):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, K)).astype(np.float32) * 3
+    a[1] = 0                      # a zero row: scale 0
+    a[2, :4] = [127, -63.5, 0.5, 1.5]  # exact ties round half to even
+    a[3, 5] = np.inf              # non-finite rows: zeros, scale NaN
+    a[4, K - 1] = np.nan
+    a[5, K - 1] = 1e6             # the largest in the vectors' tail
+    q, s = _kernels.q8_quantize(a)
+    q_ref, s_ref = np_quantize(a)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    assert list(q[2, :4]) == [127, -64, 0, 2]
+    assert np.isnan(s[3]) and np.isnan(s[4]) and s[1] == 0
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 37, 19), (4, 8, 8), (7, 129, 33),
+                                   (1, 512, 64), (13, 64, 200)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_int8_product_is_exactly_the_integer_reference(path, M, K, N, accumulate):
+    rng = np.random.default_rng(M * 1000 + K + N)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.uniform(-1, 1, (N, K)).astype(np.float32)
+    c = rng.standard_normal((M, N)).astype(np.float32) if accumulate else None
+    np.testing.assert_array_equal(_kernels.q8_product(a, w, c), np_product(a, w, c))
+
+
+def test_int8_product_extremes_do_not_saturate(path):
+    """Every product at +-127 * +-127: pairs of them reach 32258, vpmaddubsw's largest
+    exact sum; the reference says what exact is."""
+    K = 256
+    a = np.array([[1, -1] * (K // 2), [1] * K, [-1] * K], np.float32)
+    w = np.array([[1, -1] * (K // 2), [-1] * K, [1] * K], np.float32)
+    np.testing.assert_array_equal(_kernels.q8_product(a, w), np_product(a, w))
+    assert _kernels.q8_product(a, w)[0, 0] == pytest.approx(K)
+
+
+def test_int8_product_same_bits_on_every_path():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((9, 70)).astype(np.float32)
+    w = rng.standard_normal((30, 70)).astype(np.float32)
+    before, got = _kernels.kernel(), []
+    try:
+        for p in PATHS:
+            _use(p)
+            got.append(_kernels.q8_product(a, w))
+    finally:
+        _kernels.set_kernel(before)
+        _kernels.set_int8_vnni(True)
+    for g in got[1:]:
+        np.testing.assert_array_equal(g, got[0])
+
+
+def _layer(cls, kw, seed=0, **more):
+    layer = cls(12, 24, seed=seed, **kw, **more)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("cls,kw", CELLS, ids=CELL_IDS)
+def test_quantized_layer_close_to_float32(path, cls, kw):
+    rng = np.random.default_rng(3)
+    layer = _layer(cls, kw, num_layers=2)
+    q = layer.quantized()
+    x = rng.standard_normal((15, 5, 12)).astype(np.float32)
+    lengths = np.array([15, 3, 0, 9, 15])
+    state = layer(x[:1])[1]  # some nonzero initial state in the layer's form
+    y, s = layer(x, state, lengths)
+    yq, sq = q(x, state, lengths)
+    assert np.abs(yq - y).max() <= MAX_ERROR
+    for a, b in zip(s if isinstance(s, tuple) else (s,), sq if isinstance(sq, tuple) else (sq,)):
+        assert np.abs(a - b).max() <= MAX_ERROR
+    assert np.all(yq[3:, 1] == 0) and np.all(yq[:, 2] == 0)  # padding stays zero
+    assert np.abs(yq - y).max() > 0  # it is int8
+
+
+def test_quantized_bidirectional_batch_first_close_to_float32(path):
+    rng = np.random.default_rng(4)
+    layer = _layer(LSTM, {}, bidirectional=True, batch_first=True, bias=False)
+    q = quantize(layer)
+    x = rng.standard_normal((3, 11, 12)).astype(np.float32)
+    y, (h, c) = layer(x, lengths=[11, 4, 7])
+    yq, (hq, cq) = q(x, lengths=[11, 4, 7])
+    assert yq.shape == y.shape == (3, 11, 48)
+    assert max(np.abs(yq - y).max(), np.abs(hq - h).max(), np.abs(cq - c).max()) <= MAX_ERROR
+
+
+def test_quantized_layer_larger_sizes_close_to_float32():
+    rng = np.random.default_rng(5)
+    layer = LSTM(128, 256, seed=5).eval()
+    x = rng.standard_normal((30, 4, 128)).astype(np.float32)
+    assert np.abs(layer.quantized()(x)[0] - layer(x)[0]).max() <= MAX_ERROR
+
+
+@pytest.mark.parametrize("cls,kw", CELLS, ids=CELL_IDS)
+def test_quantized_rows_do_not_depend_on_the_batch(path, cls, kw):
+    rng = np.random.default_rng(6)
+    q = _layer(cls, kw).quantized()
+    x = rng.standard_normal((9, 13, 12)).astype(np.float32)
+    y = q(x)[0]
+    for b in (0, 6, 12):
+        np.testing.assert_array_equal(q(x[:, b:b + 1])[0][:, 0], y[:, b])
+
+
+def test_quantized_layer_keeps_int8_weights_and_float_biases():
+    layer = _layer(GRU, {})
+    q = layer.quantized()
+    assert isinstance(q, QuantizedGRU) and repr(q) == "QuantizedGRU(12, 24)"
+    assert sorted(q.named_parameters()) == ["bias_hh_l0", "bias_ih_l0"]
+    assert q._packed[0].dtype == np.uint8
+    floats = layer._params["weight_ih_l0"].nbytes + layer._params["weight_hh_l0"].nbytes
+    assert q._packed[0].nbytes < floats / 2
+    layer._params["weight_hh_l0"][:] = 0  # the quantized copy does not follow the layer
+    x = np.ones((2, 1, 12), np.float32)
+    assert not np.array_equal(q(x)[0], layer(x)[0])
+
+
+def test_quantized_layer_refusals():
+    layer = _layer(LSTM, {})
+    q = layer.quantized()
+    x = np.ones((2, 1, 12), np.float32)
+    with pytest.raises(TypeError, match="only float32 layers can be quantized"):
+        LSTM(3, 4, dtype=np.float64).quantized()
+    with pytest.raises(TypeError, match="quantize takes an LSTM, GRU or RNN layer"):
+        quantize(Linear(3, 4))
+    with pytest.raises(TypeError, match="quantize takes"):
+        quantize(q)
+    with pytest.raises(ValueError, match="inference only: it cannot be put in training"):
+        q.train()
+    with pytest.raises(ValueError, match="need_grad=False"):
+        q(x, need_grad=True)
+    with pytest.raises(RuntimeError, match="inference only: it has no backward"):
+        q.backward(None)
+    with pytest.raises(RuntimeError, match="quantize it again"):
+        q.load_state_dict({})
+    with pytest.raises(TypeError, match="dtype float32"):
+        q(x.astype(np.float64))
+    with pytest.raises(ValueError, match="input_size"):
+        q(np.ones((2, 1, 5), np.float32))
+    with pytest.raises(ValueError, match="lengths must lie"):
+        q(x, lengths=[3])
+    big = _kernels.Q8_MAX_SIZE + 1
+    with pytest.raises(ValueError, match=f"input_size <= {big - 1}"):
+        RNN(big, 1).quantized()
+    for variant in (LSTM(3, 4, peepholes=True), GRU(3, 4, zoneout=0.1)):
+        with pytest.raises(ValueError, match="peepholes or zoneout"):
+            variant.quantized()
+    assert isinstance(q, QuantizedLSTM) and q.eval() is q and not q.training
+
+
+def test_q8_forward_refuses_foreign_packed():
+    layer = _layer(RNN, {})
+    q = layer.quantized()
+    x = np.ones((2, 1, 12), np.float32)
+    plan = _kernels.Plan(np.array([2], np.int64), 2, False)
+    ws = _kernels.aligned_empty(_kernels.workspace_size("rnn", plan, 12, 24, False),
+                                np.float32)
+    floats = _kernels.pack_weights(layer._params["weight_ih_l0"],
+                                   layer._params["weight_hh_l0"], 1, False)
+    for bad in (floats, q._packed[0][:-1], np.zeros_like(q._packed[0])):
+        with pytest.raises(ValueError, match="q8_pack_weights' array"):
+            _kernels.q8_forward("rnn", x, None, None, bad, None, None, plan, ws, 12, 24)
+    with pytest.raises(ValueError, match="q8_pack_weights' array"):  # other sizes
+        _kernels.q8_forward("lstm", x, None, None, q._packed[0], None, None, plan, ws, 12, 24)
+
+
+@pytest.mark.parametrize("cls,kw", CELLS, ids=CELL_IDS)
+def test_quantized_stream_and_pool_match_forward_bit_for_bit(path, cls, kw):
+    rng = np.random.default_rng(7)
+    q = _layer(cls, kw, num_layers=2).quantized()
+    x = rng.standard_normal((6, 3, 12)).astype(np.float32)
+    state = q(x[:2])[1]
+    y = q(x, state)[0]
+    stream = q.stream(3, state)
+    np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(6)]), y)
+    pool = q.stream_pool(5)
+    parts = state if isinstance(state, tuple) else (state,)
+    ids = [pool.open(tuple(p[:, b:b + 1] for p in parts) if len(parts) == 2
+                     else parts[0][:, b:b + 1]) for b in range(3)]
+    got = [pool.step(ids, x[0])]
+    pool.close(ids[1])  # the others go on alone, with the same numbers
+    got += [pool.step([ids[0], ids[2]], x[t][[0, 2]]) for t in range(1, 6)]
+    np.testing.assert_array_equal(got[0], y[0])
+    np.testing.assert_array_equal(np.stack(got[1:]), y[1:, [0, 2]])
+
+
+def test_quantized_stream_refusals():
+    q = _layer(LSTM, {}).quantized()
+    with pytest.raises(ValueError, match="bidirectional layer cannot be streamed"):
+        _layer(LSTM, {}, bidirectional=True).quantized().stream()
+    weights = q._stream_weights()
+    with pytest.raises(TypeError, match="int8 weights run float32 only"):
+        _kernels.Stream("lstm", False, np.float64, 1, weights, int8=True)
+    bad = [[weights[0][0], 11, None, None]]
+    with pytest.raises(ValueError, match="q8_pack_weights' array"):
+        _kernels.StreamPool("lstm", False, np.float32, 2, bad, int8=True)
+    with pytest.raises(ValueError, match="q8_pack_weights' array"):
+        _kernels.Stream("gru", False, np.float32, 1, weights, int8=True)
+    with pytest.raises(ValueError, match="b_ih"):
+        _kernels.Stream("lstm", False, np.float32, 1,
+                        [[weights[0][0], 12, np.zeros(3, np.float32), None]], int8=True)
+
+
+def test_charlm_quantized_bpc_within_002_of_float32():
+    from rnnfuse.apps import charlm
+    text = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 40
+    vocab = charlm.Vocab(text)
+    ids = vocab.encode(text)
+    model = charlm.char_model(vocab.size, "lstm", 32, 2, embed=8, seed=0)
+    rng = np.random.default_rng(1)
+    for p in model.parameters():  # weights moved off their initialisation
+        p += rng.normal(scale=0.3, size=p.shape).astype(p.dtype)
+    task = charlm.CharLM(model, ids[:1000], ids[1000:], k=8, batch_size=2, rng=rng)
+    model.train()
+    float32, int8 = task.quantized_bpc()
+    assert model.training and task.model is model  # left as it was
+    assert float32 == pytest.approx(task.quantized_bpc()[0])
+    assert abs(int8 - float32) <= 0.02 and int8 != float32
+
+
+def test_charlm_command_reports_int8_bits_per_char(tmp_path):
+    import json
+    import subprocess
+    import sys
+    text = tmp_path / "tiny.txt"
+    text.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 60)
+    r = subprocess.run([sys.executable, "-m", "rnnfuse", "charlm", "--text", str(text),
+                        "--epochs", "1", "--hidden", "16", "--embed", "8", "--batch", "4",
+                        "--bptt", "16", "--quiet", "--sample", "0", "--quantize", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "int8 weights" in r.stdout
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(last["int8_bpc"] - last["eval_bpc"]) <= 0.02
+
+
+def test_quantized_forward_same_bits_at_any_thread_count():
+    from threadpoolctl import threadpool_limits
+    rng = np.random.default_rng(8)
+    q = LSTM(32, 128, seed=8).eval().quantized()
+    x = rng.standard_normal((20, 24, 32)).astype(np.float32)
+    with threadpool_limits(1):
+        one = q(x)[0]
+    with threadpool_limits(2):
+        assert _kernels.threads() == 2 or pytest.skip("the BLAS runs one thread here")
+        np.testing.assert_array_equal(q(x)[0], one)
