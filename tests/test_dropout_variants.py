@@ -1,19 +1,36 @@
-"""Dropout variants of the recurrent layers: weight drop (DropConnect on W_hh, AWD-LSTM).
+"""Dropout variants: weight drop (DropConnect on W_hh, AWD-LSTM) and variational
+recurrent dropout (one (B, H) mask on h_{t-1} in the recurrent product, every step).
 
+Weight drop (layers):
 - eval mode computes the plain layer bitwise; p=0 draws nothing;
 - a training forward is the plain kernels run on W_hh * mask, the mask reproduced from
   the layer's generator; masks are seeded and fresh per forward;
 - float64 finite differences of every parameter with the masks held fixed (the layer's
   generator reseeded per evaluation): stacked, bidirectional, ragged;
 - bad values are refused, naming the argument.
+Recurrent dropout (kernels and layers):
+- the reference's gradients against float64 finite differences, and its definition;
+- the kernels (each code path) against the reference: float32/64, ragged, reverse, every
+  cell and option; bitwise repeatable at 1 and 2 threads; an all-ones mask is the plain
+  cell; bad masks are refused, named;
+- layers: eval and p=0 are the plain layer, masks seeded, finite differences; with zoneout
+  and weight drop together, bidirectional and ragged.
 """
 import numpy as np
 import pytest
 
-from rnnfuse import GRU, LSTM, RNN
+from rnnfuse import GRU, LSTM, RNN, _kernels
 from rnnfuse import functional as F
+from rnnfuse import reference as R
 
 CELLS = [LSTM, GRU, RNN]
+KERNEL_CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"),
+                ("rnn", "relu")]
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+_SIMD = _kernels.simd_path()
+PATHS = (["avx512"] * ("AVX-512F" in _SIMD) + ["avx2"] * (_SIMD != "baseline")
+         + ["portable"])
 
 
 def _x(T=5, B=3, I=2, dtype=np.float32, seed=40):
@@ -170,3 +187,207 @@ def test_weight_drop_streams_and_pools_run_the_raw_weights(cls):
     pool = layer.stream_pool(2)
     ids = [pool.open(), pool.open()]
     np.testing.assert_array_equal(np.stack([pool.step(ids, x[t]) for t in range(6)]), y)
+
+
+# ---------------------------------------------------------------- recurrent dropout: kernels
+
+@pytest.fixture(params=PATHS)
+def kernel(request):
+    before = _kernels.kernel()
+    _kernels.set_kernel(request.param)
+    yield request.param
+    _kernels.set_kernel(before)
+
+
+def rcase(cell, T, B, I, H, dtype, seed=0, p=0.4):
+    """Random inputs, weights, upstream gradients and a recurrent dropout mask (keep
+    probability 1-p, scaled by 1/(1-p))."""
+    rng = np.random.default_rng(seed)
+    r = lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(dtype)  # noqa: E731
+    G, s = GATES[cell], 1 / np.sqrt(H)
+    args = dict(x=r(T, B, I), h0=r(B, H), w_ih=r(G * H, I, scale=s), w_hh=r(G * H, H, scale=s),
+                b_ih=r(G * H, scale=s), b_hh=r(G * H, scale=s))
+    if cell == "lstm":
+        args["c0"] = r(B, H)
+    mask = ((rng.random((B, H)) >= p) / (1 - p)).astype(dtype)
+    up = (r(T, B, H), r(B, H), r(B, H)) if cell == "lstm" else (r(T, B, H), r(B, H))
+    return args, mask, up
+
+
+def rforward(module, cell, option, a, mask, lengths=None, reverse=False, need_ctx=True,
+             zoneout=None):
+    w = (a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
+    kw = dict(need_ctx=need_ctx, zoneout=zoneout, recurrent_dropout=mask)
+    if cell == "lstm":
+        y, h, c, ctx = module.lstm_forward(a["x"], a["h0"], a["c0"], *w, lengths, reverse,
+                                           **kw)
+        return (y, h, c), ctx
+    forward = module.gru_forward if cell == "gru" else module.rnn_forward
+    y, h, ctx = forward(a["x"], a["h0"], *w, lengths, reverse, option, **kw)
+    return (y, h), ctx
+
+
+def rrun(module, cell, option, a, mask, up, lengths=None, reverse=False, zoneout=None):
+    outs, ctx = rforward(module, cell, option, a, mask, lengths, reverse, zoneout=zoneout)
+    return tuple(outs) + tuple(getattr(module, f"{cell}_backward")(*up, ctx))
+
+
+def rassert_close(got, want, dtype, what):
+    assert len(got) == len(want), what
+    for k, (a, b) in enumerate(zip(got, want)):
+        if b is None:
+            assert a is None, f"{what}[{k}]"
+            continue
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, f"{what}[{k}]"
+        floor = 1.0 if dtype == np.float32 else np.finfo(dtype).tiny
+        scale = max(np.max(np.abs(b)), floor) if b.size else 1.0
+        err = np.max(np.abs(a.astype(np.float64) - b)) / scale if b.size else 0.0
+        assert err <= TOL[dtype], f"{what}[{k}]: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("cell,option", KERNEL_CELLS)
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([3, 0, 4], True),
+                                             ([4, 1, 2], False)])
+def test_recurrent_dropout_reference_gradients_match_finite_differences(cell, option, lengths,
+                                                                        reverse):
+    args, mask, up = rcase(cell, 4, 3, 2, 3, np.float64, seed=60)
+    if option == "relu":  # keep the pre-activations away from relu's kink
+        args["b_ih"] = args["b_ih"] + 1.0
+    names = list(args)
+
+    def loss(a):
+        outs, _ = rforward(R, cell, option, a, mask, lengths, reverse, need_ctx=False)
+        return sum(np.sum(o * u) for o, u in zip(outs, up))
+
+    got = rrun(R, cell, option, args, mask, up, lengths, reverse)
+    n_out = len(up)
+    grads = dict(zip(["x", "h0"] + (["c0"] if cell == "lstm" else [])
+                     + ["w_ih", "w_hh", "b_ih", "b_hh"], got[n_out:]))
+    eps = 1e-6
+    for name in names:
+        p = args[name]
+        for idx in [(0,) * p.ndim, tuple(d - 1 for d in p.shape),
+                    tuple(d // 2 for d in p.shape)]:
+            old = p[idx]
+            p[idx] = old + eps
+            up_ = loss(args)
+            p[idx] = old - eps
+            down = loss(args)
+            p[idx] = old
+            fd = (up_ - down) / (2 * eps)
+            assert abs(grads[name][idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx)
+
+
+@pytest.mark.parametrize("cell,option", [("lstm", None), ("rnn", "tanh"), ("gru", True),
+                                         ("gru", False)])
+def test_recurrent_dropout_reference_follows_the_definition(cell, option):
+    """One step: the product takes h0 * m, the state's own path (the GRU's z h0, the
+    LSTM's c) takes h0 and c0 unmasked."""
+    args, mask, up = rcase(cell, 1, 3, 2, 4, np.float64, seed=61)
+    (y, h, *c), _ = rforward(R, cell, option, args, mask)
+    a, H = args, 4
+    pre = a["x"][0] @ a["w_ih"].T + a["b_ih"]
+    hm = a["h0"] * mask
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    if cell == "lstm":
+        g = pre + hm @ a["w_hh"].T + a["b_hh"]
+        i, f, gg, o = sig(g[:, :H]), sig(g[:, H:2 * H]), np.tanh(g[:, 2 * H:3 * H]), sig(g[:, 3 * H:])
+        c1 = f * a["c0"] + i * gg
+        want = o * np.tanh(c1)
+        np.testing.assert_allclose(c[0], c1, rtol=1e-12, atol=1e-12)
+    elif cell == "rnn":
+        want = np.tanh(pre + hm @ a["w_hh"].T + a["b_hh"])
+    else:
+        hh = hm @ a["w_hh"].T
+        r = sig(pre[:, :H] + hh[:, :H] + a["b_hh"][:H])
+        z = sig(pre[:, H:2 * H] + hh[:, H:2 * H] + a["b_hh"][H:2 * H])
+        w_hn, b_hn = a["w_hh"][2 * H:], a["b_hh"][2 * H:]
+        inner = r * (hm @ w_hn.T + b_hn) if option else (r * hm) @ w_hn.T + b_hn
+        n = np.tanh(pre[:, 2 * H:] + inner)
+        want = (1 - z) * n + z * a["h0"]
+    np.testing.assert_allclose(y[0], want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(h, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell,option", KERNEL_CELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([5, 0, 3, 1], False),
+                                             ([5, 0, 3, 1], True)])
+def test_recurrent_dropout_kernels_match_reference(kernel, cell, option, dtype, lengths,
+                                                   reverse):
+    args, mask, up = rcase(cell, 5, 4, 3, 7, dtype, seed=62)
+    got = rrun(F, cell, option, args, mask, up, lengths, reverse)
+    want = rrun(R, cell, option, args, mask, up, lengths, reverse)
+    rassert_close(got, want, dtype, f"{cell} {option} {kernel}")
+    # inference (no ctx) gives the training forward's outputs
+    outs, ctx = rforward(F, cell, option, args, mask, lengths, reverse, need_ctx=False)
+    assert ctx is None
+    for a, b in zip(outs, got):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell,option", KERNEL_CELLS)
+def test_recurrent_dropout_with_zoneout_and_batch_of_one(kernel, cell, option):
+    args, mask, up = rcase(cell, 6, 1, 2, 5, np.float64, seed=63)
+    zmask = (np.random.default_rng(64).random((6, 1, 5)) < 0.4).astype(np.float64)
+    zoneout = (zmask, zmask[::-1].copy()) if cell == "lstm" else zmask
+    for reverse in (False, True):
+        got = rrun(F, cell, option, args, mask, up, None, reverse, zoneout=zoneout)
+        want = rrun(R, cell, option, args, mask, up, None, reverse, zoneout=zoneout)
+        rassert_close(got, want, np.float64, f"{cell} {option} reverse={reverse}")
+
+
+@pytest.mark.parametrize("cell,option", KERNEL_CELLS)
+def test_recurrent_dropout_of_ones_is_the_plain_cell(kernel, cell, option):
+    args, mask, up = rcase(cell, 5, 4, 3, 6, np.float32, seed=65)
+    lengths = [5, 2, 0, 4]
+    plain = rrun(F, cell, option, args, None, up, lengths)
+    ones = rrun(F, cell, option, args, np.ones_like(mask), up, lengths)
+    for a, b in zip(plain, ones):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    # and a mask that drops something changes y and dW_hh
+    dropped = rrun(F, cell, option, args, mask, up, lengths)
+    n_out = len(up)
+    assert not np.array_equal(dropped[0], plain[0])
+    assert not np.array_equal(dropped[n_out + 3 + (cell == "lstm")], plain[n_out + 3 + (cell == "lstm")])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cell,option", [("lstm", None), ("gru", False), ("gru", True),
+                                         ("rnn", "tanh")])
+def test_recurrent_dropout_repeats_bitwise_at_each_thread_count(threads, cell, option):
+    """Large enough for the time loops to be shared among threads."""
+    from threadpoolctl import threadpool_limits
+    lengths = np.full(64, 20)
+    lengths[[3, 9]] = [0, 11]
+    args, mask, up = rcase(cell, 20, 64, 24, 96, np.float32, seed=66)
+    with threadpool_limits(threads):
+        first = rrun(F, cell, option, args, mask, up, lengths, True)
+        again = rrun(F, cell, option, args, mask, up, lengths, True)
+    rassert_close(first, rrun(R, cell, option, args, mask, up, lengths, True), np.float32,
+                  cell)
+    for g, w in zip(first, again):
+        if g is not None:
+            np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (lambda m: m[:, :-1], ValueError, r"recurrent_dropout must have shape \(3, 4\)"),
+    (lambda m: m[None], ValueError, r"recurrent_dropout must be 2-D with shape \(3, 4\)"),
+    (lambda m: m.astype(np.float32), TypeError, "recurrent_dropout must have dtype float64"),
+    (lambda m: -m, ValueError, "recurrent_dropout must hold finite values >= 0"),
+    (lambda m: m * np.nan, ValueError, "recurrent_dropout must hold finite values >= 0"),
+    (lambda m: np.where(m > 0, np.inf, m), ValueError, "recurrent_dropout must hold finite values >= 0"),
+    (lambda m: 0.5, TypeError, "recurrent_dropout must be a \\(B, H\\) mask array"),
+    (lambda m: True, TypeError, "recurrent_dropout must be a \\(B, H\\) mask array"),
+    (lambda m: "mask", TypeError, "recurrent_dropout"),
+])
+@pytest.mark.parametrize("cell,option", [("lstm", None), ("gru", False), ("rnn", "tanh")])
+def test_bad_recurrent_dropout_is_refused(cell, option, change, error, message):
+    args, mask, _ = rcase(cell, 2, 3, 2, 4, np.float64, seed=67)
+    with pytest.raises(error, match=message):
+        rforward(F, cell, option, args, change(mask))
+    non_contiguous = np.asfortranarray(mask)  # converted, not refused
+    rassert_close(rforward(F, cell, option, args, non_contiguous)[0],
+                  rforward(R, cell, option, args, mask)[0], np.float64, cell)
