@@ -41,27 +41,33 @@ def _states(state):
     return list(state) if isinstance(state, tuple) else [state]
 
 
+# ---------------------------------------------------------------- layers
+
+VARIANTS = ["weight_drop", "recurrent_dropout"]
+
+
 @pytest.mark.parametrize("cls", CELLS)
-def test_weight_drop_option_is_checked(cls):
-    with pytest.raises(ValueError, match=r"weight_drop must be a probability in \[0, 1\), "
-                                         r"got 1"):
-        cls(2, 3, weight_drop=1)
-    with pytest.raises(ValueError, match=r"weight_drop must be a probability in \[0, 1\), "
+@pytest.mark.parametrize("name", VARIANTS)
+def test_layer_options_are_checked(cls, name):
+    with pytest.raises(ValueError, match=rf"{name} must be a probability in \[0, 1\), got 1"):
+        cls(2, 3, **{name: 1})
+    with pytest.raises(ValueError, match=rf"{name} must be a probability in \[0, 1\), "
                                          r"got -0.1"):
-        cls(2, 3, weight_drop=-0.1)
-    with pytest.raises(TypeError, match="weight_drop must be a float, got bool"):
-        cls(2, 3, weight_drop=True)
-    with pytest.raises(TypeError, match="weight_drop must be a float, got str"):
-        cls(2, 3, weight_drop="0.5")
-    assert repr(cls(2, 3, weight_drop=0.25)).endswith("weight_drop=0.25)")
-    assert "weight_drop" not in repr(cls(2, 3))
+        cls(2, 3, **{name: -0.1})
+    with pytest.raises(TypeError, match=f"{name} must be a float, got bool"):
+        cls(2, 3, **{name: True})
+    with pytest.raises(TypeError, match=f"{name} must be a float, got str"):
+        cls(2, 3, **{name: "0.5"})
+    assert repr(cls(2, 3, **{name: 0.25})).endswith(f"{name}=0.25)")
+    assert name not in repr(cls(2, 3))
 
 
 @pytest.mark.parametrize("cls", CELLS)
-def test_weight_drop_eval_is_the_plain_layer_bitwise(cls):
+@pytest.mark.parametrize("name", VARIANTS)
+def test_layer_eval_is_the_plain_layer_bitwise(cls, name):
     x = _x()
     plain = cls(2, 4, num_layers=2, bidirectional=True, seed=41).eval()
-    dropped = cls(2, 4, num_layers=2, bidirectional=True, seed=41, weight_drop=0.5).eval()
+    dropped = cls(2, 4, num_layers=2, bidirectional=True, seed=41, **{name: 0.5}).eval()
     y0, s0 = plain(x, lengths=[5, 2, 0])
     y1, s1 = dropped(x, lengths=[5, 2, 0])
     np.testing.assert_array_equal(y0, y1)
@@ -69,26 +75,33 @@ def test_weight_drop_eval_is_the_plain_layer_bitwise(cls):
         np.testing.assert_array_equal(a, b)
     # training with p=0 draws nothing: the same numbers and the same generator state
     plain.train(), dropped.train()
-    dropped.weight_drop = 0.0
+    setattr(dropped, name, 0.0)
     np.testing.assert_array_equal(plain(x)[0], dropped(x)[0])
     assert plain._rng.random() == dropped._rng.random()
 
 
 def _masked_forward(layer, x, lengths, seed):
     """The training forward rebuilt from functional's kernels: every layer and direction
-    on W_hh * mask, the masks drawn as the layer draws them (in the same order)."""
+    on W_hh * its weight drop mask and with its recurrent dropout mask, the masks drawn as
+    the layer draws them (in the same order)."""
     rng = np.random.default_rng(seed)
-    p, L, D = layer.weight_drop, layer.num_layers, layer.num_directions
+    L, D, B, H = layer.num_layers, layer.num_directions, x.shape[1], layer.hidden_size
+
+    def mask(shape, p):
+        keep = rng.random(shape) >= p
+        return keep.astype(layer.dtype) * layer.dtype.type(1.0 / (1.0 - p))
+
     inp, finals = x, []
     for l in range(L):
         ys = []
         for d in range(D):
             w_ih, w_hh, b_ih, b_hh, *_ = layer._weights(l, d)
-            keep = rng.random(w_hh.shape) >= p
-            mask = keep.astype(layer.dtype) * layer.dtype.type(1.0 / (1.0 - p))
-            y, fin, _ = F._forward(layer._cell, inp, [None] * layer._n_states, w_ih,
-                                   w_hh * mask, b_ih, b_hh, lengths, d == 1, layer._option,
-                                   False)
+            if layer.weight_drop:
+                w_hh = w_hh * mask(w_hh.shape, layer.weight_drop)
+            m = mask((B, H), layer.recurrent_dropout) if layer.recurrent_dropout else None
+            y, fin, _ = F._forward(layer._cell, inp, [None] * layer._n_states, w_ih, w_hh,
+                                   b_ih, b_hh, lengths, d == 1, layer._option, False,
+                                   recurrent_dropout=m)
             ys.append(y)
             finals.append(fin)
         inp = np.concatenate(ys, axis=2)
@@ -96,9 +109,11 @@ def _masked_forward(layer, x, lengths, seed):
 
 
 @pytest.mark.parametrize("cls", CELLS)
-def test_weight_drop_training_forward_runs_the_masked_weights(cls):
+@pytest.mark.parametrize("variant", [dict(weight_drop=0.4), dict(recurrent_dropout=0.4),
+                                     dict(weight_drop=0.3, recurrent_dropout=0.5)])
+def test_layer_training_forward_runs_the_masks(cls, variant):
     x, lengths = _x(), [5, 2, 4]
-    layer = cls(2, 4, num_layers=2, bidirectional=True, seed=42, weight_drop=0.4)
+    layer = cls(2, 4, num_layers=2, bidirectional=True, seed=42, **variant)
     layer._rng = np.random.default_rng(43)
     y, state = layer(x, lengths=lengths)
     want_y, want_finals = _masked_forward(layer, x, lengths, 43)
@@ -106,14 +121,14 @@ def test_weight_drop_training_forward_runs_the_masked_weights(cls):
     for k, fin in enumerate(want_finals):
         for s, f in zip(_states(state), fin):
             np.testing.assert_array_equal(s[k], f)
-    # fresh masks at the next forward; eval then runs the raw weights
+    # fresh masks at the next forward; eval then runs without them
     assert not np.array_equal(layer(x, lengths=lengths)[0], y)
     layer.eval()
     assert not np.array_equal(layer(x, lengths=lengths)[0], y)
 
 
-def test_weight_drop_masks_drop_about_p_of_the_weights():
-    layer = LSTM(3, 50, seed=44, weight_drop=0.3)
+def test_layer_masks_drop_about_p():
+    layer = LSTM(3, 50, seed=44, weight_drop=0.3, recurrent_dropout=0.2)
     layer._rng = np.random.default_rng(45)
     w, mask = layer._dropped_weights(0, 0)
     assert mask.shape == (200, 50) and mask.dtype == np.float32
@@ -121,20 +136,34 @@ def test_weight_drop_masks_drop_about_p_of_the_weights():
     assert 0.25 < np.mean(mask == 0) < 0.35
     np.testing.assert_array_equal(w[1], layer._params["weight_hh_l0"] * mask)
     assert w[0] is layer._params["weight_ih_l0"]  # only W_hh is dropped
+    m = layer._recurrent_dropout_arg((40, 50))
+    assert m.shape == (40, 50) and m.dtype == np.float32
+    assert set(np.unique(m)) == {np.float32(0), np.float32(1 / 0.8)}
+    assert 0.15 < np.mean(m == 0) < 0.25
 
 
 @pytest.mark.parametrize("cls", CELLS)
-@pytest.mark.parametrize("bias", [True, False])
-def test_weight_drop_gradients_match_finite_differences(cls, bias):
+@pytest.mark.parametrize("variant,bias", [
+    (dict(weight_drop=0.5), True), (dict(weight_drop=0.5), False),
+    (dict(recurrent_dropout=0.5), True), (dict(recurrent_dropout=0.5), False),
+    (dict(zoneout=0.3, recurrent_dropout=0.4, weight_drop=0.5), True),
+])
+def test_layer_gradients_match_finite_differences(cls, variant, bias):
     """float64, stacked, bidirectional, ragged, training masks held fixed: each finite
-    difference reruns the forward with the layer's generator reseeded."""
+    difference reruns the forward with the layer's generator reseeded. The last variant
+    combines zoneout, recurrent dropout and weight drop (and the LSTM's peepholes)."""
     kw = dict(peepholes=True) if cls is LSTM else {}
+    kw.update(variant)
     layer = cls(2, 3, num_layers=2, bias=bias, bidirectional=True, dtype=np.float64,
-                seed=46, weight_drop=0.5, **kw)
+                seed=46, **kw)
     rng = np.random.default_rng(47)
     x = rng.standard_normal((4, 3, 2))
     dy = rng.standard_normal((4, 3, 6))
     lengths = [4, 1, 3]
+    if cls is LSTM:  # peepholes start at zero; make them matter
+        for name, p in layer.named_parameters().items():
+            if name.startswith("weight_peep"):
+                p[...] = rng.standard_normal(p.shape)
 
     def forward():
         layer._rng = np.random.default_rng(48)
@@ -159,12 +188,11 @@ def test_weight_drop_gradients_match_finite_differences(cls, bias):
             p[idx] = old
             fd = (up - down) / (2 * eps)
             assert abs(layer.grads[name][idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx)
-    # a dropped element of W_hh gets no gradient
-    layer._rng = np.random.default_rng(48)
-    _, mask = layer._dropped_weights(0, 0)
-    assert np.all(layer.grads["weight_hh_l0"][mask == 0] == 0)
-    # and x's gradient through the masked weights
-    for idx in [(0, 0, 0), (2, 2, 1)]:
+    if "weight_drop" in variant:  # a dropped element of W_hh gets no gradient
+        layer._rng = np.random.default_rng(48)
+        _, mask = layer._dropped_weights(0, 0)
+        assert np.all(layer.grads["weight_hh_l0"][mask == 0] == 0)
+    for idx in [(0, 0, 0), (2, 2, 1)]:  # and x's gradient
         old = x[idx]
         x[idx] = old + eps
         up = loss()
@@ -176,8 +204,8 @@ def test_weight_drop_gradients_match_finite_differences(cls, bias):
 
 
 @pytest.mark.parametrize("cls", CELLS)
-def test_weight_drop_streams_and_pools_run_the_raw_weights(cls):
-    layer = cls(3, 5, num_layers=2, seed=49, weight_drop=0.5)
+def test_streams_and_pools_run_without_the_masks(cls):
+    layer = cls(3, 5, num_layers=2, seed=49, weight_drop=0.5, recurrent_dropout=0.5)
     x = _x(6, 2, 3, seed=50)
     layer.eval()
     y, _ = layer(x)
