@@ -14,7 +14,7 @@ Recurrent dropout (kernels and layers):
   cell and option; bitwise repeatable at 1 and 2 threads; an all-ones mask is the plain
   cell; bad masks are refused, named;
 - layers: eval and p=0 are the plain layer, masks seeded, finite differences; with zoneout
-  and weight drop together, bidirectional and ragged.
+  and weight drop together, bidirectional and ragged; a resumed fit() draws the same masks.
 """
 import numpy as np
 import pytest
@@ -419,3 +419,31 @@ def test_bad_recurrent_dropout_is_refused(cell, option, change, error, message):
     non_contiguous = np.asfortranarray(mask)  # converted, not refused
     rassert_close(rforward(F, cell, option, args, non_contiguous)[0],
                   rforward(R, cell, option, args, mask)[0], np.float64, cell)
+
+
+def test_resumed_training_draws_the_same_masks(tmp_path):
+    """fit() checkpoints every layer's generator: a run interrupted and resumed with weight
+    drop and recurrent dropout reproduces the uninterrupted run's losses bitwise."""
+    from rnnfuse import Adam
+    from rnnfuse import train
+    from rnnfuse.apps import charlm
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+
+    def run(p=(0.3, 0.4), **kw):
+        vocab = charlm.Vocab(text)
+        ids = vocab.encode(text)
+        rng = np.random.default_rng(70)
+        model = charlm.char_model(vocab.size, "lstm", 8, 1, embed=6, seed=70)
+        assert isinstance(model[1], LSTM)
+        model[1].weight_drop, model[1].recurrent_dropout = p
+        task = charlm.CharLM(model, ids[:1500], ids[1500:], k=10, batch_size=4, rng=rng)
+        return train.fit(task, Adam(model.named_parameters(), lr=1e-2), clip=1.0, rng=rng,
+                         progress=False, **kw)
+
+    full = run(epochs=2)
+    ck = str(tmp_path / "ck.rnnf")
+    first = run(epochs=2, save=ck, max_steps=11)
+    assert first.stopped == "max_steps"
+    rest = run(epochs=2, save=ck, resume=ck)
+    assert rest.losses == full.losses
+    assert run((0.0, 0.0), epochs=2).losses != full.losses  # and the masks were drawn
