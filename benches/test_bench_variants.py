@@ -1,5 +1,7 @@
 """Cell variants against the plain cell: an LSTM training step (forward + backward) plain,
-with peepholes and with zoneout (training masks), float32, side by side in one group. Each variant's result is checked
+with peepholes, with zoneout (training masks), with recurrent dropout (a (B, H) mask) and
+with weight drop (as the layers run it: a fresh mask over W_hh drawn, W_hh * mask, and
+dW_hh * mask), float32, side by side in one group. Each variant's result is checked
 against the reference once before it is timed. Run: ``pytest benches/test_bench_variants.py``
 (threads: --bench-threads, default 1).
 """
@@ -21,21 +23,38 @@ def _case(T, B, I, H):
     return dict(x=r(T, B, I), w_ih=r(4 * H, I, scale=s), w_hh=r(4 * H, H, scale=s),
                 b_ih=r(4 * H, scale=s), b_hh=r(4 * H, scale=s), peep=r(3 * H, scale=s),
                 dy=r(T, B, H), zoneout=tuple((rng.random((T, B, H)) < 0.15).astype(np.float32)
-                                             for _ in range(2)))
+                                             for _ in range(2)),
+                recurrent_dropout=((rng.random((B, H)) >= 0.25) / 0.75).astype(np.float32))
+
+
+def _weight_drop_mask(shape, p=0.5):
+    """Weight drop's mask as a layer draws it (the same mask at every call)."""
+    keep = np.random.default_rng(1).random(shape) >= p
+    return keep.astype(np.float32) * np.float32(1 / (1 - p))
 
 
 def _step(module, c, variant):
     def fn():
+        w_hh, mask = c["w_hh"], None
+        if variant == "weight_drop":
+            mask = _weight_drop_mask(w_hh.shape)
+            w_hh = w_hh * mask
         y, h_n, c_n, ctx = module.lstm_forward(
-            c["x"], None, None, c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"],
+            c["x"], None, None, c["w_ih"], w_hh, c["b_ih"], c["b_hh"],
             peepholes=c["peep"] if variant == "peepholes" else None,
-            zoneout=c["zoneout"] if variant == "zoneout" else None)
-        return (y, h_n, c_n) + tuple(module.lstm_backward(c["dy"], None, None, ctx))
+            zoneout=c["zoneout"] if variant == "zoneout" else None,
+            recurrent_dropout=(c["recurrent_dropout"] if variant == "recurrent_dropout"
+                               else None))
+        grads = list(module.lstm_backward(c["dy"], None, None, ctx))
+        if mask is not None:
+            grads[4] = grads[4] * mask  # dW_hh
+        return (y, h_n, c_n) + tuple(grads)
     return fn
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
-@pytest.mark.parametrize("variant", ["plain", "peepholes", "zoneout"])
+@pytest.mark.parametrize("variant", ["plain", "peepholes", "zoneout", "recurrent_dropout",
+                                     "weight_drop"])
 def test_lstm_training_step(benchmark, shape, variant):
     case = _case(*shape)
     fn = _step(F, case, variant)

@@ -36,6 +36,11 @@ static const rf_zoneout *RF_FN(zoneout_of)(const rf_zoneout *z) {
     return z->h || z->c ? z : NULL;
 }
 
+/* A call's recurrent dropout, or NULL where it has none. */
+static const rf_recdrop *RF_FN(recdrop_of)(const rf_recdrop *r) {
+    return r->m ? r : NULL;
+}
+
 int RF_FN(rf_forward)(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                       ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt) {
     const rf_runtime call = *rt;  /* one code path for the whole call */
@@ -43,17 +48,20 @@ int RF_FN(rf_forward)(int cell, int option, const rf_forward_bufs *a, const rf_p
         case RF_LSTM:
             RF_FN(rf_lstm_forward)(a->y, a->h_n, a->c_n, a->ws, a->x, a->h0, a->c0, a->w_ih,
                                    a->w_hh, a->b_ih, a->b_hh, a->peep, a->packed,
-                                   RF_FN(zoneout_of)(&a->zoneout), p, I, H, train, &call);
+                                   RF_FN(zoneout_of)(&a->zoneout),
+                                   RF_FN(recdrop_of)(&a->recdrop), p, I, H, train, &call);
             return 0;
         case RF_GRU:
             RF_FN(rf_gru_forward)(a->y, a->h_n, a->ws, a->x, a->h0, a->w_ih, a->w_hh, a->b_ih,
-                                  a->b_hh, a->packed, RF_FN(zoneout_of)(&a->zoneout), p, I,
-                                  H, option, train, &call);
+                                  a->b_hh, a->packed, RF_FN(zoneout_of)(&a->zoneout),
+                                  RF_FN(recdrop_of)(&a->recdrop), p, I, H, option, train,
+                                  &call);
             return 0;
         case RF_RNN:
             RF_FN(rf_rnn_forward)(a->y, a->h_n, a->ws, a->x, a->h0, a->w_ih, a->w_hh, a->b_ih,
-                                  a->b_hh, a->packed, RF_FN(zoneout_of)(&a->zoneout), p, I,
-                                  H, option, train, &call);
+                                  a->b_hh, a->packed, RF_FN(zoneout_of)(&a->zoneout),
+                                  RF_FN(recdrop_of)(&a->recdrop), p, I, H, option, train,
+                                  &call);
             return 0;
         default:
             return -1;
@@ -68,18 +76,21 @@ int RF_FN(rf_backward)(int cell, int option, const rf_backward_bufs *a, const rf
             RF_FN(rf_lstm_backward)(a->dx, a->dh0, a->dc0, a->dw_ih, a->dw_hh, a->db_ih,
                                     a->db_hh, a->dpeep, a->dy, a->dh_n, a->dc_n, a->ws,
                                     a->scratch, a->x, a->w_ih, a->w_hh, a->peep,
-                                    RF_FN(zoneout_of)(&a->zoneout), p, I, H, &call);
+                                    RF_FN(zoneout_of)(&a->zoneout),
+                                    RF_FN(recdrop_of)(&a->recdrop), p, I, H, &call);
             return 0;
         case RF_GRU:
             RF_FN(rf_gru_backward)(a->dx, a->dh0, a->dw_ih, a->dw_hh, a->db_ih, a->db_hh,
                                    a->dy, a->dh_n, a->ws, a->scratch, a->x, a->w_ih,
-                                   a->w_hh, RF_FN(zoneout_of)(&a->zoneout), p, I, H, option,
+                                   a->w_hh, RF_FN(zoneout_of)(&a->zoneout),
+                                   RF_FN(recdrop_of)(&a->recdrop), p, I, H, option,
                                    &call);
             return 0;
         case RF_RNN:
             RF_FN(rf_rnn_backward)(a->dx, a->dh0, a->dw_ih, a->dw_hh, a->db_ih, a->db_hh,
                                    a->dy, a->dh_n, a->ws, a->scratch, a->x, a->w_ih,
-                                   a->w_hh, RF_FN(zoneout_of)(&a->zoneout), p, I, H, option,
+                                   a->w_hh, RF_FN(zoneout_of)(&a->zoneout),
+                                   RF_FN(recdrop_of)(&a->recdrop), p, I, H, option,
                                    &call);
             return 0;
         default:

@@ -201,17 +201,20 @@ RF_PASS_TARGET static void RF_PASS(gru_step_backward)(REAL *g, REAL *aux, REAL *
 }
 
 /* Without lbr, the second backward pass: drh = d(r h_{t-1}) = dn W_hn is in st; gives dr
- * (into g's r block) and adds r drh to dh. */
+ * (into g's r block) and adds r drh to dh. With recurrent dropout (m: the (B,H) mask, else
+ * NULL) hp holds the masked h_{t-1}, and dh gets r drh m. */
 RF_PASS_TARGET static void RF_PASS(gru_step_backward_r)(REAL *g, REAL *dh, const REAL *drh,
-                                                        const REAL *hp, ptrdiff_t j0,
+                                                        const REAL *hp, const REAL *m,
+                                                        const rf_plan *p, ptrdiff_t j0,
                                                         ptrdiff_t j1, ptrdiff_t H) {
     for (ptrdiff_t j = j0; j < j1; j++) {
         REAL *gr = g + j * 3 * H;
         const REAL *d = drh + j * H, *h = hp + j * H;
+        const REAL *mr = m ? m + p->order[j] * H : NULL;
         for (ptrdiff_t k = 0; k < H; k++) {
             REAL r = gr[k];
             gr[k] = d[k] * h[k] * r * (1 - r);
-            dh[j * H + k] += d[k] * r;
+            dh[j * H + k] += mr ? d[k] * r * mr[k] : d[k] * r;
         }
     }
 }
@@ -225,12 +228,14 @@ RF_PASS_TARGET static void RF_PASS(gru_step_backward_r)(REAL *g, REAL *dh, const
 #define RF_PASSES_FILE "gru.c"
 #include "passes.h"
 #include "zoneout.h"
+#include "recdrop.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
     REAL *y, *h_n, *ws;
     const REAL *bias, *b_hn;
     const rf_zoneout *zo;
+    const rf_recdrop *rd;
     const rf_weight *W;  /* W[0], and without lbr W[1] (rf_prepare_weights) */
     const rf_plan *p;
     gru_layout L;
@@ -255,15 +260,17 @@ static void RF_FN(gru_steps)(void *arg, int part, int parts) {
         REAL *hn = ws + L.h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
         REAL *aux = ws + L.aux + (train ? p->offsets[s] * H : 0);
         REAL *g = ws + L.gates + (p->offsets[s] - (train ? 0 : p->offsets[q->step0])) * GH;
+        /* the products' h_{t-1}: masked with recurrent dropout (z h_{t-1} is not) */
+        const REAL *hm = RF_FN(recdrop_operand)(q->rd, hp, p, j0, end, H);
         if (lbr) {  /* st = h_{t-1} W_hh^T, all three blocks */
-            RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, GH, H, hp + j0 * H, H, 0,
+            RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, GH, H, hm + j0 * H, H, 0,
                                 st + j0 * GH, GH);
             if (!one_pass)
                 RF_PICK(gru_step_rz, simd)(g, aux, st, hp, q->bias, j0, end, H, lbr);
         } else {    /* st_rz = h_{t-1} W_hrz^T;  st_n = (r h_{t-1}) W_hn^T */
-            RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, 2 * H, H, hp + j0 * H, H, 0,
+            RF_FN(rf_step_gemm)(rt, &q->W[0], 0, m, 2 * H, H, hm + j0 * H, H, 0,
                                 st + j0 * GH, GH);
-            RF_PICK(gru_step_rz, simd)(g, aux, st, hp, q->bias, j0, end, H, lbr);
+            RF_PICK(gru_step_rz, simd)(g, aux, st, hm, q->bias, j0, end, H, lbr);
             RF_FN(rf_step_gemm)(rt, &q->W[1], 0, m, H, H, aux + j0 * H, H, 0,
                                 st + j0 * GH + 2 * H, GH);
         }
@@ -279,8 +286,9 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
                            const REAL *b_ih, const REAL *b_hh, const REAL *packed,
-                           const rf_zoneout *zo, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
-                           int lbr, int train, const rf_runtime *rt) {
+                           const rf_zoneout *zo, const rf_recdrop *rd, const rf_plan *p,
+                           ptrdiff_t I, ptrdiff_t H, int lbr, int train,
+                           const rf_runtime *rt) {
     gru_layout L = gru_layout_of(p, I, H, train);
     ptrdiff_t GH = 3 * H;
     REAL *bias = NULL;
@@ -293,7 +301,7 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed, rt->avx2);
-    RF_FN(gru_steps_job) job = {y, h_n, ws, bias, b_hn, zo, W, p, L, H, 0, 0, lbr, train,
+    RF_FN(gru_steps_job) job = {y, h_n, ws, bias, b_hn, zo, rd, W, p, L, H, 0, 0, lbr, train,
                                 rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
@@ -312,6 +320,8 @@ typedef struct {
     REAL *ws, *dh;
     const REAL *dy;
     const rf_zoneout *zo;
+    const rf_recdrop *rd;
+    const REAL *h_op;  /* every packed row's h_{t-1} as the products saw it */
     const rf_weight *W_hh;
     const rf_plan *p;
     gru_layout L;
@@ -339,13 +349,17 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
         RF_PICK(gru_step_backward, rf_simd(rt))(g, aux, st, dh, hp, zo ? NULL : q->dy, p, s, j0,
                                              end, H, q->lbr);
         if (zo) RF_FN(zoneout_carry)(dh, zo->carry, j0, end, H, 1);
+        /* the products' part of dh_{t-1}, times the recurrent dropout's mask */
         if (q->lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh */
-            RF_FN(rf_step_gemm)(rt, W, 0, m, H, GH, st + j0 * GH, GH, 1, dh + j0 * H, H);
-        } else {       /* drh = dn W_hn;  then dh_{t-1} += [dr dz] W_hrz */
+            RF_FN(recdrop_back_gemm)(rt, W, 0, GH, st + j0 * GH, GH, 1, dh, q->rd, p, j0, end,
+                                     H);
+        } else {       /* drh = dn W_hn;  then dh_{t-1} += r drh + [dr dz] W_hrz */
             RF_FN(rf_step_gemm)(rt, W, 2 * H, m, H, H, g + j0 * GH + 2 * H, GH, 0,
                                 st + j0 * H, H);
-            RF_PICK(gru_step_backward_r, rf_simd(rt))(g, dh, st, hp, j0, end, H);
-            RF_FN(rf_step_gemm)(rt, W, 0, m, H, 2 * H, g + j0 * GH, GH, 1, dh + j0 * H, H);
+            RF_PICK(gru_step_backward_r, rf_simd(rt))(g, dh, st, q->h_op + at * H,
+                                                   q->rd ? q->rd->m : NULL, p, j0, end, H);
+            RF_FN(recdrop_back_gemm)(rt, W, 0, 2 * H, g + j0 * GH, GH, 1, dh, q->rd, p, j0,
+                                     end, H);
         }
     }
 }
@@ -355,19 +369,20 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             const REAL *dy, const REAL *dh_n,
                             REAL *ws, REAL *scratch, const REAL *x,
                             const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,
-                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,
-                            const rf_runtime *rt) {
+                            const rf_recdrop *rd, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                            int lbr, const rf_runtime *rt) {
     gru_layout L = gru_layout_of(p, I, H, 1);
     ptrdiff_t GH = 3 * H, N = p->rows;
     REAL *dh = scratch;
     rf_weight W;  /* W_hh itself: rows 0..2H-1 for r z, 2H..3H-1 for n */
     RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    RF_FN(gru_back_steps_job) job = {ws, dh, dy, zo, &W, p, L, H, lbr, rt};
+    const REAL *h = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);  /* masked h_{t-1} */
+    RF_FN(gru_back_steps_job) job = {ws, dh, dy, zo, rd, h, &W, p, L, H, lbr, rt};
     rf_run_parts(RF_FN(gru_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
-    const REAL *dgates = ws + L.gates, *h = ws + L.h, *aux = ws + L.aux;
+    const REAL *dgates = ws + L.gates, *aux = ws + L.aux;
     /* dW_hrz = sum_t [dr dz]^T h_{t-1};  dW_hn = sum_t d(W_hn h)^T h_{t-1} (lbr)
      * or dn^T (r h_{t-1}) (not lbr) */
     RF_FN(rf_grad_gemm)(rt, 1, 2 * H, H, N, dgates, GH, h, H, dw_hh, H);

@@ -222,12 +222,14 @@ RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *
 #define RF_PASSES_FILE "lstm.c"
 #include "passes.h"
 #include "zoneout.h"
+#include "recdrop.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
     REAL *y, *h_n, *c_n, *ws;
     const REAL *bias, *peep;
     const rf_zoneout *zo;
+    const rf_recdrop *rd;
     const rf_weight *W_hh;
     const rf_plan *p;
     lstm_layout L;
@@ -249,9 +251,10 @@ static void RF_FN(lstm_steps)(void *arg, int part, int parts) {
         ptrdiff_t now = q->train ? p->offsets[s] * H : (s & 1) * BH;
         ptrdiff_t next = q->train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH;
         REAL *g = ws + L.gates + (p->offsets[s] - (q->train ? 0 : p->offsets[q->step0])) * GH;
-        /* gates += h_{t-1} W_hh^T */
-        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, GH, H, ws + L.h + now + j0 * H, H,
-                            1, g + j0 * GH, GH);
+        /* gates += h_{t-1} W_hh^T (h_{t-1} masked with recurrent dropout) */
+        const REAL *hp = RF_FN(recdrop_operand)(q->rd, ws + L.h + now, p, j0, end, H);
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, GH, H, hp + j0 * H, H, 1,
+                            g + j0 * GH, GH);
         RF_PICK(lstm_step, rf_simd(q->rt))(g, q->train ? ws + L.tanh_c + now : NULL,
                                         ws + L.c + now, ws + L.h + next, ws + L.c + next,
                                         q->y, q->h_n, q->c_n, q->bias, q->peep, p, s, j0,
@@ -270,8 +273,9 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const REAL *x, const REAL *h0, const REAL *c0,
                             const REAL *w_ih, const REAL *w_hh,
                             const REAL *b_ih, const REAL *b_hh, const REAL *peep,
-                            const REAL *packed, const rf_zoneout *zo, const rf_plan *p,
-                            ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt) {
+                            const REAL *packed, const rf_zoneout *zo, const rf_recdrop *rd,
+                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,
+                            const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, train);
     ptrdiff_t GH = 4 * H;
     REAL *bias = NULL;
@@ -283,7 +287,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed, rt->avx2);
-    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, peep, zo, &W[0], p, L, H, 0, 0,
+    RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, peep, zo, rd, &W[0], p, L, H, 0, 0,
                                  train, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
@@ -302,6 +306,7 @@ typedef struct {
     REAL *ws, *dh, *dc;
     const REAL *dy, *peep;
     const rf_zoneout *zo;
+    const rf_recdrop *rd;
     const rf_weight *W_hh;
     const rf_plan *p;
     lstm_layout L;
@@ -334,9 +339,9 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
                                                  j0, end, H);
         if (zo && zo->c) RF_FN(zoneout_carry)(q->dc, carry_c, j0, end, H, 1);
         if (zo && zo->h) RF_FN(zoneout_carry)(q->dh, carry_h, j0, end, H, 0);
-        /* dh_{t-1} = dgates W_hh (+ zoneout's carry) */
-        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, GH, g + j0 * GH, GH,
-                            zo && zo->h, q->dh + j0 * H, H);
+        /* dh_{t-1} = dgates W_hh (times the recurrent dropout's mask; + zoneout's carry) */
+        RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, GH, g + j0 * GH, GH, zo && zo->h, q->dh,
+                                 q->rd, p, j0, end, H);
     }
 }
 
@@ -362,8 +367,8 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
                              const REAL *dy, const REAL *dh_n, const REAL *dc_n,
                              REAL *ws, REAL *scratch, const REAL *x,
                              const REAL *w_ih, const REAL *w_hh, const REAL *peep,
-                             const rf_zoneout *zo, const rf_plan *p, ptrdiff_t I,
-                             ptrdiff_t H, const rf_runtime *rt) {
+                             const rf_zoneout *zo, const rf_recdrop *rd, const rf_plan *p,
+                             ptrdiff_t I, ptrdiff_t H, const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, 1);
     ptrdiff_t GH = 4 * H, B = p->B;
     REAL *dh = scratch, *dc = scratch + B * H;
@@ -372,14 +377,15 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);
-    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, peep, zo, &W, p, L, H, rt};
+    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, peep, zo, rd, &W, p, L, H, rt};
     rf_run_parts(RF_FN(lstm_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     RF_FN(rf_unsort_rows)(dc0, dc, p, H);
     const REAL *dgates = ws + L.gates;
-    /* dW_hh = sum_t dgates_t^T h_{t-1} */
-    RF_FN(rf_grad_gemm)(rt, 1, GH, H, p->rows, dgates, GH, ws + L.h, H, dw_hh, H);
+    /* dW_hh = sum_t dgates_t^T h_{t-1} (masked with recurrent dropout) */
+    const REAL *h_prev = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);
+    RF_FN(rf_grad_gemm)(rt, 1, GH, H, p->rows, dgates, GH, h_prev, H, dw_hh, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, rt);
     RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, GH, rt->avx2);
     if (peep) RF_FN(lstm_peep_grads)(dpeep, dgates, ws + L.c, ws + L.tanh_c, p->rows, H);

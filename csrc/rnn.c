@@ -129,12 +129,14 @@ RF_PASS_TARGET static void RF_PASS(rnn_step_backward)(REAL *g, const REAL *dh,
 #define RF_PASSES_FILE "rnn.c"
 #include "passes.h"
 #include "zoneout.h"
+#include "recdrop.h"
 
 /* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
 typedef struct {
     REAL *y, *h_n, *ws;
     const REAL *bias;
     const rf_zoneout *zo;
+    const rf_recdrop *rd;
     const rf_weight *W_hh;
     const rf_plan *p;
     rnn_layout L;
@@ -156,8 +158,9 @@ static void RF_FN(rnn_steps)(void *arg, int part, int parts) {
         REAL *hn = ws + q->L.h + (q->train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
         REAL *g = ws + q->L.gates
                   + (p->offsets[s] - (q->train ? 0 : p->offsets[q->step0])) * H;
-        /* g += h_{t-1} W_hh^T */
-        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, H, hp + j0 * H, H, 1,
+        /* g += h_{t-1} W_hh^T (h_{t-1} masked with recurrent dropout) */
+        const REAL *operand = RF_FN(recdrop_operand)(q->rd, hp, p, j0, end, H);
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, H, operand + j0 * H, H, 1,
                             g + j0 * H, H);
         RF_PICK(rnn_step, rf_simd(q->rt))(g, hn, q->y, q->h_n, q->bias, p, s, j0, end, next_bs,
                                        H, q->relu);
@@ -171,8 +174,9 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const REAL *x, const REAL *h0,
                            const REAL *w_ih, const REAL *w_hh,
                            const REAL *b_ih, const REAL *b_hh, const REAL *packed,
-                           const rf_zoneout *zo, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
-                           int relu, int train, const rf_runtime *rt) {
+                           const rf_zoneout *zo, const rf_recdrop *rd, const rf_plan *p,
+                           ptrdiff_t I, ptrdiff_t H, int relu, int train,
+                           const rf_runtime *rt) {
     rnn_layout L = rnn_layout_of(p, I, H, train);
     REAL *bias = NULL;
     if (b_ih || b_hh) {
@@ -182,7 +186,8 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed, rt->avx2);
-    RF_FN(rnn_steps_job) job = {y, h_n, ws, bias, zo, &W[0], p, L, H, 0, 0, train, relu, rt};
+    RF_FN(rnn_steps_job) job = {y, h_n, ws, bias, zo, rd, &W[0], p, L, H, 0, 0, train, relu,
+                                rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
         RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, H,
@@ -200,6 +205,7 @@ typedef struct {
     REAL *gates, *dh;
     const REAL *dy;
     const rf_zoneout *zo;
+    const rf_recdrop *rd;
     const rf_weight *W_hh;
     const rf_plan *p;
     ptrdiff_t H;
@@ -221,9 +227,9 @@ static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
         RF_PICK(rnn_step_backward, rf_simd(q->rt))(g, q->dh, zo ? NULL : q->dy, p, s, j0, end,
                                                 H, q->relu);
         if (zo) RF_FN(zoneout_carry)(q->dh, zo->carry, j0, end, H, 0);
-        /* dh_{t-1} = dpre W_hh (+ zoneout's carry) */
-        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, H, H, g + j0 * H, H, zo != NULL,
-                            q->dh + j0 * H, H);
+        /* dh_{t-1} = dpre W_hh (times the recurrent dropout's mask; + zoneout's carry) */
+        RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, H, g + j0 * H, H, zo != NULL, q->dh, q->rd,
+                                 p, j0, end, H);
     }
 }
 
@@ -232,20 +238,21 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             const REAL *dy, const REAL *dh_n,
                             REAL *ws, REAL *scratch, const REAL *x,
                             const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,
-                            const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,
-                            const rf_runtime *rt) {
+                            const rf_recdrop *rd, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                            int relu, const rf_runtime *rt) {
     rnn_layout L = rnn_layout_of(p, I, H, 1);
     REAL *dh = scratch;
     rf_weight W;
     RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, zo, &W, p, H, relu, rt};
+    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, zo, rd, &W, p, H, relu, rt};
     rf_run_parts(RF_FN(rnn_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, rt));
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates;
-    /* dW_hh = sum_t dpre_t^T h_{t-1} */
-    RF_FN(rf_grad_gemm)(rt, 1, H, H, p->rows, dgates, H, ws + L.h, H, dw_hh, H);
+    /* dW_hh = sum_t dpre_t^T h_{t-1} (masked with recurrent dropout) */
+    const REAL *h_prev = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);
+    RF_FN(rf_grad_gemm)(rt, 1, H, H, p->rows, dgates, H, h_prev, H, dw_hh, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, H, rt);
     RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, H, rt->avx2);
 }

@@ -222,11 +222,21 @@ typedef struct {
     void *carry;
 } rf_zoneout;
 
+/* Variational recurrent dropout (recdrop.h): h_{t-1} enters the recurrent product as
+ * h_{t-1} m, m (B,H) one row per batch row, the same at every step; the state itself is
+ * not masked. m: NULL for none. buf: scratch of B*H elements (forward) or (rows+B)*H
+ * (backward). Pointers to the call's dtype. */
+typedef struct {
+    const void *m;
+    void *buf;
+} rf_recdrop;
+
 /* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
  * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
  * peep: the LSTM's peepholes (3H) in ONNX's order i o f, or NULL (none); backward then
  * takes the same peep and writes their gradient to dpeep (3H; else not touched).
- * zo: zoneout, or NULL; backward takes the forward's.
+ * zo: zoneout, or NULL; backward takes the forward's. rd: recurrent dropout, or NULL;
+ * backward takes the forward's mask.
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
  * packed: w_ih and w_hh as rf_pack_weights_* packed them, or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
@@ -236,6 +246,7 @@ typedef struct {
                                const REAL *w_ih, const REAL *w_hh,                          \
                                const REAL *b_ih, const REAL *b_hh, const REAL *peep,        \
                                const REAL *packed, const rf_zoneout *zo,                    \
+                               const rf_recdrop *rd,                                        \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train,       \
                                const rf_runtime *rt);                                       \
     void rf_gru_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
@@ -243,6 +254,7 @@ typedef struct {
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
                               const REAL *packed, const rf_zoneout *zo,                     \
+                              const rf_recdrop *rd,                                         \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,          \
                               int train, const rf_runtime *rt);                             \
     void rf_rnn_forward_##SFX(REAL *y, REAL *h_n, REAL *ws,                                 \
@@ -250,6 +262,7 @@ typedef struct {
                               const REAL *w_ih, const REAL *w_hh,                           \
                               const REAL *b_ih, const REAL *b_hh,                           \
                               const REAL *packed, const rf_zoneout *zo,                     \
+                              const rf_recdrop *rd,                                         \
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,         \
                               int train, const rf_runtime *rt);                             \
     /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,    \
@@ -262,7 +275,7 @@ typedef struct {
                                 const REAL *dy, const REAL *dh_n, const REAL *dc_n,         \
                                 REAL *ws, REAL *scratch, const REAL *x,                     \
                                 const REAL *w_ih, const REAL *w_hh, const REAL *peep,       \
-                                const rf_zoneout *zo,                                       \
+                                const rf_zoneout *zo, const rf_recdrop *rd,                 \
                                 const rf_plan *p, ptrdiff_t I, ptrdiff_t H,                 \
                                 const rf_runtime *rt);                                      \
     void rf_gru_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
@@ -270,6 +283,7 @@ typedef struct {
                                const REAL *dy, const REAL *dh_n,                            \
                                REAL *ws, REAL *scratch, const REAL *x,                      \
                                const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,    \
+                               const rf_recdrop *rd,                                        \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,         \
                                const rf_runtime *rt);                                       \
     void rf_rnn_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
@@ -277,6 +291,7 @@ typedef struct {
                                const REAL *dy, const REAL *dh_n,                            \
                                REAL *ws, REAL *scratch, const REAL *x,                      \
                                const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,    \
+                               const rf_recdrop *rd,                                        \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,        \
                                const rf_runtime *rt);                                       \
     /* Shared pieces (common.c). */                                                         \
@@ -339,6 +354,7 @@ typedef struct {
     const void *x, *h0, *c0, *w_ih, *w_hh, *b_ih, *b_hh, *packed;
     const void *peep;  /* LSTM: or NULL */
     rf_zoneout zoneout;  /* h and c NULL: none */
+    rf_recdrop recdrop;  /* m NULL: none */
 } rf_forward_bufs;
 typedef struct {
     void *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
@@ -348,6 +364,7 @@ typedef struct {
     const void *peep;  /* LSTM: the forward's, or NULL */
     void *dpeep;       /* with peep: its gradient (3H) */
     rf_zoneout zoneout;  /* the forward's */
+    rf_recdrop recdrop;  /* the forward's mask, backward's buf */
 } rf_backward_bufs;
 int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                    ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt);

@@ -19,9 +19,8 @@ from rnnfuse import reference as R
 from rnnfuse.onnx_weights import from_onnx, to_onnx
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
-HAVE_AVX2 = _kernels.simd_path() != "baseline"
-PATHS = (["avx512"] * ("AVX-512F" in _kernels.simd_path()) + ["avx2"] * HAVE_AVX2
-         + ["portable"])
+_SIMD = _kernels.simd_path()  # "baseline", "AVX2+FMA" or "AVX2+FMA, AVX-512F"
+PATHS = ["avx512"] * ("AVX-512F" in _SIMD) + ["avx2"] * (_SIMD != "baseline") + ["portable"]
 NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "peepholes"]
 
 

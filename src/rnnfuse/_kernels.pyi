@@ -108,6 +108,7 @@ def forward(cell: str, x: _Float, h0: _Float | None, c0: _Float | None, w_ih: _F
             I: int, H: int, train: bool, option: bool | None = False,
             peep: _Float | None = None,
             zoneout: tuple[_Float | None, _Float | None, bool] | None = None,
+            recurrent_dropout: _Float | None = None,
             packed: _Float | None = None) -> tuple[_Float, _Float, _Float | None]: ...
 def forward_small(
     cell: str, x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh: Any,

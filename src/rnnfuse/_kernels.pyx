@@ -82,6 +82,9 @@ cdef extern from "rnnfuse.h" nogil:
         const void *c
         int shared
         void *carry
+    ctypedef struct rf_recdrop:
+        const void *m
+        void *buf
     ctypedef struct rf_forward_bufs:
         void *y
         void *h_n
@@ -97,6 +100,7 @@ cdef extern from "rnnfuse.h" nogil:
         const void *packed
         const void *peep
         rf_zoneout zoneout
+        rf_recdrop recdrop
     ctypedef struct rf_backward_bufs:
         void *dx
         void *dh0
@@ -116,6 +120,7 @@ cdef extern from "rnnfuse.h" nogil:
         const void *peep
         void *dpeep
         rf_zoneout zoneout
+        rf_recdrop recdrop
     int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                        Py_ssize_t I, Py_ssize_t H, int train, const rf_runtime *rt)
     int rf_forward_f64(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
@@ -454,7 +459,8 @@ cdef int _check_weight_shapes(w_ih, w_hh, Py_ssize_t G, Py_ssize_t I,
 
 cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh,
                                    b_ih, b_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
-                                   bint train, peep, zoneout, packed=None) except *:
+                                   bint train, peep, zoneout, recdrop, recdrop_buf,
+                                   packed=None) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -476,7 +482,18 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.packed = _buf(packed, rf_weights_pack_size(G, H, I), t, "packed", _OPTIONAL)
     a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
     a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
+    a.recdrop = _recdrop(recdrop, recdrop_buf, t, BH, BH)
     return a
+
+
+cdef rf_recdrop _recdrop(mask, buf, int t, Py_ssize_t BH, Py_ssize_t scratch) except *:
+    """A call's recurrent dropout for C: mask None (none) or (B,H); buf its scratch."""
+    cdef rf_recdrop r
+    r.m = r.buf = NULL
+    if mask is not None:
+        r.m = _buf(mask, BH, t, "recurrent_dropout", _REQUIRED)
+        r.buf = _buf(buf, scratch, t, "recdrop_buf", _OUT)
+    return r
 
 
 cdef rf_zoneout _zoneout(zoneout, bint lstm, int t, Py_ssize_t full,
@@ -498,14 +515,15 @@ cdef rf_zoneout _zoneout(zoneout, bint lstm, int t, Py_ssize_t full,
 
 cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
                     Py_ssize_t H, bint train, bint option=False, peep=None, zoneout=None,
-                    packed=None):
+                    recurrent_dropout=None, packed=None):
     """One forward of cell "lstm" (c0 used), "gru" (option = linear_before_reset) or "rnn"
     (option = relu) over ws (workspace_size elements): returns y (zero at padding), h_n
     and c_n (None but for the LSTM). c0, peep (3H, i o f): None but for the LSTM.
     zoneout: None or (z_h, z_c, shared), the weights (T,B,H), or (H,) if shared, with which
-    the units of h and the LSTM's c (each or None) keep their previous values. packed:
-    None, or w_ih and w_hh as pack_weights packed them for this cell, option and code path
-    (kernel())."""
+    the units of h and the LSTM's c (each or None) keep their previous values.
+    recurrent_dropout: None or the (B,H) mask h_{t-1} is multiplied by in the recurrent
+    product. packed: None, or w_ih and w_hh as pack_weights packed them for this cell,
+    option and code path (kernel())."""
     if plan is None:  # (a cpdef function cannot say "not None")
         raise TypeError("_kernels: plan must be a Plan, got None")
     cdef const rf_cell *c = _cell(cell)
@@ -514,8 +532,10 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     y = _empty(t, 3, T, B, H, zeros=plan.rows < T * B)  # the kernels skip padding
     h_n = _empty(t, 2, B, H)
     c_n = _empty(t, 2, B, H) if c.states == 2 else None
+    rd_buf = _empty(t, 1, B * H, 0) if recurrent_dropout is not None else None
     cdef rf_forward_bufs a = _forward_args(c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih,
-                                           b_hh, plan, I, H, train, peep, zoneout, packed)
+                                           b_hh, plan, I, H, train, peep, zoneout,
+                                           recurrent_dropout, rd_buf, packed)
     cdef rf_plan p = plan.view()
     with nogil:
         status = _forward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H, train)
@@ -527,7 +547,7 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
 cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_hh, db_ih,
                                      db_hh, dy, dh_n, dc_n, ws, scratch, x, w_ih, w_hh,
                                      Plan plan, Py_ssize_t I, Py_ssize_t H, peep,
-                                     dpeep, zoneout, carry) except *:
+                                     dpeep, zoneout, carry, recdrop, recdrop_buf) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -554,6 +574,7 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     if a.zoneout.h != NULL or a.zoneout.c != NULL:
         a.zoneout.carry = _buf(carry, 2 * BH, t, "carry", _OUT)
+    a.recdrop = _recdrop(recdrop, recdrop_buf, t, BH, plan.rows * H + BH)
     return a
 
 
@@ -592,8 +613,11 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         dpeep = _empty(t, 1, 3 * H, 0) if peep is not None else None
         zoneout = ctx.zoneout  # functional.Context: None without zoneout
         carry = _empty(t, 1, 2 * B * H, 0) if zoneout is not None else None
+        recdrop = ctx.recurrent_dropout  # functional.Context: None without it
+        rd_buf = _empty(t, 1, (plan.rows + B) * H, 0) if recdrop is not None else None
         a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
-                           scratch, x, w_ih, w_hh, plan, I, H, peep, dpeep, zoneout, carry)
+                           scratch, x, w_ih, w_hh, plan, I, H, peep, dpeep, zoneout, carry,
+                           recdrop, rd_buf)
     except BaseException:
         ctx.ws = ws
         raise

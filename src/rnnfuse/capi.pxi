@@ -94,8 +94,9 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
     a.x, a.h0, a.c0 = x, h0, c0 if lstm else NULL
     a.w_ih, a.w_hh, a.b_ih, a.b_hh = w_ih, w_hh, b_ih, b_hh
     a.packed = NULL  # the kernel packs the weights into ws itself
-    a.peep = NULL  # the C API has no peepholes nor zoneout
+    a.peep = NULL  # the C API has no peepholes, zoneout nor recurrent dropout
     a.zoneout.h = a.zoneout.c = a.zoneout.carry = NULL
+    a.recdrop.m = a.recdrop.buf = NULL
     _forward(f32, cell, option, &a, &c.plan, I, H, train)  # cell checked: it returns 0
     if train:
         ctx_out[0] = <rnnfuse_ctx *>c
@@ -158,6 +159,7 @@ cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, v
     a.x, a.w_ih, a.w_hh = c.x, c.w_ih, c.w_hh
     a.peep, a.dpeep = NULL, NULL
     a.zoneout.h = a.zoneout.c = a.zoneout.carry = NULL
+    a.recdrop.m = a.recdrop.buf = NULL
     _backward(f32, c.cell, c.option, &a, &c.plan, c.n_in, c.hidden)  # a forward's cell
     free(scratch)
     free(c.ws)  # overwritten by the backward: release it now

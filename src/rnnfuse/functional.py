@@ -25,6 +25,11 @@ likewise; y_t is h_t). A float p in [0, 1) is eval's zoneout, k = p everywhere; 
 training, weights (T, B, H) per step, row and unit (a 0/1 mask), for the LSTM a pair
 (z_h, z_c) (either may be None). ``lstm_forward`` also takes ``peepholes`` (see there).
 
+Every forward also takes ``recurrent_dropout`` (keyword only, default None): variational
+recurrent dropout's (B, H) mask m, already scaled (e.g. 0 or 1/(1-p)), finite and >= 0,
+the same at every step. h_{t-1} enters the recurrent product as h_{t-1} m (all gates; the
+GRU without linear_before_reset takes r (h_{t-1} m)); the state itself is not masked.
+
 Every forward also takes ``need_ctx`` (keyword only, default True): with False it runs
 inference only, keeps no state for backward (its workspace does not grow with T) and
 returns ``ctx=None``. The ctx keeps references to ``x``, ``w_ih`` and ``w_hh``: modifying
@@ -62,7 +67,8 @@ class Context:
     """What backward needs from forward; opaque, and consumed by one backward call."""
 
     __slots__ = ("cell", "dtype", "plan", "ws", "x", "w_ih", "w_hh", "has_bias",
-                 "option", "input_size", "hidden_size", "peep", "zoneout")
+                 "option", "input_size", "hidden_size", "peep", "zoneout",
+                 "recurrent_dropout")
     cell: str
     dtype: np.dtype[Any]
     plan: _kernels.Plan
@@ -76,9 +82,10 @@ class Context:
     hidden_size: int
     peep: FloatArray | None  # the LSTM's peepholes, or None
     zoneout: tuple[Any, Any, bool] | None  # (z_h, z_c, shared), or None
+    recurrent_dropout: FloatArray | None  # the (B, H) mask, or None
 
     def __init__(self) -> None:
-        self.peep = self.zoneout = None
+        self.peep = self.zoneout = self.recurrent_dropout = None
 
     def __repr__(self) -> str:
         state = "used" if self.ws is None else "ready"
@@ -242,13 +249,14 @@ def _check_weights(cell: str, dtype: np.dtype[Any], w_ih: ArrayLike, w_hh: Array
 def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w_hh: Any,
              b_ih: ArrayLike | None, b_hh: ArrayLike | None, lengths: ArrayLike | None,
              reverse: bool, option: bool | None, need_ctx: bool, peep: Any = None,
-             zoneout: Any = None, packed: FloatArray | None = None,
+             zoneout: Any = None, recurrent_dropout: Any = None,
+             packed: FloatArray | None = None,
              ) -> tuple[FloatArray, list[Any], Context | None]:
     """packed: None, or w_ih and w_hh as _kernels.pack_weights packed them (for this cell,
     option and code path), which the kernels then read rather than packing them anew."""
     lstm = cell == "lstm"
     small = None
-    if lengths is None and peep is None and zoneout is None:
+    if lengths is None and peep is None and zoneout is None and recurrent_dropout is None:
         small = _kernels.forward_small(cell, x, states[0], states[1] if lstm else None, w_ih,
                                        w_hh, b_ih, b_hh, reverse, need_ctx, option,
                                        _full_plan, packed)
@@ -256,9 +264,10 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
         y, h_n, c_n, ws, plan = small
         finals = [h_n, c_n] if lstm else [h_n]
     else:
-        y, finals, ws, plan, x, w_ih, w_hh, peep, zoneout = _checked_forward(
-            cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, need_ctx,
-            peep=peep, zoneout=zoneout, packed=packed)
+        y, finals, ws, plan, x, w_ih, w_hh, peep, zoneout, recurrent_dropout = (
+            _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                             option, need_ctx, peep=peep, zoneout=zoneout,
+                             recurrent_dropout=recurrent_dropout, packed=packed))
     dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
 
     ctx = None
@@ -271,6 +280,7 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.option, ctx.input_size, ctx.hidden_size = option, I, H
         ctx.peep, ctx.zoneout = peep, zoneout
+        ctx.recurrent_dropout = recurrent_dropout
     return y, finals, ctx
 
 
@@ -279,10 +289,11 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
                      option: bool | None, need_ctx: bool,
                      workspace: Callable[[int, np.dtype[Any]], FloatArray] | None = None,
                      peep: Any = None, zoneout: Any = None,
+                     recurrent_dropout: Any = None,
                      packed: FloatArray | None = None) -> tuple[Any, ...]:
     """A forward with every argument checked, and converted where needed: y, the final
-    states, the workspace, the plan and the x, w_ih, w_hh, peepholes and zoneout the
-    kernels read.
+    states, the workspace, the plan and the x, w_ih, w_hh, peepholes, zoneout and
+    recurrent dropout's mask the kernels read.
     workspace(n, dtype): the workspace's allocator, if not the thread's spare. packed: as
     _forward's."""
     dtype = _dtype_of(x)
@@ -296,6 +307,7 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
             raise ValueError(f"peepholes are an LSTM option; {cell} has none")
         peep = _check("peepholes", peep, (3 * H,), dtype)
     zoneout = _check_zoneout(cell, zoneout, (T, B, H), dtype)
+    recurrent_dropout = _check_recurrent_dropout(recurrent_dropout, (B, H), dtype)
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     plan = _plan(lengths, T, B, bool(reverse))
@@ -305,8 +317,24 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
     lstm = cell == "lstm"
     y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
                                    w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option,
-                                   peep, zoneout, packed)
-    return y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh, peep, zoneout
+                                   peep, zoneout, recurrent_dropout, packed)
+    return (y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh, peep, zoneout,
+            recurrent_dropout)
+
+
+def _check_recurrent_dropout(mask: Any, shape: tuple[int, int],
+                             dtype: np.dtype[Any]) -> FloatArray | None:
+    """recurrent_dropout for the kernels: None, or the (B, H) mask, finite and >= 0."""
+    if mask is None:
+        return None
+    if isinstance(mask, (numbers.Number, np.bool_)):
+        raise TypeError("recurrent_dropout must be a (B, H) mask array (already scaled, "
+                        f"e.g. 0 or 1/(1-p)), got {type(mask).__name__} {mask!r}")
+    mask = _check("recurrent_dropout", mask, shape, dtype)
+    if not np.all(np.isfinite(mask) & (mask >= 0)):
+        raise ValueError("recurrent_dropout must hold finite values >= 0 (a mask, e.g. 0 "
+                         "or 1/(1-p)), got some negative, NaN or infinite")
+    return mask
 
 
 def _check_zoneout(cell: str, zoneout: Any, shape: tuple[int, int, int],
@@ -370,7 +398,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
                  w_hh: ArrayLike, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                  lengths: ArrayLike | None = None, reverse: bool = False, *,
                  need_ctx: bool = True, peepholes: ArrayLike | None = None,
-                 zoneout: Any = None,
+                 zoneout: Any = None, recurrent_dropout: Any = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
     """LSTM over a whole sequence. Returns ``y (T,B,H), h_n (B,H), c_n (B,H), ctx``.
 
@@ -383,7 +411,8 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     peepholes' gradient as an eighth element.
     """
     y, (h_n, c_n), ctx = _forward("lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
-                                  reverse, None, need_ctx, peepholes, zoneout)
+                                  reverse, None, need_ctx, peepholes, zoneout,
+                                  recurrent_dropout)
     return y, h_n, c_n, ctx
 
 
@@ -398,7 +427,8 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 linear_before_reset: bool = True, *, need_ctx: bool = True,
-                zoneout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
+                zoneout: Any = None,
+                recurrent_dropout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
     """GRU over a whole sequence. Returns ``y (T,B,H), h_n (B,H), ctx``.
 
     r, z = sigmoid(...); n = tanh(W_in x + b_in + r (W_hn h + b_hn)) with
@@ -409,7 +439,8 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
         raise TypeError("linear_before_reset must be a bool, got "
                         f"{type(linear_before_reset).__name__}")
     y, (h_n,), ctx = _forward("gru", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                              bool(linear_before_reset), need_ctx, zoneout=zoneout)
+                              bool(linear_before_reset), need_ctx, zoneout=zoneout,
+                              recurrent_dropout=recurrent_dropout)
     return y, h_n, ctx
 
 
@@ -422,12 +453,14 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 nonlinearity: Literal["tanh", "relu"] = "tanh", *, need_ctx: bool = True,
-                zoneout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
+                zoneout: Any = None,
+                recurrent_dropout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
     """Elman RNN over a whole sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
     ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``."""
     check_nonlinearity(nonlinearity)
     y, (h_n,), ctx = _forward("rnn", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                              nonlinearity == "relu", need_ctx, zoneout=zoneout)
+                              nonlinearity == "relu", need_ctx, zoneout=zoneout,
+                              recurrent_dropout=recurrent_dropout)
     return y, h_n, ctx
 
 

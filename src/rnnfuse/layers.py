@@ -205,6 +205,8 @@ class _RNNBase(Module):
     _cell: str  # the cell's name in rnnfuse.functional
     _peepholes = False  # the LSTM's peepholes: a (3H,) weight_peep per layer and direction
     zoneout = 0.0  # each unit of a new state keeps its previous value with this probability
+    weight_drop = 0.0  # in training each element of W_hh drops out with this probability
+    recurrent_dropout = 0.0  # in training each unit of h_{t-1} drops out of the product
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -232,8 +234,8 @@ class _RNNBase(Module):
                           f"{self.dropout})", UserWarning,
                           stacklevel=2 if type(self).__init__ is _RNNBase.__init__ else 3)
         self.dtype = _check_dtype(dtype)
-        self._rng = _make_rng(seed)  # draws the initial weights, then the dropout and
-        # zoneout masks
+        self._rng = _make_rng(seed)  # draws the initial weights, then the dropout,
+        # weight drop, recurrent dropout and zoneout masks
 
         # PyTorch's names and order; every parameter ~ uniform(-1/sqrt(H), 1/sqrt(H)),
         # but peepholes, which start at zero: the layer starts as the plain LSTM of the
@@ -263,12 +265,33 @@ class _RNNBase(Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    def _set_zoneout(self, zoneout: float) -> None:
-        if isinstance(zoneout, (bool, np.bool_)) or not isinstance(zoneout, numbers.Real):
-            raise TypeError(f"zoneout must be a float, got {type(zoneout).__name__} {zoneout!r}")
-        if not 0.0 <= zoneout < 1.0:
-            raise ValueError(f"zoneout must be a probability in [0, 1), got {zoneout}")
-        self.zoneout = float(zoneout)
+    def _set_variants(self, zoneout: float, weight_drop: float,
+                      recurrent_dropout: float) -> None:
+        """Check and set the variants' probabilities, each in [0, 1)."""
+        for name, p in (("zoneout", zoneout), ("weight_drop", weight_drop),
+                        ("recurrent_dropout", recurrent_dropout)):
+            if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
+                raise TypeError(f"{name} must be a float, got {type(p).__name__} {p!r}")
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {p}")
+            setattr(self, name, float(p))
+
+    def _dropped_weights(self, layer: int, d: int) -> tuple[list[Any], Any]:
+        """The weights one direction of one layer runs with, and weight drop's mask of
+        W_hh (None outside training or without weight drop): in training W_hh * mask, a
+        fresh inverted-dropout mask over W_hh's elements per forward."""
+        w = self._weights(layer, d)
+        if not self.training or self.weight_drop == 0:
+            return w, None
+        mask = self._dropout_mask(w[1].shape, self.weight_drop)
+        return [w[0], w[1] * mask, *w[2:]], mask
+
+    def _recurrent_dropout_arg(self, shape: tuple[int, int]) -> Any:
+        """functional's recurrent_dropout for one direction of one layer: in training a
+        fresh (B, H) inverted-dropout mask per forward, else None."""
+        if not self.training or self.recurrent_dropout == 0:
+            return None
+        return self._dropout_mask(shape, self.recurrent_dropout)
 
     def _zoneout_arg(self, shape: tuple[int, int, int]) -> Any:
         """functional's zoneout for one direction of one layer: in training fresh masks
@@ -285,12 +308,14 @@ class _RNNBase(Module):
 
     def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
              lengths: ArrayLike | None, reverse: bool, need_ctx: bool,
-             zoneout: Any = None) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
+             zoneout: Any = None,
+             recurrent_dropout: Any = None) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
         """One direction of one layer: functional's forward of this cell (y, finals, ctx)."""
         w_ih, w_hh, b_ih, b_hh, *peep = w
         y, finals, ctx = F._forward(self._cell, x, s0, w_ih, w_hh, b_ih, b_hh, lengths,
                                     reverse, self._option, need_ctx,
-                                    peep=peep[0] if peep else None, zoneout=zoneout)
+                                    peep=peep[0] if peep else None, zoneout=zoneout,
+                                    recurrent_dropout=recurrent_dropout)
         return y, tuple(finals), ctx
 
     def _back(self, dy: Any, dfin: Sequence[Any],
@@ -313,7 +338,8 @@ class _RNNBase(Module):
     def __repr__(self) -> str:
         args = [str(self.input_size), str(self.hidden_size)]
         defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
-                    "bidirectional": False, **self._extra_defaults(), "zoneout": 0.0}
+                    "bidirectional": False, **self._extra_defaults(), "zoneout": 0.0,
+                    "weight_drop": 0.0, "recurrent_dropout": 0.0}
         args += [f"{k}={getattr(self, k)!r}" for k, v in defaults.items()
                  if getattr(self, k) != v]
         if self.dtype != np.float32:
@@ -357,9 +383,10 @@ class _RNNBase(Module):
     def _pack_state(self, parts: Sequence[Any]) -> Any:
         return tuple(parts) if self._n_states == 2 else parts[0]
 
-    def _dropout_mask(self, shape: tuple[int, ...]) -> NDArray[Any]:
-        """Inverted dropout: keep with probability 1-p, scaled by 1/(1-p)."""
-        p = self.dropout
+    def _dropout_mask(self, shape: tuple[int, ...], p: float | None = None) -> NDArray[Any]:
+        """Inverted dropout: keep with probability 1-p (p: self.dropout unless given),
+        scaled by 1/(1-p)."""
+        p = self.dropout if p is None else p
         keep = self._rng.random(shape) >= p
         return keep.astype(self.dtype) * self.dtype.type(0.0 if p == 1 else 1.0 / (1.0 - p))
 
@@ -389,12 +416,14 @@ class _RNNBase(Module):
             for d in range(D):
                 k = layer * D + d  # index in h_n, as PyTorch orders it
                 s0 = [None if s is None else s[k] for s in init]
-                y, fin, ctx = self._run(inp, s0, self._weights(layer, d), lengths, d == 1,
-                                        need_grad, self._zoneout_arg((T, B, H)))
+                w, w_mask = self._dropped_weights(layer, d)
+                r_mask = self._recurrent_dropout_arg((B, H))
+                y, fin, ctx = self._run(inp, s0, w, lengths, d == 1, need_grad,
+                                        self._zoneout_arg((T, B, H)), r_mask)
                 for all_, f in zip(finals, fin):
                     all_[k] = f
                 ys.append(y)
-                ctxs.append(ctx)
+                ctxs.append((ctx, w_mask))
             out = ys[0] if D == 1 else np.concatenate(ys, axis=2)  # [forward | reverse]
             mask = None
             if self.training and self.dropout > 0 and layer < L - 1:
@@ -432,10 +461,13 @@ class _RNNBase(Module):
             for d in range(D):
                 k = layer * D + d
                 gd = None if g is None else g[:, :, d * H:(d + 1) * H]
+                ctx, w_mask = ctxs[d]
                 dx, dh0, dws = self._back(gd, [None if s is None else s[k] for s in dfinal],
-                                          ctxs[d])
+                                          ctx)
                 for all_, s in zip(dinit, dh0):
                     all_[k] = s
+                if w_mask is not None:  # the kernels saw W_hh * mask
+                    dws[1] = dws[1] * w_mask
                 for name, dw in zip(self._names(layer, d), dws):
                     self._grads[name] += dw
                 dinp = dx if dinp is None else dinp + dx  # both directions read the input
@@ -511,6 +543,14 @@ class LSTM(_RNNBase):
     ``zoneout=p`` (all three cells): in training each unit of h and c keeps its previous
     value with probability p (masks from the layer's rng, fresh per step, row and unit), in
     eval p of it: h_t = p h_{t-1} + (1-p) h~_t. y_t is h_t.
+    ``weight_drop=p`` (all three cells; AWD-LSTM's weight drop): in training each forward
+    runs every layer and direction with W_hh * mask, a fresh inverted-dropout mask over
+    W_hh's elements (keep with probability 1-p, scaled by 1/(1-p)) from the layer's rng;
+    eval, streams and pools run the raw weights.
+    ``recurrent_dropout=p`` (all three cells; Gal and Ghahramani's variational dropout): in
+    training each forward draws per layer and direction one (B, H) inverted-dropout mask
+    that multiplies h_{t-1} where it enters the recurrent product, the same at every step;
+    a no-op in eval, streams and pools.
     ``peepholes=True`` adds ONNX's peepholes: per layer and direction a parameter
     ``weight_peep_l{k}[_reverse]`` (3H,), in ONNX's order i, o, f, starting at zero; i and f
     add P_i*c and P_f*c (the previous cell) to their pre-activations, o adds P_o*c'.
@@ -523,9 +563,11 @@ class LSTM(_RNNBase):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, dtype: DTypeLike = np.float32,
                  seed: int | np.random.Generator | None = None, *,
-                 peepholes: bool = False, zoneout: float = 0.0) -> None:
+                 peepholes: bool = False, zoneout: float = 0.0,
+                 weight_drop: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         self._peepholes = _check_bool("peepholes", peepholes)
-        self._set_zoneout(zoneout)
+        self._set_variants(zoneout, weight_drop, recurrent_dropout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 
@@ -552,9 +594,11 @@ class GRU(_RNNBase):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, dtype: DTypeLike = np.float32,
                  seed: int | np.random.Generator | None = None, *,
-                 linear_before_reset: bool = True, zoneout: float = 0.0) -> None:
+                 linear_before_reset: bool = True, zoneout: float = 0.0,
+                 weight_drop: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         self.linear_before_reset = _check_bool("linear_before_reset", linear_before_reset)
-        self._set_zoneout(zoneout)
+        self._set_variants(zoneout, weight_drop, recurrent_dropout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 
@@ -579,11 +623,12 @@ class RNN(_RNNBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  dtype: DTypeLike = np.float32,
                  seed: int | np.random.Generator | None = None, *,
-                 zoneout: float = 0.0) -> None:
+                 zoneout: float = 0.0, weight_drop: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         # nonlinearity in 4th place, as torch.nn.RNN(input_size, hidden_size, num_layers,
         # nonlinearity, bias, ...) has it.
         self.nonlinearity = _check_nonlinearity(nonlinearity)
-        self._set_zoneout(zoneout)
+        self._set_variants(zoneout, weight_drop, recurrent_dropout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 

@@ -71,9 +71,10 @@ class _Quantized(_RNNBase):
         return [self._packed[layer * self.num_directions + d], None, *(b or [None, None])]
 
     def _run(self, x: NDArray[Any], s0: Any, w: Any, lengths: ArrayLike | None,
-             reverse: bool, need_ctx: bool,
-             zoneout: Any = None) -> tuple[Any, tuple[Any, ...], Any]:
-        # zoneout: always None here (a layer with zoneout is not quantized)
+             reverse: bool, need_ctx: bool, zoneout: Any = None,
+             recurrent_dropout: Any = None) -> tuple[Any, tuple[Any, ...], Any]:
+        # zoneout: always None (a layer with zoneout is not quantized); recurrent_dropout:
+        # None, as in any inference
         if need_ctx:
             raise ValueError(f"{type(self).__name__} is inference only: forward needs "
                              "need_grad=False")

@@ -236,6 +236,18 @@ def _zoneout_weights(pack: _Packing, zoneout: Any, lstm: bool,
     return rows(z_h), rows(z_c)
 
 
+def _recdrop_rows(pack: _Packing, mask: ArrayLike | None,
+                  dtype: np.dtype[Any]) -> NDArray[Any] | None:
+    """Recurrent dropout's (B, H) mask in the sorted row order of the states, or None."""
+    return None if mask is None else pack.sort_state(np.asarray(mask, dtype=dtype),
+                                                     np.shape(mask), dtype)
+
+
+def _masked(hp: NDArray[Any], M: NDArray[Any] | None) -> NDArray[Any]:
+    """h_{t-1} as the recurrent product takes it: times the mask's running rows."""
+    return hp if M is None else hp * M[:hp.shape[0]]
+
+
 def _at(k: Any, sl: slice) -> Any:
     """A step's zoneout weights (scalar weights serve every step)."""
     return k if np.ndim(k) == 0 else k[sl]
@@ -258,6 +270,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
                  w_hh: FloatArray, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                  lengths: ArrayLike | None = None, reverse: bool = False, *, need_ctx: bool = True,
                  peepholes: ArrayLike | None = None, zoneout: Any = None,
+                 recurrent_dropout: ArrayLike | None = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, _Context | None]:
     """LSTM over a (T, B, I) sequence. Returns y (T, B, H), h_n, c_n (B, H) and ctx.
 
@@ -267,10 +280,12 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     their pre-activations, o adds P_o*c'. lstm_backward then also returns dP (last).
     zoneout: None, p (every unit keeps p of its previous h and c), or a pair (z_h, z_c) of
     (T, B, H) weights or None: h_t = z_h h_{t-1} + (1 - z_h) h~_t, c likewise; y_t = h_t.
+    recurrent_dropout: None, or a (B, H) mask m: the recurrent product takes h_{t-1} m.
     """
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     P = None if peepholes is None else np.asarray(peepholes, dtype=dtype)
     Kh, Kc = _zoneout_weights(pack, zoneout, True, dtype)
+    M = _recdrop_rows(pack, recurrent_dropout, dtype)
     X = pack.gather(x)
     # 1. a = x W_ih^T + b_ih + b_hh for every valid step; becomes the gate activations in place
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 4, H, dtype))
@@ -278,7 +293,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     c = pack.sort_state(c0, (B, H), dtype)
     Y = np.empty((pack.n, H), dtype=dtype)
     if need_ctx:
-        Hprev = np.empty((pack.n, H), dtype=dtype)  # h_{t-1}, for dW_hh
+        Hprev = np.empty((pack.n, H), dtype=dtype)  # h_{t-1} (masked), for dW_hh
         Cprev = np.empty((pack.n, H), dtype=dtype)  # c_{t-1}, for df
         TC = np.empty((pack.n, H), dtype=dtype)  # tanh(c_t), for do and dc
     CT = np.empty((pack.n, H), dtype=dtype) if need_ctx and P is not None else None  # c_t
@@ -287,12 +302,13 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
         hp, cp = h[:bt], c[:bt]
         zoned = Kh is not None or Kc is not None
         h_old, c_old = (hp.copy(), cp.copy()) if zoned else (None, None)
+        hm = _masked(hp, M)
         if need_ctx:
-            Hprev[sl] = hp
+            Hprev[sl] = hm
             Cprev[sl] = cp
         a = A[sl]
         # 2. a += h_{t-1} W_hh^T, then the gate nonlinearities in place
-        a += hp @ w_hh_t
+        a += hm @ w_hh_t
         i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
         if P is not None:  # i and f peep at c_{t-1}
             i += P[:H] * cp
@@ -323,7 +339,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
         ctx = _Context(
             "lstm", pack=pack, X=X, gates=A, Hprev=Hprev, Cprev=Cprev, TC=TC, w_ih=w_ih, w_hh=w_hh,
             has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H, P=P, CT=CT,
-            Kh=Kh, Kc=Kc,
+            Kh=Kh, Kc=Kc, M=M,
         )
     return y, h_n, c_n, ctx
 
@@ -337,7 +353,7 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
     pack, dtype, H = s["pack"], s["dtype"], s["H"]
     B = pack.B
     G, TC, Cprev = s["gates"], s["TC"], s["Cprev"]
-    w_hh, P, Kh, Kc = s["w_hh"], s["P"], s["Kh"], s["Kc"]
+    w_hh, P, Kh, Kc, M = s["w_hh"], s["P"], s["Kh"], s["Kc"], s["M"]
     DY, dh = _grad_setup(pack, dy, dh_n, B, H, dtype)
     dc = pack.sort_state(dc_n, (B, H), dtype)
     for sl, bt in reversed(pack.steps):
@@ -374,14 +390,16 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
         f[...] = da_f
         g[...] = da_g
         o[...] = da_o
-        # dh_{t-1} = da W_hh
+        # dh_{t-1} = da W_hh (times recurrent dropout's mask)
         np.matmul(g4, w_hh, out=dht)
+        if M is not None:
+            dht *= M[:bt]
         if Kh is not None:
             dht += carry_h
     dh0, dc0 = pack.unsort_state(dh), pack.unsort_state(dc)
     # after the loop, one GEMM each over all N packed steps
     dw_ih = G.T @ s["X"]  # dW_ih = da^T x
-    dw_hh = G.T @ s["Hprev"]  # dW_hh = da^T h_{t-1}
+    dw_hh = G.T @ s["Hprev"]  # dW_hh = da^T h_{t-1} (masked)
     dx = pack.scatter(G @ s["w_ih"])  # dx = da W_ih
     db_ih, db_hh = _bias_grads(G.sum(axis=0), s["has_b_ih"], s["has_b_hh"])
     if P is not None:  # dP = sum over steps of da_i c_{t-1}, da_o c_t, da_f c_{t-1}
@@ -399,7 +417,9 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 linear_before_reset: bool = True, *, need_ctx: bool = True,
-                zoneout: Any = None) -> tuple[FloatArray, FloatArray, _Context | None]:
+                zoneout: Any = None,
+                recurrent_dropout: ArrayLike | None = None,
+                ) -> tuple[FloatArray, FloatArray, _Context | None]:
     """GRU over a (T, B, I) sequence. Returns y (T, B, H), h_n (B, H) and ctx.
 
     Gates r, z, n: r,z = sigmoid(W_i* x + b_i* + W_h* h + b_h*);
@@ -407,10 +427,13 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
     linear_before_reset=False: n = tanh(W_in x + b_in + W_hn (r*h) + b_hn);
     h' = (1-z)*n + z*h.
     zoneout: None, p, or (T, B, H) weights: h_t = k h_{t-1} + (1-k) h'; y_t = h_t.
+    recurrent_dropout: None, or a (B, H) mask m: the recurrent products take h_{t-1} m
+    (without lbr, r (h_{t-1} m)); z h_{t-1} is not masked.
     """
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     lbr = bool(linear_before_reset)
     Kh = _zoneout_weights(pack, zoneout, False, dtype)[0]
+    M = _recdrop_rows(pack, recurrent_dropout, dtype)
     X = pack.gather(x)
     # 1. a = x W_ih^T + biases; with lbr the reset gate multiplies b_hn, so it stays out
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 3, H, dtype, skip_hh_block=2 if lbr else None))
@@ -419,6 +442,7 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
     Y = np.empty((pack.n, H), dtype=dtype)
     if need_ctx:
         Hprev = np.empty((pack.n, H), dtype=dtype)
+        Hm = np.empty((pack.n, H), dtype=dtype) if M is not None else Hprev  # masked
         # lbr: hn = W_hn h_{t-1} + b_hn (for dr);  not lbr: r*h_{t-1} (for dW_hn)
         Aux = np.empty((pack.n, H), dtype=dtype)
     w_hh_t = w_hh.T
@@ -426,9 +450,12 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
     for sl, bt in pack.steps:
         hp = h[:bt]
         h_old = hp.copy() if Kh is not None else None
+        hm = _masked(hp, M)
         if need_ctx:
             Hprev[sl] = hp
-        aux = _gru_step(A[sl], hp, lbr, w_hh_t, w_hrz_t, w_hn_t, b_hn)
+            if M is not None:
+                Hm[sl] = hm
+        aux = _gru_step(A[sl], hp, hm, lbr, w_hh_t, w_hrz_t, w_hn_t, b_hn)
         if need_ctx:
             Aux[sl] = aux
         if Kh is not None:
@@ -441,21 +468,24 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
         ctx = _Context(
             "gru", pack=pack, X=X, gates=A, Hprev=Hprev, Aux=Aux, w_ih=w_ih, w_hh=w_hh, lbr=lbr,
             has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H, Kh=Kh,
+            M=M, Hm=Hm,
         )
     return y, h_n, ctx
 
 
-def _gru_step(a: NDArray[Any], hp: NDArray[Any], lbr: bool, w_hh_t: NDArray[Any],
+def _gru_step(a: NDArray[Any], hp: NDArray[Any], hm: NDArray[Any], lbr: bool,
+              w_hh_t: NDArray[Any],
               w_hrz_t: NDArray[Any], w_hn_t: NDArray[Any],
               b_hn: NDArray[Any] | None) -> NDArray[Any]:
     """One GRU step of the B_t running rows, in place: the input projection ``a (B_t, 3H)``
-    becomes the gates r, z, n and ``hp (B_t, H)`` goes from h_{t-1} to h_t. Returns what
+    becomes the gates r, z, n and ``hp (B_t, H)`` goes from h_{t-1} to h_t; ``hm`` is the
+    h_{t-1} the recurrent products take (recurrent dropout's, or hp itself). Returns what
     backward needs besides: hn = W_hn h_{t-1} + b_hn (lbr) or r*h_{t-1} (not lbr)."""
     H = hp.shape[1]
     arz, an = a[:, : 2 * H], a[:, 2 * H:]
     if lbr:
         # 2. hh = h_{t-1} W_hh^T (+ b_hn on the n block): one GEMM for all three gates
-        hh = hp @ w_hh_t
+        hh = hm @ w_hh_t
         hn = hh[:, 2 * H:]
         if b_hn is not None:
             hn += b_hn
@@ -466,9 +496,9 @@ def _gru_step(a: NDArray[Any], hp: NDArray[Any], lbr: bool, w_hh_t: NDArray[Any]
         aux = hn
     else:
         # 2. r, z first, then n from r*h_{t-1}: two GEMMs
-        arz += hp @ w_hrz_t
+        arz += hm @ w_hrz_t
         _sigmoid_(arz)
-        rh = a[:, :H] * hp
+        rh = a[:, :H] * hm
         an += rh @ w_hn_t  # n = tanh(a_n + (r h) W_hn^T)
         aux = rh
     np.tanh(an, out=an)
@@ -486,6 +516,7 @@ def gru_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
     s = _take_ctx(ctx, "gru")
     pack, dtype, H, lbr = s["pack"], s["dtype"], s["H"], s["lbr"]
     G, Hprev, Aux, w_hh, Kh = s["gates"], s["Hprev"], s["Aux"], s["w_hh"], s["Kh"]
+    M, Hm = s["M"], s["Hm"]
     DY, dh = _grad_setup(pack, dy, dh_n, pack.B, H, dtype)
     w_hrz, w_hn = w_hh[: 2 * H], w_hh[2 * H:]
     for sl, bt in reversed(pack.steps):
@@ -517,26 +548,32 @@ def gru_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
             n[...] = dhn
             np.matmul(g3, w_hh, out=dht)
         else:
-            # a_n = ... + (r h_{t-1}) W_hn^T
+            # a_n = ... + (r hm) W_hn^T, hm = h_{t-1} (times the mask)
             drh = da_n @ w_hn
-            da_r = drh * hp * r * (1 - r)
-            dprev += drh * r
+            da_r = drh * Hm[sl] * r * (1 - r)
+            drh *= r  # the gradient of hm through r hm
             r[...] = da_r
             z[...] = da_z
             n[...] = da_n
             np.matmul(g3[:, : 2 * H], w_hrz, out=dht)
+            if M is None:
+                dprev += drh
+            else:
+                dht += drh
+        if M is not None:  # the products took h_{t-1} m
+            dht *= M[:bt]
         dht += dprev  # dh_{t-1} = dh_t z + (gate gradients) W_hh
         if Kh is not None:
             dht += carry
     dh0 = pack.unsort_state(dh)
     if lbr:
-        dw_hh = G.T @ Hprev  # dW_hh = d(hh)^T h_{t-1}
+        dw_hh = G.T @ Hm  # dW_hh = d(hh)^T h_{t-1} (masked)
         db_hh = G.sum(axis=0)
         G[:, 2 * H:] = Aux  # now G holds d(a) for the input side
         db_ih = G.sum(axis=0)
     else:
         dw_hh = np.empty_like(w_hh, dtype=dtype)
-        dw_hh[: 2 * H] = G[:, : 2 * H].T @ Hprev  # dW_hr,hz = da_rz^T h_{t-1}
+        dw_hh[: 2 * H] = G[:, : 2 * H].T @ Hm  # dW_hr,hz = da_rz^T h_{t-1} (masked)
         dw_hh[2 * H:] = G[:, 2 * H:].T @ Aux  # dW_hn = da_n^T (r h_{t-1})
         db_ih = G.sum(axis=0)
         db_hh = db_ih.copy()
@@ -553,13 +590,17 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 nonlinearity: Literal["tanh", "relu"] = "tanh", *, need_ctx: bool = True,
-                zoneout: Any = None) -> tuple[FloatArray, FloatArray, _Context | None]:
+                zoneout: Any = None,
+                recurrent_dropout: ArrayLike | None = None,
+                ) -> tuple[FloatArray, FloatArray, _Context | None]:
     """Elman RNN over a (T, B, I) sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act "tanh"
-    or "relu". Returns y (T, B, H), h_n (B, H) and ctx. zoneout: as gru_forward's."""
+    or "relu". Returns y (T, B, H), h_n (B, H) and ctx. zoneout, recurrent_dropout: as
+    gru_forward's."""
     check_nonlinearity(nonlinearity)
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     X = pack.gather(x)
     Kh = _zoneout_weights(pack, zoneout, False, dtype)[0]
+    M = _recdrop_rows(pack, recurrent_dropout, dtype)
     # 1. a = x W_ih^T + b_ih + b_hh; after the loop A holds h'_t for every valid step
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 1, H, dtype))
     h = pack.sort_state(h0, (B, H), dtype)
@@ -570,11 +611,12 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
     w_hh_t = w_hh.T
     for sl, bt in pack.steps:
         hp = h[:bt]
+        hm = _masked(hp, M)
         if need_ctx:
-            Hprev[sl] = hp
+            Hprev[sl] = hm  # for dW_hh
         a = A[sl]
         # 2. h_t = act(a + h_{t-1} W_hh^T)
-        a += hp @ w_hh_t
+        a += hm @ w_hh_t
         if nonlinearity == "tanh":
             np.tanh(a, out=a)
         else:
@@ -591,6 +633,7 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
         ctx = _Context(
             "rnn", pack=pack, X=X, Hs=A, Hprev=Hprev, w_ih=w_ih, w_hh=w_hh, act=nonlinearity,
             has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H, Kh=Kh,
+            M=M,
         )
     return y, h_n, ctx
 
@@ -600,7 +643,7 @@ def rnn_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
     (a bias gradient is None where that bias was None)."""
     s = _take_ctx(ctx, "rnn")
     pack, dtype, H = s["pack"], s["dtype"], s["H"]
-    Hs, w_hh, Kh = s["Hs"], s["w_hh"], s["Kh"]
+    Hs, w_hh, Kh, M = s["Hs"], s["w_hh"], s["Kh"], s["M"]
     DY, dh = _grad_setup(pack, dy, dh_n, pack.B, H, dtype)
     # y may be a view of Hs, so the gradients go to a new array
     D = np.empty_like(Hs)
@@ -619,7 +662,9 @@ def rnn_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
             da *= dht
         else:
             np.multiply(dht, ht > 0, out=da)
-        np.matmul(da, w_hh, out=dht)  # dh_{t-1} = da W_hh
+        np.matmul(da, w_hh, out=dht)  # dh_{t-1} = da W_hh (times the mask)
+        if M is not None:
+            dht *= M[:bt]
         if Kh is not None:
             dht += carry
     dh0 = pack.unsort_state(dh)
