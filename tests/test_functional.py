@@ -64,7 +64,8 @@ def run(module, cell, option, case, reverse=False, need_ctx=True):
     return tuple(outs), tuple(grads)
 
 
-def assert_close(got, want, dtype, what=""):
+def assert_close(got, want, dtype, what="", tol=None):
+    tol = TOL[dtype] if tol is None else tol
     assert len(got) == len(want)
     for k, (a, b) in enumerate(zip(got, want)):
         if b is None:
@@ -78,14 +79,14 @@ def assert_close(got, want, dtype, what=""):
         floor = 1.0 if dtype == np.float32 else np.finfo(dtype).tiny
         scale = max(np.max(np.abs(b)), floor) if b.size else 1.0
         err = np.max(np.abs(a.astype(np.float64) - b)) / scale if b.size else 0.0
-        assert err <= TOL[dtype], f"{what}[{k}]: relative error {err:.2e}"
+        assert err <= tol, f"{what}[{k}]: relative error {err:.2e}"
 
 
-def check_against_reference(cell, option, case, dtype, reverse):
+def check_against_reference(cell, option, case, dtype, reverse, tol=None):
     got = run(F, cell, option, case, reverse)
     want = run(R, cell, option, case, reverse)
-    assert_close(got[0], want[0], dtype, "forward")
-    assert_close(got[1], want[1], dtype, "backward")
+    assert_close(got[0], want[0], dtype, "forward", tol)
+    assert_close(got[1], want[1], dtype, "backward", tol)
     return got
 
 
@@ -127,7 +128,11 @@ def test_random_shapes_match_reference(data, cell_option, dtype, T, B, I, H, rev
     cell, option = cell_option
     lengths = data.draw(st.none() | st.lists(st.integers(0, T), min_size=B, max_size=B))
     case = make_case(cell, T, B, I, H, dtype, seed=seed, lengths=lengths)
-    check_against_reference(cell, option, case, dtype, reverse)
+    # float64 to 1e-9 here: the random sizes saturate activations (H=1 scales the weights
+    # to ~1), where 1 - h^2 turns a last-ulp difference between libm's tanh and NumPy's
+    # own (a SIMD tanh on AVX-512 CPUs) into a relative error of a few 1e-10
+    check_against_reference(cell, option, case, dtype, reverse,
+                            tol=1e-9 if dtype == np.float64 else None)
 
 
 @pytest.mark.parametrize("cell,option", CELLS)
