@@ -387,7 +387,8 @@ static void RF_FN(weight_gemm)(const rf_weight *W, ptrdiff_t k0, ptrdiff_t M, pt
                                REAL *C, ptrdiff_t ldc, int step, const rf_runtime *rt) {
 #if RF_IS_FLOAT
     if (W->scales) {
-        rf_q8_gemm(M, N, K, A, lda, W, accumulate, C, ldc, rt->avx2 && rt->vnni ? 2 : rt->avx2);
+        (void)k0;  /* int8 weights serve forwards only, whose products start at k0 = 0 */
+        rf_q8_gemm(M, N, K, A, lda, W, accumulate, C, ldc, rf_q8_path(rt));
         return;
     }
 #endif

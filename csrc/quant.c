@@ -82,10 +82,11 @@ static void round_row(int8_t *q, const float *a, float inv, ptrdiff_t k0, ptrdif
     }
 }
 
-/* A row's scale once its max is known; a zero or non-finite row's q are zeros (a
- * non-finite row's NaN scale carries NaN into its outputs). */
+/* A row's scale once its max is known; the q of a zero row, of a row so small that
+ * 127 / max|a| overflows (its products are below float's range anyway) and of a
+ * non-finite row are zeros (a non-finite row's NaN scale carries NaN into its outputs). */
 static int degenerate(int8_t *q, ptrdiff_t K, float amax, int finite, float *scale) {
-    if (finite && amax > 0) return 0;
+    if (finite && amax >= 127.0f / FLT_MAX) return 0;
     memset(q, 0, (size_t)K);
     *scale = finite ? 0.0f : NAN;
     return 1;
@@ -453,31 +454,35 @@ __attribute__((target(AVX512_ISA))) static void product_avx512vnni(const q8_rows
 
 typedef void (*product_fn)(const q8_rows *t, ptrdiff_t rows, const rf_weight *W);
 
-/* The product kernel of a code path (rf_q8_gemm's avx2), and whether it takes a + 128. */
-static product_fn product_kernel(int avx2, int *offset) {
+/* The product kernel of a code path (rf_q8_path), and whether it takes a + 128. */
+static product_fn product_kernel(int path, int *offset) {
     *offset = 0;
 #if RF_HAVE_AVX2
-    if (avx2 == 2 && rf_q8_cpu_vnni()) {
+    if (path == 3 && avx512_vnni()) {
         *offset = 1;
-        return avx512_vnni() ? product_avx512vnni : product_avxvnni;
+        return product_avx512vnni;
     }
-    if (avx2) return product_avx2;
+    if (path >= 2 && __builtin_cpu_supports("avxvnni")) {
+        *offset = 1;
+        return product_avxvnni;
+    }
+    if (path) return product_avx2;
 #endif
     return product_portable;
 }
 
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
-                const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int avx2) {
+                const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int path) {
     ptrdiff_t Kp = k_padded(K);
     int8_t qa[RF_Q8_ROWS * RF_Q8_MAX_K];
     float sa[RF_Q8_ROWS];
     int offset;
-    product_fn product = product_kernel(avx2, &offset);
+    product_fn product = product_kernel(path, &offset);
     for (ptrdiff_t r0 = 0; r0 < M; r0 += RF_Q8_ROWS) {
         ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
         for (ptrdiff_t r = 0; r < rows; r++) {
             int8_t *q = qa + r * Kp;
-            sa[r] = rf_q8_quantize(q, A + (r0 + r) * lda, K, avx2);
+            sa[r] = rf_q8_quantize(q, A + (r0 + r) * lda, K, path > 0);
             memset(q + K, 0, (size_t)(Kp - K));
             if (offset)
                 for (ptrdiff_t k = 0; k < Kp; k++) q[k] = (int8_t)((uint8_t)q[k] ^ 0x80);

@@ -55,8 +55,9 @@ def test_kernel_follows_the_cpu_and_the_switch():
     assert out.strip() == "portable"
     bad = subprocess.run([sys.executable, "-c", code],
                          env={**os.environ, "RNNFUSE_KERNEL": "fastest"},
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "RNNFUSE_KERNEL must be one of" in bad.stderr
+                         capture_output=True, text=True, check=True)
+    assert "RNNFUSE_KERNEL must be one of" in bad.stderr and "RuntimeWarning" in bad.stderr
+    assert bad.stdout.strip() == _best_kernel()
 
 
 def test_command_line_config_runs_from_another_directory(tmp_path):

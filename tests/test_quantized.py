@@ -12,10 +12,13 @@ from rnnfuse import _kernels
 from rnnfuse.layers import GRU, LSTM, RNN, Linear
 from rnnfuse.quantized import QuantizedGRU, QuantizedLSTM, quantize
 
-HAVE_AVX2 = _kernels.simd_path().startswith("x86-64-v3")
+HAVE_AVX2 = _kernels.simd_path() != "baseline"
+HAVE_AVX512 = "AVX-512F" in _kernels.simd_path()
 HAVE_VNNI = _kernels.set_int8_vnni(True)
-# the int8 products' code paths: (kernel, VNNI instructions on or off)
-PATHS = ([("avx2", True)] if HAVE_VNNI else []) + ([("avx2", False)] if HAVE_AVX2 else []) \
+# the int8 products' code paths: (kernel, VNNI instructions on or off); AVX-512 VNNI runs
+# only on the avx512 kernel, AVX-VNNI (or, without it, plain AVX2) on the avx2 kernel
+PATHS = ([("avx512", True)] if HAVE_AVX512 and HAVE_VNNI else []) \
+    + ([("avx2", True)] if HAVE_VNNI else []) + ([("avx2", False)] if HAVE_AVX2 else []) \
     + [("portable", False)]
 CELLS = [(LSTM, {}), (GRU, {"linear_before_reset": True}),
          (GRU, {"linear_before_reset": False}), (RNN, {"nonlinearity": "tanh"}),
@@ -43,11 +46,12 @@ def np_quantize(a):
     a = np.asarray(a, np.float32)
     amax = np.abs(a).max(axis=1)
     finite = np.isfinite(a).all(axis=1)
-    safe = np.where(finite & (amax > 0), amax, np.float32(1))
+    usable = amax >= np.float32(127) / np.finfo(np.float32).max  # 127 / amax is finite
+    safe = np.where(finite & usable, amax, np.float32(1))
     inv = np.float32(127) / safe
     q = np.clip(np.rint(a * inv[:, None]), -127, 127)
-    q = np.where((finite & (amax > 0))[:, None], q, 0).astype(np.int8)
-    scales = np.where(finite, np.where(amax > 0, amax / np.float32(127), 0), np.nan)
+    q = np.where((finite & usable)[:, None], q, 0).astype(np.int8)
+    scales = np.where(finite, np.where(usable, amax / np.float32(127), 0), np.nan)
     return q, scales.astype(np.float32)
 
 
@@ -70,12 +74,14 @@ def test_quantize_rows_matches_numpy(path, K):
     a[3, 5] = np.inf              # non-finite rows: zeros, scale NaN
     a[4, K - 1] = np.nan
     a[5, K - 1] = 1e6             # the largest in the vectors' tail
+    a = np.concatenate([a, np.zeros((1, K), np.float32)])
+    a[6, ::3] = 2e-39             # subnormal: 127 / max overflows, so zeros, scale 0
     q, s = _kernels.q8_quantize(a)
     q_ref, s_ref = np_quantize(a)
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_array_equal(s, s_ref)
     assert list(q[2, :4]) == [127, -64, 0, 2]
-    assert np.isnan(s[3]) and np.isnan(s[4]) and s[1] == 0
+    assert np.isnan(s[3]) and np.isnan(s[4]) and s[1] == 0 == s[6] and not q[6].any()
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 37, 19), (4, 8, 8), (7, 129, 33),

@@ -7,6 +7,7 @@ from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 import os
+import warnings
 from collections import namedtuple
 
 import numpy as np
@@ -186,7 +187,12 @@ def set_kernel(name=None):
     _rt.avx512 = level == 2
 
 
-set_kernel()
+try:
+    set_kernel()
+except ValueError as e:  # a bad RNNFUSE_KERNEL must not make the package unimportable
+    warnings.warn(f"{e}: ignored, running {KERNELS[rf_choose_kernel(NULL)]!r}",
+                  RuntimeWarning)
+    set_kernel(KERNELS[rf_choose_kernel(NULL)])
 
 
 def kernel():
@@ -209,6 +215,12 @@ def set_threads(int n):
     if n < 0:
         raise ValueError(f"n must be >= 0 (0: follow the BLAS), got {n}")
     return rf_set_thread_cap(n)
+
+
+def blas_threads():
+    """The thread count of the BLAS that the kernels call (SciPy's), or 1 where it cannot
+    be read."""
+    return _rt.num_threads() if _rt.num_threads != NULL else 1
 
 
 def set_blas_threads(int n):

@@ -18,7 +18,8 @@ cdef extern from "rnnfuse.h" nogil:
     float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K, int avx2)
     int rf_q8_cpu_vnni()
     void rf_q8_gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t lda,
-                    const rf_weight *W, int accumulate, float *C, Py_ssize_t ldc, int avx2)
+                    const rf_weight *W, int accumulate, float *C, Py_ssize_t ldc, int path)
+    int rf_q8_path(const rf_runtime *rt)
 
 Q8_MAX_SIZE = RF_Q8_MAX_K
 _rt.vnni = rf_q8_cpu_vnni()
@@ -149,7 +150,7 @@ def q8_product(a, w, c=None):
     cdef float[:, ::1] cv = out
     with nogil:
         rf_q8_gemm(M, N, K, &av[0, 0], K, &W[2], c is not None, &cv[0, 0], N,
-                   2 if _rt.avx2 and _rt.vnni else _rt.avx2)
+                   rf_q8_path(&_rt))
     return out
 
 

@@ -7,8 +7,9 @@ float32 scale per output row, ``w ~= scale * q`` with ``q = round(w * 127 / max|
 (an input or a hidden state) is quantized the same way, the products are summed exactly in
 int32 and rescaled to float32, ``acc * (scale_a * scale_w)``, for the float32 gate math
 (biases stay float32). Every row is computed alone, so a row's numbers do not depend on
-the other rows of the call, on the thread count or on the code path (AVX2 or portable):
-the int8 sums are exact.
+the other rows of the call or on the thread count; the int8 sums are exact and the same
+on every code path (VNNI, AVX2, portable), while the gate math's activations differ
+between the vector and portable paths as in float32 layers.
 
 Quantized layers are inference only (no backward, no training mode) and float32 only;
 input and hidden sizes are at most ``rnnfuse._kernels.Q8_MAX_SIZE``.

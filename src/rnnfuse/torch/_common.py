@@ -3,6 +3,7 @@ views, whether something records operators now, and PyTorch's thread count."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -82,24 +83,48 @@ def _lengths_np(lengths):
 
 
 
+_BLAS_LOCK = threading.Lock()
+_blas_lowered = [0, 0]  # calls running while the BLAS is lowered; its count before them
+
+
+def _lower_blas(n):
+    """Lower the BLAS's (process-wide) thread count to n for a call, unless it has no more
+    or a running call has lowered it already; True: the call must _restore_blas()."""
+    with _BLAS_LOCK:
+        if _blas_lowered[0]:
+            _blas_lowered[0] += 1
+            return True
+        blas = _kernels.blas_threads()
+        if blas <= n or not _kernels.set_blas_threads(n):
+            return False
+        _blas_lowered[:] = [1, blas]
+        return True
+
+
+def _restore_blas():
+    """The last of the calls that ran with the BLAS lowered gives it its count back."""
+    with _BLAS_LOCK:
+        _blas_lowered[0] -= 1
+        if _blas_lowered[0] == 0:
+            _kernels.set_blas_threads(_blas_lowered[1])
+
+
 def _on_torch_threads(kernel_call):
     """``kernel_call`` on PyTorch's thread count (``torch.get_num_threads()``: what
     torch.set_num_threads and OMP_NUM_THREADS say) rather than the BLAS's: the kernels'
     own parallel parts take it, and where the BLAS that they call for large products has
-    more threads, it is lowered to it during the call (process-wide; a call that starts
-    meanwhile finds it lowered and leaves it, so the last restores it)."""
+    more threads, it is lowered to it while such calls run (process-wide)."""
 
     @functools.wraps(kernel_call)
     def call(*args, **kwargs):
         n = torch.get_num_threads()
-        blas = _kernels.threads()  # the BLAS's count (or an enclosing call's)
         previous = _kernels.set_threads(n)
-        lowered = blas > n and _kernels.set_blas_threads(n)
+        lowered = _lower_blas(n)
         try:
             return kernel_call(*args, **kwargs)
         finally:
             if lowered:
-                _kernels.set_blas_threads(blas)
+                _restore_blas()
             _kernels.set_threads(previous)
 
     return call
