@@ -33,11 +33,12 @@ The architecture, cell by cell, is in [design.md](design.md); in short:
   before the time loop, biases folded in.
 - **The recurrent step is one pass of rnnfuse's own code.** `W_hh` and `W_ih` are packed
   once per call (once per stream) into panels one cache line wide. On AVX2+FMA CPUs a
-  register-tiled micro-kernel (6-row tiles of 12 accumulators) computes a step's product for
-  the rows still running, and one C pass over each row applies the biases, the gate math and
-  the state update and writes `y`, walking the row 32 units at a time so that the latency of
-  the activations overlaps. Elsewhere a portable tile in the compiler's generic vectors does
-  the same. A step makes no BLAS call, so it pays no per-call overhead.
+  register-tiled micro-kernel (6-row tiles of 12 accumulators; on AVX-512F CPUs up to 24
+  accumulators twice as wide, with the same bits) computes a step's product for the rows
+  still running, and one C pass over each row applies the biases, the gate math and the
+  state update and writes `y`, walking the row four vectors at a time so that the latency
+  of the activations overlaps. Elsewhere a portable tile in the compiler's generic vectors
+  does the same. A step makes no BLAS call, so it pays no per-call overhead.
 - **Backward mirrors it.** Per step, one fused pass yields the gate gradients and one product
   with the packed `W_hh` carries `dh` back. The weight gradients and `dx` are single products
   over all timesteps after the loop, on the own product blocked as a BLAS is and shared among
@@ -52,8 +53,8 @@ The architecture, cell by cell, is in [design.md](design.md); in short:
   (ndarrays of the call's dtype and shapes, C-contiguous and aligned; no `lengths`) and whose
   workspace is under 1 MiB skips the argument checks in Python.
 - **One C source, picked at run time.** float32 and float64 share one source; the vectorized
-  code is compiled for AVX2+FMA and for a baseline and chosen on the CPU that runs it.
-  sigmoid and tanh are 8-wide AVX2 approximations within 3 and 1 ulp of libm (tested). No
+  code is compiled for AVX-512F, AVX2+FMA and a baseline and chosen on the CPU that runs it.
+  sigmoid and tanh are 8- or 16-wide approximations within 3 and 1 ulp of libm (tested). No
   `-ffast-math`: NaN and inf propagate as in NumPy.
 
 ## The benchmark grid
