@@ -22,6 +22,7 @@ import pytest
 from rnnfuse import GRU, LSTM, RNN, _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
+from finite_diff import assert_gradient  # tests/finite_diff.py
 
 CELLS = [LSTM, GRU, RNN]
 KERNEL_CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"),
@@ -176,31 +177,16 @@ def test_layer_gradients_match_finite_differences(cls, variant, bias):
     y, state = forward()
     ones = [np.ones_like(s) for s in _states(state)]
     dx, _ = layer.backward(dy, tuple(ones) if cls is LSTM else ones[0])
-    eps = 1e-6
     for name, p in layer.named_parameters().items():
         for idx in [(0,), (p.shape[0] - 1,), (p.shape[0] // 2,)]:
             idx = idx + (p.ndim - 1) * (min(1, p.shape[-1] - 1),)
-            old = p[idx]
-            p[idx] = old + eps
-            up = loss()
-            p[idx] = old - eps
-            down = loss()
-            p[idx] = old
-            fd = (up - down) / (2 * eps)
-            assert abs(layer.grads[name][idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx)
+            assert_gradient(layer.grads[name][idx], loss, p, idx, name)
     if "weight_drop" in variant:  # a dropped element of W_hh gets no gradient
         layer._rng = np.random.default_rng(48)
         _, mask = layer._dropped_weights(0, 0)
         assert np.all(layer.grads["weight_hh_l0"][mask == 0] == 0)
     for idx in [(0, 0, 0), (2, 2, 1)]:  # and x's gradient
-        old = x[idx]
-        x[idx] = old + eps
-        up = loss()
-        x[idx] = old - eps
-        down = loss()
-        x[idx] = old
-        fd = (up - down) / (2 * eps)
-        assert abs(dx[idx] - fd) <= 1e-7 * max(1.0, abs(fd)), idx
+        assert_gradient(dx[idx], loss, x, idx, "x")
 
 
 @pytest.mark.parametrize("cls", CELLS)
@@ -291,19 +277,11 @@ def test_recurrent_dropout_reference_gradients_match_finite_differences(cell, op
     n_out = len(up)
     grads = dict(zip(["x", "h0"] + (["c0"] if cell == "lstm" else [])
                      + ["w_ih", "w_hh", "b_ih", "b_hh"], got[n_out:]))
-    eps = 1e-6
     for name in names:
         p = args[name]
         for idx in [(0,) * p.ndim, tuple(d - 1 for d in p.shape),
                     tuple(d // 2 for d in p.shape)]:
-            old = p[idx]
-            p[idx] = old + eps
-            up_ = loss(args)
-            p[idx] = old - eps
-            down = loss(args)
-            p[idx] = old
-            fd = (up_ - down) / (2 * eps)
-            assert abs(grads[name][idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx)
+            assert_gradient(grads[name][idx], lambda: loss(args), p, idx, name)
 
 
 @pytest.mark.parametrize("cell,option", [("lstm", None), ("rnn", "tanh"), ("gru", True),

@@ -17,6 +17,7 @@ from rnnfuse import LSTM, GRU, _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 from rnnfuse.onnx_weights import from_onnx, to_onnx
+from finite_diff import assert_gradient  # tests/finite_diff.py
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 _SIMD = _kernels.simd_path()  # "baseline", "AVX2+FMA" or "AVX2+FMA, AVX-512F"
@@ -78,15 +79,9 @@ def test_reference_gradients_match_finite_differences(lengths, reverse):
 
     _, grads = run(R, args, upstream, lengths, reverse)
     assert len(grads) == 8
-    eps = 1e-6
     for name, grad in zip(NAMES, grads):
         for idx in np.ndindex(args[name].shape):
-            plus = {k: v.copy() for k, v in args.items()}
-            minus = {k: v.copy() for k, v in args.items()}
-            plus[name][idx] += eps
-            minus[name][idx] -= eps
-            fd = (loss(plus) - loss(minus)) / (2 * eps)
-            assert abs(grad[idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx, grad[idx], fd)
+            assert_gradient(grad[idx], lambda: loss(args), args[name], idx, name)
 
 
 def test_reference_peepholes_follow_the_equations():
@@ -215,18 +210,11 @@ def test_layer_gradients_match_finite_differences(bias):
     y, (h, c) = layer.forward(x, lengths=lengths)
     layer.zero_grad()
     layer.backward(dy, (np.ones_like(h), 2 * np.ones_like(c)))
-    eps = 1e-6
     for name, p in layer.named_parameters().items():
         for idx in [(0,), (p.shape[0] - 1,), (p.shape[0] // 2,)]:
             idx = idx + (0,) * (p.ndim - 1)
-            old = p[idx]
-            p[idx] = old + eps
-            up = _layer_loss(layer, x, dy, lengths)
-            p[idx] = old - eps
-            down = _layer_loss(layer, x, dy, lengths)
-            p[idx] = old
-            fd = (up - down) / (2 * eps)
-            assert abs(layer.grads[name][idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx)
+            assert_gradient(layer.grads[name][idx], lambda: _layer_loss(layer, x, dy, lengths),
+                            p, idx, name)
 
 
 def test_layer_state_dict_round_trip():
@@ -448,15 +436,9 @@ def test_zoneout_reference_gradients_match_finite_differences(cell, option, zone
     names = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"]
     if cell != "lstm":
         names.remove("c0")
-    eps = 1e-6
     for name, grad in zip(names, grads):
         for idx in np.ndindex(args[name].shape):
-            plus = {k: v.copy() for k, v in args.items()}
-            minus = {k: v.copy() for k, v in args.items()}
-            plus[name][idx] += eps
-            minus[name][idx] -= eps
-            fd = (loss(plus) - loss(minus)) / (2 * eps)
-            assert abs(grad[idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx, grad[idx], fd)
+            assert_gradient(grad[idx], lambda: loss(args), args[name], idx, name)
 
 
 @pytest.mark.parametrize("cell,option", ZCELLS)
@@ -588,18 +570,10 @@ def test_layer_zoneout_gradients_match_finite_differences(cls):
     y, state = layer.forward(x, lengths=lengths)
     ones = tuple(np.ones_like(s) for s in state) if cls is LSTM else np.ones_like(state)
     layer.backward(dy, ones)
-    eps = 1e-6
     for name, p in layer.named_parameters().items():
         for idx in [(0,), (p.shape[0] - 1,)]:
             idx = idx + (0,) * (p.ndim - 1)
-            old = p[idx]
-            p[idx] = old + eps
-            up = loss()
-            p[idx] = old - eps
-            down = loss()
-            p[idx] = old
-            fd = (up - down) / (2 * eps)
-            assert abs(layer.grads[name][idx] - fd) <= 1e-7 * max(1.0, abs(fd)), (name, idx)
+            assert_gradient(layer.grads[name][idx], loss, p, idx, name)
 
 
 @pytest.mark.parametrize("cls", [LSTM, GRU, "RNN"])
