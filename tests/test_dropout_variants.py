@@ -22,13 +22,12 @@ import pytest
 from rnnfuse import GRU, LSTM, RNN, _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
-from finite_diff import assert_gradient  # tests/finite_diff.py
+from checks import assert_close, assert_gradient  # tests/checks.py
 
 CELLS = [LSTM, GRU, RNN]
 KERNEL_CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"),
                 ("rnn", "relu")]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-TOL = {np.float32: 1e-5, np.float64: 1e-10}
 _SIMD = _kernels.simd_path()
 PATHS = (["avx512"] * ("AVX-512F" in _SIMD) + ["avx2"] * (_SIMD != "baseline")
          + ["portable"])
@@ -246,19 +245,6 @@ def rrun(module, cell, option, a, mask, up, lengths=None, reverse=False, zoneout
     return tuple(outs) + tuple(getattr(module, f"{cell}_backward")(*up, ctx))
 
 
-def rassert_close(got, want, dtype, what):
-    assert len(got) == len(want), what
-    for k, (a, b) in enumerate(zip(got, want)):
-        if b is None:
-            assert a is None, f"{what}[{k}]"
-            continue
-        assert a.dtype == b.dtype == dtype and a.shape == b.shape, f"{what}[{k}]"
-        floor = 1.0 if dtype == np.float32 else np.finfo(dtype).tiny
-        scale = max(np.max(np.abs(b)), floor) if b.size else 1.0
-        err = np.max(np.abs(a.astype(np.float64) - b)) / scale if b.size else 0.0
-        assert err <= TOL[dtype], f"{what}[{k}]: relative error {err:.2e}"
-
-
 @pytest.mark.parametrize("cell,option", KERNEL_CELLS)
 @pytest.mark.parametrize("lengths,reverse", [(None, False), ([3, 0, 4], True),
                                              ([4, 1, 2], False)])
@@ -324,7 +310,7 @@ def test_recurrent_dropout_kernels_match_reference(kernel, cell, option, dtype, 
     args, mask, up = rcase(cell, 5, 4, 3, 7, dtype, seed=62)
     got = rrun(F, cell, option, args, mask, up, lengths, reverse)
     want = rrun(R, cell, option, args, mask, up, lengths, reverse)
-    rassert_close(got, want, dtype, f"{cell} {option} {kernel}")
+    assert_close(got, want, dtype, f"{cell} {option} {kernel}")
     # inference (no ctx) gives the training forward's outputs
     outs, ctx = rforward(F, cell, option, args, mask, lengths, reverse, need_ctx=False)
     assert ctx is None
@@ -340,7 +326,7 @@ def test_recurrent_dropout_with_zoneout_and_batch_of_one(kernel, cell, option):
     for reverse in (False, True):
         got = rrun(F, cell, option, args, mask, up, None, reverse, zoneout=zoneout)
         want = rrun(R, cell, option, args, mask, up, None, reverse, zoneout=zoneout)
-        rassert_close(got, want, np.float64, f"{cell} {option} reverse={reverse}")
+        assert_close(got, want, np.float64, f"{cell} {option} reverse={reverse}")
 
 
 @pytest.mark.parametrize("cell,option", KERNEL_CELLS)
@@ -371,7 +357,7 @@ def test_recurrent_dropout_repeats_bitwise_at_each_thread_count(threads, cell, o
     with threadpool_limits(threads):
         first = rrun(F, cell, option, args, mask, up, lengths, True)
         again = rrun(F, cell, option, args, mask, up, lengths, True)
-    rassert_close(first, rrun(R, cell, option, args, mask, up, lengths, True), np.float32,
+    assert_close(first, rrun(R, cell, option, args, mask, up, lengths, True), np.float32,
                   cell)
     for g, w in zip(first, again):
         if g is not None:
@@ -395,7 +381,7 @@ def test_bad_recurrent_dropout_is_refused(cell, option, change, error, message):
     with pytest.raises(error, match=message):
         rforward(F, cell, option, args, change(mask))
     non_contiguous = np.asfortranarray(mask)  # converted, not refused
-    rassert_close(rforward(F, cell, option, args, non_contiguous)[0],
+    assert_close(rforward(F, cell, option, args, non_contiguous)[0],
                   rforward(R, cell, option, args, mask)[0], np.float64, cell)
 
 

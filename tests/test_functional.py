@@ -15,10 +15,10 @@ from rnnfuse import _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 
+from checks import assert_close  # tests/checks.py
 from layouts import relayout  # tests/layouts.py
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-TOL = {np.float32: 1e-5, np.float64: 1e-10}
 CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"), ("rnn", "relu")]
 
 
@@ -62,24 +62,6 @@ def run(module, cell, option, case, reverse=False, need_ctx=True):
         outs = (y, h_n)
         grads = module.rnn_backward(c["dy"], c["dh_n"], ctx) if need_ctx else ()
     return tuple(outs), tuple(grads)
-
-
-def assert_close(got, want, dtype, what="", tol=None):
-    tol = TOL[dtype] if tol is None else tol
-    assert len(got) == len(want)
-    for k, (a, b) in enumerate(zip(got, want)):
-        if b is None:
-            assert a is None, f"{what}[{k}]: expected None"
-            continue
-        assert a.dtype == b.dtype == dtype, f"{what}[{k}]: dtype {a.dtype} vs {b.dtype}"
-        assert a.shape == b.shape, f"{what}[{k}]: shape {a.shape} vs {b.shape}"
-        # Relative to the largest reference value; in float32, relative to at least 1 (the
-        # inputs' scale): a gradient that is a sum cancelling to ~0 keeps float32's absolute
-        # rounding error (~1e-6 here), which no kernel can avoid.
-        floor = 1.0 if dtype == np.float32 else np.finfo(dtype).tiny
-        scale = max(np.max(np.abs(b)), floor) if b.size else 1.0
-        err = np.max(np.abs(a.astype(np.float64) - b)) / scale if b.size else 0.0
-        assert err <= tol, f"{what}[{k}]: relative error {err:.2e}"
 
 
 def check_against_reference(cell, option, case, dtype, reverse, tol=None):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rnnfuse import functional as F
+from checks import central_difference  # tests/checks.py
 from rnnfuse.layers import GRU, LSTM, RNN, Embedding, Linear, Module, Sequential
 from rnnfuse.onnx_weights import from_onnx, to_onnx
 
@@ -55,13 +56,7 @@ def numeric_grad(loss, arrays, eps=1e-6):
     for a in arrays:
         g = np.zeros_like(a)
         for i in np.ndindex(a.shape):
-            old = a[i]
-            a[i] = old + eps
-            lp = loss()
-            a[i] = old - eps
-            lm = loss()
-            a[i] = old
-            g[i] = (lp - lm) / (2 * eps)
+            g[i] = central_difference(loss, a, i, eps)
         out.append(g)
     return out
 

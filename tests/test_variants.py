@@ -17,9 +17,8 @@ from rnnfuse import LSTM, GRU, _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 from rnnfuse.onnx_weights import from_onnx, to_onnx
-from finite_diff import assert_gradient  # tests/finite_diff.py
+from checks import assert_close, assert_gradient  # tests/checks.py
 
-TOL = {np.float32: 1e-5, np.float64: 1e-10}
 _SIMD = _kernels.simd_path()  # "baseline", "AVX2+FMA" or "AVX2+FMA, AVX-512F"
 PATHS = ["avx512"] * ("AVX-512F" in _SIMD) + ["avx2"] * (_SIMD != "baseline") + ["portable"]
 NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "peepholes"]
@@ -52,16 +51,6 @@ def run(module, args, upstream, lengths, reverse=False):
                                            a["b_ih"], a["b_hh"], lengths, reverse,
                                            peepholes=a["peepholes"])
     return (y, h_n, c_n), module.lstm_backward(*upstream, ctx)
-
-
-def assert_close(got, want, dtype, what):
-    assert len(got) == len(want), what
-    for name, a, b in zip(NAMES if len(got) == 8 else ["y", "h_n", "c_n"], got, want):
-        assert a.dtype == b.dtype == dtype and a.shape == b.shape, f"{what} {name}"
-        floor = 1.0 if dtype == np.float32 else np.finfo(dtype).tiny
-        scale = max(np.max(np.abs(b)), floor) if b.size else 1.0
-        err = np.max(np.abs(a.astype(np.float64) - b)) / scale if b.size else 0.0
-        assert err <= TOL[dtype], f"{what} {name}: relative error {err:.2e}"
 
 
 # ---------------------------------------------------------------- the reference
@@ -409,16 +398,6 @@ def zrun(module, cell, option, a, zoneout, up, lengths=None, reverse=False):
     return outs, backward(*up, ctx)
 
 
-def zassert_close(got, want, dtype, what):
-    assert len(got) == len(want), what
-    for k, (a, b) in enumerate(zip(got, want)):
-        assert a.dtype == b.dtype == dtype and a.shape == b.shape, f"{what}[{k}]"
-        floor = 1.0 if dtype == np.float32 else np.finfo(dtype).tiny
-        scale = max(np.max(np.abs(b)), floor) if b.size else 1.0
-        err = np.max(np.abs(a.astype(np.float64) - b)) / scale if b.size else 0.0
-        assert err <= TOL[dtype], f"{what}[{k}]: relative error {err:.2e}"
-
-
 @pytest.mark.parametrize("cell,option", ZCELLS)
 @pytest.mark.parametrize("zoneout", ["mask", "p"])
 @pytest.mark.parametrize("lengths,reverse", [(None, False), ([3, 0, 4], True)])
@@ -472,8 +451,8 @@ def test_zoneout_kernels_match_reference(kernel, cell, option, dtype, zoneout, l
     args, z, up = zcase(cell, 7, 5, 3, 37, dtype, seed=23, zoneout=zoneout)
     got = zrun(F, cell, option, args, z, up, lengths, reverse)
     want = zrun(R, cell, option, args, z, up, lengths, reverse)
-    zassert_close(got[0], want[0], dtype, "forward")
-    zassert_close(got[1], want[1], dtype, "backward")
+    assert_close(got[0], want[0], dtype, "forward")
+    assert_close(got[1], want[1], dtype, "backward")
     if zoneout == "p":  # inference: the training forward's bits
         outs, ctx = zforward(F, cell, option, args, z, lengths, reverse, need_ctx=False)
         assert ctx is None
@@ -492,7 +471,7 @@ def test_zoneout_with_peepholes_and_batch_of_one(kernel):
                                            zoneout=z)
         outs.append((y, h, c) + tuple(module.lstm_backward(*up, ctx)))
     assert len(outs[0]) == 11
-    zassert_close(outs[0], outs[1], np.float64, "lstm")
+    assert_close(outs[0], outs[1], np.float64, "lstm")
 
 
 @pytest.mark.parametrize("zoneout,error,message", [
@@ -612,7 +591,7 @@ def test_variants_repeat_bitwise_at_each_thread_count(threads):
 
     with threadpool_limits(threads):
         first, again = both(F), both(F)
-    zassert_close(first, both(R), np.float32, "lstm")
+    assert_close(first, both(R), np.float32, "lstm")
     for g, w in zip(first, again):
         np.testing.assert_array_equal(g, w)
 
