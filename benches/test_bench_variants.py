@@ -13,7 +13,7 @@ from rnnfuse import reference as R
 
 pytest.importorskip("pytest_benchmark")
 
-SHAPES = [(100, 32, 128, 256)]  # T, B, I, H
+SHAPES = [(100, 32, 128, 256), (35, 20, 650, 650)]  # T, B, I, H (as bench --variants)
 
 
 def _case(T, B, I, H):

@@ -1,4 +1,4 @@
-"""python -m rnnfuse: the charlm command, its bad-input errors, and config."""
+"""python -m rnnfuse: the charlm command, its bad-input errors, config and bench --variants."""
 import json
 import os
 import subprocess
@@ -115,3 +115,12 @@ def test_error_lines_survive_exceptions_without_a_message():
     from rnnfuse._checks import first_line
     assert first_line(EOFError()) == "EOFError"
     assert first_line(ValueError("bad\nmore")) == "bad"
+
+
+def test_bench_variants_under_python_m():
+    assert "--variants" in cli("bench", "--help").stdout
+    r = cli("bench", "--variants", "--quick", "--impls", "rnnfuse", "--budget", "0.01")
+    assert r.returncode == 0, r.stderr
+    plain = next(line.split() for line in r.stdout.splitlines() if line.startswith("plain"))
+    assert float(plain[1]) > 0 and plain[2] == "1.000"  # ms, vs plain
+    assert "training step (forward + backward)" in r.stdout

@@ -25,6 +25,11 @@ peak memory of one call (peak_memory), and writes the performance document
 Serving (``--serving``, benches/test_bench_pool.py): many sessions of one layer, each
 stepped one timestep per frame, by a stream pool (one call for all), by one stream per
 session, and by the peers per session (their state passed in and out) and batched.
+
+Variants (``--variants``, benches/test_bench_variants.py): the LSTM's training step with
+each variant (``VARIANTS``) against the plain cell's, and against the same model written
+in PyTorch (a Python loop of nn.LSTMCell, the variant in torch ops; torch.nn.LSTM for the
+projection), interleaved, float32.
 """
 import functools
 import gc
@@ -35,6 +40,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +51,9 @@ __all__ = ["Shape", "Case", "GRID", "QUICK_GRID", "CELLS", "MODES", "DTYPES", "I
            "Unavailable", "NotApplicable", "cases", "problem", "runner", "reference_result",
            "check", "limit_threads", "measure", "gemm_peak", "matmul_flops", "thread_scaling",
            "peak_memory", "ServingShape", "SERVING_SHAPES", "SERVING_QUICK", "SERVING_IMPLS",
-           "serving_layer", "serving_stepper", "serving_check", "serving_case", "main"]
+           "serving_layer", "serving_stepper", "serving_check", "serving_case", "Variant",
+           "VARIANTS", "VARIANT_SHAPES", "VARIANT_QUICK", "variant_layer", "variant_problem",
+           "torch_variant_model", "variant_check", "variant_case", "main"]
 
 CELLS = ("lstm", "gru", "rnn")
 MODES = ("inference", "training")
@@ -784,6 +792,281 @@ def _serving_main(args, available):
     return 0
 
 
+# ----------------------------------------------------------------------------- variants
+
+@dataclass(frozen=True)
+class Variant:
+    """One LSTM cell variant: its rnnfuse.LSTM keywords (from the hidden size) and the
+    PyTorch model it is compared with ("loop": a Python loop of nn.LSTMCell, the variant
+    in torch ops; "nn.LSTM": torch.nn.LSTM with the same keywords)."""
+    name: str
+    options: Callable[[int], dict]
+    peer: str = "loop"
+
+
+# A row whose keyword rnnfuse.LSTM does not take (yet) is skipped with a note.
+VARIANTS = (
+    Variant("plain", lambda H: {}),
+    Variant("peepholes", lambda H: {"peepholes": True}),
+    Variant("zoneout", lambda H: {"zoneout": 0.1}),
+    Variant("recurrent_dropout", lambda H: {"recurrent_dropout": 0.25}),
+    Variant("weight_drop", lambda H: {"weight_drop": 0.5}),
+    Variant("layer_norm", lambda H: {"layer_norm": True}),
+    Variant("projection", lambda H: {"proj_size": H // 2}, peer="nn.LSTM"),
+)
+VARIANT_SHAPES = (Shape(100, 32, 128, 256), Shape(35, 20, 650, 650))
+VARIANT_QUICK = (Shape(6, 3, 5, 8),)
+
+
+def variant_layer(variant, shape):
+    """The seeded float32 rnnfuse.LSTM of ``variant``, every parameter random (peepholes
+    and gains too, so that the check sees them), or Unavailable if rnnfuse.LSTM does not
+    take the variant's keywords."""
+    from . import layers
+    opts = variant.options(shape.H)
+    try:
+        layer = layers.LSTM(shape.I, shape.H, dtype=np.float32, seed=0, **opts)
+    except TypeError as e:  # a keyword it does not take
+        args = ", ".join(f"{k}={v!r}" for k, v in opts.items())
+        raise Unavailable(f"rnnfuse.LSTM({args}): {first_line(e)}") from None
+    rng = np.random.default_rng(1)
+    k = 1.0 / math.sqrt(shape.H)
+    layer.load_state_dict({n: (rng.uniform(-k, k, v.shape) + n.startswith("ln_weight"))
+                           .astype(np.float32) for n, v in layer.state_dict().items()})
+    return layer
+
+
+def variant_problem(layer, shape):
+    """x (T, B, I) and the upstream gradient dy, shaped as the layer's y."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((shape.T, shape.B, shape.I)).astype(np.float32)
+    y = layer.forward(x, need_grad=False)[0]
+    return x, rng.standard_normal(y.shape).astype(np.float32)
+
+
+# rnnfuse.LSTM's parameter names (less "_l0") -> the PyTorch loop model's
+_LOOP_NAMES = {"weight_ih": "cell.weight_ih", "weight_hh": "cell.weight_hh",
+               "bias_ih": "cell.bias_ih", "bias_hh": "cell.bias_hh", "weight_peep": "peep",
+               "ln_weight_ih": "ln_ih.weight", "ln_weight_hh": "ln_hh.weight",
+               "ln_weight_c": "ln_c.weight", "ln_bias_c": "ln_c.bias"}
+
+
+def _torch_names(variant, layer):
+    """{rnnfuse name: PyTorch model's name} of every parameter of the layer."""
+    if variant.peer == "nn.LSTM":
+        return {n: n for n in layer.state_dict()}
+    return {n: _LOOP_NAMES[n.removesuffix("_l0")] for n in layer.state_dict()}
+
+
+def torch_variant_model(variant, layer):
+    """The variant as PyTorch users write it, with the layer's weights: torch.nn.LSTM with
+    the same keywords (peer "nn.LSTM"), or a Python loop over the steps (``_loop_lstm``)."""
+    try:
+        import torch
+    except ImportError:
+        raise Unavailable("PyTorch is not installed") from None
+    opts, I, H = variant.options(layer.hidden_size), layer.input_size, layer.hidden_size
+    model = (torch.nn.LSTM(I, H, **opts) if variant.peer == "nn.LSTM"
+             else _loop_lstm(torch)(I, H, **opts))
+    sd = layer.state_dict()
+    model.load_state_dict({t: torch.from_numpy(np.array(sd[n]))
+                           for n, t in _torch_names(variant, layer).items()})
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def _loop_lstm(torch):
+    nn, F = torch.nn, torch.nn.functional
+
+    class LoopLSTM(nn.Module):
+        """One LSTM layer as a Python loop of nn.LSTMCell (x: (T, B, I) -> y: (T, B, H),
+        zero initial state). Peepholes (ONNX's order i, o, f) and layer norm (with
+        nn.LayerNorm) write the cell in torch ops; zoneout, recurrent dropout and weight
+        drop are torch ops around it, as rnnfuse.LSTM defines them."""
+
+        def __init__(self, I, H, peepholes=False, layer_norm=False, zoneout=0.0,  # noqa: E741
+                     recurrent_dropout=0.0, weight_drop=0.0):
+            super().__init__()
+            self.cell = nn.LSTMCell(I, H)
+            self.peep = nn.Parameter(torch.zeros(3 * H)) if peepholes else None
+            self.layer_norm = layer_norm
+            if layer_norm:
+                self.ln_ih, self.ln_hh = nn.LayerNorm(4 * H, bias=False), \
+                    nn.LayerNorm(4 * H, bias=False)
+                self.ln_c = nn.LayerNorm(H)
+            self.zoneout, self.recurrent_dropout = zoneout, recurrent_dropout
+            self.weight_drop = weight_drop
+
+        def forward(self, x):
+            h = c = x.new_zeros(x.shape[1], self.cell.hidden_size)
+            w_hh, mask = self.cell.weight_hh, None
+            if self.training and self.weight_drop:  # one mask per forward
+                w_hh = F.dropout(w_hh, self.weight_drop)
+            if self.training and self.recurrent_dropout:  # one mask per sequence
+                mask = F.dropout(torch.ones_like(h), self.recurrent_dropout)
+            ys = []
+            for x_t in x:
+                h_t, c_t = self.step(x_t, h if mask is None else h * mask, c, w_hh)
+                h, c = self.zone(h, h_t), self.zone(c, c_t)
+                ys.append(h)
+            return torch.stack(ys)
+
+        def zone(self, old, new):
+            if not self.zoneout:
+                return new
+            keep = (torch.empty_like(new).bernoulli_(self.zoneout) if self.training
+                    else self.zoneout)
+            return keep * old + (1 - keep) * new
+
+        def step(self, x, h, c, w_hh):
+            cell = self.cell
+            if self.peep is None and not self.layer_norm:
+                if w_hh is cell.weight_hh:
+                    return cell(x, (h, c))
+                return torch.lstm_cell(x, (h, c), cell.weight_ih, w_hh, cell.bias_ih,
+                                       cell.bias_hh)  # nn.LSTMCell's op
+            if self.layer_norm:
+                gates = (self.ln_ih(F.linear(x, cell.weight_ih)) + self.ln_hh(F.linear(h, w_hh))
+                         + cell.bias_ih + cell.bias_hh)
+            else:
+                gates = F.linear(x, cell.weight_ih, cell.bias_ih) + F.linear(h, w_hh,
+                                                                             cell.bias_hh)
+            i, f, g, o = gates.chunk(4, 1)
+            p_i, p_o, p_f = self.peep.chunk(3) if self.peep is not None else (0, 0, 0)
+            c = torch.sigmoid(f + p_f * c) * c + torch.sigmoid(i + p_i * c) * torch.tanh(g)
+            o = torch.sigmoid(o + p_o * c)
+            return o * torch.tanh(self.ln_c(c) if self.layer_norm else c), c
+
+    return LoopLSTM
+
+
+def _rnnfuse_step(layer, x, dy):
+    def step():  # (y, dx); the gradients accumulate in layer.grads
+        y = layer.forward(x, need_grad=True)[0]
+        return y, layer.backward(dy)[0]
+    return step
+
+
+def _torch_step(model, x, dy):
+    import torch
+    xt, dyt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dy)
+
+    def step():  # (y, dx); the gradients accumulate in .grad
+        y = model(xt)
+        y.backward(dyt)
+        return y.detach().numpy(), xt.grad.numpy()
+    return step
+
+
+def variant_check(variant, layer, model, x, dy):
+    """Both in eval mode (zoneout's expectation, no dropout), from zero gradients: y, dx
+    and every parameter's gradient of the PyTorch model against rnnfuse's. Returns the
+    worst relative error, raises AssertionError over TOLERANCE naming the output."""
+    layer.eval().zero_grad()
+    model.eval().zero_grad(set_to_none=True)
+    got = dict(zip(("y", "dx"), _torch_step(model, x, dy)()))
+    params = dict(model.named_parameters())
+    got.update((n, params[t].grad.numpy()) for n, t in _torch_names(variant, layer).items())
+    want = dict(zip(("y", "dx"), _rnnfuse_step(layer, x, dy)()))
+    want.update(layer.grads)
+    worst = 0.0
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None or g.shape != w.shape:
+            raise AssertionError(f"torch: {name} is {getattr(g, 'shape', g)}, rnnfuse's "
+                                 f"{w.shape}")
+        err = float(np.max(np.abs(g - w.astype(np.float64)))) / (float(np.max(np.abs(w)))
+                                                                  or 1.0)
+        if not err <= TOLERANCE["float32"]:
+            raise AssertionError(f"torch: {name} differs from rnnfuse's by {err:.3g} of "
+                                 "its largest value")
+        worst = max(worst, err)
+    layer.train().zero_grad()
+    model.train().zero_grad()
+    return worst
+
+
+def _variant_steps(variant, shape, with_torch):
+    """{impl: training step} of one variant, the PyTorch model checked against rnnfuse."""
+    layer = variant_layer(variant, shape)
+    x, dy = variant_problem(layer, shape)
+    steps = {"rnnfuse": _rnnfuse_step(layer, x, dy)}
+    if with_torch:
+        model = torch_variant_model(variant, layer)
+        variant_check(variant, layer, model, x, dy)
+        steps["torch"] = _torch_step(model, x, dy)
+    return steps
+
+
+def variant_case(shape, budget=1.0, variants=VARIANTS, with_torch=True):
+    """Every variant's training step by rnnfuse and (with_torch) by its PyTorch model,
+    checked, then all timed interleaved. Returns a row: seconds per step, each rnnfuse
+    time over plain rnnfuse's, each torch time over the variant's rnnfuse time, and
+    {variant: why skipped or wrong}."""
+    fns, errors = {}, {}
+    for v in variants:
+        try:
+            steps = _variant_steps(v, shape, with_torch)
+        except Unavailable as e:
+            errors[v.name] = f"skipped ({e})"
+            continue
+        except AssertionError as e:
+            errors[v.name] = f"WRONG, not timed: {e}"
+            continue
+        fns.update(((v.name, impl), fn) for impl, fn in steps.items())
+    seconds = {k: s for k, (s, _) in measure(fns, budget).items()} if fns else {}
+    rf = {v: s for (v, impl), s in seconds.items() if impl == "rnnfuse"}
+    pt = {v: s for (v, impl), s in seconds.items() if impl == "torch"}
+    plain = rf.get("plain")
+    return {"T": shape.T, "B": shape.B, "I": shape.I, "H": shape.H, "dtype": "float32",
+            "rnnfuse": rf, "torch": pt,
+            "vs_plain": {v: s / plain for v, s in rf.items()} if plain else {},
+            "torch_over_rnnfuse": {v: s / rf[v] for v, s in pt.items()},
+            "peers": {v.name: v.peer for v in variants}, "errors": errors}
+
+
+_PEER_LABEL = {"loop": "LSTMCell loop", "nn.LSTM": "nn.LSTM"}
+
+
+def _variants_table(row, out):
+    print(f"\nT{row['T']}xB{row['B']}xI{row['I']}xH{row['H']}, {row['dtype']}: training "
+          "step (forward + backward)", file=out)
+    head = (f"{'variant':18} {'rnnfuse ms':>10} {'vs plain':>9} {'torch ms':>9} "
+            f"{'torch model':14} {'torch x':>8}")
+    print(head + "\n" + "-" * len(head), file=out)
+    for v, s in row["rnnfuse"].items():
+        pt, x = row["torch"].get(v), row["torch_over_rnnfuse"].get(v)
+        print(f"{v:18} {_fmt_ms(s):>10} {row['vs_plain'].get(v, 0):>9.3f} {_fmt_ms(pt):>9} "
+              f"{_PEER_LABEL[row['peers'][v]] if pt else '-':14} "
+              f"{f'{x:.1f}' if x else '-':>8}", file=out, flush=True)
+    for v, why in row["errors"].items():
+        print(f"    {v}: {why}", file=out)
+
+
+def _variants_main(args, available):
+    """``bench --variants``: the variants' table of each shape."""
+    with_torch = "torch" in available
+    print(f"rnnfuse bench --variants: LSTM training step, median of interleaved runs, "
+          f"{args.threads} thread(s); vs plain = this variant's time / the plain cell's; "
+          "torch x = the PyTorch model's time / rnnfuse's (checked against rnnfuse in eval "
+          "mode first)", flush=True)
+    rows = []
+    with limit_threads(args.threads):
+        for shape in VARIANT_QUICK if args.quick else VARIANT_SHAPES:
+            rows.append(variant_case(shape, args.budget, with_torch=with_torch))
+            _variants_table(rows[-1], sys.stdout)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": _machine(args.threads), "variants": rows}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    wrong = [f"{v} at T{r['T']}xH{r['H']}" for r in rows for v, why in r["errors"].items()
+             if why.startswith("WRONG")]
+    if wrong:
+        print(f"\nFAILED: {', '.join(wrong)}: PyTorch and rnnfuse differ", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -------------------------------------------------------------------------- command line
 
 def _parser():
@@ -821,6 +1104,13 @@ def _parser():
                          "a stream pool, one stream per session, and the peers per session "
                          "and batched (float32 unless --dtypes; --cells, --impls, --threads, "
                          "--budget, --quick and --json apply)")
+    ap.add_argument("--variants", action="store_true",
+                    help="instead of the grid: the LSTM's variants (peepholes, zoneout, "
+                         "recurrent dropout, weight drop, and layer norm and projection "
+                         "where rnnfuse.LSTM has them), training step, float32, against "
+                         "the plain cell and against the same model in PyTorch (a loop of "
+                         "nn.LSTMCell; nn.LSTM(proj_size)); --impls, --threads, --budget, "
+                         "--quick and --json apply")
     return ap
 
 
@@ -841,6 +1131,9 @@ def _options(argv):
     for flag in ("markdown", "plot", "shapes", "modes"):
         if args.serving and getattr(args, flag):
             ap.error(f"--{flag} does not apply to --serving")
+    for flag in ("markdown", "plot", "shapes", "modes", "dtypes", "serving"):
+        if args.variants and getattr(args, flag):
+            ap.error(f"--{flag} does not apply to --variants")
     args.cells = _subset(ap, args.cells, CELLS, "cells")
     args.modes = _subset(ap, args.modes or ",".join(MODES), MODES, "modes")
     args.serving_dtypes = _subset(ap, args.dtypes or "float32", DTYPES, "dtypes")
@@ -1040,6 +1333,8 @@ def main(argv=None):
     available, missing = _load_peers(args.impls, args.threads)
     if args.serving:
         return _serving_main(args, available)
+    if args.variants:
+        return _variants_main(args, available)
     with limit_threads(args.threads):  # threadpoolctl restores the limits on the way out
         machine = _machine(args.threads)
         peaks = {d: gemm_peak(d, args.threads) for d in args.dtypes}
