@@ -8,7 +8,8 @@ from rnnfuse.capi cimport *
 
 CODES = dict(OK=RNNFUSE_OK, EARG=RNNFUSE_EARG, ESIZE=RNNFUSE_ESIZE, ENULL=RNNFUSE_ENULL,
              ELENGTHS=RNNFUSE_ELENGTHS, ENOMEM=RNNFUSE_ENOMEM, EDTYPE=RNNFUSE_EDTYPE,
-             EUSED=RNNFUSE_EUSED)
+             EUSED=RNNFUSE_EUSED, EVERSION=RNNFUSE_EVERSION, EVARIANT=RNNFUSE_EVARIANT)
+VARIANTS_VERSION = RNNFUSE_VARIANTS_VERSION
 CELLS = dict(lstm=RNNFUSE_LSTM, gru=RNNFUSE_GRU, rnn=RNNFUSE_RNN)
 
 
@@ -34,8 +35,12 @@ cdef class Ctx:
 
 def forward(bint f32, int cell, int option, y, h_n, c_n, Ctx ctx, x, h0, c0, w_ih, w_hh,
             b_ih, b_hh, lengths, int reverse, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
-            Py_ssize_t H):
-    """The status of rnnfuse_forward_f32/f64; ctx None: inference."""
+            Py_ssize_t H, variants=None):
+    """The status of rnnfuse_forward_f32/f64; ctx None: inference. variants: None, or a
+    dict of rnnfuse_variants' fields (arrays for the pointers): rnnfuse_forward_ex_*."""
+    if variants is not None:
+        return _forward_ex(f32, cell, option, y, h_n, c_n, ctx, x, h0, c0, w_ih, w_hh, b_ih,
+                           b_hh, lengths, reverse, T, B, I, H, variants)
     cdef rnnfuse_ctx **pctx = NULL if ctx is None else &ctx.ptr
     cdef void *p[10]
     for i, a in enumerate((y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh)):
@@ -58,8 +63,45 @@ def forward(bint f32, int cell, int option, y, h_n, c_n, Ctx ctx, x, h0, c0, w_i
     return status
 
 
-def backward(bint f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, Ctx ctx):
-    """The status of rnnfuse_backward_f32/f64; ctx None: NULL."""
+def _forward_ex(bint f32, int cell, int option, y, h_n, c_n, Ctx ctx, x, h0, c0, w_ih,
+                w_hh, b_ih, b_hh, lengths, int reverse, Py_ssize_t T, Py_ssize_t B,
+                Py_ssize_t I, Py_ssize_t H, dict variants):
+    cdef rnnfuse_variants v
+    v.version = variants.get("version", RNNFUSE_VARIANTS_VERSION)
+    v.zoneout = variants.get("zoneout", 0.0)
+    v.peepholes = _p(variants.get("peepholes"))
+    v.zoneout_h = _p(variants.get("zoneout_h"))
+    v.zoneout_c = _p(variants.get("zoneout_c"))
+    v.recurrent_dropout = _p(variants.get("recurrent_dropout"))
+    cdef rnnfuse_ctx **pctx = NULL if ctx is None else &ctx.ptr
+    cdef void *p[10]
+    for i, a in enumerate((y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh)):
+        p[i] = _p(a)
+    cdef const int64_t *plen = <const int64_t *>_p(lengths)
+    cdef int status
+    with nogil:
+        if f32:
+            status = rnnfuse_forward_ex_f32(cell, option, <float *>p[0], <float *>p[1],
+                                            <float *>p[2], pctx, <float *>p[3],
+                                            <float *>p[4], <float *>p[5], <float *>p[6],
+                                            <float *>p[7], <float *>p[8], <float *>p[9],
+                                            plen, reverse, T, B, I, H, &v)
+        else:
+            status = rnnfuse_forward_ex_f64(cell, option, <double *>p[0], <double *>p[1],
+                                            <double *>p[2], pctx, <double *>p[3],
+                                            <double *>p[4], <double *>p[5], <double *>p[6],
+                                            <double *>p[7], <double *>p[8], <double *>p[9],
+                                            plen, reverse, T, B, I, H, &v)
+    return status
+
+
+def backward(bint f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, Ctx ctx,
+             grads=None):
+    """The status of rnnfuse_backward_f32/f64; ctx None: NULL. grads: None, or a dict of
+    rnnfuse_variant_grads' fields: rnnfuse_backward_ex_*."""
+    if grads is not None:
+        return _backward_ex(f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
+                            ctx, grads)
     cdef void *p[10]
     for i, a in enumerate((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n)):
         p[i] = _p(a)
@@ -76,6 +118,30 @@ def backward(bint f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
                                           <double *>p[3], <double *>p[4], <double *>p[5],
                                           <double *>p[6], <double *>p[7], <double *>p[8],
                                           <double *>p[9], c)
+    return status
+
+
+def _backward_ex(bint f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
+                 Ctx ctx, dict grads):
+    cdef rnnfuse_variant_grads g
+    g.version = grads.get("version", RNNFUSE_VARIANTS_VERSION)
+    g.dpeepholes = _p(grads.get("dpeepholes"))
+    cdef void *p[10]
+    for i, a in enumerate((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n)):
+        p[i] = _p(a)
+    cdef rnnfuse_ctx *c = NULL if ctx is None else ctx.ptr
+    cdef int status
+    with nogil:
+        if f32:
+            status = rnnfuse_backward_ex_f32(<float *>p[0], <float *>p[1], <float *>p[2],
+                                             <float *>p[3], <float *>p[4], <float *>p[5],
+                                             <float *>p[6], <float *>p[7], <float *>p[8],
+                                             <float *>p[9], c, &g)
+        else:
+            status = rnnfuse_backward_ex_f64(<double *>p[0], <double *>p[1], <double *>p[2],
+                                             <double *>p[3], <double *>p[4], <double *>p[5],
+                                             <double *>p[6], <double *>p[7], <double *>p[8],
+                                             <double *>p[9], c, &g)
     return status
 
 

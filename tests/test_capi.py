@@ -53,10 +53,10 @@ def make_case(cell, T, B, I, H, dtype, seed=0):
                 dy=r(T, B, H), dh_n=r(B, H), dc_n=r(B, H))
 
 
-def functional(cell, option, c, lengths, reverse, need_ctx):
+def functional(cell, option, c, lengths, reverse, need_ctx, **variants):
     """(y, h_n[, c_n]), ctx from rnnfuse.functional."""
     w = (c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"])
-    kw = dict(lengths=lengths, reverse=reverse, need_ctx=need_ctx)
+    kw = dict(lengths=lengths, reverse=reverse, need_ctx=need_ctx, **variants)
     if cell == "lstm":
         y, h_n, c_n, ctx = F.lstm_forward(c["x"], c["h0"], c["c0"], *w, **kw)
         return (y, h_n, c_n), ctx
@@ -80,8 +80,10 @@ def filled(shape, dtype):
     return np.full(shape, np.nan, dtype)
 
 
-def capi_forward(h, cell, option, c, lengths=None, reverse=False, train=False, **sizes):
-    """status, (y, h_n, c_n), ctx through the harness (sizes: overrides of T, B, I, H)."""
+def capi_forward(h, cell, option, c, lengths=None, reverse=False, train=False, variants=None,
+                 **sizes):
+    """status, (y, h_n, c_n), ctx through the harness (sizes: overrides of T, B, I, H;
+    variants: rnnfuse_variants' fields, through rnnfuse_forward_ex_*)."""
     dtype = c["x"].dtype
     T, B, I = c["x"].shape
     H = c["w_hh"].shape[1]
@@ -93,7 +95,7 @@ def capi_forward(h, cell, option, c, lengths=None, reverse=False, train=False, *
     status = h.forward(dtype == np.float32, h.CELLS[cell], option, *outs, ctx, c["x"],
                        c["h0"], c["c0"] if cell == "lstm" else None, c["w_ih"], c["w_hh"],
                        c["b_ih"], c["b_hh"], lengths, int(reverse), n["T"], n["B"], n["I"],
-                       n["H"])
+                       n["H"], variants)
     return status, outs, ctx
 
 
@@ -105,9 +107,9 @@ def capi_grads(cell, c):
             filled((G * H, H), dtype), filled(G * H, dtype), filled(G * H, dtype))
 
 
-def capi_backward(h, cell, c, ctx, grads):
+def capi_backward(h, cell, c, ctx, grads, variant_grads=None):
     return h.backward(c["x"].dtype == np.float32, *grads, c["dy"], c["dh_n"],
-                      c["dc_n"] if cell == "lstm" else None, ctx)
+                      c["dc_n"] if cell == "lstm" else None, ctx, variant_grads)
 
 
 def assert_identical(got, want):
@@ -127,6 +129,18 @@ def test_example_predict_matches_functional_bitwise(built):
     want = F.lstm_forward(c["x"], None, None, *w, need_ctx=False)[:3]
     assert_identical(example.predict(c["x"], *w), want)
     assert_identical(example.predict(c["x"], *w, repeat=3), want)
+
+
+def test_example_predict_with_variants_matches_functional_bitwise(built):
+    example, _ = built
+    c = make_case("lstm", 5, 3, 4, 6, np.float32, seed=11)
+    w = (c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"])
+    peep = c["b_ih"][:18] * 3
+    want = F.lstm_forward(c["x"], None, None, *w, peepholes=peep, zoneout=0.2,
+                          need_ctx=False)[:3]
+    assert_identical(example.predict_variants(c["x"], *w, peep, 0.2), want)
+    with pytest.raises(RuntimeError, match=r"^rnnfuse: bad variant: .*zoneout must lie in"):
+        example.predict_variants(c["x"], *w, peep, 1.5)
 
 
 def test_example_train_step_matches_functional_bitwise(built):
@@ -275,3 +289,108 @@ def test_every_status_has_its_own_message(h):
     assert all(m.startswith("rnnfuse: ") for m in messages.values())
     assert messages[h.CODES["ELENGTHS"]] == "rnnfuse: lengths must lie in [0, T]"
     assert h.strerror(1) == h.strerror(-99) == "rnnfuse: unknown status code"
+
+
+# ---------------------------------------------------------------- variants (forward_ex)
+
+VARIANT_KINDS = ["none", "peepholes", "zoneout p", "zoneout masks", "recurrent dropout",
+                 "all"]
+
+
+def variant_args(cell, kind, T, B, H, dtype, seed=7):
+    """(functional's keywords, rnnfuse_variants' fields) of one kind of variant; "all":
+    peepholes (LSTM), zoneout masks and recurrent dropout together."""
+    rng = np.random.default_rng(seed)
+    lstm = cell == "lstm"
+    kw, v = {}, {}
+    if kind == "peepholes" or (kind == "all" and lstm):
+        kw["peepholes"] = v["peepholes"] = (0.5 * rng.standard_normal(3 * H)).astype(dtype)
+    if kind == "zoneout p":
+        kw["zoneout"] = v["zoneout"] = 0.3
+    if kind in ("zoneout masks", "all"):
+        z_h, z_c = ((rng.random((T, B, H)) < 0.3).astype(dtype) for _ in range(2))
+        kw["zoneout"] = (z_h, z_c) if lstm else z_h
+        v.update(zoneout_h=z_h, zoneout_c=z_c if lstm else None)
+    if kind in ("recurrent dropout", "all"):
+        m = ((rng.random((B, H)) >= 0.25) / 0.75).astype(dtype)
+        kw["recurrent_dropout"] = v["recurrent_dropout"] = m
+    return kw, v
+
+
+@pytest.mark.parametrize("cell,option,kind", [
+    (cell, option, kind) for cell, option in [("lstm", 0), ("gru", 1), ("gru", 0), ("rnn", 0)]
+    for kind in VARIANT_KINDS if kind != "peepholes" or cell == "lstm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_variants_match_functional_bitwise(h, cell, option, dtype, kind):
+    T, B, I, H, lengths, reverse = BATCHES["ragged reverse" if option else "dense"]
+    c = make_case(cell, T, B, I, H, dtype, seed=8)
+    kw, v = variant_args(cell, kind, T, B, H, dtype)
+    want, _ = functional(cell, option, c, lengths, reverse, need_ctx=False, **kw)
+    status, got, _ = capi_forward(h, cell, option, c, lengths, reverse, variants=v)
+    assert status == h.CODES["OK"]
+    assert_identical(got, want)
+
+    want, ctx = functional(cell, option, c, lengths, reverse, need_ctx=True, **kw)
+    status, got, cctx = capi_forward(h, cell, option, c, lengths, reverse, train=True,
+                                     variants=v)
+    assert status == h.CODES["OK"]
+    assert_identical(got, want)
+    grads, dpeep = capi_grads(cell, c), filled(3 * H, dtype)
+    assert capi_backward(h, cell, c, cctx, grads, {"dpeepholes": dpeep}) == 0
+    want = functional_backward(cell, c, ctx)
+    assert_identical(grads + (dpeep,), want if "peepholes" in kw else want + (None,))
+
+
+def test_zeroed_variants_are_the_plain_cell(h):
+    c = make_case("lstm", 4, 3, 5, 7, np.float32, seed=9)
+    _, plain, _ = capi_forward(h, "lstm", 0, c)
+    status, got, _ = capi_forward(h, "lstm", 0, c, variants={})
+    assert status == 0
+    assert_identical(got, plain)
+
+
+@pytest.mark.parametrize("cell,variants,code", [
+    ("lstm", dict(version=0), "EVERSION"), ("lstm", dict(version=2), "EVERSION"),
+    ("lstm", dict(zoneout=-0.1), "EVARIANT"), ("lstm", dict(zoneout=1.0), "EVARIANT"),
+    ("gru", dict(zoneout=float("nan")), "EVARIANT"),
+    ("rnn", dict(zoneout=float("inf")), "EVARIANT"),
+    ("lstm", dict(zoneout=0.1, zoneout_h="mask"), "EVARIANT"),
+    ("lstm", dict(zoneout=0.1, zoneout_c="mask"), "EVARIANT"),
+    ("gru", dict(peepholes="peep"), "EVARIANT"), ("rnn", dict(zoneout_c="mask"), "EVARIANT"),
+    ("lstm", dict(recurrent_dropout=-1.0), "EVARIANT"),
+    ("gru", dict(recurrent_dropout=float("nan")), "EVARIANT"),
+    ("rnn", dict(recurrent_dropout=float("inf")), "EVARIANT"),
+])
+@pytest.mark.parametrize("train", [False, True])
+def test_bad_variants_are_refused_and_write_nothing(h, cell, variants, code, train):
+    T, B, I, H = 3, 2, 4, 5
+    c = make_case(cell, T, B, I, H, np.float32)
+    arrays = {"mask": np.ones((T, B, H), np.float32), "peep": np.zeros(3 * H, np.float32)}
+    v = {k: arrays.get(a, a) for k, a in variants.items()}
+    if "recurrent_dropout" in v:  # one bad value in an otherwise good mask
+        m = np.ones((B, H), np.float32)
+        m[1, 3] = v["recurrent_dropout"]
+        v["recurrent_dropout"] = m
+    status, outs, ctx = capi_forward(h, cell, 1, c, train=train, variants=v)
+    assert status == h.CODES[code]
+    assert all(o is None or np.isnan(o).all() for o in outs)
+    assert not train or ctx.null
+    message = h.strerror(status)
+    assert ("version" in message if code == "EVERSION" else
+            "zoneout must lie in [0, 1)" in message and "LSTM only" in message)
+
+
+def test_backward_of_peepholes_needs_somewhere_for_their_gradient(h):
+    c = make_case("lstm", 3, 2, 4, 5, np.float64, seed=10)
+    kw, v = variant_args("lstm", "peepholes", 3, 2, 5, np.float64)
+    _, ctx = functional("lstm", 0, c, None, False, need_ctx=True, **kw)
+    status, _, cctx = capi_forward(h, "lstm", 0, c, train=True, variants=v)
+    grads, dpeep = capi_grads("lstm", c), filled(15, np.float64)
+    assert status == 0
+    assert capi_backward(h, "lstm", c, cctx, grads) == h.CODES["ENULL"]  # no _ex
+    assert capi_backward(h, "lstm", c, cctx, grads, {}) == h.CODES["ENULL"]
+    assert capi_backward(h, "lstm", c, cctx, grads,
+                         {"version": 2, "dpeepholes": dpeep}) == h.CODES["EVERSION"]
+    assert all(np.isnan(g).all() for g in grads + (dpeep,))  # nothing written, ctx usable
+    assert capi_backward(h, "lstm", c, cctx, grads, {"dpeepholes": dpeep}) == 0
+    assert_identical(grads + (dpeep,), functional_backward("lstm", c, ctx))

@@ -1,11 +1,14 @@
-"""rnnfuse's C-level API from another Cython extension: an LSTM run for inference and a
-training step (forward, loss gradient, backward), each entirely without the GIL.
+"""rnnfuse's C-level API from another Cython extension: an LSTM run for inference (plain,
+and with peepholes and zoneout) and a training step (forward, loss gradient, backward),
+each entirely without the GIL.
 
 Build: python setup.py build_ext --inplace (see setup.py). Arrays are float32 and
 C-contiguous, in rnnfuse.functional's layout: x (T, B, I), w_ih (4H, I), w_hh (4H, H).
 """
-from rnnfuse.capi cimport (RNNFUSE_LSTM, rnnfuse_backward_f32, rnnfuse_ctx,
-                           rnnfuse_ctx_free, rnnfuse_forward_f32, rnnfuse_strerror)
+from libc.string cimport memset
+from rnnfuse.capi cimport (RNNFUSE_LSTM, RNNFUSE_VARIANTS_VERSION, rnnfuse_backward_f32,
+                           rnnfuse_ctx, rnnfuse_ctx_free, rnnfuse_forward_ex_f32,
+                           rnnfuse_forward_f32, rnnfuse_strerror, rnnfuse_variants)
 
 import numpy as np
 
@@ -36,6 +39,31 @@ def predict(const float[:, :, ::1] x, const float[:, ::1] w_ih, const float[:, :
                                          T, B, I, H)
             if status != 0:
                 break
+    check(status)
+    return y, h_n, c_n
+
+
+def predict_variants(const float[:, :, ::1] x, const float[:, ::1] w_ih,
+                     const float[:, ::1] w_hh, const float[::1] b_ih, const float[::1] b_hh,
+                     const float[::1] peepholes, double zoneout):
+    """predict() of an LSTM with peepholes (3H, ONNX's order i, o, f) and eval's zoneout p,
+    through rnnfuse_forward_ex_f32 and a rnnfuse_variants struct."""
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = w_hh.shape[1]
+    y = np.empty((T, B, H), np.float32)
+    h_n, c_n = np.empty((B, H), np.float32), np.empty((B, H), np.float32)
+    cdef float[:, :, ::1] y_ = y
+    cdef float[:, ::1] h_ = h_n, c_ = c_n
+    cdef rnnfuse_variants v
+    memset(&v, 0, sizeof(v))  # no variant, then the ones wanted
+    v.version = RNNFUSE_VARIANTS_VERSION
+    v.peepholes = &peepholes[0]
+    v.zoneout = zoneout
+    cdef int status
+    with nogil:
+        status = rnnfuse_forward_ex_f32(RNNFUSE_LSTM, 0, &y_[0, 0, 0], &h_[0, 0], &c_[0, 0],
+                                        NULL, &x[0, 0, 0], NULL, NULL, &w_ih[0, 0],
+                                        &w_hh[0, 0], &b_ih[0], &b_hh[0], NULL, 0, T, B, I, H,
+                                        &v)
     check(status)
     return y, h_n, c_n
 

@@ -55,6 +55,8 @@ cdef enum:
                            # not be addressed at all)
     RNNFUSE_EDTYPE = -6    # backward of the other dtype than ctx's forward
     RNNFUSE_EUSED = -7     # ctx was already consumed by a backward
+    RNNFUSE_EVERSION = -8  # a variants struct of a version this rnnfuse does not know
+    RNNFUSE_EVARIANT = -9  # a variant refused: see rnnfuse_variants
 
 # What a training forward keeps for its backward (opaque; see rnnfuse_forward_*). A C
 # typedef of an incomplete struct: Cython's own forward-declared structs are not declared
@@ -108,6 +110,70 @@ cdef int rnnfuse_backward_f64(double *dx, double *dh0, double *dc0, double *dw_i
                               double *dw_hh, double *db_ih, double *db_hh, const double *dy,
                               const double *dh_n, const double *dc_n,
                               rnnfuse_ctx *ctx) noexcept nogil
+
+# Cell variants (docs/design.md), for rnnfuse_forward_ex_*. Zero the struct (no variant),
+# set version to RNNFUSE_VARIANTS_VERSION, then set the variants wanted. Later versions
+# only append fields, and rnnfuse keeps reading the fields of the version a caller set; a
+# version it does not know is RNNFUSE_EVERSION. Pointers are to the call's dtype; like x
+# and the weights, a training forward's ctx keeps them (not copies) for the backward.
+#   peepholes: LSTM only: (3H) in ONNX's order i, o, f (an ONNX LSTM's P row), or NULL.
+#   zoneout: eval's zoneout, p in [0, 1) (0: none): every unit of h (and of the LSTM's c)
+#     keeps its previous value with weight p, h_t = p h_{t-1} + (1-p) h~_t.
+#   zoneout_h, zoneout_c: training's zoneout instead: (T,B,H) weights (0/1 masks, drawn
+#     per step, row and unit) of h and of the LSTM's c (zoneout_c: LSTM only), each or
+#     NULL; with either, zoneout must be 0.
+#   recurrent_dropout: a (B,H) mask, finite and >= 0 (already scaled, e.g. 0 or 1/(1-p)),
+#     by which h_{t-1} is multiplied where it enters the recurrent product, or NULL.
+# Weight drop needs no argument: pass w_hh * mask to the forward and multiply the dw_hh
+# that backward returns by the same mask. Anything else (a peephole or zoneout_c on a GRU
+# or RNN, zoneout outside [0, 1) or with masks, a negative or non-finite dropout mask) is
+# RNNFUSE_EVARIANT.
+cdef enum:
+    RNNFUSE_VARIANTS_VERSION = 1
+
+ctypedef struct rnnfuse_variants:
+    int version
+    const void *peepholes
+    double zoneout
+    const void *zoneout_h
+    const void *zoneout_c
+    const void *recurrent_dropout
+
+# Gradients of the variants' parameters, for rnnfuse_backward_ex_*; version as above.
+#   dpeepholes: (3H), the peepholes' gradient: required (non-NULL) when the forward had
+#     peepholes, else not written.
+ctypedef struct rnnfuse_variant_grads:
+    int version
+    void *dpeepholes
+
+# rnnfuse_forward_* with variants (NULL: none, the same as rnnfuse_forward_*).
+cdef int rnnfuse_forward_ex_f32(int cell, int option, float *y, float *h_n, float *c_n,
+                                rnnfuse_ctx **ctx, const float *x, const float *h0,
+                                const float *c0, const float *w_ih, const float *w_hh,
+                                const float *b_ih, const float *b_hh,
+                                const int64_t *lengths, int reverse, Py_ssize_t T,
+                                Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                                const rnnfuse_variants *variants) noexcept nogil
+cdef int rnnfuse_forward_ex_f64(int cell, int option, double *y, double *h_n, double *c_n,
+                                rnnfuse_ctx **ctx, const double *x, const double *h0,
+                                const double *c0, const double *w_ih, const double *w_hh,
+                                const double *b_ih, const double *b_hh,
+                                const int64_t *lengths, int reverse, Py_ssize_t T,
+                                Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                                const rnnfuse_variants *variants) noexcept nogil
+
+# rnnfuse_backward_* of a forward_ex's ctx, with the variants' gradients (grads: NULL
+# where the forward had no peepholes). rnnfuse_backward_* of a ctx with peepholes is
+# RNNFUSE_ENULL (it has nowhere to write dpeepholes).
+cdef int rnnfuse_backward_ex_f32(float *dx, float *dh0, float *dc0, float *dw_ih,
+                                 float *dw_hh, float *db_ih, float *db_hh, const float *dy,
+                                 const float *dh_n, const float *dc_n, rnnfuse_ctx *ctx,
+                                 const rnnfuse_variant_grads *grads) noexcept nogil
+cdef int rnnfuse_backward_ex_f64(double *dx, double *dh0, double *dc0, double *dw_ih,
+                                 double *dw_hh, double *db_ih, double *db_hh,
+                                 const double *dy, const double *dh_n, const double *dc_n,
+                                 rnnfuse_ctx *ctx,
+                                 const rnnfuse_variant_grads *grads) noexcept nogil
 
 # Releases a context (NULL: nothing to do). It never touches the caller's buffers.
 cdef void rnnfuse_ctx_free(rnnfuse_ctx *ctx) noexcept nogil

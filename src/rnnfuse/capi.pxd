@@ -19,6 +19,8 @@
 # examples/capi/ for a module and its setup.py.
 from rnnfuse._kernels cimport (
     RNNFUSE_EARG, RNNFUSE_EDTYPE, RNNFUSE_ELENGTHS, RNNFUSE_ENOMEM, RNNFUSE_ENULL,
-    RNNFUSE_ESIZE, RNNFUSE_EUSED, RNNFUSE_GRU, RNNFUSE_LSTM, RNNFUSE_OK, RNNFUSE_RNN,
-    rnnfuse_backward_f32, rnnfuse_backward_f64, rnnfuse_ctx, rnnfuse_ctx_free,
-    rnnfuse_forward_f32, rnnfuse_forward_f64, rnnfuse_strerror)
+    RNNFUSE_ESIZE, RNNFUSE_EUSED, RNNFUSE_EVARIANT, RNNFUSE_EVERSION, RNNFUSE_GRU,
+    RNNFUSE_LSTM, RNNFUSE_OK, RNNFUSE_RNN, RNNFUSE_VARIANTS_VERSION, rnnfuse_backward_ex_f32,
+    rnnfuse_backward_ex_f64, rnnfuse_backward_f32, rnnfuse_backward_f64, rnnfuse_ctx,
+    rnnfuse_ctx_free, rnnfuse_forward_ex_f32, rnnfuse_forward_ex_f64, rnnfuse_forward_f32,
+    rnnfuse_forward_f64, rnnfuse_strerror, rnnfuse_variant_grads, rnnfuse_variants)

@@ -2,8 +2,9 @@
 # Included at the end of _kernels.pyx: it calls the kernels through the same entry points
 # (_forward, _backward) and runtime as the Python wrappers, so its numbers are theirs. Where
 # functional.py validates in Python, these functions validate in C and return a status;
-# the order is: codes and sizes, then required pointers and lengths, then allocations,
-# and only then any write to the caller's buffers.
+# the order is: codes and sizes, then required pointers, lengths and variants, then
+# allocations, and only then any write to the caller's buffers.
+from libc.float cimport DBL_MAX
 from libc.stdint cimport INT32_MAX
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
@@ -18,6 +19,10 @@ cdef struct _Ctx:  # what a rnnfuse_ctx points to
     const void *x
     const void *w_ih
     const void *w_hh
+    const void *peep   # the variants (rnnfuse_variants): NULL where none
+    rf_zoneout zoneout
+    const void *recdrop
+    void *extra        # eval zoneout's (H) row of p | the forward's recurrent dropout (B*H)
 
 
 # The public cell codes are the C table's ids (rnnfuse.h), so they go to C as they are.
@@ -28,6 +33,15 @@ if (RNNFUSE_LSTM, RNNFUSE_GRU, RNNFUSE_RNN) != (RF_LSTM, RF_GRU, RF_RNN):
 cdef inline bint _given(const void *p, Py_ssize_t n) noexcept nogil:
     """A required buffer of n elements: present, unless it has none."""
     return p != NULL or n == 0
+
+
+cdef inline Py_ssize_t _esize(bint f32) noexcept nogil:
+    return sizeof(float) if f32 else sizeof(double)
+
+
+cdef inline void *_at(void *p, Py_ssize_t n, bint f32) noexcept nogil:
+    """p + n elements of the call's dtype."""
+    return <char *>p + n * _esize(f32)
 
 
 cdef void *_alloc(Py_ssize_t n, bint f32) noexcept nogil:
@@ -56,7 +70,8 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
                        rnnfuse_ctx **ctx_out, const void *x, const void *h0, const void *c0,
                        const void *w_ih, const void *w_hh, const void *b_ih,
                        const void *b_hh, const int64_t *lengths, int reverse, Py_ssize_t T,
-                       Py_ssize_t B, Py_ssize_t I, Py_ssize_t H) noexcept nogil:
+                       Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                       const rnnfuse_variants *v) noexcept nogil:
     cdef bint train = ctx_out != NULL, lstm = cell == RNNFUSE_LSTM
     if train:
         ctx_out[0] = NULL
@@ -71,6 +86,9 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
         for b in range(B):
             if lengths[b] < 0 or lengths[b] > T:
                 return RNNFUSE_ELENGTHS
+    status = _check_variants(v, cell, f32, B * H)
+    if status:
+        return status
 
     cdef _Ctx *c = <_Ctx *>calloc(1, sizeof(_Ctx))
     if c == NULL:
@@ -81,8 +99,7 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
     status = _plan_new(c, lengths, reverse, T, B)
     if status == RNNFUSE_OK:
         c.ws = _alloc(_workspace(c, train), f32)
-        if c.ws == NULL:
-            status = RNNFUSE_ENOMEM
+        status = _set_variants(c, v, B) if c.ws != NULL else RNNFUSE_ENOMEM
     if status:
         rnnfuse_ctx_free(<rnnfuse_ctx *>c)
         return status
@@ -94,14 +111,60 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
     a.x, a.h0, a.c0 = x, h0, c0 if lstm else NULL
     a.w_ih, a.w_hh, a.b_ih, a.b_hh = w_ih, w_hh, b_ih, b_hh
     a.packed = NULL  # the kernel packs the weights into ws itself
-    a.peep = NULL  # the C API has no peepholes, zoneout nor recurrent dropout
-    a.zoneout.h = a.zoneout.c = a.zoneout.carry = NULL
-    a.recdrop.m = a.recdrop.buf = NULL
+    a.peep, a.zoneout, a.recdrop.m = c.peep, c.zoneout, c.recdrop
+    a.recdrop.buf = _at(c.extra, H, f32) if c.recdrop != NULL else NULL
     _forward(f32, cell, option, &a, &c.plan, I, H, train)  # cell checked: it returns 0
     if train:
         ctx_out[0] = <rnnfuse_ctx *>c
     else:
         rnnfuse_ctx_free(<rnnfuse_ctx *>c)
+    return RNNFUSE_OK
+
+
+cdef int _check_variants(const rnnfuse_variants *v, int cell, bint f32,
+                         Py_ssize_t BH) noexcept nogil:
+    if v == NULL:
+        return RNNFUSE_OK
+    if v.version != RNNFUSE_VARIANTS_VERSION:
+        return RNNFUSE_EVERSION
+    if cell != RNNFUSE_LSTM and (v.peepholes != NULL or v.zoneout_c != NULL):
+        return RNNFUSE_EVARIANT
+    if not 0 <= v.zoneout < 1 or (v.zoneout != 0 and (v.zoneout_h != NULL
+                                                       or v.zoneout_c != NULL)):
+        return RNNFUSE_EVARIANT  # NaN too
+    cdef Py_ssize_t i
+    cdef double m
+    if v.recurrent_dropout != NULL:
+        for i in range(BH):
+            m = (<const float *>v.recurrent_dropout)[i] if f32 else \
+                (<const double *>v.recurrent_dropout)[i]
+            if not (m >= 0 and m <= DBL_MAX):
+                return RNNFUSE_EVARIANT
+    return RNNFUSE_OK
+
+
+cdef int _set_variants(_Ctx *c, const rnnfuse_variants *v, Py_ssize_t B) noexcept nogil:
+    """c's variants from v (checked), and c.extra: eval zoneout's row of p and the
+    forward's recurrent-dropout scratch."""
+    c.zoneout.h = c.zoneout.c = c.zoneout.carry = NULL
+    c.zoneout.shared = 0
+    if v == NULL:
+        return RNNFUSE_OK
+    cdef Py_ssize_t i, H = c.hidden
+    c.extra = _alloc(H + (B * H if v.recurrent_dropout != NULL else 0), c.f32)
+    if c.extra == NULL:
+        return RNNFUSE_ENOMEM
+    c.peep, c.recdrop = v.peepholes, v.recurrent_dropout
+    c.zoneout.h, c.zoneout.c = v.zoneout_h, v.zoneout_c
+    if v.zoneout != 0:
+        for i in range(H):
+            if c.f32:
+                (<float *>c.extra)[i] = <float>v.zoneout
+            else:
+                (<double *>c.extra)[i] = v.zoneout
+        c.zoneout.h = c.extra
+        c.zoneout.c = c.extra if c.cell == RNNFUSE_LSTM else NULL
+        c.zoneout.shared = 1
     return RNNFUSE_OK
 
 
@@ -130,7 +193,8 @@ cdef Py_ssize_t _workspace(const _Ctx *c, bint train) noexcept nogil:
 
 cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, void *dw_hh,
                         void *db_ih, void *db_hh, const void *dy, const void *dh_n,
-                        const void *dc_n, rnnfuse_ctx *ctx) noexcept nogil:
+                        const void *dc_n, rnnfuse_ctx *ctx,
+                        const rnnfuse_variant_grads *g) noexcept nogil:
     cdef _Ctx *c = <_Ctx *>ctx
     if c == NULL:
         return RNNFUSE_ENULL
@@ -138,13 +202,21 @@ cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, v
         return RNNFUSE_EDTYPE
     if c.ws == NULL:
         return RNNFUSE_EUSED
+    if g != NULL and g.version != RNNFUSE_VARIANTS_VERSION:
+        return RNNFUSE_EVERSION
+    cdef void *dpeep = g.dpeepholes if g != NULL and c.peep != NULL else NULL
+    if c.peep != NULL and dpeep == NULL:
+        return RNNFUSE_ENULL
     cdef bint lstm = c.cell == RNNFUSE_LSTM
     cdef Py_ssize_t TB = c.plan.T * c.plan.B, BH = c.plan.B * c.hidden
     if not (_given(dx, TB * c.n_in) and _given(dh0, BH) and (_given(dc0, BH) or not lstm)
             and dw_ih != NULL and dw_hh != NULL):
         return RNNFUSE_ENULL
     cdef Py_ssize_t G = rf_cell_find(c.cell).gates
-    cdef void *scratch = _alloc(rf_backward_scratch(&c.plan, c.n_in, c.hidden, G), f32)
+    cdef Py_ssize_t n = rf_backward_scratch(&c.plan, c.n_in, c.hidden, G)
+    cdef Py_ssize_t carry = 2 * BH if c.zoneout.h != NULL or c.zoneout.c != NULL else 0
+    cdef void *scratch = _alloc(n + carry + (
+        (c.plan.rows + c.plan.B) * c.hidden if c.recdrop != NULL else 0), f32)
     if scratch == NULL:
         return RNNFUSE_ENOMEM
 
@@ -157,9 +229,9 @@ cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, v
     a.dy, a.dh_n, a.dc_n = dy, dh_n, dc_n if lstm else NULL
     a.ws, a.scratch = c.ws, scratch
     a.x, a.w_ih, a.w_hh = c.x, c.w_ih, c.w_hh
-    a.peep, a.dpeep = NULL, NULL
-    a.zoneout.h = a.zoneout.c = a.zoneout.carry = NULL
-    a.recdrop.m = a.recdrop.buf = NULL
+    a.peep, a.dpeep, a.zoneout, a.recdrop.m = c.peep, dpeep, c.zoneout, c.recdrop
+    a.zoneout.carry = _at(scratch, n, f32) if carry else NULL
+    a.recdrop.buf = _at(scratch, n + carry, f32) if c.recdrop != NULL else NULL
     _backward(f32, c.cell, c.option, &a, &c.plan, c.n_in, c.hidden)  # a forward's cell
     free(scratch)
     free(c.ws)  # overwritten by the backward: release it now
@@ -176,7 +248,7 @@ cdef int rnnfuse_forward_f32(int cell, int option, float *y, float *h_n, float *
                              int reverse, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
                              Py_ssize_t H) noexcept nogil:
     return _capi_forward(True, cell, option, y, h_n, c_n, ctx, x, h0, c0, w_ih, w_hh, b_ih,
-                         b_hh, lengths, reverse, T, B, I, H)
+                         b_hh, lengths, reverse, T, B, I, H, NULL)
 
 
 cdef int rnnfuse_forward_f64(int cell, int option, double *y, double *h_n, double *c_n,
@@ -186,14 +258,15 @@ cdef int rnnfuse_forward_f64(int cell, int option, double *y, double *h_n, doubl
                              int reverse, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
                              Py_ssize_t H) noexcept nogil:
     return _capi_forward(False, cell, option, y, h_n, c_n, ctx, x, h0, c0, w_ih, w_hh, b_ih,
-                         b_hh, lengths, reverse, T, B, I, H)
+                         b_hh, lengths, reverse, T, B, I, H, NULL)
 
 
 cdef int rnnfuse_backward_f32(float *dx, float *dh0, float *dc0, float *dw_ih, float *dw_hh,
                               float *db_ih, float *db_hh, const float *dy,
                               const float *dh_n, const float *dc_n,
                               rnnfuse_ctx *ctx) noexcept nogil:
-    return _capi_backward(True, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ctx)
+    return _capi_backward(True, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ctx,
+                          NULL)
 
 
 cdef int rnnfuse_backward_f64(double *dx, double *dh0, double *dc0, double *dw_ih,
@@ -201,7 +274,46 @@ cdef int rnnfuse_backward_f64(double *dx, double *dh0, double *dc0, double *dw_i
                               const double *dh_n, const double *dc_n,
                               rnnfuse_ctx *ctx) noexcept nogil:
     return _capi_backward(False, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
-                          ctx)
+                          ctx, NULL)
+
+
+cdef int rnnfuse_forward_ex_f32(int cell, int option, float *y, float *h_n, float *c_n,
+                                rnnfuse_ctx **ctx, const float *x, const float *h0,
+                                const float *c0, const float *w_ih, const float *w_hh,
+                                const float *b_ih, const float *b_hh,
+                                const int64_t *lengths, int reverse, Py_ssize_t T,
+                                Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                                const rnnfuse_variants *variants) noexcept nogil:
+    return _capi_forward(True, cell, option, y, h_n, c_n, ctx, x, h0, c0, w_ih, w_hh, b_ih,
+                         b_hh, lengths, reverse, T, B, I, H, variants)
+
+
+cdef int rnnfuse_forward_ex_f64(int cell, int option, double *y, double *h_n, double *c_n,
+                                rnnfuse_ctx **ctx, const double *x, const double *h0,
+                                const double *c0, const double *w_ih, const double *w_hh,
+                                const double *b_ih, const double *b_hh,
+                                const int64_t *lengths, int reverse, Py_ssize_t T,
+                                Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                                const rnnfuse_variants *variants) noexcept nogil:
+    return _capi_forward(False, cell, option, y, h_n, c_n, ctx, x, h0, c0, w_ih, w_hh, b_ih,
+                         b_hh, lengths, reverse, T, B, I, H, variants)
+
+
+cdef int rnnfuse_backward_ex_f32(float *dx, float *dh0, float *dc0, float *dw_ih,
+                                 float *dw_hh, float *db_ih, float *db_hh, const float *dy,
+                                 const float *dh_n, const float *dc_n, rnnfuse_ctx *ctx,
+                                 const rnnfuse_variant_grads *grads) noexcept nogil:
+    return _capi_backward(True, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ctx,
+                          grads)
+
+
+cdef int rnnfuse_backward_ex_f64(double *dx, double *dh0, double *dc0, double *dw_ih,
+                                 double *dw_hh, double *db_ih, double *db_hh,
+                                 const double *dy, const double *dh_n, const double *dc_n,
+                                 rnnfuse_ctx *ctx,
+                                 const rnnfuse_variant_grads *grads) noexcept nogil:
+    return _capi_backward(False, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
+                          ctx, grads)
 
 
 cdef void rnnfuse_ctx_free(rnnfuse_ctx *ctx) noexcept nogil:
@@ -209,6 +321,7 @@ cdef void rnnfuse_ctx_free(rnnfuse_ctx *ctx) noexcept nogil:
     if c != NULL:
         free(c.ws)
         free(c.plan_mem)
+        free(c.extra)
         free(c)
 
 
@@ -229,4 +342,10 @@ cdef const char *rnnfuse_strerror(int status) noexcept nogil:
         return "rnnfuse: ctx comes from the forward of the other dtype"
     if status == RNNFUSE_EUSED:
         return "rnnfuse: ctx was already used by a backward call; run forward again"
+    if status == RNNFUSE_EVERSION:
+        return "rnnfuse: unknown version of a variants struct (set RNNFUSE_VARIANTS_VERSION)"
+    if status == RNNFUSE_EVARIANT:
+        return ("rnnfuse: bad variant: peepholes and zoneout_c are LSTM only, zoneout must "
+                "lie in [0, 1) and be 0 with zoneout masks, a recurrent_dropout mask finite "
+                "and >= 0")
     return "rnnfuse: unknown status code"
