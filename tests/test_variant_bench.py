@@ -36,10 +36,13 @@ def test_variants_print_each_variant_against_plain(tmp_path, capsys):
         assert why.startswith(f"skipped (rnnfuse.LSTM(") and f"    {v}: {why}" in out
 
 
-def test_variants_against_pytorch(capsys):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_variants_against_pytorch(clock, capsys):
     pytest.importorskip("torch")
-    assert bench.main(QUICK + ["--impls", "torch"]) == 0
-    rows = table(capsys.readouterr().out)
+    assert bench.main(QUICK + ["--impls", "torch", "--clock", clock]) == 0
+    out = capsys.readouterr().out
+    assert ("CPU time of the one thread" in out) == (clock == "cpu")
+    rows = table(out)
     for v in RUN_TODAY:
         assert rows[v][3:5] == ["LSTMCell", "loop"] and float(rows[v][5]) > 0
 
@@ -90,3 +93,12 @@ def test_variants_refuse_other_modes_flags_before_running(flag, capsys):
         bench.main(QUICK + flag)
     assert e.value.code == 2
     assert f"{flag[0]} does not apply to --variants" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--quick", "--clock", "cpu"],
+                                  QUICK + ["--clock", "cpu", "--threads", "2"]])
+def test_cpu_clock_only_for_variants_at_one_thread(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    assert "--clock cpu applies to --variants at --threads 1 only" in capsys.readouterr().err

@@ -433,11 +433,12 @@ def plan_rounds(seconds_per_call, budget, min_rounds=3, max_rounds=200, min_samp
     return max(min_rounds, min(max_rounds, rounds)), iterations
 
 
-def measure(fns, budget=1.0, min_rounds=3, max_rounds=100):
+def measure(fns, budget=1.0, min_rounds=3, max_rounds=100, clock=time.perf_counter):
     """Median seconds per call of each of ``fns`` (name -> callable), from interleaved
     rounds in this process: each round runs every callable once (a few times when it is
     very short), in an order rotated from round to round. Garbage collection is off while
-    timing. Returns {name: (median seconds, number of samples)}."""
+    timing. ``clock``: wall time, or time.thread_time (the calling thread's CPU time: for
+    one-thread runs on a loaded machine). Returns {name: (median seconds, samples)}."""
     names = list(fns)
     est = {n: min(time_once(fns[n]) for _ in range(2)) for n in names}
     iters = {n: plan_rounds(est[n], budget, min_sample=2e-3)[1] for n in names}
@@ -450,10 +451,10 @@ def measure(fns, budget=1.0, min_rounds=3, max_rounds=100):
         for r in range(rounds):
             for n in names[r % len(names):] + names[:r % len(names)]:
                 fn, k = fns[n], iters[n]
-                t = time.perf_counter()
+                t = clock()
                 for _ in range(k):
                     fn()
-                samples[n].append((time.perf_counter() - t) / k)
+                samples[n].append((clock() - t) / k)
     finally:
         if enabled:
             gc.enable()
@@ -998,11 +999,12 @@ def _variant_steps(variant, shape, with_torch):
     return steps
 
 
-def variant_case(shape, budget=1.0, variants=VARIANTS, with_torch=True):
+def variant_case(shape, budget=1.0, variants=VARIANTS, with_torch=True,
+                 clock=time.perf_counter):
     """Every variant's training step by rnnfuse and (with_torch) by its PyTorch model,
     checked, then all timed interleaved. Returns a row: seconds per step, each rnnfuse
     time over plain rnnfuse's, each torch time over the variant's rnnfuse time, and
-    {variant: why skipped or wrong}."""
+    {variant: why skipped or wrong}. clock: as measure's."""
     fns, errors = {}, {}
     for v in variants:
         try:
@@ -1014,7 +1016,7 @@ def variant_case(shape, budget=1.0, variants=VARIANTS, with_torch=True):
             errors[v.name] = f"WRONG, not timed: {e}"
             continue
         fns.update(((v.name, impl), fn) for impl, fn in steps.items())
-    seconds = {k: s for k, (s, _) in measure(fns, budget).items()} if fns else {}
+    seconds = {k: s for k, (s, _) in measure(fns, budget, clock=clock).items()} if fns else {}
     rf = {v: s for (v, impl), s in seconds.items() if impl == "rnnfuse"}
     pt = {v: s for (v, impl), s in seconds.items() if impl == "torch"}
     plain = rf.get("plain")
@@ -1046,14 +1048,18 @@ def _variants_table(row, out):
 def _variants_main(args, available):
     """``bench --variants``: the variants' table of each shape."""
     with_torch = "torch" in available
-    print(f"rnnfuse bench --variants: LSTM training step, median of interleaved runs, "
-          f"{args.threads} thread(s); vs plain = this variant's time / the plain cell's; "
+    cpu = args.clock == "cpu"
+    print(f"rnnfuse bench --variants: LSTM training step, median of interleaved runs "
+          f"({'CPU time of the one thread' if cpu else 'wall time'}), {args.threads} "
+          "thread(s); vs plain = this variant's time / the plain cell's; "
           "torch x = the PyTorch model's time / rnnfuse's (checked against rnnfuse in eval "
           "mode first)", flush=True)
     rows = []
     with limit_threads(args.threads):
         for shape in VARIANT_QUICK if args.quick else VARIANT_SHAPES:
-            rows.append(variant_case(shape, args.budget, with_torch=with_torch))
+            rows.append(variant_case(shape, args.budget, with_torch=with_torch,
+                                     clock=time.thread_time if cpu else time.perf_counter))
+            rows[-1]["clock"] = args.clock
             _variants_table(rows[-1], sys.stdout)
     if args.json:
         with open(args.json, "w") as f:
@@ -1110,7 +1116,10 @@ def _parser():
                          "where rnnfuse.LSTM has them), training step, float32, against "
                          "the plain cell and against the same model in PyTorch (a loop of "
                          "nn.LSTMCell; nn.LSTM(proj_size)); --impls, --threads, --budget, "
-                         "--quick and --json apply")
+                         "--quick, --json and --clock apply")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="with --variants: what is timed, wall time (default) or, at one "
+                         "thread, the thread's CPU time (steadier on a loaded machine)")
     return ap
 
 
@@ -1134,6 +1143,8 @@ def _options(argv):
     for flag in ("markdown", "plot", "shapes", "modes", "dtypes", "serving"):
         if args.variants and getattr(args, flag):
             ap.error(f"--{flag} does not apply to --variants")
+    if args.clock == "cpu" and not (args.variants and args.threads == 1):
+        ap.error("--clock cpu applies to --variants at --threads 1 only")
     args.cells = _subset(ap, args.cells, CELLS, "cells")
     args.modes = _subset(ap, args.modes or ",".join(MODES), MODES, "modes")
     args.serving_dtypes = _subset(ap, args.dtypes or "float32", DTYPES, "dtypes")
