@@ -73,6 +73,15 @@ def test_check_catches_a_pytorch_model_that_differs(name):
         bench.variant_check(variant, layer, model, x, dy)
 
 
+def test_nn_lstm_peer_runs_and_is_checked():
+    """The projection's peer, torch.nn.LSTM with the row's keywords, on the plain LSTM."""
+    pytest.importorskip("torch")
+    as_nn_lstm = bench.Variant("plain", lambda H: {}, peer="nn.LSTM")
+    row = bench.variant_case(bench.VARIANT_QUICK[0], 0.01, (as_nn_lstm,))
+    assert row["errors"] == {} and row["torch_over_rnnfuse"]["plain"] > 0
+    assert row["peers"] == {"plain": "nn.LSTM"}
+
+
 def test_pytorch_loop_model_names_every_parameter_the_table_maps():
     torch = pytest.importorskip("torch")
     loop = bench._loop_lstm(torch)(5, 8, peepholes=True, layer_norm=True, zoneout=0.1,

@@ -954,6 +954,7 @@ def _torch_step(model, x, dy):
 
     def step():  # (y, dx); the gradients accumulate in .grad
         y = model(xt)
+        y = y[0] if isinstance(y, tuple) else y  # torch.nn.LSTM: (y, (h_n, c_n))
         y.backward(dyt)
         return y.detach().numpy(), xt.grad.numpy()
     return step
