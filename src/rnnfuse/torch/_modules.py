@@ -319,6 +319,15 @@ class _RNNBase(_Fused):
                 inp = torch.nn.functional.dropout(inp, self.dropout, training=True)
         return inp, [torch.stack(f) for f in finals]
 
+    def stream(self, batch_size: int = 1, state: Any = None) -> Stream:
+        """A :class:`Stream` that runs this module one timestep at a time (generation,
+        online inference), starting from ``state`` (the module's form, with batch_size
+        rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size, input_size),
+        returns y_t (batch_size, hidden_size): the numbers of the forward over the whole
+        sequence in eval mode, bit for bit. The stream copies the weights as they are now;
+        the module must be in eval mode and unidirectional."""
+        return Stream(self, batch_size, state)
+
 
 class LSTM(_RNNBase, torch.nn.LSTM):
     """Drop-in ``torch.nn.LSTM`` on the rnnfuse kernels (CPU; float32 or float64), and a
@@ -395,6 +404,112 @@ class RNN(_RNNBase, torch.nn.RNN):
     @property
     def _options(self):
         return (self.nonlinearity,)
+
+
+# ---------------------------------------------------------------- streams
+
+class Stream:
+    """A unidirectional LSTM, GRU or RNN stepped one timestep at a time, its state kept
+    between calls (generation, online inference); ``rnnfuse.Stream`` for tensors.
+
+    Made by ``module.stream(batch_size=1, state=None)`` of a module in eval mode.
+    ``stream.step(x)`` takes one step's input ``(batch_size, input_size)`` and returns the
+    top layer's output ``(batch_size, hidden_size)`` (a new tensor): the matching row of
+    ``module(input)`` over the whole sequence in eval mode, bit for bit. All layers step
+    in one call of the kernels. ``stream.state`` is the current state in the module's form,
+    ``(h, c)`` for an LSTM, ``h`` for a GRU or RNN, each (num_layers, batch_size,
+    hidden_size) (copies); ``stream.reset(state=None)`` sets it (None: zeros).
+
+    The stream keeps its own copy of the module's weights as they were when it was made
+    and computes no gradients. One stream is stepped by one thread at a time.
+    """
+
+    def __init__(self, module: _RNNBase, batch_size: int, state: Any = None) -> None:
+        name = type(module).__name__
+        if module.training:
+            raise RuntimeError(f"{name}.stream() runs the module as in eval mode (no "
+                               "dropout, no gradients): call module.eval() first")
+        if module.bidirectional:
+            raise ValueError(f"a bidirectional {name} cannot be streamed: its reverse "
+                             "direction needs the whole sequence")
+        self.dtype = module._parameters_dtype()
+        weights = [[None if w is None else w.detach().numpy().copy()
+                    for w in module._weights(layer, 0)] for layer in range(module.num_layers)]
+        self._stream = _kernels.Stream(module._cell, bool(_kernel_option(module._cell,
+                                                                         *module._options)),
+                                       weights[0][0].dtype, _check_int("batch_size",
+                                                                       batch_size, 0), weights)
+        self._shape = (self.batch_size, self.input_size)
+        self._lstm = module._n_states == 2
+        self.reset(state)
+
+    batch_size = property(lambda self: self._stream.batch_size)
+    input_size = property(lambda self: self._stream.input_size)
+    hidden_size = property(lambda self: self._stream.hidden_size)
+    num_layers = property(lambda self: self._stream.num_layers)
+
+    def __repr__(self):
+        return repr(self._stream).replace("rnnfuse", "rnnfuse.torch", 1)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Advance every layer by one timestep: x (batch_size, input_size) -> y
+        (batch_size, hidden_size), the top layer's output."""
+        if not (type(x) is torch.Tensor and x.dtype == self.dtype and x.is_cpu
+                and x.shape == self._shape):
+            _check_tensor("x", _plain("x", x), self.dtype)
+            raise ValueError(f"x must have shape {self._shape} (batch_size, input_size), "
+                             f"got {tuple(x.shape)}")
+        if x.requires_grad:
+            if torch.is_grad_enabled():
+                raise RuntimeError("x requires grad, but a stream computes no gradients: "
+                                   "step under torch.no_grad() (or pass x.detach()); train "
+                                   "with the module's forward")
+            x = x.detach()
+        previous = _kernels.set_threads(torch.get_num_threads())
+        try:
+            return torch.from_numpy(self._stream.step(x.numpy()))
+        finally:
+            _kernels.set_threads(previous)
+
+    @property
+    def state(self) -> Any:
+        """The current state, in the module's form: ``(h, c)`` for an LSTM, ``h`` for a
+        GRU or RNN, each (num_layers, batch_size, hidden_size) (copies)."""
+        state = self._stream.state
+        if self._lstm:
+            return tuple(torch.from_numpy(s) for s in state)
+        return torch.from_numpy(state)
+
+    def reset(self, state: Any = None) -> None:
+        """Set the state: None for zeros, else in the module's form (see ``state``)."""
+        if state is None:
+            self._stream.reset(None)
+            return
+        if self._lstm:
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError("state must be a tuple (h, c) for an LSTM stream, got "
+                                f"{type(state).__name__}")
+            parts, names = state, ("state[0] (h)", "state[1] (c)")
+        else:
+            parts, names = (state,), ("state",)
+        shape = (self.num_layers, self.batch_size, self.hidden_size)
+        arrays = []
+        for name, s in zip(names, parts):
+            _check_tensor(name, _plain(name, s), self.dtype)
+            if s.shape != shape:
+                raise ValueError(f"{name} must have shape {shape} (num_layers, batch_size, "
+                                 f"hidden_size), got {tuple(s.shape)}")
+            arrays.append(s.detach().numpy())
+        self._stream.reset(tuple(arrays) if self._lstm else arrays[0])
+
+
+def _plain(name, t):
+    """t, a plain torch.Tensor (a stream runs outside PyTorch's dispatcher: no tracer or
+    tensor subclass can see it)."""
+    if type(t) is not torch.Tensor:
+        raise TypeError(f"{name} must be a plain torch.Tensor, got {type(t).__name__}: a "
+                        "stream runs the kernels outside PyTorch's dispatcher")
+    return t
 
 
 # ---------------------------------------------------------------- cells
