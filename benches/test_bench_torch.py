@@ -4,7 +4,11 @@ training step (forward and backward of a summed output).
 - 2-layer LSTM and GRU of 128 and 200 units, batch_first, B=128, T=24, I=1 (a forecaster
   over a window of one series);
 - 2-layer LSTM of 200 units, B=20, T=35, I=200 (the small word-level language model);
-- LSTMCell(128), one step at B=1 (a step of a decoder or a controller).
+- LSTMCell, GRUCell and RNNCell(128), one step at B=1 and B=16 (a step of a decoder or
+  a controller; training unrolls 5 steps);
+- one step of generation at B=1 with LSTM(128): module.stream's step against
+  nn.LSTMCell, rnnfuse.torch.LSTMCell and a one-step rnnfuse.torch.LSTM call
+  (test_torch_step).
 
 Each pair is checked against torch.nn once (same parameters) before anything is timed.
 Run: ``pytest benches/test_bench_torch.py``; --quick keeps the first shape. Skipped
@@ -21,7 +25,10 @@ pytest.importorskip("pytest_benchmark")
 # (kind, layers, hidden, batch, steps, input); steps None: a cell's single step
 SHAPES = [("LSTM", 2, 128, 128, 24, 1), ("LSTM", 2, 200, 128, 24, 1),
           ("GRU", 2, 128, 128, 24, 1), ("GRU", 2, 200, 128, 24, 1),
-          ("LSTM", 2, 200, 20, 35, 200), ("LSTMCell", 1, 128, 1, None, 128)]
+          ("LSTM", 2, 200, 20, 35, 200)] + [
+    (cell, 1, 128, B, None, 128) for cell in ("LSTMCell", "GRUCell", "RNNCell")
+    for B in (1, 16)]
+CELL_STEPS = 5  # a cell's training step unrolls this many steps
 MODES = ("inference", "training")
 IMPLS = ("rnnfuse", "torch")
 
@@ -65,8 +72,18 @@ def _call(module, x, mode, torch):
 
     def run():
         module.zero_grad(set_to_none=True)
-        _output(module(x)).sum().backward()
+        _output(_unrolled(module, x)).sum().backward()
     return run
+
+
+def _unrolled(module, x):
+    """module(x), or for a cell CELL_STEPS steps of it over x."""
+    if not type(module).__name__.endswith("Cell"):
+        return module(x)
+    state = module(x)
+    for _ in range(CELL_STEPS - 1):
+        state = module(x, state)
+    return state if isinstance(state, tuple) else (state,)
 
 
 def test_torch_module(benchmark, shape, mode, impl, bench_threads, bench_budget):
@@ -92,3 +109,79 @@ def test_torch_module(benchmark, shape, mode, impl, bench_threads, bench_budget)
     rounds, iterations = bench.plan_rounds((time.perf_counter() - t) / 3, bench_budget,
                                            max_rounds=2000, min_sample=1e-4)
     benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
+
+
+STEP_IMPLS = ("stream", "rnnfuse_cell", "torch_cell", "rnnfuse_lstm")
+
+
+def _step_calls(torch):
+    """One step of generation, B=1, LSTM(128), each way (impl -> callable), checked
+    against nn.LSTMCell's."""
+    import rnnfuse.torch as rt
+    torch.manual_seed(0)
+    ref = torch.nn.LSTMCell(128, 128)
+    cell = rt.LSTMCell.from_torch(ref)
+    lstm = rt.LSTM(128, 128).eval()
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        getattr(lstm, name + "_l0").data = getattr(ref, name).data
+    x, zeros = torch.randn(1, 128), torch.zeros(1, 128)
+    stream = lstm.stream(1)
+    calls = {"stream": lambda: stream.step(x),
+             "rnnfuse_cell": lambda: cell(x, (zeros, zeros))[0],
+             "torch_cell": lambda: ref(x, (zeros, zeros))[0],
+             "rnnfuse_lstm": lambda: lstm(x[None], (zeros[None], zeros[None]))[0][0]}
+    with torch.no_grad():
+        for impl in STEP_IMPLS:
+            torch.testing.assert_close(calls[impl](), calls["torch_cell"](), rtol=1e-4,
+                                       atol=1e-5)
+    stream.reset()
+    return calls
+
+
+@pytest.mark.parametrize("impl", STEP_IMPLS)
+def test_torch_step(benchmark, impl, bench_threads, bench_budget):
+    """One step of generation, B=1, LSTM(128), no_grad: module.stream's step against
+    nn.LSTMCell, rnnfuse.torch.LSTMCell and a one-step rnnfuse.torch.LSTM call."""
+    try:
+        torch = bench._import_torch(bench_threads)
+    except bench.Unavailable as e:
+        pytest.skip(str(e))
+    step = _step_calls(torch)[impl]
+    benchmark.group = "torch one generation step, LSTM(128), B=1"
+    benchmark.extra_info.update(impl=impl, threads=bench_threads)
+
+    def run():
+        with torch.no_grad():
+            step()
+    if getattr(benchmark, "disabled", False):
+        benchmark(run)
+        return
+    rounds, iterations = bench.plan_rounds(2e-5, bench_budget, max_rounds=2000,
+                                           min_sample=1e-4)
+    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
+
+
+def _cells_report(budget):
+    """The cells and the generation step, each pair interleaved (bench.measure), 1
+    thread: one line per case, median microseconds per step and torch.nn's / rnnfuse's."""
+    torch = bench._import_torch(1)
+    for shape in (s for s in SHAPES if s[4] is None):
+        for mode in MODES:
+            ref, ours, x = _pair(torch, shape)
+            got = bench.measure({"rnnfuse": _call(ours, x, mode, torch),
+                                 "torch": _call(ref, x, mode, torch)}, budget)
+            steps = 1 if mode == "inference" else CELL_STEPS
+            ours_us, ref_us = (got[k][0] / steps * 1e6 for k in ("rnnfuse", "torch"))
+            print(f"{shape[0]:9s} B={shape[3]:<3d} {mode:9s} rnnfuse {ours_us:7.1f} us  "
+                  f"torch.nn {ref_us:7.1f} us  {ref_us / ours_us:5.2f}x", flush=True)
+    calls = _step_calls(torch)
+    with torch.no_grad():
+        got = bench.measure(calls, budget)
+    for impl, (t, _) in got.items():
+        print(f"step {impl:13s} {t * 1e6:7.1f} us  nn.LSTMCell / this "
+              f"{got['torch_cell'][0] / t:5.2f}x")
+
+
+if __name__ == "__main__":  # python benches/test_bench_torch.py [budget seconds]
+    import sys
+    _cells_report(float(sys.argv[1]) if len(sys.argv) > 1 else 2.0)

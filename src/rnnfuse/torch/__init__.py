@@ -30,6 +30,13 @@ off, as in torch.nn (it only turns dropout off). Backward may run again over a g
 with ``retain_graph=True`` (it replays the forward); double backward (``create_graph=True``)
 is refused.
 
+The cells, ``LSTMCell``, ``GRUCell`` and ``RNNCell``, run one step of the kernels per
+call (with a small autograd Function when gradients are recorded) and keep their
+parameters checked and packed between calls. For generation, ``module.stream(batch_size=1,
+state=None)`` of an LSTM, GRU or RNN in eval mode gives a :class:`Stream`:
+``stream.step(x_t)`` advances every layer by one step in one call of the kernels, bit for
+bit the module's forward over the whole sequence (``stream.state``, ``stream.reset()``).
+
 Under tracing the modules call the same kernels as PyTorch operators instead,
 ``torch.ops.rnnfuse.lstm``, ``gru`` and ``rnn`` (with their backward operators and
 autograd formula; see "custom operators" below), which tracers record:
@@ -66,11 +73,11 @@ except ImportError as e:
 
 from . import _dynamo
 from ._functions import GRUFunction, LSTMFunction, RNNFunction
-from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, Stream
 from ._ops import release_workspace
 from ._swap import _new_fused, swap_modules, unswap_modules  # noqa: F401 (_new_fused: pickles)
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LSTMFunction",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "Stream", "LSTMFunction",
            "GRUFunction", "RNNFunction", "swap_modules", "unswap_modules",
            "release_workspace"]
 

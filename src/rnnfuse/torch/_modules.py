@@ -5,14 +5,14 @@ from __future__ import annotations
 import numbers
 import warnings
 import weakref
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .. import _kernels
+from .. import _kernels, functional as F
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
-from ._common import _np
+from ._common import _FIRST_ORDER, _PLAIN, _kernel_option, _on_torch_threads, _recording
 from ._dispatch import _run
 
 _M = TypeVar("_M", bound="_Fused")
@@ -20,7 +20,7 @@ _M = TypeVar("_M", bound="_Fused")
 
 def _check_tensor(name, t, dtype):
     """t on the CPU with the parameters' dtype."""
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise RuntimeError(f"{name} is on {t.device}, but rnnfuse runs on the CPU: "
                            "move it with .cpu()")
     if t.dtype != dtype:
@@ -66,7 +66,7 @@ def _check_states(hx, n_states, shape, layout, dtype):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
         _check_tensor(name, s, dtype)
-        if tuple(s.shape) != shape:
+        if s.shape != shape:
             raise RuntimeError(f"{name} must have shape {shape} = {layout}, "
                                f"got {tuple(s.shape)}")
     return list(parts)
@@ -319,6 +319,15 @@ class _RNNBase(_Fused):
                 inp = torch.nn.functional.dropout(inp, self.dropout, training=True)
         return inp, [torch.stack(f) for f in finals]
 
+    def stream(self, batch_size: int = 1, state: Any = None) -> Stream:
+        """A :class:`Stream` that runs this module one timestep at a time (generation,
+        online inference), starting from ``state`` (the module's form, with batch_size
+        rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size, input_size),
+        returns y_t (batch_size, hidden_size): the numbers of the forward over the whole
+        sequence in eval mode, bit for bit. The stream copies the weights as they are now;
+        the module must be in eval mode and unidirectional."""
+        return Stream(self, batch_size, state)
+
 
 class LSTM(_RNNBase, torch.nn.LSTM):
     """Drop-in ``torch.nn.LSTM`` on the rnnfuse kernels (CPU; float32 or float64), and a
@@ -397,6 +406,112 @@ class RNN(_RNNBase, torch.nn.RNN):
         return (self.nonlinearity,)
 
 
+# ---------------------------------------------------------------- streams
+
+class Stream:
+    """A unidirectional LSTM, GRU or RNN stepped one timestep at a time, its state kept
+    between calls (generation, online inference); ``rnnfuse.Stream`` for tensors.
+
+    Made by ``module.stream(batch_size=1, state=None)`` of a module in eval mode.
+    ``stream.step(x)`` takes one step's input ``(batch_size, input_size)`` and returns the
+    top layer's output ``(batch_size, hidden_size)`` (a new tensor): the matching row of
+    ``module(input)`` over the whole sequence in eval mode, bit for bit. All layers step
+    in one call of the kernels. ``stream.state`` is the current state in the module's form,
+    ``(h, c)`` for an LSTM, ``h`` for a GRU or RNN, each (num_layers, batch_size,
+    hidden_size) (copies); ``stream.reset(state=None)`` sets it (None: zeros).
+
+    The stream keeps its own copy of the module's weights as they were when it was made
+    and computes no gradients. One stream is stepped by one thread at a time.
+    """
+
+    def __init__(self, module: _RNNBase, batch_size: int, state: Any = None) -> None:
+        name = type(module).__name__
+        if module.training:
+            raise RuntimeError(f"{name}.stream() runs the module as in eval mode (no "
+                               "dropout, no gradients): call module.eval() first")
+        if module.bidirectional:
+            raise ValueError(f"a bidirectional {name} cannot be streamed: its reverse "
+                             "direction needs the whole sequence")
+        self.dtype = module._parameters_dtype()
+        weights = [[None if w is None else w.detach().numpy().copy()
+                    for w in module._weights(layer, 0)] for layer in range(module.num_layers)]
+        self._stream = _kernels.Stream(module._cell, bool(_kernel_option(module._cell,
+                                                                         *module._options)),
+                                       weights[0][0].dtype, _check_int("batch_size",
+                                                                       batch_size, 0), weights)
+        self._shape = (self.batch_size, self.input_size)
+        self._lstm = module._n_states == 2
+        self.reset(state)
+
+    batch_size = property(lambda self: self._stream.batch_size)
+    input_size = property(lambda self: self._stream.input_size)
+    hidden_size = property(lambda self: self._stream.hidden_size)
+    num_layers = property(lambda self: self._stream.num_layers)
+
+    def __repr__(self):
+        return repr(self._stream).replace("rnnfuse", "rnnfuse.torch", 1)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Advance every layer by one timestep: x (batch_size, input_size) -> y
+        (batch_size, hidden_size), the top layer's output."""
+        if not (type(x) is torch.Tensor and x.dtype == self.dtype and x.is_cpu
+                and x.shape == self._shape):
+            _check_tensor("x", _plain("x", x), self.dtype)
+            raise ValueError(f"x must have shape {self._shape} (batch_size, input_size), "
+                             f"got {tuple(x.shape)}")
+        if x.requires_grad:
+            if torch.is_grad_enabled():
+                raise RuntimeError("x requires grad, but a stream computes no gradients: "
+                                   "step under torch.no_grad() (or pass x.detach()); train "
+                                   "with the module's forward")
+            x = x.detach()
+        previous = _kernels.set_threads(torch.get_num_threads())
+        try:
+            return torch.from_numpy(self._stream.step(x.numpy()))
+        finally:
+            _kernels.set_threads(previous)
+
+    @property
+    def state(self) -> Any:
+        """The current state, in the module's form: ``(h, c)`` for an LSTM, ``h`` for a
+        GRU or RNN, each (num_layers, batch_size, hidden_size) (copies)."""
+        state = self._stream.state
+        if self._lstm:
+            return tuple(torch.from_numpy(s) for s in state)
+        return torch.from_numpy(state)
+
+    def reset(self, state: Any = None) -> None:
+        """Set the state: None for zeros, else in the module's form (see ``state``)."""
+        if state is None:
+            self._stream.reset(None)
+            return
+        if self._lstm:
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError("state must be a tuple (h, c) for an LSTM stream, got "
+                                f"{type(state).__name__}")
+            parts, names = state, ("state[0] (h)", "state[1] (c)")
+        else:
+            parts, names = (state,), ("state",)
+        shape = (self.num_layers, self.batch_size, self.hidden_size)
+        arrays = []
+        for name, s in zip(names, parts):
+            _check_tensor(name, _plain(name, s), self.dtype)
+            if s.shape != shape:
+                raise ValueError(f"{name} must have shape {shape} (num_layers, batch_size, "
+                                 f"hidden_size), got {tuple(s.shape)}")
+            arrays.append(s.detach().numpy())
+        self._stream.reset(tuple(arrays) if self._lstm else arrays[0])
+
+
+def _plain(name, t):
+    """t, a plain torch.Tensor (a stream runs outside PyTorch's dispatcher: no tracer or
+    tensor subclass can see it)."""
+    if type(t) is not torch.Tensor:
+        raise TypeError(f"{name} must be a plain torch.Tensor, got {type(t).__name__}: a "
+                        "stream runs the kernels outside PyTorch's dispatcher")
+    return t
+
+
 # ---------------------------------------------------------------- cells
 
 class _CellBase(_Fused):
@@ -411,10 +526,19 @@ class _CellBase(_Fused):
 
     _options = _RNNBase._options
 
-    def _forward(self, input, hx, dtype):
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        """torch.nn's forward, on rnnfuse's kernels (see ``_forward``)."""
+        if _recording() or torch.is_autocast_enabled("cpu"):
+            return _Fused.forward(self, input, hx)  # the operators; autocast's casts
+        weights = _cell_weights(self)
+        return self._forward(input, hx, weights.dtype, weights)
+
+    def _forward(self, input, hx, dtype, weights=None):
         """One step, as torch.nn's forward. ``input``: (B, input_size), or (input_size,)
         unbatched. ``hx``: (B, hidden_size) ((hidden_size,) unbatched), for LSTMCell a tuple
-        (h, c); None for zeros. Returns h' (LSTMCell: (h', c')) in the layout of input."""
+        (h, c); None for zeros. Returns h' (LSTMCell: (h', c')) in the layout of input.
+        weights: the parameters as ``_cell_weights`` keeps them, where nothing records
+        this call (then the step runs the kernels directly)."""
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
@@ -430,44 +554,172 @@ class _CellBase(_Fused):
         shape, layout = (((size[0], H), "(batch, hidden_size)") if batched
                          else ((H,), "(hidden_size) for unbatched 1-D input"))
         states = _check_states(hx, self._n_states, shape, layout, dtype)
-        x = input.reshape(1, -1, size[-1])  # one time step
-        states = [None if s is None else s.reshape(-1, H) for s in states]
-        p = self._parameters  # (torch.nn's __getattr__ costs a microsecond a name)
-        w_ih, w_hh = p["weight_ih"], p["weight_hh"]
-        _, *finals = _run(self._cell, x, *states, w_ih, w_hh, p["bias_ih"], p["bias_hh"],
-                          None, False, *self._options, pack=lambda: _packed(self, w_ih, w_hh))
-        finals = [f if batched else f.view(H) for f in finals]
+        x = input if batched else input.view(1, -1)
+        if not batched:
+            states = [None if s is None else s.view(1, H) for s in states]
+        finals = None
+        if weights is not None and weights.arrays is not None:
+            finals = _step(self, x, states, weights)
+        if finals is None:  # the operators (recording, tensor subclasses), or autocast's casts
+            p = self._parameters
+            finals = _run(self._cell, x.unsqueeze(0), *states, p["weight_ih"],
+                          p["weight_hh"], p["bias_ih"], p["bias_hh"], None, False,
+                          *self._options)[1:]
+        if not batched:
+            finals = [f.view(H) for f in finals]
         return tuple(finals) if len(finals) == 2 else finals[0]
 
 
-# Each cell's weights as the kernels pack them, kept from call to call (a cell runs one
-# step per call, where packing would cost as much as the step): packed at the second call
-# that sees the same weights (a training step's single call packs in the kernel, as
-# before), and reused while the code path and the weights are the same, tensors with the
-# same storage and version counter. An optimizer's step, load_state_dict, .to() or any
-# in-place change (under no_grad too) makes them new; a change through .data, which
-# autograd does not see either, does not.
+# ---------------------------------------------------------------- a cell's step
+
+class _Weights(NamedTuple):
+    """A cell's parameters as its steps read them, kept from call to call while they are
+    the same (see _cell_weights)."""
+    key: Any            # what makes them the same: each one's identity, storage, version
+    packed: Any         # w_ih and w_hh packed for the kernels, or None (not yet)
+    dtype: torch.dtype  # theirs, checked
+    arrays: Any         # (w_ih, w_hh, b_ih, b_hh) as NumPy views; None: a tensor subclass
+    tensors: tuple      # the parameters (kept alive with the key: ids and storages)
+
+
+# Each cell's _Weights, kept from call to call: a cell runs one step per call, where
+# checking and converting its parameters, or packing its weights, would cost as much as
+# the step. The weights are packed at the second call that sees the same parameters (a
+# training step's single call packs in the kernel, as before), and reused while the code
+# path and the parameters are the same tensors with the same storage and version
+# counter. An optimizer's step, load_state_dict, .to() or any in-place change (under
+# no_grad too) makes them new; a change through .data, which autograd does not see
+# either, does not repack.
 _PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _packed(module, w_ih, w_hh):
-    """w_ih and w_hh of ``module`` (a cell) packed for the kernels, from _PACKS if there;
-    None at the first call with these weights."""
-    key = (id(w_ih), id(w_hh), w_ih.data_ptr(), w_hh.data_ptr(), w_ih._version,
-           w_hh._version, _kernels.kernel())
+def _cell_weights(module):
+    """module's (a cell's) _Weights: kept in _PACKS, made anew (its parameters checked) when
+    they are not the same as at the last call; packed at the second call."""
+    p = module._parameters
+    w_ih, w_hh, b_ih, b_hh = tensors = (p["weight_ih"], p["weight_hh"], p["bias_ih"],
+                                        p["bias_hh"])
+    try:
+        key = (_kernels.kernel(), id(w_ih), w_ih.data_ptr(), w_ih._version, id(w_hh),
+               w_hh.data_ptr(), w_hh._version, _stamp(b_ih), _stamp(b_hh))
+    except RuntimeError:  # inference tensors have no version counter: keep nothing
+        key = None
     kept = _PACKS.get(module)
-    if kept is None or kept[0] != key:
-        _PACKS[module] = (key, None)  # seen once (were the key another's: packed anew)
+    if kept is None or key is None or kept.key != key:
+        kept = _new_weights(module, key, tensors)
+    elif kept.packed is None and kept.arrays is not None:
+        w_ih, w_hh = kept.arrays[:2]
+        kept = kept._replace(packed=_kernels.pack_weights(
+            w_ih, w_hh, w_hh.shape[0] // w_hh.shape[1], module._cell == "gru"))
+    else:
+        return kept
+    if key is not None:
+        _PACKS[module] = kept
+    return kept
+
+
+def _stamp(t):
+    return None if t is None else (id(t), t.data_ptr(), t._version)
+
+
+def _new_weights(module, key, tensors):
+    dtype = module._parameters_dtype()  # refuses another device or dtype
+    arrays = None
+    if all(t is None or type(t) in _PLAIN for t in tensors):
+        arrays = tuple(None if t is None else t.detach().contiguous().numpy()
+                       for t in tensors)
+    return _Weights(key, None, dtype, arrays, tensors)
+
+
+def _view(t):
+    """A NumPy view of a plain CPU tensor, or None (a copy if not contiguous)."""
+    if t is None:
         return None
-    if kept[1] is not None:
-        return kept[1]
-    arrays = _np(w_ih), _np(w_hh)
-    packed = _kernels.pack_weights(*arrays, w_hh.shape[0] // w_hh.shape[1],
-                                   module._cell == "gru")  # (linear_before_reset)
-    # the tensors and their storage stay alive with the key: their ids and addresses
-    # cannot be another's while it is kept
-    _PACKS[module] = (key, packed, (w_ih, w_hh, arrays))
-    return packed
+    if t.requires_grad:
+        t = t.detach()
+    return t.contiguous().numpy()
+
+
+_OPTION = {"lstm": None, "gru": True}  # (the RNN's, its nonlinearity, is read each call)
+
+
+def _step(module, x, states, weights):
+    """One step of a cell over plain tensors, x (B, I), states (B, H) or None: the final
+    states (tensors), recorded for autograd by _CellStep where it needs them. None for a
+    tensor subclass (the operators' case)."""
+    h0 = states[0]
+    c0 = states[1] if len(states) == 2 else None
+    if not (type(x) is torch.Tensor and (h0 is None or type(h0) is torch.Tensor)
+            and (c0 is None or type(c0) is torch.Tensor)):
+        return None
+    cell = module._cell
+    option = _kernel_option(cell, *module._options) if cell == "rnn" else _OPTION[cell]
+    w_ih, w_hh, b_ih, b_hh = weights.tensors
+    if torch.is_grad_enabled() and (
+            x.requires_grad or w_ih.requires_grad or w_hh.requires_grad
+            or h0 is not None and h0.requires_grad or c0 is not None and c0.requires_grad
+            or b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad)):
+        return _CellStep.apply((cell, option, weights), weights.packed, x, h0, c0,
+                               *weights.tensors)
+    finals, _ = _kernel_step(cell, option, weights, weights.packed, x, h0, c0, False)
+    return [torch.from_numpy(f) for f in finals]
+
+
+def _kernel_step(cell, option, weights, packed, x, h0, c0, need_ctx):
+    """One step of the kernels on PyTorch's thread count (a forward's products call no
+    BLAS): (final states as arrays, the kernels' ctx or None)."""
+    w_ih, w_hh, b_ih, b_hh = weights.arrays
+    x, h0, c0 = _view(x), _view(h0), _view(c0)
+    x = x.reshape(1, *x.shape)
+    previous = _kernels.set_threads(torch.get_num_threads())
+    try:
+        if not need_ctx:  # functional's fast path, less what only larger calls need
+            small = _kernels.forward_small(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, False,
+                                           False, option, F._full_plan, packed)
+            if small is not None:
+                return small[1:3] if cell == "lstm" else small[1:2], None
+        _, finals, kctx = F._forward(cell, x, [h0, c0], w_ih, w_hh, b_ih, b_hh, None, False,
+                                     option, need_ctx, packed=packed)
+        return finals, kctx
+    finally:
+        _kernels.set_threads(previous)
+
+
+class _CellStep(torch.autograd.Function):
+    """A cell's step for autograd: ``_CellStep.apply((cell, option, weights), packed, x,
+    h0, c0, w_ih, w_hh, b_ih, b_hh)`` -> (h', c') or (h',); c0 None but for the LSTM."""
+
+    @staticmethod
+    def forward(ctx, spec, packed, x, h0, c0, *params):
+        cell, option, weights = spec
+        finals, kctx = _kernel_step(cell, option, weights, packed, x, h0, c0, True)
+        ctx.set_materialize_grads(False)  # an unused output's gradient reaches it as None
+        # saved through autograd, so that torch refuses if an input is changed in place
+        # before backward (the kernel's ctx reads x and the weights through NumPy views)
+        ctx.save_for_backward(x, h0, c0, *params)
+        ctx.spec, ctx.kernel = spec, kctx
+        return tuple(torch.from_numpy(f) for f in finals)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(_FIRST_ORDER)
+        # torch refuses here if the graph was freed or an input changed in place
+        x, h0, c0 = ctx.saved_tensors[:3]
+        cell, option, weights = ctx.spec
+        kctx, ctx.kernel = ctx.kernel, None
+        if kctx is None:  # a second backward (retain_graph=True): replay the forward
+            kctx = _kernel_step(cell, option, weights, None, x, h0, c0, True)[1]
+        out = list(_kernel_backward(cell, None, [None if g is None else _view(g)
+                                                 for g in grads], kctx))
+        if cell != "lstm":
+            out.insert(2, None)  # dc0
+        out[0] = out[0].reshape(x.shape)
+        return (None, None, *(torch.from_numpy(g) if need and g is not None else None
+                              for g, need in zip(out, ctx.needs_input_grad[2:])))
+
+
+_kernel_backward = _on_torch_threads(F._backward)
 
 
 class LSTMCell(_CellBase, torch.nn.LSTMCell):
