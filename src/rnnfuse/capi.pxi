@@ -97,6 +97,7 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
     a.peep = NULL  # the C API has no peepholes, zoneout nor recurrent dropout
     a.zoneout.h = a.zoneout.c = a.zoneout.carry = NULL
     a.recdrop.m = a.recdrop.buf = NULL
+    a.layernorm.g_ih = NULL
     _forward(f32, cell, option, &a, &c.plan, I, H, train)  # cell checked: it returns 0
     if train:
         ctx_out[0] = <rnnfuse_ctx *>c
@@ -160,6 +161,7 @@ cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, v
     a.peep, a.dpeep = NULL, NULL
     a.zoneout.h = a.zoneout.c = a.zoneout.carry = NULL
     a.recdrop.m = a.recdrop.buf = NULL
+    a.layernorm.g_ih = NULL
     _backward(f32, c.cell, c.option, &a, &c.plan, c.n_in, c.hidden)  # a forward's cell
     free(scratch)
     free(c.ws)  # overwritten by the backward: release it now

@@ -1,0 +1,466 @@
+/* layernorm.c -- the layer-normalized LSTM and GRU (haste's form), forward and backward.
+ *
+ *   LN(v; g) = g (v - mean(v)) / sqrt(var(v) + eps), over the G*H gate units of a row
+ *   gates = LN(W_ih x_t; g_ih) + LN(W_hh h_{t-1}; g_hh) + b_ih + b_hh
+ *   LSTM: i f g o as lstm.c, c_t = f c_{t-1} + i g (unnormalized),
+ *         h_t = o tanh(LN(c_t; g_c) + b_c), the cell's LN over its H units
+ *   GRU (linear_before_reset only): n = tanh(LN_ih_n + b_in + r (LN_hh_n + b_hn))
+ *
+ * The loop is the plain cells' (lstm.c, gru.c): the input projection of all steps is one
+ * product, and each step's recurrent product goes to a row buffer, because its LN needs
+ * the whole row's sums before any gate. Then one pass per row does both LNs, the gates,
+ * the state update, the cell's LN and the writes. Training keeps the normalized values
+ * and 1/sqrt(var + eps) of every row and step; backward turns them in place into the
+ * gains' gradient rows, so the gains' and biases' gradients are column sums and the
+ * weights' stay single products after the loop.
+ * The part below RF_TEMPLATE is compiled twice, for float and for double. */
+#ifndef RF_TEMPLATE
+#include "rnnfuse.h"
+
+#define LN_EPS 1e-5
+
+/* Workspace layout, in elements from the start of ws (G = 4 LSTM, 3 GRU).
+ * train=1, packed rows (N = p->rows):
+ *   bias (GH) | gates (N,GH): the input projection, then post-activations | nih (N,GH):
+ *   normalized input projection | prod (N,GH): recurrent product | nhh (N,GH): normalized
+ *   product | da (N,GH): backward's gate gradients | rstd (N,3): ih, hh, cell |
+ *   h (N,H): h_{t-1} | LSTM: c (N,H): c_{t-1} | nc (N,H): normalized c_t |
+ *   tc (N,H): tanh(LN(c_t) + b_c) | GRU: aux (N,H): LN_hh_n + b_hn |
+ *   xbuf (N,I), when not dense | weights (rf_prepare_weights)
+ * train=0: the same with R chunk rows for gates and B rows (one step) for prod, rstd, nc,
+ *   tc, states (2,B,H) each, nih = gates and nhh = prod (normalized in place), no da or
+ *   aux. */
+typedef struct {
+    ptrdiff_t bias, gates, nih, prod, nhh, da, rstd, h, c, nc, tc, aux, xbuf, weights, total;
+} ln_layout;
+
+static ln_layout ln_layout_of(int lstm, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                              int train) {
+    ln_layout L;
+    ptrdiff_t G = lstm ? 4 : 3, GH = G * H, N = p->rows;
+    ptrdiff_t rows = train ? N : rf_chunk_rows(p), step = train ? N : p->B;
+    ptrdiff_t states = train ? N * H : 2 * p->B * H;
+    L.bias = 0;
+    L.gates = L.bias + GH;
+    L.nih = L.gates + rows * GH;
+    L.prod = L.nih + (train ? N * GH : 0);
+    L.nhh = L.prod + step * GH;
+    L.da = L.nhh + (train ? N * GH : 0);
+    L.rstd = L.da + (train ? N * GH : 0);
+    L.h = L.rstd + step * 3;
+    L.c = L.h + states;
+    L.nc = L.c + (lstm ? states : 0);
+    L.tc = L.nc + (lstm ? step * H : 0);
+    L.aux = L.tc + (lstm ? step * H : 0);
+    L.xbuf = L.aux + (!lstm && train ? N * H : 0);
+    L.weights = L.xbuf + (rf_dense(p) ? 0 : rows * I);
+    L.total = L.weights + rf_weights_pack_size(G, H, I);
+    return L;
+}
+
+ptrdiff_t rf_ln_workspace(int cell, const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train) {
+    if (cell != RF_LSTM && cell != RF_GRU) return -1;
+    return ln_layout_of(cell == RF_LSTM, p, I, H, train).total;
+}
+
+#define RF_TEMPLATE_FILE "layernorm.c"
+#include "instantiate.h"
+
+#elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
+
+/* The sum of a[k] * (b ? b[k] : 1) * (c ? c[k] : 1), k < n: eight running sums, joined
+ * pairwise, the same order on every path. */
+RF_PASS_TARGET static REAL RF_PASS(ln_sum)(const REAL *a, const REAL *b, const REAL *c,
+                                           ptrdiff_t n) {
+    REAL s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail = 0;
+    ptrdiff_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int l = 0; l < 8; l++)
+            s[l] += a[k + l] * (b ? b[k + l] : 1) * (c ? c[k + l] : 1);
+    for (; k < n; k++) tail += a[k] * (b ? b[k] : 1) * (c ? c[k] : 1);
+    return (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) + tail;
+}
+
+/* out = (v - mean(v)) / sqrt(var(v) + eps) over n units (out may be v); returns the
+ * 1 / sqrt(var + eps). */
+RF_PASS_TARGET static REAL RF_PASS(ln_normalize)(REAL *out, const REAL *v, ptrdiff_t n) {
+    REAL mean = RF_PASS(ln_sum)(v, NULL, NULL, n) / (REAL)n;
+    for (ptrdiff_t k = 0; k < n; k++) out[k] = v[k] - mean;
+    REAL var = RF_PASS(ln_sum)(out, out, NULL, n) / (REAL)n;
+    REAL rstd = 1 / (REAL)sqrt(var + (REAL)LN_EPS);
+    for (ptrdiff_t k = 0; k < n; k++) out[k] *= rstd;
+    return rstd;
+}
+
+/* LN's backward over n units: from the gradient da of g nrm (nrm the normalized values),
+ * that of v: rstd (g da - mean(g da) - nrm mean(g da nrm)), into dv (= or += with add; dv
+ * may be da); nrm leaves holding da nrm, the gain's gradient row. */
+RF_PASS_TARGET static void RF_PASS(ln_backward)(REAL *dv, REAL *nrm, const REAL *da,
+                                                const REAL *g, REAL rstd, ptrdiff_t n,
+                                                int add) {
+    REAL m1 = RF_PASS(ln_sum)(da, g, NULL, n) / (REAL)n;
+    REAL m2 = RF_PASS(ln_sum)(da, g, nrm, n) / (REAL)n;
+    for (ptrdiff_t k = 0; k < n; k++) {
+        REAL d = da[k], x = nrm[k];
+        REAL grad = rstd * ((g[k] * d - m1) - x * m2);
+        nrm[k] = d * x;
+        dv[k] = add ? dv[k] + grad : grad;
+    }
+}
+
+/* One step's forward pass over its running rows j0 .. j1-1 (see ln_step_rows). */
+RF_PASS_TARGET static void RF_PASS(ln_lstm_step)(const RF_FN(ln_step_rows) *r,
+                                                 const RF_FN(ln_gains) *ln, const REAL *bias,
+                                                 const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
+                                                 ptrdiff_t j1, ptrdiff_t next_bs,
+                                                 ptrdiff_t H) {
+    ptrdiff_t GH = 4 * H;
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        ptrdiff_t b = p->order[j];
+        REAL *g = r->g + j * GH, *nih = r->nih + j * GH, *nhh = r->nhh + j * GH;
+        REAL *rstd = r->rstd + j * 3, *nc = r->nc + j * H, *tc = r->tc + j * H;
+        REAL *gi = g, *gf = g + H, *gg = g + 2 * H, *go = g + 3 * H;
+        REAL *y_row = r->y + (rf_time(p, j, s) * p->B + b) * H;
+        REAL *h_out = j < next_bs ? r->hn + j * H : r->h_n + b * H;
+        REAL *c_out = j < next_bs ? r->cn + j * H : r->c_n + b * H;
+        const REAL *c_prev = r->cp + j * H;
+        rstd[0] = RF_PASS(ln_normalize)(nih, g, GH);
+        rstd[1] = RF_PASS(ln_normalize)(nhh, r->prod + j * GH, GH);
+        for (ptrdiff_t k = 0; k < GH; k++)  /* g may be nih: read before written */
+            g[k] = (ln->g_ih[k] * nih[k] + ln->g_hh[k] * nhh[k]) + (bias ? bias[k] : 0);
+        SIGMOID(gi, 2 * H);  /* i, f */
+        TANH(gg, H);
+        SIGMOID(go, H);
+        for (ptrdiff_t k = 0; k < H; k++) c_out[k] = gf[k] * c_prev[k] + gi[k] * gg[k];
+        rstd[2] = RF_PASS(ln_normalize)(nc, c_out, H);
+        for (ptrdiff_t k = 0; k < H; k++) tc[k] = ln->g_c[k] * nc[k] + ln->b_c[k];
+        TANH(tc, H);
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL h = go[k] * tc[k];
+            h_out[k] = h;
+            y_row[k] = h;
+        }
+    }
+}
+
+/* The GRU's (linear_before_reset), as ln_lstm_step; aux (or NULL) keeps LN_hh_n + b_hn. */
+RF_PASS_TARGET static void RF_PASS(ln_gru_step)(const RF_FN(ln_step_rows) *r,
+                                                const RF_FN(ln_gains) *ln, const REAL *bias,
+                                                const REAL *b_hn, const rf_plan *p,
+                                                ptrdiff_t s, ptrdiff_t j0, ptrdiff_t j1,
+                                                ptrdiff_t next_bs, ptrdiff_t H) {
+    ptrdiff_t GH = 3 * H;
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        ptrdiff_t b = p->order[j];
+        REAL *g = r->g + j * GH, *nih = r->nih + j * GH, *nhh = r->nhh + j * GH;
+        REAL *rstd = r->rstd + j * 3, *gr = g, *gz = g + H, *gn = g + 2 * H;
+        REAL *aux = r->aux ? r->aux + j * H : NULL;
+        REAL *y_row = r->y + (rf_time(p, j, s) * p->B + b) * H;
+        REAL *h_out = j < next_bs ? r->hn + j * H : r->h_n + b * H;
+        const REAL *h_prev = r->hp + j * H;
+        rstd[0] = RF_PASS(ln_normalize)(nih, g, GH);
+        rstd[1] = RF_PASS(ln_normalize)(nhh, r->prod + j * GH, GH);
+        for (ptrdiff_t k = 0; k < 2 * H; k++)
+            g[k] = (ln->g_ih[k] * nih[k] + ln->g_hh[k] * nhh[k]) + (bias ? bias[k] : 0);
+        SIGMOID(g, 2 * H);  /* r, z */
+        for (ptrdiff_t k = 0; k < H; k++) {
+            ptrdiff_t u = 2 * H + k;
+            REAL hl = ln->g_hh[u] * nhh[u] + (b_hn ? b_hn[k] : 0);
+            if (aux) aux[k] = hl;
+            gn[k] = (ln->g_ih[u] * nih[u] + (bias ? bias[u] : 0)) + gr[k] * hl;
+        }
+        TANH(gn, H);
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL h = (1 - gz[k]) * gn[k] + gz[k] * h_prev[k];
+            h_out[k] = h;
+            y_row[k] = h;
+        }
+    }
+}
+
+/* One step's backward pass over rows j0 .. j1-1. In: the saved rows of the step (r: g
+ * the activations i f g o); dh, dc the gradients reaching h_t and c_t (sorted rows), plus
+ * dy where not NULL. Out: da the gate gradients, g the gradient of W_ih x, prod that of
+ * W_hh h_{t-1}, nih, nhh, nc, tc the gains' and the cell bias's gradient rows; dc the
+ * gradient of c_{t-1}. */
+RF_PASS_TARGET static void RF_PASS(ln_lstm_step_backward)(const RF_FN(ln_step_rows) *r,
+                                                          const RF_FN(ln_gains) *ln,
+                                                          REAL *dh, REAL *dc, const REAL *dy,
+                                                          const rf_plan *p, ptrdiff_t s,
+                                                          ptrdiff_t j0, ptrdiff_t j1,
+                                                          ptrdiff_t H) {
+    ptrdiff_t GH = 4 * H;
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        REAL *g = r->g + j * GH, *da = r->da + j * GH, *rstd = r->rstd + j * 3;
+        REAL *tc = r->tc + j * H, *dh_row = dh + j * H, *dc_row = dc + j * H;
+        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
+        const REAL *c_prev = r->cp + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {  /* h = o tanh(u), u = LN(c) + b_c */
+            REAL o = g[3 * H + k], t = tc[k];
+            REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
+            da[3 * H + k] = d_h * t * o * (1 - o);
+            tc[k] = d_h * o * (1 - t * t);  /* du, the cell bias's gradient row */
+        }
+        RF_PASS(ln_backward)(dc_row, r->nc + j * H, tc, ln->g_c, rstd[2], H, 1);
+        for (ptrdiff_t k = 0; k < H; k++) {  /* c = f c_prev + i g */
+            REAL i = g[k], f = g[H + k], gt = g[2 * H + k], d_c = dc_row[k];
+            da[k] = d_c * gt * i * (1 - i);
+            da[H + k] = d_c * c_prev[k] * f * (1 - f);
+            da[2 * H + k] = d_c * i * (1 - gt * gt);
+            dc_row[k] = d_c * f;
+        }
+        RF_PASS(ln_backward)(g, r->nih + j * GH, da, ln->g_ih, rstd[0], GH, 0);
+        RF_PASS(ln_backward)(r->prod + j * GH, r->nhh + j * GH, da, ln->g_hh, rstd[1], GH, 0);
+    }
+}
+
+/* The GRU's, as ln_lstm_step_backward (no dc); dh leaves as the direct part of the
+ * gradient of h_{t-1}, z dh; aux as the gradient of LN_hh_n + b_hn. */
+RF_PASS_TARGET static void RF_PASS(ln_gru_step_backward)(const RF_FN(ln_step_rows) *r,
+                                                         const RF_FN(ln_gains) *ln, REAL *dh,
+                                                         const REAL *dy, const rf_plan *p,
+                                                         ptrdiff_t s, ptrdiff_t j0,
+                                                         ptrdiff_t j1, ptrdiff_t H) {
+    ptrdiff_t GH = 3 * H;
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        REAL *g = r->g + j * GH, *da = r->da + j * GH, *rstd = r->rstd + j * 3;
+        REAL *aux = r->aux + j * H, *dhh = r->prod + j * GH, *dh_row = dh + j * H;
+        const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
+        const REAL *h = r->hp + j * H;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL rr = g[k], z = g[H + k], n = g[2 * H + k], hl = aux[k];
+            REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
+            REAL dz = d_h * (h[k] - n) * z * (1 - z);   /* h' = (1-z) n + z h */
+            REAL dn = d_h * (1 - z) * (1 - n * n);
+            REAL dr = dn * hl * rr * (1 - rr);           /* n = tanh(.. + r hl) */
+            dh_row[k] = d_h * z;
+            da[k] = dr;
+            da[H + k] = dz;
+            da[2 * H + k] = dn;
+            aux[k] = dn * rr;
+            dhh[k] = dr;   /* the recurrent side's gate gradients, LN'd in place below */
+            dhh[H + k] = dz;
+            dhh[2 * H + k] = dn * rr;
+        }
+        RF_PASS(ln_backward)(g, r->nih + j * GH, da, ln->g_ih, rstd[0], GH, 0);
+        RF_PASS(ln_backward)(dhh, r->nhh + j * GH, dhh, ln->g_hh, rstd[1], GH, 0);
+    }
+}
+
+#else /* RF_TEMPLATE: dtype-generic part */
+
+/* The gains (and the LSTM's cell bias) as the passes read them. */
+typedef struct {
+    const REAL *g_ih, *g_hh, *g_c, *b_c;
+} RF_FN(ln_gains);
+
+/* One step's buffers, row j of each at j times its width: the gates and both LNs' rows
+ * (GH), rstd (3), the cell's LN rows nc, tc (H), the GRU's aux (H, or NULL), the states
+ * entering (hp, cp) and leaving (hn, cn for rows that go on, h_n, c_n by batch row for
+ * the others), y. */
+typedef struct {
+    REAL *g, *nih, *prod, *nhh, *da, *rstd, *nc, *tc, *aux;
+    const REAL *hp, *cp;
+    REAL *hn, *cn, *h_n, *c_n, *y;
+} RF_FN(ln_step_rows);
+
+#define RF_PASSES_FILE "layernorm.c"
+#include "passes.h"
+#include "zoneout.h"
+#include "recdrop.h"
+
+/* A step's rows in the workspace: at (packed row of the step's first row) with train,
+ * else one step's (gates: from the chunk's first row chunk0). */
+static RF_FN(ln_step_rows) RF_FN(ln_rows_of)(REAL *ws, const ln_layout *L, const rf_plan *p,
+                                             ptrdiff_t s, ptrdiff_t chunk0, ptrdiff_t H,
+                                             int lstm, int train) {
+    RF_FN(ln_step_rows) r;
+    ptrdiff_t at = train ? p->offsets[s] : 0, BH = p->B * H, GH = (lstm ? 4 : 3) * H;
+    r.g = ws + L->gates + (p->offsets[s] - (train ? 0 : chunk0)) * GH;
+    r.prod = ws + L->prod + at * GH;
+    r.nih = train ? ws + L->nih + at * GH : r.g;
+    r.nhh = train ? ws + L->nhh + at * GH : r.prod;
+    r.da = ws + L->da + at * GH;
+    r.rstd = ws + L->rstd + at * 3;
+    r.nc = ws + L->nc + at * H;
+    r.tc = ws + L->tc + at * H;
+    r.aux = train && !lstm ? ws + L->aux + at * H : NULL;
+    r.hp = ws + L->h + (train ? at * H : (s & 1) * BH);
+    r.cp = ws + L->c + (train ? at * H : (s & 1) * BH);
+    r.hn = ws + L->h + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
+    r.cn = ws + L->c + (train ? p->offsets[s + 1] * H : ((s + 1) & 1) * BH);
+    r.h_n = r.c_n = r.y = NULL;
+    return r;
+}
+
+/* The time loop of a forward, steps step0 .. step1-1, for one part's rows. */
+typedef struct {
+    REAL *y, *h_n, *c_n, *ws;
+    const REAL *bias, *b_hn;
+    RF_FN(ln_gains) ln;
+    const rf_zoneout *zo;
+    const rf_recdrop *rd;
+    const rf_weight *W_hh;
+    const rf_plan *p;
+    ln_layout L;
+    ptrdiff_t H, step0, step1;
+    int lstm, train;
+    const rf_runtime *rt;
+} RF_FN(ln_steps_job);
+
+static void RF_FN(ln_steps)(void *arg, int part, int parts) {
+    const RF_FN(ln_steps_job) *q = arg;
+    const rf_plan *p = q->p;
+    ptrdiff_t H = q->H, GH = (q->lstm ? 4 : 3) * H, j0, j1;
+    int simd = rf_simd(q->rt);
+    rf_part_rows(p, part, parts, &j0, &j1);
+    for (ptrdiff_t s = q->step0; s < q->step1 && p->batch_sizes[s] > j0; s++) {
+        ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1;
+        ptrdiff_t next_bs = s + 1 < p->steps ? p->batch_sizes[s + 1] : 0;
+        RF_FN(ln_step_rows) r = RF_FN(ln_rows_of)(q->ws, &q->L, p, s, p->offsets[q->step0],
+                                                  H, q->lstm, q->train);
+        r.h_n = q->h_n;
+        r.c_n = q->c_n;
+        r.y = q->y;
+        /* prod = h_{t-1} W_hh^T (h_{t-1} masked with recurrent dropout) */
+        const REAL *hm = RF_FN(recdrop_operand)(q->rd, r.hp, p, j0, end, H);
+        RF_FN(rf_step_gemm)(q->rt, q->W_hh, 0, end - j0, GH, H, hm + j0 * H, H, 0,
+                            r.prod + j0 * GH, GH);
+        if (q->lstm)
+            RF_PICK(ln_lstm_step, simd)(&r, &q->ln, q->bias, p, s, j0, end, next_bs, H);
+        else
+            RF_PICK(ln_gru_step, simd)(&r, &q->ln, q->bias, q->b_hn, p, s, j0, end, next_bs,
+                                       H);
+        const rf_zoneout *zo = q->zo;
+        if (zo && zo->c && q->lstm)
+            RF_FN(zoneout_forward)(zo, zo->c, r.cp, r.cn, q->c_n, NULL, p, s, j0, end,
+                                   next_bs, H);
+        if (zo && zo->h)
+            RF_FN(zoneout_forward)(zo, zo->h, r.hp, r.hn, q->h_n, q->y, p, s, j0, end,
+                                   next_bs, H);
+    }
+}
+
+void RF_FN(rf_ln_forward)(int cell, const rf_forward_bufs *a, const rf_zoneout *zo,
+                          const rf_recdrop *rd, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                          int train, const rf_runtime *rt) {
+    int lstm = cell == RF_LSTM;
+    ptrdiff_t G = lstm ? 4 : 3, GH = G * H;
+    ln_layout L = ln_layout_of(lstm, p, I, H, train);
+    REAL *ws = a->ws;
+    const REAL *b_ih = a->b_ih, *b_hh = a->b_hh, *bias = NULL;
+    if (b_ih || b_hh) {  /* folded, but for the GRU's b_hn, which r scales */
+        REAL *b = ws + L.bias;
+        for (ptrdiff_t k = 0; k < GH; k++)
+            b[k] = (b_ih ? b_ih[k] : 0) + (b_hh && (lstm || k < 2 * H) ? b_hh[k] : 0);
+        bias = b;
+    }
+    RF_FN(rf_initial_state)(ws + L.h, a->h_n, a->h0, p, H);
+    if (lstm) RF_FN(rf_initial_state)(ws + L.c, a->c_n, a->c0, p, H);
+    rf_weight W[3];
+    RF_FN(rf_prepare_weights)(W, a->w_ih, a->w_hh, G, H, I, 1, ws + L.weights, a->packed,
+                              rt->avx2);
+    const rf_layernorm *ln = &a->layernorm;
+    RF_FN(ln_steps_job) job = {a->y, a->h_n, lstm ? a->c_n : NULL, ws, bias,
+                               !lstm && b_hh ? b_hh + 2 * H : NULL,
+                               {ln->g_ih, ln->g_hh, ln->g_c, ln->b_c}, zo, rd, &W[0], p, L,
+                               H, 0, 0, lstm, train, rt};
+    for (ptrdiff_t step0 = 0; step0 < p->steps;) {
+        ptrdiff_t step1 = rf_chunk_end(p, step0, train);
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, a->x, &W[2], p, step0, step1, I, GH,
+                          train, rt);
+        job.step0 = step0;
+        job.step1 = step1;
+        rf_run_parts(RF_FN(ln_steps), &job,
+                     rf_step_parts(p, step0, step1, 2.0 * GH * H, train, rt));
+        step0 = step1;
+    }
+}
+
+/* The time loop of a backward, for one part's rows. */
+typedef struct {
+    REAL *ws, *dh, *dc;
+    const REAL *dy;
+    RF_FN(ln_gains) ln;
+    const rf_zoneout *zo;
+    const rf_recdrop *rd;
+    const rf_weight *W_hh;
+    const rf_plan *p;
+    ln_layout L;
+    ptrdiff_t H;
+    int lstm;
+    const rf_runtime *rt;
+} RF_FN(ln_back_steps_job);
+
+static void RF_FN(ln_back_steps)(void *arg, int part, int parts) {
+    const RF_FN(ln_back_steps_job) *q = arg;
+    const rf_plan *p = q->p;
+    ptrdiff_t H = q->H, GH = (q->lstm ? 4 : 3) * H, B = p->B, j0, j1;
+    int simd = rf_simd(q->rt);
+    const rf_zoneout *zo = q->zo;
+    REAL *carry_h = zo ? (REAL *)zo->carry : NULL, *carry_c = zo ? carry_h + B * H : NULL;
+    rf_part_rows(p, part, parts, &j0, &j1);
+    for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
+        ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1;
+        if (end <= j0) continue;
+        RF_FN(ln_step_rows) r = RF_FN(ln_rows_of)(q->ws, &q->L, p, s, 0, H, q->lstm, 1);
+        const REAL *dy = q->dy;
+        int zo_h = zo && zo->h, zo_c = zo && zo->c && q->lstm;
+        if (zo_h) {
+            RF_FN(zoneout_backward)(zo, zo->h, q->dh, carry_h, dy, p, s, j0, end, H);
+            dy = NULL;
+        }
+        if (zo_c) RF_FN(zoneout_backward)(zo, zo->c, q->dc, carry_c, NULL, p, s, j0, end, H);
+        if (q->lstm)
+            RF_PICK(ln_lstm_step_backward, simd)(&r, &q->ln, q->dh, q->dc, dy, p, s, j0, end,
+                                                 H);
+        else
+            RF_PICK(ln_gru_step_backward, simd)(&r, &q->ln, q->dh, dy, p, s, j0, end, H);
+        if (zo_c) RF_FN(zoneout_carry)(q->dc, carry_c, j0, end, H, 1);
+        /* the LSTM's dh_{t-1} is the product's (+ zoneout's carry); the GRU's adds it to
+         * z dh */
+        int add = !q->lstm || zo_h;
+        if (zo_h) RF_FN(zoneout_carry)(q->dh, carry_h, j0, end, H, q->lstm ? 0 : 1);
+        /* dh_{t-1} (+)= d(W_hh h_{t-1}) W_hh (times the recurrent dropout's mask) */
+        RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, GH, r.prod + j0 * GH, GH, add, q->dh,
+                                 q->rd, p, j0, end, H);
+    }
+}
+
+void RF_FN(rf_ln_backward)(int cell, const rf_backward_bufs *a, const rf_zoneout *zo,
+                           const rf_recdrop *rd, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                           const rf_runtime *rt) {
+    int lstm = cell == RF_LSTM;
+    ptrdiff_t G = lstm ? 4 : 3, GH = G * H, B = p->B, N = p->rows;
+    ln_layout L = ln_layout_of(lstm, p, I, H, 1);
+    REAL *ws = a->ws, *scratch = a->scratch, *dh = scratch, *dc = scratch + B * H;
+    const rf_layernorm *ln = &a->layernorm;
+    rf_weight W;
+    RF_FN(rf_prepare_weight)(&W, a->w_hh, H, 0, GH, H, scratch + 2 * B * H, NULL, rt->avx2);
+    /* A row's final-state gradient enters at its last step; until then it waits here. */
+    RF_FN(rf_sort_rows)(dh, a->dh_n, p, H);
+    if (lstm) RF_FN(rf_sort_rows)(dc, a->dc_n, p, H);
+    RF_FN(ln_back_steps_job) job = {ws, dh, dc, a->dy, {ln->g_ih, ln->g_hh, ln->g_c, ln->b_c},
+                                    zo, rd, &W, p, L, H, lstm, rt};
+    rf_run_parts(RF_FN(ln_back_steps), &job,
+                 rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
+    RF_FN(rf_unsort_rows)(a->dh0, dh, p, H);
+    if (lstm) RF_FN(rf_unsort_rows)(a->dc0, dc, p, H);
+    /* dW_hh = sum_t d(W_hh h_{t-1})^T h_{t-1} (masked with recurrent dropout) */
+    const REAL *h_prev = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);
+    RF_FN(rf_grad_gemm)(rt, 1, GH, H, N, ws + L.prod, GH, h_prev, H, a->dw_hh, H);
+    RF_FN(rf_weight_grads)(a->dx, a->dw_ih, ws + L.xbuf, ws + L.gates, a->x, a->w_ih, p, I,
+                           GH, rt);
+    /* the biases' gradients are the gates' (the GRU's b_hn: inside the reset gate) */
+    RF_FN(rf_bias_grads)(a->db_ih, a->db_hh, ws + L.da, N, GH, rt->avx2);
+    if (a->db_hh && !lstm)
+        RF_FN(rf_column_sums)((REAL *)a->db_hh + 2 * H, ws + L.aux, N, H, H, rt->avx2);
+    RF_FN(rf_column_sums)(ln->dg_ih, ws + L.nih, N, GH, GH, rt->avx2);
+    RF_FN(rf_column_sums)(ln->dg_hh, ws + L.nhh, N, GH, GH, rt->avx2);
+    if (lstm) {
+        RF_FN(rf_column_sums)(ln->dg_c, ws + L.nc, N, H, H, rt->avx2);
+        RF_FN(rf_column_sums)(ln->db_c, ws + L.tc, N, H, H, rt->avx2);
+    }
+}
+
+#endif /* RF_TEMPLATE */
