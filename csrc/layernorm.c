@@ -15,6 +15,8 @@
  * weights' stay single products after the loop.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
+#include <string.h>
+
 #include "rnnfuse.h"
 
 #define LN_EPS 1e-5
@@ -68,44 +70,136 @@ ptrdiff_t rf_ln_workspace(int cell, const rf_plan *p, ptrdiff_t I, ptrdiff_t H, 
 
 #elif defined(RF_PASS) /* the pointwise passes, once per code path (passes.h) */
 
-/* The sum of a[k] * (b ? b[k] : 1) * (c ? c[k] : 1), k < n: eight running sums, joined
- * pairwise, the same order on every path. */
-RF_PASS_TARGET static REAL RF_PASS(ln_sum)(const REAL *a, const REAL *b, const REAL *c,
-                                           ptrdiff_t n) {
-    REAL s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail = 0;
+/* Sums run in LN_LANES lanes (lane l takes the units k with k % LN_LANES == l), joined
+ * pairwise: the same order on every path. With GCC or clang the lanes are one vector of
+ * the compiler's vector extension, which each path splits into its own registers (one
+ * loop vectorizer's reordering of a lane loop cost more than the sums). */
+#define LN_LANES 16
+
+static inline REAL RF_PASS(ln_join)(const REAL *s) {
+    REAL t[LN_LANES];
+    for (int l = 0; l < LN_LANES; l++) t[l] = s[l];
+    for (int w = LN_LANES / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) t[l] = t[2 * l] + t[2 * l + 1];
+    return t[0];
+}
+
+/* Lane sums s of a (b NULL) or a - b[0] squared (sq), or of a * b and a * b * c (q too),
+ * over the whole lanes of n units; returns the first unit left over. */
+RF_PASS_TARGET static ptrdiff_t RF_PASS(ln_lanes)(REAL *s, REAL *q, const REAL *a,
+                                                  const REAL *b, const REAL *c, int sq,
+                                                  ptrdiff_t n) {
     ptrdiff_t k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int l = 0; l < 8; l++)
-            s[l] += a[k + l] * (b ? b[k + l] : 1) * (c ? c[k + l] : 1);
-    for (; k < n; k++) tail += a[k] * (b ? b[k] : 1) * (c ? c[k] : 1);
-    return (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) + tail;
+#if defined(__GNUC__)
+    typedef REAL lanes __attribute__((vector_size(LN_LANES * sizeof(REAL))));
+    lanes vs = {0}, vq = {0}, va, vb, vc;
+    for (; k + LN_LANES <= n; k += LN_LANES) {
+        memcpy(&va, a + k, sizeof va);
+        if (sq) {
+            va -= b[0];
+            vs += va * va;
+        } else if (b) {
+            memcpy(&vb, b + k, sizeof vb);
+            memcpy(&vc, c + k, sizeof vc);
+            va = va * vb;
+            vs += va;
+            vq += va * vc;
+        } else {
+            vs += va;
+        }
+    }
+    memcpy(s, &vs, sizeof vs);
+    memcpy(q, &vq, sizeof vq);
+#else
+    for (int l = 0; l < LN_LANES; l++) s[l] = q[l] = 0;
+    for (; k + LN_LANES <= n; k += LN_LANES)
+        for (int l = 0; l < LN_LANES; l++) {
+            REAL x = a[k + l];
+            if (sq) {
+                x -= b[0];
+                s[l] += x * x;
+            } else if (b) {
+                x = x * b[k + l];
+                s[l] += x;
+                q[l] += x * c[k + l];
+            } else {
+                s[l] += x;
+            }
+        }
+#endif
+    return k;
 }
 
-/* out = (v - mean(v)) / sqrt(var(v) + eps) over n units (out may be v); returns the
- * 1 / sqrt(var + eps). */
-RF_PASS_TARGET static REAL RF_PASS(ln_normalize)(REAL *out, const REAL *v, ptrdiff_t n) {
-    REAL mean = RF_PASS(ln_sum)(v, NULL, NULL, n) / (REAL)n;
-    for (ptrdiff_t k = 0; k < n; k++) out[k] = v[k] - mean;
-    REAL var = RF_PASS(ln_sum)(out, out, NULL, n) / (REAL)n;
-    REAL rstd = 1 / (REAL)sqrt(var + (REAL)LN_EPS);
-    for (ptrdiff_t k = 0; k < n; k++) out[k] *= rstd;
-    return rstd;
+/* mean(v) and 1 / sqrt(var(v) + eps) over n units (two passes: the deviations' squares). */
+RF_PASS_TARGET static void RF_PASS(ln_stats)(const REAL *v, ptrdiff_t n, REAL *mean,
+                                             REAL *rstd) {
+    REAL s[LN_LANES], q[LN_LANES], m;
+    ptrdiff_t k = RF_PASS(ln_lanes)(s, q, v, NULL, NULL, 0, n);
+    for (int l = 0; k + l < n; l++) s[l] += v[k + l];
+    m = RF_PASS(ln_join)(s) / (REAL)n;
+    k = RF_PASS(ln_lanes)(s, q, v, &m, NULL, 1, n);
+    for (int l = 0; k + l < n; l++) {
+        REAL d = v[k + l] - m;
+        s[l] += d * d;
+    }
+    *mean = m;
+    *rstd = 1 / (REAL)sqrt(RF_PASS(ln_join)(s) / (REAL)n + (REAL)LN_EPS);
 }
 
-/* LN's backward over n units: from the gradient da of g nrm (nrm the normalized values),
- * that of v: rstd (g da - mean(g da) - nrm mean(g da nrm)), into dv (= or += with add; dv
+/* The means LN's backward needs, mean(g da) and mean(g da nrm), in one pass. */
+RF_PASS_TARGET static void RF_PASS(ln_back_means)(const REAL *da, const REAL *g,
+                                                  const REAL *nrm, ptrdiff_t n, REAL *m1,
+                                                  REAL *m2) {
+    REAL s[LN_LANES], q[LN_LANES];
+    ptrdiff_t k = RF_PASS(ln_lanes)(s, q, da, g, nrm, 0, n);
+    for (int l = 0; k + l < n; l++) {
+        REAL d = da[k + l] * g[k + l];
+        s[l] += d;
+        q[l] += d * nrm[k + l];
+    }
+    *m1 = RF_PASS(ln_join)(s) / (REAL)n;
+    *m2 = RF_PASS(ln_join)(q) / (REAL)n;
+}
+
+/* LN's backward over n units, from the gradient da of g nrm (nrm the normalized values):
+ * that of v, rstd (g da - mean(g da) - nrm mean(g da nrm)), into dv (= or += with add; dv
  * may be da); nrm leaves holding da nrm, the gain's gradient row. */
 RF_PASS_TARGET static void RF_PASS(ln_backward)(REAL *dv, REAL *nrm, const REAL *da,
                                                 const REAL *g, REAL rstd, ptrdiff_t n,
                                                 int add) {
-    REAL m1 = RF_PASS(ln_sum)(da, g, NULL, n) / (REAL)n;
-    REAL m2 = RF_PASS(ln_sum)(da, g, nrm, n) / (REAL)n;
+    REAL m1, m2;
+    RF_PASS(ln_back_means)(da, g, nrm, n, &m1, &m2);
     for (ptrdiff_t k = 0; k < n; k++) {
         REAL d = da[k], x = nrm[k];
         REAL grad = rstd * ((g[k] * d - m1) - x * m2);
         nrm[k] = d * x;
         dv[k] = add ? dv[k] + grad : grad;
     }
+}
+
+/* A row's two gate LNs forward: nih, nhh = the input projection xw and the product pw
+ * normalized (rstd[0], rstd[1] their 1/sqrt(var + eps)), g = g_ih nih + g_hh nhh + bias
+ * over units k0 .. k1-1 (nih may be xw and g, nhh may be pw: each read before written). */
+RF_PASS_TARGET static void RF_PASS(ln_gates)(REAL *g, REAL *nih, REAL *nhh, const REAL *xw,
+                                             const REAL *pw, const REAL *stats,
+                                             const RF_FN(ln_gains) *ln, const REAL *bias,
+                                             ptrdiff_t k0, ptrdiff_t k1) {
+    REAL mi = stats[0], ri = stats[1], mh = stats[2], rh = stats[3];
+    for (ptrdiff_t k = k0; k < k1; k++) {
+        REAL a = (xw[k] - mi) * ri, b = (pw[k] - mh) * rh;
+        nih[k] = a;
+        nhh[k] = b;
+        g[k] = (ln->g_ih[k] * a + ln->g_hh[k] * b) + (bias ? bias[k] : 0);
+    }
+}
+
+/* A row's statistics of xw and pw (GH units): stats = mean, rstd of each; rstd[0], [1]. */
+RF_PASS_TARGET static void RF_PASS(ln_row_stats)(REAL *stats, REAL *rstd, const REAL *xw,
+                                                 const REAL *pw, ptrdiff_t GH) {
+    RF_PASS(ln_stats)(xw, GH, &stats[0], &stats[1]);
+    RF_PASS(ln_stats)(pw, GH, &stats[2], &stats[3]);
+    rstd[0] = stats[1];
+    rstd[1] = stats[3];
 }
 
 /* One step's forward pass over its running rows j0 .. j1-1 (see ln_step_rows). */
@@ -117,23 +211,26 @@ RF_PASS_TARGET static void RF_PASS(ln_lstm_step)(const RF_FN(ln_step_rows) *r,
     ptrdiff_t GH = 4 * H;
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
-        REAL *g = r->g + j * GH, *nih = r->nih + j * GH, *nhh = r->nhh + j * GH;
+        REAL *g = r->g + j * GH, *pw = r->prod + j * GH, stats[4], mc, rc;
         REAL *rstd = r->rstd + j * 3, *nc = r->nc + j * H, *tc = r->tc + j * H;
         REAL *gi = g, *gf = g + H, *gg = g + 2 * H, *go = g + 3 * H;
         REAL *y_row = r->y + (rf_time(p, j, s) * p->B + b) * H;
         REAL *h_out = j < next_bs ? r->hn + j * H : r->h_n + b * H;
         REAL *c_out = j < next_bs ? r->cn + j * H : r->c_n + b * H;
         const REAL *c_prev = r->cp + j * H;
-        rstd[0] = RF_PASS(ln_normalize)(nih, g, GH);
-        rstd[1] = RF_PASS(ln_normalize)(nhh, r->prod + j * GH, GH);
-        for (ptrdiff_t k = 0; k < GH; k++)  /* g may be nih: read before written */
-            g[k] = (ln->g_ih[k] * nih[k] + ln->g_hh[k] * nhh[k]) + (bias ? bias[k] : 0);
+        RF_PASS(ln_row_stats)(stats, rstd, g, pw, GH);
+        RF_PASS(ln_gates)(g, r->nih + j * GH, r->nhh + j * GH, g, pw, stats, ln, bias, 0, GH);
         SIGMOID(gi, 2 * H);  /* i, f */
         TANH(gg, H);
         SIGMOID(go, H);
         for (ptrdiff_t k = 0; k < H; k++) c_out[k] = gf[k] * c_prev[k] + gi[k] * gg[k];
-        rstd[2] = RF_PASS(ln_normalize)(nc, c_out, H);
-        for (ptrdiff_t k = 0; k < H; k++) tc[k] = ln->g_c[k] * nc[k] + ln->b_c[k];
+        RF_PASS(ln_stats)(c_out, H, &mc, &rc);
+        rstd[2] = rc;
+        for (ptrdiff_t k = 0; k < H; k++) {
+            REAL n = (c_out[k] - mc) * rc;
+            nc[k] = n;
+            tc[k] = ln->g_c[k] * n + ln->b_c[k];
+        }
         TANH(tc, H);
         for (ptrdiff_t k = 0; k < H; k++) {
             REAL h = go[k] * tc[k];
@@ -152,22 +249,24 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step)(const RF_FN(ln_step_rows) *r,
     ptrdiff_t GH = 3 * H;
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
-        REAL *g = r->g + j * GH, *nih = r->nih + j * GH, *nhh = r->nhh + j * GH;
-        REAL *rstd = r->rstd + j * 3, *gr = g, *gz = g + H, *gn = g + 2 * H;
+        REAL *g = r->g + j * GH, *pw = r->prod + j * GH, stats[4];
+        REAL *nih = r->nih + j * GH, *nhh = r->nhh + j * GH;
+        REAL *gr = g, *gz = g + H, *gn = g + 2 * H;
         REAL *aux = r->aux ? r->aux + j * H : NULL;
         REAL *y_row = r->y + (rf_time(p, j, s) * p->B + b) * H;
         REAL *h_out = j < next_bs ? r->hn + j * H : r->h_n + b * H;
         const REAL *h_prev = r->hp + j * H;
-        rstd[0] = RF_PASS(ln_normalize)(nih, g, GH);
-        rstd[1] = RF_PASS(ln_normalize)(nhh, r->prod + j * GH, GH);
-        for (ptrdiff_t k = 0; k < 2 * H; k++)
-            g[k] = (ln->g_ih[k] * nih[k] + ln->g_hh[k] * nhh[k]) + (bias ? bias[k] : 0);
+        RF_PASS(ln_row_stats)(stats, r->rstd + j * 3, g, pw, GH);
+        RF_PASS(ln_gates)(g, nih, nhh, g, pw, stats, ln, bias, 0, 2 * H);
         SIGMOID(g, 2 * H);  /* r, z */
         for (ptrdiff_t k = 0; k < H; k++) {
             ptrdiff_t u = 2 * H + k;
-            REAL hl = ln->g_hh[u] * nhh[u] + (b_hn ? b_hn[k] : 0);
+            REAL a = (g[u] - stats[0]) * stats[1], bb = (pw[u] - stats[2]) * stats[3];
+            REAL hl = ln->g_hh[u] * bb + (b_hn ? b_hn[k] : 0);
+            nih[u] = a;
+            nhh[u] = bb;
             if (aux) aux[k] = hl;
-            gn[k] = (ln->g_ih[u] * nih[u] + (bias ? bias[u] : 0)) + gr[k] * hl;
+            gn[k] = (ln->g_ih[u] * a + (bias ? bias[u] : 0)) + gr[k] * hl;
         }
         TANH(gn, H);
         for (ptrdiff_t k = 0; k < H; k++) {
@@ -175,6 +274,26 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step)(const RF_FN(ln_step_rows) *r,
             h_out[k] = h;
             y_row[k] = h;
         }
+    }
+}
+
+/* Both gate LNs' backward over a row's GH units, from the gradients da_i of g_ih nih and
+ * da_h of g_hh nhh: those of the input projection into dv_i and of the product into dv_h
+ * (dv_h may be da_h), nih and nhh leave as the gains' gradient rows (see ln_backward). */
+RF_PASS_TARGET static void RF_PASS(ln_gates_backward)(REAL *dv_i, REAL *nih, const REAL *da_i,
+                                                      REAL *dv_h, REAL *nhh,
+                                                      const REAL *da_h, const REAL *rstd,
+                                                      const RF_FN(ln_gains) *ln,
+                                                      ptrdiff_t GH) {
+    REAL m1i, m2i, m1h, m2h, ri = rstd[0], rh = rstd[1];
+    RF_PASS(ln_back_means)(da_i, ln->g_ih, nih, GH, &m1i, &m2i);
+    RF_PASS(ln_back_means)(da_h, ln->g_hh, nhh, GH, &m1h, &m2h);
+    for (ptrdiff_t k = 0; k < GH; k++) {
+        REAL di = da_i[k], dh = da_h[k], xi = nih[k], xh = nhh[k];
+        dv_i[k] = ri * ((ln->g_ih[k] * di - m1i) - xi * m2i);
+        dv_h[k] = rh * ((ln->g_hh[k] * dh - m1h) - xh * m2h);
+        nih[k] = di * xi;
+        nhh[k] = dh * xh;
     }
 }
 
@@ -209,8 +328,8 @@ RF_PASS_TARGET static void RF_PASS(ln_lstm_step_backward)(const RF_FN(ln_step_ro
             da[2 * H + k] = d_c * i * (1 - gt * gt);
             dc_row[k] = d_c * f;
         }
-        RF_PASS(ln_backward)(g, r->nih + j * GH, da, ln->g_ih, rstd[0], GH, 0);
-        RF_PASS(ln_backward)(r->prod + j * GH, r->nhh + j * GH, da, ln->g_hh, rstd[1], GH, 0);
+        RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, r->prod + j * GH, r->nhh + j * GH,
+                                   da, rstd, ln, GH);
     }
 }
 
@@ -223,7 +342,7 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step_backward)(const RF_FN(ln_step_row
                                                          ptrdiff_t j1, ptrdiff_t H) {
     ptrdiff_t GH = 3 * H;
     for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *g = r->g + j * GH, *da = r->da + j * GH, *rstd = r->rstd + j * 3;
+        REAL *g = r->g + j * GH, *da = r->da + j * GH;
         REAL *aux = r->aux + j * H, *dhh = r->prod + j * GH, *dh_row = dh + j * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
         const REAL *h = r->hp + j * H;
@@ -242,8 +361,8 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step_backward)(const RF_FN(ln_step_row
             dhh[H + k] = dz;
             dhh[2 * H + k] = dn * rr;
         }
-        RF_PASS(ln_backward)(g, r->nih + j * GH, da, ln->g_ih, rstd[0], GH, 0);
-        RF_PASS(ln_backward)(dhh, r->nhh + j * GH, dhh, ln->g_hh, rstd[1], GH, 0);
+        RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, dhh, r->nhh + j * GH, dhh,
+                                   r->rstd + j * 3, ln, GH);
     }
 }
 

@@ -515,14 +515,15 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 nonlinearity: Literal["tanh", "relu"] = "tanh", *, need_ctx: bool = True,
-                zoneout: Any = None,
-                recurrent_dropout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
+                zoneout: Any = None, recurrent_dropout: Any = None,
+                layer_norm: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
     """Elman RNN over a whole sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
-    ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``."""
+    ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``. (``layer_norm``: the
+    RNN has none; anything but None is refused.)"""
     check_nonlinearity(nonlinearity)
     y, (h_n,), ctx = _forward("rnn", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                               nonlinearity == "relu", need_ctx, zoneout=zoneout,
-                              recurrent_dropout=recurrent_dropout)
+                              recurrent_dropout=recurrent_dropout, layer_norm=layer_norm)
     return y, h_n, ctx
 
 
