@@ -10,9 +10,10 @@
  * product, and each step's recurrent product goes to a row buffer, because its LN needs
  * the whole row's sums before any gate. Then one pass per row does both LNs, the gates,
  * the state update, the cell's LN and the writes. Training keeps the normalized values
- * and 1/sqrt(var + eps) of every row and step; backward turns them in place into the
- * gains' gradient rows, so the gains' and biases' gradients are column sums and the
- * weights' stay single products after the loop.
+ * and 1/sqrt(var + eps) of every row and step. Backward sums the biases' and gains'
+ * gradients in a row of sums per batch row, in the row's step order, joined in row order
+ * after the loop (the same at any thread count: a part owns its rows at every step);
+ * the weights' gradients stay single products after the loop.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
 #include <string.h>
@@ -25,7 +26,8 @@
  * train=1, packed rows (N = p->rows):
  *   bias (GH) | gates (N,GH): the input projection, then post-activations | nih (N,GH):
  *   normalized input projection | prod (N,GH): recurrent product | nhh (N,GH): normalized
- *   product | da (N,GH): backward's gate gradients | rstd (N,3): ih, hh, cell |
+ *   product | da (B,GH): backward's gate gradients of a step's row |
+ *   acc (B,ACC): backward's sums per batch row (ln_acc) | rstd (N,3): ih, hh, cell |
  *   h (N,H): h_{t-1} | LSTM: c (N,H): c_{t-1} | nc (N,H): normalized c_t |
  *   tc (N,H): tanh(LN(c_t) + b_c) | GRU: aux (N,H): LN_hh_n + b_hn |
  *   xbuf (N,I), when not dense | weights (rf_prepare_weights)
@@ -33,8 +35,18 @@
  *   tc, states (2,B,H) each, nih = gates and nhh = prod (normalized in place), no da or
  *   aux. */
 typedef struct {
-    ptrdiff_t bias, gates, nih, prod, nhh, da, rstd, h, c, nc, tc, aux, xbuf, weights, total;
+    ptrdiff_t bias, gates, nih, prod, nhh, da, acc, rstd, h, c, nc, tc, aux, xbuf, weights,
+        total;
 } ln_layout;
+
+/* A row of backward's sums: of the gate gradients on the input and the recurrent side
+ * (the GRU's differ in the n block), of the gains' gradients g_ih, g_hh (each GH wide),
+ * and the LSTM's cell bias's and gain's (H). */
+enum { LN_DAI, LN_DAH, LN_DGI, LN_DGH, LN_DBC };
+static ptrdiff_t ln_acc_at(int which, ptrdiff_t GH, ptrdiff_t H) {
+    return which == LN_DBC + 1 ? 4 * GH + H : which * GH;
+}
+#define LN_ACC(GH, H) (4 * (GH) + 2 * (H))
 
 static ln_layout ln_layout_of(int lstm, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
                               int train) {
@@ -48,7 +60,8 @@ static ln_layout ln_layout_of(int lstm, const rf_plan *p, ptrdiff_t I, ptrdiff_t
     L.prod = L.nih + (train ? N * GH : 0);
     L.nhh = L.prod + step * GH;
     L.da = L.nhh + (train ? N * GH : 0);
-    L.rstd = L.da + (train ? N * GH : 0);
+    L.acc = L.da + (train ? p->B * GH : 0);
+    L.rstd = L.acc + (train ? p->B * LN_ACC(GH, H) : 0);
     L.h = L.rstd + step * 3;
     L.c = L.h + states;
     L.nc = L.c + (lstm ? states : 0);
@@ -161,19 +174,20 @@ RF_PASS_TARGET static void RF_PASS(ln_back_means)(const REAL *da, const REAL *g,
     *m2 = RF_PASS(ln_join)(q) / (REAL)n;
 }
 
-/* LN's backward over n units, from the gradient da of g nrm (nrm the normalized values):
- * that of v, rstd (g da - mean(g da) - nrm mean(g da nrm)), into dv (= or += with add; dv
- * may be da); nrm leaves holding da nrm, the gain's gradient row. */
-RF_PASS_TARGET static void RF_PASS(ln_backward)(REAL *dv, REAL *nrm, const REAL *da,
-                                                const REAL *g, REAL rstd, ptrdiff_t n,
-                                                int add) {
+/* The cell's LN backward over H units, from the gradient du of g_c nrm + b_c (nrm the
+ * normalized c): dc += rstd (g du - mean(g du) - nrm mean(g du nrm)); acc's rows of sums
+ * of b_c's and g_c's gradients get du and du nrm. */
+RF_PASS_TARGET static void RF_PASS(ln_cell_backward)(REAL *dc, const REAL *nrm,
+                                                     const REAL *du, const REAL *g,
+                                                     REAL rstd, ptrdiff_t H, REAL *acc_b,
+                                                     REAL *acc_g) {
     REAL m1, m2;
-    RF_PASS(ln_back_means)(da, g, nrm, n, &m1, &m2);
-    for (ptrdiff_t k = 0; k < n; k++) {
-        REAL d = da[k], x = nrm[k];
-        REAL grad = rstd * ((g[k] * d - m1) - x * m2);
-        nrm[k] = d * x;
-        dv[k] = add ? dv[k] + grad : grad;
+    RF_PASS(ln_back_means)(du, g, nrm, H, &m1, &m2);
+    for (ptrdiff_t k = 0; k < H; k++) {
+        REAL d = du[k], x = nrm[k];
+        dc[k] += rstd * ((g[k] * d - m1) - x * m2);
+        acc_b[k] += d;
+        acc_g[k] += d * x;
     }
 }
 
@@ -278,30 +292,35 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step)(const RF_FN(ln_step_rows) *r,
 }
 
 /* Both gate LNs' backward over a row's GH units, from the gradients da_i of g_ih nih and
- * da_h of g_hh nhh: those of the input projection into dv_i and of the product into dv_h
- * (dv_h may be da_h), nih and nhh leave as the gains' gradient rows (see ln_backward). */
-RF_PASS_TARGET static void RF_PASS(ln_gates_backward)(REAL *dv_i, REAL *nih, const REAL *da_i,
-                                                      REAL *dv_h, REAL *nhh,
-                                                      const REAL *da_h, const REAL *rstd,
-                                                      const RF_FN(ln_gains) *ln,
+ * da_h of g_hh nhh (nih, nhh the normalized rows): those of the input projection into
+ * dv_i and of the product into dv_h, rstd (g da - mean(g da) - n mean(g da n)) each (dv_h
+ * may be da_h); acc's sums (ln_acc_at) get da_i, da_h, da_i nih and da_h nhh. */
+RF_PASS_TARGET static void RF_PASS(ln_gates_backward)(REAL *dv_i, const REAL *nih,
+                                                      const REAL *da_i, REAL *dv_h,
+                                                      const REAL *nhh, const REAL *da_h,
+                                                      const REAL *rstd,
+                                                      const RF_FN(ln_gains) *ln, REAL *acc,
                                                       ptrdiff_t GH) {
     REAL m1i, m2i, m1h, m2h, ri = rstd[0], rh = rstd[1];
+    REAL *s_ai = acc + LN_DAI * GH, *s_ah = acc + LN_DAH * GH;
+    REAL *s_gi = acc + LN_DGI * GH, *s_gh = acc + LN_DGH * GH;
     RF_PASS(ln_back_means)(da_i, ln->g_ih, nih, GH, &m1i, &m2i);
     RF_PASS(ln_back_means)(da_h, ln->g_hh, nhh, GH, &m1h, &m2h);
     for (ptrdiff_t k = 0; k < GH; k++) {
         REAL di = da_i[k], dh = da_h[k], xi = nih[k], xh = nhh[k];
         dv_i[k] = ri * ((ln->g_ih[k] * di - m1i) - xi * m2i);
         dv_h[k] = rh * ((ln->g_hh[k] * dh - m1h) - xh * m2h);
-        nih[k] = di * xi;
-        nhh[k] = dh * xh;
+        s_ai[k] += di;
+        s_ah[k] += dh;
+        s_gi[k] += di * xi;
+        s_gh[k] += dh * xh;
     }
 }
 
 /* One step's backward pass over rows j0 .. j1-1. In: the saved rows of the step (r: g
  * the activations i f g o); dh, dc the gradients reaching h_t and c_t (sorted rows), plus
- * dy where not NULL. Out: da the gate gradients, g the gradient of W_ih x, prod that of
- * W_hh h_{t-1}, nih, nhh, nc, tc the gains' and the cell bias's gradient rows; dc the
- * gradient of c_{t-1}. */
+ * dy where not NULL. Out: g the gradient of W_ih x, prod that of W_hh h_{t-1}, dc that of
+ * c_{t-1}; the biases' and gains' gradients added into acc's rows (da, tc: scratch). */
 RF_PASS_TARGET static void RF_PASS(ln_lstm_step_backward)(const RF_FN(ln_step_rows) *r,
                                                           const RF_FN(ln_gains) *ln,
                                                           REAL *dh, REAL *dc, const REAL *dy,
@@ -312,15 +331,18 @@ RF_PASS_TARGET static void RF_PASS(ln_lstm_step_backward)(const RF_FN(ln_step_ro
     for (ptrdiff_t j = j0; j < j1; j++) {
         REAL *g = r->g + j * GH, *da = r->da + j * GH, *rstd = r->rstd + j * 3;
         REAL *tc = r->tc + j * H, *dh_row = dh + j * H, *dc_row = dc + j * H;
+        REAL *acc = r->acc + j * LN_ACC(GH, H);
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
         const REAL *c_prev = r->cp + j * H;
         for (ptrdiff_t k = 0; k < H; k++) {  /* h = o tanh(u), u = LN(c) + b_c */
             REAL o = g[3 * H + k], t = tc[k];
             REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
             da[3 * H + k] = d_h * t * o * (1 - o);
-            tc[k] = d_h * o * (1 - t * t);  /* du, the cell bias's gradient row */
+            tc[k] = d_h * o * (1 - t * t);  /* du, the cell bias's gradient */
         }
-        RF_PASS(ln_backward)(dc_row, r->nc + j * H, tc, ln->g_c, rstd[2], H, 1);
+        RF_PASS(ln_cell_backward)(dc_row, r->nc + j * H, tc, ln->g_c, rstd[2], H,
+                                  acc + ln_acc_at(LN_DBC, GH, H),
+                                  acc + ln_acc_at(LN_DBC + 1, GH, H));
         for (ptrdiff_t k = 0; k < H; k++) {  /* c = f c_prev + i g */
             REAL i = g[k], f = g[H + k], gt = g[2 * H + k], d_c = dc_row[k];
             da[k] = d_c * gt * i * (1 - i);
@@ -329,12 +351,12 @@ RF_PASS_TARGET static void RF_PASS(ln_lstm_step_backward)(const RF_FN(ln_step_ro
             dc_row[k] = d_c * f;
         }
         RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, r->prod + j * GH, r->nhh + j * GH,
-                                   da, rstd, ln, GH);
+                                   da, rstd, ln, acc, GH);
     }
 }
 
 /* The GRU's, as ln_lstm_step_backward (no dc); dh leaves as the direct part of the
- * gradient of h_{t-1}, z dh; aux as the gradient of LN_hh_n + b_hn. */
+ * gradient of h_{t-1}, z dh. */
 RF_PASS_TARGET static void RF_PASS(ln_gru_step_backward)(const RF_FN(ln_step_rows) *r,
                                                          const RF_FN(ln_gains) *ln, REAL *dh,
                                                          const REAL *dy, const rf_plan *p,
@@ -356,13 +378,12 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step_backward)(const RF_FN(ln_step_row
             da[k] = dr;
             da[H + k] = dz;
             da[2 * H + k] = dn;
-            aux[k] = dn * rr;
             dhh[k] = dr;   /* the recurrent side's gate gradients, LN'd in place below */
             dhh[H + k] = dz;
             dhh[2 * H + k] = dn * rr;
         }
         RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, dhh, r->nhh + j * GH, dhh,
-                                   r->rstd + j * 3, ln, GH);
+                                   r->rstd + j * 3, ln, r->acc + j * LN_ACC(GH, H), GH);
     }
 }
 
@@ -374,11 +395,12 @@ typedef struct {
 } RF_FN(ln_gains);
 
 /* One step's buffers, row j of each at j times its width: the gates and both LNs' rows
- * (GH), rstd (3), the cell's LN rows nc, tc (H), the GRU's aux (H, or NULL), the states
+ * (GH), backward's da (GH) and acc (LN_ACC), rstd (3), the cell's LN rows nc, tc (H), the
+ * GRU's aux (H, or NULL), the states
  * entering (hp, cp) and leaving (hn, cn for rows that go on, h_n, c_n by batch row for
  * the others), y. */
 typedef struct {
-    REAL *g, *nih, *prod, *nhh, *da, *rstd, *nc, *tc, *aux;
+    REAL *g, *nih, *prod, *nhh, *da, *acc, *rstd, *nc, *tc, *aux;
     const REAL *hp, *cp;
     REAL *hn, *cn, *h_n, *c_n, *y;
 } RF_FN(ln_step_rows);
@@ -399,7 +421,8 @@ static RF_FN(ln_step_rows) RF_FN(ln_rows_of)(REAL *ws, const ln_layout *L, const
     r.prod = ws + L->prod + at * GH;
     r.nih = train ? ws + L->nih + at * GH : r.g;
     r.nhh = train ? ws + L->nhh + at * GH : r.prod;
-    r.da = ws + L->da + at * GH;
+    r.da = ws + L->da;
+    r.acc = ws + L->acc;
     r.rstd = ws + L->rstd + at * 3;
     r.nc = ws + L->nc + at * H;
     r.tc = ws + L->tc + at * H;
@@ -559,6 +582,7 @@ void RF_FN(rf_ln_backward)(int cell, const rf_backward_bufs *a, const rf_zoneout
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, a->dh_n, p, H);
     if (lstm) RF_FN(rf_sort_rows)(dc, a->dc_n, p, H);
+    memset(ws + L.acc, 0, (size_t)(B * LN_ACC(GH, H)) * sizeof(REAL));
     RF_FN(ln_back_steps_job) job = {ws, dh, dc, a->dy, {ln->g_ih, ln->g_hh, ln->g_c, ln->b_c},
                                     zo, rd, &W, p, L, H, lstm, rt};
     rf_run_parts(RF_FN(ln_back_steps), &job,
@@ -570,16 +594,15 @@ void RF_FN(rf_ln_backward)(int cell, const rf_backward_bufs *a, const rf_zoneout
     RF_FN(rf_grad_gemm)(rt, 1, GH, H, N, ws + L.prod, GH, h_prev, H, a->dw_hh, H);
     RF_FN(rf_weight_grads)(a->dx, a->dw_ih, ws + L.xbuf, ws + L.gates, a->x, a->w_ih, p, I,
                            GH, rt);
-    /* the biases' gradients are the gates' (the GRU's b_hn: inside the reset gate) */
-    RF_FN(rf_bias_grads)(a->db_ih, a->db_hh, ws + L.da, N, GH, rt->avx2);
-    if (a->db_hh && !lstm)
-        RF_FN(rf_column_sums)((REAL *)a->db_hh + 2 * H, ws + L.aux, N, H, H, rt->avx2);
-    RF_FN(rf_column_sums)(ln->dg_ih, ws + L.nih, N, GH, GH, rt->avx2);
-    RF_FN(rf_column_sums)(ln->dg_hh, ws + L.nhh, N, GH, GH, rt->avx2);
-    if (lstm) {
-        RF_FN(rf_column_sums)(ln->dg_c, ws + L.nc, N, H, H, rt->avx2);
-        RF_FN(rf_column_sums)(ln->db_c, ws + L.tc, N, H, H, rt->avx2);
-    }
+    /* the biases' and gains' gradients: the rows of sums joined (the GRU's b_hn is
+     * inside the reset gate: the recurrent side's n block) */
+    const REAL *acc = ws + L.acc;
+    ptrdiff_t width = LN_ACC(GH, H);
+    REAL *outs[6] = {a->db_ih, a->db_hh, ln->dg_ih, ln->dg_hh, ln->db_c, ln->dg_c};
+    for (int k = 0; k < (lstm ? 6 : 4); k++)
+        if (outs[k])
+            RF_FN(rf_column_sums)(outs[k], acc + ln_acc_at(k, GH, H), B, k < 4 ? GH : H, width,
+                                  rt->avx2);
 }
 
 #endif /* RF_TEMPLATE */
