@@ -26,7 +26,7 @@
  * train=1, packed rows (N = p->rows):
  *   bias (GH) | gates (N,GH): the input projection, then post-activations | nih (N,GH):
  *   normalized input projection | prod (N,GH): recurrent product | nhh (N,GH): normalized
- *   product | da (B,GH): backward's gate gradients of a step's row |
+ *   product | da (B,2GH): backward's gate gradients of a step's row (both sides) |
  *   acc (B,ACC): backward's sums per batch row (ln_acc) | rstd (N,3): ih, hh, cell |
  *   h (N,H): h_{t-1} | LSTM: c (N,H): c_{t-1} | nc (N,H): normalized c_t |
  *   tc (N,H): tanh(LN(c_t) + b_c) | GRU: aux (N,H): LN_hh_n + b_hn |
@@ -60,7 +60,7 @@ static ln_layout ln_layout_of(int lstm, const rf_plan *p, ptrdiff_t I, ptrdiff_t
     L.prod = L.nih + (train ? N * GH : 0);
     L.nhh = L.prod + step * GH;
     L.da = L.nhh + (train ? N * GH : 0);
-    L.acc = L.da + (train ? p->B * GH : 0);
+    L.acc = L.da + (train ? p->B * 2 * GH : 0);
     L.rstd = L.acc + (train ? p->B * LN_ACC(GH, H) : 0);
     L.h = L.rstd + step * 3;
     L.c = L.h + states;
@@ -293,23 +293,28 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step)(const RF_FN(ln_step_rows) *r,
 
 /* Both gate LNs' backward over a row's GH units, from the gradients da_i of g_ih nih and
  * da_h of g_hh nhh (nih, nhh the normalized rows): those of the input projection into
- * dv_i and of the product into dv_h, rstd (g da - mean(g da) - n mean(g da n)) each (dv_h
- * may be da_h); acc's sums (ln_acc_at) get da_i, da_h, da_i nih and da_h nhh. */
-RF_PASS_TARGET static void RF_PASS(ln_gates_backward)(REAL *dv_i, const REAL *nih,
-                                                      const REAL *da_i, REAL *dv_h,
-                                                      const REAL *nhh, const REAL *da_h,
+ * dv_i and of the product into dv_h, rstd (g da - mean(g da) - n mean(g da n)) each; acc's
+ * sums (ln_acc_at) get da_i, da_h, da_i nih and da_h nhh. Nothing written overlaps
+ * anything else (restrict: the loop vectorizes without run-time overlap checks). */
+RF_PASS_TARGET static void RF_PASS(ln_gates_backward)(REAL *restrict dv_i,
+                                                      const REAL *restrict nih,
+                                                      const REAL *restrict da_i,
+                                                      REAL *restrict dv_h,
+                                                      const REAL *restrict nhh,
+                                                      const REAL *restrict da_h,
                                                       const REAL *rstd,
-                                                      const RF_FN(ln_gains) *ln, REAL *acc,
-                                                      ptrdiff_t GH) {
+                                                      const RF_FN(ln_gains) *ln,
+                                                      REAL *restrict acc, ptrdiff_t GH) {
     REAL m1i, m2i, m1h, m2h, ri = rstd[0], rh = rstd[1];
-    REAL *s_ai = acc + LN_DAI * GH, *s_ah = acc + LN_DAH * GH;
-    REAL *s_gi = acc + LN_DGI * GH, *s_gh = acc + LN_DGH * GH;
+    REAL *restrict s_ai = acc + LN_DAI * GH, *restrict s_ah = acc + LN_DAH * GH;
+    REAL *restrict s_gi = acc + LN_DGI * GH, *restrict s_gh = acc + LN_DGH * GH;
+    const REAL *restrict g_ih = ln->g_ih, *restrict g_hh = ln->g_hh;
     RF_PASS(ln_back_means)(da_i, ln->g_ih, nih, GH, &m1i, &m2i);
     RF_PASS(ln_back_means)(da_h, ln->g_hh, nhh, GH, &m1h, &m2h);
     for (ptrdiff_t k = 0; k < GH; k++) {
         REAL di = da_i[k], dh = da_h[k], xi = nih[k], xh = nhh[k];
-        dv_i[k] = ri * ((ln->g_ih[k] * di - m1i) - xi * m2i);
-        dv_h[k] = rh * ((ln->g_hh[k] * dh - m1h) - xh * m2h);
+        dv_i[k] = ri * ((g_ih[k] * di - m1i) - xi * m2i);
+        dv_h[k] = rh * ((g_hh[k] * dh - m1h) - xh * m2h);
         s_ai[k] += di;
         s_ah[k] += dh;
         s_gi[k] += di * xi;
@@ -329,7 +334,7 @@ RF_PASS_TARGET static void RF_PASS(ln_lstm_step_backward)(const RF_FN(ln_step_ro
                                                           ptrdiff_t H) {
     ptrdiff_t GH = 4 * H;
     for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *g = r->g + j * GH, *da = r->da + j * GH, *rstd = r->rstd + j * 3;
+        REAL *g = r->g + j * GH, *da = r->da + j * 2 * GH, *rstd = r->rstd + j * 3;
         REAL *tc = r->tc + j * H, *dh_row = dh + j * H, *dc_row = dc + j * H;
         REAL *acc = r->acc + j * LN_ACC(GH, H);
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
@@ -364,8 +369,8 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step_backward)(const RF_FN(ln_step_row
                                                          ptrdiff_t j1, ptrdiff_t H) {
     ptrdiff_t GH = 3 * H;
     for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *g = r->g + j * GH, *da = r->da + j * GH;
-        REAL *aux = r->aux + j * H, *dhh = r->prod + j * GH, *dh_row = dh + j * H;
+        REAL *g = r->g + j * GH, *da = r->da + j * 2 * GH, *dhh = da + GH;
+        REAL *aux = r->aux + j * H, *dh_row = dh + j * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
         const REAL *h = r->hp + j * H;
         for (ptrdiff_t k = 0; k < H; k++) {
@@ -378,12 +383,12 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step_backward)(const RF_FN(ln_step_row
             da[k] = dr;
             da[H + k] = dz;
             da[2 * H + k] = dn;
-            dhh[k] = dr;   /* the recurrent side's gate gradients, LN'd in place below */
+            dhh[k] = dr;   /* the recurrent side's gate gradients */
             dhh[H + k] = dz;
             dhh[2 * H + k] = dn * rr;
         }
-        RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, dhh, r->nhh + j * GH, dhh,
-                                   r->rstd + j * 3, ln, r->acc + j * LN_ACC(GH, H), GH);
+        RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, r->prod + j * GH, r->nhh + j * GH,
+                                   dhh, r->rstd + j * 3, ln, r->acc + j * LN_ACC(GH, H), GH);
     }
 }
 
@@ -395,7 +400,7 @@ typedef struct {
 } RF_FN(ln_gains);
 
 /* One step's buffers, row j of each at j times its width: the gates and both LNs' rows
- * (GH), backward's da (GH) and acc (LN_ACC), rstd (3), the cell's LN rows nc, tc (H), the
+ * (GH), backward's da (2GH) and acc (LN_ACC), rstd (3), the cell's LN rows nc, tc (H), the
  * GRU's aux (H, or NULL), the states
  * entering (hp, cp) and leaving (hn, cn for rows that go on, h_n, c_n by batch row for
  * the others), y. */
