@@ -29,6 +29,21 @@ def _case(T, B, I, H):
                     r(H, scale=0.1, at=1), r(H, scale=0.1)))
 
 
+def _own_workspace(fn):
+    """fn with a workspace of its own between calls, as a training loop of one model has:
+    interleaved with a variant of another size, the thread's one spare workspace
+    (functional's) would be dropped and allocated anew (page faults) at every call."""
+    own = [None]
+
+    def run():
+        F._SPARE.ws, kept = own[0], getattr(F._SPARE, "ws", None)
+        try:
+            return fn()
+        finally:
+            own[0], F._SPARE.ws = getattr(F._SPARE, "ws", None), kept
+    return run
+
+
 def _step(module, c, layer_norm):
     def fn():
         y, h_n, c_n, ctx = module.lstm_forward(c["x"], None, None, c["w_ih"], c["w_hh"],
@@ -111,7 +126,8 @@ def main(budget=20.0):
     with threadpool_limits(1):
         for shape in SHAPES:
             case = _case(*shape)
-            fns = {"plain": _step(F, case, False), "layer_norm": _checked(case)}
+            fns = {"plain": _own_workspace(_step(F, case, False)),
+                   "layer_norm": _own_workspace(_checked(case))}
             if torch is not None:  # checked as _checked's step
                 short = dict(case, x=case["x"][:10], dy=case["dy"][:10])
                 got, want = _torch_step(short)(), _step(F, short, True)()[0]

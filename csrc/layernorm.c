@@ -25,17 +25,17 @@
 /* Workspace layout, in elements from the start of ws (G = 4 LSTM, 3 GRU).
  * train=1, packed rows (N = p->rows):
  *   bias (GH) | gates (N,GH): the input projection, then post-activations | nih (N,GH):
- *   normalized input projection | prod (N,GH): recurrent product | nhh (N,GH): normalized
- *   product | da (B,2GH): backward's gate gradients of a step's row (both sides) |
+ *   normalized input projection | prod (N,GH): the recurrent product, normalized in
+ *   place (nhh) | da (B,2GH): backward's gate gradients of a step's row (both sides) |
  *   acc (B,ACC): backward's sums per batch row (ln_acc) | rstd (N,3): ih, hh, cell |
  *   h (N,H): h_{t-1} | LSTM: c (N,H): c_{t-1} | nc (N,H): normalized c_t |
  *   tc (N,H): tanh(LN(c_t) + b_c) | GRU: aux (N,H): LN_hh_n + b_hn |
  *   xbuf (N,I), when not dense | weights (rf_prepare_weights)
  * train=0: the same with R chunk rows for gates and B rows (one step) for prod, rstd, nc,
- *   tc, states (2,B,H) each, nih = gates and nhh = prod (normalized in place), no da or
+ *   tc, states (2,B,H) each, nih = gates (normalized in place), no da or
  *   aux. */
 typedef struct {
-    ptrdiff_t bias, gates, nih, prod, nhh, da, acc, rstd, h, c, nc, tc, aux, xbuf, weights,
+    ptrdiff_t bias, gates, nih, prod, da, acc, rstd, h, c, nc, tc, aux, xbuf, weights,
         total;
 } ln_layout;
 
@@ -58,8 +58,7 @@ static ln_layout ln_layout_of(int lstm, const rf_plan *p, ptrdiff_t I, ptrdiff_t
     L.gates = L.bias + GH;
     L.nih = L.gates + rows * GH;
     L.prod = L.nih + (train ? N * GH : 0);
-    L.nhh = L.prod + step * GH;
-    L.da = L.nhh + (train ? N * GH : 0);
+    L.da = L.prod + step * GH;
     L.acc = L.da + (train ? p->B * 2 * GH : 0);
     L.rstd = L.acc + (train ? p->B * LN_ACC(GH, H) : 0);
     L.h = L.rstd + step * 3;
@@ -191,19 +190,22 @@ RF_PASS_TARGET static void RF_PASS(ln_cell_backward)(REAL *dc, const REAL *nrm,
     }
 }
 
-/* A row's two gate LNs forward: nih, nhh = the input projection xw and the product pw
- * normalized (rstd[0], rstd[1] their 1/sqrt(var + eps)), g = g_ih nih + g_hh nhh + bias
- * over units k0 .. k1-1 (nih may be xw and g, nhh may be pw: each read before written). */
-RF_PASS_TARGET static void RF_PASS(ln_gates)(REAL *g, REAL *nih, REAL *nhh, const REAL *xw,
-                                             const REAL *pw, const REAL *stats,
-                                             const RF_FN(ln_gains) *ln, const REAL *bias,
-                                             ptrdiff_t k0, ptrdiff_t k1) {
+/* A row's two gate LNs forward over units k0 .. k1-1: g holds the input projection on
+ * entry, hh the recurrent product; with their statistics (mean, rstd of each) nih (or
+ * NULL) gets the first normalized, hh leaves normalized, and g = g_ih nih + g_hh nhh +
+ * bias. (restrict: the loop vectorizes without run-time overlap checks.) */
+RF_PASS_TARGET static void RF_PASS(ln_gates)(REAL *restrict g, REAL *restrict nih,
+                                             REAL *restrict hh, const REAL *stats,
+                                             const RF_FN(ln_gains) *ln,
+                                             const REAL *restrict bias, ptrdiff_t k0,
+                                             ptrdiff_t k1) {
     REAL mi = stats[0], ri = stats[1], mh = stats[2], rh = stats[3];
+    const REAL *restrict g_ih = ln->g_ih, *restrict g_hh = ln->g_hh;
     for (ptrdiff_t k = k0; k < k1; k++) {
-        REAL a = (xw[k] - mi) * ri, b = (pw[k] - mh) * rh;
-        nih[k] = a;
-        nhh[k] = b;
-        g[k] = (ln->g_ih[k] * a + ln->g_hh[k] * b) + (bias ? bias[k] : 0);
+        REAL a = (g[k] - mi) * ri, b = (hh[k] - mh) * rh;
+        if (nih) nih[k] = a;
+        hh[k] = b;
+        g[k] = (g_ih[k] * a + g_hh[k] * b) + (bias ? bias[k] : 0);
     }
 }
 
@@ -233,7 +235,7 @@ RF_PASS_TARGET static void RF_PASS(ln_lstm_step)(const RF_FN(ln_step_rows) *r,
         REAL *c_out = j < next_bs ? r->cn + j * H : r->c_n + b * H;
         const REAL *c_prev = r->cp + j * H;
         RF_PASS(ln_row_stats)(stats, rstd, g, pw, GH);
-        RF_PASS(ln_gates)(g, r->nih + j * GH, r->nhh + j * GH, g, pw, stats, ln, bias, 0, GH);
+        RF_PASS(ln_gates)(g, r->nih ? r->nih + j * GH : NULL, pw, stats, ln, bias, 0, GH);
         SIGMOID(gi, 2 * H);  /* i, f */
         TANH(gg, H);
         SIGMOID(go, H);
@@ -264,21 +266,21 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step)(const RF_FN(ln_step_rows) *r,
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
         REAL *g = r->g + j * GH, *pw = r->prod + j * GH, stats[4];
-        REAL *nih = r->nih + j * GH, *nhh = r->nhh + j * GH;
+        REAL *nih = r->nih ? r->nih + j * GH : NULL;
         REAL *gr = g, *gz = g + H, *gn = g + 2 * H;
         REAL *aux = r->aux ? r->aux + j * H : NULL;
         REAL *y_row = r->y + (rf_time(p, j, s) * p->B + b) * H;
         REAL *h_out = j < next_bs ? r->hn + j * H : r->h_n + b * H;
         const REAL *h_prev = r->hp + j * H;
         RF_PASS(ln_row_stats)(stats, r->rstd + j * 3, g, pw, GH);
-        RF_PASS(ln_gates)(g, nih, nhh, g, pw, stats, ln, bias, 0, 2 * H);
+        RF_PASS(ln_gates)(g, nih, pw, stats, ln, bias, 0, 2 * H);
         SIGMOID(g, 2 * H);  /* r, z */
         for (ptrdiff_t k = 0; k < H; k++) {
             ptrdiff_t u = 2 * H + k;
             REAL a = (g[u] - stats[0]) * stats[1], bb = (pw[u] - stats[2]) * stats[3];
             REAL hl = ln->g_hh[u] * bb + (b_hn ? b_hn[k] : 0);
-            nih[u] = a;
-            nhh[u] = bb;
+            if (nih) nih[u] = a;
+            pw[u] = bb;
             if (aux) aux[k] = hl;
             gn[k] = (ln->g_ih[u] * a + (bias ? bias[u] : 0)) + gr[k] * hl;
         }
@@ -293,14 +295,14 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step)(const RF_FN(ln_step_rows) *r,
 
 /* Both gate LNs' backward over a row's GH units, from the gradients da_i of g_ih nih and
  * da_h of g_hh nhh (nih, nhh the normalized rows): those of the input projection into
- * dv_i and of the product into dv_h, rstd (g da - mean(g da) - n mean(g da n)) each; acc's
- * sums (ln_acc_at) get da_i, da_h, da_i nih and da_h nhh. Nothing written overlaps
- * anything else (restrict: the loop vectorizes without run-time overlap checks). */
+ * dv_i and of the product into hh (which holds nhh on entry), rstd (g da - mean(g da) -
+ * n mean(g da n)) each; acc's sums (ln_acc_at) get da_i, da_h, da_i nih and da_h nhh.
+ * Nothing written overlaps anything else read (restrict: the loop vectorizes without
+ * run-time overlap checks). */
 RF_PASS_TARGET static void RF_PASS(ln_gates_backward)(REAL *restrict dv_i,
                                                       const REAL *restrict nih,
                                                       const REAL *restrict da_i,
-                                                      REAL *restrict dv_h,
-                                                      const REAL *restrict nhh,
+                                                      REAL *restrict hh,
                                                       const REAL *restrict da_h,
                                                       const REAL *rstd,
                                                       const RF_FN(ln_gains) *ln,
@@ -310,11 +312,11 @@ RF_PASS_TARGET static void RF_PASS(ln_gates_backward)(REAL *restrict dv_i,
     REAL *restrict s_gi = acc + LN_DGI * GH, *restrict s_gh = acc + LN_DGH * GH;
     const REAL *restrict g_ih = ln->g_ih, *restrict g_hh = ln->g_hh;
     RF_PASS(ln_back_means)(da_i, ln->g_ih, nih, GH, &m1i, &m2i);
-    RF_PASS(ln_back_means)(da_h, ln->g_hh, nhh, GH, &m1h, &m2h);
+    RF_PASS(ln_back_means)(da_h, ln->g_hh, hh, GH, &m1h, &m2h);
     for (ptrdiff_t k = 0; k < GH; k++) {
-        REAL di = da_i[k], dh = da_h[k], xi = nih[k], xh = nhh[k];
+        REAL di = da_i[k], dh = da_h[k], xi = nih[k], xh = hh[k];
         dv_i[k] = ri * ((g_ih[k] * di - m1i) - xi * m2i);
-        dv_h[k] = rh * ((g_hh[k] * dh - m1h) - xh * m2h);
+        hh[k] = rh * ((g_hh[k] * dh - m1h) - xh * m2h);
         s_ai[k] += di;
         s_ah[k] += dh;
         s_gi[k] += di * xi;
@@ -355,8 +357,8 @@ RF_PASS_TARGET static void RF_PASS(ln_lstm_step_backward)(const RF_FN(ln_step_ro
             da[2 * H + k] = d_c * i * (1 - gt * gt);
             dc_row[k] = d_c * f;
         }
-        RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, r->prod + j * GH, r->nhh + j * GH,
-                                   da, rstd, ln, acc, GH);
+        RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, r->prod + j * GH, da, rstd, ln,
+                                   acc, GH);
     }
 }
 
@@ -387,8 +389,8 @@ RF_PASS_TARGET static void RF_PASS(ln_gru_step_backward)(const RF_FN(ln_step_row
             dhh[H + k] = dz;
             dhh[2 * H + k] = dn * rr;
         }
-        RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, r->prod + j * GH, r->nhh + j * GH,
-                                   dhh, r->rstd + j * 3, ln, r->acc + j * LN_ACC(GH, H), GH);
+        RF_PASS(ln_gates_backward)(g, r->nih + j * GH, da, r->prod + j * GH, dhh,
+                                   r->rstd + j * 3, ln, r->acc + j * LN_ACC(GH, H), GH);
     }
 }
 
@@ -399,13 +401,13 @@ typedef struct {
     const REAL *g_ih, *g_hh, *g_c, *b_c;
 } RF_FN(ln_gains);
 
-/* One step's buffers, row j of each at j times its width: the gates and both LNs' rows
- * (GH), backward's da (2GH) and acc (LN_ACC), rstd (3), the cell's LN rows nc, tc (H), the
+/* One step's buffers, row j of each at j times its width: the gates, the normalized
+ * input projection (training, else NULL) and the product, normalized in place (GH), backward's da (2GH) and acc (LN_ACC), rstd (3), the cell's LN rows nc, tc (H), the
  * GRU's aux (H, or NULL), the states
  * entering (hp, cp) and leaving (hn, cn for rows that go on, h_n, c_n by batch row for
  * the others), y. */
 typedef struct {
-    REAL *g, *nih, *prod, *nhh, *da, *acc, *rstd, *nc, *tc, *aux;
+    REAL *g, *nih, *prod, *da, *acc, *rstd, *nc, *tc, *aux;
     const REAL *hp, *cp;
     REAL *hn, *cn, *h_n, *c_n, *y;
 } RF_FN(ln_step_rows);
@@ -424,8 +426,7 @@ static RF_FN(ln_step_rows) RF_FN(ln_rows_of)(REAL *ws, const ln_layout *L, const
     ptrdiff_t at = train ? p->offsets[s] : 0, BH = p->B * H, GH = (lstm ? 4 : 3) * H;
     r.g = ws + L->gates + (p->offsets[s] - (train ? 0 : chunk0)) * GH;
     r.prod = ws + L->prod + at * GH;
-    r.nih = train ? ws + L->nih + at * GH : r.g;
-    r.nhh = train ? ws + L->nhh + at * GH : r.prod;
+    r.nih = train ? ws + L->nih + at * GH : NULL;
     r.da = ws + L->da;
     r.acc = ws + L->acc;
     r.rstd = ws + L->rstd + at * 3;
