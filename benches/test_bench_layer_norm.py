@@ -21,7 +21,10 @@ SHAPES = [(100, 32, 128, 256), (35, 20, 650, 650)]  # T, B, I, H
 
 def _case(T, B, I, H):
     rng = np.random.default_rng(0)
-    r = lambda *shape, scale=1.0, at=0.0: (at + scale * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731,E501
+
+    def r(*shape, scale=1.0, at=0.0):
+        return (at + scale * rng.standard_normal(shape)).astype(np.float32)
+
     s = 1 / np.sqrt(H)
     return dict(x=r(T, B, I), w_ih=r(4 * H, I, scale=s), w_hh=r(4 * H, H, scale=s),
                 b_ih=r(4 * H, scale=s), b_hh=r(4 * H, scale=s), dy=r(T, B, H),

@@ -27,13 +27,13 @@
  *   bias (GH) | gates (N,GH): the input projection, then post-activations | nih (N,GH):
  *   normalized input projection | prod (N,GH): the recurrent product, normalized in
  *   place (nhh) | da (B,2GH): backward's gate gradients of a step's row (both sides) |
- *   acc (B,ACC): backward's sums per batch row (ln_acc) | rstd (N,3): ih, hh, cell |
+ *   acc (B,LN_ACC): backward's sums per batch row (ln_acc_at) | rstd (N,3): ih, hh, cell |
  *   h (N,H): h_{t-1} | LSTM: c (N,H): c_{t-1} | nc (N,H): normalized c_t |
  *   tc (N,H): tanh(LN(c_t) + b_c) | GRU: aux (N,H): LN_hh_n + b_hn |
  *   xbuf (N,I), when not dense | weights (rf_prepare_weights)
- * train=0: the same with R chunk rows for gates and B rows (one step) for prod, rstd, nc,
- *   tc, states (2,B,H) each, nih = gates (normalized in place), no da or
- *   aux. */
+ * train=0: the same with R chunk rows for gates, B rows (one step) for prod, rstd, nc
+ *   and tc, states (2,B,H) each; no nih (the projection is normalized in place), da, acc
+ *   or aux. */
 typedef struct {
     ptrdiff_t bias, gates, nih, prod, da, acc, rstd, h, c, nc, tc, aux, xbuf, weights,
         total;
@@ -41,10 +41,10 @@ typedef struct {
 
 /* A row of backward's sums: of the gate gradients on the input and the recurrent side
  * (the GRU's differ in the n block), of the gains' gradients g_ih, g_hh (each GH wide),
- * and the LSTM's cell bias's and gain's (H). */
-enum { LN_DAI, LN_DAH, LN_DGI, LN_DGH, LN_DBC };
+ * and of the LSTM's cell bias's and gain's (H); ln_acc_at: where each starts. */
+enum { LN_DAI, LN_DAH, LN_DGI, LN_DGH, LN_DBC, LN_DGC };
 static ptrdiff_t ln_acc_at(int which, ptrdiff_t GH, ptrdiff_t H) {
-    return which == LN_DBC + 1 ? 4 * GH + H : which * GH;
+    return which < LN_DBC ? which * GH : 4 * GH + (which - LN_DBC) * H;
 }
 #define LN_ACC(GH, H) (4 * (GH) + 2 * (H))
 
@@ -349,7 +349,7 @@ RF_PASS_TARGET static void RF_PASS(ln_lstm_step_backward)(const RF_FN(ln_step_ro
         }
         RF_PASS(ln_cell_backward)(dc_row, r->nc + j * H, tc, ln->g_c, rstd[2], H,
                                   acc + ln_acc_at(LN_DBC, GH, H),
-                                  acc + ln_acc_at(LN_DBC + 1, GH, H));
+                                  acc + ln_acc_at(LN_DGC, GH, H));
         for (ptrdiff_t k = 0; k < H; k++) {  /* c = f c_prev + i g */
             REAL i = g[k], f = g[H + k], gt = g[2 * H + k], d_c = dc_row[k];
             da[k] = d_c * gt * i * (1 - i);
@@ -401,11 +401,11 @@ typedef struct {
     const REAL *g_ih, *g_hh, *g_c, *b_c;
 } RF_FN(ln_gains);
 
-/* One step's buffers, row j of each at j times its width: the gates, the normalized
- * input projection (training, else NULL) and the product, normalized in place (GH), backward's da (2GH) and acc (LN_ACC), rstd (3), the cell's LN rows nc, tc (H), the
- * GRU's aux (H, or NULL), the states
- * entering (hp, cp) and leaving (hn, cn for rows that go on, h_n, c_n by batch row for
- * the others), y. */
+/* One step's buffers, row j of each at j times its width: the gates, the normalized input
+ * projection (training, else NULL), the product (normalized in place) and backward's da
+ * (2GH), acc (LN_ACC), rstd (3), the cell's LN rows nc, tc (H), the GRU's aux (H, or NULL),
+ * the states entering (hp, cp) and leaving (hn, cn for rows that go on, h_n, c_n by batch
+ * row for the others), y. */
 typedef struct {
     REAL *g, *nih, *prod, *da, *acc, *rstd, *nc, *tc, *aux;
     const REAL *hp, *cp;
@@ -604,11 +604,11 @@ void RF_FN(rf_ln_backward)(int cell, const rf_backward_bufs *a, const rf_zoneout
      * inside the reset gate: the recurrent side's n block) */
     const REAL *acc = ws + L.acc;
     ptrdiff_t width = LN_ACC(GH, H);
-    REAL *outs[6] = {a->db_ih, a->db_hh, ln->dg_ih, ln->dg_hh, ln->db_c, ln->dg_c};
-    for (int k = 0; k < (lstm ? 6 : 4); k++)
+    REAL *outs[6] = {a->db_ih, a->db_hh, ln->dg_ih, ln->dg_hh, ln->db_c, ln->dg_c};  /* LN_* */
+    for (int k = LN_DAI; k <= (lstm ? LN_DGC : LN_DGH); k++)
         if (outs[k])
-            RF_FN(rf_column_sums)(outs[k], acc + ln_acc_at(k, GH, H), B, k < 4 ? GH : H, width,
-                                  rt->avx2);
+            RF_FN(rf_column_sums)(outs[k], acc + ln_acc_at(k, GH, H), B,
+                                  k < LN_DBC ? GH : H, width, rt->avx2);
 }
 
 #endif /* RF_TEMPLATE */

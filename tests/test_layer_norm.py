@@ -16,6 +16,7 @@ import pytest
 from rnnfuse import GRU, LSTM, RNN, _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
+from rnnfuse.onnx_weights import from_onnx, to_onnx
 from checks import assert_close, assert_gradient  # tests/checks.py
 
 _SIMD = _kernels.simd_path()
@@ -38,7 +39,10 @@ def make_case(cell, T, B, I, H, dtype, seed=0):
     """Random inputs, weights, gains away from 1 (so that they matter) and upstream
     gradients."""
     rng = np.random.default_rng(seed)
-    r = lambda *shape, scale=1.0, at=0.0: (at + scale * rng.standard_normal(shape)).astype(dtype)  # noqa: E731,E501
+
+    def r(*shape, scale=1.0, at=0.0):
+        return (at + scale * rng.standard_normal(shape)).astype(dtype)
+
     G, s = (4 if cell == "lstm" else 3), 1 / np.sqrt(H)
     a = dict(x=r(T, B, I), h0=r(B, H), w_ih=r(G * H, I, scale=s), w_hh=r(G * H, H, scale=s),
              b_ih=r(G * H, scale=s), b_hh=r(G * H, scale=s), g_ih=r(G * H, scale=0.3, at=1),
@@ -124,7 +128,8 @@ def test_reference_follows_the_equations(cell):
         gh = _ln(a["w_hh"] @ h, a["g_hh"])
         if cell == "lstm":
             pre = gi + gh + a["b_ih"] + a["b_hh"]
-            i, f, g, o = sig(pre[:H]), sig(pre[H:2 * H]), np.tanh(pre[2 * H:3 * H]), sig(pre[3 * H:])
+            i, f, o = sig(pre[:H]), sig(pre[H:2 * H]), sig(pre[3 * H:])
+            g = np.tanh(pre[2 * H:3 * H])
             c = f * c + i * g
             h = o * np.tanh(_ln(c, a["g_c"]) + a["b_c"])
         else:
@@ -227,7 +232,10 @@ def test_dict_form():
 
 def test_refusals_name_the_argument():
     a, _ = make_case("gru", 2, 2, 3, 4, np.float64)
-    gru = lambda **kw: F.gru_forward(a["x"], None, a["w_ih"], a["w_hh"], None, None, **kw)  # noqa: E731,E501
+
+    def gru(**kw):
+        return F.gru_forward(a["x"], None, a["w_ih"], a["w_hh"], None, None, **kw)
+
     ln = (a["g_ih"], a["g_hh"])
     with pytest.raises(ValueError, match="layer_norm is for the LSTM and the GRU with "
                                          "linear_before_reset=True; the GRU with"):
@@ -269,6 +277,10 @@ def test_layer_refusals_name_the_argument():
         with pytest.raises(ValueError, match="quantized\\(\\) does not take a layer with "
                                              "layer_norm"):
             layer.quantized()
+        with pytest.raises(ValueError, match="a layer with layer_norm cannot be converted"):
+            to_onnx(layer)
+        with pytest.raises(ValueError, match="a layer with layer_norm cannot be converted"):
+            from_onnx(layer, [])
 
 
 # ---------------------------------------------------------------- layers
