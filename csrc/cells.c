@@ -44,6 +44,12 @@ static const rf_recdrop *RF_FN(recdrop_of)(const rf_recdrop *r) {
 int RF_FN(rf_forward)(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                       ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt) {
     const rf_runtime call = *rt;  /* one code path for the whole call */
+    if (a->layernorm.g_ih) {  /* the LSTM, or the GRU with linear_before_reset */
+        if (cell != RF_LSTM && !(cell == RF_GRU && option)) return -1;
+        RF_FN(rf_ln_forward)(cell, a, RF_FN(zoneout_of)(&a->zoneout),
+                             RF_FN(recdrop_of)(&a->recdrop), p, I, H, train, &call);
+        return 0;
+    }
     switch (cell) {
         case RF_LSTM:
             RF_FN(rf_lstm_forward)(a->y, a->h_n, a->c_n, a->ws, a->x, a->h0, a->c0, a->w_ih,
@@ -71,6 +77,12 @@ int RF_FN(rf_forward)(int cell, int option, const rf_forward_bufs *a, const rf_p
 int RF_FN(rf_backward)(int cell, int option, const rf_backward_bufs *a, const rf_plan *p,
                        ptrdiff_t I, ptrdiff_t H, const rf_runtime *rt) {
     const rf_runtime call = *rt;
+    if (a->layernorm.g_ih) {
+        if (cell != RF_LSTM && !(cell == RF_GRU && option)) return -1;
+        RF_FN(rf_ln_backward)(cell, a, RF_FN(zoneout_of)(&a->zoneout),
+                              RF_FN(recdrop_of)(&a->recdrop), p, I, H, &call);
+        return 0;
+    }
     switch (cell) {
         case RF_LSTM:
             RF_FN(rf_lstm_backward)(a->dx, a->dh0, a->dc0, a->dw_ih, a->dw_hh, a->db_ih,

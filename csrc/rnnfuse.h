@@ -237,6 +237,16 @@ typedef struct {
     void *buf;
 } rf_recdrop;
 
+/* Layer normalization of the LSTM and the GRU with linear_before_reset (layernorm.c):
+ * gates = LN(W_ih x; g_ih) + LN(W_hh h; g_hh) + b_ih + b_hh, LN over a row's G*H units;
+ * the LSTM's h = o tanh(LN(c; g_c) + b_c). g_ih NULL: none. Backward writes the gains' and
+ * b_c's gradients to dg_*, db_c. Pointers to the call's dtype. */
+typedef struct {
+    const void *g_ih, *g_hh;  /* (G*H) */
+    const void *g_c, *b_c;    /* LSTM: (H) */
+    void *dg_ih, *dg_hh, *dg_c, *db_c;
+} rf_layernorm;
+
 /* Forward passes. Outputs y (T,B,H), h_n (B,H), c_n (B,H): y must be zero at padded
  * positions on entry (they are not written). h0, c0, b_ih, b_hh: or NULL (zeros / no bias).
  * peep: the LSTM's peepholes (3H) in ONNX's order i o f, or NULL (none); backward then
@@ -361,6 +371,7 @@ typedef struct {
     const void *peep;  /* LSTM: or NULL */
     rf_zoneout zoneout;  /* h and c NULL: none */
     rf_recdrop recdrop;  /* m NULL: none */
+    rf_layernorm layernorm;  /* g_ih NULL: none */
 } rf_forward_bufs;
 typedef struct {
     void *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
@@ -371,7 +382,20 @@ typedef struct {
     void *dpeep;       /* with peep: its gradient (3H) */
     rf_zoneout zoneout;  /* the forward's */
     rf_recdrop recdrop;  /* the forward's mask, backward's buf */
+    rf_layernorm layernorm;  /* the forward's gains, and their gradients */
 } rf_backward_bufs;
+/* The layer-normalized cells' passes and workspace (layernorm.c), which rf_forward and
+ * rf_backward call where a->layernorm.g_ih is set; the GRU's with linear_before_reset. */
+ptrdiff_t rf_ln_workspace(int cell, const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int train);
+#define RF_DECLARE_LN(REAL, SFX)                                                            \
+    void rf_ln_forward_##SFX(int cell, const rf_forward_bufs *a, const rf_zoneout *zo,      \
+                             const rf_recdrop *rd, const rf_plan *p, ptrdiff_t I,           \
+                             ptrdiff_t H, int train, const rf_runtime *rt);                 \
+    void rf_ln_backward_##SFX(int cell, const rf_backward_bufs *a, const rf_zoneout *zo,    \
+                              const rf_recdrop *rd, const rf_plan *p, ptrdiff_t I,          \
+                              ptrdiff_t H, const rf_runtime *rt);
+RF_DECLARE_LN(float, f32)
+RF_DECLARE_LN(double, f64)
 int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                    ptrdiff_t I, ptrdiff_t H, int train, const rf_runtime *rt);
 int rf_forward_f64(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,

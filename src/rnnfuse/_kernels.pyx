@@ -86,6 +86,17 @@ cdef extern from "rnnfuse.h" nogil:
     ctypedef struct rf_recdrop:
         const void *m
         void *buf
+    ctypedef struct rf_layernorm:
+        const void *g_ih
+        const void *g_hh
+        const void *g_c
+        const void *b_c
+        void *dg_ih
+        void *dg_hh
+        void *dg_c
+        void *db_c
+    Py_ssize_t rf_ln_workspace(int cell, const rf_plan *p, Py_ssize_t I, Py_ssize_t H,
+                               int train)
     ctypedef struct rf_forward_bufs:
         void *y
         void *h_n
@@ -102,6 +113,7 @@ cdef extern from "rnnfuse.h" nogil:
         const void *peep
         rf_zoneout zoneout
         rf_recdrop recdrop
+        rf_layernorm layernorm
     ctypedef struct rf_backward_bufs:
         void *dx
         void *dh0
@@ -122,6 +134,7 @@ cdef extern from "rnnfuse.h" nogil:
         void *dpeep
         rf_zoneout zoneout
         rf_recdrop recdrop
+        rf_layernorm layernorm
     int rf_forward_f32(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
                        Py_ssize_t I, Py_ssize_t H, int train, const rf_runtime *rt)
     int rf_forward_f64(int cell, int option, const rf_forward_bufs *a, const rf_plan *p,
@@ -350,11 +363,43 @@ cdef cnp.ndarray _aligned_empty(cnp.npy_intp n, int typenum):
     return view
 
 
-def workspace_size(str cell, Plan plan not None, Py_ssize_t I, Py_ssize_t H, bint train):
-    """Elements of the forward's workspace (with train: the saved state backward reads)."""
+def workspace_size(str cell, Plan plan not None, Py_ssize_t I, Py_ssize_t H, bint train,
+                   bint layer_norm=False):
+    """Elements of the forward's workspace (with train: the saved state backward reads);
+    layer_norm: the layer-normalized cell's."""
     cdef int c = _cell(cell).id
     cdef rf_plan p = plan.view()
-    return rf_workspace(c, &p, I, H, train)
+    return _workspace_size(c, &p, I, H, train, layer_norm)
+
+
+cdef Py_ssize_t _workspace_size(int cell, const rf_plan *p, Py_ssize_t I, Py_ssize_t H,
+                                bint train, bint layer_norm):
+    return rf_ln_workspace(cell, p, I, H, train) if layer_norm else \
+        rf_workspace(cell, p, I, H, train)
+
+
+cdef rf_layernorm _layernorm(gains, grads, Py_ssize_t GH, Py_ssize_t H, int t) except *:
+    """A call's layer normalization for C: gains None (none), or (g_ih, g_hh) and for the
+    LSTM (g_ih, g_hh, g_c, b_c); grads None (forward) or arrays of the same shapes."""
+    cdef rf_layernorm n
+    n.g_ih = n.g_hh = n.g_c = n.b_c = NULL
+    n.dg_ih = n.dg_hh = n.dg_c = n.db_c = NULL
+    if gains is None:
+        return n
+    if len(gains) not in (2, 4):
+        raise ValueError("_kernels: layer_norm must hold 2 (GRU) or 4 (LSTM) arrays")
+    n.g_ih = _buf(gains[0], GH, t, "layer_norm", _REQUIRED)
+    n.g_hh = _buf(gains[1], GH, t, "layer_norm", _REQUIRED)
+    if len(gains) == 4:
+        n.g_c = _buf(gains[2], H, t, "layer_norm", _REQUIRED)
+        n.b_c = _buf(gains[3], H, t, "layer_norm", _REQUIRED)
+    if grads is not None:
+        n.dg_ih = _buf(grads[0], GH, t, "dlayer_norm", _OUT)
+        n.dg_hh = _buf(grads[1], GH, t, "dlayer_norm", _OUT)
+        if len(gains) == 4:
+            n.dg_c = _buf(grads[2], H, t, "dlayer_norm", _OUT)
+            n.db_c = _buf(grads[3], H, t, "dlayer_norm", _OUT)
+    return n
 
 
 def backward_scratch_size(str cell, Plan plan not None, Py_ssize_t I, Py_ssize_t H):
@@ -472,7 +517,7 @@ cdef int _check_weight_shapes(w_ih, w_hh, Py_ssize_t G, Py_ssize_t I,
 cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh,
                                    b_ih, b_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
                                    bint train, peep, zoneout, recdrop, recdrop_buf,
-                                   packed=None) except *:
+                                   packed=None, layer_norm=None) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -482,7 +527,8 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.y = _buf(y, TB * H, t, "y", _OUT)
     a.h_n = _buf(h_n, BH, t, "h_n", _OUT)
     a.c_n = _buf(c_n, BH, t, "c_n", _OUT) if lstm else NULL
-    a.ws = _buf(ws, rf_workspace(c.id, &p, I, H, train), t, "ws", _OUT)
+    a.ws = _buf(ws, _workspace_size(c.id, &p, I, H, train, layer_norm is not None), t, "ws",
+                _OUT)
     a.x = _buf(x, TB * I, t, "x", _REQUIRED)
     a.h0 = _buf(h0, BH, t, "h0", _OPTIONAL)
     a.c0 = _buf(c0, BH, t, "c0", _OPTIONAL) if lstm else NULL
@@ -495,6 +541,7 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
     a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     a.recdrop = _recdrop(recdrop, recdrop_buf, t, BH, BH)
+    a.layernorm = _layernorm(layer_norm, None, G * H, H, t)
     return a
 
 
@@ -527,7 +574,7 @@ cdef rf_zoneout _zoneout(zoneout, bint lstm, int t, Py_ssize_t full,
 
 cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
                     Py_ssize_t H, bint train, bint option=False, peep=None, zoneout=None,
-                    recurrent_dropout=None, packed=None):
+                    recurrent_dropout=None, packed=None, layer_norm=None):
     """One forward of cell "lstm" (c0 used), "gru" (option = linear_before_reset) or "rnn"
     (option = relu) over ws (workspace_size elements): returns y (zero at padding), h_n
     and c_n (None but for the LSTM). c0, peep (3H, i o f): None but for the LSTM.
@@ -535,7 +582,8 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     the units of h and the LSTM's c (each or None) keep their previous values.
     recurrent_dropout: None or the (B,H) mask h_{t-1} is multiplied by in the recurrent
     product. packed: None, or w_ih and w_hh as pack_weights packed them for this cell,
-    option and code path (kernel())."""
+    option and code path (kernel()). layer_norm: None, or the gains (g_ih, g_hh), for the
+    LSTM (g_ih, g_hh, g_c, b_c) (ws: workspace_size(layer_norm=True) elements)."""
     if plan is None:  # (a cpdef function cannot say "not None")
         raise TypeError("_kernels: plan must be a Plan, got None")
     cdef const rf_cell *c = _cell(cell)
@@ -547,7 +595,7 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     rd_buf = _empty(t, 1, B * H, 0) if recurrent_dropout is not None else None
     cdef rf_forward_bufs a = _forward_args(c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih,
                                            b_hh, plan, I, H, train, peep, zoneout,
-                                           recurrent_dropout, rd_buf, packed)
+                                           recurrent_dropout, rd_buf, packed, layer_norm)
     cdef rf_plan p = plan.view()
     with nogil:
         status = _forward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H, train)
@@ -559,7 +607,8 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
 cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_hh, db_ih,
                                      db_hh, dy, dh_n, dc_n, ws, scratch, x, w_ih, w_hh,
                                      Plan plan, Py_ssize_t I, Py_ssize_t H, peep,
-                                     dpeep, zoneout, carry, recdrop, recdrop_buf) except *:
+                                     dpeep, zoneout, carry, recdrop, recdrop_buf,
+                                     layer_norm=None, dlayer_norm=None) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -576,7 +625,8 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     a.dy = _buf(dy, TB * H, t, "dy", _OPTIONAL)
     a.dh_n = _buf(dh_n, BH, t, "dh_n", _OPTIONAL)
     a.dc_n = _buf(dc_n, BH, t, "dc_n", _OPTIONAL) if lstm else NULL
-    a.ws = _buf(ws, rf_workspace(c.id, &p, I, H, True), t, "ws", _OUT)
+    a.ws = _buf(ws, _workspace_size(c.id, &p, I, H, True, layer_norm is not None), t, "ws",
+                _OUT)
     a.scratch = _buf(scratch, rf_backward_scratch(&p, I, H, G), t, "scratch", _OUT)
     a.x = _buf(x, TB * I, t, "x", _REQUIRED)
     a.w_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
@@ -587,6 +637,7 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     if a.zoneout.h != NULL or a.zoneout.c != NULL:
         a.zoneout.carry = _buf(carry, 2 * BH, t, "carry", _OUT)
     a.recdrop = _recdrop(recdrop, recdrop_buf, t, BH, plan.rows * H + BH)
+    a.layernorm = _layernorm(layer_norm, dlayer_norm, G * H, H, t)
     return a
 
 
@@ -594,7 +645,8 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
     """One backward over a training forward's ctx (functional.py's Context, checked there)
     whose dy, dh_n and dc_n (LSTM only) are None or already what the kernels take:
     returns dx, dh0, dc0 (None but for the LSTM), dw_ih, dw_hh, db_ih, db_hh (None for an
-    absent bias), dpeep (the peepholes' gradient, None without ctx.peep) and the
+    absent bias), dpeep (the peepholes' gradient, None without ctx.peep), dlayer_norm (the
+    gradients of ctx.layer_norm's arrays, a tuple, or None without it) and the
     workspace, taken from ctx by ctx.take() and overwritten. For any
     other dy, dh_n or dc_n: None, with ctx untouched (functional.py then checks, explains
     or converts)."""
@@ -627,9 +679,11 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         carry = _empty(t, 1, 2 * B * H, 0) if zoneout is not None else None
         recdrop = ctx.recurrent_dropout  # functional.Context: None without it
         rd_buf = _empty(t, 1, (plan.rows + B) * H, 0) if recdrop is not None else None
+        ln = ctx.layer_norm  # functional.Context: None without layer norm
+        dln = None if ln is None else tuple(_empty(t, 1, g.shape[0], 0) for g in ln)
         a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
                            scratch, x, w_ih, w_hh, plan, I, H, peep, dpeep, zoneout, carry,
-                           recdrop, rd_buf)
+                           recdrop, rd_buf, ln, dln)
     except BaseException:
         ctx.ws = ws
         raise
@@ -639,7 +693,7 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         status = _backward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H)
     if status:
         raise RuntimeError(f"_kernels: no backward for cell {cell!r}")
-    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, ws
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, dln, ws
 
 
 include "small.pxi"  # the small-call fast path: forward_small, _takes

@@ -113,6 +113,7 @@ cdef int _capi_forward(bint f32, int cell, int option, void *y, void *h_n, void 
     a.packed = NULL  # the kernel packs the weights into ws itself
     a.peep, a.zoneout, a.recdrop.m = c.peep, c.zoneout, c.recdrop
     a.recdrop.buf = _at(c.extra, H, f32) if c.recdrop != NULL else NULL
+    a.layernorm.g_ih = NULL  # the C API has no layer norm
     _forward(f32, cell, option, &a, &c.plan, I, H, train)  # cell checked: it returns 0
     if train:
         ctx_out[0] = <rnnfuse_ctx *>c
@@ -232,6 +233,7 @@ cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, v
     a.peep, a.dpeep, a.zoneout, a.recdrop.m = c.peep, dpeep, c.zoneout, c.recdrop
     a.zoneout.carry = _at(scratch, n, f32) if carry else NULL
     a.recdrop.buf = _at(scratch, n + carry, f32) if c.recdrop != NULL else NULL
+    a.layernorm.g_ih = NULL  # the C API has no layer norm
     _backward(f32, c.cell, c.option, &a, &c.plan, c.n_in, c.hidden)  # a forward's cell
     free(scratch)
     free(c.ws)  # overwritten by the backward: release it now

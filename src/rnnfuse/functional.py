@@ -30,6 +30,10 @@ recurrent dropout's (B, H) mask m, already scaled (e.g. 0 or 1/(1-p)), finite an
 the same at every step. h_{t-1} enters the recurrent product as h_{t-1} m (all gates; the
 GRU without linear_before_reset takes r (h_{t-1} m)); the state itself is not masked.
 
+``lstm_forward`` and ``gru_forward`` also take ``layer_norm`` (keyword only, default None):
+the layer-normalized cell (see there), whose backward returns the gradients of its arrays
+as the last elements.
+
 Every forward also takes ``need_ctx`` (keyword only, default True): with False it runs
 inference only, keeps no state for backward (its workspace does not grow with T) and
 returns ``ctx=None``. The ctx keeps references to ``x``, ``w_ih`` and ``w_hh``: modifying
@@ -68,7 +72,7 @@ class Context:
 
     __slots__ = ("cell", "dtype", "plan", "ws", "x", "w_ih", "w_hh", "has_bias",
                  "option", "input_size", "hidden_size", "peep", "zoneout",
-                 "recurrent_dropout")
+                 "recurrent_dropout", "layer_norm")
     cell: str
     dtype: np.dtype[Any]
     plan: _kernels.Plan
@@ -83,9 +87,10 @@ class Context:
     peep: FloatArray | None  # the LSTM's peepholes, or None
     zoneout: tuple[Any, Any, bool] | None  # (z_h, z_c, shared), or None
     recurrent_dropout: FloatArray | None  # the (B, H) mask, or None
+    layer_norm: tuple[FloatArray, ...] | None  # the gains (and the LSTM's b_c), or None
 
     def __init__(self) -> None:
-        self.peep = self.zoneout = self.recurrent_dropout = None
+        self.peep = self.zoneout = self.recurrent_dropout = self.layer_norm = None
 
     def __repr__(self) -> str:
         state = "used" if self.ws is None else "ready"
@@ -250,13 +255,14 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
              b_ih: ArrayLike | None, b_hh: ArrayLike | None, lengths: ArrayLike | None,
              reverse: bool, option: bool | None, need_ctx: bool, peep: Any = None,
              zoneout: Any = None, recurrent_dropout: Any = None,
-             packed: FloatArray | None = None,
+             packed: FloatArray | None = None, layer_norm: Any = None,
              ) -> tuple[FloatArray, list[Any], Context | None]:
     """packed: None, or w_ih and w_hh as _kernels.pack_weights packed them (for this cell,
     option and code path), which the kernels then read rather than packing them anew."""
     lstm = cell == "lstm"
     small = None
-    if lengths is None and peep is None and zoneout is None and recurrent_dropout is None:
+    if (lengths is None and peep is None and zoneout is None and recurrent_dropout is None
+            and layer_norm is None):
         small = _kernels.forward_small(cell, x, states[0], states[1] if lstm else None, w_ih,
                                        w_hh, b_ih, b_hh, reverse, need_ctx, option,
                                        _full_plan, packed)
@@ -264,10 +270,11 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
         y, h_n, c_n, ws, plan = small
         finals = [h_n, c_n] if lstm else [h_n]
     else:
-        y, finals, ws, plan, x, w_ih, w_hh, peep, zoneout, recurrent_dropout = (
+        y, finals, ws, plan, x, w_ih, w_hh, peep, zoneout, recurrent_dropout, layer_norm = (
             _checked_forward(cell, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                              option, need_ctx, peep=peep, zoneout=zoneout,
-                             recurrent_dropout=recurrent_dropout, packed=packed))
+                             recurrent_dropout=recurrent_dropout, packed=packed,
+                             layer_norm=layer_norm))
     dtype, I, H = x.dtype, x.shape[2], w_hh.shape[1]
 
     ctx = None
@@ -281,6 +288,7 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
         ctx.option, ctx.input_size, ctx.hidden_size = option, I, H
         ctx.peep, ctx.zoneout = peep, zoneout
         ctx.recurrent_dropout = recurrent_dropout
+        ctx.layer_norm = layer_norm
     return y, finals, ctx
 
 
@@ -290,10 +298,11 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
                      workspace: Callable[[int, np.dtype[Any]], FloatArray] | None = None,
                      peep: Any = None, zoneout: Any = None,
                      recurrent_dropout: Any = None,
-                     packed: FloatArray | None = None) -> tuple[Any, ...]:
+                     packed: FloatArray | None = None,
+                     layer_norm: Any = None) -> tuple[Any, ...]:
     """A forward with every argument checked, and converted where needed: y, the final
-    states, the workspace, the plan and the x, w_ih, w_hh, peepholes, zoneout and
-    recurrent dropout's mask the kernels read.
+    states, the workspace, the plan and the x, w_ih, w_hh, peepholes, zoneout, recurrent
+    dropout's mask and layer norm's arrays the kernels read.
     workspace(n, dtype): the workspace's allocator, if not the thread's spare. packed: as
     _forward's."""
     dtype = _dtype_of(x)
@@ -308,18 +317,52 @@ def _checked_forward(cell: str, x: Any, states: Any, w_ih: Any, w_hh: Any, b_ih:
         peep = _check("peepholes", peep, (3 * H,), dtype)
     zoneout = _check_zoneout(cell, zoneout, (T, B, H), dtype)
     recurrent_dropout = _check_recurrent_dropout(recurrent_dropout, (B, H), dtype)
+    layer_norm = _check_layer_norm(cell, option, layer_norm, H, dtype, peep is not None)
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     plan = _plan(lengths, T, B, bool(reverse))
 
-    n = _kernels.workspace_size(cell, plan, I, H, bool(need_ctx))
+    n = _kernels.workspace_size(cell, plan, I, H, bool(need_ctx), layer_norm is not None)
     ws = (_workspace if workspace is None else workspace)(n, dtype)
     lstm = cell == "lstm"
     y, h_n, c_n = _kernels.forward(cell, x, states[0], states[1] if lstm else None, w_ih,
                                    w_hh, b_ih, b_hh, plan, ws, I, H, bool(need_ctx), option,
-                                   peep, zoneout, recurrent_dropout, packed)
+                                   peep, zoneout, recurrent_dropout, packed, layer_norm)
     return (y, [h_n, c_n] if lstm else [h_n], ws, plan, x, w_ih, w_hh, peep, zoneout,
-            recurrent_dropout)
+            recurrent_dropout, layer_norm)
+
+
+_LN_NAMES = {"lstm": ("g_ih", "g_hh", "g_c", "b_c"), "gru": ("g_ih", "g_hh")}
+
+
+def _check_layer_norm(cell: str, option: bool | None, layer_norm: Any, H: int,
+                      dtype: np.dtype[Any], peepholes: bool) -> tuple[FloatArray, ...] | None:
+    """layer_norm for the kernels: None, or its arrays as a tuple in _LN_NAMES' order, from
+    a tuple or a dict of those names."""
+    if layer_norm is None:
+        return None
+    if cell == "rnn" or (cell == "gru" and not option):
+        what = "the RNN" if cell == "rnn" else "the GRU with linear_before_reset=False"
+        raise ValueError(f"layer_norm is for the LSTM and the GRU with "
+                         f"linear_before_reset=True; {what} has none")
+    if peepholes:
+        raise ValueError("layer_norm and peepholes cannot be combined")
+    names = _LN_NAMES[cell]
+    form = f"({', '.join(names)})"
+    if isinstance(layer_norm, dict):
+        if set(layer_norm) != set(names):
+            raise ValueError(f"layer_norm must have the keys {form}, got "
+                             f"{tuple(layer_norm)}")
+        layer_norm = tuple(layer_norm[n] for n in names)
+    if not isinstance(layer_norm, (tuple, list)) or len(layer_norm) != len(names):
+        raise TypeError(f"layer_norm must be a tuple {form} of arrays or a dict of those "
+                        f"keys, got {type(layer_norm).__name__}"
+                        + (f" of length {len(layer_norm)}"
+                           if isinstance(layer_norm, (tuple, list)) else ""))
+    G = _GATES[cell]
+    sizes = {"g_ih": G * H, "g_hh": G * H, "g_c": H, "b_c": H}
+    return tuple(_check(f"layer_norm {n}", a, (sizes[n],), dtype)
+                 for n, a in zip(names, layer_norm))
 
 
 def _check_recurrent_dropout(mask: Any, shape: tuple[int, int],
@@ -382,9 +425,12 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
         if lstm:
             dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
         out = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, ws = out
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, dln, ws = out
     if keep_spare:
         _keep_spare(ws)
+    if dln is not None:
+        return (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, *dln) if lstm else \
+            (dx, dh0, dw_ih, dw_hh, db_ih, db_hh, *dln)
     if dpeep is not None:
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep
     if lstm:
@@ -398,7 +444,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
                  w_hh: ArrayLike, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                  lengths: ArrayLike | None = None, reverse: bool = False, *,
                  need_ctx: bool = True, peepholes: ArrayLike | None = None,
-                 zoneout: Any = None, recurrent_dropout: Any = None,
+                 zoneout: Any = None, recurrent_dropout: Any = None, layer_norm: Any = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
     """LSTM over a whole sequence. Returns ``y (T,B,H), h_n (B,H), c_n (B,H), ctx``.
 
@@ -409,17 +455,25 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     as it is): i and f then also add P_i c and P_f c (the previous cell) to their
     pre-activations, and o adds P_o c' (the new cell). lstm_backward then returns the
     peepholes' gradient as an eighth element.
+
+    ``layer_norm``: None, or ``(g_ih, g_hh, g_c, b_c)`` (a tuple, or a dict of those keys),
+    gains g_ih, g_hh (4H,), g_c (H,) and the cell bias b_c (H,): the layer-normalized LSTM
+    (haste's form), gates = LN(W_ih x; g_ih) + LN(W_hh h; g_hh) + b_ih + b_hh and
+    h' = o tanh(LN(c'; g_c) + b_c), c' itself unnormalized, where LN(v; g) = g (v - mean(v))
+    / sqrt(var(v) + 1e-5) over a row's 4H gate units (H for the cell). lstm_backward then
+    returns dg_ih, dg_hh, dg_c, db_c after the seven gradients. Not with peepholes.
     """
     y, (h_n, c_n), ctx = _forward("lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
                                   reverse, None, need_ctx, peepholes, zoneout,
-                                  recurrent_dropout)
+                                  recurrent_dropout, layer_norm=layer_norm)
     return y, h_n, c_n, ctx
 
 
 def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
                   ctx: Context) -> LSTMGrads:
     """Gradients ``dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases),
-    and ``dpeepholes`` (3H, i o f) after them where the forward had peepholes."""
+    and ``dpeepholes`` (3H, i o f) after them where the forward had peepholes, or
+    ``dg_ih, dg_hh, dg_c, db_c`` where it had layer_norm."""
     return _backward("lstm", dy, (dh_n, dc_n), ctx)
 
 
@@ -427,25 +481,33 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 linear_before_reset: bool = True, *, need_ctx: bool = True,
-                zoneout: Any = None,
-                recurrent_dropout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
+                zoneout: Any = None, recurrent_dropout: Any = None,
+                layer_norm: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
     """GRU over a whole sequence. Returns ``y (T,B,H), h_n (B,H), ctx``.
 
     r, z = sigmoid(...); n = tanh(W_in x + b_in + r (W_hn h + b_hn)) with
     ``linear_before_reset`` (PyTorch), else tanh(W_in x + b_in + W_hn (r h) + b_hn);
     h' = (1 - z) n + z h.
+
+    ``layer_norm``: None, or gains ``(g_ih, g_hh)`` (a tuple, or a dict of those keys), each
+    (3H,): the layer-normalized GRU (haste's form; linear_before_reset only), with
+    a = LN(W_ih x; g_ih) and b = LN(W_hh h; g_hh) in place of W_ih x and W_hh h:
+    r, z = sigmoid(a + b + b_ih + b_hh), n = tanh(a_n + b_in + r (b_n + b_hn)), LN(v; g) =
+    g (v - mean(v)) / sqrt(var(v) + 1e-5) over a row's 3H gate units. gru_backward then
+    returns dg_ih, dg_hh after the six gradients.
     """
     if not isinstance(linear_before_reset, (bool, np.bool_)):
         raise TypeError("linear_before_reset must be a bool, got "
                         f"{type(linear_before_reset).__name__}")
     y, (h_n,), ctx = _forward("gru", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                               bool(linear_before_reset), need_ctx, zoneout=zoneout,
-                              recurrent_dropout=recurrent_dropout)
+                              recurrent_dropout=recurrent_dropout, layer_norm=layer_norm)
     return y, h_n, ctx
 
 
 def gru_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: Context) -> CellGrads:
-    """Gradients ``dx, dh0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
+    """Gradients ``dx, dh0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases), and
+    ``dg_ih, dg_hh`` after them where the forward had layer_norm."""
     return _backward("gru", dy, (dh_n,), ctx)
 
 
@@ -453,14 +515,15 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
                 b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 nonlinearity: Literal["tanh", "relu"] = "tanh", *, need_ctx: bool = True,
-                zoneout: Any = None,
-                recurrent_dropout: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
+                zoneout: Any = None, recurrent_dropout: Any = None,
+                layer_norm: Any = None) -> tuple[FloatArray, FloatArray, Context | None]:
     """Elman RNN over a whole sequence: h' = act(W_ih x + b_ih + W_hh h + b_hh), act
-    ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``."""
+    ``"tanh"`` or ``"relu"``. Returns ``y (T,B,H), h_n (B,H), ctx``. (``layer_norm``: the
+    RNN has none; anything but None is refused.)"""
     check_nonlinearity(nonlinearity)
     y, (h_n,), ctx = _forward("rnn", x, (h0,), w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                               nonlinearity == "relu", need_ctx, zoneout=zoneout,
-                              recurrent_dropout=recurrent_dropout)
+                              recurrent_dropout=recurrent_dropout, layer_norm=layer_norm)
     return y, h_n, ctx
 
 

@@ -204,6 +204,7 @@ class _RNNBase(Module):
     _n_states = 1  # arrays in the state: 1 (h) or 2 (h, c)
     _cell: str  # the cell's name in rnnfuse.functional
     _peepholes = False  # the LSTM's peepholes: a (3H,) weight_peep per layer and direction
+    _layer_norm = False  # the LSTM's and GRU's layer normalization: gains (and b_c) per layer
     zoneout = 0.0  # each unit of a new state keeps its previous value with this probability
     weight_drop = 0.0  # in training each element of W_hh drops out with this probability
     recurrent_dropout = 0.0  # in training each unit of h_{t-1} drops out of the product
@@ -242,6 +243,7 @@ class _RNNBase(Module):
         # same seed (the same draws), and backward trains them from there.
         kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
         kinds += ["weight_peep"] if self._peepholes else []
+        kinds += self._layer_norm_kinds()
         self._param_names = [[kind + f"_l{layer}" + ("_reverse" if d == 1 else "")
                               for kind in kinds]
                              for layer in range(self.num_layers)
@@ -255,6 +257,33 @@ class _RNNBase(Module):
                     self._add_param(name, self._rng.uniform(-k, k, shape).astype(self.dtype))
                 if self._peepholes:
                     self._add_param(self._names(layer, d)[-1], np.zeros(3 * H, self.dtype))
+                if self._layer_norm:
+                    kinds_ln = self._layer_norm_kinds()
+                    for name, kind in zip(self._names(layer, d)[-len(kinds_ln):], kinds_ln):
+                        self._add_param(name, self._layer_norm_init(kind))
+
+    def _layer_norm_kinds(self) -> list[str]:
+        """Layer normalization's parameters, gains of the input and recurrent gate
+        pre-activations, and for the LSTM the cell's gain and bias."""
+        if not self._layer_norm:
+            return []
+        return ["ln_weight_ih", "ln_weight_hh"] + (["ln_weight_c", "ln_bias_c"]
+                                                   if self._n_states == 2 else [])
+
+    def _layer_norm_init(self, kind: str) -> NDArray[Any]:
+        """Gains start at 1, the cell bias at 0."""
+        size = self.hidden_size * (1 if kind.endswith("_c") else self._gates)
+        return np.full(size, 0.0 if kind == "ln_bias_c" else 1.0, self.dtype)
+
+    def _check_layer_norm(self, layer_norm: bool) -> None:
+        """Set layer_norm, where this cell has it."""
+        self._layer_norm = _check_bool("layer_norm", layer_norm)
+        if self._layer_norm and self._peepholes:
+            raise ValueError("layer_norm and peepholes cannot be combined")
+
+    @property
+    def layer_norm(self) -> bool:
+        return self._layer_norm
 
     @property
     def _option(self) -> bool:
@@ -311,11 +340,13 @@ class _RNNBase(Module):
              zoneout: Any = None,
              recurrent_dropout: Any = None) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
         """One direction of one layer: functional's forward of this cell (y, finals, ctx)."""
-        w_ih, w_hh, b_ih, b_hh, *peep = w
+        w_ih, w_hh, b_ih, b_hh, *extra = w
+        ln = tuple(extra) if self._layer_norm else None
+        peep = extra[0] if extra and not self._layer_norm else None
         y, finals, ctx = F._forward(self._cell, x, s0, w_ih, w_hh, b_ih, b_hh, lengths,
-                                    reverse, self._option, need_ctx,
-                                    peep=peep[0] if peep else None, zoneout=zoneout,
-                                    recurrent_dropout=recurrent_dropout)
+                                    reverse, self._option, need_ctx, peep=peep,
+                                    zoneout=zoneout, recurrent_dropout=recurrent_dropout,
+                                    layer_norm=ln)
         return y, tuple(finals), ctx
 
     def _back(self, dy: Any, dfin: Sequence[Any],
@@ -331,7 +362,8 @@ class _RNNBase(Module):
         return self._param_names[layer * self.num_directions + d]
 
     def _weights(self, layer: int, d: int) -> list[Any]:
-        """w_ih, w_hh, b_ih, b_hh (None without bias), then the peepholes if any."""
+        """w_ih, w_hh, b_ih, b_hh (None without bias), then the peepholes or layer
+        normalization's parameters if any."""
         w: list[Any] = [self._params[n] for n in self._names(layer, d)]
         return w if self.bias else w[:2] + [None, None] + w[2:]
 
@@ -508,6 +540,8 @@ class _RNNBase(Module):
         """An eval-only copy of this float32 layer with int8 W_ih and W_hh, the same API
         (forward with lengths, streams, stream pools): see rnnfuse.quantized."""
         from .quantized import quantize  # (it builds on this module)
+        if self._layer_norm:
+            raise ValueError("quantized() does not take a layer with layer_norm")
         return quantize(self)
 
     def _stream_weights(self) -> list[list[Any]]:
@@ -516,6 +550,9 @@ class _RNNBase(Module):
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
                              "direction needs the whole sequence")
+        if self._layer_norm:
+            raise ValueError("a layer with layer_norm cannot be streamed or pooled yet; "
+                             "run forward over the sequence")
         weights = []
         for layer in range(self.num_layers):
             I = self.input_size if layer == 0 else self.hidden_size
@@ -554,6 +591,12 @@ class LSTM(_RNNBase):
     ``peepholes=True`` adds ONNX's peepholes: per layer and direction a parameter
     ``weight_peep_l{k}[_reverse]`` (3H,), in ONNX's order i, o, f, starting at zero; i and f
     add P_i*c and P_f*c (the previous cell) to their pre-activations, o adds P_o*c'.
+    ``layer_norm=True`` (LSTM, and GRU with linear_before_reset; haste's form): gates =
+    LN(W_ih x; g_ih) + LN(W_hh h; g_hh) + b_ih + b_hh and h' = o*tanh(LN(c'; g_c) + b_c),
+    LN over a row's gate units (see rnnfuse.functional.lstm_forward); per layer and direction
+    parameters ``ln_weight_ih_l{k}``, ``ln_weight_hh_l{k}`` (4H,), ``ln_weight_c_l{k}``,
+    ``ln_bias_c_l{k}`` (H,) (each ``_reverse`` for the second direction), gains starting at
+    1, the cell bias at 0. Not with peepholes; no streams, pools or quantized() yet.
     """
 
     _gates, _n_states = 4, 2
@@ -565,8 +608,9 @@ class LSTM(_RNNBase):
                  seed: int | np.random.Generator | None = None, *,
                  peepholes: bool = False, zoneout: float = 0.0,
                  weight_drop: float = 0.0,
-                 recurrent_dropout: float = 0.0) -> None:
+                 recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
         self._peepholes = _check_bool("peepholes", peepholes)
+        self._check_layer_norm(layer_norm)
         self._set_variants(zoneout, weight_drop, recurrent_dropout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
@@ -576,7 +620,7 @@ class LSTM(_RNNBase):
         return self._peepholes
 
     def _extra_defaults(self) -> dict[str, Any]:
-        return {"peepholes": False}
+        return {"peepholes": False, "layer_norm": False}
 
 
 
@@ -586,6 +630,9 @@ class GRU(_RNNBase):
     ``linear_before_reset=True`` (PyTorch's GRU): n = tanh(W_in x + b_in + r*(W_hn h + b_hn));
     False (the original GRU, ONNX's default): n = tanh(W_in x + b_in + W_hn (r*h) + b_hn).
     ``y, h_n = gru(x, state=None, lengths=None)``; ``dx, dh0 = gru.backward(dy, dh_n)``.
+    ``layer_norm=True`` (with linear_before_reset): the layer-normalized GRU (see
+    rnnfuse.functional.gru_forward), parameters ``ln_weight_ih_l{k}``, ``ln_weight_hh_l{k}``
+    (3H,) per layer and direction, starting at 1.
     """
 
     _gates, _cell = 3, "gru"
@@ -596,14 +643,18 @@ class GRU(_RNNBase):
                  seed: int | np.random.Generator | None = None, *,
                  linear_before_reset: bool = True, zoneout: float = 0.0,
                  weight_drop: float = 0.0,
-                 recurrent_dropout: float = 0.0) -> None:
+                 recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
         self.linear_before_reset = _check_bool("linear_before_reset", linear_before_reset)
+        self._check_layer_norm(layer_norm)
+        if self._layer_norm and not self.linear_before_reset:
+            raise ValueError("layer_norm needs linear_before_reset=True (the GRU with "
+                             "linear_before_reset=False has no layer norm)")
         self._set_variants(zoneout, weight_drop, recurrent_dropout)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
 
     def _extra_defaults(self) -> dict[str, Any]:
-        return {"linear_before_reset": True}
+        return {"linear_before_reset": True, "layer_norm": False}
 
     @property
     def _option(self) -> bool:

@@ -41,6 +41,9 @@ _ONNX_FROM_TORCH = {"lstm": [0, 3, 1, 2],   # i, o, f, c <- i, f, g, o
 
 
 def _cell_of(layer: object) -> str:
+    if getattr(layer, "layer_norm", False):
+        raise ValueError("ONNX's LSTM and GRU have no layer normalization: a layer with "
+                         "layer_norm cannot be converted")
     for cls, cell in ((LSTM, "lstm"), (GRU, "gru"), (RNN, "rnn")):
         if isinstance(layer, cls):
             return cell

@@ -15,8 +15,8 @@ Notation: T steps, B batch, I input size, H hidden size, G gates (LSTM 4, GRU 3,
 Time-major ``x (T, B, I)``, ``y (T, B, H)``, states ``(B, H)``; PyTorch weight layout
 ``w_ih (G*H, I)``, ``w_hh (G*H, H)``, ``b_ih``, ``b_hh (G*H,)``. Every forward also takes
 ``need_ctx=True`` (keyword only); ``need_ctx=False`` saves nothing and returns ``ctx=None``.
-The variants, keyword only, as in ``rnnfuse.functional``: ``zoneout`` (every cell) and the
-LSTM's ``peepholes``.
+The variants, keyword only, as in ``rnnfuse.functional``: ``zoneout`` (every cell), the
+LSTM's ``peepholes`` and the LSTM's and GRU's ``layer_norm`` (in ``_layernorm_reference``).
 
 This module is the oracle for the tests and the baseline for the benchmarks. It does NOT
 validate its inputs (dtypes, shapes, lengths range): that is ``functional.py``'s job, and
@@ -270,7 +270,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
                  w_hh: FloatArray, b_ih: ArrayLike | None, b_hh: ArrayLike | None,
                  lengths: ArrayLike | None = None, reverse: bool = False, *, need_ctx: bool = True,
                  peepholes: ArrayLike | None = None, zoneout: Any = None,
-                 recurrent_dropout: ArrayLike | None = None,
+                 recurrent_dropout: ArrayLike | None = None, layer_norm: Any = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, _Context | None]:
     """LSTM over a (T, B, I) sequence. Returns y (T, B, H), h_n, c_n (B, H) and ctx.
 
@@ -281,7 +281,14 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     zoneout: None, p (every unit keeps p of its previous h and c), or a pair (z_h, z_c) of
     (T, B, H) weights or None: h_t = z_h h_{t-1} + (1 - z_h) h~_t, c likewise; y_t = h_t.
     recurrent_dropout: None, or a (B, H) mask m: the recurrent product takes h_{t-1} m.
+    layer_norm: None, or (g_ih, g_hh, g_c, b_c) (or a dict of those keys): the
+    layer-normalized LSTM, as rnnfuse.functional's; backward then returns their gradients
+    after the seven.
     """
+    if layer_norm is not None:
+        from . import _layernorm_reference as LN
+        return LN.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                               need_ctx, layer_norm, zoneout, recurrent_dropout)
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     P = None if peepholes is None else np.asarray(peepholes, dtype=dtype)
     Kh, Kc = _zoneout_weights(pack, zoneout, True, dtype)
@@ -350,6 +357,10 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
     (a bias gradient is None where that bias was None), and dP after them where the
     forward had peepholes."""
     s = _take_ctx(ctx, "lstm")
+    if "ln" in s:
+        from . import _layernorm_reference as LN
+        ln_grads: Any = LN.lstm_backward(dy, dh_n, dc_n, s)
+        return ln_grads
     pack, dtype, H = s["pack"], s["dtype"], s["H"]
     B = pack.B
     G, TC, Cprev = s["gates"], s["TC"], s["Cprev"]
@@ -418,7 +429,7 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
                 lengths: ArrayLike | None = None, reverse: bool = False,
                 linear_before_reset: bool = True, *, need_ctx: bool = True,
                 zoneout: Any = None,
-                recurrent_dropout: ArrayLike | None = None,
+                recurrent_dropout: ArrayLike | None = None, layer_norm: Any = None,
                 ) -> tuple[FloatArray, FloatArray, _Context | None]:
     """GRU over a (T, B, I) sequence. Returns y (T, B, H), h_n (B, H) and ctx.
 
@@ -429,7 +440,14 @@ def gru_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: FloatArray, w_hh: Floa
     zoneout: None, p, or (T, B, H) weights: h_t = k h_{t-1} + (1-k) h'; y_t = h_t.
     recurrent_dropout: None, or a (B, H) mask m: the recurrent products take h_{t-1} m
     (without lbr, r (h_{t-1} m)); z h_{t-1} is not masked.
+    layer_norm: None, or (g_ih, g_hh) (or a dict of those keys), with lbr: the
+    layer-normalized GRU, as rnnfuse.functional's; backward then returns dg_ih, dg_hh
+    after the six.
     """
+    if layer_norm is not None:
+        from . import _layernorm_reference as LN
+        return LN.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, need_ctx,
+                              layer_norm, zoneout, recurrent_dropout)
     x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
     lbr = bool(linear_before_reset)
     Kh = _zoneout_weights(pack, zoneout, False, dtype)[0]
@@ -514,6 +532,10 @@ def gru_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: _Context) ->
     """Gradients of gru_forward. Returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh
     (a bias gradient is None where that bias was None)."""
     s = _take_ctx(ctx, "gru")
+    if "ln" in s:
+        from . import _layernorm_reference as LN
+        ln_grads: Any = LN.gru_backward(dy, dh_n, s)
+        return ln_grads
     pack, dtype, H, lbr = s["pack"], s["dtype"], s["H"], s["lbr"]
     G, Hprev, Aux, w_hh, Kh = s["gates"], s["Hprev"], s["Aux"], s["w_hh"], s["Kh"]
     M, Hm = s["M"], s["Hm"]
