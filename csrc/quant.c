@@ -372,8 +372,12 @@ PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 #undef PANEL_W
 
 /* AVX-512 VNNI: 512-bit registers, a whole panel each; tiles of up to 8 rows x two panels,
- * so that each broadcast of a serves two multiply-adds. */
+ * so that each broadcast of a serves two multiply-adds. The sums are named variables, not
+ * an array, so that the compiler keeps all of them in registers. */
 #define AVX512_ISA "avx2,avx512f,avx512bw,avx512vl,avx512vnni"
+
+/* s += a (u8) . w (s8), four products to each int32 lane. */
+#define DPBUSD512(s, a, w) (s = _mm512_dpbusd_epi32(s, a, w))
 
 /* One row's 16 columns from n (cols of them real): C (+)= (acc - 128 sums) * (sa * sw). */
 __attribute__((target(AVX512_ISA), always_inline)) static inline void
@@ -394,6 +398,23 @@ avx512_store(const q8_rows *t, const rf_weight *W, ptrdiff_t r, ptrdiff_t n, __m
     _mm512_storeu_ps(c, v);
 }
 
+/* Row r of a tile: s<r>0 and s<r>1, its sums over the two panels, in registers. */
+#define A512(r, g) ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_); \
+                      _mm512_set1_epi32(four_); })
+#define W512(panel, g) _mm512_loadu_si512((const void *)((panel) + (g) * RF_Q8_NR))
+#define ROW_SUMS(r) __m512i s##r##0 = _mm512_setzero_si512(), s##r##1 = s##r##0
+#define ROW_STEP(r)                                                                     \
+    if (rows > r) {                                                                     \
+        __m512i a_ = A512(r, g);                                                        \
+        DPBUSD512(s##r##0, a_, w0);                                                     \
+        DPBUSD512(s##r##1, a_, w1);                                                     \
+    }
+#define ROW_STORE(r)                                                                    \
+    if (rows > r) {                                                                     \
+        avx512_store(t, W, r, n0, s##r##0);                                             \
+        if (two) avx512_store(t, W, r, n0 + RF_Q8_NR, s##r##1);                         \
+    }
+
 __attribute__((target(AVX512_ISA), always_inline)) static inline void
 avx512_rows(const q8_rows *t, const ptrdiff_t rows, const rf_weight *W) {
     ptrdiff_t Kp = t->Kp;
@@ -402,39 +423,34 @@ avx512_rows(const q8_rows *t, const ptrdiff_t rows, const rf_weight *W) {
         const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride;
         int two = n0 + RF_Q8_NR < t->N;  /* (panels exist up to whole panels of N) */
         const int8_t *p1 = two ? p0 + W->panel_stride : p0;
-        __m512i sum[RF_Q8_ROWS][2], odd[2];
-        odd[0] = odd[1] = _mm512_setzero_si512();
-        for (ptrdiff_t r = 0; r < rows; r++) sum[r][0] = sum[r][1] = _mm512_setzero_si512();
+        ROW_SUMS(0); ROW_SUMS(1); ROW_SUMS(2); ROW_SUMS(3);
+        ROW_SUMS(4); ROW_SUMS(5); ROW_SUMS(6); ROW_SUMS(7);
         ptrdiff_t g = 0;
-#define A512(r, g) ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_); \
-                      _mm512_set1_epi32(four_); })
-#define W512(panel, g) _mm512_loadu_si512((const void *)((panel) + (g) * RF_Q8_NR))
-        if (rows == 1)
+        if (rows == 1) {  /* a second chain per panel (s1*: odd groups of k) */
             for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {
                 __m512i a0 = A512(0, g), a1 = A512(0, g + RF_Q8_KG);
-                sum[0][0] = _mm512_dpbusd_epi32(sum[0][0], a0, W512(p0, g));
-                sum[0][1] = _mm512_dpbusd_epi32(sum[0][1], a0, W512(p1, g));
-                odd[0] = _mm512_dpbusd_epi32(odd[0], a1, W512(p0, g + RF_Q8_KG));
-                odd[1] = _mm512_dpbusd_epi32(odd[1], a1, W512(p1, g + RF_Q8_KG));
+                DPBUSD512(s00, a0, W512(p0, g));
+                DPBUSD512(s01, a0, W512(p1, g));
+                DPBUSD512(s10, a1, W512(p0, g + RF_Q8_KG));
+                DPBUSD512(s11, a1, W512(p1, g + RF_Q8_KG));
             }
+            s00 = _mm512_add_epi32(s00, s10);
+            s01 = _mm512_add_epi32(s01, s11);
+        }
         for (; g < Kp; g += RF_Q8_KG) {
             __m512i w0 = W512(p0, g), w1 = W512(p1, g);
-            for (ptrdiff_t r = 0; r < rows; r++) {
-                __m512i a = A512(r, g);
-                sum[r][0] = _mm512_dpbusd_epi32(sum[r][0], a, w0);
-                sum[r][1] = _mm512_dpbusd_epi32(sum[r][1], a, w1);
-            }
+            ROW_STEP(0) ROW_STEP(1) ROW_STEP(2) ROW_STEP(3)
+            ROW_STEP(4) ROW_STEP(5) ROW_STEP(6) ROW_STEP(7)
         }
-#undef A512
-#undef W512
-        sum[0][0] = _mm512_add_epi32(sum[0][0], odd[0]);
-        sum[0][1] = _mm512_add_epi32(sum[0][1], odd[1]);
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            avx512_store(t, W, r, n0, sum[r][0]);
-            if (two) avx512_store(t, W, r, n0 + RF_Q8_NR, sum[r][1]);
-        }
+        ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3)
+        ROW_STORE(4) ROW_STORE(5) ROW_STORE(6) ROW_STORE(7)
     }
 }
+#undef A512
+#undef W512
+#undef ROW_SUMS
+#undef ROW_STEP
+#undef ROW_STORE
 
 __attribute__((target(AVX512_ISA))) static void product_avx512vnni(const q8_rows *t,
                                                                    ptrdiff_t rows,
