@@ -30,8 +30,8 @@
 #define RF_Q8_HALF 8  /* columns of a 256-bit register */
 #define RF_Q8_KG 4
 #define RF_Q8_ALIGN 64
-/* Rows of A quantized at once (a stack buffer of K up to RF_Q8_MAX_K each); the 256-bit
- * kernels take them RF_Q8_ROWS_256 at a time. */
+/* Rows of A quantized at once (into a buffer of RF_Q8_ROWS rows of K, from the heap); the
+ * 256-bit kernels take them RF_Q8_ROWS_256 at a time. */
 #define RF_Q8_ROWS 8
 #define RF_Q8_ROWS_256 4
 
@@ -74,21 +74,32 @@ static int fold_max(float *amax, const float *a, ptrdiff_t k0, ptrdiff_t K) {
     return finite;
 }
 
-/* q[k] = round-half-even(a[k] * inv), clamped to [-127, 127], for k0 <= k < K. */
-static void round_row(int8_t *q, const float *a, float inv, ptrdiff_t k0, ptrdiff_t K) {
-    for (ptrdiff_t k = k0; k < K; k++) {
-        float v = nearbyintf(a[k] * inv);
-        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
-    }
+/* round-half-even(a * inv), clamped to [-127, 127]. */
+static int8_t round_one(float a, float inv) {
+    float v = nearbyintf(a * inv);
+    return (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
 }
 
-/* A row's scale once its max is known; the q of a zero row, of a row so small that
- * 127 / max|a| overflows (its products are below float's range anyway) and of a
- * non-finite row are zeros (a non-finite row's NaN scale carries NaN into its outputs). */
+/* q[k] = round_one(a[k], inv) for k0 <= k < K. */
+static void round_row(int8_t *q, const float *a, float inv, ptrdiff_t k0, ptrdiff_t K) {
+    for (ptrdiff_t k = k0; k < K; k++) q[k] = round_one(a[k], inv);
+}
+
+/* Whether a row's q are all zeros: a zero row, a row so small that 127 / max|a|
+ * overflows (its products are below float's range anyway) and a non-finite row. */
+static int zero_row(float amax, int finite) { return !(finite && amax >= 127.0f / FLT_MAX); }
+
+/* A row's scale once its max is known: max|a| / 127, or for a zero_row 0 (finite) or
+ * NaN (which carries NaN into its outputs). */
+static float row_scale(float amax, int finite) {
+    return !zero_row(amax, finite) ? amax / 127.0f : finite ? 0.0f : NAN;
+}
+
+/* For a zero_row: its q (zeros) and scale. */
 static int degenerate(int8_t *q, ptrdiff_t K, float amax, int finite, float *scale) {
-    if (finite && amax >= 127.0f / FLT_MAX) return 0;
-    memset(q, 0, (size_t)K);
-    *scale = finite ? 0.0f : NAN;
+    if (!zero_row(amax, finite)) return 0;
+    if (K > 0) memset(q, 0, (size_t)K);
+    *scale = row_scale(amax, finite);
     return 1;
 }
 
@@ -163,21 +174,33 @@ int rf_q8_cpu_vnni(void) {
 #endif
 }
 
+/* Where (k, n) of op(W) lies in its panels. */
+static ptrdiff_t panel_at(ptrdiff_t k, ptrdiff_t n, ptrdiff_t panel_stride) {
+    return n / RF_Q8_NR * panel_stride + k / RF_Q8_KG * RF_Q8_NR * RF_Q8_KG
+           + n % RF_Q8_NR * RF_Q8_KG + k % RF_Q8_KG;
+}
+
 /* Packs op(W) = W^T, W (N rows of K, row stride ldw), into dst (weight_bytes(K, N)):
- * each row of W (a column of op(W), an output) quantized with its own scale. */
+ * each row of W (a column of op(W), an output) quantized with its own scale, as
+ * rf_q8_quantize does, straight into its panel. */
 static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K,
                         ptrdiff_t N) {
     float *scales = (float *)dst;
     int32_t *sums = (int32_t *)(dst + scales_bytes(N));
-    int8_t *panels = (int8_t *)(dst + 2 * scales_bytes(N)), row[RF_Q8_MAX_K];
-    ptrdiff_t Kp = k_padded(K), panel_stride = RF_Q8_NR * Kp;
+    int8_t *panels = (int8_t *)(dst + 2 * scales_bytes(N));
+    ptrdiff_t panel_stride = RF_Q8_NR * k_padded(K);
     memset(dst, 0, (size_t)weight_bytes(K, N));
     for (ptrdiff_t n = 0; n < N; n++) {
-        scales[n] = rf_q8_quantize(row, w + n * ldw, K, 0);
-        for (ptrdiff_t k = 0; k < K; k++) sums[n] += row[k];
-        int8_t *panel = panels + n / RF_Q8_NR * panel_stride + n % RF_Q8_NR * RF_Q8_KG;
-        for (ptrdiff_t k = 0; k < K; k++)
-            panel[k / RF_Q8_KG * RF_Q8_NR * RF_Q8_KG + k % RF_Q8_KG] = row[k];
+        const float *row = w + n * ldw;
+        float amax = 0;
+        int finite = fold_max(&amax, row, 0, K);
+        scales[n] = row_scale(amax, finite);
+        if (zero_row(amax, finite)) continue;  /* q: the zeros already there */
+        for (ptrdiff_t k = 0; k < K; k++) {
+            int8_t q = round_one(row[k], 127.0f / amax);
+            sums[n] += q;
+            panels[panel_at(k, n, panel_stride)] = q;
+        }
     }
 }
 
@@ -487,10 +510,38 @@ static product_fn product_kernel(int path, int *offset) {
     return product_portable;
 }
 
+/* rf_q8_gemm without a buffer, for when there is no memory for one: each row's q made
+ * again for every panel, the same integers (portable, slow). */
+static void gemm_unbuffered(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A,
+                            ptrdiff_t lda, const rf_weight *W, int accumulate, float *C,
+                            ptrdiff_t ldc) {
+    const int8_t *panels = (const int8_t *)W->packed;
+    for (ptrdiff_t r = 0; r < M; r++) {
+        const float *a = A + r * lda;
+        float amax = 0;
+        int finite = fold_max(&amax, a, 0, K), zero = zero_row(amax, finite);
+        for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_Q8_NR) {
+            ptrdiff_t cols = N - n0 < RF_Q8_NR ? N - n0 : RF_Q8_NR;
+            int32_t sum[RF_Q8_NR] = {0};
+            for (ptrdiff_t k = 0; k < K && !zero; k++) {
+                int32_t q = round_one(a[k], 127.0f / amax);
+                for (ptrdiff_t n = 0; n < cols; n++)
+                    sum[n] += q * panels[panel_at(k, n0 + n, W->panel_stride)];
+            }
+            rescale(sum, row_scale(amax, finite), W->scales + n0, cols, accumulate,
+                    C + r * ldc + n0);
+        }
+    }
+}
+
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                 const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int path) {
     ptrdiff_t Kp = k_padded(K);
-    int8_t qa[RF_Q8_ROWS * RF_Q8_MAX_K];
+    int8_t *qa = path < 0 ? NULL : rf_aligned_alloc(RF_Q8_ALIGN, (size_t)(RF_Q8_ROWS * Kp));
+    if (!qa) {
+        gemm_unbuffered(M, N, K, A, lda, W, accumulate, C, ldc);
+        return;
+    }
     float sa[RF_Q8_ROWS];
     int offset;
     product_fn product = product_kernel(path, &offset);
@@ -506,4 +557,5 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
         q8_rows tile = {qa, sa, Kp, N, ldc, C + r0 * ldc, accumulate};
         product(&tile, rows, W);
     }
+    rf_aligned_free(qa);
 }

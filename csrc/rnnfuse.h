@@ -184,12 +184,11 @@ typedef struct {
  * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed, which
  * rf_prepare_weights_f32 recognises (rf_q8_prepared); the steps' products and the input
  * projection then quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)=
- * A (M,K) op(W), k0 = 0; path: rf_q8_path's, the same bits on each). Input and hidden
- * sizes up to RF_Q8_MAX_K (Python checks).
+ * A (M,K) op(W), k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow
+ * way without a buffer, as when its allocation fails).
  * rf_q8_quantize: q = round-half-even(a * (127 / max|a|)), returns the scale max|a| / 127
  * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
  * with inf or NaN; their q are zeros). */
-#define RF_Q8_MAX_K 8192
 ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr);
 void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                         ptrdiff_t H, ptrdiff_t I, int lbr);

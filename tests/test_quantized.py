@@ -105,6 +105,38 @@ def test_int8_product_extremes_do_not_saturate(path):
     assert _kernels.q8_product(a, w)[0, 0] == pytest.approx(K)
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (9, 37, 19), (3, 130, 40)])
+def test_int8_product_without_its_buffer_is_the_same(M, K, N):
+    """The slow way taken when the rows' buffer cannot be allocated: the same integers."""
+    rng = np.random.default_rng(K)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    a[M // 2] = 0  # a zero row among the others
+    a[-1, 0] = np.inf if M > 2 else a[-1, 0]  # a non-finite one: NaN outputs
+    w = rng.uniform(-1, 1, (N, K)).astype(np.float32)
+    c = rng.standard_normal((M, N)).astype(np.float32)
+    for acc in (None, c):
+        got = _kernels.q8_product(a, w, acc, unbuffered=True)
+        np.testing.assert_array_equal(got, np_product(a, w, acc))
+        np.testing.assert_array_equal(got, _kernels.q8_product(a, w, acc))
+
+
+def test_int8_product_long_rows(path):
+    """Rows longer than any fixed buffer would hold (the rows' buffer is sized from K)."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((9, 20_000)).astype(np.float32)
+    w = rng.uniform(-1, 1, (18, 20_000)).astype(np.float32)
+    np.testing.assert_array_equal(_kernels.q8_product(a, w), np_product(a, w))
+
+
+def test_quantized_layer_large_input_size_close_to_float32():
+    layer = RNN(20_000, 8, seed=0).eval()
+    x = np.random.default_rng(4).standard_normal((3, 2, 20_000)).astype(np.float32) * 0.1
+    q = layer.quantized()
+    assert np.abs(q(x)[0] - layer(x)[0]).max() <= MAX_ERROR
+    stream = q.stream(2)
+    np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(3)]), q(x)[0])
+
+
 def test_int8_product_same_bits_on_every_path():
     rng = np.random.default_rng(1)
     a = rng.standard_normal((9, 70)).astype(np.float32)
@@ -208,9 +240,6 @@ def test_quantized_layer_refusals():
         q(np.ones((2, 1, 5), np.float32))
     with pytest.raises(ValueError, match="lengths must lie"):
         q(x, lengths=[3])
-    big = _kernels.Q8_MAX_SIZE + 1
-    with pytest.raises(ValueError, match=f"input_size <= {big - 1}"):
-        RNN(big, 1).quantized()
     for variant in (LSTM(3, 4, peepholes=True), GRU(3, 4, zoneout=0.1)):
         with pytest.raises(ValueError, match="peepholes or zoneout"):
             variant.quantized()

@@ -9,7 +9,6 @@ cdef extern from "rnnfuse.h" nogil:
         Py_ssize_t panel_stride
         const float *scales
         const int32_t *sums
-    enum: RF_Q8_MAX_K
     Py_ssize_t rf_q8_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr)
     void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
                             Py_ssize_t H, Py_ssize_t I, int lbr)
@@ -21,7 +20,6 @@ cdef extern from "rnnfuse.h" nogil:
                     const rf_weight *W, int accumulate, float *C, Py_ssize_t ldc, int path)
     int rf_q8_path(const rf_runtime *rt)
 
-Q8_MAX_SIZE = RF_Q8_MAX_K
 _rt.vnni = rf_q8_cpu_vnni()
 
 
@@ -34,9 +32,9 @@ def set_int8_vnni(bint on):
 
 
 cdef int _q8_sizes(Py_ssize_t I, Py_ssize_t H) except -1:
-    if not (1 <= I <= RF_Q8_MAX_K and 1 <= H <= RF_Q8_MAX_K):
-        raise ValueError(f"int8 weights need input_size and hidden_size in [1, "
-                         f"{RF_Q8_MAX_K}], got input_size={I}, hidden_size={H}")
+    if not (I >= 1 and H >= 1):
+        raise ValueError(f"int8 weights need input_size and hidden_size >= 1, got "
+                         f"input_size={I}, hidden_size={H}")
     return 0
 
 
@@ -133,10 +131,11 @@ def q8_quantize(a):
     return q, scales
 
 
-def q8_product(a, w, c=None):
+def q8_product(a, w, c=None, bint unbuffered=False):
     """Test hook: a (M, K) @ w (N, K)^T with w quantized per row as q8_pack_weights does and
     a's rows at run time, the product the steps and the projection run on int8 weights:
-    returns c + that (a new array; c: None for zeros)."""
+    returns c + that (a new array; c: None for zeros). unbuffered: the slow way taken
+    when the rows' buffer cannot be allocated."""
     cdef const float[:, ::1] av = a
     cdef Py_ssize_t M = av.shape[0], K = av.shape[1], N = w.shape[0]
     if w.shape[1] != K or M < 1:
@@ -148,9 +147,9 @@ def q8_product(a, w, c=None):
     if out.shape != (M, N):
         raise ValueError(f"c must be ({M}, {N}), got {out.shape}")
     cdef float[:, ::1] cv = out
+    cdef int path = -1 if unbuffered else rf_q8_path(&_rt)
     with nogil:
-        rf_q8_gemm(M, N, K, &av[0, 0], K, &W[2], c is not None, &cv[0, 0], N,
-                   rf_q8_path(&_rt))
+        rf_q8_gemm(M, N, K, &av[0, 0], K, &W[2], c is not None, &cv[0, 0], N, path)
     return out
 
 

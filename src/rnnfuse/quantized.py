@@ -11,8 +11,7 @@ the other rows of the call or on the thread count; the int8 sums are exact and t
 on every code path (VNNI, AVX2, portable), while the gate math's activations differ
 between the vector and portable paths as in float32 layers.
 
-Quantized layers are inference only (no backward, no training mode) and float32 only;
-input and hidden sizes are at most ``rnnfuse._kernels.Q8_MAX_SIZE``.
+Quantized layers are inference only (no backward, no training mode) and float32 only.
 """
 from __future__ import annotations
 
@@ -48,10 +47,6 @@ class _Quantized(_RNNBase):
         super(_RNNBase, q).__init__()  # Module's empty parameters and tape
         q.training = False
         G, H = q._gates, q.hidden_size
-        for size, name in ((q.input_size, "input_size"), (H, "hidden_size")):
-            if size > _kernels.Q8_MAX_SIZE:
-                raise ValueError(f"int8 layers need {name} <= {_kernels.Q8_MAX_SIZE}, got "
-                                 f"{size}")
         lbr = q._option if q._cell == "gru" else False
         q._packed = []
         for layer_d, names in enumerate(q._param_names):
