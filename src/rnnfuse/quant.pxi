@@ -79,9 +79,10 @@ cdef const void *_q8_packed(packed, Py_ssize_t G, Py_ssize_t H, Py_ssize_t I,
 
 
 cpdef tuple q8_forward(str cell, x, h0, c0, packed, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
-                       Py_ssize_t H, bint option=False):
+                       Py_ssize_t H, bint option=False, peep=None, zoneout=None):
     """The inference forward of forward() (float32) on int8 weights: packed from
-    q8_pack_weights with the cell's G and lbr = option for the GRU."""
+    q8_pack_weights with the cell's G and lbr = option for the GRU; peep and zoneout as
+    forward() takes them."""
     if plan is None:
         raise TypeError("_kernels: plan must be a Plan, got None")
     cdef const rf_cell *c = _cell(cell)
@@ -96,8 +97,12 @@ cpdef tuple q8_forward(str cell, x, h0, c0, packed, b_ih, b_hh, Plan plan, ws, P
     cdef Py_ssize_t G = c.gates, BH = B * H
     cdef bint lstm = c.states == 2
     cdef rf_plan p = plan.view()
+    if peep is not None and not lstm:
+        raise ValueError(f"peepholes are an LSTM option; {cell} has none")
     cdef rf_forward_bufs a
-    memset(&a, 0, sizeof(a))  # no peepholes, no zoneout
+    memset(&a, 0, sizeof(a))  # no recurrent dropout: inference
+    a.peep = _buf(peep, 3 * H, cnp.NPY_FLOAT, "peepholes", _OPTIONAL) if lstm else NULL
+    a.zoneout = _zoneout(zoneout, lstm, cnp.NPY_FLOAT, T * BH, H)
     a.y = _buf(y, T * B * H, cnp.NPY_FLOAT, "y", _OUT)
     a.h_n = _buf(h_n, BH, cnp.NPY_FLOAT, "h_n", _OUT)
     a.c_n = _buf(c_n, BH, cnp.NPY_FLOAT, "c_n", _OUT) if lstm else NULL
