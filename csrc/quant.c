@@ -253,7 +253,12 @@ int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t
 
 /* ---- the product: acc[r][n] = sum_k qa[r][k] qw[k][n], exact in int32 ---- */
 
-/* A tile's rows: quantized rows qa (stride Kp) and their scales, and where their products
+/* Where a tile's quantized rows keep the four a's of row r from k = g (g a multiple of
+ * RF_Q8_KG): the rows interleaved by groups of k, so that one pointer, moving on by
+ * RF_Q8_ROWS * RF_Q8_KG bytes per group, reaches every row of a tile. */
+#define QA_AT(qa, r, g) ((qa) + (g) * RF_Q8_ROWS + (r) * RF_Q8_KG)
+
+/* A tile's rows: quantized rows qa (QA_AT) and their scales, and where their products
  * go. */
 typedef struct {
     const int8_t *qa;
@@ -280,7 +285,7 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
         for (ptrdiff_t r = 0; r < rows; r++) {
             int32_t sum[RF_Q8_NR] = {0};
             for (ptrdiff_t g = 0; g < t->Kp; g += RF_Q8_KG) {
-                const int8_t *w = panel + g * RF_Q8_NR, *a = t->qa + r * t->Kp + g;
+                const int8_t *w = panel + g * RF_Q8_NR, *a = QA_AT(t->qa, r, g);
                 for (int n = 0; n < RF_Q8_NR; n++)
                     for (int k = 0; k < RF_Q8_KG; k++)
                         sum[n] += (int32_t)a[k] * w[n * RF_Q8_KG + k];
@@ -316,7 +321,7 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
     __attribute__((target(isa), always_inline)) static inline void name##_rows(        \
         const q8_rows *t, ptrdiff_t r0, const ptrdiff_t rows, const rf_weight *W) {     \
         ptrdiff_t Kp = t->Kp;                                                           \
-        const int8_t *qa = t->qa + r0 * Kp;                                             \
+        const int8_t *qa = QA_AT(t->qa, r0, 0);                                         \
         for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {                              \
             const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride; \
             const int8_t *p1 = p0 + RF_Q8_HALF * RF_Q8_KG;                              \
@@ -367,7 +372,7 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
 
 /* Four a's of row r, from k = g, in every 32-bit lane. */
 #define BROADCAST_A(r, g)                                                               \
-    ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_);                \
+    ({ int32_t four_; memcpy(&four_, QA_AT(qa, r, g), sizeof four_);                    \
        _mm256_set1_epi32(four_); })
 #define PANEL_W(panel, g) _mm256_loadu_si256((const __m256i *)((panel) + (g) * RF_Q8_NR))
 
@@ -422,7 +427,7 @@ avx512_store(const q8_rows *t, const rf_weight *W, ptrdiff_t r, ptrdiff_t n, __m
 }
 
 /* Row r of a tile: s<r>0 and s<r>1, its sums over the two panels, in registers. */
-#define A512(r, g) ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_); \
+#define A512(r, g) ({ int32_t four_; memcpy(&four_, QA_AT(qa, r, g), sizeof four_); \
                       _mm512_set1_epi32(four_); })
 #define W512(panel, g) _mm512_loadu_si512((const void *)((panel) + (g) * RF_Q8_NR))
 #define ROW_SUMS(r) __m512i s##r##0 = _mm512_setzero_si512(), s##r##1 = s##r##0
@@ -537,22 +542,27 @@ static void gemm_unbuffered(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                 const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int path) {
     ptrdiff_t Kp = k_padded(K);
-    int8_t *qa = path < 0 ? NULL : rf_aligned_alloc(RF_Q8_ALIGN, (size_t)(RF_Q8_ROWS * Kp));
+    int8_t *qa = path < 0 ? NULL
+                          : rf_aligned_alloc(RF_Q8_ALIGN, (size_t)((RF_Q8_ROWS + 1) * Kp));
     if (!qa) {
         gemm_unbuffered(M, N, K, A, lda, W, accumulate, C, ldc);
         return;
     }
+    int8_t *row = qa + RF_Q8_ROWS * Kp;
     float sa[RF_Q8_ROWS];
     int offset;
     product_fn product = product_kernel(path, &offset);
     for (ptrdiff_t r0 = 0; r0 < M; r0 += RF_Q8_ROWS) {
         ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            int8_t *q = qa + r * Kp;
-            sa[r] = rf_q8_quantize(q, A + (r0 + r) * lda, K, path > 0);
-            memset(q + K, 0, (size_t)(Kp - K));
-            if (offset)
-                for (ptrdiff_t k = 0; k < Kp; k++) q[k] = (int8_t)((uint8_t)q[k] ^ 0x80);
+        for (ptrdiff_t r = 0; r < rows; r++) {  /* each row quantized, then interleaved */
+            sa[r] = rf_q8_quantize(row, A + (r0 + r) * lda, K, path > 0);
+            memset(row + K, 0, (size_t)(Kp - K));
+            for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
+                uint32_t four;
+                memcpy(&four, row + g, sizeof four);
+                four ^= offset ? 0x80808080u : 0;
+                memcpy(QA_AT(qa, r, g), &four, sizeof four);
+            }
         }
         q8_rows tile = {qa, sa, Kp, N, ldc, C + r0 * ldc, accumulate};
         product(&tile, rows, W);
