@@ -149,11 +149,52 @@ __attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
 }
 #endif
 
-float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2) {
 #if RF_HAVE_AVX2
-    if (avx2) return quantize_avx2(q, a, K);
+/* Lanes 0 .. n-1 of 16 (all for n >= 16). */
+static __mmask16 tail_mask(ptrdiff_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
+
+/* The same with AVX-512F, 16 at a time, the tail masked: the same max, and each q the same
+ * product, rounding and clamp. */
+__attribute__((target("avx2,avx512f"))) static float quantize_avx512(int8_t *restrict q,
+                                                                     const float *restrict a,
+                                                                     ptrdiff_t K) {
+    const __m512 huge = _mm512_set1_ps(FLT_MAX);
+    __m512 max0 = _mm512_setzero_ps(), max1 = max0;
+    __mmask16 bad = 0;  /* inf, NaN */
+    ptrdiff_t k = 0;
+    for (; k + 32 <= K; k += 32) {  /* two chains of max */
+        __m512 m0 = _mm512_abs_ps(_mm512_loadu_ps(a + k));
+        __m512 m1 = _mm512_abs_ps(_mm512_loadu_ps(a + k + 16));
+        bad |= _mm512_cmp_ps_mask(m0, huge, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(m1, huge, _CMP_NLE_UQ);
+        max0 = _mm512_max_ps(max0, m0);
+        max1 = _mm512_max_ps(max1, m1);
+    }
+    for (; k < K; k += 16) {
+        __m512 m = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(K - k), a + k));
+        bad |= _mm512_cmp_ps_mask(m, huge, _CMP_NLE_UQ);
+        max0 = _mm512_max_ps(max0, m);
+    }
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(max0, max1)), scale;
+    if (degenerate(q, K, amax, !bad, &scale)) return scale;
+    const __m512 inv = _mm512_set1_ps(127.0f / amax);
+    const __m512 hi = _mm512_set1_ps(127), lo = _mm512_set1_ps(-127);
+    for (k = 0; k < K; k += 16) {
+        __mmask16 live = tail_mask(K - k);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, a + k), inv);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_max_ps(lo, _mm512_min_ps(hi, v));
+        _mm512_mask_cvtepi32_storeu_epi8(q + k, live, _mm512_cvtps_epi32(v));
+    }
+    return amax / 127.0f;
+}
 #endif
-    (void)avx2;
+
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int path) {
+#if RF_HAVE_AVX2
+    if (path == 3) return quantize_avx512(q, a, K);
+    if (path) return quantize_avx2(q, a, K);
+#endif
+    (void)path;
     return quantize_base(q, a, K);
 }
 
@@ -555,7 +596,7 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
     for (ptrdiff_t r0 = 0; r0 < M; r0 += RF_Q8_ROWS) {
         ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
         for (ptrdiff_t r = 0; r < rows; r++) {  /* each row quantized, then interleaved */
-            sa[r] = rf_q8_quantize(row, A + (r0 + r) * lda, K, path > 0);
+            sa[r] = rf_q8_quantize(row, A + (r0 + r) * lda, K, path);
             memset(row + K, 0, (size_t)(Kp - K));
             for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
                 uint32_t four;

@@ -14,7 +14,7 @@ cdef extern from "rnnfuse.h" nogil:
                             Py_ssize_t H, Py_ssize_t I, int lbr)
     int rf_q8_prepared(rf_weight W[3], const void *prepacked, Py_ssize_t G, Py_ssize_t H,
                        Py_ssize_t I, int lbr)
-    float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K, int avx2)
+    float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K, int path)
     int rf_q8_cpu_vnni()
     void rf_q8_gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t lda,
                     const rf_weight *W, int accumulate, float *C, Py_ssize_t ldc, int path)
@@ -132,7 +132,7 @@ def q8_quantize(a):
     cdef float[::1] sv = scales
     if K:
         for r in range(M):
-            sv[r] = rf_q8_quantize(&qv[r, 0], &src[r, 0], K, _rt.avx2)
+            sv[r] = rf_q8_quantize(&qv[r, 0], &src[r, 0], K, rf_q8_path(&_rt))
     return q, scales
 
 
