@@ -192,7 +192,7 @@ __attribute__((target("avx2,avx512f"))) static float quantize_avx512(int8_t *res
 float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int path) {
 #if RF_HAVE_AVX2
     if (path == 3) return quantize_avx512(q, a, K);
-    if (path) return quantize_avx2(q, a, K);
+    if (path > 0) return quantize_avx2(q, a, K);
 #endif
     (void)path;
     return quantize_base(q, a, K);
