@@ -164,13 +164,16 @@ def main(budget=6.0):
         print(f"T={T} B={B} I={I} H={H}: " + ", ".join(
             f"{k} {med[k][0] * 1e3:.2f} ms (max error {np.abs(f(x) - want).max():.4f})"
             for k, f in runs.items()))
+        print("  int8 speed-up: " + ", ".join(
+            f"{med[k][0] / med['int8'][0]:.2f}x over {k}" for k in runs if k != "int8"))
     for H in STEPS:
         layer = _lstm(H, H)
         x = np.random.default_rng(0).standard_normal((1, H)).astype(np.float32)
         steps = {"float32": layer.stream(1).step, "int8": layer.quantized().stream(1).step}
         med = bench.measure({k: (lambda f=f: f(x)) for k, f in steps.items()}, budget)
         print(f"stream step B=1 I=H={H}: " + ", ".join(
-            f"{k} {med[k][0] * 1e6:.1f} us" for k in steps))
+            f"{k} {med[k][0] * 1e6:.1f} us" for k in steps)
+            + f" (int8 {med['float32'][0] / med['int8'][0]:.2f}x float32)")
 
 
 if __name__ == "__main__":

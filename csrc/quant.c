@@ -30,8 +30,8 @@
 #define RF_Q8_HALF 8  /* columns of a 256-bit register */
 #define RF_Q8_KG 4
 #define RF_Q8_ALIGN 64
-/* Rows of A quantized at once (a stack buffer of K up to RF_Q8_MAX_K each); the 256-bit
- * kernels take them RF_Q8_ROWS_256 at a time. */
+/* Rows of A quantized at once (into a buffer of RF_Q8_ROWS rows of K, from the heap); the
+ * 256-bit kernels take them RF_Q8_ROWS_256 at a time. */
 #define RF_Q8_ROWS 8
 #define RF_Q8_ROWS_256 4
 
@@ -74,21 +74,32 @@ static int fold_max(float *amax, const float *a, ptrdiff_t k0, ptrdiff_t K) {
     return finite;
 }
 
-/* q[k] = round-half-even(a[k] * inv), clamped to [-127, 127], for k0 <= k < K. */
-static void round_row(int8_t *q, const float *a, float inv, ptrdiff_t k0, ptrdiff_t K) {
-    for (ptrdiff_t k = k0; k < K; k++) {
-        float v = nearbyintf(a[k] * inv);
-        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
-    }
+/* round-half-even(a * inv), clamped to [-127, 127]. */
+static int8_t round_one(float a, float inv) {
+    float v = nearbyintf(a * inv);
+    return (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
 }
 
-/* A row's scale once its max is known; the q of a zero row, of a row so small that
- * 127 / max|a| overflows (its products are below float's range anyway) and of a
- * non-finite row are zeros (a non-finite row's NaN scale carries NaN into its outputs). */
+/* q[k] = round_one(a[k], inv) for k0 <= k < K. */
+static void round_row(int8_t *q, const float *a, float inv, ptrdiff_t k0, ptrdiff_t K) {
+    for (ptrdiff_t k = k0; k < K; k++) q[k] = round_one(a[k], inv);
+}
+
+/* Whether a row's q are all zeros: a zero row, a row so small that 127 / max|a|
+ * overflows (its products are below float's range anyway) and a non-finite row. */
+static int zero_row(float amax, int finite) { return !(finite && amax >= 127.0f / FLT_MAX); }
+
+/* A row's scale once its max is known: max|a| / 127, or for a zero_row 0 (finite) or
+ * NaN (which carries NaN into its outputs). */
+static float row_scale(float amax, int finite) {
+    return !zero_row(amax, finite) ? amax / 127.0f : finite ? 0.0f : NAN;
+}
+
+/* For a zero_row: its q (zeros) and scale. */
 static int degenerate(int8_t *q, ptrdiff_t K, float amax, int finite, float *scale) {
-    if (finite && amax >= 127.0f / FLT_MAX) return 0;
-    memset(q, 0, (size_t)K);
-    *scale = finite ? 0.0f : NAN;
+    if (!zero_row(amax, finite)) return 0;
+    if (K > 0) memset(q, 0, (size_t)K);
+    *scale = row_scale(amax, finite);
     return 1;
 }
 
@@ -138,11 +149,52 @@ __attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
 }
 #endif
 
-float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2) {
 #if RF_HAVE_AVX2
-    if (avx2) return quantize_avx2(q, a, K);
+/* Lanes 0 .. n-1 of 16 (all for n >= 16). */
+static __mmask16 tail_mask(ptrdiff_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
+
+/* The same with AVX-512F, 16 at a time, the tail masked: the same max, and each q the same
+ * product, rounding and clamp. */
+__attribute__((target("avx2,avx512f"))) static float quantize_avx512(int8_t *restrict q,
+                                                                     const float *restrict a,
+                                                                     ptrdiff_t K) {
+    const __m512 huge = _mm512_set1_ps(FLT_MAX);
+    __m512 max0 = _mm512_setzero_ps(), max1 = max0;
+    __mmask16 bad = 0;  /* inf, NaN */
+    ptrdiff_t k = 0;
+    for (; k + 32 <= K; k += 32) {  /* two chains of max */
+        __m512 m0 = _mm512_abs_ps(_mm512_loadu_ps(a + k));
+        __m512 m1 = _mm512_abs_ps(_mm512_loadu_ps(a + k + 16));
+        bad |= _mm512_cmp_ps_mask(m0, huge, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(m1, huge, _CMP_NLE_UQ);
+        max0 = _mm512_max_ps(max0, m0);
+        max1 = _mm512_max_ps(max1, m1);
+    }
+    for (; k < K; k += 16) {
+        __m512 m = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(K - k), a + k));
+        bad |= _mm512_cmp_ps_mask(m, huge, _CMP_NLE_UQ);
+        max0 = _mm512_max_ps(max0, m);
+    }
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(max0, max1)), scale;
+    if (degenerate(q, K, amax, !bad, &scale)) return scale;
+    const __m512 inv = _mm512_set1_ps(127.0f / amax);
+    const __m512 hi = _mm512_set1_ps(127), lo = _mm512_set1_ps(-127);
+    for (k = 0; k < K; k += 16) {
+        __mmask16 live = tail_mask(K - k);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, a + k), inv);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_max_ps(lo, _mm512_min_ps(hi, v));
+        _mm512_mask_cvtepi32_storeu_epi8(q + k, live, _mm512_cvtps_epi32(v));
+    }
+    return amax / 127.0f;
+}
 #endif
-    (void)avx2;
+
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int path) {
+#if RF_HAVE_AVX2
+    if (path == 3) return quantize_avx512(q, a, K);
+    if (path > 0) return quantize_avx2(q, a, K);
+#endif
+    (void)path;
     return quantize_base(q, a, K);
 }
 
@@ -163,21 +215,33 @@ int rf_q8_cpu_vnni(void) {
 #endif
 }
 
+/* Where (k, n) of op(W) lies in its panels. */
+static ptrdiff_t panel_at(ptrdiff_t k, ptrdiff_t n, ptrdiff_t panel_stride) {
+    return n / RF_Q8_NR * panel_stride + k / RF_Q8_KG * RF_Q8_NR * RF_Q8_KG
+           + n % RF_Q8_NR * RF_Q8_KG + k % RF_Q8_KG;
+}
+
 /* Packs op(W) = W^T, W (N rows of K, row stride ldw), into dst (weight_bytes(K, N)):
- * each row of W (a column of op(W), an output) quantized with its own scale. */
+ * each row of W (a column of op(W), an output) quantized with its own scale, as
+ * rf_q8_quantize does, straight into its panel. */
 static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K,
                         ptrdiff_t N) {
     float *scales = (float *)dst;
     int32_t *sums = (int32_t *)(dst + scales_bytes(N));
-    int8_t *panels = (int8_t *)(dst + 2 * scales_bytes(N)), row[RF_Q8_MAX_K];
-    ptrdiff_t Kp = k_padded(K), panel_stride = RF_Q8_NR * Kp;
+    int8_t *panels = (int8_t *)(dst + 2 * scales_bytes(N));
+    ptrdiff_t panel_stride = RF_Q8_NR * k_padded(K);
     memset(dst, 0, (size_t)weight_bytes(K, N));
     for (ptrdiff_t n = 0; n < N; n++) {
-        scales[n] = rf_q8_quantize(row, w + n * ldw, K, 0);
-        for (ptrdiff_t k = 0; k < K; k++) sums[n] += row[k];
-        int8_t *panel = panels + n / RF_Q8_NR * panel_stride + n % RF_Q8_NR * RF_Q8_KG;
-        for (ptrdiff_t k = 0; k < K; k++)
-            panel[k / RF_Q8_KG * RF_Q8_NR * RF_Q8_KG + k % RF_Q8_KG] = row[k];
+        const float *row = w + n * ldw;
+        float amax = 0;
+        int finite = fold_max(&amax, row, 0, K);
+        scales[n] = row_scale(amax, finite);
+        if (zero_row(amax, finite)) continue;  /* q: the zeros already there */
+        for (ptrdiff_t k = 0; k < K; k++) {
+            int8_t q = round_one(row[k], 127.0f / amax);
+            sums[n] += q;
+            panels[panel_at(k, n, panel_stride)] = q;
+        }
     }
 }
 
@@ -230,7 +294,12 @@ int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t
 
 /* ---- the product: acc[r][n] = sum_k qa[r][k] qw[k][n], exact in int32 ---- */
 
-/* A tile's rows: quantized rows qa (stride Kp) and their scales, and where their products
+/* Where a tile's quantized rows keep the four a's of row r from k = g (g a multiple of
+ * RF_Q8_KG): the rows interleaved by groups of k, so that one pointer, moving on by
+ * RF_Q8_ROWS * RF_Q8_KG bytes per group, reaches every row of a tile. */
+#define QA_AT(qa, r, g) ((qa) + (g) * RF_Q8_ROWS + (r) * RF_Q8_KG)
+
+/* A tile's rows: quantized rows qa (QA_AT) and their scales, and where their products
  * go. */
 typedef struct {
     const int8_t *qa;
@@ -257,7 +326,7 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
         for (ptrdiff_t r = 0; r < rows; r++) {
             int32_t sum[RF_Q8_NR] = {0};
             for (ptrdiff_t g = 0; g < t->Kp; g += RF_Q8_KG) {
-                const int8_t *w = panel + g * RF_Q8_NR, *a = t->qa + r * t->Kp + g;
+                const int8_t *w = panel + g * RF_Q8_NR, *a = QA_AT(t->qa, r, g);
                 for (int n = 0; n < RF_Q8_NR; n++)
                     for (int k = 0; k < RF_Q8_KG; k++)
                         sum[n] += (int32_t)a[k] * w[n * RF_Q8_KG + k];
@@ -293,7 +362,7 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
     __attribute__((target(isa), always_inline)) static inline void name##_rows(        \
         const q8_rows *t, ptrdiff_t r0, const ptrdiff_t rows, const rf_weight *W) {     \
         ptrdiff_t Kp = t->Kp;                                                           \
-        const int8_t *qa = t->qa + r0 * Kp;                                             \
+        const int8_t *qa = QA_AT(t->qa, r0, 0);                                         \
         for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {                              \
             const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride; \
             const int8_t *p1 = p0 + RF_Q8_HALF * RF_Q8_KG;                              \
@@ -344,7 +413,7 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
 
 /* Four a's of row r, from k = g, in every 32-bit lane. */
 #define BROADCAST_A(r, g)                                                               \
-    ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_);                \
+    ({ int32_t four_; memcpy(&four_, QA_AT(qa, r, g), sizeof four_);                    \
        _mm256_set1_epi32(four_); })
 #define PANEL_W(panel, g) _mm256_loadu_si256((const __m256i *)((panel) + (g) * RF_Q8_NR))
 
@@ -372,8 +441,12 @@ PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 #undef PANEL_W
 
 /* AVX-512 VNNI: 512-bit registers, a whole panel each; tiles of up to 8 rows x two panels,
- * so that each broadcast of a serves two multiply-adds. */
+ * so that each broadcast of a serves two multiply-adds. The sums are named variables, not
+ * an array, so that the compiler keeps all of them in registers. */
 #define AVX512_ISA "avx2,avx512f,avx512bw,avx512vl,avx512vnni"
+
+/* s += a (u8) . w (s8), four products to each int32 lane. */
+#define DPBUSD512(s, a, w) (s = _mm512_dpbusd_epi32(s, a, w))
 
 /* One row's 16 columns from n (cols of them real): C (+)= (acc - 128 sums) * (sa * sw). */
 __attribute__((target(AVX512_ISA), always_inline)) static inline void
@@ -394,6 +467,23 @@ avx512_store(const q8_rows *t, const rf_weight *W, ptrdiff_t r, ptrdiff_t n, __m
     _mm512_storeu_ps(c, v);
 }
 
+/* Row r of a tile: s<r>0 and s<r>1, its sums over the two panels, in registers. */
+#define A512(r, g) ({ int32_t four_; memcpy(&four_, QA_AT(qa, r, g), sizeof four_); \
+                      _mm512_set1_epi32(four_); })
+#define W512(panel, g) _mm512_loadu_si512((const void *)((panel) + (g) * RF_Q8_NR))
+#define ROW_SUMS(r) __m512i s##r##0 = _mm512_setzero_si512(), s##r##1 = s##r##0
+#define ROW_STEP(r)                                                                     \
+    if (rows > r) {                                                                     \
+        __m512i a_ = A512(r, g);                                                        \
+        DPBUSD512(s##r##0, a_, w0);                                                     \
+        DPBUSD512(s##r##1, a_, w1);                                                     \
+    }
+#define ROW_STORE(r)                                                                    \
+    if (rows > r) {                                                                     \
+        avx512_store(t, W, r, n0, s##r##0);                                             \
+        if (two) avx512_store(t, W, r, n0 + RF_Q8_NR, s##r##1);                         \
+    }
+
 __attribute__((target(AVX512_ISA), always_inline)) static inline void
 avx512_rows(const q8_rows *t, const ptrdiff_t rows, const rf_weight *W) {
     ptrdiff_t Kp = t->Kp;
@@ -402,39 +492,34 @@ avx512_rows(const q8_rows *t, const ptrdiff_t rows, const rf_weight *W) {
         const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride;
         int two = n0 + RF_Q8_NR < t->N;  /* (panels exist up to whole panels of N) */
         const int8_t *p1 = two ? p0 + W->panel_stride : p0;
-        __m512i sum[RF_Q8_ROWS][2], odd[2];
-        odd[0] = odd[1] = _mm512_setzero_si512();
-        for (ptrdiff_t r = 0; r < rows; r++) sum[r][0] = sum[r][1] = _mm512_setzero_si512();
+        ROW_SUMS(0); ROW_SUMS(1); ROW_SUMS(2); ROW_SUMS(3);
+        ROW_SUMS(4); ROW_SUMS(5); ROW_SUMS(6); ROW_SUMS(7);
         ptrdiff_t g = 0;
-#define A512(r, g) ({ int32_t four_; memcpy(&four_, qa + (r) * Kp + (g), sizeof four_); \
-                      _mm512_set1_epi32(four_); })
-#define W512(panel, g) _mm512_loadu_si512((const void *)((panel) + (g) * RF_Q8_NR))
-        if (rows == 1)
+        if (rows == 1) {  /* a second chain per panel (s1*: odd groups of k) */
             for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {
                 __m512i a0 = A512(0, g), a1 = A512(0, g + RF_Q8_KG);
-                sum[0][0] = _mm512_dpbusd_epi32(sum[0][0], a0, W512(p0, g));
-                sum[0][1] = _mm512_dpbusd_epi32(sum[0][1], a0, W512(p1, g));
-                odd[0] = _mm512_dpbusd_epi32(odd[0], a1, W512(p0, g + RF_Q8_KG));
-                odd[1] = _mm512_dpbusd_epi32(odd[1], a1, W512(p1, g + RF_Q8_KG));
+                DPBUSD512(s00, a0, W512(p0, g));
+                DPBUSD512(s01, a0, W512(p1, g));
+                DPBUSD512(s10, a1, W512(p0, g + RF_Q8_KG));
+                DPBUSD512(s11, a1, W512(p1, g + RF_Q8_KG));
             }
+            s00 = _mm512_add_epi32(s00, s10);
+            s01 = _mm512_add_epi32(s01, s11);
+        }
         for (; g < Kp; g += RF_Q8_KG) {
             __m512i w0 = W512(p0, g), w1 = W512(p1, g);
-            for (ptrdiff_t r = 0; r < rows; r++) {
-                __m512i a = A512(r, g);
-                sum[r][0] = _mm512_dpbusd_epi32(sum[r][0], a, w0);
-                sum[r][1] = _mm512_dpbusd_epi32(sum[r][1], a, w1);
-            }
+            ROW_STEP(0) ROW_STEP(1) ROW_STEP(2) ROW_STEP(3)
+            ROW_STEP(4) ROW_STEP(5) ROW_STEP(6) ROW_STEP(7)
         }
-#undef A512
-#undef W512
-        sum[0][0] = _mm512_add_epi32(sum[0][0], odd[0]);
-        sum[0][1] = _mm512_add_epi32(sum[0][1], odd[1]);
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            avx512_store(t, W, r, n0, sum[r][0]);
-            if (two) avx512_store(t, W, r, n0 + RF_Q8_NR, sum[r][1]);
-        }
+        ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3)
+        ROW_STORE(4) ROW_STORE(5) ROW_STORE(6) ROW_STORE(7)
     }
 }
+#undef A512
+#undef W512
+#undef ROW_SUMS
+#undef ROW_STEP
+#undef ROW_STORE
 
 __attribute__((target(AVX512_ISA))) static void product_avx512vnni(const q8_rows *t,
                                                                    ptrdiff_t rows,
@@ -471,23 +556,57 @@ static product_fn product_kernel(int path, int *offset) {
     return product_portable;
 }
 
+/* rf_q8_gemm without a buffer, for when there is no memory for one: each row's q made
+ * again for every panel, the same integers (portable, slow). */
+static void gemm_unbuffered(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A,
+                            ptrdiff_t lda, const rf_weight *W, int accumulate, float *C,
+                            ptrdiff_t ldc) {
+    const int8_t *panels = (const int8_t *)W->packed;
+    for (ptrdiff_t r = 0; r < M; r++) {
+        const float *a = A + r * lda;
+        float amax = 0;
+        int finite = fold_max(&amax, a, 0, K), zero = zero_row(amax, finite);
+        for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_Q8_NR) {
+            ptrdiff_t cols = N - n0 < RF_Q8_NR ? N - n0 : RF_Q8_NR;
+            int32_t sum[RF_Q8_NR] = {0};
+            for (ptrdiff_t k = 0; k < K && !zero; k++) {
+                int32_t q = round_one(a[k], 127.0f / amax);
+                for (ptrdiff_t n = 0; n < cols; n++)
+                    sum[n] += q * panels[panel_at(k, n0 + n, W->panel_stride)];
+            }
+            rescale(sum, row_scale(amax, finite), W->scales + n0, cols, accumulate,
+                    C + r * ldc + n0);
+        }
+    }
+}
+
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                 const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int path) {
     ptrdiff_t Kp = k_padded(K);
-    int8_t qa[RF_Q8_ROWS * RF_Q8_MAX_K];
+    int8_t *qa = path < 0 ? NULL
+                          : rf_aligned_alloc(RF_Q8_ALIGN, (size_t)((RF_Q8_ROWS + 1) * Kp));
+    if (!qa) {
+        gemm_unbuffered(M, N, K, A, lda, W, accumulate, C, ldc);
+        return;
+    }
+    int8_t *row = qa + RF_Q8_ROWS * Kp;
     float sa[RF_Q8_ROWS];
     int offset;
     product_fn product = product_kernel(path, &offset);
     for (ptrdiff_t r0 = 0; r0 < M; r0 += RF_Q8_ROWS) {
         ptrdiff_t rows = M - r0 < RF_Q8_ROWS ? M - r0 : RF_Q8_ROWS;
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            int8_t *q = qa + r * Kp;
-            sa[r] = rf_q8_quantize(q, A + (r0 + r) * lda, K, path > 0);
-            memset(q + K, 0, (size_t)(Kp - K));
-            if (offset)
-                for (ptrdiff_t k = 0; k < Kp; k++) q[k] = (int8_t)((uint8_t)q[k] ^ 0x80);
+        for (ptrdiff_t r = 0; r < rows; r++) {  /* each row quantized, then interleaved */
+            sa[r] = rf_q8_quantize(row, A + (r0 + r) * lda, K, path);
+            memset(row + K, 0, (size_t)(Kp - K));
+            for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
+                uint32_t four;
+                memcpy(&four, row + g, sizeof four);
+                four ^= offset ? 0x80808080u : 0;
+                memcpy(QA_AT(qa, r, g), &four, sizeof four);
+            }
         }
         q8_rows tile = {qa, sa, Kp, N, ldc, C + r0 * ldc, accumulate};
         product(&tile, rows, W);
     }
+    rf_aligned_free(qa);
 }

@@ -184,18 +184,18 @@ typedef struct {
  * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed, which
  * rf_prepare_weights_f32 recognises (rf_q8_prepared); the steps' products and the input
  * projection then quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)=
- * A (M,K) op(W), k0 = 0; path: rf_q8_path's, the same bits on each). Input and hidden
- * sizes up to RF_Q8_MAX_K (Python checks).
- * rf_q8_quantize: q = round-half-even(a * (127 / max|a|)), returns the scale max|a| / 127
+ * A (M,K) op(W), k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow
+ * way without a buffer, as when its allocation fails).
+ * rf_q8_quantize (path as rf_q8_gemm's, not -1): q = round-half-even(a * (127 / max|a|)),
+ * returns the scale max|a| / 127
  * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
  * with inf or NaN; their q are zeros). */
-#define RF_Q8_MAX_K 8192
 ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr);
 void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                         ptrdiff_t H, ptrdiff_t I, int lbr);
 int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
                    ptrdiff_t I, int lbr);
-float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int avx2);
+float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int path);
 int rf_q8_cpu_vnni(void);
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                 const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int path);

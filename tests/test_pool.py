@@ -288,7 +288,12 @@ def test_step_takes_ids_in_any_form_and_any_layout():
     results = []
     for ids_form, x_form in [(list, np.ascontiguousarray), (np.array, lambda a: a),
                              (lambda v: np.array(v, np.int32), np.asfortranarray),
-                             (lambda v: np.array(v, np.uint64), read_only)]:
+                             (lambda v: np.array(v, np.uint64), read_only),
+                             (tuple, np.ascontiguousarray),
+                             (lambda v: [np.int64(v[0]), v[1]], np.ascontiguousarray),
+                             (lambda v: np.array([v[0], 0, v[1]], np.int64)[::2],
+                              np.ascontiguousarray),
+                             (lambda v: np.array(v, ">i8"), np.ascontiguousarray)]:
         ids = [pool.open(), pool.open()]
         results.append(pool.step(ids_form(ids), x_form(x)))
         for sid in ids:
@@ -306,6 +311,8 @@ def test_step_takes_ids_in_any_form_and_any_layout():
     ("closed", None, ValueError, r"ids\[2\]: .* is not an open session"),
     ("repeated", None, ValueError, r"ids\[2\]: session .* appears more than once"),
     ("floats", None, TypeError, r"ids must be integers"),
+    ("list with a float", None, TypeError, r"ids must be integers"),
+    ("beyond int64", None, ValueError, r"ids: 9223372036854775808 is not an open session"),
     ("2-D", None, ValueError, r"ids must be 1-D"),
     ("ok", np.ones((2, 3), np.float32), ValueError, r"x must have shape \(3, 3\) \(len\(ids\)"),
     ("ok", np.ones((3, 2), np.float32), ValueError, r"x must have shape \(3, 3\)"),
@@ -322,6 +329,7 @@ def test_step_refuses_bad_arguments_and_changes_nothing(ids, x, exc, match):
     ids = {"unknown": [open_ids[0], 999], "negative": [-1], "closed": open_ids[:2] + [closed],
            "repeated": [open_ids[0], open_ids[1], open_ids[0]],
            "floats": np.array(open_ids, float), "2-D": np.array([open_ids]),
+           "list with a float": [open_ids[0], 1.5], "beyond int64": [2**63],
            "ok": open_ids}[ids]
     if match.startswith("ids"):
         x = np.ones((len(ids), 3), np.float32)

@@ -105,6 +105,38 @@ def test_int8_product_extremes_do_not_saturate(path):
     assert _kernels.q8_product(a, w)[0, 0] == pytest.approx(K)
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (9, 37, 19), (3, 130, 40)])
+def test_int8_product_without_its_buffer_is_the_same(M, K, N):
+    """The slow way taken when the rows' buffer cannot be allocated: the same integers."""
+    rng = np.random.default_rng(K)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    a[M // 2] = 0  # a zero row among the others
+    a[-1, 0] = np.inf if M > 2 else a[-1, 0]  # a non-finite one: NaN outputs
+    w = rng.uniform(-1, 1, (N, K)).astype(np.float32)
+    c = rng.standard_normal((M, N)).astype(np.float32)
+    for acc in (None, c):
+        got = _kernels.q8_product(a, w, acc, unbuffered=True)
+        np.testing.assert_array_equal(got, np_product(a, w, acc))
+        np.testing.assert_array_equal(got, _kernels.q8_product(a, w, acc))
+
+
+def test_int8_product_long_rows(path):
+    """Rows longer than any fixed buffer would hold (the rows' buffer is sized from K)."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((9, 20_000)).astype(np.float32)
+    w = rng.uniform(-1, 1, (18, 20_000)).astype(np.float32)
+    np.testing.assert_array_equal(_kernels.q8_product(a, w), np_product(a, w))
+
+
+def test_quantized_layer_large_input_size_close_to_float32():
+    layer = RNN(20_000, 8, seed=0).eval()
+    x = np.random.default_rng(4).standard_normal((3, 2, 20_000)).astype(np.float32) * 0.1
+    q = layer.quantized()
+    assert np.abs(q(x)[0] - layer(x)[0]).max() <= MAX_ERROR
+    stream = q.stream(2)
+    np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(3)]), q(x)[0])
+
+
 def test_int8_product_same_bits_on_every_path():
     rng = np.random.default_rng(1)
     a = rng.standard_normal((9, 70)).astype(np.float32)
@@ -208,13 +240,89 @@ def test_quantized_layer_refusals():
         q(np.ones((2, 1, 5), np.float32))
     with pytest.raises(ValueError, match="lengths must lie"):
         q(x, lengths=[3])
-    big = _kernels.Q8_MAX_SIZE + 1
-    with pytest.raises(ValueError, match=f"input_size <= {big - 1}"):
-        RNN(big, 1).quantized()
-    for variant in (LSTM(3, 4, peepholes=True), GRU(3, 4, zoneout=0.1)):
-        with pytest.raises(ValueError, match="peepholes or zoneout"):
-            variant.quantized()
     assert isinstance(q, QuantizedLSTM) and q.eval() is q and not q.training
+
+
+VARIANTS = [(LSTM, {"peepholes": True}), (LSTM, {"zoneout": 0.3}),
+            (LSTM, {"peepholes": True, "zoneout": 0.2}),
+            (GRU, {"linear_before_reset": True, "zoneout": 0.25}),
+            (GRU, {"linear_before_reset": False, "zoneout": 0.25}),
+            (RNN, {"nonlinearity": "tanh", "zoneout": 0.4})]
+VARIANT_IDS = ["lstm_peep", "lstm_zoneout", "lstm_peep_zoneout", "gru_lbr_zoneout",
+               "gru_orig_zoneout", "rnn_zoneout"]
+
+
+def _variant_layer(cls, kw, **more):
+    """An eval layer with the variants of kw, its peepholes (which start at zero) drawn."""
+    layer = _layer(cls, kw, **more)
+    rng = np.random.default_rng(5)
+    for name, w in layer._params.items():
+        if name.startswith("weight_peep"):
+            w[...] = rng.uniform(-1, 1, w.shape)
+    return layer
+
+
+@pytest.mark.parametrize("cls,kw", VARIANTS, ids=VARIANT_IDS)
+def test_quantized_variants_close_to_float32(path, cls, kw):
+    """Peepholes and eval's zoneout carried into the int8 layer: bidirectional, stacked,
+    ragged, from a given state."""
+    layer = _variant_layer(cls, kw, num_layers=2, bidirectional=True)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((7, 4, 12)).astype(np.float32)
+    lengths = [7, 3, 0, 5]
+    state = layer(x[:3])[1]
+    y, s = layer(x, state, lengths=lengths)
+    yq, sq = layer.quantized()(x, state, lengths=lengths)
+    s, sq = (s, sq) if isinstance(s, tuple) else ((s,), (sq,))
+    error = max(np.abs(a - b).max() for a, b in zip((y, *s), (yq, *sq)))
+    assert error <= MAX_ERROR
+    plain = _layer(cls, {k: v for k, v in kw.items() if k == "linear_before_reset"},
+                   num_layers=2, bidirectional=True)  # the variants move y far more
+    assert np.abs(plain(x, state, lengths=lengths)[0] - y).max() > 5 * error
+
+
+@pytest.mark.parametrize("cls,kw", VARIANTS, ids=VARIANT_IDS)
+def test_quantized_variants_stream_and_pool_match_forward(path, cls, kw):
+    q = _variant_layer(cls, kw, num_layers=2).quantized()
+    x = np.random.default_rng(8).standard_normal((5, 3, 12)).astype(np.float32)
+    y = q(x)[0]
+    stream = q.stream(3)
+    np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(5)]), y)
+    pool = q.stream_pool(4)
+    ids = [pool.open() for _ in range(3)]
+    got = np.stack([pool.step(ids[::-1], x[t][::-1]) for t in range(5)])
+    np.testing.assert_array_equal(got[:, ::-1], y)
+
+
+def np_q8_lstm(x, w_ih, w_hh, bias, peep, p):
+    """A NumPy int8 LSTM forward (zero initial state): np_product's products, then the gate
+    math with ONNX's peepholes (i, o, f) and eval's zoneout p."""
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    sig = lambda v: 1 / (1 + np.exp(-v.astype(np.float64)))
+    h, c, ys = np.zeros((B, H), np.float32), np.zeros((B, H), np.float32), []
+    proj = np_product(x.reshape(T * B, I), w_ih).reshape(T, B, 4 * H)
+    for t in range(T):
+        a = np_product(h, w_hh, proj[t]).astype(np.float64) + bias
+        gi, gf, gg, go = (a[:, k * H:(k + 1) * H] for k in range(4))
+        i, f = sig(gi + peep[:H] * c), sig(gf + peep[2 * H:] * c)
+        c_new = f * c + i * np.tanh(gg)
+        h_new = sig(go + peep[H:2 * H] * c_new) * np.tanh(c_new)
+        c = (p * c + (1 - p) * c_new).astype(np.float32)
+        h = (p * h + (1 - p) * h_new).astype(np.float32)
+        ys.append(h)
+    return np.stack(ys), h, c
+
+
+def test_q8_lstm_peepholes_zoneout_against_numpy(path):
+    layer = _variant_layer(LSTM, {"peepholes": True, "zoneout": 0.3})
+    x = np.random.default_rng(9).standard_normal((6, 5, 12)).astype(np.float32)
+    w = {n.rsplit("_l", 1)[0]: v for n, v in layer._params.items()}
+    want = np_q8_lstm(x, w["weight_ih"], w["weight_hh"],
+                      w["bias_ih"].astype(np.float64) + w["bias_hh"], w["weight_peep"], 0.3)
+    y, (h, c) = layer.quantized()(x)
+    for got, ref in zip((y, h[0], c[0]), want):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
 
 def test_q8_forward_refuses_foreign_packed():
@@ -231,6 +339,9 @@ def test_q8_forward_refuses_foreign_packed():
             _kernels.q8_forward("rnn", x, None, None, bad, None, None, plan, ws, 12, 24)
     with pytest.raises(ValueError, match="q8_pack_weights' array"):  # other sizes
         _kernels.q8_forward("lstm", x, None, None, q._packed[0], None, None, plan, ws, 12, 24)
+    with pytest.raises(ValueError, match="peepholes are an LSTM option; rnn has none"):
+        _kernels.q8_forward("rnn", x, None, None, q._packed[0], None, None, plan, ws, 12, 24,
+                            False, np.zeros(72, np.float32))
 
 
 @pytest.mark.parametrize("cls,kw", CELLS, ids=CELL_IDS)

@@ -1,6 +1,8 @@
 # StreamPool, included by _kernels.pyx after stream.pxi: many sessions of one unidirectional
 # layer, each with its own state, any subset of them stepped together by one kernel call
 # per layer.
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from libc.string cimport memcpy, memset
 
 ctypedef struct _PoolLayer:
@@ -13,6 +15,33 @@ ctypedef struct _PoolLayer:
     char *c_n
     void *y          # (capacity, H) this layer's output, the next layer's input
     rf_forward_bufs call
+
+
+cdef object _ids_as_int64(ids):
+    """step's ids without Python-level checks where they are plainly valid: a C-contiguous,
+    aligned, native 1-D int64 array as it is, or a list of ints (not bools) within int64
+    converted in C; None for anything else (StreamPool._check_ids then decides, and words
+    the errors)."""
+    if cnp.PyArray_CheckExact(ids):
+        if (cnp.PyArray_TYPE(ids) == cnp.NPY_INT64 and cnp.PyArray_NDIM(ids) == 1
+                and cnp.PyArray_ISCARRAY_RO(ids) and cnp.PyArray_ISNOTSWAPPED(ids)):
+            return ids
+        return None
+    if type(ids) is not list:
+        return None
+    cdef cnp.npy_intp n = PyList_GET_SIZE(ids), i
+    out = cnp.PyArray_EMPTY(1, &n, cnp.NPY_INT64, 0)
+    cdef int64_t *dst = <int64_t *>cnp.PyArray_DATA(out)
+    cdef int overflow
+    cdef object item
+    for i in range(n):
+        item = <object>PyList_GET_ITEM(ids, i)
+        if type(item) is not int:
+            return None
+        dst[i] = PyLong_AsLongLongAndOverflow(item, &overflow)
+        if overflow:
+            return None
+    return out
 
 
 cdef class StreamPool:
@@ -265,7 +294,8 @@ cdef class StreamPool:
         1-D integer array or sequence, any order); x (len(ids), input_size), row i the
         input of ids[i] -> y (len(ids), hidden_size), row i the top layer's output for
         ids[i]."""
-        ids = self._check_ids(ids)
+        checked = _ids_as_int64(ids)
+        ids = checked if checked is not None else self._check_ids(ids)
         cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0)
         if not (cnp.PyArray_CheckExact(x) and cnp.PyArray_TYPE(x) == self.typenum
                 and cnp.PyArray_NDIM(x) == 2 and cnp.PyArray_ISCARRAY_RO(x)
@@ -300,7 +330,8 @@ cdef class StreamPool:
         return y
 
     def _check_ids(self, ids):
-        """ids as a C-contiguous 1-D int64 array, with errors that name ids."""
+        """The slow path of step's ids (_ids_as_int64's): a C-contiguous 1-D int64 array,
+        with errors that name ids."""
         a = ids if cnp.PyArray_Check(ids) else np.asarray(ids)
         if a.ndim != 1:
             raise ValueError(f"ids must be 1-D (one id per row of x), got shape {a.shape}")

@@ -9,19 +9,17 @@ cdef extern from "rnnfuse.h" nogil:
         Py_ssize_t panel_stride
         const float *scales
         const int32_t *sums
-    enum: RF_Q8_MAX_K
     Py_ssize_t rf_q8_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr)
     void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
                             Py_ssize_t H, Py_ssize_t I, int lbr)
     int rf_q8_prepared(rf_weight W[3], const void *prepacked, Py_ssize_t G, Py_ssize_t H,
                        Py_ssize_t I, int lbr)
-    float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K, int avx2)
+    float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K, int path)
     int rf_q8_cpu_vnni()
     void rf_q8_gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t lda,
                     const rf_weight *W, int accumulate, float *C, Py_ssize_t ldc, int path)
     int rf_q8_path(const rf_runtime *rt)
 
-Q8_MAX_SIZE = RF_Q8_MAX_K
 _rt.vnni = rf_q8_cpu_vnni()
 
 
@@ -34,9 +32,9 @@ def set_int8_vnni(bint on):
 
 
 cdef int _q8_sizes(Py_ssize_t I, Py_ssize_t H) except -1:
-    if not (1 <= I <= RF_Q8_MAX_K and 1 <= H <= RF_Q8_MAX_K):
-        raise ValueError(f"int8 weights need input_size and hidden_size in [1, "
-                         f"{RF_Q8_MAX_K}], got input_size={I}, hidden_size={H}")
+    if not (I >= 1 and H >= 1):
+        raise ValueError(f"int8 weights need input_size and hidden_size >= 1, got "
+                         f"input_size={I}, hidden_size={H}")
     return 0
 
 
@@ -81,9 +79,10 @@ cdef const void *_q8_packed(packed, Py_ssize_t G, Py_ssize_t H, Py_ssize_t I,
 
 
 cpdef tuple q8_forward(str cell, x, h0, c0, packed, b_ih, b_hh, Plan plan, ws, Py_ssize_t I,
-                       Py_ssize_t H, bint option=False):
+                       Py_ssize_t H, bint option=False, peep=None, zoneout=None):
     """The inference forward of forward() (float32) on int8 weights: packed from
-    q8_pack_weights with the cell's G and lbr = option for the GRU."""
+    q8_pack_weights with the cell's G and lbr = option for the GRU; peep and zoneout as
+    forward() takes them."""
     if plan is None:
         raise TypeError("_kernels: plan must be a Plan, got None")
     cdef const rf_cell *c = _cell(cell)
@@ -98,8 +97,12 @@ cpdef tuple q8_forward(str cell, x, h0, c0, packed, b_ih, b_hh, Plan plan, ws, P
     cdef Py_ssize_t G = c.gates, BH = B * H
     cdef bint lstm = c.states == 2
     cdef rf_plan p = plan.view()
+    if peep is not None and not lstm:
+        raise ValueError(f"peepholes are an LSTM option; {cell} has none")
     cdef rf_forward_bufs a
-    memset(&a, 0, sizeof(a))  # no peepholes, no zoneout
+    memset(&a, 0, sizeof(a))  # no recurrent dropout: inference
+    a.peep = _buf(peep, 3 * H, cnp.NPY_FLOAT, "peepholes", _OPTIONAL) if lstm else NULL
+    a.zoneout = _zoneout(zoneout, lstm, cnp.NPY_FLOAT, T * BH, H)
     a.y = _buf(y, T * B * H, cnp.NPY_FLOAT, "y", _OUT)
     a.h_n = _buf(h_n, BH, cnp.NPY_FLOAT, "h_n", _OUT)
     a.c_n = _buf(c_n, BH, cnp.NPY_FLOAT, "c_n", _OUT) if lstm else NULL
@@ -129,14 +132,15 @@ def q8_quantize(a):
     cdef float[::1] sv = scales
     if K:
         for r in range(M):
-            sv[r] = rf_q8_quantize(&qv[r, 0], &src[r, 0], K, _rt.avx2)
+            sv[r] = rf_q8_quantize(&qv[r, 0], &src[r, 0], K, rf_q8_path(&_rt))
     return q, scales
 
 
-def q8_product(a, w, c=None):
+def q8_product(a, w, c=None, bint unbuffered=False):
     """Test hook: a (M, K) @ w (N, K)^T with w quantized per row as q8_pack_weights does and
     a's rows at run time, the product the steps and the projection run on int8 weights:
-    returns c + that (a new array; c: None for zeros)."""
+    returns c + that (a new array; c: None for zeros). unbuffered: the slow way taken
+    when the rows' buffer cannot be allocated."""
     cdef const float[:, ::1] av = a
     cdef Py_ssize_t M = av.shape[0], K = av.shape[1], N = w.shape[0]
     if w.shape[1] != K or M < 1:
@@ -148,9 +152,9 @@ def q8_product(a, w, c=None):
     if out.shape != (M, N):
         raise ValueError(f"c must be ({M}, {N}), got {out.shape}")
     cdef float[:, ::1] cv = out
+    cdef int path = -1 if unbuffered else rf_q8_path(&_rt)
     with nogil:
-        rf_q8_gemm(M, N, K, &av[0, 0], K, &W[2], c is not None, &cv[0, 0], N,
-                   rf_q8_path(&_rt))
+        rf_q8_gemm(M, N, K, &av[0, 0], K, &W[2], c is not None, &cv[0, 0], N, path)
     return out
 
 

@@ -6,13 +6,12 @@ float32 scale per output row, ``w ~= scale * q`` with ``q = round(w * 127 / max|
 (round half to even, in [-127, 127]). At run time each row of the products' left operand
 (an input or a hidden state) is quantized the same way, the products are summed exactly in
 int32 and rescaled to float32, ``acc * (scale_a * scale_w)``, for the float32 gate math
-(biases stay float32). Every row is computed alone, so a row's numbers do not depend on
+(biases, the LSTM's peepholes and eval's zoneout stay float32). Every row is computed alone, so a row's numbers do not depend on
 the other rows of the call or on the thread count; the int8 sums are exact and the same
 on every code path (VNNI, AVX2, portable), while the gate math's activations differ
 between the vector and portable paths as in float32 layers.
 
-Quantized layers are inference only (no backward, no training mode) and float32 only;
-input and hidden sizes are at most ``rnnfuse._kernels.Q8_MAX_SIZE``.
+Quantized layers are inference only (no backward, no training mode) and float32 only.
 """
 from __future__ import annotations
 
@@ -39,25 +38,18 @@ class _Quantized(_RNNBase):
     def _from(cls, layer: _RNNBase) -> _Quantized:
         if layer.dtype != np.float32:
             raise TypeError(f"only float32 layers can be quantized, got dtype {layer.dtype}")
-        if layer._peepholes or layer.zoneout:
-            raise ValueError("quantized() does not yet take a layer with peepholes or "
-                             "zoneout; quantize the same layer without them")
         q = cls.__new__(cls)
         q.__dict__.update({k: v for k, v in vars(layer).items()
                            if k not in ("_params", "_grads", "_tape")})
         super(_RNNBase, q).__init__()  # Module's empty parameters and tape
         q.training = False
         G, H = q._gates, q.hidden_size
-        for size, name in ((q.input_size, "input_size"), (H, "hidden_size")):
-            if size > _kernels.Q8_MAX_SIZE:
-                raise ValueError(f"int8 layers need {name} <= {_kernels.Q8_MAX_SIZE}, got "
-                                 f"{size}")
         lbr = q._option if q._cell == "gru" else False
         q._packed = []
         for layer_d, names in enumerate(q._param_names):
             w_ih, w_hh = (np.ascontiguousarray(layer._params[n]) for n in names[:2])
             q._packed.append(_kernels.q8_pack_weights(w_ih, w_hh, G, lbr))
-            for n in names[2:]:  # the biases stay float32 (copies)
+            for n in names[2:]:  # the biases and peepholes stay float32 (copies)
                 q._add_param(n, layer._params[n].copy())
         return q
 
@@ -68,18 +60,20 @@ class _Quantized(_RNNBase):
         return self
 
     def _weights(self, layer: int, d: int) -> list[Any]:
-        b: list[Any] = [self._params[n] for n in self._names(layer, d)[2:]]
-        return [self._packed[layer * self.num_directions + d], None, *(b or [None, None])]
+        """packed, None (in w_hh's place), b_ih, b_hh (None without bias), then the
+        peepholes if any."""
+        rest: list[Any] = [self._params[n] for n in self._names(layer, d)[2:]]
+        rest = rest if self.bias else [None, None, *rest]
+        return [self._packed[layer * self.num_directions + d], None, *rest]
 
     def _run(self, x: NDArray[Any], s0: Any, w: Any, lengths: ArrayLike | None,
              reverse: bool, need_ctx: bool, zoneout: Any = None,
              recurrent_dropout: Any = None) -> tuple[Any, tuple[Any, ...], Any]:
-        # zoneout: always None (a layer with zoneout is not quantized); recurrent_dropout:
-        # None, as in any inference
+        # zoneout: eval's p (or None); recurrent_dropout: None, as in any inference
         if need_ctx:
             raise ValueError(f"{type(self).__name__} is inference only: forward needs "
                              "need_grad=False")
-        packed, _, b_ih, b_hh = w
+        packed, _, b_ih, b_hh, *peep = w
         x = F._check_x(x)
         T, B, I = x.shape
         H, lstm = self.hidden_size, self._cell == "lstm"
@@ -89,7 +83,10 @@ class _Quantized(_RNNBase):
         ws = F._workspace(_kernels.workspace_size(self._cell, plan, I, H, False), self.dtype)
         y, h_n, c_n = _kernels.q8_forward(self._cell, x, states[0],
                                           states[1] if lstm else None, packed, b_ih, b_hh,
-                                          plan, ws, I, H, self._option)
+                                          plan, ws, I, H, self._option,
+                                          peep[0] if peep else None,
+                                          F._check_zoneout(self._cell, zoneout, (T, B, H),
+                                                           self.dtype))
         F._keep_spare(ws)
         return y, (h_n, c_n) if lstm else (h_n,), None
 
@@ -98,7 +95,7 @@ class _Quantized(_RNNBase):
         this layer's forward, bit for bit."""
         B = _check_int("batch_size", batch_size, 0)
         s = _kernels.Stream(self._cell, self._option, self.dtype, B, self._stream_weights(),
-                            int8=True)
+                            int8=True, zoneout=self.zoneout)
         s.reset(state)
         return s
 
@@ -106,11 +103,12 @@ class _Quantized(_RNNBase):
         """A StreamPool of this layer (see LSTM.stream_pool), on its int8 weights."""
         C = _check_int("capacity", capacity, 1)
         return _kernels.StreamPool(self._cell, self._option, self.dtype, C,
-                                   self._stream_weights(), int8=True)
+                                   self._stream_weights(), int8=True, zoneout=self.zoneout)
 
     def _stream_weights(self) -> list[list[Any]]:
-        """Per layer, (packed int8 weights, input size, b_ih, b_hh) for a stream or a pool
-        (the layer's own read-only arrays: its weights never change)."""
+        """Per layer, (packed int8 weights, input size, b_ih, b_hh[, peepholes]) for a
+        stream or a pool (the layer's own arrays: a quantized layer's weights never
+        change)."""
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
                              "direction needs the whole sequence")
