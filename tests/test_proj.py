@@ -160,3 +160,182 @@ def test_projection_returns_dw_hr_eighth():
     args, upstream = make_case(3, 2, 3, 4, 2, np.float64)
     grads = run(F, args, upstream)[1]
     assert len(grads) == 8 and grads[7].shape == (2, 4)
+
+
+# ---------------------------------------------------------------- layers
+
+def test_layer_parameters_are_named_and_shaped_as_torch():
+    layer = LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3, seed=0)
+    shapes = {k: v.shape for k, v in layer.state_dict().items()}
+    assert list(shapes)[:5] == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
+                                "weight_hr_l0"]
+    assert shapes["weight_hh_l0"] == (32, 3) and shapes["weight_hr_l0_reverse"] == (3, 8)
+    assert shapes["weight_ih_l1"] == (32, 6)  # D * proj_size inputs
+    assert "proj_size=3" in repr(layer)
+
+
+def test_layer_gradients_match_finite_differences_through_the_stack():
+    """A stacked, bidirectional, ragged layer with peepholes: the layer's gradients of a
+    random linear loss, float64, against central differences of its forward."""
+    rng = np.random.default_rng(8)
+    layer = LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, seed=1,
+                 dtype=np.float64, peepholes=True)
+    for p in layer.parameters():
+        p += 0.3 * rng.standard_normal(p.shape)  # nonzero peepholes too
+    x = rng.standard_normal((4, 3, 3))
+    h0, c0 = rng.standard_normal((4, 3, 2)), rng.standard_normal((4, 3, 5))
+    lengths = [4, 1, 3]
+    y, (h_n, c_n) = layer(x, (h0, c0), lengths)
+    gy, gh, gc = (rng.standard_normal(a.shape) for a in (y, h_n, c_n))
+    dx, (dh0, dc0) = layer.backward(gy, (gh, gc))
+
+    def loss():
+        y, (h_n, c_n) = layer.eval()(x, (h0, c0), lengths)
+        layer.train()
+        return np.sum(y * gy) + np.sum(h_n * gh) + np.sum(c_n * gc)
+
+    for name, p in layer.named_parameters().items():
+        for idx in list(np.ndindex(p.shape))[::7]:
+            assert_gradient(layer.grads[name][idx], loss, p, idx, name)
+    for name, a, g in (("x", x, dx), ("h0", h0, dh0), ("c0", c0, dc0)):
+        for idx in list(np.ndindex(a.shape))[::5]:
+            assert_gradient(g[idx], loss, a, idx, name)
+
+
+def test_weight_drop_masks_the_projected_w_hh():
+    layer = LSTM(3, 6, proj_size=2, weight_drop=0.5, seed=2, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    y, _ = layer(x)
+    assert y.shape == (5, 2, 2)
+    layer.backward(np.ones_like(y))
+    assert np.any(layer.grads["weight_hh_l0"] == 0)  # dropped elements get no gradient
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: LSTM(3, 4, proj_size=4), "proj_size must be < hidden_size=4, got 4"),
+    (lambda: LSTM(3, 4, proj_size=-1), "proj_size must be >= 0, got -1"),
+    (lambda: LSTM(3, 4, proj_size=2.0), "proj_size must be an int, got float"),
+    (lambda: LSTM(3, 4, proj_size=True), "proj_size must be an int, got bool"),
+    (lambda: GRU(3, 4, proj_size=2), "proj_size is an LSTM option; GRU has no projection"),
+    (lambda: RNN(3, 4, proj_size=2), "proj_size is an LSTM option; RNN has no projection"),
+    (lambda: GRU(3, 4, proj_size="2"), "proj_size must be an int, got str"),
+    (lambda: LSTM(3, 4, proj_size=2, zoneout=0.1), "zoneout is not supported with proj_size"),
+    (lambda: LSTM(3, 4, proj_size=2, recurrent_dropout=0.1),
+     "recurrent_dropout is not supported with proj_size"),
+    (lambda: LSTM(3, 4, proj_size=2).stream(), "proj_size cannot be streamed or pooled"),
+    (lambda: LSTM(3, 4, proj_size=2).stream_pool(2), "proj_size cannot be streamed or pooled"),
+    (lambda: LSTM(3, 4, proj_size=2).quantized(), "quantized() does not take a layer with "
+                                                  "proj_size"),
+])
+def test_layer_refusals(make, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        make()
+
+
+def test_layer_state_shapes_are_checked():
+    layer = LSTM(3, 4, num_layers=2, proj_size=2)
+    x = np.zeros((2, 1, 3), np.float32)
+    with pytest.raises(ValueError, match=r"state\[h\] must have shape \(2, 1, 2\)"):
+        layer(x, (np.zeros((2, 1, 4), np.float32), np.zeros((2, 1, 4), np.float32)))
+    with pytest.raises(ValueError, match=r"state\[c\] must have shape \(2, 1, 4\)"):
+        layer(x, (np.zeros((2, 1, 2), np.float32), np.zeros((2, 1, 2), np.float32)))
+
+
+def test_onnx_refuses_a_projection():
+    from rnnfuse.onnx_weights import to_onnx
+    with pytest.raises(ValueError, match="ONNX's LSTM has no projection"):
+        to_onnx(LSTM(3, 4, proj_size=2))
+
+
+# ---------------------------------------------------------------- functional refusals
+
+def _bad(**change):
+    a, _ = make_case(3, 2, 3, 4, 2, np.float64)
+    a.update(change)
+    return a
+
+
+@pytest.mark.parametrize("args,kw,message", [
+    (_bad(w_hr=np.zeros((4, 4))), {}, r"w_hr must have shape \(proj_size, hidden_size\) "
+                                      r"with 0 < proj_size < hidden_size, got \(4, 4\)"),
+    (_bad(w_hr=np.zeros(4)), {}, r"w_hr must have shape \(proj_size, hidden_size\)"),
+    (_bad(w_hr=np.zeros((2, 4), np.float32)), {}, "w_hr must have dtype float64"),
+    (_bad(w_hh=np.zeros((16, 4))), {}, r"w_hh must have shape \(16, 2\), got \(16, 4\)"),
+    (_bad(h0=np.zeros((2, 4))), {}, r"h0 must have shape \(2, 2\), got \(2, 4\)"),
+    (_bad(c0=np.zeros((2, 2))), {}, r"c0 must have shape \(2, 4\), got \(2, 2\)"),
+    (_bad(), {"zoneout": 0.1}, "zoneout is not supported with a projection"),
+    (_bad(), {"recurrent_dropout": np.ones((2, 4))},
+     "recurrent_dropout is not supported with a projection"),
+])
+def test_functional_refusals(args, kw, message):
+    a = args
+    with pytest.raises((ValueError, TypeError), match=message):
+        F.lstm_forward(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                       w_hr=a["w_hr"], **kw)
+
+
+def test_backward_checks_the_projected_shapes():
+    args, (dy, dh_n, dc_n) = make_case(3, 2, 3, 4, 2, np.float64)
+    _, _, _, ctx = forward(F, args)
+    with pytest.raises(ValueError, match=r"dy must have shape \(3, 2, 2\)"):
+        F.lstm_backward(np.zeros((3, 2, 4)), dh_n, dc_n, ctx)
+    with pytest.raises(ValueError, match=r"dh_n must have shape \(2, 2\)"):
+        F.lstm_backward(dy, np.zeros((2, 4)), dc_n, ctx)
+    grads = F.lstm_backward(dy, dh_n, dc_n, ctx)  # the refusals left the ctx usable
+    assert len(grads) == 8
+    with pytest.raises(ValueError, match="ctx was already used"):
+        F.lstm_backward(dy, dh_n, dc_n, ctx)
+
+
+# ---------------------------------------------------------------- against torch.nn.LSTM
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+def test_torch_parity(dtype, ragged, batch_first):
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.manual_seed(7 + ragged + 2 * batch_first)
+    rng = np.random.default_rng([ragged, batch_first, np.dtype(dtype).itemsize])
+    T, B, I, H, P, L = 6, 4, 3, 7, 3, 2
+    tdtype = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
+    m = torch.nn.LSTM(I, H, L, bidirectional=True, proj_size=P,
+                      batch_first=batch_first).to(tdtype)
+    layer = LSTM(I, H, L, bidirectional=True, proj_size=P, batch_first=batch_first,
+                 dtype=dtype)
+    layer.load_state_dict({k: v.detach().numpy() for k, v in m.state_dict().items()})
+    x = rng.standard_normal((B, T, I) if batch_first else (T, B, I)).astype(dtype)
+    s0 = [rng.standard_normal((2 * L, B, n)).astype(dtype) for n in (P, H)]
+    lengths = np.array([6, 2, 5, 1]) if ragged else None
+    y, s = layer(x, tuple(s0), lengths)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gs = [rng.standard_normal(a.shape).astype(dtype) for a in s]
+    dx, d0 = layer.backward(gy, tuple(gs))
+
+    xt = torch.from_numpy(x).requires_grad_()
+    st = [torch.from_numpy(a).requires_grad_() for a in s0]
+    inp = xt
+    if ragged:
+        inp = pack_padded_sequence(xt, torch.from_numpy(lengths), batch_first=batch_first,
+                                   enforce_sorted=False)
+    yt, fin = m(inp, tuple(st))
+    if ragged:
+        yt, _ = pad_packed_sequence(yt, batch_first=batch_first, total_length=T)
+    loss = (yt * torch.from_numpy(gy)).sum()
+    loss = loss + sum((f * torch.from_numpy(g)).sum() for f, g in zip(fin, gs))
+    loss.backward()
+
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+    check = lambda got, want, what: np.testing.assert_allclose(  # noqa: E731
+        got, want.detach().numpy(), err_msg=what, **tol)
+    check(y, yt, "y")
+    for k in range(2):
+        check(s[k], fin[k], f"final state {k}")
+        check(d0[k], st[k].grad, f"initial state gradient {k}")
+    check(dx, xt.grad, "dx")
+    named = dict(m.named_parameters())
+    assert list(layer.grads) == list(named)
+    for k, p in named.items():
+        check(layer.grads[k], p.grad, k)

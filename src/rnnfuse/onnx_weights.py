@@ -41,6 +41,9 @@ _ONNX_FROM_TORCH = {"lstm": [0, 3, 1, 2],   # i, o, f, c <- i, f, g, o
 
 
 def _cell_of(layer: object) -> str:
+    if getattr(layer, "proj_size", 0):
+        raise ValueError("ONNX's LSTM has no projection: a layer with proj_size cannot be "
+                         "converted")
     for cls, cell in ((LSTM, "lstm"), (GRU, "gru"), (RNN, "rnn")):
         if isinstance(layer, cls):
             return cell
