@@ -149,8 +149,8 @@ def test_threads_give_the_same_bits():
 
 
 def test_empty_batch_and_all_padding():
-    for B, lengths in ((0, None), (3, [0, 0, 0])):
-        args, upstream = make_case(4, B, 3, 6, 2, np.float64, seed=7)
+    for T, B, lengths in ((4, 0, None), (4, 3, [0, 0, 0]), (0, 2, None)):
+        args, upstream = make_case(T, B, 3, 6, 2, np.float64, seed=7)
         got, want = run(F, args, upstream, lengths), run(R, args, upstream, lengths)
         assert_close(got[0], want[0], np.float64, "forward")
         assert_close(got[1], want[1], np.float64, "backward")

@@ -120,6 +120,17 @@ def backward(
     cell: str, dy: Any, dh_n: Any, dc_n: Any, ctx: Context,
 ) -> tuple[_Float, _Float, _Float | None, _Float, _Float, _Float | None, _Float | None,
            _Float | None, _Float] | None: ...
+def lstmp_workspace_size(plan: Plan, I: int, H: int, P: int, train: bool) -> int: ...
+def lstmp_forward(x: _Float, h0: _Float | None, c0: _Float | None, w_ih: _Float,
+                  w_hh: _Float, w_hr: _Float, b_ih: _Float | None, b_hh: _Float | None,
+                  peep: _Float | None, plan: Plan, ws: _Float, I: int, H: int, P: int,
+                  train: bool) -> tuple[_Float, _Float, _Float]: ...
+def lstmp_backward(
+    dy: _Float | None, dh_n: _Float | None, dc_n: _Float | None, ws: _Float, x: _Float,
+    w_ih: _Float, w_hh: _Float, w_hr: _Float, peep: _Float | None, plan: Plan, I: int, H: int,
+    P: int, has_b_ih: bool, has_b_hh: bool,
+) -> tuple[_Float, _Float, _Float, _Float, _Float, _Float, _Float | None, _Float | None,
+           _Float | None]: ...
 Q8_MAX_SIZE: int
 
 def set_int8_vnni(on: bool) -> bool: ...

@@ -369,7 +369,7 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
     w_hh, P, Kh, Kc, M = s["w_hh"], s["P"], s["Kh"], s["Kc"], s["M"]
     Wr = s["Wr"]
     DY, dh = _grad_setup(pack, dy, dh_n, B, H if Wr is None else Wr.shape[0], dtype)
-    DH = None if Wr is None else np.empty((pack.n, Wr.shape[0]), dtype=dtype)  # dh_t
+    DH = np.empty((pack.n, 0 if Wr is None else Wr.shape[0]), dtype=dtype)  # dh_t (Wr)
     dc = pack.sort_state(dc_n, (B, H), dtype)
     for sl, bt in reversed(pack.steps):
         dht, dct = dh[:bt], dc[:bt]
