@@ -366,7 +366,7 @@ void RF_FN(rf_lstm_pointwise_backward)(REAL *g, REAL *dh, REAL *dc, REAL *tanh_c
  * backward's loop: dP_i = sum of da_i c_{t-1}, dP_f = sum of da_f c_{t-1}, dP_o = sum of
  * da_o c_t over every packed row, in row order (the same bits at any thread count). */
 void RF_FN(rf_lstm_peep_grads)(REAL *dpeep, const REAL *dgates, const REAL *c_prev,
-                                   const REAL *c_new, ptrdiff_t rows, ptrdiff_t H) {
+                               const REAL *c_new, ptrdiff_t rows, ptrdiff_t H) {
     REAL *dp_i = dpeep, *dp_o = dpeep + H, *dp_f = dpeep + 2 * H;
     for (ptrdiff_t k = 0; k < 3 * H; k++) dpeep[k] = 0;
     for (ptrdiff_t r = 0; r < rows; r++) {
