@@ -17,6 +17,7 @@
 
 #include "rnnfuse.h"
 #include "vmath.h"
+#include "lstmp.h"
 
 /* Workspace layout, in elements from the start of ws.
  * train=1 keeps every step for backward, in packed rows (N = p->rows):
@@ -97,7 +98,7 @@ V_TARGET static RF_INLINE void V_FN(lstm_units)(float *g, float *tanh_c, const f
     }
     for (int u = 0; u < nv; u++) tc[u] = V_MUL(a[3][u], tc[u]);
     V_FN(rf_store)(h_out + k, tc, nv, n_last);
-    V_FN(rf_store)(y + k, tc, nv, n_last);
+    if (y) V_FN(rf_store)(y + k, tc, nv, n_last);
 }
 
 /* lstm_step's pass over one row on a vector path: one pass over the hidden units,
@@ -119,8 +120,9 @@ V_TARGET static void V_FN(lstm_row)(float *g, float *tanh_c, const float *c_prev
  * holding pre-activations (less the biases, or NULL) on entry and post-activations on
  * exit. cp: the cell states entering the step; hn, cn: where rows that go on to step s+1
  * (j < next_bs) put their states; the others have finished and write h_n, c_n. tanh_c: or
- * NULL (inference). peep: the peepholes (i o f), or NULL. On the vector paths float takes
- * one pass per row (lstm_row_W). */
+ * NULL (inference). peep: the peepholes (i o f), or NULL. y and h_n may be NULL (the
+ * projected cell, lstmp.c): then every row's o tanh(c) goes to hn and none to y. On the
+ * vector paths float takes one pass per row (lstm_row_W). */
 RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn,
                                               REAL *cn, REAL *y, REAL *h_n, REAL *c_n,
                                               const REAL *bias, const REAL *peep,
@@ -129,8 +131,8 @@ RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL 
     for (ptrdiff_t j = j0; j < j1; j++) {
         ptrdiff_t b = p->order[j];
         REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
-        REAL *y_row = y + (rf_time(p, j, s) * p->B + b) * H;
-        REAL *h_out = j < next_bs ? hn + j * H : h_n + b * H;
+        REAL *y_row = y ? y + (rf_time(p, j, s) * p->B + b) * H : NULL;
+        REAL *h_out = j < next_bs || !h_n ? hn + j * H : h_n + b * H;
         REAL *c_out = j < next_bs ? cn + j * H : c_n + b * H;
         const REAL *c_prev = cp + j * H;
 #if RF_HAVE_AVX2 && RF_IS_FLOAT && RF_PASS_AVX2
@@ -157,11 +159,8 @@ RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL 
         SIGMOID(go, H);
         TANH(h_out, H);
         if (tanh_c) memcpy(tanh_c + j * H, h_out, (size_t)H * sizeof(REAL));
-        for (ptrdiff_t k = 0; k < H; k++) {
-            REAL h = go[k] * h_out[k];
-            h_out[k] = h;
-            y_row[k] = h;
-        }
+        for (ptrdiff_t k = 0; k < H; k++) h_out[k] = go[k] * h_out[k];
+        if (y_row) memcpy(y_row, h_out, (size_t)H * sizeof(REAL));
     }
 }
 
@@ -345,11 +344,29 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
     }
 }
 
+/* The plain cell's pointwise passes on rt's code path, for the projected cell (lstmp.c). */
+void RF_FN(rf_lstm_pointwise)(REAL *g, REAL *tanh_c, const REAL *cp, REAL *hn, REAL *cn,
+                              REAL *y, REAL *h_n, REAL *c_n, const REAL *bias,
+                              const REAL *peep, const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
+                              ptrdiff_t j1, ptrdiff_t next_bs, ptrdiff_t H,
+                              const rf_runtime *rt) {
+    RF_PICK(lstm_step, rf_simd(rt))(g, tanh_c, cp, hn, cn, y, h_n, c_n, bias, peep, p, s, j0,
+                                    j1, next_bs, H);
+}
+
+void RF_FN(rf_lstm_pointwise_backward)(REAL *g, REAL *dh, REAL *dc, REAL *tanh_c,
+                                       const REAL *cp, const REAL *peep, const REAL *dy,
+                                       const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
+                                       ptrdiff_t j1, ptrdiff_t H, const rf_runtime *rt) {
+    RF_PICK(lstm_step_backward, rf_simd(rt))(g, dh, dc, tanh_c, cp, peep, dy, p, s, j0, j1,
+                                             H);
+}
+
 /* The peepholes' gradient (i o f), from the gate gradients and the states after the
  * backward's loop: dP_i = sum of da_i c_{t-1}, dP_f = sum of da_f c_{t-1}, dP_o = sum of
  * da_o c_t over every packed row, in row order (the same bits at any thread count). */
-static void RF_FN(lstm_peep_grads)(REAL *dpeep, const REAL *dgates, const REAL *c_prev,
-                                   const REAL *c_new, ptrdiff_t rows, ptrdiff_t H) {
+void RF_FN(rf_lstm_peep_grads)(REAL *dpeep, const REAL *dgates, const REAL *c_prev,
+                               const REAL *c_new, ptrdiff_t rows, ptrdiff_t H) {
     REAL *dp_i = dpeep, *dp_o = dpeep + H, *dp_f = dpeep + 2 * H;
     for (ptrdiff_t k = 0; k < 3 * H; k++) dpeep[k] = 0;
     for (ptrdiff_t r = 0; r < rows; r++) {
@@ -388,7 +405,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     RF_FN(rf_grad_gemm)(rt, 1, GH, H, p->rows, dgates, GH, h_prev, H, dw_hh, H);
     RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, rt);
     RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, GH, rt->avx2);
-    if (peep) RF_FN(lstm_peep_grads)(dpeep, dgates, ws + L.c, ws + L.tanh_c, p->rows, H);
+    if (peep) RF_FN(rf_lstm_peep_grads)(dpeep, dgates, ws + L.c, ws + L.tanh_c, p->rows, H);
 }
 
 #endif /* RF_TEMPLATE */

@@ -701,3 +701,4 @@ include "stream.pxi"  # Stream: a layer stepped one timestep at a time
 include "pool.pxi"  # StreamPool: sessions of one layer stepped together
 include "capi.pxi"  # the C-level API of _kernels.pxd (rnnfuse.capi)
 include "quant.pxi"  # int8 weights for inference (rnnfuse.quantized)
+include "proj.pxi"  # the LSTM with a projection (proj_size): lstmp.c

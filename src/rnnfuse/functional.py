@@ -23,7 +23,8 @@ Every forward also takes ``zoneout`` (keyword only, default None): each unit of 
 state keeps its previous value with weight k, h_t = k h_{t-1} + (1-k) h~_t (the LSTM's c
 likewise; y_t is h_t). A float p in [0, 1) is eval's zoneout, k = p everywhere; for
 training, weights (T, B, H) per step, row and unit (a 0/1 mask), for the LSTM a pair
-(z_h, z_c) (either may be None). ``lstm_forward`` also takes ``peepholes`` (see there).
+(z_h, z_c) (either may be None). ``lstm_forward`` also takes ``peepholes`` and ``w_hr``
+(a projection, PyTorch's proj_size; see there).
 
 Every forward also takes ``recurrent_dropout`` (keyword only, default None): variational
 recurrent dropout's (B, H) mask m, already scaled (e.g. 0 or 1/(1-p)), finite and >= 0,
@@ -72,7 +73,7 @@ class Context:
 
     __slots__ = ("cell", "dtype", "plan", "ws", "x", "w_ih", "w_hh", "has_bias",
                  "option", "input_size", "hidden_size", "peep", "zoneout",
-                 "recurrent_dropout", "layer_norm")
+                 "recurrent_dropout", "layer_norm", "w_hr")
     cell: str
     dtype: np.dtype[Any]
     plan: _kernels.Plan
@@ -88,9 +89,11 @@ class Context:
     zoneout: tuple[Any, Any, bool] | None  # (z_h, z_c, shared), or None
     recurrent_dropout: FloatArray | None  # the (B, H) mask, or None
     layer_norm: tuple[FloatArray, ...] | None  # the gains (and the LSTM's b_c), or None
+    w_hr: FloatArray | None  # the LSTM's projection (P, H), or None
 
     def __init__(self) -> None:
         self.peep = self.zoneout = self.recurrent_dropout = self.layer_norm = None
+        self.w_hr = None
 
     def __repr__(self) -> str:
         state = "used" if self.ws is None else "ready"
@@ -415,6 +418,8 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
                         f"got {type(ctx).__name__}")
     if ctx.cell != cell:
         raise ValueError(f"ctx comes from {ctx.cell}_forward, but this is {cell}_backward")
+    if ctx.w_hr is not None:
+        return _lstmp_backward(dy, finals, ctx, keep_spare)
     lstm = cell == "lstm"
     dh_n, dc_n = finals if lstm else (finals[0], None)
     out: Any = _kernels.backward(cell, dy, dh_n, dc_n, ctx)
@@ -438,6 +443,85 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
+# ---------------------------------------------------------------- the projected LSTM
+
+def _check_projection(dtype: np.dtype[Any], x_shape: tuple[int, ...], w_ih: Any, w_hh: Any,
+                      w_hr: Any) -> tuple[int, int, FloatArray, FloatArray, FloatArray]:
+    """H, P and the weights of an LSTM with projection w_hr (P, H), 0 < P < H."""
+    w_hr = _array("w_hr", w_hr)
+    if w_hr.ndim != 2 or not 0 < w_hr.shape[0] < w_hr.shape[1]:
+        raise ValueError("w_hr must have shape (proj_size, hidden_size) with "
+                         f"0 < proj_size < hidden_size, got {w_hr.shape}")
+    P, H, I = w_hr.shape[0], w_hr.shape[1], x_shape[2]
+    if I == 0:
+        raise ValueError(f"x must have input_size > 0, got x of shape {tuple(x_shape)}")
+    if 4 * H > _INT_MAX or I > _INT_MAX:
+        raise ValueError(f"4*hidden_size and input_size must be below 2**31, "
+                         f"got hidden_size={H}, input_size={I}")
+    return (H, P, _check("w_ih", w_ih, (4 * H, I), dtype),
+            _check("w_hh", w_hh, (4 * H, P), dtype), _check("w_hr", w_hr, (P, H), dtype))
+
+
+def _lstmp_forward(x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, w_hr: Any, b_ih: Any,
+                   b_hh: Any, lengths: ArrayLike | None, reverse: bool, need_ctx: bool,
+                   peep: Any, zoneout: Any, recurrent_dropout: Any, layer_norm: Any,
+                   ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
+    """lstm_forward with a projection w_hr (lstmp.c)."""
+    for name, value in (("zoneout", zoneout), ("recurrent_dropout", recurrent_dropout),
+                        ("layer_norm", layer_norm)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported with a projection (w_hr); "
+                             f"pass {name}=None")
+    dtype = _dtype_of(x)
+    x = _check_x(x)
+    T, B, I = x.shape
+    H, P, w_ih, w_hh, w_hr = _check_projection(dtype, x.shape, w_ih, w_hh, w_hr)
+    b_ih = _check("b_ih", b_ih, (4 * H,), dtype, optional=True)
+    b_hh = _check("b_hh", b_hh, (4 * H,), dtype, optional=True)
+    h0 = _check("h0", h0, (B, P), dtype, optional=True)
+    c0 = _check("c0", c0, (B, H), dtype, optional=True)
+    peep = _check("peepholes", peep, (3 * H,), dtype, optional=True)
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    plan = _plan(lengths, T, B, bool(reverse))
+    ws = _workspace(_kernels.lstmp_workspace_size(plan, I, H, P, bool(need_ctx)), dtype)
+    y, h_n, c_n = _kernels.lstmp_forward(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, peep,
+                                         plan, ws, I, H, P, bool(need_ctx))
+    if not need_ctx:
+        _keep_spare(ws)
+        return y, h_n, c_n, None
+    ctx = Context()
+    ctx.cell, ctx.dtype, ctx.plan, ctx.ws = "lstm", dtype, plan, ws
+    ctx.x, ctx.w_ih, ctx.w_hh, ctx.w_hr, ctx.peep = x, w_ih, w_hh, w_hr, peep
+    ctx.has_bias = (b_ih is not None, b_hh is not None)
+    ctx.option, ctx.input_size, ctx.hidden_size = None, I, H
+    return y, h_n, c_n, ctx
+
+
+def _lstmp_backward(dy: Any, finals: Sequence[Any], ctx: Context,
+                    keep_spare: bool) -> tuple[Any, ...]:
+    """lstm_backward of an _lstmp_forward's ctx."""
+    assert ctx.w_hr is not None
+    T, B, H, P = ctx.plan.T, ctx.plan.B, ctx.hidden_size, ctx.w_hr.shape[0]
+    dy = _check("dy", dy, (T, B, P), ctx.dtype, optional=True)
+    dh_n = _check("dh_n", finals[0], (B, P), ctx.dtype, optional=True)
+    dc_n = _check("dc_n", finals[1], (B, H), ctx.dtype, optional=True)
+    ws = ctx.take()
+    has_ih, has_hh = ctx.has_bias
+    try:
+        out = _kernels.lstmp_backward(dy, dh_n, dc_n, ws, ctx.x, ctx.w_ih, ctx.w_hh,
+                                      ctx.w_hr, ctx.peep, ctx.plan, ctx.input_size, H, P,
+                                      has_ih, has_hh)
+    except BaseException:
+        ctx.ws = ws
+        raise
+    if keep_spare:
+        _keep_spare(ws)
+    dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db_ih, db_hh, dpeep = out
+    grads = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
+    return grads if dpeep is None else grads + (dpeep,)
+
+
 # ---------------------------------------------------------------- the contract
 
 def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih: ArrayLike,
@@ -445,6 +529,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
                  lengths: ArrayLike | None = None, reverse: bool = False, *,
                  need_ctx: bool = True, peepholes: ArrayLike | None = None,
                  zoneout: Any = None, recurrent_dropout: Any = None, layer_norm: Any = None,
+                 w_hr: ArrayLike | None = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
     """LSTM over a whole sequence. Returns ``y (T,B,H), h_n (B,H), c_n (B,H), ctx``.
 
@@ -462,7 +547,16 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     h' = o tanh(LN(c'; g_c) + b_c), c' itself unnormalized, where LN(v; g) = g (v - mean(v))
     / sqrt(var(v) + 1e-5) over a row's 4H gate units (H for the cell). lstm_backward then
     returns dg_ih, dg_hh, dg_c, db_c after the seven gradients. Not with peepholes.
+
+    ``w_hr``: None, or a projection (P, H) with 0 < P < H (PyTorch's proj_size, "LSTMP"):
+    m = o tanh(c') is projected, h' = W_hr m, so the state h0, h_n and y are P wide
+    ((B,P), (T,B,P)), w_hh is (4H, P), while c0, c_n stay (B,H). lstm_backward then returns
+    dw_hr (P, H) as an eighth element, before dpeepholes where both are given. Not with
+    zoneout, recurrent_dropout or layer_norm.
     """
+    if w_hr is not None:
+        return _lstmp_forward(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, lengths, reverse,
+                              need_ctx, peepholes, zoneout, recurrent_dropout, layer_norm)
     y, (h_n, c_n), ctx = _forward("lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths,
                                   reverse, None, need_ctx, peepholes, zoneout,
                                   recurrent_dropout, layer_norm=layer_norm)
@@ -472,8 +566,9 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
 def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
                   ctx: Context) -> LSTMGrads:
     """Gradients ``dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases),
-    and ``dpeepholes`` (3H, i o f) after them where the forward had peepholes, or
-    ``dg_ih, dg_hh, dg_c, db_c`` where it had layer_norm."""
+    then ``dw_hr`` (P, H) where the forward had ``w_hr``, then ``dpeepholes`` (3H, i o f)
+    where it had peepholes, or ``dg_ih, dg_hh, dg_c, db_c`` where it had layer_norm.
+    With ``w_hr``, dy is (T,B,P) and dh_n (B,P)."""
     return _backward("lstm", dy, (dh_n, dc_n), ctx)
 
 

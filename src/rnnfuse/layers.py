@@ -204,6 +204,7 @@ class _RNNBase(Module):
     _n_states = 1  # arrays in the state: 1 (h) or 2 (h, c)
     _cell: str  # the cell's name in rnnfuse.functional
     _peepholes = False  # the LSTM's peepholes: a (3H,) weight_peep per layer and direction
+    proj_size = 0  # the LSTM's projection: h = W_hr (o tanh(c)) is proj_size wide (0: none)
     _layer_norm = False  # the LSTM's and GRU's layer normalization: gains (and b_c) per layer
     zoneout = 0.0  # each unit of a new state keeps its previous value with this probability
     weight_drop = 0.0  # in training each element of W_hh drops out with this probability
@@ -217,6 +218,9 @@ class _RNNBase(Module):
         self.input_size = _check_int("input_size", input_size, 1)
         self.hidden_size = _check_int("hidden_size", hidden_size, 1)
         self.num_layers = _check_int("num_layers", num_layers, 1)
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size must be < hidden_size={self.hidden_size}, "
+                             f"got {self.proj_size}")
         if self._gates * self.hidden_size >= 2**31 or self.input_size >= 2**31:
             raise ValueError(f"{self._gates}*hidden_size and input_size must be below 2**31 "
                              f"(the BLAS's 32-bit sizes), got hidden_size={self.hidden_size}, "
@@ -242,6 +246,7 @@ class _RNNBase(Module):
         # but peepholes, which start at zero: the layer starts as the plain LSTM of the
         # same seed (the same draws), and backward trains them from there.
         kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        kinds += ["weight_hr"] if self.proj_size else []
         kinds += ["weight_peep"] if self._peepholes else []
         kinds += self._layer_norm_kinds()
         self._param_names = [[kind + f"_l{layer}" + ("_reverse" if d == 1 else "")
@@ -249,10 +254,12 @@ class _RNNBase(Module):
                              for layer in range(self.num_layers)
                              for d in range(self.num_directions)]
         H, G, k = self.hidden_size, self._gates, 1.0 / math.sqrt(self.hidden_size)
+        R = self._out_size
         for layer in range(self.num_layers):
-            n_in = self.input_size if layer == 0 else self.num_directions * H
+            n_in = self.input_size if layer == 0 else self.num_directions * R
             for d in range(self.num_directions):
-                shapes = [(G * H, n_in), (G * H, H)] + [(G * H,)] * (2 if self.bias else 0)
+                shapes = [(G * H, n_in), (G * H, R)] + [(G * H,)] * (2 if self.bias else 0)
+                shapes += [(R, H)] if self.proj_size else []
                 for name, shape in zip(self._names(layer, d), shapes):
                     self._add_param(name, self._rng.uniform(-k, k, shape).astype(self.dtype))
                 if self._peepholes:
@@ -293,6 +300,15 @@ class _RNNBase(Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def _out_size(self) -> int:
+        """The width of h and of each direction's y: proj_size, or hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def _state_sizes(self) -> list[int]:
+        """The width of each array of the state: h's, then the LSTM's c (hidden_size)."""
+        return [self._out_size, self.hidden_size][:self._n_states]
 
     def _set_variants(self, zoneout: float, weight_drop: float,
                       recurrent_dropout: float) -> None:
@@ -362,8 +378,8 @@ class _RNNBase(Module):
         return self._param_names[layer * self.num_directions + d]
 
     def _weights(self, layer: int, d: int) -> list[Any]:
-        """w_ih, w_hh, b_ih, b_hh (None without bias), then the peepholes or layer
-        normalization's parameters if any."""
+        """w_ih, w_hh, b_ih, b_hh (None without bias), then w_hr, the peepholes and layer
+        normalization's parameters, where the layer has them."""
         w: list[Any] = [self._params[n] for n in self._names(layer, d)]
         return w if self.bias else w[:2] + [None, None] + w[2:]
 
@@ -405,12 +421,12 @@ class _RNNBase(Module):
             parts = list(state)
         else:
             parts = [state]
-        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
-        what = " (num_layers*num_directions, batch, hidden_size)"
+        LD, sizes = self.num_layers * self.num_directions, self._state_sizes()
+        widths = ["proj_size" if self.proj_size else "hidden_size", "hidden_size"]
         return [None if s is None else
                 _check_array(f"{name}[{n}]" if self._n_states == 2 else name, s, self.dtype,
-                             shape, what)
-                for n, s in zip(names, parts)]
+                             (LD, B, size), f" (num_layers*num_directions, batch, {width})")
+                for n, s, size, width in zip(names, parts, sizes, widths)]
 
     def _pack_state(self, parts: Sequence[Any]) -> Any:
         return tuple(parts) if self._n_states == 2 else parts[0]
@@ -427,7 +443,8 @@ class _RNNBase(Module):
                 lengths: ArrayLike | None = None, *,
                 need_grad: bool | None = None) -> tuple[FloatArray, Any]:
         """Run the stack over x. Returns ``(y, state)``: y (T, B, D*H) (or (B, T, D*H) if
-        batch_first), the final state (h_n, or (h_n, c_n) for LSTM) each (L*D, B, H).
+        batch_first), the final state (h_n, or (h_n, c_n) for LSTM) each (L*D, B, H)
+        (with the LSTM's proj_size P: y (T, B, D*P) and h_n (L*D, B, P)).
 
         ``state``: the initial state in the same form, or None for zeros. ``lengths`` (B,)
         integers in [0, T]: steps t >= lengths[b] are padding (y is zero there and the
@@ -441,7 +458,7 @@ class _RNNBase(Module):
         init = self._check_state("state", state, B)
         need_grad = self.training if need_grad is None else _check_bool("need_grad", need_grad)
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
-        finals = [np.empty((L * D, B, H), self.dtype) for _ in range(self._n_states)]
+        finals = [np.empty((L * D, B, n), self.dtype) for n in self._state_sizes()]
         tape, inp = [], xt
         for layer in range(L):
             ys, ctxs = [], []
@@ -477,7 +494,7 @@ class _RNNBase(Module):
         the parameter gradients into ``self.grads``.
         """
         T, B, tape = self._peek()
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        L, D, H = self.num_layers, self.num_directions, self._out_size
         if dy is not None:
             shape = (B, T, D * H) if self.batch_first else (T, B, D * H)
             dy = _check_array("dy", dy, self.dtype, shape, " (the shape of y)")
@@ -485,7 +502,7 @@ class _RNNBase(Module):
         dfinal = self._check_state("dstate", dstate, B)
         self._take()
 
-        dinit = [np.empty((L * D, B, H), self.dtype) for _ in range(self._n_states)]
+        dinit = [np.empty((L * D, B, n), self.dtype) for n in self._state_sizes()]
         g: Any = dy  # gradient of the current layer's (dropped-out) output
         for layer in reversed(range(L)):
             ctxs, _ = tape[layer]
@@ -542,6 +559,9 @@ class _RNNBase(Module):
         from .quantized import quantize  # (it builds on this module)
         if self._layer_norm:
             raise ValueError("quantized() does not take a layer with layer_norm")
+        if self.proj_size:
+            raise ValueError("quantized() does not take a layer with proj_size yet; "
+                             "quantize a layer without a projection")
         return quantize(self)
 
     def _stream_weights(self) -> list[list[Any]]:
@@ -550,8 +570,8 @@ class _RNNBase(Module):
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
                              "direction needs the whole sequence")
-        if self._layer_norm:
-            raise ValueError("a layer with layer_norm cannot be streamed or pooled yet; "
+        if self._layer_norm or self.proj_size:
+            raise ValueError("a layer with layer_norm or proj_size cannot be streamed or pooled yet; "
                              "run forward over the sequence")
         weights = []
         for layer in range(self.num_layers):
@@ -597,6 +617,12 @@ class LSTM(_RNNBase):
     parameters ``ln_weight_ih_l{k}``, ``ln_weight_hh_l{k}`` (4H,), ``ln_weight_c_l{k}``,
     ``ln_bias_c_l{k}`` (H,) (each ``_reverse`` for the second direction), gains starting at
     1, the cell bias at 0. Not with peepholes; no streams, pools or quantized() yet.
+    ``proj_size=P`` (0 < P < hidden_size; PyTorch's LSTMP): h' = W_hr (o*tanh(c')), with
+    per layer and direction ``weight_hr_l{k}[_reverse]`` (P, hidden_size), weight_hh
+    (4*hidden_size, P) and layers after the first taking D*P inputs, as torch.nn.LSTM:
+    y is (T, B, D*P), h_n (L*D, B, P), c_n (L*D, B, hidden_size), and a torch.nn.LSTM
+    state dict with proj_size loads as it is. It combines with peepholes and weight_drop,
+    not with zoneout, recurrent_dropout, layer_norm, streams, pools or quantized().
     """
 
     _gates, _n_states = 4, 2
@@ -606,22 +632,48 @@ class LSTM(_RNNBase):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, dtype: DTypeLike = np.float32,
                  seed: int | np.random.Generator | None = None, *,
-                 peepholes: bool = False, zoneout: float = 0.0,
+                 proj_size: int = 0, peepholes: bool = False, zoneout: float = 0.0,
                  weight_drop: float = 0.0,
                  recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
+        self.proj_size = _check_int("proj_size", proj_size, 0)
         self._peepholes = _check_bool("peepholes", peepholes)
         self._check_layer_norm(layer_norm)
         self._set_variants(zoneout, weight_drop, recurrent_dropout)
+        for name, on in (("zoneout", self.zoneout), ("layer_norm", self._layer_norm),
+                         ("recurrent_dropout", self.recurrent_dropout)):
+            if self.proj_size and on:
+                raise ValueError(f"{name} is not supported with proj_size; turn {name} off "
+                                 "or pass proj_size=0")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, dtype, seed)
+
+    def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
+             lengths: ArrayLike | None, reverse: bool, need_ctx: bool,
+             zoneout: Any = None,
+             recurrent_dropout: Any = None) -> tuple[FloatArray, tuple[FloatArray, ...], Any]:
+        if not self.proj_size:
+            return super()._run(x, s0, w, lengths, reverse, need_ctx, zoneout,
+                                recurrent_dropout)
+        w_ih, w_hh, b_ih, b_hh, w_hr, *peep = w
+        y, h_n, c_n, ctx = F.lstm_forward(x, s0[0], s0[1], w_ih, w_hh, b_ih, b_hh, lengths,
+                                          reverse, need_ctx=need_ctx, w_hr=w_hr,
+                                          peepholes=peep[0] if peep else None)
+        return y, (h_n, c_n), ctx
 
     @property
     def peepholes(self) -> bool:
         return self._peepholes
 
     def _extra_defaults(self) -> dict[str, Any]:
-        return {"peepholes": False, "layer_norm": False}
+        return {"proj_size": 0, "peepholes": False, "layer_norm": False}
 
+
+
+def _refuse_projection(cell: str, proj_size: Any) -> None:
+    """proj_size, which torch.nn's GRU and RNN take too, must be 0 (only the LSTM has it)."""
+    if _check_int("proj_size", proj_size, 0):
+        raise ValueError(f"proj_size is an LSTM option; {cell} has no projection, "
+                         f"got proj_size={proj_size}")
 
 
 class GRU(_RNNBase):
@@ -642,8 +694,9 @@ class GRU(_RNNBase):
                  bidirectional: bool = False, dtype: DTypeLike = np.float32,
                  seed: int | np.random.Generator | None = None, *,
                  linear_before_reset: bool = True, zoneout: float = 0.0,
-                 weight_drop: float = 0.0,
-                 recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
+                 weight_drop: float = 0.0, recurrent_dropout: float = 0.0,
+                 layer_norm: bool = False, proj_size: int = 0) -> None:
+        _refuse_projection("GRU", proj_size)
         self.linear_before_reset = _check_bool("linear_before_reset", linear_before_reset)
         self._check_layer_norm(layer_norm)
         if self._layer_norm and not self.linear_before_reset:
@@ -675,7 +728,8 @@ class RNN(_RNNBase):
                  dtype: DTypeLike = np.float32,
                  seed: int | np.random.Generator | None = None, *,
                  zoneout: float = 0.0, weight_drop: float = 0.0,
-                 recurrent_dropout: float = 0.0) -> None:
+                 recurrent_dropout: float = 0.0, proj_size: int = 0) -> None:
+        _refuse_projection("RNN", proj_size)
         # nonlinearity in 4th place, as torch.nn.RNN(input_size, hidden_size, num_layers,
         # nonlinearity, bias, ...) has it.
         self.nonlinearity = _check_nonlinearity(nonlinearity)

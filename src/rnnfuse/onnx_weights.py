@@ -44,6 +44,9 @@ def _cell_of(layer: object) -> str:
     if getattr(layer, "layer_norm", False):
         raise ValueError("ONNX's LSTM and GRU have no layer normalization: a layer with "
                          "layer_norm cannot be converted")
+    if getattr(layer, "proj_size", 0):
+        raise ValueError("ONNX's LSTM has no projection: a layer with proj_size cannot be "
+                         "converted")
     for cls, cell in ((LSTM, "lstm"), (GRU, "gru"), (RNN, "rnn")):
         if isinstance(layer, cls):
             return cell

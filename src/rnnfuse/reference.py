@@ -16,7 +16,8 @@ Time-major ``x (T, B, I)``, ``y (T, B, H)``, states ``(B, H)``; PyTorch weight l
 ``w_ih (G*H, I)``, ``w_hh (G*H, H)``, ``b_ih``, ``b_hh (G*H,)``. Every forward also takes
 ``need_ctx=True`` (keyword only); ``need_ctx=False`` saves nothing and returns ``ctx=None``.
 The variants, keyword only, as in ``rnnfuse.functional``: ``zoneout`` (every cell), the
-LSTM's ``peepholes`` and the LSTM's and GRU's ``layer_norm`` (in ``_layernorm_reference``).
+LSTM's ``peepholes`` and projection ``w_hr``, and the LSTM's and GRU's ``layer_norm`` (in
+``_layernorm_reference``).
 
 This module is the oracle for the tests and the baseline for the benchmarks. It does NOT
 validate its inputs (dtypes, shapes, lengths range): that is ``functional.py``'s job, and
@@ -271,6 +272,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
                  lengths: ArrayLike | None = None, reverse: bool = False, *, need_ctx: bool = True,
                  peepholes: ArrayLike | None = None, zoneout: Any = None,
                  recurrent_dropout: ArrayLike | None = None, layer_norm: Any = None,
+                 w_hr: ArrayLike | None = None,
                  ) -> tuple[FloatArray, FloatArray, FloatArray, _Context | None]:
     """LSTM over a (T, B, I) sequence. Returns y (T, B, H), h_n, c_n (B, H) and ctx.
 
@@ -284,23 +286,30 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
     layer_norm: None, or (g_ih, g_hh, g_c, b_c) (or a dict of those keys): the
     layer-normalized LSTM, as rnnfuse.functional's; backward then returns their gradients
     after the seven.
+    w_hr: None, or a projection (R, H), R < H: h' = W_hr (o*tanh(c')), so h0, h_n, y and
+    the state are R wide and w_hh is (4H, R); lstm_backward then also returns dw_hr
+    (before dP).
     """
     if layer_norm is not None:
         from . import _layernorm_reference as LN
         return LN.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                need_ctx, layer_norm, zoneout, recurrent_dropout)
-    x, dtype, T, B, H, pack = _setup(x, w_ih, w_hh, lengths, reverse)
+    x, dtype, T, B, _, pack = _setup(x, w_ih, w_hh, lengths, reverse)
+    H = w_ih.shape[0] // 4
+    Wr = None if w_hr is None else np.asarray(w_hr, dtype=dtype)
+    R = H if Wr is None else Wr.shape[0]  # the width of h
     P = None if peepholes is None else np.asarray(peepholes, dtype=dtype)
     Kh, Kc = _zoneout_weights(pack, zoneout, True, dtype)
     M = _recdrop_rows(pack, recurrent_dropout, dtype)
     X = pack.gather(x)
     # 1. a = x W_ih^T + b_ih + b_hh for every valid step; becomes the gate activations in place
     A = _input_projection(X, w_ih, _folded_bias(b_ih, b_hh, 4, H, dtype))
-    h = pack.sort_state(h0, (B, H), dtype)
+    h = pack.sort_state(h0, (B, R), dtype)
     c = pack.sort_state(c0, (B, H), dtype)
-    Y = np.empty((pack.n, H), dtype=dtype)
+    Y = np.empty((pack.n, R), dtype=dtype)
+    Mt = np.empty((pack.n, H), dtype=dtype) if need_ctx and Wr is not None else None  # m_t
     if need_ctx:
-        Hprev = np.empty((pack.n, H), dtype=dtype)  # h_{t-1} (masked), for dW_hh
+        Hprev = np.empty((pack.n, R), dtype=dtype)  # h_{t-1} (masked), for dW_hh
         Cprev = np.empty((pack.n, H), dtype=dtype)  # c_{t-1}, for df
         TC = np.empty((pack.n, H), dtype=dtype)  # tanh(c_t), for do and dc
     CT = np.empty((pack.n, H), dtype=dtype) if need_ctx and P is not None else None  # c_t
@@ -331,7 +340,13 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
                 CT[sl] = cp
         _sigmoid_(o)
         tc = np.tanh(cp)
-        np.multiply(o, tc, out=hp)
+        if Wr is None:
+            np.multiply(o, tc, out=hp)
+        else:  # h_t = W_hr m_t
+            m = o * tc
+            hp[...] = m @ Wr.T
+            if Mt is not None:
+                Mt[sl] = m
         if Kc is not None:
             cp[...] = _zone(_at(Kc, sl), c_old, cp)
         if Kh is not None:
@@ -346,7 +361,7 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
         ctx = _Context(
             "lstm", pack=pack, X=X, gates=A, Hprev=Hprev, Cprev=Cprev, TC=TC, w_ih=w_ih, w_hh=w_hh,
             has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, dtype=dtype, H=H, P=P, CT=CT,
-            Kh=Kh, Kc=Kc, M=M,
+            Kh=Kh, Kc=Kc, M=M, Wr=Wr, Mt=Mt,
         )
     return y, h_n, c_n, ctx
 
@@ -354,8 +369,8 @@ def lstm_forward(x: ArrayLike, h0: ArrayLike | None, c0: ArrayLike | None, w_ih:
 def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike | None,
                   ctx: _Context) -> LSTMGrads:
     """Gradients of lstm_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
-    (a bias gradient is None where that bias was None), and dP after them where the
-    forward had peepholes."""
+    (a bias gradient is None where that bias was None), then dw_hr where the forward had
+    w_hr, then dP where it had peepholes."""
     s = _take_ctx(ctx, "lstm")
     if "ln" in s:
         from . import _layernorm_reference as LN
@@ -365,7 +380,9 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
     B = pack.B
     G, TC, Cprev = s["gates"], s["TC"], s["Cprev"]
     w_hh, P, Kh, Kc, M = s["w_hh"], s["P"], s["Kh"], s["Kc"], s["M"]
-    DY, dh = _grad_setup(pack, dy, dh_n, B, H, dtype)
+    Wr = s["Wr"]
+    DY, dh = _grad_setup(pack, dy, dh_n, B, H if Wr is None else Wr.shape[0], dtype)
+    DH = np.empty((pack.n, 0 if Wr is None else Wr.shape[0]), dtype=dtype)  # dh_t (Wr)
     dc = pack.sort_state(dc_n, (B, H), dtype)
     for sl, bt in reversed(pack.steps):
         dht, dct = dh[:bt], dc[:bt]
@@ -381,10 +398,14 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
         g4 = G[sl]
         i, f, g, o = g4[:, :H], g4[:, H: 2 * H], g4[:, 2 * H: 3 * H], g4[:, 3 * H:]
         tc = TC[sl]
-        # h_t = o tanh(c_t):  d(a_o) = dh tanh(c_t) o (1-o);  dc_t += dh o (1 - tanh^2 c_t)
-        da_o = dht * tc
+        dmt = dht  # the gradient of m_t = o tanh(c_t): with a projection, dh_t W_hr
+        if Wr is not None:
+            DH[sl] = dht
+            dmt = dht @ Wr
+        # m_t = o tanh(c_t):  d(a_o) = dm tanh(c_t) o (1-o);  dc_t += dm o (1 - tanh^2 c_t)
+        da_o = dmt * tc
         da_o *= o * (1 - o)
-        dct += dht * o * (1 - tc * tc)
+        dct += dmt * o * (1 - tc * tc)
         if P is not None:  # o's peephole
             dct += da_o * P[H: 2 * H]
         # c_t = f c_{t-1} + i g
@@ -413,12 +434,14 @@ def lstm_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, dc_n: ArrayLike 
     dw_hh = G.T @ s["Hprev"]  # dW_hh = da^T h_{t-1} (masked)
     dx = pack.scatter(G @ s["w_ih"])  # dx = da W_ih
     db_ih, db_hh = _bias_grads(G.sum(axis=0), s["has_b_ih"], s["has_b_hh"])
+    grads: Any = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh)
+    if Wr is not None:  # dW_hr = sum over steps of dh_t^T m_t
+        grads += (DH.T @ s["Mt"],)
     if P is not None:  # dP = sum over steps of da_i c_{t-1}, da_o c_t, da_f c_{t-1}
         dP = np.concatenate([(G[:, :H] * Cprev).sum(axis=0), (G[:, 3 * H:] * s["CT"]).sum(axis=0),
                              (G[:, H: 2 * H] * Cprev).sum(axis=0)])
-        with_peep: Any = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dP)
-        return with_peep  # (the eighth element is beyond LSTMGrads, which types the plain call)
-    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
+        grads += (dP,)
+    return grads  # (the elements after the seventh are beyond LSTMGrads, the plain call's)
 
 
 # -------------------------------------------------------------------------------- GRU
