@@ -378,7 +378,9 @@ AVX512 static void RF_FN(row_block512)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, co
     ptrdiff_t P = (N + RF_NR - 1) / RF_NR, nc_last = N - (P - 1) * RF_NR;
     RF_FN(ahead) ah = {0, 0, 0};
     if (rows_outer) {
-        for (ptrdiff_t m0 = 0; m0 < M; m0 += MR) ROWS512(M - m0 < MR ? M - m0 : MR, m0, 0, P);
+        ptrdiff_t full = M / MR * MR;
+        for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) RANGE512(MR, 4, m0, 0, P);
+        if (full < M) ROWS512(M - full, full, 0, P);
         return;
     }
     ptrdiff_t tiles = (M + MR - 1) / MR, runs = tiles * (M >= 3 ? 2 : 1);
