@@ -383,7 +383,7 @@ AVX512 static void RF_FN(row_block512)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, co
         if (full < M) ROWS512(M - full, full, 0, P);
         return;
     }
-    ptrdiff_t tiles = (M + MR - 1) / MR, runs = tiles * (M >= 3 ? 2 : 1);
+    ptrdiff_t tiles = (M + MR - 1) / MR, runs = 2 * tiles;  /* tiles of 4 panels a group */
     int even = M >= 4 * tiles;
     for (ptrdiff_t p0 = 0; p0 < P; p0 += 8) {
         ptrdiff_t p1 = p0 + 8 < P ? p0 + 8 : P;
