@@ -82,10 +82,15 @@ ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H,
     return T * B * I + G * H * I + G * H * H + T * B * G * H + T * B * H + B * H;
 }
 
+/* Packed weights start on a cache line wherever their buffer starts (rf_prepare_weight):
+ * a panel row is one line, and a vector load across two lines costs about two. Their
+ * buffers' sizes leave this many elements (a line of either dtype) for the shift. */
+#define RF_LINE_SLACK 16
+
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
     (void)I;
     /* carried dh and dc (B,H each) | W_hh packed for dh W_hh (G*H rows, H columns) */
-    return 2 * p->B * H + rf_packed_size(G * H, H);
+    return 2 * p->B * H + rf_packed_size(G * H, H) + RF_LINE_SLACK;
 }
 
 /* Where rf_prepare_weights puts each packed weight. */
@@ -95,7 +100,7 @@ static ptrdiff_t recurrent_pack_size(ptrdiff_t G, ptrdiff_t H) {
 }
 
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
-    return recurrent_pack_size(G, H) + rf_packed_size(I, G * H);
+    return recurrent_pack_size(G, H) + rf_packed_size(I, G * H) + RF_LINE_SLACK;
 }
 
 void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
@@ -347,11 +352,20 @@ void RF_FN(rf_column_sums)(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t c
     RF_PICK(column_sums, avx2)(out, A, rows, cols, lda);
 }
 
+/* The first cache line of buf (RF_LINE_SLACK). */
+static inline REAL *RF_FN(line_start)(const REAL *buf) {
+    uintptr_t at = (uintptr_t)buf;
+    return (REAL *)(at + (RF_PANEL_BYTES - at % RF_PANEL_BYTES) % RF_PANEL_BYTES);
+}
+
 /* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
- * prepacked (or NULL), else packed into pack_buffer (rf_packed_size(K, N) elements). */
+ * prepacked (or NULL), else packed into pack_buffer (rf_packed_size(K, N) + RF_LINE_SLACK
+ * elements); either from its first cache line. */
 void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
                               ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
                               const REAL *prepacked, int avx2) {
+    pack_buffer = pack_buffer ? RF_FN(line_start)(pack_buffer) : NULL;
+    prepacked = prepacked ? RF_FN(line_start)(prepacked) : NULL;
     if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N, avx2);
     W->packed = prepacked ? prepacked : pack_buffer;
     W->panel_stride = RF_NR * K;
@@ -372,6 +386,8 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
 #endif
     int split = G == 3 && !lbr;
     ptrdiff_t second = rf_packed_size(H, G * H), input = recurrent_pack_size(G, H);
+    pack_buffer = RF_FN(line_start)(pack_buffer);  /* the offsets below keep the line */
+    prepacked = prepacked ? RF_FN(line_start)(prepacked) : NULL;
     RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
                              prepacked, avx2);
     if (split)

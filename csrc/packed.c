@@ -281,14 +281,18 @@ AVX2 static void RF_FN(row_block_step)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, co
 #endif
 
 /* One tile: mr rows (<= MR) x np adjacent panels, the last holding nc columns; inlined
- * with constant mr and np, so the accumulators stay in registers. */
+ * with constant mr and np, so the accumulators stay in registers. Meanwhile it fetches
+ * ahead_np panels from ahead into L2, a line of each per k. */
 AVX512 static inline __attribute__((always_inline)) void RF_FN(tile512)(
         int mr, int np, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
-        const REAL *panels, ptrdiff_t panel_stride, int accumulate, REAL *C, ptrdiff_t ldc) {
+        const REAL *panels, ptrdiff_t panel_stride, int accumulate, REAL *C, ptrdiff_t ldc,
+        const REAL *ahead, ptrdiff_t ahead_np) {
     ZVEC acc[MR][8], b[8];
     UNROLL for (int i = 0; i < mr; i++)
         UNROLL for (int q = 0; q < np; q++) acc[i][q] = Z_ZERO();
     for (ptrdiff_t k = 0; k < K; k++) {
+        for (ptrdiff_t q = 0; q < ahead_np; q++)
+            _mm_prefetch((const char *)(ahead + q * panel_stride + k * RF_NR), _MM_HINT_T1);
         UNROLL for (int q = 0; q < np; q++) b[q] = Z_LOAD(panels + q * panel_stride + k * RF_NR);
         UNROLL for (int i = 0; i < mr; i++) {
             ZVEC a = Z_SET1(A[i * lda + k]);
@@ -310,56 +314,94 @@ AVX512 static inline __attribute__((always_inline)) void RF_FN(tile512)(
         }
 }
 
+/* The panels a step fetches ahead into L2 while its tiles use a group of panels, ah.per
+ * of them per tile: at .. end-1. A W_hh larger than L2 would otherwise come from L3 at the
+ * start of each group, with its first tiles waiting on it. */
+typedef struct { ptrdiff_t at, end, per; } RF_FN(ahead);
+
+/* The next ah.per (or fewer) panels of ah, as a pointer; their count into *n. */
+static inline const REAL *RF_FN(take_ahead)(RF_FN(ahead) *ah, const REAL *Bp,
+                                            ptrdiff_t panel_stride, ptrdiff_t *n) {
+    *n = ah->end - ah->at < ah->per ? ah->end - ah->at : ah->per;
+    ah->at += *n;
+    return Bp + (ah->at - *n) * panel_stride;
+}
+
 /* mr rows at row m0 over panels p0 .. p1-1 of P, in tiles of up to np_max panels (then
- * of one): few rows take many panels, for enough independent chains. */
+ * of one): few rows take many panels, for enough independent chains. Each tile fetches
+ * ahead its share of ah. */
 #define RANGE512(mr, np_max, m0, p0, p1)                                                     \
     do {                                                                                     \
-        ptrdiff_t p_ = (p0);                                                                 \
-        for (; p_ + (np_max) <= (p1); p_ += (np_max))                                        \
-            RF_FN(tile512)(mr, np_max, p_ + (np_max) == P ? nc_last : RF_NR, K,              \
-                           A + (m0) * lda, lda, Bp + p_ * panel_stride, panel_stride,        \
-                           accumulate, C + (m0) * ldc + p_ * RF_NR, ldc);                    \
-        for (; p_ < (p1); p_++)                                                              \
-            RF_FN(tile512)(mr, 1, p_ + 1 == P ? nc_last : RF_NR, K, A + (m0) * lda, lda,     \
-                           Bp + p_ * panel_stride, panel_stride, accumulate,                 \
-                           C + (m0) * ldc + p_ * RF_NR, ldc);                                \
+        ptrdiff_t p_ = (p0), n_;                                                             \
+        for (; p_ < (p1); p_ += n_) {                                                        \
+            ptrdiff_t pf_n_;                                                                 \
+            const REAL *pf_ = RF_FN(take_ahead)(&ah, Bp, panel_stride, &pf_n_);              \
+            n_ = p_ + (np_max) <= (p1) ? (np_max) : 1;                                       \
+            ptrdiff_t nc_ = p_ + n_ == P ? nc_last : RF_NR;                                  \
+            const REAL *A_ = A + (m0) * lda, *B_ = Bp + p_ * panel_stride;                   \
+            REAL *C_ = C + (m0) * ldc + p_ * RF_NR;                                          \
+            if (n_ == (np_max))                                                              \
+                RF_FN(tile512)(mr, np_max, nc_, K, A_, lda, B_, panel_stride, accumulate,    \
+                               C_, ldc, pf_, pf_n_);                                         \
+            else                                                                             \
+                RF_FN(tile512)(mr, 1, nc_, K, A_, lda, B_, panel_stride, accumulate, C_,     \
+                               ldc, pf_, pf_n_);                                             \
+        }                                                                                    \
     } while (0)
 
-/* The rows of M left over from whole tiles, over panels p0 .. p1-1. */
-#define LEFT512(p0, p1)                                                 \
+/* rows (1 .. MR) rows at row m0 over panels p0 .. p1-1: tiles of four panels from three
+ * rows up, of eight below. */
+#define ROWS512(rows, m0, p0, p1)                                       \
     do {                                                                \
-        switch (left) {                                                 \
-            case 5: RANGE512(5, 4, full, p0, p1); break;                \
-            case 4: RANGE512(4, 4, full, p0, p1); break;                \
-            case 3: RANGE512(3, 8, full, p0, p1); break;                \
-            case 2: RANGE512(2, 8, full, p0, p1); break;                \
-            case 1: RANGE512(1, 8, full, p0, p1); break;                \
+        switch (rows) {                                                 \
+            case 6: RANGE512(6, 4, m0, p0, p1); break;                  \
+            case 5: RANGE512(5, 4, m0, p0, p1); break;                  \
+            case 4: RANGE512(4, 4, m0, p0, p1); break;                  \
+            case 3: RANGE512(3, 4, m0, p0, p1); break;                  \
+            case 2: RANGE512(2, 8, m0, p0, p1); break;                  \
+            case 1: RANGE512(1, 8, m0, p0, p1); break;                  \
             default: break;                                             \
         }                                                               \
     } while (0)
 
-/* row_block_projection's and row_block_step's work on AVX-512F. rows_outer (a projection's many
- * rows): a tile's rows stay in L1 while the panels stream past; otherwise (a step's few
- * rows) panels are the outer loop, eight at a time, each group reused by every row tile
- * while it sits in L1. */
+/* row_block_projection's and row_block_step's work on AVX-512F. rows_outer (a projection's
+ * many rows): a tile's rows stay in L1 while the panels stream past. Otherwise (a step's
+ * few rows) panels are the outer loop, eight at a time, each group reused by every row
+ * tile from L2 and the next group fetched ahead meanwhile (after the last, the first: the
+ * next step's). A tile of one to three rows reads a panel line per two to six FMAs, more
+ * than L2 delivers, so the rows go in tiles of nearly equal height where each can have
+ * four or more (20 = 5+5+5+5, not 6+6+6+2); otherwise MR at a time. Where one tile takes
+ * all the rows, each group is read once: the hardware prefetchers stream it alone. */
 AVX512 static void RF_FN(row_block512)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                                        ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
                                        int accumulate, REAL *C, ptrdiff_t ldc, int rows_outer) {
-    ptrdiff_t full = M / MR * MR, left = M - full, P = (N + RF_NR - 1) / RF_NR;
-    ptrdiff_t nc_last = N - (P - 1) * RF_NR;
+    ptrdiff_t P = (N + RF_NR - 1) / RF_NR, nc_last = N - (P - 1) * RF_NR;
+    RF_FN(ahead) ah = {0, 0, 0};
     if (rows_outer) {
+        ptrdiff_t full = M / MR * MR;
         for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) RANGE512(MR, 4, m0, 0, P);
-        LEFT512(0, P);
+        if (full < M) ROWS512(M - full, full, 0, P);
         return;
     }
+    ptrdiff_t tiles = (M + MR - 1) / MR, runs = 2 * tiles;  /* tiles of 4 panels a group */
+    int even = M >= 4 * tiles;
     for (ptrdiff_t p0 = 0; p0 < P; p0 += 8) {
         ptrdiff_t p1 = p0 + 8 < P ? p0 + 8 : P;
-        for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) RANGE512(MR, 4, m0, p0, p1);
-        LEFT512(p0, p1);
+        if (tiles > 1) {
+            ah.at = p1 < P ? p1 : 0;
+            ah.end = ah.at + 8 < P ? ah.at + 8 : P;
+            ah.per = (ah.end - ah.at + runs - 1) / runs;
+        }
+        for (ptrdiff_t t = 0, m0 = 0; t < tiles; t++) {
+            ptrdiff_t rows = even ? (M - m0 + tiles - t - 1) / (tiles - t)
+                                  : M - m0 < MR ? M - m0 : MR;
+            ROWS512(rows, m0, p0, p1);
+            m0 += rows;
+        }
     }
 }
 #undef RANGE512
-#undef LEFT512
+#undef ROWS512
 #undef ZVEC
 #undef ZMASK
 #undef Z_ZERO

@@ -91,12 +91,14 @@ def test_both_paths_in_one_process(cell, option, dtype, restore_kernel):
 
 @pytest.mark.skipif(not HAVE_AVX512, reason="no AVX-512F")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 11, 13])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 20])
 @pytest.mark.parametrize("H", [8, 37, 200])
 def test_avx512_products_give_the_avx2_bits(B, H, dtype, restore_kernel):
-    """Every tile shape of the AVX-512F product (rows left over from whole tiles: 1-5;
-    panel groups of 8 and what is left of them; a partial last panel), in the steps, the
-    projection and the gradient products: bitwise the AVX2 product's numbers."""
+    """Every tile shape of the AVX-512F product (rows left over from whole tiles: 1-5; a
+    step's rows in tiles of even height: 8 = 4+4, 13 = 5+4+4, 20 = 5+5+5+5, the next
+    panel group fetched ahead; panel groups of 8 and what is left of them; a partial last
+    panel), in the steps, the projection and the gradient products: bitwise the AVX2
+    product's numbers."""
     rng = np.random.default_rng(B * 1000 + H)
     T, I = 5, 19
     r = lambda *shape: (rng.standard_normal(shape) / np.sqrt(H)).astype(dtype)  # noqa: E731
