@@ -386,36 +386,9 @@ def test_workspace_pool_reuses_only_what_nothing_holds():
 
 # ---------------------------------------------------------------- ONNX
 
-@pytest.mark.parametrize("kind", list(MODULES))
-def test_onnx_export_writes_standard_nodes_that_onnxruntime_runs(kind):
-    import io
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    _, ours, extra = MODULES[kind]
-    torch.manual_seed(14)
-    bias = kind != "rnn_relu"
-    model = Wrapper(ours(3, 5, num_layers=2, bidirectional=True, bias=bias, **extra)).eval()
-    names = ["h0", "c0"] if kind == "lstm" else ["h0"]
-    f = io.BytesIO()
-    torch.onnx.export(model, (torch.randn(6, 2, 3), _state(kind, 4, 2, 5)), f,
-                      dynamo=False, opset_version=17, input_names=["x", *names],
-                      dynamic_axes={"x": {0: "T", 1: "B"}, **{k: {1: "B"} for k in names}})
-    graph = onnx.load_from_string(f.getvalue()).graph
-    assert [n.op_type for n in graph.node if n.op_type in ("LSTM", "GRU", "RNN")] == \
-        [kind[:4].rstrip("_").upper()] * 4  # one per layer and direction
-    session = ort.InferenceSession(f.getvalue())
-    x, h = torch.randn(9, 4, 3), _state(kind, 4, 4, 5)  # another length and batch
-    states = h if kind == "lstm" else (h,)
-    got = session.run(None, {"x": x.numpy(), **{k: s.numpy() for k, s in zip(names, states)}})
-    with torch.no_grad():
-        want = model(x, h)
-    close(torch.from_numpy(got[0]), want[0], "output")
-    for a, w in zip(got[1:], _finals(want)):
-        close(torch.from_numpy(a), w, "state")
-
-
 def test_onnx_export_of_lengths_runs_in_onnxruntime():
-    # lengths (a PackedSequence's) reach ONNX as sequence_lens, in both directions
+    # the operators called directly: one node per direction, lengths as sequence_lens
+    # (the modules' export: tests/test_torch_export.py)
     import io
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")

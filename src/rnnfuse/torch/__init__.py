@@ -41,10 +41,10 @@ above). Eager calls keep the direct path above, which costs less per call. The
 operators' training workspaces are kept per thread for reuse; ``release_workspace()``
 frees them. Dynamo refuses subclasses of torch.nn's RNNs unless
 ``torch._dynamo.config.allow_rnn`` is set; rnnfuse's modules are let in without changing
-that setting (torch.nn's own RNNs still graph-break). ``torch.onnx.export(...,
-dynamo=False)`` writes one standard ONNX LSTM, GRU or RNN node per layer and direction
-(the dynamo-based exporter has no translation of the operators: export the ``torch.nn``
-twins, ``module.to_torch()`` or ``unswap_modules(model)``, which share the parameters).
+that setting (torch.nn's own RNNs still graph-break). ``torch.onnx.export`` writes one
+standard ONNX LSTM, GRU or RNN node per layer (both directions in one; the GRU with
+linear_before_reset=1), with either exporter: ``dynamo=True`` with the length and batch
+dynamic, ``dynamo=False`` also for PackedSequence input (lengths as sequence_lens).
 ``torch.jit.script(model)`` scripts the twins by itself and, as it does with any module's
 ``__prepare_scriptable__``, leaves them in ``model``.
 

@@ -14,6 +14,7 @@ from .. import _kernels
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
 from ._common import _np
 from ._dispatch import _run
+from ._onnx import export_forward
 
 _M = TypeVar("_M", bound="_Fused")
 
@@ -176,6 +177,8 @@ class _Fused:
 
     def forward(self, input: Any, hx: Any = None) -> Any:
         """torch.nn's forward, on rnnfuse's kernels (see ``_forward``)."""
+        if torch.onnx.is_in_onnx_export():
+            return export_forward(self, input, hx)
         dtype = self._parameters_dtype()
         out_dtype = _autocast_dtype(input, hx, dtype)
         if out_dtype is not None:  # computed in the parameters' dtype, returned in input's
