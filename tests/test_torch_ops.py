@@ -357,6 +357,30 @@ def test_vmap_over_examples(kind):
         close(got, torch.stack([mm(x)[0] for mm, x in zip(models, xs)]), "own weights")
 
 
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_vmap_of_grad_gives_per_example_gradients(kind):
+    # per-example gradients (torch.nn's own modules refuse vmap over grad)
+    from torch.func import functional_call, grad, vmap
+    theirs, ours, extra = MODULES[kind]
+    torch.manual_seed(17)
+    m = ours(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    ref = theirs(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    ref.load_state_dict(m.state_dict())
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+
+    def loss(params, x):
+        return (functional_call(m, params, (x,))[0] ** 3).sum()
+
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    got = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, 0))(params, xs)
+    for k, x in enumerate(xs):
+        xw = x.clone().requires_grad_()
+        want = torch.autograd.grad((ref(xw)[0] ** 3).sum(), [xw, *ref.parameters()])
+        close(got[1][k], want[0], "input gradient", torch.float64)
+        for (name, _), w in zip(ref.named_parameters(), want[1:]):
+            close(got[0][name][k], w, name, torch.float64)
+
+
 def test_compiled_backward_twice_with_retain_graph_replays_the_forward():
     # backward overwrites the saved workspace; a second backward replays the forward
     torch.manual_seed(13)

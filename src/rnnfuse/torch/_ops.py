@@ -302,6 +302,25 @@ class _CellOps:
         return ((y.reshape(T, N, NB // N, -1), *(f.reshape(N, NB // N, -1) for f in finals),
                  ws), (1,) + (0,) * len(finals) + (None,))
 
+    def vmap_backward(self, info, in_dims, *args):
+        """The backward operator's batching rule (vmap over grad, whose cotangents are
+        batched): one backward per example, over its slice of each batched argument, each
+        with a workspace of its own from a replay of its forward (the one that vmap hands
+        in may hold the rows of every example)."""
+        outs = [self.backward_of_example(*(a if d is None else a.select(d, k)
+                                           for a, d in zip(args, in_dims)))
+                for k in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+    def backward_of_example(self, *args):
+        """The backward operator over one example, its workspace from a replay."""
+        douts, x, states, w_ih, w_hh, b_ih, b_hh, _, lengths, reverse, option = \
+            self.split_backward(args)
+        tensors = (x, *states, w_ih, w_hh, b_ih, b_hh)
+        rest = (lengths, reverse, *_option(self.cell, option))
+        ws = self.fwd(*tensors, *rest, True)[-1]
+        return self.bwd(*douts, *tensors, ws, *rest)
+
     # ------------------------------------------------ definition
 
     def define(self):
@@ -324,6 +343,7 @@ class _CellOps:
                                         setup_context=self.save, lib=_LIB)
         _LIB.impl(cell + "_backward", _not_differentiable(self.bwd), "Autograd",
                   with_keyset=True)
+        torch.library.register_vmap(f"rnnfuse::{cell}_backward", self.vmap_backward, lib=_LIB)
         return self
 
 
