@@ -75,6 +75,22 @@ def test_opcheck_backward(cell, option, lengths):
     torch.library.opcheck(bwd, (*douts, *inputs, ws, lens, True, *option))
 
 
+@pytest.mark.parametrize("sort", [False, True])
+def test_opcheck_packing_operators(sort):
+    from torch.nn.utils.rnn import pack_padded_sequence
+    x = torch.randn(5, 3, 2, dtype=torch.float64)
+    lengths = torch.tensor([5, 4, 2]) if sort else torch.tensor([2, 5, 4])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=sort)
+    data = packed.data.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.rnnfuse.unpack, (data, packed.batch_sizes))
+    padded, lens = torch.ops.rnnfuse.unpack(data, packed.batch_sizes)
+    torch.library.opcheck(torch.ops.rnnfuse.pack, (padded.detach().requires_grad_(), lens,
+                                                   data.shape[0]))
+    assert torch.equal(torch.ops.rnnfuse.pack(padded, lens, data.shape[0]), data)
+    torch.autograd.gradcheck(lambda d: torch.ops.rnnfuse.unpack(d, packed.batch_sizes)[0],
+                             (data,))
+
+
 @pytest.mark.parametrize("cell,option", CASES)
 def test_operators_give_functionals_outputs_and_gradients(cell, option):
     args = op_args(cell, option, [5, 1, 3], True)
@@ -172,6 +188,36 @@ def test_compile_fullgraph_runs_the_cells(cell):
     got, want = compiled(x, h), c(x, h)
     for a, b in zip(_finals((None, got)), _finals((None, want))):
         close(a, b, "state")
+
+
+@pytest.mark.parametrize("sort", [False, True], ids=["unsorted", "sorted"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_compile_fullgraph_takes_a_packed_sequence(kind, sort):
+    from torch.nn.utils.rnn import pack_padded_sequence
+    _, ours, extra = MODULES[kind]
+    torch.manual_seed(18)
+    m = ours(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    lengths = torch.tensor([5, 4, 2]) if sort else torch.tensor([4, 5, 2])
+    h = _state(kind, 4, 3, 4)
+    h = tuple(s.double() for s in h) if kind == "lstm" else h.double()
+    results = []
+    for module in (compiled, m):
+        x = torch.randn(5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x.requires_grad_()
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=sort)
+        y, state = module(packed, None if sort else h)
+        states = state if kind == "lstm" else (state,)
+        loss = y.data.pow(2).sum() + sum(s.pow(3).sum() for s in states)
+        grads = torch.autograd.grad(loss, [x, *m.parameters()])
+        results.append((y, states, grads))
+    (y, states, grads), (y0, states0, grads0) = results
+    assert torch.equal(y.batch_sizes, y0.batch_sizes)
+    close(y.data, y0.data, "output", torch.float64)
+    for a, b in zip(states, states0):
+        close(a, b, "state", torch.float64)
+    for a, b in zip(grads, grads0):
+        close(a, b, "gradient", torch.float64)
 
 
 def test_compile_with_inductor_trains_a_model_like_eager():

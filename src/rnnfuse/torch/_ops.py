@@ -412,3 +412,65 @@ def _define_ops(cell):
 
 
 _OPS = {cell: _define_ops(cell) for cell in _N_STATES}
+
+
+# A PackedSequence's data to and from a padded batch, as operators: torch.compile does not
+# trace torch.nn.utils.rnn's pad_packed_sequence and pack_padded_sequence, and the batch
+# size of a packed batch is a value (batch_sizes[0]), which the fake function gives as a
+# dynamic size. Rows in the packing's (sorted) order:
+#
+#   x, lengths = torch.ops.rnnfuse.unpack(data, batch_sizes)   # (T, B, *), (B,)
+#   data = torch.ops.rnnfuse.pack(x, lengths, rows)             # (rows, *)
+
+_LIB.define("unpack(Tensor data, Tensor batch_sizes) -> (Tensor, Tensor)")
+_LIB.define("pack(Tensor x, Tensor lengths, SymInt rows) -> Tensor")
+
+
+@torch.library.impl(_LIB, "unpack", "CPU")
+def _unpack(data, batch_sizes):
+    return torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.numel())
+
+
+@torch.library.impl(_LIB, "pack", "CPU")
+def _pack(x, lengths, rows):
+    return torch._VF._pack_padded_sequence(x, lengths, False)[0]
+
+
+@torch.library.register_fake("rnnfuse::unpack", lib=_LIB)
+def _unpack_fake(data, batch_sizes):
+    B = torch.library.get_ctx().new_dynamic_size()
+    return (data.new_empty(batch_sizes.shape[0], B, *data.shape[1:]),
+            batch_sizes.new_empty(B))
+
+
+@torch.library.register_fake("rnnfuse::pack", lib=_LIB)
+def _pack_fake(x, lengths, rows):
+    return x.new_empty(rows, *x.shape[2:])
+
+
+def _unpack_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.rows = inputs[0].shape[0]
+
+
+def _unpack_gradient(ctx, dx, _):
+    (lengths,) = ctx.saved_tensors
+    return torch.ops.rnnfuse.pack(dx, lengths, ctx.rows), None
+
+
+def _pack_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.steps = inputs[0].shape[0]
+
+
+def _pack_gradient(ctx, ddata):
+    (lengths,) = ctx.saved_tensors
+    batch_sizes = (lengths.unsqueeze(0) > torch.arange(ctx.steps).unsqueeze(1)).sum(1)
+    return torch.ops.rnnfuse.unpack(ddata, batch_sizes)[0], None, None
+
+
+torch.library.register_autograd("rnnfuse::unpack", _unpack_gradient,
+                                setup_context=_unpack_context, lib=_LIB)
+torch.library.register_autograd("rnnfuse::pack", _pack_gradient,
+                                setup_context=_pack_context, lib=_LIB)
