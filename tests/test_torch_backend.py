@@ -619,7 +619,7 @@ def test_unswap_modules_undoes_swap_modules():
 
 
 def test_torchscript_onnx_export_writes_standard_nodes():
-    # (more in test_torch_ops.py, with onnxruntime)
+    # (more in test_torch_export.py, with onnxruntime)
     import io
     pytest.importorskip("onnx")  # the exporter writes through it
     f = io.BytesIO()

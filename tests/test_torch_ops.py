@@ -75,6 +75,22 @@ def test_opcheck_backward(cell, option, lengths):
     torch.library.opcheck(bwd, (*douts, *inputs, ws, lens, True, *option))
 
 
+@pytest.mark.parametrize("sort", [False, True])
+def test_opcheck_packing_operators(sort):
+    from torch.nn.utils.rnn import pack_padded_sequence
+    x = torch.randn(5, 3, 2, dtype=torch.float64)
+    lengths = torch.tensor([5, 4, 2]) if sort else torch.tensor([2, 5, 4])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=sort)
+    data = packed.data.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.rnnfuse.unpack, (data, packed.batch_sizes))
+    padded, lens = torch.ops.rnnfuse.unpack(data, packed.batch_sizes)
+    torch.library.opcheck(torch.ops.rnnfuse.pack, (padded.detach().requires_grad_(), lens,
+                                                   data.shape[0]))
+    assert torch.equal(torch.ops.rnnfuse.pack(padded, lens, data.shape[0]), data)
+    torch.autograd.gradcheck(lambda d: torch.ops.rnnfuse.unpack(d, packed.batch_sizes)[0],
+                             (data,))
+
+
 @pytest.mark.parametrize("cell,option", CASES)
 def test_operators_give_functionals_outputs_and_gradients(cell, option):
     args = op_args(cell, option, [5, 1, 3], True)
@@ -172,6 +188,36 @@ def test_compile_fullgraph_runs_the_cells(cell):
     got, want = compiled(x, h), c(x, h)
     for a, b in zip(_finals((None, got)), _finals((None, want))):
         close(a, b, "state")
+
+
+@pytest.mark.parametrize("sort", [False, True], ids=["unsorted", "sorted"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_compile_fullgraph_takes_a_packed_sequence(kind, sort):
+    from torch.nn.utils.rnn import pack_padded_sequence
+    _, ours, extra = MODULES[kind]
+    torch.manual_seed(18)
+    m = ours(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    lengths = torch.tensor([5, 4, 2]) if sort else torch.tensor([4, 5, 2])
+    h = _state(kind, 4, 3, 4)
+    h = tuple(s.double() for s in h) if kind == "lstm" else h.double()
+    results = []
+    for module in (compiled, m):
+        x = torch.randn(5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x.requires_grad_()
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=sort)
+        y, state = module(packed, None if sort else h)
+        states = state if kind == "lstm" else (state,)
+        loss = y.data.pow(2).sum() + sum(s.pow(3).sum() for s in states)
+        grads = torch.autograd.grad(loss, [x, *m.parameters()])
+        results.append((y, states, grads))
+    (y, states, grads), (y0, states0, grads0) = results
+    assert torch.equal(y.batch_sizes, y0.batch_sizes)
+    close(y.data, y0.data, "output", torch.float64)
+    for a, b in zip(states, states0):
+        close(a, b, "state", torch.float64)
+    for a, b in zip(grads, grads0):
+        close(a, b, "gradient", torch.float64)
 
 
 def test_compile_with_inductor_trains_a_model_like_eager():
@@ -357,6 +403,30 @@ def test_vmap_over_examples(kind):
         close(got, torch.stack([mm(x)[0] for mm, x in zip(models, xs)]), "own weights")
 
 
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_vmap_of_grad_gives_per_example_gradients(kind):
+    # per-example gradients (torch.nn's own modules refuse vmap over grad)
+    from torch.func import functional_call, grad, vmap
+    theirs, ours, extra = MODULES[kind]
+    torch.manual_seed(17)
+    m = ours(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    ref = theirs(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    ref.load_state_dict(m.state_dict())
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+
+    def loss(params, x):
+        return (functional_call(m, params, (x,))[0] ** 3).sum()
+
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    got = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, 0))(params, xs)
+    for k, x in enumerate(xs):
+        xw = x.clone().requires_grad_()
+        want = torch.autograd.grad((ref(xw)[0] ** 3).sum(), [xw, *ref.parameters()])
+        close(got[1][k], want[0], "input gradient", torch.float64)
+        for (name, _), w in zip(ref.named_parameters(), want[1:]):
+            close(got[0][name][k], w, name, torch.float64)
+
+
 def test_compiled_backward_twice_with_retain_graph_replays_the_forward():
     # backward overwrites the saved workspace; a second backward replays the forward
     torch.manual_seed(13)
@@ -386,36 +456,9 @@ def test_workspace_pool_reuses_only_what_nothing_holds():
 
 # ---------------------------------------------------------------- ONNX
 
-@pytest.mark.parametrize("kind", list(MODULES))
-def test_onnx_export_writes_standard_nodes_that_onnxruntime_runs(kind):
-    import io
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    _, ours, extra = MODULES[kind]
-    torch.manual_seed(14)
-    bias = kind != "rnn_relu"
-    model = Wrapper(ours(3, 5, num_layers=2, bidirectional=True, bias=bias, **extra)).eval()
-    names = ["h0", "c0"] if kind == "lstm" else ["h0"]
-    f = io.BytesIO()
-    torch.onnx.export(model, (torch.randn(6, 2, 3), _state(kind, 4, 2, 5)), f,
-                      dynamo=False, opset_version=17, input_names=["x", *names],
-                      dynamic_axes={"x": {0: "T", 1: "B"}, **{k: {1: "B"} for k in names}})
-    graph = onnx.load_from_string(f.getvalue()).graph
-    assert [n.op_type for n in graph.node if n.op_type in ("LSTM", "GRU", "RNN")] == \
-        [kind[:4].rstrip("_").upper()] * 4  # one per layer and direction
-    session = ort.InferenceSession(f.getvalue())
-    x, h = torch.randn(9, 4, 3), _state(kind, 4, 4, 5)  # another length and batch
-    states = h if kind == "lstm" else (h,)
-    got = session.run(None, {"x": x.numpy(), **{k: s.numpy() for k, s in zip(names, states)}})
-    with torch.no_grad():
-        want = model(x, h)
-    close(torch.from_numpy(got[0]), want[0], "output")
-    for a, w in zip(got[1:], _finals(want)):
-        close(torch.from_numpy(a), w, "state")
-
-
 def test_onnx_export_of_lengths_runs_in_onnxruntime():
-    # lengths (a PackedSequence's) reach ONNX as sequence_lens, in both directions
+    # the operators called directly: one node per direction, lengths as sequence_lens
+    # (the modules' export: tests/test_torch_export.py)
     import io
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")

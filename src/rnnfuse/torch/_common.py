@@ -22,13 +22,13 @@ _NOT_TRACEABLE = (
     "torch.jit.trace or torch.func, call rnnfuse.torch's modules or the operators "
     "torch.ops.rnnfuse.lstm, gru and rnn, which they record")
 
-# The TorchScript exporter translates the operators (see _onnx.py); the dynamo-based one
-# has no translation of them.
+# The modules export with either exporter (see _onnx.py); the operators called directly,
+# with the TorchScript-based one only.
 _NO_ONNX = (
-    "rnnfuse.torch's modules export to ONNX with torch.onnx.export(..., dynamo=False) (one "
-    "standard LSTM/GRU/RNN node per layer and direction); the dynamo-based exporter has no "
-    "translation of rnnfuse's operators. Or export the torch.nn twin: module.to_torch(), or "
-    "rnnfuse.torch.unswap_modules(model) for a whole model (both share the parameters).")
+    "rnnfuse's operators called directly export to ONNX with torch.onnx.export(..., "
+    "dynamo=False) (one standard LSTM/GRU/RNN node per direction); the dynamo-based "
+    "exporter has no translation of them. rnnfuse.torch's modules export with either "
+    "exporter (one node per layer): call the modules.")
 
 _FIRST_ORDER = ("rnnfuse.torch computes first derivatives only: backward with "
                 "create_graph=True (double backward, e.g. a gradient penalty) is not "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ._common import _N_STATES, _NO_ONNX, _PLAIN, _recording
 from ._functions import _FUNCTIONS, _kernel_forward
@@ -48,3 +49,23 @@ def _run_op(cell, args, train):
         return _OPS[cell][3].apply(*tensors, lengths, reverse, *options, train)[:-1]
     return _OPS[cell][0](*tensors, lengths, reverse, *options, train)[:-1]
 
+
+
+def pad_packed(packed):
+    """pad_packed_sequence(packed): (x (T, B, *), lengths (B,)), rows in the caller's
+    order; under torch.compile through the operators, which it traces."""
+    if not torch.compiler.is_compiling():
+        return pad_packed_sequence(packed)
+    x, lengths = torch.ops.rnnfuse.unpack(packed.data, packed.batch_sizes)
+    if packed.unsorted_indices is not None:
+        x, lengths = x.index_select(1, packed.unsorted_indices), \
+            lengths[packed.unsorted_indices]
+    return x, lengths
+
+
+def pack_sorted(y, lengths, rows):
+    """The packed data of y (T, B, *) with lengths sorted in decreasing order (rows of
+    them in all), as pack_padded_sequence's."""
+    if not torch.compiler.is_compiling():
+        return pack_padded_sequence(y, lengths, enforce_sorted=True).data
+    return torch.ops.rnnfuse.pack(y, lengths, rows)

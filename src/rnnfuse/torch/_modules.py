@@ -8,12 +8,14 @@ import weakref
 from typing import Any, NamedTuple, TypeVar
 
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from .. import _kernels, functional as F
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
-from ._common import _FIRST_ORDER, _PLAIN, _kernel_option, _on_torch_threads, _recording
-from ._dispatch import _run
+from ._common import (_FIRST_ORDER, _PLAIN, _kernel_option, _np, _on_torch_threads,
+                      _recording)
+from ._dispatch import _run, pack_sorted, pad_packed
+from ._onnx import export_forward
 
 _M = TypeVar("_M", bound="_Fused")
 
@@ -77,7 +79,7 @@ def _repack(y, lengths, like):
     like ``like`` (its batch_sizes, sorted_indices and unsorted_indices)."""
     if like.sorted_indices is not None:
         y, lengths = y.index_select(1, like.sorted_indices), lengths[like.sorted_indices]
-    data = pack_padded_sequence(y, lengths, enforce_sorted=True).data
+    data = pack_sorted(y, lengths, like.data.shape[0])
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
@@ -176,6 +178,8 @@ class _Fused:
 
     def forward(self, input: Any, hx: Any = None) -> Any:
         """torch.nn's forward, on rnnfuse's kernels (see ``_forward``)."""
+        if torch.onnx.is_in_onnx_export():
+            return export_forward(self, input, hx)
         dtype = self._parameters_dtype()
         out_dtype = _autocast_dtype(input, hx, dtype)
         if out_dtype is not None:  # computed in the parameters' dtype, returned in input's
@@ -270,7 +274,7 @@ class _RNNBase(_Fused):
         name = type(self).__name__
         if isinstance(input, PackedSequence):
             _check_tensor("input", input.data, dtype)
-            x, lengths = pad_packed_sequence(input)  # (T, B, I), rows in the caller's order
+            x, lengths = pad_packed(input)  # (T, B, I), rows in the caller's order
             batched = True
         elif isinstance(input, torch.Tensor):
             if input.dim() not in (2, 3):

@@ -1,12 +1,19 @@
-"""ONNX: torch.onnx.export (the TorchScript exporter, dynamo=False) turns each operator
-into one standard ONNX node: LSTM, GRU (linear_before_reset=1 for PyTorch's GRU) or RNN,
-one direction each, lengths as sequence_lens. ONNX orders the gate blocks differently
-(see rnnfuse.onnx_weights), so the weights are reordered in the graph."""
+"""ONNX: what torch.onnx.export writes for rnnfuse.torch's modules and operators.
+
+The modules (``export_forward``) give one standard ONNX node per layer: LSTM, GRU (with
+linear_before_reset=1, PyTorch's GRU) or RNN, both directions in one node with
+direction="bidirectional". The TorchScript exporter (dynamo=False) gets torch.nn's forward,
+whose operators it translates (a PackedSequence's lengths become sequence_lens); the
+torch.export-based one (dynamo=True) gets the nodes themselves (torch.onnx.ops), with
+the length and batch symbolic. The operators, called directly, become one node per
+direction under the TorchScript exporter. ONNX orders the gate blocks differently (see
+rnnfuse.onnx_weights), so the weights are reordered in the graph."""
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from ..onnx_weights import _ONNX_FROM_TORCH
 from ._common import _STATE_NAMES
@@ -69,3 +76,61 @@ def _register_onnx():
         torch.onnx.register_custom_op_symbolic(f"rnnfuse::{cell}", _onnx_symbolic(cell),
                                                _ONNX_OPSET)
 
+
+
+def export_forward(module, input, hx):
+    """A module's forward while torch.onnx.export traces it."""
+    dynamo = torch._C._get_tracing_state() is None
+    if not dynamo or not hasattr(module, "num_layers") or isinstance(input, PackedSequence):
+        # torch.nn's operators: the TorchScript exporter translates them (packed lengths
+        # as sequence_lens), the dynamo-based one torch.nn's cells
+        return module._torch_class.forward(module, input, hx)
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1)
+    if batched and module.batch_first:
+        x = x.transpose(0, 1)
+    n = module._n_states
+    states = [None] * n if hx is None else list(hx) if n == 2 else [hx]
+    states = [s if s is None or batched else s.unsqueeze(1) for s in states]
+    finals = [[] for _ in range(n)]
+    for layer in range(module.num_layers):
+        x, layer_finals = _layer_node(module, layer, x, states)
+        for acc, f in zip(finals, layer_finals):
+            acc.append(f)
+        if module.training and module.dropout > 0 and layer < module.num_layers - 1:
+            x = torch.nn.functional.dropout(x, module.dropout, training=True)
+    finals = [torch.cat(f) if batched else torch.cat(f).squeeze(1) for f in finals]
+    y = x.transpose(0, 1) if batched and module.batch_first else x if batched else x.squeeze(1)
+    return y, (tuple(finals) if n == 2 else finals[0])
+
+
+def _layer_node(module, layer, x, states):
+    """One layer of ``module`` over x (T, B, input) as one ONNX node (both directions):
+    (y (T, B, D*H), its final states (D, B, H) each)."""
+    cell, D, H = module._cell, module.num_directions, module.hidden_size
+    n = len(states)
+    params = [module._weights(layer, d) for d in range(D)]
+
+    def stacked(k):  # parameter k of every direction, gate blocks in ONNX's order
+        return torch.stack([_onnx_gate_order(cell, p[k], H) for p in params])
+
+    bias = None if params[0][2] is None else torch.cat([stacked(2), stacked(3)], dim=1)
+    rows = slice(layer * D, (layer + 1) * D)
+    attrs = dict(hidden_size=H, direction="bidirectional" if D == 2 else "forward")
+    if cell == "gru":
+        attrs["linear_before_reset"] = 1
+    elif cell == "rnn":
+        attrs["activations"] = [module.nonlinearity.capitalize()] * D
+    T, B = x.shape[0], x.shape[1]
+    y, *finals = torch.onnx.ops.symbolic_multi_out(
+        cell.upper(), [x, stacked(0), stacked(1), bias, None,
+                       *(None if s is None else s[rows] for s in states)],
+        attrs, dtypes=[x.dtype] * (1 + n), shapes=[(T, D, B, H)] + [(D, B, H)] * n,
+        version=_ONNX_OPSET)
+    return y.permute(0, 2, 1, 3).reshape(T, B, D * H), finals
+
+
+def _onnx_gate_order(cell, w, H):
+    """w's gate blocks (H rows each) in ONNX's order."""
+    order = _ONNX_FROM_TORCH[cell]
+    return w if len(order) == 1 else torch.cat([w[k * H:(k + 1) * H] for k in order])

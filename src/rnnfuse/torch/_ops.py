@@ -302,23 +302,63 @@ class _CellOps:
         return ((y.reshape(T, N, NB // N, -1), *(f.reshape(N, NB // N, -1) for f in finals),
                  ws), (1,) + (0,) * len(finals) + (None,))
 
+    def vmap_backward(self, info, in_dims, *args):
+        """The backward operator's batching rule (vmap over grad, whose cotangents are
+        batched): one backward per example, over its slice of each batched argument, each
+        with a workspace of its own from a replay of its forward (the one that vmap hands
+        in may hold the rows of every example)."""
+        outs = [self.backward_of_example(*(a if d is None else a.select(d, k)
+                                           for a, d in zip(args, in_dims)))
+                for k in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+    def backward_of_example(self, *args):
+        """The backward operator over one example, its workspace from a replay."""
+        douts, x, states, w_ih, w_hh, b_ih, b_hh, _, lengths, reverse, option = \
+            self.split_backward(args)
+        tensors = (x, *states, w_ih, w_hh, b_ih, b_hh)
+        rest = (lengths, reverse, *_option(self.cell, option))
+        ws = self.fwd(*tensors, *rest, True)[-1]
+        return self.bwd(*douts, *tensors, ws, *rest)
+
     # ------------------------------------------------ definition
 
     def define(self):
         """Define torch.ops.rnnfuse.<cell> and <cell>_backward with their fake functions
-        and the forward's autograd formula; self.fwd and self.bwd are their overloads."""
+        and the forward's autograd formula; self.fwd and self.bwd are their overloads.
+        Defined with torch.library.Library rather than torch.library.custom_op, whose
+        wrappers around the kernel (checks of the outputs, a second autograd layer) cost
+        more per call than what runs here, compiled or not."""
         cell = self.cell
         fwd_schema, bwd_schema = _schemas(cell)
-        fwd_op = torch.library.custom_op(f"rnnfuse::{cell}", self.forward, mutates_args=(),
-                                         schema=fwd_schema)
-        bwd_op = torch.library.custom_op(f"rnnfuse::{cell}_backward", self.backward,
-                                         mutates_args=("ws",), schema=bwd_schema)
-        fwd_op.register_fake(self.forward_fake)
-        bwd_op.register_fake(self.backward_fake)
-        fwd_op.register_autograd(self.gradient, setup_context=self.save)
+        for name, schema, body, fake in ((cell, fwd_schema, self.forward, self.forward_fake),
+                                         (cell + "_backward", bwd_schema, self.backward,
+                                          self.backward_fake)):
+            _LIB.define(name + schema)
+            _LIB.impl(name, body, "CPU")
+            torch.library.register_fake(f"rnnfuse::{name}", fake, lib=_LIB)
         self.fwd = getattr(torch.ops.rnnfuse, cell).default
         self.bwd = getattr(torch.ops.rnnfuse, cell + "_backward").default
+        torch.library.register_autograd(f"rnnfuse::{cell}", self.gradient,
+                                        setup_context=self.save, lib=_LIB)
+        _LIB.impl(cell + "_backward", _not_differentiable(self.bwd), "Autograd",
+                  with_keyset=True)
+        torch.library.register_vmap(f"rnnfuse::{cell}_backward", self.vmap_backward, lib=_LIB)
         return self
+
+
+_LIB = torch.library.Library("rnnfuse", "DEF")
+
+
+def _not_differentiable(op):
+    """The Autograd kernel of an operator without a derivative (the backward operators):
+    the operator below autograd, its outputs recording nothing."""
+
+    def kernel(keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
 
 
 def _example_rows(a, d, at, N):
@@ -360,7 +400,7 @@ def _functions(ops):
             ops.save(ctx, args, out)
             return out
 
-        backward = OpFunction.backward
+        backward = OpFunction.backward  # its ws is private too: _run_op drops it
 
     return OpFunction, CompiledFunction
 
@@ -372,3 +412,65 @@ def _define_ops(cell):
 
 
 _OPS = {cell: _define_ops(cell) for cell in _N_STATES}
+
+
+# A PackedSequence's data to and from a padded batch, as operators: torch.compile does not
+# trace torch.nn.utils.rnn's pad_packed_sequence and pack_padded_sequence, and the batch
+# size of a packed batch is a value (batch_sizes[0]), which the fake function gives as a
+# dynamic size. Rows in the packing's (sorted) order:
+#
+#   x, lengths = torch.ops.rnnfuse.unpack(data, batch_sizes)   # (T, B, *), (B,)
+#   data = torch.ops.rnnfuse.pack(x, lengths, rows)             # (rows, *)
+
+_LIB.define("unpack(Tensor data, Tensor batch_sizes) -> (Tensor, Tensor)")
+_LIB.define("pack(Tensor x, Tensor lengths, SymInt rows) -> Tensor")
+
+
+@torch.library.impl(_LIB, "unpack", "CPU")
+def _unpack(data, batch_sizes):
+    return torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.numel())
+
+
+@torch.library.impl(_LIB, "pack", "CPU")
+def _pack(x, lengths, rows):
+    return torch._VF._pack_padded_sequence(x, lengths, False)[0]
+
+
+@torch.library.register_fake("rnnfuse::unpack", lib=_LIB)
+def _unpack_fake(data, batch_sizes):
+    B = torch.library.get_ctx().new_dynamic_size()
+    return (data.new_empty(batch_sizes.shape[0], B, *data.shape[1:]),
+            batch_sizes.new_empty(B))
+
+
+@torch.library.register_fake("rnnfuse::pack", lib=_LIB)
+def _pack_fake(x, lengths, rows):
+    return x.new_empty(rows, *x.shape[2:])
+
+
+def _unpack_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.rows = inputs[0].shape[0]
+
+
+def _unpack_gradient(ctx, dx, _):
+    (lengths,) = ctx.saved_tensors
+    return torch.ops.rnnfuse.pack(dx, lengths, ctx.rows), None
+
+
+def _pack_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.steps = inputs[0].shape[0]
+
+
+def _pack_gradient(ctx, ddata):
+    (lengths,) = ctx.saved_tensors
+    batch_sizes = (lengths.unsqueeze(0) > torch.arange(ctx.steps).unsqueeze(1)).sum(1)
+    return torch.ops.rnnfuse.unpack(ddata, batch_sizes)[0], None, None
+
+
+torch.library.register_autograd("rnnfuse::unpack", _unpack_gradient,
+                                setup_context=_unpack_context, lib=_LIB)
+torch.library.register_autograd("rnnfuse::pack", _pack_gradient,
+                                setup_context=_pack_context, lib=_LIB)
