@@ -428,8 +428,8 @@ class Stream:
     and computes no gradients. One stream is stepped by one thread at a time.
     """
 
-    def __init__(self, module: _RNNBase, batch_size: int, state: Any = None) -> None:
-        name = type(module).__name__
+    def __init__(self, module: Any, batch_size: int, state: Any = None) -> None:
+        name = type(module).__name__  # module: an _RNNBase (torch's classes are Any here)
         if module.training:
             raise RuntimeError(f"{name}.stream() runs the module as in eval mode (no "
                                "dropout, no gradients): call module.eval() first")
@@ -437,8 +437,9 @@ class Stream:
             raise ValueError(f"a bidirectional {name} cannot be streamed: its reverse "
                              "direction needs the whole sequence")
         self.dtype = module._parameters_dtype()
-        weights = [[None if w is None else w.detach().numpy().copy()
-                    for w in module._weights(layer, 0)] for layer in range(module.num_layers)]
+        weights: list[list[Any]] = [[None if w is None else w.detach().numpy().copy()
+                                     for w in module._weights(layer, 0)]
+                                    for layer in range(module.num_layers)]
         self._stream = _kernels.Stream(module._cell, bool(_kernel_option(module._cell,
                                                                          *module._options)),
                                        weights[0][0].dtype, _check_int("batch_size",
@@ -493,7 +494,8 @@ class Stream:
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise TypeError("state must be a tuple (h, c) for an LSTM stream, got "
                                 f"{type(state).__name__}")
-            parts, names = state, ("state[0] (h)", "state[1] (c)")
+            parts: Any = state
+            names: tuple[str, ...] = ("state[0] (h)", "state[1] (c)")
         else:
             parts, names = (state,), ("state",)
         shape = (self.num_layers, self.batch_size, self.hidden_size)
