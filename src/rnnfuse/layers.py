@@ -570,9 +570,10 @@ class _RNNBase(Module):
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
                              "direction needs the whole sequence")
-        if self._layer_norm or self.proj_size:
-            raise ValueError("a layer with layer_norm or proj_size cannot be streamed or pooled yet; "
-                             "run forward over the sequence")
+        for name, on in (("layer_norm", self._layer_norm), ("proj_size", self.proj_size)):
+            if on:
+                raise ValueError(f"a layer with {name} cannot be streamed or pooled yet; "
+                                 "run forward over the sequence")
         weights = []
         for layer in range(self.num_layers):
             I = self.input_size if layer == 0 else self.hidden_size
