@@ -90,7 +90,11 @@ ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H,
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
     (void)I;
     /* carried dh and dc (B,H each) | W_hh packed for dh W_hh (G*H rows, H columns) */
-    return 2 * p->B * H + rf_packed_size(G * H, H) + RF_LINE_SLACK;
+    return 2 * p->B * H + rf_pack_buffer_size(G * H, H);
+}
+
+ptrdiff_t rf_pack_buffer_size(ptrdiff_t K, ptrdiff_t N) {
+    return rf_packed_size(K, N) + RF_LINE_SLACK;
 }
 
 /* Where rf_prepare_weights puts each packed weight. */
@@ -359,8 +363,7 @@ static inline REAL *RF_FN(line_start)(const REAL *buf) {
 }
 
 /* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
- * prepacked (or NULL), else packed into pack_buffer (rf_packed_size(K, N) + RF_LINE_SLACK
- * elements); either from its first cache line. */
+ * prepacked (or NULL), else packed into pack_buffer (rf_pack_buffer_size(K, N) elements); either from its first cache line. */
 void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
                               ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
                               const REAL *prepacked, int avx2) {

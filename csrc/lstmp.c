@@ -39,9 +39,9 @@ static lstmp_layout lstmp_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, 
     L.hout = L.m + (train ? p->rows : p->B) * H;
     L.xbuf = L.hout + p->B * P;
     L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
-    L.w_ih = L.w_hh + rf_packed_size(P, 4 * H);
-    L.w_hr = L.w_ih + rf_packed_size(I, 4 * H);
-    L.total = L.w_hr + rf_packed_size(H, P);
+    L.w_ih = L.w_hh + rf_pack_buffer_size(P, 4 * H);
+    L.w_hr = L.w_ih + rf_pack_buffer_size(I, 4 * H);
+    L.total = L.w_hr + rf_pack_buffer_size(H, P);
     return L;
 }
 
@@ -61,8 +61,8 @@ static lstmp_scratch lstmp_scratch_of(const rf_plan *p, ptrdiff_t H, ptrdiff_t P
     S.dm = S.dc + p->B * H;
     S.dhs = S.dm + p->B * H;
     S.w_hh = S.dhs + p->rows * P;
-    S.w_hr = S.w_hh + rf_packed_size(4 * H, P);
-    S.total = S.w_hr + rf_packed_size(P, H);
+    S.w_hr = S.w_hh + rf_pack_buffer_size(4 * H, P);
+    S.total = S.w_hr + rf_pack_buffer_size(P, H);
     return S;
 }
 

@@ -207,6 +207,9 @@ static inline int rf_q8_path(const rf_runtime *rt) {
 
 /* Elements a packed op(W) of K rows and N columns takes (enough for either dtype). */
 ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
+/* Elements a buffer handed to rf_prepare_weight needs for it: rf_packed_size and a cache
+ * line's slack, since the packed weight starts on the buffer's first line. */
+ptrdiff_t rf_pack_buffer_size(ptrdiff_t K, ptrdiff_t N);
 /* A forward's weights packed ahead of time, so that calls with the same weights (a stream
  * of single steps) skip packing: pass them as the forward's packed. Packs W_hh^T (for the
  * GRU without linear_before_reset its n block apart), then W_ih^T: rf_weights_pack_size

@@ -1,9 +1,24 @@
 """Comparisons the kernel tests share: kernels against the NumPy reference, and analytic
 gradients against central finite differences (float64)."""
 import numpy as np
+import pytest
+
+from rnnfuse import _kernels
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}  # relative, kernels against the reference
 EPS = 1e-6
+
+_SIMD = _kernels.simd_path()  # "baseline", "AVX2+FMA" or "AVX2+FMA, AVX-512F"
+PATHS = ["avx512"] * ("AVX-512F" in _SIMD) + ["avx2"] * (_SIMD != "baseline") + ["portable"]
+
+
+@pytest.fixture(params=PATHS)
+def kernel(request):
+    """Runs a test once on each code path this CPU has (importing it is enough)."""
+    before = _kernels.kernel()
+    _kernels.set_kernel(request.param)
+    yield request.param
+    _kernels.set_kernel(before)
 
 
 def assert_close(got, want, dtype, what="", tol=None):

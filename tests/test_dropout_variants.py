@@ -19,18 +19,15 @@ Recurrent dropout (kernels and layers):
 import numpy as np
 import pytest
 
-from rnnfuse import GRU, LSTM, RNN, _kernels
+from rnnfuse import GRU, LSTM, RNN
 from rnnfuse import functional as F
 from rnnfuse import reference as R
-from checks import assert_close, assert_gradient  # tests/checks.py
+from checks import assert_close, assert_gradient, kernel  # tests/checks.py
 
 CELLS = [LSTM, GRU, RNN]
 KERNEL_CELLS = [("lstm", None), ("gru", True), ("gru", False), ("rnn", "tanh"),
                 ("rnn", "relu")]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-_SIMD = _kernels.simd_path()
-PATHS = (["avx512"] * ("AVX-512F" in _SIMD) + ["avx2"] * (_SIMD != "baseline")
-         + ["portable"])
 
 
 def _x(T=5, B=3, I=2, dtype=np.float32, seed=40):
@@ -203,13 +200,6 @@ def test_streams_and_pools_run_without_the_masks(cls):
 
 
 # ---------------------------------------------------------------- recurrent dropout: kernels
-
-@pytest.fixture(params=PATHS)
-def kernel(request):
-    before = _kernels.kernel()
-    _kernels.set_kernel(request.param)
-    yield request.param
-    _kernels.set_kernel(before)
 
 
 def rcase(cell, T, B, I, H, dtype, seed=0, p=0.4):

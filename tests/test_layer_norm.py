@@ -13,26 +13,16 @@
 import numpy as np
 import pytest
 
-from rnnfuse import GRU, LSTM, RNN, _kernels
+from rnnfuse import GRU, LSTM, RNN
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 from rnnfuse.onnx_weights import from_onnx, to_onnx
-from checks import assert_close, assert_gradient  # tests/checks.py
+from checks import assert_close, assert_gradient, kernel  # tests/checks.py
 
-_SIMD = _kernels.simd_path()
-PATHS = ["avx512"] * ("AVX-512F" in _SIMD) + ["avx2"] * (_SIMD != "baseline") + ["portable"]
 CELLS = ["lstm", "gru"]
 NAMES = {"lstm": ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "g_ih", "g_hh", "g_c",
                   "b_c"],
          "gru": ["x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "g_ih", "g_hh"]}
-
-
-@pytest.fixture(params=PATHS)
-def kernel(request):
-    before = _kernels.kernel()
-    _kernels.set_kernel(request.param)
-    yield request.param
-    _kernels.set_kernel(before)
 
 
 def make_case(cell, T, B, I, H, dtype, seed=0):

@@ -17,19 +17,9 @@ from rnnfuse import LSTM, GRU, _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 from rnnfuse.onnx_weights import from_onnx, to_onnx
-from checks import assert_close, assert_gradient  # tests/checks.py
+from checks import assert_close, assert_gradient, kernel  # tests/checks.py
 
-_SIMD = _kernels.simd_path()  # "baseline", "AVX2+FMA" or "AVX2+FMA, AVX-512F"
-PATHS = ["avx512"] * ("AVX-512F" in _SIMD) + ["avx2"] * (_SIMD != "baseline") + ["portable"]
 NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "peepholes"]
-
-
-@pytest.fixture(params=PATHS)
-def kernel(request):
-    before = _kernels.kernel()
-    _kernels.set_kernel(request.param)
-    yield request.param
-    _kernels.set_kernel(before)
 
 
 def make_case(T, B, I, H, dtype, seed=0, lengths=None):
