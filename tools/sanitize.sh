@@ -53,7 +53,8 @@ run_tests() {  # run_tests KERNEL PYTEST_ARGS... (KERNEL "": the best this CPU r
 }
 if [ $# -eq 0 ]; then
     run_tests "" tests/test_functional.py tests/test_reliability.py tests/test_vmath.py \
-        tests/test_capi.py tests/test_stream.py tests/test_pool.py -q
+        tests/test_capi.py tests/test_stream.py tests/test_pool.py tests/test_proj.py \
+        tests/test_layer_norm.py tests/test_quantized.py -q
     run_tests portable tests/test_functional.py -q \
         -k "matches_reference or register_tile_edges or numbers_of_one"
 else
