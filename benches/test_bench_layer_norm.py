@@ -15,6 +15,7 @@ import pytest
 
 from rnnfuse import functional as F
 from rnnfuse import reference as R
+from rnnfuse.bench import own_workspace
 
 SHAPES = [(100, 32, 128, 256), (35, 20, 650, 650)]  # T, B, I, H
 
@@ -30,21 +31,6 @@ def _case(T, B, I, H):
                 b_ih=r(4 * H, scale=s), b_hh=r(4 * H, scale=s), dy=r(T, B, H),
                 ln=(r(4 * H, scale=0.1, at=1), r(4 * H, scale=0.1, at=1),
                     r(H, scale=0.1, at=1), r(H, scale=0.1)))
-
-
-def _own_workspace(fn):
-    """fn with a workspace of its own between calls, as a training loop of one model has:
-    interleaved with a variant of another size, the thread's one spare workspace
-    (functional's) would be dropped and allocated anew (page faults) at every call."""
-    own = [None]
-
-    def run():
-        F._SPARE.ws, kept = own[0], getattr(F._SPARE, "ws", None)
-        try:
-            return fn()
-        finally:
-            own[0], F._SPARE.ws = getattr(F._SPARE, "ws", None), kept
-    return run
 
 
 def _step(module, c, layer_norm):
@@ -129,8 +115,8 @@ def main(budget=20.0):
     with threadpool_limits(1):
         for shape in SHAPES:
             case = _case(*shape)
-            fns = {"plain": _own_workspace(_step(F, case, False)),
-                   "layer_norm": _own_workspace(_checked(case))}
+            fns = {"plain": own_workspace(_step(F, case, False)),
+                   "layer_norm": own_workspace(_checked(case))}
             if torch is not None:  # checked as _checked's step
                 short = dict(case, x=case["x"][:10], dy=case["dy"][:10])
                 got, want = _torch_step(short)(), _step(F, short, True)()[0]

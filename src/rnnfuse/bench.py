@@ -988,11 +988,27 @@ def variant_check(variant, layer, model, x, dy):
     return worst
 
 
+def own_workspace(fn):
+    """fn with a workspace of its own between calls, as a training loop of one model has:
+    interleaved with a model of another size, the thread's one spare workspace
+    (functional's) would be dropped and allocated anew (page faults) at every call."""
+    from . import functional
+    own = [None]
+
+    def run():
+        functional._SPARE.ws, kept = own[0], getattr(functional._SPARE, "ws", None)
+        try:
+            return fn()
+        finally:
+            own[0], functional._SPARE.ws = getattr(functional._SPARE, "ws", None), kept
+    return run
+
+
 def _variant_steps(variant, shape, with_torch):
     """{impl: training step} of one variant, the PyTorch model checked against rnnfuse."""
     layer = variant_layer(variant, shape)
     x, dy = variant_problem(layer, shape)
-    steps = {"rnnfuse": _rnnfuse_step(layer, x, dy)}
+    steps = {"rnnfuse": own_workspace(_rnnfuse_step(layer, x, dy))}
     if with_torch:
         model = torch_variant_model(variant, layer)
         variant_check(variant, layer, model, x, dy)
