@@ -21,6 +21,11 @@
  *   bias (4H) | gates (R,4H) | h (2,B,P) | c (2,B,H) | m (B,H) | hout (B,P) | xbuf (R,I) |
  *   weights
  * weights: W_hh^T (P rows, 4H columns), W_ih^T (I, 4H), W_hr^T (H, P), packed. */
+/* rf_prepare_weight moves each pack to the next cache line of its buffer; the packs'
+ * sizes are whole lines, so one line's slack at the end (common.c's RF_LINE_SLACK) keeps
+ * the last one inside the workspace (and the backward scratch). */
+#define LSTMP_LINE_SLACK 16
+
 typedef struct {
     ptrdiff_t bias, gates, h, c, tanh_c, m, hout, xbuf, w_hh, w_ih, w_hr, total;
 } lstmp_layout;
@@ -41,7 +46,7 @@ static lstmp_layout lstmp_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, 
     L.w_hh = L.xbuf + (rf_dense(p) ? 0 : rows * I);
     L.w_ih = L.w_hh + rf_packed_size(P, 4 * H);
     L.w_hr = L.w_ih + rf_packed_size(I, 4 * H);
-    L.total = L.w_hr + rf_packed_size(H, P);
+    L.total = L.w_hr + rf_packed_size(H, P) + LSTMP_LINE_SLACK;
     return L;
 }
 
@@ -62,7 +67,7 @@ static lstmp_scratch lstmp_scratch_of(const rf_plan *p, ptrdiff_t H, ptrdiff_t P
     S.dhs = S.dm + p->B * H;
     S.w_hh = S.dhs + p->rows * P;
     S.w_hr = S.w_hh + rf_packed_size(4 * H, P);
-    S.total = S.w_hr + rf_packed_size(P, H);
+    S.total = S.w_hr + rf_packed_size(P, H) + LSTMP_LINE_SLACK;
     return S;
 }
 
