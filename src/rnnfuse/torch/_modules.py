@@ -453,7 +453,7 @@ class Stream:
             raise RuntimeError(f"{name}.stream() runs the module as in eval mode (no "
                                "dropout, no gradients): call module.eval() first")
         if getattr(module, "proj_size", 0):
-            raise ValueError(f"an {name} with proj_size={module.proj_size} cannot be "
+            raise ValueError(f"{name} with proj_size={module.proj_size} cannot be "
                              "streamed: rnnfuse's streams have no projection; run the "
                              "module's forward over the sequence instead")
         if module.bidirectional:
