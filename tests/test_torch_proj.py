@@ -142,6 +142,23 @@ def test_swap_modules_swaps_projected_lstm():
     assert rt.unswap_modules(model) == ["0"] and type(model[0]) is nn.LSTM
 
 
+def test_swap_modules_swaps_projected_subclass_and_autocast():
+    class Doubled(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x, hx)[0] * 2
+
+    torch.manual_seed(4)
+    model = nn.Sequential(Doubled(3, 6, proj_size=2, bidirectional=True))
+    x = torch.randn(5, 2, 3)
+    before = model(x)
+    assert rt.swap_modules(model) == ["0"]
+    assert isinstance(model[0], Doubled) and isinstance(model[0], rt.LSTM)
+    close(model(x), before, torch.float32, "subclass's output after swap")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in float32, returned in bf16
+        y, (h, c) = rt.LSTM(3, 6, proj_size=2)(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and h.shape == (1, 2, 2) and c.shape == (1, 2, 6)
+
+
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("make, error, match", [
