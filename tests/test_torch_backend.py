@@ -367,7 +367,7 @@ class Net(nn.Module):
                                    "gru": nn.GRU(4, 5, num_layers=2, bidirectional=True,
                                                  batch_first=True)})
         self.head = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.RNN(6, 2, nonlinearity="relu"))
-        self.proj = nn.LSTM(2, 4, proj_size=2, batch_first=True)  # not supported: stays
+        self.proj = nn.LSTM(2, 4, proj_size=2, batch_first=True)
 
     def forward(self, x):
         y = self.rnns["gru"](self.rnns["lstm"](x)[0])[0]
@@ -382,17 +382,17 @@ def test_swap_modules_keeps_weights_and_outputs():
     params = list(net.parameters())
     x = torch.randn(2, 5, 3)
     before = net(x)
-    with pytest.warns(UserWarning, match=r"proj: proj_size=2 is not supported"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing left as it is
         names = rt.swap_modules(net)
-    assert names == ["rnns.lstm", "rnns.gru", "head.2"]
+    assert names == ["proj", "rnns.lstm", "rnns.gru", "head.2"]  # parents in named_modules order
     assert type(net.rnns["lstm"]) is rt.LSTM and type(net.rnns["gru"]) is rt.GRU
     assert type(net.head[2]) is rt.RNN and net.head[2].nonlinearity == "relu"
-    assert type(net.proj) is nn.LSTM
+    assert type(net.proj) is rt.LSTM and net.proj.proj_size == 2
     assert all(a is b for a, b in zip(params, net.parameters()))  # the same Parameters
     close(net(x), before, torch.float32, "output")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        net.proj = nn.Identity()
         assert rt.swap_modules(net) == []  # nothing left to swap, nothing to report
 
 
@@ -432,7 +432,9 @@ def test_from_torch_shares_parameters_and_mode():
 # ---------------------------------------------------------------- refused arguments
 
 @pytest.mark.parametrize("make, error, match", [
-    (lambda: rt.LSTM(3, 4, proj_size=2), ValueError, r"proj_size=2 is not supported"),
+    (lambda: rt.LSTM(3, 4, proj_size=4), ValueError,
+     r"proj_size must be smaller than hidden_size=4 \(0 for no projection\), got 4"),
+    (lambda: rt.LSTM(3, 4, proj_size=-1), ValueError, r"proj_size must be >= 0, got -1"),
     (lambda: rt.LSTM(3, 4, device="meta"), ValueError, r"device must be the CPU.*got meta"),
     (lambda: rt.GRU(3, 4, dtype=torch.float16), TypeError,
      r"dtype must be torch.float32 or torch.float64, got torch.float16"),

@@ -17,8 +17,8 @@ take the same constructor arguments, have the same ``forward(input, hx=None)``, 
 same outputs, and register the same parameters (``weight_ih_l0``, ``bias_hh_l1_reverse``,
 ...) with the same initialisation, so state dicts load both ways and ``torch.optim`` trains
 them. Only ``forward`` differs: it runs on rnnfuse's kernels. What rnnfuse does not do is refused at
-construction: ``proj_size > 0``, devices other than the CPU, dtypes other than float32 and
-float64.
+construction: devices other than the CPU, dtypes other than float32 and float64. An
+LSTM with ``proj_size > 0`` runs in eager mode only (see ``LSTM``).
 
 Each direction of each layer is one call of an autograd Function over
 ``rnnfuse.functional``: ``LSTMFunction``, ``GRUFunction``, ``RNNFunction``. Tensors reach

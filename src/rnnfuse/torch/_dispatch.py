@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ._common import _N_STATES, _NO_ONNX, _PLAIN, _recording
-from ._functions import _FUNCTIONS, _kernel_forward
+from ._functions import _FUNCTIONS, LSTMPFunction, _kernel_forward
 from ._ops import _OPS
 
 def _run(cell, *args, pack=None):
@@ -30,6 +30,24 @@ def _run(cell, *args, pack=None):
     if grad:
         return function.apply(*args)
     y, finals, _ = _kernel_forward(function, args, need_ctx=False)
+    return (y, *finals)
+
+
+_NO_PROJECTION_OPS = (
+    "rnnfuse.torch.LSTM with proj_size > 0 runs in eager mode only: rnnfuse's operators, "
+    "which torch.compile, torch.export, torch.jit.trace, torch.func and tensor subclasses "
+    "need, have no projection. Run the model eagerly, or use module.to_torch() (a "
+    "torch.nn.LSTM sharing the parameters) there")
+
+
+def _run_projected(*args):
+    """_run for an LSTM layer's direction with a projection, LSTMPFunction's arguments;
+    refused where the operators would be needed."""
+    if _recording() or any(a is not None and type(a) not in _PLAIN for a in args[:8]):
+        raise RuntimeError(_NO_PROJECTION_OPS)
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args[:8]):
+        return LSTMPFunction.apply(*args)
+    y, finals, _ = _kernel_forward(LSTMPFunction, args, need_ctx=False)
     return (y, *finals)
 
 

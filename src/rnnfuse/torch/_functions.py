@@ -16,7 +16,7 @@ _N_OPTIONS = {"lstm": 0, "gru": 1, "rnn": 1}
 def _split(function, args):
     """A Function's arguments as (x, states..., w_ih, w_hh, b_ih, b_hh), (lengths, reverse,
     options...) and packed (None where not given)."""
-    n = _N_STATES[function.cell] + 5
+    n = _N_STATES[function.cell] + 5 + function.projected
     k = n + 2 + _N_OPTIONS[function.cell]
     return args[:n], args[n:k], args[k] if len(args) > k else None
 
@@ -27,7 +27,11 @@ def _kernel_forward(function, args, need_ctx):
     tensors, (lengths, reverse, *options), packed = _split(function, args)
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.numpy()
-    if packed is None:
+    if function.projected:  # w_hr, the last tensor, is a keyword of functional's
+        *tensors, w_hr = tensors
+        y, *finals, kctx = F.lstm_forward(*map(_np, tensors), lengths, reverse,
+                                          need_ctx=need_ctx, w_hr=_np(w_hr))
+    elif packed is None:
         forward = getattr(F, function.cell + "_forward")
         y, *finals, kctx = forward(*map(_np, tensors), lengths, reverse, *options,
                                    need_ctx=need_ctx)
@@ -58,6 +62,7 @@ class _CellFunction(torch.autograd.Function):
     """The backward shared by the three cells (their forwards differ only in arguments)."""
 
     cell: Any = None
+    projected = False  # whether w_hr follows the biases (LSTMPFunction)
 
     @staticmethod
     @_on_torch_threads
@@ -100,6 +105,24 @@ class LSTMFunction(_CellFunction):
                 packed=None):
         return _record(ctx, LSTMFunction, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                            packed))
+
+
+class LSTMPFunction(_CellFunction):
+    """One direction of one LSTM layer with a projection (PyTorch's proj_size)::
+
+        y, h_n, c_n = LSTMPFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                          reverse)
+
+    As LSTMFunction with ``w_hr`` (P, H): ``w_hh`` is (4H, P), ``h0``, ``h_n`` (B, P) and
+    ``y`` (T, B, P), ``c0``, ``c_n`` (B, H); the gradients follow the arguments' order.
+    """
+
+    cell, projected = "lstm", True
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse=False):
+        return _record(ctx, LSTMPFunction, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                            reverse))
 
 
 class GRUFunction(_CellFunction):

@@ -14,7 +14,7 @@ from .. import _kernels, functional as F
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
 from ._common import (_FIRST_ORDER, _PLAIN, _kernel_option, _np, _on_torch_threads,
                       _recording)
-from ._dispatch import _run, pack_sorted, pad_packed
+from ._dispatch import _run, _run_projected, pack_sorted, pad_packed
 from ._onnx import export_forward
 
 _M = TypeVar("_M", bound="_Fused")
@@ -53,8 +53,9 @@ def _cast(value, dtype):
     return value.to(dtype) if isinstance(value, torch.Tensor) else value
 
 
-def _check_states(hx, n_states, shape, layout, dtype):
-    """hx as a list of n_states tensors of ``shape``, or of Nones (zeros)."""
+def _check_states(hx, n_states, shapes, layouts, dtype):
+    """hx as a list of n_states tensors of ``shapes`` (``layouts`` in words), or of Nones
+    (zeros)."""
     if hx is None:
         return [None] * n_states
     if n_states == 2:
@@ -64,7 +65,7 @@ def _check_states(hx, n_states, shape, layout, dtype):
         parts, names = hx, ("hx[0] (h_0)", "hx[1] (c_0)")
     else:
         parts, names = (hx,), ("hx",)
-    for name, s in zip(names, parts):
+    for name, s, shape, layout in zip(names, parts, shapes, layouts):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
         _check_tensor(name, s, dtype)
@@ -155,8 +156,8 @@ class _Fused:
         mode is kept; hooks registered on ``module`` are not.
 
         Raises TypeError for another class (for subclasses, use ``swap_modules``), and
-        the constructor's errors for what rnnfuse does not support (``proj_size > 0``, a
-        device other than the CPU, a dtype other than float32/float64).
+        the constructor's errors for what rnnfuse does not support (a device other than
+        the CPU, a dtype other than float32/float64).
         """
         if type(module) is not cls._torch_class:
             raise TypeError(f"{cls.__name__}.from_torch needs a torch.nn."
@@ -247,15 +248,25 @@ class _RNNBase(_Fused):
         return w if self.bias else w + [None, None]
 
 
+    def _state_widths(self):
+        """Each state's width and its name: h (and c) hidden_size; an LSTM's h proj_size
+        with a projection."""
+        h = (self.proj_size, "proj_size") if self.proj_size else (self.hidden_size,
+                                                                  "hidden_size")
+        return [h, (self.hidden_size, "hidden_size")][:self._n_states]
+
     def _check_hx(self, hx, batch, batched, dtype):
-        """hx as a list of n_states tensors (L*D, B, H), or of Nones (zeros)."""
-        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        """hx as a list of n_states tensors (L*D, B, H) (h: (L*D, B, P) with a
+        projection), or of Nones (zeros)."""
+        LD, widths = self.num_layers * self.num_directions, self._state_widths()
         if batched:
-            shape, layout = (LD, batch, H), "(num_layers*num_directions, batch, hidden_size)"
+            shapes = [(LD, batch, w) for w, _ in widths]
+            layouts = [f"(num_layers*num_directions, batch, {n})" for _, n in widths]
         else:
-            shape, layout = (LD, H), ("(num_layers*num_directions, hidden_size) for "
-                                      "unbatched 2-D input")
-        states = _check_states(hx, self._n_states, shape, layout, dtype)
+            shapes = [(LD, w) for w, _ in widths]
+            layouts = [f"(num_layers*num_directions, {n}) for unbatched 2-D input"
+                       for _, n in widths]
+        states = _check_states(hx, self._n_states, shapes, layouts, dtype)
         return [s if batched or s is None else s.unsqueeze(1) for s in states]
 
     def _forward(self, input, hx, dtype):
@@ -313,8 +324,13 @@ class _RNNBase(_Fused):
             ys = []
             for d in range(D):
                 s0 = [None if s is None else s[layer * D + d] for s in states]
-                y, *fin = _run(self._cell, inp, *s0, *self._weights(layer, d), lengths,
-                               d == 1, *self._options)
+                if self.proj_size:
+                    sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                    y, *fin = _run_projected(inp, *s0, *self._weights(layer, d),
+                                             getattr(self, "weight_hr" + sfx), lengths, d == 1)
+                else:
+                    y, *fin = _run(self._cell, inp, *s0, *self._weights(layer, d), lengths,
+                                   d == 1, *self._options)
                 ys.append(y)
                 for acc, f in zip(finals, fin):
                     acc.append(f)
@@ -339,7 +355,10 @@ class LSTM(_RNNBase, torch.nn.LSTM):
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)``;
-    ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``. Only ``proj_size=0`` is supported.
+    ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``. With ``proj_size`` P > 0 (an LSTM
+    with projections, as torch.nn's: parameters ``weight_hr_l{k}[_reverse]``, h and the
+    output P wide) it runs in eager mode only; torch.compile, torch.export, ONNX export
+    and ``stream()`` refuse it (``to_torch()`` gives the torch.nn.LSTM for those).
     """
 
     _torch_class = torch.nn.LSTM
@@ -351,12 +370,12 @@ class LSTM(_RNNBase, torch.nn.LSTM):
                  bidirectional: bool = False, proj_size: int = 0,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        if proj_size != 0:
-            raise ValueError(f"proj_size={proj_size!r} is not supported: rnnfuse.torch.LSTM "
-                             "has no projection (proj_size must be 0; keep torch.nn.LSTM "
-                             "for proj_size > 0)")
+        proj_size = _check_int("proj_size", proj_size, 0)
+        if proj_size and proj_size >= _check_int("hidden_size", hidden_size, 1):
+            raise ValueError(f"proj_size must be smaller than hidden_size={hidden_size} "
+                             f"(0 for no projection), got {proj_size}")
         self._init_torch(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype)
+                         bidirectional, device, dtype, proj_size=proj_size)
 
 
 class GRU(_RNNBase, torch.nn.GRU):
@@ -433,6 +452,10 @@ class Stream:
         if module.training:
             raise RuntimeError(f"{name}.stream() runs the module as in eval mode (no "
                                "dropout, no gradients): call module.eval() first")
+        if getattr(module, "proj_size", 0):
+            raise ValueError(f"{name} with proj_size={module.proj_size} cannot be "
+                             "streamed: rnnfuse's streams have no projection; run the "
+                             "module's forward over the sequence instead")
         if module.bidirectional:
             raise ValueError(f"a bidirectional {name} cannot be streamed: its reverse "
                              "direction needs the whole sequence")
@@ -559,7 +582,8 @@ class _CellBase(_Fused):
         batched = dim == 2
         shape, layout = (((size[0], H), "(batch, hidden_size)") if batched
                          else ((H,), "(hidden_size) for unbatched 1-D input"))
-        states = _check_states(hx, self._n_states, shape, layout, dtype)
+        states = _check_states(hx, self._n_states, [shape] * self._n_states,
+                               [layout] * self._n_states, dtype)
         x = input if batched else input.view(1, -1)
         if not batched:
             states = [None if s is None else s.view(1, H) for s in states]

@@ -80,6 +80,9 @@ def _register_onnx():
 
 def export_forward(module, input, hx):
     """A module's forward while torch.onnx.export traces it."""
+    if getattr(module, "proj_size", 0):
+        raise RuntimeError(f"{type(module).__name__} with proj_size={module.proj_size} cannot "
+                           "be exported to ONNX: ONNX's LSTM has no projection")
     dynamo = torch._C._get_tracing_state() is None
     if not dynamo or not hasattr(module, "num_layers") or isinstance(input, PackedSequence):
         # torch.nn's operators: the TorchScript exporter translates them (packed lengths

@@ -69,7 +69,7 @@ def swap_modules(model: torch.nn.Module) -> list[str]:
     Returns the qualified names replaced (as ``model.named_modules()`` spells them).
 
     Modules that cannot be replaced are left as they are, and one ``UserWarning`` names
-    each with its reason: ``proj_size > 0``, parameters not on the CPU or not
+    each with its reason: parameters not on the CPU or not
     float32/float64, and ``model`` itself when it is one (it cannot be replaced in place:
     use ``rnnfuse.torch.LSTM.from_torch(model)`` and so on). Forward hooks on the replaced
     torch.nn modules are not carried over (a subclass's are).
