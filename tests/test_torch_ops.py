@@ -592,3 +592,17 @@ def test_backward_operator_refuses_a_workspace_of_another_size():
         torch.ops.rnnfuse.gru_backward(*outs, *inputs, ws[:-2], None, True, True)
     with pytest.raises(ValueError, match="ws is empty: the forward ran with train=False"):
         torch.ops.rnnfuse.gru_backward(*outs, *inputs, ws[:0], None, True, True)
+
+
+def test_compile_caches_are_tagged_with_the_workspace_layout(monkeypatch):
+    # a compiled graph holds the operators' workspace sizes: a build whose sizes differ
+    # must not reuse it from torch's on-disk caches
+    tag = _ops._layout_tag()
+    assert tag in torch.compiler.config.cache_key_tag.split(";")
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "users-own")
+    _ops._tag_compile_caches()
+    _ops._tag_compile_caches()  # once only
+    assert torch.compiler.config.cache_key_tag == f"users-own;{tag}"
+    sizes = _kernels.workspace_size
+    monkeypatch.setattr(_kernels, "workspace_size", lambda *a: sizes(*a) + 16)
+    assert _ops._layout_tag() != tag

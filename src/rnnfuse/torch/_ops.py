@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import zlib
 
 import numpy as np
 import torch
@@ -348,6 +349,25 @@ class _CellOps:
 
 
 _LIB = torch.library.Library("rnnfuse", "DEF")
+
+
+def _layout_tag():
+    """A tag of the workspace layout: a compiled graph holds its operators' workspace sizes,
+    while torch's compile caches key on torch's own code, not on a rebuild of our kernels."""
+    sizes = [_kernels.workspace_size(cell, F._full_plan(T, B, False), I, H, True)
+             for cell in ("lstm", "gru", "rnn") for T, B, I, H in ((1, 1, 1, 1), (3, 2, 5, 7))]
+    return f"rnnfuse-layout-{zlib.crc32(repr(sizes).encode()):08x}"
+
+
+def _tag_compile_caches():
+    """Add the layout tag to torch.compile's cache keys (torch.compiler.config.cache_key_tag,
+    kept with any tag already set), so that an upgrade of rnnfuse recompiles graphs."""
+    config, tag = torch.compiler.config, _layout_tag()
+    if tag not in config.cache_key_tag.split(";"):
+        config.cache_key_tag = ";".join(filter(None, (config.cache_key_tag, tag)))
+
+
+_tag_compile_caches()
 
 
 def _not_differentiable(op):
