@@ -153,3 +153,15 @@ def test_set_kernel_refuses_what_cannot_run(restore_kernel):
     assert _kernels.kernel() == "portable"
     _kernels.set_kernel(None)  # the default chooser: RNNFUSE_KERNEL, then the CPU
     assert _kernels.kernel() == (os.environ.get("RNNFUSE_KERNEL") or PATHS[0])
+
+
+def test_misaligned_packed_weights_are_refused():
+    rng = np.random.default_rng(0)
+    w_ih, w_hh = rng.standard_normal((16, 3)), rng.standard_normal((16, 4))
+    packed = _kernels.pack_weights(w_ih, w_hh, 4, True)
+    shifted = _kernels.aligned_empty(packed.size + 2, packed.dtype)[2:]  # 16 bytes off a line
+    shifted[:] = packed
+    x = rng.standard_normal((2, 1, 3))
+    with pytest.raises(ValueError, match="packed must start on a 64-byte boundary"):
+        F._forward("lstm", x, (None, None), w_ih, w_hh, None, None, None, False, None,
+                   False, packed=shifted)

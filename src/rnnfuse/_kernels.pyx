@@ -538,6 +538,10 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
     # packed None: the kernel packs the weights into ws itself
     a.packed = _buf(packed, rf_weights_pack_size(G, H, I), t, "packed", _OPTIONAL)
+    if a.packed != NULL and <size_t>a.packed % 64:
+        # the kernels read packed weights from their buffer's first cache line
+        raise ValueError("packed must start on a 64-byte boundary, as pack_weights "
+                         "returns it (a copy may not)")
     a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
     a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     a.recdrop = _recdrop(recdrop, recdrop_buf, t, BH, BH)
