@@ -640,13 +640,17 @@ class LSTM(_RNNBase):
         self._peepholes = _check_bool("peepholes", peepholes)
         self._check_layer_norm(layer_norm)
         self._set_variants(zoneout, weight_drop, recurrent_dropout)
+        self._check_projection_variants()
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, dtype, seed)
+
+    def _check_projection_variants(self) -> None:
+        """Refuse the variants that proj_size does not combine with."""
         for name, on in (("zoneout", self.zoneout), ("layer_norm", self._layer_norm),
                          ("recurrent_dropout", self.recurrent_dropout)):
             if self.proj_size and on:
                 raise ValueError(f"{name} is not supported with proj_size; turn {name} off "
                                  "or pass proj_size=0")
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, dtype, seed)
 
     def _run(self, x: NDArray[Any], s0: Sequence[Any], w: Sequence[Any],
              lengths: ArrayLike | None, reverse: bool, need_ctx: bool,

@@ -7,7 +7,8 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ._common import _N_STATES, _NO_ONNX, _PLAIN, _recording
-from ._functions import _FUNCTIONS, LSTMPFunction, _kernel_forward
+from ._functions import (_FUNCTIONS, LSTMPFunction, VariantFunction, _kernel_forward,
+                         _variant_forward)
 from ._ops import _OPS
 
 def _run(cell, *args, pack=None):
@@ -87,3 +88,24 @@ def pack_sorted(y, lengths, rows):
     if not torch.compiler.is_compiling():
         return pack_padded_sequence(y, lengths, enforce_sorted=True).data
     return torch.ops.rnnfuse.pack(y, lengths, rows)
+
+
+_NO_VARIANT_OPS = (
+    "rnnfuse.torch.{name} with {options} runs in eager mode only: rnnfuse's operators, "
+    "which torch.compile, torch.export, torch.jit.trace, torch.func and tensor subclasses "
+    "need, do not take it (of rnnfuse's cell variants they run weight_drop alone, and "
+    "recurrent_dropout in eval mode, where it does nothing). Run the model eagerly")
+
+
+def _run_variants(name, options, spec, *tensors):
+    """VariantFunction.apply(spec, *tensors) where autograd records this call, else its
+    kernel alone (need_ctx=False); refused where the operators would be needed. name,
+    options: the module's class name and its variants, for the message."""
+    masks = spec.zoneout if isinstance(spec.zoneout, tuple) else (spec.zoneout,)
+    if _recording() or any(isinstance(t, torch.Tensor) and type(t) not in _PLAIN
+                           for t in (*tensors, *masks, spec.recurrent_dropout)):
+        raise RuntimeError(_NO_VARIANT_OPS.format(name=name, options=options))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return VariantFunction.apply(spec, *tensors)
+    y, finals, _ = _variant_forward(spec, tensors, need_ctx=False)
+    return (y, *finals)

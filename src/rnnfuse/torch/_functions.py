@@ -2,7 +2,7 @@
 eager path (the kernels run outside PyTorch's dispatcher, which costs less per call)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -163,3 +163,83 @@ class RNNFunction(_CellFunction):
 
 
 _FUNCTIONS = {"lstm": LSTMFunction, "gru": GRUFunction, "rnn": RNNFunction}
+
+
+class Variants(NamedTuple):
+    """What VariantFunction's call holds fixed besides its tensors: the cell, its option
+    (GRU: linear_before_reset; RNN: the nonlinearity; LSTM: None), lengths (a tensor or
+    None), reverse, and functional's ``zoneout`` and ``recurrent_dropout`` arguments as
+    tensors (the masks; a pair for the LSTM's zoneout), eval's zoneout as a float, or
+    None."""
+    cell: str
+    option: Any
+    lengths: Any
+    reverse: bool
+    zoneout: Any = None
+    recurrent_dropout: Any = None
+
+
+@_on_torch_threads
+def _variant_forward(spec, tensors, need_ctx):
+    """The kernel of VariantFunction's arguments: (y, finals, kernel ctx)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peep, *ln = map(_np, tensors)
+    zoneout = spec.zoneout
+    if isinstance(zoneout, (tuple, torch.Tensor)):
+        zoneout = tuple(map(_np, zoneout)) if isinstance(zoneout, tuple) else _np(zoneout)
+    keywords = dict(need_ctx=need_ctx, zoneout=zoneout,
+                    recurrent_dropout=_np(spec.recurrent_dropout),
+                    layer_norm=tuple(ln) if ln else None)
+    lengths = _np(spec.lengths)
+    if spec.cell == "lstm":
+        y, *finals, kctx = F.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
+                                          spec.reverse, peepholes=peep, w_hr=w_hr, **keywords)
+    else:
+        forward = getattr(F, spec.cell + "_forward")
+        y, *finals, kctx = forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, spec.reverse,
+                                   spec.option, **keywords)
+    return torch.from_numpy(y), [torch.from_numpy(f) for f in finals], kctx
+
+
+class VariantFunction(torch.autograd.Function):
+    """One direction of one layer with rnnfuse's cell variants, as an autograd Function::
+
+        y, h_n(, c_n) = VariantFunction.apply(spec, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                              w_hr, peepholes, *layer_norm)
+
+    spec: ``Variants`` (the cell, its option, lengths, reverse, zoneout's and recurrent
+    dropout's arguments). The tensors as ``rnnfuse.functional``'s forwards take them, None
+    where absent: c0 (GRU, RNN), w_hr and peepholes (LSTM only), and layer_norm's
+    gains (and the LSTM's cell bias) or nothing. Gradients follow the arguments' order.
+    """
+
+    @staticmethod
+    def forward(ctx, spec, *tensors):
+        need = any(ctx.needs_input_grad)
+        y, finals, kctx = _variant_forward(spec, tensors, need_ctx=need)
+        if need:
+            ctx.set_materialize_grads(False)  # an unused output's gradient reaches it as None
+            ctx.save_for_backward(*tensors)  # torch refuses if one is changed in place
+            ctx.spec = spec
+        ctx.kernel = kctx
+        return (y, *finals)
+
+    @staticmethod
+    @_on_torch_threads
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(_FIRST_ORDER)
+        saved, spec = ctx.saved_tensors, ctx.spec
+        kctx, ctx.kernel = ctx.kernel, None
+        if kctx is None:  # a second backward (retain_graph=True): replay the forward
+            kctx = _variant_forward(spec, saved, need_ctx=True)[2]
+        backward = getattr(F, spec.cell + "_backward")
+        out = list(backward(*(None if g is None else _np(g) for g in grads), kctx))
+        if spec.cell != "lstm":
+            out.insert(2, None)  # dc0
+        w_hr, peep = saved[7], saved[8]
+        extra = out[7:]  # dw_hr, dpeepholes, layer norm's: those given, in that order
+        d_hr = extra.pop(0) if w_hr is not None else None
+        d_peep = extra.pop(0) if peep is not None else None
+        out = out[:7] + [d_hr, d_peep] + extra
+        return (None, *(torch.from_numpy(g) if need and g is not None else None
+                        for g, need in zip(out, ctx.needs_input_grad[1:])))

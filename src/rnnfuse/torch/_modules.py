@@ -5,16 +5,19 @@ from __future__ import annotations
 import numbers
 import warnings
 import weakref
+from types import SimpleNamespace
 from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from .. import _kernels, functional as F
+from .. import _kernels, functional as F, layers
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
 from ._common import (_FIRST_ORDER, _PLAIN, _kernel_option, _np, _on_torch_threads,
                       _recording)
-from ._dispatch import _run, _run_projected, pack_sorted, pad_packed
+from ._dispatch import (_NO_VARIANT_OPS, _run, _run_projected, _run_variants, pack_sorted,
+                        pad_packed)
+from ._functions import Variants
 from ._onnx import export_forward
 
 _M = TypeVar("_M", bound="_Fused")
@@ -88,6 +91,11 @@ def _twin(cls, module, config):
     """A ``cls`` configured as ``module`` (its torch.nn or rnnfuse counterpart), sharing
     its parameter objects and its training mode. config: the constructor's arguments
     besides the sizes, read from ``module``."""
+    on = getattr(module, "_variant_args", lambda: [])()
+    if on:
+        raise ValueError(f"{type(module).__name__} with {', '.join(on)} has no torch.nn "
+                         f"counterpart: torch.nn.{module._torch_class.__name__} has no "
+                         "such option (it is an rnnfuse extension); run the module itself")
     w = next(module.parameters())
     kwargs = {k: getattr(module, k) for k in config}
     # fork_rng: the twin's own initial draw, replaced below, must not move the global RNG
@@ -134,6 +142,20 @@ def _check_args(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                 batch_first=_check_bool("batch_first", batch_first),
                 bidirectional=_check_bool("bidirectional", bidirectional),
                 dropout=float(dropout))
+
+
+def _check_variants(cell, proj_size=0, peepholes=False, layer_norm=False, **probabilities):
+    """The cell variants' keyword arguments (rnnfuse extensions), checked as rnnfuse's
+    layers check them (with their messages): the variants' attributes, by name."""
+    v = SimpleNamespace(proj_size=proj_size, _peepholes=_check_bool("peepholes", peepholes))
+    if cell != "rnn":
+        layers._RNNBase._check_layer_norm(v, layer_norm)  # type: ignore[arg-type]
+    layers._RNNBase._set_variants(v, **probabilities)  # type: ignore[arg-type]
+    if cell == "lstm":
+        layers.LSTM._check_projection_variants(v)  # type: ignore[arg-type]
+    return dict(peepholes=v._peepholes, layer_norm=getattr(v, "_layer_norm", False),
+                zoneout=v.zoneout, weight_drop=v.weight_drop,
+                recurrent_dropout=v.recurrent_dropout)
 
 
 class _Fused:
@@ -213,10 +235,16 @@ class _RNNBase(_Fused):
 
     _config: tuple[str, ...] = ("num_layers", "bias", "batch_first", "dropout",
                                 "bidirectional")
+    # rnnfuse's cell variants (see LSTM), off unless the constructor turns them on
+    peepholes = layer_norm = _has_variants = False
+    zoneout = weight_drop = recurrent_dropout = 0.0
+    _VARIANT_DEFAULTS = dict(peepholes=False, layer_norm=False, zoneout=0.0, weight_drop=0.0,
+                             recurrent_dropout=0.0)
 
     def _init_torch(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                    bidirectional, device, dtype, **cell_args):
-        """torch.nn's constructor over the checked arguments, as torch.nn's subclass."""
+                    bidirectional, device, dtype, variants=None, **cell_args):
+        """torch.nn's constructor over the checked arguments, as torch.nn's subclass;
+        variants: _check_variants's."""
         checked = _check_args(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                               bidirectional, device, dtype)
         self._torch_class.__init__(self, **_quiet_dropout(checked), **cell_args)
@@ -225,6 +253,46 @@ class _RNNBase(_Fused):
             warnings.warn("dropout acts on the outputs of all but the last layer, so it does "
                           f"nothing with num_layers=1 (dropout={self.dropout})", UserWarning,
                           stacklevel=4)
+        if variants and variants != self._VARIANT_DEFAULTS:
+            self._add_variants(variants)
+
+    def _add_variants(self, variants):
+        """Set the variants and register their parameters, initialised as rnnfuse's layers
+        do theirs: per layer and direction the peepholes (3H,) at 0; layer norm's gains at
+        1 and the LSTM's cell bias at 0. (torch.nn's own are drawn first, as without.)"""
+        for name, value in variants.items():
+            setattr(self, name, value)
+        self._has_variants = True
+        H, G = self.hidden_size, _kernels.GATES[self._cell]
+        kinds = [("weight_peep", 3 * H, 0.0)] if self.peepholes else []
+        if self.layer_norm:
+            kinds += [("ln_weight_ih", G * H, 1.0), ("ln_weight_hh", G * H, 1.0)]
+            kinds += [("ln_weight_c", H, 1.0), ("ln_bias_c", H, 0.0)] if G == 4 else []
+        w = self.weight_ih_l0
+        for layer in range(self.num_layers):
+            for d in range(self.num_directions):
+                for kind, size, value in kinds:
+                    self.register_parameter(
+                        kind + self._suffix(layer, d),
+                        torch.nn.Parameter(torch.full((size,), value, dtype=w.dtype,
+                                                      device=w.device)))
+
+    def _active_variants(self, kernel_only=False):
+        """_variant_args, less what does nothing in eval mode (weight_drop,
+        recurrent_dropout) when the module is in it; kernel_only: less weight_drop too,
+        which runs as torch's operators (W_hh * mask)."""
+        idle = ("weight_drop",) if kernel_only else ()
+        idle += () if self.training else ("weight_drop", "recurrent_dropout")
+        return [a for a in self._variant_args() if a.split("=")[0] not in idle]
+
+    def _variant_args(self):
+        """The variants turned on, as their constructor arguments ("zoneout=0.1")."""
+        return [f"{k}={getattr(self, k)!r}" for k, v in self._VARIANT_DEFAULTS.items()
+                if getattr(self, k) != v]
+
+    @staticmethod
+    def _suffix(layer, d):
+        return f"_l{layer}" + ("_reverse" if d == 1 else "")
 
     @property
     def num_directions(self):
@@ -237,9 +305,10 @@ class _RNNBase(_Fused):
         return ()
 
     def extra_repr(self):
-        # torch.nn's, with the nonlinearity that it leaves out
+        # torch.nn's, with the nonlinearity that it leaves out, and the variants
         relu = ", nonlinearity=relu" if getattr(self, "nonlinearity", "tanh") == "relu" else ""
-        return self._torch_class.extra_repr(self) + relu
+        variants = "".join(", " + a for a in self._variant_args())
+        return self._torch_class.extra_repr(self) + relu + variants
 
     def _weights(self, layer, d):
         sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
@@ -324,7 +393,9 @@ class _RNNBase(_Fused):
             ys = []
             for d in range(D):
                 s0 = [None if s is None else s[layer * D + d] for s in states]
-                if self.proj_size:
+                if self._has_variants:
+                    y, *fin = self._run_variants(layer, d, inp, s0, lengths)
+                elif self.proj_size:
                     sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
                     y, *fin = _run_projected(inp, *s0, *self._weights(layer, d),
                                              getattr(self, "weight_hr" + sfx), lengths, d == 1)
@@ -338,6 +409,56 @@ class _RNNBase(_Fused):
             if self.training and self.dropout > 0 and layer < L - 1:
                 inp = torch.nn.functional.dropout(inp, self.dropout, training=True)
         return inp, [torch.stack(f) for f in finals]
+
+    def _run_variants(self, layer, d, x, s0, lengths):
+        """One direction of one layer with the variants on: (y, finals...). Its masks are
+        drawn from torch's RNG in rnnfuse's layers' order: weight drop's, recurrent
+        dropout's, then zoneout's."""
+        kernel_only = self._active_variants(kernel_only=True)
+        if kernel_only and _recording():  # refused before anything is drawn or traced
+            raise RuntimeError(_NO_VARIANT_OPS.format(name=type(self).__name__,
+                                                      options=", ".join(kernel_only)))
+        sfx, w = self._suffix(layer, d), self._weights(layer, d)
+        w_hr = getattr(self, "weight_hr" + sfx) if self.proj_size else None
+        if self.training and self.weight_drop:  # W_hh * mask, through autograd
+            w[1] = w[1] * self._dropout_mask(w[1].shape, self.weight_drop)
+        T, B = x.shape[:2]
+        rdrop = None
+        if self.training and self.recurrent_dropout:
+            rdrop = self._dropout_mask((B, self.hidden_size), self.recurrent_dropout)
+        zoneout = None
+        if self.zoneout:
+            zoneout = (self._zoneout_masks((T, B, self.hidden_size)) if self.training
+                       else self.zoneout)
+        peep = getattr(self, "weight_peep" + sfx) if self.peepholes else None
+        kinds = self._LAYER_NORM[self._n_states] if self.layer_norm else ()
+        ln = [getattr(self, kind + sfx) for kind in kinds]
+        if not kernel_only:  # weight drop alone, or what is a no-op in eval: the plain path
+            if w_hr is not None:
+                return _run_projected(x, *s0, *w, w_hr, lengths, d == 1)
+            return _run(self._cell, x, *s0, *w, lengths, d == 1, *self._options)
+        c0 = s0[1] if self._n_states == 2 else None
+        spec = Variants(self._cell, self._options[0] if self._options else None, lengths,
+                        d == 1, zoneout, rdrop)
+        return _run_variants(type(self).__name__, ", ".join(kernel_only), spec, x, s0[0], c0,
+                             *w, w_hr, peep, *ln)
+
+    _LAYER_NORM = {1: ("ln_weight_ih", "ln_weight_hh"),
+                   2: ("ln_weight_ih", "ln_weight_hh", "ln_weight_c", "ln_bias_c")}
+
+    def _dropout_mask(self, shape, p):
+        """Inverted dropout's mask from torch's RNG: 1/(1-p) with probability 1-p, else 0."""
+        dtype = self.weight_ih_l0.dtype
+        keep = torch.rand(shape, dtype=dtype) >= p
+        return keep.to(dtype) * (1.0 / (1.0 - p))
+
+    def _zoneout_masks(self, shape):
+        """Zoneout's masks from torch's RNG, 1 (keep the previous value) with probability
+        p per step, row and unit: h's, or for the LSTM the pair (h's, c's)."""
+        dtype = self.weight_ih_l0.dtype
+        masks = [(torch.rand(shape, dtype=dtype) < self.zoneout).to(dtype)
+                 for _ in range(self._n_states)]
+        return tuple(masks) if self._n_states == 2 else masks[0]
 
     def stream(self, batch_size: int = 1, state: Any = None) -> Stream:
         """A :class:`Stream` that runs this module one timestep at a time (generation,
@@ -354,11 +475,27 @@ class LSTM(_RNNBase, torch.nn.LSTM):
     subclass of it.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)``;
-    ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``. With ``proj_size`` P > 0 (an LSTM
-    with projections, as torch.nn's: parameters ``weight_hr_l{k}[_reverse]``, h and the
-    output P wide) it runs in eager mode only; torch.compile, torch.export, ONNX export
-    and ``stream()`` refuse it (``to_torch()`` gives the torch.nn.LSTM for those).
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
+    peepholes=False, zoneout=0.0, weight_drop=0.0, recurrent_dropout=0.0,
+    layer_norm=False)``; ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``. With
+    ``proj_size`` P > 0 (an LSTM with projections, as torch.nn's: parameters
+    ``weight_hr_l{k}[_reverse]``, h and the output P wide) it runs in eager mode only;
+    torch.compile, torch.export, ONNX export and ``stream()`` refuse it (``to_torch()``
+    gives the torch.nn.LSTM for those).
+
+    The keyword-only arguments are rnnfuse extensions, rnnfuse.LSTM's cell variants with
+    its parameter names, initialisation and meaning (see there): ``peepholes=True``
+    (``weight_peep_l{k}[_reverse]`` (3H,), ONNX's order i, o, f, starting at 0),
+    ``layer_norm=True`` (``ln_weight_ih_l{k}``, ``ln_weight_hh_l{k}`` (4H,),
+    ``ln_weight_c_l{k}``, ``ln_bias_c_l{k}`` (H,)), and the probabilities ``zoneout``,
+    ``weight_drop``, ``recurrent_dropout`` in [0, 1), whose masks come from torch's RNG
+    (``torch.manual_seed`` repeats a run) in training; in eval zoneout keeps p of the
+    previous state and the other two do nothing. A state dict loads both ways with
+    rnnfuse.LSTM of the same options. They run in eager mode (autocast, packed, stacked and
+    bidirectional as without); torch.compile, torch.export, torch.jit.trace and torch.func
+    refuse them, but for weight_drop (and recurrent_dropout in eval); ONNX export,
+    ``to_torch()`` and swapping back to torch.nn refuse them; ``stream()`` takes all but
+    layer_norm.
     """
 
     _torch_class = torch.nn.LSTM
@@ -369,13 +506,19 @@ class LSTM(_RNNBase, torch.nn.LSTM):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, *, peepholes: bool = False,
+                 zoneout: float = 0.0, weight_drop: float = 0.0,
+                 recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
         proj_size = _check_int("proj_size", proj_size, 0)
         if proj_size and proj_size >= _check_int("hidden_size", hidden_size, 1):
             raise ValueError(f"proj_size must be smaller than hidden_size={hidden_size} "
                              f"(0 for no projection), got {proj_size}")
+        variants = _check_variants("lstm", proj_size, peepholes=peepholes,
+                                   layer_norm=layer_norm, zoneout=zoneout,
+                                   weight_drop=weight_drop,
+                                   recurrent_dropout=recurrent_dropout)
         self._init_torch(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, proj_size=proj_size)
+                         bidirectional, device, dtype, variants, proj_size=proj_size)
 
 
 class GRU(_RNNBase, torch.nn.GRU):
@@ -383,8 +526,11 @@ class GRU(_RNNBase, torch.nn.GRU):
     subclass of it.
 
     ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-    dropout=0.0, bidirectional=False, device=None, dtype=None)``;
-    ``output, h_n = gru(input, h_0)``.
+    dropout=0.0, bidirectional=False, device=None, dtype=None, *, zoneout=0.0,
+    weight_drop=0.0, recurrent_dropout=0.0, layer_norm=False)``;
+    ``output, h_n = gru(input, h_0)``. The keyword-only arguments are rnnfuse extensions,
+    rnnfuse.GRU's cell variants, as in ``LSTM`` (``layer_norm``: ``ln_weight_ih_l{k}``,
+    ``ln_weight_hh_l{k}`` (3H,)).
     """
 
     _torch_class = torch.nn.GRU
@@ -393,9 +539,14 @@ class GRU(_RNNBase, torch.nn.GRU):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, *, zoneout: float = 0.0,
+                 weight_drop: float = 0.0, recurrent_dropout: float = 0.0,
+                 layer_norm: bool = False) -> None:
+        variants = _check_variants("gru", layer_norm=layer_norm, zoneout=zoneout,
+                                   weight_drop=weight_drop,
+                                   recurrent_dropout=recurrent_dropout)
         self._init_torch(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype)
+                         bidirectional, device, dtype, variants)
 
     @property
     def _options(self):
@@ -407,8 +558,10 @@ class RNN(_RNNBase, torch.nn.RNN):
     subclass of it.
 
     ``RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None)``;
-    ``output, h_n = rnn(input, h_0)``.
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+    zoneout=0.0, weight_drop=0.0, recurrent_dropout=0.0)``; ``output, h_n = rnn(input,
+    h_0)``. The keyword-only arguments are rnnfuse extensions, rnnfuse.RNN's cell
+    variants, as in ``LSTM``.
     """
 
     _torch_class = torch.nn.RNN
@@ -419,10 +572,13 @@ class RNN(_RNNBase, torch.nn.RNN):
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, *, zoneout: float = 0.0,
+                 weight_drop: float = 0.0, recurrent_dropout: float = 0.0) -> None:
         check_nonlinearity(nonlinearity)
+        variants = _check_variants("rnn", zoneout=zoneout, weight_drop=weight_drop,
+                                   recurrent_dropout=recurrent_dropout)
         self._init_torch(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, nonlinearity=nonlinearity)
+                         bidirectional, device, dtype, variants, nonlinearity=nonlinearity)
 
     @property
     def _options(self):
@@ -459,14 +615,21 @@ class Stream:
         if module.bidirectional:
             raise ValueError(f"a bidirectional {name} cannot be streamed: its reverse "
                              "direction needs the whole sequence")
+        if module.layer_norm:
+            raise ValueError(f"{name} with layer_norm=True cannot be streamed: rnnfuse's "
+                             "streams have no layer normalization; run the module's "
+                             "forward over the sequence instead")
         self.dtype = module._parameters_dtype()
+        peep = [[getattr(module, f"weight_peep_l{layer}")] if module.peepholes else []
+                for layer in range(module.num_layers)]
         weights: list[list[Any]] = [[None if w is None else w.detach().numpy().copy()
-                                     for w in module._weights(layer, 0)]
+                                     for w in module._weights(layer, 0) + peep[layer]]
                                     for layer in range(module.num_layers)]
         self._stream = _kernels.Stream(module._cell, bool(_kernel_option(module._cell,
                                                                          *module._options)),
                                        weights[0][0].dtype, _check_int("batch_size",
-                                                                       batch_size, 0), weights)
+                                                                       batch_size, 0), weights,
+                                       zoneout=module.zoneout)
         self._shape = (self.batch_size, self.input_size)
         self._lstm = module._n_states == 2
         self.reset(state)

@@ -83,6 +83,11 @@ def export_forward(module, input, hx):
     if getattr(module, "proj_size", 0):
         raise RuntimeError(f"{type(module).__name__} with proj_size={module.proj_size} cannot "
                            "be exported to ONNX: ONNX's LSTM has no projection")
+    variants = getattr(module, "_active_variants", lambda: [])()
+    if variants:
+        raise RuntimeError(f"{type(module).__name__} with {', '.join(variants)} cannot be "
+                           "exported to ONNX: rnnfuse.torch exports the plain cells (these "
+                           "are rnnfuse extensions)")
     dynamo = torch._C._get_tracing_state() is None
     if not dynamo or not hasattr(module, "num_layers") or isinstance(input, PackedSequence):
         # torch.nn's operators: the TorchScript exporter translates them (packed lengths
