@@ -342,6 +342,7 @@ EAGER_ONLY = (r"rnnfuse.torch.{} with {} runs in eager mode only: rnnfuse's oper
               r"subclasses need, do not take it")
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_tracing_refused():
     module = rt.LSTM(3, 4, peepholes=True, zoneout=0.1)
     x = torch.randn(5, 2, 3)

@@ -18,7 +18,10 @@ same outputs, and register the same parameters (``weight_ih_l0``, ``bias_hh_l1_r
 ...) with the same initialisation, so state dicts load both ways and ``torch.optim`` trains
 them. Only ``forward`` differs: it runs on rnnfuse's kernels. What rnnfuse does not do is refused at
 construction: devices other than the CPU, dtypes other than float32 and float64. An
-LSTM with ``proj_size > 0`` runs in eager mode only (see ``LSTM``).
+LSTM with ``proj_size > 0`` runs in eager mode only (see ``LSTM``). As rnnfuse extensions,
+LSTM, GRU and RNN also take rnnfuse's cell variants as keyword arguments (``peepholes``,
+``layer_norm``, ``zoneout``, ``recurrent_dropout``, ``weight_drop``; see ``LSTM``), in
+eager mode.
 
 Each direction of each layer is one call of an autograd Function over
 ``rnnfuse.functional``: ``LSTMFunction``, ``GRUFunction``, ``RNNFunction``. Tensors reach

@@ -149,10 +149,10 @@ def _check_variants(cell, proj_size=0, peepholes=False, layer_norm=False, **prob
     layers check them (with their messages): the variants' attributes, by name."""
     v = SimpleNamespace(proj_size=proj_size, _peepholes=_check_bool("peepholes", peepholes))
     if cell != "rnn":
-        layers._RNNBase._check_layer_norm(v, layer_norm)  # type: ignore[arg-type]
-    layers._RNNBase._set_variants(v, **probabilities)  # type: ignore[arg-type]
+        layers._RNNBase._check_layer_norm(v, layer_norm)
+    layers._RNNBase._set_variants(v, **probabilities)
     if cell == "lstm":
-        layers.LSTM._check_projection_variants(v)  # type: ignore[arg-type]
+        layers.LSTM._check_projection_variants(v)
     return dict(peepholes=v._peepholes, layer_norm=getattr(v, "_layer_norm", False),
                 zoneout=v.zoneout, weight_drop=v.weight_drop,
                 recurrent_dropout=v.recurrent_dropout)
@@ -466,7 +466,8 @@ class _RNNBase(_Fused):
         rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size, input_size),
         returns y_t (batch_size, hidden_size): the numbers of the forward over the whole
         sequence in eval mode, bit for bit. The stream copies the weights as they are now;
-        the module must be in eval mode and unidirectional."""
+        the module must be in eval mode and unidirectional, without proj_size or
+        layer_norm."""
         return Stream(self, batch_size, state)
 
 
