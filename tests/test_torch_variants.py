@@ -297,6 +297,22 @@ def test_autocast():
     torch.testing.assert_close(y.float(), module(x.bfloat16().float())[0], rtol=0, atol=1e-2)
 
 
+def test_unbatched_relu_and_inference_mode():
+    torch.manual_seed(0)
+    module = rt.RNN(I, H, nonlinearity="relu", zoneout=0.4, recurrent_dropout=0.3,
+                    weight_drop=0.3, num_layers=2).eval()
+    layer = rnnfuse.RNN(I, H, num_layers=2, nonlinearity="relu", zoneout=0.4,
+                        dtype=np.float32).eval()
+    layer.load_state_dict({k: v.detach().numpy() for k, v in module.state_dict().items()})
+    x = torch.randn(T, I)
+    with torch.inference_mode():
+        y, h = module(x)
+    want_y, want_h = layer.forward(x.numpy()[:, None])
+    assert y.shape == (T, H) and h.shape == (2, H)
+    close(y, want_y[:, 0], "y", rtol=1e-6, atol=1e-6)
+    close(h, want_h[:, 0], "h_n", rtol=1e-6, atol=1e-6)
+
+
 def test_stream_with_peepholes_and_zoneout():
     torch.manual_seed(0)
     module = rt.LSTM(I, H, num_layers=2, peepholes=True, zoneout=0.3,
