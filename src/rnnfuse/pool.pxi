@@ -138,8 +138,8 @@ cdef class StreamPool:
             I = w_hh if int8 else w_ih.shape[1]
             w_hr, ln, peep = _extra_weights(extra, layer_norm, P)
             ws = aligned_empty(_layer_workspace(cell, plan, I, H, P, layer_norm), self.dtype)
-            # (lstmp.c packs its weights at each call)
-            packed = w_ih if int8 else None if P else pack_weights(w_ih, w_hh, G, self.option)
+            packed = w_ih if int8 else _lstmp_pack(w_ih, w_hh, w_hr, P) if P else \
+                pack_weights(w_ih, w_hh, G, self.option)
             lstm = spec.states == 2
             bufs = np.zeros((7 if lstm else 4, C, H), self.dtype)  # (h's rows: P or H)
             self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, bufs, *extra]

@@ -101,11 +101,43 @@ cdef tuple _stream_sizes(str who, const rf_cell *spec, bint option, int typenum,
     return I, H
 
 
+cdef extern from "lstmp.h" nogil:
+    Py_ssize_t rf_lstmp_pack_size(Py_ssize_t I, Py_ssize_t H, Py_ssize_t P)
+    void rf_lstmp_pack_f32(float *packed, const float *w_ih, const float *w_hh,
+                           const float *w_hr, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
+                           int avx2)
+    void rf_lstmp_pack_f64(double *packed, const double *w_ih, const double *w_hh,
+                           const double *w_hr, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
+                           int avx2)
+
+
+def _lstmp_pack(w_ih, w_hh, w_hr, Py_ssize_t P):
+    """A projected layer's weights packed once, on the current code path, for its steps'
+    forwards (after _stream_sizes checked them)."""
+    cdef Py_ssize_t H = w_hh.shape[0] // 4, I = w_ih.shape[1]
+    cdef int t = _typenum(w_hh)
+    _check_proj_shapes(w_ih, w_hh, w_hr, I, H, P)
+    cdef const void *ih = _buf(w_ih, 4 * H * I, t, "w_ih", _REQUIRED)
+    cdef const void *hh = _buf(w_hh, 4 * H * P, t, "w_hh", _REQUIRED)
+    cdef const void *hr = _buf(w_hr, P * H, t, "w_hr", _REQUIRED)
+    packed = aligned_empty(rf_lstmp_pack_size(I, H, P), w_hh.dtype)
+    cdef void *dst = cnp.PyArray_DATA(packed)
+    with nogil:
+        if t == cnp.NPY_FLOAT:
+            rf_lstmp_pack_f32(<float *>dst, <const float *>ih, <const float *>hh,
+                              <const float *>hr, I, H, P, _rt.avx2)
+        else:
+            rf_lstmp_pack_f64(<double *>dst, <const double *>ih, <const double *>hh,
+                              <const double *>hr, I, H, P, _rt.avx2)
+    packed.flags.writeable = False
+    return packed
+
+
 cdef inline void _step_layer(bint f32, int cell, int option, const rf_forward_bufs *a,
                              const void *w_hr, const rf_plan *p, Py_ssize_t I, Py_ssize_t H,
                              Py_ssize_t P) noexcept nogil:
     """One timestep of one layer of a stream or a pool: C's forward entry point, or with
-    a projection (P > 0) lstmp.c's forward, reading a's pointers."""
+    a projection (P > 0) lstmp.c's forward, reading a's pointers (a.packed: _lstmp_pack's)."""
     if P == 0:
         _forward(f32, cell, option, a, p, I, H, 0)
     elif f32:
@@ -113,15 +145,16 @@ cdef inline void _step_layer(bint f32, int cell, int option, const rf_forward_bu
                              <const float *>a.x, <const float *>a.h0, <const float *>a.c0,
                              <const float *>a.w_ih, <const float *>a.w_hh,
                              <const float *>w_hr, <const float *>a.b_ih,
-                             <const float *>a.b_hh, <const float *>a.peep, p, I, H, P, 0,
-                             &_rt)
+                             <const float *>a.b_hh, <const float *>a.peep,
+                             <const float *>a.packed, p, I, H, P, 0, &_rt)
     else:
         rf_lstmp_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.c_n,
                              <double *>a.ws, <const double *>a.x, <const double *>a.h0,
                              <const double *>a.c0, <const double *>a.w_ih,
                              <const double *>a.w_hh, <const double *>w_hr,
                              <const double *>a.b_ih, <const double *>a.b_hh,
-                             <const double *>a.peep, p, I, H, P, 0, &_rt)
+                             <const double *>a.peep, <const double *>a.packed, p, I, H, P,
+                             0, &_rt)
 
 
 cdef class Stream:
@@ -191,9 +224,8 @@ cdef class Stream:
             w_hr, ln, peep = _extra_weights(extra, layer_norm, P)
             ws = aligned_empty(_layer_workspace(cell, self._plan_obj, I, H, P, layer_norm),
                                self.dtype)
-            # (lstmp.c packs its weights at each call)
-            packed = w_ih if int8 else None if P else pack_weights(w_ih, w_hh, G,
-                                                                  self.option)
+            packed = w_ih if int8 else _lstmp_pack(w_ih, w_hh, w_hr, P) if P else \
+                pack_weights(w_ih, w_hh, G, self.option)
             y = np.zeros((B, R), self.dtype)
             h = [np.zeros((B, R), self.dtype) for _ in range(2)]
             c = [np.zeros((B, H), self.dtype) for _ in range(2)]
