@@ -157,6 +157,38 @@ def test_sessions_are_batch_invariant(cls, opts, dtype, num_layers, threads, ker
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls, opts", [(LSTM, {"layer_norm": True}), (GRU, {"layer_norm": True}),
+                                       (LSTM, {"proj_size": True})],
+                         ids=["lstm_ln", "gru_ln", "lstm_proj"])
+def test_threads_split_a_wide_step_without_changing_bits(cls, opts, dtype, kernel):
+    """Enough sessions that a step is shared among threads (whole tiles each): the same
+    bits at 1 and 2 threads, as each session alone, and as the forward's rows."""
+    layer = make_layer(cls, opts, 8, 256, 2, dtype, seed=0)
+    rng = np.random.default_rng(0)
+    n = 41  # six whole tiles and a row left over
+    x = rng.standard_normal((3, n, 8)).astype(dtype)
+    state = random_state(layer, rng, n)
+    results = []
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            pool = layer.stream_pool(n + 3)
+            ids = np.array([pool.open(pack(layer, [p[:, b:b + 1] for p in parts(state)]))
+                            for b in range(n)])
+            order = rng.permutation(n)
+            results.append(np.stack([pool.step(ids[order], x[t, order])[np.argsort(order)]
+                                     for t in range(3)]))
+    np.testing.assert_array_equal(results[0], results[1])
+    for b in (0, 5, 40):
+        s = Session(pack(layer, [p[:, b:b + 1] for p in parts(state)]))
+        s.xs = list(x[:, b])
+        ys, _ = alone(layer, s)
+        np.testing.assert_array_equal(np.stack(ys), results[0][:, b])
+    with threadpool_limits(2):  # a forward long enough to be shared among threads
+        y, _ = layer.forward(x, state)
+    np.testing.assert_array_equal(y, results[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls, opts", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("T, B, I, H, L, bias", [
     (1, 1, 1, 2, 1, True), (25, 1, 5, 7, 2, True), (12, 2, 33, 130, 2, False),
