@@ -560,7 +560,9 @@ class _RNNBase(Module):
         (forward with lengths, streams, stream pools): see rnnfuse.quantized."""
         from .quantized import quantize  # (it builds on this module)
         if self._layer_norm:
-            raise ValueError("quantized() does not take a layer with layer_norm")
+            raise ValueError("quantized() does not take a layer with layer_norm: normalizing "
+                             "the int8 products scales their rounding up to the gates' "
+                             "scale, too far from float32")
         if self.proj_size:
             raise ValueError("quantized() does not take a layer with proj_size yet; "
                              "quantize a layer without a projection")
