@@ -86,3 +86,38 @@ def test_step(benchmark, shape, impl, bench_threads, bench_budget):
     rounds, iterations = bench.plan_rounds((time.perf_counter() - t) / 100, bench_budget,
                                            max_rounds=2000, min_sample=1e-4)
     benchmark.pedantic(step, args=(x0,), rounds=rounds, iterations=iterations, warmup_rounds=1)
+
+
+# The variants a stream runs with weights or state of their own: (cell, batch, input,
+# hidden, layers, options); each beside the plain cell of the same sizes.
+VARIANT_SHAPES = [("lstm", 1, 256, 256, 1, {}), ("lstm", 1, 256, 256, 1, {"layer_norm": True}),
+                  ("lstm", 1, 256, 256, 1, {"proj_size": 128}),
+                  ("gru", 1, 256, 256, 1, {}), ("gru", 1, 256, 256, 1, {"layer_norm": True})]
+
+
+@pytest.mark.parametrize("variant", VARIANT_SHAPES,
+                         ids=[f"{v[0]}-B{v[1]}-I{v[2]}-H{v[3]}-L{v[4]}-"
+                              + ("-".join(f"{k}={o}" for k, o in v[5].items()) or "plain")
+                              for v in VARIANT_SHAPES])
+def test_variant_stream_step(benchmark, variant, bench_budget):
+    cell, B, I, H, L, opts = variant
+    cls = {"lstm": rnnfuse.LSTM, "gru": rnnfuse.GRU}[cell]
+    layer = cls(I, H, num_layers=L, seed=0, **opts).eval()
+    stream = layer.stream(B)
+    x = np.random.default_rng(0).standard_normal((STEPS, B, I)).astype(np.float32)
+    want, _ = layer.forward(x)
+    np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(STEPS)]), want)
+
+    benchmark.group = f"stream step {cell} B={B} I={I} H={H} layers={L} (variants)"
+    benchmark.extra_info.update(cell=cell, B=B, I=I, H=H, layers=L, **opts)
+    x0 = x[0]
+    if getattr(benchmark, "disabled", False):
+        benchmark(stream.step, x0)
+        return
+    t = time.perf_counter()
+    for _ in range(100):
+        stream.step(x0)
+    rounds, iterations = bench.plan_rounds((time.perf_counter() - t) / 100, bench_budget,
+                                           max_rounds=2000, min_sample=1e-4)
+    benchmark.pedantic(stream.step, args=(x0,), rounds=rounds, iterations=iterations,
+                       warmup_rounds=1)

@@ -50,6 +50,18 @@ ptrdiff_t rf_lstmp_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff
     return lstmp_layout_of(p, I, H, P, train).total;
 }
 
+/* Packed weights as the workspace holds them: W_hh^T | W_ih^T | W_hr^T. */
+static ptrdiff_t lstmp_pack_at_ih(ptrdiff_t H, ptrdiff_t P) {
+    return rf_pack_buffer_size(P, 4 * H);
+}
+static ptrdiff_t lstmp_pack_at_hr(ptrdiff_t I, ptrdiff_t H, ptrdiff_t P) {
+    return lstmp_pack_at_ih(H, P) + rf_pack_buffer_size(I, 4 * H);
+}
+
+ptrdiff_t rf_lstmp_pack_size(ptrdiff_t I, ptrdiff_t H, ptrdiff_t P) {
+    return lstmp_pack_at_hr(I, H, P) + rf_pack_buffer_size(H, P);
+}
+
 /* Backward scratch: dh (B,P) | dc (B,H) | dm (B,H) | dhs (N,P): dh_t of every packed row |
  * W_hh (4H rows, P columns) and W_hr (P rows, H columns), packed. */
 typedef struct { ptrdiff_t dh, dc, dm, dhs, w_hh, w_hr, total; } lstmp_scratch;
@@ -135,8 +147,8 @@ void RF_FN(rf_lstmp_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                              const REAL *x, const REAL *h0, const REAL *c0,
                              const REAL *w_ih, const REAL *w_hh, const REAL *w_hr,
                              const REAL *b_ih, const REAL *b_hh, const REAL *peep,
-                             const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t P,
-                             int train, const rf_runtime *rt) {
+                             const REAL *packed, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
+                             ptrdiff_t P, int train, const rf_runtime *rt) {
     lstmp_layout L = lstmp_layout_of(p, I, H, P, train);
     ptrdiff_t GH = 4 * H;
     REAL *bias = NULL;
@@ -147,9 +159,11 @@ void RF_FN(rf_lstmp_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, P);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W_hh, W_ih, W_hr;
-    RF_FN(rf_prepare_weight)(&W_hh, w_hh, P, 1, P, GH, ws + L.w_hh, NULL, rt->avx2);
-    RF_FN(rf_prepare_weight)(&W_ih, w_ih, I, 1, I, GH, ws + L.w_ih, NULL, rt->avx2);
-    RF_FN(rf_prepare_weight)(&W_hr, w_hr, H, 1, H, P, ws + L.w_hr, NULL, rt->avx2);
+    RF_FN(rf_prepare_weight)(&W_hh, w_hh, P, 1, P, GH, ws + L.w_hh, packed, rt->avx2);
+    RF_FN(rf_prepare_weight)(&W_ih, w_ih, I, 1, I, GH, ws + L.w_ih,
+                             packed ? packed + lstmp_pack_at_ih(H, P) : NULL, rt->avx2);
+    RF_FN(rf_prepare_weight)(&W_hr, w_hr, H, 1, H, P, ws + L.w_hr,
+                             packed ? packed + lstmp_pack_at_hr(I, H, P) : NULL, rt->avx2);
     RF_FN(lstmp_steps_job) job = {y, h_n, c_n, ws, bias, peep, &W_hh, &W_hr, p, L, H, P, 0,
                                   0, train, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
@@ -162,6 +176,16 @@ void RF_FN(rf_lstmp_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                      rf_step_parts(p, step0, step1, 2.0 * (GH + H) * P, train, rt));
         step0 = step1;
     }
+}
+
+void RF_FN(rf_lstmp_pack)(REAL *packed, const REAL *w_ih, const REAL *w_hh, const REAL *w_hr,
+                          ptrdiff_t I, ptrdiff_t H, ptrdiff_t P, int avx2) {
+    rf_weight W;
+    RF_FN(rf_prepare_weight)(&W, w_hh, P, 1, P, 4 * H, packed, NULL, avx2);
+    RF_FN(rf_prepare_weight)(&W, w_ih, I, 1, I, 4 * H, packed + lstmp_pack_at_ih(H, P), NULL,
+                             avx2);
+    RF_FN(rf_prepare_weight)(&W, w_hr, H, 1, H, P, packed + lstmp_pack_at_hr(I, H, P), NULL,
+                             avx2);
 }
 
 /* The time loop of a backward, for one part's rows. */

@@ -13,14 +13,20 @@
 ptrdiff_t rf_lstmp_workspace(const rf_plan *p, ptrdiff_t n_in, ptrdiff_t H, ptrdiff_t P,
                              int train);
 ptrdiff_t rf_lstmp_backward_scratch(const rf_plan *p, ptrdiff_t H, ptrdiff_t P);
+/* Elements of rf_lstmp_pack's packed weights, which forwards reuse (streams: once). */
+ptrdiff_t rf_lstmp_pack_size(ptrdiff_t n_in, ptrdiff_t H, ptrdiff_t P);
 
 #define RF_DECLARE_LSTMP(REAL, SFX)                                                         \
     void rf_lstmp_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                    \
                                 const REAL *x, const REAL *h0, const REAL *c0,              \
                                 const REAL *w_ih, const REAL *w_hh, const REAL *w_hr,       \
                                 const REAL *b_ih, const REAL *b_hh, const REAL *peep,       \
-                                const rf_plan *p, ptrdiff_t n_in, ptrdiff_t H, ptrdiff_t P, \
-                                int train, const rf_runtime *rt);                           \
+                                const REAL *packed, const rf_plan *p, ptrdiff_t n_in,       \
+                                ptrdiff_t H, ptrdiff_t P, int train, const rf_runtime *rt); \
+    /* packed: NULL (the forward packs into ws), or this, on the forward's code path */     \
+    void rf_lstmp_pack_##SFX(REAL *packed, const REAL *w_ih, const REAL *w_hh,              \
+                             const REAL *w_hr, ptrdiff_t n_in, ptrdiff_t H, ptrdiff_t P,    \
+                             int avx2);                                                     \
     void rf_lstmp_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,  \
                                  REAL *dw_hr, REAL *db_ih, REAL *db_hh, REAL *dpeep,        \
                                  const REAL *dy, const REAL *dh_n, const REAL *dc_n,        \

@@ -260,10 +260,6 @@ def test_layer_refusals_name_the_argument():
         RNN(3, 4, layer_norm=True)
     for cls in (LSTM, GRU):
         layer = cls(3, 4, layer_norm=True)
-        with pytest.raises(ValueError, match="layer_norm cannot be streamed or pooled"):
-            layer.stream()
-        with pytest.raises(ValueError, match="layer_norm cannot be streamed or pooled"):
-            layer.stream_pool(2)
         with pytest.raises(ValueError, match="quantized\\(\\) does not take a layer with "
                                              "layer_norm"):
             layer.quantized()

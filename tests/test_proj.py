@@ -214,8 +214,6 @@ def test_weight_drop_masks_the_projected_w_hh():
      "layer_norm is not supported with proj_size"),
     (lambda: LSTM(3, 4, proj_size=2, recurrent_dropout=0.1),
      "recurrent_dropout is not supported with proj_size"),
-    (lambda: LSTM(3, 4, proj_size=2).stream(), "proj_size cannot be streamed or pooled"),
-    (lambda: LSTM(3, 4, proj_size=2).stream_pool(2), "proj_size cannot be streamed or pooled"),
     (lambda: LSTM(3, 4, proj_size=2).quantized(), "quantized() does not take a layer with "
                                                   "proj_size"),
 ])

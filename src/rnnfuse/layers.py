@@ -535,7 +535,8 @@ class _RNNBase(Module):
         """
         B = _check_int("batch_size", batch_size, 0)
         s = _kernels.Stream(self._cell, self._option, self.dtype, B, self._stream_weights(),
-                            zoneout=self.zoneout)
+                            zoneout=self.zoneout, layer_norm=self._layer_norm,
+                            proj_size=self.proj_size)
         s.reset(state)
         return s
 
@@ -551,38 +552,47 @@ class _RNNBase(Module):
         """
         C = _check_int("capacity", capacity, 1)
         return _kernels.StreamPool(self._cell, self._option, self.dtype, C,
-                                   self._stream_weights(), zoneout=self.zoneout)
+                                   self._stream_weights(), zoneout=self.zoneout,
+                                   layer_norm=self._layer_norm, proj_size=self.proj_size)
 
     def quantized(self) -> Any:
         """An eval-only copy of this float32 layer with int8 W_ih and W_hh, the same API
         (forward with lengths, streams, stream pools): see rnnfuse.quantized."""
         from .quantized import quantize  # (it builds on this module)
         if self._layer_norm:
-            raise ValueError("quantized() does not take a layer with layer_norm")
+            raise ValueError("quantized() does not take a layer with layer_norm: normalizing "
+                             "the int8 products scales their rounding up to the gates' "
+                             "scale, too far from float32")
         if self.proj_size:
             raise ValueError("quantized() does not take a layer with proj_size yet; "
                              "quantize a layer without a projection")
         return quantize(self)
 
     def _stream_weights(self) -> list[list[Any]]:
-        """Per layer, copies of (w_ih, w_hh, b_ih, b_hh[, peepholes]) for a stream or a
-        pool."""
+        """Per layer, copies of (w_ih, w_hh, b_ih, b_hh), then those of w_hr, the
+        peepholes and layer normalization's parameters where the layer has them, for a
+        stream or a pool."""
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
                              "direction needs the whole sequence")
-        for name, on in (("layer_norm", self._layer_norm), ("proj_size", self.proj_size)):
-            if on:
-                raise ValueError(f"a layer with {name} cannot be streamed or pooled yet; "
-                                 "run forward over the sequence")
+        G, H, R = self._gates, self.hidden_size, self._out_size
         weights = []
         for layer in range(self.num_layers):
-            I = self.input_size if layer == 0 else self.hidden_size
-            x_shape = (1, 1, I)
+            I = self.input_size if layer == 0 else R
             # the kernels' own checks; copies, so that later updates of the layer (an
             # optimizer step) cannot leave the stream's packed weights out of date
-            w_ih, w_hh, b_ih, b_hh, *peep = self._weights(layer, 0)
-            _, *w = F._check_weights(self._cell, self.dtype, w_ih, w_hh, b_ih, b_hh, x_shape)
-            w += [F._check("peepholes", p, (3 * self.hidden_size,), self.dtype) for p in peep]
+            w_ih, w_hh, b_ih, b_hh, *extra = self._weights(layer, 0)
+            if self.proj_size:  # (w_hh is (G*H, P))
+                w = [F._check(n, a, shape, self.dtype, optional=n[0] == "b")
+                     for n, a, shape in (("w_ih", w_ih, (G * H, I)),
+                                         ("w_hh", w_hh, (G * H, R)),
+                                         ("b_ih", b_ih, (G * H,)), ("b_hh", b_hh, (G * H,)))]
+            else:
+                _, *w = F._check_weights(self._cell, self.dtype, w_ih, w_hh, b_ih, b_hh,
+                                         (1, 1, I))
+            names = self._names(layer, 0)[len(self._names(layer, 0)) - len(extra):]
+            w += [F._check(n, a, self._params[n].shape, self.dtype)
+                  for n, a in zip(names, extra)]
             weights.append([None if a is None else a.copy() for a in w])
         return weights
 
@@ -617,13 +627,13 @@ class LSTM(_RNNBase):
     LN over a row's gate units (see rnnfuse.functional.lstm_forward); per layer and direction
     parameters ``ln_weight_ih_l{k}``, ``ln_weight_hh_l{k}`` (4H,), ``ln_weight_c_l{k}``,
     ``ln_bias_c_l{k}`` (H,) (each ``_reverse`` for the second direction), gains starting at
-    1, the cell bias at 0. Not with peepholes; no streams, pools or quantized() yet.
+    1, the cell bias at 0. Not with peepholes; no quantized() yet.
     ``proj_size=P`` (0 < P < hidden_size; PyTorch's LSTMP): h' = W_hr (o*tanh(c')), with
     per layer and direction ``weight_hr_l{k}[_reverse]`` (P, hidden_size), weight_hh
     (4*hidden_size, P) and layers after the first taking D*P inputs, as torch.nn.LSTM:
     y is (T, B, D*P), h_n (L*D, B, P), c_n (L*D, B, hidden_size), and a torch.nn.LSTM
     state dict with proj_size loads as it is. It combines with peepholes and weight_drop,
-    not with zoneout, recurrent_dropout, layer_norm, streams, pools or quantized().
+    not with zoneout, recurrent_dropout, layer_norm or quantized().
     """
 
     _gates, _n_states = 4, 2

@@ -14,6 +14,8 @@ ctypedef struct _PoolLayer:
     char *h_n        # (capacity, H) the states the step leaves, scattered back to the slots
     char *c_n
     void *y          # (capacity, H) this layer's output, the next layer's input
+    const void *w_hr # the LSTM's projection (proj_size), else NULL; then h, h0, h_n and y
+                     # have rows of P, not H
     rf_forward_bufs call
 
 
@@ -53,8 +55,9 @@ cdef class StreamPool:
     ``(len(ids), input_size)`` row i being session ``ids[i]``'s input, and returns their
     outputs ``(len(ids), hidden_size)`` in the same order (a new array);
     ``pool.state(sid)`` is a session's state in the layer's form for batch 1 (copies):
-    ``(h, c)`` for LSTM, ``h`` for GRU and RNN, each (num_layers, 1, hidden_size), as
-    ``layer.forward`` takes and returns it; ``pool.close(sid)`` ends it and frees its slot.
+    ``(h, c)`` for LSTM, ``h`` for GRU and RNN, each (num_layers, 1, hidden_size) (h
+    and the outputs proj_size wide with a projection), as ``layer.forward`` takes and
+    returns it; ``pool.close(sid)`` ends it and frees its slot.
 
     A step is one kernel call per layer over the sessions that step, their states gathered
     and scattered in C, the GIL released. Batch invariance: the steps' products round each
@@ -70,7 +73,7 @@ cdef class StreamPool:
     RuntimeError (make one pool per thread, or serialise the calls).
     """
     cdef int cell, option, typenum
-    cdef readonly Py_ssize_t capacity, input_size, hidden_size, num_layers
+    cdef readonly Py_ssize_t capacity, input_size, hidden_size, num_layers, proj_size
     cdef readonly object dtype
     cdef _PoolLayer *layers
     cdef int64_t *order      # (capacity,) 0, 1, ...: a step's rows in the order of its ids
@@ -90,10 +93,11 @@ cdef class StreamPool:
             raise MemoryError()
 
     def __init__(self, str cell, option, dtype, Py_ssize_t capacity, list weights,
-                 bint int8=False, *, double zoneout=0.0):
+                 bint int8=False, *, double zoneout=0.0, bint layer_norm=False,
+                 Py_ssize_t proj_size=0):
         """Internal: use ``layer.stream_pool()``. weights: see _stream_sizes. zoneout:
         eval's p."""
-        cdef Py_ssize_t l, k, C = capacity, G, H, I, size
+        cdef Py_ssize_t l, k, C = capacity, G, H, I, size, P = proj_size
         cdef const rf_cell *spec = _cell(cell) if cell in CELLS else NULL
         cdef _PoolLayer *s
         if self.layers != NULL:
@@ -106,8 +110,10 @@ cdef class StreamPool:
         self.dtype = np.dtype(dtype)
         self.typenum = cnp.NPY_FLOAT if self.dtype == np.float32 else cnp.NPY_DOUBLE
         G = spec.gates
-        I, H = _stream_sizes("StreamPool", spec, self.option, self.typenum, weights, int8)
+        I, H = _stream_sizes("StreamPool", spec, self.option, self.typenum, weights, int8,
+                             layer_norm, P)
         self.capacity, self.hidden_size, self.num_layers = C, H, len(weights)
+        self.proj_size = P
         self.input_size = I
         # the bookkeeping, one block of int64: order, ones, slots, gen, seen, free slots
         index = np.zeros(6 * C, np.int64)
@@ -125,17 +131,20 @@ cdef class StreamPool:
         if self.layers == NULL:
             raise MemoryError()
         plan = Plan(np.ones(C, np.int64), 1, False)  # the largest step: the workspace's size
-        zone = _shared_zoneout(zoneout, H, self.dtype)
+        zone = _shared_zoneout(zoneout, H, self.dtype, P)
         self._keep = [index, zone]  # the arrays the C pointers point into
-        for l, (w_ih, w_hh, b_ih, b_hh, *peep) in enumerate(weights):
+        for l, (w_ih, w_hh, b_ih, b_hh, *extra) in enumerate(weights):
             s = &self.layers[l]
             I = w_hh if int8 else w_ih.shape[1]
-            ws = aligned_empty(workspace_size(cell, plan, I, H, False), self.dtype)
-            packed = w_ih if int8 else pack_weights(w_ih, w_hh, G, self.option)
+            w_hr, ln, peep = _extra_weights(extra, layer_norm, P)
+            ws = aligned_empty(_layer_workspace(cell, plan, I, H, P, layer_norm), self.dtype)
+            packed = w_ih if int8 else _lstmp_pack(w_ih, w_hh, w_hr, P) if P else \
+                pack_weights(w_ih, w_hh, G, self.option)
             lstm = spec.states == 2
-            bufs = np.zeros((7 if lstm else 4, C, H), self.dtype)
-            self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, bufs, *peep]
+            bufs = np.zeros((7 if lstm else 4, C, H), self.dtype)  # (h's rows: P or H)
+            self._keep += [w_ih, w_hh, b_ih, b_hh, ws, packed, bufs, *extra]
             s.n_in = I
+            s.w_hr = _data(w_hr)
             size = C * H * self.dtype.itemsize
             s.h = <char *>_data(bufs)
             s.h0, s.h_n, s.y = s.h + size, s.h + 2 * size, <void *>(s.h + 3 * size)
@@ -146,7 +155,8 @@ cdef class StreamPool:
                 s.call.w_ih, s.call.w_hh = _data(w_ih), _data(w_hh)
             s.call.b_ih, s.call.b_hh = _data(b_ih), _data(b_hh)
             s.call.packed = _data(packed)
-            s.call.peep = _data(peep[0]) if peep else NULL
+            s.call.peep = _data(peep)
+            s.call.layernorm = _layernorm(ln, None, G * H, H, self.typenum)
             _set_zoneout(&s.call.zoneout, zone, spec.states == 2)
             s.call.ws = _data(ws)
             s.call.h0, s.call.h_n = s.h0, s.h_n
@@ -181,6 +191,12 @@ cdef class StreamPool:
             PyThread_release_lock(self.lock)
         return np.array(sorted(ids), np.int64)
 
+    cdef Py_ssize_t _row_bytes(self, int k) noexcept nogil:
+        """The bytes of one row of h (k = 0: proj_size or hidden_size wide) or of the
+        LSTM's c (k = 1)."""
+        cdef Py_ssize_t n = self.proj_size if k == 0 and self.proj_size else self.hidden_size
+        return n * (4 if self.typenum == cnp.NPY_FLOAT else 8)
+
     cdef bint _is_free(self, Py_ssize_t slot) noexcept:
         # a slot is open while its generation is odd: open and close each advance it
         return self.gen[slot] % 2 == 0
@@ -205,7 +221,7 @@ cdef class StreamPool:
         """The arrays of a state in the layer's form for batch 1 (None: zeros), checked."""
         cdef Py_ssize_t L = self.num_layers
         lstm = self.layers[0].c != NULL
-        shape = (L, 1, self.hidden_size)
+        shapes = [(L, 1, n) for n in (self.proj_size or self.hidden_size, self.hidden_size)]
         if state is None:
             return [None] * (2 if lstm else 1)
         if lstm:
@@ -216,15 +232,16 @@ cdef class StreamPool:
         else:
             parts = [state]
         arrays = []
-        for name, s in zip(("h", "c") if lstm else ("state",), parts):
+        for name, s, shape in zip(("h", "c") if lstm else ("state",), parts, shapes):
             if s is not None:
                 s = np.asarray(s)
                 if s.dtype != self.dtype:
                     raise TypeError(f"{name} must have dtype {self.dtype} (the pool's "
                                     f"dtype), got {s.dtype}")
                 if s.shape != shape:
+                    width = "proj_size" if name == "h" and self.proj_size else "hidden_size"
                     raise ValueError(f"{name} must have shape {shape} (num_layers, 1, "
-                                     f"hidden_size), got {s.shape}")
+                                     f"{width}), got {s.shape}")
                 s = np.ascontiguousarray(s)
             arrays.append(s)
         return arrays
@@ -233,7 +250,7 @@ cdef class StreamPool:
         """Start a session from ``state`` (the layer's form for batch 1, see the class;
         None: zeros) and return its id. RuntimeError when all capacity slots are open."""
         arrays = self._parts(state)
-        cdef Py_ssize_t l, slot, nbytes = self.hidden_size * self.dtype.itemsize
+        cdef Py_ssize_t l, slot, nbytes
         cdef _PoolLayer *s
         cdef char *dst
         cdef const char *src
@@ -248,6 +265,7 @@ cdef class StreamPool:
             for l in range(self.num_layers):
                 s = &self.layers[l]
                 for k, a in enumerate(arrays):
+                    nbytes = self._row_bytes(k)
                     dst = (s.h if k == 0 else s.c) + slot * nbytes
                     if a is None:
                         memset(dst, 0, nbytes)
@@ -272,17 +290,18 @@ cdef class StreamPool:
     def state(self, sid):
         """Session sid's current state, in the layer's form for batch 1: ``(h, c)`` for
         LSTM, ``h`` for GRU and RNN, each (num_layers, 1, hidden_size) (copies)."""
-        cdef Py_ssize_t l, slot, L = self.num_layers, H = self.hidden_size
-        cdef Py_ssize_t nbytes = H * self.dtype.itemsize
+        cdef Py_ssize_t l, slot, L = self.num_layers, H = self.hidden_size, nbytes
         cdef _PoolLayer *s
         lstm = self.layers[0].c != NULL
-        parts = [np.empty((L, 1, H), self.dtype) for _ in range(2 if lstm else 1)]
+        parts = [np.empty((L, 1, n), self.dtype)
+                 for n in (self.proj_size or H, H)[:2 if lstm else 1]]
         self._acquire()
         try:
             slot = self._slot(sid)
             for l in range(L):
                 s = &self.layers[l]
                 for k, a in enumerate(parts):
+                    nbytes = self._row_bytes(k)
                     memcpy(<char *>cnp.PyArray_DATA(a) + l * nbytes,
                            (s.h if k == 0 else s.c) + slot * nbytes, nbytes)
         finally:
@@ -293,7 +312,7 @@ cdef class StreamPool:
         """Advance the sessions ``ids`` by one timestep: ids, distinct open session ids (a
         1-D integer array or sequence, any order); x (len(ids), input_size), row i the
         input of ids[i] -> y (len(ids), hidden_size), row i the top layer's output for
-        ids[i]."""
+        ids[i] (proj_size wide with a projection)."""
         checked = _ids_as_int64(ids)
         ids = checked if checked is not None else self._check_ids(ids)
         cdef Py_ssize_t n = cnp.PyArray_DIM(ids, 0)
@@ -303,7 +322,7 @@ cdef class StreamPool:
                 and cnp.PyArray_DIM(x, 1) == self.input_size):
             x = self._check_x(x, n)
         cdef cnp.npy_intp dims[2]
-        dims[0], dims[1] = n, self.hidden_size
+        dims[0], dims[1] = n, self.proj_size or self.hidden_size
         y = cnp.PyArray_EMPTY(2, dims, self.typenum, 0)
         cdef const int64_t *idp = <const int64_t *>cnp.PyArray_DATA(ids)
         cdef const void *xp = cnp.PyArray_DATA(x)
@@ -356,7 +375,7 @@ cdef class StreamPool:
         rows 0 .. n-1, one forward of one timestep over those rows, scatter the states
         back."""
         cdef Py_ssize_t l, i, last = self.num_layers - 1
-        cdef Py_ssize_t nbytes = self.hidden_size * (4 if self.typenum == cnp.NPY_FLOAT else 8)
+        cdef Py_ssize_t nbytes = self._row_bytes(0), cbytes = self._row_bytes(1)
         cdef int64_t batch[1]
         cdef int64_t offsets[2]
         cdef rf_plan p
@@ -371,15 +390,15 @@ cdef class StreamPool:
             for i in range(n):
                 memcpy(s.h0 + i * nbytes, s.h + self.slots[i] * nbytes, nbytes)
                 if s.c != NULL:
-                    memcpy(s.c0 + i * nbytes, s.c + self.slots[i] * nbytes, nbytes)
+                    memcpy(s.c0 + i * cbytes, s.c + self.slots[i] * cbytes, cbytes)
             s.call.x = x if l == 0 else <const void *>self.layers[l - 1].y
             s.call.y = y if l == last else s.y
-            (rf_forward_f32 if self.typenum == cnp.NPY_FLOAT else rf_forward_f64)(
-                self.cell, self.option, &s.call, &p, s.n_in, self.hidden_size, 0, &_rt)
+            _step_layer(self.typenum == cnp.NPY_FLOAT, self.cell, self.option, &s.call,
+                        s.w_hr, &p, s.n_in, self.hidden_size, self.proj_size)
             for i in range(n):
                 memcpy(s.h + self.slots[i] * nbytes, s.h_n + i * nbytes, nbytes)
                 if s.c != NULL:
-                    memcpy(s.c + self.slots[i] * nbytes, s.c_n + i * nbytes, nbytes)
+                    memcpy(s.c + self.slots[i] * cbytes, s.c_n + i * cbytes, cbytes)
 
 
 _POOL_BUSY = ("this stream pool is in use by another thread; make one pool per thread or "

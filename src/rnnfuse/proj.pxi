@@ -9,15 +9,15 @@ cdef extern from "lstmp.h" nogil:
     void rf_lstmp_forward_f32(float *y, float *h_n, float *c_n, float *ws, const float *x,
                               const float *h0, const float *c0, const float *w_ih,
                               const float *w_hh, const float *w_hr, const float *b_ih,
-                              const float *b_hh, const float *peep, const rf_plan *p,
-                              Py_ssize_t I, Py_ssize_t H, Py_ssize_t P, int train,
-                              const rf_runtime *rt)
+                              const float *b_hh, const float *peep, const float *packed,
+                              const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
+                              int train, const rf_runtime *rt)
     void rf_lstmp_forward_f64(double *y, double *h_n, double *c_n, double *ws,
                               const double *x, const double *h0, const double *c0,
                               const double *w_ih, const double *w_hh, const double *w_hr,
                               const double *b_ih, const double *b_hh, const double *peep,
-                              const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
-                              int train, const rf_runtime *rt)
+                              const double *packed, const rf_plan *p, Py_ssize_t I,
+                              Py_ssize_t H, Py_ssize_t P, int train, const rf_runtime *rt)
     void rf_lstmp_backward_f32(float *dx, float *dh0, float *dc0, float *dw_ih,
                                float *dw_hh, float *dw_hr, float *db_ih, float *db_hh,
                                float *dpeep, const float *dy, const float *dh_n,
@@ -83,13 +83,14 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, peep, Plan plan not N
             rf_lstmp_forward_f32(<float *>a_y, <float *>a_hn, <float *>a_cn, <float *>a_ws,
                                  <float *>a_x, <float *>a_h0, <float *>a_c0, <float *>a_wih,
                                  <float *>a_whh, <float *>a_whr, <float *>a_bih,
-                                 <float *>a_bhh, <float *>a_peep, &p, I, H, P, train, &_rt)
+                                 <float *>a_bhh, <float *>a_peep, NULL, &p, I, H, P, train,
+                                 &_rt)
         else:
             rf_lstmp_forward_f64(<double *>a_y, <double *>a_hn, <double *>a_cn,
                                  <double *>a_ws, <double *>a_x, <double *>a_h0,
                                  <double *>a_c0, <double *>a_wih, <double *>a_whh,
                                  <double *>a_whr, <double *>a_bih, <double *>a_bhh,
-                                 <double *>a_peep, &p, I, H, P, train, &_rt)
+                                 <double *>a_peep, NULL, &p, I, H, P, train, &_rt)
     return y, h_n, c_n
 
 
