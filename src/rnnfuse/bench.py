@@ -785,9 +785,9 @@ def _serving_main(args, available):
     grid = [s for s in (SERVING_QUICK if args.quick else SERVING_SHAPES)
             if s.cell in args.cells]
     print(f"rnnfuse bench --serving: time of one step of every session (median of "
-          f"interleaved runs, {_clock_words(args)}); us/session = that time / sessions; sessions/core = sessions "
-          f"a core steps in {SERVING_FRAME_S * 1e3:g} ms; vs streams = the streams loop's "
-          f"time / this time", flush=True)
+          f"interleaved runs, {_clock_words(args)}); us/session = that time / sessions; "
+          f"sessions/core = sessions a core steps in {SERVING_FRAME_S * 1e3:g} ms; vs "
+          f"streams = the streams loop's time / this time", flush=True)
     rows = []
     with limit_threads(args.threads):
         for shape in grid:
@@ -1410,7 +1410,8 @@ def main(argv=None):
     return 0
 
 
-_SHORT = {"rnnfuse": "rnnfuse", "prepacked": "packed", "reference": "ref", "torch": "torch", "onnxruntime": "ort"}
+_SHORT = {"rnnfuse": "rnnfuse", "prepacked": "packed", "reference": "ref", "torch": "torch",
+          "onnxruntime": "ort"}
 
 
 def _run_case(case, impls, threads, budget, peak, failed, clock=time.perf_counter):

@@ -639,10 +639,11 @@ class Prepacked:
     ``f = Prepacked(cell, w_ih, w_hh, b_ih=None, b_hh=None, *, linear_before_reset=True,
     nonlinearity="tanh", peepholes=None)``, then ``y, h_n, c_n = f(x, h0=None, c0=None, *,
     lengths=None, reverse=False)`` for the LSTM, ``y, h_n = f(x, h0=None, *, lengths=None,
-    reverse=False)`` for the GRU and the RNN: the outputs of ``{cell}_forward(..., need_ctx=False)`` on the same
-    weights, bit for bit, without packing ``w_ih`` and ``w_hh`` on every call.
+    reverse=False)`` for the GRU and the RNN: the outputs of ``{cell}_forward(...,
+    need_ctx=False)`` on the same weights, bit for bit, without packing ``w_ih`` and
+    ``w_hh`` on every call (as ONNX Runtime packs them once, when its session is made).
 
-    A snapshot: it keeps private copies of the weights (the packed ones read-only), so
+    A snapshot: it keeps private, read-only copies of the weights and their packing, so
     changing the arrays it was made from, in place or by an optimizer's step, does not
     reach it; make a new one after an update. Its calls may run from several threads at
     once. The packed layout is the same on every kernel path (``_kernels.set_kernel``).
