@@ -100,7 +100,7 @@ def test_prepacked_calls_read_the_packed_weights():
 def test_prepacked_copies_cannot_be_written():
     _, _, w = problem("rnn", np.float64, 2, 2, 3, 4)
     f = F.Prepacked("rnn", w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
-    for a in (*f._weights, f._packed):
+    for a in (f._w_ih, f._w_hh, f._b_ih, f._b_hh, f._packed):
         assert not a.flags.writeable
         assert not np.shares_memory(a, w["w_ih"]) and not np.shares_memory(a, w["w_hh"])
 

@@ -649,8 +649,19 @@ class Prepacked:
     once. The packed layout is the same on every kernel path (``_kernels.set_kernel``).
     """
 
-    __slots__ = ("cell", "dtype", "input_size", "hidden_size", "option", "_weights",
-                 "_peep", "_packed")
+    __slots__ = ("cell", "dtype", "input_size", "hidden_size", "option", "_w_ih", "_w_hh",
+                 "_b_ih", "_b_hh", "_peep", "_packed")
+    cell: str
+    dtype: np.dtype[Any]
+    input_size: int
+    hidden_size: int
+    option: bool | None
+    _w_ih: FloatArray  # private read-only copies, which the kernels' checks see
+    _w_hh: FloatArray
+    _b_ih: FloatArray | None
+    _b_hh: FloatArray | None
+    _peep: FloatArray | None
+    _packed: FloatArray  # what the kernels read: w_ih and w_hh packed
 
     def __init__(self, cell: Literal["lstm", "gru", "rnn"], w_ih: ArrayLike, w_hh: ArrayLike,
                  b_ih: ArrayLike | None = None, b_hh: ArrayLike | None = None, *,
@@ -670,16 +681,18 @@ class Prepacked:
         dtype = w_ih.dtype
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"w_ih must have dtype float32 or float64, got {dtype}")
-        H, *weights = _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh, (1, 1, w_ih.shape[1]))
+        H, w_ih, w_hh, b_ih, b_hh = _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh,
+                                                   (1, 1, w_ih.shape[1]))
         if peepholes is not None and cell != "lstm":
             raise ValueError(f"peepholes are an LSTM option; {cell} has none")
         peep = _check("peepholes", peepholes, (3 * H,), dtype, optional=True)
         self.cell, self.dtype, self.input_size, self.hidden_size = cell, dtype, w_ih.shape[1], H
         self.option = {"lstm": None, "gru": bool(linear_before_reset),
                        "rnn": nonlinearity == "relu"}[cell]
-        self._weights = [None if a is None else _read_only_copy(a) for a in weights]
-        self._peep = None if peep is None else _read_only_copy(peep)
-        self._packed = _kernels.pack_weights(self._weights[0], self._weights[1], _GATES[cell],
+        self._w_ih, self._w_hh = _read_only_copy(w_ih), _read_only_copy(w_hh)
+        self._b_ih, self._b_hh, self._peep = (None if a is None else _read_only_copy(a)
+                                              for a in (b_ih, b_hh, peep))
+        self._packed = _kernels.pack_weights(self._w_ih, self._w_hh, _GATES[cell],
                                              bool(self.option))
 
     def __call__(self, x: ArrayLike, h0: ArrayLike | None = None, c0: ArrayLike | None = None,
@@ -694,8 +707,9 @@ class Prepacked:
         if x.shape[2] != self.input_size:
             raise ValueError(f"x must have input_size {self.input_size} (the weights'), got "
                              f"x of shape {x.shape}")
-        y, finals, _ = _forward(self.cell, x, (h0, c0), *self._weights, lengths, reverse,
-                                self.option, False, peep=self._peep, packed=self._packed)
+        y, finals, _ = _forward(self.cell, x, (h0, c0), self._w_ih, self._w_hh, self._b_ih,
+                                self._b_hh, lengths, reverse, self.option, False,
+                                peep=self._peep, packed=self._packed)
         return (y, *finals)
 
     def __repr__(self) -> str:
