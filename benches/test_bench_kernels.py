@@ -2,8 +2,8 @@
 
 For each cell (LSTM, GRU, RNN tanh), inference (forward only) and training step (forward +
 backward), float32 and float64, each shape of rnnfuse.bench.GRID (one of them ragged): one
-benchmark per implementation (rnnfuse, the NumPy reference, PyTorch and ONNX Runtime when
-installed), grouped by case so they sit side by side. Each checks its result against the
+benchmark per implementation (rnnfuse, rnnfuse prepacked (inference), the NumPy reference,
+PyTorch and ONNX Runtime when installed), grouped by case so they sit side by side. Each checks its result against the
 reference once, outside the timed calls. Run: ``pytest benches/``; the grid, the switches
 (--quick, threads, budget) and the parametrization are in conftest.py.
 """

@@ -80,3 +80,9 @@ def test_serving_skips_missing_peers_cleanly(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert set(table(out)) == {"pool", "streams"}
     assert "skipped: PyTorch is not installed" in err and "skipped: onnxruntime" in err
+
+
+def test_serving_on_the_cpu_clock(capsys):
+    assert bench.main(QUICK + ["--clock", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU time of the one thread" in out and set(table(out)) == {"pool", "streams"}

@@ -104,10 +104,11 @@ def test_variants_refuse_other_modes_flags_before_running(flag, capsys):
     assert f"{flag[0]} does not apply to --variants" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--quick", "--clock", "cpu"],
+@pytest.mark.parametrize("argv", [["--quick", "--clock", "cpu", "--markdown", "-"],
                                   QUICK + ["--clock", "cpu", "--threads", "2"]])
-def test_cpu_clock_only_for_variants_at_one_thread(argv, capsys):
+def test_cpu_clock_only_at_one_thread_without_markdown(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert e.value.code == 2
-    assert "--clock cpu applies to --variants at --threads 1 only" in capsys.readouterr().err
+    assert ("--clock cpu applies at --threads 1 only, without --markdown"
+            in capsys.readouterr().err)

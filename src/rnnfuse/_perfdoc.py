@@ -61,10 +61,13 @@ The architecture, cell by cell, is in [design.md](design.md); in short:
 
 $grid_note
 
-`x` columns are the peer's time over rnnfuse's (above 1: rnnfuse is faster). `floor` is the
+`x` columns are the peer's time over rnnfuse's (above 1: rnnfuse is faster). `rnnfuse` is
+`rnnfuse.functional`'s forward, which packs the weights on every call; `packed` is
+`functional.Prepacked`, whose weights are packed once before the timed calls, as ONNX
+Runtime packs them when its session is made (inference only). `floor` is the
 same call's matrix products alone, one BLAS call each (dense shapes only); `bound` is their
 FLOPs at the GEMM peak measured in this run ($peaks). A `-` is a peer that does not run that
-case (ONNX Runtime has no training step) or is not installed.
+case (ONNX Runtime and `packed` have no training step) or is not installed.
 
 $bench_table
 $notes

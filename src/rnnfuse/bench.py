@@ -6,7 +6,9 @@ grid, the problems, the runners and the checks from here.
 - The grid: every cell (LSTM, GRU, RNN tanh), inference (forward only) and training step
   (forward + backward), float32 and float64, on the shapes of ``GRID`` (T, B, I, H), one of
   them also as a ragged batch (lengths uniform in [T/4, T]). ``QUICK_GRID`` is the smoke grid.
-- The implementations: ``rnnfuse`` (rnnfuse.functional), ``reference`` (rnnfuse.reference,
+- The implementations: ``rnnfuse`` (rnnfuse.functional), ``prepacked``
+  (rnnfuse.functional.Prepacked: the weights packed once, before timing, as ONNX Runtime
+  packs them when its session is made; inference only), ``reference`` (rnnfuse.reference,
   plain NumPy), and, when installed, ``torch`` (torch.nn.LSTM/GRU/RNN, packed sequences for
   ragged batches) and ``onnxruntime`` (an ONNX LSTM/GRU/RNN node built from the same weights;
   inference only). A peer that is missing, or cannot run a case, raises ``Unavailable``.
@@ -58,7 +60,7 @@ __all__ = ["Shape", "Case", "GRID", "QUICK_GRID", "CELLS", "MODES", "DTYPES", "I
 CELLS = ("lstm", "gru", "rnn")
 MODES = ("inference", "training")
 DTYPES = ("float32", "float64")
-IMPLS = ("rnnfuse", "reference", "torch", "onnxruntime")
+IMPLS = ("rnnfuse", "prepacked", "reference", "torch", "onnxruntime")
 from ._kernels import GATES as _GATES  # noqa: E402 (the C cell table)
 
 # Checks before timing: the largest |difference| over the largest |reference value|, per
@@ -184,6 +186,8 @@ def runner(impl, case, threads=1):
     if impl == "rnnfuse":
         from . import functional
         return _kernel_runner(functional, case, p)
+    if impl == "prepacked":
+        return _prepacked_runner(case, p)
     if impl == "reference":
         from . import reference
         return _kernel_runner(reference, case, p)
@@ -209,6 +213,15 @@ def _kernel_runner(mod, case, p):
         ctx = fwd(*args, need_ctx=True)[-1]
         return bwd(*upstream, ctx)
     return step
+
+
+def _prepacked_runner(case, p):
+    if case.training:
+        raise NotApplicable("prepacked: inference only")
+    from . import functional
+    f = functional.Prepacked(case.cell, p.w_ih, p.w_hh, p.b_ih, p.b_hh)
+    states = (p.h0, p.c0) if case.cell == "lstm" else (p.h0,)
+    return lambda: f(p.x, *states, lengths=p.lengths)
 
 
 def _import_torch(threads):
@@ -715,11 +728,13 @@ def serving_check(impl, stepper, layer, x):
     return err
 
 
-def serving_case(shape, impls, threads=1, budget=1.0, dtype="float32"):
+def serving_case(shape, impls, threads=1, budget=1.0, dtype="float32",
+                 clock=time.perf_counter):
     """Check every implementation of ``impls`` against the layer's forward over a few
     steps, then time one step of all sessions, interleaved. Returns a row: seconds per
     step of all sessions, per session, sessions per core at SERVING_FRAME_S, the gain
-    over the streams loop, and the errors ({impl: why skipped or wrong})."""
+    over the streams loop, and the errors ({impl: why skipped or wrong}). clock: as
+    measure's."""
     layer = serving_layer(shape, dtype)
     n = shape.sessions
     x = np.random.default_rng(0).standard_normal(
@@ -736,7 +751,7 @@ def serving_case(shape, impls, threads=1, budget=1.0, dtype="float32"):
             errors[impl] = f"WRONG, not timed: {e}"
             continue
         fns[impl] = functools.partial(stepper, x[0])
-    seconds = {k: v[0] for k, v in measure(fns, budget).items()}
+    seconds = {k: v[0] for k, v in measure(fns, budget, clock=clock).items()}
     loop = seconds.get("streams")
     return {"cell": shape.cell, "sessions": n, "I": shape.I, "H": shape.H,
             "layers": shape.layers, "dtype": dtype, "threads": threads,
@@ -770,14 +785,15 @@ def _serving_main(args, available):
     grid = [s for s in (SERVING_QUICK if args.quick else SERVING_SHAPES)
             if s.cell in args.cells]
     print(f"rnnfuse bench --serving: time of one step of every session (median of "
-          f"interleaved runs); us/session = that time / sessions; sessions/core = sessions "
-          f"a core steps in {SERVING_FRAME_S * 1e3:g} ms; vs streams = the streams loop's "
-          f"time / this time", flush=True)
+          f"interleaved runs, {_clock_words(args)}); us/session = that time / sessions; "
+          f"sessions/core = sessions a core steps in {SERVING_FRAME_S * 1e3:g} ms; vs "
+          f"streams = the streams loop's time / this time", flush=True)
     rows = []
     with limit_threads(args.threads):
         for shape in grid:
             for dtype in args.serving_dtypes:
-                rows.append(serving_case(shape, impls, args.threads, args.budget, dtype))
+                rows.append(serving_case(shape, impls, args.threads, args.budget, dtype,
+                                         _clock(args)))
                 _serving_table(rows[-1], sys.stdout)
     if args.json:
         with open(args.json, "w") as f:
@@ -1065,9 +1081,8 @@ def _variants_table(row, out):
 def _variants_main(args, available):
     """``bench --variants``: the variants' table of each shape."""
     with_torch = "torch" in available
-    cpu = args.clock == "cpu"
     print(f"rnnfuse bench --variants: LSTM training step, median of interleaved runs "
-          f"({'CPU time of the one thread' if cpu else 'wall time'}), {args.threads} "
+          f"({_clock_words(args)}), {args.threads} "
           "thread(s); vs plain = this variant's time / the plain cell's; "
           "torch x = the PyTorch model's time / rnnfuse's (checked against rnnfuse in eval "
           "mode first)", flush=True)
@@ -1075,7 +1090,7 @@ def _variants_main(args, available):
     with limit_threads(args.threads):
         for shape in VARIANT_QUICK if args.quick else VARIANT_SHAPES:
             rows.append(variant_case(shape, args.budget, with_torch=with_torch,
-                                     clock=time.thread_time if cpu else time.perf_counter))
+                                     clock=_clock(args)))
             rows[-1]["clock"] = args.clock
             _variants_table(rows[-1], sys.stdout)
     if args.json:
@@ -1135,8 +1150,9 @@ def _parser():
                          "nn.LSTMCell; nn.LSTM(proj_size)); --impls, --threads, --budget, "
                          "--quick, --json and --clock apply")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="with --variants: what is timed, wall time (default) or, at one "
-                         "thread, the thread's CPU time (steadier on a loaded machine)")
+                    help="what is timed, wall time (default) or, at one thread and "
+                         "without --markdown, the thread's CPU time (steadier on a loaded "
+                         "machine)")
     return ap
 
 
@@ -1160,8 +1176,8 @@ def _options(argv):
     for flag in ("markdown", "plot", "shapes", "modes", "dtypes", "serving"):
         if args.variants and getattr(args, flag):
             ap.error(f"--{flag} does not apply to --variants")
-    if args.clock == "cpu" and not (args.variants and args.threads == 1):
-        ap.error("--clock cpu applies to --variants at --threads 1 only")
+    if args.clock == "cpu" and (args.threads != 1 or args.markdown):
+        ap.error("--clock cpu applies at --threads 1 only, without --markdown")
     args.cells = _subset(ap, args.cells, CELLS, "cells")
     args.modes = _subset(ap, args.modes or ",".join(MODES), MODES, "modes")
     args.serving_dtypes = _subset(ap, args.dtypes or "float32", DTYPES, "dtypes")
@@ -1193,6 +1209,17 @@ def _options(argv):
         if path and path != "-" and not os.path.isdir(os.path.dirname(path) or "."):
             ap.error(f"{path}: no such directory")
     return args
+
+
+def _clock(args):
+    """What measure() reads: at one thread, the thread's CPU time counts what every
+    implementation runs (each runs on the calling thread there), less what other
+    processes take of the core."""
+    return time.thread_time if args.clock == "cpu" else time.perf_counter
+
+
+def _clock_words(args):
+    return "CPU time of the one thread" if args.clock == "cpu" else "wall time"
 
 
 def _load_peers(impls, threads):
@@ -1271,13 +1298,13 @@ _ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_
         "OPENBLAS_L2_SIZE", "RNNFUSE_KERNEL")
 
 
-def _print_intro(machine, peaks, threads, out):
+def _print_intro(machine, peaks, threads, out, clock_words="wall time"):
     print(f"rnnfuse bench: {threads} thread(s), SIMD {machine['simd_path']}, BLAS "
           + ", ".join(f"{b['internal_api']} {b['version']} {b['architecture']}"
                       for b in machine["blas"]), file=out)
     print("GEMM peak (n=1024 matmul): "
           + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()), file=out)
-    print("ms per call (median of interleaved runs); x = that time / rnnfuse's "
+    print(f"ms per call (median of interleaved runs, {clock_words}); x = that time / rnnfuse's "
           "(above 1: rnnfuse is faster); floor = the call's GEMMs alone; bound = its GEMM "
           "FLOPs at the GEMM peak\n", file=out)
 
@@ -1309,7 +1336,8 @@ def _run_grid(args, available, peaks, out):
     print("-" * len(head), file=out)
     rows, failed, said = [], [], set()
     for case in cases(args.grid, args.cells, args.modes, args.dtypes):
-        row = _run_case(case, available, args.threads, args.budget, peaks[case.dtype], failed)
+        row = _run_case(case, available, args.threads, args.budget, peaks[case.dtype], failed,
+                        _clock(args))
         rows.append(row)
         print(_table_line(case, row, peers), file=out, flush=True)
         for impl, why in row["errors"].items():
@@ -1366,7 +1394,7 @@ def main(argv=None):
     with limit_threads(args.threads):  # threadpoolctl restores the limits on the way out
         machine = _machine(args.threads)
         peaks = {d: gemm_peak(d, args.threads) for d in args.dtypes}
-        _print_intro(machine, peaks, args.threads, out)
+        _print_intro(machine, peaks, args.threads, out, _clock_words(args))
         rows, failed = _run_grid(args, available, peaks, out)
         extras = _extras(args, available, out) if args.markdown else None
     if hasattr(os, "getloadavg"):
@@ -1382,10 +1410,11 @@ def main(argv=None):
     return 0
 
 
-_SHORT = {"rnnfuse": "rnnfuse", "reference": "ref", "torch": "torch", "onnxruntime": "ort"}
+_SHORT = {"rnnfuse": "rnnfuse", "prepacked": "packed", "reference": "ref", "torch": "torch",
+          "onnxruntime": "ort"}
 
 
-def _run_case(case, impls, threads, budget, peak, failed):
+def _run_case(case, impls, threads, budget, peak, failed, clock=time.perf_counter):
     """Check each implementation once against the reference, then time them interleaved."""
     fns, errors, checks = {}, {}, {}
     for impl in impls:
@@ -1408,7 +1437,7 @@ def _run_case(case, impls, threads, budget, peak, failed):
         fns["floor"]()
     except NotApplicable:
         fns.pop("floor", None)
-    timed = measure(fns, budget) if fns else {}
+    timed = measure(fns, budget, clock=clock) if fns else {}
     floor = timed.pop("floor", (None, 0))[0]
     s = case.shape
     return {"cell": case.cell, "mode": case.mode, "dtype": case.dtype, "T": s.T, "B": s.B,

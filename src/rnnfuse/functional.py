@@ -40,6 +40,10 @@ inference only, keeps no state for backward (its workspace does not grow with T)
 returns ``ctx=None``. The ctx keeps references to ``x``, ``w_ih`` and ``w_hh``: modifying
 them in place before backward changes the gradients. backward consumes its ctx.
 
+``Prepacked(cell, w_ih, w_hh, b_ih, b_hh)`` is an inference forward whose weights are copied
+and packed once (as an ONNX Runtime session packs them when it is created), for many calls
+on the same weights; see there.
+
 Each thread keeps the last large workspace (1 MiB or more) a call finished with, for its
 next call of a similar size; ``release_workspace()`` frees it.
 """
@@ -59,7 +63,7 @@ from ._checks import check_nonlinearity
 from ._typing import CellGrads, FloatArray, LSTMGrads
 
 __all__ = ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
-           "rnn_forward", "rnn_backward", "release_workspace"]
+           "rnn_forward", "rnn_backward", "release_workspace", "Prepacked"]
 
 _GATES = _kernels.GATES  # from the C cell table
 _USED = ("ctx was already used by a backward call; run forward again "
@@ -625,3 +629,96 @@ def rnn_forward(x: ArrayLike, h0: ArrayLike | None, w_ih: ArrayLike, w_hh: Array
 def rnn_backward(dy: ArrayLike | None, dh_n: ArrayLike | None, ctx: Context) -> CellGrads:
     """Gradients ``dx, dh0, dw_ih, dw_hh, db_ih, db_hh`` (None for absent biases)."""
     return _backward("rnn", dy, (dh_n,), ctx)
+
+
+# ---------------------------------------------------------------- prepacked inference
+
+class Prepacked:
+    """An inference forward on weights copied and packed once, for many calls.
+
+    ``f = Prepacked(cell, w_ih, w_hh, b_ih=None, b_hh=None, *, linear_before_reset=True,
+    nonlinearity="tanh", peepholes=None)``, then ``y, h_n, c_n = f(x, h0=None, c0=None, *,
+    lengths=None, reverse=False)`` for the LSTM, ``y, h_n = f(x, h0=None, *, lengths=None,
+    reverse=False)`` for the GRU and the RNN: the outputs of ``{cell}_forward(...,
+    need_ctx=False)`` on the same weights, bit for bit, without packing ``w_ih`` and
+    ``w_hh`` on every call (as ONNX Runtime packs them once, when its session is made).
+
+    A snapshot: it keeps private, read-only copies of the weights and their packing, so
+    changing the arrays it was made from, in place or by an optimizer's step, does not
+    reach it; make a new one after an update. Its calls may run from several threads at
+    once. The packed layout is the same on every kernel path (``_kernels.set_kernel``).
+    """
+
+    __slots__ = ("cell", "dtype", "input_size", "hidden_size", "option", "_w_ih", "_w_hh",
+                 "_b_ih", "_b_hh", "_peep", "_packed")
+    cell: str
+    dtype: np.dtype[Any]
+    input_size: int
+    hidden_size: int
+    option: bool | None
+    _w_ih: FloatArray  # private read-only copies, which the kernels' checks see
+    _w_hh: FloatArray
+    _b_ih: FloatArray | None
+    _b_hh: FloatArray | None
+    _peep: FloatArray | None
+    _packed: FloatArray  # what the kernels read: w_ih and w_hh packed
+
+    def __init__(self, cell: Literal["lstm", "gru", "rnn"], w_ih: ArrayLike, w_hh: ArrayLike,
+                 b_ih: ArrayLike | None = None, b_hh: ArrayLike | None = None, *,
+                 linear_before_reset: bool = True,
+                 nonlinearity: Literal["tanh", "relu"] = "tanh",
+                 peepholes: ArrayLike | None = None) -> None:
+        if cell not in _GATES:
+            raise ValueError(f"cell must be one of {tuple(_GATES)}, got {cell!r}")
+        if not isinstance(linear_before_reset, (bool, np.bool_)):
+            raise TypeError("linear_before_reset must be a bool, got "
+                            f"{type(linear_before_reset).__name__}")
+        check_nonlinearity(nonlinearity)
+        w_ih = _array("w_ih", w_ih)
+        if w_ih.ndim != 2:
+            raise ValueError(f"w_ih must be 2-D (G*hidden_size, input_size), got "
+                             f"{w_ih.ndim}-D with shape {w_ih.shape}")
+        dtype = w_ih.dtype
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"w_ih must have dtype float32 or float64, got {dtype}")
+        H, w_ih, w_hh, b_ih, b_hh = _check_weights(cell, dtype, w_ih, w_hh, b_ih, b_hh,
+                                                   (1, 1, w_ih.shape[1]))
+        if peepholes is not None and cell != "lstm":
+            raise ValueError(f"peepholes are an LSTM option; {cell} has none")
+        peep = _check("peepholes", peepholes, (3 * H,), dtype, optional=True)
+        self.cell, self.dtype, self.input_size, self.hidden_size = cell, dtype, w_ih.shape[1], H
+        self.option = {"lstm": None, "gru": bool(linear_before_reset),
+                       "rnn": nonlinearity == "relu"}[cell]
+        self._w_ih, self._w_hh = _read_only_copy(w_ih), _read_only_copy(w_hh)
+        self._b_ih, self._b_hh, self._peep = (None if a is None else _read_only_copy(a)
+                                              for a in (b_ih, b_hh, peep))
+        self._packed = _kernels.pack_weights(self._w_ih, self._w_hh, _GATES[cell],
+                                             bool(self.option))
+
+    def __call__(self, x: ArrayLike, h0: ArrayLike | None = None, c0: ArrayLike | None = None,
+                 *, lengths: ArrayLike | None = None, reverse: bool = False) -> Any:
+        if c0 is not None and self.cell != "lstm":
+            raise ValueError(f"c0 is the LSTM's cell state; a {self.cell} has none "
+                             "(pass x and h0)")
+        if _dtype_of(x) != self.dtype:
+            raise TypeError(f"x must have dtype {self.dtype} (the weights'), got "
+                            f"{_array('x', x).dtype}")
+        x = _check_x(x)
+        if x.shape[2] != self.input_size:
+            raise ValueError(f"x must have input_size {self.input_size} (the weights'), got "
+                             f"x of shape {x.shape}")
+        y, finals, _ = _forward(self.cell, x, (h0, c0), self._w_ih, self._w_hh, self._b_ih,
+                                self._b_hh, lengths, reverse, self.option, False,
+                                peep=self._peep, packed=self._packed)
+        return (y, *finals)
+
+    def __repr__(self) -> str:
+        return (f"<rnnfuse prepacked {self.cell}, {self.dtype}, input_size={self.input_size}, "
+                f"hidden_size={self.hidden_size}>")
+
+
+def _read_only_copy(a: FloatArray) -> FloatArray:
+    """A private C-contiguous copy that nothing can write to by mistake."""
+    a = np.array(a, order="C")
+    a.flags.writeable = False
+    return a

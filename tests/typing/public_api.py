@@ -24,6 +24,12 @@ def kernels(x: Floats, w_ih: Floats, w_hh: Floats) -> Floats:
     return dx + dh0.sum() + dc0.sum() + dw_ih.sum() + dw_hh.sum() + y2.sum() + h2.sum()
 
 
+def prepacked(x: Floats, w_ih: Floats, w_hh: Floats) -> Floats:
+    infer = F.Prepacked("gru", w_ih, w_hh, None, None, linear_before_reset=False)
+    y, h_n = infer(x, None, lengths=[3, 2], reverse=True)
+    return y + h_n.sum()
+
+
 def training(x: Floats, targets: NDArray[np.int64]) -> float:
     model = rnnfuse.Sequential(rnnfuse.GRU(4, 8, seed=0), rnnfuse.Linear(8, 5, seed=1))
     opt = rnnfuse.Adam(model.named_parameters(), lr=1e-3)
