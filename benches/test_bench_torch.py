@@ -8,11 +8,13 @@ training step (forward and backward of a summed output).
   a controller; training unrolls 5 steps);
 - one step of generation at B=1 with LSTM(128): module.stream's step against
   nn.LSTMCell, rnnfuse.torch.LSTMCell and a one-step rnnfuse.torch.LSTM call
-  (test_torch_step).
+  (test_torch_step);
+- the models (not the cells) under torch.compile(fullgraph=True) too (impl "compiled").
 
 Each pair is checked against torch.nn once (same parameters) before anything is timed.
 Run: ``pytest benches/test_bench_torch.py``; --quick keeps the first shape. Skipped
-without PyTorch.
+without PyTorch. The interleaved reports (thread CPU time, for a loaded machine):
+``python benches/test_bench_torch.py [budget] [cells|compile]``.
 """
 import time
 
@@ -30,7 +32,12 @@ SHAPES = [("LSTM", 2, 128, 128, 24, 1), ("LSTM", 2, 200, 128, 24, 1),
     for B in (1, 16)]
 CELL_STEPS = 5  # a cell's training step unrolls this many steps
 MODES = ("inference", "training")
-IMPLS = ("rnnfuse", "torch")
+IMPLS = ("rnnfuse", "torch", "compiled")
+
+
+def _impls(shape):
+    """The implementations of a shape: the cells are not compiled."""
+    return IMPLS if shape[4] is not None else IMPLS[:2]
 
 
 def pytest_generate_tests(metafunc):
@@ -40,7 +47,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize(
             ("shape", "mode", "impl"),
             [pytest.param(s, m, i, id=f"{s[0]}-L{s[1]}-H{s[2]}-B{s[3]}-T{s[4]}-I{s[5]}-{m}-{i}")
-             for s in shapes for m in MODES for i in IMPLS])
+             for s in shapes for m in MODES for i in _impls(s)])
 
 
 def _pair(torch, shape):
@@ -58,30 +65,43 @@ def _pair(torch, shape):
     return ref, ours, x
 
 
+def _compiled(torch, module):
+    """torch.compile(module, fullgraph=True), with Dynamo's caches emptied first: every
+    instance shares the forward's code object, whose recompile limit the grid would hit."""
+    torch._dynamo.reset()
+    return torch.compile(module, fullgraph=True)
+
+
 def _output(out):
     """The tensor to compare and to sum: y for the RNNs, h for the cells."""
     return out[0]
 
 
-def _call(module, x, mode, torch):
+def _call(module, x, mode, torch, steps=CELL_STEPS, call=None, optimizer=None):
+    """A run of mode: inference, or a training step (zero_grad, forward, backward of the
+    summed output, and optimizer.step() if given). steps: a cell's unrolled steps. call:
+    what runs the forward (module itself, or a compiled module)."""
+    call = module if call is None else call
     if mode == "inference":
         def run():
             with torch.no_grad():
-                return module(x)
+                return call(x)
         return run
 
     def run():
         module.zero_grad(set_to_none=True)
-        _output(_unrolled(module, x)).sum().backward()
+        _output(_unrolled(call, x, steps)).sum().backward()
+        if optimizer is not None:
+            optimizer.step()
     return run
 
 
-def _unrolled(module, x):
-    """module(x), or for a cell CELL_STEPS steps of it over x."""
+def _unrolled(module, x, steps=CELL_STEPS):
+    """module(x), or for a cell ``steps`` steps of it over x."""
     if not type(module).__name__.endswith("Cell"):
         return module(x)
     state = module(x)
-    for _ in range(CELL_STEPS - 1):
+    for _ in range(steps - 1):
         state = module(x, state)
     return state if isinstance(state, tuple) else (state,)
 
@@ -92,9 +112,10 @@ def test_torch_module(benchmark, shape, mode, impl, bench_threads, bench_budget)
     except bench.Unavailable as e:
         pytest.skip(str(e))
     ref, ours, x = _pair(torch, shape)
+    call = _compiled(torch, ours) if impl == "compiled" else ours
     with torch.no_grad():
-        torch.testing.assert_close(_output(ours(x)), _output(ref(x)), rtol=1e-4, atol=1e-5)
-    run = _call(ours if impl == "rnnfuse" else ref, x, mode, torch)
+        torch.testing.assert_close(_output(call(x)), _output(ref(x)), rtol=1e-4, atol=1e-5)
+    run = _call(ref if impl == "torch" else ours, x, mode, torch, call=call)
 
     kind, L, H, B, T, I = shape
     benchmark.group = f"torch {kind} L={L} H={H} B={B} T={T} I={I} {mode}"
@@ -161,27 +182,65 @@ def test_torch_step(benchmark, impl, bench_threads, bench_budget):
     benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
 
+REPORT_HIDDEN = (64, 128, 256)  # the cells' sizes in the report
+# a cell's modes in the report: (name, mode, unrolled steps)
+REPORT_CELL_MODES = (("inference", "inference", 1), ("train 1 call", "training", 1),
+                     (f"train {CELL_STEPS} steps", "training", CELL_STEPS))
+
+
+def _measure(fns, budget):
+    """bench.measure on the thread's CPU time: a one-thread run on a loaded machine."""
+    return bench.measure(fns, budget, min_rounds=10, max_rounds=1000, clock=time.thread_time)
+
+
 def _cells_report(budget):
-    """The cells and the generation step, each pair interleaved (bench.measure), 1
-    thread: one line per case, median microseconds per step and torch.nn's / rnnfuse's."""
+    """The cells at each of REPORT_HIDDEN and the generation step, each pair interleaved,
+    1 thread: one line per case, median microseconds per step (of thread CPU time) and
+    torch.nn's / rnnfuse's."""
     torch = bench._import_torch(1)
-    for shape in (s for s in SHAPES if s[4] is None):
-        for mode in MODES:
-            ref, ours, x = _pair(torch, shape)
-            got = bench.measure({"rnnfuse": _call(ours, x, mode, torch),
-                                 "torch": _call(ref, x, mode, torch)}, budget)
-            steps = 1 if mode == "inference" else CELL_STEPS
-            ours_us, ref_us = (got[k][0] / steps * 1e6 for k in ("rnnfuse", "torch"))
-            print(f"{shape[0]:9s} B={shape[3]:<3d} {mode:9s} rnnfuse {ours_us:7.1f} us  "
-                  f"torch.nn {ref_us:7.1f} us  {ref_us / ours_us:5.2f}x", flush=True)
+    for kind, _, _, B, _, _ in (s for s in SHAPES if s[4] is None):
+        for H in REPORT_HIDDEN:
+            for name, mode, steps in REPORT_CELL_MODES:
+                ref, ours, x = _pair(torch, (kind, 1, H, B, None, H))
+                got = _measure({"rnnfuse": _call(ours, x, mode, torch, steps),
+                                "torch": _call(ref, x, mode, torch, steps)}, budget)
+                ours_us, ref_us = (got[k][0] / steps * 1e6 for k in ("rnnfuse", "torch"))
+                print(f"{kind:8s} H={H:<3d} B={B:<2d} {name:13s} rnnfuse {ours_us:7.1f} us  "
+                      f"torch.nn {ref_us:7.1f} us  {ref_us / ours_us:5.2f}x", flush=True)
     calls = _step_calls(torch)
     with torch.no_grad():
-        got = bench.measure(calls, budget)
+        got = _measure(calls, budget)
     for impl, (t, _) in got.items():
         print(f"step {impl:13s} {t * 1e6:7.1f} us  nn.LSTMCell / this "
               f"{got['torch_cell'][0] / t:5.2f}x")
 
 
-if __name__ == "__main__":  # python benches/test_bench_torch.py [budget seconds]
+def _compile_report(budget):
+    """The models eager and under torch.compile(fullgraph=True), interleaved, 1 thread:
+    a training step without and with an SGD step (which changes the weights, so that
+    both repack them), and inference; eager's time / compiled's."""
+    torch = bench._import_torch(1)
+    for shape in (s for s in SHAPES if s[4] is not None):
+        _, ours, x = _pair(torch, shape)
+        compiled = _compiled(torch, ours)
+        for name, mode, sgd in (("train", "training", False), ("train+SGD", "training", True),
+                                ("inference", "inference", False)):
+            optimizer = torch.optim.SGD(ours.parameters(), lr=1e-9) if sgd else None
+            runs = {"eager": _call(ours, x, mode, torch, optimizer=optimizer),
+                    "compiled": _call(ours, x, mode, torch, call=compiled,
+                                      optimizer=optimizer)}
+            for run in runs.values():  # compiles, and warms both
+                run()
+            got = _measure(runs, budget)
+            eager, comp = (got[k][0] * 1e3 for k in ("eager", "compiled"))
+            kind, L, H, B, T, I = shape
+            print(f"{kind} L={L} H={H} B={B} T={T} I={I} {name:9s} eager {eager:8.3f} ms  "
+                  f"compiled {comp:8.3f} ms  eager/compiled {eager / comp:5.3f}", flush=True)
+
+
+if __name__ == "__main__":  # python benches/test_bench_torch.py [budget] [cells|compile]
     import sys
-    _cells_report(float(sys.argv[1]) if len(sys.argv) > 1 else 2.0)
+    report = {"cells": _cells_report, "compile": _compile_report}
+    which = sys.argv[2:] or list(report)
+    for name in which:
+        report[name](float(sys.argv[1]) if len(sys.argv) > 1 else 2.0)
