@@ -599,10 +599,12 @@ def test_compile_caches_are_tagged_with_the_workspace_layout(monkeypatch):
     # must not reuse it from torch's on-disk caches
     tag = _ops._layout_tag()
     assert tag in torch.compiler.config.cache_key_tag.split(";")
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "users-own")
-    _ops._tag_compile_caches()
-    _ops._tag_compile_caches()  # once only
-    assert torch.compiler.config.cache_key_tag == f"users-own;{tag}"
+    # (config.patch restores the entry; monkeypatch.setattr would delete it on undo)
+    with torch.compiler.config.patch(cache_key_tag="users-own"):
+        _ops._tag_compile_caches()
+        _ops._tag_compile_caches()  # once only
+        assert torch.compiler.config.cache_key_tag == f"users-own;{tag}"
+    assert torch.compiler.config.cache_key_tag.split(";").count(tag) == 1
     sizes = _kernels.workspace_size
     monkeypatch.setattr(_kernels, "workspace_size", lambda *a: sizes(*a) + 16)
     assert _ops._layout_tag() != tag
