@@ -67,22 +67,29 @@ class _CellFunction(torch.autograd.Function):
     @staticmethod
     @_on_torch_threads
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():
-            # create_graph=True. (once_differentiable would hand back constants whenever the
-            # incoming gradients do not require grad, so a gradient penalty would silently
-            # lose its second-order terms: refuse instead.)
-            raise RuntimeError(_FIRST_ORDER)
-        saved = ctx.saved_tensors  # torch refuses here if the graph was freed or an input changed
-        kctx, ctx.kernel = ctx.kernel, None
-        if kctx is None:
-            # A second backward over a graph kept with retain_graph=True: the first one
-            # consumed the kernel's record (backward overwrites it), so replay the forward.
-            kctx = _kernel_forward(ctx.function, (*saved, *ctx.rest), need_ctx=True)[2]
-        backward = getattr(F, ctx.function.cell + "_backward")
-        out = backward(*(None if g is None else _np(g) for g in grads), kctx)
+        out = _kernel_backward(ctx, ctx.function.cell, grads, lambda saved: _kernel_forward(
+            ctx.function, (*saved, *ctx.rest), need_ctx=True)[2])
         out = list(out) + [None] * (len(ctx.needs_input_grad) - len(out))  # lengths, reverse, ...
         return tuple(torch.from_numpy(g) if need and g is not None else None
                      for g, need in zip(out, ctx.needs_input_grad))
+
+
+def _kernel_backward(ctx, cell, grads, replay):
+    """The kernel's backward of a Function's call: functional's gradients. replay(saved
+    tensors) runs the forward again for a kernel ctx when a backward used it already."""
+    if torch.is_grad_enabled():
+        # create_graph=True. (once_differentiable would hand back constants whenever the
+        # incoming gradients do not require grad, so a gradient penalty would silently
+        # lose its second-order terms: refuse instead.)
+        raise RuntimeError(_FIRST_ORDER)
+    saved = ctx.saved_tensors  # torch refuses here if the graph was freed or an input changed
+    kctx, ctx.kernel = ctx.kernel, None
+    if kctx is None:
+        # A second backward over a graph kept with retain_graph=True: the first one
+        # consumed the kernel's record (backward overwrites it), so replay the forward.
+        kctx = replay(saved)
+    backward = getattr(F, cell + "_backward")
+    return backward(*(None if g is None else _np(g) for g in grads), kctx)
 
 
 class LSTMFunction(_CellFunction):
@@ -226,17 +233,12 @@ class VariantFunction(torch.autograd.Function):
     @staticmethod
     @_on_torch_threads
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():  # create_graph=True
-            raise RuntimeError(_FIRST_ORDER)
-        saved, spec = ctx.saved_tensors, ctx.spec
-        kctx, ctx.kernel = ctx.kernel, None
-        if kctx is None:  # a second backward (retain_graph=True): replay the forward
-            kctx = _variant_forward(spec, saved, need_ctx=True)[2]
-        backward = getattr(F, spec.cell + "_backward")
-        out = list(backward(*(None if g is None else _np(g) for g in grads), kctx))
+        spec = ctx.spec
+        out = list(_kernel_backward(ctx, spec.cell, grads, lambda saved: _variant_forward(
+            spec, saved, need_ctx=True)[2]))
         if spec.cell != "lstm":
             out.insert(2, None)  # dc0
-        w_hr, peep = saved[7], saved[8]
+        w_hr, peep = ctx.saved_tensors[7], ctx.saved_tensors[8]
         extra = out[7:]  # dw_hr, dpeepholes, layer norm's: those given, in that order
         d_hr = extra.pop(0) if w_hr is not None else None
         d_peep = extra.pop(0) if peep is not None else None
