@@ -82,10 +82,24 @@ ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H,
     return T * B * I + G * H * I + G * H * H + T * B * G * H + T * B * H + B * H;
 }
 
-/* Packed weights start on a cache line wherever their buffer starts (rf_prepare_weight):
- * a panel row is one line, and a vector load across two lines costs about two. Their
- * buffers' sizes leave this many elements (a line of either dtype) for the shift. */
+/* Weights packed into a workspace start on its first cache line (rf_prepare_weight): a
+ * panel row is one line, and loads that straddle two lines are slower. The workspace
+ * leaves room for the shift, at most a line less one element: 16 elements cover it for
+ * either dtype. */
 #define RF_LINE_SLACK 16
+
+/* pack_weights' arrays start with a tag of what they were packed for, one line of either
+ * dtype (so the weights after it start on a line too), which rf_weights_packed_for reads:
+ * weights packed for other sizes or another GRU layout are refused, not misread. */
+#define RF_PACK_TAG 16
+static const char pack_tag[24] = "rnnfuse weights 1";
+typedef struct {
+    char tag[24];
+    int64_t G, H, I, split;
+} pack_header;
+
+/* The GRU without linear_before_reset packs its n block apart (rf_prepare_weights). */
+static int split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
 
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
     (void)I;
@@ -107,16 +121,24 @@ ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
     return recurrent_pack_size(G, H) + rf_packed_size(I, G * H) + RF_LINE_SLACK;
 }
 
-void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
-                         ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
-    rf_weight W[3];
-    rf_prepare_weights_f32(W, w_ih, w_hh, G, H, I, lbr, dst, NULL, avx2);
+ptrdiff_t rf_weights_packed_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
+    return RF_PACK_TAG + recurrent_pack_size(G, H) + rf_packed_size(I, G * H);
 }
 
-void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, ptrdiff_t G,
-                         ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
-    rf_weight W[3];
-    rf_prepare_weights_f64(W, w_ih, w_hh, G, H, I, lbr, dst, NULL, avx2);
+static void write_pack_tag(void *dst, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
+    pack_header head;
+    memset(&head, 0, sizeof head);
+    memcpy(head.tag, pack_tag, sizeof pack_tag);
+    head.G = G, head.H = H, head.I = I, head.split = split_n(G, lbr);
+    memcpy(dst, &head, sizeof head);
+}
+
+int rf_weights_packed_for(const void *packed, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                          int lbr) {
+    pack_header head;
+    memcpy(&head, packed, sizeof head);
+    return !memcmp(head.tag, pack_tag, sizeof pack_tag) && head.G == G && head.H == H
+           && head.I == I && head.split == split_n(G, lbr);
 }
 
 /* The least flops a part must have to pay for handing it to another thread: about as
@@ -362,42 +384,70 @@ static inline REAL *RF_FN(line_start)(const REAL *buf) {
     return (REAL *)(at + (RF_PANEL_BYTES - at % RF_PANEL_BYTES) % RF_PANEL_BYTES);
 }
 
-/* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
- * prepacked (or NULL), else packed into pack_buffer (rf_pack_buffer_size(K, N) elements); either from its first cache line. */
-void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
-                              ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
-                              const REAL *prepacked, int avx2) {
-    pack_buffer = pack_buffer ? RF_FN(line_start)(pack_buffer) : NULL;
-    prepacked = prepacked ? RF_FN(line_start)(prepacked) : NULL;
-    if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N, avx2);
-    W->packed = prepacked ? prepacked : pack_buffer;
+static void RF_FN(use_packed)(rf_weight *W, const REAL *packed, ptrdiff_t K) {
+    W->packed = packed;
     W->panel_stride = RF_NR * K;
     W->scales = NULL;
     W->sums = NULL;
 }
 
-/* A forward's weights: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns) for the per-step
- * products, except for the GRU without linear_before_reset, whose n block multiplies r h
- * apart: there W[0] holds the r z columns and W[1] the n block; W[2] = W_ih^T (I rows,
- * G*H columns) for the input projection. Taken from prepacked (or NULL), else packed
- * into pack_buffer (rf_weights_pack_size elements), laid out the same way. */
+/* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
+ * prepacked (or NULL), else packed into pack_buffer (rf_pack_buffer_size(K, N) elements)
+ * from its first cache line. */
+void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
+                              ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
+                              const REAL *prepacked, int avx2) {
+    if (!prepacked) {
+        REAL *at = RF_FN(line_start)(pack_buffer);
+        RF_FN(rf_pack)(at, w, ldw, trans, K, N, avx2);
+        prepacked = at;
+    }
+    RF_FN(use_packed)(W, prepacked, K);
+}
+
+/* A forward's weights laid out from `at`: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns)
+ * for the per-step products, except for the GRU without linear_before_reset, whose n block
+ * multiplies r h apart: there W[0] holds the r z columns and W[1] the n block; W[2] =
+ * W_ih^T (I rows, G*H columns) for the input projection. pack: pack them there first. */
+static void RF_FN(weights_at)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
+                              ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, REAL *at,
+                              int pack, int avx2) {
+    int split = split_n(G, lbr);
+    ptrdiff_t N0 = split ? 2 * H : G * H, second = rf_packed_size(H, G * H);
+    ptrdiff_t input = recurrent_pack_size(G, H);
+    if (pack) {
+        RF_FN(rf_pack)(at, w_hh, H, 1, H, N0, avx2);
+        if (split) RF_FN(rf_pack)(at + second, w_hh + 2 * H * H, H, 1, H, H, avx2);
+        RF_FN(rf_pack)(at + input, w_ih, I, 1, I, G * H, avx2);
+    }
+    RF_FN(use_packed)(&W[0], at, H);
+    if (split) RF_FN(use_packed)(&W[1], at + second, H);
+    RF_FN(use_packed)(&W[2], at + input, I);
+}
+
+/* A forward's weights (weights_at): taken from prepacked (rf_pack_weights' buffer, or
+ * NULL), else packed into pack_buffer (rf_weights_pack_size elements) from its first
+ * cache line. */
 void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
                                REAL *pack_buffer, const REAL *prepacked, int avx2) {
 #if RF_IS_FLOAT
     if (prepacked && rf_q8_prepared(W, prepacked, G, H, I, lbr)) return;
 #endif
-    int split = G == 3 && !lbr;
-    ptrdiff_t second = rf_packed_size(H, G * H), input = recurrent_pack_size(G, H);
-    pack_buffer = RF_FN(line_start)(pack_buffer);  /* the offsets below keep the line */
-    prepacked = prepacked ? RF_FN(line_start)(prepacked) : NULL;
-    RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
-                             prepacked, avx2);
-    if (split)
-        RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H, pack_buffer + second,
-                                 prepacked ? prepacked + second : NULL, avx2);
-    RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, G * H, pack_buffer + input,
-                             prepacked ? prepacked + input : NULL, avx2);
+    if (prepacked)
+        RF_FN(weights_at)(W, NULL, NULL, G, H, I, lbr, (REAL *)prepacked + RF_PACK_TAG, 0,
+                          avx2);
+    else
+        RF_FN(weights_at)(W, w_ih, w_hh, G, H, I, lbr, RF_FN(line_start)(pack_buffer), 1,
+                          avx2);
+}
+
+void RF_FN(rf_pack_weights)(REAL *dst, const REAL *w_ih, const REAL *w_hh, ptrdiff_t G,
+                            ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
+    rf_weight W[3];
+    memset(dst, 0, RF_PACK_TAG * sizeof(REAL));
+    write_pack_tag(dst, G, H, I, lbr);
+    RF_FN(weights_at)(W, w_ih, w_hh, G, H, I, lbr, dst + RF_PACK_TAG, 1, avx2);
 }
 
 /* C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :], on float or (float32) int8 weights. */

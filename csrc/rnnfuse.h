@@ -211,9 +211,16 @@ ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
  * line's slack, since the packed weight starts on the buffer's first line. */
 ptrdiff_t rf_pack_buffer_size(ptrdiff_t K, ptrdiff_t N);
 /* A forward's weights packed ahead of time, so that calls with the same weights (a stream
- * of single steps) skip packing: pass them as the forward's packed. Packs W_hh^T (for the
- * GRU without linear_before_reset its n block apart), then W_ih^T: rf_weights_pack_size
- * elements of the call's dtype. lbr: the GRU's linear_before_reset (other cells: ignored). */
+ * of single steps) skip packing: pass them as the forward's packed. rf_pack_weights_*
+ * writes, from dst's first element on, a tag of what they are packed for, then W_hh^T (for
+ * the GRU without linear_before_reset its n block apart) and W_ih^T: rf_weights_packed_size
+ * elements of the call's dtype; the forwards read them from there (the loads do not need
+ * alignment; a dst on a cache line keeps them from straddling lines). lbr: the GRU's
+ * linear_before_reset (other cells: ignored). rf_weights_packed_for: whether packed holds
+ * weights packed for these G, H, I and lbr. rf_weights_pack_size: the elements a
+ * workspace keeps for packing a forward's weights itself (from its first cache line). */
+ptrdiff_t rf_weights_packed_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I);
+int rf_weights_packed_for(const void *packed, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr);
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I);
 void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                          ptrdiff_t H, ptrdiff_t I, int lbr, int avx2);
@@ -257,7 +264,8 @@ typedef struct {
  * zo: zoneout, or NULL; backward takes the forward's. rd: recurrent dropout, or NULL;
  * backward takes the forward's mask.
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
- * packed: w_ih and w_hh as rf_pack_weights_* packed them, or NULL (packed into ws here).
+ * packed: w_ih and w_hh as rf_pack_weights_* packed them for this call's G, H, I and lbr,
+ * or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
 #define RF_DECLARE_KERNELS(REAL, SFX)                                                       \
     void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \

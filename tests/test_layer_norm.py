@@ -303,6 +303,21 @@ def test_kernels_check_the_layer_norm_gradients():
         _kernels.backward("lstm", *up, ctx)
 
 
+def test_packed_weights_of_the_other_gru_layout_are_refused():
+    """The layer-normalized GRU runs with linear_before_reset: weights packed without it
+    (the n block apart) would be misread."""
+    a, _ = make_case("gru", 2, 2, 3, 4, np.float64)
+    ln = layer_norm_of("gru", a)
+    run = lambda packed: F._forward("gru", a["x"], (None,), a["w_ih"], a["w_hh"], None,  # noqa: E731
+                                    None, None, False, True, False, packed=packed,
+                                    layer_norm=ln)[0]
+    ok = _kernels.pack_weights(a["w_ih"], a["w_hh"], 3, True)
+    np.testing.assert_array_equal(run(ok), run(None))
+    with pytest.raises(ValueError, match="packed must be pack_weights' array for G=3, H=4, "
+                                         "I=3, lbr=True"):
+        run(_kernels.pack_weights(a["w_ih"], a["w_hh"], 3, False))
+
+
 def test_layer_refusals_name_the_argument():
     with pytest.raises(ValueError, match="layer_norm needs linear_before_reset=True"):
         GRU(3, 4, linear_before_reset=False, layer_norm=True)

@@ -62,7 +62,9 @@ cdef extern from "rnnfuse.h" nogil:
     const rf_cell *rf_cell_find(int id)
     Py_ssize_t rf_workspace(int cell, const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int train)
     Py_ssize_t rf_backward_scratch(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G)
-    Py_ssize_t rf_weights_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I)
+    Py_ssize_t rf_weights_packed_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I)
+    int rf_weights_packed_for(const void *packed, Py_ssize_t G, Py_ssize_t H, Py_ssize_t I,
+                              int lbr)
     void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
                              Py_ssize_t H, Py_ssize_t I, int lbr, int avx2)
     void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh,
@@ -479,7 +481,9 @@ cdef int _typenum(a, str name="x") except -1:
 
 def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     """A forward's w_ih (G*H, I) and w_hh (G*H, H) packed ahead of time (rnnfuse.h), to pass
-    as the forwards' packed with the same weights. lbr: the GRU's linear_before_reset."""
+    as the forwards' packed with the same weights: tagged with G, H, I and lbr (the GRU's
+    linear_before_reset), which the forwards check; on a cache line, as the kernels read
+    it fastest (a copy elsewhere gives the same numbers)."""
     cdef int t = _typenum(w_hh, "w_hh")
     _typenum(w_ih, "w_ih")  # the same dtype is checked below
     if not (G in GATES.values() and w_ih.ndim == 2 and w_hh.ndim == 2 and w_hh.shape[1] >= 1
@@ -490,7 +494,7 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     cdef Py_ssize_t H = w_hh.shape[1], I = w_ih.shape[1]
     cdef void *src_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     cdef void *src_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
-    packed = aligned_empty(rf_weights_pack_size(G, H, I), w_hh.dtype)
+    packed = aligned_empty(rf_weights_packed_size(G, H, I), w_hh.dtype)
     packed[:] = 0
     cdef void *dst = cnp.PyArray_DATA(packed)
     with nogil:
@@ -566,11 +570,10 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.b_ih = _buf(b_ih, G * H, t, "b_ih", _OPTIONAL)
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
     # packed None: the kernel packs the weights into ws itself
-    a.packed = _buf(packed, rf_weights_pack_size(G, H, I), t, "packed", _OPTIONAL)
-    if a.packed != NULL and <size_t>a.packed % 64:
-        # the kernels read packed weights from their buffer's first cache line
-        raise ValueError("packed must start on a 64-byte boundary, as pack_weights "
-                         "returns it (a copy may not)")
+    a.packed = _buf(packed, rf_weights_packed_size(G, H, I), t, "packed", _OPTIONAL)
+    if a.packed != NULL and not rf_weights_packed_for(a.packed, G, H, I, option):
+        raise ValueError(f"_kernels: packed must be pack_weights' array for G={G}, H={H}, "
+                         f"I={I}" + (f", lbr={option}" if c.id == RF_GRU else ""))
     a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     a.recdrop = _recdrop(recdrop, recdrop_buf, t, BH, BH)
     return a
