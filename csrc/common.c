@@ -118,7 +118,11 @@ static ptrdiff_t recurrent_pack_size(ptrdiff_t G, ptrdiff_t H) {
 }
 
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
-    return recurrent_pack_size(G, H) + rf_packed_size(I, G * H) + RF_LINE_SLACK;
+    /* int8 weights come packed: the room serves their products' scratch instead (floats,
+     * more than enough for double calls, which have no int8) */
+    ptrdiff_t packed = recurrent_pack_size(G, H) + rf_packed_size(I, G * H);
+    ptrdiff_t scratch = (rf_q8_scratch_size(H > I ? H : I) + 3) / 4;
+    return (packed > scratch ? packed : scratch) + RF_LINE_SLACK;
 }
 
 ptrdiff_t rf_weights_packed_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
@@ -389,6 +393,7 @@ static void RF_FN(use_packed)(rf_weight *W, const REAL *packed, ptrdiff_t K) {
     W->panel_stride = RF_NR * K;
     W->scales = NULL;
     W->sums = NULL;
+    W->scratch = NULL;
 }
 
 /* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
@@ -432,7 +437,10 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
                                REAL *pack_buffer, const REAL *prepacked, int avx2) {
 #if RF_IS_FLOAT
-    if (prepacked && rf_q8_prepared(W, prepacked, G, H, I, lbr)) return;
+    if (prepacked && rf_q8_prepared(W, prepacked, G, H, I, lbr)) {
+        for (int k = 0; k < 3; k++) W[k].scratch = RF_FN(line_start)(pack_buffer);
+        return;
+    }
 #endif
     if (prepacked)
         RF_FN(weights_at)(W, NULL, NULL, G, H, I, lbr, (REAL *)prepacked + RF_PACK_TAG, 0,

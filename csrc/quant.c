@@ -30,8 +30,8 @@
 #define RF_Q8_HALF 8  /* columns of a 256-bit register */
 #define RF_Q8_KG 4
 #define RF_Q8_ALIGN 64
-/* Rows of A quantized at once (into a buffer of RF_Q8_ROWS rows of K, from the heap); the
- * 256-bit kernels take them RF_Q8_ROWS_256 at a time. */
+/* Rows of A quantized at once (into a buffer of RF_Q8_ROWS rows of K, the calling thread's
+ * part of W->scratch); the 256-bit kernels take them RF_Q8_ROWS_256 at a time. */
 #define RF_Q8_ROWS 8
 #define RF_Q8_ROWS_256 4
 
@@ -246,6 +246,7 @@ static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K
 }
 
 static void use_weight(rf_weight *W, const uint8_t *src, ptrdiff_t K, ptrdiff_t N) {
+    W->scratch = NULL;
     W->scales = (const float *)src;
     W->sums = (const int32_t *)(src + scales_bytes(N));
     W->packed = src + 2 * scales_bytes(N);
@@ -556,8 +557,8 @@ static product_fn product_kernel(int path, int *offset) {
     return product_portable;
 }
 
-/* rf_q8_gemm without a buffer, for when there is no memory for one: each row's q made
- * again for every panel, the same integers (portable, slow). */
+/* rf_q8_gemm without scratch: each row's q made again for every panel, the same integers
+ * (portable, slow). */
 static void gemm_unbuffered(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A,
                             ptrdiff_t lda, const rf_weight *W, int accumulate, float *C,
                             ptrdiff_t ldc) {
@@ -580,15 +581,22 @@ static void gemm_unbuffered(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *
     }
 }
 
+/* Bytes of one thread's scratch: RF_Q8_ROWS rows interleaved (QA_AT) and one row as
+ * rf_q8_quantize writes it, to whole cache lines. */
+static ptrdiff_t thread_scratch(ptrdiff_t K) {
+    return round_up((RF_Q8_ROWS + 1) * k_padded(K), RF_Q8_ALIGN);
+}
+
+ptrdiff_t rf_q8_scratch_size(ptrdiff_t K) { return RF_MAX_THREADS * thread_scratch(K); }
+
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                 const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int path) {
-    ptrdiff_t Kp = k_padded(K);
-    int8_t *qa = path < 0 ? NULL
-                          : rf_aligned_alloc(RF_Q8_ALIGN, (size_t)((RF_Q8_ROWS + 1) * Kp));
-    if (!qa) {
+    if (path < 0 || !W->scratch) {
         gemm_unbuffered(M, N, K, A, lda, W, accumulate, C, ldc);
         return;
     }
+    ptrdiff_t Kp = k_padded(K);
+    int8_t *qa = (int8_t *)W->scratch + rf_thread_slot() * thread_scratch(K);
     int8_t *row = qa + RF_Q8_ROWS * Kp;
     float sa[RF_Q8_ROWS];
     int offset;
@@ -608,5 +616,4 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
         q8_rows tile = {qa, sa, Kp, N, ldc, C + r0 * ldc, accumulate};
         product(&tile, rows, W);
     }
-    rf_aligned_free(qa);
 }

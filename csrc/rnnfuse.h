@@ -95,6 +95,10 @@ int rf_threads(const rf_runtime *rt);
  * such as PyTorch that has a thread setting of its own); returns the previous one. */
 int rf_set_thread_cap(int n);
 void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int parts);
+/* The calling thread's slot among those that run a call's parts, 0 .. RF_MAX_THREADS-1:
+ * 0 for the caller (any thread outside the pool), the pool's workers each their own, so
+ * that per-thread scratch in a call's workspace is never shared. */
+int rf_thread_slot(void);
 
 /* Memory starting on an `align`-byte boundary (a power of two, at least sizeof(void *)),
  * size rounded up to a multiple of align, or NULL; released by rf_aligned_free (common.c). */
@@ -178,14 +182,18 @@ typedef struct {
     ptrdiff_t panel_stride;  /* elements from one panel to the next: RF_NR * rows of op(W) */
     const float *scales;     /* NULL; or int8 op(W) (quant.c), a float scale per column */
     const int32_t *sums;     /* int8 op(W): the sum of each column */
+    void *scratch;           /* int8 op(W): rf_q8_scratch_size(K) bytes for its products, on
+                              * a cache line, or NULL (rf_q8_gemm's slow way) */
 } rf_weight;
 
 /* int8 weights for float32 inference (quant.c): rf_q8_pack_weights packs a forward's
  * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed, which
- * rf_prepare_weights_f32 recognises (rf_q8_prepared); the steps' products and the input
- * projection then quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)=
- * A (M,K) op(W), k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow
- * way without a buffer, as when its allocation fails).
+ * rf_prepare_weights_f32 recognises (rf_q8_prepared), giving the weights the workspace's
+ * room for packing as their scratch; the steps' products and the input projection then
+ * quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)= A (M,K) op(W),
+ * k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow way without
+ * W->scratch, taken too where it is NULL). rf_q8_scratch_size: the bytes of scratch for
+ * products over K, a part for each thread that may run them (rf_thread_slot).
  * rf_q8_quantize (path as rf_q8_gemm's, not -1): q = round-half-even(a * (127 / max|a|)),
  * returns the scale max|a| / 127
  * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
@@ -195,6 +203,7 @@ void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff
                         ptrdiff_t H, ptrdiff_t I, int lbr);
 int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
                    ptrdiff_t I, int lbr);
+ptrdiff_t rf_q8_scratch_size(ptrdiff_t K);
 float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int path);
 int rf_q8_cpu_vnni(void);
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
