@@ -522,6 +522,16 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
                  parts_worth(rt, flops, (rows + RF_MR - 1) / RF_MR, after_blas));
 }
 
+/* The biases as one row in buf (GH): b_ih + b_hh, of b_hh only its first hh_cols entries
+ * (the GRU's b_hn stays apart, as r scales it); NULL where there is neither. */
+const REAL *RF_FN(rf_fold_biases)(REAL *buf, const REAL *b_ih, const REAL *b_hh,
+                                  ptrdiff_t GH, ptrdiff_t hh_cols) {
+    if (!b_ih && !b_hh) return NULL;
+    for (ptrdiff_t k = 0; k < GH; k++)
+        buf[k] = (b_ih ? b_ih[k] : 0) + (b_hh && k < hh_cols ? b_hh[k] : 0);
+    return buf;
+}
+
 /* The bias gradients: both biases enter the pre-activations alike, so each gets the column
  * sums of the gates' gradients (rows x cols), computed once; db_ih, db_hh: or NULL. */
 void RF_FN(rf_bias_grads)(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_t rows,

@@ -345,6 +345,8 @@ typedef struct {
     void rf_unsort_rows_##SFX(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t F);   \
     void rf_initial_state_##SFX(REAL *state, REAL *final, const REAL *init,                 \
                                 const rf_plan *p, ptrdiff_t H);                             \
+    const REAL *rf_fold_biases_##SFX(REAL *buf, const REAL *b_ih, const REAL *b_hh,         \
+                                     ptrdiff_t GH, ptrdiff_t hh_cols);                      \
     void rf_bias_grads_##SFX(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_t rows,  \
                              ptrdiff_t cols, int avx2);                                     \
     void rf_column_sums_##SFX(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,     \
