@@ -88,18 +88,36 @@ ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H,
  * either dtype. */
 #define RF_LINE_SLACK 16
 
-/* pack_weights' arrays start with a tag of what they were packed for, one line of either
- * dtype (so the weights after it start on a line too), which rf_weights_packed_for reads:
- * weights packed for other sizes or another GRU layout are refused, not misread. */
+/* pack_weights' arrays start with their tag (rf_tag_write) in 16 elements, a line of
+ * either dtype or two (so the weights after it start on a line too), which
+ * rf_weights_packed_for reads: weights packed for other sizes or another GRU layout are
+ * refused, not misread. */
 #define RF_PACK_TAG 16
-static const char pack_tag[24] = "rnnfuse weights 1";
-typedef struct {
-    char tag[24];
-    int64_t G, H, I, split;
-} pack_header;
+static const char pack_tag[RF_TAG_NAME] = "rnnfuse weights 1";
 
-/* The GRU without linear_before_reset packs its n block apart (rf_prepare_weights). */
-static int split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
+typedef struct {
+    char name[RF_TAG_NAME];
+    int64_t G, H, I, split;
+} rf_tag;
+_Static_assert(sizeof(rf_tag) <= RF_TAG_BYTES, "a tag fits its bytes");
+
+void rf_tag_write(void *dst, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                  int lbr) {
+    rf_tag tag;
+    memset(dst, 0, RF_TAG_BYTES);
+    memset(&tag, 0, sizeof tag);
+    memcpy(tag.name, name, RF_TAG_NAME);
+    tag.G = G, tag.H = H, tag.I = I, tag.split = rf_split_n(G, lbr);
+    memcpy(dst, &tag, sizeof tag);
+}
+
+int rf_tag_matches(const void *src, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                   int lbr) {
+    rf_tag tag;
+    memcpy(&tag, src, sizeof tag);
+    return !memcmp(tag.name, name, RF_TAG_NAME) && tag.G == G && tag.H == H && tag.I == I
+           && tag.split == rf_split_n(G, lbr);
+}
 
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
     (void)I;
@@ -129,20 +147,9 @@ ptrdiff_t rf_weights_packed_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
     return RF_PACK_TAG + recurrent_pack_size(G, H) + rf_packed_size(I, G * H);
 }
 
-static void write_pack_tag(void *dst, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
-    pack_header head;
-    memset(&head, 0, sizeof head);
-    memcpy(head.tag, pack_tag, sizeof pack_tag);
-    head.G = G, head.H = H, head.I = I, head.split = split_n(G, lbr);
-    memcpy(dst, &head, sizeof head);
-}
-
 int rf_weights_packed_for(const void *packed, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
                           int lbr) {
-    pack_header head;
-    memcpy(&head, packed, sizeof head);
-    return !memcmp(head.tag, pack_tag, sizeof pack_tag) && head.G == G && head.H == H
-           && head.I == I && head.split == split_n(G, lbr);
+    return rf_tag_matches(packed, pack_tag, G, H, I, lbr);
 }
 
 /* The least flops a part must have to pay for handing it to another thread: about as
@@ -417,7 +424,7 @@ void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int tr
 static void RF_FN(weights_at)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                               ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, REAL *at,
                               int pack, int avx2) {
-    int split = split_n(G, lbr);
+    int split = rf_split_n(G, lbr);
     ptrdiff_t N0 = split ? 2 * H : G * H, second = rf_packed_size(H, G * H);
     ptrdiff_t input = recurrent_pack_size(G, H);
     if (pack) {
@@ -454,7 +461,7 @@ void RF_FN(rf_pack_weights)(REAL *dst, const REAL *w_ih, const REAL *w_hh, ptrdi
                             ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
     rf_weight W[3];
     memset(dst, 0, RF_PACK_TAG * sizeof(REAL));
-    write_pack_tag(dst, G, H, I, lbr);
+    rf_tag_write(dst, pack_tag, G, H, I, lbr);
     RF_FN(weights_at)(W, w_ih, w_hh, G, H, I, lbr, dst + RF_PACK_TAG, 1, avx2);
 }
 

@@ -35,12 +35,7 @@
 #define RF_Q8_ROWS 8
 #define RF_Q8_ROWS_256 4
 
-static const char q8_tag[24] = "rnnfuse int8 weights 1";
-
-typedef struct {
-    char tag[24];
-    int64_t G, H, I, lbr;
-} q8_header;
+static const char q8_tag[RF_TAG_NAME] = "rnnfuse int8 weights 1";
 
 static ptrdiff_t round_up(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m; }
 static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, RF_Q8_KG); }
@@ -55,10 +50,8 @@ static ptrdiff_t weight_bytes(ptrdiff_t K, ptrdiff_t N) {
     return 2 * scales_bytes(N) + round_up(n_padded(N) * k_padded(K), RF_Q8_ALIGN);
 }
 
-static int split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
-
 ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
-    ptrdiff_t hh = split_n(G, lbr) ? weight_bytes(H, 2 * H) + weight_bytes(H, H)
+    ptrdiff_t hh = rf_split_n(G, lbr) ? weight_bytes(H, 2 * H) + weight_bytes(H, H)
                                    : weight_bytes(H, G * H);
     return RF_Q8_ALIGN + hh + weight_bytes(I, G * H);
 }
@@ -258,11 +251,11 @@ static void weights_of(rf_weight W[3], const uint8_t *buf, ptrdiff_t G, ptrdiff_
                        ptrdiff_t I, int lbr, uint8_t *pack_to, const float *w_ih,
                        const float *w_hh) {
     const uint8_t *at = buf + RF_Q8_ALIGN;
-    ptrdiff_t N0 = split_n(G, lbr) ? 2 * H : G * H;
+    ptrdiff_t N0 = rf_split_n(G, lbr) ? 2 * H : G * H;
     if (pack_to) pack_weight(pack_to + (at - buf), w_hh, H, H, N0);
     use_weight(&W[0], at, H, N0);
     at += weight_bytes(H, N0);
-    if (split_n(G, lbr)) {
+    if (rf_split_n(G, lbr)) {
         if (pack_to) pack_weight(pack_to + (at - buf), w_hh + 2 * H * H, H, H, H);
         use_weight(&W[1], at, H, H);
         at += weight_bytes(H, H);
@@ -273,22 +266,14 @@ static void weights_of(rf_weight W[3], const uint8_t *buf, ptrdiff_t G, ptrdiff_
 
 void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                         ptrdiff_t H, ptrdiff_t I, int lbr) {
-    q8_header head;
-    memset(&head, 0, sizeof head);
-    memcpy(head.tag, q8_tag, sizeof q8_tag);
-    head.G = G, head.H = H, head.I = I, head.lbr = split_n(G, lbr);
-    memset(dst, 0, RF_Q8_ALIGN);
-    memcpy(dst, &head, sizeof head);
+    rf_tag_write(dst, q8_tag, G, H, I, lbr);
     rf_weight W[3];
     weights_of(W, dst, G, H, I, lbr, dst, w_ih, w_hh);
 }
 
 int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
                    ptrdiff_t I, int lbr) {
-    q8_header head;
-    memcpy(&head, prepacked, sizeof head);
-    if (memcmp(head.tag, q8_tag, sizeof q8_tag)) return 0;
-    if (head.G != G || head.H != H || head.I != I || head.lbr != split_n(G, lbr)) return 0;
+    if (!rf_tag_matches(prepacked, q8_tag, G, H, I, lbr)) return 0;
     weights_of(W, prepacked, G, H, I, lbr, NULL, NULL, NULL);
     return 1;
 }

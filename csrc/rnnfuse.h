@@ -198,6 +198,19 @@ typedef struct {
  * returns the scale max|a| / 127
  * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
  * with inf or NaN; their q are zeros). */
+/* Pre-packed weights (rf_pack_weights_*, rf_q8_pack_weights) start with a tag of what
+ * they are packed for (common.c): rf_tag_write writes RF_TAG_BYTES at dst, the kind's
+ * name (RF_TAG_NAME bytes) and G, H, I and the layout; rf_tag_matches: whether src holds
+ * that tag. rf_split_n: the layout, the GRU without linear_before_reset packing its n
+ * block apart. */
+#define RF_TAG_NAME 24
+#define RF_TAG_BYTES 64
+void rf_tag_write(void *dst, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                  int lbr);
+int rf_tag_matches(const void *src, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                   int lbr);
+static inline int rf_split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
+
 ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr);
 void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                         ptrdiff_t H, ptrdiff_t I, int lbr);
