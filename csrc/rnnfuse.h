@@ -186,18 +186,6 @@ typedef struct {
                               * a cache line, or NULL (rf_q8_gemm's slow way) */
 } rf_weight;
 
-/* int8 weights for float32 inference (quant.c): rf_q8_pack_weights packs a forward's
- * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed, which
- * rf_prepare_weights_f32 recognises (rf_q8_prepared), giving the weights the workspace's
- * room for packing as their scratch; the steps' products and the input projection then
- * quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)= A (M,K) op(W),
- * k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow way without
- * W->scratch, taken too where it is NULL). rf_q8_scratch_size: the bytes of scratch for
- * products over K, a part for each thread that may run them (rf_thread_slot).
- * rf_q8_quantize (path as rf_q8_gemm's, not -1): q = round-half-even(a * (127 / max|a|)),
- * returns the scale max|a| / 127
- * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
- * with inf or NaN; their q are zeros). */
 /* Pre-packed weights (rf_pack_weights_*, rf_q8_pack_weights) start with a tag of what
  * they are packed for (common.c): rf_tag_write writes RF_TAG_BYTES at dst, the kind's
  * name (RF_TAG_NAME bytes) and G, H, I and the layout; rf_tag_matches: whether src holds
@@ -211,6 +199,18 @@ int rf_tag_matches(const void *src, const char *name, ptrdiff_t G, ptrdiff_t H, 
                    int lbr);
 static inline int rf_split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
 
+/* int8 weights for float32 inference (quant.c): rf_q8_pack_weights packs a forward's
+ * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed, which
+ * rf_prepare_weights_f32 recognises (rf_q8_prepared), giving the weights the workspace's
+ * room for packing as their scratch; the steps' products and the input projection then
+ * quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)= A (M,K) op(W),
+ * k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow way without
+ * W->scratch, taken too where it is NULL). rf_q8_scratch_size: the bytes of scratch for
+ * products over K, a part for each thread that may run them (rf_thread_slot).
+ * rf_q8_quantize (path as rf_q8_gemm's, not -1): q = round-half-even(a * (127 / max|a|)),
+ * returns the scale max|a| / 127
+ * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
+ * with inf or NaN; their q are zeros). */
 ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr);
 void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                         ptrdiff_t H, ptrdiff_t I, int lbr);
