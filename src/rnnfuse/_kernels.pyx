@@ -63,6 +63,7 @@ cdef extern from "rnnfuse.h" nogil:
     Py_ssize_t rf_workspace(int cell, const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int train)
     Py_ssize_t rf_backward_scratch(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G)
     Py_ssize_t rf_weights_packed_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I)
+    Py_ssize_t rf_weights_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I)
     int rf_weights_packed_for(const void *packed, Py_ssize_t G, Py_ssize_t H, Py_ssize_t I,
                               int lbr)
     void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
@@ -374,6 +375,13 @@ def workspace_size(str cell, Plan plan not None, Py_ssize_t I, Py_ssize_t H, bin
     if layer_norm and c == RF_RNN:
         raise ValueError("_kernels: layer_norm is for the LSTM and the GRU, not the rnn")
     return _workspace_size(c, &p, I, H, train, layer_norm)
+
+
+def workspace_weights_size(str cell, Py_ssize_t I, Py_ssize_t H):
+    """Elements at the end of every forward workspace of these sizes where the forward
+    packs its weights (int8 weights: their products' scratch); not all of them are
+    written."""
+    return rf_weights_pack_size(_cell(cell).gates, H, I)
 
 
 cdef Py_ssize_t _workspace_size(int cell, const rf_plan *p, Py_ssize_t I, Py_ssize_t H,
