@@ -82,10 +82,42 @@ ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H,
     return T * B * I + G * H * I + G * H * H + T * B * G * H + T * B * H + B * H;
 }
 
-/* Packed weights start on a cache line wherever their buffer starts (rf_prepare_weight):
- * a panel row is one line, and a vector load across two lines costs about two. Their
- * buffers' sizes leave this many elements (a line of either dtype) for the shift. */
+/* Weights packed into a workspace start on its first cache line (rf_prepare_weight): a
+ * panel row is one line, and loads that straddle two lines are slower. The workspace
+ * leaves room for the shift, at most a line less one element: 16 elements cover it for
+ * either dtype. */
 #define RF_LINE_SLACK 16
+
+/* pack_weights' arrays start with their tag (rf_tag_write) in 16 elements, a line of
+ * either dtype or two (so the weights after it start on a line too), which
+ * rf_weights_packed_for reads: weights packed for other sizes or another GRU layout are
+ * refused, not misread. */
+#define RF_PACK_TAG 16
+static const char pack_tag[RF_TAG_NAME] = "rnnfuse weights 1";
+
+typedef struct {
+    char name[RF_TAG_NAME];
+    int64_t G, H, I, split;
+} rf_tag;
+_Static_assert(sizeof(rf_tag) <= RF_TAG_BYTES, "a tag fits its bytes");
+
+void rf_tag_write(void *dst, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                  int lbr) {
+    rf_tag tag;
+    memset(dst, 0, RF_TAG_BYTES);
+    memset(&tag, 0, sizeof tag);
+    memcpy(tag.name, name, RF_TAG_NAME);
+    tag.G = G, tag.H = H, tag.I = I, tag.split = rf_split_n(G, lbr);
+    memcpy(dst, &tag, sizeof tag);
+}
+
+int rf_tag_matches(const void *src, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                   int lbr) {
+    rf_tag tag;
+    memcpy(&tag, src, sizeof tag);
+    return !memcmp(tag.name, name, RF_TAG_NAME) && tag.G == G && tag.H == H && tag.I == I
+           && tag.split == rf_split_n(G, lbr);
+}
 
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
     (void)I;
@@ -104,19 +136,20 @@ static ptrdiff_t recurrent_pack_size(ptrdiff_t G, ptrdiff_t H) {
 }
 
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
-    return recurrent_pack_size(G, H) + rf_packed_size(I, G * H) + RF_LINE_SLACK;
+    /* int8 weights come packed: the room serves their products' scratch instead (floats,
+     * more than enough for double calls, which have no int8) */
+    ptrdiff_t packed = recurrent_pack_size(G, H) + rf_packed_size(I, G * H);
+    ptrdiff_t scratch = (rf_q8_scratch_size(H > I ? H : I) + 3) / 4;
+    return (packed > scratch ? packed : scratch) + RF_LINE_SLACK;
 }
 
-void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
-                         ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
-    rf_weight W[3];
-    rf_prepare_weights_f32(W, w_ih, w_hh, G, H, I, lbr, dst, NULL, avx2);
+ptrdiff_t rf_weights_packed_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
+    return RF_PACK_TAG + recurrent_pack_size(G, H) + rf_packed_size(I, G * H);
 }
 
-void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh, ptrdiff_t G,
-                         ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
-    rf_weight W[3];
-    rf_prepare_weights_f64(W, w_ih, w_hh, G, H, I, lbr, dst, NULL, avx2);
+int rf_weights_packed_for(const void *packed, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                          int lbr) {
+    return rf_tag_matches(packed, pack_tag, G, H, I, lbr);
 }
 
 /* The least flops a part must have to pay for handing it to another thread: about as
@@ -362,42 +395,74 @@ static inline REAL *RF_FN(line_start)(const REAL *buf) {
     return (REAL *)(at + (RF_PANEL_BYTES - at % RF_PANEL_BYTES) % RF_PANEL_BYTES);
 }
 
-/* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
- * prepacked (or NULL), else packed into pack_buffer (rf_pack_buffer_size(K, N) elements); either from its first cache line. */
-void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
-                              ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
-                              const REAL *prepacked, int avx2) {
-    pack_buffer = pack_buffer ? RF_FN(line_start)(pack_buffer) : NULL;
-    prepacked = prepacked ? RF_FN(line_start)(prepacked) : NULL;
-    if (!prepacked) RF_FN(rf_pack)(pack_buffer, w, ldw, trans, K, N, avx2);
-    W->packed = prepacked ? prepacked : pack_buffer;
+static void RF_FN(use_packed)(rf_weight *W, const REAL *packed, ptrdiff_t K) {
+    W->packed = packed;
     W->panel_stride = RF_NR * K;
     W->scales = NULL;
     W->sums = NULL;
+    W->scratch = NULL;
 }
 
-/* A forward's weights: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns) for the per-step
- * products, except for the GRU without linear_before_reset, whose n block multiplies r h
- * apart: there W[0] holds the r z columns and W[1] the n block; W[2] = W_ih^T (I rows,
- * G*H columns) for the input projection. Taken from prepacked (or NULL), else packed
- * into pack_buffer (rf_weights_pack_size elements), laid out the same way. */
+/* Prepares op(W) (K rows, N columns, op(W) = W^T when trans) for our products: taken from
+ * prepacked (or NULL), else packed into pack_buffer (rf_pack_buffer_size(K, N) elements)
+ * from its first cache line. */
+void RF_FN(rf_prepare_weight)(rf_weight *W, const REAL *w, ptrdiff_t ldw, int trans,
+                              ptrdiff_t K, ptrdiff_t N, REAL *pack_buffer,
+                              const REAL *prepacked, int avx2) {
+    if (!prepacked) {
+        REAL *at = RF_FN(line_start)(pack_buffer);
+        RF_FN(rf_pack)(at, w, ldw, trans, K, N, avx2);
+        prepacked = at;
+    }
+    RF_FN(use_packed)(W, prepacked, K);
+}
+
+/* A forward's weights laid out from `at`: W[0] = op(W_hh) = W_hh^T (H rows, G*H columns)
+ * for the per-step products, except for the GRU without linear_before_reset, whose n block
+ * multiplies r h apart: there W[0] holds the r z columns and W[1] the n block; W[2] =
+ * W_ih^T (I rows, G*H columns) for the input projection. pack: pack them there first. */
+static void RF_FN(weights_at)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
+                              ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, REAL *at,
+                              int pack, int avx2) {
+    int split = rf_split_n(G, lbr);
+    ptrdiff_t N0 = split ? 2 * H : G * H, second = rf_packed_size(H, G * H);
+    ptrdiff_t input = recurrent_pack_size(G, H);
+    if (pack) {
+        RF_FN(rf_pack)(at, w_hh, H, 1, H, N0, avx2);
+        if (split) RF_FN(rf_pack)(at + second, w_hh + 2 * H * H, H, 1, H, H, avx2);
+        RF_FN(rf_pack)(at + input, w_ih, I, 1, I, G * H, avx2);
+    }
+    RF_FN(use_packed)(&W[0], at, H);
+    if (split) RF_FN(use_packed)(&W[1], at + second, H);
+    RF_FN(use_packed)(&W[2], at + input, I);
+}
+
+/* A forward's weights (weights_at): taken from prepacked (rf_pack_weights' buffer, or
+ * NULL), else packed into pack_buffer (rf_weights_pack_size elements) from its first
+ * cache line. */
 void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
                                REAL *pack_buffer, const REAL *prepacked, int avx2) {
 #if RF_IS_FLOAT
-    if (prepacked && rf_q8_prepared(W, prepacked, G, H, I, lbr)) return;
+    if (prepacked && rf_q8_prepared(W, prepacked, G, H, I, lbr)) {
+        for (int k = 0; k < 3; k++) W[k].scratch = RF_FN(line_start)(pack_buffer);
+        return;
+    }
 #endif
-    int split = G == 3 && !lbr;
-    ptrdiff_t second = rf_packed_size(H, G * H), input = recurrent_pack_size(G, H);
-    pack_buffer = RF_FN(line_start)(pack_buffer);  /* the offsets below keep the line */
-    prepacked = prepacked ? RF_FN(line_start)(prepacked) : NULL;
-    RF_FN(rf_prepare_weight)(&W[0], w_hh, H, 1, H, split ? 2 * H : G * H, pack_buffer,
-                             prepacked, avx2);
-    if (split)
-        RF_FN(rf_prepare_weight)(&W[1], w_hh + 2 * H * H, H, 1, H, H, pack_buffer + second,
-                                 prepacked ? prepacked + second : NULL, avx2);
-    RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, G * H, pack_buffer + input,
-                             prepacked ? prepacked + input : NULL, avx2);
+    if (prepacked)
+        RF_FN(weights_at)(W, NULL, NULL, G, H, I, lbr, (REAL *)prepacked + RF_PACK_TAG, 0,
+                          avx2);
+    else
+        RF_FN(weights_at)(W, w_ih, w_hh, G, H, I, lbr, RF_FN(line_start)(pack_buffer), 1,
+                          avx2);
+}
+
+void RF_FN(rf_pack_weights)(REAL *dst, const REAL *w_ih, const REAL *w_hh, ptrdiff_t G,
+                            ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
+    rf_weight W[3];
+    memset(dst, 0, RF_PACK_TAG * sizeof(REAL));
+    rf_tag_write(dst, pack_tag, G, H, I, lbr);
+    RF_FN(weights_at)(W, w_ih, w_hh, G, H, I, lbr, dst + RF_PACK_TAG, 1, avx2);
 }
 
 /* C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :], on float or (float32) int8 weights. */
@@ -462,6 +527,16 @@ void RF_FN(rf_project)(REAL *gates, REAL *xbuf, const REAL *x, const rf_weight *
     double flops = 2.0 * (double)rows * (double)GH * (double)I;
     rf_run_parts(RF_FN(project_part), &job,
                  parts_worth(rt, flops, (rows + RF_MR - 1) / RF_MR, after_blas));
+}
+
+/* The biases as one row in buf (GH): b_ih + b_hh, of b_hh only its first hh_cols entries
+ * (the GRU's b_hn stays apart, as r scales it); NULL where there is neither. */
+const REAL *RF_FN(rf_fold_biases)(REAL *buf, const REAL *b_ih, const REAL *b_hh,
+                                  ptrdiff_t GH, ptrdiff_t hh_cols) {
+    if (!b_ih && !b_hh) return NULL;
+    for (ptrdiff_t k = 0; k < GH; k++)
+        buf[k] = (b_ih ? b_ih[k] : 0) + (b_hh && k < hh_cols ? b_hh[k] : 0);
+    return buf;
 }
 
 /* The bias gradients: both biases enter the pre-activations alike, so each gets the column

@@ -291,12 +291,7 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
                            const rf_runtime *rt) {
     gru_layout L = gru_layout_of(p, I, H, train);
     ptrdiff_t GH = 3 * H;
-    REAL *bias = NULL;
-    if (b_ih || b_hh) {  /* b_ih with b_hr, b_hz folded in (b_hn stays apart: r scales it) */
-        bias = ws + L.bias;
-        for (ptrdiff_t k = 0; k < GH; k++)
-            bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh && k < 2 * H ? b_hh[k] : 0);
-    }
+    const REAL *bias = RF_FN(rf_fold_biases)(ws + L.bias, b_ih, b_hh, GH, 2 * H);
     const REAL *b_hn = b_hh ? b_hh + 2 * H : NULL;
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */

@@ -496,13 +496,9 @@ void RF_FN(rf_ln_forward)(int cell, const rf_forward_bufs *a, const rf_zoneout *
     ptrdiff_t G = lstm ? 4 : 3, GH = G * H;
     ln_layout L = ln_layout_of(lstm, p, I, H, train);
     REAL *ws = a->ws;
-    const REAL *b_ih = a->b_ih, *b_hh = a->b_hh, *bias = NULL;
-    if (b_ih || b_hh) {  /* folded, but for the GRU's b_hn, which r scales */
-        REAL *b = ws + L.bias;
-        for (ptrdiff_t k = 0; k < GH; k++)
-            b[k] = (b_ih ? b_ih[k] : 0) + (b_hh && (lstm || k < 2 * H) ? b_hh[k] : 0);
-        bias = b;
-    }
+    const REAL *b_hh = a->b_hh;
+    const REAL *bias = RF_FN(rf_fold_biases)(ws + L.bias, a->b_ih, b_hh, GH,
+                                             lstm ? GH : 2 * H);
     RF_FN(rf_initial_state)(ws + L.h, a->h_n, a->h0, p, H);
     if (lstm) RF_FN(rf_initial_state)(ws + L.c, a->c_n, a->c0, p, H);
     rf_weight W[3];

@@ -277,11 +277,7 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                             const rf_runtime *rt) {
     lstm_layout L = lstm_layout_of(p, I, H, train);
     ptrdiff_t GH = 4 * H;
-    REAL *bias = NULL;
-    if (b_ih || b_hh) {  /* both biases folded into one */
-        bias = ws + L.bias;
-        for (ptrdiff_t k = 0; k < GH; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
-    }
+    const REAL *bias = RF_FN(rf_fold_biases)(ws + L.bias, b_ih, b_hh, GH, GH);
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W[3];

@@ -151,11 +151,7 @@ void RF_FN(rf_lstmp_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
                              ptrdiff_t P, int train, const rf_runtime *rt) {
     lstmp_layout L = lstmp_layout_of(p, I, H, P, train);
     ptrdiff_t GH = 4 * H;
-    REAL *bias = NULL;
-    if (b_ih || b_hh) {  /* both biases folded into one */
-        bias = ws + L.bias;
-        for (ptrdiff_t k = 0; k < GH; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
-    }
+    const REAL *bias = RF_FN(rf_fold_biases)(ws + L.bias, b_ih, b_hh, GH, GH);
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, P);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W_hh, W_ih, W_hr;

@@ -23,7 +23,8 @@ ptrdiff_t rf_lstmp_pack_size(ptrdiff_t n_in, ptrdiff_t H, ptrdiff_t P);
                                 const REAL *b_ih, const REAL *b_hh, const REAL *peep,       \
                                 const REAL *packed, const rf_plan *p, ptrdiff_t n_in,       \
                                 ptrdiff_t H, ptrdiff_t P, int train, const rf_runtime *rt); \
-    /* packed: NULL (the forward packs into ws), or this, on the forward's code path */     \
+    /* packed: NULL (the forward packs into ws), or this, from a packed on a cache line    \
+     * (its three parts then start on lines, where the forward reads them) */               \
     void rf_lstmp_pack_##SFX(REAL *packed, const REAL *w_ih, const REAL *w_hh,              \
                              const REAL *w_hr, ptrdiff_t n_in, ptrdiff_t H, ptrdiff_t P,    \
                              int avx2);                                                     \

@@ -30,17 +30,12 @@
 #define RF_Q8_HALF 8  /* columns of a 256-bit register */
 #define RF_Q8_KG 4
 #define RF_Q8_ALIGN 64
-/* Rows of A quantized at once (into a buffer of RF_Q8_ROWS rows of K, from the heap); the
- * 256-bit kernels take them RF_Q8_ROWS_256 at a time. */
+/* Rows of A quantized at once (into a buffer of RF_Q8_ROWS rows of K, the calling thread's
+ * part of W->scratch); the 256-bit kernels take them RF_Q8_ROWS_256 at a time. */
 #define RF_Q8_ROWS 8
 #define RF_Q8_ROWS_256 4
 
-static const char q8_tag[24] = "rnnfuse int8 weights 1";
-
-typedef struct {
-    char tag[24];
-    int64_t G, H, I, lbr;
-} q8_header;
+static const char q8_tag[RF_TAG_NAME] = "rnnfuse int8 weights 1";
 
 static ptrdiff_t round_up(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m; }
 static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, RF_Q8_KG); }
@@ -55,10 +50,8 @@ static ptrdiff_t weight_bytes(ptrdiff_t K, ptrdiff_t N) {
     return 2 * scales_bytes(N) + round_up(n_padded(N) * k_padded(K), RF_Q8_ALIGN);
 }
 
-static int split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
-
 ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
-    ptrdiff_t hh = split_n(G, lbr) ? weight_bytes(H, 2 * H) + weight_bytes(H, H)
+    ptrdiff_t hh = rf_split_n(G, lbr) ? weight_bytes(H, 2 * H) + weight_bytes(H, H)
                                    : weight_bytes(H, G * H);
     return RF_Q8_ALIGN + hh + weight_bytes(I, G * H);
 }
@@ -246,6 +239,7 @@ static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K
 }
 
 static void use_weight(rf_weight *W, const uint8_t *src, ptrdiff_t K, ptrdiff_t N) {
+    W->scratch = NULL;
     W->scales = (const float *)src;
     W->sums = (const int32_t *)(src + scales_bytes(N));
     W->packed = src + 2 * scales_bytes(N);
@@ -257,11 +251,11 @@ static void weights_of(rf_weight W[3], const uint8_t *buf, ptrdiff_t G, ptrdiff_
                        ptrdiff_t I, int lbr, uint8_t *pack_to, const float *w_ih,
                        const float *w_hh) {
     const uint8_t *at = buf + RF_Q8_ALIGN;
-    ptrdiff_t N0 = split_n(G, lbr) ? 2 * H : G * H;
+    ptrdiff_t N0 = rf_split_n(G, lbr) ? 2 * H : G * H;
     if (pack_to) pack_weight(pack_to + (at - buf), w_hh, H, H, N0);
     use_weight(&W[0], at, H, N0);
     at += weight_bytes(H, N0);
-    if (split_n(G, lbr)) {
+    if (rf_split_n(G, lbr)) {
         if (pack_to) pack_weight(pack_to + (at - buf), w_hh + 2 * H * H, H, H, H);
         use_weight(&W[1], at, H, H);
         at += weight_bytes(H, H);
@@ -272,22 +266,14 @@ static void weights_of(rf_weight W[3], const uint8_t *buf, ptrdiff_t G, ptrdiff_
 
 void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                         ptrdiff_t H, ptrdiff_t I, int lbr) {
-    q8_header head;
-    memset(&head, 0, sizeof head);
-    memcpy(head.tag, q8_tag, sizeof q8_tag);
-    head.G = G, head.H = H, head.I = I, head.lbr = split_n(G, lbr);
-    memset(dst, 0, RF_Q8_ALIGN);
-    memcpy(dst, &head, sizeof head);
+    rf_tag_write(dst, q8_tag, G, H, I, lbr);
     rf_weight W[3];
     weights_of(W, dst, G, H, I, lbr, dst, w_ih, w_hh);
 }
 
 int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
                    ptrdiff_t I, int lbr) {
-    q8_header head;
-    memcpy(&head, prepacked, sizeof head);
-    if (memcmp(head.tag, q8_tag, sizeof q8_tag)) return 0;
-    if (head.G != G || head.H != H || head.I != I || head.lbr != split_n(G, lbr)) return 0;
+    if (!rf_tag_matches(prepacked, q8_tag, G, H, I, lbr)) return 0;
     weights_of(W, prepacked, G, H, I, lbr, NULL, NULL, NULL);
     return 1;
 }
@@ -556,8 +542,8 @@ static product_fn product_kernel(int path, int *offset) {
     return product_portable;
 }
 
-/* rf_q8_gemm without a buffer, for when there is no memory for one: each row's q made
- * again for every panel, the same integers (portable, slow). */
+/* rf_q8_gemm without scratch: each row's q made again for every panel, the same integers
+ * (portable, slow). */
 static void gemm_unbuffered(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A,
                             ptrdiff_t lda, const rf_weight *W, int accumulate, float *C,
                             ptrdiff_t ldc) {
@@ -580,15 +566,22 @@ static void gemm_unbuffered(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *
     }
 }
 
+/* Bytes of one thread's scratch: RF_Q8_ROWS rows interleaved (QA_AT) and one row as
+ * rf_q8_quantize writes it, to whole cache lines. */
+static ptrdiff_t thread_scratch(ptrdiff_t K) {
+    return round_up((RF_Q8_ROWS + 1) * k_padded(K), RF_Q8_ALIGN);
+}
+
+ptrdiff_t rf_q8_scratch_size(ptrdiff_t K) { return RF_MAX_THREADS * thread_scratch(K); }
+
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
                 const rf_weight *W, int accumulate, float *C, ptrdiff_t ldc, int path) {
-    ptrdiff_t Kp = k_padded(K);
-    int8_t *qa = path < 0 ? NULL
-                          : rf_aligned_alloc(RF_Q8_ALIGN, (size_t)((RF_Q8_ROWS + 1) * Kp));
-    if (!qa) {
+    if (path < 0 || !W->scratch) {
         gemm_unbuffered(M, N, K, A, lda, W, accumulate, C, ldc);
         return;
     }
+    ptrdiff_t Kp = k_padded(K);
+    int8_t *qa = (int8_t *)W->scratch + rf_thread_slot() * thread_scratch(K);
     int8_t *row = qa + RF_Q8_ROWS * Kp;
     float sa[RF_Q8_ROWS];
     int offset;
@@ -608,5 +601,4 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
         q8_rows tile = {qa, sa, Kp, N, ldc, C + r0 * ldc, accumulate};
         product(&tile, rows, W);
     }
-    rf_aligned_free(qa);
 }

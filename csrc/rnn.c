@@ -178,11 +178,7 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
                            ptrdiff_t I, ptrdiff_t H, int relu, int train,
                            const rf_runtime *rt) {
     rnn_layout L = rnn_layout_of(p, I, H, train);
-    REAL *bias = NULL;
-    if (b_ih || b_hh) {
-        bias = ws + L.bias;
-        for (ptrdiff_t k = 0; k < H; k++) bias[k] = (b_ih ? b_ih[k] : 0) + (b_hh ? b_hh[k] : 0);
-    }
+    const REAL *bias = RF_FN(rf_fold_biases)(ws + L.bias, b_ih, b_hh, H, H);
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed, rt->avx2);

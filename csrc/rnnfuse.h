@@ -95,6 +95,10 @@ int rf_threads(const rf_runtime *rt);
  * such as PyTorch that has a thread setting of its own); returns the previous one. */
 int rf_set_thread_cap(int n);
 void rf_run_parts(void (*fn)(void *arg, int part, int parts), void *arg, int parts);
+/* The calling thread's slot among those that run a call's parts, 0 .. RF_MAX_THREADS-1:
+ * 0 for the caller (any thread outside the pool), the pool's workers each their own, so
+ * that per-thread scratch in a call's workspace is never shared. */
+int rf_thread_slot(void);
 
 /* Memory starting on an `align`-byte boundary (a power of two, at least sizeof(void *)),
  * size rounded up to a multiple of align, or NULL; released by rf_aligned_free (common.c). */
@@ -178,14 +182,31 @@ typedef struct {
     ptrdiff_t panel_stride;  /* elements from one panel to the next: RF_NR * rows of op(W) */
     const float *scales;     /* NULL; or int8 op(W) (quant.c), a float scale per column */
     const int32_t *sums;     /* int8 op(W): the sum of each column */
+    void *scratch;           /* int8 op(W): rf_q8_scratch_size(K) bytes for its products, on
+                              * a cache line, or NULL (rf_q8_gemm's slow way) */
 } rf_weight;
+
+/* Pre-packed weights (rf_pack_weights_*, rf_q8_pack_weights) start with a tag of what
+ * they are packed for (common.c): rf_tag_write writes RF_TAG_BYTES at dst, the kind's
+ * name (RF_TAG_NAME bytes) and G, H, I and the layout; rf_tag_matches: whether src holds
+ * that tag. rf_split_n: the layout, the GRU without linear_before_reset packing its n
+ * block apart. */
+#define RF_TAG_NAME 24
+#define RF_TAG_BYTES 64
+void rf_tag_write(void *dst, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                  int lbr);
+int rf_tag_matches(const void *src, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
+                   int lbr);
+static inline int rf_split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
 
 /* int8 weights for float32 inference (quant.c): rf_q8_pack_weights packs a forward's
  * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed, which
- * rf_prepare_weights_f32 recognises (rf_q8_prepared); the steps' products and the input
- * projection then quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)=
- * A (M,K) op(W), k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow
- * way without a buffer, as when its allocation fails).
+ * rf_prepare_weights_f32 recognises (rf_q8_prepared), giving the weights the workspace's
+ * room for packing as their scratch; the steps' products and the input projection then
+ * quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)= A (M,K) op(W),
+ * k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow way without
+ * W->scratch, taken too where it is NULL). rf_q8_scratch_size: the bytes of scratch for
+ * products over K, a part for each thread that may run them (rf_thread_slot).
  * rf_q8_quantize (path as rf_q8_gemm's, not -1): q = round-half-even(a * (127 / max|a|)),
  * returns the scale max|a| / 127
  * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
@@ -195,6 +216,7 @@ void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff
                         ptrdiff_t H, ptrdiff_t I, int lbr);
 int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
                    ptrdiff_t I, int lbr);
+ptrdiff_t rf_q8_scratch_size(ptrdiff_t K);
 float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int path);
 int rf_q8_cpu_vnni(void);
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
@@ -211,9 +233,16 @@ ptrdiff_t rf_packed_size(ptrdiff_t K, ptrdiff_t N);
  * line's slack, since the packed weight starts on the buffer's first line. */
 ptrdiff_t rf_pack_buffer_size(ptrdiff_t K, ptrdiff_t N);
 /* A forward's weights packed ahead of time, so that calls with the same weights (a stream
- * of single steps) skip packing: pass them as the forward's packed. Packs W_hh^T (for the
- * GRU without linear_before_reset its n block apart), then W_ih^T: rf_weights_pack_size
- * elements of the call's dtype. lbr: the GRU's linear_before_reset (other cells: ignored). */
+ * of single steps) skip packing: pass them as the forward's packed. rf_pack_weights_*
+ * writes, from dst's first element on, a tag of what they are packed for, then W_hh^T (for
+ * the GRU without linear_before_reset its n block apart) and W_ih^T: rf_weights_packed_size
+ * elements of the call's dtype; the forwards read them from there (the loads do not need
+ * alignment; a dst on a cache line keeps them from straddling lines). lbr: the GRU's
+ * linear_before_reset (other cells: ignored). rf_weights_packed_for: whether packed holds
+ * weights packed for these G, H, I and lbr. rf_weights_pack_size: the elements a
+ * workspace keeps for packing a forward's weights itself (from its first cache line). */
+ptrdiff_t rf_weights_packed_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I);
+int rf_weights_packed_for(const void *packed, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr);
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I);
 void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
                          ptrdiff_t H, ptrdiff_t I, int lbr, int avx2);
@@ -257,7 +286,8 @@ typedef struct {
  * zo: zoneout, or NULL; backward takes the forward's. rd: recurrent dropout, or NULL;
  * backward takes the forward's mask.
  * ws: rf_*_workspace(train) elements; with train=1 it is the "ctx" backward reads.
- * packed: w_ih and w_hh as rf_pack_weights_* packed them, or NULL (packed into ws here).
+ * packed: w_ih and w_hh as rf_pack_weights_* packed them for this call's G, H, I and lbr,
+ * or NULL (packed into ws here).
  * GRU: lbr = linear_before_reset. RNN: relu = 0 for tanh, 1 for relu. */
 #define RF_DECLARE_KERNELS(REAL, SFX)                                                       \
     void rf_lstm_forward_##SFX(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,                     \
@@ -328,6 +358,8 @@ typedef struct {
     void rf_unsort_rows_##SFX(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t F);   \
     void rf_initial_state_##SFX(REAL *state, REAL *final, const REAL *init,                 \
                                 const rf_plan *p, ptrdiff_t H);                             \
+    const REAL *rf_fold_biases_##SFX(REAL *buf, const REAL *b_ih, const REAL *b_hh,         \
+                                     ptrdiff_t GH, ptrdiff_t hh_cols);                      \
     void rf_bias_grads_##SFX(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_t rows,  \
                              ptrdiff_t cols, int avx2);                                     \
     void rf_column_sums_##SFX(REAL *out, const REAL *A, ptrdiff_t rows, ptrdiff_t cols,     \

@@ -58,6 +58,11 @@ rf_set_threads_fn rf_find_blas_set_threads(const void *blas_function) {
 /* The calling thread's own count (rf_set_thread_cap), 0 where it follows the BLAS. */
 static _Thread_local int thread_cap;
 
+/* A pool worker's number (1 ..), 0 in every other thread. */
+static _Thread_local int worker_slot;
+
+int rf_thread_slot(void) { return worker_slot; }
+
 int rf_set_thread_cap(int n) {
     int previous = thread_cap;
     thread_cap = n < 0 ? 0 : n;
@@ -148,6 +153,7 @@ static void claim_parts(uint64_t job) {
 
 static void *worker(void *id) {
     uint64_t seen = pool.first_job[(intptr_t)id];
+    worker_slot = (int)(intptr_t)id;
     for (;;) {
         await_value(&pool.job, seen, 0, &pool.wake);
         seen = atomic_load(&pool.job);

@@ -33,65 +33,49 @@ cdef class Ctx:
         return self.ptr == NULL
 
 
+cdef void _pointers(void **p, tuple arrays) except *:
+    for i, a in enumerate(arrays):
+        p[i] = _p(a)
+
+
 def forward(bint f32, int cell, int option, y, h_n, c_n, Ctx ctx, x, h0, c0, w_ih, w_hh,
             b_ih, b_hh, lengths, int reverse, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
             Py_ssize_t H, variants=None):
     """The status of rnnfuse_forward_f32/f64; ctx None: inference. variants: None, or a
     dict of rnnfuse_variants' fields (arrays for the pointers): rnnfuse_forward_ex_*."""
-    if variants is not None:
-        return _forward_ex(f32, cell, option, y, h_n, c_n, ctx, x, h0, c0, w_ih, w_hh, b_ih,
-                           b_hh, lengths, reverse, T, B, I, H, variants)
-    cdef rnnfuse_ctx **pctx = NULL if ctx is None else &ctx.ptr
-    cdef void *p[10]
-    for i, a in enumerate((y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh)):
-        p[i] = _p(a)
-    cdef const int64_t *plen = <const int64_t *>_p(lengths)
-    cdef int status
-    with nogil:
-        if f32:
-            status = rnnfuse_forward_f32(cell, option, <float *>p[0], <float *>p[1],
-                                         <float *>p[2], pctx, <float *>p[3], <float *>p[4],
-                                         <float *>p[5], <float *>p[6], <float *>p[7],
-                                         <float *>p[8], <float *>p[9], plen, reverse,
-                                         T, B, I, H)
-        else:
-            status = rnnfuse_forward_f64(cell, option, <double *>p[0], <double *>p[1],
-                                         <double *>p[2], pctx, <double *>p[3],
-                                         <double *>p[4], <double *>p[5], <double *>p[6],
-                                         <double *>p[7], <double *>p[8], <double *>p[9],
-                                         plen, reverse, T, B, I, H)
-    return status
-
-
-def _forward_ex(bint f32, int cell, int option, y, h_n, c_n, Ctx ctx, x, h0, c0, w_ih,
-                w_hh, b_ih, b_hh, lengths, int reverse, Py_ssize_t T, Py_ssize_t B,
-                Py_ssize_t I, Py_ssize_t H, dict variants):
     cdef rnnfuse_variants v
-    v.version = variants.get("version", RNNFUSE_VARIANTS_VERSION)
-    v.zoneout = variants.get("zoneout", 0.0)
-    v.peepholes = _p(variants.get("peepholes"))
-    v.zoneout_h = _p(variants.get("zoneout_h"))
-    v.zoneout_c = _p(variants.get("zoneout_c"))
-    v.recurrent_dropout = _p(variants.get("recurrent_dropout"))
+    cdef bint ex = variants is not None
+    if ex:
+        v.version = variants.get("version", RNNFUSE_VARIANTS_VERSION)
+        v.zoneout = variants.get("zoneout", 0.0)
+        v.peepholes = _p(variants.get("peepholes"))
+        v.zoneout_h = _p(variants.get("zoneout_h"))
+        v.zoneout_c = _p(variants.get("zoneout_c"))
+        v.recurrent_dropout = _p(variants.get("recurrent_dropout"))
     cdef rnnfuse_ctx **pctx = NULL if ctx is None else &ctx.ptr
     cdef void *p[10]
-    for i, a in enumerate((y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh)):
-        p[i] = _p(a)
+    _pointers(p, (y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+    cdef float **f = <float **>p
+    cdef double **d = <double **>p
     cdef const int64_t *plen = <const int64_t *>_p(lengths)
     cdef int status
     with nogil:
-        if f32:
-            status = rnnfuse_forward_ex_f32(cell, option, <float *>p[0], <float *>p[1],
-                                            <float *>p[2], pctx, <float *>p[3],
-                                            <float *>p[4], <float *>p[5], <float *>p[6],
-                                            <float *>p[7], <float *>p[8], <float *>p[9],
-                                            plen, reverse, T, B, I, H, &v)
+        if f32 and ex:
+            status = rnnfuse_forward_ex_f32(cell, option, f[0], f[1], f[2], pctx, f[3], f[4],
+                                            f[5], f[6], f[7], f[8], f[9], plen, reverse, T, B,
+                                            I, H, &v)
+        elif f32:
+            status = rnnfuse_forward_f32(cell, option, f[0], f[1], f[2], pctx, f[3], f[4],
+                                         f[5], f[6], f[7], f[8], f[9], plen, reverse, T, B,
+                                         I, H)
+        elif ex:
+            status = rnnfuse_forward_ex_f64(cell, option, d[0], d[1], d[2], pctx, d[3], d[4],
+                                            d[5], d[6], d[7], d[8], d[9], plen, reverse, T, B,
+                                            I, H, &v)
         else:
-            status = rnnfuse_forward_ex_f64(cell, option, <double *>p[0], <double *>p[1],
-                                            <double *>p[2], pctx, <double *>p[3],
-                                            <double *>p[4], <double *>p[5], <double *>p[6],
-                                            <double *>p[7], <double *>p[8], <double *>p[9],
-                                            plen, reverse, T, B, I, H, &v)
+            status = rnnfuse_forward_f64(cell, option, d[0], d[1], d[2], pctx, d[3], d[4],
+                                         d[5], d[6], d[7], d[8], d[9], plen, reverse, T, B,
+                                         I, H)
     return status
 
 
@@ -99,49 +83,30 @@ def backward(bint f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
              grads=None):
     """The status of rnnfuse_backward_f32/f64; ctx None: NULL. grads: None, or a dict of
     rnnfuse_variant_grads' fields: rnnfuse_backward_ex_*."""
-    if grads is not None:
-        return _backward_ex(f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
-                            ctx, grads)
-    cdef void *p[10]
-    for i, a in enumerate((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n)):
-        p[i] = _p(a)
-    cdef rnnfuse_ctx *c = NULL if ctx is None else ctx.ptr
-    cdef int status
-    with nogil:
-        if f32:
-            status = rnnfuse_backward_f32(<float *>p[0], <float *>p[1], <float *>p[2],
-                                          <float *>p[3], <float *>p[4], <float *>p[5],
-                                          <float *>p[6], <float *>p[7], <float *>p[8],
-                                          <float *>p[9], c)
-        else:
-            status = rnnfuse_backward_f64(<double *>p[0], <double *>p[1], <double *>p[2],
-                                          <double *>p[3], <double *>p[4], <double *>p[5],
-                                          <double *>p[6], <double *>p[7], <double *>p[8],
-                                          <double *>p[9], c)
-    return status
-
-
-def _backward_ex(bint f32, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n,
-                 Ctx ctx, dict grads):
     cdef rnnfuse_variant_grads g
-    g.version = grads.get("version", RNNFUSE_VARIANTS_VERSION)
-    g.dpeepholes = _p(grads.get("dpeepholes"))
+    cdef bint ex = grads is not None
+    if ex:
+        g.version = grads.get("version", RNNFUSE_VARIANTS_VERSION)
+        g.dpeepholes = _p(grads.get("dpeepholes"))
     cdef void *p[10]
-    for i, a in enumerate((dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n)):
-        p[i] = _p(a)
+    _pointers(p, (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n))
+    cdef float **f = <float **>p
+    cdef double **d = <double **>p
     cdef rnnfuse_ctx *c = NULL if ctx is None else ctx.ptr
     cdef int status
     with nogil:
-        if f32:
-            status = rnnfuse_backward_ex_f32(<float *>p[0], <float *>p[1], <float *>p[2],
-                                             <float *>p[3], <float *>p[4], <float *>p[5],
-                                             <float *>p[6], <float *>p[7], <float *>p[8],
-                                             <float *>p[9], c, &g)
+        if f32 and ex:
+            status = rnnfuse_backward_ex_f32(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7],
+                                             f[8], f[9], c, &g)
+        elif f32:
+            status = rnnfuse_backward_f32(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7],
+                                          f[8], f[9], c)
+        elif ex:
+            status = rnnfuse_backward_ex_f64(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+                                             d[8], d[9], c, &g)
         else:
-            status = rnnfuse_backward_ex_f64(<double *>p[0], <double *>p[1], <double *>p[2],
-                                             <double *>p[3], <double *>p[4], <double *>p[5],
-                                             <double *>p[6], <double *>p[7], <double *>p[8],
-                                             <double *>p[9], c, &g)
+            status = rnnfuse_backward_f64(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+                                          d[8], d[9], c)
     return status
 
 

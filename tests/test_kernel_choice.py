@@ -155,13 +155,42 @@ def test_set_kernel_refuses_what_cannot_run(restore_kernel):
     assert _kernels.kernel() == (os.environ.get("RNNFUSE_KERNEL") or PATHS[0])
 
 
-def test_misaligned_packed_weights_are_refused():
+def test_packed_weights_work_at_any_alignment():
+    """The kernels read packed weights from their array's first element, with unaligned
+    loads: a copy off a cache line gives the same bits."""
     rng = np.random.default_rng(0)
     w_ih, w_hh = rng.standard_normal((16, 3)), rng.standard_normal((16, 4))
     packed = _kernels.pack_weights(w_ih, w_hh, 4, True)
+    assert packed.ctypes.data % 64 == 0
     shifted = _kernels.aligned_empty(packed.size + 2, packed.dtype)[2:]  # 16 bytes off a line
     shifted[:] = packed
     x = rng.standard_normal((2, 1, 3))
-    with pytest.raises(ValueError, match="packed must start on a 64-byte boundary"):
-        F._forward("lstm", x, (None, None), w_ih, w_hh, None, None, None, False, None,
-                   False, packed=shifted)
+    run = lambda p: F._forward("lstm", x, (None, None), w_ih, w_hh, None, None, None,  # noqa: E731
+                               False, None, False, packed=p)[:2]
+    for got, want in zip(run(shifted), run(None)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("cell,G,lbr,other", [
+    ("gru", 3, True, dict(lbr=False)), ("gru", 3, False, dict(lbr=True)),
+    ("lstm", 4, True, dict(I=2)), ("lstm", 4, True, dict(H=2)), ("lstm", 4, True, dict(G=1))])
+def test_packed_weights_of_another_layout_are_refused(cell, G, lbr, other):
+    """A packed array says what it was packed for; the GRU's two layouts differ."""
+    rng = np.random.default_rng(1)
+    I, H = 3, 4
+    w_ih, w_hh = rng.standard_normal((G * H, I)), rng.standard_normal((G * H, H))
+    ok = _kernels.pack_weights(w_ih, w_hh, G, lbr)
+    x = rng.standard_normal((2, 1, I))
+    run = lambda p: F._forward(cell, x, (None,) * (2 if cell == "lstm" else 1),  # noqa: E731
+                               w_ih, w_hh, None, None, None, False, lbr, False, packed=p)
+    np.testing.assert_array_equal(run(ok)[0], run(None)[0])
+    k = dict(G=G, H=H, I=I, lbr=lbr)
+    k.update(other)
+    wrong = _kernels.pack_weights(rng.standard_normal((k["G"] * k["H"], k["I"])),
+                                  rng.standard_normal((k["G"] * k["H"], k["H"])), k["G"],
+                                  k["lbr"])
+    same_size = np.zeros_like(ok)  # the tag decides, whatever the size
+    same_size[:min(ok.size, wrong.size)] = wrong[:min(ok.size, wrong.size)]
+    with pytest.raises(ValueError, match=f"packed must be pack_weights' array for G={G}, "
+                                         f"H={H}, I={I}"):
+        run(same_size)

@@ -13,7 +13,7 @@
 import numpy as np
 import pytest
 
-from rnnfuse import GRU, LSTM, RNN
+from rnnfuse import GRU, LSTM, RNN, _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 from rnnfuse.onnx_weights import from_onnx, to_onnx
@@ -247,6 +247,75 @@ def test_refusals_name_the_argument():
                        peepholes=np.zeros(12), layer_norm=layer_norm_of("lstm", b))
     with pytest.raises(TypeError, match=r"layer_norm must be a tuple \(g_ih, g_hh, g_c, b_c\)"):
         F.lstm_forward(b["x"], None, None, b["w_ih"], b["w_hh"], None, None, layer_norm=ln)
+
+
+def kernels_forward(cell, a, layer_norm, option=True, peep=None, **kw):
+    """_kernels.forward called directly (functional.py's checks bypassed)."""
+    T, B, I = a["x"].shape
+    H = a["w_hh"].shape[1]
+    plan = _kernels.Plan(np.full(B, T), T, False)
+    ws = np.empty(_kernels.workspace_size(cell, plan, I, H, True, cell != "rnn"),
+                  a["x"].dtype)
+    return _kernels.forward(cell, a["x"], None, None, a["w_ih"], a["w_hh"], None, None, plan,
+                            ws, I, H, True, option, peep=peep, layer_norm=layer_norm, **kw)
+
+
+def test_kernels_check_the_layer_norm_arrays():
+    """The C reads every gain the cell has: a missing one would reach it as NULL."""
+    a, _ = make_case("lstm", 2, 2, 3, 4, np.float64)
+    g_ih, g_hh, g_c, b_c = layer_norm_of("lstm", a)
+    with pytest.raises(ValueError, match=r"layer_norm must hold 4 arrays \(g_ih, g_hh, "
+                                         r"g_c, b_c\) for the lstm, got tuple of 2"):
+        kernels_forward("lstm", a, (g_ih, g_hh))
+    with pytest.raises(ValueError, match="layer_norm must hold 4 arrays .* got list of 5"):
+        kernels_forward("lstm", a, [g_ih, g_hh, g_c, b_c, b_c])
+    with pytest.raises(ValueError, match=r"layer_norm g_c must have shape \(4,\), got "
+                                         r"\(2, 2\)"):
+        kernels_forward("lstm", a, (g_ih, g_hh, g_c.reshape(2, 2), b_c))
+    with pytest.raises(ValueError, match=r"layer_norm g_hh must have shape \(16,\), got "
+                                         r"\(4,\)"):
+        kernels_forward("lstm", a, (g_ih, g_c, g_c, b_c))
+    with pytest.raises(ValueError, match="layer_norm b_c must be a C-contiguous"):
+        kernels_forward("lstm", a, (g_ih, g_hh, g_c, b_c.astype(np.float32)))
+    with pytest.raises(ValueError, match="layer_norm is for the LSTM without peepholes and "
+                                         "the GRU with linear_before_reset, got lstm"):
+        kernels_forward("lstm", a, (g_ih, g_hh, g_c, b_c), peep=np.zeros(12))
+    kernels_forward("lstm", a, (g_ih, g_hh, g_c, b_c))  # the right ones run
+    b, _ = make_case("gru", 2, 2, 3, 4, np.float64)
+    ln = layer_norm_of("gru", b)
+    with pytest.raises(ValueError, match=r"layer_norm must hold 2 arrays \(g_ih, g_hh\) "
+                                         r"for the gru, got tuple of 4"):
+        kernels_forward("gru", b, ln + ln)
+    with pytest.raises(ValueError, match="layer_norm is for .* got gru with option=False"):
+        kernels_forward("gru", b, ln, option=False)
+    rnn = dict(x=b["x"], w_ih=b["w_ih"][:4], w_hh=b["w_hh"][:4])
+    with pytest.raises(ValueError, match="layer_norm is for .* got rnn"):
+        kernels_forward("rnn", rnn, (ln[0][:4], ln[1][:4]))
+    with pytest.raises(ValueError, match="layer_norm is for the LSTM and the GRU, not the rnn"):
+        _kernels.workspace_size("rnn", _kernels.Plan([2], 2, False), 3, 4, True, True)
+
+
+def test_kernels_check_the_layer_norm_gradients():
+    a, up = make_case("lstm", 2, 2, 3, 4, np.float64)
+    _, ctx = forward(F, "lstm", a)
+    ctx.layer_norm = ctx.layer_norm[:2]  # as a ctx that lost two gains would hold them
+    with pytest.raises(ValueError, match="layer_norm must hold 4 arrays"):
+        _kernels.backward("lstm", *up, ctx)
+
+
+def test_packed_weights_of_the_other_gru_layout_are_refused():
+    """The layer-normalized GRU runs with linear_before_reset: weights packed without it
+    (the n block apart) would be misread."""
+    a, _ = make_case("gru", 2, 2, 3, 4, np.float64)
+    ln = layer_norm_of("gru", a)
+    run = lambda packed: F._forward("gru", a["x"], (None,), a["w_ih"], a["w_hh"], None,  # noqa: E731
+                                    None, None, False, True, False, packed=packed,
+                                    layer_norm=ln)[0]
+    ok = _kernels.pack_weights(a["w_ih"], a["w_hh"], 3, True)
+    np.testing.assert_array_equal(run(ok), run(None))
+    with pytest.raises(ValueError, match="packed must be pack_weights' array for G=3, H=4, "
+                                         "I=3, lbr=True"):
+        run(_kernels.pack_weights(a["w_ih"], a["w_hh"], 3, False))
 
 
 def test_layer_refusals_name_the_argument():

@@ -424,3 +424,20 @@ def test_quantized_forward_same_bits_at_any_thread_count():
     with threadpool_limits(2):
         assert _kernels.threads() == 2 or pytest.skip("the BLAS runs one thread here")
         np.testing.assert_array_equal(q(x)[0], one)
+
+
+@pytest.mark.parametrize("I,H,B", [(1, 1, 3), (64, 256, 96)])
+def test_quantized_threads_quantize_rows_in_their_own_scratch(I, H, B):
+    """Each thread of an int8 call quantizes its rows in its own part of the call's
+    workspace (whose room for float weights is too small for that at tiny sizes): the
+    same bits on one thread and on several."""
+    rng = np.random.default_rng(9)
+    q = LSTM(I, H, seed=9).eval().quantized()
+    x = rng.standard_normal((4, B, I)).astype(np.float32)
+    before = _kernels.set_threads(1)
+    try:
+        one = q(x)[0]
+        _kernels.set_threads(8)
+        np.testing.assert_array_equal(q(x)[0], one)
+    finally:
+        _kernels.set_threads(before)

@@ -588,8 +588,9 @@ def test_no_writable_global_state_in_the_extension():
     beyond Cython's own (its module state and the runtime, filled at import),
     NumPy's C API table (filled once by import_array), the toolchain's (libgcc's CPU
     model, set once by the CPU check), the thread pool's (threads.c: every
-    field guarded by its mutexes, tested by the two tests above) and the calling thread's
-    own thread count (threads.c's thread_cap: thread-local, so each thread's alone)."""
+    field guarded by its mutexes, tested by the two tests above), the calling thread's
+    own thread count (threads.c's thread_cap: thread-local, so each thread's alone) and a
+    pool worker's slot (worker_slot: thread-local, written once by the worker itself)."""
     import re
     import shutil
 
@@ -601,7 +602,7 @@ def test_no_writable_global_state_in_the_extension():
     allowed = re.compile(r"^(_*[pP]yx|__pyx|PyArray_API$|_DYNAMIC$|_GLOBAL_OFFSET_TABLE_$|__TMC_END__$|"
                          r"__cpu_model$|__cpu_features2?$|__do_global_dtors|__dso_handle$|"
                          r"__frame_dummy|completed\.\d+$|main_interpreter_id\.\d+$|"
-                         r"pool$|atfork_once$|thread_cap$|"
+                         r"pool$|atfork_once$|thread_cap$|worker_slot$|"
                          r"(contiguous|generic|indirect|indirect_contiguous|strided)$)")
     mutable = [p[2] for p in (line.split() for line in out.splitlines())
                if len(p) == 3 and p[1] in "bBdD" and not allowed.match(p[2])]

@@ -274,7 +274,7 @@ def _weights(G, H, I, *extra, P=0):
     (lambda cls: cls("lstm", False, np.float32, 1, _weights(4, 4, 2, 16, 16), layer_norm=True),
      r"weights have 6 parts \(with layer_norm 8"),
     (lambda cls: cls("lstm", False, np.float32, 1, _weights(4, 4, 2, 16, 16, 4, 3),
-                     layer_norm=True), "layer_norm must be a C-contiguous"),
+                     layer_norm=True), r"layer_norm b_c must have shape \(4,\)"),
     (lambda cls: cls("lstm", False, np.float32, 1, _weights(4, 4, 2, P=2), proj_size=2),
      "weights lack w_hr"),
     (lambda cls: cls("gru", True, np.float32, 1, _weights(3, 4, 2), proj_size=2),

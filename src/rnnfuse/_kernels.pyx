@@ -62,7 +62,10 @@ cdef extern from "rnnfuse.h" nogil:
     const rf_cell *rf_cell_find(int id)
     Py_ssize_t rf_workspace(int cell, const rf_plan *p, Py_ssize_t I, Py_ssize_t H, int train)
     Py_ssize_t rf_backward_scratch(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G)
+    Py_ssize_t rf_weights_packed_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I)
     Py_ssize_t rf_weights_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I)
+    int rf_weights_packed_for(const void *packed, Py_ssize_t G, Py_ssize_t H, Py_ssize_t I,
+                              int lbr)
     void rf_pack_weights_f32(float *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
                              Py_ssize_t H, Py_ssize_t I, int lbr, int avx2)
     void rf_pack_weights_f64(double *dst, const double *w_ih, const double *w_hh,
@@ -369,7 +372,16 @@ def workspace_size(str cell, Plan plan not None, Py_ssize_t I, Py_ssize_t H, bin
     layer_norm: the layer-normalized cell's."""
     cdef int c = _cell(cell).id
     cdef rf_plan p = plan.view()
+    if layer_norm and c == RF_RNN:
+        raise ValueError("_kernels: layer_norm is for the LSTM and the GRU, not the rnn")
     return _workspace_size(c, &p, I, H, train, layer_norm)
+
+
+def workspace_weights_size(str cell, Py_ssize_t I, Py_ssize_t H):
+    """Elements at the end of every forward workspace of these sizes where the forward
+    packs its weights (int8 weights: their products' scratch); not all of them are
+    written."""
+    return rf_weights_pack_size(_cell(cell).gates, H, I)
 
 
 cdef Py_ssize_t _workspace_size(int cell, const rf_plan *p, Py_ssize_t I, Py_ssize_t H,
@@ -378,28 +390,53 @@ cdef Py_ssize_t _workspace_size(int cell, const rf_plan *p, Py_ssize_t I, Py_ssi
         rf_workspace(cell, p, I, H, train)
 
 
-cdef rf_layernorm _layernorm(gains, grads, Py_ssize_t GH, Py_ssize_t H, int t) except *:
-    """A call's layer normalization for C: gains None (none), or (g_ih, g_hh) and for the
-    LSTM (g_ih, g_hh, g_c, b_c); grads None (forward) or arrays of the same shapes."""
+cdef rf_layernorm _layernorm(const rf_cell *c, bint option, bint peep, gains, grads,
+                             Py_ssize_t H, int t) except *:
+    """A call's layer normalization for C: gains None (none), or (g_ih, g_hh) for the GRU
+    with linear_before_reset and (g_ih, g_hh, g_c, b_c) for the LSTM without peepholes;
+    grads None (forward) or arrays of the same shapes. C reads every one of them."""
     cdef rf_layernorm n
     n.g_ih = n.g_hh = n.g_c = n.b_c = NULL
     n.dg_ih = n.dg_hh = n.dg_c = n.db_c = NULL
     if gains is None:
         return n
-    if len(gains) not in (2, 4):
-        raise ValueError("_kernels: layer_norm must hold 2 (GRU) or 4 (LSTM) arrays")
-    n.g_ih = _buf(gains[0], GH, t, "layer_norm", _REQUIRED)
-    n.g_hh = _buf(gains[1], GH, t, "layer_norm", _REQUIRED)
-    if len(gains) == 4:
-        n.g_c = _buf(gains[2], H, t, "layer_norm", _REQUIRED)
-        n.b_c = _buf(gains[3], H, t, "layer_norm", _REQUIRED)
+    cdef bint lstm = c.id == RF_LSTM
+    if not (lstm or c.id == RF_GRU and option) or peep:
+        raise ValueError(f"_kernels: layer_norm is for the LSTM without peepholes and the "
+                         f"GRU with linear_before_reset, got {c.name.decode()} with "
+                         f"option={option}, peepholes={peep}")
+    names = ("g_ih", "g_hh", "g_c", "b_c") if lstm else ("g_ih", "g_hh")
+    cdef void *p[4]
+    cdef void *dp[4]
+    _layernorm_arrays(p, "layer_norm", gains, names, c, H, t, _REQUIRED)
+    n.g_ih, n.g_hh = p[0], p[1]
+    if lstm:
+        n.g_c, n.b_c = p[2], p[3]
     if grads is not None:
-        n.dg_ih = _buf(grads[0], GH, t, "dlayer_norm", _OUT)
-        n.dg_hh = _buf(grads[1], GH, t, "dlayer_norm", _OUT)
-        if len(gains) == 4:
-            n.dg_c = _buf(grads[2], H, t, "dlayer_norm", _OUT)
-            n.db_c = _buf(grads[3], H, t, "dlayer_norm", _OUT)
+        _layernorm_arrays(dp, "dlayer_norm", grads, names, c, H, t, _OUT)
+        n.dg_ih, n.dg_hh = dp[0], dp[1]
+        if lstm:
+            n.dg_c, n.db_c = dp[2], dp[3]
     return n
+
+
+cdef int _layernorm_arrays(void **data, str which, arrays, tuple names, const rf_cell *c,
+                           Py_ssize_t H, int t, int flags) except -1:
+    """data[k] = the data of arrays[k], after checking that arrays holds one array of
+    shape (G*H,) or, for g_c and b_c, (H,) per name."""
+    if not (isinstance(arrays, (tuple, list)) and len(arrays) == len(names)):
+        raise ValueError(f"_kernels: {which} must hold {len(names)} arrays "
+                         f"({', '.join(names)}) for the {c.name.decode()}, got "
+                         f"{type(arrays).__name__}"
+                         + (f" of {len(arrays)}" if isinstance(arrays, (tuple, list)) else ""))
+    cdef Py_ssize_t k, size
+    for k in range(len(names)):
+        a, size = arrays[k], c.gates * H if k < 2 else H
+        if not (cnp.PyArray_Check(a) and a.shape == (size,)):
+            raise ValueError(f"_kernels: {which} {names[k]} must have shape ({size},), got "
+                             f"{getattr(a, 'shape', type(a).__name__)}")
+        data[k] = _buf(a, size, t, f"{which} {names[k]}", flags)
+    return 0
 
 
 def backward_scratch_size(str cell, Plan plan not None, Py_ssize_t I, Py_ssize_t H):
@@ -452,7 +489,9 @@ cdef int _typenum(a, str name="x") except -1:
 
 def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     """A forward's w_ih (G*H, I) and w_hh (G*H, H) packed ahead of time (rnnfuse.h), to pass
-    as the forwards' packed with the same weights. lbr: the GRU's linear_before_reset."""
+    as the forwards' packed with the same weights: tagged with G, H, I and lbr (the GRU's
+    linear_before_reset), which the forwards check; on a cache line, as the kernels read
+    it fastest (a copy elsewhere gives the same numbers)."""
     cdef int t = _typenum(w_hh, "w_hh")
     _typenum(w_ih, "w_ih")  # the same dtype is checked below
     if not (G in GATES.values() and w_ih.ndim == 2 and w_hh.ndim == 2 and w_hh.shape[1] >= 1
@@ -463,7 +502,7 @@ def pack_weights(w_ih, w_hh, Py_ssize_t G, bint lbr):
     cdef Py_ssize_t H = w_hh.shape[1], I = w_ih.shape[1]
     cdef void *src_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     cdef void *src_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
-    packed = aligned_empty(rf_weights_pack_size(G, H, I), w_hh.dtype)
+    packed = aligned_empty(rf_weights_packed_size(G, H, I), w_hh.dtype)
     packed[:] = 0
     cdef void *dst = cnp.PyArray_DATA(packed)
     with nogil:
@@ -516,8 +555,8 @@ cdef int _check_weight_shapes(w_ih, w_hh, Py_ssize_t G, Py_ssize_t I,
 
 cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh,
                                    b_ih, b_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
-                                   bint train, peep, zoneout, recdrop, recdrop_buf,
-                                   packed=None, layer_norm=None) except *:
+                                   bint train, bint option, peep, zoneout, recdrop,
+                                   recdrop_buf, packed=None, layer_norm=None) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -527,6 +566,8 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.y = _buf(y, TB * H, t, "y", _OUT)
     a.h_n = _buf(h_n, BH, t, "h_n", _OUT)
     a.c_n = _buf(c_n, BH, t, "c_n", _OUT) if lstm else NULL
+    a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
+    a.layernorm = _layernorm(c, option, a.peep != NULL, layer_norm, None, H, t)
     a.ws = _buf(ws, _workspace_size(c.id, &p, I, H, train, layer_norm is not None), t, "ws",
                 _OUT)
     a.x = _buf(x, TB * I, t, "x", _REQUIRED)
@@ -537,15 +578,12 @@ cdef rf_forward_bufs _forward_args(const rf_cell *c, y, h_n, c_n, ws, x, h0, c0,
     a.b_ih = _buf(b_ih, G * H, t, "b_ih", _OPTIONAL)
     a.b_hh = _buf(b_hh, G * H, t, "b_hh", _OPTIONAL)
     # packed None: the kernel packs the weights into ws itself
-    a.packed = _buf(packed, rf_weights_pack_size(G, H, I), t, "packed", _OPTIONAL)
-    if a.packed != NULL and <size_t>a.packed % 64:
-        # the kernels read packed weights from their buffer's first cache line
-        raise ValueError("packed must start on a 64-byte boundary, as pack_weights "
-                         "returns it (a copy may not)")
-    a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
+    a.packed = _buf(packed, rf_weights_packed_size(G, H, I), t, "packed", _OPTIONAL)
+    if a.packed != NULL and not rf_weights_packed_for(a.packed, G, H, I, option):
+        raise ValueError(f"_kernels: packed must be pack_weights' array for G={G}, H={H}, "
+                         f"I={I}" + (f", lbr={option}" if c.id == RF_GRU else ""))
     a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     a.recdrop = _recdrop(recdrop, recdrop_buf, t, BH, BH)
-    a.layernorm = _layernorm(layer_norm, None, G * H, H, t)
     return a
 
 
@@ -598,8 +636,9 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
     c_n = _empty(t, 2, B, H) if c.states == 2 else None
     rd_buf = _empty(t, 1, B * H, 0) if recurrent_dropout is not None else None
     cdef rf_forward_bufs a = _forward_args(c, y, h_n, c_n, ws, x, h0, c0, w_ih, w_hh, b_ih,
-                                           b_hh, plan, I, H, train, peep, zoneout,
-                                           recurrent_dropout, rd_buf, packed, layer_norm)
+                                           b_hh, plan, I, H, train, option, peep,
+                                           zoneout, recurrent_dropout, rd_buf, packed,
+                                           layer_norm)
     cdef rf_plan p = plan.view()
     with nogil:
         status = _forward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H, train)
@@ -610,8 +649,8 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
 
 cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_hh, db_ih,
                                      db_hh, dy, dh_n, dc_n, ws, scratch, x, w_ih, w_hh,
-                                     Plan plan, Py_ssize_t I, Py_ssize_t H, peep,
-                                     dpeep, zoneout, carry, recdrop, recdrop_buf,
+                                     Plan plan, Py_ssize_t I, Py_ssize_t H, bint option,
+                                     peep, dpeep, zoneout, carry, recdrop, recdrop_buf,
                                      layer_norm=None, dlayer_norm=None) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
@@ -629,19 +668,19 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     a.dy = _buf(dy, TB * H, t, "dy", _OPTIONAL)
     a.dh_n = _buf(dh_n, BH, t, "dh_n", _OPTIONAL)
     a.dc_n = _buf(dc_n, BH, t, "dc_n", _OPTIONAL) if lstm else NULL
+    a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
+    a.layernorm = _layernorm(c, option, a.peep != NULL, layer_norm, dlayer_norm, H, t)
     a.ws = _buf(ws, _workspace_size(c.id, &p, I, H, True, layer_norm is not None), t, "ws",
                 _OUT)
     a.scratch = _buf(scratch, rf_backward_scratch(&p, I, H, G), t, "scratch", _OUT)
     a.x = _buf(x, TB * I, t, "x", _REQUIRED)
     a.w_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
     a.w_hh = _buf(w_hh, G * H * H, t, "w_hh", _REQUIRED)
-    a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
     a.dpeep = _buf(dpeep, 3 * H, t, "dpeep", _OUT) if a.peep != NULL else NULL
     a.zoneout = _zoneout(zoneout, lstm, t, TB * H, H)
     if a.zoneout.h != NULL or a.zoneout.c != NULL:
         a.zoneout.carry = _buf(carry, 2 * BH, t, "carry", _OUT)
     a.recdrop = _recdrop(recdrop, recdrop_buf, t, BH, plan.rows * H + BH)
-    a.layernorm = _layernorm(layer_norm, dlayer_norm, G * H, H, t)
     return a
 
 
@@ -667,6 +706,7 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         return None
     ws = ctx.take()
     has_ih, has_hh = ctx.has_bias
+    cdef bint option = ctx.option
     cdef rf_backward_bufs a
     try:  # a refusal or a failed allocation leaves ctx as it was
         scratch = _aligned_empty(backward_scratch_size(cell, plan, I, H), t)
@@ -686,13 +726,12 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         ln = ctx.layer_norm  # functional.Context: None without layer norm
         dln = None if ln is None else tuple(_empty(t, 1, g.shape[0], 0) for g in ln)
         a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
-                           scratch, x, w_ih, w_hh, plan, I, H, peep, dpeep, zoneout, carry,
-                           recdrop, rd_buf, ln, dln)
+                           scratch, x, w_ih, w_hh, plan, I, H, option, peep, dpeep, zoneout,
+                           carry, recdrop, rd_buf, ln, dln)
     except BaseException:
         ctx.ws = ws
         raise
     cdef rf_plan p = plan.view()
-    cdef bint option = ctx.option
     with nogil:
         status = _backward(t == cnp.NPY_FLOAT, c.id, option, &a, &p, I, H)
     if status:

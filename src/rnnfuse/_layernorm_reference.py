@@ -58,6 +58,27 @@ def _start(x: Any, w_ih: Any, w_hh: Any, lengths: Any, reverse: bool, zoneout: A
     return dtype, B, H, pack, X, X @ np.asarray(w_ih).T, Kh, Kc, M
 
 
+def _saved(N: int, G: int, H: int, dtype: np.dtype[Any], rows: tuple[str, ...],
+           stats: tuple[str, ...]) -> dict[str, NDArray[Any]]:
+    """What each step keeps for backward: the gates and both normalized products (G*H
+    wide), the cell's rows (H wide) and its rows' 1 / sqrt(var + eps) (one column each)."""
+    S = {k: np.empty((N, G * H), dtype) for k in ("gates", "nih", "nhh")}
+    S.update({k: np.empty((N, H), dtype) for k in rows})
+    S.update({k: np.empty((N, 1), dtype) for k in stats})
+    return S
+
+
+def _context(cell: str, need_ctx: bool, pack: Any, X: Any, w_ih: Any, w_hh: Any, b_ih: Any,
+             b_hh: Any, dtype: np.dtype[Any], H: int, ln: tuple[Any, ...],
+             S: dict[str, Any], **masks: Any) -> Any:
+    """The forward's ctx for backward (None without need_ctx); masks: Kh, Kc, M."""
+    if not need_ctx:
+        return None
+    return R._Context(cell, pack=pack, X=X, w_ih=w_ih, w_hh=w_hh, dtype=dtype, H=H,
+                      has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, ln=ln, S=S,
+                      **masks)
+
+
 def lstm_forward(x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh: Any,
                  lengths: Any, reverse: bool, need_ctx: bool, layer_norm: Any, zoneout: Any,
                  recurrent_dropout: Any) -> tuple[Any, ...]:
@@ -68,9 +89,7 @@ def lstm_forward(x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh
     h, c = pack.sort_state(h0, (B, H), dtype), pack.sort_state(c0, (B, H), dtype)
     N = pack.n
     Y = np.empty((N, H), dtype)
-    S = {k: np.empty((N, 4 * H if k in ("gates", "nih", "nhh") else H), dtype)
-         for k in ("gates", "nih", "nhh", "nc", "tc", "hm", "cp")}
-    S.update({k: np.empty((N, 1), dtype) for k in ("rih", "rhh", "rc")})
+    S = _saved(N, 4, H, dtype, ("nc", "tc", "hm", "cp"), ("rih", "rhh", "rc"))
     for sl, bt in pack.steps:
         hp, cp = h[:bt], c[:bt]
         hm = R._masked(hp, M)
@@ -90,11 +109,8 @@ def lstm_forward(x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh
         c[:bt] = c_new if Kc is None else R._zone(R._at(Kc, sl), cp, c_new)
         h[:bt] = h_new if Kh is None else R._zone(R._at(Kh, sl), hp, h_new)
         Y[sl] = h[:bt]
-    ctx = None
-    if need_ctx:
-        ctx = R._Context("lstm", pack=pack, X=X, w_ih=w_ih, w_hh=w_hh, dtype=dtype, H=H,
-                         has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, Kh=Kh, Kc=Kc,
-                         M=M, ln=(g_ih, g_hh, g_c), S=S)
+    ctx = _context("lstm", need_ctx, pack, X, w_ih, w_hh, b_ih, b_hh, dtype, H,
+                   (g_ih, g_hh, g_c), S, Kh=Kh, Kc=Kc, M=M)
     return pack.scatter(Y), pack.unsort_state(h), pack.unsort_state(c), ctx
 
 
@@ -150,9 +166,7 @@ def gru_forward(x: Any, h0: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh: Any, len
     h = pack.sort_state(h0, (B, H), dtype)
     N = pack.n
     Y = np.empty((N, H), dtype)
-    S = {k: np.empty((N, 3 * H if k in ("gates", "nih", "nhh") else H), dtype)
-         for k in ("gates", "nih", "nhh", "hl", "hm", "hp")}
-    S.update({k: np.empty((N, 1), dtype) for k in ("rih", "rhh")})
+    S = _saved(N, 3, H, dtype, ("hl", "hm", "hp"), ("rih", "rhh"))
     for sl, bt in pack.steps:
         hp = h[:bt]
         hm = R._masked(hp, M)
@@ -170,11 +184,8 @@ def gru_forward(x: Any, h0: Any, w_ih: Any, w_hh: Any, b_ih: Any, b_hh: Any, len
             S[k][sl] = v
         h[:bt] = h_new if Kh is None else R._zone(R._at(Kh, sl), hp, h_new)
         Y[sl] = h[:bt]
-    ctx = None
-    if need_ctx:
-        ctx = R._Context("gru", pack=pack, X=X, w_ih=w_ih, w_hh=w_hh, dtype=dtype, H=H,
-                         has_b_ih=b_ih is not None, has_b_hh=b_hh is not None, Kh=Kh, M=M,
-                         ln=(g_ih, g_hh), S=S)
+    ctx = _context("gru", need_ctx, pack, X, w_ih, w_hh, b_ih, b_hh, dtype, H, (g_ih, g_hh),
+                   S, Kh=Kh, M=M)
     return pack.scatter(Y), pack.unsort_state(h), ctx
 
 

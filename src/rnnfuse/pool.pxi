@@ -156,7 +156,8 @@ cdef class StreamPool:
             s.call.b_ih, s.call.b_hh = _data(b_ih), _data(b_hh)
             s.call.packed = _data(packed)
             s.call.peep = _data(peep)
-            s.call.layernorm = _layernorm(ln, None, G * H, H, self.typenum)
+            s.call.layernorm = _layernorm(spec, self.option, peep is not None, ln, None, H,
+                                          self.typenum)
             _set_zoneout(&s.call.zoneout, zone, spec.states == 2)
             s.call.ws = _data(ws)
             s.call.h0, s.call.h_n = s.h0, s.h_n

@@ -6,32 +6,33 @@ cdef extern from "lstmp.h" nogil:
     Py_ssize_t rf_lstmp_workspace(const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
                                   int train)
     Py_ssize_t rf_lstmp_backward_scratch(const rf_plan *p, Py_ssize_t H, Py_ssize_t P)
-    void rf_lstmp_forward_f32(float *y, float *h_n, float *c_n, float *ws, const float *x,
-                              const float *h0, const float *c0, const float *w_ih,
-                              const float *w_hh, const float *w_hr, const float *b_ih,
-                              const float *b_hh, const float *peep, const float *packed,
+    # The kernels' arrays declared as void * (C converts them to the dtype's pointers), so
+    # that the float and the double call read alike.
+    void rf_lstmp_forward_f32(void *y, void *h_n, void *c_n, void *ws, const void *x,
+                              const void *h0, const void *c0, const void *w_ih,
+                              const void *w_hh, const void *w_hr, const void *b_ih,
+                              const void *b_hh, const void *peep, const void *packed,
                               const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
                               int train, const rf_runtime *rt)
-    void rf_lstmp_forward_f64(double *y, double *h_n, double *c_n, double *ws,
-                              const double *x, const double *h0, const double *c0,
-                              const double *w_ih, const double *w_hh, const double *w_hr,
-                              const double *b_ih, const double *b_hh, const double *peep,
-                              const double *packed, const rf_plan *p, Py_ssize_t I,
-                              Py_ssize_t H, Py_ssize_t P, int train, const rf_runtime *rt)
-    void rf_lstmp_backward_f32(float *dx, float *dh0, float *dc0, float *dw_ih,
-                               float *dw_hh, float *dw_hr, float *db_ih, float *db_hh,
-                               float *dpeep, const float *dy, const float *dh_n,
-                               const float *dc_n, float *ws, float *scratch, const float *x,
-                               const float *w_ih, const float *w_hh, const float *w_hr,
-                               const float *peep, const rf_plan *p, Py_ssize_t I,
-                               Py_ssize_t H, Py_ssize_t P, const rf_runtime *rt)
-    void rf_lstmp_backward_f64(double *dx, double *dh0, double *dc0, double *dw_ih,
-                               double *dw_hh, double *dw_hr, double *db_ih, double *db_hh,
-                               double *dpeep, const double *dy, const double *dh_n,
-                               const double *dc_n, double *ws, double *scratch,
-                               const double *x, const double *w_ih, const double *w_hh,
-                               const double *w_hr, const double *peep, const rf_plan *p,
-                               Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
+    void rf_lstmp_forward_f64(void *y, void *h_n, void *c_n, void *ws, const void *x,
+                              const void *h0, const void *c0, const void *w_ih,
+                              const void *w_hh, const void *w_hr, const void *b_ih,
+                              const void *b_hh, const void *peep, const void *packed,
+                              const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
+                              int train, const rf_runtime *rt)
+    void rf_lstmp_backward_f32(void *dx, void *dh0, void *dc0, void *dw_ih, void *dw_hh,
+                               void *dw_hr, void *db_ih, void *db_hh, void *dpeep,
+                               const void *dy, const void *dh_n, const void *dc_n, void *ws,
+                               void *scratch, const void *x, const void *w_ih,
+                               const void *w_hh, const void *w_hr, const void *peep,
+                               const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
+                               const rf_runtime *rt)
+    void rf_lstmp_backward_f64(void *dx, void *dh0, void *dc0, void *dw_ih, void *dw_hh,
+                               void *dw_hr, void *db_ih, void *db_hh, void *dpeep,
+                               const void *dy, const void *dh_n, const void *dc_n, void *ws,
+                               void *scratch, const void *x, const void *w_ih,
+                               const void *w_hh, const void *w_hr, const void *peep,
+                               const rf_plan *p, Py_ssize_t I, Py_ssize_t H, Py_ssize_t P,
                                const rf_runtime *rt)
 
 
@@ -80,17 +81,11 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, peep, Plan plan not N
     cdef void *a_peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            rf_lstmp_forward_f32(<float *>a_y, <float *>a_hn, <float *>a_cn, <float *>a_ws,
-                                 <float *>a_x, <float *>a_h0, <float *>a_c0, <float *>a_wih,
-                                 <float *>a_whh, <float *>a_whr, <float *>a_bih,
-                                 <float *>a_bhh, <float *>a_peep, NULL, &p, I, H, P, train,
-                                 &_rt)
+            rf_lstmp_forward_f32(a_y, a_hn, a_cn, a_ws, a_x, a_h0, a_c0, a_wih, a_whh, a_whr,
+                                 a_bih, a_bhh, a_peep, NULL, &p, I, H, P, train, &_rt)
         else:
-            rf_lstmp_forward_f64(<double *>a_y, <double *>a_hn, <double *>a_cn,
-                                 <double *>a_ws, <double *>a_x, <double *>a_h0,
-                                 <double *>a_c0, <double *>a_wih, <double *>a_whh,
-                                 <double *>a_whr, <double *>a_bih, <double *>a_bhh,
-                                 <double *>a_peep, NULL, &p, I, H, P, train, &_rt)
+            rf_lstmp_forward_f64(a_y, a_hn, a_cn, a_ws, a_x, a_h0, a_c0, a_wih, a_whh, a_whr,
+                                 a_bih, a_bhh, a_peep, NULL, &p, I, H, P, train, &_rt)
     return y, h_n, c_n
 
 
@@ -131,19 +126,11 @@ def lstmp_backward(dy, dh_n, dc_n, ws, x, w_ih, w_hh, w_hr, peep, Plan plan not 
     cdef void *a_peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL)
     with nogil:
         if t == cnp.NPY_FLOAT:
-            rf_lstmp_backward_f32(<float *>a_dx, <float *>a_dh0, <float *>a_dc0,
-                                  <float *>a_dwih, <float *>a_dwhh, <float *>a_dwhr,
-                                  <float *>a_dbih, <float *>a_dbhh, <float *>a_dpeep,
-                                  <float *>a_dy, <float *>a_dhn, <float *>a_dcn,
-                                  <float *>a_ws, <float *>a_sc, <float *>a_x,
-                                  <float *>a_wih, <float *>a_whh, <float *>a_whr,
-                                  <float *>a_peep, &p, I, H, P, &_rt)
+            rf_lstmp_backward_f32(a_dx, a_dh0, a_dc0, a_dwih, a_dwhh, a_dwhr, a_dbih, a_dbhh,
+                                  a_dpeep, a_dy, a_dhn, a_dcn, a_ws, a_sc, a_x, a_wih, a_whh,
+                                  a_whr, a_peep, &p, I, H, P, &_rt)
         else:
-            rf_lstmp_backward_f64(<double *>a_dx, <double *>a_dh0, <double *>a_dc0,
-                                  <double *>a_dwih, <double *>a_dwhh, <double *>a_dwhr,
-                                  <double *>a_dbih, <double *>a_dbhh, <double *>a_dpeep,
-                                  <double *>a_dy, <double *>a_dhn, <double *>a_dcn,
-                                  <double *>a_ws, <double *>a_sc, <double *>a_x,
-                                  <double *>a_wih, <double *>a_whh, <double *>a_whr,
-                                  <double *>a_peep, &p, I, H, P, &_rt)
+            rf_lstmp_backward_f64(a_dx, a_dh0, a_dc0, a_dwih, a_dwhh, a_dwhr, a_dbih, a_dbhh,
+                                  a_dpeep, a_dy, a_dhn, a_dcn, a_ws, a_sc, a_x, a_wih, a_whh,
+                                  a_whr, a_peep, &p, I, H, P, &_rt)
     return dx, dh0, dc0, dw_ih, dw_hh, dw_hr, db_ih, db_hh, dpeep

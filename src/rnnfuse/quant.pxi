@@ -9,11 +9,13 @@ cdef extern from "rnnfuse.h" nogil:
         Py_ssize_t panel_stride
         const float *scales
         const int32_t *sums
+        void *scratch
     Py_ssize_t rf_q8_pack_size(Py_ssize_t G, Py_ssize_t H, Py_ssize_t I, int lbr)
     void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, Py_ssize_t G,
                             Py_ssize_t H, Py_ssize_t I, int lbr)
     int rf_q8_prepared(rf_weight W[3], const void *prepacked, Py_ssize_t G, Py_ssize_t H,
                        Py_ssize_t I, int lbr)
+    Py_ssize_t rf_q8_scratch_size(Py_ssize_t K)
     float rf_q8_quantize(int8_t *q, const float *a, Py_ssize_t K, int path)
     int rf_q8_cpu_vnni()
     void rf_q8_gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t lda,
@@ -140,7 +142,7 @@ def q8_product(a, w, c=None, bint unbuffered=False):
     """Test hook: a (M, K) @ w (N, K)^T with w quantized per row as q8_pack_weights does and
     a's rows at run time, the product the steps and the projection run on int8 weights:
     returns c + that (a new array; c: None for zeros). unbuffered: the slow way taken
-    when the rows' buffer cannot be allocated."""
+    without scratch."""
     cdef const float[:, ::1] av = a
     cdef Py_ssize_t M = av.shape[0], K = av.shape[1], N = w.shape[0]
     if w.shape[1] != K or M < 1:
@@ -148,6 +150,8 @@ def q8_product(a, w, c=None, bint unbuffered=False):
     packed = q8_pack_weights(w, np.zeros((N, N), np.float32), 1, False)
     cdef rf_weight W[3]
     rf_q8_prepared(W, cnp.PyArray_DATA(packed), 1, N, K, 0)
+    scratch = aligned_empty((rf_q8_scratch_size(K) + 3) // 4, np.float32)  # bytes, on a line
+    W[2].scratch = cnp.PyArray_DATA(scratch)
     out = np.zeros((M, N), np.float32) if c is None else np.array(c, np.float32, order="C")
     if out.shape != (M, N):
         raise ValueError(f"c must be ({M}, {N}), got {out.shape}")

@@ -91,7 +91,7 @@ cdef tuple _stream_sizes(str who, const rf_cell *spec, bint option, int typenum,
             if len(extra) != 2 * spec.states:
                 raise ValueError(f"{who}: layer {l}'s weights have {4 + len(extra)} parts"
                                  f" (with layer_norm {4 + 2 * spec.states}: the gains last)")
-            _layernorm(extra, None, G * H, H, typenum)  # checks their sizes
+            _layernorm(spec, option, False, extra, None, H, typenum)  # checks them
             continue
         if extra and (spec.id != RF_LSTM or len(extra) > 1):
             raise ValueError(f"{who}: layer {l}'s weights have {4 + len(w[4:])} parts"
@@ -141,20 +141,11 @@ cdef inline void _step_layer(bint f32, int cell, int option, const rf_forward_bu
     if P == 0:
         _forward(f32, cell, option, a, p, I, H, 0)
     elif f32:
-        rf_lstmp_forward_f32(<float *>a.y, <float *>a.h_n, <float *>a.c_n, <float *>a.ws,
-                             <const float *>a.x, <const float *>a.h0, <const float *>a.c0,
-                             <const float *>a.w_ih, <const float *>a.w_hh,
-                             <const float *>w_hr, <const float *>a.b_ih,
-                             <const float *>a.b_hh, <const float *>a.peep,
-                             <const float *>a.packed, p, I, H, P, 0, &_rt)
+        rf_lstmp_forward_f32(a.y, a.h_n, a.c_n, a.ws, a.x, a.h0, a.c0, a.w_ih, a.w_hh, w_hr,
+                             a.b_ih, a.b_hh, a.peep, a.packed, p, I, H, P, 0, &_rt)
     else:
-        rf_lstmp_forward_f64(<double *>a.y, <double *>a.h_n, <double *>a.c_n,
-                             <double *>a.ws, <const double *>a.x, <const double *>a.h0,
-                             <const double *>a.c0, <const double *>a.w_ih,
-                             <const double *>a.w_hh, <const double *>w_hr,
-                             <const double *>a.b_ih, <const double *>a.b_hh,
-                             <const double *>a.peep, <const double *>a.packed, p, I, H, P,
-                             0, &_rt)
+        rf_lstmp_forward_f64(a.y, a.h_n, a.c_n, a.ws, a.x, a.h0, a.c0, a.w_ih, a.w_hh, w_hr,
+                             a.b_ih, a.b_hh, a.peep, a.packed, p, I, H, P, 0, &_rt)
 
 
 cdef class Stream:
@@ -242,7 +233,8 @@ cdef class Stream:
                 call.b_ih, call.b_hh = _data(b_ih), _data(b_hh)
                 call.packed = _data(packed)
                 call.peep = _data(peep)
-                call.layernorm = _layernorm(ln, None, G * H, H, self.typenum)
+                call.layernorm = _layernorm(spec, self.option, peep is not None, ln, None, H,
+                                            self.typenum)
                 _set_zoneout(&call.zoneout, zone, spec.states == 2)
                 call.ws = _data(ws)
                 call.h0, call.h_n = _data(h[k]), _data(h[1 - k])

@@ -6,7 +6,6 @@ import functools
 import threading
 import zlib
 
-import numpy as np
 import torch
 
 from .. import _kernels, functional as F
@@ -85,9 +84,8 @@ def _workspace_size(cell, T, B, I, H, reverse):
 
 @functools.lru_cache(maxsize=None)
 def _pack_size(cell, I, H):
-    """Elements of the packed weights, the training workspace's last part."""
-    G = F._GATES[cell]
-    return _kernels.pack_weights(np.zeros((G * H, I)), np.zeros((G * H, H)), G, True).size
+    """Elements of the packed weights' room, the training workspace's last part."""
+    return _kernels.workspace_weights_size(cell, I, H)
 
 
 # The operators' training workspaces come from a small per-thread pool of buffers, reused
