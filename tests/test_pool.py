@@ -11,11 +11,13 @@ import threading
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from threadpoolctl import threadpool_limits
 
 import rnnfuse
 from rnnfuse import _kernels
 from rnnfuse.layers import GRU, LSTM, RNN
+
+from sessions import (Session, alone, assert_same, check_batch_invariance, check_wide_step,
+                      parts, random_state)
 
 CELLS = [(LSTM, {}), (GRU, {"linear_before_reset": True}),
          (GRU, {"linear_before_reset": False}), (RNN, {"nonlinearity": "tanh"}),
@@ -46,90 +48,6 @@ def mode(request):
     _kernels.set_kernel(None)
 
 
-def parts(state):
-    return list(state) if isinstance(state, tuple) else [state]
-
-
-def random_state(layer, rng, batch=1):
-    shape = (layer.num_layers, batch, layer.hidden_size)
-    arrays = [rng.standard_normal(shape).astype(layer.dtype)
-              for _ in range(2 if isinstance(layer, LSTM) else 1)]
-    return tuple(arrays) if isinstance(layer, LSTM) else arrays[0]
-
-
-def zeros_state(layer, batch=1):
-    shape = (layer.num_layers, batch, layer.hidden_size)
-    arrays = [np.zeros(shape, layer.dtype) for _ in range(2 if isinstance(layer, LSTM) else 1)]
-    return tuple(arrays) if isinstance(layer, LSTM) else arrays[0]
-
-
-class Session:
-    def __init__(self, state):
-        self.state, self.xs, self.ys, self.final = state, [], [], None
-
-
-def workload(layer, rng, capacity, rounds):
-    """Sessions opened (from zeros or a random state), closed and stepped in random subsets
-    and orders through one pool; returns every session's inputs, outputs and final state."""
-    pool = layer.stream_pool(capacity)
-    live, done = {}, []
-    for _ in range(rounds):
-        for _ in range(int(rng.integers(0, 3))):
-            if len(live) < capacity:
-                state = random_state(layer, rng) if rng.random() < 0.5 else None
-                live[pool.open(state)] = Session(state)
-        for sid in list(live):
-            if rng.random() < 0.1:
-                live[sid].final = pool.state(sid)
-                pool.close(sid)
-                done.append(live.pop(sid))
-        if live:
-            ids = rng.permutation(np.array(list(live), np.int64))[:int(rng.integers(0, len(live) + 1))]
-            x = rng.standard_normal((len(ids), layer.input_size)).astype(layer.dtype)
-            y = pool.step(ids, x)
-            assert y.shape == (len(ids), layer.hidden_size) and y.dtype == layer.dtype
-            for i, sid in enumerate(ids):
-                live[sid].xs.append(x[i])
-                live[sid].ys.append(y[i])
-    for sid, s in live.items():
-        s.final = pool.state(sid)
-    return done + list(live.values())
-
-
-def alone(layer, s):
-    """Session s stepped alone, in a pool of one."""
-    pool = layer.stream_pool(1)
-    sid = pool.open(s.state)
-    ys = [pool.step([sid], x[None])[0] for x in s.xs]
-    return ys, pool.state(sid)
-
-
-def streamed(layer, s):
-    stream = layer.stream(1, s.state)
-    return [stream.step(x[None])[0] for x in s.xs], stream.state
-
-
-def whole_sequences(layer, sessions):
-    """Every session as one row of a ragged forward in eval mode: (y, final state)."""
-    T = max([len(s.xs) for s in sessions] + [1])
-    x = np.zeros((T, len(sessions), layer.input_size), layer.dtype)
-    lengths = np.array([len(s.xs) for s in sessions])
-    init = zeros_state(layer, len(sessions))
-    for b, s in enumerate(sessions):
-        if s.xs:
-            x[:len(s.xs), b] = np.stack(s.xs)
-        if s.state is not None:
-            for full, part in zip(parts(init), parts(s.state)):
-                full[:, b] = part[:, 0]
-    return layer.forward(x, init, lengths=lengths)
-
-
-def assert_same(got, want):
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert np.array_equal(a, b)
-
-
 @pytest.mark.parametrize("mode", MODES, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
@@ -140,20 +58,7 @@ def test_sessions_are_batch_invariant(cls, opts, dtype, num_layers, threads, mod
     rng = np.random.default_rng(seed)
     I, H = int(rng.integers(1, 12)), int(rng.choice([1, 5, 20, 37, 70]))
     layer = cls(I, H, num_layers=num_layers, dtype=dtype, seed=seed, **opts).eval()
-    with threadpool_limits(threads):
-        sessions = workload(layer, rng, capacity=int(rng.integers(1, 14)), rounds=30)
-        for s in sessions:  # the pool's promise: whoever shares a session's steps
-            ys, final = alone(layer, s)
-            assert_same(s.ys, ys)
-            assert_same(parts(s.final), parts(final))
-        for s in sessions:  # and a stream's
-            ys, final = streamed(layer, s)
-            assert_same(s.ys, ys)
-            assert_same(parts(s.final), parts(final))
-        y, final = whole_sequences(layer, sessions)  # and a forward's rows
-    for b, s in enumerate(sessions):
-        assert_same(s.ys, list(y[:len(s.xs), b]))
-        assert_same(parts(s.final), [f[:, b:b + 1] for f in parts(final)])
+    check_batch_invariance(layer, rng, threads)
 
 
 _HYP_LAYER = GRU(3, 37, num_layers=2, seed=7).eval()
@@ -184,31 +89,7 @@ def test_any_schedule_gives_each_session_its_numbers_alone(schedule, seed):
 @pytest.mark.parametrize("mode", MODES, indirect=True)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_threads_split_a_wide_step_without_changing_bits(dtype, mode):
-    """Enough sessions that a step is shared among threads (whole tiles each): the same bits
-    at 1 and 2 threads, and as each session alone."""
-    layer = LSTM(8, 256, num_layers=2, dtype=dtype, seed=0).eval()
-    rng = np.random.default_rng(0)
-    n = 41  # six whole tiles and a row left over
-    x = rng.standard_normal((3, n, 8)).astype(dtype)
-    state = random_state(layer, rng, n)
-    results = []
-    for threads in (1, 2):
-        with threadpool_limits(threads):
-            pool = layer.stream_pool(n + 3)
-            ids = np.array([pool.open(tuple(p[:, b:b + 1] for p in state)) for b in range(n)])
-            order = rng.permutation(n)
-            ys = np.stack([pool.step(ids[order], x[t, order])[np.argsort(order)]
-                           for t in range(3)])
-            results.append(ys)
-    assert np.array_equal(results[0], results[1])
-    for b in (0, 5, 40):
-        s = Session(tuple(p[:, b:b + 1] for p in state))
-        s.xs = list(x[:, b])
-        ys, _ = alone(layer, s)
-        assert np.array_equal(np.stack(ys), results[0][:, b])
-    with threadpool_limits(2):  # a forward long enough to be shared among threads
-        y, _ = layer.forward(x, state)
-    assert np.array_equal(y, results[0])
+    check_wide_step(LSTM(8, 256, num_layers=2, dtype=dtype, seed=0).eval())
 
 
 @pytest.mark.skipif(not AVX2, reason="no AVX2")
