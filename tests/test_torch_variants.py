@@ -438,6 +438,8 @@ def test_stream_onnx_and_torch_nn_refused():
                            r"no torch.nn counterpart: torch.nn.LSTM has no such option"):
             call()
     pytest.importorskip("onnx")
-    with pytest.raises(RuntimeError, match=r"LSTM with peepholes=True cannot be exported to "
-                       r"ONNX: rnnfuse.torch exports the plain cells"):
-        torch.onnx.export(module.eval(), (torch.randn(5, 2, 3),), io.BytesIO(), dynamo=False)
+    zoned = rt.LSTM(3, 4, peepholes=True, zoneout=0.1).eval()
+    with pytest.raises(RuntimeError, match=r"LSTM with zoneout=0.1 cannot be exported to "
+                       r"ONNX: rnnfuse.torch exports the plain cells and the LSTM's "
+                       r"peepholes"):
+        torch.onnx.export(zoned, (torch.randn(5, 2, 3),), io.BytesIO(), dynamo=False)

@@ -494,9 +494,10 @@ class LSTM(_RNNBase, torch.nn.LSTM):
     previous state and the other two do nothing. A state dict loads both ways with
     rnnfuse.LSTM of the same options. They run in eager mode (autocast, packed, stacked and
     bidirectional as without); torch.compile, torch.export, torch.jit.trace and torch.func
-    refuse them, but for weight_drop (and recurrent_dropout in eval); ONNX export,
-    ``to_torch()`` and swapping back to torch.nn refuse them; ``stream()`` takes them
-    all.
+    refuse them, but for weight_drop (and recurrent_dropout in eval); ONNX export takes
+    peepholes (ONNX LSTM's input P; padded input, not a PackedSequence) and refuses the
+    others (weight_drop and recurrent_dropout do nothing in eval); ``to_torch()`` and
+    swapping back to torch.nn refuse them; ``stream()`` takes them all.
     """
 
     _torch_class = torch.nn.LSTM
