@@ -92,6 +92,50 @@ def test_onnx_export_one_node_per_layer_that_onnxruntime_runs(kind, dynamo):
         torch.testing.assert_close(torch.from_numpy(a), w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+def test_onnx_export_of_peepholes_gives_the_p_input(bidirectional, dynamo):
+    """An LSTM with peepholes (random, not their initial zeros) exports as ONNX LSTM
+    nodes with the input P, which onnxruntime runs to the module's outputs."""
+    torch.manual_seed(3)
+    model = Wrapper(rt.LSTM(3, 5, num_layers=2, bidirectional=bidirectional,
+                            peepholes=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "peep" in name:
+                p.copy_(torch.randn_like(p))
+    L = 4 if bidirectional else 2
+    data = _export(model, (torch.randn(6, 2, 3), _state("lstm", L, 2, 5)),
+                   ["x", "h0", "c0"], dynamo)
+    nodes = _recurrent_nodes(data)
+    assert [n.op_type for n in nodes] == ["LSTM"] * 2
+    assert all(len(n.input) == 8 and n.input[7] != "" for n in nodes)  # P given
+    session = ort.InferenceSession(data)
+    x, h = torch.randn(9, 4, 3), _state("lstm", L, 4, 5)
+    inputs = [i.name for i in session.get_inputs()]
+    got = session.run(None, dict(zip(inputs, [x.numpy(), *(s.numpy() for s in h)])))
+    with torch.no_grad():
+        want = _flat(model(x, h))
+    for a, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(a), w, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_export_of_peepholes_refuses_a_packed_sequence():
+    class PackedPeepholes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rt.LSTM(3, 4, peepholes=True)
+
+        def forward(self, x, lengths):
+            return self.rnn(pack_padded_sequence(x, lengths, enforce_sorted=False))[1][0]
+
+    with pytest.raises(RuntimeError, match=r"LSTM with peepholes=True exports to ONNX over "
+                       r"a padded tensor, not a PackedSequence"):
+        torch.onnx.export(PackedPeepholes().eval(), (torch.randn(5, 2, 3),
+                                                     torch.tensor([5, 2])),
+                          io.BytesIO(), dynamo=False)
+
+
 class Packed(nn.Module):
     """A bidirectional GRU over a padded batch with lengths, through a PackedSequence."""
 

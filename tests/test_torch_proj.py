@@ -186,9 +186,39 @@ def test_hx_shapes_named():
 EAGER_ONLY = r"proj_size > 0 runs in eager mode only.*module.to_torch\(\)"
 
 
-def test_stream_refused():
-    with pytest.raises(ValueError, match=r"LSTM with proj_size=2 cannot be streamed"):
-        rt.LSTM(3, 4, proj_size=2).eval().stream()
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("peepholes", [False, True])
+def test_stream(dtype, peepholes):
+    """Two layers' steps (proj_size wide) and final (h, c) equal the eval forward bit for
+    bit; reset to a state continues as the forward from it."""
+    torch.manual_seed(0)
+    T, B, I, H, P = 5, 3, 4, 6, 2
+    o = rt.LSTM(I, H, num_layers=2, proj_size=P, peepholes=peepholes, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in o.parameters():
+            p.add_(torch.rand_like(p) * 0.2)
+        x = torch.randn(T, B, I, dtype=dtype)
+        y, (h, c) = o(x)
+        middle = o(x[:2])[1]
+        again = o(x[2:], middle)[0]
+    stream = o.stream(B)
+    assert stream.proj_size == P and stream.hidden_size == H
+    assert torch.equal(torch.stack([stream.step(x[t]) for t in range(T)]), y)
+    assert all(torch.equal(s, w) for s, w in zip(stream.state, (h, c)))
+    stream.reset(middle)
+    assert torch.equal(torch.stack([stream.step(x[t]) for t in range(2, T)]), again)
+
+
+def test_stream_bad_state():
+    stream = rt.LSTM(3, 5, num_layers=2, proj_size=2).eval().stream(4)
+    with pytest.raises(ValueError, match=r"state\[0\] \(h\) must have shape \(2, 4, 2\) "
+                       r"\(num_layers, batch_size, proj_size\), got \(2, 4, 5\)"):
+        stream.reset((torch.zeros(2, 4, 5), torch.zeros(2, 4, 5)))
+    with pytest.raises(ValueError, match=r"state\[1\] \(c\) must have shape \(2, 4, 5\) "
+                       r"\(num_layers, batch_size, hidden_size\), got \(2, 4, 2\)"):
+        stream.reset((torch.zeros(2, 4, 2), torch.zeros(2, 4, 2)))
+    with pytest.raises(ValueError, match=r"a bidirectional LSTM cannot be streamed"):
+        rt.LSTM(3, 5, proj_size=2, bidirectional=True).eval().stream()
 
 
 def test_tracing_refused():

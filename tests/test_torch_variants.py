@@ -326,6 +326,31 @@ def test_stream_with_peepholes_and_zoneout():
     assert torch.equal(torch.stack([stream.step(x[t]) for t in range(T)]), want)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stream_with_layer_norm(cell, dtype):
+    """Two layers' steps and final state equal the eval forward bit for bit, with gains
+    and cell bias away from their initial 1 and 0; reset to a state continues as the
+    forward from it."""
+    torch.manual_seed(0)
+    module = CLASSES[cell][1](I, H, num_layers=2, layer_norm=True, zoneout=0.2,
+                              dtype=dtype).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.rand_like(p) * 0.2)
+        x = torch.randn(T, B, I, dtype=dtype)
+        want, want_state = module(x)
+        middle = module(x[:2])[1]
+        again = module(x[2:], middle)[0]
+    stream = module.stream(B)
+    assert torch.equal(torch.stack([stream.step(x[t]) for t in range(T)]), want)
+    states = stream.state if cell == "lstm" else (stream.state,)
+    wants = want_state if cell == "lstm" else (want_state,)
+    assert all(torch.equal(s, w) for s, w in zip(states, wants))
+    stream.reset(middle)
+    assert torch.equal(torch.stack([stream.step(x[t]) for t in range(2, T)]), again)
+
+
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("make, error, match", [
@@ -402,9 +427,10 @@ def test_weight_drop_runs_under_torch_func():
 
 
 def test_stream_onnx_and_torch_nn_refused():
-    with pytest.raises(ValueError, match=r"LSTM with layer_norm=True cannot be streamed: "
-                       r"rnnfuse's streams have no layer normalization"):
-        rt.LSTM(3, 4, layer_norm=True).eval().stream()
+    with pytest.raises(ValueError, match=r"a bidirectional LSTM cannot be streamed"):
+        rt.LSTM(3, 4, layer_norm=True, bidirectional=True).eval().stream()
+    with pytest.raises(RuntimeError, match=r"GRU.stream\(\) runs the module as in eval mode"):
+        rt.GRU(3, 4, layer_norm=True).stream()
     module = rt.LSTM(3, 4, peepholes=True, weight_drop=0.2)
     for call in (module.to_torch, lambda: rt.unswap_modules(torch.nn.Sequential(module)),
                  lambda: torch.jit.script(module)):
@@ -412,6 +438,8 @@ def test_stream_onnx_and_torch_nn_refused():
                            r"no torch.nn counterpart: torch.nn.LSTM has no such option"):
             call()
     pytest.importorskip("onnx")
-    with pytest.raises(RuntimeError, match=r"LSTM with peepholes=True cannot be exported to "
-                       r"ONNX: rnnfuse.torch exports the plain cells"):
-        torch.onnx.export(module.eval(), (torch.randn(5, 2, 3),), io.BytesIO(), dynamo=False)
+    zoned = rt.LSTM(3, 4, peepholes=True, zoneout=0.1).eval()
+    with pytest.raises(RuntimeError, match=r"LSTM with zoneout=0.1 cannot be exported to "
+                       r"ONNX: rnnfuse.torch exports the plain cells and the LSTM's "
+                       r"peepholes"):
+        torch.onnx.export(zoned, (torch.randn(5, 2, 3),), io.BytesIO(), dynamo=False)

@@ -464,10 +464,10 @@ class _RNNBase(_Fused):
         """A :class:`Stream` that runs this module one timestep at a time (generation,
         online inference), starting from ``state`` (the module's form, with batch_size
         rows; None for zeros). Each ``stream.step(x_t)``, x_t (batch_size, input_size),
-        returns y_t (batch_size, hidden_size): the numbers of the forward over the whole
-        sequence in eval mode, bit for bit. The stream copies the weights as they are now;
-        the module must be in eval mode and unidirectional, without proj_size or
-        layer_norm."""
+        returns y_t (batch_size, hidden_size; proj_size with a projection): the numbers of
+        the forward over the whole sequence in eval mode, bit for bit. The stream copies
+        the weights as they are now; the module must be in eval mode and
+        unidirectional."""
         return Stream(self, batch_size, state)
 
 
@@ -481,8 +481,8 @@ class LSTM(_RNNBase, torch.nn.LSTM):
     layer_norm=False)``; ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``. With
     ``proj_size`` P > 0 (an LSTM with projections, as torch.nn's: parameters
     ``weight_hr_l{k}[_reverse]``, h and the output P wide) it runs in eager mode only;
-    torch.compile, torch.export, ONNX export and ``stream()`` refuse it (``to_torch()``
-    gives the torch.nn.LSTM for those).
+    torch.compile, torch.export and ONNX export refuse it (``to_torch()`` gives the
+    torch.nn.LSTM for those); ``stream()`` takes it.
 
     The keyword-only arguments are rnnfuse extensions, rnnfuse.LSTM's cell variants with
     its parameter names, initialisation and meaning (see there): ``peepholes=True``
@@ -494,9 +494,10 @@ class LSTM(_RNNBase, torch.nn.LSTM):
     previous state and the other two do nothing. A state dict loads both ways with
     rnnfuse.LSTM of the same options. They run in eager mode (autocast, packed, stacked and
     bidirectional as without); torch.compile, torch.export, torch.jit.trace and torch.func
-    refuse them, but for weight_drop (and recurrent_dropout in eval); ONNX export,
-    ``to_torch()`` and swapping back to torch.nn refuse them; ``stream()`` takes all but
-    layer_norm.
+    refuse them, but for weight_drop (and recurrent_dropout in eval); ONNX export takes
+    peepholes (ONNX LSTM's input P; padded input, not a PackedSequence) and refuses the
+    others (weight_drop and recurrent_dropout do nothing in eval); ``to_torch()`` and
+    swapping back to torch.nn refuse them; ``stream()`` takes them all.
     """
 
     _torch_class = torch.nn.LSTM
@@ -594,11 +595,12 @@ class Stream:
 
     Made by ``module.stream(batch_size=1, state=None)`` of a module in eval mode.
     ``stream.step(x)`` takes one step's input ``(batch_size, input_size)`` and returns the
-    top layer's output ``(batch_size, hidden_size)`` (a new tensor): the matching row of
-    ``module(input)`` over the whole sequence in eval mode, bit for bit. All layers step
-    in one call of the kernels. ``stream.state`` is the current state in the module's form,
-    ``(h, c)`` for an LSTM, ``h`` for a GRU or RNN, each (num_layers, batch_size,
-    hidden_size) (copies); ``stream.reset(state=None)`` sets it (None: zeros).
+    top layer's output ``(batch_size, hidden_size)`` (proj_size wide with a projection; a
+    new tensor): the matching row of ``module(input)`` over the whole sequence in eval
+    mode, bit for bit. All layers step in one call of the kernels. ``stream.state`` is the
+    current state in the module's form, ``(h, c)`` for an LSTM, ``h`` for a GRU or RNN,
+    each (num_layers, batch_size, hidden_size) (h proj_size wide with a projection;
+    copies); ``stream.reset(state=None)`` sets it (None: zeros).
 
     The stream keeps its own copy of the module's weights as they were when it was made
     and computes no gradients. One stream is stepped by one thread at a time.
@@ -609,28 +611,21 @@ class Stream:
         if module.training:
             raise RuntimeError(f"{name}.stream() runs the module as in eval mode (no "
                                "dropout, no gradients): call module.eval() first")
-        if getattr(module, "proj_size", 0):
-            raise ValueError(f"{name} with proj_size={module.proj_size} cannot be "
-                             "streamed: rnnfuse's streams have no projection; run the "
-                             "module's forward over the sequence instead")
         if module.bidirectional:
             raise ValueError(f"a bidirectional {name} cannot be streamed: its reverse "
                              "direction needs the whole sequence")
-        if module.layer_norm:
-            raise ValueError(f"{name} with layer_norm=True cannot be streamed: rnnfuse's "
-                             "streams have no layer normalization; run the module's "
-                             "forward over the sequence instead")
         self.dtype = module._parameters_dtype()
-        peep = [[getattr(module, f"weight_peep_l{layer}")] if module.peepholes else []
-                for layer in range(module.num_layers)]
-        weights: list[list[Any]] = [[None if w is None else w.detach().numpy().copy()
-                                     for w in module._weights(layer, 0) + peep[layer]]
-                                    for layer in range(module.num_layers)]
+        proj_size = getattr(module, "proj_size", 0)
+        weights: list[list[Any]] = [
+            [None if w is None else w.detach().numpy().copy()
+             for w in module._weights(layer, 0) + _extra_weights(module, layer)]
+            for layer in range(module.num_layers)]
         self._stream = _kernels.Stream(module._cell, bool(_kernel_option(module._cell,
                                                                          *module._options)),
                                        weights[0][0].dtype, _check_int("batch_size",
                                                                        batch_size, 0), weights,
-                                       zoneout=module.zoneout)
+                                       zoneout=module.zoneout, layer_norm=module.layer_norm,
+                                       proj_size=proj_size)
         self._shape = (self.batch_size, self.input_size)
         self._lstm = module._n_states == 2
         self.reset(state)
@@ -639,13 +634,15 @@ class Stream:
     input_size = property(lambda self: self._stream.input_size)
     hidden_size = property(lambda self: self._stream.hidden_size)
     num_layers = property(lambda self: self._stream.num_layers)
+    proj_size = property(lambda self: self._stream.proj_size)
 
     def __repr__(self):
         return repr(self._stream).replace("rnnfuse", "rnnfuse.torch", 1)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """Advance every layer by one timestep: x (batch_size, input_size) -> y
-        (batch_size, hidden_size), the top layer's output."""
+        (batch_size, hidden_size, or proj_size with a projection), the top layer's
+        output."""
         if not (type(x) is torch.Tensor and x.dtype == self.dtype and x.is_cpu
                 and x.shape == self._shape):
             _check_tensor("x", _plain("x", x), self.dtype)
@@ -666,7 +663,8 @@ class Stream:
     @property
     def state(self) -> Any:
         """The current state, in the module's form: ``(h, c)`` for an LSTM, ``h`` for a
-        GRU or RNN, each (num_layers, batch_size, hidden_size) (copies)."""
+        GRU or RNN, each (num_layers, batch_size, hidden_size) (h proj_size wide with a
+        projection; copies)."""
         state = self._stream.state
         if self._lstm:
             return tuple(torch.from_numpy(s) for s in state)
@@ -685,15 +683,27 @@ class Stream:
             names: tuple[str, ...] = ("state[0] (h)", "state[1] (c)")
         else:
             parts, names = (state,), ("state",)
-        shape = (self.num_layers, self.batch_size, self.hidden_size)
+        widths = [(self.proj_size, "proj_size")] if self.proj_size else []
+        widths += [(self.hidden_size, "hidden_size")] * 2  # h (without projection), c
         arrays = []
-        for name, s in zip(names, parts):
+        for name, s, (width, what) in zip(names, parts, widths):
             _check_tensor(name, _plain(name, s), self.dtype)
+            shape = (self.num_layers, self.batch_size, width)
             if s.shape != shape:
                 raise ValueError(f"{name} must have shape {shape} (num_layers, batch_size, "
-                                 f"hidden_size), got {tuple(s.shape)}")
+                                 f"{what}), got {tuple(s.shape)}")
             arrays.append(s.detach().numpy())
         self._stream.reset(tuple(arrays) if self._lstm else arrays[0])
+
+
+def _extra_weights(module, layer):
+    """The parameters of one layer of a stream after (w_ih, w_hh, b_ih, b_hh), in the
+    order of rnnfuse's layers' (and _kernels.Stream's): w_hr, the peepholes, layer
+    normalization's gains (and the LSTM's cell bias), where the module has them."""
+    kinds = ["weight_hr"] if getattr(module, "proj_size", 0) else []
+    kinds += ["weight_peep"] if module.peepholes else []
+    kinds += module._LAYER_NORM[module._n_states] if module.layer_norm else []
+    return [getattr(module, kind + f"_l{layer}") for kind in kinds]
 
 
 def _plain(name, t):

@@ -5,7 +5,9 @@ linear_before_reset=1, PyTorch's GRU) or RNN, both directions in one node with
 direction="bidirectional". The TorchScript exporter (dynamo=False) gets torch.nn's forward,
 whose operators it translates (a PackedSequence's lengths become sequence_lens); the
 torch.export-based one (dynamo=True) gets the nodes themselves (torch.onnx.ops), with
-the length and batch symbolic. The operators, called directly, become one node per
+the length and batch symbolic. An LSTM with peepholes gives its nodes the input P under
+either exporter (its own nodes; rnnfuse's peepholes are in ONNX's order, i, o, f); the
+other cell variants are refused. The operators, called directly, become one node per
 direction under the TorchScript exporter. ONNX orders the gate blocks differently (see
 rnnfuse.onnx_weights), so the weights are reordered in the graph."""
 from __future__ import annotations
@@ -83,13 +85,19 @@ def export_forward(module, input, hx):
     if getattr(module, "proj_size", 0):
         raise RuntimeError(f"{type(module).__name__} with proj_size={module.proj_size} cannot "
                            "be exported to ONNX: ONNX's LSTM has no projection")
-    variants = getattr(module, "_active_variants", lambda: [])()
+    layered = hasattr(module, "num_layers")  # a module, not a cell
+    variants = [v for v in getattr(module, "_active_variants", lambda: [])()
+                if not (layered and v == "peepholes=True")]  # ONNX LSTM's input P
     if variants:
         raise RuntimeError(f"{type(module).__name__} with {', '.join(variants)} cannot be "
-                           "exported to ONNX: rnnfuse.torch exports the plain cells (these "
-                           "are rnnfuse extensions)")
+                           "exported to ONNX: rnnfuse.torch exports the plain cells and "
+                           "the LSTM's peepholes (these are rnnfuse extensions)")
+    peepholes = layered and getattr(module, "peepholes", False)
+    if peepholes and isinstance(input, PackedSequence):
+        raise RuntimeError(f"{type(module).__name__} with peepholes=True exports to ONNX "
+                           "over a padded tensor, not a PackedSequence")
     dynamo = torch._C._get_tracing_state() is None
-    if not dynamo or not hasattr(module, "num_layers") or isinstance(input, PackedSequence):
+    if not peepholes and (not dynamo or not layered or isinstance(input, PackedSequence)):
         # torch.nn's operators: the TorchScript exporter translates them (packed lengths
         # as sequence_lens), the dynamo-based one torch.nn's cells
         return module._torch_class.forward(module, input, hx)
@@ -130,12 +138,40 @@ def _layer_node(module, layer, x, states):
     elif cell == "rnn":
         attrs["activations"] = [module.nonlinearity.capitalize()] * D
     T, B = x.shape[0], x.shape[1]
-    y, *finals = torch.onnx.ops.symbolic_multi_out(
-        cell.upper(), [x, stacked(0), stacked(1), bias, None,
-                       *(None if s is None else s[rows] for s in states)],
-        attrs, dtypes=[x.dtype] * (1 + n), shapes=[(T, D, B, H)] + [(D, B, H)] * n,
-        version=_ONNX_OPSET)
+    inputs = [x, stacked(0), stacked(1), bias, None,
+              *(None if s is None else s[rows] for s in states)]
+    if module.peepholes:  # rnnfuse's peepholes are in ONNX's order (i, o, f) already
+        inputs.append(torch.stack([getattr(module, "weight_peep" + module._suffix(layer, d))
+                                   for d in range(D)]))
+    if torch._C._get_tracing_state() is not None:  # the TorchScript exporter
+        y, *finals = _LSTMNode.apply(attrs["direction"], *inputs)
+    else:
+        y, *finals = torch.onnx.ops.symbolic_multi_out(
+            cell.upper(), inputs, attrs, dtypes=[x.dtype] * (1 + n),
+            shapes=[(T, D, B, H)] + [(D, B, H)] * n, version=_ONNX_OPSET)
     return y.permute(0, 2, 1, 3).reshape(T, B, D * H), finals
+
+
+class _LSTMNode(torch.autograd.Function):
+    """An ONNX LSTM node for the TorchScript exporter, which translates torch.nn's
+    operators but has none for the peepholes: its inputs (x, W, R, B, sequence_lens,
+    initial_h, initial_c, P) in ONNX's layout. Like torch.onnx.ops' nodes, forward gives
+    the outputs' shapes and dtype (zeros), not their values; ``symbolic`` writes the
+    node."""
+
+    @staticmethod
+    def forward(ctx, direction, x, w, r, b, lengths, h0, c0, p):
+        T, B, D, H = x.shape[0], x.shape[1], w.shape[0], r.shape[2]
+        return x.new_zeros(T, D, B, H), x.new_zeros(D, B, H), x.new_zeros(D, B, H)
+
+    @staticmethod
+    def symbolic(g, direction, x, w, r, b, lengths, h0, c0, p):
+        from torch.onnx import symbolic_helper as sh
+        H = sh._get_tensor_sizes(r)[2]
+        absent = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
+        inputs = [absent if v is None or sh._is_none(v) else v
+                  for v in (x, w, r, b, lengths, h0, c0, p)]
+        return g.op("LSTM", *inputs, hidden_size_i=H, direction_s=direction, outputs=3)
 
 
 def _onnx_gate_order(cell, w, H):
