@@ -265,6 +265,9 @@ void RF_FN(rf_gemm)(const rf_runtime *rt, int trans_a, int trans_b,
 #define RF_GRAD_PANELS 8
 #define RF_GRAD_N_MAX 256
 #define RF_OWN_GRAD_GEMM_MAX (1 << 18)
+/* Products of at most this many rows (dx of a step or a small batch) read B's whole panels
+ * in place: packing B would cost more than the few row tiles that read it. */
+#define RF_GRAD_INPLACE_ROWS 16
 
 /* One thread's rows of a gradient product: whole tiles of C's rows, so every output is the
  * same sum in the same order (blocks of K in turn, one chain over k within each) at any
@@ -297,9 +300,16 @@ static void RF_FN(grad_part)(void *arg, int part, int parts) {
         }
         for (ptrdiff_t n0 = 0; n0 < q->N; n0 += NC) {
             ptrdiff_t nc = q->N - n0 < NC ? q->N - n0 : NC;
-            RF_FN(rf_pack)(Bp, q->B + k0 * q->ldb + n0, q->ldb, 0, kc, nc, q->avx2);
-            RF_FN(rf_packed_gemm)(r1 - r0, nc, kc, a, lda, Bp, RF_NR * kc, k0 > 0,
-                                  q->C + r0 * q->ldc + n0, q->ldc, 0, q->simd);
+            const REAL *b = q->B + k0 * q->ldb + n0;
+            REAL *c = q->C + r0 * q->ldc + n0;
+            ptrdiff_t inplace = q->M <= RF_GRAD_INPLACE_ROWS ? nc / RF_NR * RF_NR : 0;
+            if (inplace)
+                RF_FN(rf_inplace_gemm)(r1 - r0, inplace, kc, a, lda, b, q->ldb, k0 > 0, c,
+                                       q->ldc, q->simd);
+            if (inplace == nc) continue;
+            RF_FN(rf_pack)(Bp, b + inplace, q->ldb, 0, kc, nc - inplace, q->avx2);
+            RF_FN(rf_packed_gemm)(r1 - r0, nc - inplace, kc, a, lda, Bp, RF_NR * kc, k0 > 0,
+                                  c + inplace, q->ldc, 0, q->simd);
         }
     }
 }

@@ -387,6 +387,11 @@ typedef struct {
                               ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
                               int accumulate, REAL *C, ptrdiff_t ldc, int step,             \
                               int simd);                                                    \
+    /* rf_packed_gemm's product with B (K, N) read in place (row stride ldb), unpacked; N   \
+     * a multiple of RF_NR. */                                                              \
+    void rf_inplace_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,        \
+                               ptrdiff_t lda, const REAL *B, ptrdiff_t ldb, int accumulate, \
+                               REAL *C, ptrdiff_t ldc, int simd);                           \
     void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,   \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \
