@@ -265,9 +265,6 @@ void RF_FN(rf_gemm)(const rf_runtime *rt, int trans_a, int trans_b,
 #define RF_GRAD_PANELS 8
 #define RF_GRAD_N_MAX 256
 #define RF_OWN_GRAD_GEMM_MAX (1 << 18)
-/* Products of at most this many rows (dx of a step or a small batch) read B's whole panels
- * in place: packing B would cost more than the few row tiles that read it. */
-#define RF_GRAD_INPLACE_ROWS 16
 
 /* One thread's rows of a gradient product: whole tiles of C's rows, so every output is the
  * same sum in the same order (blocks of K in turn, one chain over k within each) at any
@@ -302,7 +299,7 @@ static void RF_FN(grad_part)(void *arg, int part, int parts) {
             ptrdiff_t nc = q->N - n0 < NC ? q->N - n0 : NC;
             const REAL *b = q->B + k0 * q->ldb + n0;
             REAL *c = q->C + r0 * q->ldc + n0;
-            ptrdiff_t inplace = q->M <= RF_GRAD_INPLACE_ROWS ? nc / RF_NR * RF_NR : 0;
+            ptrdiff_t inplace = q->M <= RF_FEW_ROWS ? nc / RF_NR * RF_NR : 0;
             if (inplace)
                 RF_FN(rf_inplace_gemm)(r1 - r0, inplace, kc, a, lda, b, q->ldb, k0 > 0, c,
                                        q->ldc, q->simd);
@@ -495,6 +492,22 @@ void RF_FN(rf_step_gemm)(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,
                          ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                          ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc) {
     RF_FN(weight_gemm)(W, k0, M, N, K, A, lda, accumulate, C, ldc, 1, rt);
+}
+
+/* C (M,N) = A (M,K) B (K,N), B row-major: its whole panels read in place, a partial last
+ * one packed into pack_buffer (rf_pack_buffer_size(K, RF_NR) elements). Each output is one
+ * chain over k, rf_step_gemm's on B packed: for a single step's few rows, where packing
+ * all of B would cost more than the product. */
+void RF_FN(rf_unpacked_step_gemm)(const rf_runtime *rt, ptrdiff_t M, ptrdiff_t N,
+                                  ptrdiff_t K, const REAL *A, ptrdiff_t lda, const REAL *B,
+                                  ptrdiff_t ldb, REAL *C, ptrdiff_t ldc, REAL *pack_buffer) {
+    ptrdiff_t whole = N / RF_NR * RF_NR;
+    if (whole) RF_FN(rf_inplace_gemm)(M, whole, K, A, lda, B, ldb, 0, C, ldc, rf_simd(rt));
+    if (whole == N) return;
+    REAL *at = RF_FN(line_start)(pack_buffer);
+    RF_FN(rf_pack)(at, B + whole, ldb, 0, K, N - whole, rt->avx2);
+    RF_FN(rf_packed_gemm)(M, N - whole, K, A, lda, at, RF_NR * K, 0, C + whole, ldc, 1,
+                          rf_simd(rt));
 }
 
 /* One thread's share of an input projection: contiguous whole tiles of rows. */
