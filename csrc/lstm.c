@@ -400,7 +400,7 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     if (unpacked)
         RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, GH, ws + L.gates, GH, w_hh, H,
-                                     dh, H, scratch + 2 * B * H);
+                                     0, dh, H, scratch + 2 * B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     RF_FN(rf_unsort_rows)(dc0, dc, p, H);
     const REAL *dgates = ws + L.gates;

@@ -250,8 +250,8 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     rf_run_parts(RF_FN(rnn_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, rt));
     if (unpacked)
-        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, H, ws + L.gates, H, w_hh, H, dh,
-                                     H, scratch + 2 * p->B * H);
+        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, H, ws + L.gates, H, w_hh, H, 0,
+                                     dh, H, scratch + 2 * p->B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates;
     /* dW_hh = sum_t dpre_t^T h_{t-1} (masked with recurrent dropout) */

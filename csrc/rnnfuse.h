@@ -397,8 +397,8 @@ typedef struct {
                                REAL *C, ptrdiff_t ldc, int simd);                           \
     void rf_unpacked_step_gemm_##SFX(const rf_runtime *rt, ptrdiff_t M, ptrdiff_t N,        \
                                      ptrdiff_t K, const REAL *A, ptrdiff_t lda,             \
-                                     const REAL *B, ptrdiff_t ldb, REAL *C, ptrdiff_t ldc,  \
-                                     REAL *pack_buffer);                                    \
+                                     const REAL *B, ptrdiff_t ldb, int accumulate, REAL *C, \
+                                     ptrdiff_t ldc, REAL *pack_buffer);                     \
     void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,   \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \
