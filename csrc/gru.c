@@ -345,9 +345,10 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
                                              end, H, q->lbr);
         if (zo) RF_FN(zoneout_carry)(dh, zo->carry, j0, end, H, 1);
         /* the products' part of dh_{t-1}, times the recurrent dropout's mask */
-        if (q->lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh */
-            RF_FN(recdrop_back_gemm)(rt, W, 0, GH, st + j0 * GH, GH, 1, dh, q->rd, p, j0, end,
-                                     H);
+        if (q->lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh (else the caller's, unpacked) */
+            if (W)
+                RF_FN(recdrop_back_gemm)(rt, W, 0, GH, st + j0 * GH, GH, 1, dh, q->rd, p, j0,
+                                         end, H);
         } else {       /* drh = dn W_hn;  then dh_{t-1} += r drh + [dr dz] W_hrz */
             RF_FN(rf_step_gemm)(rt, W, 2 * H, m, H, H, g + j0 * GH + 2 * H, GH, 0,
                                 st + j0 * H, H);
@@ -370,12 +371,20 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     ptrdiff_t GH = 3 * H, N = p->rows;
     REAL *dh = scratch;
     rf_weight W;  /* W_hh itself: rows 0..2H-1 for r z, 2H..3H-1 for n */
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL, rt->avx2);
+    /* a single step's few rows (linear_before_reset): dh0 += [dr dz d(W_hn h)] W_hh after
+     * the step, W_hh read in place */
+    int unpacked = lbr && p->steps == 1 && p->B <= RF_FEW_ROWS && !zo && !rd;
+    if (!unpacked)
+        RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     const REAL *h = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);  /* masked h_{t-1} */
-    RF_FN(gru_back_steps_job) job = {ws, dh, dy, zo, rd, h, &W, p, L, H, lbr, rt};
+    RF_FN(gru_back_steps_job) job = {ws, dh, dy, zo, rd, h, unpacked ? NULL : &W, p, L, H,
+                                     lbr, rt};
     rf_run_parts(RF_FN(gru_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
+    if (unpacked)
+        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, GH, ws + L.step, GH, w_hh, H, 1,
+                                     dh, H, scratch + 2 * p->B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates, *aux = ws + L.aux;
     /* dW_hrz = sum_t [dr dz]^T h_{t-1};  dW_hn = sum_t d(W_hn h)^T h_{t-1} (lbr)

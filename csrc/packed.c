@@ -129,7 +129,8 @@ AVX2 static ptrdiff_t RF_FN(transpose_blocks)(REAL *dst, ptrdiff_t ldd, const RE
  * in registers. */
 AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
         int mr, int np, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
-        const REAL *panels, ptrdiff_t panel_stride, int accumulate, REAL *C, ptrdiff_t ldc) {
+        const REAL *panels, ptrdiff_t panel_stride, ptrdiff_t ldp, int accumulate, REAL *C,
+        ptrdiff_t ldc) {
     VEC acc[MR][8];
     if (accumulate)  /* C's lines are read only at the end: fetch them while the sum runs */
         UNROLL for (int i = 0; i < mr; i++)
@@ -137,7 +138,7 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
     UNROLL for (int i = 0; i < mr; i++)
         UNROLL for (int v = 0; v < 2 * np; v++) acc[i][v] = V_ZERO();
     for (ptrdiff_t k = 0; k < K; k++) {
-        const REAL *row = panels + k * RF_NR;
+        const REAL *row = panels + k * ldp;
         UNROLL for (int i = 0; i < mr; i++) {
             VEC a = V_BROADCAST(A + i * lda + k);
             UNROLL for (int v = 0; v < 2 * np; v++) {
@@ -166,7 +167,7 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
 /* A tile of mr rows x np panels at row m0, column n0 (nc columns in its last panel). */
 #define TILE(mr, np, m0, n0, nc)                                                             \
     RF_FN(tile)(mr, np, nc, K, A + (m0) * lda, lda, Bp + ((n0) / RF_NR) * panel_stride,      \
-                panel_stride, accumulate, C + (m0) * ldc + (n0), ldc)
+                panel_stride, ldp, accumulate, C + (m0) * ldc + (n0), ldc)
 
 /* A projection's many rows: whole row tiles are the outer loop, so a tile's rows stay in
  * L1 while the panels stream past from L2 or L3. The rows left over from whole tiles: 1-3
@@ -174,8 +175,8 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(tile)(
  * panels would want 16-20 of the 16 registers, and spill). */
 AVX2 static void RF_FN(row_block_projection)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
                                              const REAL *A, ptrdiff_t lda, const REAL *Bp,
-                                             ptrdiff_t panel_stride, int accumulate,
-                                             REAL *C, ptrdiff_t ldc) {
+                                             ptrdiff_t panel_stride, ptrdiff_t ldp,
+                                             int accumulate, REAL *C, ptrdiff_t ldc) {
     ptrdiff_t full = M / MR * MR, left = M - full, n0 = 0;
     for (ptrdiff_t m0 = 0; m0 < full; m0 += MR)
         for (n0 = 0; n0 < N; n0 += RF_NR) TILE(MR, 1, m0, n0, N - n0 < RF_NR ? N - n0 : RF_NR);
@@ -206,7 +207,7 @@ AVX2 static void RF_FN(row_block_projection)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t
  * accumulators), two or three rows two panels. */
 AVX2 static void RF_FN(row_block_step)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                                        ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
-                                       int accumulate, REAL *C, ptrdiff_t ldc) {
+                                       ptrdiff_t ldp, int accumulate, REAL *C, ptrdiff_t ldc) {
     ptrdiff_t full = M / MR * MR, left = M - full, n0 = 0;
 #define FULL_TILES(n0_, nc_) \
     for (ptrdiff_t m0 = 0; m0 < full; m0 += MR) TILE(MR, 1, m0, n0_, nc_)
@@ -285,15 +286,15 @@ AVX2 static void RF_FN(row_block_step)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, co
  * ahead_np panels from ahead into L2, a line of each per k. */
 AVX512 static inline __attribute__((always_inline)) void RF_FN(tile512)(
         int mr, int np, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
-        const REAL *panels, ptrdiff_t panel_stride, int accumulate, REAL *C, ptrdiff_t ldc,
-        const REAL *ahead, ptrdiff_t ahead_np) {
+        const REAL *panels, ptrdiff_t panel_stride, ptrdiff_t ldp, int accumulate, REAL *C,
+        ptrdiff_t ldc, const REAL *ahead, ptrdiff_t ahead_np) {
     ZVEC acc[MR][8], b[8];
     UNROLL for (int i = 0; i < mr; i++)
         UNROLL for (int q = 0; q < np; q++) acc[i][q] = Z_ZERO();
     for (ptrdiff_t k = 0; k < K; k++) {
         for (ptrdiff_t q = 0; q < ahead_np; q++)
-            _mm_prefetch((const char *)(ahead + q * panel_stride + k * RF_NR), _MM_HINT_T1);
-        UNROLL for (int q = 0; q < np; q++) b[q] = Z_LOAD(panels + q * panel_stride + k * RF_NR);
+            _mm_prefetch((const char *)(ahead + q * panel_stride + k * ldp), _MM_HINT_T1);
+        UNROLL for (int q = 0; q < np; q++) b[q] = Z_LOAD(panels + q * panel_stride + k * ldp);
         UNROLL for (int i = 0; i < mr; i++) {
             ZVEC a = Z_SET1(A[i * lda + k]);
             UNROLL for (int q = 0; q < np; q++) acc[i][q] = Z_FMA(a, b[q], acc[i][q]);
@@ -341,11 +342,11 @@ static inline const REAL *RF_FN(take_ahead)(RF_FN(ahead) *ah, const REAL *Bp,
             const REAL *A_ = A + (m0) * lda, *B_ = Bp + p_ * panel_stride;                   \
             REAL *C_ = C + (m0) * ldc + p_ * RF_NR;                                          \
             if (n_ == (np_max))                                                              \
-                RF_FN(tile512)(mr, np_max, nc_, K, A_, lda, B_, panel_stride, accumulate,    \
-                               C_, ldc, pf_, pf_n_);                                         \
+                RF_FN(tile512)(mr, np_max, nc_, K, A_, lda, B_, panel_stride, ldp,           \
+                               accumulate, C_, ldc, pf_, pf_n_);                             \
             else                                                                             \
-                RF_FN(tile512)(mr, 1, nc_, K, A_, lda, B_, panel_stride, accumulate, C_,     \
-                               ldc, pf_, pf_n_);                                             \
+                RF_FN(tile512)(mr, 1, nc_, K, A_, lda, B_, panel_stride, ldp, accumulate,    \
+                               C_, ldc, pf_, pf_n_);                                         \
         }                                                                                    \
     } while (0)
 
@@ -374,7 +375,8 @@ static inline const REAL *RF_FN(take_ahead)(RF_FN(ahead) *ah, const REAL *Bp,
  * all the rows, each group is read once: the hardware prefetchers stream it alone. */
 AVX512 static void RF_FN(row_block512)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                                        ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
-                                       int accumulate, REAL *C, ptrdiff_t ldc, int rows_outer) {
+                                       ptrdiff_t ldp, int accumulate, REAL *C, ptrdiff_t ldc,
+                                       int rows_outer) {
     ptrdiff_t P = (N + RF_NR - 1) / RF_NR, nc_last = N - (P - 1) * RF_NR;
     RF_FN(ahead) ah = {0, 0, 0};
     if (rows_outer) {
@@ -455,11 +457,12 @@ void RF_FN(rf_transpose)(REAL *dst, ptrdiff_t ldd, const REAL *src, ptrdiff_t ld
 typedef REAL RF_FN(vec) __attribute__((vector_size(RF_PANEL_BYTES / 4)));
 
 static inline void RF_FN(tile_portable)(ptrdiff_t K, const REAL *a0, const REAL *a1,
-                                        const REAL *panel, REAL out[2][RF_NR]) {
+                                        const REAL *panel, ptrdiff_t ldp,
+                                        REAL out[2][RF_NR]) {
     typedef RF_FN(vec) V;
     V acc0[4] = {0}, acc1[4] = {0}, b[4];
     for (ptrdiff_t k = 0; k < K; k++) {
-        memcpy(b, panel + k * RF_NR, sizeof b);
+        memcpy(b, panel + k * ldp, sizeof b);
         for (int v = 0; v < 4; v++) {
             acc0[v] += a0[k] * b[v];
             acc1[v] += a1[k] * b[v];
@@ -470,26 +473,27 @@ static inline void RF_FN(tile_portable)(ptrdiff_t K, const REAL *a0, const REAL 
 }
 #else
 static inline void RF_FN(tile_portable)(ptrdiff_t K, const REAL *a0, const REAL *a1,
-                                        const REAL *panel, REAL out[2][RF_NR]) {
+                                        const REAL *panel, ptrdiff_t ldp,
+                                        REAL out[2][RF_NR]) {
     for (ptrdiff_t c = 0; c < RF_NR; c++) out[0][c] = out[1][c] = 0;
     for (ptrdiff_t k = 0; k < K; k++)
         for (ptrdiff_t c = 0; c < RF_NR; c++) {
-            out[0][c] += a0[k] * panel[k * RF_NR + c];
-            out[1][c] += a1[k] * panel[k * RF_NR + c];
+            out[0][c] += a0[k] * panel[k * ldp + c];
+            out[1][c] += a1[k] * panel[k * ldp + c];
         }
 }
 #endif
 
 static void RF_FN(row_block_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                                       ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
-                                      int accumulate, REAL *C, ptrdiff_t ldc) {
+                                      ptrdiff_t ldp, int accumulate, REAL *C, ptrdiff_t ldc) {
     for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_NR) {
         const REAL *panel = Bp + (n0 / RF_NR) * panel_stride;
         ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
         for (ptrdiff_t m = 0; m < M; m += 2) {
             ptrdiff_t rows = M - m < 2 ? 1 : 2;
             REAL sum[2][RF_NR];
-            RF_FN(tile_portable)(K, A + m * lda, A + (m + rows - 1) * lda, panel, sum);
+            RF_FN(tile_portable)(K, A + m * lda, A + (m + rows - 1) * lda, panel, ldp, sum);
             for (ptrdiff_t i = 0; i < rows; i++) {
                 REAL *out = C + (m + i) * ldc + n0;
                 for (ptrdiff_t c = 0; c < nc; c++)
@@ -504,28 +508,32 @@ static void RF_FN(row_block_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, con
  * than L2 would otherwise stream from L3 or memory once per tile. */
 #define RF_PROJECTION_PANEL_BYTES (512 * 1024)
 
-/* One block of rows of rf_packed_gemm, on the code path simd. */
+/* One block of rows of rf_packed_gemm, on the code path simd. ldp: a panel's row stride
+ * (RF_NR packed; B's row stride where B is read in place). */
 static void RF_FN(row_block_on)(int simd, int step, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
                                 const REAL *A, ptrdiff_t lda, const REAL *Bp,
-                                ptrdiff_t panel_stride, int accumulate, REAL *C,
-                                ptrdiff_t ldc) {
+                                ptrdiff_t panel_stride, ptrdiff_t ldp, int accumulate,
+                                REAL *C, ptrdiff_t ldc) {
 #if RF_HAVE_AVX2
     if (simd == RF_SIMD_AVX512)
-        RF_FN(row_block512)(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc, !step);
+        RF_FN(row_block512)(M, N, K, A, lda, Bp, panel_stride, ldp, accumulate, C, ldc, !step);
     else if (simd && step)
-        RF_FN(row_block_step)(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
+        RF_FN(row_block_step)(M, N, K, A, lda, Bp, panel_stride, ldp, accumulate, C, ldc);
     else if (simd)
-        RF_FN(row_block_projection)(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
+        RF_FN(row_block_projection)(M, N, K, A, lda, Bp, panel_stride, ldp, accumulate, C,
+                                    ldc);
     else
 #else
     (void)simd; (void)step;
 #endif
-        RF_FN(row_block_portable)(M, N, K, A, lda, Bp, panel_stride, accumulate, C, ldc);
+        RF_FN(row_block_portable)(M, N, K, A, lda, Bp, panel_stride, ldp, accumulate, C, ldc);
 }
 
-void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
-                           const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
-                           ptrdiff_t ldc, int step, int simd) {
+/* rf_packed_gemm and rf_inplace_gemm: B's panels panel_stride apart, their rows ldp apart. */
+static void RF_FN(panel_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                              ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,
+                              ptrdiff_t ldp, int accumulate, REAL *C, ptrdiff_t ldc, int step,
+                              int simd) {
     /* blocks of whole tiles, about 192 KiB of A each: where panels are the outer loop (a
      * step of many rows; the portable tile) A then streams from L2 once per panel rather
      * than from memory. */
@@ -537,8 +545,22 @@ void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
         for (ptrdiff_t m0 = 0; m0 < M; m0 += block)
             RF_FN(row_block_on)(simd, step, M - m0 < block ? M - m0 : block,
                                 N - n0 < cols ? N - n0 : cols, K, A + m0 * lda, lda,
-                                Bp + n0 / RF_NR * panel_stride, panel_stride, accumulate,
+                                Bp + n0 / RF_NR * panel_stride, panel_stride, ldp, accumulate,
                                 C + m0 * ldc + n0, ldc);
+}
+
+void RF_FN(rf_packed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
+                           const REAL *Bp, ptrdiff_t panel_stride, int accumulate, REAL *C,
+                           ptrdiff_t ldc, int step, int simd) {
+    RF_FN(panel_gemm)(M, N, K, A, lda, Bp, panel_stride, RF_NR, accumulate, C, ldc, step, simd);
+}
+
+/* A row-major B's columns RF_NR*p .. RF_NR*p+RF_NR-1 are panel p with rows ldb apart, so
+ * whole panels need no packing: the same tiles, the same chains. */
+void RF_FN(rf_inplace_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                            ptrdiff_t lda, const REAL *B, ptrdiff_t ldb, int accumulate,
+                            REAL *C, ptrdiff_t ldc, int simd) {
+    RF_FN(panel_gemm)(M, N, K, A, lda, B, RF_NR, ldb, accumulate, C, ldc, 0, simd);
 }
 
 #endif /* RF_TEMPLATE */

@@ -224,8 +224,9 @@ static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
                                                 H, q->relu);
         if (zo) RF_FN(zoneout_carry)(q->dh, zo->carry, j0, end, H, 0);
         /* dh_{t-1} = dpre W_hh (times the recurrent dropout's mask; + zoneout's carry) */
-        RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, H, g + j0 * H, H, zo != NULL, q->dh, q->rd,
-                                 p, j0, end, H);
+        if (q->W_hh)  /* (else the caller's, unpacked) */
+            RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, H, g + j0 * H, H, zo != NULL, q->dh,
+                                     q->rd, p, j0, end, H);
     }
 }
 
@@ -239,11 +240,18 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     rnn_layout L = rnn_layout_of(p, I, H, 1);
     REAL *dh = scratch;
     rf_weight W;
-    RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL, rt->avx2);
+    /* a single step's few rows: dh0 = dpre W_hh after the step, W_hh read in place */
+    int unpacked = p->steps == 1 && p->B <= RF_FEW_ROWS && !zo && !rd;
+    if (!unpacked)
+        RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, zo, rd, &W, p, H, relu, rt};
+    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, zo, rd, unpacked ? NULL : &W, p, H,
+                                     relu, rt};
     rf_run_parts(RF_FN(rnn_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, rt));
+    if (unpacked)
+        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, H, ws + L.gates, H, w_hh, H, 0,
+                                     dh, H, scratch + 2 * p->B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     const REAL *dgates = ws + L.gates;
     /* dW_hh = sum_t dpre_t^T h_{t-1} (masked with recurrent dropout) */

@@ -177,6 +177,9 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
  * step: 1 for a step's few rows (panels the outer loop), 0 for a projection's many (row
  * tiles the outer loop), the same numbers either way. */
 #define RF_NR ((ptrdiff_t)(RF_PANEL_BYTES / sizeof(REAL)))  /* in the dtype-generic parts */
+/* A backward's products of at most this many rows (a step or a small batch) read their
+ * weights in place: packing them would cost more than the few row tiles that read them. */
+#define RF_FEW_ROWS 16
 typedef struct {
     const void *packed;      /* op(W) in panels */
     ptrdiff_t panel_stride;  /* elements from one panel to the next: RF_NR * rows of op(W) */
@@ -387,6 +390,15 @@ typedef struct {
                               ptrdiff_t lda, const REAL *Bp, ptrdiff_t panel_stride,        \
                               int accumulate, REAL *C, ptrdiff_t ldc, int step,             \
                               int simd);                                                    \
+    /* rf_packed_gemm's product with B (K, N) read in place (row stride ldb), unpacked; N   \
+     * a multiple of RF_NR. */                                                              \
+    void rf_inplace_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,        \
+                               ptrdiff_t lda, const REAL *B, ptrdiff_t ldb, int accumulate, \
+                               REAL *C, ptrdiff_t ldc, int simd);                           \
+    void rf_unpacked_step_gemm_##SFX(const rf_runtime *rt, ptrdiff_t M, ptrdiff_t N,        \
+                                     ptrdiff_t K, const REAL *A, ptrdiff_t lda,             \
+                                     const REAL *B, ptrdiff_t ldb, int accumulate, REAL *C, \
+                                     ptrdiff_t ldc, REAL *pack_buffer);                     \
     void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,   \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
     void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \

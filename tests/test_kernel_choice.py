@@ -114,6 +114,30 @@ def test_avx512_products_give_the_avx2_bits(B, H, dtype, restore_kernel):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_steps_gradients_do_not_depend_on_the_batch(path, cell, option, dtype,
+                                                       restore_kernel):
+    """A step's few rows read the weights in place for dx, many rows pack them first: each
+    row's outputs and gradients (but the weights', sums over the rows) are the same bits
+    either way (I: whole panels and a partial one)."""
+    _kernels.set_kernel(path)
+    I, H, G = 37, 21, _kernels.GATES[cell]
+    rng = np.random.default_rng(4)
+    r = lambda *shape: (rng.standard_normal(shape) / np.sqrt(H)).astype(dtype)  # noqa: E731
+    big = dict(x=r(1, 20, I), h0=r(20, H), c0=r(20, H), w_ih=r(G * H, I), w_hh=r(G * H, H),
+               b_ih=r(G * H), b_hh=r(G * H), lengths=None, dy=r(1, 20, H), dh_n=r(20, H),
+               dc_n=r(20, H))
+    whole = _run(F, cell, option, big)
+    for B in (1, 3, 16):
+        small = dict(big, **{k: big[k][:B] for k in ("h0", "c0", "dh_n", "dc_n")},
+                     **{k: big[k][:, :B] for k in ("x", "dy")})
+        got = _run(F, cell, option, small)
+        for a, b in zip(got[:-4], whole[:-4], strict=True):  # the last four: the weights'
+            np.testing.assert_array_equal(a, b[:, :B] if a.ndim == 3 else b[:B])
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_stream_matches_forward_on_either_path(path, restore_kernel):
     _kernels.set_kernel(path)
     layer = rnnfuse.GRU(5, 19, num_layers=2, dtype=np.float32, seed=1)

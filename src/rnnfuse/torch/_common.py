@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 
+import numpy as np
 import torch
 
 from .. import _kernels
@@ -43,7 +44,13 @@ def _np(t):
     if type(t) is not torch.Tensor:  # a FakeTensor of torch.export, a tensor subclass
         raise RuntimeError(_NOT_TRACEABLE.format(name="rnnfuse.torch's autograd Functions",
                                                  kind=type(t).__name__))
-    return t.contiguous().numpy()
+    return _numpy_contiguous(t)
+
+
+def _numpy_contiguous(t):
+    """A C-contiguous NumPy array of a detached CPU tensor: a view, or NumPy's copy of a
+    strided one (such as an expanded gradient), which costs less than torch's."""
+    return np.ascontiguousarray(t.numpy())
 
 
 def _recording():

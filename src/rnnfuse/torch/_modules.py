@@ -13,8 +13,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import _kernels, functional as F, layers
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
-from ._common import (_FIRST_ORDER, _PLAIN, _kernel_option, _np, _on_torch_threads,
-                      _recording)
+from ._common import (_FIRST_ORDER, _PLAIN, _kernel_option, _np, _numpy_contiguous,
+                      _on_torch_threads, _recording)
 from ._dispatch import (_NO_VARIANT_OPS, _run, _run_projected, _run_variants, pack_sorted,
                         pad_packed)
 from ._functions import Variants
@@ -841,7 +841,7 @@ def _view(t):
         return None
     if t.requires_grad:
         t = t.detach()
-    return t.contiguous().numpy()
+    return _numpy_contiguous(t)
 
 
 _OPTION = {"lstm": None, "gru": True}  # (the RNN's, its nonlinearity, is read each call)
