@@ -264,8 +264,9 @@ def _forward(cell: str, x: Any, states: Sequence[ArrayLike | None], w_ih: Any, w
              zoneout: Any = None, recurrent_dropout: Any = None,
              packed: FloatArray | None = None, layer_norm: Any = None,
              ) -> tuple[FloatArray, list[Any], Context | None]:
-    """packed: None, or w_ih and w_hh as _kernels.pack_weights packed them (for this cell,
-    option and code path), which the kernels then read rather than packing them anew."""
+    """packed: None, or w_ih and w_hh as _kernels.pack_weights packed them (for this cell
+    and option, on any code path), which the kernels then read rather than packing them
+    anew."""
     lstm = cell == "lstm"
     small = None
     if (lengths is None and peep is None and zoneout is None and recurrent_dropout is None
