@@ -7,20 +7,12 @@ import pytest
 
 from rnnfuse import _kernels
 
+from checks import PATHS, kernel  # noqa: F401 (kernel: a fixture, each code path this CPU has)
+
 # The AVX2 path: the bounds documented in csrc/vmath.h. The portable path: libm's (glibc's
 # tanhf is within 2 ulp).
 MAX_ULP = {"avx2": {"sigmoid": 3, "tanh": 1}, "portable": {"sigmoid": 3, "tanh": 2}}
 MAX_ULP["avx512"] = MAX_ULP["avx2"]
-PATHS = (["avx512"] * ("AVX-512F" in _kernels.simd_path())
-         + ["avx2"] * (_kernels.simd_path() != "baseline") + ["portable"])
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    before = _kernels.kernel()
-    _kernels.set_kernel(request.param)
-    yield request.param
-    _kernels.set_kernel(before)
 
 
 def apply(name, x):
@@ -42,7 +34,7 @@ def ulp_error(got, want64):
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "tanh"])
-def test_float32_error_bound(name, path):
+def test_float32_error_bound(name, kernel):
     grid = np.arange(-20, 20, 2.0**-12, dtype=np.float32)
     tiny = np.geomspace(1e-30, 1, 2000, dtype=np.float32)
     edges = np.array([0.625, -0.625, 88.72, -88.72, 87.3, -87.3, 103, -103, 1e-38, 9.0, 17.0],
@@ -50,7 +42,7 @@ def test_float32_error_bound(name, path):
     x = np.concatenate([grid, tiny, -tiny, edges, np.nextafter(edges, np.float32(0))])
     err = ulp_error(apply(name, x), exact(name, x))
     worst = x[np.argmax(err)]
-    assert err.max() <= MAX_ULP[path][name], f"{name}: {err.max()} ulp at x={worst!r}"
+    assert err.max() <= MAX_ULP[kernel][name], f"{name}: {err.max()} ulp at x={worst!r}"
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "tanh"])
@@ -62,7 +54,7 @@ def test_float64_is_accurate(name):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_saturation_and_special_values(dtype, path):
+def test_saturation_and_special_values(dtype, kernel):
     x = np.array([1e4, -1e4, np.inf, -np.inf, np.nan, 0.0, -0.0, 800.0, -800.0], dtype)
     s, t = apply("sigmoid", x), apply("tanh", x)
     np.testing.assert_array_equal(s[:4], [1, 0, 1, 0])
@@ -89,7 +81,7 @@ def test_sixteen_lanes_give_the_bits_of_eight(name):
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 15, 16, 17, 33])
-def test_every_length_and_no_write_past_the_end(n, path):
+def test_every_length_and_no_write_past_the_end(n, kernel):
     buf = np.full(n + 8, 5.0, np.float32)
     x = np.linspace(-3, 3, n, dtype=np.float32)
     buf[:n] = x
