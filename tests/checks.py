@@ -1,9 +1,17 @@
 """Comparisons the kernel tests share: kernels against the NumPy reference, and analytic
 gradients against central finite differences (float64)."""
+import zlib
+
 import numpy as np
 import pytest
 
 from rnnfuse import _kernels
+
+def stable_seed(*key):
+    """A seed from a test's parameters, the same in every process (hash() of a str is
+    salted per process, so a failure it drew could not be rerun)."""
+    return zlib.crc32(repr(key).encode())
+
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}  # relative, kernels against the reference
 EPS = 1e-6
