@@ -150,6 +150,50 @@ def test_cell_with_frozen_parameters_and_inference_tensors():
             torch.testing.assert_close(made(x.detach())[0], m(x.detach())[0])
 
 
+def _sgd_through_data(m):
+    for p in m.parameters():
+        p.data.add_(p.grad, alpha=-0.5)  # as torch's word language model example trains
+
+
+def _scale_in_place(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(0.5)
+
+
+def _optimizer_step(m):
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+
+
+def _new_storage(m):
+    for p in m.parameters():
+        p.data = p.data * 0.5
+
+
+@pytest.mark.parametrize("transposed", [False, True])  # W_hh a non-contiguous view
+@pytest.mark.parametrize("change", [_sgd_through_data, _scale_in_place, _optimizer_step,
+                                    _new_storage])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cells_see_every_change_of_their_parameters_between_calls(kind, change, transposed):
+    """Whatever a cell keeps between calls, a change of its parameters reaches the next
+    step, even one through .data that the version counter does not see."""
+    m, o = cell_pair(kind, 5, 7, torch.float64)
+    x, hx = torch.randn(3, 5, dtype=torch.float64), initial_state(kind, (3, 7), torch.float64,
+                                                                   False)
+    for module in (m, o):
+        if transposed:
+            module.weight_hh.data = module.weight_hh.data.t().contiguous().t()
+        with torch.no_grad():
+            module(x, hx)
+            module(x, hx)  # twice with the same parameters, in inference ...
+        leaves(module(x, hx))[0].sum().backward()  # ... and a training step
+        change(module)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(leaves(o(x, hx))[0], leaves(m(x, hx))[0],
+                                       **TOL[torch.float64])
+
+
 def test_cells_refuse_bad_parameters_and_states_with_names():
     cell = rt.GRUCell(3, 4)
     with pytest.raises(ValueError, match=r"hx must have dtype torch.float32"):

@@ -780,45 +780,37 @@ class _Weights(NamedTuple):
     """A cell's parameters as its steps read them, kept from call to call while they are
     the same (see _cell_weights)."""
     key: Any            # what makes them the same: each one's identity, storage, version
-    packed: Any         # w_ih and w_hh packed for the kernels, or None (not yet)
     dtype: torch.dtype  # theirs, checked
     arrays: Any         # (w_ih, w_hh, b_ih, b_hh) as NumPy views; None: a tensor subclass
     tensors: tuple      # the parameters (kept alive with the key: ids and storages)
 
 
 # Each cell's _Weights, kept from call to call: a cell runs one step per call, where
-# checking and converting its parameters, or packing its weights, would cost as much as
-# the step. The weights are packed at the second call that sees the same parameters (a
-# training step's single call packs in the kernel, as before), and reused while the code
-# path and the parameters are the same tensors with the same storage and version
-# counter. An optimizer's step, load_state_dict, .to() or any in-place change (under
-# no_grad too) makes them new; a change through .data, which autograd does not see
-# either, does not repack.
-_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# checking its parameters and making NumPy views of them would cost a good part of the
+# step. Views of the parameters' own storage (never copies, and never packed weights,
+# which a change through .data, unseen by the version counter, would leave stale), kept
+# while the code path and the parameters are the same tensors with the same storage and
+# version counter.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cell_weights(module):
-    """module's (a cell's) _Weights: kept in _PACKS, made anew (its parameters checked) when
-    they are not the same as at the last call; packed at the second call."""
+    """module's (a cell's) _Weights: kept in _KEPT, made anew (its parameters checked) when
+    they are not the same as at the last call."""
     p = module._parameters
     w_ih, w_hh, b_ih, b_hh = tensors = (p["weight_ih"], p["weight_hh"], p["bias_ih"],
                                         p["bias_hh"])
     try:
-        key = (_kernels.kernel(), id(w_ih), w_ih.data_ptr(), w_ih._version, id(w_hh),
-               w_hh.data_ptr(), w_hh._version, _stamp(b_ih), _stamp(b_hh))
+        key = (_kernels.kernel(), _stamp(w_ih), _stamp(w_hh), _stamp(b_ih), _stamp(b_hh))
     except RuntimeError:  # inference tensors have no version counter: keep nothing
         key = None
-    kept = _PACKS.get(module)
-    if kept is None or key is None or kept.key != key:
-        kept = _new_weights(module, key, tensors)
-    elif kept.packed is None and kept.arrays is not None:
-        w_ih, w_hh = kept.arrays[:2]
-        kept = kept._replace(packed=_kernels.pack_weights(
-            w_ih, w_hh, w_hh.shape[0] // w_hh.shape[1], module._cell == "gru"))
-    else:
+    kept = _KEPT.get(module)
+    if kept is not None and key is not None and kept.key == key:
         return kept
-    if key is not None:
-        _PACKS[module] = kept
+    kept = _new_weights(module, key, tensors)
+    if key is not None and kept.arrays is not None and all(
+            t is None or t.is_contiguous() for t in tensors):  # views, not copies
+        _KEPT[module] = kept
     return kept
 
 
@@ -832,7 +824,7 @@ def _new_weights(module, key, tensors):
     if all(t is None or type(t) in _PLAIN for t in tensors):
         arrays = tuple(None if t is None else t.detach().contiguous().numpy()
                        for t in tensors)
-    return _Weights(key, None, dtype, arrays, tensors)
+    return _Weights(key, dtype, arrays, tensors)
 
 
 def _view(t):
@@ -863,13 +855,12 @@ def _step(module, x, states, weights):
             x.requires_grad or w_ih.requires_grad or w_hh.requires_grad
             or h0 is not None and h0.requires_grad or c0 is not None and c0.requires_grad
             or b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad)):
-        return _CellStep.apply((cell, option, weights), weights.packed, x, h0, c0,
-                               *weights.tensors)
-    finals, _ = _kernel_step(cell, option, weights, weights.packed, x, h0, c0, False)
+        return _CellStep.apply((cell, option, weights), x, h0, c0, *weights.tensors)
+    finals, _ = _kernel_step(cell, option, weights, x, h0, c0, False)
     return [torch.from_numpy(f) for f in finals]
 
 
-def _kernel_step(cell, option, weights, packed, x, h0, c0, need_ctx):
+def _kernel_step(cell, option, weights, x, h0, c0, need_ctx):
     """One step of the kernels on PyTorch's thread count (a forward's products call no
     BLAS): (final states as arrays, the kernels' ctx or None)."""
     w_ih, w_hh, b_ih, b_hh = weights.arrays
@@ -879,24 +870,24 @@ def _kernel_step(cell, option, weights, packed, x, h0, c0, need_ctx):
     try:
         if not need_ctx:  # functional's fast path, less what only larger calls need
             small = _kernels.forward_small(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, False,
-                                           False, option, F._full_plan, packed)
+                                           False, option, F._full_plan)
             if small is not None:
                 return small[1:3] if cell == "lstm" else small[1:2], None
         _, finals, kctx = F._forward(cell, x, [h0, c0], w_ih, w_hh, b_ih, b_hh, None, False,
-                                     option, need_ctx, packed=packed)
+                                     option, need_ctx)
         return finals, kctx
     finally:
         _kernels.set_threads(previous)
 
 
 class _CellStep(torch.autograd.Function):
-    """A cell's step for autograd: ``_CellStep.apply((cell, option, weights), packed, x,
-    h0, c0, w_ih, w_hh, b_ih, b_hh)`` -> (h', c') or (h',); c0 None but for the LSTM."""
+    """A cell's step for autograd: ``_CellStep.apply((cell, option, weights), x, h0, c0,
+    w_ih, w_hh, b_ih, b_hh)`` -> (h', c') or (h',); c0 None but for the LSTM."""
 
     @staticmethod
-    def forward(ctx, spec, packed, x, h0, c0, *params):
+    def forward(ctx, spec, x, h0, c0, *params):
         cell, option, weights = spec
-        finals, kctx = _kernel_step(cell, option, weights, packed, x, h0, c0, True)
+        finals, kctx = _kernel_step(cell, option, weights, x, h0, c0, True)
         ctx.set_materialize_grads(False)  # an unused output's gradient reaches it as None
         # saved through autograd, so that torch refuses if an input is changed in place
         # before backward (the kernel's ctx reads x and the weights through NumPy views)
@@ -913,14 +904,14 @@ class _CellStep(torch.autograd.Function):
         cell, option, weights = ctx.spec
         kctx, ctx.kernel = ctx.kernel, None
         if kctx is None:  # a second backward (retain_graph=True): replay the forward
-            kctx = _kernel_step(cell, option, weights, None, x, h0, c0, True)[1]
+            kctx = _kernel_step(cell, option, weights, x, h0, c0, True)[1]
         out = list(_kernel_backward(cell, None, [None if g is None else _view(g)
                                                  for g in grads], kctx))
         if cell != "lstm":
             out.insert(2, None)  # dc0
         out[0] = out[0].reshape(x.shape)
-        return (None, None, *(torch.from_numpy(g) if need and g is not None else None
-                              for g, need in zip(out, ctx.needs_input_grad[2:])))
+        return (None, *(torch.from_numpy(g) if need and g is not None else None
+                        for g, need in zip(out, ctx.needs_input_grad[1:])))
 
 
 _kernel_backward = _on_torch_threads(F._backward)
