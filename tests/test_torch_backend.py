@@ -837,39 +837,22 @@ def _step_out(out):
 
 
 @pytest.mark.parametrize("kind", list(CELL_PAIRS))
-def test_cells_keep_packed_weights_while_they_stay_the_same(kind):
-    from rnnfuse.torch._modules import _PACKS
-    ours, ref = _cell_pair(kind)
-    x = torch.randn(3, 5, dtype=torch.float64)
-    with torch.no_grad():
-        first = ours(x)  # packs in the kernel, as every call did
-        assert _PACKS[ours][1] is None
-        again = ours(x)  # packs ahead, then reads the pack
-        packed = _PACKS[ours][1]
-        assert packed is not None and ours(x) is not None and _PACKS[ours][1] is packed
-    for a, b in zip(first if isinstance(first, tuple) else [first],
-                    again if isinstance(again, tuple) else [again]):
-        assert torch.equal(a, b)  # the same numbers whichever packs
-    close(_step_out(again), _step_out(ref(x)), torch.float64, "output")
-
-
-@pytest.mark.parametrize("kind", list(CELL_PAIRS))
-def test_cells_repack_after_weights_change(kind):
+def test_cells_follow_their_weights_through_training(kind):
     ours, ref = _cell_pair(kind)
     x = torch.randn(2, 5, dtype=torch.float64)
 
     def check(what):
         with torch.no_grad():
-            for _ in range(2):  # the second call reads the pack
+            for _ in range(2):
                 close(_step_out(ours(x)), _step_out(ref(x)), torch.float64, what)
 
     check("fresh")
     opt_ours = torch.optim.SGD(ours.parameters(), lr=0.5)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
-    for _ in range(3):  # training: gradients through the kept pack, then a step
+    for _ in range(3):  # training: gradients, then a step
         for m, opt in ((ours, opt_ours), (ref, opt_ref)):
             opt.zero_grad()
-            for _ in range(2):  # two calls per step: the second reads a pack
+            for _ in range(2):  # two calls per step
                 _step_out(m(x)).square().sum().backward()
             opt.step()
         for a, b in zip(ours.parameters(), ref.parameters()):

@@ -45,6 +45,7 @@ def _export(model, args, names, dynamo):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and progress notes
         if dynamo:
+            pytest.importorskip("onnxscript")  # the exporter's own dependency
             from torch.export import Dim
             T, B = Dim("T", min=2, max=512), Dim("B", min=2, max=512)
             h = ({1: B}, {1: B}) if len(names) == 3 else {1: B}
