@@ -11,7 +11,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 import rnnfuse.torch as rt  # noqa: E402
-from rnnfuse.torch._functions import LSTMPFunction  # noqa: E402
+from rnnfuse.torch._functions import VariantFunction, Variants  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 DTYPES = [torch.float32, torch.float64]
@@ -108,8 +108,9 @@ def test_function_gradcheck():
             torch.randn(4 * H, I, **d), torch.randn(4 * H, P, **d), torch.randn(4 * H, **d),
             torch.randn(4 * H, **d), torch.randn(P, H, **d))
     for reverse in (False, True):
+        spec = Variants("lstm", None, torch.tensor([4, 1, 3]), reverse)
         assert torch.autograd.gradcheck(
-            lambda *a: LSTMPFunction.apply(*a, torch.tensor([4, 1, 3]), reverse), args)
+            lambda *a: VariantFunction.apply(spec, *a, None), args)  # no peepholes
 
 
 def test_parameters_and_state_dict_as_torch_nn():

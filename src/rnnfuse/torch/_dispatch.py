@@ -7,17 +7,15 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ._common import _N_STATES, _NO_ONNX, _PLAIN, _recording
-from ._functions import (_FUNCTIONS, LSTMPFunction, VariantFunction, _kernel_forward,
-                         _variant_forward)
+from ._functions import _FUNCTIONS, VariantFunction, _kernel_forward, _variant_forward
 from ._ops import _OPS
 
-def _run(cell, *args, pack=None):
+
+def _run(cell, *args):
     """The call of a module's forward: ``function.apply(*args)`` when autograd records
     this call; otherwise the kernel alone with need_ctx=False, which keeps no workspace
     for backward. Under tracing (``_recording``), or for tensor subclasses, the cell's
-    operator (torch.ops.rnnfuse.*) instead: the same kernels, seen by the tracer.
-    pack: None, or a function that gives the weights packed for the kernels (the eager
-    path's last argument, ``packed``)."""
+    operator (torch.ops.rnnfuse.*) instead: the same kernels, seen by the tracer."""
     grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
                                            for a in args)
     if (_recording() or type(args[0]) not in _PLAIN
@@ -26,8 +24,6 @@ def _run(cell, *args, pack=None):
         # (backward then replays the forward), so that it does not depend on grad mode.
         return _run_op(cell, args, grad and not torch.jit.is_tracing())
     function = _FUNCTIONS[cell]
-    if pack is not None:
-        args = (*args, pack())
     if grad:
         return function.apply(*args)
     y, finals, _ = _kernel_forward(function, args, need_ctx=False)
@@ -39,17 +35,6 @@ _NO_PROJECTION_OPS = (
     "which torch.compile, torch.export, torch.jit.trace, torch.func and tensor subclasses "
     "need, have no projection. Run the model eagerly, or use module.to_torch() (a "
     "torch.nn.LSTM sharing the parameters) there")
-
-
-def _run_projected(*args):
-    """_run for an LSTM layer's direction with a projection, LSTMPFunction's arguments;
-    refused where the operators would be needed."""
-    if _recording() or any(a is not None and type(a) not in _PLAIN for a in args[:8]):
-        raise RuntimeError(_NO_PROJECTION_OPS)
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args[:8]):
-        return LSTMPFunction.apply(*args)
-    y, finals, _ = _kernel_forward(LSTMPFunction, args, need_ctx=False)
-    return (y, *finals)
 
 
 def _run_op(cell, args, train):
@@ -97,14 +82,14 @@ _NO_VARIANT_OPS = (
     "recurrent_dropout in eval mode, where it does nothing). Run the model eagerly")
 
 
-def _run_variants(name, options, spec, *tensors):
+def _run_variants(refusal, spec, *tensors):
     """VariantFunction.apply(spec, *tensors) where autograd records this call, else its
-    kernel alone (need_ctx=False); refused where the operators would be needed. name,
-    options: the module's class name and its variants, for the message."""
+    kernel alone (need_ctx=False); refused with the message ``refusal`` where the
+    operators would be needed."""
     masks = spec.zoneout if isinstance(spec.zoneout, tuple) else (spec.zoneout,)
     if _recording() or any(isinstance(t, torch.Tensor) and type(t) not in _PLAIN
                            for t in (*tensors, *masks, spec.recurrent_dropout)):
-        raise RuntimeError(_NO_VARIANT_OPS.format(name=name, options=options))
+        raise RuntimeError(refusal)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return VariantFunction.apply(spec, *tensors)
     y, finals, _ = _variant_forward(spec, tensors, need_ctx=False)

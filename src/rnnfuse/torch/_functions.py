@@ -7,39 +7,28 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import functional as F
-from ._common import _FIRST_ORDER, _N_STATES, _kernel_option, _np, _on_torch_threads
+from ._common import _FIRST_ORDER, _N_STATES, _np, _on_torch_threads
 
 
 _N_OPTIONS = {"lstm": 0, "gru": 1, "rnn": 1}
 
 
 def _split(function, args):
-    """A Function's arguments as (x, states..., w_ih, w_hh, b_ih, b_hh), (lengths, reverse,
-    options...) and packed (None where not given)."""
-    n = _N_STATES[function.cell] + 5 + function.projected
-    k = n + 2 + _N_OPTIONS[function.cell]
-    return args[:n], args[n:k], args[k] if len(args) > k else None
+    """A Function's arguments as (x, states..., w_ih, w_hh, b_ih, b_hh) and (lengths,
+    reverse, options...)."""
+    n = _N_STATES[function.cell] + 5
+    return args[:n], args[n:n + 2 + _N_OPTIONS[function.cell]]
 
 
 @_on_torch_threads
 def _kernel_forward(function, args, need_ctx):
     """Run the kernel of ``function``'s cell on its arguments: (y, finals, kernel ctx)."""
-    tensors, (lengths, reverse, *options), packed = _split(function, args)
+    tensors, (lengths, reverse, *options) = _split(function, args)
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.numpy()
-    if function.projected:  # w_hr, the last tensor, is a keyword of functional's
-        *tensors, w_hr = tensors
-        y, *finals, kctx = F.lstm_forward(*map(_np, tensors), lengths, reverse,
-                                          need_ctx=need_ctx, w_hr=_np(w_hr))
-    elif packed is None:
-        forward = getattr(F, function.cell + "_forward")
-        y, *finals, kctx = forward(*map(_np, tensors), lengths, reverse, *options,
-                                   need_ctx=need_ctx)
-    else:  # the module's weights packed ahead (its options checked at construction)
-        x, *states, w_ih, w_hh, b_ih, b_hh = map(_np, tensors)
-        y, finals, kctx = F._forward(function.cell, x, states, w_ih, w_hh, b_ih, b_hh,
-                                     lengths, reverse, _kernel_option(function.cell, *options),
-                                     need_ctx, packed=packed)
+    forward = getattr(F, function.cell + "_forward")
+    y, *finals, kctx = forward(*map(_np, tensors), lengths, reverse, *options,
+                               need_ctx=need_ctx)
     return torch.from_numpy(y), [torch.from_numpy(f) for f in finals], kctx
 
 
@@ -49,7 +38,7 @@ def _record(ctx, function, args):
     y, finals, kctx = _kernel_forward(function, args, need_ctx=need)
     if need:
         ctx.set_materialize_grads(False)  # an unused output's gradient reaches the kernel as None
-        tensors, rest, _ = _split(function, args)
+        tensors, rest = _split(function, args)
         # Saved through autograd, so that torch refuses if an input is changed in place
         # before backward (the kernel's ctx reads x and the weights through NumPy views).
         ctx.save_for_backward(*tensors)
@@ -62,7 +51,6 @@ class _CellFunction(torch.autograd.Function):
     """The backward shared by the three cells (their forwards differ only in arguments)."""
 
     cell: Any = None
-    projected = False  # whether w_hr follows the biases (LSTMPFunction)
 
     @staticmethod
     @_on_torch_threads
@@ -99,37 +87,14 @@ class LSTMFunction(_CellFunction):
 
     Arguments as ``rnnfuse.functional.lstm_forward``: time-major ``x (T, B, I)``, states
     ``(B, H)``, weights in PyTorch's layout; ``h0``, ``c0``, the biases and ``lengths`` (B,)
-    may be None. Padding steps (t >= lengths[b]) give y = 0 and no gradient. The last
-    argument, ``packed`` (all three Functions), is None or w_ih and w_hh as
-    ``rnnfuse._kernels.pack_weights`` packed them for this code path, which the forward
-    then reads instead of packing them (the cells keep theirs between calls).
+    may be None. Padding steps (t >= lengths[b]) give y = 0 and no gradient.
     """
 
     cell = "lstm"
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                packed=None):
-        return _record(ctx, LSTMFunction, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                           packed))
-
-
-class LSTMPFunction(_CellFunction):
-    """One direction of one LSTM layer with a projection (PyTorch's proj_size)::
-
-        y, h_n, c_n = LSTMPFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                          reverse)
-
-    As LSTMFunction with ``w_hr`` (P, H): ``w_hh`` is (4H, P), ``h0``, ``h_n`` (B, P) and
-    ``y`` (T, B, P), ``c0``, ``c_n`` (B, H); the gradients follow the arguments' order.
-    """
-
-    cell, projected = "lstm", True
-
-    @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse=False):
-        return _record(ctx, LSTMPFunction, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                            reverse))
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
+        return _record(ctx, LSTMFunction, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse))
 
 
 class GRUFunction(_CellFunction):
@@ -146,9 +111,9 @@ class GRUFunction(_CellFunction):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                linear_before_reset=True, packed=None):
+                linear_before_reset=True):
         return _record(ctx, GRUFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                          linear_before_reset, packed))
+                                          linear_before_reset))
 
 
 class RNNFunction(_CellFunction):
@@ -164,9 +129,9 @@ class RNNFunction(_CellFunction):
 
     @staticmethod
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                nonlinearity="tanh", packed=None):
+                nonlinearity="tanh"):
         return _record(ctx, RNNFunction, (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                          nonlinearity, packed))
+                                          nonlinearity))
 
 
 _FUNCTIONS = {"lstm": LSTMFunction, "gru": GRUFunction, "rnn": RNNFunction}

@@ -13,10 +13,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import _kernels, functional as F, layers
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
-from ._common import (_FIRST_ORDER, _PLAIN, _kernel_option, _np, _numpy_contiguous,
+from ._common import (_FIRST_ORDER, _PLAIN, _kernel_option, _numpy_contiguous,
                       _on_torch_threads, _recording)
-from ._dispatch import (_NO_VARIANT_OPS, _run, _run_projected, _run_variants, pack_sorted,
-                        pad_packed)
+from ._dispatch import (_NO_PROJECTION_OPS, _NO_VARIANT_OPS, _run, _run_variants,
+                        pack_sorted, pad_packed)
 from ._functions import Variants
 from ._onnx import export_forward
 
@@ -393,12 +393,8 @@ class _RNNBase(_Fused):
             ys = []
             for d in range(D):
                 s0 = [None if s is None else s[layer * D + d] for s in states]
-                if self._has_variants:
+                if self._has_variants or self.proj_size:
                     y, *fin = self._run_variants(layer, d, inp, s0, lengths)
-                elif self.proj_size:
-                    sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                    y, *fin = _run_projected(inp, *s0, *self._weights(layer, d),
-                                             getattr(self, "weight_hr" + sfx), lengths, d == 1)
                 else:
                     y, *fin = _run(self._cell, inp, *s0, *self._weights(layer, d), lengths,
                                    d == 1, *self._options)
@@ -411,13 +407,15 @@ class _RNNBase(_Fused):
         return inp, [torch.stack(f) for f in finals]
 
     def _run_variants(self, layer, d, x, s0, lengths):
-        """One direction of one layer with the variants on: (y, finals...). Its masks are
-        drawn from torch's RNG in rnnfuse's layers' order: weight drop's, recurrent
-        dropout's, then zoneout's."""
+        """One direction of one layer with the variants or a projection: (y, finals...).
+        Its masks are drawn from torch's RNG in rnnfuse's layers' order: weight drop's,
+        recurrent dropout's, then zoneout's."""
         kernel_only = self._active_variants(kernel_only=True)
-        if kernel_only and _recording():  # refused before anything is drawn or traced
-            raise RuntimeError(_NO_VARIANT_OPS.format(name=type(self).__name__,
-                                                      options=", ".join(kernel_only)))
+        refusal = (_NO_VARIANT_OPS.format(name=type(self).__name__,
+                                          options=", ".join(kernel_only)) if kernel_only
+                   else _NO_PROJECTION_OPS)
+        if (kernel_only or self.proj_size) and _recording():  # before anything is drawn
+            raise RuntimeError(refusal)
         sfx, w = self._suffix(layer, d), self._weights(layer, d)
         w_hr = getattr(self, "weight_hr" + sfx) if self.proj_size else None
         if self.training and self.weight_drop:  # W_hh * mask, through autograd
@@ -433,15 +431,12 @@ class _RNNBase(_Fused):
         peep = getattr(self, "weight_peep" + sfx) if self.peepholes else None
         kinds = self._LAYER_NORM[self._n_states] if self.layer_norm else ()
         ln = [getattr(self, kind + sfx) for kind in kinds]
-        if not kernel_only:  # weight drop alone, or what is a no-op in eval: the plain path
-            if w_hr is not None:
-                return _run_projected(x, *s0, *w, w_hr, lengths, d == 1)
+        if not (kernel_only or self.proj_size):  # weight drop alone, or eval's no-ops
             return _run(self._cell, x, *s0, *w, lengths, d == 1, *self._options)
         c0 = s0[1] if self._n_states == 2 else None
         spec = Variants(self._cell, self._options[0] if self._options else None, lengths,
                         d == 1, zoneout, rdrop)
-        return _run_variants(type(self).__name__, ", ".join(kernel_only), spec, x, s0[0], c0,
-                             *w, w_hr, peep, *ln)
+        return _run_variants(refusal, spec, x, s0[0], c0, *w, w_hr, peep, *ln)
 
     _LAYER_NORM = {1: ("ln_weight_ih", "ln_weight_hh"),
                    2: ("ln_weight_ih", "ln_weight_hh", "ln_weight_c", "ln_bias_c")}
