@@ -145,9 +145,10 @@ def test_step(benchmark, step_size, impl, bench_threads, bench_budget):
     _time(benchmark, stream.step, x[0], bench_budget, max_rounds=2000)
 
 
-def main(budget=6.0):
+def main(budget=6.0, clock=time.perf_counter):
     """Interleaved medians of every implementation per shape, 1 thread (bench.measure):
-    ``python benches/test_bench_quant.py``."""
+    ``python benches/test_bench_quant.py [--clock cpu] [--budget S]``; the projected
+    LSTM (proj_size = H/2) float32 and int8 too."""
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
     for T, B, I, H in SEQUENCES:
@@ -159,22 +160,37 @@ def main(budget=6.0):
                 runs[impl] = _runner(impl, layer, 1)
             except bench.Unavailable as e:
                 print(f"{impl}: {e}")
-        want = layer(x)[0]
-        med = bench.measure({k: (lambda f=f: f(x)) for k, f in runs.items()}, budget)
+        proj = rnnfuse.LSTM(I, H, proj_size=H // 2, seed=0).eval()
+        runs["proj-float32"] = lambda x, m=proj: m(x)[0]
+        runs["proj-int8"] = lambda x, m=proj.quantized(): m(x)[0]
+        want = {k: (proj if k.startswith("proj") else layer)(x)[0] for k in runs}
+        med = bench.measure({k: (lambda f=f: f(x)) for k, f in runs.items()}, budget,
+                            clock=clock)
         print(f"T={T} B={B} I={I} H={H}: " + ", ".join(
-            f"{k} {med[k][0] * 1e3:.2f} ms (max error {np.abs(f(x) - want).max():.4f})"
+            f"{k} {med[k][0] * 1e3:.2f} ms (max error {np.abs(f(x) - want[k]).max():.4f})"
             for k, f in runs.items()))
         print("  int8 speed-up: " + ", ".join(
-            f"{med[k][0] / med['int8'][0]:.2f}x over {k}" for k in runs if k != "int8"))
+            f"{med[k][0] / med['int8'][0]:.2f}x over {k}" for k in runs
+            if not k.startswith("proj") and k != "int8")
+            + f"; proj-int8 {med['proj-float32'][0] / med['proj-int8'][0]:.2f}x over "
+            "proj-float32")
     for H in STEPS:
         layer = _lstm(H, H)
         x = np.random.default_rng(0).standard_normal((1, H)).astype(np.float32)
         steps = {"float32": layer.stream(1).step, "int8": layer.quantized().stream(1).step}
-        med = bench.measure({k: (lambda f=f: f(x)) for k, f in steps.items()}, budget)
+        med = bench.measure({k: (lambda f=f: f(x)) for k, f in steps.items()}, budget,
+                            clock=clock)
         print(f"stream step B=1 I=H={H}: " + ", ".join(
             f"{k} {med[k][0] * 1e6:.1f} us" for k in steps)
             + f" (int8 {med['float32'][0] / med['int8'][0]:.2f}x float32)")
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or the CPU time of the one thread (a loaded machine)")
+    ap.add_argument("--budget", type=float, default=6.0,
+                    help="seconds of timed rounds per shape (default 6)")
+    args = ap.parse_args()
+    main(args.budget, time.thread_time if args.clock == "cpu" else time.perf_counter)

@@ -88,35 +88,33 @@ ptrdiff_t rf_gemm_floor_size(ptrdiff_t T, ptrdiff_t B, ptrdiff_t I, ptrdiff_t H,
  * either dtype. */
 #define RF_LINE_SLACK 16
 
-/* pack_weights' arrays start with their tag (rf_tag_write) in 16 elements, a line of
- * either dtype or two (so the weights after it start on a line too), which
- * rf_weights_packed_for reads: weights packed for other sizes or another GRU layout are
- * refused, not misread. */
-#define RF_PACK_TAG 16
+/* pack_weights' arrays start with their tag (rf_tag_write) in RF_PACK_TAG elements (so
+ * the weights after it start on a line too), which rf_weights_packed_for reads: weights
+ * packed for other sizes or another GRU layout are refused, not misread. */
 static const char pack_tag[RF_TAG_NAME] = "rnnfuse weights 1";
 
 typedef struct {
     char name[RF_TAG_NAME];
-    int64_t G, H, I, split;
+    int64_t G, H, I, split, P;
 } rf_tag;
 _Static_assert(sizeof(rf_tag) <= RF_TAG_BYTES, "a tag fits its bytes");
 
 void rf_tag_write(void *dst, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
-                  int lbr) {
+                  int lbr, ptrdiff_t P) {
     rf_tag tag;
     memset(dst, 0, RF_TAG_BYTES);
     memset(&tag, 0, sizeof tag);
     memcpy(tag.name, name, RF_TAG_NAME);
-    tag.G = G, tag.H = H, tag.I = I, tag.split = rf_split_n(G, lbr);
+    tag.G = G, tag.H = H, tag.I = I, tag.split = rf_split_n(G, lbr), tag.P = P;
     memcpy(dst, &tag, sizeof tag);
 }
 
 int rf_tag_matches(const void *src, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
-                   int lbr) {
+                   int lbr, ptrdiff_t P) {
     rf_tag tag;
     memcpy(&tag, src, sizeof tag);
     return !memcmp(tag.name, name, RF_TAG_NAME) && tag.G == G && tag.H == H && tag.I == I
-           && tag.split == rf_split_n(G, lbr);
+           && tag.split == rf_split_n(G, lbr) && tag.P == P;
 }
 
 ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff_t G) {
@@ -135,12 +133,19 @@ static ptrdiff_t recurrent_pack_size(ptrdiff_t G, ptrdiff_t H) {
     return rf_packed_size(H, G * H) + (G == 3 ? rf_packed_size(H, H) : 0);
 }
 
+/* Elements (floats: more than enough for double calls, which have no int8) of a
+ * workspace's room for packing weights that int8 weights, which come packed, take as
+ * their products' scratch instead (rf_prepare_q8): rf_q8_scratch_total bytes from its
+ * first cache line, for either GRU layout (the one without linear_before_reset has the
+ * more weights). */
+ptrdiff_t rf_q8_scratch_room(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, ptrdiff_t P) {
+    return (rf_q8_scratch_total(G, H, I, 0, P) + 3) / 4 + RF_LINE_SLACK;
+}
+
 ptrdiff_t rf_weights_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
-    /* int8 weights come packed: the room serves their products' scratch instead (floats,
-     * more than enough for double calls, which have no int8) */
-    ptrdiff_t packed = recurrent_pack_size(G, H) + rf_packed_size(I, G * H);
-    ptrdiff_t scratch = (rf_q8_scratch_size(H > I ? H : I) + 3) / 4;
-    return (packed > scratch ? packed : scratch) + RF_LINE_SLACK;
+    ptrdiff_t packed = recurrent_pack_size(G, H) + rf_packed_size(I, G * H) + RF_LINE_SLACK;
+    ptrdiff_t scratch = rf_q8_scratch_room(G, H, I, 0);
+    return packed > scratch ? packed : scratch;
 }
 
 ptrdiff_t rf_weights_packed_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
@@ -149,7 +154,7 @@ ptrdiff_t rf_weights_packed_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I) {
 
 int rf_weights_packed_for(const void *packed, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
                           int lbr) {
-    return rf_tag_matches(packed, pack_tag, G, H, I, lbr);
+    return rf_tag_matches(packed, pack_tag, G, H, I, lbr, 0);
 }
 
 /* The least flops a part must have to pay for handing it to another thread: about as
@@ -450,12 +455,7 @@ static void RF_FN(weights_at)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh
 void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
                                REAL *pack_buffer, const REAL *prepacked, int avx2) {
-#if RF_IS_FLOAT
-    if (prepacked && rf_q8_prepared(W, prepacked, G, H, I, lbr)) {
-        for (int k = 0; k < 3; k++) W[k].scratch = RF_FN(line_start)(pack_buffer);
-        return;
-    }
-#endif
+    if (RF_FN(rf_prepare_q8)(W, prepacked, G, H, I, lbr, 0, pack_buffer)) return;
     if (prepacked)
         RF_FN(weights_at)(W, NULL, NULL, G, H, I, lbr, (REAL *)prepacked + RF_PACK_TAG, 0,
                           avx2);
@@ -464,11 +464,26 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
                           avx2);
 }
 
+/* Whether prepacked (or NULL) holds int8 weights packed for these sizes (float32 calls
+ * only): then W are they (rf_q8_prepared), their scratch from pack_buffer's first cache
+ * line (rf_q8_scratch_room elements). */
+int RF_FN(rf_prepare_q8)(rf_weight W[3], const REAL *prepacked, ptrdiff_t G, ptrdiff_t H,
+                         ptrdiff_t I, int lbr, ptrdiff_t P, REAL *pack_buffer) {
+#if RF_IS_FLOAT
+    if (prepacked && rf_q8_prepared(W, prepacked, G, H, I, lbr, P,
+                                    RF_FN(line_start)(pack_buffer)))
+        return 1;
+#endif
+    (void)W, (void)prepacked, (void)G, (void)H, (void)I, (void)lbr, (void)P;
+    (void)pack_buffer;
+    return 0;
+}
+
 void RF_FN(rf_pack_weights)(REAL *dst, const REAL *w_ih, const REAL *w_hh, ptrdiff_t G,
                             ptrdiff_t H, ptrdiff_t I, int lbr, int avx2) {
     rf_weight W[3];
     memset(dst, 0, RF_PACK_TAG * sizeof(REAL));
-    rf_tag_write(dst, pack_tag, G, H, I, lbr);
+    rf_tag_write(dst, pack_tag, G, H, I, lbr, 0);
     RF_FN(weights_at)(W, w_ih, w_hh, G, H, I, lbr, dst + RF_PACK_TAG, 1, avx2);
 }
 

@@ -42,6 +42,9 @@ static lstmp_layout lstmp_layout_of(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, 
     L.w_ih = L.w_hh + rf_pack_buffer_size(P, 4 * H);
     L.w_hr = L.w_ih + rf_pack_buffer_size(I, 4 * H);
     L.total = L.w_hr + rf_pack_buffer_size(H, P);
+    /* int8 weights take the room for packing as their products' scratch */
+    ptrdiff_t q8 = L.w_hh + rf_q8_scratch_room(4, H, I, P);
+    L.total = L.total > q8 ? L.total : q8;
     return L;
 }
 
@@ -50,16 +53,19 @@ ptrdiff_t rf_lstmp_workspace(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdiff
     return lstmp_layout_of(p, I, H, P, train).total;
 }
 
-/* Packed weights as the workspace holds them: W_hh^T | W_ih^T | W_hr^T. */
+/* Packed weights as the workspace holds them: W_hh^T | W_ih^T | W_hr^T; rf_lstmp_pack's
+ * start with their tag (RF_PACK_TAG elements), so that int8 weights (rf_prepare_q8) are
+ * never taken for them. */
 static ptrdiff_t lstmp_pack_at_ih(ptrdiff_t H, ptrdiff_t P) {
     return rf_pack_buffer_size(P, 4 * H);
 }
 static ptrdiff_t lstmp_pack_at_hr(ptrdiff_t I, ptrdiff_t H, ptrdiff_t P) {
     return lstmp_pack_at_ih(H, P) + rf_pack_buffer_size(I, 4 * H);
 }
+static const char lstmp_tag[RF_TAG_NAME] = "rnnfuse lstmp weights 1";
 
 ptrdiff_t rf_lstmp_pack_size(ptrdiff_t I, ptrdiff_t H, ptrdiff_t P) {
-    return lstmp_pack_at_hr(I, H, P) + rf_pack_buffer_size(H, P);
+    return RF_PACK_TAG + lstmp_pack_at_hr(I, H, P) + rf_pack_buffer_size(H, P);
 }
 
 /* Backward scratch: dh (B,P) | dc (B,H) | dm (B,H) | dhs (N,P): dh_t of every packed row |
@@ -154,17 +160,20 @@ void RF_FN(rf_lstmp_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     const REAL *bias = RF_FN(rf_fold_biases)(ws + L.bias, b_ih, b_hh, GH, GH);
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, P);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
-    rf_weight W_hh, W_ih, W_hr;
-    RF_FN(rf_prepare_weight)(&W_hh, w_hh, P, 1, P, GH, ws + L.w_hh, packed, rt->avx2);
-    RF_FN(rf_prepare_weight)(&W_ih, w_ih, I, 1, I, GH, ws + L.w_ih,
-                             packed ? packed + lstmp_pack_at_ih(H, P) : NULL, rt->avx2);
-    RF_FN(rf_prepare_weight)(&W_hr, w_hr, H, 1, H, P, ws + L.w_hr,
-                             packed ? packed + lstmp_pack_at_hr(I, H, P) : NULL, rt->avx2);
-    RF_FN(lstmp_steps_job) job = {y, h_n, c_n, ws, bias, peep, &W_hh, &W_hr, p, L, H, P, 0,
+    rf_weight W[3];  /* W_hh^T, W_hr^T, W_ih^T, as int8 weights order them */
+    if (!RF_FN(rf_prepare_q8)(W, packed, 4, H, I, 0, P, ws + L.w_hh)) {
+        const REAL *pre = packed ? packed + RF_PACK_TAG : NULL;
+        RF_FN(rf_prepare_weight)(&W[0], w_hh, P, 1, P, GH, ws + L.w_hh, pre, rt->avx2);
+        RF_FN(rf_prepare_weight)(&W[2], w_ih, I, 1, I, GH, ws + L.w_ih,
+                                 pre ? pre + lstmp_pack_at_ih(H, P) : NULL, rt->avx2);
+        RF_FN(rf_prepare_weight)(&W[1], w_hr, H, 1, H, P, ws + L.w_hr,
+                                 pre ? pre + lstmp_pack_at_hr(I, H, P) : NULL, rt->avx2);
+    }
+    RF_FN(lstmp_steps_job) job = {y, h_n, c_n, ws, bias, peep, &W[0], &W[1], p, L, H, P, 0,
                                   0, train, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {
         ptrdiff_t step1 = rf_chunk_end(p, step0, train);
-        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W_ih, p, step0, step1, I, GH,
+        RF_FN(rf_project)(ws + L.gates, ws + L.xbuf, x, &W[2], p, step0, step1, I, GH,
                           train, rt);
         job.step0 = step0;
         job.step1 = step1;
@@ -177,6 +186,9 @@ void RF_FN(rf_lstmp_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
 void RF_FN(rf_lstmp_pack)(REAL *packed, const REAL *w_ih, const REAL *w_hh, const REAL *w_hr,
                           ptrdiff_t I, ptrdiff_t H, ptrdiff_t P, int avx2) {
     rf_weight W;
+    memset(packed, 0, RF_PACK_TAG * sizeof(REAL));
+    rf_tag_write(packed, lstmp_tag, 4, H, I, 0, P);
+    packed += RF_PACK_TAG;
     RF_FN(rf_prepare_weight)(&W, w_hh, P, 1, P, 4 * H, packed, NULL, avx2);
     RF_FN(rf_prepare_weight)(&W, w_ih, I, 1, I, 4 * H, packed + lstmp_pack_at_ih(H, P), NULL,
                              avx2);

@@ -24,7 +24,8 @@ ptrdiff_t rf_lstmp_pack_size(ptrdiff_t n_in, ptrdiff_t H, ptrdiff_t P);
                                 const REAL *packed, const rf_plan *p, ptrdiff_t n_in,       \
                                 ptrdiff_t H, ptrdiff_t P, int train, const rf_runtime *rt); \
     /* packed: NULL (the forward packs into ws), or this, from a packed on a cache line    \
-     * (its three parts then start on lines, where the forward reads them) */               \
+     * (its three parts then start on lines, where the forward reads them), or for float32  \
+     * rf_q8_pack_weights' int8 weights (P > 0; w_ih, w_hh, w_hr then unread) */            \
     void rf_lstmp_pack_##SFX(REAL *packed, const REAL *w_ih, const REAL *w_hh,              \
                              const REAL *w_hr, ptrdiff_t n_in, ptrdiff_t H, ptrdiff_t P,    \
                              int avx2);                                                     \

@@ -1,10 +1,11 @@
 /* quant.c -- int8 weights for inference (float32 calls only).
  *
  * A quantized forward's weights are packed once by rf_q8_pack_weights into a buffer that
- * the forward takes as its `packed`: a header that tags it, then W_hh^T (for the GRU
- * without linear_before_reset its n block apart) and W_ih^T, each as per-column scales
- * followed by int8 panels. rf_prepare_weights_f32 recognises the tag and hands the cells
- * rf_weights with scales, and rf_step_gemm_f32 / rf_project_f32 then run rf_q8_gemm:
+ * the forward takes as its `packed`: a header that tags it, then W_hh^T, the GRU's n block
+ * apart (without linear_before_reset) or the projected LSTM's W_hr^T, and W_ih^T, each as
+ * per-column scales followed by int8 panels. rf_prepare_q8_f32 recognises the tag and
+ * hands the cells rf_weights with scales, and rf_step_gemm_f32 / rf_project_f32 then run
+ * rf_q8_gemm:
  *
  *   quantize each row of A (symmetric, per row: rf_q8_quantize), multiply in int32
  *   (exact: the same integer whatever the order), then C (+)= (float)acc * (sa * sw).
@@ -50,10 +51,25 @@ static ptrdiff_t weight_bytes(ptrdiff_t K, ptrdiff_t N) {
     return 2 * scales_bytes(N) + round_up(n_padded(N) * k_padded(K), RF_Q8_ALIGN);
 }
 
-ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr) {
-    ptrdiff_t hh = rf_split_n(G, lbr) ? weight_bytes(H, 2 * H) + weight_bytes(H, H)
-                                   : weight_bytes(H, G * H);
-    return RF_Q8_ALIGN + hh + weight_bytes(I, G * H);
+/* The weights of a forward, in the order of rf_weight W[3] and of the buffer: each op(W)
+ * K rows by N columns, made from a row-major W of N rows of K (K = 0: absent). W[0] =
+ * W_hh^T (the GRU without linear_before_reset: its r z rows), W[1] its n block, or with
+ * P > 0 the projection's W_hr^T, W[2] = W_ih^T. */
+typedef struct { ptrdiff_t K[3], N[3]; } q8_shapes;
+
+static q8_shapes shapes_of(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, ptrdiff_t P) {
+    int split = rf_split_n(G, lbr);
+    q8_shapes s = {{P ? P : H, P ? H : split ? H : 0, I},
+                   {split ? 2 * H : G * H, P ? P : H, G * H}};
+    return s;
+}
+
+ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, ptrdiff_t P) {
+    q8_shapes s = shapes_of(G, H, I, lbr, P);
+    ptrdiff_t size = RF_Q8_ALIGN;
+    for (int k = 0; k < 3; k++)
+        if (s.K[k]) size += weight_bytes(s.K[k], s.N[k]);
+    return size;
 }
 
 /* Folds |a[k]| for k0 <= k < K into *amax; 0 where one of them is inf or NaN. */
@@ -246,35 +262,47 @@ static void use_weight(rf_weight *W, const uint8_t *src, ptrdiff_t K, ptrdiff_t 
     W->panel_stride = RF_Q8_NR * k_padded(K);
 }
 
-/* The three weights of a forward as rf_prepare_weights lays them out (rnnfuse.h). */
-static void weights_of(rf_weight W[3], const uint8_t *buf, ptrdiff_t G, ptrdiff_t H,
-                       ptrdiff_t I, int lbr, uint8_t *pack_to, const float *w_ih,
-                       const float *w_hh) {
+/* The weights of a forward (shapes_of) laid out after the header of buf; pack_to: pack
+ * them there first from src, each row-major with rows of K. scratch (or NULL): each
+ * weight's part of it, rf_q8_scratch_size(K) bytes, one after another: the threads of a
+ * call that run different products at once (a projected LSTM's W_hh and W_hr) then never
+ * share their rows' buffers. */
+static void weights_of(rf_weight W[3], const uint8_t *buf, q8_shapes s, uint8_t *pack_to,
+                       const float *const src[3], uint8_t *scratch) {
     const uint8_t *at = buf + RF_Q8_ALIGN;
-    ptrdiff_t N0 = rf_split_n(G, lbr) ? 2 * H : G * H;
-    if (pack_to) pack_weight(pack_to + (at - buf), w_hh, H, H, N0);
-    use_weight(&W[0], at, H, N0);
-    at += weight_bytes(H, N0);
-    if (rf_split_n(G, lbr)) {
-        if (pack_to) pack_weight(pack_to + (at - buf), w_hh + 2 * H * H, H, H, H);
-        use_weight(&W[1], at, H, H);
-        at += weight_bytes(H, H);
+    for (int k = 0; k < 3; k++) {
+        if (!s.K[k]) continue;
+        if (pack_to) pack_weight(pack_to + (at - buf), src[k], s.K[k], s.K[k], s.N[k]);
+        use_weight(&W[k], at, s.K[k], s.N[k]);
+        at += weight_bytes(s.K[k], s.N[k]);
+        if (scratch) {
+            W[k].scratch = scratch;
+            scratch += rf_q8_scratch_size(s.K[k]);
+        }
     }
-    if (pack_to) pack_weight(pack_to + (at - buf), w_ih, I, I, G * H);
-    use_weight(&W[2], at, I, G * H);
 }
 
-void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
-                        ptrdiff_t H, ptrdiff_t I, int lbr) {
-    rf_tag_write(dst, q8_tag, G, H, I, lbr);
+ptrdiff_t rf_q8_scratch_total(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, ptrdiff_t P) {
+    q8_shapes s = shapes_of(G, H, I, lbr, P);
+    ptrdiff_t size = 0;
+    for (int k = 0; k < 3; k++)
+        if (s.K[k]) size += rf_q8_scratch_size(s.K[k]);
+    return size;
+}
+
+void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, const float *w_hr,
+                        ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, ptrdiff_t P) {
+    const float *src[3] = {w_hh, rf_split_n(G, lbr) ? w_hh + 2 * H * H : w_hr, w_ih};
     rf_weight W[3];
-    weights_of(W, dst, G, H, I, lbr, dst, w_ih, w_hh);
+    rf_tag_write(dst, q8_tag, G, H, I, lbr, P);
+    weights_of(W, dst, shapes_of(G, H, I, lbr, P), dst, src, NULL);
 }
 
 int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
-                   ptrdiff_t I, int lbr) {
-    if (!rf_tag_matches(prepacked, q8_tag, G, H, I, lbr)) return 0;
-    weights_of(W, prepacked, G, H, I, lbr, NULL, NULL, NULL);
+                   ptrdiff_t I, int lbr, ptrdiff_t P, void *scratch) {
+    const float *none[3] = {NULL, NULL, NULL};
+    if (!rf_tag_matches(prepacked, q8_tag, G, H, I, lbr, P)) return 0;
+    weights_of(W, prepacked, shapes_of(G, H, I, lbr, P), NULL, none, scratch);
     return 1;
 }
 

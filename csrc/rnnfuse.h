@@ -189,23 +189,29 @@ typedef struct {
                               * a cache line, or NULL (rf_q8_gemm's slow way) */
 } rf_weight;
 
-/* Pre-packed weights (rf_pack_weights_*, rf_q8_pack_weights) start with a tag of what
- * they are packed for (common.c): rf_tag_write writes RF_TAG_BYTES at dst, the kind's
- * name (RF_TAG_NAME bytes) and G, H, I and the layout; rf_tag_matches: whether src holds
- * that tag. rf_split_n: the layout, the GRU without linear_before_reset packing its n
- * block apart. */
+/* Pre-packed weights (rf_pack_weights_*, rf_lstmp_pack_*, rf_q8_pack_weights) start with
+ * a tag of what they are packed for (common.c): rf_tag_write writes RF_TAG_BYTES at dst,
+ * the kind's name (RF_TAG_NAME bytes) and G, H, I, the layout and P, the LSTM's
+ * projection size (0: none); rf_tag_matches: whether src holds that tag. rf_split_n: the
+ * layout, the GRU without linear_before_reset packing its n block apart. Float weights
+ * follow their tag after RF_PACK_TAG elements, a cache line of either dtype or two. */
 #define RF_TAG_NAME 24
 #define RF_TAG_BYTES 64
+#define RF_PACK_TAG 16
 void rf_tag_write(void *dst, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
-                  int lbr);
+                  int lbr, ptrdiff_t P);
 int rf_tag_matches(const void *src, const char *name, ptrdiff_t G, ptrdiff_t H, ptrdiff_t I,
-                   int lbr);
+                   int lbr, ptrdiff_t P);
 static inline int rf_split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
 
 /* int8 weights for float32 inference (quant.c): rf_q8_pack_weights packs a forward's
- * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed, which
- * rf_prepare_weights_f32 recognises (rf_q8_prepared), giving the weights the workspace's
- * room for packing as their scratch; the steps' products and the input projection then
+ * weights (rf_q8_pack_size bytes, on a 64-byte boundary) for the forward's packed: with
+ * P > 0 the projected LSTM's (lstmp.h; G = 4, w_hh (4H, P), w_hr (P, H)), else w_hr is
+ * NULL. rf_prepare_q8_f32 recognises them (rf_q8_prepared, W[0] W_hh^T, W[1] the GRU's n
+ * block apart or W_hr^T, W[2] W_ih^T), giving the weights the workspace's room for
+ * packing as their scratch (rf_q8_scratch_room elements; rf_q8_prepared's scratch, or
+ * NULL: rf_q8_scratch_total bytes, each weight its own part); the steps' products, the
+ * projection's and the input projection then
  * quantize A's rows and multiply in int32 (rf_q8_gemm: C (M,N) (+)= A (M,K) op(W),
  * k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow way without
  * W->scratch, taken too where it is NULL). rf_q8_scratch_size: the bytes of scratch for
@@ -214,12 +220,14 @@ static inline int rf_split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
  * returns the scale max|a| / 127
  * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
  * with inf or NaN; their q are zeros). */
-ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr);
-void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, ptrdiff_t G,
-                        ptrdiff_t H, ptrdiff_t I, int lbr);
+ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, ptrdiff_t P);
+void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, const float *w_hr,
+                        ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, ptrdiff_t P);
 int rf_q8_prepared(rf_weight W[3], const void *prepacked, ptrdiff_t G, ptrdiff_t H,
-                   ptrdiff_t I, int lbr);
+                   ptrdiff_t I, int lbr, ptrdiff_t P, void *scratch);
 ptrdiff_t rf_q8_scratch_size(ptrdiff_t K);
+ptrdiff_t rf_q8_scratch_total(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, ptrdiff_t P);
+ptrdiff_t rf_q8_scratch_room(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, ptrdiff_t P);
 float rf_q8_quantize(int8_t *q, const float *a, ptrdiff_t K, int path);
 int rf_q8_cpu_vnni(void);
 void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t lda,
@@ -376,6 +384,8 @@ typedef struct {
     void rf_prepare_weights_##SFX(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,       \
                                   ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,           \
                                   REAL *pack_buffer, const REAL *prepacked, int avx2);      \
+    int rf_prepare_q8_##SFX(rf_weight W[3], const REAL *prepacked, ptrdiff_t G, ptrdiff_t H, \
+                            ptrdiff_t I, int lbr, ptrdiff_t P, REAL *pack_buffer);          \
     void rf_step_gemm_##SFX(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,         \
                             ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,           \
                             ptrdiff_t lda, int accumulate, REAL *C, ptrdiff_t ldc);         \

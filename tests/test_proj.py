@@ -214,8 +214,6 @@ def test_weight_drop_masks_the_projected_w_hh():
      "layer_norm is not supported with proj_size"),
     (lambda: LSTM(3, 4, proj_size=2, recurrent_dropout=0.1),
      "recurrent_dropout is not supported with proj_size"),
-    (lambda: LSTM(3, 4, proj_size=2).quantized(), "quantized() does not take a layer with "
-                                                  "proj_size"),
 ])
 def test_layer_refusals(make, message):
     with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(")

@@ -441,3 +441,220 @@ def test_quantized_threads_quantize_rows_in_their_own_scratch(I, H, B):
         np.testing.assert_array_equal(q(x)[0], one)
     finally:
         _kernels.set_threads(before)
+
+
+# ---------------------------------------------------------------- the projected LSTM
+
+def _proj_layer(I=12, H=24, P=10, peepholes=False, seed=0, **more):
+    """An eval LSTM with proj_size P, its peepholes (which start at zero) drawn."""
+    layer = LSTM(I, H, proj_size=P, peepholes=peepholes, seed=seed, **more).eval()
+    rng = np.random.default_rng(seed + 1)
+    for name, w in layer._params.items():
+        if name.startswith("weight_peep"):
+            w[...] = rng.uniform(-1, 1, w.shape)
+    return layer
+
+
+def np_q8_lstmp(x, h, c, w_ih, w_hh, w_hr, bias, peep):
+    """A NumPy int8 projected LSTM forward: np_product's products, W_hr's on m = o tanh(c)
+    quantized per row, the gate math in float64 with ONNX's peepholes (i, o, f)."""
+    T, B, I = x.shape
+    H = w_hr.shape[1]
+    sig = lambda v: 1 / (1 + np.exp(-v.astype(np.float64)))  # noqa: E731
+    ys = []
+    proj = np_product(x.reshape(T * B, I), w_ih).reshape(T, B, 4 * H)
+    for t in range(T):
+        a = np_product(h, w_hh, proj[t]).astype(np.float64) + bias
+        gi, gf, gg, go = (a[:, k * H:(k + 1) * H] for k in range(4))
+        i, f = sig(gi + peep[:H] * c), sig(gf + peep[2 * H:] * c)
+        c = (f * c + i * np.tanh(gg)).astype(np.float32)
+        m = (sig(go + peep[H:2 * H] * c) * np.tanh(c)).astype(np.float32)
+        h = np_product(m, w_hr)
+        ys.append(h)
+    return np.stack(ys), h, c
+
+
+@pytest.mark.parametrize("peepholes", [False, True])
+def test_q8_projected_lstm_against_numpy(path, peepholes):
+    """Every product of the projected LSTM (x W_ih^T, h W_hh^T and m W_hr^T) is the
+    integer reference's; the gate math differs by its activations only."""
+    layer = _proj_layer(peepholes=peepholes)
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((6, 5, 12)).astype(np.float32)
+    h0 = rng.standard_normal((5, 10)).astype(np.float32)
+    c0 = rng.standard_normal((5, 24)).astype(np.float32)
+    w = {n.rsplit("_l", 1)[0]: v for n, v in layer._params.items()}
+    peep = w.get("weight_peep", np.zeros(72, np.float32))
+    want = np_q8_lstmp(x, h0, c0, w["weight_ih"], w["weight_hh"], w["weight_hr"],
+                       w["bias_ih"].astype(np.float64) + w["bias_hh"], peep)
+    y, (h, c) = layer.quantized()(x, (h0[None], c0[None]))
+    assert y.shape == (6, 5, 10) and h.shape == (1, 5, 10) and c.shape == (1, 5, 24)
+    for got, ref in zip((y, h[0], c[0]), want):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("M,H,P", [(1, 24, 10), (9, 256, 128), (13, 37, 5)])
+def test_int8_projection_product_same_bits_on_every_path(M, H, P):
+    """The projection's product m (M, H) W_hr^T (P of H) is the integer reference's on
+    every code path."""
+    rng = np.random.default_rng(M + H + P)
+    m = rng.uniform(-1, 1, (M, H)).astype(np.float32)
+    w_hr = (rng.uniform(-1, 1, (P, H)) / np.sqrt(H)).astype(np.float32)
+    before = _kernels.kernel()
+    try:
+        for p in PATHS:
+            _use(p)
+            np.testing.assert_array_equal(_kernels.q8_product(m, w_hr), np_product(m, w_hr))
+    finally:
+        _kernels.set_kernel(before)
+        _kernels.set_int8_vnni(True)
+
+
+@pytest.mark.parametrize("T,B,I,H,P", [(100, 32, 128, 256, 128), (100, 64, 256, 512, 256)])
+def test_quantized_projection_close_to_float32_at_bench_shapes(T, B, I, H, P):
+    layer = LSTM(I, H, proj_size=P, seed=0).eval()
+    x = np.random.default_rng(11).standard_normal((T, B, I)).astype(np.float32)
+    y, (h, c) = layer(x)
+    yq, (hq, cq) = layer.quantized()(x)
+    error = max(np.abs(yq - y).max(), np.abs(hq - h).max(), np.abs(cq - c).max())
+    assert 0 < error <= MAX_ERROR
+
+
+@pytest.mark.parametrize("peepholes", [False, True])
+def test_quantized_projection_variants_close_to_float32(path, peepholes):
+    """Stacked, bidirectional, batch_first, ragged, from a given state, without bias."""
+    layer = _proj_layer(peepholes=peepholes, num_layers=2, bidirectional=True,
+                        batch_first=True, bias=not peepholes)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 7, 12)).astype(np.float32)
+    lengths = [7, 3, 0, 5]
+    state = layer(x[:, :3])[1]
+    assert state[0].shape == (4, 4, 10) and state[1].shape == (4, 4, 24)
+    y, s = layer(x, state, lengths=lengths)
+    q = layer.quantized()
+    yq, sq = q(x, state, lengths=lengths)
+    assert yq.shape == y.shape == (4, 7, 20)
+    error = max(np.abs(a - b).max() for a, b in zip((y, *s), (yq, *sq)))
+    assert 0 < error <= MAX_ERROR
+    assert np.all(yq[1, 3:] == 0) and np.all(yq[2] == 0)  # padding stays zero
+    names = ["bias_hh", "bias_ih"] * (not peepholes) + ["weight_peep"] * peepholes
+    assert sorted(q.named_parameters()) == sorted(f"{n}_l{k}{d}" for n in names
+                                                  for k in range(2) for d in ("", "_reverse"))
+
+
+def test_quantized_projection_rows_do_not_depend_on_the_batch(path):
+    q = _proj_layer(num_layers=2).quantized()
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((9, 13, 12)).astype(np.float32)
+    lengths = np.array([9, 4, 9, 0, 2, 9, 7, 1, 9, 3, 5, 9, 6])
+    for reverse in (False, True):
+        q_dir = _proj_layer(bidirectional=True).quantized() if reverse else q
+        y, (h, c) = q_dir(x, lengths=lengths)
+        for b in (0, 1, 6, 12):
+            y1, (h1, c1) = q_dir(x[:, b:b + 1], lengths=lengths[b:b + 1])
+            np.testing.assert_array_equal(y1[:, 0], y[:, b])
+            np.testing.assert_array_equal(h1[:, 0], h[:, b])
+            np.testing.assert_array_equal(c1[:, 0], c[:, b])
+
+
+@pytest.mark.parametrize("peepholes", [False, True])
+def test_quantized_projection_stream_and_pool_match_forward(path, peepholes):
+    q = _proj_layer(peepholes=peepholes, num_layers=2).quantized()
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((6, 3, 12)).astype(np.float32)
+    state = q(x[:2])[1]
+    y, (h, c) = q(x, state)
+    stream = q.stream(3, state)
+    assert stream.proj_size == 10
+    np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(6)]), y)
+    np.testing.assert_array_equal(stream.state[0], h)
+    np.testing.assert_array_equal(stream.state[1], c)
+    pool = q.stream_pool(5)
+    ids = [pool.open((state[0][:, b:b + 1], state[1][:, b:b + 1])) for b in range(3)]
+    got = [pool.step(ids[::-1], x[0][::-1])[::-1]]
+    pool.close(ids[1])  # the others go on alone, with the same numbers
+    got += [pool.step([ids[2], ids[0]], x[t][[2, 0]])[::-1] for t in range(1, 6)]
+    np.testing.assert_array_equal(got[0], y[0])
+    np.testing.assert_array_equal(np.stack(got[1:]), y[1:, [0, 2]])
+    for k, part in enumerate(pool.state(ids[2])):
+        np.testing.assert_array_equal(part[:, 0], (h, c)[k][:, 2])
+
+
+def test_quantized_projection_threads_use_their_own_scratch():
+    """The projected forward's workspace has room for every thread's quantized rows, at
+    tiny sizes too, and threads that run different products at once (W_hh's, K = P, and
+    W_hr's, K = H; a thread does not wait for the others between steps) quantize into
+    buffers of their own: the same bits on one thread and on several, call after call."""
+    rng = np.random.default_rng(15)
+    for I, H, P, T, B in ((1, 2, 1, 4, 3), (64, 256, 128, 50, 32)):
+        q = LSTM(I, H, proj_size=P, seed=15).eval().quantized()
+        x = rng.standard_normal((T, B, I)).astype(np.float32)
+        before = _kernels.set_threads(1)
+        try:
+            one = q(x)[0]
+            for n in (2, 8) * 5:
+                _kernels.set_threads(n)
+                np.testing.assert_array_equal(q(x)[0], one)
+        finally:
+            _kernels.set_threads(before)
+
+
+def test_quantized_projection_refusals():
+    layer = _proj_layer()
+    q = layer.quantized()
+    p = {n.rsplit("_l", 1)[0]: v for n, v in layer._params.items()}
+    w_ih, w_hh, w_hr = p["weight_ih"], p["weight_hh"], p["weight_hr"]
+    with pytest.raises(ValueError, match=r"only the LSTM \(G=4\) has a projection w_hr"):
+        _kernels.q8_pack_weights(w_ih[:72], w_hh[:72], 3, True, w_hr)
+    with pytest.raises(ValueError, match="w_ih, w_hh and w_hr must be"):
+        _kernels.q8_pack_weights(w_ih, w_hh, 4, False, w_hr[:, :10])  # P = H
+    with pytest.raises(ValueError, match="w_ih, w_hh and w_hr must be"):
+        _kernels.q8_pack_weights(w_ih, w_hh, 4, False, w_hr[0])
+    with pytest.raises(TypeError, match="made from float32 weights, got .* w_hr float64"):
+        _kernels.q8_pack_weights(w_ih, w_hh, 4, False, w_hr.astype(np.float64))
+    x = np.ones((2, 1, 12), np.float32)
+    plan = _kernels.Plan(np.array([2], np.int64), 2, False)
+    ws = _kernels.aligned_empty(_kernels.lstmp_workspace_size(plan, 12, 24, 10, False),
+                                np.float32)
+    plain = LSTM(12, 24, seed=0).quantized()._packed[0]
+    for bad, P in ((plain, 10), (q._packed[0], 0), (q._packed[0], 9)):
+        with pytest.raises(ValueError, match="q8_pack_weights' array for G=4, H=24, I=12"):
+            _kernels.q8_forward("lstm", x, None, None, bad, None, None, plan, ws, 12, 24,
+                                False, None, None, P)
+    with pytest.raises(ValueError, match=r"a projection \(P=10\) runs the LSTM without "
+                                         "zoneout only, got lstm with zoneout"):
+        _kernels.q8_forward("lstm", x, None, None, q._packed[0], None, None, plan, ws, 12,
+                            24, False, None, 0.5, 10)
+    with pytest.raises(ValueError, match=r"a projection \(P=10\) runs the LSTM"):
+        _kernels.q8_forward("gru", x, None, None, q._packed[0], None, None, plan, ws, 12,
+                            24, False, None, None, 10)
+    with pytest.raises(ValueError, match="ws must be"):  # a plain LSTM's workspace
+        _kernels.q8_forward("lstm", x, None, None, q._packed[0], None, None, plan,
+                            ws[:_kernels.workspace_size("lstm", plan, 12, 24, False)], 12,
+                            24, False, None, None, 10)
+    with pytest.raises(ValueError, match=r"state\[h\] must have shape \(1, 1, 10\)"):
+        q(x, (np.zeros((1, 1, 24), np.float32), np.zeros((1, 1, 24), np.float32)))
+
+
+def test_quantized_projection_stream_refusals():
+    q = _proj_layer(num_layers=2).quantized()
+    weights = q._stream_weights()
+    assert [w[1] for w in weights] == [12, 10]  # the second layer takes P inputs
+    with pytest.raises(ValueError, match="q8_pack_weights' array"):  # no proj_size
+        _kernels.Stream("lstm", False, np.float32, 1, weights, int8=True)
+    with pytest.raises(ValueError, match="layer 1's input size is 24, expected 10"):
+        _kernels.StreamPool("lstm", False, np.float32, 2,
+                            [weights[0], [weights[1][0], 24, *weights[1][2:]]], int8=True,
+                            proj_size=10)
+    with pytest.raises(ValueError, match="q8_pack_weights' array"):  # another P
+        _kernels.Stream("lstm", False, np.float32, 1, weights[:1], int8=True, proj_size=9)
+    with pytest.raises(ValueError, match="zoneout is not supported with proj_size"):
+        _kernels.Stream("lstm", False, np.float32, 1, weights, int8=True, zoneout=0.1,
+                        proj_size=10)
+    with pytest.raises(ValueError, match="proj_size runs the LSTM without layer_norm"):
+        _kernels.Stream("gru", True, np.float32, 1, weights, int8=True, proj_size=10)
+    with pytest.raises(ValueError, match=r"h must have shape \(2, 1, 10\)"):
+        q.stream(1, (np.zeros((2, 1, 24), np.float32), np.zeros((2, 1, 24), np.float32)))
+    with pytest.raises(ValueError, match=r"h must have shape \(2, 1, 10\)"):
+        q.stream_pool(2).open((np.zeros((2, 1, 24), np.float32),
+                               np.zeros((2, 1, 24), np.float32)))

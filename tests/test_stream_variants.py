@@ -151,10 +151,10 @@ def _weights(G, H, I, *extra, P=0):
     (lambda cls: cls("lstm", False, np.float32, 1, _weights(4, 4, 2, P=2), proj_size=2),
      "weights lack w_hr"),
     (lambda cls: cls("gru", True, np.float32, 1, _weights(3, 4, 2), proj_size=2),
-     "proj_size runs the float LSTM without layer_norm only"),
+     "proj_size runs the LSTM without layer_norm only"),
     (lambda cls: cls("lstm", False, np.float32, 1, _weights(4, 4, 2, 16, 16, 4, 4),
                      layer_norm=True, proj_size=2),
-     "proj_size runs the float LSTM without layer_norm only"),
+     "proj_size runs the LSTM without layer_norm only"),
 ])
 @pytest.mark.parametrize("cls", [rnnfuse.Stream, rnnfuse.StreamPool])
 def test_direct_construction_checks_the_variants(cls, make, match):

@@ -556,16 +556,14 @@ class _RNNBase(Module):
                                    layer_norm=self._layer_norm, proj_size=self.proj_size)
 
     def quantized(self) -> Any:
-        """An eval-only copy of this float32 layer with int8 W_ih and W_hh, the same API
-        (forward with lengths, streams, stream pools): see rnnfuse.quantized."""
+        """An eval-only copy of this float32 layer with int8 W_ih and W_hh (and the
+        LSTM's projection W_hr), the same API (forward with lengths, streams, stream
+        pools): see rnnfuse.quantized. Not with layer_norm."""
         from .quantized import quantize  # (it builds on this module)
         if self._layer_norm:
             raise ValueError("quantized() does not take a layer with layer_norm: normalizing "
                              "the int8 products scales their rounding up to the gates' "
                              "scale, too far from float32")
-        if self.proj_size:
-            raise ValueError("quantized() does not take a layer with proj_size yet; "
-                             "quantize a layer without a projection")
         return quantize(self)
 
     def _stream_weights(self) -> list[list[Any]]:
@@ -632,8 +630,8 @@ class LSTM(_RNNBase):
     per layer and direction ``weight_hr_l{k}[_reverse]`` (P, hidden_size), weight_hh
     (4*hidden_size, P) and layers after the first taking D*P inputs, as torch.nn.LSTM:
     y is (T, B, D*P), h_n (L*D, B, P), c_n (L*D, B, hidden_size), and a torch.nn.LSTM
-    state dict with proj_size loads as it is. It combines with peepholes and weight_drop,
-    not with zoneout, recurrent_dropout, layer_norm or quantized().
+    state dict with proj_size loads as it is. It combines with peepholes, weight_drop and
+    quantized() (W_hr int8 too), not with zoneout, recurrent_dropout or layer_norm.
     """
 
     _gates, _n_states = 4, 2

@@ -136,7 +136,7 @@ cdef class StreamPool:
         for l, (w_ih, w_hh, b_ih, b_hh, *extra) in enumerate(weights):
             s = &self.layers[l]
             I = w_hh if int8 else w_ih.shape[1]
-            w_hr, ln, peep = _extra_weights(extra, layer_norm, P)
+            w_hr, ln, peep = _extra_weights(extra, layer_norm, P > 0 and not int8)
             ws = aligned_empty(_layer_workspace(cell, plan, I, H, P, layer_norm), self.dtype)
             packed = w_ih if int8 else _lstmp_pack(w_ih, w_hh, w_hr, P) if P else \
                 pack_weights(w_ih, w_hh, G, self.option)

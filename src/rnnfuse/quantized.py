@@ -1,15 +1,17 @@
 """int8 inference: ``layer.quantized()`` for LSTM, GRU and RNN layers.
 
 A quantized layer has the API of its float32 layer in eval mode (``forward`` with
-``state`` and ``lengths``, directions, stacking) but holds W_ih and W_hh as int8 with a
-float32 scale per output row, ``w ~= scale * q`` with ``q = round(w * 127 / max|w_row|)``
-(round half to even, in [-127, 127]). At run time each row of the products' left operand
-(an input or a hidden state) is quantized the same way, the products are summed exactly in
-int32 and rescaled to float32, ``acc * (scale_a * scale_w)``, for the float32 gate math
-(biases, the LSTM's peepholes and eval's zoneout stay float32). Every row is computed alone, so a row's numbers do not depend on
-the other rows of the call or on the thread count; the int8 sums are exact and the same
-on every code path (VNNI, AVX2, portable), while the gate math's activations differ
-between the vector and portable paths as in float32 layers.
+``state`` and ``lengths``, directions, stacking, streams and stream pools) but holds W_ih
+and W_hh (and an LSTM's projection W_hr, with proj_size) as int8 with a float32 scale per
+output row, ``w ~= scale * q`` with ``q = round(w * 127 / max|w_row|)`` (round half to
+even, in [-127, 127]). At run time each row of the products' left operand (an input, a
+hidden state, or the projected LSTM's o * tanh(c)) is quantized the same way, the products
+are summed exactly in int32 and rescaled to float32, ``acc * (scale_a * scale_w)``, for
+the float32 gate math (biases, the LSTM's peepholes and eval's zoneout stay float32).
+Every row is computed alone, so a row's numbers do not depend on the other rows of the
+call or on the thread count; the int8 sums are exact and the same on every code path
+(VNNI, AVX2, portable), while the gate math's activations differ between the vector and
+portable paths as in float32 layers.
 
 Quantized layers are inference only (no backward, no training mode) and float32 only.
 """
@@ -27,6 +29,12 @@ from .layers import GRU, LSTM, RNN, _RNNBase
 
 __all__ = ["quantize", "QuantizedLSTM", "QuantizedGRU", "QuantizedRNN"]
 
+_INT8 = ("weight_ih", "weight_hh", "weight_hr")  # the parameters held as int8
+
+
+def _is_int8(name: str) -> bool:
+    return name.startswith(_INT8)
+
 
 class _Quantized(_RNNBase):
     """What the quantized layers share: the float layer's forward, on int8 weights."""
@@ -43,14 +51,15 @@ class _Quantized(_RNNBase):
                            if k not in ("_params", "_grads", "_tape")})
         super(_RNNBase, q).__init__()  # Module's empty parameters and tape
         q.training = False
-        G, H = q._gates, q.hidden_size
         lbr = q._option if q._cell == "gru" else False
         q._packed = []
-        for layer_d, names in enumerate(q._param_names):
-            w_ih, w_hh = (np.ascontiguousarray(layer._params[n]) for n in names[:2])
-            q._packed.append(_kernels.q8_pack_weights(w_ih, w_hh, G, lbr))
-            for n in names[2:]:  # the biases and peepholes stay float32 (copies)
-                q._add_param(n, layer._params[n].copy())
+        for names in q._param_names:
+            # w_ih, w_hh and the projection's w_hr, in this order, as int8
+            w = [np.ascontiguousarray(layer._params[n]) for n in names if _is_int8(n)]
+            q._packed.append(_kernels.q8_pack_weights(w[0], w[1], q._gates, lbr, *w[2:]))
+            for n in names:  # the biases and peepholes stay float32 (copies)
+                if not _is_int8(n):
+                    q._add_param(n, layer._params[n].copy())
         return q
 
     def train(self, mode: bool = True) -> Any:
@@ -62,7 +71,7 @@ class _Quantized(_RNNBase):
     def _weights(self, layer: int, d: int) -> list[Any]:
         """packed, None (in w_hh's place), b_ih, b_hh (None without bias), then the
         peepholes if any."""
-        rest: list[Any] = [self._params[n] for n in self._names(layer, d)[2:]]
+        rest: list[Any] = [self._params[n] for n in self._names(layer, d) if not _is_int8(n)]
         rest = rest if self.bias else [None, None, *rest]
         return [self._packed[layer * self.num_directions + d], None, *rest]
 
@@ -76,17 +85,19 @@ class _Quantized(_RNNBase):
         packed, _, b_ih, b_hh, *peep = w
         x = F._check_x(x)
         T, B, I = x.shape
-        H, lstm = self.hidden_size, self._cell == "lstm"
-        states = [F._check(n, s, (B, H), self.dtype, optional=True)
-                  for n, s in zip(("h0", "c0"), s0)]
+        H, P, lstm = self.hidden_size, self.proj_size, self._cell == "lstm"
+        states = [F._check(n, s, (B, width), self.dtype, optional=True)
+                  for n, s, width in zip(("h0", "c0"), s0, self._state_sizes())]
         plan = F._plan(lengths, T, B, reverse)
-        ws = F._workspace(_kernels.workspace_size(self._cell, plan, I, H, False), self.dtype)
+        size = _kernels.lstmp_workspace_size(plan, I, H, P, False) if P else \
+            _kernels.workspace_size(self._cell, plan, I, H, False)
+        ws = F._workspace(size, self.dtype)
         y, h_n, c_n = _kernels.q8_forward(self._cell, x, states[0],
                                           states[1] if lstm else None, packed, b_ih, b_hh,
                                           plan, ws, I, H, self._option,
                                           peep[0] if peep else None,
                                           F._check_zoneout(self._cell, zoneout, (T, B, H),
-                                                           self.dtype))
+                                                           self.dtype), P)
         F._keep_spare(ws)
         return y, (h_n, c_n) if lstm else (h_n,), None
 
@@ -95,7 +106,7 @@ class _Quantized(_RNNBase):
         this layer's forward, bit for bit."""
         B = _check_int("batch_size", batch_size, 0)
         s = _kernels.Stream(self._cell, self._option, self.dtype, B, self._stream_weights(),
-                            int8=True, zoneout=self.zoneout)
+                            int8=True, zoneout=self.zoneout, proj_size=self.proj_size)
         s.reset(state)
         return s
 
@@ -103,7 +114,8 @@ class _Quantized(_RNNBase):
         """A StreamPool of this layer (see LSTM.stream_pool), on its int8 weights."""
         C = _check_int("capacity", capacity, 1)
         return _kernels.StreamPool(self._cell, self._option, self.dtype, C,
-                                   self._stream_weights(), int8=True, zoneout=self.zoneout)
+                                   self._stream_weights(), int8=True, zoneout=self.zoneout,
+                                   proj_size=self.proj_size)
 
     def _stream_weights(self) -> list[list[Any]]:
         """Per layer, (packed int8 weights, input size, b_ih, b_hh[, peepholes]) for a
@@ -112,7 +124,7 @@ class _Quantized(_RNNBase):
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be streamed: its reverse "
                              "direction needs the whole sequence")
-        return [[self._packed[layer], self.input_size if layer == 0 else self.hidden_size,
+        return [[self._packed[layer], self.input_size if layer == 0 else self._out_size,
                  *self._weights(layer, 0)[2:]] for layer in range(self.num_layers)]
 
     def backward(self, dy: Any, dstate: Any = None) -> Any:

@@ -24,11 +24,12 @@ def _shared_zoneout(double p, Py_ssize_t H, dtype, Py_ssize_t proj_size=0):
     return np.full(H, p, dtype) if p else None
 
 
-def _extra_weights(list extra, bint layer_norm, Py_ssize_t proj_size):
+def _extra_weights(list extra, bint layer_norm, bint has_w_hr):
     """A layer's weights after (w_ih, w_hh, b_ih, b_hh), as _stream_sizes checked them:
-    (w_hr, layer norm's gains, peepholes), each None where absent."""
-    w_hr = extra[0] if proj_size else None
-    rest = extra[1:] if proj_size else extra
+    (w_hr, layer norm's gains, peepholes), each None where absent. has_w_hr: a float
+    layer's projection comes first."""
+    w_hr = extra[0] if has_w_hr else None
+    rest = extra[1:] if has_w_hr else extra
     if layer_norm:
         return w_hr, rest, None
     return w_hr, None, rest[0] if rest else None
@@ -57,18 +58,19 @@ cdef tuple _stream_sizes(str who, const rf_cell *spec, bint option, int typenum,
     (q8_pack_weights' array, input size, b_ih, b_hh), the hidden size read from the
     packed array (which is then checked whole); either followed by the LSTM's peepholes
     if it has them, or with layer_norm by its gains (g_ih, g_hh, and the LSTM's g_c, b_c).
-    With proj_size P (the LSTM's projection, float): w_hh is (4H, P), then w_hr (P, H)
-    before the peepholes, and the layers after the first take P inputs."""
+    With proj_size P (the LSTM's projection): w_hh is (4H, P), then w_hr (P, H) before
+    the peepholes (int8: inside the packed array), and the layers after the first take P
+    inputs."""
     cdef Py_ssize_t G = spec.gates, H, I, l, P = proj_size
     if layer_norm and not (spec.id == RF_LSTM or (spec.id == RF_GRU and option)):
         raise ValueError(f"{who}: layer_norm runs the LSTM and the GRU with "
                          "linear_before_reset only")
-    if P and (spec.id != RF_LSTM or int8 or layer_norm or P < 0):
-        raise ValueError(f"{who}: proj_size runs the float LSTM without layer_norm only")
+    if P and (spec.id != RF_LSTM or layer_norm or P < 0):
+        raise ValueError(f"{who}: proj_size runs the LSTM without layer_norm only")
     if int8:
         if typenum != cnp.NPY_FLOAT:
             raise TypeError(f"{who}: int8 weights run float32 only")
-        I, H = _q8_stream_sizes(who, spec, option, [w[:4] for w in weights])
+        I, H = _q8_stream_sizes(who, spec, option, [w[:4] for w in weights], P)
     else:
         H = weights[0][1].shape[0] // G if P else weights[0][1].shape[1]
         I = weights[0][0].shape[1]
@@ -81,7 +83,7 @@ cdef tuple _stream_sizes(str who, const rf_cell *spec, bint option, int typenum,
             _buf(b_hh, G * H, typenum, "b_hh", _OPTIONAL)
     for l, w in enumerate(weights):
         extra = w[4:]
-        if P:
+        if P and not int8:
             if not extra:
                 raise ValueError(f"{who}: layer {l}'s weights lack w_hr (proj_size)")
             _check_proj_shapes(w[0], w[1], extra[0], w[0].shape[1], H, P)
@@ -212,7 +214,7 @@ cdef class Stream:
         self._keep.append(zone)
         for l, (w_ih, w_hh, b_ih, b_hh, *extra) in enumerate(weights):
             I = w_hh if int8 else w_ih.shape[1]
-            w_hr, ln, peep = _extra_weights(extra, layer_norm, P)
+            w_hr, ln, peep = _extra_weights(extra, layer_norm, P > 0 and not int8)
             ws = aligned_empty(_layer_workspace(cell, self._plan_obj, I, H, P, layer_norm),
                                self.dtype)
             packed = w_ih if int8 else _lstmp_pack(w_ih, w_hh, w_hr, P) if P else \
