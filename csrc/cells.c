@@ -87,20 +87,20 @@ int RF_FN(rf_backward)(int cell, int option, const rf_backward_bufs *a, const rf
         case RF_LSTM:
             RF_FN(rf_lstm_backward)(a->dx, a->dh0, a->dc0, a->dw_ih, a->dw_hh, a->db_ih,
                                     a->db_hh, a->dpeep, a->dy, a->dh_n, a->dc_n, a->ws,
-                                    a->scratch, a->x, a->w_ih, a->w_hh, a->peep,
+                                    a->out, a->scratch, a->x, a->w_ih, a->w_hh, a->peep,
                                     RF_FN(zoneout_of)(&a->zoneout),
                                     RF_FN(recdrop_of)(&a->recdrop), p, I, H, &call);
             return 0;
         case RF_GRU:
             RF_FN(rf_gru_backward)(a->dx, a->dh0, a->dw_ih, a->dw_hh, a->db_ih, a->db_hh,
-                                   a->dy, a->dh_n, a->ws, a->scratch, a->x, a->w_ih,
+                                   a->dy, a->dh_n, a->ws, a->out, a->scratch, a->x, a->w_ih,
                                    a->w_hh, RF_FN(zoneout_of)(&a->zoneout),
                                    RF_FN(recdrop_of)(&a->recdrop), p, I, H, option,
                                    &call);
             return 0;
         case RF_RNN:
             RF_FN(rf_rnn_backward)(a->dx, a->dh0, a->dw_ih, a->dw_hh, a->db_ih, a->db_hh,
-                                   a->dy, a->dh_n, a->ws, a->scratch, a->x, a->w_ih,
+                                   a->dy, a->dh_n, a->ws, a->out, a->scratch, a->x, a->w_ih,
                                    a->w_hh, RF_FN(zoneout_of)(&a->zoneout),
                                    RF_FN(recdrop_of)(&a->recdrop), p, I, H, option,
                                    &call);

@@ -590,9 +590,11 @@ void RF_FN(rf_bias_grads)(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:
  * dw_ih = dgates^T @ X_packed, and dx = dgates @ w_ih scattered back to time order.
- * xbuf: the training forward's gathered x (overwritten here), unused when x is dense. */
-void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,
-                            const REAL *x, const REAL *w_ih, const rf_plan *p,
+ * xbuf: the training forward's gathered x; dxbuf (which may be xbuf): room for dx's packed
+ * rows before the scatter. Neither is used when x is dense. */
+void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, const REAL *xbuf, REAL *dxbuf,
+                            const REAL *dgates, const REAL *x, const REAL *w_ih,
+                            const rf_plan *p,
                             ptrdiff_t I, ptrdiff_t GH, const rf_runtime *rt) {
     ptrdiff_t N = p->rows;
     const REAL *xs = rf_dense(p) ? x : xbuf;
@@ -600,8 +602,8 @@ void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgate
     if (rf_dense(p)) {
         RF_FN(rf_grad_gemm)(rt, 0, N, I, GH, dgates, GH, w_ih, I, dx, I);
     } else {
-        RF_FN(rf_grad_gemm)(rt, 0, N, I, GH, dgates, GH, w_ih, I, xbuf, I);
-        RF_FN(rf_scatter)(dx, xbuf, p, I);
+        RF_FN(rf_grad_gemm)(rt, 0, N, I, GH, dgates, GH, w_ih, I, dxbuf, I);
+        RF_FN(rf_scatter)(dx, dxbuf, p, I);
     }
 }
 

@@ -166,23 +166,26 @@ RF_PASS_TARGET static void RF_PASS(gru_step_n)(REAL *g, REAL *aux, const REAL *s
 }
 
 /* One step's backward pointwise pass over rows j0 .. j1-1 (lbr, or the first pass without
- * lbr). On entry g holds the saved r z n; on exit the z and n blocks hold their
- * pre-activation gradients, and with lbr the r block too, aux the gradient of
- * W_hn h + b_hn, and st the step's recurrent-side gate gradients [dr dz d(W_hn h)]. dh: the
- * gradient carried into h_t; leaves as the direct part of the gradient of h_{t-1}, z dh. */
-RF_PASS_TARGET static void RF_PASS(gru_step_backward)(REAL *g, REAL *aux, REAL *st,
-                                                      REAL *dh, const REAL *hp,
-                                                      const REAL *dy, const rf_plan *p,
-                                                      ptrdiff_t s, ptrdiff_t j0, ptrdiff_t j1,
-                                                      ptrdiff_t H, int lbr) {
+ * lbr). g holds the saved r z n, aux (lbr) W_hn h + b_hn; dg's z and n blocks receive their
+ * pre-activation gradients, and with lbr its r block too, daux the gradient of
+ * W_hn h + b_hn, and st the step's recurrent-side gate gradients [dr dz d(W_hn h)] (dg may
+ * be g, daux aux). dh: the gradient carried into h_t; leaves as the direct part of the
+ * gradient of h_{t-1}, z dh. */
+RF_PASS_TARGET static void RF_PASS(gru_step_backward)(REAL *dg, const REAL *g, REAL *daux,
+                                                      const REAL *aux, REAL *st, REAL *dh,
+                                                      const REAL *hp, const REAL *dy,
+                                                      const rf_plan *p, ptrdiff_t s,
+                                                      ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t H,
+                                                      int lbr) {
     for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *gr = g + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
+        const REAL *saved_r = g + j * 3 * H, *saved_z = saved_r + H, *saved_n = saved_r + 2 * H;
+        REAL *gr = dg + j * 3 * H, *gz = gr + H, *gn = gr + 2 * H;
         REAL *sr = st + j * 3 * H, *sz = sr + H, *sn = sr + 2 * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
-        const REAL *h = hp + j * H;
-        REAL *dh_row = dh + j * H, *aux_row = aux + j * H;
+        const REAL *h = hp + j * H, *aux_row = aux + j * H;
+        REAL *dh_row = dh + j * H, *daux_row = daux + j * H;
         for (ptrdiff_t k = 0; k < H; k++) {
-            REAL r = gr[k], z = gz[k], n = gn[k];
+            REAL r = saved_r[k], z = saved_z[k], n = saved_n[k];
             REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
             REAL dz = d_h * (h[k] - n) * z * (1 - z);           /* h' = (1-z) n + z h */
             REAL dn = d_h * (1 - z) * (1 - n * n);
@@ -193,7 +196,7 @@ RF_PASS_TARGET static void RF_PASS(gru_step_backward)(REAL *g, REAL *aux, REAL *
                 REAL hl = aux_row[k];
                 REAL dr = dn * hl * r * (1 - r);
                 gr[k] = dr;
-                aux_row[k] = dn * r;
+                daux_row[k] = dn * r;
                 sr[k] = dr; sz[k] = dz; sn[k] = dn * r;
             }
         }
@@ -201,18 +204,21 @@ RF_PASS_TARGET static void RF_PASS(gru_step_backward)(REAL *g, REAL *aux, REAL *
 }
 
 /* Without lbr, the second backward pass: drh = d(r h_{t-1}) = dn W_hn is in st; gives dr
- * (into g's r block) and adds r drh to dh. With recurrent dropout (m: the (B,H) mask, else
- * NULL) hp holds the masked h_{t-1}, and dh gets r drh m. */
-RF_PASS_TARGET static void RF_PASS(gru_step_backward_r)(REAL *g, REAL *dh, const REAL *drh,
-                                                        const REAL *hp, const REAL *m,
-                                                        const rf_plan *p, ptrdiff_t j0,
-                                                        ptrdiff_t j1, ptrdiff_t H) {
+ * (from g's saved r block into dg's, which may be g's) and adds r drh to dh. With recurrent
+ * dropout (m: the (B,H) mask, else NULL) hp holds the masked h_{t-1}, and dh gets
+ * r drh m. */
+RF_PASS_TARGET static void RF_PASS(gru_step_backward_r)(REAL *dg, const REAL *g, REAL *dh,
+                                                        const REAL *drh, const REAL *hp,
+                                                        const REAL *m, const rf_plan *p,
+                                                        ptrdiff_t j0, ptrdiff_t j1,
+                                                        ptrdiff_t H) {
     for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *gr = g + j * 3 * H;
+        const REAL *saved_r = g + j * 3 * H;
+        REAL *gr = dg + j * 3 * H;
         const REAL *d = drh + j * H, *h = hp + j * H;
         const REAL *mr = m ? m + p->order[j] * H : NULL;
         for (ptrdiff_t k = 0; k < H; k++) {
-            REAL r = gr[k];
+            REAL r = saved_r[k];
             gr[k] = d[k] * h[k] * r * (1 - r);
             dh[j * H + k] += mr ? d[k] * r * mr[k] : d[k] * r;
         }
@@ -312,7 +318,8 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
 
 /* The time loop of a backward, for one part's rows. */
 typedef struct {
-    REAL *ws, *dh;
+    const REAL *ws;
+    REAL *out, *dh;
     const REAL *dy;
     const rf_zoneout *zo;
     const rf_recdrop *rd;
@@ -331,18 +338,19 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
     const rf_weight *W = q->W_hh;
     const rf_runtime *rt = q->rt;
     ptrdiff_t H = q->H, GH = 3 * H, j0, j1;
-    REAL *st = q->ws + q->L.step, *dh = q->dh;
+    REAL *st = q->out + q->L.step, *dh = q->dh;
     rf_part_rows(p, part, parts, &j0, &j1);
     for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
         ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s], end = bs < j1 ? bs : j1;
         ptrdiff_t m = end - j0;
         if (m <= 0) continue;
-        REAL *g = q->ws + q->L.gates + at * GH, *aux = q->ws + q->L.aux + at * H;
+        const REAL *g = q->ws + q->L.gates + at * GH, *aux = q->ws + q->L.aux + at * H;
         const REAL *hp = q->ws + q->L.h + at * H;
+        REAL *dg = q->out + q->L.gates + at * GH, *daux = q->out + q->L.aux + at * H;
         const rf_zoneout *zo = q->zo && q->zo->h ? q->zo : NULL;
         if (zo) RF_FN(zoneout_backward)(zo, zo->h, dh, zo->carry, q->dy, p, s, j0, end, H);
-        RF_PICK(gru_step_backward, rf_simd(rt))(g, aux, st, dh, hp, zo ? NULL : q->dy, p, s, j0,
-                                             end, H, q->lbr);
+        RF_PICK(gru_step_backward, rf_simd(rt))(dg, g, daux, aux, st, dh, hp,
+                                             zo ? NULL : q->dy, p, s, j0, end, H, q->lbr);
         if (zo) RF_FN(zoneout_carry)(dh, zo->carry, j0, end, H, 1);
         /* the products' part of dh_{t-1}, times the recurrent dropout's mask */
         if (q->lbr) {  /* dh_{t-1} += [dr dz d(W_hn h)] W_hh (else the caller's, unpacked) */
@@ -350,11 +358,11 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
                 RF_FN(recdrop_back_gemm)(rt, W, 0, GH, st + j0 * GH, GH, 1, dh, q->rd, p, j0,
                                          end, H);
         } else {       /* drh = dn W_hn;  then dh_{t-1} += r drh + [dr dz] W_hrz */
-            RF_FN(rf_step_gemm)(rt, W, 2 * H, m, H, H, g + j0 * GH + 2 * H, GH, 0,
+            RF_FN(rf_step_gemm)(rt, W, 2 * H, m, H, H, dg + j0 * GH + 2 * H, GH, 0,
                                 st + j0 * H, H);
-            RF_PICK(gru_step_backward_r, rf_simd(rt))(g, dh, st, q->h_op + at * H,
+            RF_PICK(gru_step_backward_r, rf_simd(rt))(dg, g, dh, st, q->h_op + at * H,
                                                    q->rd ? q->rd->m : NULL, p, j0, end, H);
-            RF_FN(recdrop_back_gemm)(rt, W, 0, 2 * H, g + j0 * GH, GH, 1, dh, q->rd, p, j0,
+            RF_FN(recdrop_back_gemm)(rt, W, 0, 2 * H, dg + j0 * GH, GH, 1, dh, q->rd, p, j0,
                                      end, H);
         }
     }
@@ -363,7 +371,7 @@ static void RF_FN(gru_back_steps)(void *arg, int part, int parts) {
 void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             REAL *db_ih, REAL *db_hh,
                             const REAL *dy, const REAL *dh_n,
-                            REAL *ws, REAL *scratch, const REAL *x,
+                            const REAL *ws, REAL *out, REAL *scratch, const REAL *x,
                             const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,
                             const rf_recdrop *rd, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
                             int lbr, const rf_runtime *rt) {
@@ -378,15 +386,16 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
         RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     const REAL *h = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);  /* masked h_{t-1} */
-    RF_FN(gru_back_steps_job) job = {ws, dh, dy, zo, rd, h, unpacked ? NULL : &W, p, L, H,
-                                     lbr, rt};
+    RF_FN(gru_back_steps_job) job = {ws, out, dh, dy, zo, rd, h, unpacked ? NULL : &W, p, L,
+                                     H, lbr, rt};
     rf_run_parts(RF_FN(gru_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     if (unpacked)
-        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, GH, ws + L.step, GH, w_hh, H, 1,
-                                     dh, H, scratch + 2 * p->B * H);
+        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, GH, out + L.step, GH, w_hh, H,
+                                     1, dh, H, scratch + 2 * p->B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
-    const REAL *dgates = ws + L.gates, *aux = ws + L.aux;
+    /* aux: with lbr the gradient of W_hn h + b_hn, else the saved r h_{t-1} */
+    const REAL *dgates = out + L.gates, *aux = (lbr ? out : ws) + L.aux;
     /* dW_hrz = sum_t [dr dz]^T h_{t-1};  dW_hn = sum_t d(W_hn h)^T h_{t-1} (lbr)
      * or dn^T (r h_{t-1}) (not lbr) */
     RF_FN(rf_grad_gemm)(rt, 1, 2 * H, H, N, dgates, GH, h, H, dw_hh, H);
@@ -397,7 +406,8 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     /* db_hh's n block with lbr is that of W_hn h + b_hn, inside the reset gate */
     RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, N, GH, rt->avx2);
     if (db_hh && lbr) RF_FN(rf_column_sums)(db_hh + 2 * H, aux, N, H, H, rt->avx2);
-    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, rt);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, out + L.xbuf, dgates, x, w_ih, p, I, GH,
+                           rt);
 }
 
 #endif /* RF_TEMPLATE */

@@ -594,8 +594,8 @@ void RF_FN(rf_ln_backward)(int cell, const rf_backward_bufs *a, const rf_zoneout
     /* dW_hh = sum_t d(W_hh h_{t-1})^T h_{t-1} (masked with recurrent dropout) */
     const REAL *h_prev = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);
     RF_FN(rf_grad_gemm)(rt, 1, GH, H, N, ws + L.prod, GH, h_prev, H, a->dw_hh, H);
-    RF_FN(rf_weight_grads)(a->dx, a->dw_ih, ws + L.xbuf, ws + L.gates, a->x, a->w_ih, p, I,
-                           GH, rt);
+    RF_FN(rf_weight_grads)(a->dx, a->dw_ih, ws + L.xbuf, ws + L.xbuf, ws + L.gates, a->x,
+                           a->w_ih, p, I, GH, rt);
     /* the biases' and gains' gradients: the rows of sums joined (the GRU's b_hn is
      * inside the reset gate: the recurrent side's n block) */
     const REAL *acc = ws + L.acc;

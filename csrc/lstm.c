@@ -8,8 +8,9 @@
  * Forward: the input projection of all steps is one GEMM (rf_project); each step adds
  * h_{t-1} W_hh^T into its gate rows (one GEMM over the rows still running) and one fused
  * pass applies the activations, the state update and the writes of y, h_n, c_n.
- * Backward: per step (reversed) one fused pass turns the saved gates into gate gradients,
- * in place, and one GEMM carries dh back through W_hh; dW_hh, dW_ih, dx and the bias
+ * Backward: per step (reversed) one fused pass turns the saved gates into gate gradients
+ * (in place, or into another buffer of the workspace's layout), and one GEMM carries dh
+ * back through W_hh; dW_hh, dW_ih, dx and the bias
  * gradients are single GEMMs / column sums over all steps after the loop.
  * The part below RF_TEMPLATE is compiled twice, for float and for double. */
 #ifndef RF_TEMPLATE
@@ -164,26 +165,28 @@ RF_PASS_TARGET static void RF_PASS(lstm_step)(REAL *g, REAL *tanh_c, const REAL 
     }
 }
 
-/* One step's backward pointwise pass over rows j0 .. j1-1. On entry g holds the saved
- * i f g o; on exit their pre-activation gradients. dh, dc: the gradients carried into this
- * step's outputs (sorted rows); dc leaves as the gradient of c_{t-1}. peep: the
- * peepholes, or NULL; with them, tanh_c leaves holding c_t, which their gradient needs
- * after the loop (lstm_peep_grads). */
-RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *dc,
-                                                       REAL *tanh_c, const REAL *cp,
+/* One step's backward pointwise pass over rows j0 .. j1-1. g holds the saved i f g o, dg
+ * receives their pre-activation gradients (dg may be g). dh, dc: the gradients carried
+ * into this step's outputs (sorted rows); dc leaves as the gradient of c_{t-1}. peep: the
+ * peepholes, or NULL; with them, c_new receives c_t (c_new may be tanh_c), which their
+ * gradient needs after the loop (lstm_peep_grads). */
+RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *dg, const REAL *g, REAL *dh,
+                                                       REAL *dc, REAL *c_new,
+                                                       const REAL *tanh_c, const REAL *cp,
                                                        const REAL *peep, const REAL *dy,
                                                        const rf_plan *p, ptrdiff_t s,
                                                        ptrdiff_t j0, ptrdiff_t j1,
                                                        ptrdiff_t H) {
     for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *gi = g + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
+        const REAL *si = g + j * 4 * H, *sf = si + H, *sg = si + 2 * H, *so = si + 3 * H;
+        REAL *gi = dg + j * 4 * H, *gf = gi + H, *gg = gi + 2 * H, *go = gi + 3 * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
-        REAL *dh_row = dh + j * H, *dc_row = dc + j * H, *tc_row = tanh_c + j * H;
-        const REAL *c_prev = cp + j * H;
+        REAL *dh_row = dh + j * H, *dc_row = dc + j * H, *cn_row = c_new + j * H;
+        const REAL *tc_row = tanh_c + j * H, *c_prev = cp + j * H;
         if (peep) {
             const REAL *p_i = peep, *p_o = peep + H, *p_f = peep + 2 * H;
             for (ptrdiff_t k = 0; k < H; k++) {
-                REAL i = gi[k], f = gf[k], gt = gg[k], o = go[k], tc = tc_row[k];
+                REAL i = si[k], f = sf[k], gt = sg[k], o = so[k], tc = tc_row[k];
                 REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
                 REAL d_o = d_h * tc * o * (1 - o);
                 /* c reaches h through tanh and through o's peephole */
@@ -191,7 +194,7 @@ RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *
                 REAL d_i = d_c * gt * i * (1 - i), d_f = d_c * c_prev[k] * f * (1 - f);
                 /* c_prev reaches c directly and through i's and f's peepholes */
                 dc_row[k] = d_c * f + (d_i * p_i[k] + d_f * p_f[k]);
-                tc_row[k] = f * c_prev[k] + i * gt;  /* c_t, as the forward rounded it */
+                cn_row[k] = f * c_prev[k] + i * gt;  /* c_t, as the forward rounded it */
                 gi[k] = d_i;
                 gf[k] = d_f;
                 gg[k] = d_c * i * (1 - gt * gt);
@@ -200,7 +203,7 @@ RF_PASS_TARGET static void RF_PASS(lstm_step_backward)(REAL *g, REAL *dh, REAL *
             continue;
         }
         for (ptrdiff_t k = 0; k < H; k++) {
-            REAL i = gi[k], f = gf[k], gt = gg[k], o = go[k], tc = tc_row[k];
+            REAL i = si[k], f = sf[k], gt = sg[k], o = so[k], tc = tc_row[k];
             REAL d_h = dh_row[k] + (dy_row ? dy_row[k] : 0);
             REAL d_c = dc_row[k] + d_h * o * (1 - tc * tc);   /* h = o tanh(c) */
             dc_row[k] = d_c * f;                              /* c = f c_prev + i g */
@@ -298,7 +301,8 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
 
 /* The time loop of a backward, for one part's rows. */
 typedef struct {
-    REAL *ws, *dh, *dc;
+    const REAL *ws;
+    REAL *out, *dh, *dc;
     const REAL *dy, *peep;
     const rf_zoneout *zo;
     const rf_recdrop *rd;
@@ -317,7 +321,7 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
     for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
         ptrdiff_t bs = p->batch_sizes[s], at = p->offsets[s], end = bs < j1 ? bs : j1;
         if (end <= j0) continue;
-        REAL *g = q->ws + q->L.gates + at * GH;
+        REAL *dg = q->out + q->L.gates + at * GH;
         const rf_zoneout *zo = q->zo;
         const REAL *dy = q->dy;
         REAL *carry_h = zo ? (REAL *)zo->carry : NULL;
@@ -328,7 +332,8 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
         }
         if (zo && zo->c)
             RF_FN(zoneout_backward)(zo, zo->c, q->dc, carry_c, NULL, p, s, j0, end, H);
-        RF_PICK(lstm_step_backward, rf_simd(q->rt))(g, q->dh, q->dc,
+        RF_PICK(lstm_step_backward, rf_simd(q->rt))(dg, q->ws + q->L.gates + at * GH, q->dh,
+                                                 q->dc, q->out + q->L.tanh_c + at * H,
                                                  q->ws + q->L.tanh_c + at * H,
                                                  q->ws + q->L.c + at * H, q->peep, dy, p, s,
                                                  j0, end, H);
@@ -336,7 +341,7 @@ static void RF_FN(lstm_back_steps)(void *arg, int part, int parts) {
         if (zo && zo->h) RF_FN(zoneout_carry)(q->dh, carry_h, j0, end, H, 0);
         /* dh_{t-1} = dgates W_hh (times the recurrent dropout's mask; + zoneout's carry) */
         if (q->W_hh)  /* (else the caller's, unpacked) */
-            RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, GH, g + j0 * GH, GH, zo && zo->h,
+            RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, GH, dg + j0 * GH, GH, zo && zo->h,
                                      q->dh, q->rd, p, j0, end, H);
     }
 }
@@ -355,8 +360,8 @@ void RF_FN(rf_lstm_pointwise_backward)(REAL *g, REAL *dh, REAL *dc, REAL *tanh_c
                                        const REAL *cp, const REAL *peep, const REAL *dy,
                                        const rf_plan *p, ptrdiff_t s, ptrdiff_t j0,
                                        ptrdiff_t j1, ptrdiff_t H, const rf_runtime *rt) {
-    RF_PICK(lstm_step_backward, rf_simd(rt))(g, dh, dc, tanh_c, cp, peep, dy, p, s, j0, j1,
-                                             H);
+    RF_PICK(lstm_step_backward, rf_simd(rt))(g, g, dh, dc, tanh_c, tanh_c, cp, peep, dy, p, s,
+                                             j0, j1, H);
 }
 
 /* The peepholes' gradient (i o f), from the gate gradients and the states after the
@@ -379,7 +384,7 @@ void RF_FN(rf_lstm_peep_grads)(REAL *dpeep, const REAL *dgates, const REAL *c_pr
 void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,
                              REAL *db_ih, REAL *db_hh, REAL *dpeep,
                              const REAL *dy, const REAL *dh_n, const REAL *dc_n,
-                             REAL *ws, REAL *scratch, const REAL *x,
+                             const REAL *ws, REAL *out, REAL *scratch, const REAL *x,
                              const REAL *w_ih, const REAL *w_hh, const REAL *peep,
                              const rf_zoneout *zo, const rf_recdrop *rd, const rf_plan *p,
                              ptrdiff_t I, ptrdiff_t H, const rf_runtime *rt) {
@@ -394,22 +399,23 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);
-    RF_FN(lstm_back_steps_job) job = {ws, dh, dc, dy, peep, zo, rd, unpacked ? NULL : &W, p,
-                                      L, H, rt};
+    RF_FN(lstm_back_steps_job) job = {ws, out, dh, dc, dy, peep, zo, rd,
+                                      unpacked ? NULL : &W, p, L, H, rt};
     rf_run_parts(RF_FN(lstm_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
     if (unpacked)
-        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, GH, ws + L.gates, GH, w_hh, H,
-                                     0, dh, H, scratch + 2 * B * H);
+        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, GH, out + L.gates, GH, w_hh,
+                                     H, 0, dh, H, scratch + 2 * B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
     RF_FN(rf_unsort_rows)(dc0, dc, p, H);
-    const REAL *dgates = ws + L.gates;
+    const REAL *dgates = out + L.gates;
     /* dW_hh = sum_t dgates_t^T h_{t-1} (masked with recurrent dropout) */
     const REAL *h_prev = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);
     RF_FN(rf_grad_gemm)(rt, 1, GH, H, p->rows, dgates, GH, h_prev, H, dw_hh, H);
-    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, rt);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, out + L.xbuf, dgates, x, w_ih, p, I, GH,
+                           rt);
     RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, GH, rt->avx2);
-    if (peep) RF_FN(rf_lstm_peep_grads)(dpeep, dgates, ws + L.c, ws + L.tanh_c, p->rows, H);
+    if (peep) RF_FN(rf_lstm_peep_grads)(dpeep, dgates, ws + L.c, out + L.tanh_c, p->rows, H);
 }
 
 #endif /* RF_TEMPLATE */

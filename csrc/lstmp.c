@@ -273,7 +273,8 @@ void RF_FN(rf_lstmp_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL 
     /* dW_hh = sum_t dgates_t^T h_{t-1}; dW_hr = sum_t dh_t^T m_t */
     RF_FN(rf_grad_gemm)(rt, 1, GH, P, p->rows, dgates, GH, ws + L.h, P, dw_hh, P);
     RF_FN(rf_grad_gemm)(rt, 1, P, H, p->rows, scratch + S.dhs, P, ws + L.m, H, dw_hr, H);
-    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, GH, rt);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, ws + L.xbuf, dgates, x, w_ih, p, I, GH,
+                           rt);
     RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, GH, rt->avx2);
     if (peep) RF_FN(rf_lstm_peep_grads)(dpeep, dgates, ws + L.c, ws + L.tanh_c, p->rows, H);
 }

@@ -104,19 +104,21 @@ RF_PASS_TARGET static void RF_PASS(rnn_step)(REAL *g, REAL *hn, REAL *y, REAL *h
     }
 }
 
-/* One step's backward pointwise pass over rows j0 .. j1-1: g holds h' and leaves holding
- * the pre-activation gradient; dh is the gradient carried into h_t. */
-RF_PASS_TARGET static void RF_PASS(rnn_step_backward)(REAL *g, const REAL *dh,
-                                                      const REAL *dy, const rf_plan *p,
-                                                      ptrdiff_t s, ptrdiff_t j0, ptrdiff_t j1,
-                                                      ptrdiff_t H, int relu) {
+/* One step's backward pointwise pass over rows j0 .. j1-1: g holds h', dg (which may be g)
+ * receives the pre-activation gradient; dh is the gradient carried into h_t. */
+RF_PASS_TARGET static void RF_PASS(rnn_step_backward)(REAL *dg, const REAL *g,
+                                                      const REAL *dh, const REAL *dy,
+                                                      const rf_plan *p, ptrdiff_t s,
+                                                      ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t H,
+                                                      int relu) {
     for (ptrdiff_t j = j0; j < j1; j++) {
-        REAL *a = g + j * H;
+        const REAL *a = g + j * H;
+        REAL *da = dg + j * H;
         const REAL *dy_row = dy ? dy + (rf_time(p, j, s) * p->B + p->order[j]) * H : NULL;
         for (ptrdiff_t k = 0; k < H; k++) {
             REAL d_h = dh[j * H + k] + (dy_row ? dy_row[k] : 0);
             REAL h = a[k];
-            a[k] = relu ? (h > 0 ? d_h : 0) : d_h * (1 - h * h);
+            da[k] = relu ? (h > 0 ? d_h : 0) : d_h * (1 - h * h);
         }
     }
 }
@@ -198,7 +200,8 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
 
 /* The time loop of a backward, for one part's rows. */
 typedef struct {
-    REAL *gates, *dh;
+    const REAL *gates;  /* the saved h' */
+    REAL *dgates, *dh;
     const REAL *dy;
     const rf_zoneout *zo;
     const rf_recdrop *rd;
@@ -217,15 +220,15 @@ static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
     for (ptrdiff_t s = p->steps - 1; s >= 0; s--) {
         ptrdiff_t bs = p->batch_sizes[s], end = bs < j1 ? bs : j1;
         if (end <= j0) continue;
-        REAL *g = q->gates + p->offsets[s] * H;
+        REAL *dg = q->dgates + p->offsets[s] * H;
         const rf_zoneout *zo = q->zo && q->zo->h ? q->zo : NULL;
         if (zo) RF_FN(zoneout_backward)(zo, zo->h, q->dh, zo->carry, q->dy, p, s, j0, end, H);
-        RF_PICK(rnn_step_backward, rf_simd(q->rt))(g, q->dh, zo ? NULL : q->dy, p, s, j0, end,
-                                                H, q->relu);
+        RF_PICK(rnn_step_backward, rf_simd(q->rt))(dg, q->gates + p->offsets[s] * H, q->dh,
+                                                zo ? NULL : q->dy, p, s, j0, end, H, q->relu);
         if (zo) RF_FN(zoneout_carry)(q->dh, zo->carry, j0, end, H, 0);
         /* dh_{t-1} = dpre W_hh (times the recurrent dropout's mask; + zoneout's carry) */
         if (q->W_hh)  /* (else the caller's, unpacked) */
-            RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, H, g + j0 * H, H, zo != NULL, q->dh,
+            RF_FN(recdrop_back_gemm)(q->rt, q->W_hh, 0, H, dg + j0 * H, H, zo != NULL, q->dh,
                                      q->rd, p, j0, end, H);
     }
 }
@@ -233,7 +236,7 @@ static void RF_FN(rnn_back_steps)(void *arg, int part, int parts) {
 void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
                             REAL *db_ih, REAL *db_hh,
                             const REAL *dy, const REAL *dh_n,
-                            REAL *ws, REAL *scratch, const REAL *x,
+                            const REAL *ws, REAL *out, REAL *scratch, const REAL *x,
                             const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,
                             const rf_recdrop *rd, const rf_plan *p, ptrdiff_t I, ptrdiff_t H,
                             int relu, const rf_runtime *rt) {
@@ -245,19 +248,20 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     if (!unpacked)
         RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
-    RF_FN(rnn_back_steps_job) job = {ws + L.gates, dh, dy, zo, rd, unpacked ? NULL : &W, p, H,
-                                     relu, rt};
+    RF_FN(rnn_back_steps_job) job = {ws + L.gates, out + L.gates, dh, dy, zo, rd,
+                                     unpacked ? NULL : &W, p, H, relu, rt};
     rf_run_parts(RF_FN(rnn_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, rt));
     if (unpacked)
-        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, H, ws + L.gates, H, w_hh, H, 0,
-                                     dh, H, scratch + 2 * p->B * H);
+        RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, H, out + L.gates, H, w_hh, H,
+                                     0, dh, H, scratch + 2 * p->B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);
-    const REAL *dgates = ws + L.gates;
+    const REAL *dgates = out + L.gates;
     /* dW_hh = sum_t dpre_t^T h_{t-1} (masked with recurrent dropout) */
     const REAL *h_prev = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);
     RF_FN(rf_grad_gemm)(rt, 1, H, H, p->rows, dgates, H, h_prev, H, dw_hh, H);
-    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, dgates, x, w_ih, p, I, H, rt);
+    RF_FN(rf_weight_grads)(dx, dw_ih, ws + L.xbuf, out + L.xbuf, dgates, x, w_ih, p, I, H,
+                           rt);
     RF_FN(rf_bias_grads)(db_ih, db_hh, dgates, p->rows, H, rt->avx2);
 }
 

@@ -327,13 +327,15 @@ typedef struct {
                               int train, const rf_runtime *rt);                             \
     /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,    \
      * db_ih, db_hh (db_*: or NULL when not wanted). dy, dh_n, dc_n: or NULL (zeros).       \
-     * ws: the training forward's workspace, overwritten (backward runs once per ctx).      \
+     * ws: the training forward's workspace, read. out: where backward writes its per-row   \
+     * gradients, in ws's layout: ws itself (which it then overwrites: backward runs once  \
+     * per ctx), or a buffer of as many elements (ws is then only read).                    \
      * scratch: rf_backward_scratch elements. x, w_*: the forward's.                        \
      * Each db_* receives the bias gradient whether or not that bias existed. */            \
     void rf_lstm_backward_##SFX(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *dw_hh,   \
                                 REAL *db_ih, REAL *db_hh, REAL *dpeep,                      \
                                 const REAL *dy, const REAL *dh_n, const REAL *dc_n,         \
-                                REAL *ws, REAL *scratch, const REAL *x,                     \
+                                const REAL *ws, REAL *out, REAL *scratch, const REAL *x,    \
                                 const REAL *w_ih, const REAL *w_hh, const REAL *peep,       \
                                 const rf_zoneout *zo, const rf_recdrop *rd,                 \
                                 const rf_plan *p, ptrdiff_t I, ptrdiff_t H,                 \
@@ -341,7 +343,7 @@ typedef struct {
     void rf_gru_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
                                REAL *db_ih, REAL *db_hh,                                    \
                                const REAL *dy, const REAL *dh_n,                            \
-                               REAL *ws, REAL *scratch, const REAL *x,                      \
+                               const REAL *ws, REAL *out, REAL *scratch, const REAL *x,     \
                                const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,    \
                                const rf_recdrop *rd,                                        \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int lbr,         \
@@ -349,7 +351,7 @@ typedef struct {
     void rf_rnn_backward_##SFX(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,               \
                                REAL *db_ih, REAL *db_hh,                                    \
                                const REAL *dy, const REAL *dh_n,                            \
-                               REAL *ws, REAL *scratch, const REAL *x,                      \
+                               const REAL *ws, REAL *out, REAL *scratch, const REAL *x,     \
                                const REAL *w_ih, const REAL *w_hh, const rf_zoneout *zo,    \
                                const rf_recdrop *rd,                                        \
                                const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,        \
@@ -411,9 +413,10 @@ typedef struct {
                                      ptrdiff_t ldc, REAL *pack_buffer);                     \
     void rf_gemm_floor_##SFX(const rf_runtime *rt, ptrdiff_t T, ptrdiff_t B, ptrdiff_t I,   \
                              ptrdiff_t H, ptrdiff_t G, int train, REAL *buf);               \
-    void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, REAL *xbuf, const REAL *dgates,       \
-                               const REAL *x, const REAL *w_ih, const rf_plan *p,           \
-                               ptrdiff_t I, ptrdiff_t GH, const rf_runtime *rt);
+    void rf_weight_grads_##SFX(REAL *dx, REAL *dw_ih, const REAL *xbuf, REAL *dxbuf,        \
+                               const REAL *dgates, const REAL *x, const REAL *w_ih,         \
+                               const rf_plan *p, ptrdiff_t I, ptrdiff_t GH,                 \
+                               const rf_runtime *rt);
 
 RF_DECLARE_KERNELS(float, f32)
 RF_DECLARE_KERNELS(double, f64)
@@ -434,6 +437,8 @@ typedef struct {
     void *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
     const void *dy, *dh_n, *dc_n;
     void *ws, *scratch;
+    void *out;  /* where the plain cells' backward writes, in ws's layout: ws, or another
+                 * buffer of as many elements (ws then read only); layer norm's: ws only */
     const void *x, *w_ih, *w_hh;
     const void *peep;  /* LSTM: the forward's, or NULL */
     void *dpeep;       /* with peep: its gradient (3H) */

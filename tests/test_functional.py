@@ -15,7 +15,7 @@ from rnnfuse import _kernels
 from rnnfuse import functional as F
 from rnnfuse import reference as R
 
-from checks import assert_close, stable_seed  # tests/checks.py
+from checks import assert_close, kernel, stable_seed  # tests/checks.py
 from layouts import relayout  # tests/layouts.py
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -349,6 +349,43 @@ def test_failed_backward_validation_keeps_ctx_usable():
 
 
 # ---------------------------------------------------------------- numerical edges
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("lengths", [None, [4, 1, 0]])
+@pytest.mark.parametrize("variant", ["plain", "peepholes", "zoneout", "recurrent_dropout"])
+def test_backward_into_another_buffer_reads_ws_only(kernel, cell, option, lengths, variant):
+    """_kernels.backward's out (rnnfuse.torch's operators take it): the kernels write into
+    out, leave the saved state as the forward left it, and give the in-place backward's
+    bits. out starts as NaN, so a read of what the backward did not write shows."""
+    if variant == "peepholes" and cell != "lstm":
+        pytest.skip("peepholes are an LSTM option")
+    T, B, H = 4, 3, 5
+    c = make_case(cell, T, B, 2, H, np.float64, seed=stable_seed(cell, option, variant),
+                  lengths=lengths)
+    rng = np.random.default_rng(7)
+    mask = lambda *shape: (rng.random(shape) < 0.4).astype(np.float64)  # noqa: E731
+    lstm = cell == "lstm"
+    extra = {"plain": {}, "peepholes": dict(peep=rng.standard_normal(3 * H)),
+             "zoneout": dict(zoneout=(mask(T, B, H), mask(T, B, H)) if lstm else mask(T, B, H)),
+             "recurrent_dropout": dict(recurrent_dropout=2.5 * mask(B, H))}[variant]
+    kernel_option = option == "relu" if cell == "rnn" else option
+    states = (c["h0"], c["c0"]) if lstm else (c["h0"],)
+    finals = [c["dh_n"], c["dc_n"]] if lstm else [c["dh_n"]]
+
+    def ctx():
+        return F._forward(cell, c["x"], states, c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"],
+                          lengths, False, kernel_option, True, **extra)[2]
+
+    want = F._backward(cell, c["dy"], finals, ctx())
+    saved = ctx()
+    ws = saved.ws
+    kept = ws.copy()
+    out = np.full_like(ws, np.nan)
+    got = F._backward(cell, c["dy"], finals, saved, keep_spare=False, out=out)
+    np.testing.assert_array_equal(ws, kept)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
 
 @pytest.mark.parametrize("cell,option", CELLS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -303,6 +303,14 @@ def test_kernels_check_the_layer_norm_gradients():
         _kernels.backward("lstm", *up, ctx)
 
 
+def test_kernels_refuse_another_buffer_for_the_layer_norm_backward():
+    # its backward writes into the saved state itself
+    a, up = make_case("lstm", 2, 2, 3, 4, np.float64)
+    _, ctx = forward(F, "lstm", a)
+    with pytest.raises(ValueError, match="out must be None with layer_norm"):
+        _kernels.backward("lstm", *up, ctx, np.empty_like(ctx.ws))
+
+
 def test_packed_weights_of_the_other_gru_layout_are_refused():
     """The layer-normalized GRU runs with linear_before_reset: weights packed without it
     (the n block apart) would be misread."""

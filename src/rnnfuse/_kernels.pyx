@@ -130,6 +130,7 @@ cdef extern from "rnnfuse.h" nogil:
         const void *dc_n
         void *ws
         void *scratch
+        void *out
         const void *x
         const void *w_ih
         const void *w_hh
@@ -648,10 +649,10 @@ cpdef tuple forward(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, Plan plan, ws, 
 
 
 cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_hh, db_ih,
-                                     db_hh, dy, dh_n, dc_n, ws, scratch, x, w_ih, w_hh,
-                                     Plan plan, Py_ssize_t I, Py_ssize_t H, bint option,
-                                     peep, dpeep, zoneout, carry, recdrop, recdrop_buf,
-                                     layer_norm=None, dlayer_norm=None) except *:
+                                     db_hh, dy, dh_n, dc_n, ws, out, scratch, x, w_ih,
+                                     w_hh, Plan plan, Py_ssize_t I, Py_ssize_t H,
+                                     bint option, peep, dpeep, zoneout, carry, recdrop,
+                                     recdrop_buf, layer_norm=None, dlayer_norm=None) except *:
     cdef int t = _typenum(x)
     cdef Py_ssize_t G = c.gates, TB = plan.T * plan.B, BH = plan.B * H
     cdef bint lstm = c.states == 2
@@ -670,8 +671,12 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     a.dc_n = _buf(dc_n, BH, t, "dc_n", _OPTIONAL) if lstm else NULL
     a.peep = _buf(peep, 3 * H, t, "peep", _OPTIONAL) if lstm else NULL
     a.layernorm = _layernorm(c, option, a.peep != NULL, layer_norm, dlayer_norm, H, t)
-    a.ws = _buf(ws, _workspace_size(c.id, &p, I, H, True, layer_norm is not None), t, "ws",
-                _OUT)
+    cdef Py_ssize_t n_ws = _workspace_size(c.id, &p, I, H, True, layer_norm is not None)
+    if out is not None and layer_norm is not None:
+        raise ValueError("_kernels: out must be None with layer_norm (its backward writes "
+                         "into ws)")
+    a.ws = _buf(ws, n_ws, t, "ws", _REQUIRED if out is not None else _OUT)
+    a.out = a.ws if out is None else _buf(out, n_ws, t, "out", _OUT)
     a.scratch = _buf(scratch, rf_backward_scratch(&p, I, H, G), t, "scratch", _OUT)
     a.x = _buf(x, TB * I, t, "x", _REQUIRED)
     a.w_ih = _buf(w_ih, G * H * I, t, "w_ih", _REQUIRED)
@@ -684,15 +689,16 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     return a
 
 
-def backward(str cell, dy, dh_n, dc_n, ctx):
+def backward(str cell, dy, dh_n, dc_n, ctx, out=None):
     """One backward over a training forward's ctx (functional.py's Context, checked there)
     whose dy, dh_n and dc_n (LSTM only) are None or already what the kernels take:
     returns dx, dh0, dc0 (None but for the LSTM), dw_ih, dw_hh, db_ih, db_hh (None for an
     absent bias), dpeep (the peepholes' gradient, None without ctx.peep), dlayer_norm (the
     gradients of ctx.layer_norm's arrays, a tuple, or None without it) and the
-    workspace, taken from ctx by ctx.take() and overwritten. For any
-    other dy, dh_n or dc_n: None, with ctx untouched (functional.py then checks, explains
-    or converts)."""
+    workspace, taken from ctx by ctx.take() and overwritten, or with ``out`` (an array of
+    as many elements; not with layer norm) only read, the backward writing into out
+    instead. For any other dy, dh_n or dc_n: None, with ctx untouched (functional.py then
+    checks, explains or converts)."""
     cdef Plan plan = ctx.plan
     if plan is None:
         raise TypeError("_kernels: ctx.plan must be a Plan, got None")
@@ -726,7 +732,7 @@ def backward(str cell, dy, dh_n, dc_n, ctx):
         ln = ctx.layer_norm  # functional.Context: None without layer norm
         dln = None if ln is None else tuple(_empty(t, 1, g.shape[0], 0) for g in ln)
         a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
-                           scratch, x, w_ih, w_hh, plan, I, H, option, peep, dpeep, zoneout,
+                           out, scratch, x, w_ih, w_hh, plan, I, H, option, peep, dpeep, zoneout,
                            carry, recdrop, rd_buf, ln, dln)
     except BaseException:
         ctx.ws = ws

@@ -228,7 +228,7 @@ cdef int _capi_backward(bint f32, void *dx, void *dh0, void *dc0, void *dw_ih, v
     a.db_ih = db_ih if c.has_b_ih else NULL
     a.db_hh = db_hh if c.has_b_hh else NULL
     a.dy, a.dh_n, a.dc_n = dy, dh_n, dc_n if lstm else NULL
-    a.ws, a.scratch = c.ws, scratch
+    a.ws, a.out, a.scratch = c.ws, c.ws, scratch
     a.x, a.w_ih, a.w_hh = c.x, c.w_ih, c.w_hh
     a.peep, a.dpeep, a.zoneout, a.recdrop.m = c.peep, dpeep, c.zoneout, c.recdrop
     a.zoneout.carry = _at(scratch, n, f32) if carry else NULL

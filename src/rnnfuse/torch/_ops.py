@@ -33,15 +33,14 @@ from ._onnx import _register_onnx
 #
 # Arguments as rnnfuse.functional's (time-major; None for zero states, absent biases and
 # full lengths; lengths an int64 tensor); backward takes the forward's. ``ws`` is the
-# training workspace that functional's ctx holds, as a 1-D tensor, and one element more
-# that says whether a backward has used it: with train=False it is empty (nothing is kept
-# for backward). Its size without lengths is a fixed formula in T, B, T*B for given (I, H)
-# (_workspace_size); with lengths it depends on their values (an unbacked size under
-# tracing). Backward overwrites ws (declared: ``Tensor(a!) ws``), as the kernels reuse the
-# saved state for gradients, so that nothing is copied; over a used ws (a graph kept with
-# retain_graph=True) it replays the forward into it first. The gradient of an absent bias
-# is an empty tensor. Autograd is registered on the forwards: their gradient is the
-# backward operator.
+# training workspace that functional's ctx holds, as a 1-D tensor: with train=False it is
+# empty (nothing is kept for backward). Its size without lengths is a fixed formula in T,
+# B, T*B for given (I, H) (_workspace_size); with lengths it depends on their values (an
+# unbacked size under tracing). Backward only reads ws: the kernels write its gradients
+# into a pooled buffer of ws's layout rather than over the saved state (as the eager path
+# does), so that no saved tensor is mutated, which torch.compile would answer with a copy
+# of ws before every backward. The gradient of an absent bias is an empty tensor.
+# Autograd is registered on the forwards: their gradient is the backward operator.
 
 _OPTION = {"lstm": "", "gru": ", bool linear_before_reset", "rnn": ", str nonlinearity"}
 
@@ -54,7 +53,7 @@ def _schemas(cell):
     fwd = (f"({inputs}Tensor? lengths, bool reverse{_OPTION[cell]}, bool train) -> ("
            + ", ".join(["Tensor"] * (len(states) + 2)) + ")")
     bwd = ("(Tensor? dy, " + "".join(f"Tensor? d{s}_n, " for s in states)
-           + f"{inputs}Tensor(a!) ws, Tensor? lengths, bool reverse{_OPTION[cell]}) -> ("
+           + f"{inputs}Tensor ws, Tensor? lengths, bool reverse{_OPTION[cell]}) -> ("
            + ", ".join(["Tensor"] * (5 + len(states))) + ")")
     return fwd, bwd
 
@@ -88,10 +87,10 @@ def _pack_size(cell, I, H):
     return _kernels.workspace_weights_size(cell, I, H)
 
 
-# The operators' training workspaces come from a small per-thread pool of buffers, reused
-# once nothing else holds them (by their storage's use count; a graph kept with
-# retain_graph=True holds its own): as functional keeps a spare workspace, for fresh
-# memory costs page faults on every call.
+# The operators' training workspaces, and the buffers their backward writes into, come
+# from a small per-thread pool of buffers, reused once nothing else holds them (by their
+# storage's use count; a graph kept with retain_graph=True holds its own): as functional
+# keeps a spare workspace, for fresh memory costs page faults on every call.
 _POOL = threading.local()
 _POOL_SIZE = 8
 
@@ -147,11 +146,9 @@ class _CellOps:
 
     # ------------------------------------------------ the operators' bodies
 
-    def run_forward(self, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train,
-                    into=None):
-        """The kernels' forward: y, finals, and ws (a tensor; with train=False empty; else
-        the workspace and one more element, 0: not yet used by a backward), written into
-        ``into`` if given."""
+    def run_forward(self, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train):
+        """The kernels' forward: y, finals, and ws (a tensor; with train=False empty, else
+        the workspace)."""
         cell = self.cell
         arrays = (_np(x), [_np(s) for s in states], _np(w_ih), _np(w_hh), _np(b_ih),
                   _np(b_hh), _lengths_np(lengths), reverse)
@@ -161,10 +158,10 @@ class _CellOps:
         ws = []
 
         def workspace(size, dtype):
-            w = _pooled_empty(size + 1, x) if into is None else into
+            w = _pooled_empty(size, x)
             self.zero_unwritten(w, size, x, w_hh, lengths)
             ws.append(w)
-            return w.numpy()[:size]
+            return w.numpy()
 
         y, finals = F._checked_forward(cell, *arrays, _kernel_option(cell, option), True,
                                        workspace)[:2]
@@ -195,7 +192,7 @@ class _CellOps:
         if not train:
             ws = x.new_empty(0)
         elif lengths is None:
-            ws = x.new_empty(_workspace_size(self.cell, T, B, I, H, reverse) + 1)
+            ws = x.new_empty(_workspace_size(self.cell, T, B, I, H, reverse))
         else:  # the rows that take part, and so the size, depend on the lengths' values
             ws = x.new_empty(torch.library.get_ctx().new_dynamic_size())
         return (x.new_empty(T, B, H), *(x.new_empty(B, H) for _ in range(self.n)), ws)
@@ -205,16 +202,10 @@ class _CellOps:
         douts, x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option = \
             self.split_backward(args)
         ctx = self.backward_context(x, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option)
-        if ws[-1] != 0:
-            # a workspace that an earlier backward consumed (over a graph kept with
-            # retain_graph=True): replay the forward into it
-            self.run_forward(x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option,
-                             True, into=ws.detach())
-        wsn = ws.detach().numpy()
-        wsn[-1] = 1  # the kernels overwrite the saved state: it is consumed
-        ctx.ws = wsn[:-1]
+        ctx.ws = ws.detach().numpy()
+        out = _pooled_empty(ws.numel(), x)  # what the kernels write; ws stays as it was
         grads = F._backward(self.cell, _np(douts[0]), [_np(d) for d in douts[1:]], ctx,
-                            keep_spare=False)
+                            keep_spare=False, out=out.numpy())
         return tuple(x.new_empty(0) if g is None else torch.from_numpy(g) for g in grads)
 
     def backward_context(self, x, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option):
@@ -230,7 +221,7 @@ class _CellOps:
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.option = _kernel_option(self.cell, option)
         ctx.input_size, ctx.hidden_size = I, H
-        size = _kernels.workspace_size(self.cell, ctx.plan, I, H, True) + 1
+        size = _kernels.workspace_size(self.cell, ctx.plan, I, H, True)
         if ws.numel() == 0:
             raise ValueError("ws is empty: the forward ran with train=False")
         if ws.dtype != x.dtype or ws.dim() != 1 or ws.numel() != size \
@@ -259,13 +250,10 @@ class _CellOps:
         ctx.save_for_backward(*inputs[:6 + self.n], output[-1])  # tensors, ws
         ctx.reverse, ctx.option, ctx.train = reverse, option, train
 
-    def gradient(self, ctx, *grads, own_ws=False):
-        """The forwards' gradient. own_ws: the workspace is private to the caller (not an
-        output anyone else sees): backward may overwrite it rather than a copy."""
+    def gradient(self, ctx, *grads):
+        """The forwards' gradient."""
         n = self.n
         *saved, ws = ctx.saved_tensors
-        if ctx.train and not own_ws:
-            ws = ws.clone()  # the operator's output ws stays as it was
         x, states, (w_ih, w_hh, b_ih, b_hh, lengths) = saved[0], saved[1:1 + n], saved[1 + n:]
         opt = _option(self.cell, ctx.option)
         if torch.is_grad_enabled() and not _recording() or _nested_derivative():
@@ -350,11 +338,13 @@ _LIB = torch.library.Library("rnnfuse", "DEF")
 
 
 def _layout_tag():
-    """A tag of the workspace layout: a compiled graph holds its operators' workspace sizes,
-    while torch's compile caches key on torch's own code, not on a rebuild of our kernels."""
+    """A tag of the workspace layout and the operators' schemas: a compiled graph holds
+    its operators' workspace sizes and what they mutate, while torch's compile caches key
+    on torch's own code, not on a rebuild or an upgrade of ours."""
     sizes = [_kernels.workspace_size(cell, F._full_plan(T, B, False), I, H, True)
              for cell in ("lstm", "gru", "rnn") for T, B, I, H in ((1, 1, 1, 1), (3, 2, 5, 7))]
-    return f"rnnfuse-layout-{zlib.crc32(repr(sizes).encode()):08x}"
+    schemas = [_schemas(cell) for cell in _N_STATES]
+    return f"rnnfuse-layout-{zlib.crc32(repr((sizes, schemas)).encode()):08x}"
 
 
 def _tag_compile_caches():
@@ -390,11 +380,10 @@ def _example_rows(a, d, at, N):
 
 
 def _functions(ops):
-    """The forward operator as autograd Functions: OpFunction, whose workspace output
-    nobody else sees (the modules drop it), so that backward overwrites it, copying
-    nothing; with setup_context, which torch.func's transforms take (they do not take an
-    operator's registered autograd), and a batching rule for vmap. CompiledFunction:
-    OpFunction as Dynamo traces it (ctx first in forward)."""
+    """The forward operator as autograd Functions: OpFunction, with setup_context, which
+    torch.func's transforms take (they do not take an operator's registered autograd),
+    and a batching rule for vmap. CompiledFunction: OpFunction as Dynamo traces it (ctx
+    first in forward)."""
 
     class OpFunction(torch.autograd.Function):
         @staticmethod
@@ -405,7 +394,7 @@ def _functions(ops):
 
         @staticmethod
         def backward(ctx, *grads):
-            return ops.gradient(ctx, *grads, own_ws=True)
+            return ops.gradient(ctx, *grads)
 
         @staticmethod
         def vmap(info, in_dims, *args):
@@ -418,7 +407,7 @@ def _functions(ops):
             ops.save(ctx, args, out)
             return out
 
-        backward = OpFunction.backward  # its ws is private too: _run_op drops it
+        backward = OpFunction.backward
 
     return OpFunction, CompiledFunction
 
