@@ -103,6 +103,31 @@ def test_cell_step_is_the_one_step_layers_numbers_bit_for_bit(kind):
         assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.mark.parametrize("B", [3, 20])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_leaves_out_the_gradients_nothing_wants_and_keeps_the_others_bitwise(kind, B):
+    """A step whose input, or whose state, needs no gradient computes none for it: the
+    parameters' gradients are those of a step where both need one, bit for bit."""
+    _, o = cell_pair(kind, 6, 5, torch.float32)
+    x = torch.randn(B, 6)
+    hx = initial_state(kind, (B, 5), torch.float32, False)
+
+    def grads(x_grad, h_grad):
+        o.zero_grad()
+        xs = x.clone().requires_grad_(x_grad)
+        h = [s.clone().requires_grad_(h_grad) for s in leaves(hx)]
+        out = leaves(o(xs, tuple(h) if kind == "lstm" else h[0]))
+        sum((f * f.detach().sin()).sum() for f in out).backward()
+        return [p.grad for p in o.parameters()], xs.grad, [s.grad for s in h]
+
+    want, dx, dh = grads(True, True)
+    assert dx is not None and all(d is not None for d in dh)
+    for x_grad, h_grad in ((False, False), (False, True), (True, False)):
+        got, dx, dh = grads(x_grad, h_grad)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert (dx is not None) == x_grad and all((d is not None) == h_grad for d in dh)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
 def test_cell_gradcheck_over_two_steps(kind):
     _, o = cell_pair(kind, 3, 4, torch.float64)

@@ -128,9 +128,10 @@ def forward_small(
     packed: _Float | None = None,
 ) -> tuple[_Float, _Float, _Float | None, _Float, Plan] | None: ...
 def backward(
-    cell: str, dy: Any, dh_n: Any, dc_n: Any, ctx: Context,
-) -> tuple[_Float, _Float, _Float | None, _Float, _Float, _Float | None, _Float | None,
-           _Float | None, tuple[_Float, ...] | None, _Float] | None: ...
+    cell: str, dy: Any, dh_n: Any, dc_n: Any, ctx: Context, inputs: bool = True,
+    states: bool = True,
+) -> tuple[_Float | None, _Float | None, _Float | None, _Float, _Float, _Float | None,
+           _Float | None, _Float | None, tuple[_Float, ...] | None, _Float] | None: ...
 def lstmp_workspace_size(plan: Plan, I: int, H: int, P: int, train: bool) -> int: ...
 def lstmp_forward(x: _Float, h0: _Float | None, c0: _Float | None, w_ih: _Float,
                   w_hh: _Float, w_hr: _Float, b_ih: _Float | None, b_hh: _Float | None,

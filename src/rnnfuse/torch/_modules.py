@@ -914,13 +914,17 @@ class _CellStep(torch.autograd.Function):
         kctx, ctx.kernel = ctx.kernel, None
         if kctx is None:  # a second backward (retain_graph=True): replay the forward
             kctx = _kernel_step(cell, option, weights, None, x, h0, c0, True)[1]
+        need = ctx.needs_input_grad[2:]  # x, h0, c0, the parameters
+        # the gradients nothing wants are not computed: dx spares reading W_ih, dh0 W_hh
         out = list(_kernel_backward(cell, None, [None if g is None else _view(g)
-                                                 for g in grads], kctx))
+                                                 for g in grads], kctx,
+                                    inputs=need[0], states=need[1] or need[2]))
         if cell != "lstm":
             out.insert(2, None)  # dc0
-        out[0] = out[0].reshape(x.shape)
-        return (None, None, *(torch.from_numpy(g) if need and g is not None else None
-                              for g, need in zip(out, ctx.needs_input_grad[2:])))
+        if out[0] is not None:
+            out[0] = out[0].reshape(x.shape)
+        return (None, None, *(torch.from_numpy(g) if wanted and g is not None else None
+                              for g, wanted in zip(out, need)))
 
 
 _kernel_backward = _on_torch_threads(F._backward)
