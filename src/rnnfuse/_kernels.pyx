@@ -684,11 +684,13 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     return a
 
 
-def backward(str cell, dy, dh_n, dc_n, ctx, bint inputs=True, bint states=True):
+def backward(str cell, dy, dh_n, dc_n, ctx, bint inputs=True, bint states=True,
+             weight_grads=None):
     """One backward over a training forward's ctx (functional.py's Context, checked there)
     whose dy, dh_n and dc_n (LSTM only) are None or already what the kernels take:
     returns dx (None unless inputs), dh0 and dc0 (None unless states; dc0 None but for the
-    LSTM), dw_ih, dw_hh, db_ih, db_hh (None for an
+    LSTM), dw_ih, dw_hh, db_ih, db_hh (written into weight_grads' arrays where given: a
+    tuple of four, each None for a new array; None for an
     absent bias), dpeep (the peepholes' gradient, None without ctx.peep), dlayer_norm (the
     gradients of ctx.layer_norm's arrays, a tuple, or None without it) and the
     workspace, taken from ctx by ctx.take() and overwritten. For any
@@ -715,10 +717,11 @@ def backward(str cell, dy, dh_n, dc_n, ctx, bint inputs=True, bint states=True):
         dx = _empty(t, 3, T, B, I, zeros=plan.rows < T * B) if inputs else None
         dh0 = _empty(t, 2, B, H) if states else None
         dc0 = _empty(t, 2, B, H) if lstm and states else None
-        dw_ih = _empty(t, 2, G * H, I)
-        dw_hh = _empty(t, 2, G * H, H)
-        db_ih = _empty(t, 1, G * H, 0) if has_ih else None
-        db_hh = _empty(t, 1, G * H, 0) if has_hh else None
+        dw_ih, dw_hh, db_ih, db_hh = (None,) * 4 if weight_grads is None else weight_grads
+        dw_ih = _empty(t, 2, G * H, I) if dw_ih is None else dw_ih
+        dw_hh = _empty(t, 2, G * H, H) if dw_hh is None else dw_hh
+        db_ih = None if not has_ih else _empty(t, 1, G * H, 0) if db_ih is None else db_ih
+        db_hh = None if not has_hh else _empty(t, 1, G * H, 0) if db_hh is None else db_hh
         peep = ctx.peep if lstm else None  # functional.Context: None without peepholes
         dpeep = _empty(t, 1, 3 * H, 0) if peep is not None else None
         zoneout = ctx.zoneout  # functional.Context: None without zoneout

@@ -416,10 +416,11 @@ def _check_zoneout(cell: str, zoneout: Any, shape: tuple[int, int, int],
 
 def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None],
               ctx: Context, keep_spare: bool = True, inputs: bool = True,
-              states: bool = True) -> tuple[Any, ...]:
+              states: bool = True, weight_grads: Any = None) -> tuple[Any, ...]:
     """keep_spare=False: ctx.ws is not this module's to keep (rnnfuse.torch's operators
     hand in a tensor's memory). inputs=False: dx is None, not computed; states=False: dh0
-    and dc0 are (the kernels then skip the products that only they need)."""
+    and dc0 are (the kernels then skip the products that only they need). weight_grads:
+    as _kernels.backward's (arrays to write dw_ih, dw_hh, db_ih, db_hh into)."""
     if not isinstance(ctx, Context) or not hasattr(ctx, "ws"):
         raise TypeError(f"ctx must be the ctx returned by rnnfuse.functional.{cell}_forward, "
                         f"got {type(ctx).__name__}")
@@ -429,14 +430,14 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
         return _lstmp_backward(dy, finals, ctx, keep_spare)
     lstm = cell == "lstm"
     dh_n, dc_n = finals if lstm else (finals[0], None)
-    out: Any = _kernels.backward(cell, dy, dh_n, dc_n, ctx, inputs, states)
+    out: Any = _kernels.backward(cell, dy, dh_n, dc_n, ctx, inputs, states, weight_grads)
     if out is None:  # not yet what the kernels take: check, explain or convert
         T, B, H = ctx.plan.T, ctx.plan.B, ctx.hidden_size
         dy = _check("dy", dy, (T, B, H), ctx.dtype, optional=True)
         dh_n = _check("dh_n", dh_n, (B, H), ctx.dtype, optional=True)
         if lstm:
             dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
-        out = _kernels.backward(cell, dy, dh_n, dc_n, ctx, inputs, states)
+        out = _kernels.backward(cell, dy, dh_n, dc_n, ctx, inputs, states, weight_grads)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, dln, ws = out
     if keep_spare:
         _keep_spare(ws)
