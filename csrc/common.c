@@ -376,8 +376,10 @@ void RF_FN(rf_sort_rows)(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t
     }
 }
 
-/* dst[order[j]] = src[j]: sorted rows back to batch order. */
+/* dst[order[j]] = src[j]: sorted rows back to batch order (nothing where dst is NULL, a
+ * gradient not wanted). */
 void RF_FN(rf_unsort_rows)(REAL *dst, const REAL *src, const rf_plan *p, ptrdiff_t F) {
+    if (!dst) return;
     for (ptrdiff_t j = 0; j < p->B; j++)
         memcpy(dst + p->order[j] * F, src + j * F, (size_t)F * sizeof(REAL));
 }
@@ -589,7 +591,8 @@ void RF_FN(rf_bias_grads)(REAL *db_ih, REAL *db_hh, const REAL *dgates, ptrdiff_
 }
 
 /* The input-side gradients, after the time loop, as single GEMMs over all packed rows:
- * dw_ih = dgates^T @ X_packed, and dx = dgates @ w_ih scattered back to time order.
+ * dw_ih = dgates^T @ X_packed, and dx = dgates @ w_ih scattered back to time order (dx:
+ * or NULL, not wanted: then w_ih is not read at all).
  * xbuf: the training forward's gathered x; dxbuf (which may be xbuf): room for dx's packed
  * rows before the scatter. Neither is used when x is dense. */
 void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, const REAL *xbuf, REAL *dxbuf,
@@ -599,6 +602,7 @@ void RF_FN(rf_weight_grads)(REAL *dx, REAL *dw_ih, const REAL *xbuf, REAL *dxbuf
     ptrdiff_t N = p->rows;
     const REAL *xs = rf_dense(p) ? x : xbuf;
     RF_FN(rf_grad_gemm)(rt, 1, GH, I, N, dgates, GH, xs, I, dw_ih, I);
+    if (!dx) return;
     if (rf_dense(p)) {
         RF_FN(rf_grad_gemm)(rt, 0, N, I, GH, dgates, GH, w_ih, I, dx, I);
     } else {

@@ -379,18 +379,22 @@ void RF_FN(rf_gru_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     ptrdiff_t GH = 3 * H, N = p->rows;
     REAL *dh = scratch;
     rf_weight W;  /* W_hh itself: rows 0..2H-1 for r z, 2H..3H-1 for n */
+    /* dh carried through W_hh: after a single step it only makes dh0 */
+    int carried = dh0 || p->steps > 1;
     /* a single step's few rows (linear_before_reset): dh0 += [dr dz d(W_hn h)] W_hh after
      * the step, W_hh read in place */
     int unpacked = lbr && p->steps == 1 && p->B <= RF_FEW_ROWS && !zo && !rd;
-    if (!unpacked)
+    /* without linear_before_reset, r's gradient needs dn W_hn: W_hh packed regardless */
+    int packed = !unpacked && (carried || !lbr);
+    if (packed)
         RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     const REAL *h = RF_FN(recdrop_all_operands)(rd, ws + L.h, p, H);  /* masked h_{t-1} */
-    RF_FN(gru_back_steps_job) job = {ws, out, dh, dy, zo, rd, h, unpacked ? NULL : &W, p, L,
+    RF_FN(gru_back_steps_job) job = {ws, out, dh, dy, zo, rd, h, packed ? &W : NULL, p, L,
                                      H, lbr, rt};
     rf_run_parts(RF_FN(gru_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
-    if (unpacked)
+    if (carried && unpacked)
         RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, GH, out + L.step, GH, w_hh, H,
                                      1, dh, H, scratch + 2 * p->B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);

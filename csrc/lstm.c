@@ -392,18 +392,20 @@ void RF_FN(rf_lstm_backward)(REAL *dx, REAL *dh0, REAL *dc0, REAL *dw_ih, REAL *
     ptrdiff_t GH = 4 * H, B = p->B;
     REAL *dh = scratch, *dc = scratch + B * H;
     rf_weight W;
+    /* dh carried through W_hh: after a single step it only makes dh0 */
+    int carried = dh0 || p->steps > 1;
     /* a single step's few rows: dh0 = dgates W_hh after the step, W_hh read in place */
     int unpacked = p->steps == 1 && B <= RF_FEW_ROWS && !zo && !rd;
-    if (!unpacked)
+    if (carried && !unpacked)
         RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, GH, H, scratch + 2 * B * H, NULL, rt->avx2);
     /* A row's final-state gradient enters at its last step; until then it waits here. */
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rf_sort_rows)(dc, dc_n, p, H);
     RF_FN(lstm_back_steps_job) job = {ws, out, dh, dc, dy, peep, zo, rd,
-                                      unpacked ? NULL : &W, p, L, H, rt};
+                                      carried && !unpacked ? &W : NULL, p, L, H, rt};
     rf_run_parts(RF_FN(lstm_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * GH * H, 0, rt));
-    if (unpacked)
+    if (carried && unpacked)
         RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, GH, out + L.gates, GH, w_hh,
                                      H, 0, dh, H, scratch + 2 * B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);

@@ -243,16 +243,18 @@ void RF_FN(rf_rnn_backward)(REAL *dx, REAL *dh0, REAL *dw_ih, REAL *dw_hh,
     rnn_layout L = rnn_layout_of(p, I, H, 1);
     REAL *dh = scratch;
     rf_weight W;
+    /* dh carried through W_hh: after a single step it only makes dh0 */
+    int carried = dh0 || p->steps > 1;
     /* a single step's few rows: dh0 = dpre W_hh after the step, W_hh read in place */
     int unpacked = p->steps == 1 && p->B <= RF_FEW_ROWS && !zo && !rd;
-    if (!unpacked)
+    if (carried && !unpacked)
         RF_FN(rf_prepare_weight)(&W, w_hh, H, 0, H, H, scratch + 2 * p->B * H, NULL, rt->avx2);
     RF_FN(rf_sort_rows)(dh, dh_n, p, H);
     RF_FN(rnn_back_steps_job) job = {ws + L.gates, out + L.gates, dh, dy, zo, rd,
-                                     unpacked ? NULL : &W, p, H, relu, rt};
+                                     carried && !unpacked ? &W : NULL, p, H, relu, rt};
     rf_run_parts(RF_FN(rnn_back_steps), &job,
                  rf_step_parts(p, 0, p->steps, 2.0 * H * H, 0, rt));
-    if (unpacked)
+    if (carried && unpacked)
         RF_FN(rf_unpacked_step_gemm)(rt, p->batch_sizes[0], H, H, out + L.gates, H, w_hh, H,
                                      0, dh, H, scratch + 2 * p->B * H);
     RF_FN(rf_unsort_rows)(dh0, dh, p, H);

@@ -326,7 +326,8 @@ typedef struct {
                               const rf_plan *p, ptrdiff_t I, ptrdiff_t H, int relu,         \
                               int train, const rf_runtime *rt);                             \
     /* Backward passes. Outputs dx (T,B,I, zero on entry), dh0, dc0 (B,H), dw_ih, dw_hh,    \
-     * db_ih, db_hh (db_*: or NULL when not wanted). dy, dh_n, dc_n: or NULL (zeros).       \
+     * db_ih, db_hh (dx, dh0, dc0, db_*: each or NULL when not wanted). dy, dh_n, dc_n:    \
+     * or NULL (zeros).                                                                     \
      * ws: the training forward's workspace, read. out: where backward writes its per-row   \
      * gradients, in ws's layout: ws itself (which it then overwrites: backward runs once  \
      * per ctx), or a buffer of as many elements (ws is then only read).                    \

@@ -348,6 +348,53 @@ def test_failed_backward_validation_keeps_ctx_usable():
     assert F.lstm_backward(None, None, None, ctx)[0].shape == (4, 3, 2)
 
 
+def training_ctx(cell, option, case, **variants):
+    """A training forward's ctx (functional's forward of cell with this option)."""
+    c = case
+    args = (c["x"], c["h0"], *([c["c0"]] if cell == "lstm" else []), c["w_ih"], c["w_hh"],
+            c["b_ih"], c["b_hh"], c["lengths"])
+    if cell == "lstm":
+        return F.lstm_forward(*args, **variants)[-1]
+    forward = F.gru_forward if cell == "gru" else F.rnn_forward
+    return forward(*args, False, option, **variants)[-1]
+
+
+@pytest.mark.parametrize("cell,option", CELLS)
+@pytest.mark.parametrize("T,B,lengths", [(1, 3, None), (1, 20, None), (4, 5, [4, 1, 3, 0, 4]),
+                                         (1, 2, [1, 0])])
+@pytest.mark.parametrize("inputs,states", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("variant", [None, "zoneout", "layer_norm"])
+def test_backward_without_the_input_or_state_gradients_keeps_the_others_bitwise(
+        cell, option, T, B, lengths, inputs, states, variant):
+    """inputs=False leaves dx out, states=False dh0 and dc0 (the kernels then skip what
+    only they need: one step's few rows read neither W_ih nor W_hh); every other gradient
+    keeps its bits. (B=20 takes the packed W_hh, B=3 W_hh read in place; T=4 carries dh
+    through the steps.)"""
+    if variant == "layer_norm" and (cell == "rnn" or option is False):
+        pytest.skip("layer_norm is for the LSTM and the GRU with linear_before_reset")
+    G, H = GATES[cell], 6
+    case = make_case(cell, T, B, 5, H, np.float32, seed=stable_seed(cell, T, B),
+                     lengths=None if lengths is None else np.array(lengths))
+    rng = np.random.default_rng(7)
+    variants = {None: {}, "zoneout": dict(zoneout=0.3),
+                "layer_norm": dict(layer_norm=tuple(
+                    1 + 0.1 * rng.standard_normal(n).astype(np.float32)
+                    for n in ((G * H, G * H, H, H) if cell == "lstm" else (G * H, G * H))))}
+    finals = [case["dh_n"], case["dc_n"]] if cell == "lstm" else [case["dh_n"]]
+    full = F._backward(cell, case["dy"], finals, training_ctx(cell, option, case,
+                                                              **variants[variant]))
+    part = F._backward(cell, case["dy"], finals,
+                       training_ctx(cell, option, case, **variants[variant]),
+                       inputs=inputs, states=states)
+    n_states = 2 if cell == "lstm" else 1
+    for k, (got, want) in enumerate(zip(part, full)):
+        left_out = (k == 0 and not inputs) or (1 <= k <= n_states and not states)
+        if left_out:
+            assert got is None, k
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=str(k))
+
+
 # ---------------------------------------------------------------- numerical edges
 
 @pytest.mark.parametrize("cell,option", CELLS)

@@ -2,12 +2,14 @@
 bit for bit against the same kernels run as a one-step layer), and the step API for
 generation (module.stream: bit for bit against the module's forward; what it refuses).
 Skipped when PyTorch is not installed."""
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import rnnfuse.torch as rt  # noqa: E402
+from rnnfuse.torch import _modules  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -101,6 +103,57 @@ def test_cell_step_is_the_one_step_layers_numbers_bit_for_bit(kind):
             sum(f.square().sum() for f in step()).backward()
             grads.append([p.grad for p in module.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("B", [3, 20])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_leaves_out_the_gradients_nothing_wants_and_keeps_the_others_bitwise(kind, B):
+    """A step whose input, or whose state, needs no gradient computes none for it: the
+    parameters' gradients are those of a step where both need one, bit for bit."""
+    _, o = cell_pair(kind, 6, 5, torch.float32)
+    x = torch.randn(B, 6)
+    hx = initial_state(kind, (B, 5), torch.float32, False)
+
+    def grads(x_grad, h_grad):
+        o.zero_grad()
+        xs = x.clone().requires_grad_(x_grad)
+        h = [s.clone().requires_grad_(h_grad) for s in leaves(hx)]
+        out = leaves(o(xs, tuple(h) if kind == "lstm" else h[0]))
+        sum((f * f.detach().sin()).sum() for f in out).backward()
+        return [p.grad for p in o.parameters()], xs.grad, [s.grad for s in h]
+
+    want, dx, dh = grads(True, True)
+    assert dx is not None and all(d is not None for d in dh)
+    for x_grad, h_grad in ((False, False), (False, True), (True, False)):
+        got, dx, dh = grads(x_grad, h_grad)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert (dx is not None) == x_grad and all((d is not None) == h_grad for d in dh)
+
+
+def test_cell_gradient_arrays_are_reused_only_once_nothing_holds_them():
+    """A backward writes the weights' gradients into arrays of earlier ones that torch
+    let go, never into one that something still holds (the gradients stay right)."""
+    m, o = cell_pair("lstm", 6, 5, torch.float32)
+    x = torch.randn(3, 6)
+
+    def step(module):
+        module.zero_grad(set_to_none=True)
+        unroll(module, x.expand(2, 3, 6), None).square().sum().backward()
+        return [p.grad for p in module.parameters()]
+
+    step(o)
+    held = step(o)  # these gradients are kept: the next step must not write into them
+    copies = [g.clone() for g in held]
+    got = step(o)
+    assert all(torch.equal(g, c) for g, c in zip(held, copies))
+    assert all(g.data_ptr() != h.data_ptr() for g, h in zip(got, held))
+    del got, held
+    again = step(o)  # nothing holds the earlier ones now: kept arrays come back
+    for g in again[:2]:  # weight_ih's and weight_hh's
+        kept = _modules._RECYCLED[(tuple(g.shape), np.dtype(np.float32))]
+        assert g.data_ptr() in {a.ctypes.data for a in kept}
+    for g, want in zip(again, step(m)):
+        torch.testing.assert_close(g, want, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])

@@ -659,9 +659,9 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     cdef rf_plan p = plan.view()
     cdef rf_backward_bufs a
     _check_weight_shapes(w_ih, w_hh, G, I, H)
-    a.dx = _buf(dx, TB * I, t, "dx", _OUT)
-    a.dh0 = _buf(dh0, BH, t, "dh0", _OUT)
-    a.dc0 = _buf(dc0, BH, t, "dc0", _OUT) if lstm else NULL
+    a.dx = _buf(dx, TB * I, t, "dx", _OPTIONAL | _OUT)
+    a.dh0 = _buf(dh0, BH, t, "dh0", _OPTIONAL | _OUT)
+    a.dc0 = _buf(dc0, BH, t, "dc0", _OPTIONAL | _OUT) if lstm else NULL
     a.dw_ih = _buf(dw_ih, G * H * I, t, "dw_ih", _OUT)
     a.dw_hh = _buf(dw_hh, G * H * H, t, "dw_hh", _OUT)
     a.db_ih = _buf(db_ih, G * H, t, "db_ih", _OPTIONAL | _OUT)
@@ -689,11 +689,14 @@ cdef rf_backward_bufs _backward_args(const rf_cell *c, dx, dh0, dc0, dw_ih, dw_h
     return a
 
 
-def backward(str cell, dy, dh_n, dc_n, ctx, out=None):
+def backward(str cell, dy, dh_n, dc_n, ctx, out=None, bint inputs=True, bint states=True,
+             weight_grads=None):
     """One backward over a training forward's ctx (functional.py's Context, checked there)
     whose dy, dh_n and dc_n (LSTM only) are None or already what the kernels take:
-    returns dx, dh0, dc0 (None but for the LSTM), dw_ih, dw_hh, db_ih, db_hh (None for an
-    absent bias), dpeep (the peepholes' gradient, None without ctx.peep), dlayer_norm (the
+    returns dx (None unless inputs), dh0 and dc0 (None unless states; dc0 None but for the
+    LSTM), dw_ih, dw_hh, db_ih, db_hh (written into weight_grads' arrays where given: a
+    tuple of four, each None for a new array; None for an absent bias), dpeep (the
+    peepholes' gradient, None without ctx.peep), dlayer_norm (the
     gradients of ctx.layer_norm's arrays, a tuple, or None without it) and the
     workspace, taken from ctx by ctx.take() and overwritten, or with ``out`` (an array of
     as many elements; not with layer norm) only read, the backward writing into out
@@ -716,13 +719,15 @@ def backward(str cell, dy, dh_n, dc_n, ctx, out=None):
     cdef rf_backward_bufs a
     try:  # a refusal or a failed allocation leaves ctx as it was
         scratch = _aligned_empty(backward_scratch_size(cell, plan, I, H), t)
-        dx = _empty(t, 3, T, B, I, zeros=plan.rows < T * B)  # padding's gradient is zero
-        dh0 = _empty(t, 2, B, H)
-        dc0 = _empty(t, 2, B, H) if lstm else None
-        dw_ih = _empty(t, 2, G * H, I)
-        dw_hh = _empty(t, 2, G * H, H)
-        db_ih = _empty(t, 1, G * H, 0) if has_ih else None
-        db_hh = _empty(t, 1, G * H, 0) if has_hh else None
+        # padding's gradient is zero
+        dx = _empty(t, 3, T, B, I, zeros=plan.rows < T * B) if inputs else None
+        dh0 = _empty(t, 2, B, H) if states else None
+        dc0 = _empty(t, 2, B, H) if lstm and states else None
+        dw_ih, dw_hh, db_ih, db_hh = (None,) * 4 if weight_grads is None else weight_grads
+        dw_ih = _empty(t, 2, G * H, I) if dw_ih is None else dw_ih
+        dw_hh = _empty(t, 2, G * H, H) if dw_hh is None else dw_hh
+        db_ih = None if not has_ih else _empty(t, 1, G * H, 0) if db_ih is None else db_ih
+        db_hh = None if not has_hh else _empty(t, 1, G * H, 0) if db_hh is None else db_hh
         peep = ctx.peep if lstm else None  # functional.Context: None without peepholes
         dpeep = _empty(t, 1, 3 * H, 0) if peep is not None else None
         zoneout = ctx.zoneout  # functional.Context: None without zoneout

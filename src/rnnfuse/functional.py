@@ -415,10 +415,14 @@ def _check_zoneout(cell: str, zoneout: Any, shape: tuple[int, int, int],
 
 
 def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None],
-              ctx: Context, keep_spare: bool = True, out: Any = None) -> tuple[Any, ...]:
+              ctx: Context, keep_spare: bool = True, out: Any = None, inputs: bool = True,
+              states: bool = True, weight_grads: Any = None) -> tuple[Any, ...]:
     """keep_spare=False: ctx.ws is not this module's to keep (rnnfuse.torch's operators
     hand in a tensor's memory). out: None, or an array of ctx.ws's size that the kernels
-    write into, leaving ctx.ws as it was (_kernels.backward's out; plain cells only)."""
+    write into, leaving ctx.ws as it was (_kernels.backward's out; plain cells only).
+    inputs=False: dx is None, not computed; states=False: dh0 and dc0 are (the kernels then
+    skip the products that only they need). weight_grads: as _kernels.backward's (arrays to
+    write dw_ih, dw_hh, db_ih, db_hh into)."""
     if not isinstance(ctx, Context) or not hasattr(ctx, "ws"):
         raise TypeError(f"ctx must be the ctx returned by rnnfuse.functional.{cell}_forward, "
                         f"got {type(ctx).__name__}")
@@ -428,14 +432,15 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
         return _lstmp_backward(dy, finals, ctx, keep_spare)
     lstm = cell == "lstm"
     dh_n, dc_n = finals if lstm else (finals[0], None)
-    grads: Any = _kernels.backward(cell, dy, dh_n, dc_n, ctx, out)
+    wanted = dict(out=out, inputs=inputs, states=states, weight_grads=weight_grads)
+    grads: Any = _kernels.backward(cell, dy, dh_n, dc_n, ctx, **wanted)
     if grads is None:  # not yet what the kernels take: check, explain or convert
         T, B, H = ctx.plan.T, ctx.plan.B, ctx.hidden_size
         dy = _check("dy", dy, (T, B, H), ctx.dtype, optional=True)
         dh_n = _check("dh_n", dh_n, (B, H), ctx.dtype, optional=True)
         if lstm:
             dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
-        grads = _kernels.backward(cell, dy, dh_n, dc_n, ctx, out)
+        grads = _kernels.backward(cell, dy, dh_n, dc_n, ctx, **wanted)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, dln, ws = grads
     if keep_spare:
         _keep_spare(ws)

@@ -3,11 +3,13 @@ runs on rnnfuse's kernels."""
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 import weakref
 from types import SimpleNamespace
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
@@ -900,16 +902,49 @@ class _CellStep(torch.autograd.Function):
         kctx, ctx.kernel = ctx.kernel, None
         if kctx is None:  # a second backward (retain_graph=True): replay the forward
             kctx = _kernel_step(cell, option, weights, x, h0, c0, True)[1]
+        need = ctx.needs_input_grad[1:]  # x, h0, c0, the parameters
+        w_ih, w_hh = weights.arrays[:2]
+        # the gradients nothing wants are not computed: dx spares reading W_ih, dh0 W_hh
         out = list(_kernel_backward(cell, None, [None if g is None else _view(g)
-                                                 for g in grads], kctx))
+                                                 for g in grads], kctx,
+                                    inputs=need[0], states=need[1] or need[2],
+                                    weight_grads=(_recycled(w_ih), _recycled(w_hh), None,
+                                                  None)))
         if cell != "lstm":
             out.insert(2, None)  # dc0
-        out[0] = out[0].reshape(x.shape)
-        return (None, *(torch.from_numpy(g) if need and g is not None else None
-                        for g, need in zip(out, ctx.needs_input_grad[1:])))
+        if out[0] is not None:
+            out[0] = out[0].reshape(x.shape)
+        return (None, *(torch.from_numpy(g) if wanted and g is not None else None
+                        for g, wanted in zip(out, need)))
 
 
 _kernel_backward = _on_torch_threads(F._backward)
+
+
+# The weight gradients' arrays of the cells' backwards, by shape and dtype, kept for reuse
+# once nothing else holds them (torch let their tensors go: zero_grad, or a sum into
+# .grad): a new array's pages cost more than the product that fills them (the kernel
+# maps and zeroes each on first touch). At most _RECYCLE_MAX of each are kept.
+_RECYCLED: dict = {}
+_RECYCLE_MAX = 4
+
+
+def _recycled(like):
+    """An array of like's shape and dtype for a backward to write a gradient into: a kept
+    one that nothing else holds now, else a new one (kept if there is room)."""
+    kept = _RECYCLED.setdefault((like.shape, like.dtype), [])
+    for _ in range(len(kept)):
+        try:
+            a = kept.pop(0)  # (one thread at a time can take an array: pop is atomic)
+        except IndexError:  # another thread took the rest
+            break
+        kept.append(a)
+        if sys.getrefcount(a) == 3:  # kept, this name, getrefcount's argument: free
+            return a
+    a = np.empty_like(like)
+    if len(kept) < _RECYCLE_MAX:
+        kept.append(a)
+    return a
 
 
 class LSTMCell(_CellBase, torch.nn.LSTMCell):
