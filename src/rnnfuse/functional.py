@@ -432,15 +432,15 @@ def _backward(cell: str, dy: ArrayLike | None, finals: Sequence[ArrayLike | None
         return _lstmp_backward(dy, finals, ctx, keep_spare)
     lstm = cell == "lstm"
     dh_n, dc_n = finals if lstm else (finals[0], None)
-    wanted = dict(out=out, inputs=inputs, states=states, weight_grads=weight_grads)
-    grads: Any = _kernels.backward(cell, dy, dh_n, dc_n, ctx, **wanted)
+    wanted = (out, inputs, states, weight_grads)
+    grads: Any = _kernels.backward(cell, dy, dh_n, dc_n, ctx, *wanted)
     if grads is None:  # not yet what the kernels take: check, explain or convert
         T, B, H = ctx.plan.T, ctx.plan.B, ctx.hidden_size
         dy = _check("dy", dy, (T, B, H), ctx.dtype, optional=True)
         dh_n = _check("dh_n", dh_n, (B, H), ctx.dtype, optional=True)
         if lstm:
             dc_n = _check("dc_n", dc_n, (B, H), ctx.dtype, optional=True)
-        grads = _kernels.backward(cell, dy, dh_n, dc_n, ctx, **wanted)
+        grads = _kernels.backward(cell, dy, dh_n, dc_n, ctx, *wanted)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeep, dln, ws = grads
     if keep_spare:
         _keep_spare(ws)
