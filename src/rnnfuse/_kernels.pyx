@@ -737,8 +737,8 @@ def backward(str cell, dy, dh_n, dc_n, ctx, out=None, bint inputs=True, bint sta
         ln = ctx.layer_norm  # functional.Context: None without layer norm
         dln = None if ln is None else tuple(_empty(t, 1, g.shape[0], 0) for g in ln)
         a = _backward_args(c, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dy, dh_n, dc_n, ws,
-                           out, scratch, x, w_ih, w_hh, plan, I, H, option, peep, dpeep, zoneout,
-                           carry, recdrop, rd_buf, ln, dln)
+                           out, scratch, x, w_ih, w_hh, plan, I, H, option, peep, dpeep,
+                           zoneout, carry, recdrop, rd_buf, ln, dln)
     except BaseException:
         ctx.ws = ws
         raise
