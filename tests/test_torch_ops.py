@@ -60,19 +60,24 @@ def test_opcheck_forward(cell, option, lengths, train):
 @pytest.mark.parametrize("lengths", [None, [2, 5, 0]])
 @pytest.mark.parametrize("cell,option", CASES)
 def test_opcheck_backward(cell, option, lengths):
+    bwd, outs, inputs, ws, lens = backward_case(cell, option, lengths)
+    g = torch.Generator().manual_seed(2)
+    douts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    torch.library.opcheck(bwd, (*douts, *inputs, ws, lens, True, *option))
+    douts[0] = None  # only the final state's gradient
+    inputs[3 + STATES[cell]] = None  # no b_ih
+    torch.library.opcheck(bwd, (*douts, *inputs, ws, lens, True, *option))
+
+
+def backward_case(cell, option, lengths):
+    """A training forward through the operator: the backward operator, the forward's
+    outputs, its tensor inputs (detached), its workspace and lengths."""
     args = op_args(cell, option, lengths, True)
     n = STATES[cell]
     with torch.no_grad():
         *outs, ws = getattr(torch.ops.rnnfuse, cell)(*args)
-    g = torch.Generator().manual_seed(2)
-    douts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
-    inputs = [a.detach() for a in args[:5 + n]]
-    bwd = getattr(torch.ops.rnnfuse, cell + "_backward")
-    lens = args[5 + n]
-    torch.library.opcheck(bwd, (*douts, *inputs, ws, lens, True, *option))
-    douts[0] = None  # only the final state's gradient
-    inputs[3 + n] = None  # no b_ih
-    torch.library.opcheck(bwd, (*douts, *inputs, ws, lens, True, *option))
+    return (getattr(torch.ops.rnnfuse, cell + "_backward"), outs,
+            [a.detach() for a in args[:5 + n]], ws, args[5 + n])
 
 
 @pytest.mark.parametrize("sort", [False, True])
@@ -582,16 +587,11 @@ def test_backward_operator_names_a_bad_argument(which, shape, match):
 def test_backward_operator_leaves_the_workspace_as_it_was(cell, option, lengths):
     # the kernels write the gradients elsewhere (a saved tensor that backward mutated
     # would cost a copy of it under torch.compile), so two backwards give the same bits
-    args = op_args(cell, option, lengths, True)
-    n = STATES[cell]
-    with torch.no_grad():
-        *outs, ws = getattr(torch.ops.rnnfuse, cell)(*args)
+    bwd, outs, inputs, ws, lens = backward_case(cell, option, lengths)
     before = ws.clone()
-    bwd = getattr(torch.ops.rnnfuse, cell + "_backward")
-    inputs = [a.detach() for a in args[:5 + n]]
-    first = bwd(*outs, *inputs, ws, args[5 + n], True, *option)
+    first = bwd(*outs, *inputs, ws, lens, True, *option)
     assert torch.equal(ws, before)
-    again = bwd(*outs, *inputs, ws, args[5 + n], True, *option)
+    again = bwd(*outs, *inputs, ws, lens, True, *option)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
