@@ -890,3 +890,37 @@ def test_cells_repack_for_another_code_path():
                     close(ours(x), ref(x), torch.float32, path)
     finally:
         _kernels.set_kernel()
+
+
+@pytest.mark.parametrize("variant", [{}, {"layer_norm": True}, {"zoneout": 0.3}])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradients_nothing_wants_are_left_out_and_the_rest_keep_their_bits(cell, variant):
+    """An input or a state that needs no gradient gets none, and every other gradient has
+    the bits it has when they all do (the kernels then skip dx's and dh0's products)."""
+    if variant.get("layer_norm") and cell != "lstm" and cell != "gru":
+        pytest.skip("layer norm is an LSTM and GRU option")
+    _, cls, extra = classes(cell)
+    torch.manual_seed(4)
+    module = cls(3, 5, num_layers=2, dtype=torch.float64, **extra, **variant)
+    x, h0 = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(2, 2, 5, dtype=torch.float64)
+    hx = (h0, torch.randn(2, 2, 5, dtype=torch.float64)) if cell == "lstm" else h0
+    states = list(hx) if cell == "lstm" else [hx]
+
+    def grads(wanted):
+        for t in (x, *states):
+            t.requires_grad_(t is x and "x" in wanted or t is not x and "states" in wanted)
+            t.grad = None
+        module.zero_grad()
+        torch.manual_seed(5)  # the same zoneout masks
+        y, _ = module(x, hx)
+        y.square().sum().backward()
+        return [p.grad for p in module.parameters()], [t.grad for t in (x, *states)]
+
+    full, full_inputs = grads({"x", "states"})
+    for wanted in ({"x"}, {"states"}, set()):
+        params, inputs = grads(wanted)
+        assert all(torch.equal(a, b) for a, b in zip(params, full))
+        assert (inputs[0] is not None) == ("x" in wanted)
+        assert all((g is not None) == ("states" in wanted) for g in inputs[1:])
+        for g, want in zip(inputs, full_inputs):
+            assert g is None or torch.equal(g, want)

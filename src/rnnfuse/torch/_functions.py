@@ -56,15 +56,17 @@ class _CellFunction(torch.autograd.Function):
     @_on_torch_threads
     def backward(ctx, *grads):
         out = _kernel_backward(ctx, ctx.function.cell, grads, lambda saved: _kernel_forward(
-            ctx.function, (*saved, *ctx.rest), need_ctx=True)[2])
+            ctx.function, (*saved, *ctx.rest), need_ctx=True)[2], ctx.needs_input_grad)
         out = list(out) + [None] * (len(ctx.needs_input_grad) - len(out))  # lengths, reverse, ...
         return tuple(torch.from_numpy(g) if need and g is not None else None
                      for g, need in zip(out, ctx.needs_input_grad))
 
 
-def _kernel_backward(ctx, cell, grads, replay):
-    """The kernel's backward of a Function's call: functional's gradients. replay(saved
-    tensors) runs the forward again for a kernel ctx when a backward used it already."""
+def _kernel_backward(ctx, cell, grads, replay, needs):
+    """The kernel's backward of a Function's call: functional's gradients, dx and dh0 (and
+    dc0) None unless needs (x's and the states' needs_input_grad, then the rest's) asks
+    for them. replay(saved tensors) runs the forward again for a kernel ctx when a
+    backward used it already."""
     if torch.is_grad_enabled():
         # create_graph=True. (once_differentiable would hand back constants whenever the
         # incoming gradients do not require grad, so a gradient penalty would silently
@@ -76,8 +78,11 @@ def _kernel_backward(ctx, cell, grads, replay):
         # A second backward over a graph kept with retain_graph=True: the first one
         # consumed the kernel's record (backward overwrites it), so replay the forward.
         kctx = replay(saved)
-    backward = getattr(F, cell + "_backward")
-    return backward(*(None if g is None else _np(g) for g in grads), kctx)
+    dy, *finals = (None if g is None else _np(g) for g in grads)
+    # what nothing wants is not computed: no dx spares reading W_ih, no dh0 (after one
+    # step) W_hh
+    return F._backward(cell, dy, finals, kctx, inputs=needs[0],
+                       states=any(needs[1:1 + _N_STATES[cell]]))
 
 
 class LSTMFunction(_CellFunction):
@@ -200,7 +205,7 @@ class VariantFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         spec = ctx.spec
         out = list(_kernel_backward(ctx, spec.cell, grads, lambda saved: _variant_forward(
-            spec, saved, need_ctx=True)[2]))
+            spec, saved, need_ctx=True)[2], ctx.needs_input_grad[1:]))
         if spec.cell != "lstm":
             out.insert(2, None)  # dc0
         w_hr, peep = ctx.saved_tensors[7], ctx.saved_tensors[8]
