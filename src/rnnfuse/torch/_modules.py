@@ -786,8 +786,7 @@ class _Weights(NamedTuple):
 # checking its parameters and making NumPy views of them would cost a good part of the
 # step. Views of the parameters' own storage (never copies, and never packed weights,
 # which a change through .data, unseen by the version counter, would leave stale), kept
-# while the code path and the parameters are the same tensors with the same storage and
-# version counter.
+# while the parameters are the same tensors with the same storage and version counter.
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -798,7 +797,7 @@ def _cell_weights(module):
     w_ih, w_hh, b_ih, b_hh = tensors = (p["weight_ih"], p["weight_hh"], p["bias_ih"],
                                         p["bias_hh"])
     try:
-        key = (_kernels.kernel(), _stamp(w_ih), _stamp(w_hh), _stamp(b_ih), _stamp(b_hh))
+        key = (_stamp(w_ih), _stamp(w_hh), _stamp(b_ih), _stamp(b_hh))
     except RuntimeError:  # inference tensors have no version counter: keep nothing
         key = None
     kept = _KEPT.get(module)
@@ -905,7 +904,7 @@ class _CellStep(torch.autograd.Function):
         need = ctx.needs_input_grad[1:]  # x, h0, c0, the parameters
         w_ih, w_hh = weights.arrays[:2]
         # the gradients nothing wants are not computed: dx spares reading W_ih, dh0 W_hh
-        out = list(_kernel_backward(cell, None, [None if g is None else _view(g)
+        out = list(_cell_backward(cell, None, [None if g is None else _view(g)
                                                  for g in grads], kctx,
                                     inputs=need[0], states=need[1] or need[2],
                                     weight_grads=(_recycled(w_ih), _recycled(w_hh), None,
@@ -918,7 +917,7 @@ class _CellStep(torch.autograd.Function):
                         for g, wanted in zip(out, need)))
 
 
-_kernel_backward = _on_torch_threads(F._backward)
+_cell_backward = _on_torch_threads(F._backward)
 
 
 # The weight gradients' arrays of the cells' backwards, by shape and dtype, kept for reuse
