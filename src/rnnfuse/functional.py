@@ -473,16 +473,22 @@ def _check_projection(dtype: np.dtype[Any], x_shape: tuple[int, ...], w_ih: Any,
             _check("w_hh", w_hh, (4 * H, P), dtype), _check("w_hr", w_hr, (P, H), dtype))
 
 
-def _lstmp_forward(x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, w_hr: Any, b_ih: Any,
-                   b_hh: Any, lengths: ArrayLike | None, reverse: bool, need_ctx: bool,
-                   peep: Any, zoneout: Any, recurrent_dropout: Any, layer_norm: Any,
-                   ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
-    """lstm_forward with a projection w_hr (lstmp.c)."""
+def _check_projection_variants(zoneout: Any, recurrent_dropout: Any, layer_norm: Any) -> None:
+    """Refuse the variants that the projected LSTM does not take."""
     for name, value in (("zoneout", zoneout), ("recurrent_dropout", recurrent_dropout),
                         ("layer_norm", layer_norm)):
         if value is not None:
             raise ValueError(f"{name} is not supported with a projection (w_hr); "
                              f"pass {name}=None")
+
+
+def _lstmp_forward(x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, w_hr: Any, b_ih: Any,
+                   b_hh: Any, lengths: ArrayLike | None, reverse: bool, need_ctx: bool,
+                   peep: Any, zoneout: Any, recurrent_dropout: Any, layer_norm: Any,
+                   workspace: Callable[[int, np.dtype[Any]], FloatArray] | None = None,
+                   ) -> tuple[FloatArray, FloatArray, FloatArray, Context | None]:
+    """lstm_forward with a projection w_hr (lstmp.c); workspace: as _checked_forward's."""
+    _check_projection_variants(zoneout, recurrent_dropout, layer_norm)
     dtype = _dtype_of(x)
     x = _check_x(x)
     T, B, I = x.shape
@@ -495,7 +501,8 @@ def _lstmp_forward(x: Any, h0: Any, c0: Any, w_ih: Any, w_hh: Any, w_hr: Any, b_
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     plan = _plan(lengths, T, B, bool(reverse))
-    ws = _workspace(_kernels.lstmp_workspace_size(plan, I, H, P, bool(need_ctx)), dtype)
+    ws = (_workspace if workspace is None else workspace)(
+        _kernels.lstmp_workspace_size(plan, I, H, P, bool(need_ctx)), dtype)
     y, h_n, c_n = _kernels.lstmp_forward(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh, peep,
                                          plan, ws, I, H, P, bool(need_ctx))
     if not need_ctx:

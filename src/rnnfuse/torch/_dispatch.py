@@ -30,15 +30,9 @@ def _run(cell, *args):
     return (y, *finals)
 
 
-_NO_PROJECTION_OPS = (
-    "rnnfuse.torch.LSTM with proj_size > 0 runs in eager mode only: rnnfuse's operators, "
-    "which torch.compile, torch.export, torch.jit.trace, torch.func and tensor subclasses "
-    "need, have no projection. Run the model eagerly, or use module.to_torch() (a "
-    "torch.nn.LSTM sharing the parameters) there")
-
-
-def _run_op(cell, args, train):
-    """A cell's Function's arguments through its operator: (y, finals...)."""
+def _run_op(cell, args, train, variants=()):
+    """A cell's Function's arguments through its operator, with the operator's variant
+    arguments: (y, finals...)."""
     if torch.onnx.is_in_onnx_export():
         if torch._C._get_tracing_state() is None:  # the dynamo exporter: no translation
             raise RuntimeError(_NO_ONNX)
@@ -47,11 +41,13 @@ def _run_op(cell, args, train):
     if lengths is not None and not isinstance(lengths, torch.Tensor):
         lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.int64)
     if torch._C._are_functorch_transforms_active():
-        return _OPS[cell][2].apply(*tensors, lengths, reverse, *options, train)[:-1]
+        return _OPS[cell][2].apply(*tensors, lengths, reverse, *options, train,
+                                   *variants)[:-1]
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         # (an exported program keeps the operator itself, with its registered autograd)
-        return _OPS[cell][3].apply(*tensors, lengths, reverse, *options, train)[:-1]
-    return _OPS[cell][0](*tensors, lengths, reverse, *options, train)[:-1]
+        return _OPS[cell][3].apply(*tensors, lengths, reverse, *options, train,
+                                   *variants)[:-1]
+    return _OPS[cell][0](*tensors, lengths, reverse, *options, train, *variants)[:-1]
 
 
 
@@ -75,22 +71,32 @@ def pack_sorted(y, lengths, rows):
     return torch.ops.rnnfuse.pack(y, lengths, rows)
 
 
-_NO_VARIANT_OPS = (
-    "rnnfuse.torch.{name} with {options} runs in eager mode only: rnnfuse's operators, "
-    "which torch.compile, torch.export, torch.jit.trace, torch.func and tensor subclasses "
-    "need, do not take it (of rnnfuse's cell variants they run weight_drop alone, and "
-    "recurrent_dropout in eval mode, where it does nothing). Run the model eagerly")
-
-
-def _run_variants(refusal, spec, *tensors):
+def _run_variants(spec, *tensors):
     """VariantFunction.apply(spec, *tensors) where autograd records this call, else its
-    kernel alone (need_ctx=False); refused with the message ``refusal`` where the
-    operators would be needed."""
+    kernel alone (need_ctx=False). Under tracing, or for tensor subclasses, the cell's
+    operator with the variants as its trailing arguments instead."""
     masks = spec.zoneout if isinstance(spec.zoneout, tuple) else (spec.zoneout,)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if _recording() or any(isinstance(t, torch.Tensor) and type(t) not in _PLAIN
                            for t in (*tensors, *masks, spec.recurrent_dropout)):
-        raise RuntimeError(refusal)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _run_variant_op(spec, tensors, grad and not torch.jit.is_tracing())
+    if grad:
         return VariantFunction.apply(spec, *tensors)
     y, finals, _ = _variant_forward(spec, tensors, need_ctx=False)
     return (y, *finals)
+
+
+def _run_variant_op(spec, tensors, train):
+    """VariantFunction's arguments through the cell's operator: (y, finals...)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peep, *ln = tensors
+    lstm = spec.cell == "lstm"
+    states = (h0, c0) if lstm else (h0,)
+    options = () if lstm else (spec.option,)
+    p = spec.zoneout if isinstance(spec.zoneout, float) else 0.0  # eval's, else masks
+    z = None if isinstance(spec.zoneout, float) else spec.zoneout
+    masks = (*(z or (None, None)), spec.recurrent_dropout) if lstm else \
+        (z, spec.recurrent_dropout)
+    ln += [None] * ((4 if lstm else 2 if spec.cell == "gru" else 0) - len(ln))
+    parameters = (w_hr, peep, *ln) if lstm else tuple(ln)
+    return _run_op(spec.cell, (x, *states, w_ih, w_hh, b_ih, b_hh, spec.lengths, spec.reverse,
+                               *options), train, (*parameters, *masks, p))

@@ -17,8 +17,7 @@ from .. import _kernels, functional as F, layers
 from .._checks import check_bool as _check_bool, check_int as _check_int, check_nonlinearity
 from ._common import (_FIRST_ORDER, _PLAIN, _kernel_option, _numpy_contiguous,
                       _on_torch_threads, _recording)
-from ._dispatch import (_NO_PROJECTION_OPS, _NO_VARIANT_OPS, _run, _run_variants,
-                        pack_sorted, pad_packed)
+from ._dispatch import _run, _run_variants, pack_sorted, pad_packed
 from ._functions import Variants
 from ._onnx import export_forward
 
@@ -413,11 +412,6 @@ class _RNNBase(_Fused):
         Its masks are drawn from torch's RNG in rnnfuse's layers' order: weight drop's,
         recurrent dropout's, then zoneout's."""
         kernel_only = self._active_variants(kernel_only=True)
-        refusal = (_NO_VARIANT_OPS.format(name=type(self).__name__,
-                                          options=", ".join(kernel_only)) if kernel_only
-                   else _NO_PROJECTION_OPS)
-        if (kernel_only or self.proj_size) and _recording():  # before anything is drawn
-            raise RuntimeError(refusal)
         sfx, w = self._suffix(layer, d), self._weights(layer, d)
         w_hr = getattr(self, "weight_hr" + sfx) if self.proj_size else None
         if self.training and self.weight_drop:  # W_hh * mask, through autograd
@@ -438,7 +432,7 @@ class _RNNBase(_Fused):
         c0 = s0[1] if self._n_states == 2 else None
         spec = Variants(self._cell, self._options[0] if self._options else None, lengths,
                         d == 1, zoneout, rdrop)
-        return _run_variants(refusal, spec, x, s0[0], c0, *w, w_hr, peep, *ln)
+        return _run_variants(spec, x, s0[0], c0, *w, w_hr, peep, *ln)
 
     _LAYER_NORM = {1: ("ln_weight_ih", "ln_weight_hh"),
                    2: ("ln_weight_ih", "ln_weight_hh", "ln_weight_c", "ln_bias_c")}

@@ -39,10 +39,21 @@ from ._onnx import _register_onnx
 # unbacked size under tracing). Backward only reads ws: the kernels write its gradients
 # into a pooled buffer of ws's layout rather than over the saved state (as the eager path
 # does), so that no saved tensor is mutated, which torch.compile would answer with a copy
-# of ws before every backward. The gradient of an absent bias is an empty tensor.
+# of ws before every backward (layer norm's and the projection's backwards work in place:
+# on a pooled copy of ws). The gradient of an absent bias is an empty tensor.
 # Autograd is registered on the forwards: their gradient is the backward operator.
+#
+# rnnfuse's cell variants are trailing arguments of both, absent by default (so a call
+# without them is as before): the parameters (LSTM: w_hr (P, H), peepholes (3H,), layer
+# norm's g_ih, g_hh, g_c, b_c; GRU: g_ih, g_hh), whose gradients the backward returns
+# after the biases' (empty where absent), then the masks (zoneout_h and the LSTM's
+# zoneout_c (T, B, H), recurrent_dropout (B, H)) and zoneout_p, eval's zoneout (0: none).
 
 _OPTION = {"lstm": "", "gru": ", bool linear_before_reset", "rnn": ", str nonlinearity"}
+_PARAMETERS = {"lstm": ("w_hr", "peepholes", "g_ih", "g_hh", "g_c", "b_c"),
+               "gru": ("g_ih", "g_hh"), "rnn": ()}
+_MASKS = {"lstm": ("zoneout_h", "zoneout_c", "recurrent_dropout"),
+          "gru": ("zoneout_h", "recurrent_dropout"), "rnn": ("zoneout_h", "recurrent_dropout")}
 
 
 def _schemas(cell):
@@ -50,11 +61,13 @@ def _schemas(cell):
     states = _STATE_NAMES[cell]
     inputs = ("Tensor x, " + "".join(f"Tensor? {s}0, " for s in states)
               + "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, ")
-    fwd = (f"({inputs}Tensor? lengths, bool reverse{_OPTION[cell]}, bool train) -> ("
+    variants = ("".join(f", Tensor? {v}=None" for v in _PARAMETERS[cell] + _MASKS[cell])
+                + ", float zoneout_p=0.0")
+    fwd = (f"({inputs}Tensor? lengths, bool reverse{_OPTION[cell]}, bool train{variants}) -> ("
            + ", ".join(["Tensor"] * (len(states) + 2)) + ")")
     bwd = ("(Tensor? dy, " + "".join(f"Tensor? d{s}_n, " for s in states)
-           + f"{inputs}Tensor ws, Tensor? lengths, bool reverse{_OPTION[cell]}) -> ("
-           + ", ".join(["Tensor"] * (5 + len(states))) + ")")
+           + f"{inputs}Tensor ws, Tensor? lengths, bool reverse{_OPTION[cell]}{variants}) -> ("
+           + ", ".join(["Tensor"] * (5 + len(states) + len(_PARAMETERS[cell]))) + ")")
     return fwd, bwd
 
 
@@ -63,21 +76,31 @@ def _option(cell, option):
     return () if cell == "lstm" else (option,)
 
 
+def _kernel_workspace_size(cell, plan, I, H, layer_norm=False, P=0):
+    """The kernels' training workspace size: of the cell, the layer-normalized cell, or
+    the LSTM with a projection of P units."""
+    if P:
+        return _kernels.lstmp_workspace_size(plan, I, H, P, True)
+    return _kernels.workspace_size(cell, plan, I, H, True, layer_norm)
+
+
 @functools.lru_cache(maxsize=None)
-def _workspace_terms(cell, I, H, reverse):
+def _workspace_terms(cell, I, H, reverse, layer_norm=False, P=0):
     """(a, b, c, d) with the training workspace of a call without lengths a + b*T + c*B +
     d*T*B elements, read from the kernels' own sizes at four small shapes."""
-    n = {(T, B): _kernels.workspace_size(cell, F._full_plan(T, B, reverse), I, H, True)
+    n = {(T, B): _kernel_workspace_size(cell, F._full_plan(T, B, reverse), I, H, layer_norm,
+                                        P)
          for T in (1, 2) for B in (1, 2)}
     d = n[2, 2] - n[2, 1] - n[1, 2] + n[1, 1]
     b, c = n[2, 1] - n[1, 1] - d, n[1, 2] - n[1, 1] - d
     return n[1, 1] - b - c - d, b, c, d
 
 
-def _workspace_size(cell, T, B, I, H, reverse):
-    """The training workspace's elements without lengths (T and B may be symbolic; I and
-    H are made concrete: the packed weights' size rounds them)."""
-    a, b, c, d = _workspace_terms(cell, int(I), int(H), bool(reverse))
+def _workspace_size(cell, T, B, I, H, reverse, layer_norm=False, P=0):
+    """The training workspace's elements without lengths (T and B may be symbolic; I, H
+    and P are made concrete: the packed weights' size rounds them)."""
+    a, b, c, d = _workspace_terms(cell, int(I), int(H), bool(reverse), bool(layer_norm),
+                                  int(P))
     return a + b * T + c * B + d * T * B
 
 
@@ -122,106 +145,179 @@ def release_workspace() -> None:
 
 class _CellOps:
     """The operators of one cell: their Python bodies, fake functions and autograd.
-    Arguments arrive flat, in the schemas' order; ``split`` and ``split_backward`` name
-    them."""
+    Arguments arrive flat, in the schemas' order (the trailing variants possibly left out
+    or by name); ``split`` and ``split_backward`` name them."""
 
     def __init__(self, cell):
         self.cell, self.n, self.G = cell, _N_STATES[cell], F._GATES[cell]
+        self.parameters = _PARAMETERS[cell]
+        self.names = self.parameters + _MASKS[cell] + ("zoneout_p",)
 
-    def split(self, args):
-        """forward's args: x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train."""
-        n = self.n
+    def variants(self, given, kwargs):
+        """The variant arguments in the schemas' order, their defaults where not given."""
+        v = [*given, *(None,) * (len(self.names) - 1 - len(given)), 0.0][:len(self.names)]
+        for name, value in kwargs.items():
+            v[self.names.index(name)] = value
+        return tuple(v)
+
+    def split(self, args, kwargs=None):
+        """forward's args: x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option,
+        train, variants."""
+        n, k = self.n, 7 + self.n + (self.cell != "lstm")  # k: train's place
         w_ih, w_hh, b_ih, b_hh, lengths, reverse = args[1 + n:7 + n]
         option = args[7 + n] if self.cell != "lstm" else None
-        return args[0], args[1:1 + n], w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, args[-1]
+        return (args[0], args[1:1 + n], w_ih, w_hh, b_ih, b_hh, lengths, reverse, option,
+                args[k], self.variants(args[k + 1:], kwargs or {}))
 
-    def split_backward(self, args):
+    def split_backward(self, args, kwargs=None):
         """backward's args: (dy, dfinals...), then forward's tensors, ws, lengths, reverse,
-        option."""
-        n = self.n
+        option, variants."""
+        n, k = self.n, 9 + 2 * self.n + (self.cell != "lstm")  # k: the variants' place
         x, states = args[1 + n], args[2 + n:2 + 2 * n]
         w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse = args[2 + 2 * n:9 + 2 * n]
         option = args[9 + 2 * n] if self.cell != "lstm" else None
-        return args[:1 + n], x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option
+        return (args[:1 + n], x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option,
+                self.variants(args[k:], kwargs or {}))
+
+    def keywords(self, variants):
+        """The variant arguments as functional's forwards take them (NumPy arrays, None
+        where absent): w_hr, peep, zoneout, recurrent_dropout, layer_norm."""
+        v = dict(zip(self.names, (_np(a) if isinstance(a, torch.Tensor) else a
+                                  for a in variants)))
+        masks = (v["zoneout_h"], v["zoneout_c"]) if self.cell == "lstm" else (v["zoneout_h"],)
+        zoneout = v["zoneout_p"] or None
+        if any(m is not None for m in masks):
+            if zoneout is not None:
+                raise ValueError("zoneout_p must be 0 where zoneout's masks are given")
+            zoneout = masks if self.cell == "lstm" else masks[0]
+        ln = [v[k] for k in F._LN_NAMES.get(self.cell, ())]
+        return dict(w_hr=v.get("w_hr"), peep=v.get("peepholes"), zoneout=zoneout,
+                    recurrent_dropout=v["recurrent_dropout"],
+                    layer_norm=None if all(g is None for g in ln) else tuple(ln))
 
     # ------------------------------------------------ the operators' bodies
 
-    def run_forward(self, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train):
+    def run_forward(self, x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train,
+                    variants):
         """The kernels' forward: y, finals, and ws (a tensor; with train=False empty, else
         the workspace)."""
-        cell = self.cell
-        arrays = (_np(x), [_np(s) for s in states], _np(w_ih), _np(w_hh), _np(b_ih),
-                  _np(b_hh), _lengths_np(lengths), reverse)
-        if not train:
-            y, finals, _ = F._forward(cell, *arrays, _kernel_option(cell, option), False)
-            return y, finals, x.new_empty(0)
+        cell, kw = self.cell, self.keywords(variants)
+        w_hr = kw.pop("w_hr")
+        x_, w_ih_, w_hh_, b_ih_, b_hh_, lengths_ = (_np(x), _np(w_ih), _np(w_hh), _np(b_ih),
+                                                    _np(b_hh), _lengths_np(lengths))
+        states_ = [_np(s) for s in states]
         ws = []
 
         def workspace(size, dtype):
             w = _pooled_empty(size, x)
-            self.zero_unwritten(w, size, x, w_hh, lengths)
+            self.zero_unwritten(w, size, x, w_hh, lengths, w_hr is not None
+                                or kw["layer_norm"] is not None)
             ws.append(w)
             return w.numpy()
 
-        y, finals = F._checked_forward(cell, *arrays, _kernel_option(cell, option), True,
-                                       workspace)[:2]
-        return y, finals, ws[0]
+        if w_hr is not None:  # the LSTM with a projection: functional's own path
+            y, *finals, _ = F._lstmp_forward(x_, *states_, w_ih_, w_hh_, w_hr, b_ih_, b_hh_,
+                                             lengths_, reverse, train, **kw,
+                                             workspace=workspace if train else None)
+        else:
+            arrays = (x_, states_, w_ih_, w_hh_, b_ih_, b_hh_, lengths_, reverse,
+                      _kernel_option(cell, option))
+            y, finals = (F._checked_forward(cell, *arrays, True, workspace, **kw)[:2] if train
+                         else F._forward(cell, *arrays, False, **kw)[:2])
+        return y, finals, ws[0] if train else x.new_empty(0)
 
-    def zero_unwritten(self, w, size, x, w_hh, lengths):
+    def zero_unwritten(self, w, size, x, w_hh, lengths, whole):
         """Zero what the kernels leave unwritten in the workspace w (an operator's outputs
         are a function of its inputs, not of memory's garbage): the summed bias without
-        biases, the packed weights' padding, with lengths the steps' scratch of empty rows."""
-        if lengths is not None:
+        biases, the packed weights' padding, with lengths the steps' scratch of empty rows;
+        whole: all of it (the layouts of layer norm and the projection)."""
+        if lengths is not None or whole:
             w.zero_()
         else:
             w[:w_hh.shape[0]].zero_()  # G*H
             w[size - _pack_size(self.cell, x.shape[2], w_hh.shape[1]):].zero_()
 
     @_on_torch_threads
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         if torch.onnx.is_in_onnx_export():  # the exporter traces this call: translate it
             _register_onnx()
-        y, finals, ws = self.run_forward(*self.split(args))
+        y, finals, ws = self.run_forward(*self.split(args, kwargs))
         return (torch.from_numpy(y), *(torch.from_numpy(f) for f in finals), ws)
 
-    def forward_fake(self, *args):
-        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = self.split(args)
+    def widths(self, w_hh, variants):
+        """H, and P: the projection's width (0 without one)."""
+        w_hr = variants[0] if self.cell == "lstm" else None
+        return w_hh.shape[0] // self.G, 0 if w_hr is None else w_hr.shape[0]
+
+    def forward_fake(self, *args, **kwargs):
+        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train, variants = \
+            self.split(args, kwargs)
         _kernel_option(self.cell, option)  # checked while tracing too
         T, B, I = x.shape
-        H = w_hh.shape[1]
+        H, P = self.widths(w_hh, variants)
         if not train:
             ws = x.new_empty(0)
         elif lengths is None:
-            ws = x.new_empty(_workspace_size(self.cell, T, B, I, H, reverse))
+            ln = any(variants[self.names.index(g)] is not None
+                     for g in F._LN_NAMES.get(self.cell, ()))
+            ws = x.new_empty(_workspace_size(self.cell, T, B, I, H, reverse, ln, P))
         else:  # the rows that take part, and so the size, depend on the lengths' values
             ws = x.new_empty(torch.library.get_ctx().new_dynamic_size())
-        return (x.new_empty(T, B, H), *(x.new_empty(B, H) for _ in range(self.n)), ws)
+        return (x.new_empty(T, B, P or H), x.new_empty(B, P or H),
+                *(x.new_empty(B, H) for _ in range(self.n - 1)), ws)
 
     @_on_torch_threads
-    def backward(self, *args):
-        douts, x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option = \
-            self.split_backward(args)
-        ctx = self.backward_context(x, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option)
-        ctx.ws = ws.detach().numpy()
-        out = _pooled_empty(ws.numel(), x)  # what the kernels write; ws stays as it was
-        grads = F._backward(self.cell, _np(douts[0]), [_np(d) for d in douts[1:]], ctx,
-                            keep_spare=False, out=out.numpy())
-        return tuple(x.new_empty(0) if g is None else torch.from_numpy(g) for g in grads)
+    def backward(self, *args, **kwargs):
+        douts, x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option, variants = \
+            self.split_backward(args, kwargs)
+        ctx = self.backward_context(x, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option,
+                                    self.keywords(variants))
+        dy, dfinals = _np(douts[0]), [_np(d) for d in douts[1:]]
+        copy = _pooled_empty(ws.numel(), x)
+        if ctx.layer_norm is None and ctx.w_hr is None:
+            ctx.ws = ws.detach().numpy()  # what the kernels write: copy; ws stays as it was
+            grads = F._backward(self.cell, dy, dfinals, ctx, keep_spare=False,
+                                out=copy.numpy())
+        else:  # these backwards work in place: on a copy of ws
+            ctx.ws = copy.copy_(ws).numpy()
+            grads = F._backward(self.cell, dy, dfinals, ctx, keep_spare=False)
+        base, extra = list(grads[:5 + self.n]), list(grads[5 + self.n:])
+        # functional's variant gradients, those given in _PARAMETERS' order
+        base += [extra.pop(0) if v is not None else None
+                 for v in variants[:len(self.parameters)]]
+        return tuple(x.new_empty(0) if g is None else torch.from_numpy(g) for g in base)
 
-    def backward_context(self, x, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option):
+    def backward_context(self, x, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option, kw):
         """functional's ctx for a backward over ws (its saved state set later), after
         checking the forward's arguments and ws against each other, each by its name."""
         xn = F._check_x(_np(x))
         dtype, (T, B, I) = F._dtype_of(xn), xn.shape
-        H, w_ih, w_hh, b_ih, b_hh = F._check_weights(self.cell, dtype, _np(w_ih), _np(w_hh),
-                                                      _np(b_ih), _np(b_hh), xn.shape)
         ctx = F.Context()
+        if kw["w_hr"] is None:
+            H, w_ih, w_hh, b_ih, b_hh = F._check_weights(self.cell, dtype, _np(w_ih),
+                                                          _np(w_hh), _np(b_ih), _np(b_hh),
+                                                          xn.shape)
+            P = 0
+        else:
+            F._check_projection_variants(kw["zoneout"], kw["recurrent_dropout"],
+                                         kw["layer_norm"])
+            H, P, w_ih, w_hh, ctx.w_hr = F._check_projection(dtype, xn.shape, _np(w_ih),
+                                                             _np(w_hh), kw["w_hr"])
+            b_ih, b_hh = (F._check(n, _np(b), (4 * H,), dtype, optional=True)
+                          for n, b in (("b_ih", b_ih), ("b_hh", b_hh)))
         ctx.cell, ctx.dtype, ctx.x, ctx.w_ih, ctx.w_hh = self.cell, dtype, xn, w_ih, w_hh
         ctx.plan = F._plan(_lengths_np(lengths), T, B, bool(reverse))
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.option = _kernel_option(self.cell, option)
         ctx.input_size, ctx.hidden_size = I, H
-        size = _kernels.workspace_size(self.cell, ctx.plan, I, H, True)
+        ctx.peep = F._check("peepholes", kw["peep"], (3 * H,), dtype, optional=True)
+        ctx.zoneout = F._check_zoneout(self.cell, kw["zoneout"], (T, B, H), dtype)
+        ctx.recurrent_dropout = F._check_recurrent_dropout(kw["recurrent_dropout"], (B, H),
+                                                           dtype)
+        ctx.layer_norm = F._check_layer_norm(self.cell, ctx.option, kw["layer_norm"], H,
+                                             dtype, ctx.peep is not None)
+        size = _kernel_workspace_size(self.cell, ctx.plan, I, H, ctx.layer_norm is not None,
+                                      P)
         if ws.numel() == 0:
             raise ValueError("ws is empty: the forward ran with train=False")
         if ws.dtype != x.dtype or ws.dim() != 1 or ws.numel() != size \
@@ -230,52 +326,63 @@ class _CellOps:
                              f"elements of {x.dtype}, got {ws.dtype} {tuple(ws.shape)}")
         return ctx
 
-    def backward_fake(self, *args):
-        douts, x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option = \
-            self.split_backward(args)
+    def backward_fake(self, *args, **kwargs):
+        douts, x, states, w_ih, w_hh, b_ih, b_hh, ws, lengths, reverse, option, variants = \
+            self.split_backward(args, kwargs)
         T, B, I = x.shape
-        G, H = self.G, w_hh.shape[1]
-        return (x.new_empty(T, B, I), *(x.new_empty(B, H) for _ in range(self.n)),
-                x.new_empty(G * H, I), x.new_empty(G * H, H),
-                x.new_empty(0 if b_ih is None else G * H),
-                x.new_empty(0 if b_hh is None else G * H))
+        H, P = self.widths(w_hh, variants)
+        GH = w_hh.shape[0]
+        return (x.new_empty(T, B, I), x.new_empty(B, P or H),
+                *(x.new_empty(B, H) for _ in range(self.n - 1)),
+                x.new_empty(GH, I), x.new_empty(GH, w_hh.shape[1]),
+                x.new_empty(0 if b_ih is None else GH),
+                x.new_empty(0 if b_hh is None else GH),
+                *(x.new_empty(0) if v is None else x.new_empty(v.shape)
+                  for v in variants[:len(self.parameters)]))
 
     # ------------------------------------------------ autograd
 
     def save(self, ctx, inputs, output):
-        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = \
+        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train, variants = \
             self.split(inputs)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(output[-1])
-        ctx.save_for_backward(*inputs[:6 + self.n], output[-1])  # tensors, ws
-        ctx.reverse, ctx.option, ctx.train = reverse, option, train
+        ctx.save_for_backward(*inputs[:6 + self.n], *variants[:-1], output[-1])  # tensors, ws
+        ctx.reverse, ctx.option, ctx.train, ctx.zoneout_p = reverse, option, train, variants[-1]
 
     def gradient(self, ctx, *grads):
         """The forwards' gradient."""
         n = self.n
         *saved, ws = ctx.saved_tensors
-        x, states, (w_ih, w_hh, b_ih, b_hh, lengths) = saved[0], saved[1:1 + n], saved[1 + n:]
+        x, states, (w_ih, w_hh, b_ih, b_hh, lengths) = saved[0], saved[1:1 + n], \
+            saved[1 + n:6 + n]
+        variants = (*saved[6 + n:], ctx.zoneout_p)
         opt = _option(self.cell, ctx.option)
         if torch.is_grad_enabled() and not _recording() or _nested_derivative():
             raise RuntimeError(_FIRST_ORDER)
         with torch.no_grad():  # torch.func's grad runs backward with create_graph=True
             if not ctx.train:  # the forward kept nothing (it ran without autograd): replay
                 ws = self.fwd(x, *states, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, *opt,
-                              True)[-1]
+                              True, *variants)[-1]
             out = self.bwd(*grads[:1 + n], x, *states, w_ih, w_hh, b_ih, b_hh, ws, lengths,
-                           ctx.reverse, *opt)
-        dx, dstates, (dw_ih, dw_hh, db_ih, db_hh) = out[0], out[1:1 + n], out[1 + n:]
+                           ctx.reverse, *opt, *variants)
+        dx, dstates, (dw_ih, dw_hh, db_ih, db_hh) = out[0], out[1:1 + n], out[1 + n:5 + n]
+        dvariants = [d if v is not None else None for d, v in zip(out[5 + n:], variants)]
         return (dx, *(d if s is not None else None for d, s in zip(dstates, states)),
                 dw_ih, dw_hh, db_ih if b_ih is not None else None,
-                db_hh if b_hh is not None else None, None, None, *(None,) * len(opt), None)
+                db_hh if b_hh is not None else None, None, None, *(None,) * len(opt), None,
+                *dvariants, *(None,) * (len(self.names) - len(dvariants)))
 
     def vmap(self, apply, info, in_dims, *args):
         """A batching rule: examples that share the weights are one call (``apply``) over
-        a batch of N*B rows; examples with weights of their own, one call each."""
+        a batch of N*B rows; examples with weights of their own, or with cell variants,
+        one call each."""
         N = info.batch_size
-        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train = self.split(args)
+        x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train, variants = \
+            self.split(args)
         dims = self.split(in_dims)
-        if any(d is not None for d in dims[2:6]):
+        if any(d is not None for d in dims[2:6]) or any(isinstance(v, torch.Tensor)
+                                                        for v in variants):
             outs = [apply(*(a if d is None else a.select(d, k) for a, d in zip(args, in_dims)))
                     for k in range(N)]
             *outs, ws = zip(*outs)
@@ -301,12 +408,12 @@ class _CellOps:
 
     def backward_of_example(self, *args):
         """The backward operator over one example, its workspace from a replay."""
-        douts, x, states, w_ih, w_hh, b_ih, b_hh, _, lengths, reverse, option = \
+        douts, x, states, w_ih, w_hh, b_ih, b_hh, _, lengths, reverse, option, variants = \
             self.split_backward(args)
         tensors = (x, *states, w_ih, w_hh, b_ih, b_hh)
         rest = (lengths, reverse, *_option(self.cell, option))
-        ws = self.fwd(*tensors, *rest, True)[-1]
-        return self.bwd(*douts, *tensors, ws, *rest)
+        ws = self.fwd(*tensors, *rest, True, *variants)[-1]
+        return self.bwd(*douts, *tensors, ws, *rest, *variants)
 
     # ------------------------------------------------ definition
 
