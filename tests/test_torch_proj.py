@@ -1,6 +1,7 @@
 """rnnfuse.torch.LSTM with proj_size: parity with torch.nn.LSTM(proj_size=...) in outputs,
 states and every gradient (stacked, bidirectional, batch_first, packed ragged), its
-parameters as torch.nn's, swap_modules, and what it refuses. Skipped without PyTorch."""
+parameters as torch.nn's, swap_modules, torch.compile, torch.export, torch.jit.trace and
+torch.func against eager, and what it refuses. Skipped without PyTorch."""
 import io
 import warnings
 
@@ -184,9 +185,6 @@ def test_hx_shapes_named():
         o(x, (torch.zeros(2, 3, 2), torch.zeros(2, 3, 2)))
 
 
-EAGER_ONLY = r"proj_size > 0 runs in eager mode only.*module.to_torch\(\)"
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("peepholes", [False, True])
 def test_stream(dtype, peepholes):
@@ -222,26 +220,70 @@ def test_stream_bad_state():
         rt.LSTM(3, 5, proj_size=2, bidirectional=True).eval().stream()
 
 
-def test_tracing_refused():
+# ---------------------------------------------------------------- tracing: the operators
+
+@pytest.fixture
+def fresh_dynamo():
+    import torch._dynamo
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def results(model, x, hx, like=None):
+    """Outputs, states and every gradient (x's, the states', the parameters') of a loss,
+    of model over x (the data of the PackedSequence like, if given) and states hx."""
+    x, hx = x.detach().requires_grad_(), tuple(s.detach().requires_grad_() for s in hx)
+    y, (h_n, c_n) = model(x if like is None else like._replace(data=x), hx)
+    y = y if like is None else y.data
+    loss = y.pow(2).sum() + h_n.pow(3).sum() + c_n.pow(3).sum()
+    return [y, h_n, c_n, *torch.autograd.grad(loss, [x, *hx, *model.parameters()])]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_compile_fullgraph_is_eager_bitwise(packed, fresh_dynamo):
+    o = pair(3, 5, 2, torch.float64, num_layers=2, bidirectional=True)[1]
+    compiled = torch.compile(o, fullgraph=True, backend="aot_eager")
+    for T, B in [(5, 3), (7, 2)]:
+        x = torch.randn(T, B, 3, dtype=torch.float64)
+        hx = (torch.randn(4, B, 2, dtype=torch.float64), torch.randn(4, B, 5, dtype=torch.float64))
+        like = pack_padded_sequence(x, torch.tensor([2, T, 1][:B]), enforce_sorted=False) \
+            if packed else None
+        x = x if like is None else like.data
+        got, want = results(compiled, x, hx, like), results(o, x, hx, like)
+        for k, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("peepholes", [False, True])
+def test_export_with_dynamic_length_and_batch_is_eager_bitwise(peepholes):
+    from torch.export import Dim
+    o = rt.LSTM(3, 5, proj_size=2, peepholes=peepholes, bidirectional=True,
+                dtype=torch.float64)
+    T, B = Dim("T"), Dim("B")
+    hx = (torch.zeros(2, 2, 2, dtype=torch.float64), torch.zeros(2, 2, 5, dtype=torch.float64))
+    ep = torch.export.export(o, (torch.randn(6, 2, 3, dtype=torch.float64), hx),
+                             dynamic_shapes=({0: T, 1: B}, ({1: B}, {1: B})))
+    assert torch.ops.rnnfuse.lstm.default in {n.target for n in ep.graph.nodes}
+    exported = ep.module()
+    for t, b in [(9, 5), (1, 1)]:
+        x = torch.randn(t, b, 3, dtype=torch.float64)
+        hx = (torch.randn(2, b, 2, dtype=torch.float64), torch.randn(2, b, 5, dtype=torch.float64))
+        for k, (a, w) in enumerate(zip(results(exported, x, hx), results(o, x, hx))):
+            assert torch.equal(a, w), k
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_trace_and_torch_func_run_it():
     o = rt.LSTM(3, 4, proj_size=2)
-    x = torch.randn(5, 2, 3)
-    with pytest.raises(RuntimeError, match=EAGER_ONLY):
-        torch.jit.trace(o, x)
-    with pytest.raises(RuntimeError, match=EAGER_ONLY):
-        torch.func.grad(lambda p: torch.func.functional_call(o, p, (x,))[0].sum())(
-            dict(o.named_parameters()))
-
-
-def test_compile_refused():
-    o = rt.LSTM(3, 4, proj_size=2)
-    with pytest.raises(Exception, match=EAGER_ONLY):
-        torch.compile(o)(torch.randn(5, 2, 3))
-
-
-def test_export_refused():
-    o = rt.LSTM(3, 4, proj_size=2)
-    with pytest.raises(Exception, match=EAGER_ONLY):
-        torch.export.export(o, (torch.randn(5, 2, 3),))
+    traced = torch.jit.trace(o, torch.randn(5, 2, 3))
+    x = torch.randn(7, 3, 3)
+    assert torch.equal(traced(x)[0], o(x)[0])  # not the example's output
+    params = {k: v.detach() for k, v in o.named_parameters()}
+    got = torch.func.grad(lambda p: torch.func.functional_call(o, p, (x,))[0].sum())(params)
+    o(x)[0].sum().backward()
+    for k, p in o.named_parameters():
+        assert torch.equal(got[k], p.grad), k
 
 
 def test_onnx_export_refused():

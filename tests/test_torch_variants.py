@@ -2,7 +2,8 @@
 recurrent_dropout and weight_drop as keyword arguments of LSTM, GRU and RNN. Outputs and
 every gradient against rnnfuse's NumPy layers with the same parameters (and, in training,
 the same masks), VariantFunction by float64 finite differences, state dicts both ways,
-the variants off as the plain modules bit for bit, and what is refused. Skipped without
+the variants off as the plain modules bit for bit, torch.compile, torch.export,
+torch.jit.trace and torch.func against eager, and what is refused. Skipped without
 PyTorch."""
 import io
 
@@ -378,33 +379,111 @@ def test_bad_variants(make, error, match):
         make()
 
 
-EAGER_ONLY = (r"rnnfuse.torch.{} with {} runs in eager mode only: rnnfuse's operators, "
-              r"which torch.compile, torch.export, torch.jit.trace, torch.func and tensor "
-              r"subclasses need, do not take it")
+# ---------------------------------------------------------------- tracing: the operators
+
+# each variant, and layer norm with zoneout over both directions and two layers (packed)
+TRACED = CONFIGS + [("lstm", dict(layer_norm=True, zoneout=0.2, bidirectional=True,
+                                  num_layers=2))]
+TRACED_IDS = IDS + ["lstm-layer_norm-zoneout-bidirectional"]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches per test (each compiles new modules with the same forward)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def step(model, params, x, lengths=None, seed=7):
+    """model over x (a ragged batch packed by lengths, if given) with zero states: the
+    output, the final states and the gradients of x and params (by name) of a loss over
+    them, with the masks drawn after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    x = x.detach().requires_grad_()
+    inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+    y, fin = model(inp)
+    y = y if lengths is None else y.data
+    fin = fin if isinstance(fin, tuple) else (fin,)
+    loss = y.pow(2).sum() + sum(f.pow(3).sum() for f in fin)
+    grads = torch.autograd.grad(loss, [x, *params.values()])
+    return [y, *fin, *grads]
+
+
+def assert_bitwise(got, want):
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"result {k} differs: {(a - b).abs().max()}"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cell, kw", TRACED, ids=TRACED_IDS)
+def test_compile_fullgraph_is_eager_bitwise(cell, kw, train, fresh_dynamo):
+    module = pair(cell, kw)[1].train(train)
+    params = dict(module.named_parameters())
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    packed = kw.get("bidirectional", False)
+    for t, b in [(T, B), (T + 2, B - 1)]:  # the second: dynamic shapes
+        x = torch.randn(t, b, I, dtype=torch.float64)
+        lengths = torch.tensor(LENGTHS[:b]) if packed else None
+        assert_bitwise(step(compiled, params, x, lengths), step(module, params, x, lengths))
+
+
+def test_compile_with_inductor_trains_like_eager(fresh_dynamo):
+    # (inductor draws its own random numbers unless told to fall back on torch's)
+    module = pair("lstm", TRACED[-1][1])[1].train()
+    params = dict(module.named_parameters())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    lengths = torch.tensor(LENGTHS)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(module, fullgraph=True)
+        assert_bitwise(step(compiled, params, x, lengths), step(module, params, x, lengths))
+
+
+class OverX(torch.nn.Module):
+    """A module over x alone, for torch.export."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cell, kw", TRACED, ids=TRACED_IDS)
+def test_export_with_dynamic_length_and_batch_is_eager_bitwise(cell, kw, train):
+    from torch.export import Dim
+    model = OverX(pair(cell, kw)[1]).train(train)
+    ep = torch.export.export(model, (torch.randn(T, B, I, dtype=torch.float64),),
+                             dynamic_shapes={"x": {0: Dim("T"), 1: Dim("B")}})
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert getattr(torch.ops.rnnfuse, cell).default in targets
+    exported = ep.module()
+    for t, b in [(T + 4, B + 3), (1, 1)]:
+        x = torch.randn(t, b, I, dtype=torch.float64)
+        assert_bitwise(step(exported, dict(exported.named_parameters()), x),
+                       step(model, dict(model.named_parameters()), x))
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_tracing_refused():
-    module = rt.LSTM(3, 4, peepholes=True, zoneout=0.1)
-    x = torch.randn(5, 2, 3)
-    with pytest.raises(RuntimeError, match=EAGER_ONLY.format("LSTM", r"peepholes=True, "
-                                                             r"zoneout=0.1")):
-        torch.jit.trace(module, x)
-    gru = rt.GRU(3, 4, recurrent_dropout=0.3)
-    with pytest.raises(RuntimeError, match=EAGER_ONLY.format("GRU", "recurrent_dropout=0.3")):
-        torch.func.grad(lambda p: torch.func.functional_call(gru, p, (x,))[0].sum())(
-            dict(gru.named_parameters()))
-    # in eval recurrent dropout does nothing: the operators run it
-    torch.func.functional_call(gru.eval(), dict(gru.named_parameters()), (x,))
-
-
-def test_compile_and_export_refused():
-    module = rt.RNN(3, 4, zoneout=0.2)
-    with pytest.raises(Exception, match=EAGER_ONLY.format("RNN", "zoneout=0.2")):
-        torch.compile(module)(torch.randn(5, 2, 3))
-    ln = rt.GRU(3, 4, layer_norm=True)
-    with pytest.raises(Exception, match=EAGER_ONLY.format("GRU", "layer_norm=True")):
-        torch.export.export(ln, (torch.randn(5, 2, 3),))
+def test_trace_and_torch_func_run_the_variants():
+    module = pair("lstm", dict(layer_norm=True, zoneout=0.2))[1]
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    traced = torch.jit.trace(module.eval(), x)
+    x2 = torch.randn(T + 3, B, I, dtype=torch.float64)
+    assert torch.equal(traced(x2)[0], module(x2)[0])  # not the example's output
+    gru = pair("gru", CONFIGS[3][1])[1].train()
+    params = {k: v.detach() for k, v in gru.named_parameters()}
+    torch.manual_seed(1)
+    got = torch.func.grad(lambda p: torch.func.functional_call(gru, p, (x,))[0].sum())(
+        params)
+    torch.manual_seed(1)
+    gru(x)[0].sum().backward()
+    for k, p in gru.named_parameters():
+        assert torch.equal(got[k], p.grad), k
 
 
 def test_weight_drop_runs_under_torch_func():
