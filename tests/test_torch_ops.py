@@ -136,6 +136,135 @@ def test_operators_check_their_arguments_with_functionals_messages():
         torch.ops.rnnfuse.gru(*args)
 
 
+# ---------------------------------------------------------------- the cell variants
+
+# the operators' variant arguments, each alone and together as the kernels take them
+VARIANTS = [("lstm", ("peepholes",)), ("lstm", ("layer_norm",)), ("lstm", ("projection",)),
+            ("lstm", ("zoneout", "recurrent_dropout", "peepholes")), ("lstm", ("zoneout_p",)),
+            ("gru", ("layer_norm", "zoneout")), ("gru", ("recurrent_dropout", "zoneout_p")),
+            ("rnn", ("zoneout", "recurrent_dropout"))]
+VARIANT_IDS = ["-".join([cell, *v]) for cell, v in VARIANTS]
+
+
+def variant_case(cell, variants, lengths, train, T=5, B=3, H=6, P=2):
+    """op_args of the cell (float64, lengths, train) and the variants' keyword arguments
+    (parameters requiring grad, masks of 0 and 1 or 0 and 2)."""
+    g = torch.Generator().manual_seed(5)
+
+    def leaf(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    def mask(*shape, scale=1.0):
+        return (torch.rand(*shape, generator=g) < 0.5).double() * scale
+
+    args = list(op_args(cell, OPTIONS[cell][0], lengths, train, T=T, B=B, H=H))
+    G, kw = GATES[cell], {}
+    if "projection" in variants:  # h (and so w_hh's columns) P wide
+        args[1], args[4] = leaf(B, P), leaf(4 * H, P)
+        kw.update(w_hr=leaf(P, H), peepholes=leaf(3 * H))
+    if "peepholes" in variants:
+        kw["peepholes"] = leaf(3 * H)
+    if "layer_norm" in variants:
+        kw.update(g_ih=leaf(G * H), g_hh=leaf(G * H))
+        if cell == "lstm":
+            kw.update(g_c=leaf(H), b_c=leaf(H))
+    if "zoneout" in variants:
+        kw.update({f"zoneout_{s}": mask(T, B, H) for s in ("hc" if cell == "lstm" else "h")})
+    if "zoneout_p" in variants:
+        kw["zoneout_p"] = 0.3
+    if "recurrent_dropout" in variants:
+        kw["recurrent_dropout"] = mask(B, H, scale=2.0)
+    return args, kw
+
+
+def functional_keywords(cell, kw):
+    """variant_case's keyword arguments as functional's forward takes them."""
+    a = {k: v.detach().numpy() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    ln = [a[k] for k in ("g_ih", "g_hh", "g_c", "b_c") if k in a]
+    zoneout = a.get("zoneout_p")
+    if "zoneout_h" in a:
+        zoneout = (a["zoneout_h"], a["zoneout_c"]) if cell == "lstm" else a["zoneout_h"]
+    out = dict(zoneout=zoneout, recurrent_dropout=a.get("recurrent_dropout"),
+               layer_norm=tuple(ln) or None)
+    if cell == "lstm":
+        out.update(peepholes=a.get("peepholes"), w_hr=a.get("w_hr"))
+    return out
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("lengths", [None, [5, 0, 3]])
+@pytest.mark.parametrize("cell,variants", VARIANTS, ids=VARIANT_IDS)
+def test_opcheck_forward_with_variants(cell, variants, lengths, train):
+    args, kw = variant_case(cell, variants, lengths, train)
+    torch.library.opcheck(getattr(torch.ops.rnnfuse, cell), args, kw)
+
+
+@pytest.mark.parametrize("lengths", [None, [2, 5, 0]])
+@pytest.mark.parametrize("cell,variants", VARIANTS, ids=VARIANT_IDS)
+def test_opcheck_backward_with_variants(cell, variants, lengths):
+    args, kw = variant_case(cell, variants, lengths, True)
+    kw = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    n, option = STATES[cell], OPTIONS[cell][0]
+    inputs = [a.detach() for a in args[:5 + n]]
+    *outs, ws = getattr(torch.ops.rnnfuse, cell)(*inputs, *args[5 + n:], **kw)
+    douts = [torch.randn_like(o) for o in outs]
+    bwd = getattr(torch.ops.rnnfuse, cell + "_backward")
+    torch.library.opcheck(bwd, (*douts, *inputs, ws, args[5 + n], True, *option), kw)
+    before = ws.clone()  # the kernels work elsewhere (layer norm, projection: on a copy)
+    first = bwd(*douts, *inputs, ws, args[5 + n], True, *option, **kw)
+    assert torch.equal(ws, before)
+    again = bwd(*douts, *inputs, ws, args[5 + n], True, *option, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("cell,variants", VARIANTS, ids=VARIANT_IDS)
+def test_operators_with_variants_give_functionals_outputs_and_gradients(cell, variants):
+    args, kw = variant_case(cell, variants, [5, 1, 3], True)
+    n = STATES[cell]
+    *outs, ws = getattr(torch.ops.rnnfuse, cell)(*args, **kw)
+    arrays = [a.detach().numpy() if isinstance(a, torch.Tensor) else a for a in args[:-1]]
+    want = getattr(F, cell + "_forward")(*arrays, **functional_keywords(cell, kw))
+    for got, w in zip(outs, want[:-1]):
+        close(got, torch.from_numpy(w), "output", torch.float64)
+    douts = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3),
+                         dtype=o.dtype) for o in outs]
+    params = [v for v in kw.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    grads = torch.autograd.grad(outs, [*args[:5 + n], *params], douts)
+    want_grads = getattr(F, cell + "_backward")(*(d.numpy() for d in douts), want[-1])
+    assert len(grads) == len(want_grads)
+    for got, w in zip(grads, want_grads):
+        close(got, torch.from_numpy(w), "gradient", torch.float64)
+
+
+@pytest.mark.parametrize("cell,P", [("lstm", 0), ("gru", 0), ("lstm", 3)])
+def test_workspace_size_formula_of_layer_norm_and_projection(cell, P):
+    rng = torch.Generator().manual_seed(4)
+    for _ in range(6):
+        T, B, I, H = (int(v) for v in torch.randint(1, 40, (4,), generator=rng))
+        H += P + 1
+        plan = F._full_plan(T, B, False)
+        want = (_kernels.lstmp_workspace_size(plan, I, H, P, True) if P
+                else _kernels.workspace_size(cell, plan, I, H, True, True))
+        assert _ops._workspace_size(cell, T, B, I, H, False, not P, P) == want, (T, B, I, H)
+
+
+def test_operators_check_their_variant_arguments():
+    args, kw = variant_case("lstm", ("zoneout", "zoneout_p"), None, True)
+    with pytest.raises(ValueError, match="zoneout_p must be 0 where zoneout's masks are given"):
+        torch.ops.rnnfuse.lstm(*args, **kw)
+    args, kw = variant_case("lstm", ("projection", "zoneout"), None, True)
+    with pytest.raises(ValueError, match=r"zoneout is not supported with a projection"):
+        torch.ops.rnnfuse.lstm(*args, **kw)
+    args, kw = variant_case("gru", ("layer_norm",), None, True)
+    args[-2] = False  # linear_before_reset
+    with pytest.raises(ValueError, match=r"layer_norm is for the LSTM and the GRU with "
+                                         r"linear_before_reset=True"):
+        torch.ops.rnnfuse.gru(*args, **kw)
+    args, kw = variant_case("lstm", ("layer_norm", "peepholes"), None, True)
+    with pytest.raises(ValueError, match="layer_norm and peepholes cannot be combined"):
+        torch.ops.rnnfuse.lstm(*args, **kw)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 @pytest.fixture(autouse=True)
