@@ -17,11 +17,10 @@ take the same constructor arguments, have the same ``forward(input, hx=None)``, 
 same outputs, and register the same parameters (``weight_ih_l0``, ``bias_hh_l1_reverse``,
 ...) with the same initialisation, so state dicts load both ways and ``torch.optim`` trains
 them. Only ``forward`` differs: it runs on rnnfuse's kernels. What rnnfuse does not do is refused at
-construction: devices other than the CPU, dtypes other than float32 and float64. An
-LSTM with ``proj_size > 0`` runs in eager mode only (see ``LSTM``). As rnnfuse extensions,
-LSTM, GRU and RNN also take rnnfuse's cell variants as keyword arguments (``peepholes``,
-``layer_norm``, ``zoneout``, ``recurrent_dropout``, ``weight_drop``; see ``LSTM``), in
-eager mode.
+construction: devices other than the CPU, dtypes other than float32 and float64. The
+LSTM takes ``proj_size``; as rnnfuse extensions, LSTM, GRU and RNN also take rnnfuse's cell
+variants as keyword arguments (``peepholes``, ``layer_norm``, ``zoneout``,
+``recurrent_dropout``, ``weight_drop``; see ``LSTM``), eagerly and under the tracers below.
 
 Each direction of each layer is one call of an autograd Function over
 ``rnnfuse.functional``: ``LSTMFunction``, ``GRUFunction``, ``RNNFunction``. Tensors reach
@@ -42,7 +41,8 @@ bit the module's forward over the whole sequence (``stream.state``, ``stream.res
 
 Under tracing the modules call the same kernels as PyTorch operators instead,
 ``torch.ops.rnnfuse.lstm``, ``gru`` and ``rnn`` (with their backward operators and
-autograd formula; see "custom operators" below), which tracers record:
+autograd formula; the cell variants and the projection as their trailing arguments; see
+"custom operators" in _ops), which tracers record:
 ``torch.compile(model, fullgraph=True)`` compiles them without a graph break,
 ``torch.export.export`` exports them with a dynamic sequence length and batch
 (``torch.export.Dim``), ``torch.jit.trace`` records the operator (not its output), and

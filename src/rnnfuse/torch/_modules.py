@@ -471,9 +471,9 @@ class LSTM(_RNNBase, torch.nn.LSTM):
     peepholes=False, zoneout=0.0, weight_drop=0.0, recurrent_dropout=0.0,
     layer_norm=False)``; ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``. With
     ``proj_size`` P > 0 (an LSTM with projections, as torch.nn's: parameters
-    ``weight_hr_l{k}[_reverse]``, h and the output P wide) it runs in eager mode only;
-    torch.compile, torch.export and ONNX export refuse it (``to_torch()`` gives the
-    torch.nn.LSTM for those); ``stream()`` takes it.
+    ``weight_hr_l{k}[_reverse]``, h and the output P wide) it runs eagerly, under
+    torch.compile, torch.export, torch.jit.trace and torch.func, and in ``stream()``; ONNX
+    export refuses it (``to_torch()`` gives the torch.nn.LSTM for that).
 
     The keyword-only arguments are rnnfuse extensions, rnnfuse.LSTM's cell variants with
     its parameter names, initialisation and meaning (see there): ``peepholes=True``
@@ -484,8 +484,10 @@ class LSTM(_RNNBase, torch.nn.LSTM):
     (``torch.manual_seed`` repeats a run) in training; in eval zoneout keeps p of the
     previous state and the other two do nothing. A state dict loads both ways with
     rnnfuse.LSTM of the same options. They run in eager mode (autocast, packed, stacked and
-    bidirectional as without); torch.compile, torch.export, torch.jit.trace and torch.func
-    refuse them, but for weight_drop (and recurrent_dropout in eval); ONNX export takes
+    bidirectional as without) and under torch.compile (fullgraph), torch.export (dynamic
+    length and batch; in training the masks are drawn in the graph), torch.jit.trace and
+    torch.func, with eager's bits (inductor's own random numbers aside:
+    ``torch._inductor.config.fallback_random`` draws torch's); ONNX export takes
     peepholes (ONNX LSTM's input P; padded input, not a PackedSequence) and refuses the
     others (weight_drop and recurrent_dropout do nothing in eval); ``to_torch()`` and
     swapping back to torch.nn refuse them; ``stream()`` takes them all.

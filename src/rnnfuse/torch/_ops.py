@@ -448,8 +448,10 @@ def _layout_tag():
     """A tag of the workspace layout and the operators' schemas: a compiled graph holds
     its operators' workspace sizes and what they mutate, while torch's compile caches key
     on torch's own code, not on a rebuild or an upgrade of ours."""
-    sizes = [_kernels.workspace_size(cell, F._full_plan(T, B, False), I, H, True)
-             for cell in ("lstm", "gru", "rnn") for T, B, I, H in ((1, 1, 1, 1), (3, 2, 5, 7))]
+    sizes = [_kernel_workspace_size(cell, F._full_plan(T, B, False), I, H, ln, P)
+             for cell, ln, P in (("lstm", False, 0), ("gru", False, 0), ("rnn", False, 0),
+                                 ("lstm", True, 0), ("gru", True, 0), ("lstm", False, 2))
+             for T, B, I, H in ((1, 1, 1, 3), (3, 2, 5, 7))]
     schemas = [_schemas(cell) for cell in _N_STATES]
     return f"rnnfuse-layout-{zlib.crc32(repr((sizes, schemas)).encode()):08x}"
 
