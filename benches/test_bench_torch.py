@@ -9,12 +9,13 @@ training step (forward and backward of a summed output).
 - one step of generation at B=1 with LSTM(128): module.stream's step against
   nn.LSTMCell, rnnfuse.torch.LSTMCell and a one-step rnnfuse.torch.LSTM call
   (test_torch_step);
-- the models (not the cells) under torch.compile(fullgraph=True) too (impl "compiled").
+- the models (not the cells) under torch.compile(fullgraph=True) too (impl "compiled"),
+  and in the "variants" report models with rnnfuse's cell variants, eager and compiled.
 
 Each pair is checked against torch.nn once (same parameters) before anything is timed.
 Run: ``pytest benches/test_bench_torch.py``; --quick keeps the first shape. Skipped
 without PyTorch. The interleaved reports (thread CPU time, for a loaded machine):
-``python benches/test_bench_torch.py [budget] [cells|compile]``.
+``python benches/test_bench_torch.py [budget] [cells|compile|variants]``.
 """
 import time
 
@@ -222,25 +223,48 @@ def _compile_report(budget):
     torch = bench._import_torch(1)
     for shape in (s for s in SHAPES if s[4] is not None):
         _, ours, x = _pair(torch, shape)
-        compiled = _compiled(torch, ours)
-        for name, mode, sgd in (("train", "training", False), ("train+SGD", "training", True),
-                                ("inference", "inference", False)):
-            optimizer = torch.optim.SGD(ours.parameters(), lr=1e-9) if sgd else None
-            runs = {"eager": _call(ours, x, mode, torch, optimizer=optimizer),
-                    "compiled": _call(ours, x, mode, torch, call=compiled,
-                                      optimizer=optimizer)}
-            for run in runs.values():  # compiles, and warms both
-                run()
-            got = _measure(runs, budget)
-            eager, comp = (got[k][0] * 1e3 for k in ("eager", "compiled"))
-            kind, L, H, B, T, I = shape
-            print(f"{kind} L={L} H={H} B={B} T={T} I={I} {name:9s} eager {eager:8.3f} ms  "
-                  f"compiled {comp:8.3f} ms  eager/compiled {eager / comp:5.3f}", flush=True)
+        kind, L, H, B, T, I = shape
+        _eager_and_compiled(torch, ours, x, f"{kind} L={L} H={H} B={B} T={T} I={I}", budget)
 
 
-if __name__ == "__main__":  # python benches/test_bench_torch.py [budget] [cells|compile]
+# the cell variants in the compile report, at the word-level language model's shape
+VARIANT_SHAPE = (2, 200, 20, 35, 200)
+COMPILED_VARIANTS = (("LSTM", dict(layer_norm=True, zoneout=0.1)),
+                     ("LSTM", dict(proj_size=100)),
+                     ("GRU", dict(layer_norm=True, recurrent_dropout=0.2)))
+
+
+def _variants_report(budget):
+    """The compile report of models with cell variants (COMPILED_VARIANTS)."""
+    import rnnfuse.torch as rt
+    torch = bench._import_torch(1)
+    L, H, B, T, I = VARIANT_SHAPE
+    for kind, kw in COMPILED_VARIANTS:
+        torch.manual_seed(0)
+        ours = getattr(rt, kind)(I, H, num_layers=L, batch_first=True, **kw)
+        label = f"{kind} {','.join(f'{k}={v}' for k, v in kw.items())} L={L} H={H} B={B} T={T}"
+        _eager_and_compiled(torch, ours, torch.randn(B, T, I), label, budget)
+
+
+def _eager_and_compiled(torch, ours, x, label, budget):
+    """One model's lines of the compile report."""
+    compiled = _compiled(torch, ours)
+    for name, mode, sgd in (("train", "training", False), ("train+SGD", "training", True),
+                            ("inference", "inference", False)):
+        optimizer = torch.optim.SGD(ours.parameters(), lr=1e-9) if sgd else None
+        runs = {"eager": _call(ours, x, mode, torch, optimizer=optimizer),
+                "compiled": _call(ours, x, mode, torch, call=compiled, optimizer=optimizer)}
+        for run in runs.values():  # compiles, and warms both
+            run()
+        got = _measure(runs, budget)
+        eager, comp = (got[k][0] * 1e3 for k in ("eager", "compiled"))
+        print(f"{label} {name:9s} eager {eager:8.3f} ms  compiled {comp:8.3f} ms  "
+              f"eager/compiled {eager / comp:5.3f}", flush=True)
+
+
+if __name__ == "__main__":  # python benches/test_bench_torch.py [budget] [cells|compile|variants]
     import sys
-    report = {"cells": _cells_report, "compile": _compile_report}
+    report = {"cells": _cells_report, "compile": _compile_report, "variants": _variants_report}
     which = sys.argv[2:] or list(report)
     for name in which:
         report[name](float(sys.argv[1]) if len(sys.argv) > 1 else 2.0)
