@@ -486,6 +486,25 @@ def test_trace_and_torch_func_run_the_variants():
         assert torch.equal(got[k], p.grad), k
 
 
+@pytest.mark.parametrize("kw", [dict(layer_norm=True, zoneout=0.2), dict(proj_size=2)],
+                         ids=["layer_norm-zoneout", "proj_size"])
+def test_vmap_of_grad_gives_per_example_gradients(kw):
+    # (in eval: in training the masks are random numbers, which vmap wants told how)
+    from torch.func import functional_call, grad, vmap
+    module = pair("lstm", kw)[1].eval()
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    xs = torch.randn(3, T, B, I, dtype=torch.float64)  # three examples
+
+    def loss(p, x):
+        return functional_call(module, p, (x,))[0].pow(2).sum()
+
+    got = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for n, x in enumerate(xs):
+        want = grad(loss)(params, x)
+        for k in params:
+            assert torch.equal(got[k][n], want[k]), (n, k)
+
+
 def test_weight_drop_runs_under_torch_func():
     """weight_drop is W_hh * mask in torch's operators: a torch.func transform records
     it (the same draws as eagerly under the same seed)."""

@@ -374,15 +374,16 @@ class _CellOps:
                 *dvariants, *(None,) * (len(self.names) - len(dvariants)))
 
     def vmap(self, apply, info, in_dims, *args):
-        """A batching rule: examples that share the weights are one call (``apply``) over
-        a batch of N*B rows; examples with weights of their own, or with cell variants,
-        one call each."""
+        """A batching rule: examples that share the weights (the variants' too) are one
+        call (``apply``) over a batch of N*B rows; examples with weights of their own, or
+        with masks (a row's), one call each."""
         N = info.batch_size
         x, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, option, train, variants = \
             self.split(args)
         dims = self.split(in_dims)
-        if any(d is not None for d in dims[2:6]) or any(isinstance(v, torch.Tensor)
-                                                        for v in variants):
+        k = len(self.parameters)
+        if (any(d is not None for d in (*dims[2:6], *dims[-1][:k]))
+                or any(m is not None for m in variants[k:-1])):
             outs = [apply(*(a if d is None else a.select(d, k) for a, d in zip(args, in_dims)))
                     for k in range(N)]
             *outs, ws = zip(*outs)
