@@ -353,24 +353,42 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
 
 #if RF_HAVE_AVX2
 /* The same with 256-bit SIMD, one body for every instruction set (PRODUCT_KERNEL): tiles
- * of up to 4 rows x one panel (two registers of 8 columns), the sums in registers (rows is
- * a constant where it is inlined); a single row keeps two chains per register (alternate
- * groups of k) to hide the multiply-add's latency. PANEL_STEP and PANEL_END give the
- * instructions (the integer sums are exact in any order); the rescale rounds as
- * rescale() does. */
+ * of up to 4 rows x one panel (two registers of 8 columns), the sums in registers: named
+ * variables s<r><h> (row r, half h), not an array, and rows a constant where it is
+ * inlined, so that the compiler keeps all of them there without spilling; a single row
+ * keeps two chains per register (alternate groups of k, in row 1's sums) to hide the
+ * multiply-add's latency. PANEL_STEP and PANEL_END give the instructions (the integer
+ * sums are exact in any order); the rescale rounds as rescale() does. */
+#define SUMS256(r) __m256i s##r##0 = _mm256_setzero_si256(), s##r##1 = s##r##0
+#define STEP256(r)                                                                      \
+    if (rows > r) {                                                                     \
+        __m256i a_ = BROADCAST_A(r, g);                                                 \
+        PANEL_STEP(s##r##0, a_, w0);                                                    \
+        PANEL_STEP(s##r##1, a_, w1);                                                    \
+    }
+#define STORE256(name, r)                                                               \
+    if (rows > r) {                                                                     \
+        name##_store(t, W, r0 + r, n0, PANEL_END(s##r##0, W->sums + n0));               \
+        if (n0 + RF_Q8_HALF < t->N)                                                     \
+            name##_store(t, W, r0 + r, n0 + RF_Q8_HALF,                                 \
+                         PANEL_END(s##r##1, W->sums + n0 + RF_Q8_HALF));                \
+    }
 #define PRODUCT_KERNEL(name, isa)                                                       \
+    /* Row r's 8 columns from n: C (+)= acc * (sa * sw). */                             \
     __attribute__((target(isa), always_inline)) static inline void name##_store(       \
-        __m256i acc, float sa, const float *sw, ptrdiff_t cols, int accumulate,         \
-        float *c) {                                                                     \
+        const q8_rows *t, const rf_weight *W, ptrdiff_t r, ptrdiff_t n, __m256i acc) {  \
+        ptrdiff_t cols = t->N - n < RF_Q8_HALF ? t->N - n : RF_Q8_HALF;                 \
+        float *c = t->C + r * t->ldc + n;                                               \
         if (cols < RF_Q8_HALF) {                                                        \
             int32_t part[RF_Q8_HALF];                                                   \
             _mm256_storeu_si256((__m256i *)part, acc);                                  \
-            rescale(part, sa, sw, cols, accumulate, c);                                 \
+            rescale(part, t->sa[r], W->scales + n, cols, t->accumulate, c);             \
             return;                                                                     \
         }                                                                               \
-        __m256 scale = _mm256_mul_ps(_mm256_set1_ps(sa), _mm256_loadu_ps(sw));          \
+        __m256 scale = _mm256_mul_ps(_mm256_set1_ps(t->sa[r]),                          \
+                                     _mm256_loadu_ps(W->scales + n));                   \
         __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);                       \
-        if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(c), v);                       \
+        if (t->accumulate) v = _mm256_add_ps(_mm256_loadu_ps(c), v);                    \
         _mm256_storeu_ps(c, v);                                                         \
     }                                                                                   \
     __attribute__((target(isa), always_inline)) static inline void name##_rows(        \
@@ -380,37 +398,24 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
         for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {                              \
             const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride; \
             const int8_t *p1 = p0 + RF_Q8_HALF * RF_Q8_KG;                              \
-            __m256i sum[RF_Q8_ROWS_256][2], odd[2];                                     \
-            odd[0] = odd[1] = _mm256_setzero_si256();                                   \
-            for (ptrdiff_t r = 0; r < rows; r++)                                        \
-                sum[r][0] = sum[r][1] = _mm256_setzero_si256();                         \
+            SUMS256(0); SUMS256(1); SUMS256(2); SUMS256(3);                             \
             ptrdiff_t g = 0;                                                            \
-            if (rows == 1)                                                              \
+            if (rows == 1) {                                                            \
                 for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {                     \
                     __m256i a0 = BROADCAST_A(0, g), a1 = BROADCAST_A(0, g + RF_Q8_KG);  \
-                    PANEL_STEP(sum[0][0], a0, PANEL_W(p0, g));                          \
-                    PANEL_STEP(sum[0][1], a0, PANEL_W(p1, g));                          \
-                    PANEL_STEP(odd[0], a1, PANEL_W(p0, g + RF_Q8_KG));                  \
-                    PANEL_STEP(odd[1], a1, PANEL_W(p1, g + RF_Q8_KG));                  \
+                    PANEL_STEP(s00, a0, PANEL_W(p0, g));                                \
+                    PANEL_STEP(s01, a0, PANEL_W(p1, g));                                \
+                    PANEL_STEP(s10, a1, PANEL_W(p0, g + RF_Q8_KG));                     \
+                    PANEL_STEP(s11, a1, PANEL_W(p1, g + RF_Q8_KG));                     \
                 }                                                                       \
+                s00 = _mm256_add_epi32(s00, s10);                                       \
+                s01 = _mm256_add_epi32(s01, s11);                                       \
+            }                                                                           \
             for (; g < Kp; g += RF_Q8_KG) {                                             \
                 __m256i w0 = PANEL_W(p0, g), w1 = PANEL_W(p1, g);                       \
-                for (ptrdiff_t r = 0; r < rows; r++) {                                  \
-                    __m256i a = BROADCAST_A(r, g);                                      \
-                    PANEL_STEP(sum[r][0], a, w0);                                       \
-                    PANEL_STEP(sum[r][1], a, w1);                                       \
-                }                                                                       \
+                STEP256(0) STEP256(1) STEP256(2) STEP256(3)                             \
             }                                                                           \
-            sum[0][0] = _mm256_add_epi32(sum[0][0], odd[0]);                            \
-            sum[0][1] = _mm256_add_epi32(sum[0][1], odd[1]);                            \
-            for (int h = 0; h < 2 && n0 + h * RF_Q8_HALF < t->N; h++) {                 \
-                ptrdiff_t n = n0 + h * RF_Q8_HALF;                                      \
-                ptrdiff_t cols = t->N - n < RF_Q8_HALF ? t->N - n : RF_Q8_HALF;         \
-                for (ptrdiff_t r = 0; r < rows; r++)                                    \
-                    name##_store(PANEL_END(sum[r][h], W->sums + n), t->sa[r0 + r],      \
-                                 W->scales + n, cols, t->accumulate,                    \
-                                 t->C + (r0 + r) * t->ldc + n);                         \
-            }                                                                           \
+            STORE256(name, 0) STORE256(name, 1) STORE256(name, 2) STORE256(name, 3)     \
         }                                                                               \
     }                                                                                   \
     __attribute__((target(isa))) static void name(const q8_rows *t, ptrdiff_t rows,     \
@@ -453,6 +458,9 @@ PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 #undef PANEL_END
 #undef BROADCAST_A
 #undef PANEL_W
+#undef SUMS256
+#undef STEP256
+#undef STORE256
 
 /* AVX-512 VNNI: 512-bit registers, a whole panel each; tiles of up to 8 rows x two panels,
  * so that each broadcast of a serves two multiply-adds. The sums are named variables, not
