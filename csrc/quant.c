@@ -25,8 +25,8 @@
 
 /* A panel: RF_Q8_NR columns of op(W); within it, groups of RF_Q8_KG consecutive k, each
  * group RF_Q8_NR * RF_Q8_KG bytes (column-major inside the group: 4 k of column 0, ...),
- * one 512-bit load or two 256-bit ones. K is padded with zeros to whole groups, N to
- * whole panels. */
+ * one 512-bit load or two 256-bit ones. K is padded with zeros to whole pairs of groups
+ * (the 256-bit kernels take two at a time), N to whole panels. */
 #define RF_Q8_NR 16
 #define RF_Q8_HALF 8  /* columns of a 256-bit register */
 #define RF_Q8_KG 4
@@ -35,21 +35,22 @@
  * part of W->scratch); the 256-bit kernels take them RF_Q8_ROWS_256 at a time. */
 #define RF_Q8_ROWS 8
 #define RF_Q8_ROWS_256 4
-/* The largest |q|: weights' 127; activations' 63 (7 bits), so that on the AVX2 path a + 64
- * is a u8 of at most 127 and a pair of its products with w, within 2*127*127 < 2^15,
- * never saturates vpmaddubsw (product_avx2). Every path quantizes activations so. */
-#define RF_Q8_WMAX 127
+/* The largest |q| of weights and of activations: 7 bits each, so that on the AVX2 path
+ * (product_avx2) a + 64 is a u8 of at most 127 and the sum of two vpmaddubsw results,
+ * four products within 4*127*63 < 2^15, never saturates. Every path quantizes so. */
+#define RF_Q8_WMAX 63
 #define RF_Q8_AMAX 63
 /* a + RF_Q8_OFFSET, in [1, 127]: the unsigned operand of vpmaddubsw and vpdpbusd. */
 #define RF_Q8_OFFSET_SHIFT 6
 #define RF_Q8_OFFSET (1 << RF_Q8_OFFSET_SHIFT)
-_Static_assert(RF_Q8_AMAX < RF_Q8_OFFSET && RF_Q8_OFFSET + RF_Q8_AMAX <= 127,
-               "a + RF_Q8_OFFSET must lie in [1, 127]");
+_Static_assert(RF_Q8_AMAX < RF_Q8_OFFSET
+               && 4 * (RF_Q8_OFFSET + RF_Q8_AMAX) * RF_Q8_WMAX < 32768,
+               "a + RF_Q8_OFFSET must be unsigned, and four of its products fit int16");
 
-static const char q8_tag[RF_TAG_NAME] = "rnnfuse int8 weights 1";
+static const char q8_tag[RF_TAG_NAME] = "rnnfuse int8 weights 2";
 
 static ptrdiff_t round_up(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m; }
-static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, RF_Q8_KG); }
+static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, 2 * RF_Q8_KG); }
 static ptrdiff_t n_padded(ptrdiff_t N) { return round_up(N, RF_Q8_NR); }
 
 /* Bytes of one packed op(W), K rows and N columns: its scales (float), its column sums
@@ -362,18 +363,18 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
 
 #if RF_HAVE_AVX2
 /* The same with 256-bit SIMD, one body for every instruction set (PRODUCT_KERNEL): tiles
- * of up to 4 rows x one panel (two registers of 8 columns), the sums in registers: named
- * variables s<r><h> (row r, half h), not an array, and rows a constant where it is
- * inlined, so that the compiler keeps all of them there without spilling; a single row
- * keeps two chains per register (alternate groups of k, in row 1's sums) to hide the
+ * of up to 4 rows x one panel (two registers of 8 columns), two groups of k at a time,
+ * the sums in registers: named variables s<r><h> (row r, half h), not an array, and rows
+ * a constant where it is inlined, so that the compiler keeps them there; a single row
+ * keeps two chains per register (alternate pairs of groups, in row 1's sums) to hide the
  * multiply-add's latency. PANEL_STEP and PANEL_END give the instructions (the integer
  * sums are exact in any order); the rescale rounds as rescale() does. */
 #define SUMS256(r) __m256i s##r##0 = _mm256_setzero_si256(), s##r##1 = s##r##0
 #define STEP256(r)                                                                      \
     if (rows > r) {                                                                     \
-        __m256i a_ = BROADCAST_A(r, g);                                                 \
-        PANEL_STEP(s##r##0, a_, w0);                                                    \
-        PANEL_STEP(s##r##1, a_, w1);                                                    \
+        __m256i a_ = BROADCAST_A(r, g), b_ = BROADCAST_A(r, g + RF_Q8_KG);              \
+        PANEL_STEP(s##r##0, a_, w0, b_, v0);                                            \
+        PANEL_STEP(s##r##1, a_, w1, b_, v1);                                            \
     }
 #define STORE256(name, r)                                                               \
     if (rows > r) {                                                                     \
@@ -410,18 +411,23 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
             SUMS256(0); SUMS256(1); SUMS256(2); SUMS256(3);                             \
             ptrdiff_t g = 0;                                                            \
             if (rows == 1) {                                                            \
-                for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {                     \
+                for (; g + 4 * RF_Q8_KG <= Kp; g += 4 * RF_Q8_KG) {                     \
                     __m256i a0 = BROADCAST_A(0, g), a1 = BROADCAST_A(0, g + RF_Q8_KG);  \
-                    PANEL_STEP(s00, a0, PANEL_W(p0, g));                                \
-                    PANEL_STEP(s01, a0, PANEL_W(p1, g));                                \
-                    PANEL_STEP(s10, a1, PANEL_W(p0, g + RF_Q8_KG));                     \
-                    PANEL_STEP(s11, a1, PANEL_W(p1, g + RF_Q8_KG));                     \
+                    __m256i a2 = BROADCAST_A(0, g + 2 * RF_Q8_KG);                      \
+                    __m256i a3 = BROADCAST_A(0, g + 3 * RF_Q8_KG);                      \
+                    PANEL_STEP(s00, a0, PANEL_W(p0, g), a1, PANEL_W(p0, g + RF_Q8_KG)); \
+                    PANEL_STEP(s01, a0, PANEL_W(p1, g), a1, PANEL_W(p1, g + RF_Q8_KG)); \
+                    PANEL_STEP(s10, a2, PANEL_W(p0, g + 2 * RF_Q8_KG),                  \
+                               a3, PANEL_W(p0, g + 3 * RF_Q8_KG));                      \
+                    PANEL_STEP(s11, a2, PANEL_W(p1, g + 2 * RF_Q8_KG),                  \
+                               a3, PANEL_W(p1, g + 3 * RF_Q8_KG));                      \
                 }                                                                       \
                 s00 = _mm256_add_epi32(s00, s10);                                       \
                 s01 = _mm256_add_epi32(s01, s11);                                       \
             }                                                                           \
-            for (; g < Kp; g += RF_Q8_KG) {                                             \
+            for (; g < Kp; g += 2 * RF_Q8_KG) {                                         \
                 __m256i w0 = PANEL_W(p0, g), w1 = PANEL_W(p1, g);                       \
+                __m256i v0 = PANEL_W(p0, g + RF_Q8_KG), v1 = PANEL_W(p1, g + RF_Q8_KG); \
                 STEP256(0) STEP256(1) STEP256(2) STEP256(3)                             \
             }                                                                           \
             STORE256(name, 0) STORE256(name, 1) STORE256(name, 2) STORE256(name, 3)     \
@@ -451,17 +457,20 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
     _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sums)),  \
                                           RF_Q8_OFFSET_SHIFT))
 
-/* AVX2: vpmaddubsw multiplies a + 64 (u8, <= 127) by w (s8); a pair of products stays
- * within 2*127*127 < 2^15 and never saturates; vpmaddwd then widens the pairs into
- * int32. */
-#define PANEL_STEP(s, a, w)                                                             \
-    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(a, w),               \
+/* s += a . w + b . v (two groups of k). AVX2: vpmaddubsw multiplies a + 64 (u8, <= 127)
+ * by w (s8, |w| <= 63) into pairs of products, the pairs of both groups are added in int16
+ * (four products, within 4*127*63 < 2^15: no saturation), and vpmaddwd widens them into
+ * int32: three multiplies per 64 products. */
+#define PANEL_STEP(s, a, w, b, v)                                                       \
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(a, w), \
+                                                               _mm256_maddubs_epi16(b, v)), \
                                               _mm256_set1_epi16(1)))
 PRODUCT_KERNEL(product_avx2, "avx2")
 #undef PANEL_STEP
 
 /* VNNI: vpdpbusd sums four u8 x s8 products into int32 without saturation. */
-#define PANEL_STEP(s, a, w) s = _mm256_dpbusd_avx_epi32(s, a, w)
+#define PANEL_STEP(s, a, w, b, v) \
+    s = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(s, a, w), b, v)
 PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 #undef PANEL_STEP
 #undef PANEL_END

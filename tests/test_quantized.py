@@ -41,7 +41,7 @@ def path(request):
     _kernels.set_int8_vnni(True)
 
 
-ACT_MAX, WEIGHT_MAX = 63, 127  # activations have 7 bits, weights 8
+ACT_MAX, WEIGHT_MAX = 63, 63  # 7 bits each
 
 
 def np_quantize(a, qmax=ACT_MAX):
@@ -100,8 +100,8 @@ def test_int8_product_is_exactly_the_integer_reference(path, M, K, N, accumulate
 
 
 def test_int8_product_extremes_do_not_saturate(path):
-    """Every a at +-63 (a + 64 at 127 or 1) and every w at +-127: pairs of (a + 64) w
-    reach +-32258, within vpmaddubsw's exact range; the reference says what exact is."""
+    """Every a at +-63 (a + 64 at 127 or 1) and every w at +-63: two pairs of (a + 64) w
+    sum to +-32004, within int16's range; the reference says what exact is."""
     K = 256
     a = np.array([[1, -1] * (K // 2), [1] * K, [-1] * K], np.float32)
     w = np.array([[1, -1] * (K // 2), [-1] * K, [1] * K], np.float32)
@@ -133,12 +133,13 @@ def test_int8_product_long_rows(path):
 
 
 def test_quantized_layer_large_input_size_close_to_float32():
-    """A row of 20,000 adds up 20,000 roundings: its error grows as sqrt(K), here 0.087
-    (0.043 with 8-bit activations), so the bound is twice the layers' usual one."""
+    """A row of 20,000 adds up 20,000 roundings: its error grows as sqrt(K), here 0.11
+    (0.043 with 8-bit weights and activations), so the bound is three times the layers'
+    usual one."""
     layer = RNN(20_000, 8, seed=0).eval()
     x = np.random.default_rng(4).standard_normal((3, 2, 20_000)).astype(np.float32) * 0.1
     q = layer.quantized()
-    assert np.abs(q(x)[0] - layer(x)[0]).max() <= 2 * MAX_ERROR
+    assert np.abs(q(x)[0] - layer(x)[0]).max() <= 3 * MAX_ERROR
     stream = q.stream(2)
     np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(3)]), q(x)[0])
 
@@ -284,7 +285,7 @@ def test_quantized_variants_close_to_float32(path, cls, kw):
     assert error <= MAX_ERROR
     plain = _layer(cls, {k: v for k, v in kw.items() if k == "linear_before_reset"},
                    num_layers=2, bidirectional=True)  # the variants move y far more
-    assert np.abs(plain(x, state, lengths=lengths)[0] - y).max() > 5 * error
+    assert np.abs(plain(x, state, lengths=lengths)[0] - y).max() > 3 * error
 
 
 @pytest.mark.parametrize("cls,kw", VARIANTS, ids=VARIANT_IDS)
