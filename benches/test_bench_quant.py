@@ -1,8 +1,8 @@
 """int8 inference (layer.quantized()) against float32 and ONNX Runtime's int8 LSTM.
 
 Side by side per shape, an LSTM in eval mode: rnnfuse float32 (``float32``), rnnfuse on
-int8 weights (``int8``) and ONNX Runtime's com.microsoft DynamicQuantizeLSTM on the same
-weights quantized the same way, per output row, symmetric (``ort-int8``; skipped without
+int8 weights (``int8``, 7 bits) and ONNX Runtime's com.microsoft DynamicQuantizeLSTM on the
+same weights quantized per output row, symmetric, to 8 bits (``ort-int8``; skipped without
 onnxruntime and onnx). Whole sequences at (T, B, I, H), and one streamed step at B=1 (the
 float32 and int8 streams). Each implementation's output is checked before timing: int8
 within 0.05 of float32 (ONNX Runtime's error is recorded in extra_info). Run:
@@ -32,7 +32,7 @@ def _lstm(I, H):
 
 
 def _quantize_rows(w):
-    """Symmetric int8 per row, as rnnfuse quantizes weights: (q, scale)."""
+    """Symmetric int8 per row, 8 bits (rnnfuse's weights have 7): (q, scale)."""
     amax = np.abs(w).max(axis=1)
     scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
     q = np.clip(np.rint(w * (np.float32(127) / np.where(amax > 0, amax, 1))[:, None]),

@@ -7,7 +7,7 @@
  * hands the cells rf_weights with scales, and rf_step_gemm_f32 / rf_project_f32 then run
  * rf_q8_gemm:
  *
- *   quantize each row of A (symmetric, per row: rf_q8_quantize), multiply in int32
+ *   quantize each row of A (symmetric, per row, 7 bits: rf_q8_quantize), multiply in int32
  *   (exact: the same integer whatever the order), then C (+)= (float)acc * (sa * sw).
  *
  * Every row is computed alone and its integer sums are exact, so the numbers of a row are
@@ -25,8 +25,8 @@
 
 /* A panel: RF_Q8_NR columns of op(W); within it, groups of RF_Q8_KG consecutive k, each
  * group RF_Q8_NR * RF_Q8_KG bytes (column-major inside the group: 4 k of column 0, ...),
- * one 512-bit load or two 256-bit ones. K is padded with zeros to whole groups, N to
- * whole panels. */
+ * one 512-bit load or two 256-bit ones. K is padded with zeros to whole pairs of groups
+ * (the 256-bit kernels take two at a time), N to whole panels. */
 #define RF_Q8_NR 16
 #define RF_Q8_HALF 8  /* columns of a 256-bit register */
 #define RF_Q8_KG 4
@@ -35,11 +35,22 @@
  * part of W->scratch); the 256-bit kernels take them RF_Q8_ROWS_256 at a time. */
 #define RF_Q8_ROWS 8
 #define RF_Q8_ROWS_256 4
+/* The largest |q| of weights and of activations: 7 bits each, so that on the AVX2 path
+ * (product_avx2) a + 64 is a u8 of at most 127 and the sum of two vpmaddubsw results,
+ * four products within 4*127*63 < 2^15, never saturates. Every path quantizes so. */
+#define RF_Q8_WMAX 63
+#define RF_Q8_AMAX 63
+/* a + RF_Q8_OFFSET, in [1, 127]: the unsigned operand of vpmaddubsw and vpdpbusd. */
+#define RF_Q8_OFFSET_SHIFT 6
+#define RF_Q8_OFFSET (1 << RF_Q8_OFFSET_SHIFT)
+_Static_assert(RF_Q8_AMAX < RF_Q8_OFFSET
+               && 4 * (RF_Q8_OFFSET + RF_Q8_AMAX) * RF_Q8_WMAX < 32768,
+               "a + RF_Q8_OFFSET must be unsigned, and four of its products fit int16");
 
-static const char q8_tag[RF_TAG_NAME] = "rnnfuse int8 weights 1";
+static const char q8_tag[RF_TAG_NAME] = "rnnfuse int8 weights 2";
 
 static ptrdiff_t round_up(ptrdiff_t n, ptrdiff_t m) { return (n + m - 1) / m * m; }
-static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, RF_Q8_KG); }
+static ptrdiff_t k_padded(ptrdiff_t K) { return round_up(K, 2 * RF_Q8_KG); }
 static ptrdiff_t n_padded(ptrdiff_t N) { return round_up(N, RF_Q8_NR); }
 
 /* Bytes of one packed op(W), K rows and N columns: its scales (float), its column sums
@@ -83,46 +94,44 @@ static int fold_max(float *amax, const float *a, ptrdiff_t k0, ptrdiff_t K) {
     return finite;
 }
 
-/* round-half-even(a * inv), clamped to [-127, 127]. */
-static int8_t round_one(float a, float inv) {
+/* round-half-even(a * inv), clamped to [-qmax, qmax] (RF_Q8_WMAX or RF_Q8_AMAX). */
+static int8_t round_one(float a, float inv, float qmax) {
     float v = nearbyintf(a * inv);
-    return (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    return (int8_t)(v > qmax ? qmax : v < -qmax ? -qmax : v);
 }
 
-/* q[k] = round_one(a[k], inv) for k0 <= k < K. */
-static void round_row(int8_t *q, const float *a, float inv, ptrdiff_t k0, ptrdiff_t K) {
-    for (ptrdiff_t k = k0; k < K; k++) q[k] = round_one(a[k], inv);
-}
-
-/* Whether a row's q are all zeros: a zero row, a row so small that 127 / max|a|
+/* Whether a row's q are all zeros: a zero row, a row so small that qmax / max|a|
  * overflows (its products are below float's range anyway) and a non-finite row. */
-static int zero_row(float amax, int finite) { return !(finite && amax >= 127.0f / FLT_MAX); }
-
-/* A row's scale once its max is known: max|a| / 127, or for a zero_row 0 (finite) or
- * NaN (which carries NaN into its outputs). */
-static float row_scale(float amax, int finite) {
-    return !zero_row(amax, finite) ? amax / 127.0f : finite ? 0.0f : NAN;
+static int zero_row(float amax, int finite, float qmax) {
+    return !(finite && amax >= qmax / FLT_MAX);
 }
 
-/* For a zero_row: its q (zeros) and scale. */
+/* A row's scale once its max is known: max|a| / qmax, or for a zero_row 0 (finite) or
+ * NaN (which carries NaN into its outputs). */
+static float row_scale(float amax, int finite, float qmax) {
+    return !zero_row(amax, finite, qmax) ? amax / qmax : finite ? 0.0f : NAN;
+}
+
+/* For an activations' zero_row: its q (zeros) and scale. */
 static int degenerate(int8_t *q, ptrdiff_t K, float amax, int finite, float *scale) {
-    if (!zero_row(amax, finite)) return 0;
+    if (!zero_row(amax, finite, RF_Q8_AMAX)) return 0;
     if (K > 0) memset(q, 0, (size_t)K);
-    *scale = row_scale(amax, finite);
+    *scale = row_scale(amax, finite, RF_Q8_AMAX);
     return 1;
 }
 
+/* An activations' row: q = round_one(a, RF_Q8_AMAX / max|a|), and its scale. */
 static float quantize_base(int8_t *q, const float *a, ptrdiff_t K) {
     float amax = 0, scale;
     int finite = fold_max(&amax, a, 0, K);
     if (degenerate(q, K, amax, finite, &scale)) return scale;
-    round_row(q, a, 127.0f / amax, 0, K);
-    return amax / 127.0f;
+    for (ptrdiff_t k = 0; k < K; k++) q[k] = round_one(a[k], RF_Q8_AMAX / amax, RF_Q8_AMAX);
+    return amax / RF_Q8_AMAX;
 }
 
 #if RF_HAVE_AVX2
 /* The same with AVX2, 8 (then 32) at a time: max is exact, and each q is the same
- * product, rounding (vroundps to nearest even) and clamp as round_row's. */
+ * product, rounding (vroundps to nearest even) and clamp as round_one's. */
 __attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
                                                            const float *restrict a,
                                                            ptrdiff_t K) {
@@ -140,8 +149,9 @@ __attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
     for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
     int finite = fold_max(&amax, a, k, K) && !_mm256_movemask_ps(bad);
     if (degenerate(q, K, amax, finite, &scale)) return scale;
-    float inv = 127.0f / amax;
-    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127), lo = _mm256_set1_ps(-127);
+    float inv = RF_Q8_AMAX / amax;
+    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(RF_Q8_AMAX);
+    const __m256 lo = _mm256_set1_ps(-RF_Q8_AMAX);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
 #define Q8_ROUND(v) _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_round_ps( \
         _mm256_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))))
@@ -153,8 +163,8 @@ __attribute__((target("avx2"))) static float quantize_avx2(int8_t *restrict q,
         _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(b, order));
     }
 #undef Q8_ROUND
-    round_row(q, a, inv, k, K);
-    return amax / 127.0f;
+    for (; k < K; k++) q[k] = round_one(a[k], inv, RF_Q8_AMAX);
+    return amax / RF_Q8_AMAX;
 }
 #endif
 
@@ -185,8 +195,8 @@ __attribute__((target("avx2,avx512f"))) static float quantize_avx512(int8_t *res
     }
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(max0, max1)), scale;
     if (degenerate(q, K, amax, !bad, &scale)) return scale;
-    const __m512 inv = _mm512_set1_ps(127.0f / amax);
-    const __m512 hi = _mm512_set1_ps(127), lo = _mm512_set1_ps(-127);
+    const __m512 inv = _mm512_set1_ps(RF_Q8_AMAX / amax);
+    const __m512 hi = _mm512_set1_ps(RF_Q8_AMAX), lo = _mm512_set1_ps(-RF_Q8_AMAX);
     for (k = 0; k < K; k += 16) {
         __mmask16 live = tail_mask(K - k);
         __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, a + k), inv);
@@ -194,7 +204,7 @@ __attribute__((target("avx2,avx512f"))) static float quantize_avx512(int8_t *res
         v = _mm512_max_ps(lo, _mm512_min_ps(hi, v));
         _mm512_mask_cvtepi32_storeu_epi8(q + k, live, _mm512_cvtps_epi32(v));
     }
-    return amax / 127.0f;
+    return amax / RF_Q8_AMAX;
 }
 #endif
 
@@ -232,7 +242,7 @@ static ptrdiff_t panel_at(ptrdiff_t k, ptrdiff_t n, ptrdiff_t panel_stride) {
 
 /* Packs op(W) = W^T, W (N rows of K, row stride ldw), into dst (weight_bytes(K, N)):
  * each row of W (a column of op(W), an output) quantized with its own scale, as
- * rf_q8_quantize does, straight into its panel. */
+ * rf_q8_quantize does but to RF_Q8_WMAX, straight into its panel. */
 static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K,
                         ptrdiff_t N) {
     float *scales = (float *)dst;
@@ -244,10 +254,10 @@ static void pack_weight(uint8_t *dst, const float *w, ptrdiff_t ldw, ptrdiff_t K
         const float *row = w + n * ldw;
         float amax = 0;
         int finite = fold_max(&amax, row, 0, K);
-        scales[n] = row_scale(amax, finite);
-        if (zero_row(amax, finite)) continue;  /* q: the zeros already there */
+        scales[n] = row_scale(amax, finite, RF_Q8_WMAX);
+        if (zero_row(amax, finite, RF_Q8_WMAX)) continue;  /* q: the zeros already there */
         for (ptrdiff_t k = 0; k < K; k++) {
-            int8_t q = round_one(row[k], 127.0f / amax);
+            int8_t q = round_one(row[k], RF_Q8_WMAX / amax, RF_Q8_WMAX);
             sums[n] += q;
             panels[panel_at(k, n, panel_stride)] = q;
         }
@@ -353,24 +363,42 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
 
 #if RF_HAVE_AVX2
 /* The same with 256-bit SIMD, one body for every instruction set (PRODUCT_KERNEL): tiles
- * of up to 4 rows x one panel (two registers of 8 columns), the sums in registers (rows is
- * a constant where it is inlined); a single row keeps two chains per register (alternate
- * groups of k) to hide the multiply-add's latency. PANEL_STEP and PANEL_END give the
- * instructions (the integer sums are exact in any order); the rescale rounds as
- * rescale() does. */
+ * of up to 4 rows x one panel (two registers of 8 columns), two groups of k at a time,
+ * the sums in registers: named variables s<r><h> (row r, half h), not an array, and rows
+ * a constant where it is inlined, so that the compiler keeps them there; a single row
+ * keeps two chains per register (alternate pairs of groups, in row 1's sums) to hide the
+ * multiply-add's latency. PANEL_STEP and PANEL_END give the instructions (the integer
+ * sums are exact in any order); the rescale rounds as rescale() does. */
+#define SUMS256(r) __m256i s##r##0 = _mm256_setzero_si256(), s##r##1 = s##r##0
+#define STEP256(r)                                                                      \
+    if (rows > r) {                                                                     \
+        __m256i a_ = BROADCAST_A(r, g), b_ = BROADCAST_A(r, g + RF_Q8_KG);              \
+        PANEL_STEP(s##r##0, a_, w0, b_, v0);                                            \
+        PANEL_STEP(s##r##1, a_, w1, b_, v1);                                            \
+    }
+#define STORE256(name, r)                                                               \
+    if (rows > r) {                                                                     \
+        name##_store(t, W, r0 + r, n0, PANEL_END(s##r##0, W->sums + n0));               \
+        if (n0 + RF_Q8_HALF < t->N)                                                     \
+            name##_store(t, W, r0 + r, n0 + RF_Q8_HALF,                                 \
+                         PANEL_END(s##r##1, W->sums + n0 + RF_Q8_HALF));                \
+    }
 #define PRODUCT_KERNEL(name, isa)                                                       \
+    /* Row r's 8 columns from n: C (+)= acc * (sa * sw). */                             \
     __attribute__((target(isa), always_inline)) static inline void name##_store(       \
-        __m256i acc, float sa, const float *sw, ptrdiff_t cols, int accumulate,         \
-        float *c) {                                                                     \
+        const q8_rows *t, const rf_weight *W, ptrdiff_t r, ptrdiff_t n, __m256i acc) {  \
+        ptrdiff_t cols = t->N - n < RF_Q8_HALF ? t->N - n : RF_Q8_HALF;                 \
+        float *c = t->C + r * t->ldc + n;                                               \
         if (cols < RF_Q8_HALF) {                                                        \
             int32_t part[RF_Q8_HALF];                                                   \
             _mm256_storeu_si256((__m256i *)part, acc);                                  \
-            rescale(part, sa, sw, cols, accumulate, c);                                 \
+            rescale(part, t->sa[r], W->scales + n, cols, t->accumulate, c);             \
             return;                                                                     \
         }                                                                               \
-        __m256 scale = _mm256_mul_ps(_mm256_set1_ps(sa), _mm256_loadu_ps(sw));          \
+        __m256 scale = _mm256_mul_ps(_mm256_set1_ps(t->sa[r]),                          \
+                                     _mm256_loadu_ps(W->scales + n));                   \
         __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);                       \
-        if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(c), v);                       \
+        if (t->accumulate) v = _mm256_add_ps(_mm256_loadu_ps(c), v);                    \
         _mm256_storeu_ps(c, v);                                                         \
     }                                                                                   \
     __attribute__((target(isa), always_inline)) static inline void name##_rows(        \
@@ -380,37 +408,29 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
         for (ptrdiff_t n0 = 0; n0 < t->N; n0 += RF_Q8_NR) {                              \
             const int8_t *p0 = (const int8_t *)W->packed + n0 / RF_Q8_NR * W->panel_stride; \
             const int8_t *p1 = p0 + RF_Q8_HALF * RF_Q8_KG;                              \
-            __m256i sum[RF_Q8_ROWS_256][2], odd[2];                                     \
-            odd[0] = odd[1] = _mm256_setzero_si256();                                   \
-            for (ptrdiff_t r = 0; r < rows; r++)                                        \
-                sum[r][0] = sum[r][1] = _mm256_setzero_si256();                         \
+            SUMS256(0); SUMS256(1); SUMS256(2); SUMS256(3);                             \
             ptrdiff_t g = 0;                                                            \
-            if (rows == 1)                                                              \
-                for (; g + 2 * RF_Q8_KG <= Kp; g += 2 * RF_Q8_KG) {                     \
+            if (rows == 1) {                                                            \
+                for (; g + 4 * RF_Q8_KG <= Kp; g += 4 * RF_Q8_KG) {                     \
                     __m256i a0 = BROADCAST_A(0, g), a1 = BROADCAST_A(0, g + RF_Q8_KG);  \
-                    PANEL_STEP(sum[0][0], a0, PANEL_W(p0, g));                          \
-                    PANEL_STEP(sum[0][1], a0, PANEL_W(p1, g));                          \
-                    PANEL_STEP(odd[0], a1, PANEL_W(p0, g + RF_Q8_KG));                  \
-                    PANEL_STEP(odd[1], a1, PANEL_W(p1, g + RF_Q8_KG));                  \
+                    __m256i a2 = BROADCAST_A(0, g + 2 * RF_Q8_KG);                      \
+                    __m256i a3 = BROADCAST_A(0, g + 3 * RF_Q8_KG);                      \
+                    PANEL_STEP(s00, a0, PANEL_W(p0, g), a1, PANEL_W(p0, g + RF_Q8_KG)); \
+                    PANEL_STEP(s01, a0, PANEL_W(p1, g), a1, PANEL_W(p1, g + RF_Q8_KG)); \
+                    PANEL_STEP(s10, a2, PANEL_W(p0, g + 2 * RF_Q8_KG),                  \
+                               a3, PANEL_W(p0, g + 3 * RF_Q8_KG));                      \
+                    PANEL_STEP(s11, a2, PANEL_W(p1, g + 2 * RF_Q8_KG),                  \
+                               a3, PANEL_W(p1, g + 3 * RF_Q8_KG));                      \
                 }                                                                       \
-            for (; g < Kp; g += RF_Q8_KG) {                                             \
+                s00 = _mm256_add_epi32(s00, s10);                                       \
+                s01 = _mm256_add_epi32(s01, s11);                                       \
+            }                                                                           \
+            for (; g < Kp; g += 2 * RF_Q8_KG) {                                         \
                 __m256i w0 = PANEL_W(p0, g), w1 = PANEL_W(p1, g);                       \
-                for (ptrdiff_t r = 0; r < rows; r++) {                                  \
-                    __m256i a = BROADCAST_A(r, g);                                      \
-                    PANEL_STEP(sum[r][0], a, w0);                                       \
-                    PANEL_STEP(sum[r][1], a, w1);                                       \
-                }                                                                       \
+                __m256i v0 = PANEL_W(p0, g + RF_Q8_KG), v1 = PANEL_W(p1, g + RF_Q8_KG); \
+                STEP256(0) STEP256(1) STEP256(2) STEP256(3)                             \
             }                                                                           \
-            sum[0][0] = _mm256_add_epi32(sum[0][0], odd[0]);                            \
-            sum[0][1] = _mm256_add_epi32(sum[0][1], odd[1]);                            \
-            for (int h = 0; h < 2 && n0 + h * RF_Q8_HALF < t->N; h++) {                 \
-                ptrdiff_t n = n0 + h * RF_Q8_HALF;                                      \
-                ptrdiff_t cols = t->N - n < RF_Q8_HALF ? t->N - n : RF_Q8_HALF;         \
-                for (ptrdiff_t r = 0; r < rows; r++)                                    \
-                    name##_store(PANEL_END(sum[r][h], W->sums + n), t->sa[r0 + r],      \
-                                 W->scales + n, cols, t->accumulate,                    \
-                                 t->C + (r0 + r) * t->ldc + n);                         \
-            }                                                                           \
+            STORE256(name, 0) STORE256(name, 1) STORE256(name, 2) STORE256(name, 3)     \
         }                                                                               \
     }                                                                                   \
     __attribute__((target(isa))) static void name(const q8_rows *t, ptrdiff_t rows,     \
@@ -431,28 +451,34 @@ static void product_portable(const q8_rows *t, ptrdiff_t rows, const rf_weight *
        _mm256_set1_epi32(four_); })
 #define PANEL_W(panel, g) _mm256_loadu_si256((const __m256i *)((panel) + (g) * RF_Q8_NR))
 
-/* AVX2: vpmaddubsw multiplies |a| (unsigned) by w with a's sign moved onto it (vpsignb);
- * |a|, |w| <= 127, so a pair of products stays within 2*127*127 < 2^15 and never
- * saturates; vpmaddwd then widens the pairs into int32. */
-#define PANEL_STEP(s, a, w)                                                             \
-    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(                    \
-            _mm256_abs_epi8(a), _mm256_sign_epi8(w, a)), _mm256_set1_epi16(1)))
-#define PANEL_END(s, sums) (s)
+/* Every kernel takes a's rows offset to unsigned, a + RF_Q8_OFFSET (rf_q8_gemm), so each
+ * sum holds RF_Q8_OFFSET * (its column's sum) too, taken off at the end. */
+#define PANEL_END(s, sums)                                                              \
+    _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sums)),  \
+                                          RF_Q8_OFFSET_SHIFT))
+
+/* s += a . w + b . v (two groups of k). AVX2: vpmaddubsw multiplies a + 64 (u8, <= 127)
+ * by w (s8, |w| <= 63) into pairs of products, the pairs of both groups are added in int16
+ * (four products, within 4*127*63 < 2^15: no saturation), and vpmaddwd widens them into
+ * int32: three multiplies per 64 products. */
+#define PANEL_STEP(s, a, w, b, v)                                                       \
+    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(a, w), \
+                                                               _mm256_maddubs_epi16(b, v)), \
+                                              _mm256_set1_epi16(1)))
 PRODUCT_KERNEL(product_avx2, "avx2")
 #undef PANEL_STEP
-#undef PANEL_END
 
-/* VNNI: vpdpbusd sums four u8 x s8 products into int32 without saturation. a's rows come
- * offset to unsigned, a + 128 (qa ^ 0x80), so each sum holds 128 * (its column's sum)
- * too, taken off at the end. */
-#define PANEL_END(s, sums) \
-    _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(sums)), 7))
-#define PANEL_STEP(s, a, w) s = _mm256_dpbusd_avx_epi32(s, a, w)
+/* VNNI: vpdpbusd sums four u8 x s8 products into int32 without saturation. */
+#define PANEL_STEP(s, a, w, b, v) \
+    s = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(s, a, w), b, v)
 PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 #undef PANEL_STEP
 #undef PANEL_END
 #undef BROADCAST_A
 #undef PANEL_W
+#undef SUMS256
+#undef STEP256
+#undef STORE256
 
 /* AVX-512 VNNI: 512-bit registers, a whole panel each; tiles of up to 8 rows x two panels,
  * so that each broadcast of a serves two multiply-adds. The sums are named variables, not
@@ -462,11 +488,13 @@ PRODUCT_KERNEL(product_avxvnni, "avx2,avxvnni")
 /* s += a (u8) . w (s8), four products to each int32 lane. */
 #define DPBUSD512(s, a, w) (s = _mm512_dpbusd_epi32(s, a, w))
 
-/* One row's 16 columns from n (cols of them real): C (+)= (acc - 128 sums) * (sa * sw). */
+/* One row's 16 columns from n (cols of them real): C (+)= (acc - RF_Q8_OFFSET sums) *
+ * (sa * sw). */
 __attribute__((target(AVX512_ISA), always_inline)) static inline void
 avx512_store(const q8_rows *t, const rf_weight *W, ptrdiff_t r, ptrdiff_t n, __m512i sum) {
     ptrdiff_t cols = t->N - n < RF_Q8_NR ? t->N - n : RF_Q8_NR;
-    __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(W->sums + n)), 7);
+    __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(W->sums + n)),
+                                       RF_Q8_OFFSET_SHIFT);
     __m512i acc = _mm512_sub_epi32(sum, offset);
     float *c = t->C + r * t->ldc + n;
     if (cols < RF_Q8_NR) {
@@ -553,20 +581,16 @@ __attribute__((target(AVX512_ISA))) static void product_avx512vnni(const q8_rows
 
 typedef void (*product_fn)(const q8_rows *t, ptrdiff_t rows, const rf_weight *W);
 
-/* The product kernel of a code path (rf_q8_path), and whether it takes a + 128. */
+/* The product kernel of a code path (rf_q8_path), and whether it takes a + RF_Q8_OFFSET
+ * (all but the portable one). */
 static product_fn product_kernel(int path, int *offset) {
-    *offset = 0;
+    *offset = 1;
 #if RF_HAVE_AVX2
-    if (path == 3 && avx512_vnni()) {
-        *offset = 1;
-        return product_avx512vnni;
-    }
-    if (path >= 2 && __builtin_cpu_supports("avxvnni")) {
-        *offset = 1;
-        return product_avxvnni;
-    }
+    if (path == 3 && avx512_vnni()) return product_avx512vnni;
+    if (path >= 2 && __builtin_cpu_supports("avxvnni")) return product_avxvnni;
     if (path) return product_avx2;
 #endif
+    *offset = 0;
     return product_portable;
 }
 
@@ -579,17 +603,17 @@ static void gemm_unbuffered(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *
     for (ptrdiff_t r = 0; r < M; r++) {
         const float *a = A + r * lda;
         float amax = 0;
-        int finite = fold_max(&amax, a, 0, K), zero = zero_row(amax, finite);
+        int finite = fold_max(&amax, a, 0, K), zero = zero_row(amax, finite, RF_Q8_AMAX);
         for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_Q8_NR) {
             ptrdiff_t cols = N - n0 < RF_Q8_NR ? N - n0 : RF_Q8_NR;
             int32_t sum[RF_Q8_NR] = {0};
             for (ptrdiff_t k = 0; k < K && !zero; k++) {
-                int32_t q = round_one(a[k], 127.0f / amax);
+                int32_t q = round_one(a[k], RF_Q8_AMAX / amax, RF_Q8_AMAX);
                 for (ptrdiff_t n = 0; n < cols; n++)
                     sum[n] += q * panels[panel_at(k, n0 + n, W->panel_stride)];
             }
-            rescale(sum, row_scale(amax, finite), W->scales + n0, cols, accumulate,
-                    C + r * ldc + n0);
+            rescale(sum, row_scale(amax, finite, RF_Q8_AMAX), W->scales + n0, cols,
+                    accumulate, C + r * ldc + n0);
         }
     }
 }
@@ -622,7 +646,9 @@ void rf_q8_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *A, ptrdiff_t
             for (ptrdiff_t g = 0; g < Kp; g += RF_Q8_KG) {
                 uint32_t four;
                 memcpy(&four, row + g, sizeof four);
-                four ^= offset ? 0x80808080u : 0;
+                if (offset)  /* + RF_Q8_OFFSET to each byte, without carries between them */
+                    four = ((four & 0x7f7f7f7fu) + 0x01010101u * RF_Q8_OFFSET)
+                           ^ (four & 0x80808080u);
                 memcpy(QA_AT(qa, r, g), &four, sizeof four);
             }
         }

@@ -216,9 +216,9 @@ static inline int rf_split_n(ptrdiff_t G, int lbr) { return G == 3 && !lbr; }
  * k0 = 0; path: rf_q8_path's, the same bits on each, or -1 for a slow way without
  * W->scratch, taken too where it is NULL). rf_q8_scratch_size: the bytes of scratch for
  * products over K, a part for each thread that may run them (rf_thread_slot).
- * rf_q8_quantize (path as rf_q8_gemm's, not -1): q = round-half-even(a * (127 / max|a|)),
- * returns the scale max|a| / 127
- * (0 for a row of zeros or of values so small that 127 / max|a| overflows, NaN for a row
+ * rf_q8_quantize (path as rf_q8_gemm's, not -1): q = round-half-even(a * (63 / max|a|)),
+ * 7 bits (as the weights: 63 / max|w_row|), returns the scale max|a| / 63
+ * (0 for a row of zeros or of values so small that 63 / max|a| overflows, NaN for a row
  * with inf or NaN; their q are zeros). */
 ptrdiff_t rf_q8_pack_size(ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr, ptrdiff_t P);
 void rf_q8_pack_weights(void *dst, const float *w_ih, const float *w_hh, const float *w_hr,

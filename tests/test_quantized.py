@@ -41,24 +41,28 @@ def path(request):
     _kernels.set_int8_vnni(True)
 
 
-def np_quantize(a):
-    """Rows of a (float32) as int8 and their scales, as documented in rnnfuse.quantized."""
+ACT_MAX, WEIGHT_MAX = 63, 63  # 7 bits each
+
+
+def np_quantize(a, qmax=ACT_MAX):
+    """Rows of a (float32) as int8 in [-qmax, qmax] and their scales, as documented in
+    rnnfuse.quantized."""
     a = np.asarray(a, np.float32)
     amax = np.abs(a).max(axis=1)
     finite = np.isfinite(a).all(axis=1)
-    usable = amax >= np.float32(127) / np.finfo(np.float32).max  # 127 / amax is finite
+    usable = amax >= np.float32(qmax) / np.finfo(np.float32).max  # qmax / amax is finite
     safe = np.where(finite & usable, amax, np.float32(1))
-    inv = np.float32(127) / safe
-    q = np.clip(np.rint(a * inv[:, None]), -127, 127)
+    inv = np.float32(qmax) / safe
+    q = np.clip(np.rint(a * inv[:, None]), -qmax, qmax)
     q = np.where((finite & usable)[:, None], q, 0).astype(np.int8)
-    scales = np.where(finite, np.where(usable, amax / np.float32(127), 0), np.nan)
+    scales = np.where(finite, np.where(usable, amax / np.float32(qmax), 0), np.nan)
     return q, scales.astype(np.float32)
 
 
 def np_product(a, w, c=None):
     """a @ w.T on int8 rows: int32 sums, then c + acc * (scale_a * scale_w) in float32."""
     qa, sa = np_quantize(a)
-    qw, sw = np_quantize(w)
+    qw, sw = np_quantize(w, WEIGHT_MAX)
     acc = qa.astype(np.int64) @ qw.astype(np.int64).T
     assert np.abs(acc).max(initial=0) < 2**31
     out = acc.astype(np.int32).astype(np.float32) * (sa[:, None] * sw[None, :])
@@ -70,17 +74,17 @@ def test_quantize_rows_matches_numpy(path, K):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((6, K)).astype(np.float32) * 3
     a[1] = 0                      # a zero row: scale 0
-    a[2, :4] = [127, -63.5, 0.5, 1.5]  # exact ties round half to even
+    a[2, :4] = [63, -31.5, 0.5, 1.5]  # exact ties round half to even
     a[3, 5] = np.inf              # non-finite rows: zeros, scale NaN
     a[4, K - 1] = np.nan
     a[5, K - 1] = 1e6             # the largest in the vectors' tail
     a = np.concatenate([a, np.zeros((1, K), np.float32)])
-    a[6, ::3] = 2e-39             # subnormal: 127 / max overflows, so zeros, scale 0
+    a[6, ::3] = 2e-39             # subnormal: 63 / max overflows, so zeros, scale 0
     q, s = _kernels.q8_quantize(a)
     q_ref, s_ref = np_quantize(a)
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_array_equal(s, s_ref)
-    assert list(q[2, :4]) == [127, -64, 0, 2]
+    assert list(q[2, :4]) == [63, -32, 0, 2]
     assert np.isnan(s[3]) and np.isnan(s[4]) and s[1] == 0 == s[6] and not q[6].any()
 
 
@@ -96,8 +100,8 @@ def test_int8_product_is_exactly_the_integer_reference(path, M, K, N, accumulate
 
 
 def test_int8_product_extremes_do_not_saturate(path):
-    """Every product at +-127 * +-127: pairs of them reach 32258, vpmaddubsw's largest
-    exact sum; the reference says what exact is."""
+    """Every a at +-63 (a + 64 at 127 or 1) and every w at +-63: two pairs of (a + 64) w
+    sum to +-32004, within int16's range; the reference says what exact is."""
     K = 256
     a = np.array([[1, -1] * (K // 2), [1] * K, [-1] * K], np.float32)
     w = np.array([[1, -1] * (K // 2), [-1] * K, [1] * K], np.float32)
@@ -129,10 +133,13 @@ def test_int8_product_long_rows(path):
 
 
 def test_quantized_layer_large_input_size_close_to_float32():
+    """A row of 20,000 adds up 20,000 roundings: its error grows as sqrt(K), here 0.11
+    (0.043 with 8-bit weights and activations), so the bound is three times the layers'
+    usual one."""
     layer = RNN(20_000, 8, seed=0).eval()
     x = np.random.default_rng(4).standard_normal((3, 2, 20_000)).astype(np.float32) * 0.1
     q = layer.quantized()
-    assert np.abs(q(x)[0] - layer(x)[0]).max() <= MAX_ERROR
+    assert np.abs(q(x)[0] - layer(x)[0]).max() <= 3 * MAX_ERROR
     stream = q.stream(2)
     np.testing.assert_array_equal(np.stack([stream.step(x[t]) for t in range(3)]), q(x)[0])
 
@@ -278,7 +285,7 @@ def test_quantized_variants_close_to_float32(path, cls, kw):
     assert error <= MAX_ERROR
     plain = _layer(cls, {k: v for k, v in kw.items() if k == "linear_before_reset"},
                    num_layers=2, bidirectional=True)  # the variants move y far more
-    assert np.abs(plain(x, state, lengths=lengths)[0] - y).max() > 5 * error
+    assert np.abs(plain(x, state, lengths=lengths)[0] - y).max() > 3 * error
 
 
 @pytest.mark.parametrize("cls,kw", VARIANTS, ids=VARIANT_IDS)

@@ -3,10 +3,12 @@
 A quantized layer has the API of its float32 layer in eval mode (``forward`` with
 ``state`` and ``lengths``, directions, stacking, streams and stream pools) but holds W_ih
 and W_hh (and an LSTM's projection W_hr, with proj_size) as int8 with a float32 scale per
-output row, ``w ~= scale * q`` with ``q = round(w * 127 / max|w_row|)`` (round half to
-even, in [-127, 127]). At run time each row of the products' left operand (an input, a
-hidden state, or the projected LSTM's o * tanh(c)) is quantized the same way, the products
-are summed exactly in int32 and rescaled to float32, ``acc * (scale_a * scale_w)``, for
+output row, ``w ~= scale * q`` with ``q = round(w * 63 / max|w_row|)`` (round half to
+even, in [-63, 63]: 7 bits). At run time each row of the products' left operand (an
+input, a hidden state, or the projected LSTM's o * tanh(c)) is quantized the same way,
+``q = round(a * 63 / max|a_row|)`` (7 bits too, so that AVX2's vpmaddubsw takes a + 64
+unsigned, with no sign instructions, and two of its results add in int16 without
+saturating), the products are summed exactly in int32 and rescaled to float32, ``acc * (scale_a * scale_w)``, for
 the float32 gate math (biases, the LSTM's peepholes and eval's zoneout stay float32).
 Every row is computed alone, so a row's numbers do not depend on the other rows of the
 call or on the thread count; the int8 sums are exact and the same on every code path
