@@ -468,7 +468,7 @@ void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_h
                                REAL *pack_buffer, const REAL *prepacked, const rf_plan *p,
                                int avx2) {
     if (RF_FN(rf_prepare_q8)(W, prepacked, G, H, I, lbr, 0, pack_buffer)) return;
-    if (!prepacked && p->steps == 1 && p->B <= RF_STEP_IN_PLACE_ROWS) {
+    if (!prepacked && rf_weights_in_place(p)) {
         RF_FN(use_in_place)(&W[0], w_hh, H);
         if (rf_split_n(G, lbr)) RF_FN(use_in_place)(&W[1], w_hh + 2 * H * H, H);
         RF_FN(use_in_place)(&W[2], w_ih, I);

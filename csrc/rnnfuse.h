@@ -184,6 +184,11 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
  * (rf_transposed_gemm) rather than packing them per call: over one register tile of rows
  * the packed tiles' products are as fast, and the packing no longer counts. */
 #define RF_STEP_IN_PLACE_ROWS RF_MR
+/* Whether a forward of p without weights packed ahead reads them in place: then it never
+ * writes its workspace's room for packing them. */
+static inline int rf_weights_in_place(const rf_plan *p) {
+    return p->steps == 1 && p->B <= RF_STEP_IN_PLACE_ROWS;
+}
 typedef struct {
     const void *packed;      /* op(W) in panels */
     const void *in_place;    /* NULL; or op(W) = W^T read where W (N, K) lies, row-major,
