@@ -707,9 +707,24 @@ static void RF_FN(transposed_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, co
     }
 }
 
+/* Up to MR rows, the register transposes: every block of W is read once, by the one row
+ * tile. More rows share each block among more tiles: then a panel at a time is packed into
+ * a buffer on the stack, which stays in L1, and the packed tiles run over it (for K up to
+ * RF_PANEL_K_MAX; beyond, the register path). */
+#define RF_PANEL_K_MAX 512
 void RF_FN(rf_transposed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
                                ptrdiff_t lda, const REAL *W, ptrdiff_t ldw, int accumulate,
                                REAL *C, ptrdiff_t ldc, int simd) {
+    if (M > MR && K <= RF_PANEL_K_MAX) {
+        _Alignas(RF_PANEL_BYTES) REAL panel[RF_NR * RF_PANEL_K_MAX];
+        for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_NR) {
+            ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
+            RF_FN(rf_pack)(panel, W + n0 * ldw, ldw, 1, K, nc, simd != RF_SIMD_PORTABLE);
+            RF_FN(row_block_on)(simd, 1, M, nc, K, A, lda, panel, RF_NR * K, RF_NR, accumulate,
+                                C + n0, ldc);
+        }
+        return;
+    }
 #if RF_HAVE_AVX2
     if (simd) {
         RF_FN(transposed_rows)(M, N, K, A, lda, W, ldw, accumulate, C, ldc);
@@ -720,5 +735,6 @@ void RF_FN(rf_transposed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL
 #endif
     RF_FN(transposed_portable)(M, N, K, A, lda, W, ldw, accumulate, C, ldc);
 }
+#undef RF_PANEL_K_MAX
 
 #endif /* RF_TEMPLATE */

@@ -181,9 +181,9 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
  * weights in place: packing them would cost more than the few row tiles that read them. */
 #define RF_FEW_ROWS 16
 /* A forward of a single step with at most this many rows reads W_ih and W_hh in place
- * (rf_transposed_gemm) rather than packing them per call: over one register tile of rows
- * the packed tiles' products are as fast, and the packing no longer counts. */
-#define RF_STEP_IN_PLACE_ROWS RF_MR
+ * (rf_transposed_gemm) rather than packing all of them per call; with more rows the
+ * packing counts for little. */
+#define RF_STEP_IN_PLACE_ROWS RF_FEW_ROWS
 /* Whether a forward of p without weights packed ahead reads them in place: then it never
  * writes its workspace's room for packing them. */
 static inline int rf_weights_in_place(const rf_plan *p) {

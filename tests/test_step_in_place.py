@@ -17,7 +17,9 @@ from checks import kernel  # noqa: F401 (a fixture), tests/checks.py
 from test_prepacked import CELL_IDS, CELLS, assert_bitwise, plain, problem
 
 ROWS = range(1, 18)
-SIZES = [(5, 7), (13, 9), (33, 17), (8, 16)]  # (I, H)
+# (I, H): tails of every kind; and I past RF_PANEL_K_MAX, where many rows take the register
+# path too
+SIZES = [(5, 7), (13, 9), (33, 17), (8, 16), (515, 5)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
