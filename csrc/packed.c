@@ -254,8 +254,9 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(load_transposed)(
     for (int h = 0; h < 2; h++) {  /* k .. k+3, then k+4 .. k+7 */
         __m256 v[4], t[4];
         for (int i = 0; i < 4; i++)  /* [row i | row i+4] */
-            v[i] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(rows[i] + k + 4 * h)),
-                                        _mm_loadu_ps(rows[i + 4] + k + 4 * h), 1);
+            v[i] = _mm256_insertf128_ps(
+                    _mm256_castps128_ps256(_mm_loadu_ps(rows[i] + k + 4 * h)),
+                    _mm_loadu_ps(rows[i + 4] + k + 4 * h), 1);
         t[0] = _mm256_unpacklo_ps(v[0], v[1]);
         t[1] = _mm256_unpackhi_ps(v[0], v[1]);
         t[2] = _mm256_unpacklo_ps(v[2], v[3]);
@@ -269,8 +270,9 @@ AVX2 static inline __attribute__((always_inline)) void RF_FN(load_transposed)(
     for (int h = 0; h < 2; h++) {  /* k, k+1, then k+2, k+3 */
         __m256d v[2];
         for (int i = 0; i < 2; i++)  /* [row i | row i+2] */
-            v[i] = _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(rows[i] + k + 2 * h)),
-                                        _mm_loadu_pd(rows[i + 2] + k + 2 * h), 1);
+            v[i] = _mm256_insertf128_pd(
+                    _mm256_castpd128_pd256(_mm_loadu_pd(rows[i] + k + 2 * h)),
+                    _mm_loadu_pd(rows[i + 2] + k + 2 * h), 1);
         w[2 * h] = _mm256_unpacklo_pd(v[0], v[1]);
         w[2 * h + 1] = _mm256_unpackhi_pd(v[0], v[1]);
     }

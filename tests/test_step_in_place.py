@@ -42,7 +42,8 @@ def first_step(cell, x, states, w, **kw):
     """y[0] of a forward over x's steps, and of its first step alone: (one step, two)."""
     fwd = getattr(F, f"{cell}_forward")
     args = (*states, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
-    return fwd(x[:1], *args, need_ctx=False, **kw)[0], fwd(x, *args, need_ctx=False, **kw)[0][:1]
+    one = fwd(x[:1], *args, need_ctx=False, **kw)[0]
+    return one, fwd(x, *args, need_ctx=False, **kw)[0][:1]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
