@@ -411,6 +411,8 @@ static inline REAL *RF_FN(line_start)(const REAL *buf) {
 
 static void RF_FN(use_packed)(rf_weight *W, const REAL *packed, ptrdiff_t K) {
     W->packed = packed;
+    W->in_place = NULL;
+    W->ldw = 0;
     W->panel_stride = RF_NR * K;
     W->scales = NULL;
     W->sums = NULL;
@@ -451,13 +453,27 @@ static void RF_FN(weights_at)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh
     RF_FN(use_packed)(&W[2], at + input, I);
 }
 
-/* A forward's weights (weights_at): taken from prepacked (rf_pack_weights' buffer, or
- * NULL), else packed into pack_buffer (rf_weights_pack_size elements) from its first
- * cache line. */
+/* W = op(w)'s first K rows, w (N, K) read in place with rows ldw apart. */
+static void RF_FN(use_in_place)(rf_weight *W, const REAL *w, ptrdiff_t ldw) {
+    RF_FN(use_packed)(W, NULL, 0);
+    W->in_place = w;
+    W->ldw = ldw;
+}
+
+/* A forward's weights (weights_at's): taken from prepacked (rf_pack_weights' buffer, or
+ * NULL); else for a single step of few rows (p) read in place, as W (G*H, K) lies; else
+ * packed into pack_buffer (rf_weights_pack_size elements) from its first cache line. */
 void RF_FN(rf_prepare_weights)(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,
                                ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,
-                               REAL *pack_buffer, const REAL *prepacked, int avx2) {
+                               REAL *pack_buffer, const REAL *prepacked, const rf_plan *p,
+                               int avx2) {
     if (RF_FN(rf_prepare_q8)(W, prepacked, G, H, I, lbr, 0, pack_buffer)) return;
+    if (!prepacked && rf_weights_in_place(p)) {
+        RF_FN(use_in_place)(&W[0], w_hh, H);
+        if (rf_split_n(G, lbr)) RF_FN(use_in_place)(&W[1], w_hh + 2 * H * H, H);
+        RF_FN(use_in_place)(&W[2], w_ih, I);
+        return;
+    }
     if (prepacked)
         RF_FN(weights_at)(W, NULL, NULL, G, H, I, lbr, (REAL *)prepacked + RF_PACK_TAG, 0,
                           avx2);
@@ -500,8 +516,12 @@ static void RF_FN(weight_gemm)(const rf_weight *W, ptrdiff_t k0, ptrdiff_t M, pt
         return;
     }
 #endif
-    RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
-                          W->panel_stride, accumulate, C, ldc, step, rf_simd(rt));
+    if (W->in_place)
+        RF_FN(rf_transposed_gemm)(M, N, K, A, lda, (const REAL *)W->in_place + k0, W->ldw,
+                                  accumulate, C, ldc, rf_simd(rt));
+    else
+        RF_FN(rf_packed_gemm)(M, N, K, A, lda, (const REAL *)W->packed + k0 * RF_NR,
+                              W->panel_stride, accumulate, C, ldc, step, rf_simd(rt));
 }
 
 /* One recurrent product of a step: C (M,N) (+)= A (M,K) op(W)[k0 : k0+K, :]. */

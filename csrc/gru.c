@@ -301,7 +301,8 @@ void RF_FN(rf_gru_forward)(REAL *y, REAL *h_n, REAL *ws,
     const REAL *b_hn = b_hh ? b_hh + 2 * H : NULL;
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];  /* with lbr W[0] is all of W_hh^T; without, the r z and n blocks */
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed, rt->avx2);
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 3, H, I, lbr, ws + L.weights, packed, p,
+                              rt->avx2);
     RF_FN(gru_steps_job) job = {y, h_n, ws, bias, b_hn, zo, rd, W, p, L, H, 0, 0, lbr, train,
                                 rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {

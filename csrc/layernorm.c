@@ -503,7 +503,7 @@ void RF_FN(rf_ln_forward)(int cell, const rf_forward_bufs *a, const rf_zoneout *
     if (lstm) RF_FN(rf_initial_state)(ws + L.c, a->c_n, a->c0, p, H);
     rf_weight W[3];
     RF_FN(rf_prepare_weights)(W, a->w_ih, a->w_hh, G, H, I, 1, ws + L.weights, a->packed,
-                              rt->avx2);
+                              p, rt->avx2);
     const rf_layernorm *ln = &a->layernorm;
     RF_FN(ln_steps_job) job = {a->y, a->h_n, lstm ? a->c_n : NULL, ws, bias,
                                !lstm && b_hh ? b_hh + 2 * H : NULL,

@@ -284,7 +284,8 @@ void RF_FN(rf_lstm_forward)(REAL *y, REAL *h_n, REAL *c_n, REAL *ws,
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     RF_FN(rf_initial_state)(ws + L.c, c_n, c0, p, H);
     rf_weight W[3];
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed, rt->avx2);
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 4, H, I, 0, ws + L.weights, packed, p,
+                              rt->avx2);
     RF_FN(lstm_steps_job) job = {y, h_n, c_n, ws, bias, peep, zo, rd, &W[0], p, L, H, 0, 0,
                                  train, rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {

@@ -241,6 +241,131 @@ AVX2 static void RF_FN(row_block_step)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, co
 #undef FULL_TILES
 }
 #undef TILE
+
+/* rf_transposed_gemm's product: op(W) = W^T read in place from W (N, K), row-major (row
+ * stride ldw), as a torch weight is stored. A tile loads VL rows of W by VL k from their
+ * 128-bit halves and transposes them in registers into VL vectors, one per k, each
+ * holding VL outputs' factors; its FMAs then run over k in order from zero, as the packed
+ * tiles' do, so every output gets their chain and their bits. rows[i]: row i of the
+ * VL-row block (the last row repeated past N: those lanes are never stored). */
+AVX2 static inline __attribute__((always_inline)) void RF_FN(load_transposed)(
+        VEC w[VL], const REAL *const rows[VL], ptrdiff_t k) {
+#if RF_IS_FLOAT
+    for (int h = 0; h < 2; h++) {  /* k .. k+3, then k+4 .. k+7 */
+        __m256 v[4], t[4];
+        for (int i = 0; i < 4; i++)  /* [row i | row i+4] */
+            v[i] = _mm256_insertf128_ps(
+                    _mm256_castps128_ps256(_mm_loadu_ps(rows[i] + k + 4 * h)),
+                    _mm_loadu_ps(rows[i + 4] + k + 4 * h), 1);
+        t[0] = _mm256_unpacklo_ps(v[0], v[1]);
+        t[1] = _mm256_unpackhi_ps(v[0], v[1]);
+        t[2] = _mm256_unpacklo_ps(v[2], v[3]);
+        t[3] = _mm256_unpackhi_ps(v[2], v[3]);
+        w[4 * h] = _mm256_shuffle_ps(t[0], t[2], 0x44);
+        w[4 * h + 1] = _mm256_shuffle_ps(t[0], t[2], 0xEE);
+        w[4 * h + 2] = _mm256_shuffle_ps(t[1], t[3], 0x44);
+        w[4 * h + 3] = _mm256_shuffle_ps(t[1], t[3], 0xEE);
+    }
+#else
+    for (int h = 0; h < 2; h++) {  /* k, k+1, then k+2, k+3 */
+        __m256d v[2];
+        for (int i = 0; i < 2; i++)  /* [row i | row i+2] */
+            v[i] = _mm256_insertf128_pd(
+                    _mm256_castpd128_pd256(_mm_loadu_pd(rows[i] + k + 2 * h)),
+                    _mm_loadu_pd(rows[i + 2] + k + 2 * h), 1);
+        w[2 * h] = _mm256_unpacklo_pd(v[0], v[1]);
+        w[2 * h + 1] = _mm256_unpackhi_pd(v[0], v[1]);
+    }
+#endif
+}
+
+/* One tile of rf_transposed_gemm: mr rows (<= MR) x nb blocks of VL outputs, the last
+ * holding nc of them; inlined with constant mr and nb, so the accumulators stay in
+ * registers. */
+AVX2 static inline __attribute__((always_inline)) void RF_FN(tile_transposed)(
+        int mr, int nb, ptrdiff_t nc, ptrdiff_t K, const REAL *A, ptrdiff_t lda,
+        const REAL *W, ptrdiff_t ldw, int accumulate, REAL *C, ptrdiff_t ldc) {
+    const REAL *rows[4][VL];
+    ptrdiff_t last = (nb - 1) * VL + nc - 1;
+    UNROLL for (int b = 0; b < nb; b++)
+        UNROLL for (int i = 0; i < VL; i++)
+            rows[b][i] = W + (b * VL + i < last ? b * VL + i : last) * ldw;
+    VEC acc[MR][4];
+    UNROLL for (int i = 0; i < mr; i++)
+        UNROLL for (int b = 0; b < nb; b++) acc[i][b] = V_ZERO();
+    ptrdiff_t k = 0;
+    for (; k + VL <= K; k += VL)
+        UNROLL for (int b = 0; b < nb; b++) {
+            VEC w[VL];
+            RF_FN(load_transposed)(w, rows[b], k);
+            UNROLL for (int j = 0; j < VL; j++)
+                UNROLL for (int i = 0; i < mr; i++)
+                    acc[i][b] = V_FMA(V_BROADCAST(A + i * lda + k + j), w[j], acc[i][b]);
+        }
+    for (; k < K; k++)  /* K's last k % VL: a column of each block gathered */
+        UNROLL for (int b = 0; b < nb; b++) {
+            REAL col[VL];
+            UNROLL for (int i = 0; i < VL; i++) col[i] = rows[b][i][k];
+            VEC w = V_LOAD(col);
+            UNROLL for (int i = 0; i < mr; i++)
+                acc[i][b] = V_FMA(V_BROADCAST(A + i * lda + k), w, acc[i][b]);
+        }
+    UNROLL for (int i = 0; i < mr; i++)
+        UNROLL for (int b = 0; b < nb; b++) {
+            REAL *c = C + i * ldc + b * VL;
+            VEC sum = acc[i][b];
+            if (b == nb - 1 && nc < VL) {  /* never touching columns >= N */
+                __m256i m = V_LANES(nc);
+                if (accumulate) sum = V_ADD(sum, V_MASKLOAD(c, m));
+                V_MASKSTORE(c, m, sum);
+            } else {
+                if (accumulate) sum = V_ADD(sum, V_LOAD(c));
+                V_STORE(c, sum);
+            }
+        }
+}
+
+/* A tile of mr rows x nb blocks at row m0, column n0 (nc outputs in its last block). */
+#define TILE_T(mr, nb, m0, n0, nc)                                                         \
+    RF_FN(tile_transposed)(mr, nb, nc, K, A + (m0) * lda, lda, W + (n0) * ldw, ldw,         \
+                           accumulate, C + (m0) * ldc + (n0), ldc)
+
+/* Blocks of VL outputs n0 .. n1-1 (the last may be partial) for mr rows at m0: nb blocks
+ * a tile while they last, for enough independent chains, then one. */
+#define BLOCKS_T(mr, nb, m0, n0, n1)                                                      \
+    do {                                                                                  \
+        ptrdiff_t n_ = (n0);                                                              \
+        for (; n_ + (nb) * VL <= (n1); n_ += (nb) * VL) TILE_T(mr, nb, m0, n_, VL);        \
+        for (; n_ < (n1); n_ += VL) TILE_T(mr, 1, m0, n_, (n1) - n_ < VL ? (n1) - n_ : VL); \
+    } while (0)
+
+/* rf_transposed_gemm on AVX2 (and AVX-512F, whose packed tiles' bits are these): groups
+ * of 4 VL-output blocks the outer loop, so a group's rows of W, read by every row tile,
+ * stay in L1 or L2; rows in tiles of nearly equal height, MR at most. A tile of one row
+ * takes four blocks, of two or three rows two: eight or more independent chains where
+ * they fit in the registers beside the VL transposed vectors. */
+AVX2 static void RF_FN(transposed_rows)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                                        ptrdiff_t lda, const REAL *W, ptrdiff_t ldw,
+                                        int accumulate, REAL *C, ptrdiff_t ldc) {
+    ptrdiff_t tiles = (M + MR - 1) / MR;
+    for (ptrdiff_t n0 = 0; n0 < N; n0 += 4 * VL) {
+        ptrdiff_t n1 = n0 + 4 * VL < N ? n0 + 4 * VL : N;
+        for (ptrdiff_t t = 0, m0 = 0; t < tiles; t++) {
+            ptrdiff_t rows = (M - m0 + tiles - t - 1) / (tiles - t);
+            switch (rows) {
+                case 6: BLOCKS_T(6, 1, m0, n0, n1); break;
+                case 5: BLOCKS_T(5, 1, m0, n0, n1); break;
+                case 4: BLOCKS_T(4, 1, m0, n0, n1); break;
+                case 3: BLOCKS_T(3, 2, m0, n0, n1); break;
+                case 2: BLOCKS_T(2, 2, m0, n0, n1); break;
+                default: BLOCKS_T(1, 4, m0, n0, n1); break;
+            }
+            m0 += rows;
+        }
+    }
+}
+#undef BLOCKS_T
+#undef TILE_T
 #undef VEC
 #undef V_ZERO
 #undef V_LOAD
@@ -562,5 +687,56 @@ void RF_FN(rf_inplace_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A
                             REAL *C, ptrdiff_t ldc, int simd) {
     RF_FN(panel_gemm)(M, N, K, A, lda, B, RF_NR, ldb, accumulate, C, ldc, 0, simd);
 }
+
+/* rf_transposed_gemm's portable product: the portable tile's chains (each output from
+ * zero, a product then a sum per k, in order), four outputs at a time. */
+static void RF_FN(transposed_portable)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                                       ptrdiff_t lda, const REAL *W, ptrdiff_t ldw,
+                                       int accumulate, REAL *C, ptrdiff_t ldc) {
+    for (ptrdiff_t n0 = 0; n0 < N; n0 += 4) {
+        ptrdiff_t nc = N - n0 < 4 ? N - n0 : 4;
+        const REAL *w[4];
+        for (ptrdiff_t c = 0; c < 4; c++) w[c] = W + (n0 + (c < nc ? c : nc - 1)) * ldw;
+        for (ptrdiff_t m = 0; m < M; m++) {
+            const REAL *a = A + m * lda;
+            REAL sum[4] = {0, 0, 0, 0};
+            for (ptrdiff_t k = 0; k < K; k++)
+                for (ptrdiff_t c = 0; c < 4; c++) sum[c] += a[k] * w[c][k];
+            REAL *out = C + m * ldc + n0;
+            for (ptrdiff_t c = 0; c < nc; c++)
+                out[c] = accumulate ? out[c] + sum[c] : sum[c];
+        }
+    }
+}
+
+/* Up to MR rows, the register transposes: every block of W is read once, by the one row
+ * tile. More rows share each block among more tiles: then a panel at a time is packed into
+ * a buffer on the stack, which stays in L1, and the packed tiles run over it (for K up to
+ * RF_PANEL_K_MAX; beyond, the register path). */
+#define RF_PANEL_K_MAX 512
+void RF_FN(rf_transposed_gemm)(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,
+                               ptrdiff_t lda, const REAL *W, ptrdiff_t ldw, int accumulate,
+                               REAL *C, ptrdiff_t ldc, int simd) {
+    if (M > MR && K <= RF_PANEL_K_MAX) {
+        _Alignas(RF_PANEL_BYTES) REAL panel[RF_NR * RF_PANEL_K_MAX];
+        for (ptrdiff_t n0 = 0; n0 < N; n0 += RF_NR) {
+            ptrdiff_t nc = N - n0 < RF_NR ? N - n0 : RF_NR;
+            RF_FN(rf_pack)(panel, W + n0 * ldw, ldw, 1, K, nc, simd != RF_SIMD_PORTABLE);
+            RF_FN(row_block_on)(simd, 1, M, nc, K, A, lda, panel, RF_NR * K, RF_NR, accumulate,
+                                C + n0, ldc);
+        }
+        return;
+    }
+#if RF_HAVE_AVX2
+    if (simd) {
+        RF_FN(transposed_rows)(M, N, K, A, lda, W, ldw, accumulate, C, ldc);
+        return;
+    }
+#else
+    (void)simd;
+#endif
+    RF_FN(transposed_portable)(M, N, K, A, lda, W, ldw, accumulate, C, ldc);
+}
+#undef RF_PANEL_K_MAX
 
 #endif /* RF_TEMPLATE */

@@ -183,7 +183,8 @@ void RF_FN(rf_rnn_forward)(REAL *y, REAL *h_n, REAL *ws,
     const REAL *bias = RF_FN(rf_fold_biases)(ws + L.bias, b_ih, b_hh, H, H);
     RF_FN(rf_initial_state)(ws + L.h, h_n, h0, p, H);
     rf_weight W[3];
-    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed, rt->avx2);
+    RF_FN(rf_prepare_weights)(W, w_ih, w_hh, 1, H, I, 0, ws + L.weights, packed, p,
+                              rt->avx2);
     RF_FN(rnn_steps_job) job = {y, h_n, ws, bias, zo, rd, &W[0], p, L, H, 0, 0, train, relu,
                                 rt};
     for (ptrdiff_t step0 = 0; step0 < p->steps;) {

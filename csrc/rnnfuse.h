@@ -180,8 +180,20 @@ ptrdiff_t rf_backward_scratch(const rf_plan *p, ptrdiff_t I, ptrdiff_t H, ptrdif
 /* A backward's products of at most this many rows (a step or a small batch) read their
  * weights in place: packing them would cost more than the few row tiles that read them. */
 #define RF_FEW_ROWS 16
+/* A forward of a single step with at most this many rows reads W_ih and W_hh in place
+ * (rf_transposed_gemm) rather than packing all of them per call; with more rows the
+ * packing counts for little. */
+#define RF_STEP_IN_PLACE_ROWS RF_FEW_ROWS
+/* Whether a forward of p without weights packed ahead reads them in place: then it never
+ * writes its workspace's room for packing them. */
+static inline int rf_weights_in_place(const rf_plan *p) {
+    return p->steps == 1 && p->B <= RF_STEP_IN_PLACE_ROWS;
+}
 typedef struct {
     const void *packed;      /* op(W) in panels */
+    const void *in_place;    /* NULL; or op(W) = W^T read where W (N, K) lies, row-major,
+                              * its rows ldw apart (rf_transposed_gemm), packed unused */
+    ptrdiff_t ldw;
     ptrdiff_t panel_stride;  /* elements from one panel to the next: RF_NR * rows of op(W) */
     const float *scales;     /* NULL; or int8 op(W) (quant.c), a float scale per column */
     const int32_t *sums;     /* int8 op(W): the sum of each column */
@@ -386,7 +398,8 @@ typedef struct {
                                  const REAL *prepacked, int avx2);                          \
     void rf_prepare_weights_##SFX(rf_weight W[3], const REAL *w_ih, const REAL *w_hh,       \
                                   ptrdiff_t G, ptrdiff_t H, ptrdiff_t I, int lbr,           \
-                                  REAL *pack_buffer, const REAL *prepacked, int avx2);      \
+                                  REAL *pack_buffer, const REAL *prepacked,                 \
+                                  const rf_plan *p, int avx2);                              \
     int rf_prepare_q8_##SFX(rf_weight W[3], const REAL *prepacked, ptrdiff_t G, ptrdiff_t H, \
                             ptrdiff_t I, int lbr, ptrdiff_t P, REAL *pack_buffer);          \
     void rf_step_gemm_##SFX(const rf_runtime *rt, const rf_weight *W, ptrdiff_t k0,         \
@@ -408,6 +421,11 @@ typedef struct {
     void rf_inplace_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,        \
                                ptrdiff_t lda, const REAL *B, ptrdiff_t ldb, int accumulate, \
                                REAL *C, ptrdiff_t ldc, int simd);                           \
+    /* rf_packed_gemm's product with op(B) = W^T, W (N, K) read in place (row stride    \
+     * ldw), unpacked: every output rf_packed_gemm's chain, so its bits. */                 \
+    void rf_transposed_gemm_##SFX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const REAL *A,     \
+                                  ptrdiff_t lda, const REAL *W, ptrdiff_t ldw,              \
+                                  int accumulate, REAL *C, ptrdiff_t ldc, int simd);        \
     void rf_unpacked_step_gemm_##SFX(const rf_runtime *rt, ptrdiff_t M, ptrdiff_t N,        \
                                      ptrdiff_t K, const REAL *A, ptrdiff_t lda,             \
                                      const REAL *B, ptrdiff_t ldb, int accumulate, REAL *C, \

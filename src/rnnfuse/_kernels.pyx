@@ -47,6 +47,7 @@ cdef extern from "rnnfuse.h" nogil:
     Py_ssize_t rf_plan_build(Py_ssize_t T, Py_ssize_t B, const int64_t *lengths,
                              int64_t *order, int64_t *batch_sizes, int64_t *offsets,
                              int64_t *count)
+    int rf_weights_in_place(const rf_plan *p)
     int rf_step_parts(const rf_plan *p, Py_ssize_t step0, Py_ssize_t step1,
                       double flops_per_row, int after_blas, const rf_runtime *rt)
     void rf_part_rows(const rf_plan *p, int part, int parts, Py_ssize_t *j0, Py_ssize_t *j1)

@@ -58,9 +58,12 @@ def forward_small(str cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, bint tra
         return None
     cdef Plan plan = full_plan(T, B, reverse)
     n = workspace_size(cell, plan, I, H, train)
-    # where the weights come packed, the workspace's room for packing them is not written
-    # (int8 weights take a little of it as scratch): it costs no memory traffic
-    cdef Py_ssize_t written = n - (rf_weights_pack_size(G, H, I) if packed is not None else 0)
+    # where the weights come packed or are read in place, the workspace's room for packing
+    # them is not written (int8 weights take a little of it as scratch): it costs no
+    # memory traffic
+    cdef rf_plan p = plan.view()
+    cdef bint unpacked = packed is not None or rf_weights_in_place(&p)
+    cdef Py_ssize_t written = n - (rf_weights_pack_size(G, H, I) if unpacked else 0)
     if written * (4 if t == cnp.NPY_FLOAT else 8) >= SMALL_BYTES:
         return None
     ws = _aligned_empty(n, t)
