@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .. import functional as F
 from ._common import _N_STATES, _NO_ONNX, _PLAIN, _recording
 from ._functions import _FUNCTIONS, VariantFunction, _kernel_forward, _variant_forward
 from ._ops import _OPS
@@ -96,7 +97,7 @@ def _run_variant_op(spec, tensors, train):
     z = None if isinstance(spec.zoneout, float) else spec.zoneout
     masks = (*(z or (None, None)), spec.recurrent_dropout) if lstm else \
         (z, spec.recurrent_dropout)
-    ln += [None] * ((4 if lstm else 2 if spec.cell == "gru" else 0) - len(ln))
+    ln += [None] * (len(F._LN_NAMES.get(spec.cell, ())) - len(ln))
     parameters = (w_hr, peep, *ln) if lstm else tuple(ln)
     return _run_op(spec.cell, (x, *states, w_ih, w_hh, b_ih, b_hh, spec.lengths, spec.reverse,
                                *options), train, (*parameters, *masks, p))

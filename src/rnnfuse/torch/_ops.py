@@ -50,8 +50,8 @@ from ._onnx import _register_onnx
 # zoneout_c (T, B, H), recurrent_dropout (B, H)) and zoneout_p, eval's zoneout (0: none).
 
 _OPTION = {"lstm": "", "gru": ", bool linear_before_reset", "rnn": ", str nonlinearity"}
-_PARAMETERS = {"lstm": ("w_hr", "peepholes", "g_ih", "g_hh", "g_c", "b_c"),
-               "gru": ("g_ih", "g_hh"), "rnn": ()}
+_PARAMETERS = {"lstm": ("w_hr", "peepholes", *F._LN_NAMES["lstm"]), "gru": F._LN_NAMES["gru"],
+               "rnn": ()}
 _MASKS = {"lstm": ("zoneout_h", "zoneout_c", "recurrent_dropout"),
           "gru": ("zoneout_h", "recurrent_dropout"), "rnn": ("zoneout_h", "recurrent_dropout")}
 
